@@ -1,0 +1,90 @@
+// dejavu._C: the Python face of the C++ core. Pointers cross as integers (tensor.data_ptr()),
+// so the extension links against no torch and one build serves any torch version.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+
+#include "kvstream/cuda_copy.h"
+#include "kvstream/host_copy.h"
+#include "kvstream/layout.h"
+
+namespace py = pybind11;
+using namespace dejavu;
+
+namespace {
+template <typename T>
+T* as_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+std::vector<Span> to_spans(const std::vector<std::pair<int64_t, int64_t>>& v) {
+  std::vector<Span> s;
+  s.reserve(v.size());
+  for (auto& [o, b] : v) {
+    if (o < 0 || b < 0) throw std::invalid_argument("span with negative offset or size");
+    s.push_back({o, b});
+  }
+  return s;
+}
+std::vector<std::pair<int64_t, int64_t>> from_spans(const std::vector<Span>& s) {
+  std::vector<std::pair<int64_t, int64_t>> v;
+  v.reserve(s.size());
+  for (const Span& x : s) v.emplace_back(x.offset, x.bytes);
+  return v;
+}
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "DéjàVu C++ core: KV layouts, span arithmetic, host and device gather/scatter";
+
+  py::class_<KVLayout>(m, "KVLayout")
+      .def(py::init([](int64_t L, int64_t nb, int64_t bs, int64_t kvh, int64_t hd, int64_t es) {
+             KVLayout k{L, nb, bs, kvh, hd, es};
+             k.validate();
+             return k;
+           }),
+           py::arg("num_layers"), py::arg("num_blocks"), py::arg("block_size"), py::arg("num_kv_heads"),
+           py::arg("head_dim"), py::arg("elem_size"))
+      .def_readonly("num_layers", &KVLayout::num_layers)
+      .def_readonly("num_blocks", &KVLayout::num_blocks)
+      .def_readonly("block_size", &KVLayout::block_size)
+      .def_readonly("num_kv_heads", &KVLayout::num_kv_heads)
+      .def_readonly("head_dim", &KVLayout::head_dim)
+      .def_readonly("elem_size", &KVLayout::elem_size)
+      .def("token_bytes", &KVLayout::token_bytes)
+      .def("chunk_bytes", &KVLayout::chunk_bytes)
+      .def("total_bytes", &KVLayout::total_bytes)
+      .def("chunk_offset", &KVLayout::chunk_offset)
+      .def("token_offset", &KVLayout::token_offset);
+
+  m.def("chunk_spans", [](const KVLayout& l, const std::vector<int64_t>& layers, const std::vector<int64_t>& blocks) {
+    return from_spans(chunk_spans(l, layers, blocks));
+  });
+  m.def("token_spans", [](const KVLayout& l, const std::vector<int64_t>& layers, const std::vector<int64_t>& blocks,
+                          const std::vector<int64_t>& slots) { return from_spans(token_spans(l, layers, blocks, slots)); });
+
+  m.def("host_gather", [](uintptr_t base, const std::vector<std::pair<int64_t, int64_t>>& spans, uintptr_t dst, int threads) {
+    auto s = to_spans(spans);
+    py::gil_scoped_release nogil;
+    return host_gather(as_ptr<const uint8_t>(base), s.data(), s.size(), as_ptr<uint8_t>(dst), threads);
+  }, py::arg("base"), py::arg("spans"), py::arg("dst"), py::arg("threads") = 4,
+     "Pack spans (offset, bytes) of the buffer at `base` into the buffer at `dst`; returns bytes copied.");
+  m.def("host_scatter", [](uintptr_t base, const std::vector<std::pair<int64_t, int64_t>>& spans, uintptr_t src, int threads) {
+    auto s = to_spans(spans);
+    py::gil_scoped_release nogil;
+    return host_scatter(as_ptr<uint8_t>(base), s.data(), s.size(), as_ptr<const uint8_t>(src), threads);
+  }, py::arg("base"), py::arg("spans"), py::arg("src"), py::arg("threads") = 4,
+     "Unpack the buffer at `src` into spans (offset, bytes) of the buffer at `base`; returns bytes copied.");
+  m.def("crc32c", [](uintptr_t ptr, size_t n, uint32_t seed) {
+    py::gil_scoped_release nogil;
+    return crc32c(as_ptr<const uint8_t>(ptr), n, seed);
+  }, py::arg("ptr"), py::arg("nbytes"), py::arg("seed") = 0);
+
+  m.def("cuda_compiled", &cuda_compiled);
+  m.def("cuda_device_count", &cuda_device_count);
+  m.def("cuda_copy_spans", [](uintptr_t src, uintptr_t dst, uintptr_t desc, int64_t n, uintptr_t stream) {
+    std::string err = cuda_copy_spans(as_ptr<const void>(src), as_ptr<void>(dst), as_ptr<const int64_t>(desc), n,
+                                      as_ptr<void>(stream));
+    if (!err.empty()) throw std::runtime_error(err);
+  }, py::arg("src"), py::arg("dst"), py::arg("desc"), py::arg("n"), py::arg("stream") = 0,
+     "Copy n spans on a CUDA stream; desc is a device int64 array of (src_off, dst_off, bytes) triples.");
+}

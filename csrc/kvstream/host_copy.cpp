@@ -1,0 +1,80 @@
+#include "kvstream/host_copy.h"
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace dejavu {
+
+namespace {
+
+constexpr int64_t kBytesPerThread = 8 << 20;  // below this, threads cost more than they give
+
+// Calls fn(first_span, last_span, packed_offset_of_first) over roughly equal byte ranges.
+template <typename Fn>
+int64_t for_span_ranges(const Span* spans, size_t n, int max_threads, Fn fn) {
+  std::vector<int64_t> packed(n + 1, 0);
+  for (size_t i = 0; i < n; ++i) packed[i + 1] = packed[i] + spans[i].bytes;
+  const int64_t total = packed[n];
+  int threads = static_cast<int>(std::min<int64_t>(std::max(1, max_threads), total / kBytesPerThread));
+  threads = std::max(1, std::min<int>(threads, static_cast<int>(n)));
+  if (threads == 1) {
+    fn(size_t{0}, n, int64_t{0});
+    return total;
+  }
+  std::vector<std::thread> pool;
+  size_t begin = 0;
+  for (int t = 0; t < threads; ++t) {
+    const int64_t target = total * (t + 1) / threads;
+    size_t end = begin;
+    while (end < n && (packed[end] < target || end == begin)) ++end;
+    if (t == threads - 1) end = n;
+    if (begin < end) pool.emplace_back(fn, begin, end, packed[begin]);
+    begin = end;
+  }
+  for (auto& th : pool) th.join();
+  return total;
+}
+
+}  // namespace
+
+int64_t host_gather(const uint8_t* base, const Span* spans, size_t n, uint8_t* dst, int max_threads) {
+  return for_span_ranges(spans, n, max_threads, [=](size_t b, size_t e, int64_t off) {
+    for (size_t i = b; i < e; ++i) {
+      std::memcpy(dst + off, base + spans[i].offset, static_cast<size_t>(spans[i].bytes));
+      off += spans[i].bytes;
+    }
+  });
+}
+
+int64_t host_scatter(uint8_t* base, const Span* spans, size_t n, const uint8_t* src, int max_threads) {
+  return for_span_ranges(spans, n, max_threads, [=](size_t b, size_t e, int64_t off) {
+    for (size_t i = b; i < e; ++i) {
+      std::memcpy(base + spans[i].offset, src + off, static_cast<size_t>(spans[i].bytes));
+      off += spans[i].bytes;
+    }
+  });
+}
+
+namespace {
+std::array<uint32_t, 256> make_crc_table() {
+  std::array<uint32_t, 256> t{};
+  for (uint32_t i = 0; i < 256; ++i) {
+    uint32_t c = i;
+    for (int k = 0; k < 8; ++k) c = (c & 1) ? (0x82F63B78u ^ (c >> 1)) : (c >> 1);
+    t[i] = c;
+  }
+  return t;
+}
+}  // namespace
+
+uint32_t crc32c(const uint8_t* data, size_t n, uint32_t seed) {
+  static const std::array<uint32_t, 256> table = make_crc_table();
+  uint32_t c = ~seed;
+  for (size_t i = 0; i < n; ++i) c = table[(c ^ data[i]) & 0xFF] ^ (c >> 8);
+  return ~c;
+}
+
+}  // namespace dejavu

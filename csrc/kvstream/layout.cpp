@@ -1,0 +1,83 @@
+#include "kvstream/layout.h"
+
+#include <stdexcept>
+#include <string>
+
+namespace dejavu {
+
+namespace {
+void require_positive(const char* name, int64_t v) {
+  if (v <= 0) throw std::invalid_argument(std::string("KVLayout.") + name + " must be > 0, got " + std::to_string(v));
+}
+void check_index(const char* what, int64_t v, int64_t limit) {
+  if (v < 0 || v >= limit)
+    throw std::out_of_range(std::string(what) + " " + std::to_string(v) + " out of range [0, " +
+                            std::to_string(limit) + ")");
+}
+}  // namespace
+
+void KVLayout::validate() const {
+  require_positive("num_layers", num_layers);
+  require_positive("num_blocks", num_blocks);
+  require_positive("block_size", block_size);
+  require_positive("num_kv_heads", num_kv_heads);
+  require_positive("head_dim", head_dim);
+  if (elem_size != 1 && elem_size != 2 && elem_size != 4 && elem_size != 8)
+    throw std::invalid_argument("KVLayout.elem_size must be 1, 2, 4 or 8, got " + std::to_string(elem_size));
+}
+
+std::vector<Span> merge_adjacent(const std::vector<Span>& spans) {
+  std::vector<Span> out;
+  out.reserve(spans.size());
+  for (const Span& s : spans) {
+    if (!out.empty() && out.back().offset + out.back().bytes == s.offset) {
+      out.back().bytes += s.bytes;
+    } else {
+      out.push_back(s);
+    }
+  }
+  return out;
+}
+
+std::vector<Span> chunk_spans(const KVLayout& layout, const std::vector<int64_t>& layers,
+                              const std::vector<int64_t>& blocks) {
+  layout.validate();
+  std::vector<Span> spans;
+  spans.reserve(layers.size() * blocks.size());
+  for (int64_t l : layers) {
+    check_index("layer", l, layout.num_layers);
+    for (int64_t b : blocks) {
+      check_index("block", b, layout.num_blocks);
+      spans.push_back({layout.chunk_offset(l, b), layout.chunk_bytes()});
+    }
+  }
+  return merge_adjacent(spans);
+}
+
+std::vector<Span> token_spans(const KVLayout& layout, const std::vector<int64_t>& layers,
+                              const std::vector<int64_t>& blocks, const std::vector<int64_t>& slots) {
+  layout.validate();
+  if (blocks.size() != slots.size())
+    throw std::invalid_argument("token_spans: " + std::to_string(blocks.size()) + " blocks but " +
+                                std::to_string(slots.size()) + " slots");
+  std::vector<Span> spans;
+  spans.reserve(layers.size() * blocks.size() * 2);
+  for (int64_t l : layers) {
+    check_index("layer", l, layout.num_layers);
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      check_index("block", blocks[i], layout.num_blocks);
+      check_index("slot", slots[i], layout.block_size);
+      for (int64_t kv = 0; kv < 2; ++kv)
+        spans.push_back({layout.token_offset(l, blocks[i], slots[i], kv), layout.token_bytes()});
+    }
+  }
+  return merge_adjacent(spans);
+}
+
+int64_t total_bytes(const std::vector<Span>& spans) {
+  int64_t n = 0;
+  for (const Span& s : spans) n += s.bytes;
+  return n;
+}
+
+}  // namespace dejavu

@@ -1,0 +1,57 @@
+// Layout and span arithmetic of the paged KV cache.
+#include "kvstream/layout.h"
+#include "tests/check.h"
+
+using namespace dejavu;
+
+int main() {
+  // 3 layers, 5 blocks, 4 tokens per block, 2 heads of 8, fp16.
+  KVLayout l{3, 5, 4, 2, 8, 2};
+  l.validate();
+  CHECK(l.token_bytes() == 2 * 8 * 2);
+  CHECK(l.chunk_bytes() == 2 * 4 * 32);
+  CHECK(l.total_bytes() == 3 * 5 * 256);
+  CHECK(l.chunk_offset(0, 0) == 0);
+  CHECK(l.chunk_offset(1, 2) == (5 + 2) * 256);
+  CHECK(l.token_offset(2, 1, 3, 1) == (2 * 5 + 1) * 256 + 128 + 3 * 32);
+
+  // Bad layouts name the field.
+  KVLayout bad{3, 0, 4, 2, 8, 2};
+  CHECK_THROWS(bad.validate());
+  KVLayout bad_elem{3, 5, 4, 2, 8, 3};
+  CHECK_THROWS(bad_elem.validate());
+
+  // Chunk spans: blocks 1,2,3 of layer 0 are adjacent -> one span; layer 2 block 0 separate.
+  auto s = chunk_spans(l, {0}, {1, 2, 3});
+  CHECK(s.size() == 1);
+  CHECK(s[0].offset == 256 && s[0].bytes == 3 * 256);
+  s = chunk_spans(l, {0, 2}, {4, 0});
+  CHECK(s.size() == 4);
+  CHECK(total_bytes(s) == 4 * 256);
+  // Block 4 of layer 0 and block 0 of layer 1 are adjacent in memory.
+  s = chunk_spans(l, {0, 1}, {4});
+  CHECK(s.size() == 2);  // layer 0 block 4 and layer 1 block 4: not adjacent
+  s = chunk_spans(l, {0, 1, 2}, {0, 1, 2, 3, 4});
+  CHECK(s.size() == 1 && s[0].bytes == l.total_bytes());
+  CHECK_THROWS(chunk_spans(l, {3}, {0}));
+  CHECK_THROWS(chunk_spans(l, {0}, {5}));
+  CHECK_THROWS(chunk_spans(l, {-1}, {0}));
+
+  // Token spans: K and V rows of slot 3 of block 1 in layer 0 and 1; never merged across K/V.
+  auto t = token_spans(l, {0, 1}, {1}, {3});
+  CHECK(t.size() == 4);
+  CHECK(t[0].offset == l.token_offset(0, 1, 3, 0) && t[0].bytes == 32);
+  CHECK(t[1].offset == l.token_offset(0, 1, 3, 1));
+  CHECK(t[3].offset == l.token_offset(1, 1, 3, 1));
+  // Consecutive slots of one block merge within K and within V.
+  t = token_spans(l, {0}, {1, 1}, {1, 2});
+  CHECK(t.size() == 4);  // order is K1 V1 K2 V2: nothing adjacent
+  CHECK(total_bytes(t) == 4 * 32);
+  CHECK_THROWS(token_spans(l, {0}, {1}, {4}));
+  CHECK_THROWS(token_spans(l, {0}, {1, 2}, {0}));
+
+  auto m = merge_adjacent({{0, 10}, {10, 5}, {20, 1}, {21, 1}, {0, 1}});
+  CHECK(m.size() == 3);
+  CHECK(m[0].bytes == 15 && m[1].offset == 20 && m[1].bytes == 2 && m[2].offset == 0);
+  TEST_MAIN_END();
+}

@@ -1,0 +1,131 @@
+"""The single-process engine: admission, scheduling, model steps, sampling, stop conditions."""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import torch
+
+from ..models.base import DecoderLM
+from ..models.tokenizer import Tokenizer
+from ..sampling_params import SamplingParams
+from .block_manager import blocks_for
+from .kv_cache import PagedKVCache
+from .model_runner import ModelRunner
+from .sampler import sample
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+log = logging.getLogger("dejavu.engine")
+
+
+class RequestError(ValueError):
+    """A request that can never be served (too long, empty, bad parameters)."""
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    num_blocks: int = 0              # 0: derive from kv_cache_memory
+    kv_cache_memory: int = 0         # bytes; 0: a default by device (see LLM)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 0           # 0: the model's context length
+
+
+class LLMEngine:
+    def __init__(self, model: DecoderLM, tokenizer: Tokenizer, config: EngineConfig, device: torch.device,
+                 dtype: torch.dtype):
+        cfg = model.cfg
+        self.model, self.tokenizer, self.config, self.device = model, tokenizer, config, device
+        self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
+        num_blocks = config.num_blocks
+        if not num_blocks:
+            per_block = PagedKVCache.bytes_per_block(cfg.num_layers, config.block_size, cfg.num_kv_heads,
+                                                     cfg.head_dim, dtype)
+            num_blocks = max(1, config.kv_cache_memory // per_block)
+        self.cache = PagedKVCache(model.end - model.start, num_blocks, config.block_size, cfg.num_kv_heads,
+                                  cfg.head_dim, dtype, device)
+        self.scheduler = Scheduler(self.cache.allocator, config.block_size, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.cache)
+        eos = set(cfg.eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_ids = sorted(eos)
+        self.num_generated = 0
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB) on %s", num_blocks, config.block_size,
+                 self.cache.nbytes / 2**20, device)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
+        if isinstance(prompt, str):
+            ids, text = self.tokenizer.encode(prompt), prompt
+        else:
+            ids, text = [int(t) for t in prompt], None
+        if not ids:
+            raise RequestError("the prompt is empty")
+        vocab = self.model.cfg.vocab_size
+        if any(t < 0 or t >= vocab for t in ids):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        params.validate()
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                               f"the model's context length of {self.max_model_len} tokens")
+        need = blocks_for(total, self.cache.block_size)
+        if need > self.cache.num_blocks:
+            raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs {need} KV blocks "
+                               f"but the cache holds only {self.cache.num_blocks}")
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        seq = Sequence(ids, params, seed, request_id, text)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        if not seq.finished:
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ one iteration
+    def step(self) -> list[Sequence]:
+        """Run one iteration; returns the sequences that got a token (finished ones included)."""
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError("scheduler stalled: waiting requests but nothing can run")
+            return []
+        logits = self.runner.run(seqs, is_prefill)
+        banned = [self._banned(s) for s in seqs]
+        tokens = sample(logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s) for s in seqs], banned)
+        for s, tok in zip(seqs, tokens):
+            s.token_ids.append(tok)
+            self.num_generated += 1
+            self._check_stop(s, tok)
+        return seqs
+
+    def _banned(self, s: Sequence) -> list[int]:
+        if s.num_output_tokens >= s.params.min_tokens:
+            return []
+        return (self.eos_ids if not s.params.ignore_eos else []) + s.params.stop_token_ids
+
+    def _check_stop(self, s: Sequence, tok: int) -> None:
+        p = s.params
+        reason = None
+        if (not p.ignore_eos and tok in self.eos_ids) or tok in p.stop_token_ids:
+            reason = "stop"
+        elif s.num_output_tokens >= p.max_tokens or len(s) >= self.max_model_len:
+            reason = "length"
+        if p.stop:
+            text = self.tokenizer.decode(s.output_ids)
+            cut = min((i for i in (text.find(x) for x in p.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                s.text = text[:cut]
+                self.scheduler.finish(s, "stop")
+                return
+        if reason:
+            s.text = self.tokenizer.decode(s.output_ids)
+            self.scheduler.finish(s, reason)

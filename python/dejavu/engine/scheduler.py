@@ -1,0 +1,86 @@
+"""Continuous batching: who runs in the next iteration, prefill first, preempting when out of blocks.
+
+A step is either a prefill step (new sequences, all their tokens) or a decode step (one token for
+every running sequence). When decode needs a block and none is free, the most recently admitted
+sequence is preempted: its blocks are freed and it goes back to the front of the queue, to be
+recomputed from its tokens (prompt and output so far) when blocks free up.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from .block_manager import BlockAllocator, blocks_for
+from .sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int, max_num_batched_tokens: int):
+        self.allocator = allocator
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        batch: list[Sequence] = []
+        tokens = 0
+        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = len(seq)
+            if batch and tokens + n > self.max_num_batched_tokens:
+                break
+            need = blocks_for(n, self.block_size)
+            if not self.allocator.can_allocate(need):
+                break
+            self.waiting.popleft()
+            seq.block_table = self.allocator.allocate(need)
+            seq.num_cached = 0
+            seq.status = Status.RUNNING
+            batch.append(seq)
+            tokens += n
+        if batch:
+            self.running.extend(batch)
+            return batch, True
+
+        scheduled: list[Sequence] = []
+        while self.running:
+            seq = self.running.popleft()
+            while len(seq.block_table) < blocks_for(len(seq), self.block_size):
+                if self.allocator.can_allocate(1):
+                    seq.block_table += self.allocator.allocate(1)
+                elif self.running:
+                    self._preempt(self.running.pop())
+                else:
+                    self._preempt(seq)
+                    break
+            else:
+                scheduled.append(seq)
+        self.running.extend(scheduled)
+        return scheduled, False
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.allocator.free(seq.block_table)
+        seq.block_table = []
+        seq.num_cached = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.block_table:
+            self.allocator.free(seq.block_table)
+            seq.block_table = []

@@ -1,0 +1,47 @@
+"""A request as the engine sees it: tokens so far, where their KV lives, and why it finished."""
+from __future__ import annotations
+
+import enum
+import itertools
+
+from ..sampling_params import SamplingParams
+
+_ids = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, seed: int,
+                 request_id: str | None = None, prompt: str | None = None):
+        self.seq_id = next(_ids)
+        self.request_id = request_id if request_id is not None else str(self.seq_id)
+        self.prompt = prompt
+        self.token_ids: list[int] = list(prompt_ids)
+        self.num_prompt_tokens = len(prompt_ids)
+        self.params = params
+        self.seed = seed
+        self.status = Status.WAITING
+        self.block_table: list[int] = []
+        self.num_cached = 0  # leading tokens whose K/V is in the cache
+        self.finish_reason: str | None = None
+        self.text = ""
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

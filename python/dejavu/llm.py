@@ -1,0 +1,117 @@
+"""`LLM`: the offline Python API (`from dejavu import LLM, SamplingParams`)."""
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from typing import Sequence as Seq
+
+import torch
+
+from .engine.llm_engine import EngineConfig, LLMEngine, RequestError
+from .models.loader import load_model, load_tokenizer, parse_dtype, resolve
+from .sampling_params import SamplingParams
+
+log = logging.getLogger("dejavu")
+
+DEFAULT_KV_CACHE_MEMORY_CPU = 512 << 20
+DEFAULT_KV_CACHE_FRACTION_CUDA = 0.4  # of the device memory free after the weights are loaded
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; use cpu or cuda")
+    return dev
+
+
+class LLM:
+    """Load a model and generate. Parallel and DéjàVu options (tp, pp, prompt_stages,
+    token_stages, swap, replicate) are accepted by name; this build runs one process, so
+    values other than the single-process defaults are refused with a clear error."""
+
+    def __init__(self, model: str, device: str = "cpu", dtype: str = "auto", seed: int = 0,
+                 block_size: int = 16, kv_cache_blocks: int = 0, kv_cache_memory: int = 0,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 8192, max_model_len: int = 0,
+                 tp: int = 1, pp: int = 1, microbatch_size: int = 0, prompt_stages: int = 0,
+                 token_stages: int = 0, swap: bool = False, replicate: bool = False):
+        unsupported = {"tp": tp != 1, "pp": pp != 1, "prompt_stages": bool(prompt_stages),
+                       "token_stages": bool(token_stages), "swap": bool(swap), "replicate": bool(replicate)}
+        bad = [k for k, v in unsupported.items() if v]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: multi-worker modes are not available in this build "
+                             "(single-process engine only)")
+        if block_size <= 0:
+            raise ValueError(f"block_size must be > 0, got {block_size}")
+        self.device = parse_device(device)
+        self.dtype = parse_dtype(dtype, self.device)
+        self.source = resolve(model)
+        self.tokenizer = load_tokenizer(self.source)
+        try:
+            self.model = load_model(self.source, self.device, self.dtype, seed=seed)
+        except BaseException:
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise
+        self.config = self.model.cfg
+        if not kv_cache_blocks and not kv_cache_memory:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                kv_cache_memory = int(free * DEFAULT_KV_CACHE_FRACTION_CUDA)
+            else:
+                kv_cache_memory = DEFAULT_KV_CACHE_MEMORY_CPU
+        self.engine = LLMEngine(self.model, self.tokenizer,
+                                EngineConfig(block_size=block_size, num_blocks=kv_cache_blocks,
+                                             kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
+                                             max_num_batched_tokens=max_num_batched_tokens,
+                                             max_model_len=max_model_len),
+                                self.device, self.dtype)
+
+    def generate(self, prompts: str | list[int] | Seq[str | list[int]],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Generate for each prompt (text or token ids); outputs in the order of the prompts."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
+        seqs = []
+        try:
+            for i, (p, sp) in enumerate(zip(prompts, params)):
+                seqs.append(self.engine.add_request(p, sp, request_id=str(i)))
+            while self.engine.has_unfinished():
+                self.engine.step()
+        except BaseException:
+            for s in seqs:
+                self.engine.abort(s)
+            raise
+        return [RequestOutput(s.request_id, s.prompt, s.token_ids[:s.num_prompt_tokens], s.output_ids, s.text,
+                              s.finish_reason) for s in seqs]
+
+    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
+        ids = self.tokenizer.apply_chat_template(messages)
+        return self.generate([ids], sampling_params)[0]
+
+
+__all__ = ["LLM", "RequestOutput", "RequestError", "SamplingParams"]

@@ -1,0 +1,79 @@
+"""The decoder skeleton every family fills in: embeddings, a range of layers, final norm, LM head.
+
+A model object holds a contiguous layer range [start, end) so that a pipeline stage is the same
+class as a whole model: the first stage embeds, the last normalises and owns the LM head.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .layers import AttnMetadata
+
+_LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.*)$")
+
+
+class DecoderLM(nn.Module):
+    # Our global name of the input embedding, used to fill a tied LM head.
+    embedding_key = "embed_tokens.weight"
+
+    def __init__(self, cfg: ModelConfig, layer_range: tuple[int, int] | None = None):
+        super().__init__()
+        self.cfg = cfg
+        start, end = layer_range or (0, cfg.num_layers)
+        if not 0 <= start < end <= cfg.num_layers:
+            raise ValueError(f"layer range [{start}, {end}) is not inside [0, {cfg.num_layers})")
+        self.start, self.end = start, end
+        self.is_first = start == 0
+        self.is_last = end == cfg.num_layers
+        self.layers = nn.ModuleList([self.make_layer(i) for i in range(start, end)])
+
+    # ------------------------------------------------------------------ family hooks
+    def make_layer(self, index: int) -> nn.Module:
+        raise NotImplementedError
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def final(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def hf_key(name: str) -> tuple[str | None, bool]:
+        """Map a HF checkpoint key to (our global key or None to skip, transpose?)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
+                kv_cache: torch.Tensor) -> torch.Tensor:
+        """x: token ids [N] on the first stage, hidden states [N, hidden] elsewhere.
+        kv_cache: [num_local_layers, num_blocks, 2, block_size, kv_heads, head_dim]."""
+        h = self.embed(x, positions) if self.is_first else x
+        for i, layer in enumerate(self.layers):
+            h = layer(h, positions, meta, kv_cache[i])
+        return self.final(h) if self.is_last else h
+
+    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h).float()
+
+    def local_key(self, global_key: str) -> str | None:
+        """Our global key -> the key in this layer range's state dict, None if not held here."""
+        m = _LAYER_KEY.match(global_key)
+        if m:
+            i = int(m.group(1))
+            return f"layers.{i - self.start}.{m.group(2)}" if self.start <= i < self.end else None
+        return global_key if global_key in self._own_keys() else None
+
+    def _own_keys(self) -> set[str]:
+        if not hasattr(self, "_own_keys_cache"):
+            self._own_keys_cache = {k for k in self.state_dict() if not k.startswith("layers.")}
+        return self._own_keys_cache
+
+    def tied_head_keys(self) -> dict[str, str]:
+        """Global keys that must also fill the LM head when embeddings are tied."""
+        if self.cfg.tie_word_embeddings and self.is_last:
+            return {self.embedding_key: "lm_head.weight"}
+        return {}

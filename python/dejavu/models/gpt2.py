@@ -1,0 +1,78 @@
+"""GPT-2: learned positions, pre-LayerNorm, fused QKV, GELU MLP, tied LM head."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import DecoderLM
+from .layers import activation, paged_attention
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.h, self.d = cfg.num_heads, cfg.head_dim
+        self.c_attn = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.c_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x, positions, meta, cache):
+        q, k, v = self.c_attn(x).view(x.shape[0], 3, self.h, self.d).unbind(1)
+        o = paged_attention(q, k, v, cache, meta, scale=self.d ** -0.5)
+        return self.c_proj(o.reshape(x.shape[0], -1))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.c_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = activation(cfg.activation)
+
+    def forward(self, x):
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.attn = GPT2Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.mlp = GPT2MLP(cfg)
+
+    def forward(self, h, positions, meta, cache):
+        h = h + self.attn(self.ln_1(h), positions, meta, cache)
+        return h + self.mlp(self.ln_2(h))
+
+
+class GPT2(DecoderLM):
+    embedding_key = "wte.weight"
+
+    def __init__(self, cfg, layer_range=None):
+        super().__init__(cfg, layer_range)
+        if self.is_first:
+            self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            self.wpe = nn.Embedding(cfg.max_position, cfg.hidden_size)
+        if self.is_last:
+            self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def make_layer(self, index):
+        return GPT2Block(self.cfg)
+
+    def embed(self, ids, positions):
+        return self.wte(ids) + self.wpe(positions)
+
+    def final(self, h):
+        return self.ln_f(h)
+
+    @staticmethod
+    def hf_key(name):
+        name = name.removeprefix("transformer.")
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            return None, False
+        if name.startswith("h."):
+            name = "layers." + name[2:]
+        # HF GPT-2 uses Conv1D, whose weight is [in, out]: transpose into nn.Linear's [out, in].
+        transpose = name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))
+        return name, transpose

@@ -1,0 +1,128 @@
+"""Layers shared by the model families: attention over the paged KV cache, RoPE, ALiBi, norms.
+
+A forward pass sees a flat batch of N new tokens belonging to B sequences (prefill chunks and
+single decode tokens alike). `AttnMetadata` says where each token's K/V goes in the cache and how
+to form the padded [B, T] query layout that attention runs on.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttnMetadata:
+    slot_blocks: torch.Tensor    # [N] cache block of each new token
+    slot_offsets: torch.Tensor   # [N] slot inside that block
+    block_tables: torch.Tensor   # [B, max_blocks] blocks of each sequence (padded with 0)
+    q_index: torch.Tensor        # [B, T] index of each padded query into the N tokens (N = padding)
+    out_index: torch.Tensor      # [N] position of each token in the flattened [B*T] layout
+    q_positions: torch.Tensor    # [B, T] absolute position of each query (0 for padding)
+    key_positions: torch.Tensor  # [S] 0..S-1 with S = max_blocks * block_size
+
+    @property
+    def num_seqs(self) -> int:
+        return self.q_index.shape[0]
+
+
+def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata) -> None:
+    """Store new K/V rows ([N, kv_heads, head_dim]) into one layer's cache
+    ([num_blocks, 2, block_size, kv_heads, head_dim])."""
+    cache[meta.slot_blocks, 0, meta.slot_offsets] = k.to(cache.dtype)
+    cache[meta.slot_blocks, 1, meta.slot_offsets] = v.to(cache.dtype)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
+                    meta: AttnMetadata, scale: float, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of the new tokens over everything cached for their sequences.
+
+    q: [N, H, D]; k, v: [N, KVH, D] (written to the cache first). Returns [N, H, D].
+    This is the reference (and CPU) path; GPU kernels must match it.
+    """
+    write_kv(cache, k, v, meta)
+    n, h, d = q.shape
+    b, t = meta.q_index.shape
+    kvh = cache.shape[3]
+    # Queries in padded [B, H, T, D] form (row N of q_ext is a zero pad row).
+    q_ext = torch.cat([q, q.new_zeros(1, h, d)], 0)
+    qp = q_ext[meta.q_index].transpose(1, 2)
+    # Each sequence's keys and values: [B, max_blocks, bs, KVH, D] -> [B, KVH, S, D].
+    keys = cache[meta.block_tables, 0].flatten(1, 2).transpose(1, 2)
+    vals = cache[meta.block_tables, 1].flatten(1, 2).transpose(1, 2)
+    if kvh != h:
+        keys = keys.repeat_interleave(h // kvh, dim=1)
+        vals = vals.repeat_interleave(h // kvh, dim=1)
+    keys = keys.to(q.dtype)
+    vals = vals.to(q.dtype)
+    visible = meta.key_positions[None, None, :] <= meta.q_positions[:, :, None]  # [B, T, S]
+    if alibi_slopes is None:
+        mask = visible[:, None]
+    else:
+        bias = alibi_slopes[None, :, None, None] * meta.key_positions.to(torch.float32)[None, None, None, :]
+        mask = bias.to(q.dtype).masked_fill(~visible[:, None], float("-inf"))
+    out = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).reshape(b * t, h, d)[meta.out_index]
+
+
+# ---------------------------------------------------------------------- position encodings
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables for rotate-half RoPE (HF Llama convention), computed in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device)
+                                .to(torch.float32) / head_dim))
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [N, heads, D]; cos/sin: [N, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi head slopes as in BLOOM (geometric, with interleaved extras for non-powers of two)."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = [base ** (i + 1) for i in range(closest)]
+    if closest != num_heads:
+        extra_base = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        n_extra = min(closest, num_heads - closest)
+        slopes += [extra_base ** (2 * i + 1) for i in range(n_extra)]
+    return torch.tensor(slopes, dtype=torch.float32, device="cpu")  # never on meta, even when built there
+
+
+# ---------------------------------------------------------------------- norms and activations
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def activation(name: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}") from None

