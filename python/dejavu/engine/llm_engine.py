@@ -91,6 +91,7 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     # ------------------------------------------------------------------ one iteration
+    @torch.inference_mode()
     def step(self) -> list[Sequence]:
         """Run one iteration; returns the sequences that got a token (finished ones included)."""
         seqs, is_prefill = self.scheduler.schedule()

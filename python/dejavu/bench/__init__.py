@@ -1,0 +1,1 @@
+"""`dejavu bench ...`: benchmarks that always measure a baseline in the same run."""

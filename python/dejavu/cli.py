@@ -1,0 +1,122 @@
+"""`dejavu` command line: generate (this build), with room for serve | worker | demo | bench | profile |
+plan | simulate as they land."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2",
+                   help="HF directory, .gguf file, 'smollm2', or random:<name> (default: smollm2)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16 (auto: fp32 on CPU, fp16 on CUDA)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random: weights and for sampling")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    p.add_argument("--kv-cache-blocks", type=int, default=0, help="KV-cache blocks (default: from memory)")
+    p.add_argument("--max-model-len", type=int, default=0, help="cap on prompt + output tokens")
+
+
+def _positive(name):
+    def parse(v):
+        try:
+            x = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {v!r}") from None
+        if x <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {x}")
+        return x
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dejavu", description="DéjàVu: fast, fault-tolerant LLM serving")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text for one or more prompts")
+    _add_model_args(g)
+    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    g.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    g.add_argument("--max-tokens", type=_positive("--max-tokens"), default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmarks, each with a baseline measured in the same run")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    bg = bsub.add_parser("generate", help="offline greedy generation: DéjàVu engine vs HF generate")
+    bg.add_argument("--model", default="random:opt-125m", help="a random:<name> model (default: random:opt-125m)")
+    bg.add_argument("--device", default="cpu")
+    bg.add_argument("--dtype", default="auto")
+    bg.add_argument("--batch", type=_positive("--batch"), default=8)
+    bg.add_argument("--prompt-len", type=_positive("--prompt-len"), default=64)
+    bg.add_argument("--max-tokens", type=_positive("--max-tokens"), default=32)
+    bg.add_argument("--repeat", type=_positive("--repeat"), default=2, help="timed runs per engine (best kept)")
+    bg.add_argument("--seed", type=int, default=0)
+    bg.add_argument("--json", default=None, help="write all numbers to this file")
+    bg.set_defaults(func=cmd_bench_generate)
+    return parser
+
+
+def cmd_bench_generate(args) -> int:
+    from .bench.generate import run
+
+    run(args.model, args.device, args.dtype, args.batch, args.prompt_len, args.max_tokens, args.seed, args.repeat,
+        args.json)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from . import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+    t0 = time.perf_counter()
+    llm = LLM(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
+              kv_cache_blocks=args.kv_cache_blocks, max_model_len=args.max_model_len)
+    t1 = time.perf_counter()
+    prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p
+               for p in args.prompt]
+    outs = llm.generate(prompts, params)
+    t2 = time.perf_counter()
+    n = sum(len(o.token_ids) for o in outs)
+    for prompt, o in zip(args.prompt, outs):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": o.text, "token_ids": o.token_ids,
+                              "finish_reason": o.finish_reason}))
+        else:
+            print(o.text if args.chat else prompt + o.text)
+    print(f"[dejavu] {args.model}: loaded in {t1 - t0:.1f}s, {n} tokens in {t2 - t1:.2f}s "
+          f"({n / max(t2 - t1, 1e-9):.1f} tok/s) on {llm.device}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from .engine.llm_engine import RequestError
+    from .models.config import ModelError
+
+    try:
+        return args.func(args)
+    except (ModelError, RequestError, ValueError) as e:
+        print(f"dejavu {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
