@@ -1,0 +1,392 @@
+#include "kvstream/tcp_store.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "kvstream/host_copy.h"
+
+namespace dejavu {
+
+namespace {
+
+// Thrown when the peer closed or a read failed mid-frame.
+struct PeerGone {
+  std::string why;
+};
+
+void send_all(int fd, const void* buf, size_t n) {
+  const uint8_t* p = static_cast<const uint8_t*>(buf);
+  while (n > 0) {
+    ssize_t w = ::send(fd, p, n, MSG_NOSIGNAL);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      throw TransportError(std::string("send failed: ") + std::strerror(errno));
+    }
+    p += w;
+    n -= static_cast<size_t>(w);
+  }
+}
+
+// Reads n bytes; throws PeerGone on EOF/timeout/error.
+void recv_all(int fd, void* buf, size_t n) {
+  uint8_t* p = static_cast<uint8_t*>(buf);
+  while (n > 0) {
+    ssize_t r = ::recv(fd, p, n, 0);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) throw PeerGone{std::string("receive failed: ") + std::strerror(errno)};
+    if (r == 0) throw PeerGone{"peer closed the connection mid-frame"};
+    p += r;
+    n -= static_cast<size_t>(r);
+  }
+}
+
+void send_frame(int fd, FrameType t, const std::string& key, const uint8_t* payload, uint64_t n) {
+  FrameHeader h = make_header(t, static_cast<uint32_t>(key.size()), payload, n);
+  send_all(fd, &h, sizeof h);
+  if (!key.empty()) send_all(fd, key.data(), key.size());
+  if (n) send_all(fd, payload, n);
+}
+
+void send_text(int fd, FrameType t, const std::string& text) {
+  send_frame(fd, t, "", reinterpret_cast<const uint8_t*>(text.data()), text.size());
+}
+
+// Validates magic, version and header checksum; returns an empty string if fine.
+std::string header_problem(const FrameHeader& h) {
+  if (h.magic != kFrameMagic) return "bad frame magic";
+  if (h.version != kFrameVersion) return "unsupported frame version " + std::to_string(h.version);
+  if (crc32c(reinterpret_cast<const uint8_t*>(&h), 24) != h.header_crc) return "frame header checksum mismatch";
+  if (h.key_len > kMaxKeyLen) return "frame key too long";
+  return "";
+}
+
+bool constant_time_equal(const std::string& a, const std::string& b) {
+  unsigned char diff = a.size() == b.size() ? 0 : 1;
+  const size_t n = std::min(a.size(), b.size());
+  for (size_t i = 0; i < n; ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
+  return diff == 0;
+}
+
+void set_timeouts(int fd, double s) {
+  timeval tv{};
+  tv.tv_sec = static_cast<time_t>(s);
+  tv.tv_usec = static_cast<suseconds_t>((s - static_cast<double>(tv.tv_sec)) * 1e6);
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
+}  // namespace
+
+FrameHeader make_header(FrameType type, uint32_t key_len, const uint8_t* payload, uint64_t payload_len) {
+  FrameHeader h{};
+  h.magic = kFrameMagic;
+  h.version = kFrameVersion;
+  h.type = static_cast<uint16_t>(type);
+  h.key_len = key_len;
+  h.payload_len = payload_len;
+  h.payload_crc = payload_len ? crc32c(payload, payload_len) : 0;
+  h.header_crc = crc32c(reinterpret_cast<const uint8_t*>(&h), 24);
+  return h;
+}
+
+// ------------------------------------------------------------------------------------ server
+TcpStoreServer::TcpStoreServer(const std::string& host, int port, std::string token, int64_t max_bytes)
+    : token_(std::move(token)), max_bytes_(max_bytes) {
+  if (token_.empty()) throw std::invalid_argument("TcpStoreServer needs a non-empty cluster token");
+  addrinfo hints{}, *res = nullptr;
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE;
+  const std::string port_s = std::to_string(port);
+  if (int rc = ::getaddrinfo(host.c_str(), port_s.c_str(), &hints, &res); rc != 0)
+    throw TransportError("cannot resolve " + host + ": " + gai_strerror(rc));
+  listen_fd_ = ::socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int one = 1;
+  ::setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (listen_fd_ < 0 || ::bind(listen_fd_, res->ai_addr, res->ai_addrlen) != 0 || ::listen(listen_fd_, 64) != 0) {
+    std::string err = std::strerror(errno);
+    ::freeaddrinfo(res);
+    if (listen_fd_ >= 0) ::close(listen_fd_);
+    throw TransportError("cannot listen on " + host + ":" + port_s + ": " + err);
+  }
+  ::freeaddrinfo(res);
+  sockaddr_storage addr{};
+  socklen_t len = sizeof addr;
+  ::getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len);
+  port_ = ntohs(addr.ss_family == AF_INET ? reinterpret_cast<sockaddr_in*>(&addr)->sin_port
+                                          : reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port);
+  acceptor_ = std::thread([this] { accept_loop(); });
+}
+
+TcpStoreServer::~TcpStoreServer() { stop(); }
+
+void TcpStoreServer::stop() {
+  if (stop_.exchange(true)) return;
+  if (acceptor_.joinable()) acceptor_.join();
+  ::close(listen_fd_);
+  std::map<int, std::thread> conns;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    for (int fd : open_fds_) ::shutdown(fd, SHUT_RDWR);
+    conns.swap(conns_);
+  }
+  for (auto& [id, t] : conns) t.join();
+}
+
+void TcpStoreServer::accept_loop() {
+  int next_id = 0;
+  while (!stop_) {
+    pollfd p{listen_fd_, POLLIN, 0};
+    if (::poll(&p, 1, 100) <= 0) continue;
+    int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) continue;
+    int one = 1;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    std::lock_guard<std::mutex> g(mu_);
+    ++stats_.connections;
+    open_fds_.push_back(fd);
+    conns_.emplace(next_id++, std::thread([this, fd] { serve(fd); }));
+  }
+}
+
+void TcpStoreServer::serve(int fd) {
+  set_timeouts(fd, 30.0);  // a peer silent for 30 s mid-frame is dropped
+  auto bump = [&](int64_t TcpStoreStats::*field) {
+    std::lock_guard<std::mutex> g(mu_);
+    ++(stats_.*field);
+  };
+  bool authed = false;
+  try {
+    for (;;) {
+      // Idle connections wait here without a timeout, checking for shutdown.
+      for (;;) {
+        if (stop_) throw PeerGone{"server stopping"};
+        pollfd p{fd, POLLIN, 0};
+        int r = ::poll(&p, 1, 200);
+        if (r > 0) break;
+      }
+      FrameHeader h{};
+      char probe;
+      if (::recv(fd, &probe, 1, MSG_PEEK) == 0) break;  // clean close between frames
+      recv_all(fd, &h, sizeof h);
+      if (std::string why = header_problem(h); !why.empty()) {
+        bump(&TcpStoreStats::bad_frames);
+        send_text(fd, FrameType::kErr, why);
+        break;
+      }
+      if (!authed && (static_cast<FrameType>(h.type) != FrameType::kHello || h.payload_len > 4096)) {
+        bump(&TcpStoreStats::auth_failures);  // nothing is read or allocated before the token checks out
+        send_text(fd, FrameType::kErr, "bad cluster token");
+        break;
+      }
+      if (h.payload_len > kMaxPayload || (max_bytes_ > 0 && h.payload_len > static_cast<uint64_t>(max_bytes_))) {
+        bump(&TcpStoreStats::bad_frames);
+        send_text(fd, FrameType::kErr, "payload larger than the store");
+        break;
+      }
+      std::string key(h.key_len, '\0');
+      if (h.key_len) recv_all(fd, key.data(), h.key_len);
+      std::vector<uint8_t> payload(h.payload_len);
+      if (h.payload_len) recv_all(fd, payload.data(), h.payload_len);
+      const auto type = static_cast<FrameType>(h.type);
+      if (crc32c(payload.data(), payload.size()) != h.payload_crc) {
+        bump(&TcpStoreStats::checksum_failures);
+        send_text(fd, FrameType::kErr, "payload checksum mismatch for '" + key + "': not stored");
+        if (!authed) break;
+        continue;
+      }
+      if (!authed) {
+        const std::string tok(payload.begin(), payload.end());
+        if (type != FrameType::kHello || !constant_time_equal(tok, token_)) {
+          bump(&TcpStoreStats::auth_failures);
+          send_text(fd, FrameType::kErr, "bad cluster token");
+          break;
+        }
+        authed = true;
+        send_text(fd, FrameType::kOk, "");
+        continue;
+      }
+      if (type == FrameType::kPut) {
+        std::string err;
+        {
+          std::lock_guard<std::mutex> g(mu_);
+          auto it = chunks_.find(key);
+          const int64_t old = it == chunks_.end() ? 0 : static_cast<int64_t>(it->second.size());
+          const int64_t after = stats_.bytes_stored - old + static_cast<int64_t>(payload.size());
+          if (max_bytes_ > 0 && after > max_bytes_) {
+            err = "store full: " + std::to_string(after) + " > " + std::to_string(max_bytes_) + " bytes";
+          } else {
+            stats_.bytes_stored = after;
+            ++stats_.puts;
+            chunks_[key] = std::move(payload);
+          }
+        }
+        if (err.empty()) send_text(fd, FrameType::kOk, "");
+        else send_text(fd, FrameType::kErr, err);
+      } else if (type == FrameType::kGet) {
+        std::unique_lock<std::mutex> l(mu_);
+        auto it = chunks_.find(key);
+        if (it == chunks_.end()) {
+          l.unlock();
+          send_text(fd, FrameType::kErr, "no chunk '" + key + "'");
+        } else {
+          ++stats_.gets;
+          std::vector<uint8_t> copy = it->second;
+          l.unlock();
+          send_frame(fd, FrameType::kData, "", copy.data(), copy.size());
+        }
+      } else if (type == FrameType::kDel) {
+        erase(key);
+        send_text(fd, FrameType::kOk, "");
+      } else {
+        bump(&TcpStoreStats::bad_frames);
+        send_text(fd, FrameType::kErr, "unexpected frame type " + std::to_string(h.type));
+      }
+    }
+  } catch (const PeerGone&) {
+    if (!stop_) bump(&TcpStoreStats::truncated);
+  } catch (const std::exception&) {
+    bump(&TcpStoreStats::bad_frames);
+  }
+  std::lock_guard<std::mutex> g(mu_);
+  ::close(fd);
+  for (auto it = open_fds_.begin(); it != open_fds_.end(); ++it) {
+    if (*it == fd) {
+      open_fds_.erase(it);
+      break;
+    }
+  }
+}
+
+bool TcpStoreServer::contains(const std::string& key) const {
+  std::lock_guard<std::mutex> g(mu_);
+  return chunks_.count(key) > 0;
+}
+
+int64_t TcpStoreServer::size(const std::string& key) const {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = chunks_.find(key);
+  return it == chunks_.end() ? -1 : static_cast<int64_t>(it->second.size());
+}
+
+int64_t TcpStoreServer::get(const std::string& key, uint8_t* dst, int64_t cap) const {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = chunks_.find(key);
+  if (it == chunks_.end()) throw std::out_of_range("no chunk '" + key + "' in the store");
+  const int64_t n = static_cast<int64_t>(it->second.size());
+  if (n > cap) throw std::length_error("chunk '" + key + "' is " + std::to_string(n) + " bytes, buffer " + std::to_string(cap));
+  std::memcpy(dst, it->second.data(), static_cast<size_t>(n));
+  return n;
+}
+
+bool TcpStoreServer::erase(const std::string& key) {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = chunks_.find(key);
+  if (it == chunks_.end()) return false;
+  stats_.bytes_stored -= static_cast<int64_t>(it->second.size());
+  chunks_.erase(it);
+  return true;
+}
+
+std::vector<std::string> TcpStoreServer::keys() const {
+  std::lock_guard<std::mutex> g(mu_);
+  std::vector<std::string> out;
+  for (auto& [k, v] : chunks_) out.push_back(k);
+  return out;
+}
+
+TcpStoreStats TcpStoreServer::stats() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return stats_;
+}
+
+// ------------------------------------------------------------------------------------ client
+TcpStoreClient::TcpStoreClient(const std::string& host, int port, const std::string& token, double timeout_s)
+    : peer_(host + ":" + std::to_string(port)) {
+  addrinfo hints{}, *res = nullptr;
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  if (int rc = ::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res); rc != 0)
+    throw TransportError("cannot resolve " + peer_ + ": " + gai_strerror(rc));
+  fd_ = ::socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  set_timeouts(fd_, timeout_s);
+  if (fd_ < 0 || ::connect(fd_, res->ai_addr, res->ai_addrlen) != 0) {
+    std::string err = std::strerror(errno);
+    ::freeaddrinfo(res);
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+    throw TransportError("cannot connect to " + peer_ + ": " + err);
+  }
+  ::freeaddrinfo(res);
+  int one = 1;
+  ::setsockopt(fd_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  std::vector<uint8_t> reply;
+  try {
+    request(FrameType::kHello, "", reinterpret_cast<const uint8_t*>(token.data()), token.size(), &reply);
+  } catch (...) {
+    ::close(fd_);
+    fd_ = -1;
+    throw;
+  }
+}
+
+TcpStoreClient::~TcpStoreClient() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+FrameHeader TcpStoreClient::request(FrameType t, const std::string& key, const uint8_t* data, uint64_t n,
+                                    std::vector<uint8_t>* reply) {
+  if (fd_ < 0) throw TransportError("connection to " + peer_ + " is closed");
+  FrameHeader h{};
+  try {
+    send_frame(fd_, t, key, data, n);
+    recv_all(fd_, &h, sizeof h);
+    if (std::string why = header_problem(h); !why.empty()) throw TransportError(peer_ + " sent a bad frame: " + why);
+    std::string rkey(h.key_len, '\0');
+    if (h.key_len) recv_all(fd_, rkey.data(), h.key_len);
+    reply->resize(h.payload_len);
+    if (h.payload_len) recv_all(fd_, reply->data(), h.payload_len);
+  } catch (const PeerGone& e) {
+    ::close(fd_);
+    fd_ = -1;
+    throw TransportError("connection to " + peer_ + " lost: " + e.why);
+  }
+  if (crc32c(reply->data(), reply->size()) != h.payload_crc) throw TransportError("reply from " + peer_ + " failed its checksum");
+  if (static_cast<FrameType>(h.type) == FrameType::kErr)
+    throw TransportError(peer_ + " refused: " + std::string(reply->begin(), reply->end()));
+  return h;
+}
+
+int64_t TcpStoreClient::put(const std::string& key, const uint8_t* data, int64_t n) {
+  std::lock_guard<std::mutex> g(mu_);
+  std::vector<uint8_t> reply;
+  request(FrameType::kPut, key, data, static_cast<uint64_t>(n), &reply);
+  return n;
+}
+
+int64_t TcpStoreClient::get(const std::string& key, uint8_t* dst, int64_t cap) {
+  std::lock_guard<std::mutex> g(mu_);
+  std::vector<uint8_t> reply;
+  request(FrameType::kGet, key, nullptr, 0, &reply);
+  const int64_t n = static_cast<int64_t>(reply.size());
+  if (n > cap) throw std::length_error("chunk '" + key + "' is " + std::to_string(n) + " bytes, buffer " + std::to_string(cap));
+  std::memcpy(dst, reply.data(), static_cast<size_t>(n));
+  return n;
+}
+
+bool TcpStoreClient::del(const std::string& key) {
+  std::lock_guard<std::mutex> g(mu_);
+  std::vector<uint8_t> reply;
+  request(FrameType::kDel, key, nullptr, 0, &reply);
+  return true;
+}
+
+}  // namespace dejavu

@@ -1,0 +1,109 @@
+// Host-to-host chunk transport over TCP: a server that keeps chunks in its host memory (a remote
+// replica store) and a client that puts and gets them.
+//
+// Wire format (little-endian), every message one frame:
+//   header (32 bytes): magic 'DJVT' u32, version u16, type u16, key_len u32, payload_crc u32,
+//                      payload_len u64, header_crc u32 (CRC-32C of the 24 bytes before), reserved u32
+//   key (key_len bytes), payload (payload_len bytes)
+// A connection opens with HELLO carrying the shared cluster token; the server answers OK or ERR and
+// closes on a bad token. PUT/GET/DEL are answered with OK, DATA or ERR (text payload). A frame with
+// a bad magic, version or header checksum closes the connection; a payload whose checksum fails is
+// answered with ERR and never stored. The server outlives every bad peer.
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+namespace dejavu {
+
+enum class FrameType : uint16_t { kHello = 1, kPut = 2, kGet = 3, kDel = 4, kOk = 16, kData = 17, kErr = 18 };
+
+struct FrameHeader {
+  uint32_t magic;
+  uint16_t version;
+  uint16_t type;
+  uint32_t key_len;
+  uint32_t payload_crc;
+  uint64_t payload_len;
+  uint32_t header_crc;
+  uint32_t reserved;
+};
+static_assert(sizeof(FrameHeader) == 32, "frame header layout");
+
+constexpr uint32_t kFrameMagic = 0x54564A44;  // "DJVT"
+constexpr uint16_t kFrameVersion = 1;
+constexpr uint32_t kMaxKeyLen = 4096;
+constexpr uint64_t kMaxPayload = uint64_t{16} << 30;  // one frame carries at most 16 GiB
+
+// Fill magic, version and both checksums.
+FrameHeader make_header(FrameType type, uint32_t key_len, const uint8_t* payload, uint64_t payload_len);
+
+class TransportError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct TcpStoreStats {
+  int64_t connections = 0, auth_failures = 0, bad_frames = 0, checksum_failures = 0, truncated = 0, puts = 0,
+          gets = 0, bytes_stored = 0;
+};
+
+class TcpStoreServer {
+ public:
+  // port 0 picks a free port. max_bytes caps the memory held (0: no cap).
+  TcpStoreServer(const std::string& host, int port, std::string token, int64_t max_bytes = 0);
+  ~TcpStoreServer();
+  int port() const { return port_; }
+  void stop();
+
+  // Local access by the process that hosts the store (e.g. to restore a replica).
+  bool contains(const std::string& key) const;
+  int64_t size(const std::string& key) const;  // -1 if absent
+  int64_t get(const std::string& key, uint8_t* dst, int64_t cap) const;
+  bool erase(const std::string& key);
+  std::vector<std::string> keys() const;
+  TcpStoreStats stats() const;
+
+ private:
+  void accept_loop();
+  void serve(int fd);
+  std::string token_;
+  int64_t max_bytes_;
+  int listen_fd_ = -1;
+  int port_ = 0;
+  std::atomic<bool> stop_{false};
+  std::thread acceptor_;
+  mutable std::mutex mu_;
+  std::unordered_map<std::string, std::vector<uint8_t>> chunks_;
+  std::map<int, std::thread> conns_;
+  std::vector<int> open_fds_;
+  TcpStoreStats stats_;
+};
+
+class TcpStoreClient {
+ public:
+  TcpStoreClient(const std::string& host, int port, const std::string& token, double timeout_s = 30.0);
+  ~TcpStoreClient();
+  TcpStoreClient(const TcpStoreClient&) = delete;
+  TcpStoreClient& operator=(const TcpStoreClient&) = delete;
+  // Returns once the server acknowledged the chunk (stored, checksum verified).
+  int64_t put(const std::string& key, const uint8_t* data, int64_t n);
+  // Fetches into dst; returns payload bytes. Throws if absent, too large or corrupted.
+  int64_t get(const std::string& key, uint8_t* dst, int64_t cap);
+  bool del(const std::string& key);
+
+ private:
+  FrameHeader request(FrameType t, const std::string& key, const uint8_t* data, uint64_t n,
+                      std::vector<uint8_t>* reply);
+  int fd_ = -1;
+  std::mutex mu_;
+  std::string peer_;
+};
+
+}  // namespace dejavu
