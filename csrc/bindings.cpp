@@ -6,8 +6,13 @@
 #include <stdexcept>
 
 #include "kvstream/cuda_copy.h"
+#include "kvstream/file_store.h"
+#include "kvstream/handle.h"
 #include "kvstream/host_copy.h"
+#include "kvstream/host_pool.h"
 #include "kvstream/layout.h"
+#include "kvstream/tcp_store.h"
+#include "kvstream/worker_pool.h"
 
 namespace py = pybind11;
 using namespace dejavu;
@@ -78,6 +83,126 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     return crc32c(as_ptr<const uint8_t>(ptr), n, seed);
   }, py::arg("ptr"), py::arg("nbytes"), py::arg("seed") = 0);
+
+  // ---------------------------------------------------------------- errors
+  auto base_err = py::register_exception<TransportError>(m, "TransportError", PyExc_ConnectionError);
+  py::register_exception<PoolFull>(m, "PoolFull", PyExc_MemoryError);
+  py::register_exception<CorruptChunk>(m, "CorruptChunk", PyExc_IOError);
+  py::register_exception<ChunkNotFound>(m, "ChunkNotFound", PyExc_KeyError);
+  (void)base_err;
+
+  // ---------------------------------------------------------------- async engine
+  py::class_<Handle, HandlePtr>(m, "Handle", "Completion of one asynchronous streaming operation")
+      .def("test", &Handle::test, "True once finished (successfully or not)")
+      .def("wait", [](const Handle& h, double timeout) {
+        py::gil_scoped_release nogil;
+        return h.wait(timeout);
+      }, py::arg("timeout") = -1.0, "Wait up to timeout seconds (< 0: forever); True if finished")
+      .def("failed", &Handle::failed)
+      .def("error", &Handle::error)
+      .def("bytes", &Handle::bytes);
+
+  py::class_<WorkerPool>(m, "WorkerPool", "C++ worker threads that run host-side streaming work without the GIL")
+      .def(py::init<int>(), py::arg("num_threads") = 2)
+      .def_property_readonly("num_threads", &WorkerPool::num_threads)
+      .def("pending", &WorkerPool::pending)
+      .def("gather", [](WorkerPool& w, uintptr_t base, const std::vector<std::pair<int64_t, int64_t>>& spans,
+                        uintptr_t dst, int threads) {
+        auto s = to_spans(spans);
+        return w.submit([s = std::move(s), base, dst, threads] {
+          return host_gather(as_ptr<const uint8_t>(base), s.data(), s.size(), as_ptr<uint8_t>(dst), threads);
+        });
+      }, py::arg("base"), py::arg("spans"), py::arg("dst"), py::arg("threads") = 1)
+      .def("scatter", [](WorkerPool& w, uintptr_t base, const std::vector<std::pair<int64_t, int64_t>>& spans,
+                         uintptr_t src, int threads) {
+        auto s = to_spans(spans);
+        return w.submit([s = std::move(s), base, src, threads] {
+          return host_scatter(as_ptr<uint8_t>(base), s.data(), s.size(), as_ptr<const uint8_t>(src), threads);
+        });
+      }, py::arg("base"), py::arg("spans"), py::arg("src"), py::arg("threads") = 1)
+      .def("file_write", [](WorkerPool& w, std::shared_ptr<FileStore> fs, const std::string& key, uintptr_t p, int64_t n) {
+        check_key(key);
+        return w.submit([fs, key, p, n] { return fs->write(key, as_ptr<const uint8_t>(p), n); });
+      })
+      .def("file_read", [](WorkerPool& w, std::shared_ptr<FileStore> fs, const std::string& key, uintptr_t p, int64_t cap) {
+        check_key(key);
+        return w.submit([fs, key, p, cap] { return fs->read(key, as_ptr<uint8_t>(p), cap); });
+      })
+      .def("tcp_put", [](WorkerPool& w, std::shared_ptr<TcpStoreClient> c, const std::string& key, uintptr_t p, int64_t n) {
+        return w.submit([c, key, p, n] { return c->put(key, as_ptr<const uint8_t>(p), n); });
+      })
+      .def("tcp_get", [](WorkerPool& w, std::shared_ptr<TcpStoreClient> c, const std::string& key, uintptr_t p, int64_t cap) {
+        return w.submit([c, key, p, cap] { return c->get(key, as_ptr<uint8_t>(p), cap); });
+      });
+
+  py::class_<HostPool>(m, "HostPool", "Range allocator over one registered (pinned) host buffer")
+      .def(py::init<int64_t, int64_t>(), py::arg("capacity"), py::arg("alignment") = 256)
+      .def("allocate", &HostPool::allocate)
+      .def("free", &HostPool::free)
+      .def_property_readonly("capacity", &HostPool::capacity)
+      .def_property_readonly("used", &HostPool::used)
+      .def_property_readonly("largest_free", &HostPool::largest_free);
+
+  // ---------------------------------------------------------------- destinations
+  py::class_<FileStore, std::shared_ptr<FileStore>>(m, "FileStore", "Crash-consistent local-disk chunk store")
+      .def(py::init<std::string, bool>(), py::arg("dir"), py::arg("durable") = false)
+      .def_property_readonly("dir", &FileStore::dir)
+      .def("write", [](const FileStore& fs, const std::string& key, uintptr_t p, int64_t n) {
+        py::gil_scoped_release nogil;
+        return fs.write(key, as_ptr<const uint8_t>(p), n);
+      })
+      .def("read", [](const FileStore& fs, const std::string& key, uintptr_t p, int64_t cap) {
+        py::gil_scoped_release nogil;
+        return fs.read(key, as_ptr<uint8_t>(p), cap);
+      })
+      .def("size", &FileStore::size)
+      .def("remove", &FileStore::remove)
+      .def("keys", &FileStore::keys)
+      .def("path", &FileStore::path);
+
+  py::class_<TcpStoreStats>(m, "TcpStoreStats")
+      .def_readonly("connections", &TcpStoreStats::connections)
+      .def_readonly("auth_failures", &TcpStoreStats::auth_failures)
+      .def_readonly("bad_frames", &TcpStoreStats::bad_frames)
+      .def_readonly("checksum_failures", &TcpStoreStats::checksum_failures)
+      .def_readonly("truncated", &TcpStoreStats::truncated)
+      .def_readonly("puts", &TcpStoreStats::puts)
+      .def_readonly("gets", &TcpStoreStats::gets)
+      .def_readonly("bytes_stored", &TcpStoreStats::bytes_stored);
+
+  py::class_<TcpStoreServer, std::shared_ptr<TcpStoreServer>>(m, "TcpStoreServer",
+                                                              "Chunks kept in this process's host memory, served over TCP")
+      .def(py::init<const std::string&, int, std::string, int64_t>(), py::arg("host"), py::arg("port"),
+           py::arg("token"), py::arg("max_bytes") = 0)
+      .def_property_readonly("port", &TcpStoreServer::port)
+      .def("stop", [](TcpStoreServer& s) {
+        py::gil_scoped_release nogil;
+        s.stop();
+      })
+      .def("contains", &TcpStoreServer::contains)
+      .def("size", &TcpStoreServer::size)
+      .def("get", [](const TcpStoreServer& s, const std::string& key, uintptr_t p, int64_t cap) {
+        return s.get(key, as_ptr<uint8_t>(p), cap);
+      })
+      .def("erase", &TcpStoreServer::erase)
+      .def("keys", &TcpStoreServer::keys)
+      .def("stats", &TcpStoreServer::stats);
+
+  py::class_<TcpStoreClient, std::shared_ptr<TcpStoreClient>>(m, "TcpStoreClient", "Connection to a TcpStoreServer")
+      .def(py::init([](const std::string& host, int port, const std::string& token, double timeout) {
+             py::gil_scoped_release nogil;
+             return std::make_shared<TcpStoreClient>(host, port, token, timeout);
+           }),
+           py::arg("host"), py::arg("port"), py::arg("token"), py::arg("timeout") = 30.0)
+      .def("put", [](TcpStoreClient& c, const std::string& key, uintptr_t p, int64_t n) {
+        py::gil_scoped_release nogil;
+        return c.put(key, as_ptr<const uint8_t>(p), n);
+      })
+      .def("get", [](TcpStoreClient& c, const std::string& key, uintptr_t p, int64_t cap) {
+        py::gil_scoped_release nogil;
+        return c.get(key, as_ptr<uint8_t>(p), cap);
+      })
+      .def("delete", &TcpStoreClient::del);
 
   m.def("cuda_compiled", &cuda_compiled);
   m.def("cuda_device_count", &cuda_device_count);

@@ -63,7 +63,35 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--seed", type=int, default=0)
     bg.add_argument("--json", default=None, help="write all numbers to this file")
     bg.set_defaults(func=cmd_bench_generate)
+
+    bk = bsub.add_parser("kvstream", help="DéjàVuLib bandwidth per level and block size vs a contiguous copy")
+    bk.add_argument("--device", default="cpu")
+    bk.add_argument("--layers", type=_positive("--layers"), default=24)
+    bk.add_argument("--kv-heads", type=_positive("--kv-heads"), default=32)
+    bk.add_argument("--head-dim", type=_positive("--head-dim"), default=64)
+    bk.add_argument("--block-sizes", default="1,4,16,64", help="tokens per block, comma-separated")
+    bk.add_argument("--levels", default="0,1,3", help="streaming levels, comma-separated")
+    bk.add_argument("--total-mib", type=_positive("--total-mib"), default=256, help="bytes moved per measurement")
+    bk.add_argument("--repeat", type=_positive("--repeat"), default=5)
+    bk.add_argument("--file-dir", default=None, help="where GPU->file chunks go (default: a temp dir)")
+    bk.add_argument("--json", default=None)
+    bk.set_defaults(func=cmd_bench_kvstream)
     return parser
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+def cmd_bench_kvstream(args) -> int:
+    from .bench.kvstream import run
+
+    run(args.device, args.layers, args.kv_heads, args.head_dim, _int_list(args.block_sizes, "--block-sizes"),
+        _int_list(args.levels, "--levels"), args.total_mib, args.repeat, args.file_dir, args.json)
+    return 0
 
 
 def cmd_bench_generate(args) -> int:

@@ -1,0 +1,144 @@
+"""Futures over C++ handles, CUDA events and other futures, with chaining.
+
+A Future is done only when every byte of its operation has moved. It keeps the tensors its
+operation reads or writes alive until then, and runs its cleanup (e.g. returning a pool buffer)
+exactly once when it finishes, successfully or not.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from .errors import StreamError
+
+
+def _part_done(p) -> bool:
+    if isinstance(p, Future):
+        return p.done()
+    if hasattr(p, "query"):      # torch.cuda.Event
+        return p.query()
+    return p.test()              # _C.Handle
+
+
+def _part_error(p) -> str | None:
+    if isinstance(p, Future):
+        return p._error
+    if hasattr(p, "failed") and p.failed():
+        return p.error()
+    return None
+
+
+def _part_wait(p, timeout: float | None) -> bool:
+    if isinstance(p, Future):
+        p.wait(timeout)
+        return True
+    if hasattr(p, "query"):
+        if timeout is None:
+            p.synchronize()
+            return True
+        deadline = time.monotonic() + timeout
+        while not p.query():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(5e-5)
+        return True
+    return p.wait(-1.0 if timeout is None else timeout)
+
+
+class Future:
+    def __init__(self, what: str, parts=(), keep=(), then: Callable[[], "Future | None"] | None = None,
+                 cleanup: Callable[[], None] | None = None, nbytes: int = 0, event=None):
+        self.what = what
+        self._parts = list(parts)
+        self._keep: list[Any] = list(keep)
+        self._then = then
+        self._cleanup = cleanup
+        self._next: Future | None = None
+        self._error: str | None = None
+        self._done = False
+        self.nbytes = nbytes
+        self.event = event  # CUDA event that marks completion on the device, for stream ordering
+
+    @classmethod
+    def completed(cls, what: str, nbytes: int = 0) -> "Future":
+        f = cls(what, nbytes=nbytes)
+        f._finish()
+        return f
+
+    @classmethod
+    def failed(cls, what: str, error: str) -> "Future":
+        f = cls(what)
+        f._error = error
+        f._finish()
+        return f
+
+    def _advance(self) -> None:
+        """All parts finished: collect errors, then start the chained step (once)."""
+        for p in self._parts:
+            err = _part_error(p)
+            if err and self._error is None:
+                self._error = err
+        self._parts = []
+        if self._error is None and self._then is not None:
+            then, self._then = self._then, None
+            try:
+                self._next = then()
+            except Exception as e:  # noqa: BLE001 - reported through the future
+                self._error = f"{type(e).__name__}: {e}"
+
+    def done(self) -> bool:
+        """True once finished (successfully or not); never blocks."""
+        if self._done:
+            return True
+        if self._parts and not all(_part_done(p) for p in self._parts):
+            return False
+        self._advance()
+        if self._next is not None and self._error is None:
+            if not self._next.done():
+                return False
+            self._error = self._next._error
+        self._finish()
+        return True
+
+    def wait(self, timeout: float | None = None) -> "Future":
+        """Block until done; raises StreamError on failure or timeout (the operation is then not done)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left():
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        if not self._done:
+            for p in self._parts:
+                if not _part_wait(p, left()):
+                    raise StreamError(f"{self.what}: timed out after {timeout}s")
+            self._advance()
+            if self._next is not None and self._error is None:
+                try:
+                    self._next.wait(left())
+                except StreamError as e:
+                    if not self._next._done:
+                        raise StreamError(f"{self.what}: timed out after {timeout}s") from e
+                self._error = self._next._error
+            self._finish()
+        if self._error is not None:
+            raise StreamError(f"{self.what}: {self._error}")
+        return self
+
+    @property
+    def error(self) -> str | None:
+        self.done()
+        return self._error
+
+    def _finish(self):
+        if self._done:
+            return
+        self._done = True
+        self._keep.clear()
+        if self._cleanup is not None:
+            cleanup, self._cleanup = self._cleanup, None
+            cleanup()
+
+
+def gather_futures(what: str, futures, cleanup=None) -> Future:
+    futures = list(futures)
+    return Future(what, parts=futures, cleanup=cleanup, nbytes=sum(f.nbytes for f in futures))

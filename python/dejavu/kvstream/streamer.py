@@ -1,0 +1,220 @@
+"""KVStreamer: gather / scatter / flush / fetch / stream_out / stream_in over one paged KV cache.
+
+Levels (the paper's ablation, selectable at run time):
+  0 naive           one copy per span (per block and layer, or per token row)
+  1 buffered        spans packed into few large transfers: on CUDA a gather kernel into a device
+                    staging buffer pipelined with the DMA (or, mode "direct", a kernel that writes
+                    the pinned host buffer itself); on CPU C++ worker threads without the GIL
+  2 layer-by-layer  + stream_out sends each layer as soon as its compute event fires
+  3 token-level     + asynchronous incremental (per-token) streaming; the default
+GPU copies run on dedicated CUDA streams, ordered after the producing compute by events.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _C
+from ..engine.kv_cache import PagedKVCache
+from .futures import Future, gather_futures
+from .pool import PinnedPool
+from .region import Region
+from .transports import Destination, default_workers
+
+LEVELS = {0: "naive", 1: "buffered", 2: "layer-by-layer", 3: "token-level"}
+DEFAULT_LEVEL = 3
+CUDA_MODES = ("staged", "direct")
+DEFAULT_CUDA_MODE = "staged"
+
+
+def _split(spans, piece_bytes):
+    """Group spans into pieces of at most piece_bytes (long spans are cut). Yields lists of
+    (src_off, packed_off, bytes)."""
+    piece, size, packed = [], 0, 0
+    for off, n in spans:
+        while n > 0:
+            take = min(n, piece_bytes - size)
+            piece.append((off, packed, take))
+            off, n, packed, size = off + take, n - take, packed + take, size + take
+            if size == piece_bytes:
+                yield piece
+                piece, size = [], 0
+    if piece:
+        yield piece
+
+
+class _Direction:
+    """One direction's streams and double-buffered staging on the device."""
+
+    def __init__(self, device, piece_bytes):
+        self.kernel = torch.cuda.Stream(device)
+        self.dma = torch.cuda.Stream(device)
+        self.staging = [torch.empty(piece_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
+        self.free_evt = [None, None]  # when staging[k] may be overwritten
+        self.k = 0
+
+
+class KVStreamer:
+    def __init__(self, cache: PagedKVCache, level: int = DEFAULT_LEVEL, pool_bytes: int = 256 << 20,
+                 piece_bytes: int = 8 << 20, cuda_mode: str = DEFAULT_CUDA_MODE, workers=None, threads: int = 4):
+        if level not in LEVELS:
+            raise ValueError(f"streaming level must be one of {sorted(LEVELS)}, got {level!r}")
+        if cuda_mode not in CUDA_MODES:
+            raise ValueError(f"cuda_mode must be one of {CUDA_MODES}, got {cuda_mode!r}")
+        if not cache.tensor.is_contiguous():
+            raise ValueError("the KV cache tensor must be contiguous")
+        self.cache, self.level, self.cuda_mode, self.threads = cache, level, cuda_mode, threads
+        self.layout = cache.layout()
+        self.flat = cache.tensor.view(-1).view(torch.uint8)
+        self.device = cache.tensor.device
+        self.is_cuda = self.device.type == "cuda"
+        self.pool = PinnedPool(pool_bytes, pin=self.is_cuda or None)
+        self.workers = workers or default_workers()
+        self.piece_bytes = piece_bytes
+        if self.is_cuda:
+            if not _C.cuda_compiled():
+                raise RuntimeError("a CUDA KV cache needs dejavu built with CUDA (DEJAVU_CUDA=on)")
+            self._out = _Direction(self.device, piece_bytes)
+            self._in = _Direction(self.device, piece_bytes)
+
+    # ------------------------------------------------------------------ gather / scatter
+    def gather(self, region: Region, dst: torch.Tensor, after=None) -> Future:
+        """Pack `region` of the cache into the uint8 tensor `dst` (host or device)."""
+        spans = region.spans(self.layout)
+        return self._move(spans, dst, out=True, after=after, what=f"gather {len(spans)} spans")
+
+    def scatter(self, region: Region, src: torch.Tensor, after=None) -> Future:
+        """Unpack the uint8 tensor `src` (as gather packs it) into `region` of the cache."""
+        spans = region.spans(self.layout)
+        return self._move(spans, src, out=False, after=after, what=f"scatter {len(spans)} spans")
+
+    def _move(self, spans, buf: torch.Tensor, out: bool, after, what: str) -> Future:
+        nbytes = sum(n for _, n in spans)
+        if buf.dtype != torch.uint8 or not buf.is_contiguous() or buf.numel() < nbytes:
+            raise ValueError(f"{what}: needs a contiguous uint8 buffer of >= {nbytes} bytes")
+        if not self.is_cuda:
+            if buf.device.type != "cpu":
+                raise ValueError(f"{what}: a CPU cache streams to CPU buffers")
+            if self.level == 0:
+                packed = 0
+                for off, n in spans:
+                    if out:
+                        buf[packed:packed + n].copy_(self.flat[off:off + n])
+                    else:
+                        self.flat[off:off + n].copy_(buf[packed:packed + n])
+                    packed += n
+                return Future.completed(what, nbytes)
+            fn = self.workers.gather if out else self.workers.scatter
+            h = fn(self.flat.data_ptr(), spans, buf.data_ptr(), self.threads)
+            return Future(what, parts=[h], keep=[buf, self.cache.tensor], nbytes=nbytes)
+        return self._move_cuda(spans, buf, out, after, what, nbytes)
+
+    def _move_cuda(self, spans, buf, out, after, what, nbytes) -> Future:
+        d = self._out if out else self._in
+        if after is None:
+            after = torch.cuda.current_stream(self.device).record_event()
+        keep = [buf, self.cache.tensor]
+        on_device = buf.device.type == "cuda"
+        if not on_device and not buf.is_pinned():
+            raise ValueError(f"{what}: host buffers for a CUDA cache must be pinned (use the pool)")
+        d.kernel.wait_event(after)
+        d.dma.wait_event(after)
+        if self.level == 0:
+            with torch.cuda.stream(d.dma):
+                packed = 0
+                for off, n in spans:
+                    if out:
+                        buf[packed:packed + n].copy_(self.flat[off:off + n], non_blocking=True)
+                    else:
+                        self.flat[off:off + n].copy_(buf[packed:packed + n], non_blocking=True)
+                    packed += n
+            evt = d.dma.record_event()
+            return Future(what, parts=[evt], keep=keep, nbytes=nbytes, event=evt)
+        if on_device or self.cuda_mode == "direct":
+            # One kernel; with a pinned host buffer it reads or writes host memory over PCIe itself.
+            rows, packed = [], 0
+            for o, n in spans:
+                rows.append((o, packed, n) if out else (packed, o, n))
+                packed += n
+            desc = self._desc(rows, d.kernel)
+            src, dst = (self.flat, buf) if out else (buf, self.flat)
+            _C.cuda_copy_spans(src.data_ptr(), dst.data_ptr(), desc.data_ptr(), len(rows), d.kernel.cuda_stream)
+            evt = d.kernel.record_event()
+            return Future(what, parts=[evt], keep=keep + [desc], nbytes=nbytes, event=evt)
+        # Staged: gather piece i+1 on the kernel stream while the DMA stream moves piece i.
+        last = None
+        base = 0
+        for piece in _split(spans, self.piece_bytes):
+            k, d.k = d.k, 1 - d.k
+            stage = d.staging[k]
+            n = sum(r[2] for r in piece)
+            if out:
+                if d.free_evt[k] is not None:
+                    d.kernel.wait_event(d.free_evt[k])
+                desc = self._desc([(o, p - base, b) for o, p, b in piece], d.kernel)
+                _C.cuda_copy_spans(self.flat.data_ptr(), stage.data_ptr(), desc.data_ptr(), len(piece),
+                                   d.kernel.cuda_stream)
+                ready = d.kernel.record_event()
+                d.dma.wait_event(ready)
+                with torch.cuda.stream(d.dma):
+                    buf[base:base + n].copy_(stage[:n], non_blocking=True)
+                d.free_evt[k] = last = d.dma.record_event()
+            else:
+                if d.free_evt[k] is not None:
+                    d.dma.wait_event(d.free_evt[k])
+                with torch.cuda.stream(d.dma):
+                    stage[:n].copy_(buf[base:base + n], non_blocking=True)
+                landed = d.dma.record_event()
+                d.kernel.wait_event(landed)
+                desc = self._desc([(p - base, o, b) for o, p, b in piece], d.kernel)
+                _C.cuda_copy_spans(stage.data_ptr(), self.flat.data_ptr(), desc.data_ptr(), len(piece),
+                                   d.kernel.cuda_stream)
+                d.free_evt[k] = last = d.kernel.record_event()
+            keep.append(desc)
+            base += n
+        if last is None:
+            return Future.completed(what, 0)
+        return Future(what, parts=[last], keep=keep, nbytes=nbytes, event=last)
+
+    def _desc(self, rows, stream) -> torch.Tensor:
+        host = torch.tensor(rows if rows else [(0, 0, 0)], dtype=torch.int64).pin_memory()
+        with torch.cuda.stream(stream):
+            return host.to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------------ flush / fetch
+    def flush(self, buf: torch.Tensor, dest: Destination, key: str) -> Future:
+        """One contiguous host buffer to a destination."""
+        return dest.put(key, buf)
+
+    def fetch(self, dest: Destination, key: str, buf: torch.Tensor) -> Future:
+        """One contiguous chunk from a destination into a host buffer."""
+        return dest.get(key, buf)
+
+    # ------------------------------------------------------------------ stream_out / stream_in
+    def stream_out(self, region: Region, dest: Destination, key: str, layer_events=None) -> Future:
+        """Gather `region` into pooled pinned memory and flush it to `dest` under `key`.
+        With level >= 2 and one CUDA event per layer, each layer leaves as soon as its event fires,
+        under key f"{key}.l{i}" (stream_in(per_layer=True) reads them back)."""
+        if layer_events is not None and self.level >= 2:
+            if len(layer_events) != len(region.layers):
+                raise ValueError(f"{len(region.layers)} layers but {len(layer_events)} layer events")
+            parts = [self._out_one(region.layer(i), dest, f"{key}.l{i}", ev) for i, ev in enumerate(layer_events)]
+            return gather_futures(f"stream_out {key!r} layer by layer", parts)
+        return self._out_one(region, dest, key, None)
+
+    def _out_one(self, region, dest, key, after) -> Future:
+        n = region.nbytes(self.layout)
+        buf = self.pool.alloc(n)
+        g = self.gather(region, buf.tensor, after=after)
+        return Future(f"stream_out {key!r}", parts=[g], then=lambda: dest.put(key, buf.tensor),
+                      cleanup=buf.free, nbytes=n)
+
+    def stream_in(self, dest: Destination, key: str, region: Region, per_layer: bool = False) -> Future:
+        """Fetch `key` from `dest` into pooled pinned memory and scatter it into `region`."""
+        if per_layer:
+            parts = [self.stream_in(dest, f"{key}.l{i}", region.layer(i)) for i in range(len(region.layers))]
+            return gather_futures(f"stream_in {key!r} layer by layer", parts)
+        n = region.nbytes(self.layout)
+        buf = self.pool.alloc(n)
+        f = dest.get(key, buf.tensor)
+        return Future(f"stream_in {key!r}", parts=[f], then=lambda: self.scatter(region, buf.tensor),
+                      cleanup=buf.free, nbytes=n)
