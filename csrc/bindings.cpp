@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <optional>
+
 #include <stdexcept>
 
 #include "kvstream/cuda_copy.h"
@@ -67,6 +69,21 @@ PYBIND11_MODULE(_C, m) {
   m.def("token_spans", [](const KVLayout& l, const std::vector<int64_t>& layers, const std::vector<int64_t>& blocks,
                           const std::vector<int64_t>& slots) { return from_spans(token_spans(l, layers, blocks, slots)); });
 
+  m.def("fill_copy_desc", [](const KVLayout& l, const std::vector<int64_t>& layers, const std::vector<int64_t>& blocks,
+                             std::optional<std::vector<int64_t>> slots, bool out, int64_t piece_bytes,
+                             uintptr_t desc, int64_t cap) {
+    auto spans = slots ? token_spans(l, layers, blocks, *slots) : chunk_spans(l, layers, blocks);
+    CopyDesc d = fill_copy_desc(spans, out, piece_bytes, as_ptr<int64_t>(desc), cap);
+    return py::make_tuple(d.rows, d.bytes, d.piece_rows, d.piece_bytes);
+  }, py::arg("layout"), py::arg("layers"), py::arg("blocks"), py::arg("slots"), py::arg("out"), py::arg("piece_bytes"),
+     py::arg("desc"), py::arg("cap"),
+     "Write (src, dst, bytes) copy rows for a region into the int64 buffer at desc (cap rows); "
+     "returns (rows, bytes, piece_row_starts, piece_bytes).");
+  m.def("copy_desc_rows_bound", [](const KVLayout& l, int64_t n_layers, int64_t n_entries, bool tokens, int64_t total,
+                                   int64_t piece_bytes) {
+    const int64_t spans = n_layers * n_entries * (tokens ? 2 : 1);
+    return piece_bytes > 0 ? spans + total / piece_bytes + 1 : spans;
+  });
   m.def("host_gather", [](uintptr_t base, const std::vector<std::pair<int64_t, int64_t>>& spans, uintptr_t dst, int threads) {
     auto s = to_spans(spans);
     py::gil_scoped_release nogil;

@@ -1,5 +1,6 @@
 #include "kvstream/layout.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -78,6 +79,45 @@ int64_t total_bytes(const std::vector<Span>& spans) {
   int64_t n = 0;
   for (const Span& s : spans) n += s.bytes;
   return n;
+}
+
+int64_t copy_desc_rows_bound(const std::vector<Span>& spans, int64_t piece_bytes) {
+  const int64_t n = static_cast<int64_t>(spans.size());
+  return piece_bytes > 0 ? n + total_bytes(spans) / piece_bytes + 1 : n;
+}
+
+CopyDesc fill_copy_desc(const std::vector<Span>& spans, bool out, int64_t piece_bytes, int64_t* desc, int64_t cap) {
+  CopyDesc d;
+  int64_t in_piece = 0;
+  d.piece_rows.push_back(0);
+  auto emit = [&](int64_t cache_off, int64_t packed_off, int64_t n) {
+    if (d.rows >= cap) throw std::length_error("copy descriptor buffer too small");
+    int64_t* r = desc + 3 * d.rows++;
+    r[0] = out ? cache_off : packed_off;
+    r[1] = out ? packed_off : cache_off;
+    r[2] = n;
+  };
+  for (const Span& s : spans) {
+    int64_t off = s.offset, n = s.bytes;
+    while (n > 0) {
+      const int64_t take = piece_bytes > 0 ? std::min(n, piece_bytes - in_piece) : n;
+      emit(off, piece_bytes > 0 ? in_piece : d.bytes, take);
+      off += take;
+      n -= take;
+      d.bytes += take;
+      in_piece += take;
+      if (piece_bytes > 0 && in_piece == piece_bytes) {
+        d.piece_rows.push_back(d.rows);
+        d.piece_bytes.push_back(in_piece);
+        in_piece = 0;
+      }
+    }
+  }
+  if (piece_bytes <= 0 || in_piece > 0) {
+    d.piece_rows.push_back(d.rows);
+    d.piece_bytes.push_back(piece_bytes > 0 ? in_piece : d.bytes);
+  }
+  return d;
 }
 
 }  // namespace dejavu

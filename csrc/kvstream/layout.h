@@ -54,4 +54,19 @@ std::vector<Span> merge_adjacent(const std::vector<Span>& spans);
 
 int64_t total_bytes(const std::vector<Span>& spans);
 
+// Copy descriptors for the span-copy kernels: rows of (src_offset, dst_offset, bytes). `out` packs
+// (cache -> buffer), otherwise unpacks (buffer -> cache). With piece_bytes > 0 the packed side is
+// cut into pieces of at most piece_bytes, each with packed offsets starting at 0 (for a staging
+// buffer of that size); piece_rows[i] is the first row of piece i (plus a final end marker).
+struct CopyDesc {
+  int64_t rows = 0;
+  int64_t bytes = 0;
+  std::vector<int64_t> piece_rows;
+  std::vector<int64_t> piece_bytes;
+};
+// Writes at most `cap` rows into desc (3 int64 each); throws std::length_error if more are needed.
+CopyDesc fill_copy_desc(const std::vector<Span>& spans, bool out, int64_t piece_bytes, int64_t* desc, int64_t cap);
+// An upper bound on the rows fill_copy_desc writes.
+int64_t copy_desc_rows_bound(const std::vector<Span>& spans, int64_t piece_bytes);
+
 }  // namespace dejavu

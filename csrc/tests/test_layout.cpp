@@ -53,5 +53,22 @@ int main() {
   auto m = merge_adjacent({{0, 10}, {10, 5}, {20, 1}, {21, 1}, {0, 1}});
   CHECK(m.size() == 3);
   CHECK(m[0].bytes == 15 && m[1].offset == 20 && m[1].bytes == 2 && m[2].offset == 0);
+  // Copy descriptors: packing three spans of 100 bytes into pieces of 128 bytes.
+  {
+    std::vector<Span> sp{{1000, 100}, {5000, 100}, {9000, 100}};
+    std::vector<int64_t> d(3 * copy_desc_rows_bound(sp, 128));
+    CopyDesc cd = fill_copy_desc(sp, true, 128, d.data(), static_cast<int64_t>(d.size() / 3));
+    CHECK(cd.bytes == 300);
+    CHECK(cd.rows == 5);  // 100 | 28+72 | 56+44 -> rows: 100, 28, 72, 56, 44
+    CHECK(cd.piece_rows.size() == 4 && cd.piece_rows[1] == 2 && cd.piece_rows[2] == 4 && cd.piece_rows[3] == 5);
+    CHECK(cd.piece_bytes.size() == 3 && cd.piece_bytes[0] == 128 && cd.piece_bytes[2] == 44);
+    CHECK(d[0] == 1000 && d[1] == 0 && d[2] == 100);
+    CHECK(d[3] == 5000 && d[4] == 100 && d[5] == 28);    // fills piece 0 up to 128
+    CHECK(d[6] == 5028 && d[7] == 0 && d[8] == 72);      // piece 1 starts at packed 0
+    // Unpacking swaps the columns; no pieces means global packed offsets.
+    CopyDesc un = fill_copy_desc(sp, false, 0, d.data(), 3);
+    CHECK(un.rows == 3 && d[6] == 200 && d[7] == 9000 && un.piece_rows.size() == 2);
+    CHECK_THROWS(fill_copy_desc(sp, false, 0, d.data(), 2));
+  }
   TEST_MAIN_END();
 }

@@ -34,6 +34,10 @@ class Region:
         per = layout.chunk_bytes() if self.slots is None else 2 * layout.token_bytes()
         return len(self.layers) * len(self.blocks) * per
 
+    def describe(self) -> str:
+        kind = "token slots" if self.slots is not None else "blocks"
+        return f"{len(self.layers)} layers x {len(self.blocks)} {kind}"
+
     def layer(self, i: int) -> "Region":
         """The part of this region in its i-th layer (for layer-by-layer streaming)."""
         return Region((self.layers[i],), self.blocks, self.slots)

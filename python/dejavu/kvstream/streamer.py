@@ -2,9 +2,10 @@
 
 Levels (the paper's ablation, selectable at run time):
   0 naive           one copy per span (per block and layer, or per token row)
-  1 buffered        spans packed into few large transfers: on CUDA a gather kernel into a device
-                    staging buffer pipelined with the DMA (or, mode "direct", a kernel that writes
-                    the pinned host buffer itself); on CPU C++ worker threads without the GIL
+  1 buffered        spans packed into few large transfers: on CUDA one copy kernel that reads or
+                    writes the pinned host buffer itself over PCIe (mode "direct", the default), or
+                    a gather kernel into device staging pipelined with the DMA engine (mode
+                    "staged"); on CPU C++ worker threads without the GIL
   2 layer-by-layer  + stream_out sends each layer as soon as its compute event fires
   3 token-level     + asynchronous incremental (per-token) streaming; the default
 GPU copies run on dedicated CUDA streams, ordered after the producing compute by events.
@@ -23,23 +24,7 @@ from .transports import Destination, default_workers
 LEVELS = {0: "naive", 1: "buffered", 2: "layer-by-layer", 3: "token-level"}
 DEFAULT_LEVEL = 3
 CUDA_MODES = ("staged", "direct")
-DEFAULT_CUDA_MODE = "staged"
-
-
-def _split(spans, piece_bytes):
-    """Group spans into pieces of at most piece_bytes (long spans are cut). Yields lists of
-    (src_off, packed_off, bytes)."""
-    piece, size, packed = [], 0, 0
-    for off, n in spans:
-        while n > 0:
-            take = min(n, piece_bytes - size)
-            piece.append((off, packed, take))
-            off, n, packed, size = off + take, n - take, packed + take, size + take
-            if size == piece_bytes:
-                yield piece
-                piece, size = [], 0
-    if piece:
-        yield piece
+DEFAULT_CUDA_MODE = "direct"  # measured faster on the H100 (docs/BENCHMARKS.md)
 
 
 class _Direction:
@@ -79,21 +64,20 @@ class KVStreamer:
     # ------------------------------------------------------------------ gather / scatter
     def gather(self, region: Region, dst: torch.Tensor, after=None) -> Future:
         """Pack `region` of the cache into the uint8 tensor `dst` (host or device)."""
-        spans = region.spans(self.layout)
-        return self._move(spans, dst, out=True, after=after, what=f"gather {len(spans)} spans")
+        return self._move(region, dst, out=True, after=after, what=f"gather of {region.describe()}")
 
     def scatter(self, region: Region, src: torch.Tensor, after=None) -> Future:
         """Unpack the uint8 tensor `src` (as gather packs it) into `region` of the cache."""
-        spans = region.spans(self.layout)
-        return self._move(spans, src, out=False, after=after, what=f"scatter {len(spans)} spans")
+        return self._move(region, src, out=False, after=after, what=f"scatter of {region.describe()}")
 
-    def _move(self, spans, buf: torch.Tensor, out: bool, after, what: str) -> Future:
-        nbytes = sum(n for _, n in spans)
+    def _move(self, region: Region, buf: torch.Tensor, out: bool, after, what: str) -> Future:
+        nbytes = region.nbytes(self.layout)
         if buf.dtype != torch.uint8 or not buf.is_contiguous() or buf.numel() < nbytes:
             raise ValueError(f"{what}: needs a contiguous uint8 buffer of >= {nbytes} bytes")
         if not self.is_cuda:
             if buf.device.type != "cpu":
                 raise ValueError(f"{what}: a CPU cache streams to CPU buffers")
+            spans = region.spans(self.layout)
             if self.level == 0:
                 packed = 0
                 for off, n in spans:
@@ -106,9 +90,19 @@ class KVStreamer:
             fn = self.workers.gather if out else self.workers.scatter
             h = fn(self.flat.data_ptr(), spans, buf.data_ptr(), self.threads)
             return Future(what, parts=[h], keep=[buf, self.cache.tensor], nbytes=nbytes)
-        return self._move_cuda(spans, buf, out, after, what, nbytes)
+        return self._move_cuda(region, buf, out, after, what, nbytes)
 
-    def _move_cuda(self, spans, buf, out, after, what, nbytes) -> Future:
+    def _host_desc(self, region: Region, out: bool, piece_bytes: int):
+        """Copy rows built in C++ into a pinned buffer: (tensor, rows, piece_row_starts, piece_bytes)."""
+        tokens = region.slots is not None
+        cap = _C.copy_desc_rows_bound(self.layout, len(region.layers), len(region.blocks), tokens,
+                                      region.nbytes(self.layout), piece_bytes)
+        host = torch.empty((max(cap, 1), 3), dtype=torch.int64, pin_memory=True)
+        rows, _, prow, pbytes = _C.fill_copy_desc(self.layout, region.layers, region.blocks, region.slots, out,
+                                                  piece_bytes, host.data_ptr(), cap)
+        return host, rows, prow, pbytes
+
+    def _move_cuda(self, region, buf, out, after, what, nbytes) -> Future:
         d = self._out if out else self._in
         if after is None:
             after = torch.cuda.current_stream(self.device).record_event()
@@ -121,7 +115,7 @@ class KVStreamer:
         if self.level == 0:
             with torch.cuda.stream(d.dma):
                 packed = 0
-                for off, n in spans:
+                for off, n in region.spans(self.layout):
                     if out:
                         buf[packed:packed + n].copy_(self.flat[off:off + n], non_blocking=True)
                     else:
@@ -129,32 +123,29 @@ class KVStreamer:
                     packed += n
             evt = d.dma.record_event()
             return Future(what, parts=[evt], keep=keep, nbytes=nbytes, event=evt)
-        if on_device or self.cuda_mode == "direct":
+        staged = not on_device and self.cuda_mode == "staged"
+        host, rows, prow, pbytes = self._host_desc(region, out, self.piece_bytes if staged else 0)
+        with torch.cuda.stream(d.kernel):
+            desc = host[:rows].to(self.device, non_blocking=True)
+        keep.append(desc)
+        if not staged:
             # One kernel; with a pinned host buffer it reads or writes host memory over PCIe itself.
-            rows, packed = [], 0
-            for o, n in spans:
-                rows.append((o, packed, n) if out else (packed, o, n))
-                packed += n
-            desc = self._desc(rows, d.kernel)
             src, dst = (self.flat, buf) if out else (buf, self.flat)
-            _C.cuda_copy_spans(src.data_ptr(), dst.data_ptr(), desc.data_ptr(), len(rows), d.kernel.cuda_stream)
+            _C.cuda_copy_spans(src.data_ptr(), dst.data_ptr(), desc.data_ptr(), rows, d.kernel.cuda_stream)
             evt = d.kernel.record_event()
-            return Future(what, parts=[evt], keep=keep + [desc], nbytes=nbytes, event=evt)
+            return Future(what, parts=[evt], keep=keep, nbytes=nbytes, event=evt)
         # Staged: gather piece i+1 on the kernel stream while the DMA stream moves piece i.
-        last = None
-        base = 0
-        for piece in _split(spans, self.piece_bytes):
+        last, base = None, 0
+        for i, n in enumerate(pbytes):
+            r0, r1 = prow[i], prow[i + 1]
             k, d.k = d.k, 1 - d.k
             stage = d.staging[k]
-            n = sum(r[2] for r in piece)
+            dptr = desc.data_ptr() + 24 * r0
             if out:
                 if d.free_evt[k] is not None:
                     d.kernel.wait_event(d.free_evt[k])
-                desc = self._desc([(o, p - base, b) for o, p, b in piece], d.kernel)
-                _C.cuda_copy_spans(self.flat.data_ptr(), stage.data_ptr(), desc.data_ptr(), len(piece),
-                                   d.kernel.cuda_stream)
-                ready = d.kernel.record_event()
-                d.dma.wait_event(ready)
+                _C.cuda_copy_spans(self.flat.data_ptr(), stage.data_ptr(), dptr, r1 - r0, d.kernel.cuda_stream)
+                d.dma.wait_event(d.kernel.record_event())
                 with torch.cuda.stream(d.dma):
                     buf[base:base + n].copy_(stage[:n], non_blocking=True)
                 d.free_evt[k] = last = d.dma.record_event()
@@ -163,22 +154,13 @@ class KVStreamer:
                     d.dma.wait_event(d.free_evt[k])
                 with torch.cuda.stream(d.dma):
                     stage[:n].copy_(buf[base:base + n], non_blocking=True)
-                landed = d.dma.record_event()
-                d.kernel.wait_event(landed)
-                desc = self._desc([(p - base, o, b) for o, p, b in piece], d.kernel)
-                _C.cuda_copy_spans(stage.data_ptr(), self.flat.data_ptr(), desc.data_ptr(), len(piece),
-                                   d.kernel.cuda_stream)
+                d.kernel.wait_event(d.dma.record_event())
+                _C.cuda_copy_spans(stage.data_ptr(), self.flat.data_ptr(), dptr, r1 - r0, d.kernel.cuda_stream)
                 d.free_evt[k] = last = d.kernel.record_event()
-            keep.append(desc)
             base += n
         if last is None:
             return Future.completed(what, 0)
         return Future(what, parts=[last], keep=keep, nbytes=nbytes, event=last)
-
-    def _desc(self, rows, stream) -> torch.Tensor:
-        host = torch.tensor(rows if rows else [(0, 0, 0)], dtype=torch.int64).pin_memory()
-        with torch.cuda.stream(stream):
-            return host.to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ flush / fetch
     def flush(self, buf: torch.Tensor, dest: Destination, key: str) -> Future:
