@@ -87,3 +87,40 @@ def test_layer_by_layer_waits_for_each_layers_event():
     KVStreamer(dst, level=2).stream_in(dest, "lbl", r, per_layer=True).wait(30)
     torch.cuda.synchronize()
     assert torch.equal(region_values(dst, r), expect)  # the +1 of every layer arrived
+
+
+def _ipc_receiver(q_out, q_in, nbytes):
+    from dejavu.kvstream.ipc import IpcInbox
+
+    inbox = IpcInbox(nbytes)
+    inbox.buffer.zero_()
+    torch.cuda.synchronize()
+    q_out.put(inbox.buffer)              # shared as a CUDA IPC handle
+    key, off, n, checksum = q_in.get(timeout=60)
+    got = inbox.view(off, n)
+    q_out.put(int(got.to(torch.int64).sum().item()) == checksum)
+
+
+def test_cuda_ipc_into_another_process():
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q_out, q_in = ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=_ipc_receiver, args=(q_out, q_in, 8 << 20))
+    p.start()
+    try:
+        from dejavu.kvstream.ipc import CudaIpcDest
+
+        remote = q_out.get(timeout=60)
+        src = filled_cache(layers=3, blocks=32, block_size=16, heads=2, head_dim=64, dtype=torch.float16, device="cuda")
+        r = Region.chunks([0, 2], [4, 9, 1])
+        dest = CudaIpcDest(remote)
+        buf = torch.empty(r.nbytes(KVStreamer(src).layout), dtype=torch.uint8, device="cuda")
+        KVStreamer(src).gather(r, buf).wait()
+        dest.put("req", buf).wait()
+        off, n = dest.location("req")
+        q_in.put(("req", off, n, int(buf.to(torch.int64).sum().item())))
+        assert q_out.get(timeout=60) is True
+    finally:
+        p.join(60)
+    assert p.exitcode == 0

@@ -110,10 +110,11 @@ def run(device: str, layers: int, heads: int, head_dim: int, block_sizes: list[i
             s = KVStreamer(cache, level=level, pool_bytes=1 << 24, **kw)
             token_rows.append({"what": f"level {level} {mode if level else 'per-span'}",
                                "us": 1e6 * _time(lambda: s.gather(tok_region, tok_buf).wait(), repeat * 4, sync)})
+    overlap = _overlap(dev, layers, heads, head_dim, repeat) if cuda else None
     result = {"card": card, "device": str(dev), "torch": torch.__version__, "layers": layers, "kv_heads": heads,
               "head_dim": head_dim, "dtype": "float16", "rows": rows,
               "token": {"requests": 32, "layers": layers, "bytes": tok_bytes, "spans": len(tok_region.spans(cache.layout())),
-                        "rows": token_rows}}
+                        "rows": token_rows}, "overlap": overlap}
     print(f"DéjàVuLib bandwidth on {card}; cache {layers} layers x {heads} KV heads x {head_dim}, fp16; "
           f"ratio = streamed / contiguous copy of the same bytes, same run")
     print(f"{'blk':>4} {'chunk':>7} {'level':>5} {'mode':>8} {'d2h GB/s':>9} {'ratio':>6} {'h2d GB/s':>9} {'ratio':>6} "
@@ -126,7 +127,47 @@ def run(device: str, layers: int, heads: int, head_dim: int, block_sizes: list[i
           f"{result['token']['spans']} spans):")
     for t in token_rows:
         print(f"  {t['what']:<36} {t['us']:>9.1f} us")
+    if overlap:
+        print(f"decode-shaped GEMM (32x{overlap['k']} @ {overlap['k']}x{overlap['n']} fp16, {overlap['iters']} iters): "
+              f"{overlap['alone_ms']:.2f} ms alone, {overlap['with_stream_ms']:.2f} ms while streaming "
+              f"{overlap['streamed_mib']} MiB out and in -> {overlap['slowdown']:.3f}x")
     if json_path:
         with open(json_path, "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def _overlap(dev, layers, heads, head_dim, repeat) -> dict:
+    """Does streaming on its own streams slow the compute stream down?"""
+    k, n, iters = 2048, 8192, 400
+    a = torch.randn(32, k, dtype=torch.float16, device=dev)
+    w = torch.randn(k, n, dtype=torch.float16, device=dev)
+    cache = PagedKVCache(layers, 256, 16, heads, head_dim, torch.float16, dev)
+    cache.tensor.normal_()
+    region = Region.chunks(range(layers), list(range(0, 256, 2)))
+    s = KVStreamer(cache, pool_bytes=2 * region.nbytes(cache.layout()) + (4 << 20))
+    out_buf = s.pool.alloc(region.nbytes(cache.layout()))
+    in_buf = s.pool.alloc(region.nbytes(cache.layout()))
+
+    def gemms():
+        for _ in range(iters):
+            torch.mm(a, w)
+
+    def timed(with_stream):
+        torch.cuda.synchronize(dev)
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        futs = []
+        e0.record()
+        if with_stream:
+            futs = [s.gather(region, out_buf.tensor), s.scatter(region, in_buf.tensor)]
+        gemms()
+        e1.record()
+        for f in futs:
+            f.wait()
+        torch.cuda.synchronize(dev)
+        return e0.elapsed_time(e1)
+    timed(False), timed(True)
+    alone = statistics.median(timed(False) for _ in range(repeat))
+    both = statistics.median(timed(True) for _ in range(repeat))
+    return {"k": k, "n": n, "iters": iters, "alone_ms": alone, "with_stream_ms": both, "slowdown": both / alone,
+            "streamed_mib": 2 * region.nbytes(cache.layout()) >> 20}

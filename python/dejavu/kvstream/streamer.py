@@ -23,8 +23,10 @@ from .transports import Destination, default_workers
 
 LEVELS = {0: "naive", 1: "buffered", 2: "layer-by-layer", 3: "token-level"}
 DEFAULT_LEVEL = 3
-CUDA_MODES = ("staged", "direct")
-DEFAULT_CUDA_MODE = "direct"  # measured faster on the H100 (docs/BENCHMARKS.md)
+CUDA_MODES = ("auto", "staged", "direct")
+# auto: staged for transfers larger than two staging pieces (0.94-0.96x of a contiguous copy on the
+# H100 for 16-token blocks), direct below that (token-level: 280 us vs 330 us); docs/BENCHMARKS.md.
+DEFAULT_CUDA_MODE = "auto"
 
 
 class _Direction:
@@ -123,7 +125,10 @@ class KVStreamer:
                     packed += n
             evt = d.dma.record_event()
             return Future(what, parts=[evt], keep=keep, nbytes=nbytes, event=evt)
-        staged = not on_device and self.cuda_mode == "staged"
+        mode = self.cuda_mode
+        if mode == "auto":
+            mode = "staged" if nbytes > 2 * self.piece_bytes else "direct"
+        staged = not on_device and mode == "staged"
         host, rows, prow, pbytes = self._host_desc(region, out, self.piece_bytes if staged else 0)
         with torch.cuda.stream(d.kernel):
             desc = host[:rows].to(self.device, non_blocking=True)
