@@ -221,6 +221,15 @@ PYBIND11_MODULE(_C, m) {
       })
       .def("delete", &TcpStoreClient::del);
 
+  m.def("cuda_staged_copy", [](uintptr_t cache, uintptr_t host, uintptr_t desc, const std::vector<int64_t>& piece_rows,
+                               const std::vector<int64_t>& piece_bytes, uintptr_t s0, uintptr_t s1, uintptr_t kstream,
+                               uintptr_t dstream, bool out) {
+    if (piece_rows.size() != piece_bytes.size() + 1) throw std::invalid_argument("piece_rows needs one more entry than piece_bytes");
+    std::string err = cuda_staged_copy(as_ptr<void>(cache), as_ptr<void>(host), as_ptr<const int64_t>(desc), piece_rows,
+                                       piece_bytes, as_ptr<void>(s0), as_ptr<void>(s1), as_ptr<void>(kstream),
+                                       as_ptr<void>(dstream), out);
+    if (!err.empty()) throw std::runtime_error(err);
+  }, "Pipelined staged transfer between a device cache and a pinned host buffer (see cuda_copy.h)");
   m.def("cuda_compiled", &cuda_compiled);
   m.def("cuda_device_count", &cuda_device_count);
   m.def("cuda_copy_spans", [](uintptr_t src, uintptr_t dst, uintptr_t desc, int64_t n, uintptr_t stream) {

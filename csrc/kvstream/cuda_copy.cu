@@ -50,4 +50,74 @@ std::string cuda_copy_spans(const void* src, void* dst, const int64_t* desc, int
   return "";
 }
 
+namespace {
+#define DJV_CUDA(call)                                                                         \
+  do {                                                                                         \
+    cudaError_t e_ = (call);                                                                   \
+    if (e_ != cudaSuccess) return std::string(#call " failed: ") + cudaGetErrorString(e_);  \
+  } while (0)
+}  // namespace
+
+std::string cuda_staged_copy(void* cache, void* host, const int64_t* desc, const std::vector<int64_t>& piece_rows,
+                             const std::vector<int64_t>& piece_bytes, void* staging0, void* staging1,
+                             void* kernel_stream, void* dma_stream, bool out) {
+  auto ks = static_cast<cudaStream_t>(kernel_stream);
+  auto ds = static_cast<cudaStream_t>(dma_stream);
+  uint8_t* stage[2] = {static_cast<uint8_t*>(staging0), static_cast<uint8_t*>(staging1)};
+  uint8_t* h = static_cast<uint8_t*>(host);
+  cudaEvent_t ready[2], freed[2];
+  bool has_freed[2] = {false, false};
+  for (int k = 0; k < 2; ++k) {
+    DJV_CUDA(cudaEventCreateWithFlags(&ready[k], cudaEventDisableTiming));
+    DJV_CUDA(cudaEventCreateWithFlags(&freed[k], cudaEventDisableTiming));
+  }
+  std::string err;
+  int64_t base = 0;
+  for (size_t i = 0; i < piece_bytes.size() && err.empty(); ++i) {
+    const int k = static_cast<int>(i & 1);
+    const int64_t n = piece_bytes[i];
+    const int64_t r0 = piece_rows[i], rows = piece_rows[i + 1] - r0;
+    const int blocks = static_cast<int>(std::min<int64_t>(rows, 65535));
+    if (out) {
+      if (has_freed[k] && cudaStreamWaitEvent(ks, freed[k], 0) != cudaSuccess) err = "cudaStreamWaitEvent failed";
+      copy_spans_kernel<<<blocks, 256, 0, ks>>>(static_cast<const uint8_t*>(cache), stage[k], desc + 3 * r0, rows);
+      if (cudaGetLastError() != cudaSuccess) err = "gather kernel launch failed";
+      if (err.empty() && cudaEventRecord(ready[k], ks) != cudaSuccess) err = "cudaEventRecord failed";
+      if (err.empty() && cudaStreamWaitEvent(ds, ready[k], 0) != cudaSuccess) err = "cudaStreamWaitEvent failed";
+      if (err.empty()) {
+        cudaError_t e = cudaMemcpyAsync(h + base, stage[k], static_cast<size_t>(n), cudaMemcpyDeviceToHost, ds);
+        if (e != cudaSuccess) err = std::string("cudaMemcpyAsync D2H failed: ") + cudaGetErrorString(e);
+      }
+      if (err.empty() && cudaEventRecord(freed[k], ds) != cudaSuccess) err = "cudaEventRecord failed";
+    } else {
+      if (has_freed[k] && cudaStreamWaitEvent(ds, freed[k], 0) != cudaSuccess) err = "cudaStreamWaitEvent failed";
+      if (err.empty()) {
+        cudaError_t e = cudaMemcpyAsync(stage[k], h + base, static_cast<size_t>(n), cudaMemcpyHostToDevice, ds);
+        if (e != cudaSuccess) err = std::string("cudaMemcpyAsync H2D failed: ") + cudaGetErrorString(e);
+      }
+      if (err.empty() && cudaEventRecord(ready[k], ds) != cudaSuccess) err = "cudaEventRecord failed";
+      if (err.empty() && cudaStreamWaitEvent(ks, ready[k], 0) != cudaSuccess) err = "cudaStreamWaitEvent failed";
+      if (err.empty()) {
+        copy_spans_kernel<<<blocks, 256, 0, ks>>>(stage[k], static_cast<uint8_t*>(cache), desc + 3 * r0, rows);
+        if (cudaGetLastError() != cudaSuccess) err = "scatter kernel launch failed";
+      }
+      if (err.empty() && cudaEventRecord(freed[k], ks) != cudaSuccess) err = "cudaEventRecord failed";
+    }
+    has_freed[k] = true;
+    base += n;
+  }
+  // Join: the stream that finishes last is waited on by the other, so the next transfer in this
+  // direction cannot overwrite staging still in use.
+  if (err.empty()) {
+    cudaStream_t last = out ? ds : ks, other = out ? ks : ds;
+    if (cudaEventRecord(ready[0], last) != cudaSuccess || cudaStreamWaitEvent(other, ready[0], 0) != cudaSuccess)
+      err = "joining the copy streams failed";
+  }
+  for (int k = 0; k < 2; ++k) {
+    cudaEventDestroy(ready[k]);  // released once their pending work completes
+    cudaEventDestroy(freed[k]);
+  }
+  return err;
+}
+
 }  // namespace dejavu

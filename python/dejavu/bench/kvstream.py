@@ -157,9 +157,9 @@ def _overlap(dev, layers, heads, head_dim, repeat) -> dict:
         torch.cuda.synchronize(dev)
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         futs = []
-        e0.record()
-        if with_stream:
+        if with_stream:  # launched first; they run on their own streams for longer than the GEMMs
             futs = [s.gather(region, out_buf.tensor), s.scatter(region, in_buf.tensor)]
+        e0.record()
         gemms()
         e1.record()
         for f in futs:

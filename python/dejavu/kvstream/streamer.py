@@ -36,8 +36,6 @@ class _Direction:
         self.kernel = torch.cuda.Stream(device)
         self.dma = torch.cuda.Stream(device)
         self.staging = [torch.empty(piece_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
-        self.free_evt = [None, None]  # when staging[k] may be overwritten
-        self.k = 0
 
 
 class KVStreamer:
@@ -139,33 +137,12 @@ class KVStreamer:
             _C.cuda_copy_spans(src.data_ptr(), dst.data_ptr(), desc.data_ptr(), rows, d.kernel.cuda_stream)
             evt = d.kernel.record_event()
             return Future(what, parts=[evt], keep=keep, nbytes=nbytes, event=evt)
-        # Staged: gather piece i+1 on the kernel stream while the DMA stream moves piece i.
-        last, base = None, 0
-        for i, n in enumerate(pbytes):
-            r0, r1 = prow[i], prow[i + 1]
-            k, d.k = d.k, 1 - d.k
-            stage = d.staging[k]
-            dptr = desc.data_ptr() + 24 * r0
-            if out:
-                if d.free_evt[k] is not None:
-                    d.kernel.wait_event(d.free_evt[k])
-                _C.cuda_copy_spans(self.flat.data_ptr(), stage.data_ptr(), dptr, r1 - r0, d.kernel.cuda_stream)
-                d.dma.wait_event(d.kernel.record_event())
-                with torch.cuda.stream(d.dma):
-                    buf[base:base + n].copy_(stage[:n], non_blocking=True)
-                d.free_evt[k] = last = d.dma.record_event()
-            else:
-                if d.free_evt[k] is not None:
-                    d.dma.wait_event(d.free_evt[k])
-                with torch.cuda.stream(d.dma):
-                    stage[:n].copy_(buf[base:base + n], non_blocking=True)
-                d.kernel.wait_event(d.dma.record_event())
-                _C.cuda_copy_spans(stage.data_ptr(), self.flat.data_ptr(), dptr, r1 - r0, d.kernel.cuda_stream)
-                d.free_evt[k] = last = d.kernel.record_event()
-            base += n
-        if last is None:
-            return Future.completed(what, 0)
-        return Future(what, parts=[last], keep=keep, nbytes=nbytes, event=last)
+        # Staged: piece i+1's gather kernel overlaps piece i's DMA (one C++ call enqueues it all).
+        _C.cuda_staged_copy(self.flat.data_ptr(), buf.data_ptr(), desc.data_ptr(), prow, pbytes,
+                            d.staging[0].data_ptr(), d.staging[1].data_ptr(), d.kernel.cuda_stream, d.dma.cuda_stream,
+                            out)
+        evt = (d.dma if out else d.kernel).record_event()
+        return Future(what, parts=[evt], keep=keep, nbytes=nbytes, event=evt)
 
     # ------------------------------------------------------------------ flush / fetch
     def flush(self, buf: torch.Tensor, dest: Destination, key: str) -> Future:
