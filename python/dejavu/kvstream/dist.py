@@ -10,38 +10,22 @@ import torch
 import torch.distributed as dist
 
 from .. import _C
-from .futures import Future
+from .futures import Future, PolledCompletion
 
 
-class _Work:
-    def __init__(self, works, check=None):
-        self.works, self.check, self._err, self._done = works, check, None, False
+def _completion(works, check=None) -> PolledCompletion:
+    return PolledCompletion(lambda: all(w.is_completed() for w in works), check,
+                            block=lambda timeout: _wait_works(works, timeout))
 
-    def _complete(self):
-        if not self._done:
-            self._done = True
-            if self.check:
-                try:
-                    self.check()
-                except Exception as e:  # noqa: BLE001
-                    self._err = str(e)
 
-    def test(self):
-        if not self._done and all(w.is_completed() for w in self.works):
-            self._complete()
-        return self._done
+def _wait_works(works, timeout):
+    import datetime
 
-    def wait(self, timeout):
-        for w in self.works:
+    for w in works:
+        if timeout is None:
             w.wait()
-        self._complete()
-        return True
-
-    def failed(self):
-        return self._err is not None
-
-    def error(self):
-        return self._err or ""
+        else:
+            w.wait(datetime.timedelta(seconds=timeout))
 
 
 class ProcessGroupChannel:
@@ -54,7 +38,7 @@ class ProcessGroupChannel:
         crc = _C.crc32c(buf.data_ptr(), buf.numel()) if buf.device.type == "cpu" else 0
         head = torch.tensor([buf.numel(), crc], dtype=torch.int64, device=buf.device)
         works = [dist.isend(head, self.peer, group=self.group), dist.isend(buf, self.peer, group=self.group)]
-        return Future(f"send {what} to rank {self.peer}", parts=[_Work(works)], keep=[buf, head], nbytes=buf.numel())
+        return Future(f"send {what} to rank {self.peer}", parts=[_completion(works)], keep=[buf, head], nbytes=buf.numel())
 
     def recv(self, what: str, buf: torch.Tensor) -> Future:
         head = torch.empty(2, dtype=torch.int64, device=buf.device)
@@ -67,7 +51,7 @@ class ProcessGroupChannel:
         def check():
             if buf.device.type == "cpu" and _C.crc32c(buf.data_ptr(), n) != crc:
                 raise IOError(f"{what} failed its checksum")
-        return Future(f"recv {what} from rank {self.peer}", parts=[_Work([work], check)], keep=[buf], nbytes=n)
+        return Future(f"recv {what} from rank {self.peer}", parts=[_completion([work], check)], keep=[buf], nbytes=n)
 
 
 class ProcessGroupDest(ProcessGroupChannel):

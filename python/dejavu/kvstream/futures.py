@@ -12,6 +12,42 @@ from typing import Any, Callable
 from .errors import StreamError
 
 
+class PolledCompletion:
+    """A Future part for libraries that only offer "is it done?" (MPI requests, torch.distributed
+    work): polls `poll()`, then runs `check()` once, whose exception fails the part."""
+
+    def __init__(self, poll: Callable[[], bool], check: Callable[[], None] | None = None,
+                 block: Callable[[float | None], None] | None = None):
+        self._poll, self._check, self._block, self._err, self._done = poll, check, block, None, False
+
+    def test(self) -> bool:
+        if not self._done and self._poll():
+            self._done = True
+            if self._check is not None:
+                try:
+                    self._check()
+                except Exception as e:  # noqa: BLE001 - reported through the future
+                    self._err = str(e)
+        return self._done
+
+    def wait(self, timeout: float) -> bool:
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        if self._block is not None and not self._done:
+            # Some libraries (gloo) only make progress inside their own wait, which takes a timeout.
+            self._block(None if deadline is None else timeout)
+        while not self.test():
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(5e-5)
+        return True
+
+    def failed(self) -> bool:
+        return self._err is not None
+
+    def error(self) -> str:
+        return self._err or ""
+
+
 def _part_done(p) -> bool:
     if isinstance(p, Future):
         return p.done()

@@ -12,55 +12,17 @@ import threading
 import torch
 
 from .. import _C
-from .futures import Future
+from .futures import Future, PolledCompletion
 from .transports import Destination, _check_buf
 
 _HEADER = struct.Struct("<IQI")  # key length, payload bytes, payload CRC-32C
 _TAG_BASE = 7100
 
 
-class _Request:
-    """Adapts an mpi4py request list to the Future part protocol (test / wait / failed / error)."""
+def _testall(reqs) -> bool:
+    from mpi4py import MPI
 
-    def __init__(self, reqs, check=None):
-        self.reqs, self.check, self._err, self._done = reqs, check, None, False
-
-    def _complete(self):
-        if not self._done:
-            self._done = True
-            if self.check is not None:
-                try:
-                    self.check()
-                except Exception as e:  # noqa: BLE001
-                    self._err = str(e)
-
-    def test(self):
-        from mpi4py import MPI
-
-        if not self._done and MPI.Request.Testall(self.reqs):
-            self._complete()
-        return self._done
-
-    def wait(self, timeout):
-        import time
-
-        from mpi4py import MPI
-
-        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
-        while not self._done:
-            if MPI.Request.Testall(self.reqs):
-                self._complete()
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            time.sleep(1e-4)
-        return True
-
-    def failed(self):
-        return self._err is not None
-
-    def error(self):
-        return self._err or ""
+    return MPI.Request.Testall(reqs)
 
 
 class MpiDest(Destination):
@@ -83,7 +45,7 @@ class MpiDest(Destination):
         with self._lock:
             reqs = [self.comm.Isend(head, dest=self.peer, tag=self.tag),
                     self.comm.Isend(payload, dest=self.peer, tag=self.tag + 1)]
-        return Future(f"mpi put {key!r} to rank {self.peer}", parts=[_Request(reqs)], keep=[buf, head],
+        return Future(f"mpi put {key!r} to rank {self.peer}", parts=[PolledCompletion(lambda: _testall(reqs))], keep=[buf, head],
                       nbytes=buf.numel())
 
     def get(self, key, buf):
@@ -107,7 +69,7 @@ class MpiDest(Destination):
         def check():
             if _C.crc32c(buf.data_ptr(), n) != crc:
                 raise IOError(f"payload of {key!r} failed its checksum")
-        return Future(f"mpi get {key!r} from rank {self.peer}", parts=[_Request([req], check)], keep=[buf], nbytes=n)
+        return Future(f"mpi get {key!r} from rank {self.peer}", parts=[PolledCompletion(lambda: _testall([req]), check)], keep=[buf], nbytes=n)
 
     def size(self, key):
         raise NotImplementedError("MpiDest is two-sided: sizes travel in the message header")
