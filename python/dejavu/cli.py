@@ -18,6 +18,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     p.add_argument("--kv-cache-blocks", type=int, default=0, help="KV-cache blocks (default: from memory)")
     p.add_argument("--max-model-len", type=int, default=0, help="cap on prompt + output tokens")
+    p.add_argument("--pp", type=int, default=1, help="pipeline depth: worker processes, one stage each (1-8)")
+    p.add_argument("--microbatch-size", type=int, default=0, help="sequences per microbatch (pipeline; default: any)")
+    p.add_argument("--launcher", default="local", choices=["local", "mpirun", "external"],
+                   help="how pipeline workers start: local child processes (default), mpirun, or external")
 
 
 def _positive(name):
@@ -49,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     g.set_defaults(func=cmd_generate)
+
+    w = sub.add_parser("worker", help="run one worker process (started by the controller or by mpirun)")
+    w.add_argument("--controller", required=True, help="HOST:PORT of the controller")
+    w.add_argument("--token", default="env", help="cluster token, or 'env' to read DEJAVU_CLUSTER_TOKEN (default)")
+    w.add_argument("--rank", type=int, default=None, help="worker rank (default: from mpirun's environment)")
+    w.set_defaults(func=cmd_worker)
 
     b = sub.add_parser("bench", help="benchmarks, each with a baseline measured in the same run")
     bsub = b.add_subparsers(dest="bench", required=True)
@@ -94,6 +104,17 @@ def cmd_bench_kvstream(args) -> int:
     return 0
 
 
+def cmd_worker(args) -> int:
+    import os
+
+    from .serving.worker import run
+
+    token = os.environ.get("DEJAVU_CLUSTER_TOKEN", "") if args.token == "env" else args.token
+    if not token:
+        raise ValueError("no cluster token: pass --token or set DEJAVU_CLUSTER_TOKEN")
+    return run(args.controller, token, args.rank)
+
+
 def cmd_bench_generate(args) -> int:
     from .bench.generate import run
 
@@ -109,8 +130,16 @@ def cmd_generate(args) -> int:
                             top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
     t0 = time.perf_counter()
     llm = LLM(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
-              kv_cache_blocks=args.kv_cache_blocks, max_model_len=args.max_model_len)
+              kv_cache_blocks=args.kv_cache_blocks, max_model_len=args.max_model_len, pp=args.pp,
+              microbatch_size=args.microbatch_size, launcher=args.launcher)
     t1 = time.perf_counter()
+    try:
+        return _generate(args, llm, params, t0, t1)
+    finally:
+        llm.shutdown()
+
+
+def _generate(args, llm, params, t0, t1) -> int:
     prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p
                for p in args.prompt]
     outs = llm.generate(prompts, params)

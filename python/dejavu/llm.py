@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Sequence as Seq
 
@@ -51,19 +52,41 @@ class LLM:
                  block_size: int = 16, kv_cache_blocks: int = 0, kv_cache_memory: int = 0,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 8192, max_model_len: int = 0,
                  tp: int = 1, pp: int = 1, microbatch_size: int = 0, prompt_stages: int = 0,
-                 token_stages: int = 0, swap: bool = False, replicate: bool = False):
-        unsupported = {"tp": tp != 1, "pp": pp != 1, "prompt_stages": bool(prompt_stages),
-                       "token_stages": bool(token_stages), "swap": bool(swap), "replicate": bool(replicate)}
+                 token_stages: int = 0, swap: bool = False, replicate: bool = False,
+                 launcher: str = "local", layer_split: list[tuple[int, int]] | None = None,
+                 worker_timeout: float = 300.0, log_dir: str | None = None):
+        unsupported = {"tp": tp != 1, "prompt_stages": bool(prompt_stages), "token_stages": bool(token_stages),
+                       "swap": bool(swap), "replicate": bool(replicate)}
         bad = [k for k, v in unsupported.items() if v]
         if bad:
-            raise ValueError(f"{', '.join(bad)}: multi-worker modes are not available in this build "
-                             "(single-process engine only)")
+            raise ValueError(f"{', '.join(bad)}: not available in this build (single process and pipeline "
+                             "parallelism only)")
         if block_size <= 0:
             raise ValueError(f"block_size must be > 0, got {block_size}")
+        if not isinstance(pp, int) or not 1 <= pp <= 8:
+            raise ValueError(f"pp must be an integer from 1 to 8, got {pp!r}")
+        if microbatch_size < 0:
+            raise ValueError(f"microbatch_size must be >= 0, got {microbatch_size}")
         self.device = parse_device(device)
         self.dtype = parse_dtype(dtype, self.device)
         self.source = resolve(model)
         self.tokenizer = load_tokenizer(self.source)
+        self.config = self.source.config
+        if not kv_cache_blocks and not kv_cache_memory:
+            kv_cache_memory = DEFAULT_KV_CACHE_MEMORY_CPU if self.device.type == "cpu" else 0
+        engine_cfg = EngineConfig(block_size=block_size, num_blocks=kv_cache_blocks, kv_cache_memory=kv_cache_memory,
+                                  max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                  max_model_len=max_model_len)
+        if pp > 1:
+            from .serving.pipeline import PipelineEngine
+
+            if not engine_cfg.num_blocks and not engine_cfg.kv_cache_memory:
+                engine_cfg.kv_cache_memory = 4 << 30  # per stage, on the GPU
+            self.model = None
+            self.engine = PipelineEngine(self.source, self.tokenizer, engine_cfg, self.device, self.dtype, seed, pp,
+                                         microbatch_size, launcher, layer_split, worker_timeout, log_dir=log_dir)
+            self._finalizer = weakref.finalize(self, self.engine.shutdown)
+            return
         try:
             self.model = load_model(self.source, self.device, self.dtype, seed=seed)
         except BaseException:
@@ -72,18 +95,21 @@ class LLM:
                 torch.cuda.empty_cache()
             raise
         self.config = self.model.cfg
-        if not kv_cache_blocks and not kv_cache_memory:
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                kv_cache_memory = int(free * DEFAULT_KV_CACHE_FRACTION_CUDA)
-            else:
-                kv_cache_memory = DEFAULT_KV_CACHE_MEMORY_CPU
-        self.engine = LLMEngine(self.model, self.tokenizer,
-                                EngineConfig(block_size=block_size, num_blocks=kv_cache_blocks,
-                                             kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
-                                             max_num_batched_tokens=max_num_batched_tokens,
-                                             max_model_len=max_model_len),
-                                self.device, self.dtype)
+        if not engine_cfg.num_blocks and not engine_cfg.kv_cache_memory:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            engine_cfg.kv_cache_memory = int(free * DEFAULT_KV_CACHE_FRACTION_CUDA)
+        self.engine = LLMEngine(self.model, self.tokenizer, engine_cfg, self.device, self.dtype)
+
+    def shutdown(self) -> None:
+        """Stop worker processes (pipeline modes); a no-op for the single-process engine."""
+        if hasattr(self.engine, "shutdown"):
+            self.engine.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
 
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:

@@ -34,10 +34,17 @@ class EngineConfig:
     max_model_len: int = 0           # 0: the model's context length
 
 
+def eos_ids(cfg, tokenizer: Tokenizer) -> list[int]:
+    eos = set(cfg.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return sorted(eos)
+
+
 class LLMEngine:
     def __init__(self, model: DecoderLM, tokenizer: Tokenizer, config: EngineConfig, device: torch.device,
                  dtype: torch.dtype):
-        cfg = model.cfg
+        cfg = self.model_config = model.cfg
         self.model, self.tokenizer, self.config, self.device = model, tokenizer, config, device
         self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
         num_blocks = config.num_blocks
@@ -50,10 +57,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.cache.allocator, config.block_size, config.max_num_seqs,
                                    config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.cache)
-        eos = set(cfg.eos_token_ids)
-        if tokenizer.eos_token_id is not None:
-            eos.add(tokenizer.eos_token_id)
-        self.eos_ids = sorted(eos)
+        self.block_size, self.num_blocks = config.block_size, num_blocks
+        self.eos_ids = eos_ids(cfg, tokenizer)
         self.num_generated = 0
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB) on %s", num_blocks, config.block_size,
                  self.cache.nbytes / 2**20, device)
@@ -66,7 +71,7 @@ class LLMEngine:
             ids, text = [int(t) for t in prompt], None
         if not ids:
             raise RequestError("the prompt is empty")
-        vocab = self.model.cfg.vocab_size
+        vocab = self.model_config.vocab_size
         if any(t < 0 or t >= vocab for t in ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
         params.validate()
@@ -74,18 +79,24 @@ class LLMEngine:
         if total > self.max_model_len:
             raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
                                f"the model's context length of {self.max_model_len} tokens")
-        need = blocks_for(total, self.cache.block_size)
-        if need > self.cache.num_blocks:
+        need = blocks_for(total, self.block_size)
+        if need > self.num_blocks:
             raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) needs {need} KV blocks "
-                               f"but the cache holds only {self.cache.num_blocks}")
+                               f"but the cache holds only {self.num_blocks}")
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         seq = Sequence(ids, params, seed, request_id, text)
-        self.scheduler.add(seq)
+        self._enqueue(seq)
         return seq
+
+    def _enqueue(self, seq: Sequence) -> None:
+        self.scheduler.add(seq)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
 
     def abort(self, seq: Sequence) -> None:
         if not seq.finished:
-            self.scheduler.finish(seq, "abort")
+            self._finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -102,11 +113,14 @@ class LLMEngine:
         logits = self.runner.run(seqs, is_prefill)
         banned = [self._banned(s) for s in seqs]
         tokens = sample(logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s) for s in seqs], banned)
+        self._append_tokens(seqs, tokens)
+        return seqs
+
+    def _append_tokens(self, seqs: list[Sequence], tokens: list[int]) -> None:
         for s, tok in zip(seqs, tokens):
             s.token_ids.append(tok)
             self.num_generated += 1
             self._check_stop(s, tok)
-        return seqs
 
     def _banned(self, s: Sequence) -> list[int]:
         if s.num_output_tokens >= s.params.min_tokens:
@@ -125,8 +139,8 @@ class LLMEngine:
             cut = min((i for i in (text.find(x) for x in p.stop) if i >= 0), default=-1)
             if cut >= 0:
                 s.text = text[:cut]
-                self.scheduler.finish(s, "stop")
+                self._finish(s, "stop")
                 return
         if reason:
             s.text = self.tokenizer.decode(s.output_ids)
-            self.scheduler.finish(s, reason)
+            self._finish(s, reason)

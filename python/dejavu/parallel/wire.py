@@ -1,0 +1,102 @@
+"""The control channel: msgpack messages in length-prefixed frames over TCP, opened by a HELLO that
+carries the cluster token. Never pickle.
+
+Frame: 4-byte big-endian payload length, then a msgpack map with a "t" (type) field. Frames over
+MAX_FRAME bytes, non-map payloads and undecodable bytes are protocol errors that close the
+connection with a message naming the problem.
+"""
+from __future__ import annotations
+
+import hmac
+import socket
+import struct
+
+import msgpack
+
+MAX_FRAME = 64 << 20
+_LEN = struct.Struct(">I")
+
+
+class ProtocolError(ConnectionError):
+    pass
+
+
+class Channel:
+    def __init__(self, sock: socket.socket, peer: str = ""):
+        self.sock = sock
+        self.peer = peer or str(sock.getpeername())
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def send(self, msg: dict) -> None:
+        data = msgpack.packb(msg, use_bin_type=True)
+        if len(data) > MAX_FRAME:
+            raise ProtocolError(f"message of {len(data)} bytes exceeds the {MAX_FRAME}-byte frame limit")
+        self.sock.sendall(_LEN.pack(len(data)) + data)
+
+    def recv(self, timeout: float | None = None) -> dict:
+        """Next message; raises TimeoutError, ConnectionError (peer gone) or ProtocolError."""
+        self.sock.settimeout(timeout)
+        try:
+            (n,) = _LEN.unpack(self._exact(4))
+            if n > MAX_FRAME:
+                raise ProtocolError(f"{self.peer} sent a frame of {n} bytes (limit {MAX_FRAME})")
+            data = self._exact(n)
+        except socket.timeout:
+            raise TimeoutError(f"no message from {self.peer} within {timeout}s") from None
+        try:
+            msg = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except Exception as e:  # noqa: BLE001 - any decode failure is the peer's protocol error
+            raise ProtocolError(f"{self.peer} sent undecodable bytes: {e}") from None
+        if not isinstance(msg, dict) or "t" not in msg:
+            raise ProtocolError(f"{self.peer} sent a message without a type")
+        return msg
+
+    def _exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError(f"{self.peer} closed the connection")
+            buf += chunk
+        return bytes(buf)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def connect(host: str, port: int, token: str, hello: dict, timeout: float = 30.0) -> Channel:
+    """Connect to the controller and introduce ourselves; raises if the token is refused."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    ch = Channel(sock, f"controller {host}:{port}")
+    ch.send({"t": "hello", "token": token, **hello})
+    reply = ch.recv(timeout)
+    if reply.get("t") != "welcome":
+        ch.close()
+        raise ConnectionError(f"controller refused the connection: {reply.get('msg', reply)}")
+    return ch
+
+
+def accept_hello(listener: socket.socket, token: str, timeout: float) -> tuple[Channel, dict]:
+    """Accept one connection and check its HELLO; a bad token gets an error reply and is closed."""
+    listener.settimeout(timeout)
+    try:
+        sock, addr = listener.accept()
+    except socket.timeout:
+        raise TimeoutError(f"no worker connected within {timeout}s") from None
+    ch = Channel(sock, f"worker at {addr[0]}:{addr[1]}")
+    try:
+        msg = ch.recv(timeout)
+    except (ConnectionError, TimeoutError) as e:
+        ch.close()
+        raise ProtocolError(f"handshake failed: {e}") from None
+    if msg.get("t") != "hello" or not hmac.compare_digest(str(msg.get("token", "")), token):
+        try:
+            ch.send({"t": "refused", "msg": "bad cluster token"})
+        finally:
+            ch.close()
+        raise ProtocolError(f"{ch.peer} presented a bad cluster token")
+    ch.send({"t": "welcome"})
+    return ch, msg

@@ -1,0 +1,1 @@
+"""Serving across processes: the controller (pipeline engine) and its workers."""

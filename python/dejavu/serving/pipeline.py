@@ -1,0 +1,234 @@
+"""The FasterTransformer-style pipeline: the controller side.
+
+D = pp stages, each a worker process holding a contiguous layer range (routing.split_layers,
+overridable). The controller keeps up to D microbatches in flight, round-robin: each microbatch
+slot has its own scheduler (continuous batching, up to `microbatch_size` sequences) over one
+shared waiting queue and one shared block allocator (every stage's cache uses the same block ids
+for its own layers). A slot's next step (prefill of newly admitted requests, or one decode token
+for its running ones) is sent to every worker as soon as its previous step's tokens are back.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import secrets
+import socket
+import threading
+import time
+from collections import deque
+
+import torch
+
+from ..engine.block_manager import BlockAllocator
+from ..engine.kv_cache import PagedKVCache
+from ..engine.llm_engine import EngineConfig, LLMEngine, eos_ids
+from ..engine.scheduler import Scheduler
+from ..engine.sequence import Sequence
+from ..kvstream.routing import split_layers
+from ..models.loader import ModelSource
+from ..parallel import launch
+from ..parallel.wire import ProtocolError, accept_hello
+
+log = logging.getLogger("dejavu.pipeline")
+
+
+class WorkerError(RuntimeError):
+    """A worker failed to start or died; the message names the worker and the reason."""
+
+
+class PipelineEngine(LLMEngine):
+    def __init__(self, source: ModelSource, tokenizer, config: EngineConfig, device: torch.device,
+                 dtype: torch.dtype, seed: int, pp: int, microbatch_size: int = 0, launcher: str = "local",
+                 layer_split: list[tuple[int, int]] | None = None, timeout: float = 300.0,
+                 hostfile: str | None = None, log_dir: str | None = None):
+        cfg = self.model_config = source.config
+        self.model = None
+        self.tokenizer, self.config, self.device = tokenizer, config, device
+        self.pp = pp
+        self.layers = layer_split or split_layers(cfg.num_layers, pp)
+        self._check_split(cfg.num_layers)
+        self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
+        self.block_size = config.block_size
+        deepest = max(b - a for a, b in self.layers)
+        per_block = PagedKVCache.bytes_per_block(deepest, config.block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
+        self.num_blocks = config.num_blocks or max(1, config.kv_cache_memory // per_block)
+        self.allocator = BlockAllocator(self.num_blocks)
+        self.waiting: deque[Sequence] = deque()
+        b = microbatch_size or config.max_num_seqs
+        self.slots = [Scheduler(self.allocator, config.block_size, b, config.max_num_batched_tokens, self.waiting)
+                      for _ in range(pp)]
+        self.inflight: list[tuple[int, list[Sequence], float] | None] = [None] * pp
+        self.slot_of: dict[int, int] = {}
+        self.scheduler = self.slots[0]  # for code that asks for "the" scheduler (counts, preemptions)
+        self.eos_ids = eos_ids(cfg, tokenizer)
+        self.num_generated = 0
+        self.timeout = timeout
+        self._step_id = 0
+        self._inbox: queue.Queue = queue.Queue()
+        self._closed = False
+        self.token = secrets.token_hex(16)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        controller = f"127.0.0.1:{self.port}"
+        if launcher == "local":
+            self.procs = launch.spawn_local(pp, controller, self.token, log_dir)
+        elif launcher == "mpirun":
+            self.procs = launch.spawn_mpirun(pp, controller, self.token, hostfile, log_dir)
+        elif launcher == "external":
+            self.procs = []
+            log.warning("waiting for %d workers: dejavu worker --controller %s (token in DEJAVU_CLUSTER_TOKEN=%s)",
+                        pp, controller, self.token)
+        else:
+            raise ValueError(f"unknown launcher {launcher!r}; use local, mpirun or external")
+        try:
+            self._rendezvous(source.spec, device, dtype, seed, cfg)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _check_split(self, num_layers: int) -> None:
+        if len(self.layers) != self.pp:
+            raise ValueError(f"layer split has {len(self.layers)} stages but pp={self.pp}")
+        expect = 0
+        for a, b in self.layers:
+            if a != expect or b <= a:
+                raise ValueError(f"layer split {self.layers} must be contiguous, non-empty ranges from 0")
+            expect = b
+        if expect != num_layers:
+            raise ValueError(f"layer split {self.layers} does not end at the model's {num_layers} layers")
+
+    # ------------------------------------------------------------------ start-up
+    def _rendezvous(self, spec, device, dtype, seed, cfg) -> None:
+        deadline = time.monotonic() + self.timeout
+        self.channels = {}
+        self.worker_info = {}
+        while len(self.channels) < self.pp:
+            self._check_procs()
+            try:
+                ch, hello = accept_hello(self._listener, self.token, min(1.0, max(0.01, deadline - time.monotonic())))
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise WorkerError(f"only {len(self.channels)} of {self.pp} workers connected within "
+                                      f"{self.timeout}s") from None
+                continue
+            except ProtocolError as e:
+                log.warning("refused a connection: %s", e)
+                continue
+            rank = int(hello.get("rank", -1))
+            if not 0 <= rank < self.pp or rank in self.channels:
+                ch.close()
+                raise WorkerError(f"a worker announced rank {rank}, expected a new one in [0, {self.pp})")
+            self.channels[rank] = ch
+            self.worker_info[rank] = {"pid": hello.get("pid"), "host": hello.get("host"), "stage": rank}
+        backend = "nccl" if device.type == "cuda" and torch.cuda.device_count() >= self.pp else "gloo"
+        master = f"127.0.0.1:{launch.free_port()}"
+        for rank, ch in self.channels.items():
+            ch.send({"t": "config", "model": spec, "dtype": str(dtype).replace("torch.", ""), "device": device.type,
+                     "seed": seed, "pp": self.pp, "layers": [list(x) for x in self.layers],
+                     "block_size": self.block_size, "num_blocks": self.num_blocks, "master": master,
+                     "world": self.pp, "backend": backend, "timeout": self.timeout})
+        for rank, ch in self.channels.items():
+            threading.Thread(target=self._reader, args=(rank, ch), daemon=True, name=f"worker{rank}-reader").start()
+        ready = set()
+        while len(ready) < self.pp:
+            msg = self._next_message(deadline, "starting")
+            if msg["t"] == "ready":
+                ready.add(msg["rank"])
+        log.info("pipeline of %d stages ready: layers %s, %d KV blocks per stage", self.pp, self.layers, self.num_blocks)
+
+    def _reader(self, rank, ch) -> None:
+        try:
+            while True:
+                self._inbox.put(ch.recv(None))
+        except (ConnectionError, OSError) as e:
+            if not self._closed:
+                self._inbox.put({"t": "dead", "rank": rank, "msg": str(e)})
+
+    def _next_message(self, deadline: float, doing: str) -> dict:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerError(f"workers did not answer within {self.timeout}s while {doing}")
+            try:
+                msg = self._inbox.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                self._check_procs()
+                continue
+            if msg["t"] == "error":
+                raise WorkerError(f"worker {msg['rank']} failed: {msg['msg']}")
+            if msg["t"] == "dead":
+                raise WorkerError(f"worker {msg['rank']} disconnected while {doing}: {msg['msg']}")
+            return msg
+
+    def _check_procs(self) -> None:
+        for p in self.procs:
+            if p.poll() is not None:
+                raise WorkerError(f"worker process {p.pid} exited with status {p.returncode}")
+
+    # ------------------------------------------------------------------ serving loop
+    def _enqueue(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        slot = self.slot_of.pop(seq.seq_id, None)
+        sched = self.slots[slot] if slot is not None else self.slots[0]
+        sched.finish(seq, reason)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting) or any(s.running for s in self.slots) or any(self.inflight)
+
+    def step(self) -> list[Sequence]:
+        for i, slot in enumerate(self.slots):
+            if self.inflight[i] is None:
+                seqs, is_prefill = slot.schedule()
+                if seqs:
+                    self._launch(i, seqs, is_prefill)
+        if not any(self.inflight):
+            if self.waiting:
+                raise RuntimeError("scheduler stalled: waiting requests but nothing can run")
+            return []
+        msg = self._next_message(time.monotonic() + self.timeout, "running a step")
+        if msg["t"] != "tokens":
+            return []
+        i = msg["mb"]
+        step_id, seqs, _ = self.inflight[i]
+        if msg["id"] != step_id:
+            raise WorkerError(f"microbatch {i}: expected step {step_id}, got {msg['id']}")
+        self.inflight[i] = None
+        self._append_tokens(seqs, msg["tokens"])
+        return seqs
+
+    def _launch(self, slot: int, seqs: list[Sequence], is_prefill: bool) -> None:
+        self._step_id += 1
+        items = []
+        for s in seqs:
+            start = s.num_cached if is_prefill else len(s) - 1
+            p = s.params
+            items.append({"ids": s.token_ids[start:], "start": start, "blocks": s.block_table, "temp": p.temperature,
+                          "top_k": p.top_k, "top_p": p.top_p, "seed": s.seed, "banned": self._banned(s)})
+            s.num_cached = len(s)
+            self.slot_of[s.seq_id] = slot
+        msg = {"t": "step", "mb": slot, "id": self._step_id, "prefill": is_prefill, "seqs": items}
+        for ch in self.channels.values():
+            ch.send(msg)
+        self.inflight[slot] = (self._step_id, seqs, time.monotonic())
+
+    # ------------------------------------------------------------------ shutdown
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for ch in getattr(self, "channels", {}).values():
+            try:
+                ch.send({"t": "shutdown"})
+            except OSError:
+                pass
+        launch.stop(self.procs, timeout=10.0)
+        for ch in getattr(self, "channels", {}).values():
+            ch.close()
+        self._listener.close()
+
+    def cluster(self) -> list[dict]:
+        return [{"rank": r, "role": "stage", **info, "layers": list(self.layers[r])} for r, info in
+                sorted(self.worker_info.items())]
