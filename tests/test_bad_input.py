@@ -103,8 +103,8 @@ def test_bad_requests(tiny):
 
 
 def test_unsupported_modes_are_refused():
-    with pytest.raises(ValueError, match="pp"):
-        LLM(model="random:gpt2-tiny", pp=2)
+    with pytest.raises(ValueError, match="swap"):
+        LLM(model="random:gpt2-tiny", swap=True)
 
 
 def test_bad_dtype_and_device():

@@ -65,14 +65,44 @@ def test_pipeline_hf_checkpoint_and_sampling(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed")
-def test_pipeline_via_mpirun():
-    model = "random:gpt2-tiny"
+@pytest.mark.parametrize("pp,tp", [(2, 1), (1, 2), (2, 2), (4, 1)])
+def test_pipeline_via_mpirun(pp, tp):
+    model = "random:llama-tiny"
     ref = reference(model, PROMPTS, 6)
-    with LLM(model=model, pp=2, block_size=4, kv_cache_blocks=128, launcher="mpirun", worker_timeout=120) as llm:
+    with LLM(model=model, pp=pp, tp=tp, block_size=4, kv_cache_blocks=128, launcher="mpirun",
+             worker_timeout=120) as llm:
         out = llm.generate(PROMPTS, SamplingParams(max_tokens=6, ignore_eos=True))
         assert [o.token_ids for o in out] == ref
+        assert sorted(w["tp_rank"] for w in llm.engine.cluster()) == sorted(list(range(tp)) * pp)
         procs = list(llm.engine.procs)
     assert all(p.poll() is not None for p in procs)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "bloom", "llama"])
+def test_tensor_parallel_matches_hf(family, tmp_path):
+    """tp=2: heads and MLP split over two worker processes, all-reduce over gloo."""
+    from hf_models import hf_greedy
+
+    hf = save_hf_model(family, tmp_path)
+    prompts = [p for p in PROMPTS if max(p) < hf.config.vocab_size]
+    with LLM(model=str(tmp_path), tp=2, block_size=4, kv_cache_blocks=128) as llm:
+        out = llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
+    for p, o in zip(prompts, out):
+        assert o.token_ids == hf_greedy(hf, p, 8), f"{family} tp=2 diverged on a prompt of {len(p)} tokens"
+
+
+def test_pipeline_and_tensor_parallel_together():
+    ref = reference("random:llama-tiny", PROMPTS, 8)
+    with LLM(model="random:llama-tiny", pp=2, tp=2, microbatch_size=2, block_size=4, kv_cache_blocks=128) as llm:
+        assert generate_with_arrivals(llm, PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True)) == ref
+        assert len(llm.engine.cluster()) == 4
+
+
+def test_tp_must_divide_the_heads():
+    from dejavu import ModelError
+
+    with pytest.raises(ModelError, match="tensor parallelism 3 does not divide num_heads=4"):
+        LLM(model="random:llama-tiny", tp=3)
 
 
 def test_worker_that_fails_to_start_is_a_clear_error(tmp_path):

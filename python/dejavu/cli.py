@@ -19,6 +19,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-blocks", type=int, default=0, help="KV-cache blocks (default: from memory)")
     p.add_argument("--max-model-len", type=int, default=0, help="cap on prompt + output tokens")
     p.add_argument("--pp", type=int, default=1, help="pipeline depth: worker processes, one stage each (1-8)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: worker processes per stage (1-8)")
     p.add_argument("--microbatch-size", type=int, default=0, help="sequences per microbatch (pipeline; default: any)")
     p.add_argument("--launcher", default="local", choices=["local", "mpirun", "external"],
                    help="how pipeline workers start: local child processes (default), mpirun, or external")
@@ -74,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--json", default=None, help="write all numbers to this file")
     bg.set_defaults(func=cmd_bench_generate)
 
+    bp = bsub.add_parser("pipeline", help="throughput of the same requests at several pipeline/TP layouts")
+    bp.add_argument("--model", default="random:opt-125m")
+    bp.add_argument("--device", default="cpu")
+    bp.add_argument("--layouts", default="1x1,2x1,4x1", help="comma-separated PPxTP layouts (default: 1x1,2x1,4x1)")
+    bp.add_argument("--requests", type=_positive("--requests"), default=16)
+    bp.add_argument("--prompt-len", type=_positive("--prompt-len"), default=64)
+    bp.add_argument("--max-tokens", type=_positive("--max-tokens"), default=32)
+    bp.add_argument("--microbatch-size", type=int, default=0)
+    bp.add_argument("--seed", type=int, default=0)
+    bp.add_argument("--json", default=None)
+    bp.set_defaults(func=cmd_bench_pipeline)
+
     bk = bsub.add_parser("kvstream", help="DéjàVuLib bandwidth per level and block size vs a contiguous copy")
     bk.add_argument("--device", default="cpu")
     bk.add_argument("--layers", type=_positive("--layers"), default=24)
@@ -94,6 +107,21 @@ def _int_list(text: str, flag: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+def cmd_bench_pipeline(args) -> int:
+    from .bench.pipeline import run
+
+    layouts = []
+    for item in args.layouts.split(","):
+        try:
+            pp, tp = (int(x) for x in item.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--layouts takes PPxTP items like 2x1, got {item!r}") from None
+        layouts.append((pp, tp))
+    run(args.model, args.device, layouts, args.requests, args.prompt_len, args.max_tokens, args.microbatch_size,
+        args.seed, args.json)
+    return 0
 
 
 def cmd_bench_kvstream(args) -> int:
@@ -130,7 +158,7 @@ def cmd_generate(args) -> int:
                             top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
     t0 = time.perf_counter()
     llm = LLM(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
-              kv_cache_blocks=args.kv_cache_blocks, max_model_len=args.max_model_len, pp=args.pp,
+              kv_cache_blocks=args.kv_cache_blocks, max_model_len=args.max_model_len, pp=args.pp, tp=args.tp,
               microbatch_size=args.microbatch_size, launcher=args.launcher)
     t1 = time.perf_counter()
     try:

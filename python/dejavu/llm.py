@@ -55,16 +55,17 @@ class LLM:
                  token_stages: int = 0, swap: bool = False, replicate: bool = False,
                  launcher: str = "local", layer_split: list[tuple[int, int]] | None = None,
                  worker_timeout: float = 300.0, log_dir: str | None = None):
-        unsupported = {"tp": tp != 1, "prompt_stages": bool(prompt_stages), "token_stages": bool(token_stages),
+        unsupported = {"prompt_stages": bool(prompt_stages), "token_stages": bool(token_stages),
                        "swap": bool(swap), "replicate": bool(replicate)}
         bad = [k for k, v in unsupported.items() if v]
         if bad:
-            raise ValueError(f"{', '.join(bad)}: not available in this build (single process and pipeline "
-                             "parallelism only)")
+            raise ValueError(f"{', '.join(bad)}: not available in this build (single process, pipeline and "
+                             "tensor parallelism only)")
         if block_size <= 0:
             raise ValueError(f"block_size must be > 0, got {block_size}")
-        if not isinstance(pp, int) or not 1 <= pp <= 8:
-            raise ValueError(f"pp must be an integer from 1 to 8, got {pp!r}")
+        for name, v in (("pp", pp), ("tp", tp)):
+            if not isinstance(v, int) or not 1 <= v <= 8:
+                raise ValueError(f"{name} must be an integer from 1 to 8, got {v!r}")
         if microbatch_size < 0:
             raise ValueError(f"microbatch_size must be >= 0, got {microbatch_size}")
         self.device = parse_device(device)
@@ -77,13 +78,13 @@ class LLM:
         engine_cfg = EngineConfig(block_size=block_size, num_blocks=kv_cache_blocks, kv_cache_memory=kv_cache_memory,
                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   max_model_len=max_model_len)
-        if pp > 1:
+        if pp > 1 or tp > 1:
             from .serving.pipeline import PipelineEngine
 
             if not engine_cfg.num_blocks and not engine_cfg.kv_cache_memory:
                 engine_cfg.kv_cache_memory = 4 << 30  # per stage, on the GPU
             self.model = None
-            self.engine = PipelineEngine(self.source, self.tokenizer, engine_cfg, self.device, self.dtype, seed, pp,
+            self.engine = PipelineEngine(self.source, self.tokenizer, engine_cfg, self.device, self.dtype, seed, pp, tp,
                                          microbatch_size, launcher, layer_split, worker_timeout, log_dir=log_dir)
             self._finalizer = weakref.finalize(self, self.engine.shutdown)
             return

@@ -5,16 +5,18 @@ import torch
 from torch import nn
 
 from .base import DecoderLM
-from .layers import activation, alibi_slopes, paged_attention
+from .layers import RowLinear, activation, alibi_slopes, paged_attention
 
 
 class BloomAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.h, self.d = cfg.num_heads, cfg.head_dim
-        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self._slopes = alibi_slopes(cfg.num_heads)  # a plain attribute: never a weight, never on meta
+        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * self.h * self.d)
+        self.dense = RowLinear(self.h * self.d, cfg.hidden_size)
+        # A plain attribute (never a weight, never on meta): this shard's heads' slopes.
+        all_slopes = alibi_slopes(cfg.num_heads * cfg.tp_size)
+        self._slopes = all_slopes[cfg.tp_rank * self.h:(cfg.tp_rank + 1) * self.h].clone()
 
     def slopes(self, device):
         if self._slopes.device != device:
@@ -38,7 +40,7 @@ class BloomBlock(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = nn.Module()
         self.mlp.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.mlp.dense_4h_to_h = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.mlp.dense_4h_to_h = RowLinear(cfg.intermediate_size, cfg.hidden_size)
         self.act = activation(cfg.activation)
 
     def forward(self, h, positions, meta, cache):
@@ -52,6 +54,9 @@ class BloomBlock(nn.Module):
 
 class Bloom(DecoderLM):
     embedding_key = "word_embeddings.weight"
+    # query_key_value is laid out [heads, 3, head_dim]: a contiguous slice of rows is a slice of heads.
+    TP_DIMS = {"query_key_value.weight": 0, "query_key_value.bias": 0, "self_attention.dense.weight": 1,
+               "dense_h_to_4h.weight": 0, "dense_h_to_4h.bias": 0, "dense_4h_to_h.weight": 1}
 
     def __init__(self, cfg, layer_range=None):
         super().__init__(cfg, layer_range)

@@ -37,6 +37,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     attention_bias: bool = False
     mlp_bias: bool = False
+    # Tensor parallelism: this shard's rank and the degree. Head and intermediate counts above are
+    # then the shard's own (see shard()).
+    tp_rank: int = 0
+    tp_size: int = 1
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -52,6 +56,24 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ModelError(f"model config: num_heads {self.num_heads} is not a multiple of "
                              f"num_kv_heads {self.num_kv_heads}")
+
+    def shard(self, tp_rank: int, tp_size: int) -> "ModelConfig":
+        """The config of one tensor-parallel shard: heads, KV heads and MLP width divided by tp_size."""
+        if tp_size == 1:
+            return self
+        for name in ("num_heads", "num_kv_heads", "intermediate_size"):
+            if getattr(self, name) % tp_size:
+                raise ModelError(f"tensor parallelism {tp_size} does not divide {name}={getattr(self, name)}")
+        return dataclasses.replace(self, num_heads=self.num_heads // tp_size, num_kv_heads=self.num_kv_heads // tp_size,
+                                   intermediate_size=self.intermediate_size // tp_size, tp_rank=tp_rank,
+                                   tp_size=tp_size)
+
+    def unsharded(self) -> "ModelConfig":
+        if self.tp_size == 1:
+            return self
+        t = self.tp_size
+        return dataclasses.replace(self, num_heads=self.num_heads * t, num_kv_heads=self.num_kv_heads * t,
+                                   intermediate_size=self.intermediate_size * t, tp_rank=0, tp_size=1)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

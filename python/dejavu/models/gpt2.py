@@ -5,15 +5,15 @@ import torch
 from torch import nn
 
 from .base import DecoderLM
-from .layers import activation, paged_attention
+from .layers import RowLinear, activation, paged_attention
 
 
 class GPT2Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.h, self.d = cfg.num_heads, cfg.head_dim
-        self.c_attn = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.c_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.c_attn = nn.Linear(cfg.hidden_size, 3 * self.h * self.d)
+        self.c_proj = RowLinear(self.h * self.d, cfg.hidden_size)
 
     def forward(self, x, positions, meta, cache):
         q, k, v = self.c_attn(x).view(x.shape[0], 3, self.h, self.d).unbind(1)
@@ -25,7 +25,7 @@ class GPT2MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.c_fc = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.c_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.c_proj = RowLinear(cfg.intermediate_size, cfg.hidden_size)
         self.act = activation(cfg.activation)
 
     def forward(self, x):
@@ -47,6 +47,10 @@ class GPT2Block(nn.Module):
 
 class GPT2(DecoderLM):
     embedding_key = "wte.weight"
+    # Tensor-parallel split dimension by key suffix; c_attn is three matrices (q, k, v) fused.
+    TP_DIMS = {"attn.c_attn.weight": 0, "attn.c_attn.bias": 0, "attn.c_proj.weight": 1, "mlp.c_fc.weight": 0,
+               "mlp.c_fc.bias": 0, "mlp.c_proj.weight": 1}
+    TP_FUSED = {"attn.c_attn.weight": 3, "attn.c_attn.bias": 3}
 
     def __init__(self, cfg, layer_range=None):
         super().__init__(cfg, layer_range)

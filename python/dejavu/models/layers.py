@@ -97,6 +97,22 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32, device="cpu")  # never on meta, even when built there
 
 
+# ---------------------------------------------------------------------- tensor parallelism
+class RowLinear(nn.Linear):
+    """A row-parallel linear layer: each shard holds a slice of the input features; partial
+    outputs are summed over the TP group, then the (replicated) bias is added once."""
+    tp_group = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_group is None:
+            return super().forward(x)
+        import torch.distributed as dist
+
+        y = F.linear(x, self.weight)
+        dist.all_reduce(y, group=self.tp_group)
+        return y if self.bias is None else y + self.bias
+
+
 # ---------------------------------------------------------------------- norms and activations
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):

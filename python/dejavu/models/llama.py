@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import DecoderLM
-from .layers import RMSNorm, activation, apply_rope, paged_attention, rope_cos_sin
+from .layers import RMSNorm, RowLinear, activation, apply_rope, paged_attention, rope_cos_sin
 
 
 class LlamaAttention(nn.Module):
@@ -16,7 +16,7 @@ class LlamaAttention(nn.Module):
         self.q_proj = nn.Linear(hs, self.h * self.d, bias=bias)
         self.k_proj = nn.Linear(hs, self.kvh * self.d, bias=bias)
         self.v_proj = nn.Linear(hs, self.kvh * self.d, bias=bias)
-        self.o_proj = nn.Linear(self.h * self.d, hs, bias=bias)
+        self.o_proj = RowLinear(self.h * self.d, hs, bias=bias)
 
     def forward(self, x, positions, meta, cache):
         n = x.shape[0]
@@ -35,7 +35,7 @@ class LlamaMLP(nn.Module):
         hs, inter, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         self.gate_proj = nn.Linear(hs, inter, bias=bias)
         self.up_proj = nn.Linear(hs, inter, bias=bias)
-        self.down_proj = nn.Linear(inter, hs, bias=bias)
+        self.down_proj = RowLinear(inter, hs, bias=bias)
         self.act = activation(cfg.activation)
 
     def forward(self, x):
@@ -56,6 +56,9 @@ class LlamaLayer(nn.Module):
 
 
 class Llama(DecoderLM):
+    TP_DIMS = {"q_proj.weight": 0, "q_proj.bias": 0, "k_proj.weight": 0, "k_proj.bias": 0, "v_proj.weight": 0,
+               "v_proj.bias": 0, "o_proj.weight": 1, "gate_proj.weight": 0, "gate_proj.bias": 0,
+               "up_proj.weight": 0, "up_proj.bias": 0, "down_proj.weight": 1}
     def __init__(self, cfg, layer_range=None):
         super().__init__(cfg, layer_range)
         if self.is_first:

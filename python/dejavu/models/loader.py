@@ -133,20 +133,23 @@ def _map_hf(model, key, get):
 
 
 def _random_tensors(model: DecoderLM, seed: int, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """Seeded per global key, so every layer range of the same model gets the same weights."""
+    """Full (unsharded) weights seeded per global key, so every layer range and every
+    tensor-parallel shard of the same model gets its part of the same weights."""
+    with torch.device("meta"):
+        full = build_model(model.cfg.unsharded(), (model.start, model.end))
+    shapes = {k: v.shape for k, v in full.state_dict().items()}
     inverse = {v: k for k, v in model.tied_head_keys().items()}
-    for local in model.state_dict():
+    for local, shape in shapes.items():
         key = _global_key(model, local)
         if local == "lm_head.weight" and local in inverse:
             continue  # filled from the embedding below
-        p = model.get_parameter(local)
         if local.endswith("bias"):
-            t = torch.zeros(p.shape, device=device)
-        elif p.dim() == 1:
-            t = torch.ones(p.shape, device=device)
+            t = torch.zeros(shape, device=device)
+        elif len(shape) == 1:
+            t = torch.ones(shape, device=device)
         else:
             g = torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}:{key}".encode()))
-            t = torch.empty(p.shape, device=device).normal_(0.0, 0.02, generator=g)
+            t = torch.empty(shape, device=device).normal_(0.0, 0.02, generator=g)
         yield key, t
     for key in model.tied_head_keys():
         if model.local_key(key) is None:  # last stage without the embedding: generate it too
@@ -184,6 +187,8 @@ def materialize(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
     with torch.no_grad():
         for key, t in tensors:
             targets = [k for k in (model.local_key(key), tied.get(key)) if k is not None and k in params]
+            if targets:
+                t = model.tp_slice(key, t)
             for local in targets:
                 p = params[local]
                 if tuple(t.shape) != tuple(p.shape):
@@ -204,13 +209,15 @@ def materialize(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
 
 
 def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype, seed: int = 0,
-               layer_range: tuple[int, int] | None = None) -> DecoderLM:
+               layer_range: tuple[int, int] | None = None, tp_rank: int = 0, tp_size: int = 1) -> DecoderLM:
+    """The model (or one pipeline stage's layer range, or one tensor-parallel shard of it)."""
+    cfg = src.config.shard(tp_rank, tp_size)
     if src.kind == "random":
-        return materialize(src.config, device, dtype, None, layer_range, seed, src.spec)
+        return materialize(cfg, device, dtype, None, layer_range, seed, src.spec)
     if src.kind == "gguf":
-        cfg, tensors = open_gguf(src.path)
-        return materialize(cfg, device, dtype, tensors, layer_range, seed, src.path)
+        gcfg, tensors = open_gguf(src.path)
+        return materialize(gcfg.shard(tp_rank, tp_size), device, dtype, tensors, layer_range, seed, src.path)
     # HF: the key mapping needs the model's family; build a meta skeleton to ask it.
     with torch.device("meta"):
-        skeleton = build_model(src.config, layer_range)
-    return materialize(src.config, device, dtype, _hf_tensors(src.path, skeleton), layer_range, seed, src.path)
+        skeleton = build_model(cfg, layer_range)
+    return materialize(cfg, device, dtype, _hf_tensors(src.path, skeleton), layer_range, seed, src.path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import DecoderLM
-from .layers import activation, paged_attention
+from .layers import RowLinear, activation, paged_attention
 
 POSITION_OFFSET = 2  # OPT's learned positions start at index 2
 
@@ -13,11 +13,11 @@ class OPTAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.h, self.d = cfg.num_heads, cfg.head_dim
-        hs = cfg.hidden_size
-        self.q_proj = nn.Linear(hs, hs)
-        self.k_proj = nn.Linear(hs, hs)
-        self.v_proj = nn.Linear(hs, hs)
-        self.out_proj = nn.Linear(hs, hs)
+        hs, inner = cfg.hidden_size, self.h * self.d
+        self.q_proj = nn.Linear(hs, inner)
+        self.k_proj = nn.Linear(hs, inner)
+        self.v_proj = nn.Linear(hs, inner)
+        self.out_proj = RowLinear(inner, hs)
 
     def forward(self, x, positions, meta, cache):
         n = x.shape[0]
@@ -35,7 +35,7 @@ class OPTLayer(nn.Module):
         self.self_attn = OPTAttention(cfg)
         self.self_attn_layer_norm = nn.LayerNorm(cfg.hidden_size)
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fc2 = RowLinear(cfg.intermediate_size, cfg.hidden_size)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size)
         self.act = activation(cfg.activation)
 
@@ -52,6 +52,8 @@ class OPTLayer(nn.Module):
 
 
 class OPT(DecoderLM):
+    TP_DIMS = {"q_proj.weight": 0, "q_proj.bias": 0, "k_proj.weight": 0, "k_proj.bias": 0, "v_proj.weight": 0,
+               "v_proj.bias": 0, "out_proj.weight": 1, "fc1.weight": 0, "fc1.bias": 0, "fc2.weight": 1}
     def __init__(self, cfg, layer_range=None):
         super().__init__(cfg, layer_range)
         projected = cfg.word_embed_proj_dim != cfg.hidden_size

@@ -1,7 +1,8 @@
 """The FasterTransformer-style pipeline: the controller side.
 
-D = pp stages, each a worker process holding a contiguous layer range (routing.split_layers,
-overridable). The controller keeps up to D microbatches in flight, round-robin: each microbatch
+D = pp stages, each tp worker processes holding a contiguous layer range (routing.split_layers,
+overridable) split tensor-parallel: column-parallel projections hold a slice of the heads / MLP
+width, row-parallel ones sum over the stage's TP group (gloo on CPU, NCCL across GPUs). The controller keeps up to D microbatches in flight, round-robin: each microbatch
 slot has its own scheduler (continuous batching, up to `microbatch_size` sequences) over one
 shared waiting queue and one shared block allocator (every stage's cache uses the same block ids
 for its own layers). A slot's next step (prefill of newly admitted requests, or one decode token
@@ -39,19 +40,21 @@ class WorkerError(RuntimeError):
 
 class PipelineEngine(LLMEngine):
     def __init__(self, source: ModelSource, tokenizer, config: EngineConfig, device: torch.device,
-                 dtype: torch.dtype, seed: int, pp: int, microbatch_size: int = 0, launcher: str = "local",
+                 dtype: torch.dtype, seed: int, pp: int, tp: int = 1, microbatch_size: int = 0, launcher: str = "local",
                  layer_split: list[tuple[int, int]] | None = None, timeout: float = 300.0,
                  hostfile: str | None = None, log_dir: str | None = None):
         cfg = self.model_config = source.config
         self.model = None
         self.tokenizer, self.config, self.device = tokenizer, config, device
-        self.pp = pp
+        self.pp, self.tp, self.world = pp, tp, pp * tp
+        cfg.shard(0, tp)  # raises ModelError now if tp does not divide the heads or the MLP
         self.layers = layer_split or split_layers(cfg.num_layers, pp)
         self._check_split(cfg.num_layers)
         self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
         self.block_size = config.block_size
         deepest = max(b - a for a, b in self.layers)
-        per_block = PagedKVCache.bytes_per_block(deepest, config.block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
+        per_block = PagedKVCache.bytes_per_block(deepest, config.block_size, cfg.num_kv_heads // tp, cfg.head_dim,
+                                                 dtype)
         self.num_blocks = config.num_blocks or max(1, config.kv_cache_memory // per_block)
         self.allocator = BlockAllocator(self.num_blocks)
         self.waiting: deque[Sequence] = deque()
@@ -72,13 +75,13 @@ class PipelineEngine(LLMEngine):
         self.port = self._listener.getsockname()[1]
         controller = f"127.0.0.1:{self.port}"
         if launcher == "local":
-            self.procs = launch.spawn_local(pp, controller, self.token, log_dir)
+            self.procs = launch.spawn_local(self.world, controller, self.token, log_dir)
         elif launcher == "mpirun":
-            self.procs = launch.spawn_mpirun(pp, controller, self.token, hostfile, log_dir)
+            self.procs = launch.spawn_mpirun(self.world, controller, self.token, hostfile, log_dir)
         elif launcher == "external":
             self.procs = []
             log.warning("waiting for %d workers: dejavu worker --controller %s (token in DEJAVU_CLUSTER_TOKEN=%s)",
-                        pp, controller, self.token)
+                        self.world, controller, self.token)
         else:
             raise ValueError(f"unknown launcher {launcher!r}; use local, mpirun or external")
         try:
@@ -103,39 +106,41 @@ class PipelineEngine(LLMEngine):
         deadline = time.monotonic() + self.timeout
         self.channels = {}
         self.worker_info = {}
-        while len(self.channels) < self.pp:
+        while len(self.channels) < self.world:
             self._check_procs()
             try:
                 ch, hello = accept_hello(self._listener, self.token, min(1.0, max(0.01, deadline - time.monotonic())))
             except TimeoutError:
                 if time.monotonic() > deadline:
-                    raise WorkerError(f"only {len(self.channels)} of {self.pp} workers connected within "
+                    raise WorkerError(f"only {len(self.channels)} of {self.world} workers connected within "
                                       f"{self.timeout}s") from None
                 continue
             except ProtocolError as e:
                 log.warning("refused a connection: %s", e)
                 continue
             rank = int(hello.get("rank", -1))
-            if not 0 <= rank < self.pp or rank in self.channels:
+            if not 0 <= rank < self.world or rank in self.channels:
                 ch.close()
-                raise WorkerError(f"a worker announced rank {rank}, expected a new one in [0, {self.pp})")
+                raise WorkerError(f"a worker announced rank {rank}, expected a new one in [0, {self.world})")
             self.channels[rank] = ch
-            self.worker_info[rank] = {"pid": hello.get("pid"), "host": hello.get("host"), "stage": rank}
-        backend = "nccl" if device.type == "cuda" and torch.cuda.device_count() >= self.pp else "gloo"
+            self.worker_info[rank] = {"pid": hello.get("pid"), "host": hello.get("host"), "stage": rank // self.tp,
+                                      "tp_rank": rank % self.tp}
+        backend = "nccl" if device.type == "cuda" and torch.cuda.device_count() >= self.world else "gloo"
         master = f"127.0.0.1:{launch.free_port()}"
         for rank, ch in self.channels.items():
             ch.send({"t": "config", "model": spec, "dtype": str(dtype).replace("torch.", ""), "device": device.type,
-                     "seed": seed, "pp": self.pp, "layers": [list(x) for x in self.layers],
+                     "seed": seed, "pp": self.pp, "tp": self.tp, "layers": [list(x) for x in self.layers],
                      "block_size": self.block_size, "num_blocks": self.num_blocks, "master": master,
-                     "world": self.pp, "backend": backend, "timeout": self.timeout})
+                     "world": self.world, "backend": backend, "timeout": self.timeout})
         for rank, ch in self.channels.items():
             threading.Thread(target=self._reader, args=(rank, ch), daemon=True, name=f"worker{rank}-reader").start()
         ready = set()
-        while len(ready) < self.pp:
+        while len(ready) < self.world:
             msg = self._next_message(deadline, "starting")
             if msg["t"] == "ready":
                 ready.add(msg["rank"])
-        log.info("pipeline of %d stages ready: layers %s, %d KV blocks per stage", self.pp, self.layers, self.num_blocks)
+        log.info("pipeline of %d stages x TP %d ready: layers %s, %d KV blocks per worker", self.pp, self.tp,
+                 self.layers, self.num_blocks)
 
     def _reader(self, rank, ch) -> None:
         try:
@@ -230,5 +235,5 @@ class PipelineEngine(LLMEngine):
         self._listener.close()
 
     def cluster(self) -> list[dict]:
-        return [{"rank": r, "role": "stage", **info, "layers": list(self.layers[r])} for r, info in
+        return [{"rank": r, "role": "stage", **info, "layers": list(self.layers[info["stage"]])} for r, info in
                 sorted(self.worker_info.items())]

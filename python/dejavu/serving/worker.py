@@ -1,4 +1,5 @@
-"""`dejavu worker`: one process holding one pipeline stage of the model and its KV cache.
+"""`dejavu worker`: one process holding one pipeline stage (one tensor-parallel shard of it) and
+its KV cache. Rank r is stage r // tp, TP rank r % tp.
 
 It connects to the controller (HELLO with the cluster token), receives its configuration, loads
 its layer range, joins the workers' torch.distributed group (gloo on CPU, NCCL across GPUs), says
@@ -47,8 +48,8 @@ class StageWorker:
         import torch.distributed as dist
 
         self.ch, self.rank = ch, rank
-        self.pp = cfg["pp"]
-        self.stage = rank
+        self.pp, self.tp = cfg["pp"], cfg["tp"]
+        self.stage, self.tp_rank = divmod(rank, self.tp)
         start, end = cfg["layers"][self.stage]
         dev = cfg["device"]
         if dev == "cuda":
@@ -57,17 +58,26 @@ class StageWorker:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.dtype = parse_dtype(cfg["dtype"], self.device)
+        if self.device.type == "cpu":
+            # Share the host's cores among the workers instead of oversubscribing them.
+            threads = int(os.environ.get("DEJAVU_WORKER_THREADS", 0)) or max(1, (os.cpu_count() or 1) // cfg["world"])
+            torch.set_num_threads(threads)
         src = resolve(cfg["model"])
-        self.model = load_model(src, self.device, self.dtype, seed=cfg["seed"], layer_range=(start, end))
+        self.model = load_model(src, self.device, self.dtype, seed=cfg["seed"], layer_range=(start, end),
+                                tp_rank=self.tp_rank, tp_size=self.tp)
         mc = self.model.cfg
         self.cache = PagedKVCache(end - start, cfg["num_blocks"], cfg["block_size"], mc.num_kv_heads, mc.head_dim,
                                   self.dtype, self.device)
         self.backend = cfg["backend"]
         self.hidden = mc.hidden_size
         self.dist = dist
-        if self.pp > 1:
+        if cfg["world"] > 1:
             dist.init_process_group(self.backend, init_method=f"tcp://{cfg['master']}", rank=rank,
                                     world_size=cfg["world"], timeout=datetime.timedelta(seconds=cfg["timeout"]))
+            if self.tp > 1:
+                # Every rank creates every stage's TP group, in the same order (new_group is collective).
+                groups = [dist.new_group(list(range(s * self.tp, (s + 1) * self.tp))) for s in range(self.pp)]
+                self.model.set_tp_group(groups[self.stage])
         self.pending_sends = []
         self.wire_device = self.device if self.backend == "nccl" else torch.device("cpu")
 
@@ -79,14 +89,16 @@ class StageWorker:
             x = ids
         else:
             buf = torch.empty((ids.numel(), self.hidden), dtype=self.dtype, device=self.wire_device)
-            self.dist.recv(buf, src=self.rank - 1)
+            self.dist.recv(buf, src=self.rank - self.tp)  # same TP rank, previous stage
             x = buf.to(self.device)
         h = self.model(x, pos, meta, self.cache.tensor)
         if self.stage < self.pp - 1:
             out = h.to(self.wire_device).contiguous()
             self.pending_sends = [w for w in self.pending_sends if not w[0].is_completed()]
-            self.pending_sends.append((self.dist.isend(out, dst=self.rank + 1), out))
+            self.pending_sends.append((self.dist.isend(out, dst=self.rank + self.tp), out))
             return
+        if self.tp_rank != 0:
+            return  # the LM head is replicated; TP rank 0 of the last stage samples and answers
         logits = self.model.compute_logits(h[last])
         seqs = msg["seqs"]
         params = [SamplingParams(max_tokens=1, temperature=s["temp"], top_k=s["top_k"], top_p=s["top_p"]) for s in seqs]
@@ -97,7 +109,7 @@ class StageWorker:
     def close(self):
         for w, _ in self.pending_sends:
             w.wait()
-        if self.pp > 1 and self.dist.is_initialized():
+        if self.dist.is_initialized():
             self.dist.destroy_process_group()
 
 
