@@ -122,3 +122,62 @@ def test_bad_pipeline_options():
         LLM(model="random:gpt2-tiny", pp=2, layer_split=[(0, 1), (1, 1)])
     with pytest.raises(ValueError, match="does not end at the model's 2 layers"):
         LLM(model="random:gpt2-tiny", pp=2, layer_split=[(0, 1), (1, 3)])
+
+
+def _children(pid):
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                kids.append(int(d))
+    return kids
+
+
+def test_sigterm_stops_every_worker():
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "dejavu", "generate", "--model", "random:llama-tiny", "--pp", "2", "--prompt", "x",
+           "--max-tokens", "1000", "--ignore-eos", "--max-model-len", "2048"]
+    ctl = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while len(_children(ctl.pid)) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        workers = _children(ctl.pid)
+        assert len(workers) == 2, "workers did not start"
+        time.sleep(2)  # let it generate
+        ctl.send_signal(signal.SIGTERM)
+        ctl.wait(30)
+        time.sleep(1)
+        assert not any(alive(w) for w in workers), "a worker outlived its controller"
+    finally:
+        if ctl.poll() is None:
+            ctl.kill()
+
+
+def test_worker_killed_mid_run_is_reported_not_hung():
+    import signal
+    import time
+
+    llm = LLM(model="random:llama-tiny", pp=2, block_size=4, kv_cache_blocks=256, worker_timeout=30)
+    try:
+        eng = llm.engine
+        eng.add_request([1, 2, 3], SamplingParams(max_tokens=500, ignore_eos=True))
+        eng.step()
+        os.kill(eng.procs[1].pid, signal.SIGKILL)
+        t0 = time.time()
+        with pytest.raises(WorkerError, match="worker"):
+            while eng.has_unfinished():
+                eng.step()
+        assert time.time() - t0 < 30
+    finally:
+        llm.shutdown()
+    assert not any(alive(p.pid) for p in llm.engine.procs)

@@ -187,7 +187,11 @@ def _generate(args, llm, params, t0, t1) -> int:
 def main(argv: list[str] | None = None) -> int:
     import os
 
+    import signal
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # SIGTERM unwinds like Ctrl-C (finally blocks and finalizers run, so worker processes are stopped).
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
