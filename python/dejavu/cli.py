@@ -55,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     g.set_defaults(func=cmd_generate)
 
+    sv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    _add_model_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    sv.add_argument("--max-queue", type=_positive("--max-queue"), default=256,
+                    help="waiting requests before new ones get 429")
+    sv.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    sv.set_defaults(func=cmd_serve)
+
     w = sub.add_parser("worker", help="run one worker process (started by the controller or by mpirun)")
     w.add_argument("--controller", required=True, help="HOST:PORT of the controller")
     w.add_argument("--token", default="env", help="cluster token, or 'env' to read DEJAVU_CLUSTER_TOKEN (default)")
@@ -132,6 +142,24 @@ def cmd_bench_kvstream(args) -> int:
     return 0
 
 
+def _llm_from_args(args):
+    from . import LLM
+
+    return LLM(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
+               kv_cache_blocks=args.kv_cache_blocks, max_model_len=args.max_model_len, pp=args.pp, tp=args.tp,
+               microbatch_size=args.microbatch_size, launcher=args.launcher)
+
+
+def cmd_serve(args) -> int:
+    from .serving.api import ApiServer
+
+    llm = _llm_from_args(args)
+    server = ApiServer(llm, args.served_model_name or args.model, api_key=args.api_key, max_queue=args.max_queue)
+    print(f"[dejavu] serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    server.serve_forever(args.host, args.port)
+    return 0
+
+
 def cmd_worker(args) -> int:
     import os
 
@@ -152,14 +180,12 @@ def cmd_bench_generate(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from . import LLM, SamplingParams
+    from . import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
     t0 = time.perf_counter()
-    llm = LLM(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
-              kv_cache_blocks=args.kv_cache_blocks, max_model_len=args.max_model_len, pp=args.pp, tp=args.tp,
-              microbatch_size=args.microbatch_size, launcher=args.launcher)
+    llm = _llm_from_args(args)
     t1 = time.perf_counter()
     try:
         return _generate(args, llm, params, t0, t1)

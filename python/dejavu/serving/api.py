@@ -1,0 +1,280 @@
+"""`dejavu serve`: the OpenAI-compatible HTTP API over an AsyncEngine (aiohttp).
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (both with "stream": true as
+server-sent events), GET /v1/models, /health, /metrics (Prometheus), /v1/cluster. Errors use
+OpenAI's shape {"error": {"message", "type", "param", "code"}}. A client that disconnects cancels
+its request and frees its KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+from aiohttp import web
+
+from ..engine.llm_engine import RequestError
+from .async_engine import AsyncEngine, QueueFull, Stream
+from .protocol import BadRequest, parse_messages, parse_prompt, parse_sampling
+
+log = logging.getLogger("dejavu.server")
+
+
+def error(status: int, message: str, etype: str = "invalid_request_error", param: str | None = None) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": etype, "param": param, "code": status}},
+                             status=status)
+
+
+class TextStream:
+    """Incremental detokenization: the text of the tokens so far, minus what may still change
+    (an incomplete UTF-8 character, or a possible beginning of a stop string)."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tok, self.holdback = tokenizer, max((len(s) for s in stops), default=1) - 1
+        self.sent = ""
+
+    def delta(self, ids: list[int], final_text: str | None = None) -> str:
+        if final_text is not None:
+            text = final_text
+        else:
+            text = self.tok.decode(ids)
+            if text.endswith("\ufffd"):
+                text = text.rstrip("\ufffd")
+            text = text[: max(len(self.sent), len(text) - self.holdback)]
+        if not text.startswith(self.sent):
+            return ""  # never retract what a client already has
+        d, self.sent = text[len(self.sent):], text
+        return d
+
+
+class ApiServer:
+    def __init__(self, llm, model_name: str, api_key: str | None = None, max_queue: int = 256):
+        self.llm, self.model_name, self.api_key = llm, model_name, api_key
+        self.engine = AsyncEngine(llm.engine, max_queue=max_queue)
+        self.metrics = self.engine.metrics
+        self.created = int(time.time())
+        app = web.Application(middlewares=[self._auth], client_max_size=8 << 20)
+        app.add_routes([web.post("/v1/completions", self.completions),
+                        web.post("/v1/chat/completions", self.chat),
+                        web.get("/v1/models", self.models), web.get("/health", self.health),
+                        web.get("/metrics", self.metrics_text), web.get("/v1/cluster", self.cluster)])
+        self.app = app
+        self._runner: web.AppRunner | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ middleware and small routes
+    @web.middleware
+    async def _auth(self, request, handler):
+        if self.api_key and request.path.startswith("/v1/"):
+            got = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(got, f"Bearer {self.api_key}"):
+                return error(401, "missing or invalid API key", "authentication_error")
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status >= 400:
+                return error(e.status, e.reason or "error")
+            raise
+
+    async def models(self, request):
+        return web.json_response({"object": "list", "data": [
+            {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "dejavu",
+             "max_model_len": self.llm.engine.max_model_len}]})
+
+    async def health(self, request):
+        if self.engine.error:
+            return error(503, f"engine stopped: {self.engine.error}", "server_error")
+        return web.json_response({"status": "ok"})
+
+    async def metrics_text(self, request):
+        return web.Response(text=self.metrics.render(), content_type="text/plain")
+
+    async def cluster(self, request):
+        eng = self.llm.engine
+        state = "failed" if self.engine.error else "up"
+        if hasattr(eng, "cluster"):
+            workers = [dict(w, state=state) for w in eng.cluster()]
+        else:
+            workers = [{"rank": 0, "role": "engine", "stage": 0, "tp_rank": 0, "pid": os.getpid(),
+                        "host": socket.gethostname(), "layers": [0, eng.model_config.num_layers], "state": state}]
+        return web.json_response({"model": self.model_name, "workers": workers})
+
+    # ------------------------------------------------------------------ generation
+    async def _body(self, request):
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+            raise BadRequest("the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != self.model_name:
+            raise BadRequest(f"unknown model {model!r}; this server serves {self.model_name!r}", "model")
+        return body
+
+    async def completions(self, request):
+        return await self._generate(request, chat=False)
+
+    async def chat(self, request):
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request, chat: bool):
+        streams: list[Stream] = []
+        try:
+            body = await self._body(request)
+            params, stream, include_usage = parse_sampling(body, chat=chat)
+            if chat:
+                try:
+                    prompt = self.llm.tokenizer.apply_chat_template(parse_messages(body))
+                except BadRequest:
+                    raise
+                except Exception as e:  # noqa: BLE001 - the template itself failed on these messages
+                    raise BadRequest(f"cannot apply the chat template: {e}", "messages") from None
+            else:
+                prompt = parse_prompt(body)[0]
+            for p in params:
+                streams.append(await self.engine.submit(prompt, p))
+        except BadRequest as e:
+            for s in streams:
+                self.engine.abort(s)
+            return error(400, str(e), param=e.param)
+        except (RequestError, ValueError) as e:
+            for s in streams:
+                self.engine.abort(s)
+            return error(400, str(e))
+        except QueueFull as e:
+            return error(429, str(e), "rate_limit_error")
+        except RuntimeError as e:
+            return error(503, str(e), "server_error")
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        try:
+            if stream:
+                return await self._stream(request, rid, streams[0], chat, include_usage)
+            return await self._complete(rid, streams, chat)
+        finally:
+            for s in streams:
+                if s.seq is None or not s.seq.finished:
+                    self.engine.abort(s)
+
+    async def _wait(self, s: Stream):
+        while True:
+            kind, *rest = await s.updates.get()
+            if kind == "error":
+                raise RuntimeError(rest[0])
+            if rest[1]:
+                return
+
+    async def _complete(self, rid, streams, chat):
+        try:
+            for s in streams:
+                await self._wait(s)
+        except RuntimeError as e:
+            self.metrics.inc("dejavu_requests_failed_total")
+            return error(500, f"generation failed: {e}", "server_error")
+        choices = []
+        for i, s in enumerate(streams):
+            seq = s.seq
+            if chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": seq.text},
+                                "finish_reason": seq.finish_reason, "logprobs": None})
+            else:
+                choices.append({"index": i, "text": seq.text, "finish_reason": seq.finish_reason, "logprobs": None,
+                                "token_ids": seq.output_ids})
+        prompt_tokens = streams[0].seq.num_prompt_tokens
+        completion = sum(s.seq.num_output_tokens for s in streams)
+        return web.json_response({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                                  "created": int(time.time()), "model": self.model_name, "choices": choices,
+                                  "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                                            "total_tokens": prompt_tokens + completion}})
+
+    async def _stream(self, request, rid, s: Stream, chat, include_usage):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        created = int(time.time())
+        text = TextStream(self.llm.tokenizer, s.seq.params.stop)
+
+        async def send(choice, usage=None):
+            chunk = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": choice}
+            if usage is not None:
+                chunk["usage"] = usage
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+        if chat:
+            await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        ids: list[int] = []
+        while True:
+            kind, *rest = await s.updates.get()
+            if kind == "error":
+                await resp.write(f"data: {json.dumps({'error': {'message': rest[0], 'type': 'server_error'}})}\n\n"
+                                 .encode())
+                break
+            new, finished = rest
+            ids += new
+            seq = s.seq
+            d = text.delta(ids, seq.text if finished else None)
+            reason = seq.finish_reason if finished else None
+            if d or finished:
+                if chat:
+                    await send([{"index": 0, "delta": {"content": d} if d else {}, "finish_reason": reason}])
+                else:
+                    await send([{"index": 0, "text": d, "finish_reason": reason, "logprobs": None}])
+            if finished:
+                if include_usage:
+                    n_out = seq.num_output_tokens
+                    await send([], {"prompt_tokens": seq.num_prompt_tokens, "completion_tokens": n_out,
+                                    "total_tokens": seq.num_prompt_tokens + n_out})
+                break
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    # ------------------------------------------------------------------ running
+    async def _start(self, host: str, port: int) -> None:
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+
+    def start_background(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Serve from a background thread (tests, the demo); returns the port."""
+        ready = threading.Event()
+
+        def main():
+            self._loop = asyncio.new_event_loop()
+            self._loop.run_until_complete(self._start(host, port))
+            ready.set()
+            self._loop.run_forever()
+        self._thread = threading.Thread(target=main, name="http", daemon=True)
+        self._thread.start()
+        if not ready.wait(60):
+            raise RuntimeError("the HTTP server did not start")
+        return self.port
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
+            try:
+                fut.result(15)
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(15)
+        self.engine.shutdown()
+        self.llm.shutdown()
+
+    def serve_forever(self, host: str, port: int) -> None:
+        """Blocks; SIGINT/SIGTERM stop the server, cancel what runs and stop every worker."""
+        try:
+            web.run_app(self.app, host=host, port=port, handler_cancellation=True, access_log=None,
+                        print=lambda msg: log.warning("%s", msg))
+        finally:
+            self.engine.shutdown()
+            self.llm.shutdown()

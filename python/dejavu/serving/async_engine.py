@@ -1,0 +1,164 @@
+"""Runs an engine (single-process or pipeline) on its own thread and serves asyncio callers.
+
+Requests, aborts and results cross threads through queues: the engine thread owns the engine
+(nothing else touches it); each request gets an asyncio.Queue that receives its progress as
+(new token ids, finished?) updates, delivered on the event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..engine.llm_engine import RequestError
+from ..engine.sequence import Sequence
+from ..sampling_params import SamplingParams
+from .metrics import Metrics
+
+log = logging.getLogger("dejavu.server")
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+@dataclass
+class Stream:
+    """One request's view from the event loop."""
+    updates: asyncio.Queue
+    seq: Sequence | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    last_token: float | None = None
+    sent: int = 0  # output tokens already delivered
+
+
+class AsyncEngine:
+    def __init__(self, engine, max_queue: int = 256, metrics: Metrics | None = None):
+        self.engine = engine
+        self.max_queue = max_queue
+        self.metrics = metrics or Metrics()
+        self._cmds: queue.Queue = queue.Queue()
+        self._streams: dict[int, tuple[Stream, asyncio.AbstractEventLoop]] = {}
+        self._stop = threading.Event()
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        m = self.metrics
+        m.gauges["dejavu_queue_depth"] = lambda: self.queue_depth
+        m.gauges["dejavu_running_requests"] = lambda: len(self._streams)
+        alloc = getattr(engine, "allocator", None) or engine.cache.allocator
+        m.gauges["dejavu_kv_blocks_used"] = lambda: alloc.num_used
+        m.gauges["dejavu_kv_blocks_total"] = lambda: alloc.num_blocks
+        self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        waiting = getattr(self.engine, "waiting", None)
+        if waiting is None:
+            waiting = self.engine.scheduler.waiting
+        return len(waiting) + self._cmds.qsize()
+
+    # ------------------------------------------------------------------ event-loop side
+    async def submit(self, prompt, params: SamplingParams) -> Stream:
+        """Validates and queues a request; raises RequestError / ValueError / QueueFull."""
+        if self.error:
+            raise RuntimeError(f"engine stopped: {self.error}")
+        if self.queue_depth >= self.max_queue:
+            raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
+        loop = asyncio.get_running_loop()
+        stream = Stream(asyncio.Queue())
+        done = loop.create_future()
+        self._cmds.put(("add", prompt, params, stream, loop, done))
+        await done  # the engine thread validated and enqueued it (or raised)
+        self.metrics.inc("dejavu_requests_total")
+        return stream
+
+    def abort(self, stream: Stream) -> None:
+        self._cmds.put(("abort", stream))
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._cmds.put(("wake",))
+        self._thread.join(30)
+
+    # ------------------------------------------------------------------ engine thread
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                idle = not self.engine.has_unfinished()
+                self._drain(block=idle)
+                if self.engine.has_unfinished():
+                    seqs = self.engine.step()
+                    self._publish(seqs)
+        except Exception as e:  # noqa: BLE001 - every waiting client hears about it
+            log.exception("engine loop failed")
+            self.error = f"{type(e).__name__}: {e}"
+            for stream, loop in list(self._streams.values()):
+                loop.call_soon_threadsafe(stream.updates.put_nowait, ("error", self.error))
+            self._streams.clear()
+
+    def _drain(self, block: bool) -> None:
+        try:
+            cmd = self._cmds.get(timeout=0.1) if block else self._cmds.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._run(cmd)
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run(self, cmd) -> None:
+        if cmd[0] == "add":
+            _, prompt, params, stream, loop, done = cmd
+            try:
+                seq = self.engine.add_request(prompt, params)
+            except (RequestError, ValueError) as e:
+                loop.call_soon_threadsafe(_resolve, done, e)
+                return
+            stream.seq = seq
+            self._streams[seq.seq_id] = (stream, loop)
+            self.metrics.inc("dejavu_prompt_tokens_total", seq.num_prompt_tokens)
+            loop.call_soon_threadsafe(_resolve, done, None)
+        elif cmd[0] == "abort":
+            stream = cmd[1]
+            if stream.seq is not None and not stream.seq.finished:
+                self.engine.abort(stream.seq)
+                self.metrics.inc("dejavu_requests_cancelled_total")
+            if stream.seq is not None:
+                self._streams.pop(stream.seq.seq_id, None)
+
+    def _publish(self, seqs: list[Sequence]) -> None:
+        now = time.monotonic()
+        for s in seqs:
+            entry = self._streams.get(s.seq_id)
+            if entry is None:
+                continue
+            stream, loop = entry
+            new = s.output_ids[stream.sent:]
+            if new:
+                self.metrics.inc("dejavu_generation_tokens_total", len(new))
+                if stream.first_token is None:
+                    stream.first_token = now
+                    self.metrics.observe("ttft", now - stream.arrival)
+                elif stream.last_token is not None:
+                    self.metrics.observe("itl", now - stream.last_token)
+                stream.last_token = now
+                stream.sent = len(s.output_ids)
+            if s.finished:
+                self._streams.pop(s.seq_id, None)
+                self.metrics.observe("e2e", now - stream.arrival)
+            loop.call_soon_threadsafe(stream.updates.put_nowait, ("tokens", list(new), s.finished))
+
+
+def _resolve(fut: asyncio.Future, exc) -> None:
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(exc)
