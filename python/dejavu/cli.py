@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
     sv.set_defaults(func=cmd_serve)
 
+    d = sub.add_parser("demo", help="run a local deployment of the default model and exercise its HTTP API")
+    d.add_argument("--model", default="smollm2")
+    d.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+    d.add_argument("--max-tokens", type=_positive("--max-tokens"), default=48)
+    d.add_argument("--pp", type=int, default=1)
+    d.add_argument("--tp", type=int, default=1)
+    d.set_defaults(func=cmd_demo)
+
     w = sub.add_parser("worker", help="run one worker process (started by the controller or by mpirun)")
     w.add_argument("--controller", required=True, help="HOST:PORT of the controller")
     w.add_argument("--token", default="env", help="cluster token, or 'env' to read DEJAVU_CLUSTER_TOKEN (default)")
@@ -84,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--seed", type=int, default=0)
     bg.add_argument("--json", default=None, help="write all numbers to this file")
     bg.set_defaults(func=cmd_bench_generate)
+
+    bs = bsub.add_parser("serve", help="load generator for an OpenAI-compatible server")
+    bs.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
+    src = bs.add_mutually_exclusive_group(required=True)
+    src.add_argument("--trace", help="JSON list of [prompt_tokens, output_tokens]")
+    src.add_argument("--synthetic", action="store_true", help="chat-like long-tailed lengths (see docs)")
+    bs.add_argument("--rate", type=float, default=float("inf"), help="requests per second (Poisson); inf = all at once")
+    bs.add_argument("--num-requests", type=_positive("--num-requests"), default=100)
+    bs.add_argument("--max-prompt", type=_positive("--max-prompt"), default=1024)
+    bs.add_argument("--max-output", type=_positive("--max-output"), default=512)
+    bs.add_argument("--model", default=None, help="model id to send (default: none)")
+    bs.add_argument("--api-key", default=None)
+    bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--json", default=None)
+    bs.set_defaults(func=cmd_bench_serve)
 
     bp = bsub.add_parser("pipeline", help="throughput of the same requests at several pipeline/TP layouts")
     bp.add_argument("--model", default="random:opt-125m")
@@ -117,6 +140,25 @@ def _int_list(text: str, flag: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+def cmd_demo(args) -> int:
+    from .demo import run
+
+    return run(args.model, args.device, args.max_tokens, args.pp, args.tp)
+
+
+def cmd_bench_serve(args) -> int:
+    from .bench.serve import load_trace, run, synthetic_lengths
+
+    if args.rate <= 0:
+        raise ValueError(f"--rate must be > 0, got {args.rate}")
+    if args.trace:
+        lengths = load_trace(args.trace)[: args.num_requests]
+    else:
+        lengths = synthetic_lengths(args.num_requests, args.seed, args.max_prompt, args.max_output)
+    r = run(args.url, lengths, args.rate, args.model, args.seed, args.api_key, args.json)
+    return 0 if r["completed"] else 1
 
 
 def cmd_bench_pipeline(args) -> int:
