@@ -54,16 +54,20 @@ class LLM:
                  tp: int = 1, pp: int = 1, microbatch_size: int = 0, prompt_stages: int = 0,
                  token_stages: int = 0, swap: bool = False, replicate: bool = False,
                  launcher: str = "local", layer_split: list[tuple[int, int]] | None = None,
-                 worker_timeout: float = 300.0, log_dir: str | None = None):
-        unsupported = {"prompt_stages": bool(prompt_stages), "token_stages": bool(token_stages),
-                       "swap": bool(swap), "replicate": bool(replicate)}
+                 worker_timeout: float = 300.0, log_dir: str | None = None, kv_receive_slots: int = 8):
+        unsupported = {"swap": bool(swap), "replicate": bool(replicate)}
         bad = [k for k, v in unsupported.items() if v]
         if bad:
-            raise ValueError(f"{', '.join(bad)}: not available in this build (single process, pipeline and "
-                             "tensor parallelism only)")
+            raise ValueError(f"{', '.join(bad)}: not available in this build (single process, pipeline, "
+                             "tensor parallelism and prompt-token disaggregation only)")
+        if bool(prompt_stages) != bool(token_stages):
+            raise ValueError("prompt_stages and token_stages go together (both > 0 for disaggregation)")
+        if prompt_stages and pp != 1:
+            raise ValueError("pp is the non-disaggregated pipeline; with prompt_stages/token_stages leave pp at 1")
         if block_size <= 0:
             raise ValueError(f"block_size must be > 0, got {block_size}")
-        for name, v in (("pp", pp), ("tp", tp)):
+        for name, v in (("pp", pp), ("tp", tp), ("prompt_stages", prompt_stages or 1),
+                        ("token_stages", token_stages or 1)):
             if not isinstance(v, int) or not 1 <= v <= 8:
                 raise ValueError(f"{name} must be an integer from 1 to 8, got {v!r}")
         if microbatch_size < 0:
@@ -78,12 +82,19 @@ class LLM:
         engine_cfg = EngineConfig(block_size=block_size, num_blocks=kv_cache_blocks, kv_cache_memory=kv_cache_memory,
                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   max_model_len=max_model_len)
-        if pp > 1 or tp > 1:
+        if pp > 1 or tp > 1 or prompt_stages:
+            from .serving.disagg import DisaggEngine
             from .serving.pipeline import PipelineEngine
 
             if not engine_cfg.num_blocks and not engine_cfg.kv_cache_memory:
                 engine_cfg.kv_cache_memory = 4 << 30  # per stage, on the GPU
             self.model = None
+            if prompt_stages:
+                self.engine = DisaggEngine(self.source, self.tokenizer, engine_cfg, self.device, self.dtype, seed,
+                                           prompt_stages, token_stages, tp, microbatch_size, launcher, worker_timeout,
+                                           log_dir, kv_receive_slots)
+                self._finalizer = weakref.finalize(self, self.engine.shutdown)
+                return
             self.engine = PipelineEngine(self.source, self.tokenizer, engine_cfg, self.device, self.dtype, seed, pp, tp,
                                          microbatch_size, launcher, layer_split, worker_timeout, log_dir=log_dir)
             self._finalizer = weakref.finalize(self, self.engine.shutdown)

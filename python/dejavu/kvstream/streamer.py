@@ -154,8 +154,9 @@ class KVStreamer:
         return dest.get(key, buf)
 
     # ------------------------------------------------------------------ stream_out / stream_in
-    def stream_out(self, region: Region, dest: Destination, key: str, layer_events=None) -> Future:
-        """Gather `region` into pooled pinned memory and flush it to `dest` under `key`.
+    def stream_out(self, region: Region, dest: Destination, key: str, layer_events=None, after=None) -> Future:
+        """Gather `region` into pooled pinned memory and flush it to `dest` under `key`, after the
+        CUDA event `after` (default: the work queued so far on the current stream).
         With level >= 2 and one CUDA event per layer, each layer leaves as soon as its event fires,
         under key f"{key}.l{i}" (stream_in(per_layer=True) reads them back)."""
         if layer_events is not None and self.level >= 2:
@@ -163,7 +164,7 @@ class KVStreamer:
                 raise ValueError(f"{len(region.layers)} layers but {len(layer_events)} layer events")
             parts = [self._out_one(region.layer(i), dest, f"{key}.l{i}", ev) for i, ev in enumerate(layer_events)]
             return gather_futures(f"stream_out {key!r} layer by layer", parts)
-        return self._out_one(region, dest, key, None)
+        return self._out_one(region, dest, key, after)
 
     def _out_one(self, region, dest, key, after) -> Future:
         n = region.nbytes(self.layout)

@@ -52,12 +52,15 @@ class DecoderLM(nn.Module):
 
     # ------------------------------------------------------------------ shared
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
-                kv_cache: torch.Tensor) -> torch.Tensor:
+                kv_cache: torch.Tensor, on_layer=None) -> torch.Tensor:
         """x: token ids [N] on the first stage, hidden states [N, hidden] elsewhere.
-        kv_cache: [num_local_layers, num_blocks, 2, block_size, kv_heads, head_dim]."""
+        kv_cache: [num_local_layers, num_blocks, 2, block_size, kv_heads, head_dim].
+        on_layer(i), if given, runs after local layer i has written its KV (layer-by-layer streaming)."""
         h = self.embed(x, positions) if self.is_first else x
         for i, layer in enumerate(self.layers):
             h = layer(h, positions, meta, kv_cache[i])
+            if on_layer is not None:
+                on_layer(i)
         return self.final(h) if self.is_last else h
 
     def set_tp_group(self, group) -> None:

@@ -34,6 +34,18 @@ from ..parallel.wire import ProtocolError, accept_hello
 log = logging.getLogger("dejavu.pipeline")
 
 
+def check_split(layers, depth: int, num_layers: int) -> None:
+    if len(layers) != depth:
+        raise ValueError(f"layer split has {len(layers)} stages but the depth is {depth}")
+    expect = 0
+    for a, b in layers:
+        if a != expect or b <= a:
+            raise ValueError(f"layer split {layers} must be contiguous, non-empty ranges from 0")
+        expect = b
+    if expect != num_layers:
+        raise ValueError(f"layer split {layers} does not end at the model's {num_layers} layers")
+
+
 class WorkerError(RuntimeError):
     """A worker failed to start or died; the message names the worker and the reason."""
 
@@ -45,31 +57,21 @@ class PipelineEngine(LLMEngine):
                  hostfile: str | None = None, log_dir: str | None = None):
         cfg = self.model_config = source.config
         self.model = None
-        self.tokenizer, self.config, self.device = tokenizer, config, device
-        self.pp, self.tp, self.world = pp, tp, pp * tp
+        self.tokenizer, self.config, self.device, self.dtype = tokenizer, config, device, dtype
+        self.tp = tp
         cfg.shard(0, tp)  # raises ModelError now if tp does not divide the heads or the MLP
-        self.layers = layer_split or split_layers(cfg.num_layers, pp)
-        self._check_split(cfg.num_layers)
         self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
         self.block_size = config.block_size
-        deepest = max(b - a for a, b in self.layers)
-        per_block = PagedKVCache.bytes_per_block(deepest, config.block_size, cfg.num_kv_heads // tp, cfg.head_dim,
-                                                 dtype)
-        self.num_blocks = config.num_blocks or max(1, config.kv_cache_memory // per_block)
-        self.allocator = BlockAllocator(self.num_blocks)
-        self.waiting: deque[Sequence] = deque()
-        b = microbatch_size or config.max_num_seqs
-        self.slots = [Scheduler(self.allocator, config.block_size, b, config.max_num_batched_tokens, self.waiting)
-                      for _ in range(pp)]
-        self.inflight: list[tuple[int, list[Sequence], float] | None] = [None] * pp
-        self.slot_of: dict[int, int] = {}
-        self.scheduler = self.slots[0]  # for code that asks for "the" scheduler (counts, preemptions)
         self.eos_ids = eos_ids(cfg, tokenizer)
         self.num_generated = 0
         self.timeout = timeout
         self._step_id = 0
         self._inbox: queue.Queue = queue.Queue()
         self._closed = False
+        self.slot_of: dict[int, int] = {}
+        self._busy: set[int] = set()          # sequences in a step that workers are running
+        self._abort_later: set[int] = set()   # aborted while busy: finished when their step returns
+        self._plan(cfg, pp, layer_split, microbatch_size)
         self.token = secrets.token_hex(16)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -90,16 +92,37 @@ class PipelineEngine(LLMEngine):
             self.shutdown()
             raise
 
-    def _check_split(self, num_layers: int) -> None:
-        if len(self.layers) != self.pp:
-            raise ValueError(f"layer split has {len(self.layers)} stages but pp={self.pp}")
-        expect = 0
-        for a, b in self.layers:
-            if a != expect or b <= a:
-                raise ValueError(f"layer split {self.layers} must be contiguous, non-empty ranges from 0")
-            expect = b
-        if expect != num_layers:
-            raise ValueError(f"layer split {self.layers} does not end at the model's {num_layers} layers")
+    def _plan(self, cfg, pp: int, layer_split, microbatch_size: int) -> None:
+        """Decide the workers: here pp stages x tp shards, one block allocator, pp microbatch slots."""
+        self.pp, self.world = pp, pp * self.tp
+        self.layers = layer_split or split_layers(cfg.num_layers, pp)
+        check_split(self.layers, pp, cfg.num_layers)
+        self.num_blocks = self._blocks_for(cfg, self.layers, self.config.num_blocks, self.config.kv_cache_memory)
+        self.allocator = BlockAllocator(self.num_blocks)
+        self.waiting: deque[Sequence] = deque()
+        b = microbatch_size or self.config.max_num_seqs
+        self.slots = [Scheduler(self.allocator, self.block_size, b, self.config.max_num_batched_tokens, self.waiting)
+                      for _ in range(pp)]
+        self.inflight: list[tuple[int, list[Sequence], float] | None] = [None] * pp
+        self.scheduler = self.slots[0]  # for code that asks for "the" scheduler (counts, preemptions)
+
+    def _blocks_for(self, cfg, layers, num_blocks: int, memory: int) -> int:
+        deepest = max(b - a for a, b in layers)
+        per_block = PagedKVCache.bytes_per_block(deepest, self.block_size, cfg.num_kv_heads // self.tp, cfg.head_dim,
+                                                 self.dtype)
+        return num_blocks or max(1, memory // per_block)
+
+    def _rank_config(self, rank: int) -> dict:
+        stage = rank // self.tp
+        return {"role": "stage", "pp": self.pp, "layers": [list(x) for x in self.layers], "first_rank": 0,
+                "num_blocks": self.num_blocks, "worker_name": f"s{stage}.{rank % self.tp}"}
+
+    def _step_ranks(self):
+        """The workers that run the microbatch steps (all of them here)."""
+        return range(self.world)
+
+    def _tp_groups(self) -> list[list[int]]:
+        return [list(range(g * self.tp, (g + 1) * self.tp)) for g in range(self.world // self.tp)]
 
     # ------------------------------------------------------------------ start-up
     def _rendezvous(self, spec, device, dtype, seed, cfg) -> None:
@@ -123,15 +146,18 @@ class PipelineEngine(LLMEngine):
                 ch.close()
                 raise WorkerError(f"a worker announced rank {rank}, expected a new one in [0, {self.world})")
             self.channels[rank] = ch
-            self.worker_info[rank] = {"pid": hello.get("pid"), "host": hello.get("host"), "stage": rank // self.tp,
-                                      "tp_rank": rank % self.tp}
+            rc = self._rank_config(rank)
+            self.worker_info[rank] = {"pid": hello.get("pid"), "host": hello.get("host"), "role": rc["role"],
+                                      "stage": (rank - rc["first_rank"]) // self.tp, "tp_rank": rank % self.tp,
+                                      "worker": rc["worker_name"],
+                                      "layers": rc["layers"][(rank - rc["first_rank"]) // self.tp]}
         backend = "nccl" if device.type == "cuda" and torch.cuda.device_count() >= self.world else "gloo"
         master = f"127.0.0.1:{launch.free_port()}"
         for rank, ch in self.channels.items():
             ch.send({"t": "config", "model": spec, "dtype": str(dtype).replace("torch.", ""), "device": device.type,
-                     "seed": seed, "pp": self.pp, "tp": self.tp, "layers": [list(x) for x in self.layers],
-                     "block_size": self.block_size, "num_blocks": self.num_blocks, "master": master,
-                     "world": self.world, "backend": backend, "timeout": self.timeout})
+                     "seed": seed, "tp": self.tp, "block_size": self.block_size, "master": master,
+                     "world": self.world, "backend": backend, "timeout": self.timeout, "tp_groups": self._tp_groups(),
+                     "kv_token": self.token, **self._rank_config(rank)})
         for rank, ch in self.channels.items():
             threading.Thread(target=self._reader, args=(rank, ch), daemon=True, name=f"worker{rank}-reader").start()
         ready = set()
@@ -139,8 +165,14 @@ class PipelineEngine(LLMEngine):
             msg = self._next_message(deadline, "starting")
             if msg["t"] == "ready":
                 ready.add(msg["rank"])
-        log.info("pipeline of %d stages x TP %d ready: layers %s, %d KV blocks per worker", self.pp, self.tp,
-                 self.layers, self.num_blocks)
+                if "kv_port" in msg:
+                    self.worker_info[msg["rank"]]["kv_port"] = msg["kv_port"]
+        self._after_ready()
+        log.info("%d workers ready (TP %d): %s", self.world, self.tp,
+                 ", ".join(f"{i['worker']} layers {i['layers']}" for _, i in sorted(self.worker_info.items())))
+
+    def _after_ready(self) -> None:
+        """Hook for deployments that must introduce workers to each other once all are up."""
 
     def _reader(self, rank, ch) -> None:
         try:
@@ -180,6 +212,28 @@ class PipelineEngine(LLMEngine):
         sched = self.slots[slot] if slot is not None else self.slots[0]
         sched.finish(seq, reason)
 
+    def abort(self, seq: Sequence) -> None:
+        """Workers may be writing this sequence's blocks right now: then it ends when its step returns."""
+        if seq.finished:
+            return
+        if seq.seq_id in self._busy:
+            self._abort_later.add(seq.seq_id)
+        else:
+            self._finish(seq, "abort")
+
+    def _returned(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Sequences whose step came back: not busy any more; deferred aborts happen now."""
+        live = []
+        for s in seqs:
+            self._busy.discard(s.seq_id)
+            if s.seq_id in self._abort_later:
+                self._abort_later.discard(s.seq_id)
+                if not s.finished:
+                    self._finish(s, "abort")
+            elif not s.finished:
+                live.append(s)
+        return live
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting) or any(s.running for s in self.slots) or any(self.inflight)
 
@@ -201,7 +255,8 @@ class PipelineEngine(LLMEngine):
         if msg["id"] != step_id:
             raise WorkerError(f"microbatch {i}: expected step {step_id}, got {msg['id']}")
         self.inflight[i] = None
-        self._append_tokens(seqs, msg["tokens"])
+        live = set(id(s) for s in self._returned(seqs))
+        self._append_tokens([s for s in seqs if id(s) in live], [t for s, t in zip(seqs, msg["tokens"]) if id(s) in live])
         return seqs
 
     def _launch(self, slot: int, seqs: list[Sequence], is_prefill: bool) -> None:
@@ -214,9 +269,10 @@ class PipelineEngine(LLMEngine):
                           "top_k": p.top_k, "top_p": p.top_p, "seed": s.seed, "banned": self._banned(s)})
             s.num_cached = len(s)
             self.slot_of[s.seq_id] = slot
+            self._busy.add(s.seq_id)
         msg = {"t": "step", "mb": slot, "id": self._step_id, "prefill": is_prefill, "seqs": items}
-        for ch in self.channels.values():
-            ch.send(msg)
+        for r in self._step_ranks():
+            self.channels[r].send(msg)
         self.inflight[slot] = (self._step_id, seqs, time.monotonic())
 
     # ------------------------------------------------------------------ shutdown
@@ -235,5 +291,4 @@ class PipelineEngine(LLMEngine):
         self._listener.close()
 
     def cluster(self) -> list[dict]:
-        return [{"rank": r, "role": "stage", **info, "layers": list(self.layers[info["stage"]])} for r, info in
-                sorted(self.worker_info.items())]
+        return [{"rank": r, **info} for r, info in sorted(self.worker_info.items())]

@@ -1,12 +1,17 @@
 """`dejavu worker`: one process holding one pipeline stage (one tensor-parallel shard of it) and
-its KV cache. Rank r is stage r // tp, TP rank r % tp.
+its KV cache.
 
 It connects to the controller (HELLO with the cluster token), receives its configuration, loads
 its layer range, joins the workers' torch.distributed group (gloo on CPU, NCCL across GPUs), says
-READY (or ERROR with the reason) and then runs the steps the controller sends, in order: the
-first stage embeds the step's tokens, every other stage receives hidden states from the stage
-before it, the last stage computes logits, samples and returns the tokens. A worker exits when
-the controller says so, when its control connection closes, or when its parent dies.
+READY (or ERROR with the reason) and then runs what the controller sends, in order. Roles:
+  stage   a stage of the FT-style pipeline: prefill and decode steps
+  prompt  a stage of the prompt pipeline (disaggregation): prefill only; after each layer, that
+          layer's KV leaves for the token workers that hold the layer (layer-by-layer streaming)
+  token   a stage of the token pipeline: receives prompts' KV (into a TCP replica store it runs),
+          admits them into its cache, then decodes
+Within a pipeline, the first stage embeds the step's tokens, every other stage receives hidden
+states from the same TP rank of the stage before it, and TP rank 0 of the last stage samples and
+answers. A worker exits when told, when its control connection closes, or when its parent dies.
 """
 from __future__ import annotations
 
@@ -47,10 +52,12 @@ class StageWorker:
     def __init__(self, ch: Channel, cfg: dict, rank: int):
         import torch.distributed as dist
 
-        self.ch, self.rank = ch, rank
+        self.ch, self.rank, self.cfg = ch, rank, cfg
+        self.role = cfg.get("role", "stage")
         self.pp, self.tp = cfg["pp"], cfg["tp"]
-        self.stage, self.tp_rank = divmod(rank, self.tp)
+        self.stage, self.tp_rank = divmod(rank - cfg.get("first_rank", 0), self.tp)
         start, end = cfg["layers"][self.stage]
+        self.layer_start = start
         dev = cfg["device"]
         if dev == "cuda":
             dev = f"cuda:{rank % torch.cuda.device_count()}"
@@ -74,15 +81,28 @@ class StageWorker:
         if cfg["world"] > 1:
             dist.init_process_group(self.backend, init_method=f"tcp://{cfg['master']}", rank=rank,
                                     world_size=cfg["world"], timeout=datetime.timedelta(seconds=cfg["timeout"]))
+            # Every rank creates every TP group, in the same order (new_group is collective).
+            groups = [dist.new_group(g) for g in cfg["tp_groups"]]
+            mine = [g for g, ranks in zip(groups, cfg["tp_groups"]) if rank in ranks]
             if self.tp > 1:
-                # Every rank creates every stage's TP group, in the same order (new_group is collective).
-                groups = [dist.new_group(list(range(s * self.tp, (s + 1) * self.tp))) for s in range(self.pp)]
-                self.model.set_tp_group(groups[self.stage])
+                self.model.set_tp_group(mine[0])
         self.pending_sends = []
         self.wire_device = self.device if self.backend == "nccl" else torch.device("cpu")
+        self.streamer = None
+        self.kv_server = None
+        self.dests = {}
+        if self.role in ("prompt", "token"):
+            from ..kvstream import KVStreamer, TcpReplicaServer
 
-    @torch.inference_mode()
-    def step(self, msg: dict) -> None:
+            self.streamer = KVStreamer(self.cache, pool_bytes=cfg.get("kv_pool_bytes", 64 << 20))
+            if self.role == "token":
+                self.kv_server = TcpReplicaServer(cfg["kv_token"], host=cfg.get("kv_host", "127.0.0.1"))
+
+    def ready_info(self) -> dict:
+        return {"kv_port": self.kv_server.port} if self.kv_server else {}
+
+    # ------------------------------------------------------------------ forward through this stage
+    def _forward(self, msg: dict, on_layer=None):
         items = [(s["ids"], s["start"], s["blocks"]) for s in msg["seqs"]]
         ids, pos, meta, last = build_metadata(items, self.cache.block_size, self.device)
         if self.stage == 0:
@@ -91,24 +111,104 @@ class StageWorker:
             buf = torch.empty((ids.numel(), self.hidden), dtype=self.dtype, device=self.wire_device)
             self.dist.recv(buf, src=self.rank - self.tp)  # same TP rank, previous stage
             x = buf.to(self.device)
-        h = self.model(x, pos, meta, self.cache.tensor)
+        h = self.model(x, pos, meta, self.cache.tensor, on_layer=on_layer)
         if self.stage < self.pp - 1:
             out = h.to(self.wire_device).contiguous()
             self.pending_sends = [w for w in self.pending_sends if not w[0].is_completed()]
             self.pending_sends.append((self.dist.isend(out, dst=self.rank + self.tp), out))
-            return
-        if self.tp_rank != 0:
-            return  # the LM head is replicated; TP rank 0 of the last stage samples and answers
-        logits = self.model.compute_logits(h[last])
+            return None
+        return h[last]
+
+    def _sample(self, msg: dict, h) -> list[int]:
+        logits = self.model.compute_logits(h)
         seqs = msg["seqs"]
         params = [SamplingParams(max_tokens=1, temperature=s["temp"], top_k=s["top_k"], top_p=s["top_p"]) for s in seqs]
-        tokens = sample(logits, params, [s["seed"] for s in seqs], [s["start"] + len(s["ids"]) for s in seqs],
-                        [s["banned"] for s in seqs])
-        self.ch.send({"t": "tokens", "mb": msg["mb"], "id": msg["id"], "tokens": tokens})
+        return sample(logits, params, [s["seed"] for s in seqs], [s["start"] + len(s["ids"]) for s in seqs],
+                      [s["banned"] for s in seqs])
+
+    @torch.inference_mode()
+    def step(self, msg: dict) -> None:
+        h = self._forward(msg)
+        if h is None or self.tp_rank != 0:
+            return  # the LM head is replicated; TP rank 0 of the last stage samples and answers
+        self.ch.send({"t": "tokens", "mb": msg["mb"], "id": msg["id"], "tokens": self._sample(msg, h)})
+
+    # ------------------------------------------------------------------ disaggregation
+    def set_peers(self, msg: dict) -> None:
+        from ..kvstream import TcpDest
+
+        for w in msg["token_workers"]:
+            self.dests[w["worker"]] = TcpDest(w["host"], w["kv_port"], self.cfg["kv_token"])
+        from ..kvstream.routing import Transfer
+
+        self.transfers = [Transfer(**{k: tuple(v) if isinstance(v, list) else v for k, v in t.items()})
+                          for t in msg["transfers"]]
+
+    @torch.inference_mode()
+    def prefill(self, msg: dict) -> None:
+        """Prompt side: prefill, sending each layer's KV to its token worker as soon as it is written."""
+        from ..kvstream import Region
+
+        me = self.cfg["worker_name"]
+        mine = [t for t in self.transfers if t.src == me]
+        futures, nbytes = [], 0
+
+        def on_layer(i):
+            nonlocal nbytes
+            g = self.layer_start + i
+            after = torch.cuda.current_stream(self.device).record_event() if self.device.type == "cuda" else None
+            for t in mine:
+                if not t.layers[0] <= g < t.layers[1]:
+                    continue
+                for s in msg["seqs"]:
+                    region = Region.chunks([i], s["blocks"])
+                    futures.append(self.streamer.stream_out(region, self.dests[t.dst], f"{s['key']}.L{g}",
+                                                            after=after))
+                    nbytes += region.nbytes(self.streamer.layout)
+        t0 = time.perf_counter()
+        h = self._forward(msg, on_layer=on_layer)
+        compute = time.perf_counter() - t0
+        for f in futures:
+            f.wait(self.cfg["timeout"])
+        exposed = time.perf_counter() - t0 - compute
+        reply = {"t": "pushed", "mb": msg["mb"], "id": msg["id"], "rank": self.rank, "bytes": nbytes,
+                 "exposed_s": exposed, "compute_s": compute}
+        if h is not None and self.tp_rank == 0:
+            reply["tokens"] = self._sample(msg, h)
+        self.ch.send(reply)
+
+    @torch.inference_mode()
+    def admit(self, msg: dict) -> None:
+        """Token side: move arrived prompt KV from the receive store into this worker's cache."""
+        from ..kvstream import Region
+
+        nbytes = 0
+        t0 = time.perf_counter()
+        for s in msg["seqs"]:
+            for i in range(self.cache.num_layers):
+                key = f"{s['key']}.L{self.layer_start + i}"
+                region = Region.chunks([i], s["blocks"])
+                n = region.nbytes(self.streamer.layout)
+                buf = self.streamer.pool.alloc(n)
+                try:
+                    got = self.kv_server.get_into(key, buf.tensor)
+                    if got != n:
+                        raise RuntimeError(f"KV chunk {key} has {got} bytes, expected {n}")
+                    self.streamer.scatter(region, buf.tensor).wait(self.cfg["timeout"])
+                finally:
+                    buf.free()
+                self.kv_server.server.erase(key)
+                nbytes += n
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.ch.send({"t": "admitted", "id": msg["id"], "rank": self.rank, "bytes": nbytes,
+                      "seconds": time.perf_counter() - t0})
 
     def close(self):
         for w, _ in self.pending_sends:
             w.wait()
+        if self.kv_server is not None:
+            self.kv_server.stop()
         if self.dist.is_initialized():
             self.dist.destroy_process_group()
 
@@ -130,14 +230,16 @@ def run(controller: str, token: str, rank: int | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - reported to the controller, which stops everyone
         ch.send({"t": "error", "rank": rank, "msg": f"{type(e).__name__}: {e}"})
         return 1
-    ch.send({"t": "ready", "rank": rank})
+    ch.send({"t": "ready", "rank": rank, **worker.ready_info()})
+    handlers = {"step": worker.step, "prefill": worker.prefill, "admit": worker.admit, "peers": worker.set_peers}
     try:
         while True:
             msg = ch.recv(None)
             if msg["t"] == "shutdown":
                 break
-            if msg["t"] == "step":
-                worker.step(msg)
+            handler = handlers.get(msg["t"])
+            if handler is not None:
+                handler(msg)
     except ConnectionError:
         return 4  # the controller is gone: nothing to serve
     except Exception as e:  # noqa: BLE001

@@ -1,0 +1,248 @@
+"""Prompt-token disaggregation: prompt workers prefill, token workers decode.
+
+`--prompt-stages Dp --token-stages Dt` (x `--tp` each). The prompt pipeline only prefills: as each
+layer of a prompt batch is computed, that layer's KV leaves for the token worker (and TP rank)
+that holds the layer (kvstream routing: Dp and Dt may differ), over DéjàVuLib's TCP transport into
+the token worker's receive store, while the next layer computes. The prompt side samples the first
+token. A request enters the token pipeline only after every token worker has admitted its KV into
+its cache (acknowledged); the token side only decodes, in Dt microbatch slots as in the FT pipeline.
+
+Flow control: at most `receive_slots` requests are between "prefill started" and "admitted"; a
+prompt waits for a slot (and for token-side blocks for its KV) before its prefill starts, so nothing
+is dropped or overwritten. A request preempted on the token side (out of blocks) goes back to the
+prompt queue and is prefilled again from all its tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+
+from ..engine.block_manager import BlockAllocator, blocks_for
+from ..engine.scheduler import Scheduler
+from ..engine.sequence import Sequence, Status
+from ..kvstream.routing import WorkerLayout, plan, split_layers
+from .pipeline import PipelineEngine, WorkerError, check_split
+
+
+class DisaggEngine(PipelineEngine):
+    def __init__(self, source, tokenizer, config, device, dtype, seed, prompt_stages: int, token_stages: int,
+                 tp: int = 1, microbatch_size: int = 0, launcher: str = "local", timeout: float = 300.0,
+                 log_dir: str | None = None, receive_slots: int = 8):
+        self._dp, self._dt = prompt_stages, token_stages
+        if receive_slots <= 0:
+            raise ValueError(f"receive_slots must be > 0, got {receive_slots}")
+        self.receive_slots = receive_slots
+        super().__init__(source, tokenizer, config, device, dtype, seed, pp=token_stages, tp=tp,
+                         microbatch_size=microbatch_size, launcher=launcher, timeout=timeout, log_dir=log_dir)
+
+    # ------------------------------------------------------------------ layout
+    def _plan(self, cfg, pp, layer_split, microbatch_size) -> None:
+        dp, dt, tp = self._dp, self._dt, self.tp
+        self.prompt_layers = split_layers(cfg.num_layers, dp)
+        self.layers = self.token_layers = split_layers(cfg.num_layers, dt)
+        check_split(self.token_layers, dt, cfg.num_layers)
+        self.pp, self.world, self.token_first = dt, (dp + dt) * tp, dp * tp
+        self.num_prompt_blocks = self._blocks_for(cfg, self.prompt_layers, self.config.num_blocks,
+                                                  self.config.kv_cache_memory)
+        self.num_blocks = self._blocks_for(cfg, self.token_layers, self.config.num_blocks, self.config.kv_cache_memory)
+        self.prompt_alloc = BlockAllocator(self.num_prompt_blocks)
+        self.allocator = BlockAllocator(self.num_blocks)
+        self.waiting: deque[Sequence] = deque()         # waiting for a prefill
+        self.token_waiting: deque[Sequence] = deque()   # preempted on the token side
+        self.mb = microbatch_size or self.config.max_num_seqs
+        self.slots = [Scheduler(self.allocator, self.block_size, self.mb, self.config.max_num_batched_tokens,
+                                self.token_waiting) for _ in range(dt)]
+        self.scheduler = self.slots[0]
+        self.inflight = [None] * dt
+        self.prompt_inflight: list[dict | None] = [None] * dp
+        self.admitting: dict[int, dict] = {}
+        self.in_transfer = 0
+        senders = [WorkerLayout(f"p{s}.{r}", a, b, r, tp) for s, (a, b) in enumerate(self.prompt_layers)
+                   for r in range(tp)]
+        receivers = [WorkerLayout(f"t{s}.{r}", a, b, r, tp) for s, (a, b) in enumerate(self.token_layers)
+                     for r in range(tp)]
+        self.transfers = plan(senders, receivers, cfg.num_kv_heads)
+        self.kv_bytes = 0
+        self.transfer_stats: list[dict] = []  # per prefill: compute, exposed transfer, bytes
+
+    def _rank_config(self, rank: int) -> dict:
+        if rank < self.token_first:
+            stage = rank // self.tp
+            return {"role": "prompt", "pp": self._dp, "layers": [list(x) for x in self.prompt_layers],
+                    "first_rank": 0, "num_blocks": self.num_prompt_blocks, "worker_name": f"p{stage}.{rank % self.tp}"}
+        stage = (rank - self.token_first) // self.tp
+        return {"role": "token", "pp": self._dt, "layers": [list(x) for x in self.token_layers],
+                "first_rank": self.token_first, "num_blocks": self.num_blocks,
+                "worker_name": f"t{stage}.{rank % self.tp}"}
+
+    def _step_ranks(self):
+        return range(self.token_first, self.world)
+
+    def _after_ready(self) -> None:
+        token_workers = [{"worker": i["worker"], "host": "127.0.0.1", "kv_port": i["kv_port"]}
+                         for r, i in sorted(self.worker_info.items()) if i["role"] == "token"]
+        msg = {"t": "peers", "token_workers": token_workers,
+               "transfers": [dataclasses.asdict(t) for t in self.transfers]}
+        for r in range(self.token_first):
+            self.channels[r].send(msg)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt, params, request_id=None) -> Sequence:
+        seq = super().add_request(prompt, params, request_id)
+        need = blocks_for(len(seq), self.block_size)
+        if need > self.num_prompt_blocks:
+            self.waiting.remove(seq)
+            from ..engine.llm_engine import RequestError
+
+            raise RequestError(f"prompt of {len(seq)} tokens needs {need} KV blocks but the prompt side holds only "
+                               f"{self.num_prompt_blocks}")
+        return seq
+
+    def has_unfinished(self) -> bool:
+        return (super().has_unfinished() or any(self.prompt_inflight) or bool(self.admitting)
+                or bool(self.token_waiting))
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.seq_id in self.slot_of:
+            return super()._finish(seq, reason)
+        # Between prefill and admission: its token-side blocks are held here.
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.block_table:
+            self.allocator.free(seq.block_table)
+            seq.block_table = []
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> list[Sequence]:
+        while self.token_waiting:  # preempted on the token side: prefill again, first in line
+            s = self.token_waiting.pop()
+            self.waiting.appendleft(s)
+        for i in range(self._dp):
+            if self.prompt_inflight[i] is None:
+                batch = self._take_prefill_batch()
+                if batch:
+                    self._launch_prefill(i, batch)
+        for i, slot in enumerate(self.slots):
+            if self.inflight[i] is None:
+                seqs, _ = slot.schedule()
+                if seqs:
+                    self._launch(i, seqs, False)
+        if not (any(self.inflight) or any(self.prompt_inflight) or self.admitting):
+            if self.waiting or self.token_waiting:
+                if not self.token_waiting and not any(s.running for s in self.slots):
+                    raise RuntimeError("scheduler stalled: waiting requests but nothing can run")
+                return []
+            return []
+        msg = self._next_message(time.monotonic() + self.timeout, "running a step")
+        if msg["t"] == "tokens":
+            return self._on_tokens(msg)
+        if msg["t"] == "pushed":
+            return self._on_pushed(msg)
+        if msg["t"] == "admitted":
+            self._on_admitted(msg)
+        return []
+
+    def _on_tokens(self, msg) -> list[Sequence]:
+        i = msg["mb"]
+        step_id, seqs, _ = self.inflight[i]
+        if msg["id"] != step_id:
+            raise WorkerError(f"token microbatch {i}: expected step {step_id}, got {msg['id']}")
+        self.inflight[i] = None
+        live = self._returned(seqs)
+        ids = {id(s) for s in live}
+        self._append_tokens(live, [t for s, t in zip(seqs, msg["tokens"]) if id(s) in ids])
+        return seqs
+
+    def _take_prefill_batch(self) -> list[Sequence]:
+        batch, tokens = [], 0
+        while self.waiting and len(batch) < self.mb and self.in_transfer + len(batch) < self.receive_slots:
+            seq = self.waiting[0]
+            n = len(seq)
+            need = blocks_for(n, self.block_size)
+            if batch and tokens + n > self.config.max_num_batched_tokens:
+                break
+            if not (self.prompt_alloc.can_allocate(need) and self.allocator.can_allocate(need)):
+                break
+            self.waiting.popleft()
+            seq.prompt_blocks = self.prompt_alloc.allocate(need)
+            seq.block_table = self.allocator.allocate(need)
+            seq.status = Status.RUNNING
+            batch.append(seq)
+            tokens += n
+        return batch
+
+    def _launch_prefill(self, slot: int, seqs: list[Sequence]) -> None:
+        self._step_id += 1
+        items = []
+        for s in seqs:
+            p = s.params
+            items.append({"ids": list(s.token_ids), "start": 0, "blocks": s.prompt_blocks, "temp": p.temperature,
+                          "top_k": p.top_k, "top_p": p.top_p, "seed": s.seed, "banned": self._banned(s),
+                          "key": f"r{s.seq_id}.{self._step_id}"})
+            self._busy.add(s.seq_id)
+        msg = {"t": "prefill", "mb": slot, "id": self._step_id, "seqs": items}
+        for r in range(self.token_first):
+            self.channels[r].send(msg)
+        self.in_transfer += len(seqs)
+        self.prompt_inflight[slot] = {"id": self._step_id, "seqs": seqs, "keys": [it["key"] for it in items],
+                                      "pending": set(range(self.token_first)), "tokens": None, "stats": []}
+
+    def _on_pushed(self, msg) -> list[Sequence]:
+        slot = msg["mb"]
+        st = self.prompt_inflight[slot]
+        if st is None or st["id"] != msg["id"]:
+            raise WorkerError(f"prompt microbatch {slot}: unexpected step {msg['id']}")
+        st["pending"].discard(msg["rank"])
+        st["stats"].append(msg)
+        if "tokens" in msg:
+            st["tokens"] = msg["tokens"]
+        if st["pending"] or st["tokens"] is None:
+            return []
+        self.prompt_inflight[slot] = None
+        seqs = st["seqs"]
+        sent = sum(m["bytes"] for m in st["stats"])
+        self.kv_bytes += sent
+        self.transfer_stats.append({"bytes": sent, "compute_s": max(m["compute_s"] for m in st["stats"]),
+                                    "exposed_s": max(m["exposed_s"] for m in st["stats"])})
+        for s in seqs:
+            self.prompt_alloc.free(s.prompt_blocks)
+            s.prompt_blocks = []
+            s.num_cached = len(s)  # the prompt's KV now exists (on its way to the token side)
+        self._append_tokens(seqs, st["tokens"])
+        live = []
+        for s, key in zip(seqs, st["keys"]):
+            if s.finished:  # EOS or max_tokens=1: done without the token side
+                self.in_transfer -= 1
+                self._busy.discard(s.seq_id)
+            else:
+                live.append((s, key))
+        if live:
+            self._step_id += 1
+            admit = {"t": "admit", "id": self._step_id,
+                     "seqs": [{"key": k, "blocks": s.block_table} for s, k in live]}
+            for r in range(self.token_first, self.world):
+                self.channels[r].send(admit)
+            self.admitting[self._step_id] = {"seqs": [s for s, _ in live],
+                                             "pending": set(range(self.token_first, self.world))}
+        return seqs
+
+    def _on_admitted(self, msg) -> None:
+        st = self.admitting.get(msg["id"])
+        if st is None:
+            raise WorkerError(f"unexpected admission {msg['id']} from worker {msg['rank']}")
+        st["pending"].discard(msg["rank"])
+        if st["pending"]:
+            return
+        del self.admitting[msg["id"]]
+        for s in st["seqs"]:
+            self.in_transfer -= 1
+            s.num_cached = len(s) - 1  # the first sampled token's KV is written by the first decode step
+            slot = min(range(self._dt), key=lambda i: len(self.slots[i].running))
+            self.slots[slot].running.append(s)
+            self.slot_of[s.seq_id] = slot
+        self._returned(st["seqs"])
+
+    def cluster(self) -> list[dict]:
+        return super().cluster()

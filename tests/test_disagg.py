@@ -1,0 +1,58 @@
+"""Prompt-token disaggregation across real processes: prompt workers stream KV layer by layer to
+token workers; output identical to the single-process engine."""
+import pytest
+
+from dejavu import LLM, RequestError, SamplingParams
+from test_pipeline import PROMPTS, alive, generate_with_arrivals, reference
+
+MODEL = "random:llama-tiny"  # 4 layers, 2 KV heads of 32, SmolLM2 tokenizer
+BLOCK = 4
+
+
+def expected_kv_bytes(prompts, layers=4, kv_heads=2, head_dim=32, elem=4):
+    blocks = sum(-(-len(p) // BLOCK) for p in prompts)
+    return blocks * layers * 2 * BLOCK * kv_heads * head_dim * elem
+
+
+@pytest.mark.parametrize("dp,dt,tp", [(1, 1, 1), (1, 2, 1), (2, 1, 1), (2, 2, 1), (1, 1, 2)])
+def test_disaggregated_matches_single_process(dp, dt, tp):
+    params = SamplingParams(max_tokens=9, ignore_eos=True)
+    ref = reference(MODEL, PROMPTS, 9)
+    with LLM(model=MODEL, prompt_stages=dp, token_stages=dt, tp=tp, block_size=BLOCK, kv_cache_blocks=128,
+             worker_timeout=60) as llm:
+        eng = llm.engine
+        roles = sorted((w["role"], w["stage"], w["tp_rank"]) for w in eng.cluster())
+        assert roles == sorted([("prompt", s, r) for s in range(dp) for r in range(tp)]
+                               + [("token", s, r) for s in range(dt) for r in range(tp)])
+        assert generate_with_arrivals(llm, PROMPTS, params) == ref
+        # Every prompt's KV crossed exactly once, all layers, all heads.
+        assert eng.kv_bytes == expected_kv_bytes(PROMPTS)
+        assert eng.allocator.num_used == 0 and eng.prompt_alloc.num_used == 0
+        pids = [p.pid for p in eng.procs]
+    assert not any(alive(p) for p in pids)
+
+
+def test_more_prompts_than_receive_slots_all_complete():
+    prompts = [[i + 3] * (i + 1) for i in range(12)]
+    ref = reference(MODEL, prompts, 5)
+    with LLM(model=MODEL, prompt_stages=1, token_stages=1, block_size=BLOCK, kv_cache_blocks=64,
+             kv_receive_slots=1, microbatch_size=2) as llm:
+        out = llm.generate(prompts, SamplingParams(max_tokens=5, ignore_eos=True))
+        assert [o.token_ids for o in out] == ref
+        assert llm.engine.in_transfer == 0
+
+
+def test_prompt_too_long_for_the_token_side_is_rejected_before_any_work():
+    with LLM(model=MODEL, prompt_stages=1, token_stages=1, block_size=BLOCK, kv_cache_blocks=8) as llm:
+        with pytest.raises(RequestError, match="needs 10 KV blocks but the cache holds only 8"):
+            llm.generate([[7] * 36], SamplingParams(max_tokens=4))
+        assert llm.engine.kv_bytes == 0 and not llm.engine.transfer_stats
+        # Still serving.
+        assert len(llm.generate([[7] * 5], SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids) == 3
+
+
+def test_disaggregation_options_are_checked():
+    with pytest.raises(ValueError, match="go together"):
+        LLM(model=MODEL, prompt_stages=1)
+    with pytest.raises(ValueError, match="leave pp at 1"):
+        LLM(model=MODEL, prompt_stages=1, token_stages=1, pp=2)
