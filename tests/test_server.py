@@ -243,3 +243,21 @@ def test_serve_cli_sigterm_stops_workers():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_dead_worker_fails_requests_instead_of_hanging():
+    llm = LLM(model=MODEL, pp=2, block_size=4, kv_cache_blocks=128, worker_timeout=20)
+    srv = ApiServer(llm, MODEL)
+    base = f"http://127.0.0.1:{srv.start_background()}"
+    try:
+        assert http(base + "/v1/completions", {"prompt": "ok", "max_tokens": 2})[0] == 200
+        os.kill(llm.engine.procs[1].pid, signal.SIGKILL)
+        t0 = time.time()
+        code, text = http(base + "/v1/completions", {"prompt": "after", "max_tokens": 50, "ignore_eos": True})
+        assert code in (500, 503) and "worker" in text
+        code, text = http(base + "/v1/completions", {"prompt": "later", "max_tokens": 5})
+        assert code == 503 and "engine stopped" in text
+        assert http(base + "/health")[0] == 503
+        assert time.time() - t0 < 40
+    finally:
+        srv.stop()

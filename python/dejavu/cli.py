@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="smollm2")
     d.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     d.add_argument("--max-tokens", type=_positive("--max-tokens"), default=48)
-    d.add_argument("--pp", type=int, default=1)
+    d.add_argument("--prompt-stages", type=int, default=1, help="prompt workers (0: no disaggregation)")
+    d.add_argument("--token-stages", type=int, default=1, help="token workers (0: no disaggregation)")
+    d.add_argument("--pp", type=int, default=1, help="FT-style pipeline depth (with --prompt-stages 0)")
     d.add_argument("--tp", type=int, default=1)
     d.set_defaults(func=cmd_demo)
 
@@ -148,7 +150,7 @@ def _int_list(text: str, flag: str) -> list[int]:
 def cmd_demo(args) -> int:
     from .demo import run
 
-    return run(args.model, args.device, args.max_tokens, args.pp, args.tp)
+    return run(args.model, args.device, args.max_tokens, args.pp, args.tp, args.prompt_stages, args.token_stages)
 
 
 def cmd_bench_serve(args) -> int:

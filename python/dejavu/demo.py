@@ -1,7 +1,7 @@
 """`dejavu demo`: a local deployment of the default model, exercised through its HTTP API.
 
-Starts the engine (GPU when present, else CPU) and the OpenAI-compatible server on a free
-loopback port, streams one answer to the terminal, sends a batch of real prompts concurrently,
+Starts a disaggregated deployment (one prompt worker and one token worker by default; GPU when
+present, else CPU) and the OpenAI-compatible server on a free loopback port, streams one answer to the terminal, sends a batch of real prompts concurrently,
 and prints a summary (throughput, latency percentiles, KV blocks, bytes streamed) read from the
 responses and the server's own /metrics.
 """
@@ -30,7 +30,7 @@ PROMPTS = [
 def _metric(base: str, name: str) -> float:
     text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith(name + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
@@ -71,13 +71,16 @@ async def _drive(base, model, max_tokens):
     return streamed, batch, wall
 
 
-def run(model: str, device: str, max_tokens: int, pp: int = 1, tp: int = 1) -> int:
+def run(model: str, device: str, max_tokens: int, pp: int = 1, tp: int = 1, prompt_stages: int = 1,
+        token_stages: int = 1) -> int:
     from . import LLM
     from .serving.api import ApiServer
 
     t0 = time.perf_counter()
-    print(f"[demo] loading {model} on {device} (pp={pp}, tp={tp}) ...", file=sys.stderr, flush=True)
-    llm = LLM(model=model, device=device, pp=pp, tp=tp)
+    layout = (f"disaggregated: {prompt_stages} prompt + {token_stages} token stage(s)" if prompt_stages
+              else f"pp={pp}")
+    print(f"[demo] loading {model} on {device} ({layout}, tp={tp}) ...", file=sys.stderr, flush=True)
+    llm = LLM(model=model, device=device, pp=pp, tp=tp, prompt_stages=prompt_stages, token_stages=token_stages)
     server = ApiServer(llm, model)
     port = server.start_background()
     base = f"http://127.0.0.1:{port}"
@@ -85,7 +88,8 @@ def run(model: str, device: str, max_tokens: int, pp: int = 1, tp: int = 1) -> i
     try:
         streamed, batch, wall = asyncio.run(_drive(base, model, max_tokens))
         blocks_total = _metric(base, "dejavu_kv_blocks_total")
-        streamed_bytes = _metric(base, "dejavu_kv_bytes_streamed_total")
+        streamed_bytes = _metric(base, 'dejavu_kv_bytes_streamed_total{kind="prompt_to_token"}')
+        cluster = json.loads(urllib.request.urlopen(base + "/v1/cluster", timeout=10).read())["workers"]
     finally:
         server.stop()
     toks = sum(r["tokens"] for r in batch)
@@ -99,10 +103,13 @@ def run(model: str, device: str, max_tokens: int, pp: int = 1, tp: int = 1) -> i
         print(f"  {r['prompt'][:38]:<38} -> {r['text'][:60].strip()!r}"[:110])
     print("-" * 68)
     print(f"  model                     {model} on {llm.device}")
+    print(f"  deployment                {layout}, tp={tp}: "
+          + ", ".join(f"{w['role']} {w.get('stage', 0)}.{w.get('tp_rank', 0)} (pid {w['pid']})" for w in cluster))
     print(f"  requests                  1 streamed + {len(batch)} concurrent")
     print(f"  batch throughput          {toks / wall:.1f} output tok/s ({toks} tokens in {wall:.1f}s)")
     print(f"  time to first token       p50 {pct(ttfts, 50) * 1000:.0f} ms   p95 {pct(ttfts, 95) * 1000:.0f} ms")
     print(f"  request latency           p50 {pct(lats, 50):.2f} s   p95 {pct(lats, 95):.2f} s")
-    print(f"  KV cache                  {int(blocks_total)} blocks; KV bytes streamed {int(streamed_bytes)}")
+    print(f"  KV cache                  {int(blocks_total)} blocks per token worker; "
+          f"{streamed_bytes / 2**20:.1f} MiB of KV streamed prompt -> token")
     print(f"  streamed answer           {streamed['tokens']} tokens, first after {streamed['ttft'] * 1000:.0f} ms")
     return 0

@@ -52,6 +52,10 @@ class AsyncEngine:
         alloc = getattr(engine, "allocator", None) or engine.cache.allocator
         m.gauges["dejavu_kv_blocks_used"] = lambda: alloc.num_used
         m.gauges["dejavu_kv_blocks_total"] = lambda: alloc.num_blocks
+        if hasattr(engine, "kv_bytes"):  # disaggregated: KV streamed prompt -> token, and how long it showed
+            m.bytes_streamed["prompt_to_token"] = lambda: engine.kv_bytes
+            m.transfer_seconds["prompt_to_token_compute"] = lambda: sum(x["compute_s"] for x in engine.transfer_stats)
+            m.transfer_seconds["prompt_to_token_exposed"] = lambda: sum(x["exposed_s"] for x in engine.transfer_stats)
         self._thread.start()
 
     @property
@@ -99,6 +103,15 @@ class AsyncEngine:
             for stream, loop in list(self._streams.values()):
                 loop.call_soon_threadsafe(stream.updates.put_nowait, ("error", self.error))
             self._streams.clear()
+            # Keep answering: every request still queued or arriving later is refused, none hangs.
+            while not self._stop.is_set():
+                try:
+                    cmd = self._cmds.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if cmd[0] == "add":
+                    _, _, _, _, loop, done = cmd
+                    loop.call_soon_threadsafe(_resolve, done, RuntimeError(f"engine stopped: {self.error}"))
 
     def _drain(self, block: bool) -> None:
         try:

@@ -40,7 +40,9 @@ class Metrics:
         self.counters = {"dejavu_requests_total": 0, "dejavu_requests_failed_total": 0,
                          "dejavu_requests_cancelled_total": 0, "dejavu_prompt_tokens_total": 0,
                          "dejavu_generation_tokens_total": 0, "dejavu_recoveries_total": 0}
+        # Values or callables (read at render time from the engine's own counters).
         self.bytes_streamed = {"prompt_to_token": 0, "swap_out": 0, "swap_in": 0, "replication": 0}
+        self.transfer_seconds = {"prompt_to_token_compute": 0.0, "prompt_to_token_exposed": 0.0}
         self.ttft = Histogram()
         self.itl = Histogram()
         self.e2e = Histogram()
@@ -62,7 +64,10 @@ class Metrics:
                 lines += [f"# TYPE {k} counter", f"{k} {v}"]
             lines.append("# TYPE dejavu_kv_bytes_streamed_total counter")
             for kind, v in self.bytes_streamed.items():
-                lines.append(f'dejavu_kv_bytes_streamed_total{{kind="{kind}"}} {v}')
+                lines.append(f'dejavu_kv_bytes_streamed_total{{kind="{kind}"}} {v() if callable(v) else v}')
+            lines.append("# TYPE dejavu_kv_transfer_seconds_total counter")
+            for part, v in self.transfer_seconds.items():
+                lines.append(f'dejavu_kv_transfer_seconds_total{{part="{part}"}} {v() if callable(v) else v}')
             for k, fn in self.gauges.items():
                 lines += [f"# TYPE {k} gauge", f"{k} {fn()}"]
             for name, h in (("dejavu_time_to_first_token_seconds", self.ttft),

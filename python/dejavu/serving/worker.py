@@ -94,7 +94,7 @@ class StageWorker:
         if self.role in ("prompt", "token"):
             from ..kvstream import KVStreamer, TcpReplicaServer
 
-            self.streamer = KVStreamer(self.cache, pool_bytes=cfg.get("kv_pool_bytes", 64 << 20))
+            self.streamer = KVStreamer(self.cache, pool_bytes=cfg.get("kv_pool_bytes", 256 << 20))
             if self.role == "token":
                 self.kv_server = TcpReplicaServer(cfg["kv_token"], host=cfg.get("kv_host", "127.0.0.1"))
 
@@ -162,8 +162,7 @@ class StageWorker:
                     continue
                 for s in msg["seqs"]:
                     region = Region.chunks([i], s["blocks"])
-                    futures.append(self.streamer.stream_out(region, self.dests[t.dst], f"{s['key']}.L{g}",
-                                                            after=after))
+                    futures.append(self._stream_out(region, self.dests[t.dst], f"{s['key']}.L{g}", after, futures))
                     nbytes += region.nbytes(self.streamer.layout)
         t0 = time.perf_counter()
         h = self._forward(msg, on_layer=on_layer)
@@ -176,6 +175,19 @@ class StageWorker:
         if h is not None and self.tp_rank == 0:
             reply["tokens"] = self._sample(msg, h)
         self.ch.send(reply)
+
+    def _stream_out(self, region, dest, key, after, pending):
+        """stream_out, waiting for earlier transfers to return their pool buffers when the pool is full."""
+        from .. import _C
+
+        while True:
+            try:
+                return self.streamer.stream_out(region, dest, key, after=after)
+            except _C.PoolFull:
+                busy = [f for f in pending if not f.done()]
+                if not busy:
+                    raise
+                busy[0].wait(self.cfg["timeout"])
 
     @torch.inference_mode()
     def admit(self, msg: dict) -> None:
