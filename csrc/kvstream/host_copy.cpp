@@ -68,13 +68,38 @@ std::array<uint32_t, 256> make_crc_table() {
   }
   return t;
 }
+
+uint32_t crc32c_table(const uint8_t* data, size_t n, uint32_t c) {
+  static const std::array<uint32_t, 256> table = make_crc_table();
+  for (size_t i = 0; i < n; ++i) c = table[(c ^ data[i]) & 0xFF] ^ (c >> 8);
+  return c;
+}
+
+#if defined(__x86_64__)
+// SSE4.2 CRC32 instruction: the same polynomial (Castagnoli), 8 bytes per instruction.
+__attribute__((target("sse4.2"))) uint32_t crc32c_sse42(const uint8_t* data, size_t n, uint32_t c) {
+  uint64_t c64 = c;
+  while (n >= 8) {
+    uint64_t v;
+    std::memcpy(&v, data, 8);
+    c64 = __builtin_ia32_crc32di(c64, v);
+    data += 8;
+    n -= 8;
+  }
+  uint32_t c32 = static_cast<uint32_t>(c64);
+  while (n--) c32 = __builtin_ia32_crc32qi(c32, *data++);
+  return c32;
+}
+#endif
+
 }  // namespace
 
 uint32_t crc32c(const uint8_t* data, size_t n, uint32_t seed) {
-  static const std::array<uint32_t, 256> table = make_crc_table();
-  uint32_t c = ~seed;
-  for (size_t i = 0; i < n; ++i) c = table[(c ^ data[i]) & 0xFF] ^ (c >> 8);
-  return ~c;
+#if defined(__x86_64__)
+  static const bool hw = __builtin_cpu_supports("sse4.2");
+  if (hw) return ~crc32c_sse42(data, n, ~seed);
+#endif
+  return ~crc32c_table(data, n, ~seed);
 }
 
 }  // namespace dejavu

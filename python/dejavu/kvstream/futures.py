@@ -6,6 +6,7 @@ exactly once when it finishes, successfully or not.
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Callable
 
@@ -50,7 +51,7 @@ class PolledCompletion:
 
 def _part_done(p) -> bool:
     if isinstance(p, Future):
-        return p.done()
+        return p._try_done()
     if hasattr(p, "query"):      # torch.cuda.Event
         return p.query()
     return p.test()              # _C.Handle
@@ -94,6 +95,7 @@ class Future:
         self._done = False
         self.nbytes = nbytes
         self.event = event  # CUDA event that marks completion on the device, for stream ordering
+        self._lock = threading.RLock()  # the progress thread and the owner may both advance it
 
     @classmethod
     def completed(cls, what: str, nbytes: int = 0) -> "Future":
@@ -122,15 +124,34 @@ class Future:
             except Exception as e:  # noqa: BLE001 - reported through the future
                 self._error = f"{type(e).__name__}: {e}"
 
+    def drive(self) -> "Future":
+        """Let the background progress thread advance this future's chained steps (e.g. start the
+        send as soon as the gather finished) instead of waiting for the owner to poll or wait."""
+        _driver.add(self)
+        return self
+
+    def _try_done(self) -> bool:
+        """done() if the future is free to advance now; False (not yet) if someone else holds it."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            return self._done_locked()
+        finally:
+            self._lock.release()
+
     def done(self) -> bool:
-        """True once finished (successfully or not); never blocks."""
+        """True once finished (successfully or not); never blocks on the transfer."""
+        with self._lock:
+            return self._done_locked()
+
+    def _done_locked(self) -> bool:
         if self._done:
             return True
         if self._parts and not all(_part_done(p) for p in self._parts):
             return False
         self._advance()
         if self._next is not None and self._error is None:
-            if not self._next.done():
+            if not self._next._try_done():
                 return False
             self._error = self._next._error
         self._finish()
@@ -138,6 +159,10 @@ class Future:
 
     def wait(self, timeout: float | None = None) -> "Future":
         """Block until done; raises StreamError on failure or timeout (the operation is then not done)."""
+        with self._lock:
+            return self._wait_locked(timeout)
+
+    def _wait_locked(self, timeout: float | None) -> "Future":
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def left():
@@ -173,6 +198,37 @@ class Future:
         if self._cleanup is not None:
             cleanup, self._cleanup = self._cleanup, None
             cleanup()
+
+
+class _Driver:
+    """One daemon thread that keeps driving registered futures to completion."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._futures: set[Future] = set()
+        self._thread: threading.Thread | None = None
+
+    def add(self, f: Future) -> None:
+        with self._cv:
+            self._futures.add(f)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="kvstream-progress", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._futures:
+                    self._cv.wait()
+                items = list(self._futures)
+            finished = [f for f in items if f._try_done()]
+            with self._cv:
+                self._futures.difference_update(finished)
+            time.sleep(2e-4)
+
+
+_driver = _Driver()
 
 
 def gather_futures(what: str, futures, cleanup=None) -> Future:

@@ -103,6 +103,10 @@ class KVStreamer:
         return host, rows, prow, pbytes
 
     def _move_cuda(self, region, buf, out, after, what, nbytes) -> Future:
+        with torch.cuda.device(self.device):  # may run on the progress thread
+            return self._move_cuda_on_device(region, buf, out, after, what, nbytes)
+
+    def _move_cuda_on_device(self, region, buf, out, after, what, nbytes) -> Future:
         d = self._out if out else self._in
         if after is None:
             after = torch.cuda.current_stream(self.device).record_event()
@@ -171,7 +175,7 @@ class KVStreamer:
         buf = self.pool.alloc(n)
         g = self.gather(region, buf.tensor, after=after)
         return Future(f"stream_out {key!r}", parts=[g], then=lambda: dest.put(key, buf.tensor),
-                      cleanup=buf.free, nbytes=n)
+                      cleanup=buf.free, nbytes=n).drive()
 
     def stream_in(self, dest: Destination, key: str, region: Region, per_layer: bool = False) -> Future:
         """Fetch `key` from `dest` into pooled pinned memory and scatter it into `region`."""
@@ -182,4 +186,4 @@ class KVStreamer:
         buf = self.pool.alloc(n)
         f = dest.get(key, buf.tensor)
         return Future(f"stream_in {key!r}", parts=[f], then=lambda: self.scatter(region, buf.tensor),
-                      cleanup=buf.free, nbytes=n)
+                      cleanup=buf.free, nbytes=n).drive()
