@@ -221,11 +221,14 @@ class ApiServer:
             seq = s.seq
             d = text.delta(ids, seq.text if finished else None)
             reason = seq.finish_reason if finished else None
-            if d or finished:
+            # One chunk per engine update, even when the text did not change yet (a token that ends
+            # in an incomplete character, or a special token): clients see every token's timing.
+            if new or finished:
                 if chat:
-                    await send([{"index": 0, "delta": {"content": d} if d else {}, "finish_reason": reason}])
+                    await send([{"index": 0, "delta": {"content": d}, "finish_reason": reason}])
                 else:
-                    await send([{"index": 0, "text": d, "finish_reason": reason, "logprobs": None}])
+                    await send([{"index": 0, "text": d, "finish_reason": reason, "logprobs": None,
+                                 "token_ids": new}])
             if finished:
                 if include_usage:
                     n_out = seq.num_output_tokens
