@@ -14,12 +14,15 @@ def expected_kv_bytes(prompts, layers=4, kv_heads=2, head_dim=32, elem=4):
     return blocks * layers * 2 * BLOCK * kv_heads * head_dim * elem
 
 
-@pytest.mark.parametrize("dp,dt,tp", [(1, 1, 1), (1, 2, 1), (2, 1, 1), (2, 2, 1), (1, 1, 2)])
-def test_disaggregated_matches_single_process(dp, dt, tp):
+@pytest.mark.parametrize("dp,dt,tp,transport", [(1, 1, 1, "tcp"), (1, 2, 1, "auto"), (2, 1, 1, "tcp"),
+                                                 (2, 2, 1, "auto"), (1, 1, 2, "shm")])
+def test_disaggregated_matches_single_process(dp, dt, tp, transport):
+    import glob
+
     params = SamplingParams(max_tokens=9, ignore_eos=True)
     ref = reference(MODEL, PROMPTS, 9)
     with LLM(model=MODEL, prompt_stages=dp, token_stages=dt, tp=tp, block_size=BLOCK, kv_cache_blocks=128,
-             worker_timeout=60) as llm:
+             worker_timeout=60, kv_transport=transport) as llm:
         eng = llm.engine
         roles = sorted((w["role"], w["stage"], w["tp_rank"]) for w in eng.cluster())
         assert roles == sorted([("prompt", s, r) for s in range(dp) for r in range(tp)]
@@ -28,8 +31,12 @@ def test_disaggregated_matches_single_process(dp, dt, tp):
         # Every prompt's KV crossed exactly once, all layers, all heads.
         assert eng.kv_bytes == expected_kv_bytes(PROMPTS)
         assert eng.allocator.num_used == 0 and eng.prompt_alloc.num_used == 0
+        # auto picks shared memory: every worker runs on this host.
+        assert eng.transports_used == {"shm" if transport in ("auto", "shm") else "tcp"}
         pids = [p.pid for p in eng.procs]
+        prefix = f"/dev/shm/dejavu-{eng.token[:12]}-"
     assert not any(alive(p) for p in pids)
+    assert not glob.glob(prefix + "*"), "shared memory left behind"
 
 
 def test_more_prompts_than_receive_slots_all_complete():
@@ -49,6 +56,36 @@ def test_prompt_too_long_for_the_token_side_is_rejected_before_any_work():
         assert llm.engine.kv_bytes == 0 and not llm.engine.transfer_stats
         # Still serving.
         assert len(llm.generate([[7] * 5], SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids) == 3
+
+
+def test_transport_choice():
+    from dejavu.kvstream.select import choose
+
+    assert choose("localhost") == "shm" and choose("127.0.0.1") == "shm"
+    assert choose("other-host", local_host="this-host") == "tcp"
+    assert choose("localhost", "tcp") == "tcp"
+    with pytest.raises(ValueError, match="unknown KV transport 'carrier-pigeon'"):
+        choose("x", "carrier-pigeon")
+
+
+def test_shm_destination_round_trip_and_cleanup():
+    import torch
+
+    from dejavu.kvstream import KVStreamer, Region
+    from dejavu.kvstream.shm import ShmDest, cleanup
+    from kv_helpers import empty_like, filled_cache, region_values
+
+    src = filled_cache(seed=4)
+    dest = ShmDest("dejavu-pytest-")
+    region = Region.chunks([1, 3], [2, 9, 5])
+    KVStreamer(src).stream_out(region, dest, "r1").wait()
+    assert dest.size("r1") == region.nbytes(src.layout())
+    dst = empty_like(src)
+    KVStreamer(dst).stream_in(dest, "r1", region).wait()
+    assert torch.equal(region_values(dst, region), region_values(src, region))
+    assert dest.size("r1") == -1  # the reader unlinked it
+    KVStreamer(src).stream_out(region, dest, "left-behind").wait()
+    assert cleanup("dejavu-pytest-") == 1 and dest.size("left-behind") == -1
 
 
 def test_disaggregation_options_are_checked():

@@ -23,6 +23,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-stages", type=int, default=0, help="disaggregation: prompt pipeline depth")
     p.add_argument("--token-stages", type=int, default=0, help="disaggregation: token pipeline depth")
     p.add_argument("--kv-receive-slots", type=int, default=8, help="disaggregation: requests in KV transfer at once")
+    p.add_argument("--kv-transport", default="auto", choices=["auto", "shm", "tcp"],
+                   help="disaggregation: how KV reaches the token workers (auto: shm on the same host, else tcp)")
     p.add_argument("--microbatch-size", type=int, default=0, help="sequences per microbatch (pipeline; default: any)")
     p.add_argument("--launcher", default="local", choices=["local", "mpirun", "external"],
                    help="how pipeline workers start: local child processes (default), mpirun, or external")
@@ -195,7 +197,7 @@ def _llm_from_args(args):
     return LLM(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
                kv_cache_blocks=args.kv_cache_blocks, max_model_len=args.max_model_len, pp=args.pp, tp=args.tp,
                microbatch_size=args.microbatch_size, launcher=args.launcher, prompt_stages=args.prompt_stages,
-               token_stages=args.token_stages, kv_receive_slots=args.kv_receive_slots)
+               token_stages=args.token_stages, kv_receive_slots=args.kv_receive_slots, kv_transport=args.kv_transport)
 
 
 def cmd_serve(args) -> int:

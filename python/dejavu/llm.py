@@ -54,7 +54,8 @@ class LLM:
                  tp: int = 1, pp: int = 1, microbatch_size: int = 0, prompt_stages: int = 0,
                  token_stages: int = 0, swap: bool = False, replicate: bool = False,
                  launcher: str = "local", layer_split: list[tuple[int, int]] | None = None,
-                 worker_timeout: float = 300.0, log_dir: str | None = None, kv_receive_slots: int = 8):
+                 worker_timeout: float = 300.0, log_dir: str | None = None, kv_receive_slots: int = 8,
+                 kv_transport: str = "auto"):
         unsupported = {"swap": bool(swap), "replicate": bool(replicate)}
         bad = [k for k, v in unsupported.items() if v]
         if bad:
@@ -92,7 +93,7 @@ class LLM:
             if prompt_stages:
                 self.engine = DisaggEngine(self.source, self.tokenizer, engine_cfg, self.device, self.dtype, seed,
                                            prompt_stages, token_stages, tp, microbatch_size, launcher, worker_timeout,
-                                           log_dir, kv_receive_slots)
+                                           log_dir, kv_receive_slots, kv_transport)
                 self._finalizer = weakref.finalize(self, self.engine.shutdown)
                 return
             self.engine = PipelineEngine(self.source, self.tokenizer, engine_cfg, self.device, self.dtype, seed, pp, tp,

@@ -28,7 +28,13 @@ from .pipeline import PipelineEngine, WorkerError, check_split
 class DisaggEngine(PipelineEngine):
     def __init__(self, source, tokenizer, config, device, dtype, seed, prompt_stages: int, token_stages: int,
                  tp: int = 1, microbatch_size: int = 0, launcher: str = "local", timeout: float = 300.0,
-                 log_dir: str | None = None, receive_slots: int = 8):
+                 log_dir: str | None = None, receive_slots: int = 8, kv_transport: str = "auto"):
+        from ..kvstream.select import TRANSPORTS
+
+        if kv_transport not in TRANSPORTS:
+            raise ValueError(f"unknown KV transport {kv_transport!r}; use one of {', '.join(TRANSPORTS)}")
+        self.kv_transport = kv_transport
+        self.transports_used: set[str] = set()
         self._dp, self._dt = prompt_stages, token_stages
         if receive_slots <= 0:
             raise ValueError(f"receive_slots must be > 0, got {receive_slots}")
@@ -67,6 +73,10 @@ class DisaggEngine(PipelineEngine):
         self.transfer_stats: list[dict] = []  # per prefill: compute, exposed transfer, bytes
 
     def _rank_config(self, rank: int) -> dict:
+        common = {"kv_transport": self.kv_transport, "shm_prefix": f"dejavu-{self.token[:12]}-"}
+        return {**common, **self._role_config(rank)}
+
+    def _role_config(self, rank: int) -> dict:
         if rank < self.token_first:
             stage = rank // self.tp
             return {"role": "prompt", "pp": self._dp, "layers": [list(x) for x in self.prompt_layers],
@@ -80,7 +90,7 @@ class DisaggEngine(PipelineEngine):
         return range(self.token_first, self.world)
 
     def _after_ready(self) -> None:
-        token_workers = [{"worker": i["worker"], "host": "127.0.0.1", "kv_port": i["kv_port"]}
+        token_workers = [{"worker": i["worker"], "host": "127.0.0.1", "hostname": i["host"], "kv_port": i["kv_port"]}
                          for r, i in sorted(self.worker_info.items()) if i["role"] == "token"]
         msg = {"t": "peers", "token_workers": token_workers,
                "transfers": [dataclasses.asdict(t) for t in self.transfers]}
@@ -196,6 +206,7 @@ class DisaggEngine(PipelineEngine):
             raise WorkerError(f"prompt microbatch {slot}: unexpected step {msg['id']}")
         st["pending"].discard(msg["rank"])
         st["stats"].append(msg)
+        self.transports_used.update(msg.get("transports", []))
         if "tokens" in msg:
             st["tokens"] = msg["tokens"]
         if st["pending"] or st["tokens"] is None:
@@ -244,5 +255,8 @@ class DisaggEngine(PipelineEngine):
             self.slot_of[s.seq_id] = slot
         self._returned(st["seqs"])
 
-    def cluster(self) -> list[dict]:
-        return super().cluster()
+    def shutdown(self) -> None:
+        super().shutdown()
+        from ..kvstream.shm import cleanup
+
+        cleanup(f"dejavu-{self.token[:12]}-")  # whatever a crash left in /dev/shm

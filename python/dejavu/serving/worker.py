@@ -136,9 +136,17 @@ class StageWorker:
     # ------------------------------------------------------------------ disaggregation
     def set_peers(self, msg: dict) -> None:
         from ..kvstream import TcpDest
+        from ..kvstream.select import choose
+        from ..kvstream.shm import ShmDest
 
+        self.transport_used = {}
         for w in msg["token_workers"]:
-            self.dests[w["worker"]] = TcpDest(w["host"], w["kv_port"], self.cfg["kv_token"])
+            kind = choose(w["hostname"], self.cfg.get("kv_transport", "auto"))
+            self.transport_used[w["worker"]] = kind
+            if kind == "shm":
+                self.dests[w["worker"]] = ShmDest(self.cfg["shm_prefix"])
+            else:
+                self.dests[w["worker"]] = TcpDest(w["host"], w["kv_port"], self.cfg["kv_token"])
         from ..kvstream.routing import Transfer
 
         self.transfers = [Transfer(**{k: tuple(v) if isinstance(v, list) else v for k, v in t.items()})
@@ -162,7 +170,8 @@ class StageWorker:
                     continue
                 for s in msg["seqs"]:
                     region = Region.chunks([i], s["blocks"])
-                    futures.append(self._stream_out(region, self.dests[t.dst], f"{s['key']}.L{g}", after, futures))
+                    key = f"{s['key']}.L{g}.{t.dst}"  # unique per receiver: shm names are host-wide
+                    futures.append(self._stream_out(region, self.dests[t.dst], key, after, futures))
                     nbytes += region.nbytes(self.streamer.layout)
         t0 = time.perf_counter()
         h = self._forward(msg, on_layer=on_layer)
@@ -171,7 +180,8 @@ class StageWorker:
             f.wait(self.cfg["timeout"])
         exposed = time.perf_counter() - t0 - compute
         reply = {"t": "pushed", "mb": msg["mb"], "id": msg["id"], "rank": self.rank, "bytes": nbytes,
-                 "exposed_s": exposed, "compute_s": compute}
+                 "exposed_s": exposed, "compute_s": compute,
+                 "transports": sorted({self.transport_used[t.dst] for t in mine})}
         if h is not None and self.tp_rank == 0:
             reply["tokens"] = self._sample(msg, h)
         self.ch.send(reply)
@@ -194,22 +204,29 @@ class StageWorker:
         """Token side: move arrived prompt KV from the receive store into this worker's cache."""
         from ..kvstream import Region
 
+        from ..kvstream.shm import ShmDest
+
+        shm = ShmDest(self.cfg["shm_prefix"])
         nbytes = 0
         t0 = time.perf_counter()
         for s in msg["seqs"]:
             for i in range(self.cache.num_layers):
-                key = f"{s['key']}.L{self.layer_start + i}"
+                key = f"{s['key']}.L{self.layer_start + i}.{self.cfg['worker_name']}"
                 region = Region.chunks([i], s["blocks"])
                 n = region.nbytes(self.streamer.layout)
                 buf = self.streamer.pool.alloc(n)
                 try:
-                    got = self.kv_server.get_into(key, buf.tensor)
+                    if shm.size(key) >= 0:  # a same-host prompt worker left it in shared memory
+                        got = shm.size(key)
+                        shm.get(key, buf.tensor).wait(self.cfg["timeout"])
+                    else:                   # else it came over TCP into the receive store
+                        got = self.kv_server.get_into(key, buf.tensor)
+                        self.kv_server.server.erase(key)
                     if got != n:
                         raise RuntimeError(f"KV chunk {key} has {got} bytes, expected {n}")
                     self.streamer.scatter(region, buf.tensor).wait(self.cfg["timeout"])
                 finally:
                     buf.free()
-                self.kv_server.server.erase(key)
                 nbytes += n
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
