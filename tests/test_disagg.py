@@ -62,6 +62,10 @@ def test_transport_choice():
     from dejavu.kvstream.select import choose
 
     assert choose("localhost") == "shm" and choose("127.0.0.1") == "shm"
+    assert choose("localhost", device="cuda") == "ipc"
+    assert choose("other-host", local_host="this-host", device="cuda") == "tcp"
+    with pytest.raises(ValueError, match="needs workers on CUDA devices"):
+        choose("localhost", "ipc")
     assert choose("other-host", local_host="this-host") == "tcp"
     assert choose("localhost", "tcp") == "tcp"
     with pytest.raises(ValueError, match="unknown KV transport 'carrier-pigeon'"):
@@ -93,3 +97,20 @@ def test_disaggregation_options_are_checked():
         LLM(model=MODEL, prompt_stages=1)
     with pytest.raises(ValueError, match="leave pp at 1"):
         LLM(model=MODEL, prompt_stages=1, token_stages=1, pp=2)
+
+
+def test_cuda_ipc_writes_into_the_token_cache_exactly_like_tcp():
+    """On a GPU: prompt workers write straight into the token worker's cache (CUDA IPC); the
+    tokens must equal those of the same deployment moving the bytes over TCP."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    outs = {}
+    for transport in ("ipc", "tcp"):
+        with LLM(model=MODEL, device="cuda", dtype="float32", prompt_stages=1, token_stages=1, block_size=BLOCK,
+                 kv_cache_blocks=128, kv_transport=transport, worker_timeout=120) as llm:
+            outs[transport] = [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_tokens=9, ignore_eos=True))]
+            assert llm.engine.transports_used == {transport}
+            assert llm.engine.kv_bytes == expected_kv_bytes(PROMPTS)
+    assert outs["ipc"] == outs["tcp"]

@@ -23,8 +23,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-stages", type=int, default=0, help="disaggregation: prompt pipeline depth")
     p.add_argument("--token-stages", type=int, default=0, help="disaggregation: token pipeline depth")
     p.add_argument("--kv-receive-slots", type=int, default=8, help="disaggregation: requests in KV transfer at once")
-    p.add_argument("--kv-transport", default="auto", choices=["auto", "shm", "tcp"],
-                   help="disaggregation: how KV reaches the token workers (auto: shm on the same host, else tcp)")
+    p.add_argument("--kv-transport", default="auto", choices=["auto", "ipc", "shm", "tcp"],
+                   help="disaggregation: how KV reaches the token workers (auto: CUDA IPC on the same host "
+                        "for GPU workers, shared memory for CPU ones, else tcp)")
     p.add_argument("--microbatch-size", type=int, default=0, help="sequences per microbatch (pipeline; default: any)")
     p.add_argument("--launcher", default="local", choices=["local", "mpirun", "external"],
                    help="how pipeline workers start: local child processes (default), mpirun, or external")

@@ -66,3 +66,22 @@ class CudaIpcDest(Destination):
 
     def size(self, key: str) -> int:
         return self.where.get(key, (0, -1))[1]
+
+
+def export_tensor(t: torch.Tensor) -> dict:
+    """A CUDA tensor's IPC handle as plain values (bytes, ints) for an explicit wire format."""
+    storage = t.untyped_storage()
+    device, handle, size, offset, rc_handle, rc_offset, ev_handle, ev_sync = storage._share_cuda_()
+    return {"device": int(device), "handle": handle, "size": int(size), "offset": int(offset),
+            "rc_handle": rc_handle, "rc_offset": int(rc_offset), "ev_handle": ev_handle, "ev_sync": bool(ev_sync),
+            "byte_offset": t.storage_offset() * t.element_size(), "nbytes": t.numel() * t.element_size()}
+
+
+def import_tensor(d: dict) -> torch.Tensor:
+    """Open a peer's exported CUDA tensor (same host) as a flat uint8 tensor over its memory."""
+    torch.cuda._lazy_init()
+    storage = torch.UntypedStorage._new_shared_cuda(d["device"], d["handle"], d["size"], d["offset"], d["rc_handle"],
+                                                    d["rc_offset"], d["ev_handle"], d["ev_sync"])
+    t = torch.empty(0, dtype=torch.uint8, device=torch.device("cuda", d["device"]))
+    t.set_(storage, d["byte_offset"], (d["nbytes"],))
+    return t

@@ -1,15 +1,16 @@
 """Which transport moves KV to a peer, by where the peer lives (overridable).
 
-  same host, any device      shm   (POSIX shared memory; the GPU side stages through the pinned pool)
+  same host, GPU             ipc   (CUDA IPC: the sender writes straight into the receiver's cache)
+  same host, CPU             shm   (POSIX shared memory)
   other host                 tcp   (token-checked, checksummed; MPI and NCCL remain available to
                                     deployments launched that way)
-`--kv-transport` (auto | shm | tcp) overrides the choice.
+`--kv-transport` (auto | ipc | shm | tcp) overrides the choice.
 """
 from __future__ import annotations
 
 import socket
 
-TRANSPORTS = ("auto", "shm", "tcp")
+TRANSPORTS = ("auto", "ipc", "shm", "tcp")
 
 
 def same_host(peer_host: str, local_host: str | None = None) -> bool:
@@ -17,9 +18,13 @@ def same_host(peer_host: str, local_host: str | None = None) -> bool:
     return peer_host in (local_host, "localhost", "127.0.0.1", "::1")
 
 
-def choose(peer_host: str, override: str = "auto", local_host: str | None = None) -> str:
+def choose(peer_host: str, override: str = "auto", local_host: str | None = None, device: str = "cpu") -> str:
     if override not in TRANSPORTS:
         raise ValueError(f"unknown KV transport {override!r}; use one of {', '.join(TRANSPORTS)}")
+    if override == "ipc" and device != "cuda":
+        raise ValueError("KV transport 'ipc' (CUDA IPC) needs workers on CUDA devices")
     if override != "auto":
         return override
-    return "shm" if same_host(peer_host, local_host) else "tcp"
+    if not same_host(peer_host, local_host):
+        return "tcp"
+    return "ipc" if device == "cuda" else "shm"

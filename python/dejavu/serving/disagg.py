@@ -90,7 +90,8 @@ class DisaggEngine(PipelineEngine):
         return range(self.token_first, self.world)
 
     def _after_ready(self) -> None:
-        token_workers = [{"worker": i["worker"], "host": "127.0.0.1", "hostname": i["host"], "kv_port": i["kv_port"]}
+        token_workers = [{"worker": i["worker"], "host": "127.0.0.1", "hostname": i["host"], "kv_port": i["kv_port"],
+                          "ipc": self._ipc.get(r), "num_blocks": self.num_blocks}
                          for r, i in sorted(self.worker_info.items()) if i["role"] == "token"]
         msg = {"t": "peers", "token_workers": token_workers,
                "transfers": [dataclasses.asdict(t) for t in self.transfers]}
@@ -190,7 +191,7 @@ class DisaggEngine(PipelineEngine):
             p = s.params
             items.append({"ids": list(s.token_ids), "start": 0, "blocks": s.prompt_blocks, "temp": p.temperature,
                           "top_k": p.top_k, "top_p": p.top_p, "seed": s.seed, "banned": self._banned(s),
-                          "key": f"r{s.seq_id}.{self._step_id}"})
+                          "key": f"r{s.seq_id}.{self._step_id}", "dst_blocks": s.block_table})
             self._busy.add(s.seq_id)
         msg = {"t": "prefill", "mb": slot, "id": self._step_id, "seqs": items}
         for r in range(self.token_first):
@@ -207,6 +208,7 @@ class DisaggEngine(PipelineEngine):
         st["pending"].discard(msg["rank"])
         st["stats"].append(msg)
         self.transports_used.update(msg.get("transports", []))
+        st.setdefault("delivered", set()).update(msg.get("delivered", []))
         if "tokens" in msg:
             st["tokens"] = msg["tokens"]
         if st["pending"] or st["tokens"] is None:
@@ -231,7 +233,7 @@ class DisaggEngine(PipelineEngine):
                 live.append((s, key))
         if live:
             self._step_id += 1
-            admit = {"t": "admit", "id": self._step_id,
+            admit = {"t": "admit", "id": self._step_id, "delivered": sorted(st.get("delivered", ())),
                      "seqs": [{"key": k, "blocks": s.block_table} for s, k in live]}
             for r in range(self.token_first, self.world):
                 self.channels[r].send(admit)

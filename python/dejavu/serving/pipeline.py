@@ -70,6 +70,7 @@ class PipelineEngine(LLMEngine):
         self._closed = False
         self.slot_of: dict[int, int] = {}
         self._busy: set[int] = set()          # sequences in a step that workers are running
+        self._ipc: dict[int, dict] = {}        # CUDA IPC handles of token workers' caches
         self._abort_later: set[int] = set()   # aborted while busy: finished when their step returns
         self._plan(cfg, pp, layer_split, microbatch_size)
         self.token = secrets.token_hex(16)
@@ -167,6 +168,8 @@ class PipelineEngine(LLMEngine):
                 ready.add(msg["rank"])
                 if "kv_port" in msg:
                     self.worker_info[msg["rank"]]["kv_port"] = msg["kv_port"]
+                if "ipc" in msg:
+                    self._ipc[msg["rank"]] = msg["ipc"]
         self._after_ready()
         log.info("%d workers ready (TP %d): %s", self.world, self.tp,
                  ", ".join(f"{i['worker']} layers {i['layers']}" for _, i in sorted(self.worker_info.items())))

@@ -99,7 +99,14 @@ class StageWorker:
                 self.kv_server = TcpReplicaServer(cfg["kv_token"], host=cfg.get("kv_host", "127.0.0.1"))
 
     def ready_info(self) -> dict:
-        return {"kv_port": self.kv_server.port} if self.kv_server else {}
+        if not self.kv_server:
+            return {}
+        info = {"kv_port": self.kv_server.port}
+        if self.device.type == "cuda":  # same-host prompt workers may write straight into this cache
+            from ..kvstream.ipc import export_tensor
+
+            info["ipc"] = export_tensor(self.cache.tensor)
+        return info
 
     # ------------------------------------------------------------------ forward through this stage
     def _forward(self, msg: dict, on_layer=None):
@@ -139,11 +146,17 @@ class StageWorker:
         from ..kvstream.select import choose
         from ..kvstream.shm import ShmDest
 
+        from ..kvstream.ipc import import_tensor
+
         self.transport_used = {}
+        self.remote = {}
         for w in msg["token_workers"]:
-            kind = choose(w["hostname"], self.cfg.get("kv_transport", "auto"))
+            kind = choose(w["hostname"], self.cfg.get("kv_transport", "auto"), device=self.device.type)
             self.transport_used[w["worker"]] = kind
-            if kind == "shm":
+            if kind == "ipc":
+                self.remote[w["worker"]] = (import_tensor(w["ipc"]), w["num_blocks"])
+                self.ipc_stream = torch.cuda.Stream(self.device)
+            elif kind == "shm":
                 self.dests[w["worker"]] = ShmDest(self.cfg["shm_prefix"])
             else:
                 self.dests[w["worker"]] = TcpDest(w["host"], w["kv_port"], self.cfg["kv_token"])
@@ -157,9 +170,13 @@ class StageWorker:
         """Prompt side: prefill, sending each layer's KV to its token worker as soon as it is written."""
         from ..kvstream import Region
 
+        from .. import _C
+
         me = self.cfg["worker_name"]
         mine = [t for t in self.transfers if t.src == me]
-        futures, nbytes = [], 0
+        futures, nbytes, keep = [], 0, []
+        chunk = self.streamer.layout.chunk_bytes()
+        flat = self.streamer.flat
 
         def on_layer(i):
             nonlocal nbytes
@@ -167,6 +184,21 @@ class StageWorker:
             after = torch.cuda.current_stream(self.device).record_event() if self.device.type == "cuda" else None
             for t in mine:
                 if not t.layers[0] <= g < t.layers[1]:
+                    continue
+                if self.transport_used[t.dst] == "ipc":
+                    # Straight into the token worker's cache, at its blocks for these requests.
+                    remote, nt = self.remote[t.dst]
+                    j = t.dst_layers[0] + (g - t.layers[0])
+                    rows = [((i * self.cache.num_blocks + bp) * chunk, (j * nt + bt) * chunk, chunk)
+                            for s in msg["seqs"] for bp, bt in zip(s["blocks"], s["dst_blocks"])]
+                    host = torch.tensor(rows, dtype=torch.int64).pin_memory()
+                    self.ipc_stream.wait_event(after)
+                    with torch.cuda.stream(self.ipc_stream):
+                        desc = host.to(self.device, non_blocking=True)
+                        _C.cuda_copy_spans(flat.data_ptr(), remote.data_ptr(), desc.data_ptr(), len(rows),
+                                           self.ipc_stream.cuda_stream)
+                    keep.append(desc)
+                    nbytes += len(rows) * chunk
                     continue
                 for s in msg["seqs"]:
                     region = Region.chunks([i], s["blocks"])
@@ -178,10 +210,13 @@ class StageWorker:
         compute = time.perf_counter() - t0
         for f in futures:
             f.wait(self.cfg["timeout"])
+        if keep:
+            self.ipc_stream.synchronize()  # the token worker may read its cache once we say "pushed"
         exposed = time.perf_counter() - t0 - compute
         reply = {"t": "pushed", "mb": msg["mb"], "id": msg["id"], "rank": self.rank, "bytes": nbytes,
                  "exposed_s": exposed, "compute_s": compute,
-                 "transports": sorted({self.transport_used[t.dst] for t in mine})}
+                 "transports": sorted({self.transport_used[t.dst] for t in mine}),
+                 "delivered": sorted({t.dst for t in mine if self.transport_used[t.dst] == "ipc"})}
         if h is not None and self.tp_rank == 0:
             reply["tokens"] = self._sample(msg, h)
         self.ch.send(reply)
@@ -209,6 +244,13 @@ class StageWorker:
         shm = ShmDest(self.cfg["shm_prefix"])
         nbytes = 0
         t0 = time.perf_counter()
+        if self.cfg["worker_name"] in msg.get("delivered", []):
+            # Written straight into this cache by the prompt workers (CUDA IPC), already complete.
+            chunk = self.streamer.layout.chunk_bytes()
+            nbytes = sum(len(s["blocks"]) for s in msg["seqs"]) * self.cache.num_layers * chunk
+            self.ch.send({"t": "admitted", "id": msg["id"], "rank": self.rank, "bytes": nbytes,
+                          "seconds": time.perf_counter() - t0})
+            return
         for s in msg["seqs"]:
             for i in range(self.cache.num_layers):
                 key = f"{s['key']}.L{self.layer_start + i}.{self.cfg['worker_name']}"
