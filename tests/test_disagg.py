@@ -30,6 +30,8 @@ def test_disaggregated_matches_single_process(dp, dt, tp, transport):
         assert generate_with_arrivals(llm, PROMPTS, params) == ref
         # Every prompt's KV crossed exactly once, all layers, all heads.
         assert eng.kv_bytes == expected_kv_bytes(PROMPTS)
+        # Each prefill reports its compute, its exposed transfer time and the calibrated raw one.
+        assert all(st["raw_s"] > 0 and st["compute_s"] > 0 and st["exposed_s"] >= 0 for st in eng.transfer_stats)
         assert eng.allocator.num_used == 0 and eng.prompt_alloc.num_used == 0
         # auto picks shared memory: every worker runs on this host.
         assert eng.transports_used == {"shm" if transport in ("auto", "shm") else "tcp"}

@@ -56,6 +56,7 @@ class AsyncEngine:
             m.bytes_streamed["prompt_to_token"] = lambda: engine.kv_bytes
             m.transfer_seconds["prompt_to_token_compute"] = lambda: sum(x["compute_s"] for x in engine.transfer_stats)
             m.transfer_seconds["prompt_to_token_exposed"] = lambda: sum(x["exposed_s"] for x in engine.transfer_stats)
+            m.transfer_seconds["prompt_to_token_raw"] = lambda: sum(x["raw_s"] for x in engine.transfer_stats)
         self._thread.start()
 
     @property

@@ -218,7 +218,8 @@ class DisaggEngine(PipelineEngine):
         sent = sum(m["bytes"] for m in st["stats"])
         self.kv_bytes += sent
         self.transfer_stats.append({"bytes": sent, "compute_s": max(m["compute_s"] for m in st["stats"]),
-                                    "exposed_s": max(m["exposed_s"] for m in st["stats"])})
+                                    "exposed_s": max(m["exposed_s"] for m in st["stats"]),
+                                    "raw_s": max(m.get("raw_s", 0.0) for m in st["stats"])})
         for s in seqs:
             self.prompt_alloc.free(s.prompt_blocks)
             s.prompt_blocks = []

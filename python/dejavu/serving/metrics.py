@@ -42,7 +42,8 @@ class Metrics:
                          "dejavu_generation_tokens_total": 0, "dejavu_recoveries_total": 0}
         # Values or callables (read at render time from the engine's own counters).
         self.bytes_streamed = {"prompt_to_token": 0, "swap_out": 0, "swap_in": 0, "replication": 0}
-        self.transfer_seconds = {"prompt_to_token_compute": 0.0, "prompt_to_token_exposed": 0.0}
+        self.transfer_seconds = {"prompt_to_token_compute": 0.0, "prompt_to_token_exposed": 0.0,
+                                 "prompt_to_token_raw": 0.0}
         self.ttft = Histogram()
         self.itl = Histogram()
         self.e2e = Histogram()

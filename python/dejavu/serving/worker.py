@@ -160,10 +160,39 @@ class StageWorker:
                 self.dests[w["worker"]] = ShmDest(self.cfg["shm_prefix"])
             else:
                 self.dests[w["worker"]] = TcpDest(w["host"], w["kv_port"], self.cfg["kv_token"])
+        self.bandwidth = {w["worker"]: self._calibrate(w["worker"]) for w in msg["token_workers"]}
         from ..kvstream.routing import Transfer
 
         self.transfers = [Transfer(**{k: tuple(v) if isinstance(v, list) else v for k, v in t.items()})
                           for t in msg["transfers"]]
+
+    def _calibrate(self, worker: str) -> float:
+        """Bytes/s of the whole path to `worker` (gather + transport) with nothing else running:
+        the reference for "raw" transfer time, against which the exposed time is reported."""
+        from ..kvstream import Region
+
+        layout = self.streamer.layout
+        nblocks = max(1, min(self.cache.num_blocks, (32 << 20) // (layout.chunk_bytes() * self.cache.num_layers)))
+        region = Region.chunks(range(self.cache.num_layers), range(nblocks))
+        n = region.nbytes(layout)
+        best = float("inf")
+        for attempt in range(3):
+            key = f"calibrate.{self.cfg['worker_name']}.{worker}.{attempt}"
+            t0 = time.perf_counter()
+            if self.transport_used[worker] == "ipc":
+                remote, _ = self.remote[worker]
+                m = min(n, remote.numel(), self.streamer.flat.numel())
+                remote[:m].copy_(self.streamer.flat[:m])  # the token cache holds nothing yet
+                torch.cuda.synchronize(self.device)
+            else:
+                self.streamer.stream_out(region, self.dests[worker], key).wait(self.cfg["timeout"])
+            best = min(best, time.perf_counter() - t0)
+            if self.transport_used[worker] == "shm":
+                from ..kvstream.shm import SHM_DIR
+                os.unlink(os.path.join(SHM_DIR, self.cfg["shm_prefix"] + key))
+            elif self.transport_used[worker] == "tcp":
+                self.dests[worker].clients[0].delete(key)
+        return n / best
 
     @torch.inference_mode()
     def prefill(self, msg: dict) -> None:
@@ -175,6 +204,7 @@ class StageWorker:
         me = self.cfg["worker_name"]
         mine = [t for t in self.transfers if t.src == me]
         futures, nbytes, keep = [], 0, []
+        per_dst: dict[str, int] = {}
         chunk = self.streamer.layout.chunk_bytes()
         flat = self.streamer.flat
 
@@ -199,12 +229,14 @@ class StageWorker:
                                            self.ipc_stream.cuda_stream)
                     keep.append(desc)
                     nbytes += len(rows) * chunk
+                    per_dst[t.dst] = per_dst.get(t.dst, 0) + len(rows) * chunk
                     continue
                 for s in msg["seqs"]:
                     region = Region.chunks([i], s["blocks"])
                     key = f"{s['key']}.L{g}.{t.dst}"  # unique per receiver: shm names are host-wide
                     futures.append(self._stream_out(region, self.dests[t.dst], key, after, futures))
                     nbytes += region.nbytes(self.streamer.layout)
+                    per_dst[t.dst] = per_dst.get(t.dst, 0) + region.nbytes(self.streamer.layout)
         t0 = time.perf_counter()
         h = self._forward(msg, on_layer=on_layer)
         compute = time.perf_counter() - t0
@@ -215,6 +247,7 @@ class StageWorker:
         exposed = time.perf_counter() - t0 - compute
         reply = {"t": "pushed", "mb": msg["mb"], "id": msg["id"], "rank": self.rank, "bytes": nbytes,
                  "exposed_s": exposed, "compute_s": compute,
+                 "raw_s": sum(b / self.bandwidth[d] for d, b in per_dst.items()),
                  "transports": sorted({self.transport_used[t.dst] for t in mine}),
                  "delivered": sorted({t.dst for t in mine if self.transport_used[t.dst] == "ipc"})}
         if h is not None and self.tp_rank == 0:
