@@ -15,6 +15,8 @@ import urllib.request
 
 import aiohttp
 
+from .bench.serve import percentiles
+
 PROMPTS = [
     "What is the capital of France?",
     "Give me three tips for staying focused while studying.",
@@ -93,11 +95,8 @@ def run(model: str, device: str, max_tokens: int, pp: int = 1, tp: int = 1, prom
     finally:
         server.stop()
     toks = sum(r["tokens"] for r in batch)
-    ttfts = sorted(r["ttft"] for r in batch)
-    lats = sorted(r["latency"] for r in batch)
-
-    def pct(xs, p):
-        return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    ttft = percentiles([r["ttft"] for r in batch])
+    lat = percentiles([r["latency"] for r in batch])
     print("-" * 68)
     for r in batch:
         print(f"  {r['prompt'][:38]:<38} -> {r['text'][:60].strip()!r}"[:110])
@@ -107,8 +106,8 @@ def run(model: str, device: str, max_tokens: int, pp: int = 1, tp: int = 1, prom
           + ", ".join(f"{w['role']} {w.get('stage', 0)}.{w.get('tp_rank', 0)} (pid {w['pid']})" for w in cluster))
     print(f"  requests                  1 streamed + {len(batch)} concurrent")
     print(f"  batch throughput          {toks / wall:.1f} output tok/s ({toks} tokens in {wall:.1f}s)")
-    print(f"  time to first token       p50 {pct(ttfts, 50) * 1000:.0f} ms   p95 {pct(ttfts, 95) * 1000:.0f} ms")
-    print(f"  request latency           p50 {pct(lats, 50):.2f} s   p95 {pct(lats, 95):.2f} s")
+    print(f"  time to first token       p50 {ttft['p50'] * 1000:.0f} ms   p95 {ttft['p95'] * 1000:.0f} ms")
+    print(f"  request latency           p50 {lat['p50']:.2f} s   p95 {lat['p95']:.2f} s")
     print(f"  KV cache                  {int(blocks_total)} blocks per token worker; "
           f"{streamed_bytes / 2**20:.1f} MiB of KV streamed prompt -> token")
     print(f"  streamed answer           {streamed['tokens']} tokens, first after {streamed['ttft'] * 1000:.0f} ms")

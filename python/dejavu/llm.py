@@ -94,10 +94,9 @@ class LLM:
                 self.engine = DisaggEngine(self.source, self.tokenizer, engine_cfg, self.device, self.dtype, seed,
                                            prompt_stages, token_stages, tp, microbatch_size, launcher, worker_timeout,
                                            log_dir, kv_receive_slots, kv_transport)
-                self._finalizer = weakref.finalize(self, self.engine.shutdown)
-                return
-            self.engine = PipelineEngine(self.source, self.tokenizer, engine_cfg, self.device, self.dtype, seed, pp, tp,
-                                         microbatch_size, launcher, layer_split, worker_timeout, log_dir=log_dir)
+            else:
+                self.engine = PipelineEngine(self.source, self.tokenizer, engine_cfg, self.device, self.dtype, seed, pp,
+                                             tp, microbatch_size, launcher, layer_split, worker_timeout, log_dir=log_dir)
             self._finalizer = weakref.finalize(self, self.engine.shutdown)
             return
         try:

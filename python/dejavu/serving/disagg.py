@@ -155,17 +155,6 @@ class DisaggEngine(PipelineEngine):
             self._on_admitted(msg)
         return []
 
-    def _on_tokens(self, msg) -> list[Sequence]:
-        i = msg["mb"]
-        step_id, seqs, _ = self.inflight[i]
-        if msg["id"] != step_id:
-            raise WorkerError(f"token microbatch {i}: expected step {step_id}, got {msg['id']}")
-        self.inflight[i] = None
-        live = self._returned(seqs)
-        ids = {id(s) for s in live}
-        self._append_tokens(live, [t for s, t in zip(seqs, msg["tokens"]) if id(s) in ids])
-        return seqs
-
     def _take_prefill_batch(self) -> list[Sequence]:
         batch, tokens = [], 0
         while self.waiting and len(batch) < self.mb and self.in_transfer + len(batch) < self.receive_slots:
@@ -188,10 +177,8 @@ class DisaggEngine(PipelineEngine):
         self._step_id += 1
         items = []
         for s in seqs:
-            p = s.params
-            items.append({"ids": list(s.token_ids), "start": 0, "blocks": s.prompt_blocks, "temp": p.temperature,
-                          "top_k": p.top_k, "top_p": p.top_p, "seed": s.seed, "banned": self._banned(s),
-                          "key": f"r{s.seq_id}.{self._step_id}", "dst_blocks": s.block_table})
+            items.append({**self._step_item(s, 0, s.prompt_blocks), "key": f"r{s.seq_id}.{self._step_id}",
+                          "dst_blocks": s.block_table})
             self._busy.add(s.seq_id)
         msg = {"t": "prefill", "mb": slot, "id": self._step_id, "seqs": items}
         for r in range(self.token_first):

@@ -251,25 +251,31 @@ class PipelineEngine(LLMEngine):
                 raise RuntimeError("scheduler stalled: waiting requests but nothing can run")
             return []
         msg = self._next_message(time.monotonic() + self.timeout, "running a step")
-        if msg["t"] != "tokens":
-            return []
+        return self._on_tokens(msg) if msg["t"] == "tokens" else []
+
+    def _on_tokens(self, msg: dict) -> list[Sequence]:
+        """A microbatch's sampled tokens came back: append them to the sequences still live."""
         i = msg["mb"]
         step_id, seqs, _ = self.inflight[i]
         if msg["id"] != step_id:
             raise WorkerError(f"microbatch {i}: expected step {step_id}, got {msg['id']}")
         self.inflight[i] = None
-        live = set(id(s) for s in self._returned(seqs))
+        live = {id(s) for s in self._returned(seqs)}
         self._append_tokens([s for s in seqs if id(s) in live], [t for s, t in zip(seqs, msg["tokens"]) if id(s) in live])
         return seqs
+
+    def _step_item(self, s: Sequence, start: int, blocks: list[int]) -> dict:
+        """One sequence's part of a step message: its new tokens from `start`, where their KV goes,
+        and what the last stage needs to sample its next token."""
+        p = s.params
+        return {"ids": s.token_ids[start:], "start": start, "blocks": blocks, "temp": p.temperature, "top_k": p.top_k,
+                "top_p": p.top_p, "seed": s.seed, "banned": self._banned(s)}
 
     def _launch(self, slot: int, seqs: list[Sequence], is_prefill: bool) -> None:
         self._step_id += 1
         items = []
         for s in seqs:
-            start = s.num_cached if is_prefill else len(s) - 1
-            p = s.params
-            items.append({"ids": s.token_ids[start:], "start": start, "blocks": s.block_table, "temp": p.temperature,
-                          "top_k": p.top_k, "top_p": p.top_p, "seed": s.seed, "banned": self._banned(s)})
+            items.append(self._step_item(s, s.num_cached if is_prefill else len(s) - 1, s.block_table))
             s.num_cached = len(s)
             self.slot_of[s.seq_id] = slot
             self._busy.add(s.seq_id)
