@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=_positive("--max-queue"), default=256,
                     help="waiting requests before new ones get 429")
     sv.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    sv.add_argument("--plan", default=None, help="take pp / prompt and token stages / microbatch from `dejavu plan --json`")
     sv.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="run a local deployment of the default model and exercise its HTTP API")
@@ -128,6 +129,72 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--json", default=None)
     bp.set_defaults(func=cmd_bench_pipeline)
 
+    pr = sub.add_parser("profile", help="measure stage times, memory and bandwidths for the planner and simulator")
+    pr.add_argument("--model", default="random:opt-125m")
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--dtype", default="auto")
+    pr.add_argument("--analytic", default=None, metavar="GPU",
+                    help="no measurement: a roofline profile for GPU (a100-80gb, a100-40gb, v100-16gb, h100-pcie, h100-sxm)")
+    pr.add_argument("--gpus-per-machine", type=_positive("--gpus-per-machine"), default=1,
+                    help="with --analytic: GPUs per pipeline stage (tensor-parallel)")
+    pr.add_argument("--batches", default="1,4,8", help="microbatch sizes to measure")
+    pr.add_argument("--prompt-lens", default="16,64,128", help="prompt lengths to measure")
+    pr.add_argument("--contexts", default="32,128,256", help="decode contexts to measure")
+    pr.add_argument("--workers", type=_positive("--workers"), default=1,
+                    help="worker processes the deployment will run on this host (CPU threads = cores / workers)")
+    pr.add_argument("--repeat", type=_positive("--repeat"), default=3)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--no-overhead", action="store_true", help="skip measuring the controller round trip")
+    pr.add_argument("--memory-gib", type=float, default=0.0, help="memory per device for the planner (0: unknown)")
+    pr.add_argument("--json", default=None, help="write the profile here")
+    pr.set_defaults(func=cmd_profile)
+
+    pl = sub.add_parser("plan", help="choose the prompt/token split (paper section 4.2.1) for D machines")
+    pl.add_argument("--profile", default=None, help="a profile JSON from `dejavu profile`")
+    pl.add_argument("--Y", type=float, default=None, help="explicit: prompt time of one stage at depth --machines (s)")
+    pl.add_argument("--t", type=float, default=None, help="explicit: token time of one stage at depth --machines (s)")
+    pl.add_argument("--layers", type=int, default=32, help="explicit: model layers")
+    pl.add_argument("--weights-gib", type=float, default=0.0, help="explicit: weight memory (GiB)")
+    pl.add_argument("--kv-kib-per-token", type=float, default=0.0, help="explicit: KV per token, all layers (KiB)")
+    pl.add_argument("--machines", type=_positive("--machines"), required=True, help="D: machines (stages) in all")
+    pl.add_argument("--memory-gib", type=float, default=None, help="memory per machine (default: the profile's)")
+    pl.add_argument("--microbatch", type=_positive("--microbatch"), default=8)
+    pl.add_argument("--prompt-len", type=_positive("--prompt-len"), default=512)
+    pl.add_argument("--output-len", type=_positive("--output-len"), default=64)
+    pl.add_argument("--m", type=float, default=1.0, help="prompt-side cost factor of disaggregation, in [1, 2)")
+    pl.add_argument("--no-simulate", action="store_true", help="rank by the closed form only")
+    pl.add_argument("--json", default=None, help="write the plan here (`dejavu serve --plan` reads it)")
+    pl.set_defaults(func=cmd_plan)
+
+    si = sub.add_parser("simulate", help="discrete-event simulation of deployments on a workload")
+    si.add_argument("--profile", required=True, help="a profile JSON from `dejavu profile`")
+    si.add_argument("--deploy", action="append", required=True,
+                    help="ft:D or disagg:Dp+Dt (repeat to compare)")
+    wl = si.add_mutually_exclusive_group(required=True)
+    wl.add_argument("--trace", help="JSON list of [prompt_tokens, output_tokens]")
+    wl.add_argument("--synthetic", action="store_true", help="chat-like long-tailed lengths (as bench serve)")
+    wl.add_argument("--lengths", help="PROMPT,OUTPUT for every request")
+    si.add_argument("--num-requests", type=_positive("--num-requests"), default=200)
+    si.add_argument("--max-prompt", type=_positive("--max-prompt"), default=1024)
+    si.add_argument("--max-output", type=_positive("--max-output"), default=512)
+    si.add_argument("--rate", type=float, default=float("inf"), help="Poisson arrivals per second (inf: all at once)")
+    si.add_argument("--microbatch", type=_positive("--microbatch"), default=8)
+    si.add_argument("--max-batched-tokens", type=_positive("--max-batched-tokens"), default=8192)
+    si.add_argument("--receive-slots", type=_positive("--receive-slots"), default=8)
+    si.add_argument("--m", type=float, default=1.0)
+    si.add_argument("--swap", action="store_true", help="microbatch swapping: PCIe time per decode step")
+    si.add_argument("--fail-at", type=float, default=None, help="a stage dies at this time (s)")
+    si.add_argument("--fail-stage", default="token:0", help="ROLE:INDEX (stage, prompt or token)")
+    si.add_argument("--no-replicate", action="store_true", help="failure without replicas: restart from scratch")
+    si.add_argument("--detect-s", type=float, default=2.0)
+    si.add_argument("--restart-s", type=float, default=5.0, help="respawn and weight load")
+    si.add_argument("--gpu-hour-cost", type=float, default=0.0, help="price of one machine-hour, for the cost column")
+    si.add_argument("--seed", type=int, default=0)
+    si.add_argument("--json", default=None)
+    si.add_argument("--chrome-trace", default=None, help="write a trace (chrome://tracing, Perfetto) of the last one")
+    si.add_argument("--plot", default=None, help="draw the comparison to this PNG (needs matplotlib)")
+    si.set_defaults(func=cmd_simulate)
+
     bk = bsub.add_parser("kvstream", help="DéjàVuLib bandwidth per level and block size vs a contiguous copy")
     bk.add_argument("--device", default="cpu")
     bk.add_argument("--layers", type=_positive("--layers"), default=24)
@@ -148,6 +215,113 @@ def _int_list(text: str, flag: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+def cmd_profile(args) -> int:
+    if args.analytic:
+        from .planner.analytic import analytic_profile
+
+        prof = analytic_profile(args.model, args.analytic, args.gpus_per_machine)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(prof.to_json(), f, indent=1)
+        else:
+            print(json.dumps(prof.to_json(), indent=1))
+        return 0
+    from .planner.profile import run
+
+    prof = run(args.model, args.device, args.dtype, _int_list(args.batches, "--batches"),
+               _int_list(args.prompt_lens, "--prompt-lens"), _int_list(args.contexts, "--contexts"), args.workers,
+               args.repeat, args.seed, not args.no_overhead, args.memory_gib, args.json)
+    if not args.json:
+        print(json.dumps(prof.to_json(), indent=1))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .planner.model import PlanError, Profile
+    from .planner.plan import explicit_profile, plan
+
+    if args.profile and (args.Y is not None or args.t is not None):
+        raise PlanError("give either --profile or explicit --Y and --t, not both")
+    if args.profile:
+        prof = Profile.load(args.profile)
+    elif args.Y is not None and args.t is not None:
+        if args.layers <= 0:
+            raise PlanError(f"--layers must be > 0, got {args.layers}")
+        prof = explicit_profile(args.Y, args.t, args.layers, max(1, int(args.weights_gib * 2**30)),
+                                max(1, int(args.kv_kib_per_token * 1024)), args.machines)
+    else:
+        raise PlanError("need --profile FILE, or --Y and --t (seconds per stage at depth --machines)")
+    mem = None if args.memory_gib is None else int(args.memory_gib * 2**30)
+    r = plan(prof, args.machines, args.microbatch, args.prompt_len, args.output_len, args.m, mem,
+             simulate_candidates=not args.no_simulate)
+    print(f"{'deployment':<14} {'closed form tok/s':>18} {'simulated tok/s':>16}")
+    for c in r["candidates"]:
+        sim = c.get("simulated_tokens_per_s")
+        print(f"{c['deployment']:<14} {c['closed_form_tokens_per_s']:>18.1f} {sim if sim is None else round(sim, 1)!s:>16}"
+              + ("  <- chosen" if c["deployment"] == r["choice"] else ""))
+    for line in r["reasons"]:
+        print("  " + line)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=1)
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    import math
+
+    from .bench.serve import load_trace, synthetic_lengths
+    from .planner.model import PlanError, Profile
+    from .planner.simulator import Deployment, SimOptions, simulate
+
+    prof = Profile.load(args.profile)
+    if not args.rate > 0:
+        raise PlanError(f"--rate must be > 0, got {args.rate}")
+    if args.trace:
+        lengths = load_trace(args.trace)[: args.num_requests]
+    elif args.synthetic:
+        lengths = synthetic_lengths(args.num_requests, args.seed, args.max_prompt, args.max_output)
+    else:
+        pair = _int_list(args.lengths, "--lengths")
+        if len(pair) != 2:
+            raise PlanError(f"--lengths takes PROMPT,OUTPUT, got {args.lengths!r}")
+        lengths = [(pair[0], pair[1])] * args.num_requests
+    role, _, idx = args.fail_stage.partition(":")
+    if role not in ("stage", "prompt", "token") or not idx.isdigit():
+        raise PlanError(f"--fail-stage takes ROLE:INDEX with ROLE stage, prompt or token; got {args.fail_stage!r}")
+    if not 1.0 <= args.m < 2.0:
+        raise PlanError(f"--m must be in [1, 2), got {args.m}")
+    results = []
+    for text in args.deploy:
+        dep = Deployment.parse(text)
+        opts = SimOptions(microbatch=args.microbatch, max_batched_tokens=args.max_batched_tokens,
+                          receive_slots=args.receive_slots, m=args.m, swap=args.swap, fail_at=args.fail_at,
+                          fail_stage=(role, int(idx)), replicate=not args.no_replicate, detect_s=args.detect_s,
+                          restart_s=args.restart_s, gpu_hour_cost=args.gpu_hour_cost,
+                          trace_events=bool(args.chrome_trace))
+        r, events = simulate(prof, dep, lengths, args.rate, opts, args.seed)
+        results.append(r)
+    print(f"{prof.model} ({prof.card or prof.device}): {len(lengths)} requests, rate {args.rate}/s")
+    print(f"{'deployment':<14} {'tok/s':>9} {'req/s':>8} {'makespan s':>11} {'lat p50':>8} {'lat p99':>8} "
+          f"{'TTFT p50':>9} {'cost':>8}")
+    for r in results:
+        print(f"{r['deployment']:<14} {r['tokens_per_s']:>9.1f} {r['requests_per_s']:>8.2f} {r['makespan_s']:>11.2f} "
+              f"{r['latency_s']['p50']:>8.2f} {r['latency_s']['p99']:>8.2f} {r['ttft_s']['p50']:>9.3f} "
+              f"{r['cost']:>8.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"profile": args.profile, "requests": len(lengths), "rate": None if math.isinf(args.rate)
+                       else args.rate, "results": results}, f, indent=1)
+    if args.chrome_trace:
+        with open(args.chrome_trace, "w") as f:
+            json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
+    if args.plot:
+        from .planner.plot import plot
+
+        plot(results, args.plot)
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -201,8 +375,24 @@ def _llm_from_args(args):
                token_stages=args.token_stages, kv_receive_slots=args.kv_receive_slots, kv_transport=args.kv_transport)
 
 
+def apply_plan(args) -> None:
+    """`--plan FILE`: the planner's deployment, unless the command line already sets one."""
+    from .planner.plan import load_choice
+
+    choice = load_choice(args.plan)
+    if args.pp != 1 or args.prompt_stages or args.token_stages:
+        raise ValueError("--plan chooses the deployment: drop --pp / --prompt-stages / --token-stages")
+    args.pp = choice.get("pp", 1)
+    args.prompt_stages = choice.get("prompt_stages", 0)
+    args.token_stages = choice.get("token_stages", 0)
+    args.microbatch_size = args.microbatch_size or choice.get("microbatch_size", 0)
+
+
 def cmd_serve(args) -> int:
     from .serving.api import ApiServer
+
+    if args.plan:
+        apply_plan(args)
 
     llm = _llm_from_args(args)
     server = ApiServer(llm, args.served_model_name or args.model, api_key=args.api_key, max_queue=args.max_queue)
@@ -274,10 +464,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from .engine.llm_engine import RequestError
     from .models.config import ModelError
+    from .planner.model import PlanError
 
     try:
         return args.func(args)
-    except (ModelError, RequestError, ValueError) as e:
+    except (ModelError, RequestError, PlanError, ValueError) as e:
         print(f"dejavu {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

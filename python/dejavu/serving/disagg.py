@@ -7,7 +7,8 @@ the token worker's receive store, while the next layer computes. The prompt side
 token. A request enters the token pipeline only after every token worker has admitted its KV into
 its cache (acknowledged); the token side only decodes, in Dt microbatch slots as in the FT pipeline.
 
-Flow control: at most `receive_slots` requests are between "prefill started" and "admitted"; a
+Flow control: at most `receive_slots` requests are between "prefill started" and "joined a token
+microbatch" (a token microbatch holds at most `microbatch_size` sequences); a
 prompt waits for a slot (and for token-side blocks for its KV) before its prefill starts, so nothing
 is dropped or overwritten. A request preempted on the token side (out of blocks) goes back to the
 prompt queue and is prefilled again from all its tokens.
@@ -63,6 +64,7 @@ class DisaggEngine(PipelineEngine):
         self.inflight = [None] * dt
         self.prompt_inflight: list[dict | None] = [None] * dp
         self.admitting: dict[int, dict] = {}
+        self.ready: deque[Sequence] = deque()           # admitted, waiting for room in a token microbatch
         self.in_transfer = 0
         senders = [WorkerLayout(f"p{s}.{r}", a, b, r, tp) for s, (a, b) in enumerate(self.prompt_layers)
                    for r in range(tp)]
@@ -112,14 +114,17 @@ class DisaggEngine(PipelineEngine):
 
     def has_unfinished(self) -> bool:
         return (super().has_unfinished() or any(self.prompt_inflight) or bool(self.admitting)
-                or bool(self.token_waiting))
+                or bool(self.token_waiting) or bool(self.ready))
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.seq_id in self.slot_of:
             return super()._finish(seq, reason)
-        # Between prefill and admission: its token-side blocks are held here.
+        # Between prefill and a token microbatch: its token-side blocks are held here.
         if seq in self.waiting:
             self.waiting.remove(seq)
+        if seq in self.ready:
+            self.ready.remove(seq)
+            self.in_transfer -= 1
         if seq.block_table:
             self.allocator.free(seq.block_table)
             seq.block_table = []
@@ -135,6 +140,7 @@ class DisaggEngine(PipelineEngine):
                 batch = self._take_prefill_batch()
                 if batch:
                     self._launch_prefill(i, batch)
+        self._place_ready()
         for i, slot in enumerate(self.slots):
             if self.inflight[i] is None:
                 seqs, _ = slot.schedule()
@@ -237,13 +243,24 @@ class DisaggEngine(PipelineEngine):
         if st["pending"]:
             return
         del self.admitting[msg["id"]]
-        for s in st["seqs"]:
-            self.in_transfer -= 1
+        live = self._returned(st["seqs"])  # deferred aborts end here
+        self.in_transfer -= len(st["seqs"]) - len(live)
+        for s in live:
             s.num_cached = len(s) - 1  # the first sampled token's KV is written by the first decode step
+        self.ready.extend(live)
+        self._place_ready()
+
+    def _place_ready(self) -> None:
+        """Admitted requests join the token microbatch with the fewest sequences, up to `mb` each;
+        until then they keep their receive slot (their KV already sits in the token cache)."""
+        while self.ready:
             slot = min(range(self._dt), key=lambda i: len(self.slots[i].running))
+            if len(self.slots[slot].running) >= self.mb:
+                return
+            s = self.ready.popleft()
+            self.in_transfer -= 1
             self.slots[slot].running.append(s)
             self.slot_of[s.seq_id] = slot
-        self._returned(st["seqs"])
 
     def shutdown(self) -> None:
         super().shutdown()
