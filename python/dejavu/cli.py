@@ -27,6 +27,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="disaggregation: how KV reaches the token workers (auto: CUDA IPC on the same host "
                         "for GPU workers, shared memory for CPU ones, else tcp)")
     p.add_argument("--microbatch-size", type=int, default=0, help="sequences per microbatch (pipeline; default: any)")
+    p.add_argument("--swap", action="store_true",
+                   help="microbatch swapping (pp >= 2): the KV of idle microbatches lives in pinned host memory")
+    p.add_argument("--resident-microbatches", type=int, default=2,
+                   help="with --swap: microbatches whose KV is on the device at once (the KV budget, "
+                        "--kv-cache-blocks, is split among them)")
     p.add_argument("--launcher", default="local", choices=["local", "mpirun", "external"],
                    help="how pipeline workers start: local child processes (default), mpirun, or external")
 
@@ -195,6 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--plot", default=None, help="draw the comparison to this PNG (needs matplotlib)")
     si.set_defaults(func=cmd_simulate)
 
+    bw = bsub.add_parser("swap", help="same KV budget, pipeline without and with microbatch swapping")
+    bw.add_argument("--model", default="random:opt-125m")
+    bw.add_argument("--device", default="cpu")
+    bw.add_argument("--pp", type=_positive("--pp"), default=2)
+    bw.add_argument("--kv-cache-blocks", type=_positive("--kv-cache-blocks"), default=64, help="KV budget per worker")
+    bw.add_argument("--requests", type=_positive("--requests"), default=32)
+    bw.add_argument("--prompt-len", type=_positive("--prompt-len"), default=64)
+    bw.add_argument("--max-tokens", type=_positive("--max-tokens"), default=32)
+    bw.add_argument("--resident-microbatches", type=_positive("--resident-microbatches"), default=1)
+    bw.add_argument("--seed", type=int, default=0)
+    bw.add_argument("--json", default=None)
+    bw.set_defaults(func=cmd_bench_swap)
+
     bk = bsub.add_parser("kvstream", help="DéjàVuLib bandwidth per level and block size vs a contiguous copy")
     bk.add_argument("--device", default="cpu")
     bk.add_argument("--layers", type=_positive("--layers"), default=24)
@@ -358,6 +376,14 @@ def cmd_bench_pipeline(args) -> int:
     return 0
 
 
+def cmd_bench_swap(args) -> int:
+    from .bench.swap import run
+
+    r = run(args.model, args.device, args.pp, args.kv_cache_blocks, args.requests, args.prompt_len, args.max_tokens,
+            args.resident_microbatches, args.seed, args.json)
+    return 0 if r["same_tokens"] else 1
+
+
 def cmd_bench_kvstream(args) -> int:
     from .bench.kvstream import run
 
@@ -372,7 +398,8 @@ def _llm_from_args(args):
     return LLM(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
                kv_cache_blocks=args.kv_cache_blocks, max_model_len=args.max_model_len, pp=args.pp, tp=args.tp,
                microbatch_size=args.microbatch_size, launcher=args.launcher, prompt_stages=args.prompt_stages,
-               token_stages=args.token_stages, kv_receive_slots=args.kv_receive_slots, kv_transport=args.kv_transport)
+               token_stages=args.token_stages, kv_receive_slots=args.kv_receive_slots, kv_transport=args.kv_transport,
+               swap=args.swap, resident_microbatches=args.resident_microbatches)
 
 
 def apply_plan(args) -> None:

@@ -44,9 +44,9 @@ def parse_device(device: str | torch.device) -> torch.device:
 
 
 class LLM:
-    """Load a model and generate. Parallel and DéjàVu options (tp, pp, prompt_stages,
-    token_stages, swap, replicate) are accepted by name; this build runs one process, so
-    values other than the single-process defaults are refused with a clear error."""
+    """Load a model and generate: one process, or a pipeline (pp, tp, microbatch_size, swap with
+    resident_microbatches), or prompt-token disaggregation (prompt_stages, token_stages).
+    `replicate` is accepted by name and refused with a clear error until it lands."""
 
     def __init__(self, model: str, device: str = "cpu", dtype: str = "auto", seed: int = 0,
                  block_size: int = 16, kv_cache_blocks: int = 0, kv_cache_memory: int = 0,
@@ -55,12 +55,15 @@ class LLM:
                  token_stages: int = 0, swap: bool = False, replicate: bool = False,
                  launcher: str = "local", layer_split: list[tuple[int, int]] | None = None,
                  worker_timeout: float = 300.0, log_dir: str | None = None, kv_receive_slots: int = 8,
-                 kv_transport: str = "auto"):
-        unsupported = {"swap": bool(swap), "replicate": bool(replicate)}
-        bad = [k for k, v in unsupported.items() if v]
-        if bad:
-            raise ValueError(f"{', '.join(bad)}: not available in this build (single process, pipeline, "
-                             "tensor parallelism and prompt-token disaggregation only)")
+                 kv_transport: str = "auto", resident_microbatches: int = 2):
+        if replicate:
+            raise ValueError("replicate: not available in this build (single process, pipeline, tensor "
+                             "parallelism, prompt-token disaggregation and swapping only)")
+        if swap and (prompt_stages or pp < 2):
+            raise ValueError("swap needs a pipeline of pp >= 2 microbatches (and is not yet available with "
+                             "prompt_stages/token_stages)")
+        if swap and (not isinstance(resident_microbatches, int) or resident_microbatches < 1):
+            raise ValueError(f"resident_microbatches must be an integer >= 1, got {resident_microbatches!r}")
         if bool(prompt_stages) != bool(token_stages):
             raise ValueError("prompt_stages and token_stages go together (both > 0 for disaggregation)")
         if prompt_stages and pp != 1:
@@ -96,7 +99,8 @@ class LLM:
                                            log_dir, kv_receive_slots, kv_transport)
             else:
                 self.engine = PipelineEngine(self.source, self.tokenizer, engine_cfg, self.device, self.dtype, seed, pp,
-                                             tp, microbatch_size, launcher, layer_split, worker_timeout, log_dir=log_dir)
+                                             tp, microbatch_size, launcher, layer_split, worker_timeout, log_dir=log_dir,
+                                             swap=swap, resident_microbatches=resident_microbatches)
             self._finalizer = weakref.finalize(self, self.engine.shutdown)
             return
         try:

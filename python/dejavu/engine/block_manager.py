@@ -13,11 +13,12 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 
 
 class BlockAllocator:
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, first: int = 0):
+        """Blocks first .. first + num_blocks - 1 (swapping gives each microbatch its own range)."""
         if num_blocks <= 0:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free = deque(range(num_blocks))
+        self._free = deque(range(first, first + num_blocks))
         self._used: set[int] = set()
 
     @property

@@ -54,7 +54,8 @@ class PipelineEngine(LLMEngine):
     def __init__(self, source: ModelSource, tokenizer, config: EngineConfig, device: torch.device,
                  dtype: torch.dtype, seed: int, pp: int, tp: int = 1, microbatch_size: int = 0, launcher: str = "local",
                  layer_split: list[tuple[int, int]] | None = None, timeout: float = 300.0,
-                 hostfile: str | None = None, log_dir: str | None = None):
+                 hostfile: str | None = None, log_dir: str | None = None, swap: bool = False,
+                 resident_microbatches: int = 2):
         cfg = self.model_config = source.config
         self.model = None
         self.tokenizer, self.config, self.device, self.dtype = tokenizer, config, device, dtype
@@ -72,6 +73,10 @@ class PipelineEngine(LLMEngine):
         self._busy: set[int] = set()          # sequences in a step that workers are running
         self._ipc: dict[int, dict] = {}        # CUDA IPC handles of token workers' caches
         self._abort_later: set[int] = set()   # aborted while busy: finished when their step returns
+        self.swap = resident_microbatches if swap else 0
+        self.swap_stats: dict[int, dict] = {}  # per worker: bytes in/out, seconds waiting for swap-ins
+        if swap and not 1 <= resident_microbatches:
+            raise ValueError(f"resident_microbatches must be >= 1, got {resident_microbatches}")
         self._plan(cfg, pp, layer_split, microbatch_size)
         self.token = secrets.token_hex(16)
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -102,8 +107,21 @@ class PipelineEngine(LLMEngine):
         self.allocator = BlockAllocator(self.num_blocks)
         self.waiting: deque[Sequence] = deque()
         b = microbatch_size or self.config.max_num_seqs
-        self.slots = [Scheduler(self.allocator, self.block_size, b, self.config.max_num_batched_tokens, self.waiting)
-                      for _ in range(pp)]
+        allocators = [self.allocator] * pp
+        if self.swap:
+            # The device budget (num_blocks) holds `swap` microbatches; each of the pp microbatches
+            # gets a region's worth of logical blocks of its own, all of them kept in host memory.
+            k = min(self.swap, pp)
+            self.region_blocks = self.num_blocks // k
+            if self.region_blocks <= 0:
+                raise ValueError(f"{self.num_blocks} KV blocks cannot hold {k} resident microbatches")
+            self.device_blocks = self.region_blocks * k
+            allocators = [BlockAllocator(self.region_blocks, first=i * self.region_blocks) for i in range(pp)]
+            self.host_blocks = self.region_blocks * pp
+            self.swap = k
+            self.num_blocks = self.region_blocks  # what one microbatch (so one request) can hold
+        self.slots = [Scheduler(a, self.block_size, b, self.config.max_num_batched_tokens, self.waiting)
+                      for a in allocators]
         self.inflight: list[tuple[int, list[Sequence], float] | None] = [None] * pp
         self.scheduler = self.slots[0]  # for code that asks for "the" scheduler (counts, preemptions)
 
@@ -115,8 +133,11 @@ class PipelineEngine(LLMEngine):
 
     def _rank_config(self, rank: int) -> dict:
         stage = rank // self.tp
-        return {"role": "stage", "pp": self.pp, "layers": [list(x) for x in self.layers], "first_rank": 0,
-                "num_blocks": self.num_blocks, "worker_name": f"s{stage}.{rank % self.tp}"}
+        rc = {"role": "stage", "pp": self.pp, "layers": [list(x) for x in self.layers], "first_rank": 0,
+              "num_blocks": self.num_blocks, "worker_name": f"s{stage}.{rank % self.tp}"}
+        if self.swap:
+            rc.update(num_blocks=self.device_blocks, swap={"resident": self.swap, "host_blocks": self.host_blocks})
+        return rc
 
     def _step_ranks(self):
         """The workers that run the microbatch steps (all of them here)."""
@@ -246,11 +267,15 @@ class PipelineEngine(LLMEngine):
                 seqs, is_prefill = slot.schedule()
                 if seqs:
                     self._launch(i, seqs, is_prefill)
+        self.peak_running = max(getattr(self, "peak_running", 0), sum(len(s.running) for s in self.slots))
         if not any(self.inflight):
             if self.waiting:
                 raise RuntimeError("scheduler stalled: waiting requests but nothing can run")
             return []
         msg = self._next_message(time.monotonic() + self.timeout, "running a step")
+        if msg["t"] == "swapstats":
+            self.swap_stats[msg["rank"]] = msg
+            return []
         return self._on_tokens(msg) if msg["t"] == "tokens" else []
 
     def _on_tokens(self, msg: dict) -> list[Sequence]:
@@ -280,6 +305,8 @@ class PipelineEngine(LLMEngine):
             self.slot_of[s.seq_id] = slot
             self._busy.add(s.seq_id)
         msg = {"t": "step", "mb": slot, "id": self._step_id, "prefill": is_prefill, "seqs": items}
+        if self.swap:  # every block the microbatch holds now: workers keep exactly these resident
+            msg["live"] = [b for s in self.slots[slot].running for b in s.block_table]
         for r in self._step_ranks():
             self.channels[r].send(msg)
         self.inflight[slot] = (self._step_id, seqs, time.monotonic())

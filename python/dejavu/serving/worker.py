@@ -75,6 +75,11 @@ class StageWorker:
         mc = self.model.cfg
         self.cache = PagedKVCache(end - start, cfg["num_blocks"], cfg["block_size"], mc.num_kv_heads, mc.head_dim,
                                   self.dtype, self.device)
+        self.swap = None
+        if cfg.get("swap"):
+            from ..engine.swap import SwapCache
+
+            self.swap = SwapCache(self.cache.tensor, cfg["swap"]["host_blocks"], cfg["swap"]["resident"])
         self.backend = cfg["backend"]
         self.hidden = mc.hidden_size
         self.dist = dist
@@ -135,10 +140,46 @@ class StageWorker:
 
     @torch.inference_mode()
     def step(self, msg: dict) -> None:
-        h = self._forward(msg)
-        if h is None or self.tp_rank != 0:
-            return  # the LM head is replicated; TP rank 0 of the last stage samples and answers
-        self.ch.send({"t": "tokens", "mb": msg["mb"], "id": msg["id"], "tokens": self._sample(msg, h)})
+        mapping = touched = None
+        t0 = time.perf_counter()
+        if self.swap is not None:
+            # Logical (host) blocks -> this microbatch's device blocks; remember what the new tokens touch.
+            mapping = self.swap.acquire(msg["mb"], msg["live"])
+            bs = self.cache.block_size
+            touched = sorted({s["blocks"][p // bs] for s in msg["seqs"]
+                              for p in range(s["start"], s["start"] + len(s["ids"]))})
+            msg = {**msg, "seqs": [{**s, "blocks": [mapping[b] for b in s["blocks"]]} for s in msg["seqs"]]}
+        try:
+            h = self._forward(msg)
+            if h is not None and self.tp_rank == 0:  # the LM head is replicated: TP rank 0 of the last stage answers
+                self.ch.send({"t": "tokens", "mb": msg["mb"], "id": msg["id"], "tokens": self._sample(msg, h)})
+        finally:
+            if self.swap is not None:
+                self.swap.write_back(mapping, touched)  # incremental swap-out: only the new tokens' blocks
+                self._swap_report(time.perf_counter() - t0)
+
+    def _swap_report(self, step_s: float) -> None:
+        """Every 16 steps: swap counters to the controller (/metrics), and a warning when waiting
+        for swap-ins took more than 10% of the step time (PCIe no longer hidden behind compute)."""
+        sw = self.swap
+        sw.steps = getattr(sw, "steps", 0) + 1
+        sw.step_s = getattr(sw, "step_s", 0.0) + step_s
+        if sw.steps % 16:
+            return
+        exposed = sw.wait_s / max(sw.step_s, 1e-9)
+        if exposed > 0.10 and not getattr(sw, "warned", False):
+            sw.warned = True
+            print(f"[dejavu worker {self.cfg['worker_name']}] swapping is not hidden: {100 * exposed:.0f}% of step "
+                  f"time waits for KV to come in (PCIe slower than compute); fewer microbatches per stage or a "
+                  f"larger --resident-microbatches would help", file=sys.stderr, flush=True)
+        self.ch.send({"t": "swapstats", "rank": self.rank, "bytes_in": sw.bytes_in, "bytes_out": sw.bytes_out,
+                      "wait_s": sw.wait_s, "step_s": sw.step_s})
+
+    def on_arrival(self, msg: dict) -> None:
+        """Called by the receiving thread as a message arrives: start bringing the microbatch's KV
+        in while the step before it still runs."""
+        if self.swap is not None and msg.get("t") == "step":
+            self.swap.prefetch(msg["mb"], msg["live"])
 
     # ------------------------------------------------------------------ disaggregation
     def set_peers(self, msg: dict) -> None:
@@ -309,12 +350,37 @@ class StageWorker:
                       "seconds": time.perf_counter() - t0})
 
     def close(self):
+        if self.swap is not None:
+            self.swap.close()
         for w, _ in self.pending_sends:
             w.wait()
         if self.kv_server is not None:
             self.kv_server.stop()
         if self.dist.is_initialized():
             self.dist.destroy_process_group()
+
+
+def _receiver(ch: Channel, worker: StageWorker):
+    """Messages read on their own thread (so a step's swap-in starts as it arrives), in order."""
+    import queue
+
+    inbox: queue.Queue = queue.Queue()
+
+    def loop():
+        try:
+            while True:
+                msg = ch.recv(None)
+                try:
+                    worker.on_arrival(msg)
+                except Exception as e:  # noqa: BLE001 - the main loop reports it
+                    inbox.put(e)
+                inbox.put(msg)
+                if msg.get("t") == "shutdown":
+                    return
+        except (ConnectionError, OSError) as e:
+            inbox.put(ConnectionError(str(e)))
+    threading.Thread(target=loop, daemon=True, name="receiver").start()
+    return inbox
 
 
 def run(controller: str, token: str, rank: int | None = None) -> int:
@@ -336,9 +402,12 @@ def run(controller: str, token: str, rank: int | None = None) -> int:
         return 1
     ch.send({"t": "ready", "rank": rank, **worker.ready_info()})
     handlers = {"step": worker.step, "prefill": worker.prefill, "admit": worker.admit, "peers": worker.set_peers}
+    inbox = _receiver(ch, worker) if worker.swap is not None else None
     try:
         while True:
-            msg = ch.recv(None)
+            msg = ch.recv(None) if inbox is None else inbox.get()
+            if isinstance(msg, BaseException):
+                raise msg
             if msg["t"] == "shutdown":
                 break
             handler = handlers.get(msg["t"])

@@ -1,0 +1,56 @@
+"""`dejavu bench swap`: at one KV budget per worker, the same requests through a pipeline without
+and with microbatch swapping, in one run: how many sequences ran at once (peak), throughput, and
+how much of the step time waited for swap-ins. Outputs are compared token for token."""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+
+def run(model: str, device: str, pp: int, kv_blocks: int, requests: int, prompt_len: int, max_tokens: int,
+        resident: int, seed: int, json_path: str | None) -> dict:
+    from ..llm import LLM
+    from ..sampling_params import SamplingParams
+
+    g = torch.Generator().manual_seed(seed)
+    rows, outputs = [], {}
+    for swap in (False, True):
+        llm = LLM(model=model, device=device, pp=pp, seed=seed, kv_cache_blocks=kv_blocks, swap=swap,
+                  resident_microbatches=resident, max_num_seqs=requests)
+        try:
+            vocab = llm.config.vocab_size
+            prompts = torch.randint(10, vocab, (requests, prompt_len), generator=g.manual_seed(seed)).tolist()
+            llm.generate([prompts[0][:8]], SamplingParams(max_tokens=2, ignore_eos=True))
+            llm.engine.peak_running = 0
+            t0 = time.perf_counter()
+            out = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+            dt = time.perf_counter() - t0
+            eng = llm.engine
+            stats = list(eng.swap_stats.values())
+            wait = sum(s["wait_s"] for s in stats) / max(sum(s["step_s"] for s in stats), 1e-9) if stats else 0.0
+            rows.append({"swap": swap, "peak_running": eng.peak_running, "seconds": dt,
+                         "tokens_per_s": requests * max_tokens / dt, "swap_wait_fraction": wait,
+                         "swap_in_bytes": sum(s["bytes_in"] for s in stats),
+                         "preemptions": sum(s.num_preemptions for s in eng.slots)})
+            outputs[swap] = [o.token_ids for o in out]
+        finally:
+            llm.shutdown()
+    same = outputs[False] == outputs[True]
+    card = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
+    print(f"{model} on {card}, pp={pp}, {kv_blocks} KV blocks per worker, {requests} requests x {prompt_len} + "
+          f"{max_tokens} tokens; swapping keeps {resident} microbatch(es) resident")
+    print(f"{'swap':>5} {'peak seqs':>9} {'time (s)':>9} {'tok/s':>9} {'vs off':>7} {'swap wait':>9} {'preempt':>7}")
+    for r in rows:
+        print(f"{str(r['swap']):>5} {r['peak_running']:>9} {r['seconds']:>9.2f} {r['tokens_per_s']:>9.1f} "
+              f"{r['tokens_per_s'] / rows[0]['tokens_per_s']:>6.2f}x {100 * r['swap_wait_fraction']:>8.1f}% "
+              f"{r['preemptions']:>7}")
+    print(f"same tokens: {same}")
+    result = {"model": model, "device": device, "card": card, "pp": pp, "kv_blocks": kv_blocks, "requests": requests,
+              "prompt_len": prompt_len, "max_tokens": max_tokens, "resident": resident, "rows": rows,
+              "same_tokens": same}
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)
+    return result

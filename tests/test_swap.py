@@ -1,0 +1,116 @@
+"""Microbatch swapping: the device cache holds `resident` microbatches, the host all of them; outputs
+equal the single-process engine's; the device side never exceeds its budget."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from dejavu import LLM, SamplingParams
+from dejavu.engine.swap import SwapCache, SwapError
+
+
+def _workload(n, seed, max_prompt=40, max_out=24):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(10, 1000) for _ in range(rng.randrange(2, max_prompt))] for _ in range(n)]
+    params = [SamplingParams(max_tokens=rng.randrange(1, max_out), ignore_eos=True) for _ in prompts]
+    return prompts, params
+
+
+def _reference(model, prompts, params):
+    llm = LLM(model=model)
+    try:
+        return [o.token_ids for o in llm.generate(prompts, params)]
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize("model,pp,resident", [("random:opt-tiny", 2, 1), ("random:opt-tiny", 2, 2),
+                                               ("random:llama-tiny", 4, 2)])
+def test_swapping_gives_the_same_tokens(model, pp, resident):
+    """Mixed lengths, small microbatches (requests join and finish), greedy and seeded sampling."""
+    prompts, params = _workload(12, seed=pp + resident)
+    params[3] = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
+    want = _reference(model, prompts, params)
+    llm = LLM(model=model, pp=pp, swap=True, resident_microbatches=resident, microbatch_size=3, kv_cache_blocks=12)
+    try:
+        got = [o.token_ids for o in llm.generate(prompts, params)]
+        eng = llm.engine
+        assert eng.device_blocks == 12 // resident * resident and eng.host_blocks == eng.region_blocks * pp
+        stats = list(eng.swap_stats.values())
+    finally:
+        llm.shutdown()
+    assert got == want
+    assert stats and all(s["bytes_out"] > 0 for s in stats)
+    if resident < pp:  # microbatches really left the device and came back
+        assert any(s["bytes_in"] > 0 for s in stats)
+
+
+def test_swapping_stress_many_microbatches():
+    prompts, params = _workload(28, seed=11, max_prompt=60, max_out=30)
+    want = _reference("random:llama-tiny", prompts, params)
+    llm = LLM(model="random:llama-tiny", pp=4, swap=True, resident_microbatches=1, microbatch_size=2,
+              kv_cache_blocks=10)
+    try:
+        got = [o.token_ids for o in llm.generate(prompts, params)]
+    finally:
+        llm.shutdown()
+    assert got == want
+
+
+def test_swapping_holds_more_than_the_device_budget():
+    """pp=2 with one resident microbatch: twice the device budget's blocks are in use at once."""
+    llm = LLM(model="random:opt-tiny", pp=2, swap=True, resident_microbatches=1, microbatch_size=2,
+              kv_cache_blocks=8, block_size=4)
+    try:
+        eng = llm.engine
+        prompts = [[11 + i] * 25 for i in range(4)]  # 7 blocks each at the end: a microbatch of 1 per region
+        outs = llm.generate(prompts, SamplingParams(max_tokens=3, ignore_eos=True))
+        assert all(len(o.token_ids) == 3 for o in outs)
+        assert eng.host_blocks == 16 and eng.device_blocks == 8
+        from dejavu.engine.llm_engine import RequestError
+
+        with pytest.raises(RequestError, match="holds only 8"):
+            llm.generate([[5] * 40], SamplingParams(max_tokens=1))
+    finally:
+        llm.shutdown()
+
+
+def test_swap_cache_keeps_host_copy_current_and_budget():
+    L, bs, kvh, hd = 2, 4, 2, 8
+    dev = torch.zeros((L, 6, 2, bs, kvh, hd))
+    sw = SwapCache(dev, host_blocks=12, resident=2)
+    assert sw.region_blocks == 3
+    rng = random.Random(0)
+    truth = {}
+    owner = {mb: list(range(mb * 3, mb * 3 + 3)) for mb in range(4)}  # 4 microbatches, 3 blocks each
+    for step in range(40):
+        mb = rng.randrange(4)
+        live = owner[mb][: rng.randrange(1, 4)]
+        sw.prefetch(mb, live)
+        mapping = sw.acquire(mb, live)
+        assert set(mapping) == set(live) and all(0 <= d < 6 for d in mapping.values())
+        region = next(r for r in sw.regions if r.mb == mb)
+        assert all(region.index * 3 <= d < region.index * 3 + 3 for d in mapping.values())
+        for b in live:  # what was written before came back in
+            if b in truth:
+                assert torch.equal(dev[:, mapping[b]], truth[b])
+        b = rng.choice(live)
+        dev[:, mapping[b]] = torch.randn_like(dev[:, 0])
+        truth[b] = dev[:, mapping[b]].clone()
+        sw.write_back(mapping, [b])
+        assert torch.equal(sw.host[:, b], truth[b])
+    assert sw.bytes_in > 0 and sw.bytes_out == 40 * sw.block_bytes
+    with pytest.raises(SwapError, match="budget was exceeded"):
+        sw.acquire(0, list(range(4)))
+    sw.close()
+
+
+def test_swap_errors_are_clear():
+    with pytest.raises(ValueError, match="swap needs a pipeline of pp >= 2"):
+        LLM(model="random:opt-tiny", swap=True)
+    with pytest.raises(ValueError, match="not yet available with prompt_stages"):
+        LLM(model="random:opt-tiny", swap=True, prompt_stages=1, token_stages=1)
+    with pytest.raises(ValueError, match="resident_microbatches must be an integer >= 1"):
+        LLM(model="random:opt-tiny", pp=2, swap=True, resident_microbatches=0)
