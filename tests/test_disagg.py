@@ -14,6 +14,16 @@ def expected_kv_bytes(prompts, layers=4, kv_heads=2, head_dim=32, elem=4):
     return blocks * layers * 2 * BLOCK * kv_heads * head_dim * elem
 
 
+def _metrics_text(engine) -> str:
+    from dejavu.serving.async_engine import AsyncEngine
+
+    ae = AsyncEngine(engine)
+    try:
+        return ae.metrics.render()
+    finally:
+        ae.shutdown()
+
+
 @pytest.mark.parametrize("dp,dt,tp,transport", [(1, 1, 1, "tcp"), (1, 2, 1, "auto"), (2, 1, 1, "tcp"),
                                                  (2, 2, 1, "auto"), (1, 1, 2, "shm")])
 def test_disaggregated_matches_single_process(dp, dt, tp, transport):
@@ -32,6 +42,10 @@ def test_disaggregated_matches_single_process(dp, dt, tp, transport):
         assert eng.kv_bytes == expected_kv_bytes(PROMPTS)
         # Each prefill reports its compute, its exposed transfer time and the calibrated raw one.
         assert all(st["raw_s"] > 0 and st["compute_s"] > 0 and st["exposed_s"] >= 0 for st in eng.transfer_stats)
+        if (dp, dt, tp) == (1, 1, 1):  # /metrics reports those times (once is enough)
+            text = _metrics_text(eng)
+            raw = sum(st["raw_s"] for st in eng.transfer_stats)
+            assert f'dejavu_kv_transfer_seconds_total{{part="prompt_to_token_raw"}} {raw}' in text
         assert eng.allocator.num_used == 0 and eng.prompt_alloc.num_used == 0
         # auto picks shared memory: every worker runs on this host.
         assert eng.transports_used == {"shm" if transport in ("auto", "shm") else "tcp"}

@@ -69,6 +69,15 @@ def test_swapping_holds_more_than_the_device_budget():
         outs = llm.generate(prompts, SamplingParams(max_tokens=3, ignore_eos=True))
         assert all(len(o.token_ids) == 3 for o in outs)
         assert eng.host_blocks == 16 and eng.device_blocks == 8
+        from dejavu.serving.async_engine import AsyncEngine
+
+        ae = AsyncEngine(eng)
+        try:
+            text = ae.metrics.render()
+        finally:
+            ae.shutdown()
+        assert "dejavu_kv_blocks_total 16" in text
+        assert 'dejavu_kv_bytes_streamed_total{kind="swap_out"}' in text
         from dejavu.engine.llm_engine import RequestError
 
         with pytest.raises(RequestError, match="holds only 8"):

@@ -48,7 +48,9 @@ class SwapCache:
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.in_use: _Region | None = None
         self.bytes_in = self.bytes_out = 0
-        self.wait_s = 0.0
+        self.wait_s = 0.0             # steps waiting for their swap-in: the exposed part
+        self.steps, self.step_s = 0, 0.0
+        self.warned = False
         self.block_bytes = self.dev[:, 0].numel() * self.dev.element_size()
 
     # ------------------------------------------------------------------ swap in
@@ -77,7 +79,7 @@ class SwapCache:
             region.ready = self.copier.submit(self._copy_in, pairs, region.ready)
         return region
 
-    def _region_for(self, mb: int) -> _Region:
+    def _region_for(self, mb: int) -> _Region | None:
         for r in self.regions:
             if r.mb == mb:
                 return r

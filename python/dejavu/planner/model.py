@@ -87,12 +87,12 @@ class Profile:
     def prompt_time(self, depth: int, b: float, prompt: float) -> float:
         """Y: the slowest stage of a `depth`-stage pipeline prefilling b prompts of `prompt` tokens."""
         return max(self.stage_time("prefill", k, i == 0, i == depth - 1, b, b * prompt, b * prompt * prompt)
-                   for i, k in enumerate(_split(self.num_layers, depth)))
+                   for i, k in enumerate(stage_layers(self.num_layers, depth)))
 
     def token_time(self, depth: int, b: float, context: float) -> float:
         """t: the slowest stage of a `depth`-stage pipeline decoding one token for b sequences."""
         return max(self.stage_time("decode", k, i == 0, i == depth - 1, b, b * context)
-                   for i, k in enumerate(_split(self.num_layers, depth)))
+                   for i, k in enumerate(stage_layers(self.num_layers, depth)))
 
     # ---------------------------------------------------------------- I/O
     def to_json(self) -> dict:
@@ -124,12 +124,13 @@ class Profile:
             raise PlanError(f"profile {path} is not JSON: {e}") from None
 
 
-def _split(num_layers: int, depth: int) -> list[int]:
-    """Layers per stage, as routing.split_layers assigns them (the first stages take the rest)."""
-    base, extra = divmod(num_layers, depth)
-    if base == 0:
+def stage_layers(num_layers: int, depth: int) -> list[int]:
+    """Layers per stage, as the engines assign them (routing.split_layers)."""
+    from ..kvstream.routing import split_layers
+
+    if depth > num_layers:
         raise PlanError(f"{depth} stages for {num_layers} layers: a stage would be empty")
-    return [base + (1 if i < extra else 0) for i in range(depth)]
+    return [b - a for a, b in split_layers(num_layers, depth)]
 
 
 # -------------------------------------------------------------------- closed forms

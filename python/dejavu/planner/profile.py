@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from .model import Fit, PlanError, Profile
+from .model import Fit, PlanError, Profile, stage_layers
 
 
 def _fit(rows: list[tuple[int, int, int, float]], quadratic: bool) -> Fit:
@@ -166,16 +166,10 @@ def _overhead(prof: Profile, model: str, device: str, dtype: str, seed: int, bat
         step = (time.perf_counter() - t0) / 33
     finally:
         llm.shutdown()
-    a, b = (len(x) for x in _stages(prof.num_layers, 2))
+    a, b = stage_layers(prof.num_layers, 2)
     stages = (prof.stage_time("decode", a, True, False, batch, batch * (context + 16)) +
               prof.stage_time("decode", b, False, True, batch, batch * (context + 16)))
     return max(0.0, step - stages)
-
-
-def _stages(num_layers: int, depth: int):
-    from ..kvstream.routing import split_layers
-
-    return [range(a, b) for a, b in split_layers(num_layers, depth)]
 
 
 def run(model: str, device: str, dtype: str, batches: list[int], prompt_lens: list[int], contexts: list[int],

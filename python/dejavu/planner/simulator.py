@@ -28,7 +28,7 @@ import random
 from collections import deque
 from dataclasses import dataclass, field
 
-from .model import PlanError, Profile, _split
+from .model import PlanError, Profile, stage_layers
 
 
 @dataclass
@@ -95,10 +95,6 @@ class SimOptions:
     trace_events: bool = False
 
 
-def split(num_layers: int, depth: int) -> list[int]:
-    return _split(num_layers, depth)
-
-
 def workload(lengths: list[tuple[int, int]], rate: float, seed: int = 0) -> list[Req]:
     """Requests with Poisson arrivals at `rate` per second (inf: all at time 0)."""
     rng = random.Random(seed)
@@ -128,10 +124,10 @@ class Simulator:
         if opts.microbatch <= 0:
             raise PlanError(f"microbatch size must be > 0, got {opts.microbatch}")
         if deployment.mode == "ft":
-            self.pipes = {"stage": _Pipe("stage", split(L, deployment.stages))}
+            self.pipes = {"stage": _Pipe("stage", stage_layers(L, deployment.stages))}
         else:
-            self.pipes = {"prompt": _Pipe("prompt", split(L, deployment.prompt_stages)),
-                          "token": _Pipe("token", split(L, deployment.token_stages))}
+            self.pipes = {"prompt": _Pipe("prompt", stage_layers(L, deployment.prompt_stages)),
+                          "token": _Pipe("token", stage_layers(L, deployment.token_stages))}
         role, idx = opts.fail_stage
         if opts.fail_at is not None and (role not in self.pipes or not 0 <= idx < len(self.pipes[role].layers)):
             raise PlanError(f"--fail-stage {role}:{idx} is not a stage of {deployment}")
@@ -182,7 +178,6 @@ class Simulator:
         self.waiting: deque[Req] = deque()
         heap: list = []
         seq = 0
-        self.epoch = 0  # bumped by a failure: steps launched before it never complete
         ft = self.d.mode == "ft"
         nslots = self.d.stages if ft else self.d.token_stages
         slots = [[] for _ in range(nslots)]
@@ -198,7 +193,7 @@ class Simulator:
         def push(t, kind, payload):
             nonlocal seq
             seq += 1
-            heapq.heappush(heap, (t, seq, kind, self.epoch, payload))
+            heapq.heappush(heap, (t, seq, kind, payload))
 
         def emit(r: Req, t: float):
             r.generated += 1
@@ -260,9 +255,7 @@ class Simulator:
                 ready.clear()
                 continue
             while heap and heap[0][0] <= now:
-                t, _, kind, epoch, payload = heapq.heappop(heap)
-                if epoch != self.epoch:
-                    continue
+                t, _, kind, payload = heapq.heappop(heap)
                 if kind == "stepped":
                     i, batch = payload
                     busy[i] = False
@@ -331,8 +324,7 @@ class Simulator:
         if o.trace_events:
             self.events.append({"name": "failure + recovery", "ph": "X", "pid": role, "tid": idx, "ts": now * 1e6,
                                 "dur": self.recovery_s * 1e6, "args": {"replicate": o.replicate}})
-        self.epoch += 1
-        heap.clear()
+        heap.clear()  # steps in flight never complete
         for q in self.pipes.values():
             q.free = [back] * len(q.free)
         # In-flight prefills (prompt side or ft prefill steps) are redone; admissions in flight too.

@@ -52,17 +52,16 @@ class AsyncEngine:
         if getattr(engine, "swap", 0):  # swapping: each microbatch has its own blocks, all of them in host memory
             m.gauges["dejavu_kv_blocks_used"] = lambda: sum(s.allocator.num_used for s in engine.slots)
             m.gauges["dejavu_kv_blocks_total"] = lambda: engine.host_blocks
+            m.bytes_streamed["swap_in"] = lambda: sum(x["bytes_in"] for x in engine.swap_stats.values())
+            m.bytes_streamed["swap_out"] = lambda: sum(x["bytes_out"] for x in engine.swap_stats.values())
+            m.transfer_seconds["swap_in_exposed"] = lambda: sum(x["wait_s"] for x in engine.swap_stats.values())
+            m.transfer_seconds["swap_step"] = lambda: sum(x["step_s"] for x in engine.swap_stats.values())
         else:
             alloc = getattr(engine, "allocator", None) or engine.cache.allocator
             m.gauges["dejavu_kv_blocks_used"] = lambda: alloc.num_used
             m.gauges["dejavu_kv_blocks_total"] = lambda: alloc.num_blocks
         if hasattr(engine, "kv_bytes"):  # disaggregated: KV streamed prompt -> token, and how long it showed
             m.bytes_streamed["prompt_to_token"] = lambda: engine.kv_bytes
-        if getattr(engine, "swap", 0):
-            m.bytes_streamed["swap_in"] = lambda: sum(x["bytes_in"] for x in engine.swap_stats.values())
-            m.bytes_streamed["swap_out"] = lambda: sum(x["bytes_out"] for x in engine.swap_stats.values())
-            m.transfer_seconds["swap_in_exposed"] = lambda: sum(x["wait_s"] for x in engine.swap_stats.values())
-            m.transfer_seconds["swap_step"] = lambda: sum(x["step_s"] for x in engine.swap_stats.values())
             m.transfer_seconds["prompt_to_token_compute"] = lambda: sum(x["compute_s"] for x in engine.transfer_stats)
             m.transfer_seconds["prompt_to_token_exposed"] = lambda: sum(x["exposed_s"] for x in engine.transfer_stats)
             m.transfer_seconds["prompt_to_token_raw"] = lambda: sum(x["raw_s"] for x in engine.transfer_stats)

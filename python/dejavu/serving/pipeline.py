@@ -75,6 +75,7 @@ class PipelineEngine(LLMEngine):
         self._abort_later: set[int] = set()   # aborted while busy: finished when their step returns
         self.swap = resident_microbatches if swap else 0
         self.swap_stats: dict[int, dict] = {}  # per worker: bytes in/out, seconds waiting for swap-ins
+        self.peak_running = 0                  # most sequences running at once (bench swap)
         if swap and not 1 <= resident_microbatches:
             raise ValueError(f"resident_microbatches must be >= 1, got {resident_microbatches}")
         self._plan(cfg, pp, layer_split, microbatch_size)
@@ -267,7 +268,7 @@ class PipelineEngine(LLMEngine):
                 seqs, is_prefill = slot.schedule()
                 if seqs:
                     self._launch(i, seqs, is_prefill)
-        self.peak_running = max(getattr(self, "peak_running", 0), sum(len(s.running) for s in self.slots))
+        self.peak_running = max(self.peak_running, sum(len(s.running) for s in self.slots))
         if not any(self.inflight):
             if self.waiting:
                 raise RuntimeError("scheduler stalled: waiting requests but nothing can run")

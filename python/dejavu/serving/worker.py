@@ -162,12 +162,12 @@ class StageWorker:
         """Every 16 steps: swap counters to the controller (/metrics), and a warning when waiting
         for swap-ins took more than 10% of the step time (PCIe no longer hidden behind compute)."""
         sw = self.swap
-        sw.steps = getattr(sw, "steps", 0) + 1
-        sw.step_s = getattr(sw, "step_s", 0.0) + step_s
+        sw.steps += 1
+        sw.step_s += step_s
         if sw.steps % 16:
             return
         exposed = sw.wait_s / max(sw.step_s, 1e-9)
-        if exposed > 0.10 and not getattr(sw, "warned", False):
+        if exposed > 0.10 and not sw.warned:
             sw.warned = True
             print(f"[dejavu worker {self.cfg['worker_name']}] swapping is not hidden: {100 * exposed:.0f}% of step "
                   f"time waits for KV to come in (PCIe slower than compute); fewer microbatches per stage or a "
