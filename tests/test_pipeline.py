@@ -1,11 +1,10 @@
 """The FT-style pipeline across real worker processes: same greedy tokens as one process."""
-import json
 import os
 import shutil
 
 import pytest
-import torch
 
+from conftest import alive
 from dejavu import LLM, SamplingParams
 from dejavu.serving.pipeline import WorkerError
 from hf_models import save_hf_model
@@ -16,15 +15,6 @@ PROMPTS = [[5, 6, 7], [9] * 10, list(range(1, 14)), [100], list(range(200, 231))
 def reference(model, prompts, max_tokens, **kw):
     llm = LLM(model=model, block_size=4, **kw)
     return [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True))]
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
 
 
 def generate_with_arrivals(llm, prompts, params):
@@ -164,10 +154,11 @@ def test_sigterm_stops_every_worker():
 
 
 def test_worker_killed_mid_run_is_reported_not_hung():
+    """With recovery off (as with tp > 1), a dead worker stops the engine with a clear error."""
     import signal
     import time
 
-    llm = LLM(model="random:llama-tiny", pp=2, block_size=4, kv_cache_blocks=256, worker_timeout=30)
+    llm = LLM(model="random:llama-tiny", pp=2, block_size=4, kv_cache_blocks=256, worker_timeout=30, recovery="off")
     try:
         eng = llm.engine
         eng.add_request([1, 2, 3], SamplingParams(max_tokens=500, ignore_eos=True))

@@ -246,7 +246,9 @@ def test_serve_cli_sigterm_stops_workers():
 
 
 def test_dead_worker_fails_requests_instead_of_hanging():
-    llm = LLM(model=MODEL, pp=2, block_size=4, kv_cache_blocks=128, worker_timeout=20)
+    """Without recovery (as with tp > 1) a dead worker ends the engine: requests get an error, none hangs.
+    (With recovery, the default, see test_fault_tolerance.py.)"""
+    llm = LLM(model=MODEL, pp=2, block_size=4, kv_cache_blocks=128, worker_timeout=20, recovery="off")
     srv = ApiServer(llm, MODEL)
     base = f"http://127.0.0.1:{srv.start_background()}"
     try:

@@ -34,6 +34,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "--kv-cache-blocks, is split among them)")
     p.add_argument("--launcher", default="local", choices=["local", "mpirun", "external"],
                    help="how pipeline workers start: local child processes (default), mpirun, or external")
+    p.add_argument("--replicate", action="store_true",
+                   help="stream every token's KV to another worker's host memory; after a failure requests resume "
+                        "from their last replicated token (pipeline or token stages >= 2, tp 1)")
+    p.add_argument("--replicate-dir", default=None,
+                   help="with --replicate: the replica holders also keep their replicas in files under DIR")
+    p.add_argument("--replicate-to", default=None,
+                   help="with --replicate: comma-separated holder stage of each stage (default: the next, in a ring)")
+    p.add_argument("--recovery", default="auto", choices=["auto", "respawn", "standby", "wait", "off"],
+                   help="when a worker dies: respawn it here, use a `dejavu worker --standby`, wait for an "
+                        "operator-started one, or stop (auto: respawn for tp 1, off for tp > 1)")
+    p.add_argument("--heartbeat-interval", type=float, default=0.5, help="seconds between worker heartbeats")
+    p.add_argument("--heartbeat-timeout", type=float, default=2.0,
+                   help="a worker silent this long is declared dead (connection loss is noticed at once)")
 
 
 def _positive(name):
@@ -82,15 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     d.add_argument("--max-tokens", type=_positive("--max-tokens"), default=48)
     d.add_argument("--prompt-stages", type=int, default=1, help="prompt workers (0: no disaggregation)")
-    d.add_argument("--token-stages", type=int, default=1, help="token workers (0: no disaggregation)")
+    d.add_argument("--token-stages", type=int, default=2, help="token workers (0: no disaggregation)")
     d.add_argument("--pp", type=int, default=1, help="FT-style pipeline depth (with --prompt-stages 0)")
     d.add_argument("--tp", type=int, default=1)
+    d.add_argument("--no-replicate", action="store_true", help="no KV replication (killed work starts over)")
+    d.add_argument("--kill-worker", default="token:1", metavar="ROLE:STAGE",
+                   help="worker to kill -9 in the middle of the batch (stage:N, token:N, prompt:N; 'none': no failure)")
     d.set_defaults(func=cmd_demo)
 
     w = sub.add_parser("worker", help="run one worker process (started by the controller or by mpirun)")
     w.add_argument("--controller", required=True, help="HOST:PORT of the controller")
     w.add_argument("--token", default="env", help="cluster token, or 'env' to read DEJAVU_CLUSTER_TOKEN (default)")
     w.add_argument("--rank", type=int, default=None, help="worker rank (default: from mpirun's environment)")
+    w.add_argument("--standby", action="store_true",
+                   help="register as a standby: the controller gives it the rank of the next worker that fails "
+                        "(serve --recovery standby)")
     w.set_defaults(func=cmd_worker)
 
     b = sub.add_parser("bench", help="benchmarks, each with a baseline measured in the same run")
@@ -120,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--api-key", default=None)
     bs.add_argument("--seed", type=int, default=0)
     bs.add_argument("--json", default=None)
+    bs.add_argument("--kill-worker", default=None, metavar="ROLE:STAGE",
+                    help="failover benchmark: kill -9 this worker (stage:N, token:N or prompt:N, from /v1/cluster; "
+                         "same host) during a second pass of the same load, after a failure-free first pass")
+    bs.add_argument("--kill-at", type=float, default=2.0, help="seconds into the pass to kill the worker")
     bs.set_defaults(func=cmd_bench_serve)
 
     bp = bsub.add_parser("pipeline", help="throughput of the same requests at several pipeline/TP layouts")
@@ -345,7 +368,8 @@ def cmd_simulate(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run
 
-    return run(args.model, args.device, args.max_tokens, args.pp, args.tp, args.prompt_stages, args.token_stages)
+    return run(args.model, args.device, args.max_tokens, args.pp, args.tp, args.prompt_stages, args.token_stages,
+               replicate=not args.no_replicate, kill=None if args.kill_worker == "none" else args.kill_worker)
 
 
 def cmd_bench_serve(args) -> int:
@@ -357,6 +381,12 @@ def cmd_bench_serve(args) -> int:
         lengths = load_trace(args.trace)[: args.num_requests]
     else:
         lengths = synthetic_lengths(args.num_requests, args.seed, args.max_prompt, args.max_output)
+    if args.kill_worker:
+        from .bench.serve import run_failover
+
+        r = run_failover(args.url, lengths, args.rate, args.kill_worker, args.kill_at, args.model, args.seed,
+                         args.api_key, args.json)
+        return 0 if r["failure"]["completed"] == r["failure"]["requests"] else 1
     r = run(args.url, lengths, args.rate, args.model, args.seed, args.api_key, args.json)
     return 0 if r["completed"] else 1
 
@@ -399,7 +429,13 @@ def _llm_from_args(args):
                kv_cache_blocks=args.kv_cache_blocks, max_model_len=args.max_model_len, pp=args.pp, tp=args.tp,
                microbatch_size=args.microbatch_size, launcher=args.launcher, prompt_stages=args.prompt_stages,
                token_stages=args.token_stages, kv_receive_slots=args.kv_receive_slots, kv_transport=args.kv_transport,
-               swap=args.swap, resident_microbatches=args.resident_microbatches)
+               swap=args.swap, resident_microbatches=args.resident_microbatches, replicate=args.replicate,
+               replicate_dir=args.replicate_dir, replicate_to=_replicate_to(args.replicate_to), recovery=args.recovery,
+               heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout)
+
+
+def _replicate_to(v):
+    return None if v is None else _int_list(v, "--replicate-to")
 
 
 def apply_plan(args) -> None:
@@ -436,7 +472,7 @@ def cmd_worker(args) -> int:
     token = os.environ.get("DEJAVU_CLUSTER_TOKEN", "") if args.token == "env" else args.token
     if not token:
         raise ValueError("no cluster token: pass --token or set DEJAVU_CLUSTER_TOKEN")
-    return run(args.controller, token, args.rank)
+    return run(args.controller, token, args.rank, standby=args.standby)
 
 
 def cmd_bench_generate(args) -> int:

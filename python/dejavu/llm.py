@@ -46,7 +46,9 @@ def parse_device(device: str | torch.device) -> torch.device:
 class LLM:
     """Load a model and generate: one process, or a pipeline (pp, tp, microbatch_size, swap with
     resident_microbatches), or prompt-token disaggregation (prompt_stages, token_stages).
-    `replicate` is accepted by name and refused with a clear error until it lands."""
+    Pipelines survive worker failures (`recovery`: respawn, standby, wait or off); with `replicate`
+    every token's KV is also kept in another worker's host memory (and `replicate_dir` on disk), so
+    requests resume from their last replicated token instead of starting over."""
 
     def __init__(self, model: str, device: str = "cpu", dtype: str = "auto", seed: int = 0,
                  block_size: int = 16, kv_cache_blocks: int = 0, kv_cache_memory: int = 0,
@@ -55,10 +57,16 @@ class LLM:
                  token_stages: int = 0, swap: bool = False, replicate: bool = False,
                  launcher: str = "local", layer_split: list[tuple[int, int]] | None = None,
                  worker_timeout: float = 300.0, log_dir: str | None = None, kv_receive_slots: int = 8,
-                 kv_transport: str = "auto", resident_microbatches: int = 2):
-        if replicate:
-            raise ValueError("replicate: not available in this build (single process, pipeline, tensor "
-                             "parallelism, prompt-token disaggregation and swapping only)")
+                 kv_transport: str = "auto", resident_microbatches: int = 2, replicate_dir: str | None = None,
+                 replicate_to: list[int] | None = None, recovery: str = "auto", heartbeat_interval: float = 0.5,
+                 heartbeat_timeout: float = 2.0):
+        if replicate and pp < 2 and (token_stages or 1) < 2:
+            raise ValueError("replicate needs a pipeline of pp >= 2 (or token_stages >= 2): a stage's KV is "
+                             "replicated to another stage's host memory")
+        if replicate and swap:
+            raise ValueError("replicate and swap cannot be combined yet")
+        if (replicate_dir or replicate_to) and not replicate:
+            raise ValueError("replicate_dir / replicate_to need replicate=True")
         if swap and (prompt_stages or pp < 2):
             raise ValueError("swap needs a pipeline of pp >= 2 microbatches (and is not yet available with "
                              "prompt_stages/token_stages)")
@@ -93,14 +101,16 @@ class LLM:
             if not engine_cfg.num_blocks and not engine_cfg.kv_cache_memory:
                 engine_cfg.kv_cache_memory = 4 << 30  # per stage, on the GPU
             self.model = None
+            ft = dict(replicate=replicate, replicate_dir=replicate_dir, replicate_to=replicate_to, recovery=recovery,
+                      heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout)
             if prompt_stages:
                 self.engine = DisaggEngine(self.source, self.tokenizer, engine_cfg, self.device, self.dtype, seed,
                                            prompt_stages, token_stages, tp, microbatch_size, launcher, worker_timeout,
-                                           log_dir, kv_receive_slots, kv_transport)
+                                           log_dir, kv_receive_slots, kv_transport, **ft)
             else:
                 self.engine = PipelineEngine(self.source, self.tokenizer, engine_cfg, self.device, self.dtype, seed, pp,
                                              tp, microbatch_size, launcher, layer_split, worker_timeout, log_dir=log_dir,
-                                             swap=swap, resident_microbatches=resident_microbatches)
+                                             swap=swap, resident_microbatches=resident_microbatches, **ft)
             self._finalizer = weakref.finalize(self, self.engine.shutdown)
             return
         try:

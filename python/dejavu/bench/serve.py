@@ -86,7 +86,7 @@ async def _one(session, url, model, prompt_ids, out_len, headers, rec):
                itl=itl, normalized=(end - t0) / max(n, 1))
 
 
-async def _run(url, model, lengths, rate, seed, api_key, progress):
+async def _run(url, model, lengths, rate, seed, api_key, progress, kill=None):
     rng = random.Random(seed)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     records = [dict(prompt_tokens=p, requested_output=o) for p, o in lengths]
@@ -97,13 +97,17 @@ async def _run(url, model, lengths, rate, seed, api_key, progress):
             nonlocal done
             p, o = lengths[i]
             ids = [rng.randrange(100, 1000) for _ in range(p)]
+            records[i]["t_start"] = time.perf_counter() - start
             await _one(session, url, model, ids, o, headers, records[i])
+            records[i]["t_end"] = time.perf_counter() - start
             done += 1
             if progress:
                 bar = int(30 * done / len(lengths))
                 print(f"\r[{'#' * bar}{'.' * (30 - bar)}] {done}/{len(lengths)}", end="", file=sys.stderr, flush=True)
         tasks = []
         start = time.perf_counter()
+        if kill is not None:
+            tasks.append(asyncio.create_task(_kill_later(url, headers, kill, start)))
         for i in range(len(lengths)):
             tasks.append(asyncio.create_task(fire(i)))
             if rate != float("inf") and i + 1 < len(lengths):
@@ -113,6 +117,96 @@ async def _run(url, model, lengths, rate, seed, api_key, progress):
     if progress:
         print(file=sys.stderr)
     return records, duration
+
+
+def _cluster(url: str, headers: dict) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(url + "/v1/cluster", headers=headers)
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def find_worker(cluster: dict, spec: str) -> dict:
+    """ROLE:STAGE (stage, token or prompt; TP rank 0) -> that worker's /v1/cluster entry."""
+    role, _, stage = spec.partition(":")
+    if role not in ("stage", "token", "prompt") or not stage.isdigit():
+        raise ValueError(f"--kill-worker wants ROLE:STAGE with ROLE stage, token or prompt, got {spec!r}")
+    for w in cluster.get("workers", []):
+        if w.get("role") == role and w.get("stage") == int(stage) and w.get("tp_rank", 0) == 0:
+            return w
+    raise ValueError(f"no {role} worker at stage {stage} in /v1/cluster "
+                     f"({', '.join(str(w.get('worker')) for w in cluster.get('workers', []))})")
+
+
+async def _kill_later(url, headers, kill, start):
+    import os
+    import signal
+
+    spec, at, out = kill
+    await asyncio.sleep(at)
+    w = find_worker(await asyncio.to_thread(_cluster, url, headers), spec)
+    os.kill(int(w["pid"]), signal.SIGKILL)
+    out.update(worker=w["worker"], pid=w["pid"], at=time.time(), t=time.perf_counter() - start)
+
+
+def run_failover(url: str, lengths, rate: float, spec: str, kill_at: float, model=None, seed: int = 0,
+                 api_key: str | None = None, json_path: str | None = None) -> dict:
+    """The same load twice: failure-free, then with `spec` killed `kill_at` seconds in. Reports the
+    latency inflation of the requests in flight at the kill (same request, same arrival time, in
+    both passes) and the server's recovery time split into its parts (from /v1/cluster)."""
+    url = url.rstrip("/").removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    find_worker(_cluster(url, headers), spec)  # a bad spec fails before any load
+    base, base_s = asyncio.run(_run(url, model, lengths, rate, seed, api_key, False))
+    killed: dict = {}
+    fail, fail_s = asyncio.run(_run(url, model, lengths, rate, seed, api_key, False, kill=(spec, kill_at, killed)))
+    if not killed:
+        raise RuntimeError(f"the load finished before --kill-at {kill_at}s: nothing was killed")
+    ft = _cluster(url, headers).get("fault_tolerance", {})
+    events = [e for e in ft.get("recoveries", []) if e["at"] >= killed["at"] - 1.0]
+    affected = [i for i, r in enumerate(fail) if r.get("ok") and r["t_start"] < killed["t"] < r["t_end"]]
+    infl = [fail[i]["latency"] / base[i]["latency"] for i in affected if base[i].get("ok")]
+    rec = {}
+    if events:
+        e = events[0]
+        rec = {"detect_s": max(0.0, e["at"] - killed["at"]), "respawn_s": e["respawn_s"],
+               "weights_s": e.get("weights_s", 0.0),
+               "kv_fetch_s": e["kv_fetch_s"], "recovery_s": e["total_s"],
+               "recomputed_tokens": e["recomputed_tokens"], "bad_replicas": e["bad_replicas"],
+               "replicated": e["replicated"]}
+    result = {"url": url, "killed": killed, "recovery": rec,
+              "baseline": {"requests": len(base), "completed": sum(1 for r in base if r.get("ok")), "duration_s": base_s,
+                           "throughput_output_tokens_per_s": sum(r["output_tokens"] for r in base if r.get("ok")) / base_s},
+              "failure": {"requests": len(fail), "completed": sum(1 for r in fail if r.get("ok")), "duration_s": fail_s,
+                          "throughput_output_tokens_per_s": sum(r["output_tokens"] for r in fail if r.get("ok")) / fail_s,
+                          "errors": sorted({r["error"] for r in fail if not r.get("ok")})[:5]},
+              "affected_requests": len(affected), "latency_inflation": percentiles(infl) | {"max": max(infl, default=None)}}
+    print(format_failover(result))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def format_failover(r: dict) -> str:
+    k, rec, li = r["killed"], r["recovery"], r["latency_inflation"]
+    lines = [f"killed {k['worker']} (pid {k['pid']}) {k['t']:.2f}s into the pass; "
+             f"{r['failure']['completed']}/{r['failure']['requests']} requests completed "
+             f"(failure-free pass: {r['baseline']['completed']}/{r['baseline']['requests']})"]
+    if rec:
+        lines.append(f"  recovery {rec['recovery_s']:.2f}s after detection {rec['detect_s']:.2f}s (respawn "
+                     f"{rec['respawn_s']:.2f}s of which weights {rec['weights_s']:.2f}s, KV fetch "
+                     f"{rec['kv_fetch_s']:.3f}s); replication "
+                     f"{'on' if rec['replicated'] else 'off'}; {rec['recomputed_tokens']} tokens recomputed")
+    else:
+        lines.append("  no recovery recorded by the server (/v1/cluster)")
+    if li["p50"] is not None:
+        lines.append(f"  {r['affected_requests']} requests in flight at the kill: latency x{li['mean']:.2f} mean, "
+                     f"x{li['p50']:.2f} p50, x{li['max']:.2f} max against the failure-free pass")
+    lines.append(f"  throughput {r['failure']['throughput_output_tokens_per_s']:.1f} vs "
+                 f"{r['baseline']['throughput_output_tokens_per_s']:.1f} output tok/s failure-free")
+    return "\n".join(lines)
 
 
 def run(url: str, lengths: list[tuple[int, int]], rate: float, model: str | None = None, seed: int = 0,

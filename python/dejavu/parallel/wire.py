@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import socket
 import struct
+import threading
 
 import msgpack
 
@@ -21,17 +22,29 @@ class ProtocolError(ConnectionError):
     pass
 
 
+def recv_exact(sock: socket.socket, view: memoryview, peer: str = "peer") -> None:
+    """Fill `view` from `sock`; ConnectionError when the peer closes first."""
+    got = 0
+    while got < len(view):
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise ConnectionError(f"{peer} closed the connection")
+        got += k
+
+
 class Channel:
     def __init__(self, sock: socket.socket, peer: str = ""):
         self.sock = sock
         self.peer = peer or str(sock.getpeername())
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._send_lock = threading.Lock()  # heartbeats and replication acks send from their own threads
 
     def send(self, msg: dict) -> None:
         data = msgpack.packb(msg, use_bin_type=True)
         if len(data) > MAX_FRAME:
             raise ProtocolError(f"message of {len(data)} bytes exceeds the {MAX_FRAME}-byte frame limit")
-        self.sock.sendall(_LEN.pack(len(data)) + data)
+        with self._send_lock:
+            self.sock.sendall(_LEN.pack(len(data)) + data)
 
     def recv(self, timeout: float | None = None) -> dict:
         """Next message; raises TimeoutError, ConnectionError (peer gone) or ProtocolError."""

@@ -99,12 +99,16 @@ class ApiServer:
     async def cluster(self, request):
         eng = self.llm.engine
         state = "failed" if self.engine.error else "up"
+        out = {"model": self.model_name}
         if hasattr(eng, "cluster"):
-            workers = [dict(w, state=state) for w in eng.cluster()]
+            needed = set(getattr(eng, "_needed", ()))
+            out["workers"] = [dict(w, state="recovering" if w["rank"] in needed else state) for w in eng.cluster()]
+            out["fault_tolerance"] = eng.fault_tolerance()
         else:
-            workers = [{"rank": 0, "role": "engine", "stage": 0, "tp_rank": 0, "pid": os.getpid(),
-                        "host": socket.gethostname(), "layers": [0, eng.model_config.num_layers], "state": state}]
-        return web.json_response({"model": self.model_name, "workers": workers})
+            out["workers"] = [{"rank": 0, "role": "engine", "stage": 0, "tp_rank": 0, "pid": os.getpid(),
+                               "host": socket.gethostname(), "layers": [0, eng.model_config.num_layers],
+                               "state": state}]
+        return web.json_response(out)
 
     # ------------------------------------------------------------------ generation
     async def _body(self, request):

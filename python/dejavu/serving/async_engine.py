@@ -65,6 +65,13 @@ class AsyncEngine:
             m.transfer_seconds["prompt_to_token_compute"] = lambda: sum(x["compute_s"] for x in engine.transfer_stats)
             m.transfer_seconds["prompt_to_token_exposed"] = lambda: sum(x["exposed_s"] for x in engine.transfer_stats)
             m.transfer_seconds["prompt_to_token_raw"] = lambda: sum(x["raw_s"] for x in engine.transfer_stats)
+        if hasattr(engine, "fault_tolerance"):  # pipelines: failures, recoveries, replication
+            ft = engine.fault_tolerance
+            m.counters["dejavu_worker_failures_total"] = lambda: ft()["failures"]
+            m.counters["dejavu_recoveries_total"] = lambda: ft()["failures"]
+            m.counters["dejavu_recomputed_tokens_total"] = lambda: ft()["recomputed_tokens"]
+            m.counters["dejavu_recovery_seconds_total"] = lambda: sum(e["total_s"] for e in ft()["recoveries"])
+            m.bytes_streamed["replication"] = lambda: ft()["replicated_bytes"]
         self._thread.start()
 
     @property
@@ -103,6 +110,8 @@ class AsyncEngine:
             while not self._stop.is_set():
                 idle = not self.engine.has_unfinished()
                 self._drain(block=idle)
+                if idle and hasattr(self.engine, "idle_check"):
+                    self.engine.idle_check()  # a worker may die between requests too
                 if self.engine.has_unfinished():
                     seqs = self.engine.step()
                     self._publish(seqs)

@@ -29,7 +29,7 @@ from .pipeline import PipelineEngine, WorkerError, check_split
 class DisaggEngine(PipelineEngine):
     def __init__(self, source, tokenizer, config, device, dtype, seed, prompt_stages: int, token_stages: int,
                  tp: int = 1, microbatch_size: int = 0, launcher: str = "local", timeout: float = 300.0,
-                 log_dir: str | None = None, receive_slots: int = 8, kv_transport: str = "auto"):
+                 log_dir: str | None = None, receive_slots: int = 8, kv_transport: str = "auto", **fault_tolerance):
         from ..kvstream.select import TRANSPORTS
 
         if kv_transport not in TRANSPORTS:
@@ -41,7 +41,8 @@ class DisaggEngine(PipelineEngine):
             raise ValueError(f"receive_slots must be > 0, got {receive_slots}")
         self.receive_slots = receive_slots
         super().__init__(source, tokenizer, config, device, dtype, seed, pp=token_stages, tp=tp,
-                         microbatch_size=microbatch_size, launcher=launcher, timeout=timeout, log_dir=log_dir)
+                         microbatch_size=microbatch_size, launcher=launcher, timeout=timeout, log_dir=log_dir,
+                         **fault_tolerance)
 
     # ------------------------------------------------------------------ layout
     def _plan(self, cfg, pp, layer_split, microbatch_size) -> None:
@@ -91,14 +92,15 @@ class DisaggEngine(PipelineEngine):
     def _step_ranks(self):
         return range(self.token_first, self.world)
 
-    def _after_ready(self) -> None:
+    def _after_ready(self, only: set[int] | None = None) -> None:
         token_workers = [{"worker": i["worker"], "host": "127.0.0.1", "hostname": i["host"], "kv_port": i["kv_port"],
                           "ipc": self._ipc.get(r), "num_blocks": self.num_blocks}
                          for r, i in sorted(self.worker_info.items()) if i["role"] == "token"]
         msg = {"t": "peers", "token_workers": token_workers,
                "transfers": [dataclasses.asdict(t) for t in self.transfers]}
         for r in range(self.token_first):
-            self.channels[r].send(msg)
+            if only is None or r in only:
+                self.channels[r].send(msg)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt, params, request_id=None) -> Sequence:
@@ -119,6 +121,7 @@ class DisaggEngine(PipelineEngine):
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.seq_id in self.slot_of:
             return super()._finish(seq, reason)
+        self.watermark.pop(seq.seq_id, None)
         # Between prefill and a token microbatch: its token-side blocks are held here.
         if seq in self.waiting:
             self.waiting.remove(seq)
@@ -131,7 +134,7 @@ class DisaggEngine(PipelineEngine):
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
     # ------------------------------------------------------------------ the loop
-    def step(self) -> list[Sequence]:
+    def _step(self) -> list[Sequence]:
         while self.token_waiting:  # preempted on the token side: prefill again, first in line
             s = self.token_waiting.pop()
             self.waiting.appendleft(s)
@@ -196,6 +199,8 @@ class DisaggEngine(PipelineEngine):
     def _on_pushed(self, msg) -> list[Sequence]:
         slot = msg["mb"]
         st = self.prompt_inflight[slot]
+        if self.ft and (st is None or st["id"] != msg["id"]) and msg["id"] <= self._epoch_step:
+            return []  # a prefill from before a recovery: done again already
         if st is None or st["id"] != msg["id"]:
             raise WorkerError(f"prompt microbatch {slot}: unexpected step {msg['id']}")
         st["pending"].discard(msg["rank"])
@@ -228,7 +233,10 @@ class DisaggEngine(PipelineEngine):
         if live:
             self._step_id += 1
             admit = {"t": "admit", "id": self._step_id, "delivered": sorted(st.get("delivered", ())),
-                     "seqs": [{"key": k, "blocks": s.block_table} for s, k in live]}
+                     "seqs": [{"key": k, "blocks": s.block_table, "ntok": len(s) - 1} for s, k in live]}
+            if self.replicate:
+                self._rep_pending[self._step_id] = {"ranks": set(range(self.token_first, self.world)),
+                                                    "seqs": [(s, len(s) - 1, s.preemptions) for s, _ in live]}
             for r in range(self.token_first, self.world):
                 self.channels[r].send(admit)
             self.admitting[self._step_id] = {"seqs": [s for s, _ in live],
@@ -237,6 +245,8 @@ class DisaggEngine(PipelineEngine):
 
     def _on_admitted(self, msg) -> None:
         st = self.admitting.get(msg["id"])
+        if st is None and self.ft and msg["id"] <= self._epoch_step:
+            return  # an admission from before a recovery: that request is prefilled again
         if st is None:
             raise WorkerError(f"unexpected admission {msg['id']} from worker {msg['rank']}")
         st["pending"].discard(msg["rank"])
@@ -261,6 +271,56 @@ class DisaggEngine(PipelineEngine):
             self.in_transfer -= 1
             self.slots[slot].running.append(s)
             self.slot_of[s.seq_id] = slot
+
+    # ------------------------------------------------------------------ fault tolerance
+    def _token_side(self) -> list[Sequence]:
+        return super()._token_side() + list(self.ready)
+
+    def _abandon_inflight(self) -> list[str]:
+        """Token steps are lost as in the pipeline; prefills in progress and admissions not yet
+        acknowledged are redone from the start (only requests that had not reached the token side)."""
+        super()._abandon_inflight()
+        drop, again = [], []
+        for i, st in enumerate(self.prompt_inflight):
+            if st is not None:
+                self.prompt_inflight[i] = None
+                drop += st["keys"]
+                again += st["seqs"]
+        for st in self.admitting.values():
+            again += st["seqs"]
+        self.admitting.clear()
+        for s in reversed(again):
+            self._busy.discard(s.seq_id)
+            self.in_transfer -= 1
+            if s.seq_id in self._abort_later:
+                self._abort_later.discard(s.seq_id)
+                self._release(s)
+                s.status, s.finish_reason = Status.FINISHED, "abort"
+                continue
+            if s.finished:
+                self._release(s)
+                continue
+            self._release(s)
+            s.num_cached = 0
+            s.status = Status.WAITING
+            self.waiting.appendleft(s)
+        return drop
+
+    def _release(self, s: Sequence) -> None:
+        if getattr(s, "prompt_blocks", None):
+            self.prompt_alloc.free(s.prompt_blocks)
+            s.prompt_blocks = []
+        if s.block_table:
+            self.allocator.free(s.block_table)
+            s.block_table = []
+
+    def _after_recovery(self, dead: set[int]) -> None:
+        """New token workers have new KV endpoints: every prompt worker hears about them; a new
+        prompt worker hears about all token workers."""
+        if any(r >= self.token_first for r in dead):
+            self._after_ready()
+        else:
+            self._after_ready(only={r for r in dead if r < self.token_first})
 
     def shutdown(self) -> None:
         super().shutdown()

@@ -62,7 +62,7 @@ class Metrics:
         with self._lock:
             lines = []
             for k, v in self.counters.items():
-                lines += [f"# TYPE {k} counter", f"{k} {v}"]
+                lines += [f"# TYPE {k} counter", f"{k} {v() if callable(v) else v}"]
             lines.append("# TYPE dejavu_kv_bytes_streamed_total counter")
             for kind, v in self.bytes_streamed.items():
                 lines.append(f'dejavu_kv_bytes_streamed_total{{kind="{kind}"}} {v() if callable(v) else v}')

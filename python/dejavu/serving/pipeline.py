@@ -50,12 +50,25 @@ class WorkerError(RuntimeError):
     """A worker failed to start or died; the message names the worker and the reason."""
 
 
+class _Failure(Exception):
+    """Internal: workers died (or a step failed on a broken link); the engine recovers."""
+
+    def __init__(self, dead: set[int], reason: str):
+        super().__init__(reason)
+        self.dead, self.reason = set(dead), reason
+
+
+RECOVERY = ("auto", "respawn", "standby", "wait", "off")
+
+
 class PipelineEngine(LLMEngine):
     def __init__(self, source: ModelSource, tokenizer, config: EngineConfig, device: torch.device,
                  dtype: torch.dtype, seed: int, pp: int, tp: int = 1, microbatch_size: int = 0, launcher: str = "local",
                  layer_split: list[tuple[int, int]] | None = None, timeout: float = 300.0,
                  hostfile: str | None = None, log_dir: str | None = None, swap: bool = False,
-                 resident_microbatches: int = 2):
+                 resident_microbatches: int = 2, replicate: bool = False, replicate_dir: str | None = None,
+                 replicate_to: list[int] | None = None, recovery: str = "auto", heartbeat_interval: float = 0.5,
+                 heartbeat_timeout: float = 2.0):
         cfg = self.model_config = source.config
         self.model = None
         self.tokenizer, self.config, self.device, self.dtype = tokenizer, config, device, dtype
@@ -79,14 +92,19 @@ class PipelineEngine(LLMEngine):
         if swap and not 1 <= resident_microbatches:
             raise ValueError(f"resident_microbatches must be >= 1, got {resident_microbatches}")
         self._plan(cfg, pp, layer_split, microbatch_size)
+        self._setup_fault_tolerance(launcher, replicate, replicate_dir, replicate_to, recovery, heartbeat_interval,
+                                    heartbeat_timeout)
         self.token = secrets.token_hex(16)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
-        controller = f"127.0.0.1:{self.port}"
+        self.controller_addr = controller = f"127.0.0.1:{self.port}"
+        self.launcher, self.log_dir = launcher, log_dir
         if launcher == "local":
             self.procs = launch.spawn_local(self.world, controller, self.token, log_dir)
+            self._proc_of = dict(enumerate(self.procs))
         elif launcher == "mpirun":
-            self.procs = launch.spawn_mpirun(self.world, controller, self.token, hostfile, log_dir)
+            self.procs = launch.spawn_mpirun(self.world, controller, self.token, hostfile, log_dir,
+                                             recovery=self.ft)
         elif launcher == "external":
             self.procs = []
             log.warning("waiting for %d workers: dejavu worker --controller %s (token in DEJAVU_CLUSTER_TOKEN=%s)",
@@ -125,6 +143,54 @@ class PipelineEngine(LLMEngine):
                       for a in allocators]
         self.inflight: list[tuple[int, list[Sequence], float] | None] = [None] * pp
         self.scheduler = self.slots[0]  # for code that asks for "the" scheduler (counts, preemptions)
+
+    def _setup_fault_tolerance(self, launcher, replicate, replicate_dir, replicate_to, recovery, hb_interval,
+                               hb_timeout) -> None:
+        if recovery not in RECOVERY:
+            raise ValueError(f"unknown recovery {recovery!r}; use one of {', '.join(RECOVERY)}")
+        if recovery == "auto":
+            recovery = "off" if self.tp > 1 else ("wait" if launcher == "external" else "respawn")
+        if recovery != "off" and self.tp > 1:
+            raise ValueError("recovery from worker failures needs tp 1 (tensor-parallel groups are not re-formed "
+                             "yet); pass recovery='off' with tp > 1")
+        if replicate and recovery == "off":
+            raise ValueError("replicate needs recovery (respawn, standby or wait), not 'off'")
+        if hb_interval <= 0 or hb_timeout <= hb_interval:
+            raise ValueError(f"heartbeat interval ({hb_interval}s) must be > 0 and below the timeout ({hb_timeout}s)")
+        self.recovery, self.ft = recovery, recovery != "off"
+        self.hb_interval, self.hb_timeout = hb_interval, hb_timeout
+        self.replicate = bool(replicate)
+        self.replicate_dir = replicate_dir
+        stages = self.pp  # the stages that hold decode KV: the pipeline, or the token pipeline
+        ring = replicate_to if replicate_to is not None else [(i + 1) % stages for i in range(stages)]
+        if self.replicate:
+            if stages < 2:
+                raise ValueError("replicate needs at least 2 stages holding KV (each replicates to another)")
+            if len(ring) != stages or any(not 0 <= h < stages or h == i for i, h in enumerate(ring)):
+                raise ValueError(f"replicate_to must name, for each of the {stages} stages, another stage in "
+                                 f"[0, {stages}); got {ring}")
+        self.replicate_to = ring
+        self.watermark: dict[int, tuple[int, int]] = {}  # seq id -> (tokens replicated on every stage, preemptions)
+        self._rep_pending: dict[int, dict] = {}          # step id -> ranks yet to acknowledge, (seq, tokens, preemptions)
+        self.rep_bytes: dict[int, int] = {}
+        self.failures: list[dict] = []                   # one entry per recovery (see _recover)
+        self.recomputed_tokens = 0
+        self._epoch = 0
+        self._epoch_step = 0
+        self._gen: dict[int, int] = {}
+        self._last_seen: dict[int, float] = {}
+        self._started = False
+        self._standbys: list = []
+        self._needed: set[int] = set()
+        self._proc_of: dict = {}
+
+    def _holder_rank(self, rank: int) -> int | None:
+        """The rank holding `rank`'s replica (same TP rank of the target stage), or None."""
+        rc = self._rank_config(rank)
+        if not self.replicate or rc["role"] == "prompt":
+            return None
+        stage = (rank - rc["first_rank"]) // self.tp
+        return rc["first_rank"] + self.replicate_to[stage] * self.tp + rank % self.tp
 
     def _blocks_for(self, cfg, layers, num_blocks: int, memory: int) -> int:
         deepest = max(b - a for a, b in layers)
@@ -176,36 +242,91 @@ class PipelineEngine(LLMEngine):
                                       "layers": rc["layers"][(rank - rc["first_rank"]) // self.tp]}
         backend = "nccl" if device.type == "cuda" and torch.cuda.device_count() >= self.world else "gloo"
         master = f"127.0.0.1:{launch.free_port()}"
+        self._config = {"t": "config", "model": spec, "dtype": str(dtype).replace("torch.", ""), "device": device.type,
+                        "seed": seed, "tp": self.tp, "block_size": self.block_size, "master": master,
+                        "world": self.world, "backend": backend, "timeout": self.timeout,
+                        "tp_groups": self._tp_groups(), "kv_token": self.token, "pipes": self.ft,
+                        "heartbeat_interval": self.hb_interval if self.ft else 0}
         for rank, ch in self.channels.items():
-            ch.send({"t": "config", "model": spec, "dtype": str(dtype).replace("torch.", ""), "device": device.type,
-                     "seed": seed, "tp": self.tp, "block_size": self.block_size, "master": master,
-                     "world": self.world, "backend": backend, "timeout": self.timeout, "tp_groups": self._tp_groups(),
-                     "kv_token": self.token, **self._rank_config(rank)})
+            ch.send(self._config_for(rank))
         for rank, ch in self.channels.items():
-            threading.Thread(target=self._reader, args=(rank, ch), daemon=True, name=f"worker{rank}-reader").start()
+            self._start_reader(rank, ch)
         ready = set()
         while len(ready) < self.world:
             msg = self._next_message(deadline, "starting")
             if msg["t"] == "ready":
                 ready.add(msg["rank"])
-                if "kv_port" in msg:
-                    self.worker_info[msg["rank"]]["kv_port"] = msg["kv_port"]
-                if "ipc" in msg:
-                    self._ipc[msg["rank"]] = msg["ipc"]
+                self._on_ready(msg)
+        self._started = True
+        if self.ft:
+            for rank in range(self.world):
+                self.channels[rank].send(self._pipes_msg(rank))
+            threading.Thread(target=self._acceptor, daemon=True, name="controller-accept").start()
         self._after_ready()
         log.info("%d workers ready (TP %d): %s", self.world, self.tp,
                  ", ".join(f"{i['worker']} layers {i['layers']}" for _, i in sorted(self.worker_info.items())))
 
+    def _config_for(self, rank: int) -> dict:
+        rc = self._rank_config(rank)
+        msg = {**self._config, "rank": rank, **rc}
+        if self.replicate and rc["role"] != "prompt":
+            msg["replicate"] = {"dir": self.replicate_dir, "prefix": f"dejavu-{self.token[:12]}-"}
+        return msg
+
+    def _on_ready(self, msg: dict) -> None:
+        info = self.worker_info[msg["rank"]]
+        for k in ("kv_port", "pipe_port", "replica_port", "load_s"):
+            if k in msg:
+                info[k] = msg[k]
+        if "ipc" in msg:
+            self._ipc[msg["rank"]] = msg["ipc"]
+
+    def _pipes_msg(self, rank: int) -> dict:
+        """Rank's neighbours in its pipeline (and its replica holder) for the current epoch."""
+        rc = self._rank_config(rank)
+        stage = (rank - rc["first_rank"]) // self.tp
+        nxt = rank + self.tp if stage < rc["pp"] - 1 else None
+        msg = {"t": "pipes", "epoch": self._epoch, "prev": rank - self.tp if stage > 0 else None,
+               "next": ["127.0.0.1", self.worker_info[nxt]["pipe_port"], nxt] if nxt is not None else None}
+        holder = self._holder_rank(rank)
+        if holder is not None:
+            msg["holder"] = ["127.0.0.1", self.worker_info[holder]["replica_port"]]
+        return msg
+
     def _after_ready(self) -> None:
         """Hook for deployments that must introduce workers to each other once all are up."""
 
-    def _reader(self, rank, ch) -> None:
+    def _start_reader(self, rank: int, ch) -> None:
+        gen = self._gen[rank] = self._gen.get(rank, 0) + 1
+        self._last_seen[rank] = time.monotonic()
+        threading.Thread(target=self._reader, args=(rank, ch, gen), daemon=True, name=f"worker{rank}-reader").start()
+
+    def _reader(self, rank, ch, gen) -> None:
         try:
             while True:
-                self._inbox.put(ch.recv(None))
+                msg = ch.recv(None)
+                self._last_seen[rank] = time.monotonic()
+                if msg["t"] == "hb":
+                    continue
+                msg["_rank"], msg["_gen"] = rank, gen
+                self._inbox.put(msg)
         except (ConnectionError, OSError) as e:
             if not self._closed:
-                self._inbox.put({"t": "dead", "rank": rank, "msg": str(e)})
+                self._inbox.put({"t": "dead", "rank": rank, "msg": str(e), "_rank": rank, "_gen": gen})
+
+    def _acceptor(self) -> None:
+        """After start-up: replacement workers and standbys connect at any time."""
+        while not self._closed:
+            try:
+                ch, hello = accept_hello(self._listener, self.token, 1.0)
+            except TimeoutError:
+                continue
+            except ProtocolError as e:
+                log.warning("refused a connection: %s", e)
+                continue
+            except OSError:
+                return
+            self._inbox.put({"t": "joined", "ch": ch, "hello": hello})
 
     def _next_message(self, deadline: float, doing: str) -> dict:
         while True:
@@ -213,26 +334,82 @@ class PipelineEngine(LLMEngine):
             if left <= 0:
                 raise WorkerError(f"workers did not answer within {self.timeout}s while {doing}")
             try:
-                msg = self._inbox.get(timeout=min(left, 1.0))
+                msg = self._inbox.get(timeout=min(left, 0.25 if self.ft else 1.0))
             except queue.Empty:
                 self._check_procs()
+                self._check_heartbeats()
                 continue
-            if msg["t"] == "error":
-                raise WorkerError(f"worker {msg['rank']} failed: {msg['msg']}")
-            if msg["t"] == "dead":
-                raise WorkerError(f"worker {msg['rank']} disconnected while {doing}: {msg['msg']}")
-            return msg
+            msg = self._classify(msg, doing)
+            if msg is not None:
+                return msg
+
+    def _classify(self, msg: dict, doing: str) -> dict | None:
+        """Handles bookkeeping messages and failures; returns those the caller must see."""
+        if "_rank" in msg and msg["_gen"] != self._gen.get(msg["_rank"]):
+            return None  # from a worker already replaced
+        t = msg["t"]
+        if t == "error":
+            raise WorkerError(f"worker {msg['rank']} failed: {msg['msg']}")
+        if t == "dead":
+            if self.ft and self._started:
+                raise _Failure({msg["rank"]}, f"worker {msg['rank']} disconnected: {msg['msg']}")
+            raise WorkerError(f"worker {msg['rank']} disconnected while {doing}: {msg['msg']}")
+        if t == "step_failed":
+            if msg["id"] > self._epoch_step:  # a live link broke: reset and replay, even if no one died
+                raise _Failure(set(), f"worker {msg['rank']} lost step {msg['id']}: {msg['msg']}")
+            return None
+        if t == "replicated":
+            self._on_replicated(msg)
+            return None
+        if t == "swapstats":
+            self.swap_stats[msg["rank"]] = msg
+            return None
+        if t == "joined":
+            return msg if self._on_joined(msg) else None
+        return msg
+
+    def idle_check(self) -> None:
+        """Called while no request runs: notice failures (and recover) before the next request comes."""
+        if not (self.ft and self._started) or self._closed:
+            return
+        try:
+            self._check_procs()
+            self._check_heartbeats()
+            while True:
+                self._classify(self._inbox.get_nowait(), "idle")
+        except queue.Empty:
+            pass
+        except _Failure as f:
+            self._recover(f.dead, f.reason)
 
     def _check_procs(self) -> None:
+        if self.ft and self._started and self._proc_of:
+            for rank, p in list(self._proc_of.items()):
+                if p.poll() is None:
+                    continue
+                if rank in self._needed:
+                    raise WorkerError(f"the replacement for rank {rank} exited with status {p.returncode} while "
+                                      f"starting")
+                raise _Failure({rank}, f"worker process {p.pid} (rank {rank}) exited with status {p.returncode}")
+            return
         for p in self.procs:
             if p.poll() is not None:
                 raise WorkerError(f"worker process {p.pid} exited with status {p.returncode}")
+
+    def _check_heartbeats(self) -> None:
+        if not (self.ft and self._started):
+            return
+        now = time.monotonic()
+        silent = {r for r in self.channels if r not in self._needed and now - self._last_seen.get(r, now) > self.hb_timeout}
+        if silent:
+            raise _Failure(silent, f"no heartbeat from rank(s) {sorted(silent)} for {self.hb_timeout}s")
 
     # ------------------------------------------------------------------ serving loop
     def _enqueue(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        self.watermark.pop(seq.seq_id, None)
         slot = self.slot_of.pop(seq.seq_id, None)
         sched = self.slots[slot] if slot is not None else self.slots[0]
         sched.finish(seq, reason)
@@ -263,6 +440,13 @@ class PipelineEngine(LLMEngine):
         return bool(self.waiting) or any(s.running for s in self.slots) or any(self.inflight)
 
     def step(self) -> list[Sequence]:
+        try:
+            return self._step()
+        except _Failure as f:
+            self._recover(f.dead, f.reason)
+            return []
+
+    def _step(self) -> list[Sequence]:
         for i, slot in enumerate(self.slots):
             if self.inflight[i] is None:
                 seqs, is_prefill = slot.schedule()
@@ -274,14 +458,13 @@ class PipelineEngine(LLMEngine):
                 raise RuntimeError("scheduler stalled: waiting requests but nothing can run")
             return []
         msg = self._next_message(time.monotonic() + self.timeout, "running a step")
-        if msg["t"] == "swapstats":
-            self.swap_stats[msg["rank"]] = msg
-            return []
         return self._on_tokens(msg) if msg["t"] == "tokens" else []
 
     def _on_tokens(self, msg: dict) -> list[Sequence]:
         """A microbatch's sampled tokens came back: append them to the sequences still live."""
         i = msg["mb"]
+        if self.ft and (self.inflight[i] is None or self.inflight[i][0] != msg["id"]) and msg["id"] <= self._epoch_step:
+            return []  # a step from before a recovery: replayed already
         step_id, seqs, _ = self.inflight[i]
         if msg["id"] != step_id:
             raise WorkerError(f"microbatch {i}: expected step {step_id}, got {msg['id']}")
@@ -301,16 +484,224 @@ class PipelineEngine(LLMEngine):
         self._step_id += 1
         items = []
         for s in seqs:
-            items.append(self._step_item(s, s.num_cached if is_prefill else len(s) - 1, s.block_table))
+            # From the first token without KV: everything for a prefill, the newest token for a decode,
+            # more after a recovery (from the request's watermark).
+            items.append(self._step_item(s, s.num_cached, s.block_table))
             s.num_cached = len(s)
             self.slot_of[s.seq_id] = slot
             self._busy.add(s.seq_id)
+        if self.replicate:
+            self._rep_pending[self._step_id] = {"ranks": set(self._step_ranks()),
+                                                "seqs": [(s, len(s), s.preemptions) for s in seqs]}
         msg = {"t": "step", "mb": slot, "id": self._step_id, "prefill": is_prefill, "seqs": items}
         if self.swap:  # every block the microbatch holds now: workers keep exactly these resident
             msg["live"] = [b for s in self.slots[slot].running for b in s.block_table]
         for r in self._step_ranks():
             self.channels[r].send(msg)
         self.inflight[slot] = (self._step_id, seqs, time.monotonic())
+
+    # ------------------------------------------------------------------ fault tolerance
+    def _on_replicated(self, msg: dict) -> None:
+        """A worker's holder applied step `id`: once every stage has, the step's tokens count."""
+        self.rep_bytes[msg["rank"]] = msg.get("bytes", 0)
+        st = self._rep_pending.get(msg["id"])
+        if st is None:
+            return
+        st["ranks"].discard(msg["rank"])
+        if st["ranks"]:
+            return
+        del self._rep_pending[msg["id"]]
+        for s, n, pre in st["seqs"]:
+            if not s.finished and s.preemptions == pre:
+                w, _ = self.watermark.get(s.seq_id, (0, pre))
+                self.watermark[s.seq_id] = (max(w, n), pre)
+
+    def _on_joined(self, msg: dict) -> bool:
+        """A connection after start-up: a standby joins the pool; a replacement for a rank we wait
+        for is taken (returned to the recovery loop); anything else is turned away."""
+        ch, hello = msg["ch"], msg["hello"]
+        if hello.get("standby"):
+            self._standbys.append((ch, hello))
+            log.info("standby worker registered (pid %s on %s)", hello.get("pid"), hello.get("host"))
+            return bool(self._needed)
+        if int(hello.get("rank", -1)) in self._needed and int(hello["rank"]) not in self.channels:
+            return True
+        try:
+            ch.send({"t": "shutdown"})
+        finally:
+            ch.close()
+        log.warning("turned away a worker announcing rank %s: no such rank is being replaced", hello.get("rank"))
+        return False
+
+    def _token_side(self) -> list[Sequence]:
+        """Requests whose KV lives in the decode workers' caches."""
+        return [s for slot in self.slots for s in slot.running]
+
+    def _abandon_inflight(self) -> list[str]:
+        """Every in-flight step is lost (it passed through every stage); returns KV keys to drop."""
+        for i, inf in enumerate(self.inflight):
+            if inf is not None:
+                self.inflight[i] = None
+                self._returned(inf[1])
+        self._rep_pending.clear()
+        return []
+
+    def _replace(self, rank: int) -> None:
+        """Stop a failed worker for good and bring in its replacement (by the recovery policy)."""
+        ch = self.channels.pop(rank, None)
+        self._gen[rank] = self._gen.get(rank, 0) + 1  # its messages still queued are ignored
+        if ch is not None:
+            ch.close()
+        p = self._proc_of.pop(rank, None)
+        if p is not None and p.poll() is None:
+            p.kill()
+        elif p is None and self.worker_info.get(rank, {}).get("host") == socket.gethostname():
+            try:  # a hung worker we did not start ourselves (mpirun): make sure it is gone
+                os.kill(int(self.worker_info[rank]["pid"]), 9)
+            except (OSError, TypeError, ValueError):
+                pass
+        self._needed.add(rank)
+        name = self.worker_info[rank]["worker"]
+        if self.recovery == "respawn":
+            p = launch.spawn_local_rank(rank, self.controller_addr, self.token, self.log_dir)
+            self._proc_of[rank] = p
+            self.procs.append(p)
+        elif self.recovery == "standby" and self._standbys:
+            self._assign(rank, *self._standbys.pop(0))
+        else:
+            log.warning("worker %s (rank %d) is down: start `dejavu worker --controller %s --rank %d` (token in "
+                        "DEJAVU_CLUSTER_TOKEN) or `dejavu worker --standby`", name, rank, self.controller_addr, rank)
+
+    def _assign(self, rank: int, ch, hello: dict) -> None:
+        self.channels[rank] = ch
+        self.worker_info[rank].update(pid=hello.get("pid"), host=hello.get("host"))
+        ch.send({**self._config_for(rank), "epoch": self._epoch})
+        self._start_reader(rank, ch)
+
+    def _recover(self, dead: set[int], reason: str) -> None:
+        """Replace dead workers, re-form the pipes, restore their KV from the replicas, and resume
+        every request from its watermark (or from its prompt without replication)."""
+        t0 = time.monotonic()
+        event = {"at": time.time(), "reason": reason, "ranks": sorted(dead),
+                 "workers": [self.worker_info[r]["worker"] for r in sorted(dead)]}
+        log.warning("recovering: %s", reason)
+        drop = self._abandon_inflight()
+        self._epoch += 1
+        self._epoch_step = self._step_id
+        resetting = set()
+        for r in sorted(dead):
+            self._replace(r)
+        for r in sorted(set(self.channels) - dead):
+            try:
+                self.channels[r].send({"t": "reset", "epoch": self._epoch, "drop_keys": drop})
+                resetting.add(r)
+            except OSError:
+                dead.add(r)
+                self._replace(r)
+        deadline = time.monotonic() + self.timeout
+        while self._needed or resetting:
+            try:
+                msg = self._next_message(deadline, "recovering from a failure")
+            except _Failure as f:
+                for r in f.dead - dead:  # another one died meanwhile: replace it too
+                    dead.add(r)
+                    resetting.discard(r)
+                    self._replace(r)
+                event["reason"] += f"; {f.reason}"
+                continue
+            t = msg["t"]
+            if t == "reset_done" and msg["epoch"] == self._epoch:
+                resetting.discard(msg["rank"])
+            elif t == "joined":
+                ch, hello = msg["ch"], msg["hello"]
+                if hello.get("standby"):
+                    self._standbys.remove((ch, hello))
+                    waiting = sorted(r for r in self._needed if r not in self.channels)
+                    if waiting:
+                        self._assign(waiting[0], ch, hello)
+                else:
+                    self._assign(int(hello["rank"]), ch, hello)
+            elif t == "ready" and msg["rank"] in self._needed:
+                self._needed.discard(msg["rank"])
+                self._on_ready(msg)
+                event["weights_s"] = max(event.get("weights_s", 0.0), msg.get("load_s", 0.0))
+        event["respawn_s"] = time.monotonic() - t0
+        event["ranks"] = sorted(dead)  # including those found dead while recovering
+        event["workers"] = [self.worker_info[r]["worker"] for r in sorted(dead)]
+        for r in range(self.world):
+            self.channels[r].send(self._pipes_msg(r))
+        t1 = time.monotonic()
+        bad = self._restore_kv(dead) if self.replicate else set()
+        event["kv_fetch_s"] = time.monotonic() - t1
+        self._after_recovery(dead)
+        recomputed = 0
+        kv_lost = any(self._holds_decode_kv(r) for r in dead)
+        for s in self._token_side():
+            n = len(s) - 1  # tokens whose KV existed before the failure (the newest one's comes next)
+            if not kv_lost:  # a prompt worker or a link failed: the decode caches are intact
+                s.num_cached = min(s.num_cached, n)
+                continue
+            w, pre = self.watermark.get(s.seq_id, (0, s.preemptions))
+            if not self.replicate or s.seq_id in bad or pre != s.preemptions:
+                w = 0
+            w = min(w, n)
+            if not self.replicate:
+                # The paper's baseline: start over from the prompt (tokens already streamed to the client
+                # are regenerated identically and not sent again).
+                s.token_ids = s.token_ids[:s.num_prompt_tokens]
+            s.num_cached = w
+            self.watermark[s.seq_id] = (w, s.preemptions)
+            recomputed += max(0, n - w)
+        self.recomputed_tokens += recomputed
+        event.update(total_s=time.monotonic() - t0, recomputed_tokens=recomputed, bad_replicas=len(bad),
+                     replicated=self.replicate)
+        self.failures.append(event)
+        log.warning("recovered from the failure of %s in %.2fs (respawn %.2fs, KV %.2fs); %d tokens recomputed",
+                    ", ".join(event["workers"]), event["total_s"], event["respawn_s"], event["kv_fetch_s"], recomputed)
+
+    def _holds_decode_kv(self, rank: int) -> bool:
+        return self._rank_config(rank)["role"] != "prompt"
+
+    def _after_recovery(self, dead: set[int]) -> None:
+        """Hook: re-introduce workers to each other (disaggregation)."""
+
+    def _restore_kv(self, dead: set[int]) -> set[int]:
+        """Replacements fetch their stage's KV from its holder; workers whose holder was replaced
+        re-seed it. Returns the requests that cannot use their replica (checksum, lost holder)."""
+        seqs = self._token_side()
+        blocks = sorted({b for s in seqs for b in s.block_table})
+        bad: set[int] = set()
+        waiting: dict[tuple[str, int], bool] = {}
+        for r in sorted(dead):
+            holder = self._holder_rank(r)
+            if holder is None:
+                continue
+            if holder in dead and not self.replicate_dir:
+                bad.update(s.seq_id for s in seqs)  # the replica died with its holder
+                continue
+            self.channels[r].send({"t": "restore", "holder": ["127.0.0.1", self.worker_info[holder]["replica_port"]],
+                                   "blocks": blocks,
+                                   "seqs": [[s.seq_id, s.block_table, min(self.watermark.get(s.seq_id, (0, 0))[0],
+                                                                          len(s) - 1)] for s in seqs]})
+            waiting[("restored", r)] = True
+        for r in range(self.world):
+            if r not in dead and self._holder_rank(r) in dead:
+                self.channels[r].send({"t": "rereplicate", "id": self._epoch, "blocks": blocks})
+                waiting[("rereplicated", r)] = True
+        deadline = time.monotonic() + self.timeout
+        while waiting:
+            msg = self._next_message(deadline, "restoring KV from replicas")
+            key = (msg["t"], msg.get("rank"))
+            if key not in waiting:
+                continue
+            del waiting[key]
+            if msg["t"] == "restored":
+                bad.update(msg["bad"])
+                if msg.get("error"):
+                    log.warning("worker %d could not fetch its replica: %s", msg["rank"], msg["error"])
+            elif msg.get("error"):
+                log.warning("worker %d could not re-seed its replica holder: %s", msg["rank"], msg["error"])
+        return bad
 
     # ------------------------------------------------------------------ shutdown
     def shutdown(self) -> None:
@@ -329,3 +720,9 @@ class PipelineEngine(LLMEngine):
 
     def cluster(self) -> list[dict]:
         return [{"rank": r, **info} for r, info in sorted(self.worker_info.items())]
+
+    def fault_tolerance(self) -> dict:
+        """For /v1/cluster and /metrics."""
+        return {"recovery": self.recovery, "replicate": self.replicate, "failures": len(self.failures),
+                "recoveries": self.failures, "recomputed_tokens": self.recomputed_tokens,
+                "replicated_bytes": sum(self.rep_bytes.values())}

@@ -69,12 +69,14 @@ class StageWorker:
             # Share the host's cores among the workers instead of oversubscribing them.
             threads = int(os.environ.get("DEJAVU_WORKER_THREADS", 0)) or max(1, (os.cpu_count() or 1) // cfg["world"])
             torch.set_num_threads(threads)
+        t_load = time.perf_counter()
         src = resolve(cfg["model"])
         self.model = load_model(src, self.device, self.dtype, seed=cfg["seed"], layer_range=(start, end),
                                 tp_rank=self.tp_rank, tp_size=self.tp)
         mc = self.model.cfg
         self.cache = PagedKVCache(end - start, cfg["num_blocks"], cfg["block_size"], mc.num_kv_heads, mc.head_dim,
                                   self.dtype, self.device)
+        self.load_s = time.perf_counter() - t_load  # weights and cache (reported with READY)
         self.swap = None
         if cfg.get("swap"):
             from ..engine.swap import SwapCache
@@ -83,7 +85,14 @@ class StageWorker:
         self.backend = cfg["backend"]
         self.hidden = mc.hidden_size
         self.dist = dist
-        if cfg["world"] > 1:
+        # Fault tolerance: hidden states travel over our own per-neighbour connections (a dead peer
+        # breaks only those); torch.distributed is then needed only for tensor parallelism.
+        self.pipes = None
+        if cfg.get("pipes"):
+            from ..parallel.pipe import StagePipes
+
+            self.pipes = StagePipes(cfg["kv_token"], rank, cfg.get("kv_host", "127.0.0.1"), cfg["timeout"])
+        if cfg["world"] > 1 and (self.pipes is None or self.tp > 1):
             dist.init_process_group(self.backend, init_method=f"tcp://{cfg['master']}", rank=rank,
                                     world_size=cfg["world"], timeout=datetime.timedelta(seconds=cfg["timeout"]))
             # Every rank creates every TP group, in the same order (new_group is collective).
@@ -96,17 +105,32 @@ class StageWorker:
         self.streamer = None
         self.kv_server = None
         self.dests = {}
-        if self.role in ("prompt", "token"):
+        rep = cfg.get("replicate")
+        if self.role in ("prompt", "token") or rep:
             from ..kvstream import KVStreamer, TcpReplicaServer
 
             self.streamer = KVStreamer(self.cache, pool_bytes=cfg.get("kv_pool_bytes", 256 << 20))
             if self.role == "token":
                 self.kv_server = TcpReplicaServer(cfg["kv_token"], host=cfg.get("kv_host", "127.0.0.1"))
+        # --replicate: hold the replicas of other workers (ReplicaServer) and send ours (Replicator).
+        self.replica_server = self.replicator = None
+        if rep:
+            from ..kvstream.replica import ReplicaServer
+            from .replication import Replicator
+
+            self.replica_server = ReplicaServer(cfg["kv_token"], cfg.get("kv_host", "127.0.0.1"), rep.get("dir"),
+                                                prefix=rep.get("prefix", ""))
+            self.replicator = Replicator(self, cfg["worker_name"])
 
     def ready_info(self) -> dict:
+        info = {"load_s": self.load_s}
+        if self.pipes is not None:
+            info["pipe_port"] = self.pipes.port
+        if self.replica_server is not None:
+            info["replica_port"] = self.replica_server.port
         if not self.kv_server:
-            return {}
-        info = {"kv_port": self.kv_server.port}
+            return info
+        info["kv_port"] = self.kv_server.port
         if self.device.type == "cuda":  # same-host prompt workers may write straight into this cache
             from ..kvstream.ipc import export_tensor
 
@@ -119,11 +143,17 @@ class StageWorker:
         ids, pos, meta, last = build_metadata(items, self.cache.block_size, self.device)
         if self.stage == 0:
             x = ids
+        elif self.pipes is not None:
+            buf = torch.empty((ids.numel(), self.hidden), dtype=self.dtype)
+            x = self.pipes.recv(msg["id"], buf).to(self.device)
         else:
             buf = torch.empty((ids.numel(), self.hidden), dtype=self.dtype, device=self.wire_device)
             self.dist.recv(buf, src=self.rank - self.tp)  # same TP rank, previous stage
             x = buf.to(self.device)
         h = self.model(x, pos, meta, self.cache.tensor, on_layer=on_layer)
+        if self.stage < self.pp - 1 and self.pipes is not None:
+            self.pipes.send(msg["id"], h)
+            return None
         if self.stage < self.pp - 1:
             out = h.to(self.wire_device).contiguous()
             self.pending_sends = [w for w in self.pending_sends if not w[0].is_completed()]
@@ -153,6 +183,14 @@ class StageWorker:
             h = self._forward(msg)
             if h is not None and self.tp_rank == 0:  # the LM head is replicated: TP rank 0 of the last stage answers
                 self.ch.send({"t": "tokens", "mb": msg["mb"], "id": msg["id"], "tokens": self._sample(msg, h)})
+            if self.replicator is not None:  # the token slots this step wrote leave for the replica holder
+                bs = self.cache.block_size
+                blocks, slots = [], []
+                for s in msg["seqs"]:
+                    for p in range(s["start"], s["start"] + len(s["ids"])):
+                        blocks.append(s["blocks"][p // bs])
+                        slots.append(p % bs)
+                self.replicator.after_step(msg["id"], blocks, slots)
         finally:
             if self.swap is not None:
                 self.swap.write_back(mapping, touched)  # incremental swap-out: only the new tokens' blocks
@@ -324,6 +362,7 @@ class StageWorker:
             nbytes = sum(len(s["blocks"]) for s in msg["seqs"]) * self.cache.num_layers * chunk
             self.ch.send({"t": "admitted", "id": msg["id"], "rank": self.rank, "bytes": nbytes,
                           "seconds": time.perf_counter() - t0})
+            self._replicate_admitted(msg)
             return
         for s in msg["seqs"]:
             for i in range(self.cache.num_layers):
@@ -348,10 +387,99 @@ class StageWorker:
             torch.cuda.synchronize(self.device)
         self.ch.send({"t": "admitted", "id": msg["id"], "rank": self.rank, "bytes": nbytes,
                       "seconds": time.perf_counter() - t0})
+        self._replicate_admitted(msg)
+
+    def _replicate_admitted(self, msg: dict) -> None:
+        """The prompt KV just admitted goes to the replica holder as well (positions [0, ntok))."""
+        if self.replicator is None:
+            return
+        bs = self.cache.block_size
+        blocks = [s["blocks"][p // bs] for s in msg["seqs"] for p in range(s["ntok"])]
+        slots = [p % bs for s in msg["seqs"] for p in range(s["ntok"])]
+        self.replicator.after_step(msg["id"], blocks, slots)
+
+    # ------------------------------------------------------------------ fault tolerance
+    def reset(self, msg: dict) -> None:
+        """A worker failed: drop the pipes (every step still queued fails fast), let replication
+        finish what it can, forget KV pushed for prefills that will be redone, then say so."""
+        if self.pipes is not None:
+            self.pipes.fail()
+        if self.replicator is not None:
+            self.replicator.drain()
+        prefixes = [k + "." for k in msg.get("drop_keys", [])]
+        if prefixes and self.kv_server is not None:
+            for key in self.kv_server.server.keys():
+                if any(key.startswith(p) for p in prefixes):
+                    self.kv_server.server.erase(key)
+            from ..kvstream.shm import SHM_DIR
+
+            base = self.cfg["shm_prefix"]
+            for name in os.listdir(SHM_DIR):
+                if name.startswith(base) and any(name[len(base):].startswith(p) for p in prefixes):
+                    try:
+                        os.unlink(os.path.join(SHM_DIR, name))
+                    except OSError:
+                        pass
+        self.ch.send({"t": "reset_done", "rank": self.rank, "epoch": msg["epoch"]})
+
+    def set_pipes(self, msg: dict) -> None:
+        """Neighbours (and replica holder) of a new epoch: connections are made on first use."""
+        if self.pipes is not None:
+            self.pipes.configure(msg["epoch"], msg.get("prev"), msg.get("next"))
+        if self.replicator is not None and msg.get("holder"):
+            self.replicator.set_holder(msg["holder"])
+
+    @torch.inference_mode()
+    def restore(self, msg: dict) -> None:
+        """A replacement worker: fetch this stage's KV from the replica holder into the cache. A
+        slot below a request's watermark whose checksum fails marks the request bad (recomputed)."""
+        from ..kvstream.replica import ReplicaClient, ReplicaError, block_checksums
+
+        t0 = time.perf_counter()
+        blocks = msg["blocks"]
+        bad, nbytes, error = [], 0, None
+        try:
+            if blocks:
+                client = ReplicaClient(msg["holder"][0], int(msg["holder"][1]), self.cfg["kv_token"],
+                                       timeout=self.cfg["timeout"])
+                try:
+                    data, chk = client.get_blocks(self.cfg["worker_name"], blocks)
+                finally:
+                    client.close()
+                shape = (self.cache.num_layers, len(blocks)) + tuple(self.cache.tensor.shape[2:])
+                x = data.view(self.cache.dtype).view(shape)
+                good = block_checksums(x) == chk.view(len(blocks), -1)
+                # Never let a corrupted slot into the cache (garbage such as NaN would leak through masked
+                # attention); those of live requests are recomputed anyway.
+                x.permute(1, 3, 0, 2, 4, 5)[~good] = 0
+                ok = good.tolist()
+                at = {b: i for i, b in enumerate(blocks)}
+                bs = self.cache.block_size
+                for sid, table, w in msg["seqs"]:
+                    if not all(ok[at[table[p // bs]]][p % bs] for p in range(w)):
+                        bad.append(sid)
+                idx = torch.as_tensor(blocks, dtype=torch.long, device=self.device)
+                self.cache.tensor.index_copy_(1, idx, x.to(self.device))
+                nbytes = data.numel()
+        except (OSError, ReplicaError) as e:
+            error = f"{type(e).__name__}: {e}"
+            bad = [sid for sid, _, _ in msg["seqs"]]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.ch.send({"t": "restored", "rank": self.rank, "bad": bad, "bytes": nbytes,
+                      "seconds": time.perf_counter() - t0, "error": error})
+
+    def rereplicate(self, msg: dict) -> None:
+        """Our holder was replaced: re-seed it with every live block."""
+        self.replicator.send_blocks(msg["id"], msg["blocks"])
 
     def close(self):
         if self.swap is not None:
             self.swap.close()
+        if self.pipes is not None:
+            self.pipes.close()
+        if self.replica_server is not None:
+            self.replica_server.stop()
         for w, _ in self.pending_sends:
             w.wait()
         if self.kv_server is not None:
@@ -383,25 +511,53 @@ def _receiver(ch: Channel, worker: StageWorker):
     return inbox
 
 
-def run(controller: str, token: str, rank: int | None = None) -> int:
+def _heartbeat(ch: Channel, rank_of, interval: float) -> None:
+    """Tell the controller we are alive every `interval` seconds (also while loading weights)."""
+    def loop():
+        while True:
+            time.sleep(interval)
+            try:
+                ch.send({"t": "hb", "rank": rank_of()})
+            except OSError:
+                return
+    threading.Thread(target=loop, daemon=True, name="heartbeat").start()
+
+
+def run(controller: str, token: str, rank: int | None = None, standby: bool = False) -> int:
     host, _, port = controller.rpartition(":")
     rank = rank if rank is not None else _env_rank()
-    if rank is None:
-        print("dejavu worker: no rank (pass --rank or launch under mpirun)", file=sys.stderr)
+    if rank is None and not standby:
+        print("dejavu worker: no rank (pass --rank, launch under mpirun, or --standby)", file=sys.stderr)
         return 2
     if os.environ.get("DEJAVU_PARENT_PID"):
         _watch_parent(int(os.environ["DEJAVU_PARENT_PID"]))
-    ch = connect(host or "127.0.0.1", int(port), token, {"rank": rank, "pid": os.getpid(), "host": socket.gethostname()})
-    cfg = ch.recv(timeout=600)
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack (a hung worker)
+    hello = {"pid": os.getpid(), "host": socket.gethostname()}
+    hello.update({"standby": True} if standby else {"rank": rank})
+    ch = connect(host or "127.0.0.1", int(port), token, hello)
+    if standby:
+        print(f"dejavu worker: standing by for {controller}", file=sys.stderr, flush=True)
+    cfg = ch.recv(timeout=None if standby else 600)
     if cfg.get("t") != "config":
         return 2
+    rank = int(cfg.get("rank", rank))
+    if cfg.get("heartbeat_interval"):
+        _heartbeat(ch, lambda: rank, float(cfg["heartbeat_interval"]))
     try:
         worker = StageWorker(ch, cfg, rank)
     except Exception as e:  # noqa: BLE001 - reported to the controller, which stops everyone
         ch.send({"t": "error", "rank": rank, "msg": f"{type(e).__name__}: {e}"})
         return 1
     ch.send({"t": "ready", "rank": rank, **worker.ready_info()})
-    handlers = {"step": worker.step, "prefill": worker.prefill, "admit": worker.admit, "peers": worker.set_peers}
+    handlers = {"step": worker.step, "prefill": worker.prefill, "admit": worker.admit, "peers": worker.set_peers,
+                "reset": worker.reset, "pipes": worker.set_pipes, "restore": worker.restore,
+                "rereplicate": worker.rereplicate}
+    from ..kvstream import StreamError
+    from ..parallel.pipe import PipeBroken
+
     inbox = _receiver(ch, worker) if worker.swap is not None else None
     try:
         while True:
@@ -411,8 +567,17 @@ def run(controller: str, token: str, rank: int | None = None) -> int:
             if msg["t"] == "shutdown":
                 break
             handler = handlers.get(msg["t"])
-            if handler is not None:
+            if handler is None:
+                continue
+            try:
                 handler(msg)
+            except (PipeBroken, StreamError) as e:
+                if worker.pipes is None:
+                    raise
+                # A neighbour (or a KV peer) died: this step is lost; the controller resets and replays.
+                if worker.pipes is not None:
+                    worker.pipes.fail()
+                ch.send({"t": "step_failed", "rank": rank, "id": msg.get("id", 0), "msg": str(e)})
     except ConnectionError:
         return 4  # the controller is gone: nothing to serve
     except Exception as e:  # noqa: BLE001

@@ -1,0 +1,288 @@
+"""KV replicas in another worker's host memory (and optionally on its local disk).
+
+Each replicating worker (the source) streams the K/V it writes to one holder; the holder keeps a
+*mirror* of the source's paged cache in host memory: same shape, same block ids (the controller
+hands out block ids for every stage at once), so a token written at (layer, block, slot) on the
+source lands at the same place in the mirror. Token-level updates are small (one slot per
+sequence per step); a whole-block update re-seeds a mirror (after its holder was replaced).
+
+Integrity: every frame's payload carries a CRC-32 checked on arrival (a bad frame is refused, never
+applied). At rest, the holder keeps one checksum per token slot (a position-weighted sum of the
+slot's 32-bit words over all layers, computed from the applied bytes); whoever fetches a mirror
+recomputes them and never uses a slot that does not match. With a directory the mirror and its
+checksums are files mapped shared: they survive the holder's process (the page cache keeps them)
+and a replacement holder reopens them; a torn write shows up as a checksum mismatch.
+
+Wire: 4-byte big-endian header length, a msgpack header {"t": op, ...}, then `n` raw payload
+bytes. The first frame is a HELLO with the cluster token. Nothing is unpickled.
+"""
+from __future__ import annotations
+
+import hmac
+import math
+import os
+import socket
+import struct
+import threading
+import zlib
+
+import msgpack
+import torch
+
+from ..parallel.wire import recv_exact
+
+_LEN = struct.Struct(">I")
+MAX_HEADER = 1 << 20
+MAX_PAYLOAD = 16 << 30
+
+
+class ReplicaError(RuntimeError):
+    pass
+
+
+def slot_checksums(x: torch.Tensor) -> torch.Tensor:
+    """x: [layers, n, 2, heads, head_dim] (one entry per token slot, K then V) -> int64 [n]."""
+    layers, n = x.shape[0], x.shape[1]
+    words = x.contiguous().view(torch.uint8).reshape(layers, n, -1).view(torch.int32).to(torch.int64)
+    w = words.shape[2]
+    weights = torch.arange(layers, dtype=torch.int64)[:, None] * w + torch.arange(1, w + 1, dtype=torch.int64)
+    return (words * weights[:, None, :]).sum(dim=(0, 2))
+
+
+def block_checksums(x: torch.Tensor) -> torch.Tensor:
+    """x: [layers, nb, 2, block_size, heads, head_dim] whole blocks -> int64 [nb, block_size]."""
+    layers, nb, _, bs = x.shape[:4]
+    slots = x.permute(0, 1, 3, 2, 4, 5).reshape(layers, nb * bs, 2, *x.shape[4:])
+    return slot_checksums(slots).view(nb, bs)
+
+
+def _dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, str(name), None)
+    if not isinstance(dt, torch.dtype):
+        raise ReplicaError(f"unknown dtype {name!r}")
+    return dt
+
+
+def _mapped(path: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    nbytes = numel * torch.tensor([], dtype=dtype).element_size()
+    with open(path, "ab"):
+        pass
+    if os.path.getsize(path) != nbytes:
+        os.truncate(path, nbytes)  # a new (or differently shaped) mirror starts zeroed
+    return torch.from_file(path, shared=True, size=numel, dtype=dtype)
+
+
+class Mirror:
+    def __init__(self, shape, dtype: torch.dtype, path: str | None = None):
+        self.shape = tuple(int(x) for x in shape)
+        if len(self.shape) != 6 or self.shape[2] != 2 or min(self.shape) <= 0:
+            raise ReplicaError(f"bad mirror shape {shape}")
+        self.dtype = dtype
+        layers, blocks, _, bs = self.shape[:4]
+        if path:
+            self.data = _mapped(path + ".kv", math.prod(self.shape), dtype).view(self.shape)
+            self.chk = _mapped(path + ".chk", blocks * bs, torch.int64).view(blocks, bs)
+        else:
+            self.data = torch.zeros(self.shape, dtype=dtype)
+            self.chk = torch.zeros((blocks, bs), dtype=torch.int64)
+        self.lock = threading.Lock()
+
+    def slot_entry_shape(self, n: int):
+        layers, _, _, _, heads, dim = self.shape
+        return (layers, n, 2, heads, dim)
+
+    def put_slots(self, blocks, slots, payload: torch.Tensor) -> None:
+        b = torch.as_tensor(blocks, dtype=torch.long)
+        s = torch.as_tensor(slots, dtype=torch.long)
+        self._check_ids(b, s)
+        x = payload.view(self.dtype).view(self.slot_entry_shape(len(blocks)))
+        with self.lock:
+            self.data.permute(1, 3, 0, 2, 4, 5)[b, s] = x.permute(1, 0, 2, 3, 4)
+            self.chk[b, s] = slot_checksums(x)
+
+    def put_blocks(self, blocks, payload: torch.Tensor) -> None:
+        b = torch.as_tensor(blocks, dtype=torch.long)
+        self._check_ids(b, None)
+        layers, _, two, bs, heads, dim = self.shape
+        x = payload.view(self.dtype).view(layers, len(blocks), two, bs, heads, dim)
+        with self.lock:
+            self.data[:, b] = x
+            self.chk[b] = block_checksums(x)
+
+    def get_blocks(self, blocks) -> tuple[torch.Tensor, torch.Tensor]:
+        b = torch.as_tensor(blocks, dtype=torch.long)
+        self._check_ids(b, None)
+        with self.lock:
+            return self.data[:, b].contiguous(), self.chk[b].contiguous()
+
+    def _check_ids(self, b, s) -> None:
+        if b.numel() and (int(b.min()) < 0 or int(b.max()) >= self.shape[1]):
+            raise ReplicaError(f"block id out of range [0, {self.shape[1]})")
+        if s is not None and s.numel() and (int(s.min()) < 0 or int(s.max()) >= self.shape[3]):
+            raise ReplicaError(f"slot out of range [0, {self.shape[3]})")
+
+
+# ---------------------------------------------------------------------- framing
+def _send(sock: socket.socket, hdr: dict, payload: torch.Tensor | None = None) -> None:
+    data = payload.contiguous().view(torch.uint8).numpy() if payload is not None else None
+    hdr = {**hdr, "n": 0 if data is None else data.nbytes}
+    if data is not None:
+        hdr["crc"] = zlib.crc32(memoryview(data))
+    h = msgpack.packb(hdr, use_bin_type=True)
+    sock.sendall(_LEN.pack(len(h)) + h)
+    if data is not None and data.nbytes:
+        sock.sendall(memoryview(data))
+
+
+def _recv(sock: socket.socket) -> tuple[dict, torch.Tensor | None]:
+    head = bytearray(4)
+    recv_exact(sock, memoryview(head))
+    (n,) = _LEN.unpack(head)
+    if n > MAX_HEADER:
+        raise ReplicaError(f"replica header of {n} bytes exceeds {MAX_HEADER}")
+    body = bytearray(n)
+    recv_exact(sock, memoryview(body))
+    try:
+        hdr = msgpack.unpackb(bytes(body), raw=False, strict_map_key=False)
+    except Exception as e:  # noqa: BLE001 - the peer's protocol error
+        raise ReplicaError(f"undecodable replica header: {e}") from None
+    if not isinstance(hdr, dict) or "t" not in hdr:
+        raise ReplicaError("replica header without a type")
+    size = int(hdr.get("n", 0))
+    if not 0 <= size <= MAX_PAYLOAD:
+        raise ReplicaError(f"replica payload of {size} bytes is out of bounds")
+    payload = None
+    if size:
+        payload = torch.empty(size, dtype=torch.uint8)
+        recv_exact(sock, memoryview(payload.numpy()), "replica peer")
+        if zlib.crc32(memoryview(payload.numpy())) != hdr.get("crc"):
+            raise ValueError("replica payload failed its CRC-32")
+    return hdr, payload
+
+
+class ReplicaServer:
+    """The holder side: mirrors of other workers' caches, served over TCP."""
+
+    def __init__(self, token: str, host: str = "127.0.0.1", directory: str | None = None, prefix: str = ""):
+        self.token, self.directory, self.prefix = token, directory, prefix
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        self.mirrors: dict[str, Mirror] = {}
+        self._lock = threading.Lock()
+        self._listener = socket.create_server((host, 0))
+        self.port = self._listener.getsockname()[1]
+        self.bytes_in = 0
+        self.refused = 0
+        self._closed = False
+        threading.Thread(target=self._accept_loop, daemon=True, name="replica-accept").start()
+
+    def path(self, src: str) -> str | None:
+        return os.path.join(self.directory, f"{self.prefix}{src}") if self.directory else None
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), daemon=True, name="replica-conn").start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        try:
+            sock.settimeout(30.0)
+            hdr, _ = _recv(sock)
+            if hdr.get("t") != "hello" or not hmac.compare_digest(str(hdr.get("token", "")), self.token):
+                _send(sock, {"t": "err", "msg": "bad cluster token"})
+                return
+            _send(sock, {"t": "ok"})
+            sock.settimeout(None)
+            while True:
+                try:
+                    hdr, payload = _recv(sock)
+                except ValueError as e:  # bad CRC: refused, never applied; the stream stays in sync
+                    self.refused += 1
+                    _send(sock, {"t": "err", "msg": str(e)})
+                    continue
+                try:
+                    reply, out = self._handle(hdr, payload)
+                except (ReplicaError, RuntimeError, KeyError, TypeError, ValueError) as e:
+                    reply, out = {"t": "err", "msg": f"{type(e).__name__}: {e}"}, None
+                _send(sock, reply, out)
+        except (OSError, ConnectionError, ReplicaError):
+            pass
+        finally:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _handle(self, hdr: dict, payload):
+        t, src = hdr["t"], str(hdr.get("src", ""))
+        if t == "open":
+            with self._lock:
+                m = self.mirrors.get(src)
+                shape, dtype = tuple(hdr["shape"]), _dtype(hdr["dtype"])
+                if m is None or m.shape != shape or m.dtype != dtype:
+                    self.mirrors[src] = Mirror(shape, dtype, self.path(src))
+            return {"t": "ok"}, None
+        m = self.mirrors.get(src)
+        if m is None:
+            raise ReplicaError(f"no replica of {src} here")
+        if t == "put_slots":
+            m.put_slots(hdr["blocks"], hdr["slots"], payload)
+        elif t == "put_blocks":
+            m.put_blocks(hdr["blocks"], payload)
+        elif t == "get_blocks":
+            data, chk = m.get_blocks(hdr["blocks"])
+            return {"t": "data", "chk": chk.numpy().tobytes()}, data.view(torch.uint8).reshape(-1)
+        else:
+            raise ReplicaError(f"unknown replica operation {t!r}")
+        self.bytes_in += 0 if payload is None else payload.numel()
+        return {"t": "ok"}, None
+
+    def stop(self) -> None:
+        self._closed = True
+        try:
+            self._listener.close()
+        except OSError:
+            pass
+
+
+class ReplicaClient:
+    """The source side (and the recovering side): one connection to one holder."""
+
+    def __init__(self, host: str, port: int, token: str, timeout: float = 30.0):
+        self.peer = f"{host}:{port}"
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.settimeout(timeout)
+        self._lock = threading.Lock()
+        reply, _ = self._call({"t": "hello", "token": token})
+
+    def _call(self, hdr: dict, payload: torch.Tensor | None = None):
+        with self._lock:
+            _send(self.sock, hdr, payload)
+            reply, data = _recv(self.sock)
+        if reply.get("t") == "err":
+            raise ReplicaError(f"replica holder {self.peer}: {reply.get('msg')}")
+        return reply, data
+
+    def open(self, src: str, shape, dtype: torch.dtype) -> None:
+        self._call({"t": "open", "src": src, "shape": list(shape), "dtype": str(dtype).replace("torch.", "")})
+
+    def put_slots(self, src: str, blocks, slots, payload: torch.Tensor) -> None:
+        self._call({"t": "put_slots", "src": src, "blocks": list(blocks), "slots": list(slots)}, payload)
+
+    def put_blocks(self, src: str, blocks, payload: torch.Tensor) -> None:
+        self._call({"t": "put_blocks", "src": src, "blocks": list(blocks)}, payload)
+
+    def get_blocks(self, src: str, blocks) -> tuple[torch.Tensor, torch.Tensor]:
+        reply, data = self._call({"t": "get_blocks", "src": src, "blocks": list(blocks)})
+        chk = torch.frombuffer(bytearray(reply["chk"]), dtype=torch.int64)
+        return (data if data is not None else torch.empty(0, dtype=torch.uint8)), chk
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass

@@ -1,0 +1,172 @@
+"""Hidden states between consecutive pipeline stages over plain TCP, one connection per
+(epoch, sender -> receiver).
+
+Why not torch.distributed p2p: a process group is one failure domain (a dead rank leaves every
+other rank's collectives hanging or aborting, and re-forming it needs every rank). Here a dead
+peer only breaks its own connections: the next send or receive on them fails at once (EOF,
+reset), the worker reports the step as failed, and the controller re-forms the pipes under a new
+epoch, with the replacement worker, without touching the others' state.
+
+Connection: the sender connects to the receiver's listener and sends a HELLO frame (msgpack:
+cluster token, epoch, sender rank); the receiver keeps only connections of its current epoch from
+its expected upstream rank. Data frame: 16-byte header (step id u64, payload bytes u64, big
+endian) then the tensor's raw bytes; the receiver checks both against what it expects.
+"""
+from __future__ import annotations
+
+import hmac
+import socket
+import struct
+import threading
+
+import msgpack
+import torch
+
+from .wire import recv_exact
+
+_HDR = struct.Struct(">QQ")
+_LEN = struct.Struct(">I")
+
+
+class PipeBroken(ConnectionError):
+    """The link to a neighbouring stage is gone (peer died, reset, timeout): the step fails."""
+
+
+class StagePipes:
+    def __init__(self, token: str, rank: int, host: str = "127.0.0.1", timeout: float = 300.0):
+        self.token, self.rank, self.timeout = token, rank, timeout
+        self._listener = socket.create_server((host, 0))
+        self.port = self._listener.getsockname()[1]
+        self._cond = threading.Condition()
+        self._incoming: dict[tuple[int, int], socket.socket] = {}
+        self.epoch = -1
+        self.prev: int | None = None
+        self.next: tuple[str, int, int] | None = None
+        self._in: socket.socket | None = None
+        self._out: socket.socket | None = None
+        self.broken = False
+        self._closed = False
+        threading.Thread(target=self._accept_loop, daemon=True, name="pipe-accept").start()
+
+    # ------------------------------------------------------------------ set-up
+    def configure(self, epoch: int, prev: int | None, nxt: tuple[str, int, int] | None) -> None:
+        """A new epoch: drop every old connection; connect lazily on the first send / receive."""
+        with self._cond:
+            self._drop()
+            self.epoch, self.prev, self.next = epoch, prev, tuple(nxt) if nxt else None
+            self.broken = False
+            for key in [k for k in self._incoming if k[0] < epoch]:
+                _close(self._incoming.pop(key))
+
+    def _drop(self) -> None:
+        for s in (self._in, self._out):
+            if s is not None:
+                _close(s)
+        self._in = self._out = None
+
+    def fail(self) -> None:
+        """Close both directions so the neighbours' current steps fail too (no one waits forever)."""
+        with self._cond:
+            self._drop()
+            self.broken = True
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._hello, args=(sock,), daemon=True).start()
+
+    def _hello(self, sock: socket.socket) -> None:
+        try:
+            sock.settimeout(10.0)
+            head = bytearray(4)
+            recv_exact(sock, memoryview(head))
+            (n,) = _LEN.unpack(head)
+            if n > 4096:
+                raise ConnectionError("oversized pipe hello")
+            body = bytearray(n)
+            recv_exact(sock, memoryview(body))
+            msg = msgpack.unpackb(bytes(body), raw=False)
+            if not isinstance(msg, dict) or not hmac.compare_digest(str(msg.get("token", "")), self.token):
+                raise ConnectionError("bad cluster token on a pipe connection")
+            sock.settimeout(None)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._cond:
+                key = (int(msg["epoch"]), int(msg["rank"]))
+                if key[0] < self.epoch:
+                    raise ConnectionError("stale epoch")
+                old = self._incoming.pop(key, None)
+                if old is not None:
+                    _close(old)
+                self._incoming[key] = sock
+                self._cond.notify_all()
+        except (OSError, ConnectionError, ValueError, KeyError, msgpack.exceptions.ExtraData,
+                msgpack.exceptions.UnpackException):
+            _close(sock)
+
+    # ------------------------------------------------------------------ data
+    def send(self, step_id: int, t: torch.Tensor) -> None:
+        if self.broken or self.next is None:
+            raise PipeBroken(f"pipe to the next stage is down (epoch {self.epoch})")
+        try:
+            if self._out is None:
+                host, port, _ = self.next
+                s = socket.create_connection((host, port), timeout=self.timeout)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                hello = msgpack.packb({"token": self.token, "epoch": self.epoch, "rank": self.rank})
+                s.sendall(_LEN.pack(len(hello)) + hello)
+                self._out = s
+            data = t.detach().to("cpu").contiguous().view(torch.uint8).numpy()
+            self._out.sendall(_HDR.pack(step_id, data.nbytes))
+            self._out.sendall(memoryview(data))
+        except OSError as e:
+            self.fail()
+            raise PipeBroken(f"sending step {step_id} to the next stage failed: {e}") from None
+
+    def recv(self, step_id: int, out: torch.Tensor) -> torch.Tensor:
+        """Fill the contiguous CPU tensor `out` with the previous stage's hidden states of `step_id`."""
+        if self.broken or self.prev is None:
+            raise PipeBroken(f"pipe from the previous stage is down (epoch {self.epoch})")
+        try:
+            if self._in is None:
+                with self._cond:
+                    key = (self.epoch, self.prev)
+                    if not self._cond.wait_for(lambda: key in self._incoming or self.broken, self.timeout):
+                        raise TimeoutError(f"stage rank {self.prev} did not connect within {self.timeout}s")
+                    if self.broken:
+                        raise ConnectionError("reset while waiting for the previous stage")
+                    self._in = self._incoming.pop(key)
+            self._in.settimeout(self.timeout)
+            hdr = bytearray(_HDR.size)
+            recv_exact(self._in, memoryview(hdr))
+            sid, n = _HDR.unpack(hdr)
+            view = out.view(torch.uint8).numpy()
+            if sid != step_id or n != view.nbytes:
+                raise ConnectionError(f"expected step {step_id} ({view.nbytes} bytes), got step {sid} ({n} bytes)")
+            recv_exact(self._in, memoryview(view).cast("B"))
+            return out
+        except (OSError, TimeoutError) as e:
+            self.fail()
+            raise PipeBroken(f"receiving step {step_id} from the previous stage failed: {e}") from None
+
+    def close(self) -> None:
+        self._closed = True
+        with self._cond:
+            self._drop()
+            for s in self._incoming.values():
+                _close(s)
+            self._incoming.clear()
+        _close(self._listener)
+
+
+def _close(s: socket.socket) -> None:
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        s.close()
+    except OSError:
+        pass
