@@ -235,7 +235,7 @@ def test_serve_cli_sigterm_stops_workers():
         cluster = json.loads(http(f"http://127.0.0.1:{port}/v1/cluster")[1])["workers"]
         assert [w["stage"] for w in cluster] == [0, 1]
         workers = _children(proc.pid)
-        assert len(workers) == 2
+        assert len(workers) == 3  # two stages and the warm spare kept for recovery
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
         time.sleep(1)

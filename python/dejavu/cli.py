@@ -44,6 +44,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recovery", default="auto", choices=["auto", "respawn", "standby", "wait", "off"],
                    help="when a worker dies: respawn it here, use a `dejavu worker --standby`, wait for an "
                         "operator-started one, or stop (auto: respawn for tp 1, off for tp > 1)")
+    p.add_argument("--spare-workers", type=int, default=1,
+                   help="with --recovery respawn: warm spare processes kept started and registered (0: start one "
+                        "only after a failure)")
     p.add_argument("--heartbeat-interval", type=float, default=0.5, help="seconds between worker heartbeats")
     p.add_argument("--heartbeat-timeout", type=float, default=2.0,
                    help="a worker silent this long is declared dead (connection loss is noticed at once)")
@@ -431,7 +434,8 @@ def _llm_from_args(args):
                token_stages=args.token_stages, kv_receive_slots=args.kv_receive_slots, kv_transport=args.kv_transport,
                swap=args.swap, resident_microbatches=args.resident_microbatches, replicate=args.replicate,
                replicate_dir=args.replicate_dir, replicate_to=_replicate_to(args.replicate_to), recovery=args.recovery,
-               heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout)
+               heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
+               spare_workers=args.spare_workers)
 
 
 def _replicate_to(v):

@@ -59,7 +59,7 @@ class LLM:
                  worker_timeout: float = 300.0, log_dir: str | None = None, kv_receive_slots: int = 8,
                  kv_transport: str = "auto", resident_microbatches: int = 2, replicate_dir: str | None = None,
                  replicate_to: list[int] | None = None, recovery: str = "auto", heartbeat_interval: float = 0.5,
-                 heartbeat_timeout: float = 2.0):
+                 heartbeat_timeout: float = 2.0, spare_workers: int = 1):
         if replicate and pp < 2 and (token_stages or 1) < 2:
             raise ValueError("replicate needs a pipeline of pp >= 2 (or token_stages >= 2): a stage's KV is "
                              "replicated to another stage's host memory")
@@ -102,7 +102,8 @@ class LLM:
                 engine_cfg.kv_cache_memory = 4 << 30  # per stage, on the GPU
             self.model = None
             ft = dict(replicate=replicate, replicate_dir=replicate_dir, replicate_to=replicate_to, recovery=recovery,
-                      heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout)
+                      heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
+                      spare_workers=spare_workers)
             if prompt_stages:
                 self.engine = DisaggEngine(self.source, self.tokenizer, engine_cfg, self.device, self.dtype, seed,
                                            prompt_stages, token_stages, tp, microbatch_size, launcher, worker_timeout,

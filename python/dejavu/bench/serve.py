@@ -152,12 +152,15 @@ async def _kill_later(url, headers, kill, start):
 
 def run_failover(url: str, lengths, rate: float, spec: str, kill_at: float, model=None, seed: int = 0,
                  api_key: str | None = None, json_path: str | None = None) -> dict:
-    """The same load twice: failure-free, then with `spec` killed `kill_at` seconds in. Reports the
-    latency inflation of the requests in flight at the kill (same request, same arrival time, in
-    both passes) and the server's recovery time split into its parts (from /v1/cluster)."""
+    """The same load twice after a short warm-up: failure-free, then with `spec` killed `kill_at`
+    seconds in. Reports the latency inflation of the requests in flight at the kill (same request,
+    same arrival time, in both passes) and the server's recovery time split into its parts (from
+    /v1/cluster)."""
     url = url.rstrip("/").removesuffix("/v1")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     find_worker(_cluster(url, headers), spec)  # a bad spec fails before any load
+    # Warm-up (first-use costs of a fresh deployment would otherwise inflate the baseline pass).
+    asyncio.run(_run(url, model, [(p, min(o, 16)) for p, o in lengths[:4]], float("inf"), seed, api_key, False))
     base, base_s = asyncio.run(_run(url, model, lengths, rate, seed, api_key, False))
     killed: dict = {}
     fail, fail_s = asyncio.run(_run(url, model, lengths, rate, seed, api_key, False, kill=(spec, kill_at, killed)))

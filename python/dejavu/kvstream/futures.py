@@ -74,10 +74,14 @@ def _part_wait(p, timeout: float | None) -> bool:
             p.synchronize()
             return True
         deadline = time.monotonic() + timeout
+        nap = 5e-5
         while not p.query():
             if time.monotonic() > deadline:
                 return False
-            time.sleep(5e-5)
+            # Back off: a tight query loop keeps taking the GIL and the driver's lock from the thread
+            # that is launching the next step's kernels.
+            time.sleep(nap)
+            nap = min(nap * 2, 2e-3)
         return True
     return p.wait(-1.0 if timeout is None else timeout)
 

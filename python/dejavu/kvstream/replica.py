@@ -6,9 +6,9 @@ hands out block ids for every stage at once), so a token written at (layer, bloc
 source lands at the same place in the mirror. Token-level updates are small (one slot per
 sequence per step); a whole-block update re-seeds a mirror (after its holder was replaced).
 
-Integrity: every frame's payload carries a CRC-32 checked on arrival (a bad frame is refused, never
-applied). At rest, the holder keeps one checksum per token slot (a position-weighted sum of the
-slot's 32-bit words over all layers, computed from the applied bytes); whoever fetches a mirror
+Integrity: every frame's payload carries a CRC-32C checked on arrival (a bad frame is refused, never
+applied). At rest, the holder keeps one checksum per token slot (the CRC-32C of the slot's bytes
+over all layers, computed from the applied bytes); whoever fetches a mirror
 recomputes them and never uses a slot that does not match. With a directory the mirror and its
 checksums are files mapped shared: they survive the holder's process (the page cache keeps them)
 and a replacement holder reopens them; a torn write shows up as a checksum mismatch.
@@ -24,7 +24,6 @@ import os
 import socket
 import struct
 import threading
-import zlib
 
 import msgpack
 import torch
@@ -41,12 +40,15 @@ class ReplicaError(RuntimeError):
 
 
 def slot_checksums(x: torch.Tensor) -> torch.Tensor:
-    """x: [layers, n, 2, heads, head_dim] (one entry per token slot, K then V) -> int64 [n]."""
-    layers, n = x.shape[0], x.shape[1]
-    words = x.contiguous().view(torch.uint8).reshape(layers, n, -1).view(torch.int32).to(torch.int64)
-    w = words.shape[2]
-    weights = torch.arange(layers, dtype=torch.int64)[:, None] * w + torch.arange(1, w + 1, dtype=torch.int64)
-    return (words * weights[:, None, :]).sum(dim=(0, 2))
+    """x: [layers, n, 2, heads, head_dim] (one entry per token slot, K then V) -> int64 [n]: the
+    CRC-32C (DéjàVuLib's, hardware-accelerated, GIL released) of each slot's bytes, layer-major."""
+    from .. import _C
+
+    y = x.permute(1, 0, *range(2, x.dim())).contiguous().view(torch.uint8)
+    n = y.shape[0]
+    per = y.numel() // max(n, 1)
+    base = y.data_ptr()
+    return torch.tensor([_C.crc32c(base + j * per, per) for j in range(n)], dtype=torch.int64)
 
 
 def block_checksums(x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +85,9 @@ class Mirror:
             self.data = _mapped(path + ".kv", math.prod(self.shape), dtype).view(self.shape)
             self.chk = _mapped(path + ".chk", blocks * bs, torch.int64).view(blocks, bs)
         else:
-            self.data = torch.zeros(self.shape, dtype=dtype)
+            # Not zeroed (pages are touched only when written): a slot never written fails its checksum
+            # (stored 0) and is zeroed by whoever restores it, so garbage never reaches a cache.
+            self.data = torch.empty(self.shape, dtype=dtype)
             self.chk = torch.zeros((blocks, bs), dtype=torch.int64)
         self.lock = threading.Lock()
 
@@ -127,11 +131,17 @@ def _send(sock: socket.socket, hdr: dict, payload: torch.Tensor | None = None) -
     data = payload.contiguous().view(torch.uint8).numpy() if payload is not None else None
     hdr = {**hdr, "n": 0 if data is None else data.nbytes}
     if data is not None:
-        hdr["crc"] = zlib.crc32(memoryview(data))
+        hdr["crc"] = _crc(data)
     h = msgpack.packb(hdr, use_bin_type=True)
     sock.sendall(_LEN.pack(len(h)) + h)
     if data is not None and data.nbytes:
         sock.sendall(memoryview(data))
+
+
+def _crc(data) -> int:
+    from .. import _C
+
+    return _C.crc32c(data.ctypes.data, data.nbytes) if data.nbytes else 0
 
 
 def _recv(sock: socket.socket) -> tuple[dict, torch.Tensor | None]:
@@ -155,8 +165,8 @@ def _recv(sock: socket.socket) -> tuple[dict, torch.Tensor | None]:
     if size:
         payload = torch.empty(size, dtype=torch.uint8)
         recv_exact(sock, memoryview(payload.numpy()), "replica peer")
-        if zlib.crc32(memoryview(payload.numpy())) != hdr.get("crc"):
-            raise ValueError("replica payload failed its CRC-32")
+        if _crc(payload.numpy()) != hdr.get("crc"):
+            raise ValueError("replica payload failed its CRC-32C")
     return hdr, payload
 
 

@@ -38,6 +38,16 @@ def spawn_local_rank(rank: int, controller: str, token: str, log_dir: str | None
                             stderr=subprocess.STDOUT if log_dir else subprocess.DEVNULL)
 
 
+def spawn_standby(controller: str, token: str, device: str, log_dir: str | None = None) -> subprocess.Popen:
+    """A warm spare: a worker process that starts (interpreter, imports, CUDA context) now and
+    registers as a standby, so that a recovery only has to load the failed stage's weights."""
+    env = dict(os.environ, DEJAVU_PARENT_PID=str(os.getpid()), PYTHONUNBUFFERED="1", DEJAVU_CLUSTER_TOKEN=token,
+               DEJAVU_STANDBY_DEVICE=device)
+    out = open(os.path.join(log_dir, "spare.log"), "a") if log_dir else subprocess.DEVNULL
+    return subprocess.Popen(worker_command(controller, "env") + ["--standby"], env=env, stdout=out,
+                            stderr=subprocess.STDOUT if log_dir else subprocess.DEVNULL)
+
+
 def spawn_mpirun(n: int, controller: str, token: str, hostfile: str | None = None,
                  log_dir: str | None = None, recovery: bool = False) -> list[subprocess.Popen]:
     exe = shutil.which("mpirun")

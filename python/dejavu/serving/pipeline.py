@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -68,7 +69,7 @@ class PipelineEngine(LLMEngine):
                  hostfile: str | None = None, log_dir: str | None = None, swap: bool = False,
                  resident_microbatches: int = 2, replicate: bool = False, replicate_dir: str | None = None,
                  replicate_to: list[int] | None = None, recovery: str = "auto", heartbeat_interval: float = 0.5,
-                 heartbeat_timeout: float = 2.0):
+                 heartbeat_timeout: float = 2.0, spare_workers: int = 1):
         cfg = self.model_config = source.config
         self.model = None
         self.tokenizer, self.config, self.device, self.dtype = tokenizer, config, device, dtype
@@ -93,7 +94,7 @@ class PipelineEngine(LLMEngine):
             raise ValueError(f"resident_microbatches must be >= 1, got {resident_microbatches}")
         self._plan(cfg, pp, layer_split, microbatch_size)
         self._setup_fault_tolerance(launcher, replicate, replicate_dir, replicate_to, recovery, heartbeat_interval,
-                                    heartbeat_timeout)
+                                    heartbeat_timeout, spare_workers)
         self.token = secrets.token_hex(16)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -145,7 +146,7 @@ class PipelineEngine(LLMEngine):
         self.scheduler = self.slots[0]  # for code that asks for "the" scheduler (counts, preemptions)
 
     def _setup_fault_tolerance(self, launcher, replicate, replicate_dir, replicate_to, recovery, hb_interval,
-                               hb_timeout) -> None:
+                               hb_timeout, spare_workers: int = 1) -> None:
         if recovery not in RECOVERY:
             raise ValueError(f"unknown recovery {recovery!r}; use one of {', '.join(RECOVERY)}")
         if recovery == "auto":
@@ -157,7 +158,12 @@ class PipelineEngine(LLMEngine):
             raise ValueError("replicate needs recovery (respawn, standby or wait), not 'off'")
         if hb_interval <= 0 or hb_timeout <= hb_interval:
             raise ValueError(f"heartbeat interval ({hb_interval}s) must be > 0 and below the timeout ({hb_timeout}s)")
+        if not isinstance(spare_workers, int) or spare_workers < 0:
+            raise ValueError(f"spare_workers must be an integer >= 0, got {spare_workers!r}")
         self.recovery, self.ft = recovery, recovery != "off"
+        # respawn: keep warm spares (started, imported, registered as standbys) to take over at once
+        self.spares = spare_workers if recovery == "respawn" else 0
+        self._spare_procs: dict[int, object] = {}  # pid -> Popen of spares not yet given a rank
         self.hb_interval, self.hb_timeout = hb_interval, hb_timeout
         self.replicate = bool(replicate)
         self.replicate_dir = replicate_dir
@@ -262,6 +268,7 @@ class PipelineEngine(LLMEngine):
             for rank in range(self.world):
                 self.channels[rank].send(self._pipes_msg(rank))
             threading.Thread(target=self._acceptor, daemon=True, name="controller-accept").start()
+            self._spawn_spares()
         self._after_ready()
         log.info("%d workers ready (TP %d): %s", self.world, self.tp,
                  ", ".join(f"{i['worker']} layers {i['layers']}" for _, i in sorted(self.worker_info.items())))
@@ -363,6 +370,10 @@ class PipelineEngine(LLMEngine):
             return None
         if t == "swapstats":
             self.swap_stats[msg["rank"]] = msg
+            return None
+        if t == "rereplicated":
+            if msg.get("error"):
+                log.warning("worker %d could not re-seed its replica holder: %s", msg["rank"], msg["error"])
             return None
         if t == "joined":
             return msg if self._on_joined(msg) else None
@@ -562,17 +573,35 @@ class PipelineEngine(LLMEngine):
                 pass
         self._needed.add(rank)
         name = self.worker_info[rank]["worker"]
+        while self.recovery in ("respawn", "standby") and self._standbys:
+            try:
+                self._assign(rank, *self._standbys.pop(0))
+                return
+            except OSError:  # that standby is gone: try the next
+                self.channels.pop(rank, None)
+        if self.recovery == "respawn" and any(p.poll() is None for p in self._spare_procs.values()):
+            return  # a warm spare is still starting: it takes the rank when it registers
         if self.recovery == "respawn":
             p = launch.spawn_local_rank(rank, self.controller_addr, self.token, self.log_dir)
             self._proc_of[rank] = p
             self.procs.append(p)
-        elif self.recovery == "standby" and self._standbys:
-            self._assign(rank, *self._standbys.pop(0))
         else:
             log.warning("worker %s (rank %d) is down: start `dejavu worker --controller %s --rank %d` (token in "
                         "DEJAVU_CLUSTER_TOKEN) or `dejavu worker --standby`", name, rank, self.controller_addr, rank)
 
+    def _spawn_spares(self) -> None:
+        for pid, p in list(self._spare_procs.items()):
+            if p.poll() is not None:
+                del self._spare_procs[pid]
+        while len(self._spare_procs) < self.spares:
+            p = launch.spawn_standby(self.controller_addr, self.token, self.device.type, self.log_dir)
+            self._spare_procs[p.pid] = p
+            self.procs.append(p)
+
     def _assign(self, rank: int, ch, hello: dict) -> None:
+        spare = self._spare_procs.pop(hello.get("pid"), None)
+        if spare is not None:
+            self._proc_of[rank] = spare  # its exit is noticed like a worker's
         self.channels[rank] = ch
         self.worker_info[rank].update(pid=hello.get("pid"), host=hello.get("host"))
         ch.send({**self._config_for(rank), "epoch": self._epoch})
@@ -656,6 +685,7 @@ class PipelineEngine(LLMEngine):
         event.update(total_s=time.monotonic() - t0, recomputed_tokens=recomputed, bad_replicas=len(bad),
                      replicated=self.replicate)
         self.failures.append(event)
+        self._spawn_spares()  # top the warm spares up again
         log.warning("recovered from the failure of %s in %.2fs (respawn %.2fs, KV %.2fs); %d tokens recomputed",
                     ", ".join(event["workers"]), event["total_s"], event["respawn_s"], event["kv_fetch_s"], recomputed)
 
@@ -667,7 +697,7 @@ class PipelineEngine(LLMEngine):
 
     def _restore_kv(self, dead: set[int]) -> set[int]:
         """Replacements fetch their stage's KV from its holder; workers whose holder was replaced
-        re-seed it. Returns the requests that cannot use their replica (checksum, lost holder)."""
+        re-seed it (in the background). Returns the requests that cannot use their replica."""
         seqs = self._token_side()
         blocks = sorted({b for s in seqs for b in s.block_table})
         bad: set[int] = set()
@@ -686,8 +716,9 @@ class PipelineEngine(LLMEngine):
             waiting[("restored", r)] = True
         for r in range(self.world):
             if r not in dead and self._holder_rank(r) in dead:
+                # Not waited for: until the new holder is re-seeded its empty slots fail their checksums,
+                # so a second failure meanwhile recomputes those requests instead of using a bad replica.
                 self.channels[r].send({"t": "rereplicate", "id": self._epoch, "blocks": blocks})
-                waiting[("rereplicated", r)] = True
         deadline = time.monotonic() + self.timeout
         while waiting:
             msg = self._next_message(deadline, "restoring KV from replicas")
@@ -695,12 +726,9 @@ class PipelineEngine(LLMEngine):
             if key not in waiting:
                 continue
             del waiting[key]
-            if msg["t"] == "restored":
-                bad.update(msg["bad"])
-                if msg.get("error"):
-                    log.warning("worker %d could not fetch its replica: %s", msg["rank"], msg["error"])
-            elif msg.get("error"):
-                log.warning("worker %d could not re-seed its replica holder: %s", msg["rank"], msg["error"])
+            bad.update(msg["bad"])
+            if msg.get("error"):
+                log.warning("worker %d could not fetch its replica: %s", msg["rank"], msg["error"])
         return bad
 
     # ------------------------------------------------------------------ shutdown
@@ -708,6 +736,21 @@ class PipelineEngine(LLMEngine):
         if self._closed:
             return
         self._closed = True
+        standbys = list(getattr(self, "_standbys", []))
+        while True:  # standbys that registered while nothing read the inbox
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if msg.get("t") == "joined":
+                standbys.append((msg["ch"], msg["hello"]))
+        for ch, _ in standbys:
+            try:
+                ch.send({"t": "shutdown"})
+            except OSError:
+                pass
+        for p in getattr(self, "_spare_procs", {}).values():
+            launch._signal(p, signal.SIGTERM)  # a spare still starting has nothing to lose
         for ch in getattr(self, "channels", {}).values():
             try:
                 ch.send({"t": "shutdown"})

@@ -28,6 +28,7 @@ class Replicator:
         self.bytes = 0
         cache = worker.cache
         self.shape = tuple(cache.tensor.shape)
+        self._sync = None  # CUDA: a stream on which the sending thread's blocking events are recorded
         threading.Thread(target=self._loop, daemon=True, name="replicator").start()
 
     # ------------------------------------------------------------------ called by the main thread
@@ -54,7 +55,16 @@ class Replicator:
         except MemoryError:  # pool exhausted by earlier replications still in flight: a buffer of its own
             buf, tensor = None, torch.empty(n, dtype=torch.uint8, pin_memory=self.w.device.type == "cuda")
         fut = streamer.gather(region, tensor)
-        self.q.put((kind, tag, region, buf, tensor, fut, n))
+        done = None
+        if fut.event is not None:
+            # The sending thread sleeps on a blocking-sync event (no polling: a polling thread keeps
+            # taking the GIL and the driver from the thread launching the next step).
+            if self._sync is None:
+                self._sync = torch.cuda.Stream(self.w.device)
+            self._sync.wait_event(fut.event)
+            done = torch.cuda.Event(blocking=True)
+            done.record(self._sync)
+        self.q.put((kind, tag, region, buf, tensor, fut, n, done))
 
     # ------------------------------------------------------------------ the sending thread
     def _loop(self) -> None:
@@ -88,7 +98,9 @@ class Replicator:
         client.open(self.src, self.shape, self.w.cache.dtype)
         self.client = client
 
-    def _send(self, kind, tag, region, buf, tensor, fut, n) -> None:
+    def _send(self, kind, tag, region, buf, tensor, fut, n, done) -> None:
+        if done is not None:
+            done.synchronize()
         fut.wait(self.w.cfg["timeout"])
         if self.client is None:
             if kind == "blocks":

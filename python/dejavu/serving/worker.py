@@ -69,6 +69,10 @@ class StageWorker:
             # Share the host's cores among the workers instead of oversubscribing them.
             threads = int(os.environ.get("DEJAVU_WORKER_THREADS", 0)) or max(1, (os.cpu_count() or 1) // cfg["world"])
             torch.set_num_threads(threads)
+        else:
+            # A GPU worker's host-side tensor work is small (step metadata, replica updates): a pool of
+            # intra-op threads per process only spins against the threads launching the kernels.
+            torch.set_num_threads(int(os.environ.get("DEJAVU_WORKER_THREADS", 0)) or 1)
         t_load = time.perf_counter()
         src = resolve(cfg["model"])
         self.model = load_model(src, self.device, self.dtype, seed=cfg["seed"], layer_range=(start, end),
@@ -539,6 +543,9 @@ def run(controller: str, token: str, rank: int | None = None, standby: bool = Fa
     hello.update({"standby": True} if standby else {"rank": rank})
     ch = connect(host or "127.0.0.1", int(port), token, hello)
     if standby:
+        if os.environ.get("DEJAVU_STANDBY_DEVICE") == "cuda" and torch.cuda.is_available() \
+                and torch.cuda.device_count() == 1:
+            torch.zeros(1, device="cuda:0")  # a warm spare: the CUDA context exists before it is needed
         print(f"dejavu worker: standing by for {controller}", file=sys.stderr, flush=True)
     cfg = ch.recv(timeout=None if standby else 600)
     if cfg.get("t") != "config":
