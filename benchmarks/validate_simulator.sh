@@ -15,7 +15,7 @@ rng = random.Random(0)
 json.dump([[rng.choice([32, 64, 96, 128]), rng.choice([16, 24, 32])] for _ in range(int(sys.argv[2]))],
           open(sys.argv[1], "w"))
 PY
-dejavu profile --model "$MODEL" --workers 2 --batches 1,4,8 --prompt-lens 32,64,128 --contexts 32,96,160 \
+dejavu profile --model "$MODEL" --workers 2 ${OVERHEAD_VIA:+--overhead-via $OVERHEAD_VIA} --batches 1,4,8 --prompt-lens 32,64,128 --contexts 32,96,160 \
   --json "$OUT/profile.json"
 dejavu simulate --profile "$OUT/profile.json" --trace "$OUT/trace.json" --microbatch 4 \
   --deploy ft:2 --deploy disagg:1+1 --json "$OUT/sim.json"

@@ -63,6 +63,30 @@ def test_simulated_ft_pipeline_matches_the_closed_form(D):
     assert r["tokens_per_s"] == pytest.approx(expect, rel=0.05)
 
 
+def test_controller_overhead_shares_the_cores_of_a_cpu_deployment():
+    """On a CPU deployment the controller's per-step time comes out of the workers' cores (an equal
+    share per stage): a step of the FT pipeline costs its compute plus the overhead, on every stage
+    in turn. An unbalanced pipeline shows the difference from a GPU deployment, where the overhead
+    only delays the launch and the slack of the faster stage absorbs it."""
+    import dataclasses
+
+    Y, t, N, b, D, o = 0.1, 0.01, 32, 8, 2, 0.006
+    base = dataclasses.replace(explicit_profile(Y, t, 32, 10**9, 1000, D), step_overhead_s=o)
+    reqs = [(100, N)] * (D * b * 20)
+    cpu, _ = simulate(dataclasses.replace(base, device="cpu"), Deployment("ft", stages=D), reqs,
+                      opts=SimOptions(microbatch=b))
+    free, _ = simulate(dataclasses.replace(base, device="cpu", step_overhead_s=0.0), Deployment("ft", stages=D), reqs,
+                       opts=SimOptions(microbatch=b))
+    # each stage's 10 ms decode step carries 3 ms of the controller: about 13/10 the time per token
+    assert free["tokens_per_s"] / cpu["tokens_per_s"] == pytest.approx(1.2, abs=0.1)
+    lopsided = dataclasses.replace(base, token_last=dataclasses.replace(base.token_one, a=base.token_one.a + 0.02))
+    gpu, _ = simulate(dataclasses.replace(lopsided, device="cuda"), Deployment("ft", stages=D), reqs,
+                      opts=SimOptions(microbatch=b))
+    cpu, _ = simulate(dataclasses.replace(lopsided, device="cpu"), Deployment("ft", stages=D), reqs,
+                      opts=SimOptions(microbatch=b))
+    assert cpu["tokens_per_s"] < 0.95 * gpu["tokens_per_s"]
+
+
 @pytest.mark.parametrize("dp,dt", [(1, 1), (1, 3), (2, 2), (3, 1)])
 def test_simulated_disaggregation_matches_the_closed_form(dp, dt):
     D = dp + dt
@@ -167,6 +191,15 @@ def test_cli_profile_simulate_plan_serve_plan(tmp_path):
     assert choice["microbatch_size"] == 2 and (choice.get("pp") == 2 or choice.get("prompt_stages") == 1)
     r = _cli("serve", "--model", "random:opt-tiny", "--plan", str(plan_path), "--pp", "2", timeout=60)
     assert r.returncode == 2 and "--plan chooses the deployment" in r.stderr
+
+
+def test_profile_overhead_through_the_http_server(tmp_path):
+    """--overhead-via http: the per-step overhead measured with a real server and `dejavu bench serve`."""
+    prof_path = tmp_path / "p.json"
+    r = _cli("profile", "--model", "random:opt-tiny", "--batches", "1,2", "--prompt-lens", "8,16", "--contexts",
+             "8,16", "--repeat", "1", "--overhead-via", "http", "--json", str(prof_path))
+    assert r.returncode == 0, r.stderr
+    assert Profile.load(str(prof_path)).step_overhead_s > 0
 
 
 def test_cli_errors(tmp_path):

@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--repeat", type=_positive("--repeat"), default=3)
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--no-overhead", action="store_true", help="skip measuring the controller round trip")
+    pr.add_argument("--overhead-via", default="engine", choices=["engine", "http"],
+                    help="measure the per-step overhead through the engine API (default) or through the HTTP "
+                         "server driven by a load generator on this host (same-host serving deployments)")
     pr.add_argument("--memory-gib", type=float, default=0.0, help="memory per device for the planner (0: unknown)")
     pr.add_argument("--json", default=None, help="write the profile here")
     pr.set_defaults(func=cmd_profile)
@@ -276,7 +279,7 @@ def cmd_profile(args) -> int:
 
     prof = run(args.model, args.device, args.dtype, _int_list(args.batches, "--batches"),
                _int_list(args.prompt_lens, "--prompt-lens"), _int_list(args.contexts, "--contexts"), args.workers,
-               args.repeat, args.seed, not args.no_overhead, args.memory_gib, args.json)
+               args.repeat, args.seed, not args.no_overhead, args.memory_gib, args.json, args.overhead_via)
     if not args.json:
         print(json.dumps(prof.to_json(), indent=1))
     return 0

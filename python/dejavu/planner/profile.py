@@ -150,20 +150,28 @@ def _bandwidths(device, dtype) -> tuple[float, float]:
     return bw, bw
 
 
-def _overhead(prof: Profile, model: str, device: str, dtype: str, seed: int, batch: int, context: int) -> float:
+def _overhead(prof: Profile, model: str, device: str, dtype: str, seed: int, batch: int, context: int,
+              via: str = "engine") -> float:
     """Seconds a pipeline step takes beyond its stages' compute (controller, messages, scheduling,
     the hidden-state hop): real decode steps of one microbatch through a two-worker pipeline minus
-    the two stages' profiled times."""
+    the two stages' profiled times. via="http": the steps are driven through the HTTP server by
+    `dejavu bench serve` in another process, so the server's and the client's CPU time on this
+    host count too (what a same-host `dejavu serve` + load generator pays)."""
     from ..llm import LLM
     from ..sampling_params import SamplingParams
 
+    if via not in ("engine", "http"):
+        raise PlanError(f"overhead via {via!r}: use engine or http")
     llm = LLM(model=model, device=device, dtype=dtype, seed=seed, pp=2, microbatch_size=batch)
     try:
         prompts = [[7] * context] * batch
         llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))
-        t0 = time.perf_counter()
-        llm.generate(prompts, SamplingParams(max_tokens=33, ignore_eos=True))
-        step = (time.perf_counter() - t0) / 33
+        if via == "http":
+            step = _http_steps(llm, model, batch, context, 33) / 33
+        else:
+            t0 = time.perf_counter()
+            llm.generate(prompts, SamplingParams(max_tokens=33, ignore_eos=True))
+            step = (time.perf_counter() - t0) / 33
     finally:
         llm.shutdown()
     a, b = stage_layers(prof.num_layers, 2)
@@ -172,8 +180,36 @@ def _overhead(prof: Profile, model: str, device: str, dtype: str, seed: int, bat
     return max(0.0, step - stages)
 
 
+def _http_steps(llm, model: str, batch: int, context: int, tokens: int) -> float:
+    """Seconds for `batch` streamed requests of `context` + `tokens` through the HTTP API, driven
+    by a `dejavu bench serve` process (second of two runs)."""
+    import subprocess
+    import tempfile
+
+    from ..serving.api import ApiServer
+
+    srv = ApiServer(llm, model)
+    port = srv.start_background()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            trace = os.path.join(tmp, "trace.json")
+            with open(trace, "w") as f:
+                json.dump([[context, tokens]] * batch, f)
+            for _ in range(2):
+                out = os.path.join(tmp, "out.json")
+                subprocess.run([sys.executable, "-m", "dejavu", "bench", "serve", "--url", f"http://127.0.0.1:{port}",
+                                "--trace", trace, "--num-requests", str(batch), "--json", out],
+                               check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+                with open(out) as f:
+                    duration = json.load(f)["duration_s"]
+    finally:
+        srv.stop()
+    return duration
+
+
 def run(model: str, device: str, dtype: str, batches: list[int], prompt_lens: list[int], contexts: list[int],
-        workers: int, repeat: int, seed: int, overhead: bool, memory_gib: float, json_path: str | None) -> Profile:
+        workers: int, repeat: int, seed: int, overhead: bool, memory_gib: float, json_path: str | None,
+        overhead_via: str = "engine") -> Profile:
     from ..llm import parse_device
     from ..models import build_model
     from ..models.loader import parse_dtype, resolve
@@ -217,7 +253,8 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_lens: li
                    samples={**{f"{k}_{name}": rows[name][i] for name in rows for i, k in enumerate(("prompt", "token"))},
                             "threads": torch.get_num_threads()})
     if overhead:
-        prof.step_overhead_s = _overhead(prof, model, device, dtype, seed, batches[len(batches) // 2], contexts[0])
+        prof.step_overhead_s = _overhead(prof, model, device, dtype, seed, batches[len(batches) // 2], contexts[0],
+                                         overhead_via)
     print(f"[profile] prefill of 1 x {prompt_lens[-1]} tokens: {prof.prompt_time(1, 1, prompt_lens[-1]) * 1e3:.2f} ms; "
           f"decode of {batches[-1]} at context {contexts[-1]}: {prof.token_time(1, batches[-1], contexts[-1]) * 1e3:.2f} ms; "
           f"step overhead {prof.step_overhead_s * 1e3:.2f} ms; copy {link / 1e9:.1f} GB/s", file=sys.stderr)

@@ -157,9 +157,12 @@ class Simulator:
         return compute
 
     def _run_through(self, pipe: _Pipe, kind: str, seqs: list[Req], ready: float, label: str,
-                     scale: float = 1.0) -> float:
+                     scale: float = 1.0, lead: float = 0.0) -> float:
+        """The step through every stage in turn; `lead` (CPU time of the controller on the workers'
+        cores) is shared out over the stages: each loses an equal part of it to the controller."""
+        share = lead / len(pipe.layers)
         for s in range(len(pipe.layers)):
-            dur = self._stage_time(kind, s, pipe, seqs) * scale
+            dur = self._stage_time(kind, s, pipe, seqs) * scale + share
             start = max(ready, pipe.free[s])
             pipe.free[s] = start + dur
             pipe.busy[s] += dur
@@ -186,7 +189,11 @@ class Simulator:
         in_transfer = 0
         ready: deque[Req] = deque()
         failed = o.fail_at is None
-        overhead = self.p.step_overhead_s
+        # The controller's per-step time delays each launch. On a CPU deployment it runs on the
+        # workers' cores instead, so it cannot overlap other microbatches' compute: it is taken from
+        # the stages' time (processor sharing, approximated by an equal share per stage).
+        lead = self.p.step_overhead_s if self.p.device == "cpu" else 0.0
+        overhead = self.p.step_overhead_s - lead
         now = 0.0
         self.recovery_s = 0.0
 
@@ -215,7 +222,7 @@ class Simulator:
                         pslots[i] = True
                         in_transfer += len(batch)
                         end = self._run_through(self.pipes["prompt"], "prefill", batch, now + overhead,
-                                                f"p{i}", scale=o.m)
+                                                f"p{i}", scale=o.m, lead=lead)
                         push(end, "prefilled", (i, batch))
             while ready:  # admitted requests join the token microbatch with the fewest, up to the size
                 j = min(range(nslots), key=lambda k: len(slots[k]))
@@ -230,13 +237,14 @@ class Simulator:
                 if batch:
                     slots[i].extend(batch)
                     busy[i] = True
-                    end = self._run_through(self.pipes["stage"], "prefill", batch, now + overhead, f"mb{i}")
+                    end = self._run_through(self.pipes["stage"], "prefill", batch, now + overhead, f"mb{i}",
+                                            lead=lead)
                     push(end, "stepped", (i, batch))
                 elif slots[i]:
                     busy[i] = True
                     pipe = self.pipes["stage" if ft else "token"]
                     batch = list(slots[i])
-                    end = self._run_through(pipe, "decode", batch, now + overhead, f"mb{i}")
+                    end = self._run_through(pipe, "decode", batch, now + overhead, f"mb{i}", lead=lead)
                     push(end, "stepped", (i, batch))
             # next event
             nxt = [heap[0][0]] if heap else []
