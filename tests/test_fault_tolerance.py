@@ -153,6 +153,25 @@ def test_killed_worker_resumes_exactly(reference, pp, kills, replicate, most):
         finish(llm, killed)
 
 
+@pytest.mark.parametrize("seed", [11, 22, 33])
+def test_token_worker_killed_at_a_random_moment(reference, seed):
+    """Disaggregated, replicated: a random token worker dies at a random step (seeded)."""
+    import random
+
+    rng = random.Random(seed)
+    at, rank = rng.randrange(3, 40), rng.choice([1, 2])
+    llm = LLM(model=MODEL, prompt_stages=1, token_stages=2, block_size=4, kv_cache_blocks=256, worker_timeout=60,
+              replicate=True)
+    killed = []
+    try:
+        got, killed = run(llm, [(at, rank)])
+        assert got == reference, (at, rank)
+        ev = llm.engine.fault_tolerance()["recoveries"][0]
+        assert ev["workers"] == [f"t{rank - 1}.0"] and ev["bad_replicas"] == 0
+    finally:
+        finish(llm, killed)
+
+
 def test_two_workers_killed_in_a_row(reference):
     llm = LLM(model=MODEL, pp=3, block_size=4, kv_cache_blocks=256, worker_timeout=60, replicate=True)
     killed = []
