@@ -172,6 +172,37 @@ def test_token_worker_killed_at_a_random_moment(reference, seed):
         finish(llm, killed)
 
 
+def test_replication_pauses_between_requests_only(reference):
+    llm = LLM(model=MODEL, pp=2, block_size=4, kv_cache_blocks=256, worker_timeout=60, replicate=True)
+    eng = llm.engine
+    try:
+        eng.set_replication(False)
+        assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == reference
+        eng.idle_check()
+        assert eng.fault_tolerance()["replicated_bytes"] == 0 and not eng._rep_pending
+        eng.set_replication(True)
+        assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == reference
+        for _ in range(50):  # the last acknowledgements arrive after the tokens
+            eng.idle_check()
+            if eng.fault_tolerance()["replicated_bytes"] > 0:
+                break
+            time.sleep(0.05)
+        assert eng.fault_tolerance()["replicated_bytes"] > 0
+        eng.add_request(PROMPTS[0], GREEDY)
+        with pytest.raises(RuntimeError, match="no request runs"):
+            eng.set_replication(False)
+        while eng.has_unfinished():
+            eng.step()
+    finally:
+        finish(llm)
+    with pytest.raises(ValueError, match="does not replicate"):
+        plain = LLM(model=MODEL, pp=2, block_size=4, kv_cache_blocks=64)
+        try:
+            plain.engine.set_replication(True)
+        finally:
+            plain.shutdown()
+
+
 def test_two_workers_killed_in_a_row(reference):
     llm = LLM(model=MODEL, pp=3, block_size=4, kv_cache_blocks=256, worker_timeout=60, replicate=True)
     killed = []

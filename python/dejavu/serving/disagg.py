@@ -234,7 +234,7 @@ class DisaggEngine(PipelineEngine):
             self._step_id += 1
             admit = {"t": "admit", "id": self._step_id, "delivered": sorted(st.get("delivered", ())),
                      "seqs": [{"key": k, "blocks": s.block_table, "ntok": len(s) - 1} for s, k in live]}
-            if self.replicate:
+            if self.replicate and not self.replication_paused:
                 self._rep_pending[self._step_id] = {"ranks": set(range(self.token_first, self.world)),
                                                     "seqs": [(s, len(s) - 1, s.preemptions) for s, _ in live]}
             for r in range(self.token_first, self.world):

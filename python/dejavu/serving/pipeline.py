@@ -176,6 +176,7 @@ class PipelineEngine(LLMEngine):
                 raise ValueError(f"replicate_to must name, for each of the {stages} stages, another stage in "
                                  f"[0, {stages}); got {ring}")
         self.replicate_to = ring
+        self.replication_paused = False
         self.watermark: dict[int, tuple[int, int]] = {}  # seq id -> (tokens replicated on every stage, preemptions)
         self._rep_pending: dict[int, dict] = {}          # step id -> ranks yet to acknowledge, (seq, tokens, preemptions)
         self.rep_bytes: dict[int, int] = {}
@@ -501,7 +502,7 @@ class PipelineEngine(LLMEngine):
             s.num_cached = len(s)
             self.slot_of[s.seq_id] = slot
             self._busy.add(s.seq_id)
-        if self.replicate:
+        if self.replicate and not self.replication_paused:
             self._rep_pending[self._step_id] = {"ranks": set(self._step_ranks()),
                                                 "seqs": [(s, len(s), s.preemptions) for s in seqs]}
         msg = {"t": "step", "mb": slot, "id": self._step_id, "prefill": is_prefill, "seqs": items}
@@ -512,6 +513,18 @@ class PipelineEngine(LLMEngine):
         self.inflight[slot] = (self._step_id, seqs, time.monotonic())
 
     # ------------------------------------------------------------------ fault tolerance
+    def set_replication(self, on: bool) -> None:
+        """Pause or resume replication between requests (to measure what it costs on one deployment).
+        Requests served while it is paused have no replicas: after a failure they start over."""
+        if not self.replicate:
+            raise ValueError("this deployment does not replicate (replicate=True)")
+        if self.has_unfinished():
+            raise RuntimeError("replication can only be paused or resumed while no request runs")
+        for r in range(self.world):
+            if self._holder_rank(r) is not None:
+                self.channels[r].send({"t": "replication", "on": bool(on)})
+        self.replication_paused = not on
+
     def _on_replicated(self, msg: dict) -> None:
         """A worker's holder applied step `id`: once every stage has, the step's tokens count."""
         self.rep_bytes[msg["rank"]] = msg.get("bytes", 0)

@@ -29,6 +29,7 @@ class Replicator:
         cache = worker.cache
         self.shape = tuple(cache.tensor.shape)
         self._sync = None  # CUDA: a stream on which the sending thread's blocking events are recorded
+        self.paused = False  # PipelineEngine.set_replication (between requests only)
         threading.Thread(target=self._loop, daemon=True, name="replicator").start()
 
     # ------------------------------------------------------------------ called by the main thread

@@ -187,7 +187,7 @@ class StageWorker:
             h = self._forward(msg)
             if h is not None and self.tp_rank == 0:  # the LM head is replicated: TP rank 0 of the last stage answers
                 self.ch.send({"t": "tokens", "mb": msg["mb"], "id": msg["id"], "tokens": self._sample(msg, h)})
-            if self.replicator is not None:  # the token slots this step wrote leave for the replica holder
+            if self.replicator is not None and not self.replicator.paused:  # this step's token slots leave
                 bs = self.cache.block_size
                 blocks, slots = [], []
                 for s in msg["seqs"]:
@@ -395,7 +395,7 @@ class StageWorker:
 
     def _replicate_admitted(self, msg: dict) -> None:
         """The prompt KV just admitted goes to the replica holder as well (positions [0, ntok))."""
-        if self.replicator is None:
+        if self.replicator is None or self.replicator.paused:
             return
         bs = self.cache.block_size
         blocks = [s["blocks"][p // bs] for s in msg["seqs"] for p in range(s["ntok"])]
@@ -472,6 +472,11 @@ class StageWorker:
             torch.cuda.synchronize(self.device)
         self.ch.send({"t": "restored", "rank": self.rank, "bad": bad, "bytes": nbytes,
                       "seconds": time.perf_counter() - t0, "error": error})
+
+    def set_replication(self, msg: dict) -> None:
+        """Pause / resume (between requests; PipelineEngine.set_replication)."""
+        if self.replicator is not None:
+            self.replicator.paused = not msg["on"]
 
     def rereplicate(self, msg: dict) -> None:
         """Our holder was replaced: re-seed it with every live block."""
@@ -561,7 +566,7 @@ def run(controller: str, token: str, rank: int | None = None, standby: bool = Fa
     ch.send({"t": "ready", "rank": rank, **worker.ready_info()})
     handlers = {"step": worker.step, "prefill": worker.prefill, "admit": worker.admit, "peers": worker.set_peers,
                 "reset": worker.reset, "pipes": worker.set_pipes, "restore": worker.restore,
-                "rereplicate": worker.rereplicate}
+                "rereplicate": worker.rereplicate, "replication": worker.set_replication}
     from ..kvstream import StreamError
     from ..parallel.pipe import PipeBroken
 
