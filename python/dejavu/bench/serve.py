@@ -156,7 +156,7 @@ def run_failover(url: str, lengths, rate: float, spec: str, kill_at: float, mode
     seconds in. Reports the latency inflation of the requests in flight at the kill (same request,
     same arrival time, in both passes) and the server's recovery time split into its parts (from
     /v1/cluster)."""
-    url = url.rstrip("/").removesuffix("/v1")
+    url = _base_url(url)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     find_worker(_cluster(url, headers), spec)  # a bad spec fails before any load
     # Warm-up (first-use costs of a fresh deployment would otherwise inflate the baseline pass).
@@ -179,13 +179,25 @@ def run_failover(url: str, lengths, rate: float, spec: str, kill_at: float, mode
                "recomputed_tokens": e["recomputed_tokens"], "bad_replicas": e["bad_replicas"],
                "replicated": e["replicated"]}
     result = {"url": url, "killed": killed, "recovery": rec,
-              "baseline": {"requests": len(base), "completed": sum(1 for r in base if r.get("ok")), "duration_s": base_s,
-                           "throughput_output_tokens_per_s": sum(r["output_tokens"] for r in base if r.get("ok")) / base_s},
-              "failure": {"requests": len(fail), "completed": sum(1 for r in fail if r.get("ok")), "duration_s": fail_s,
-                          "throughput_output_tokens_per_s": sum(r["output_tokens"] for r in fail if r.get("ok")) / fail_s,
-                          "errors": sorted({r["error"] for r in fail if not r.get("ok")})[:5]},
+              "baseline": _pass_summary(base, base_s), "failure": _pass_summary(fail, fail_s),
               "affected_requests": len(affected), "latency_inflation": percentiles(infl) | {"max": max(infl, default=None)}}
-    print(format_failover(result))
+    return _report(result, format_failover(result), json_path)
+
+
+def _base_url(url: str) -> str:
+    return url.rstrip("/").removesuffix("/v1")
+
+
+def _pass_summary(records: list[dict], duration: float) -> dict:
+    """Counts, throughput and the first errors of one pass of the load."""
+    ok = [r for r in records if r.get("ok")]
+    return {"requests": len(records), "completed": len(ok), "failed": len(records) - len(ok), "duration_s": duration,
+            "throughput_output_tokens_per_s": sum(r["output_tokens"] for r in ok) / duration,
+            "errors": sorted({r["error"] for r in records if not r.get("ok")})[:5]}
+
+
+def _report(result: dict, text: str, json_path: str | None) -> dict:
+    print(text)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(result, f, indent=2)
@@ -214,28 +226,21 @@ def format_failover(r: dict) -> str:
 
 def run(url: str, lengths: list[tuple[int, int]], rate: float, model: str | None = None, seed: int = 0,
         api_key: str | None = None, json_path: str | None = None, progress: bool = True) -> dict:
-    url = url.rstrip("/")
-    if url.endswith("/v1"):
-        url = url[:-3]
+    url = _base_url(url)
     records, duration = asyncio.run(_run(url, model, lengths, rate, seed, api_key, progress))
     ok = [r for r in records if r.get("ok")]
-    out_tokens = sum(r["output_tokens"] for r in ok)
+    summary = _pass_summary(records, duration)
     result = {
-        "url": url, "requests": len(records), "completed": len(ok), "failed": len(records) - len(ok),
-        "rate": rate if rate != float("inf") else "inf", "duration_s": duration,
-        "throughput_requests_per_s": len(ok) / duration, "throughput_output_tokens_per_s": out_tokens / duration,
-        "total_prompt_tokens": sum(r["prompt_tokens"] for r in ok), "total_output_tokens": out_tokens,
+        "url": url, **summary, "rate": rate if rate != float("inf") else "inf",
+        "throughput_requests_per_s": len(ok) / duration,
+        "total_prompt_tokens": sum(r["prompt_tokens"] for r in ok),
+        "total_output_tokens": sum(r["output_tokens"] for r in ok),
         "ttft_s": percentiles([r["ttft"] for r in ok]),
         "itl_s": percentiles([x for r in ok for x in r["itl"]]),
         "normalized_latency_s_per_token": percentiles([r["normalized"] for r in ok]),
         "latency_s": percentiles([r["latency"] for r in ok]),
-        "errors": sorted({r["error"] for r in records if not r.get("ok")})[:5],
     }
-    print(format_report(result))
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return _report(result, format_report(result), json_path)
 
 
 def format_report(r: dict) -> str:

@@ -28,7 +28,7 @@ import threading
 import msgpack
 import torch
 
-from ..parallel.wire import recv_exact
+from ..parallel.wire import recv_exact, serve_connections
 
 _LEN = struct.Struct(">I")
 MAX_HEADER = 1 << 20
@@ -183,19 +183,10 @@ class ReplicaServer:
         self.port = self._listener.getsockname()[1]
         self.bytes_in = 0
         self.refused = 0
-        self._closed = False
-        threading.Thread(target=self._accept_loop, daemon=True, name="replica-accept").start()
+        serve_connections(self._listener, self._serve, "replica")
 
     def path(self, src: str) -> str | None:
         return os.path.join(self.directory, f"{self.prefix}{src}") if self.directory else None
-
-    def _accept_loop(self) -> None:
-        while not self._closed:
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(sock,), daemon=True, name="replica-conn").start()
 
     def _serve(self, sock: socket.socket) -> None:
         try:
@@ -251,11 +242,11 @@ class ReplicaServer:
         return {"t": "ok"}, None
 
     def stop(self) -> None:
-        self._closed = True
         try:
-            self._listener.close()
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread (close alone does not)
         except OSError:
             pass
+        self._listener.close()
 
 
 class ReplicaClient:

@@ -19,33 +19,30 @@ def worker_command(controller: str, token: str) -> list[str]:
     return [sys.executable, "-m", "dejavu", "worker", "--controller", controller, "--token", token]
 
 
+def _spawn_child(args: list[str], log_dir: str | None, log_name: str, mode: str = "w",
+                 **env) -> subprocess.Popen:
+    """A worker process started from this one (it exits when we do: DEJAVU_PARENT_PID)."""
+    env = dict(os.environ, DEJAVU_PARENT_PID=str(os.getpid()), PYTHONUNBUFFERED="1", **env)
+    out = open(os.path.join(log_dir, log_name), mode) if log_dir else subprocess.DEVNULL
+    return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT if log_dir else subprocess.DEVNULL)
+
+
 def spawn_local(n: int, controller: str, token: str, log_dir: str | None = None) -> list[subprocess.Popen]:
-    env = dict(os.environ, DEJAVU_PARENT_PID=str(os.getpid()), PYTHONUNBUFFERED="1")
-    procs = []
-    for rank in range(n):
-        out = open(os.path.join(log_dir, f"worker{rank}.log"), "w") if log_dir else subprocess.DEVNULL
-        procs.append(subprocess.Popen(worker_command(controller, token) + ["--rank", str(rank)], env=env,
-                                      stdout=out, stderr=subprocess.STDOUT if log_dir else subprocess.DEVNULL,
-                                      start_new_session=False))
-    return procs
+    return [_spawn_child(worker_command(controller, token) + ["--rank", str(rank)], log_dir, f"worker{rank}.log")
+            for rank in range(n)]
 
 
 def spawn_local_rank(rank: int, controller: str, token: str, log_dir: str | None = None) -> subprocess.Popen:
     """One replacement worker for `rank` (after a failure), as a local child process."""
-    env = dict(os.environ, DEJAVU_PARENT_PID=str(os.getpid()), PYTHONUNBUFFERED="1")
-    out = open(os.path.join(log_dir, f"worker{rank}.respawn.log"), "a") if log_dir else subprocess.DEVNULL
-    return subprocess.Popen(worker_command(controller, token) + ["--rank", str(rank)], env=env, stdout=out,
-                            stderr=subprocess.STDOUT if log_dir else subprocess.DEVNULL)
+    return _spawn_child(worker_command(controller, token) + ["--rank", str(rank)], log_dir,
+                        f"worker{rank}.respawn.log", "a")
 
 
 def spawn_standby(controller: str, token: str, device: str, log_dir: str | None = None) -> subprocess.Popen:
     """A warm spare: a worker process that starts (interpreter, imports, CUDA context) now and
     registers as a standby, so that a recovery only has to load the failed stage's weights."""
-    env = dict(os.environ, DEJAVU_PARENT_PID=str(os.getpid()), PYTHONUNBUFFERED="1", DEJAVU_CLUSTER_TOKEN=token,
-               DEJAVU_STANDBY_DEVICE=device)
-    out = open(os.path.join(log_dir, "spare.log"), "a") if log_dir else subprocess.DEVNULL
-    return subprocess.Popen(worker_command(controller, "env") + ["--standby"], env=env, stdout=out,
-                            stderr=subprocess.STDOUT if log_dir else subprocess.DEVNULL)
+    return _spawn_child(worker_command(controller, "env") + ["--standby"], log_dir, "spare.log", "a",
+                        DEJAVU_CLUSTER_TOKEN=token, DEJAVU_STANDBY_DEVICE=device)
 
 
 def spawn_mpirun(n: int, controller: str, token: str, hostfile: str | None = None,

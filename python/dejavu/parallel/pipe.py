@@ -22,7 +22,7 @@ import threading
 import msgpack
 import torch
 
-from .wire import recv_exact
+from .wire import recv_exact, serve_connections
 
 _HDR = struct.Struct(">QQ")
 _LEN = struct.Struct(">I")
@@ -45,8 +45,7 @@ class StagePipes:
         self._in: socket.socket | None = None
         self._out: socket.socket | None = None
         self.broken = False
-        self._closed = False
-        threading.Thread(target=self._accept_loop, daemon=True, name="pipe-accept").start()
+        serve_connections(self._listener, self._hello, "pipe")
 
     # ------------------------------------------------------------------ set-up
     def configure(self, epoch: int, prev: int | None, nxt: tuple[str, int, int] | None) -> None:
@@ -69,14 +68,6 @@ class StagePipes:
         with self._cond:
             self._drop()
             self.broken = True
-
-    def _accept_loop(self) -> None:
-        while not self._closed:
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._hello, args=(sock,), daemon=True).start()
 
     def _hello(self, sock: socket.socket) -> None:
         try:
@@ -152,7 +143,6 @@ class StagePipes:
             raise PipeBroken(f"receiving step {step_id} from the previous stage failed: {e}") from None
 
     def close(self) -> None:
-        self._closed = True
         with self._cond:
             self._drop()
             for s in self._incoming.values():

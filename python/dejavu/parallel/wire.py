@@ -22,6 +22,18 @@ class ProtocolError(ConnectionError):
     pass
 
 
+def serve_connections(listener: socket.socket, handler, name: str) -> None:
+    """Accept on `listener` until it is closed; each connection is handled on a thread of its own."""
+    def loop():
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:  # closed: stop
+                return
+            threading.Thread(target=handler, args=(sock,), daemon=True, name=f"{name}-conn").start()
+    threading.Thread(target=loop, daemon=True, name=f"{name}-accept").start()
+
+
 def recv_exact(sock: socket.socket, view: memoryview, peer: str = "peer") -> None:
     """Fill `view` from `sock`; ConnectionError when the peer closes first."""
     got = 0

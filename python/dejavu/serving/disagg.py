@@ -199,7 +199,7 @@ class DisaggEngine(PipelineEngine):
     def _on_pushed(self, msg) -> list[Sequence]:
         slot = msg["mb"]
         st = self.prompt_inflight[slot]
-        if self.ft and (st is None or st["id"] != msg["id"]) and msg["id"] <= self._epoch_step:
+        if (st is None or st["id"] != msg["id"]) and self._stale(msg["id"]):
             return []  # a prefill from before a recovery: done again already
         if st is None or st["id"] != msg["id"]:
             raise WorkerError(f"prompt microbatch {slot}: unexpected step {msg['id']}")
@@ -234,9 +234,8 @@ class DisaggEngine(PipelineEngine):
             self._step_id += 1
             admit = {"t": "admit", "id": self._step_id, "delivered": sorted(st.get("delivered", ())),
                      "seqs": [{"key": k, "blocks": s.block_table, "ntok": len(s) - 1} for s, k in live]}
-            if self.replicate and not self.replication_paused:
-                self._rep_pending[self._step_id] = {"ranks": set(range(self.token_first, self.world)),
-                                                    "seqs": [(s, len(s) - 1, s.preemptions) for s, _ in live]}
+            self._expect_replication(self._step_id, range(self.token_first, self.world),
+                                     [(s, len(s) - 1) for s, _ in live])
             for r in range(self.token_first, self.world):
                 self.channels[r].send(admit)
             self.admitting[self._step_id] = {"seqs": [s for s, _ in live],
@@ -245,7 +244,7 @@ class DisaggEngine(PipelineEngine):
 
     def _on_admitted(self, msg) -> None:
         st = self.admitting.get(msg["id"])
-        if st is None and self.ft and msg["id"] <= self._epoch_step:
+        if st is None and self._stale(msg["id"]):
             return  # an admission from before a recovery: that request is prefilled again
         if st is None:
             raise WorkerError(f"unexpected admission {msg['id']} from worker {msg['rank']}")
@@ -292,18 +291,14 @@ class DisaggEngine(PipelineEngine):
         for s in reversed(again):
             self._busy.discard(s.seq_id)
             self.in_transfer -= 1
+            self._release(s)
             if s.seq_id in self._abort_later:
                 self._abort_later.discard(s.seq_id)
-                self._release(s)
                 s.status, s.finish_reason = Status.FINISHED, "abort"
-                continue
-            if s.finished:
-                self._release(s)
-                continue
-            self._release(s)
-            s.num_cached = 0
-            s.status = Status.WAITING
-            self.waiting.appendleft(s)
+            elif not s.finished:
+                s.num_cached = 0
+                s.status = Status.WAITING
+                self.waiting.appendleft(s)
         return drop
 
     def _release(self, s: Sequence) -> None:

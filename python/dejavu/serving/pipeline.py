@@ -99,7 +99,7 @@ class PipelineEngine(LLMEngine):
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self.controller_addr = controller = f"127.0.0.1:{self.port}"
-        self.launcher, self.log_dir = launcher, log_dir
+        self.log_dir = log_dir
         if launcher == "local":
             self.procs = launch.spawn_local(self.world, controller, self.token, log_dir)
             self._proc_of = dict(enumerate(self.procs))
@@ -475,7 +475,7 @@ class PipelineEngine(LLMEngine):
     def _on_tokens(self, msg: dict) -> list[Sequence]:
         """A microbatch's sampled tokens came back: append them to the sequences still live."""
         i = msg["mb"]
-        if self.ft and (self.inflight[i] is None or self.inflight[i][0] != msg["id"]) and msg["id"] <= self._epoch_step:
+        if (self.inflight[i] is None or self.inflight[i][0] != msg["id"]) and self._stale(msg["id"]):
             return []  # a step from before a recovery: replayed already
         step_id, seqs, _ = self.inflight[i]
         if msg["id"] != step_id:
@@ -502,9 +502,7 @@ class PipelineEngine(LLMEngine):
             s.num_cached = len(s)
             self.slot_of[s.seq_id] = slot
             self._busy.add(s.seq_id)
-        if self.replicate and not self.replication_paused:
-            self._rep_pending[self._step_id] = {"ranks": set(self._step_ranks()),
-                                                "seqs": [(s, len(s), s.preemptions) for s in seqs]}
+        self._expect_replication(self._step_id, self._step_ranks(), [(s, len(s)) for s in seqs])
         msg = {"t": "step", "mb": slot, "id": self._step_id, "prefill": is_prefill, "seqs": items}
         if self.swap:  # every block the microbatch holds now: workers keep exactly these resident
             msg["live"] = [b for s in self.slots[slot].running for b in s.block_table]
@@ -524,6 +522,22 @@ class PipelineEngine(LLMEngine):
             if self._holder_rank(r) is not None:
                 self.channels[r].send({"t": "replication", "on": bool(on)})
         self.replication_paused = not on
+
+    def _stale(self, step_id: int) -> bool:
+        """A reply to a step (or prefill, admission) from before the last recovery."""
+        return self.ft and step_id <= self._epoch_step
+
+    def _expect_replication(self, step_id: int, ranks, seqs: list[tuple[Sequence, int]]) -> None:
+        """Step `step_id` leaves each (sequence, n) with n tokens of KV on `ranks`: once all of them
+        report it replicated, n counts towards the sequence's watermark."""
+        if self.replicate and not self.replication_paused:
+            self._rep_pending[step_id] = {"ranks": set(ranks), "seqs": [(s, n, s.preemptions) for s, n in seqs]}
+
+    def _watermark_of(self, s: Sequence) -> int:
+        """Leading tokens of `s` whose KV every stage's holder has (none since a preemption), at most
+        all but the newest token."""
+        w, pre = self.watermark.get(s.seq_id, (0, s.preemptions))
+        return min(w, len(s) - 1) if pre == s.preemptions else 0
 
     def _on_replicated(self, msg: dict) -> None:
         """A worker's holder applied step `id`: once every stage has, the step's tokens count."""
@@ -683,10 +697,7 @@ class PipelineEngine(LLMEngine):
             if not kv_lost:  # a prompt worker or a link failed: the decode caches are intact
                 s.num_cached = min(s.num_cached, n)
                 continue
-            w, pre = self.watermark.get(s.seq_id, (0, s.preemptions))
-            if not self.replicate or s.seq_id in bad or pre != s.preemptions:
-                w = 0
-            w = min(w, n)
+            w = self._watermark_of(s) if self.replicate and s.seq_id not in bad else 0
             if not self.replicate:
                 # The paper's baseline: start over from the prompt (tokens already streamed to the client
                 # are regenerated identically and not sent again).
@@ -724,8 +735,7 @@ class PipelineEngine(LLMEngine):
                 continue
             self.channels[r].send({"t": "restore", "holder": ["127.0.0.1", self.worker_info[holder]["replica_port"]],
                                    "blocks": blocks,
-                                   "seqs": [[s.seq_id, s.block_table, min(self.watermark.get(s.seq_id, (0, 0))[0],
-                                                                          len(s) - 1)] for s in seqs]})
+                                   "seqs": [[s.seq_id, s.block_table, self._watermark_of(s)] for s in seqs]})
             waiting[("restored", r)] = True
         for r in range(self.world):
             if r not in dead and self._holder_rank(r) in dead:

@@ -36,7 +36,13 @@ class Replicator:
     def set_holder(self, addr) -> None:
         self.q.put(("holder", tuple(addr)))
 
-    def after_step(self, step_id: int, blocks: list[int], slots: list[int]) -> None:
+    def after_step(self, step_id: int, written: list[tuple[list[int], int, int]]) -> None:
+        """A step wrote positions [start, end) of each (block table, start, end): send those slots."""
+        if self.paused:
+            return
+        bs = self.w.cache.block_size
+        blocks = [table[p // bs] for table, a, b in written for p in range(a, b)]
+        slots = [p % bs for _, a, b in written for p in range(a, b)]
         if blocks:
             self._enqueue("slots", step_id, Region.tokens(range(self.w.cache.num_layers), blocks, slots))
 

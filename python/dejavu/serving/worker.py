@@ -187,14 +187,9 @@ class StageWorker:
             h = self._forward(msg)
             if h is not None and self.tp_rank == 0:  # the LM head is replicated: TP rank 0 of the last stage answers
                 self.ch.send({"t": "tokens", "mb": msg["mb"], "id": msg["id"], "tokens": self._sample(msg, h)})
-            if self.replicator is not None and not self.replicator.paused:  # this step's token slots leave
-                bs = self.cache.block_size
-                blocks, slots = [], []
-                for s in msg["seqs"]:
-                    for p in range(s["start"], s["start"] + len(s["ids"])):
-                        blocks.append(s["blocks"][p // bs])
-                        slots.append(p % bs)
-                self.replicator.after_step(msg["id"], blocks, slots)
+            if self.replicator is not None:  # the token slots this step wrote leave for the replica holder
+                self.replicator.after_step(msg["id"], [(s["blocks"], s["start"], s["start"] + len(s["ids"]))
+                                                       for s in msg["seqs"]])
         finally:
             if self.swap is not None:
                 self.swap.write_back(mapping, touched)  # incremental swap-out: only the new tokens' blocks
@@ -395,12 +390,8 @@ class StageWorker:
 
     def _replicate_admitted(self, msg: dict) -> None:
         """The prompt KV just admitted goes to the replica holder as well (positions [0, ntok))."""
-        if self.replicator is None or self.replicator.paused:
-            return
-        bs = self.cache.block_size
-        blocks = [s["blocks"][p // bs] for s in msg["seqs"] for p in range(s["ntok"])]
-        slots = [p % bs for s in msg["seqs"] for p in range(s["ntok"])]
-        self.replicator.after_step(msg["id"], blocks, slots)
+        if self.replicator is not None:
+            self.replicator.after_step(msg["id"], [(s["blocks"], 0, s["ntok"]) for s in msg["seqs"]])
 
     # ------------------------------------------------------------------ fault tolerance
     def reset(self, msg: dict) -> None:
@@ -587,8 +578,7 @@ def run(controller: str, token: str, rank: int | None = None, standby: bool = Fa
                 if worker.pipes is None:
                     raise
                 # A neighbour (or a KV peer) died: this step is lost; the controller resets and replays.
-                if worker.pipes is not None:
-                    worker.pipes.fail()
+                worker.pipes.fail()
                 ch.send({"t": "step_failed", "rank": rank, "id": msg.get("id", 0), "msg": str(e)})
     except ConnectionError:
         return 4  # the controller is gone: nothing to serve
