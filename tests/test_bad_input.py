@@ -1,6 +1,5 @@
 """Bad models and bad requests: a clear error naming the problem, nothing half-loaded."""
 import json
-import os
 
 import pytest
 

@@ -190,7 +190,7 @@ def test_api_key_and_backpressure():
 
 
 def test_fuzzed_bodies_never_5xx(server):
-    hypothesis = pytest.importorskip("hypothesis")
+    pytest.importorskip("hypothesis")
     from hypothesis import given, settings
     from hypothesis import strategies as st
 

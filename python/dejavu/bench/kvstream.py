@@ -90,8 +90,8 @@ def run(device: str, layers: int, heads: int, head_dim: int, block_sizes: list[i
                 row["h2d_ratio"] = row["h2d_GBps"] / row["base_h2d_GBps"]
                 row["file_ratio"] = row["file_GBps"] / row["base_file_GBps"]
                 rows.append(row)
-                del s
-        del cache, pinned, contig
+                s = None  # noqa: F841
+        cache = pinned = contig = None  # noqa: F841 - free before the next block size
         if cuda:
             torch.cuda.empty_cache()
 

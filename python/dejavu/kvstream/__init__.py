@@ -9,7 +9,7 @@ Routing between workers with different pipeline depths and TP degrees is in rout
 Every operation returns a Future (wait / done / error).
 """
 from .errors import StreamError
-from .futures import Future, gather_futures
+from .futures import Future, gather_futures  # noqa: F401 - public API
 from .pool import PinnedPool
 from .region import Region
 from .streamer import LEVELS, KVStreamer

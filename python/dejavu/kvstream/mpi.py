@@ -9,7 +9,6 @@ from __future__ import annotations
 import struct
 import threading
 
-import torch
 
 from .. import _C
 from .futures import Future, PolledCompletion

@@ -1,7 +1,6 @@
 """BLOOM: ALiBi instead of positions, embedding LayerNorm, fused per-head QKV, GELU MLP."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .base import DecoderLM

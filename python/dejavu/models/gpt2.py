@@ -1,7 +1,6 @@
 """GPT-2: learned positions, pre-LayerNorm, fused QKV, GELU MLP, tied LM head."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .base import DecoderLM

@@ -26,7 +26,7 @@ import heapq
 import math
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .model import PlanError, Profile, stage_layers
 
