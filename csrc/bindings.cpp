@@ -100,6 +100,15 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_release nogil;
     return crc32c(as_ptr<const uint8_t>(ptr), n, seed);
   }, py::arg("ptr"), py::arg("nbytes"), py::arg("seed") = 0);
+  m.def("crc32c_items", [](uintptr_t base, uintptr_t item_offsets, int64_t n_items, uintptr_t piece_offsets,
+                           int64_t n_pieces, int64_t piece_bytes, uintptr_t out, int threads) {
+    py::gil_scoped_release nogil;
+    crc32c_items(as_ptr<const uint8_t>(base), as_ptr<const int64_t>(item_offsets), n_items,
+                 as_ptr<const int64_t>(piece_offsets), n_pieces, piece_bytes, as_ptr<int64_t>(out), threads);
+  }, py::arg("base"), py::arg("item_offsets"), py::arg("n_items"), py::arg("piece_offsets"), py::arg("n_pieces"),
+     py::arg("piece_bytes"), py::arg("out"), py::arg("threads") = 4,
+     "One CRC-32C per item over its pieces, in place: item j covers piece_bytes at base + item_offsets[j] + "
+     "piece_offsets[p] for each p in order (int64 arrays); results to the int64 array at out.");
 
   // ---------------------------------------------------------------- errors
   auto base_err = py::register_exception<TransportError>(m, "TransportError", PyExc_ConnectionError);
@@ -232,10 +241,12 @@ PYBIND11_MODULE(_C, m) {
   }, "Pipelined staged transfer between a device cache and a pinned host buffer (see cuda_copy.h)");
   m.def("cuda_compiled", &cuda_compiled);
   m.def("cuda_device_count", &cuda_device_count);
-  m.def("cuda_copy_spans", [](uintptr_t src, uintptr_t dst, uintptr_t desc, int64_t n, uintptr_t stream) {
+  m.def("cuda_copy_spans", [](uintptr_t src, uintptr_t dst, uintptr_t desc, int64_t n, uintptr_t stream,
+                              int64_t max_bytes) {
     std::string err = cuda_copy_spans(as_ptr<const void>(src), as_ptr<void>(dst), as_ptr<const int64_t>(desc), n,
-                                      as_ptr<void>(stream));
+                                      as_ptr<void>(stream), max_bytes);
     if (!err.empty()) throw std::runtime_error(err);
-  }, py::arg("src"), py::arg("dst"), py::arg("desc"), py::arg("n"), py::arg("stream") = 0,
-     "Copy n spans on a CUDA stream; desc is a device int64 array of (src_off, dst_off, bytes) triples.");
+  }, py::arg("src"), py::arg("dst"), py::arg("desc"), py::arg("n"), py::arg("stream") = 0, py::arg("max_bytes") = 0,
+     "Copy n spans on a CUDA stream; desc is a device int64 array of (src_off, dst_off, bytes) triples. "
+     "max_bytes (>= the largest span, 0: unknown) lets large spans spread over several thread blocks.");
 }

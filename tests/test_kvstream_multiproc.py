@@ -96,3 +96,25 @@ def test_gloo_process_group():
         p.join(120)
     assert all(p.exitcode == 0 for p in procs)
     assert q.get(timeout=5) is True
+
+
+def test_bench_kvpeer_between_cpu_processes(tmp_path):
+    """`dejavu bench kvpeer` on CPU (gloo): it checks the received region itself before timing."""
+    import json
+
+    r = subprocess.run([sys.executable, "-m", "dejavu", "bench", "kvpeer", "--device", "cpu", "--layers", "2",
+                        "--kv-heads", "2", "--head-dim", "16", "--block-sizes", "4,1", "--total-mib", "2",
+                        "--repeat", "2", "--json", str(tmp_path / "p.json")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads((tmp_path / "p.json").read_text())["rows"]
+    assert [x["block_tokens"] for x in rows] == [4, 1]
+    assert all(x["bytes"] > 0 and x["dejavulib_GBps"] > 0 and x["raw_GBps"] > 0 for x in rows)
+
+
+def test_bench_kvpeer_refuses_one_gpu():
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this host has two GPUs")
+    r = subprocess.run([sys.executable, "-m", "dejavu", "bench", "kvpeer", "--device", "cuda"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and "needs two GPUs" in r.stderr

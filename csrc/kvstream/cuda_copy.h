@@ -15,8 +15,10 @@ int cuda_device_count();
 
 // Copies n spans on `stream` (a cudaStream_t, 0 for the legacy stream). `desc` is a device array
 // of n triples (src_offset, dst_offset, bytes), all in bytes from src / dst. Returns "" on success,
-// else the CUDA error text. Asynchronous: completion is ordered on the stream.
-std::string cuda_copy_spans(const void* src, void* dst, const int64_t* desc, int64_t n, void* stream);
+// else the CUDA error text. Asynchronous: completion is ordered on the stream. max_bytes, when > 0,
+// is at least the largest span: spans above 64 KiB are then split over several thread blocks.
+std::string cuda_copy_spans(const void* src, void* dst, const int64_t* desc, int64_t n, void* stream,
+                            int64_t max_bytes = 0);
 
 // Staged transfer between the cache (device) and a pinned host buffer, pipelined over two device
 // staging buffers: piece i+1's gather kernel runs on kernel_stream while dma_stream moves piece i

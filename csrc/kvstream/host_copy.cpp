@@ -102,4 +102,30 @@ uint32_t crc32c(const uint8_t* data, size_t n, uint32_t seed) {
   return ~crc32c_table(data, n, ~seed);
 }
 
+void crc32c_items(const uint8_t* base, const int64_t* item_offsets, int64_t n_items, const int64_t* piece_offsets,
+                  int64_t n_pieces, int64_t piece_bytes, int64_t* out, int threads) {
+  auto run = [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) {
+      uint32_t c = 0;
+      for (int64_t p = 0; p < n_pieces; ++p)
+        c = crc32c(base + item_offsets[j] + piece_offsets[p], static_cast<size_t>(piece_bytes), c);
+      out[j] = c;
+    }
+  };
+  const int64_t total = n_items * n_pieces * piece_bytes;
+  int t = std::max(1, std::min<int>(threads, static_cast<int>(total >> 22)));  // >= 4 MiB per thread
+  t = static_cast<int>(std::min<int64_t>(t, std::max<int64_t>(n_items, 1)));
+  if (t <= 1) {
+    run(0, n_items);
+    return;
+  }
+  std::vector<std::thread> pool;
+  const int64_t per = (n_items + t - 1) / t;
+  for (int k = 0; k < t; ++k) {
+    const int64_t lo = k * per, hi = std::min(n_items, lo + per);
+    if (lo < hi) pool.emplace_back(run, lo, hi);
+  }
+  for (auto& th : pool) th.join();
+}
+
 }  // namespace dejavu

@@ -17,4 +17,10 @@ int64_t host_scatter(uint8_t* base, const Span* spans, size_t n_spans, const uin
 // CRC-32C (Castagnoli) of a buffer; `seed` chains calls. Used to checksum chunks on the wire and on disk.
 uint32_t crc32c(const uint8_t* data, size_t n, uint32_t seed = 0);
 
+// One CRC-32C per item, over the item's pieces in order, in place (no packing copy): item j's
+// checksum covers the piece_bytes at base + item_offsets[j] + piece_offsets[p] for p = 0..n_pieces-1.
+// Writes n_items values (as int64) to out; uses up to `threads` threads.
+void crc32c_items(const uint8_t* base, const int64_t* item_offsets, int64_t n_items, const int64_t* piece_offsets,
+                  int64_t n_pieces, int64_t piece_bytes, int64_t* out, int threads);
+
 }  // namespace dejavu

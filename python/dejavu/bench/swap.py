@@ -10,14 +10,14 @@ import torch
 
 
 def run(model: str, device: str, pp: int, kv_blocks: int, requests: int, prompt_len: int, max_tokens: int,
-        resident: int, seed: int, json_path: str | None) -> dict:
+        resident: int, seed: int, json_path: str | None, dtype: str = "auto") -> dict:
     from ..llm import LLM
     from ..sampling_params import SamplingParams
 
     g = torch.Generator().manual_seed(seed)
     rows, outputs = [], {}
     for swap in (False, True):
-        llm = LLM(model=model, device=device, pp=pp, seed=seed, kv_cache_blocks=kv_blocks, swap=swap,
+        llm = LLM(model=model, device=device, dtype=dtype, pp=pp, seed=seed, kv_cache_blocks=kv_blocks, swap=swap,
                   resident_microbatches=resident, max_num_seqs=requests)
         try:
             vocab = llm.config.vocab_size
@@ -47,7 +47,7 @@ def run(model: str, device: str, pp: int, kv_blocks: int, requests: int, prompt_
               f"{r['tokens_per_s'] / rows[0]['tokens_per_s']:>6.2f}x {100 * r['swap_wait_fraction']:>8.1f}% "
               f"{r['preemptions']:>7}")
     print(f"same tokens: {same}")
-    result = {"model": model, "device": device, "card": card, "pp": pp, "kv_blocks": kv_blocks, "requests": requests,
+    result = {"model": model, "device": device, "dtype": dtype, "card": card, "pp": pp, "kv_blocks": kv_blocks, "requests": requests,
               "prompt_len": prompt_len, "max_tokens": max_tokens, "resident": resident, "rows": rows,
               "same_tokens": same}
     if json_path:

@@ -29,10 +29,24 @@ def _wait_works(works, timeout):
 
 
 class ProcessGroupChannel:
-    """Sends/receives uint8 tensors (host or device) to/from one peer rank."""
+    """Sends/receives uint8 tensors (host or device) to/from one peer rank.
+
+    Over NCCL (`device_direct`), KVStreamer.stream_out/stream_in move a region GPU -> GPU without
+    touching host memory: the blocks are gathered on the device into pieces, and each piece is sent
+    while the next one is gathered (and on the receiver scattered while the next one arrives)."""
 
     def __init__(self, peer: int, group=None):
         self.peer, self.group = peer, group
+
+    @property
+    def device_direct(self) -> bool:
+        return dist.get_backend(self.group) == "nccl"
+
+    def dist_isend(self, t: torch.Tensor):
+        return dist.isend(t, self.peer, group=self.group)
+
+    def dist_irecv(self, t: torch.Tensor):
+        return dist.irecv(t, self.peer, group=self.group)
 
     def send(self, what: str, buf: torch.Tensor) -> Future:
         crc = _C.crc32c(buf.data_ptr(), buf.numel()) if buf.device.type == "cpu" else 0

@@ -77,11 +77,18 @@ def export_tensor(t: torch.Tensor) -> dict:
             "byte_offset": t.storage_offset() * t.element_size(), "nbytes": t.numel() * t.element_size()}
 
 
-def import_tensor(d: dict) -> torch.Tensor:
-    """Open a peer's exported CUDA tensor (same host) as a flat uint8 tensor over its memory."""
+def import_tensor(d: dict, device: int | None = None) -> torch.Tensor:
+    """Open a peer's exported CUDA tensor (same host) as a flat uint8 tensor over its memory.
+
+    `device`: the GPU whose kernels will access it (default: the one it lives on). The handle is
+    opened in that device's context, with peer access enabled as needed (cudaIpcOpenMemHandle's
+    lazy peer access); opened in the owner's context instead, the mapping would be invisible to
+    kernels on another GPU (an illegal address). The returned tensor then reports `device` although
+    its bytes live on the peer's GPU: use it for pointers and copies, not for compute."""
     torch.cuda._lazy_init()
-    storage = torch.UntypedStorage._new_shared_cuda(d["device"], d["handle"], d["size"], d["offset"], d["rc_handle"],
+    dev = d["device"] if device is None else int(device)
+    storage = torch.UntypedStorage._new_shared_cuda(dev, d["handle"], d["size"], d["offset"], d["rc_handle"],
                                                     d["rc_offset"], d["ev_handle"], d["ev_sync"])
-    t = torch.empty(0, dtype=torch.uint8, device=torch.device("cuda", d["device"]))
+    t = torch.empty(0, dtype=torch.uint8, device=torch.device("cuda", dev))
     t.set_(storage, d["byte_offset"], (d["nbytes"],))
     return t

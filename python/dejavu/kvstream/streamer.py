@@ -16,6 +16,7 @@ import torch
 
 from .. import _C
 from ..engine.kv_cache import PagedKVCache
+from .dist import _completion
 from .futures import Future, gather_futures
 from .pool import PinnedPool
 from .region import Region
@@ -27,6 +28,8 @@ CUDA_MODES = ("auto", "staged", "direct")
 # auto: staged for transfers larger than two staging pieces (0.94-0.96x of a contiguous copy on the
 # H100 for 16-token blocks), direct below that (token-level: 280 us vs 330 us); docs/BENCHMARKS.md.
 DEFAULT_CUDA_MODE = "auto"
+# GPU -> remote GPU over NCCL: each piece is one send; NCCL's per-operation cost wants large ones.
+DEFAULT_PEER_PIECE = 32 << 20
 
 
 class _Direction:
@@ -36,11 +39,14 @@ class _Direction:
         self.kernel = torch.cuda.Stream(device)
         self.dma = torch.cuda.Stream(device)
         self.staging = [torch.empty(piece_bytes, dtype=torch.uint8, device=device) for _ in range(2)]
+        self.peer_bufs, self.peer_last = None, [None, None]  # GPU -> GPU over NCCL (allocated on first use)
+        self.comm = torch.cuda.Stream(device)  # NCCL calls are issued from here, beside the copy kernels
 
 
 class KVStreamer:
     def __init__(self, cache: PagedKVCache, level: int = DEFAULT_LEVEL, pool_bytes: int = 256 << 20,
-                 piece_bytes: int = 8 << 20, cuda_mode: str = DEFAULT_CUDA_MODE, workers=None, threads: int = 4):
+                 piece_bytes: int = 8 << 20, cuda_mode: str = DEFAULT_CUDA_MODE, workers=None, threads: int = 4,
+                 peer_piece_bytes: int = DEFAULT_PEER_PIECE):
         if level not in LEVELS:
             raise ValueError(f"streaming level must be one of {sorted(LEVELS)}, got {level!r}")
         if cuda_mode not in CUDA_MODES:
@@ -55,6 +61,7 @@ class KVStreamer:
         self.pool = PinnedPool(pool_bytes, pin=self.is_cuda or None)
         self.workers = workers or default_workers()
         self.piece_bytes = piece_bytes
+        self.peer_piece_bytes = peer_piece_bytes  # GPU -> GPU over NCCL: bytes per pipelined send
         if self.is_cuda:
             if not _C.cuda_compiled():
                 raise RuntimeError("a CUDA KV cache needs dejavu built with CUDA (DEJAVU_CUDA=on)")
@@ -93,14 +100,16 @@ class KVStreamer:
         return self._move_cuda(region, buf, out, after, what, nbytes)
 
     def _host_desc(self, region: Region, out: bool, piece_bytes: int):
-        """Copy rows built in C++ into a pinned buffer: (tensor, rows, piece_row_starts, piece_bytes)."""
+        """Copy rows built in C++ into a pinned buffer: (tensor, rows, piece_row_starts, piece_bytes,
+        largest row bytes)."""
         tokens = region.slots is not None
         cap = _C.copy_desc_rows_bound(self.layout, len(region.layers), len(region.blocks), tokens,
                                       region.nbytes(self.layout), piece_bytes)
         host = torch.empty((max(cap, 1), 3), dtype=torch.int64, pin_memory=True)
         rows, _, prow, pbytes = _C.fill_copy_desc(self.layout, region.layers, region.blocks, region.slots, out,
                                                   piece_bytes, host.data_ptr(), cap)
-        return host, rows, prow, pbytes
+        biggest = int(host[:rows, 2].max()) if rows else 0  # lets the copy kernel split large spans
+        return host, rows, prow, pbytes, biggest
 
     def _move_cuda(self, region, buf, out, after, what, nbytes) -> Future:
         with torch.cuda.device(self.device):  # may run on the progress thread
@@ -131,14 +140,15 @@ class KVStreamer:
         if mode == "auto":
             mode = "staged" if nbytes > 2 * self.piece_bytes else "direct"
         staged = not on_device and mode == "staged"
-        host, rows, prow, pbytes = self._host_desc(region, out, self.piece_bytes if staged else 0)
+        host, rows, prow, pbytes, biggest = self._host_desc(region, out, self.piece_bytes if staged else 0)
         with torch.cuda.stream(d.kernel):
             desc = host[:rows].to(self.device, non_blocking=True)
         keep.append(desc)
         if not staged:
             # One kernel; with a pinned host buffer it reads or writes host memory over PCIe itself.
             src, dst = (self.flat, buf) if out else (buf, self.flat)
-            _C.cuda_copy_spans(src.data_ptr(), dst.data_ptr(), desc.data_ptr(), rows, d.kernel.cuda_stream)
+            _C.cuda_copy_spans(src.data_ptr(), dst.data_ptr(), desc.data_ptr(), rows, d.kernel.cuda_stream,
+                               biggest)
             evt = d.kernel.record_event()
             return Future(what, parts=[evt], keep=keep, nbytes=nbytes, event=evt)
         # Staged: piece i+1's gather kernel overlaps piece i's DMA (one C++ call enqueues it all).
@@ -163,6 +173,10 @@ class KVStreamer:
         CUDA event `after` (default: the work queued so far on the current stream).
         With level >= 2 and one CUDA event per layer, each layer leaves as soon as its event fires,
         under key f"{key}.l{i}" (stream_in(per_layer=True) reads them back)."""
+        if self.is_cuda and getattr(dest, "device_direct", False):
+            if layer_events is not None:
+                after = layer_events[-1]
+            return self._out_peer(region, dest, key, after)
         if layer_events is not None and self.level >= 2:
             if len(layer_events) != len(region.layers):
                 raise ValueError(f"{len(region.layers)} layers but {len(layer_events)} layer events")
@@ -179,6 +193,8 @@ class KVStreamer:
 
     def stream_in(self, dest: Destination, key: str, region: Region, per_layer: bool = False) -> Future:
         """Fetch `key` from `dest` into pooled pinned memory and scatter it into `region`."""
+        if self.is_cuda and getattr(dest, "device_direct", False):
+            return self._in_peer(dest, key, region)
         if per_layer:
             parts = [self.stream_in(dest, f"{key}.l{i}", region.layer(i)) for i in range(len(region.layers))]
             return gather_futures(f"stream_in {key!r} layer by layer", parts)
@@ -187,3 +203,90 @@ class KVStreamer:
         f = dest.get(key, buf.tensor)
         return Future(f"stream_in {key!r}", parts=[f], then=lambda: self.scatter(region, buf.tensor),
                       cleanup=buf.free, nbytes=n).drive()
+
+    # ------------------------------------------------------------------ GPU -> remote GPU (NCCL)
+    def _peer_buffers(self, d: _Direction, piece: int):
+        """The direction's two device buffers of `piece` bytes (kept for the next transfer)."""
+        if d.peer_bufs is None or d.peer_bufs[0].numel() != piece:
+            if d.peer_bufs is not None:
+                torch.cuda.current_stream(self.device).wait_stream(d.kernel)
+            d.peer_bufs = [torch.empty(piece, dtype=torch.uint8, device=self.device) for _ in range(2)]
+            d.peer_last = [None, None]
+        return d.peer_bufs
+
+    def _peer_desc(self, region: Region, out: bool, piece_bytes: int, stream):
+        host, rows, prow, pbytes, biggest = self._host_desc(region, out, piece_bytes)
+        with torch.cuda.stream(stream):
+            desc = host[:rows].to(self.device, non_blocking=True)
+        return desc, prow, pbytes, biggest
+
+    def _out_peer(self, region: Region, ch, key: str, after) -> Future:
+        """Gather pieces on the device (kernel stream) and send each over NCCL (issued from the comm
+        stream, which waits only for that piece's gather) while the next one is gathered. A gather
+        into a buffer first waits for the send that last read it (Work.wait() orders the stream, it
+        does not block the host)."""
+        with torch.cuda.device(self.device):
+            d = self._out
+            d.kernel.wait_event(after if after is not None else torch.cuda.current_stream(self.device).record_event())
+            n = region.nbytes(self.layout)
+            piece = self.peer_piece_bytes
+            bufs = self._peer_buffers(d, piece)
+            desc, prow, pbytes, big = self._peer_desc(region, True, piece, d.kernel)
+            works = []
+            with torch.cuda.stream(d.kernel):
+                head = torch.tensor([n, piece], dtype=torch.int64, device=self.device)
+            d.comm.wait_stream(d.kernel)
+            with torch.cuda.stream(d.comm):
+                works.append(ch.dist_isend(head))
+            for i, pb in enumerate(pbytes):
+                j = i % 2
+                with torch.cuda.stream(d.kernel):
+                    if d.peer_last[j] is not None:
+                        d.peer_last[j].wait()  # the send that last read this buffer (maybe an earlier transfer's)
+                    _C.cuda_copy_spans(self.flat.data_ptr(), bufs[j].data_ptr(), desc.data_ptr() + 24 * prow[i],
+                                       prow[i + 1] - prow[i], d.kernel.cuda_stream, big)
+                    gathered = d.kernel.record_event()
+                d.comm.wait_event(gathered)
+                with torch.cuda.stream(d.comm):
+                    works.append(ch.dist_isend(bufs[j][:pb]))
+                d.peer_last[j] = works[-1]
+            return Future(f"stream_out {key!r} to rank {ch.peer} (NCCL)", parts=[_completion(works)],
+                          keep=[desc, head, *bufs, self.cache.tensor], nbytes=n)
+
+    def _in_peer(self, ch, key: str, region: Region) -> Future:
+        """Receive pieces over NCCL into two device buffers (issued from the comm stream) and scatter
+        each on the kernel stream while the next arrives: a receive into a buffer waits for the
+        scatter that last read it, each scatter for its receive."""
+        with torch.cuda.device(self.device):
+            d = self._in
+            n = region.nbytes(self.layout)
+            head = torch.empty(2, dtype=torch.int64, device=self.device)
+            ch.dist_irecv(head).wait()
+            sent, piece = (int(x) for x in head.tolist())
+            if sent != n:
+                return Future.failed(f"stream_in {key!r} from rank {ch.peer}",
+                                     f"the sender streams {sent} bytes, the region holds {n}")
+            if not 0 < piece <= 1 << 32:
+                return Future.failed(f"stream_in {key!r} from rank {ch.peer}", f"bad piece size {piece}")
+            if n == 0:
+                return Future.completed(f"stream_in {key!r} from rank {ch.peer}")
+            bufs = self._peer_buffers(d, piece)
+            desc, prow, pbytes, big = self._peer_desc(region, False, piece, d.kernel)
+            freed = [d.kernel.record_event(), d.kernel.record_event()]  # earlier scatters from each buffer
+
+            def post(i):
+                d.comm.wait_event(freed[i % 2])
+                with torch.cuda.stream(d.comm):
+                    return ch.dist_irecv(bufs[i % 2][:pbytes[i]])
+            recvs = [post(0)]
+            for i in range(len(pbytes)):
+                if i + 1 < len(pbytes):
+                    recvs.append(post(i + 1))
+                with torch.cuda.stream(d.kernel):
+                    recvs[i].wait()
+                    _C.cuda_copy_spans(bufs[i % 2].data_ptr(), self.flat.data_ptr(), desc.data_ptr() + 24 * prow[i],
+                                       prow[i + 1] - prow[i], d.kernel.cuda_stream, big)
+                    freed[i % 2] = d.kernel.record_event()
+            evt = d.kernel.record_event()
+            return Future(f"stream_in {key!r} from rank {ch.peer} (NCCL)", parts=[evt],
+                          keep=[desc, head, *bufs, self.cache.tensor], nbytes=n, event=evt)
