@@ -8,6 +8,11 @@ not in use, maps every live logical block to a device block of that region and c
 on a background copier; `acquire` waits for that copy, and blocks that were already mapped are not
 copied again. After the step only the blocks its new tokens touched are written back
 (`write_back`), so the host copy is always current and evicting a region costs nothing.
+
+On CUDA both directions are one DéjàVuLib span-copy kernel on the swap stream that reads or writes
+the pinned host copy over PCIe itself (no host-side gather, no pageable staging, no host
+synchronisation): a swap-in is ordered after earlier write-backs by the stream, a write-back after
+the step's compute by an event, and a step waits for its swap-in only if it has not landed yet.
 """
 from __future__ import annotations
 
@@ -17,9 +22,25 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from .. import _C
+
 
 class SwapError(RuntimeError):
     pass
+
+
+class _CudaCopy:
+    """A span copy queued on the swap stream; result() waits for it (the host only)."""
+
+    def __init__(self, event: torch.cuda.Event, keep):
+        self.event, self.keep = event, keep
+
+    def done(self) -> bool:
+        return self.event.query()
+
+    def result(self) -> None:
+        self.event.synchronize()
+        self.keep = None
 
 
 class _Region:
@@ -52,6 +73,22 @@ class SwapCache:
         self.steps, self.step_s = 0, 0.0
         self.warned = False
         self.block_bytes = self.dev[:, 0].numel() * self.dev.element_size()
+        self.chunk_bytes = self.dev[0, 0].numel() * self.dev.element_size()  # one block of one layer
+
+    def _cuda_copy(self, src: torch.Tensor, dst: torch.Tensor, src_ids: list[int], dst_ids: list[int]) -> _CudaCopy:
+        """Copy blocks src[:, src_ids] -> dst[:, dst_ids] (every layer) with one span-copy kernel on
+        the swap stream; one of the two tensors is the pinned host copy."""
+        layers, c = self.dev.shape[0], self.chunk_bytes
+        layer = torch.arange(layers, dtype=torch.int64).view(-1, 1)
+        so = (layer * src.shape[1] + torch.tensor(src_ids, dtype=torch.int64).view(1, -1)) * c
+        do = (layer * dst.shape[1] + torch.tensor(dst_ids, dtype=torch.int64).view(1, -1)) * c
+        host = torch.stack([so.flatten(), do.flatten(), torch.full((so.numel(),), c, dtype=torch.int64)], 1)
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            desc = host.pin_memory().to(self.device, non_blocking=True)
+            _C.cuda_copy_spans(src.data_ptr(), dst.data_ptr(), desc.data_ptr(), host.shape[0], self.stream.cuda_stream,
+                               c)
+            evt = self.stream.record_event()
+        return _CudaCopy(evt, [desc, src, dst])
 
     # ------------------------------------------------------------------ swap in
     def prefetch(self, mb: int, live: list[int]) -> None:
@@ -75,7 +112,11 @@ class SwapCache:
         pairs = [(lb, region.free.pop()) for lb in new]
         region.map.update(pairs)
         region.used = time.monotonic()
-        if pairs:
+        if pairs and self.stream is not None:
+            # Ordered after earlier copies (write-backs included) by the stream itself.
+            region.ready = self._cuda_copy(self.host, self.dev, [p[0] for p in pairs], [p[1] for p in pairs])
+            self.bytes_in += len(pairs) * self.block_bytes
+        elif pairs:
             region.ready = self.copier.submit(self._copy_in, pairs, region.ready)
         return region
 
@@ -95,17 +136,12 @@ class SwapCache:
         return victim
 
     def _copy_in(self, pairs, before: Future | None) -> None:
+        """CPU: copy on the background copier thread."""
         if before is not None:
             before.result()
         src = torch.tensor([p[0] for p in pairs])
-        dst = torch.tensor([p[1] for p in pairs], device=self.device)
-        staged = self.host.index_select(1, src)
-        if self.stream is not None:
-            with torch.cuda.stream(self.stream):
-                self.dev.index_copy_(1, dst, staged.to(self.device, non_blocking=False))
-            self.stream.synchronize()
-        else:
-            self.dev.index_copy_(1, dst, staged)
+        dst = torch.tensor([p[1] for p in pairs])
+        self.dev.index_copy_(1, dst, self.host.index_select(1, src))
         self.bytes_in += len(pairs) * self.block_bytes
 
     def acquire(self, mb: int, live: list[int]) -> dict[int, int]:
@@ -116,7 +152,7 @@ class SwapCache:
             region = self._prefetch(mb, live)  # maps nothing new when the arrival-time prefetch did it
             self.in_use = region
             ready = region.ready
-        if ready is not None:
+        if ready is not None and not ready.done():
             t0 = time.perf_counter()
             ready.result()
             self.wait_s += time.perf_counter() - t0
@@ -125,9 +161,16 @@ class SwapCache:
     # ------------------------------------------------------------------ swap out
     def write_back(self, mapping: dict[int, int], blocks: list[int]) -> None:
         """Copy the given logical blocks (those the step's new tokens touched) to the host."""
-        if blocks:
-            src = torch.tensor([mapping[b] for b in blocks], device=self.device)
-            self.host.index_copy_(1, torch.tensor(blocks), self.dev.index_select(1, src).to("cpu"))
+        if self.stream is not None:
+            # After the step's compute (even with nothing to copy: a later swap-in into this region
+            # must not overwrite blocks that compute still reads).
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            if blocks:
+                self._cuda_copy(self.dev, self.host, [mapping[b] for b in blocks], blocks)
+                self.bytes_out += len(blocks) * self.block_bytes
+        elif blocks:
+            src = torch.tensor([mapping[b] for b in blocks])
+            self.host.index_copy_(1, torch.tensor(blocks), self.dev.index_select(1, src))
             self.bytes_out += len(blocks) * self.block_bytes
         with self.lock:
             self.in_use = None
