@@ -108,6 +108,34 @@ def test_replica_store_applies_slots_and_detects_corruption(tmp_path):
             srv3.stop()
 
 
+def _packed_slot_crc(x):
+    """The definition: each slot's bytes packed layer-major (K then V per layer), one CRC-32C each."""
+    from dejavu import _C
+
+    y = x.permute(1, 0, *range(2, x.dim())).contiguous().view(torch.uint8)
+    per = y.numel() // y.shape[0]
+    return torch.tensor([_C.crc32c(y.data_ptr() + j * per, per) for j in range(y.shape[0])], dtype=torch.int64)
+
+
+def test_in_place_checksums_equal_the_packed_definition():
+    """slot/block checksums read the slots in place (one C++ call); they must equal the CRC of the
+    packed bytes for contiguous, permuted and non-dense inputs, or a replica check would be wrong."""
+    g = torch.Generator().manual_seed(3)
+    blocks = torch.randn(3, 5, 2, 4, 2, 8, generator=g).half()       # [layers, nb, 2, bs, heads, dim]
+    want = _packed_slot_crc(blocks.permute(0, 1, 3, 2, 4, 5).reshape(3, 20, 2, 2, 8)).view(5, 4)
+    assert torch.equal(block_checksums(blocks), want)
+    slots = torch.randn(3, 7, 2, 2, 8, generator=g)
+    assert torch.equal(slot_checksums(slots), _packed_slot_crc(slots))
+    permuted = torch.randn(7, 3, 2, 2, 8, generator=g).permute(1, 0, 2, 3, 4)
+    assert torch.equal(slot_checksums(permuted), _packed_slot_crc(permuted))
+    not_dense = torch.randn(3, 7, 2, 8, 2, generator=g).transpose(3, 4)
+    assert torch.equal(slot_checksums(not_dense), _packed_slot_crc(not_dense))
+    flipped = slots.clone()
+    flipped[1, 4, 1, 0, 3] += 1.0                                     # one value of slot 4
+    diff = slot_checksums(flipped) != slot_checksums(slots)
+    assert diff.tolist() == [j == 4 for j in range(7)]
+
+
 def test_bad_fault_tolerance_options_are_refused():
     with pytest.raises(ValueError, match="pp >= 2"):
         LLM(model=MODEL, replicate=True)

@@ -219,6 +219,9 @@ def format_failover(r: dict) -> str:
     if li["p50"] is not None:
         lines.append(f"  {r['affected_requests']} requests in flight at the kill: latency x{li['mean']:.2f} mean, "
                      f"x{li['p50']:.2f} p50, x{li['max']:.2f} max against the failure-free pass")
+    else:
+        lines.append("  no request was in flight at the kill (the pass ended before it): nothing measured; "
+                     "use an earlier --kill-at or a longer load")
     lines.append(f"  throughput {r['failure']['throughput_output_tokens_per_s']:.1f} vs "
                  f"{r['baseline']['throughput_output_tokens_per_s']:.1f} output tok/s failure-free")
     return "\n".join(lines)

@@ -39,23 +39,47 @@ class ReplicaError(RuntimeError):
     pass
 
 
-def slot_checksums(x: torch.Tensor) -> torch.Tensor:
-    """x: [layers, n, 2, heads, head_dim] (one entry per token slot, K then V) -> int64 [n]: the
-    CRC-32C (DéjàVuLib's, hardware-accelerated, GIL released) of each slot's bytes, layer-major."""
+def _crc_items(x: torch.Tensor, item_dims: tuple[int, ...], piece_dims: tuple[int, ...]) -> torch.Tensor:
+    """One CRC-32C per index over `item_dims` of x, over x's pieces (the trailing dims after
+    `piece_dims`, which must be contiguous) in the order of `piece_dims`, read in place."""
     from .. import _C
 
-    y = x.permute(1, 0, *range(2, x.dim())).contiguous().view(torch.uint8)
-    n = y.shape[0]
-    per = y.numel() // max(n, 1)
-    base = y.data_ptr()
-    return torch.tensor([_C.crc32c(base + j * per, per) for j in range(n)], dtype=torch.int64)
+    tail = x.dim() - (len(item_dims) + len(piece_dims))
+    want = 1
+    for d in range(x.dim() - 1, x.dim() - tail - 1, -1):  # the pieces themselves must be dense
+        if x.shape[d] != 1 and x.stride(d) != want:
+            x = x.contiguous()
+            break
+        want *= x.shape[d]
+    if x.device.type != "cpu":
+        raise ValueError("checksums are computed on host tensors")
+    es = x.element_size()
+
+    def offsets(dims):
+        off = torch.zeros((), dtype=torch.int64)
+        for d in dims:
+            off = off.unsqueeze(-1) + torch.arange(x.shape[d], dtype=torch.int64) * (x.stride(d) * es)
+        return off.reshape(-1).contiguous()
+    items, pieces = offsets(item_dims), offsets(piece_dims)
+    piece_bytes = es * (int(torch.tensor(x.shape[x.dim() - tail:]).prod()) if tail else 1)
+    out = torch.empty(items.numel(), dtype=torch.int64)
+    if items.numel():
+        _C.crc32c_items(x.data_ptr(), items.data_ptr(), items.numel(), pieces.data_ptr(), pieces.numel(),
+                        piece_bytes, out.data_ptr(), 4)
+    return out
+
+
+def slot_checksums(x: torch.Tensor) -> torch.Tensor:
+    """x: [layers, n, 2, heads, head_dim] (one entry per token slot, K then V) -> int64 [n]: the
+    CRC-32C (DéjàVuLib's, hardware-accelerated, GIL released) of each slot's bytes, layer-major
+    (layer 0 K, layer 0 V, layer 1 K, ...), computed in place."""
+    return _crc_items(x, item_dims=(1,), piece_dims=(0, 2))
 
 
 def block_checksums(x: torch.Tensor) -> torch.Tensor:
     """x: [layers, nb, 2, block_size, heads, head_dim] whole blocks -> int64 [nb, block_size]."""
-    layers, nb, _, bs = x.shape[:4]
-    slots = x.permute(0, 1, 3, 2, 4, 5).reshape(layers, nb * bs, 2, *x.shape[4:])
-    return slot_checksums(slots).view(nb, bs)
+    nb, bs = x.shape[1], x.shape[3]
+    return _crc_items(x, item_dims=(1, 3), piece_dims=(0, 2)).view(nb, bs)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -114,10 +138,19 @@ class Mirror:
             self.chk[b] = block_checksums(x)
 
     def get_blocks(self, blocks) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks' KV packed [layers, blocks, ...] (DéjàVuLib's threaded host gather) and checksums."""
+        from .. import _C
+
         b = torch.as_tensor(blocks, dtype=torch.long)
         self._check_ids(b, None)
+        layers, nblocks = self.shape[:2]
+        chunk = self.data[0, 0].numel() * self.data.element_size()
+        out = torch.empty((layers, len(blocks)) + self.shape[2:], dtype=self.dtype)
+        spans = ((torch.arange(layers).view(-1, 1) * nblocks + b.view(1, -1)) * chunk).reshape(-1).tolist()
         with self.lock:
-            return self.data[:, b].contiguous(), self.chk[b].contiguous()
+            if spans:
+                _C.host_gather(self.data.data_ptr(), [(o, chunk) for o in spans], out.data_ptr(), 4)
+            return out, self.chk[b].contiguous()
 
     def _check_ids(self, b, s) -> None:
         if b.numel() and (int(b.min()) < 0 or int(b.max()) >= self.shape[1]):

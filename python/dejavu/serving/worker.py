@@ -232,7 +232,9 @@ class StageWorker:
             kind = choose(w["hostname"], self.cfg.get("kv_transport", "auto"), device=self.device.type)
             self.transport_used[w["worker"]] = kind
             if kind == "ipc":
-                self.remote[w["worker"]] = (import_tensor(w["ipc"]), w["num_blocks"])
+                # Mapped into our own device's address space: with the peer on another GPU, our copy
+                # kernels write to it over NVLink / PCIe peer access.
+                self.remote[w["worker"]] = (import_tensor(w["ipc"], device=self.device.index), w["num_blocks"])
                 self.ipc_stream = torch.cuda.Stream(self.device)
             elif kind == "shm":
                 self.dests[w["worker"]] = ShmDest(self.cfg["shm_prefix"])
@@ -304,7 +306,7 @@ class StageWorker:
                     with torch.cuda.stream(self.ipc_stream):
                         desc = host.to(self.device, non_blocking=True)
                         _C.cuda_copy_spans(flat.data_ptr(), remote.data_ptr(), desc.data_ptr(), len(rows),
-                                           self.ipc_stream.cuda_stream)
+                                           self.ipc_stream.cuda_stream, chunk)
                     keep.append(desc)
                     nbytes += len(rows) * chunk
                     per_dst[t.dst] = per_dst.get(t.dst, 0) + len(rows) * chunk
@@ -446,7 +448,8 @@ class StageWorker:
                 good = block_checksums(x) == chk.view(len(blocks), -1)
                 # Never let a corrupted slot into the cache (garbage such as NaN would leak through masked
                 # attention); those of live requests are recomputed anyway.
-                x.permute(1, 3, 0, 2, 4, 5)[~good] = 0
+                if not bool(good.all()):
+                    x.permute(1, 3, 0, 2, 4, 5)[~good] = 0
                 ok = good.tolist()
                 at = {b: i for i, b in enumerate(blocks)}
                 bs = self.cache.block_size
@@ -539,9 +542,10 @@ def run(controller: str, token: str, rank: int | None = None, standby: bool = Fa
     hello.update({"standby": True} if standby else {"rank": rank})
     ch = connect(host or "127.0.0.1", int(port), token, hello)
     if standby:
-        if os.environ.get("DEJAVU_STANDBY_DEVICE") == "cuda" and torch.cuda.is_available() \
-                and torch.cuda.device_count() == 1:
-            torch.zeros(1, device="cuda:0")  # a warm spare: the CUDA context exists before it is needed
+        if os.environ.get("DEJAVU_STANDBY_DEVICE") == "cuda" and torch.cuda.is_available():
+            # A warm spare: the CUDA context of every GPU it may be sent to exists before it is needed.
+            for i in range(torch.cuda.device_count()):
+                torch.zeros(1, device=f"cuda:{i}")
         print(f"dejavu worker: standing by for {controller}", file=sys.stderr, flush=True)
     cfg = ch.recv(timeout=None if standby else 600)
     if cfg.get("t") != "config":
