@@ -29,8 +29,9 @@ def reference():
     return [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
 
 
-def run(llm, kills, sig=signal.SIGKILL):
-    """Half the requests first, the rest after 2 steps; kills = [(after this many steps, rank)]."""
+def run(llm, kills, sig=signal.SIGKILL, ready=None):
+    """Half the requests first, the rest after 2 steps; kills = [(after this many steps, rank)].
+    ready(engine, rank): a kill also waits (the engine stepping on) until it says True."""
     eng = llm.engine
     seqs = [eng.add_request(p, sp) for p, sp in zip(PROMPTS[:4], PARAMS[:4])]
     steps, pending = 0, sorted(kills)
@@ -38,7 +39,7 @@ def run(llm, kills, sig=signal.SIGKILL):
     while eng.has_unfinished() or steps < 2:
         if steps == 2:
             seqs += [eng.add_request(p, sp) for p, sp in zip(PROMPTS[4:], PARAMS[4:])]
-        while pending and pending[0][0] <= steps:
+        while pending and pending[0][0] <= steps and (ready is None or ready(eng, pending[0][1])):
             _, rank = pending.pop(0)
             pid = eng.worker_info[rank]["pid"]
             os.kill(pid, sig)
@@ -310,13 +311,24 @@ def test_standby_worker_takes_over(reference):
 
 
 # ---------------------------------------------------------------------- disaggregation
+def _admissions_replicated(eng, rank):
+    """Before killing a token worker: every request on the token side has its admitted KV (its
+    prompt) acknowledged by the replica holders, so only tokens decoded since can be recomputed.
+    (Without this the kill may land between an admission and its acknowledgement, and that request
+    is then rightly recomputed from its prompt.)"""
+    if rank < eng.token_first:
+        return True
+    live = [s for slot in eng.slots for s in slot.running]
+    return all(eng._watermark_of(s) >= s.num_prompt_tokens for s in live)
+
+
 def test_disaggregated_prompt_and_token_workers_killed(reference):
     llm = LLM(model=MODEL, prompt_stages=1, token_stages=2, block_size=4, kv_cache_blocks=256, worker_timeout=60,
               replicate=True)
     killed = []
     try:
         # rank 0 is the prompt worker (killed while the late requests are being prefilled), 1 and 2 token workers
-        got, killed = run(llm, [(2, 0), (12, 2)])
+        got, killed = run(llm, [(2, 0), (12, 2)], ready=_admissions_replicated)
         assert got == reference
         evs = llm.engine.fault_tolerance()["recoveries"]
         assert [e["workers"] for e in evs] == [["p0.0"], ["t1.0"]]
