@@ -16,8 +16,6 @@ import json
 import os
 import random
 import socket
-import statistics
-import time
 
 import torch
 
@@ -34,6 +32,7 @@ def _rank_main(rank: int, port: int, cfg: dict, q) -> None:
     from ..engine.kv_cache import PagedKVCache
     from ..kvstream import KVStreamer, Region
     from ..kvstream.dist import ProcessGroupDest
+    from .kvstream import _time
 
     cuda = cfg["device"] == "cuda"
     dev = torch.device(f"cuda:{rank}" if cuda else "cpu")
@@ -55,19 +54,9 @@ def _rank_main(rank: int, port: int, cfg: dict, q) -> None:
         rows = []
 
         def timed(fn) -> float:
-            """From a barrier (both ranks ready) to this rank's bytes in place; unlike
-            kvstream._time no barrier closes the window, so the receiver's time is the transfer's."""
-            fn()
-            sync()
-            out = []
-            for _ in range(cfg["repeat"]):
-                dist.barrier()
-                sync()
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                out.append(time.perf_counter() - t0)
-            return statistics.median(out)
+            """From a barrier (both ranks ready) to this rank's bytes in place: no barrier closes the
+            window, so the receiver's time is the transfer's."""
+            return _time(fn, cfg["repeat"], sync, before=dist.barrier)
 
         for bs in cfg["block_sizes"]:
             layers, heads, hd = cfg["layers"], cfg["heads"], cfg["head_dim"]

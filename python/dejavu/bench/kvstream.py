@@ -27,11 +27,14 @@ from ..engine.kv_cache import PagedKVCache
 from ..kvstream import FileDest, KVStreamer, Region
 
 
-def _time(fn, repeat, sync):
+def _time(fn, repeat, sync, before=None):
+    """Median of `repeat` timed calls after a warm-up; `before` runs ahead of each, untimed."""
     fn()
     sync()
     out = []
     for _ in range(repeat):
+        if before is not None:
+            before()
         sync()
         t0 = time.perf_counter()
         fn()

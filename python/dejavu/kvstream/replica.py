@@ -61,7 +61,7 @@ def _crc_items(x: torch.Tensor, item_dims: tuple[int, ...], piece_dims: tuple[in
             off = off.unsqueeze(-1) + torch.arange(x.shape[d], dtype=torch.int64) * (x.stride(d) * es)
         return off.reshape(-1).contiguous()
     items, pieces = offsets(item_dims), offsets(piece_dims)
-    piece_bytes = es * (int(torch.tensor(x.shape[x.dim() - tail:]).prod()) if tail else 1)
+    piece_bytes = es * math.prod(x.shape[x.dim() - tail:])
     out = torch.empty(items.numel(), dtype=torch.int64)
     if items.numel():
         _C.crc32c_items(x.data_ptr(), items.data_ptr(), items.numel(), pieces.data_ptr(), pieces.numel(),

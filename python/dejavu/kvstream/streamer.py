@@ -111,6 +111,14 @@ class KVStreamer:
         biggest = int(host[:rows, 2].max()) if rows else 0  # lets the copy kernel split large spans
         return host, rows, prow, pbytes, biggest
 
+    def _device_desc(self, region: Region, out: bool, piece_bytes: int, stream):
+        """The copy rows on the device (copied on `stream`): (desc, piece_row_starts, piece_bytes,
+        largest row bytes)."""
+        host, rows, prow, pbytes, biggest = self._host_desc(region, out, piece_bytes)
+        with torch.cuda.stream(stream):
+            desc = host[:rows].to(self.device, non_blocking=True)
+        return desc, prow, pbytes, biggest
+
     def _move_cuda(self, region, buf, out, after, what, nbytes) -> Future:
         with torch.cuda.device(self.device):  # may run on the progress thread
             return self._move_cuda_on_device(region, buf, out, after, what, nbytes)
@@ -140,14 +148,12 @@ class KVStreamer:
         if mode == "auto":
             mode = "staged" if nbytes > 2 * self.piece_bytes else "direct"
         staged = not on_device and mode == "staged"
-        host, rows, prow, pbytes, biggest = self._host_desc(region, out, self.piece_bytes if staged else 0)
-        with torch.cuda.stream(d.kernel):
-            desc = host[:rows].to(self.device, non_blocking=True)
+        desc, prow, pbytes, biggest = self._device_desc(region, out, self.piece_bytes if staged else 0, d.kernel)
         keep.append(desc)
         if not staged:
             # One kernel; with a pinned host buffer it reads or writes host memory over PCIe itself.
             src, dst = (self.flat, buf) if out else (buf, self.flat)
-            _C.cuda_copy_spans(src.data_ptr(), dst.data_ptr(), desc.data_ptr(), rows, d.kernel.cuda_stream,
+            _C.cuda_copy_spans(src.data_ptr(), dst.data_ptr(), desc.data_ptr(), desc.shape[0], d.kernel.cuda_stream,
                                biggest)
             evt = d.kernel.record_event()
             return Future(what, parts=[evt], keep=keep, nbytes=nbytes, event=evt)
@@ -214,12 +220,6 @@ class KVStreamer:
             d.peer_last = [None, None]
         return d.peer_bufs
 
-    def _peer_desc(self, region: Region, out: bool, piece_bytes: int, stream):
-        host, rows, prow, pbytes, biggest = self._host_desc(region, out, piece_bytes)
-        with torch.cuda.stream(stream):
-            desc = host[:rows].to(self.device, non_blocking=True)
-        return desc, prow, pbytes, biggest
-
     def _out_peer(self, region: Region, ch, key: str, after) -> Future:
         """Gather pieces on the device (kernel stream) and send each over NCCL (issued from the comm
         stream, which waits only for that piece's gather) while the next one is gathered. A gather
@@ -231,7 +231,7 @@ class KVStreamer:
             n = region.nbytes(self.layout)
             piece = self.peer_piece_bytes
             bufs = self._peer_buffers(d, piece)
-            desc, prow, pbytes, big = self._peer_desc(region, True, piece, d.kernel)
+            desc, prow, pbytes, big = self._device_desc(region, True, piece, d.kernel)
             works = []
             with torch.cuda.stream(d.kernel):
                 head = torch.tensor([n, piece], dtype=torch.int64, device=self.device)
@@ -271,7 +271,7 @@ class KVStreamer:
             if n == 0:
                 return Future.completed(f"stream_in {key!r} from rank {ch.peer}")
             bufs = self._peer_buffers(d, piece)
-            desc, prow, pbytes, big = self._peer_desc(region, False, piece, d.kernel)
+            desc, prow, pbytes, big = self._device_desc(region, False, piece, d.kernel)
             freed = [d.kernel.record_event(), d.kernel.record_event()]  # earlier scatters from each buffer
 
             def post(i):
