@@ -7,6 +7,7 @@
 
 #include <stdexcept>
 
+#include "kernels/attention.h"
 #include "kvstream/cuda_copy.h"
 #include "kvstream/file_store.h"
 #include "kvstream/handle.h"
@@ -249,4 +250,38 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("src"), py::arg("dst"), py::arg("desc"), py::arg("n"), py::arg("stream") = 0, py::arg("max_bytes") = 0,
      "Copy n spans on a CUDA stream; desc is a device int64 array of (src_off, dst_off, bytes) triples. "
      "max_bytes (>= the largest span, 0: unknown) lets large spans spread over several thread blocks.");
+
+  // The GPU fast path's decode kernels (kernels/attention.h); dtype codes: 0 fp32, 1 fp16, 2 bf16.
+  m.attr("decode_partition") = kDecodePartition;
+  m.def("decode_attention_supports", &decode_attention_supports, py::arg("head_dim"));
+  m.def("decode_attention_workspace", &decode_attention_workspace, py::arg("num_seqs"), py::arg("num_heads"),
+        py::arg("head_dim"), py::arg("num_parts"), "Floats of workspace paged_decode_attention needs");
+  m.def("write_kv_cache", [](uintptr_t cache, uintptr_t k, uintptr_t v, uintptr_t slot_blocks, uintptr_t slot_offsets,
+                             int64_t n, int64_t kv_heads, int64_t head_dim, int64_t block_size, int64_t k_stride,
+                             int64_t v_stride, int dtype, uintptr_t stream) {
+    std::string err = write_kv_cache(as_ptr<void>(cache), as_ptr<const void>(k), as_ptr<const void>(v),
+                                     as_ptr<const int64_t>(slot_blocks), as_ptr<const int64_t>(slot_offsets), n,
+                                     kv_heads, head_dim, block_size, k_stride, v_stride, static_cast<DType>(dtype),
+                                     as_ptr<void>(stream));
+    if (!err.empty()) throw std::runtime_error(err);
+  }, py::arg("cache"), py::arg("k"), py::arg("v"), py::arg("slot_blocks"), py::arg("slot_offsets"), py::arg("n"),
+     py::arg("kv_heads"), py::arg("head_dim"), py::arg("block_size"), py::arg("k_stride"), py::arg("v_stride"),
+     py::arg("dtype"), py::arg("stream") = 0, "Store n new K/V rows into one layer's paged cache (negative block: skip)");
+  m.def("paged_decode_attention", [](uintptr_t out, uintptr_t q, uintptr_t cache, uintptr_t block_tables,
+                                     uintptr_t context_lens, uintptr_t alibi_slopes, uintptr_t workspace,
+                                     int64_t num_seqs, int64_t num_heads, int64_t kv_heads, int64_t head_dim,
+                                     int64_t block_size, int64_t bt_stride, int64_t q_stride, int64_t num_parts,
+                                     int64_t grid_parts, float scale, int dtype, uintptr_t stream) {
+    std::string err = paged_decode_attention(
+        as_ptr<void>(out), as_ptr<const void>(q), as_ptr<const void>(cache), as_ptr<const int64_t>(block_tables),
+        as_ptr<const int64_t>(context_lens), as_ptr<const float>(alibi_slopes), as_ptr<float>(workspace), num_seqs,
+        num_heads, kv_heads, head_dim, block_size, bt_stride, q_stride, num_parts, grid_parts, scale,
+        static_cast<DType>(dtype),
+        as_ptr<void>(stream));
+    if (!err.empty()) throw std::runtime_error(err);
+  }, py::arg("out"), py::arg("q"), py::arg("cache"), py::arg("block_tables"), py::arg("context_lens"),
+     py::arg("alibi_slopes"), py::arg("workspace"), py::arg("num_seqs"), py::arg("num_heads"), py::arg("kv_heads"),
+     py::arg("head_dim"), py::arg("block_size"), py::arg("bt_stride"), py::arg("q_stride"), py::arg("num_parts"),
+     py::arg("grid_parts"), py::arg("scale"), py::arg("dtype"), py::arg("stream") = 0,
+     "One query per sequence over its paged KV (split over num_parts partitions of decode_partition keys)");
 }

@@ -27,3 +27,19 @@ def test_generate_errors_are_clear():
     r = run("generate", "--model", "random:gpt2-tiny", "--prompt", "x", "--max-tokens", "0")
     assert r.returncode == 2 and "--max-tokens must be > 0" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_bench_decode_on_cpu(tmp_path):
+    """The decode benchmark's rows (ours vs HF, same prompts) and its --batch validation."""
+    out = tmp_path / "decode.json"
+    r = run("bench", "decode", "--model", "random:opt-tiny", "--device", "cpu", "--batch", "1,3", "--prompt-len", "20",
+            "--max-tokens", "6", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert [row["batch"] for row in res["rows"]] == [1, 3]
+    for row in res["rows"]:
+        assert row["ms_per_step"] > 0 and row["hf_ms_per_step"] > 0
+        assert row["identical_sequences"] == f"{row['batch']}/{row['batch']}"  # fp32 greedy equals HF
+    assert not res["cuda_graphs"] and res["weight_bytes"] > 0
+    r = run("bench", "decode", "--model", "random:opt-tiny", "--device", "cpu", "--batch", "1,x")
+    assert r.returncode == 2 and "--batch must be comma-separated positive integers" in r.stderr

@@ -47,6 +47,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spare-workers", type=int, default=1,
                    help="with --recovery respawn: warm spare processes kept started and registered (0: start one "
                         "only after a failure)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="run decode steps eagerly instead of replaying CUDA graphs (single process on CUDA)")
     p.add_argument("--heartbeat-interval", type=float, default=0.5, help="seconds between worker heartbeats")
     p.add_argument("--heartbeat-timeout", type=float, default=2.0,
                    help="a worker silent this long is declared dead (connection loss is noticed at once)")
@@ -128,6 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--seed", type=int, default=0)
     bg.add_argument("--json", default=None, help="write all numbers to this file")
     bg.set_defaults(func=cmd_bench_generate)
+    bd = bsub.add_parser("decode", help="decode ms/step against the weight-read floor and HF generate")
+    bd.add_argument("--model", default="random:opt-1.3b", help="a random:<name> model (default: random:opt-1.3b)")
+    bd.add_argument("--device", default="cuda")
+    bd.add_argument("--dtype", default="auto")
+    bd.add_argument("--batch", default="1,8,32,64", help="comma-separated batch sizes (default 1,8,32,64)")
+    bd.add_argument("--prompt-len", type=_positive("--prompt-len"), default=512)
+    bd.add_argument("--max-tokens", type=_positive("--max-tokens"), default=128)
+    bd.add_argument("--no-hf", dest="hf", action="store_false", help="skip the HF transformers baseline")
+    bd.add_argument("--seed", type=int, default=0)
+    bd.add_argument("--json", default=None, help="write all numbers to this file")
+    bd.set_defaults(func=cmd_bench_decode)
 
     bs = bsub.add_parser("serve", help="load generator for an OpenAI-compatible server")
     bs.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
@@ -470,7 +483,7 @@ def _llm_from_args(args):
                swap=args.swap, resident_microbatches=args.resident_microbatches, replicate=args.replicate,
                replicate_dir=args.replicate_dir, replicate_to=_replicate_to(args.replicate_to), recovery=args.recovery,
                heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
-               spare_workers=args.spare_workers)
+               spare_workers=args.spare_workers, cuda_graphs=args.cuda_graphs)
 
 
 def _replicate_to(v):
@@ -519,6 +532,21 @@ def cmd_bench_generate(args) -> int:
 
     run(args.model, args.device, args.dtype, args.batch, args.prompt_len, args.max_tokens, args.seed, args.repeat,
         args.json)
+    return 0
+
+
+def cmd_bench_decode(args) -> int:
+    from .bench.decode import run
+
+    try:
+        batches = [int(x) for x in args.batch.split(",")]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        print(f"dejavu bench decode: --batch must be comma-separated positive integers, got {args.batch!r}",
+              file=sys.stderr)
+        return 2
+    run(args.model, args.device, args.dtype, batches, args.prompt_len, args.max_tokens, args.seed, args.hf, args.json)
     return 0
 
 

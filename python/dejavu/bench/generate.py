@@ -19,21 +19,29 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def run(model: str, device: str, dtype: str, batch: int, prompt_len: int, max_tokens: int, seed: int,
-        repeat: int, json_path: str | None) -> dict:
+def random_hf_model(bench: str, model: str, device: str, dtype: str, seed: int):
+    """(device, dtype, model source, HF model on the CPU) for a random:<name> model, with HF's
+    seeded initialisation; the caller saves it for our engine to load the same weights."""
     import transformers as T
 
-    from ..llm import LLM, parse_device
+    from ..llm import parse_device
     from ..models.loader import parse_dtype, resolve
-    from ..sampling_params import SamplingParams
 
     dev = parse_device(device)
     dt = parse_dtype(dtype, dev)
     src = resolve(model)
     if src.kind != "random":
-        raise ValueError("bench generate takes a random:<name> model (it builds the same weights for both engines)")
+        raise ValueError(f"bench {bench} takes a random:<name> model (it builds the same weights for both engines)")
     torch.manual_seed(seed)
-    hf = T.AutoModelForCausalLM.from_config(src.config.to_hf()).to(dtype=dt).eval()
+    return dev, dt, src, T.AutoModelForCausalLM.from_config(src.config.to_hf()).to(dtype=dt).eval()
+
+
+def run(model: str, device: str, dtype: str, batch: int, prompt_len: int, max_tokens: int, seed: int,
+        repeat: int, json_path: str | None) -> dict:
+    from ..llm import LLM
+    from ..sampling_params import SamplingParams
+
+    dev, dt, src, hf = random_hf_model("generate", model, device, dtype, seed)
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(10, src.config.vocab_size, (batch, prompt_len), generator=g)
     result = {"model": model, "device": str(dev), "dtype": str(dt).replace("torch.", ""), "batch": batch,

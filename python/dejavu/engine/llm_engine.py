@@ -32,6 +32,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 8192
     max_model_len: int = 0           # 0: the model's context length
+    cuda_graphs: bool = True         # decode steps from CUDA graphs (single process on CUDA)
 
 
 def eos_ids(cfg, tokenizer: Tokenizer) -> list[int]:
@@ -57,6 +58,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.cache.allocator, config.block_size, config.max_num_seqs,
                                    config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.cache)
+        if config.cuda_graphs and device.type == "cuda":
+            why = self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
+            if why:
+                log.info("decode CUDA graphs off: %s", why)
         self.block_size, self.num_blocks = config.block_size, num_blocks
         self.eos_ids = eos_ids(cfg, tokenizer)
         self.num_generated = 0

@@ -1,8 +1,12 @@
 """Turns a scheduled batch into tensors, runs the model over the paged cache, returns logits."""
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import torch
 
+from .. import kernels
 from ..models.base import DecoderLM
 from ..models.layers import AttnMetadata
 from .kv_cache import PagedKVCache
@@ -21,48 +25,68 @@ def step_items(seqs: list[Sequence], is_prefill: bool) -> list[tuple[list[int], 
 
 def build_metadata(items: list[tuple[list[int], int, list[int]]], block_size: int, device: torch.device):
     """Returns (input_ids [N], positions [N], AttnMetadata, last_index [B]) for a batch of
-    (new token ids, first position, block table) items."""
-    ids, pos, blk, off, q_lens = [], [], [], [], []
-    for new_ids, start, table in items:
-        for i, tok in enumerate(new_ids):
-            p = start + i
-            ids.append(tok)
-            pos.append(p)
-            blk.append(table[p // block_size])
-            off.append(p % block_size)
-        q_lens.append(len(new_ids))
-    n, b, t = len(ids), len(items), max(q_lens)
-    max_blocks = max(len(table) for _, _, table in items)
-    q_index = torch.full((b, t), n, dtype=torch.long)
-    q_positions = torch.zeros((b, t), dtype=torch.long)
-    block_tables = torch.zeros((b, max_blocks), dtype=torch.long)
-    out_index, last_index = [], []
-    start = 0
-    for i, ((_, _, table), q) in enumerate(zip(items, q_lens)):
-        q_index[i, :q] = torch.arange(start, start + q)
-        q_positions[i, :q] = torch.tensor(pos[start:start + q])
-        block_tables[i, :len(table)] = torch.tensor(table)
-        out_index.extend(range(i * t, i * t + q))
-        last_index.append(start + q - 1)
-        start += q
-    as_dev = lambda x: torch.as_tensor(x, dtype=torch.long).to(device, non_blocking=True)  # noqa: E731
-    meta = AttnMetadata(slot_blocks=as_dev(blk), slot_offsets=as_dev(off), block_tables=as_dev(block_tables),
-                        q_index=as_dev(q_index), out_index=as_dev(out_index), q_positions=as_dev(q_positions),
-                        key_positions=torch.arange(max_blocks * block_size, device=device))
-    return as_dev(ids), as_dev(pos), meta, as_dev(last_index)
+    (new token ids, first position, block table) items. Every integer crosses to the device in
+    one copy (views of one packed tensor)."""
+    q_lens = np.fromiter((len(x[0]) for x in items), np.int64, len(items))
+    starts = np.fromiter((x[1] for x in items), np.int64, len(items))
+    n, b, t = int(q_lens.sum()), len(items), int(q_lens.max())
+    max_blocks = max(len(x[2]) for x in items)
+    tables = np.zeros((b, max_blocks), np.int64)
+    for i, x in enumerate(items):
+        tables[i, :len(x[2])] = x[2]
+    ids = np.fromiter(itertools.chain.from_iterable(x[0] for x in items), np.int64, n)
+    seq_of = np.repeat(np.arange(b), q_lens)
+    first = np.cumsum(q_lens) - q_lens            # index of each sequence's first new token
+    local = np.arange(n) - first[seq_of]          # index of each token inside its sequence's new tokens
+    pos = starts[seq_of] + local
+    q_index = np.full((b, t), n, np.int64)
+    q_index[seq_of, local] = np.arange(n)
+    q_positions = np.zeros((b, t), np.int64)
+    q_positions[seq_of, local] = pos
+    last = first + q_lens - 1
+    decode = t == 1
+    fields = [ids, pos, tables[seq_of, pos // block_size], pos % block_size, tables, q_index, seq_of * t + local,
+              q_positions, last, pos[last] + 1 if decode else np.zeros(0, np.int64)]
+    packed = torch.from_numpy(np.concatenate([f.reshape(-1) for f in fields])).to(device, non_blocking=True)
+    views, at = [], 0
+    for f in fields:
+        views.append(packed[at:at + f.size].view(f.shape))
+        at += f.size
+    d_ids, d_pos, d_blk, d_off, d_tables, d_qi, d_oi, d_qp, d_last, d_ctx = views
+    meta = AttnMetadata(slot_blocks=d_blk, slot_offsets=d_off, block_tables=d_tables, q_index=d_qi, out_index=d_oi,
+                        q_positions=d_qp, key_positions=torch.arange(max_blocks * block_size, device=device),
+                        context_lens=d_ctx if decode else None,
+                        num_parts=kernels.num_parts(int(pos.max()) + 1) if decode else 1,
+                        fresh=not decode and not starts.any())
+    return d_ids, d_pos, meta, d_last
 
 
 class ModelRunner:
     def __init__(self, model: DecoderLM, cache: PagedKVCache):
         self.model = model
         self.cache = cache
+        self.graphs = None  # DecodeGraphs once enable_cuda_graphs() has captured them
+
+    def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> str | None:
+        """Capture decode steps as CUDA graphs; returns None, or why they cannot be used here."""
+        from .cuda_graphs import DecodeGraphs, graphs_supported
+
+        why = graphs_supported(self.model, self.cache)
+        if why is None:
+            self.graphs = DecodeGraphs(self.model, self.cache, max_batch, max_model_len)
+            self.graphs.capture()
+        return why
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
         """Logits [B, vocab] (float32) of each sequence's last new token; marks the K/V as cached."""
-        ids, pos, meta, last = build_metadata(step_items(seqs, is_prefill), self.cache.block_size, self.cache.device)
-        hidden = self.model(ids, pos, meta, self.cache.tensor)
-        logits = self.model.compute_logits(hidden[last])
+        items = step_items(seqs, is_prefill)
+        if self.graphs is not None and all(len(x[0]) == 1 for x in items) and self.graphs.fits(items):
+            logits = self.graphs.run(items)
+        else:
+            ids, pos, meta, last = build_metadata(items, self.cache.block_size, self.cache.device)
+            hidden = self.model(ids, pos, meta, self.cache.tensor)
+            logits = self.model.compute_logits(hidden[last])
         for s in seqs:
             s.num_cached = len(s)
         return logits

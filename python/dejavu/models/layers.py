@@ -13,20 +13,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
+
 
 @dataclass
 class AttnMetadata:
-    slot_blocks: torch.Tensor    # [N] cache block of each new token
+    slot_blocks: torch.Tensor    # [N] cache block of each new token (negative: padding, not stored)
     slot_offsets: torch.Tensor   # [N] slot inside that block
     block_tables: torch.Tensor   # [B, max_blocks] blocks of each sequence (padded with 0)
-    q_index: torch.Tensor        # [B, T] index of each padded query into the N tokens (N = padding)
-    out_index: torch.Tensor      # [N] position of each token in the flattened [B*T] layout
-    q_positions: torch.Tensor    # [B, T] absolute position of each query (0 for padding)
-    key_positions: torch.Tensor  # [S] 0..S-1 with S = max_blocks * block_size
+    q_index: torch.Tensor | None = None        # [B, T] index of each padded query into the N tokens (N = padding)
+    out_index: torch.Tensor | None = None      # [N] position of each token in the flattened [B*T] layout
+    q_positions: torch.Tensor | None = None    # [B, T] absolute position of each query (0 for padding)
+    key_positions: torch.Tensor | None = None  # [S] 0..S-1 with S = max_blocks * block_size
+    # Decode batches (one new token per sequence): tokens each sequence attends to, and the
+    # partitions of the context the GPU kernel splits it into (kernels.num_parts). None otherwise.
+    context_lens: torch.Tensor | None = None   # [B] int64
+    num_parts: int = 1
+    fresh: bool = False  # prefill with nothing cached before it: attention over the new tokens only
 
     @property
     def num_seqs(self) -> int:
-        return self.q_index.shape[0]
+        return self.block_tables.shape[0]
 
 
 def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata) -> None:
@@ -41,8 +48,17 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     """Causal attention of the new tokens over everything cached for their sequences.
 
     q: [N, H, D]; k, v: [N, KVH, D] (written to the cache first). Returns [N, H, D].
-    This is the reference (and CPU) path; GPU kernels must match it.
+    The torch code is the reference (and the CPU path). On CUDA, decode batches go through our
+    kernels (dejavu.kernels) and fresh prefills through SDPA's causal (flash) path.
     """
+    if cache.is_cuda and kernels.usable(cache, q.shape[-1]):
+        if meta.context_lens is not None:
+            kernels.write_kv(cache, k, v, meta.slot_blocks, meta.slot_offsets)
+            return kernels.decode_attention(q, cache, meta.block_tables, meta.context_lens, scale, meta.num_parts,
+                                            alibi_slopes).to(q.dtype)
+        if meta.fresh and alibi_slopes is None:
+            kernels.write_kv(cache, k, v, meta.slot_blocks, meta.slot_offsets)
+            return _causal_attention(q, k, v, meta, scale)
     write_kv(cache, k, v, meta)
     n, h, d = q.shape
     b, t = meta.q_index.shape
@@ -65,6 +81,23 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
         bias = alibi_slopes[None, :, None, None] * meta.key_positions.to(torch.float32)[None, None, None, :]
         mask = bias.to(q.dtype).masked_fill(~visible[:, None], float("-inf"))
     out = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).reshape(b * t, h, d)[meta.out_index]
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata,
+                      scale: float) -> torch.Tensor:
+    """Prefill of sequences with nothing cached before their new tokens: causal attention over
+    those tokens alone (no cache gather, no explicit mask, so SDPA may take its flash kernels).
+    Padding sits after each sequence's tokens, so causality keeps it out of every real query."""
+    n, h, d = q.shape
+    b, t = meta.q_index.shape
+    kvh = k.shape[1]
+
+    def padded(x):  # [N, heads, D] -> [B, heads, T, D]
+        return torch.cat([x, x.new_zeros(1, x.shape[1], d)], 0)[meta.q_index].transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=True, scale=scale,
+                                         enable_gqa=kvh != h)
     return out.transpose(1, 2).reshape(b * t, h, d)[meta.out_index]
 
 

@@ -1,0 +1,357 @@
+// Paged decode attention and the KV write, for the GPU fast path (see attention.h).
+//
+// Attention: grid (head, sequence, partition), 128 threads. Each partition covers kDecodePartition
+// keys. Groups of lanes read one key row at a time as 16-byte vectors (a warp covers 32 / group
+// rows per load, coalesced), dot it with the query and reduce by shuffles; the block takes the max
+// and the exponentials; then the same lane groups accumulate the weighted value rows, reduced over
+// the warp by shuffles and over the warps in shared memory. With one partition
+// the block writes the output; with several, each writes (max, sum, unnormalised output) and a
+// second kernel combines them, so a batch of one still spreads over many SMs.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/attention.h"
+
+namespace dejavu {
+
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kPart = static_cast<int>(kDecodePartition);
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+// Block-wide reductions; every thread gets the result. `red` holds kWarps floats.
+__device__ float block_max(float v, float* red) {
+  v = warp_max(v);
+  const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // red may still be read by a previous reduction
+  if (lane == 0) red[w] = v;
+  __syncthreads();
+  float r = red[0];
+#pragma unroll
+  for (int i = 1; i < kWarps; ++i) r = fmaxf(r, red[i]);
+  return r;
+}
+__device__ float block_sum(float v, float* red) {
+  v = warp_sum(v);
+  const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) red[w] = v;
+  __syncthreads();
+  float r = 0.f;
+#pragma unroll
+  for (int i = 0; i < kWarps; ++i) r += red[i];
+  return r;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads)
+decode_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ cache,
+                        const int64_t* __restrict__ block_tables, const int64_t* __restrict__ context_lens,
+                        const float* __restrict__ slopes, float* __restrict__ ws, int num_seqs, int H, int KVH,
+                        int BS, int64_t bt_stride, int64_t q_stride, int num_parts, float scale) {
+  // Lane groups: G lanes hold one key (or value) row as 16-byte vectors, so a warp reads 32 / G
+  // rows per load instruction, coalesced; each lane keeps kInFlight rows' loads in flight before
+  // it uses them. Loops run whole warps (the shuffles need every lane).
+  constexpr int kVec = 16 / sizeof(T);         // elements per 16-byte vector
+  constexpr int kVecs = D / kVec;              // vectors per row
+  constexpr int G = kVecs <= 1 ? 1 : kVecs <= 2 ? 2 : kVecs <= 4 ? 4 : kVecs <= 8 ? 8 : kVecs <= 16 ? 16 : 32;
+  constexpr int kRows = 32 / G;                // rows per warp per load
+  constexpr int kInFlight = 4;
+  constexpr int kWarpRows = kRows * kInFlight;  // rows per warp per iteration
+  static_assert(D % kVec == 0 && kVecs <= 32, "head_dim must be a multiple of 16 bytes, at most 512 bytes");
+
+  const int h = blockIdx.x, b = blockIdx.y;
+  const int ctx = static_cast<int>(context_lens[b]);
+  const int64_t row = static_cast<int64_t>(b) * H + h;
+  if (ctx == 0 && num_parts == 1) {  // padding row
+    for (int d = threadIdx.x; d < D; d += kThreads) out[row * D + d] = from_f<T>(0.f);
+    return;
+  }
+  __shared__ float q_s[D];
+  __shared__ float p_s[kPart];
+  __shared__ float red[kWarps];
+  __shared__ float acc_s[kWarps][D];
+  __shared__ int64_t blk_s[kPart + 1];  // cache blocks of the partition's keys
+  const int kvh = h / (H / KVH);
+  const int64_t tok_stride = static_cast<int64_t>(KVH) * D;         // elements between tokens of a block
+  const int64_t kv_stride = static_cast<int64_t>(BS) * tok_stride;  // K half -> V half of a block
+  const int64_t blk_stride = 2 * kv_stride;
+  const int64_t* table = block_tables + b * bt_stride;
+  const float slope = slopes ? slopes[h] : 0.f;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int grp = lane / G, sub = lane % G;
+  const bool active = sub < kVecs;
+  for (int i = threadIdx.x; i < D; i += kThreads) q_s[i] = to_f(q[b * q_stride + static_cast<int64_t>(h) * D + i]);
+  float* ws_max = ws;
+  float* ws_sum = ws + static_cast<int64_t>(num_seqs) * H * num_parts;
+  float* ws_out = ws + 2 * static_cast<int64_t>(num_seqs) * H * num_parts;
+
+  // The grid's z dimension may be smaller than num_parts: blocks stride over the partitions.
+  for (int part = blockIdx.z; part < num_parts; part += gridDim.z) {
+    const int start = part * kPart;
+    if (start >= ctx) break;  // (the combine kernel reads only the partitions below the context)
+    const int end = min(ctx, start + kPart);
+    const int first_blk = start / BS;
+    const int nblk = (end - 1) / BS - first_blk + 1;
+    for (int i = threadIdx.x; i < nblk; i += kThreads) blk_s[i] = table[first_blk + i];
+    __syncthreads();
+    float qv[kVec];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) qv[j] = active ? q_s[sub * kVec + j] : 0.f;
+    auto row_ptr = [&](int t, int64_t half) {
+      return cache + blk_s[t / BS - first_blk] * blk_stride + half + (t % BS) * tok_stride + kvh * D + sub * kVec;
+    };
+
+    // Scores.
+    float local_max = -INFINITY;
+    for (int base = start + warp * kWarpRows; base < end; base += kWarps * kWarpRows) {
+      uint4 raw[kInFlight];
+#pragma unroll
+      for (int r = 0; r < kInFlight; ++r) {
+        const int t = base + r * kRows + grp;
+        if (t < end && active) raw[r] = *reinterpret_cast<const uint4*>(row_ptr(t, 0));
+      }
+#pragma unroll
+      for (int r = 0; r < kInFlight; ++r) {
+        const int t = base + r * kRows + grp;
+        float s = 0.f;
+        if (t < end && active) {
+          const T* e = reinterpret_cast<const T*>(&raw[r]);
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) s += qv[j] * to_f(e[j]);
+        }
+#pragma unroll
+        for (int o = G / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (t < end && sub == 0) {
+          s *= scale;
+          if (slopes) s += slope * static_cast<float>(t);
+          p_s[t - start] = s;
+          local_max = fmaxf(local_max, s);
+        }
+      }
+    }
+    const float m = block_max(local_max, red);  // its barriers also publish p_s
+    float local_sum = 0.f;
+    for (int t = start + threadIdx.x; t < end; t += kThreads) {
+      const float e = expf(p_s[t - start] - m);
+      p_s[t - start] = e;
+      local_sum += e;
+    }
+    const float sum = block_sum(local_sum, red);
+
+    // Values: each lane group accumulates its rows' weighted values, 16 bytes per lane.
+    float acc[kVec];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) acc[j] = 0.f;
+    for (int base = start + warp * kWarpRows; base < end; base += kWarps * kWarpRows) {
+      uint4 raw[kInFlight];
+#pragma unroll
+      for (int r = 0; r < kInFlight; ++r) {
+        const int t = base + r * kRows + grp;
+        if (t < end && active) raw[r] = *reinterpret_cast<const uint4*>(row_ptr(t, kv_stride));
+      }
+#pragma unroll
+      for (int r = 0; r < kInFlight; ++r) {
+        const int t = base + r * kRows + grp;
+        if (t < end && active) {
+          const T* e = reinterpret_cast<const T*>(&raw[r]);
+          const float p = p_s[t - start];
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) acc[j] += p * to_f(e[j]);
+        }
+      }
+    }
+#pragma unroll
+    for (int o = G; o < 32; o <<= 1)
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
+    if (grp == 0 && active)
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) acc_s[warp][sub * kVec + j] = acc[j];
+    __syncthreads();
+    for (int d = threadIdx.x; d < D; d += kThreads) {
+      float o = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) o += acc_s[w][d];
+      if (num_parts == 1)
+        out[row * D + d] = from_f<T>(o / sum);
+      else
+        ws_out[(row * num_parts + part) * D + d] = o;
+    }
+    if (num_parts > 1 && threadIdx.x == 0) {
+      ws_max[row * num_parts + part] = m;
+      ws_sum[row * num_parts + part] = sum;
+    }
+    __syncthreads();  // shared memory is reused by the next partition
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads)
+combine_kernel(T* __restrict__ out, const float* __restrict__ ws, const int64_t* __restrict__ context_lens,
+               int num_seqs, int H, int num_parts) {
+  const int h = blockIdx.x, b = blockIdx.y;
+  const int64_t row = static_cast<int64_t>(b) * H + h;
+  const int n = static_cast<int>((context_lens[b] + kPart - 1) / kPart);
+  const float* ws_max = ws + row * num_parts;
+  const float* ws_sum = ws + static_cast<int64_t>(num_seqs) * H * num_parts + row * num_parts;
+  const float* ws_out = ws + 2 * static_cast<int64_t>(num_seqs) * H * num_parts + row * num_parts * D;
+  float m = -INFINITY;
+  for (int p = 0; p < n; ++p) m = fmaxf(m, ws_max[p]);
+  float total = 0.f;
+  for (int p = 0; p < n; ++p) total += ws_sum[p] * expf(ws_max[p] - m);
+  for (int d = threadIdx.x; d < D; d += kThreads) {
+    float o = 0.f;
+    for (int p = 0; p < n; ++p) o += ws_out[p * D + d] * expf(ws_max[p] - m);
+    out[row * D + d] = from_f<T>(n > 0 ? o / total : 0.f);
+  }
+}
+
+template <typename T>
+__global__ void write_kv_kernel(T* __restrict__ cache, const T* __restrict__ k, const T* __restrict__ v,
+                                const int64_t* __restrict__ slot_blocks, const int64_t* __restrict__ slot_offsets,
+                                int64_t row_elems, int64_t BS, int64_t k_stride, int64_t v_stride) {
+  const int64_t i = blockIdx.x;
+  const int64_t blk = slot_blocks[i];
+  if (blk < 0) return;
+  T* kd = cache + (blk * 2 * BS + slot_offsets[i]) * row_elems;
+  T* vd = kd + BS * row_elems;
+  const T* ks = k + i * k_stride;
+  const T* vs = v + i * v_stride;
+  for (int64_t j = threadIdx.x; j < row_elems; j += blockDim.x) {
+    kd[j] = ks[j];
+    vd[j] = vs[j];
+  }
+}
+
+template <typename T, int D>
+cudaError_t launch_attention(void* out, const void* q, const void* cache, const int64_t* bt, const int64_t* ctx,
+                             const float* slopes, float* ws, int64_t B, int64_t H, int64_t KVH, int64_t BS,
+                             int64_t bt_stride, int64_t q_stride, int64_t parts, int64_t grid_parts, float scale,
+                             cudaStream_t s) {
+  const dim3 grid(static_cast<unsigned>(H), static_cast<unsigned>(B), static_cast<unsigned>(grid_parts));
+  decode_attention_kernel<T, D><<<grid, kThreads, 0, s>>>(
+      static_cast<T*>(out), static_cast<const T*>(q), static_cast<const T*>(cache), bt, ctx, slopes, ws,
+      static_cast<int>(B), static_cast<int>(H), static_cast<int>(KVH), static_cast<int>(BS), bt_stride, q_stride,
+      static_cast<int>(parts), scale);
+  if (parts > 1)
+    combine_kernel<T, D><<<dim3(static_cast<unsigned>(H), static_cast<unsigned>(B)), kThreads, 0, s>>>(
+        static_cast<T*>(out), ws, ctx, static_cast<int>(B), static_cast<int>(H), static_cast<int>(parts));
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t dispatch_head_dim(int64_t D, void* out, const void* q, const void* cache, const int64_t* bt,
+                              const int64_t* ctx, const float* slopes, float* ws, int64_t B, int64_t H, int64_t KVH,
+                              int64_t BS, int64_t bt_stride, int64_t q_stride, int64_t parts, int64_t grid_parts,
+                              float scale, cudaStream_t s) {
+#define DEJAVU_HEAD_DIM(d)                                                                                  \
+  case d:                                                                                                   \
+    return launch_attention<T, d>(out, q, cache, bt, ctx, slopes, ws, B, H, KVH, BS, bt_stride, q_stride,   \
+                                  parts, grid_parts, scale, s);
+  switch (D) {
+    DEJAVU_HEAD_DIM(16)
+    DEJAVU_HEAD_DIM(32)
+    DEJAVU_HEAD_DIM(64)
+    DEJAVU_HEAD_DIM(80)
+    DEJAVU_HEAD_DIM(96)
+    DEJAVU_HEAD_DIM(128)
+    default:
+      return cudaErrorInvalidValue;
+  }
+#undef DEJAVU_HEAD_DIM
+}
+
+std::string error_text(cudaError_t e) { return e == cudaSuccess ? "" : cudaGetErrorString(e); }
+
+}  // namespace
+
+bool decode_attention_supports(int64_t d) {
+  return d == 16 || d == 32 || d == 64 || d == 80 || d == 96 || d == 128;
+}
+
+int64_t decode_attention_workspace(int64_t B, int64_t H, int64_t D, int64_t parts) {
+  return parts > 1 ? B * H * parts * (D + 2) : 0;
+}
+
+std::string write_kv_cache(void* cache, const void* k, const void* v, const int64_t* slot_blocks,
+                           const int64_t* slot_offsets, int64_t n, int64_t KVH, int64_t D, int64_t BS,
+                           int64_t k_stride, int64_t v_stride, DType dtype, void* stream) {
+  if (n <= 0) return "";
+  const int64_t row = KVH * D;
+  const int threads = row >= 256 ? 256 : 128;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::kFloat32:
+      write_kv_kernel<float><<<static_cast<unsigned>(n), threads, 0, s>>>(
+          static_cast<float*>(cache), static_cast<const float*>(k), static_cast<const float*>(v), slot_blocks,
+          slot_offsets, row, BS, k_stride, v_stride);
+      break;
+    case DType::kFloat16:
+      write_kv_kernel<__half><<<static_cast<unsigned>(n), threads, 0, s>>>(
+          static_cast<__half*>(cache), static_cast<const __half*>(k), static_cast<const __half*>(v), slot_blocks,
+          slot_offsets, row, BS, k_stride, v_stride);
+      break;
+    case DType::kBFloat16:
+      write_kv_kernel<__nv_bfloat16><<<static_cast<unsigned>(n), threads, 0, s>>>(
+          static_cast<__nv_bfloat16*>(cache), static_cast<const __nv_bfloat16*>(k),
+          static_cast<const __nv_bfloat16*>(v), slot_blocks, slot_offsets, row, BS, k_stride, v_stride);
+      break;
+    default:
+      return "write_kv_cache: unsupported dtype code";
+  }
+  return error_text(cudaGetLastError());
+}
+
+std::string paged_decode_attention(void* out, const void* q, const void* cache, const int64_t* bt,
+                                   const int64_t* ctx, const float* slopes, float* ws, int64_t B, int64_t H,
+                                   int64_t KVH, int64_t D, int64_t BS, int64_t bt_stride, int64_t q_stride,
+                                   int64_t parts, int64_t grid_parts, float scale, DType dtype, void* stream) {
+  if (B <= 0) return "";
+  if (grid_parts < 1 || grid_parts > parts) grid_parts = parts;
+  if (!decode_attention_supports(D)) return "paged_decode_attention: unsupported head_dim " + std::to_string(D);
+  if (KVH <= 0 || H % KVH != 0) return "paged_decode_attention: num_heads must be a multiple of num_kv_heads";
+  if (parts < 1 || (parts > 1 && ws == nullptr)) return "paged_decode_attention: a workspace is needed for parts > 1";
+  auto s = static_cast<cudaStream_t>(stream);
+  cudaError_t e;
+  switch (dtype) {
+    case DType::kFloat32:
+      e = dispatch_head_dim<float>(D, out, q, cache, bt, ctx, slopes, ws, B, H, KVH, BS, bt_stride, q_stride, parts,
+                                   grid_parts, scale, s);
+      break;
+    case DType::kFloat16:
+      e = dispatch_head_dim<__half>(D, out, q, cache, bt, ctx, slopes, ws, B, H, KVH, BS, bt_stride, q_stride, parts,
+                                    grid_parts, scale, s);
+      break;
+    case DType::kBFloat16:
+      e = dispatch_head_dim<__nv_bfloat16>(D, out, q, cache, bt, ctx, slopes, ws, B, H, KVH, BS, bt_stride, q_stride,
+                                           parts, grid_parts, scale, s);
+      break;
+    default:
+      return "paged_decode_attention: unsupported dtype code";
+  }
+  return error_text(e);
+}
+
+}  // namespace dejavu

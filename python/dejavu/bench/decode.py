@@ -1,0 +1,193 @@
+"""`dejavu bench decode`: the engine's decode step against the weight-read floor and HF's `generate`.
+
+For each batch size, one run of the same random prompts through: our engine with its GPU fast path
+(decode kernels + CUDA graphs), our engine eager (the same kernels, no graphs), and HF transformers
+(`generate`, plus one forward over the prompts for its prefill time). Reported per batch: prefill
+time, ms per decode step (engine step, host work included; and "GPU ms", the step's graph replayed
+alone, i.e. without the scheduler, sampling and copies on the host), decode tokens/s, the ratio to the floor and to HF, and whether the greedy
+tokens agree with HF's.
+
+The floor is the time to read the weights once: weight bytes / the device's bandwidth, measured in
+the same run as a device-to-device copy of 1 GiB counted as 2 GiB of traffic (read + write).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+
+import torch
+
+from .generate import _sync, random_hf_model
+
+
+def device_bandwidth(dev: torch.device, nbytes: int = 1 << 30, repeat: int = 5) -> float:
+    """Bytes per second of memory traffic of a device-to-device copy (read + write)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeat):
+        _sync(dev)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    del src, dst
+    return 2 * nbytes / best
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def _ours(llm, prompts: list[list[int]], max_tokens: int) -> tuple[float, float, list[list[int]]]:
+    """(prefill seconds, seconds per decode step, output ids) of one batch through the engine."""
+    from ..sampling_params import SamplingParams
+
+    eng = llm.engine
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    seqs = [eng.add_request(p, params) for p in prompts]
+    dev = llm.device
+    _sync(dev)
+    t0 = time.perf_counter()
+    while any(s.num_output_tokens == 0 for s in seqs):
+        eng.step()
+    _sync(dev)
+    t1 = time.perf_counter()
+    steps = 0
+    while eng.has_unfinished():
+        eng.step()
+        steps += 1
+    _sync(dev)
+    t2 = time.perf_counter()
+    return t1 - t0, (t2 - t1) / max(steps, 1), [s.output_ids for s in seqs]
+
+
+def _replay_ms(g: torch.cuda.CUDAGraph, n: int) -> float:
+    """Milliseconds per replay of a captured graph, n replays back to back after one untimed."""
+    g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        g.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def replay_ms(graphs, batch: int, n: int = 20) -> float:
+    """GPU time of one decode step: the batch's graph replayed back to back (the static inputs
+    still hold the last step's, whose blocks are free by now; nothing reads what this writes)."""
+    return _replay_ms(graphs.graphs[next(x for x in graphs.buckets if x >= batch)][0], n)
+
+
+def attention_ms(graphs, batch: int, n: int = 5) -> float:
+    """GPU time of the decode attention kernels of one step (every layer), on the last step's block
+    tables and context lengths: the calls are captured in a CUDA graph, so no host launch overhead
+    is counted (at batch 1 the kernels are shorter than a Python call)."""
+    from .. import kernels
+
+    bucket = next(x for x in graphs.buckets if x >= batch)
+    _, _, _, _, ctx, tables = graphs._views(graphs.dev, bucket)
+    cache, cfg = graphs.cache, graphs.model.cfg
+    q = torch.randn(bucket, cfg.num_heads, cfg.head_dim, device=cache.device, dtype=cache.dtype)
+    scale = cfg.head_dim ** -0.5
+
+    def step():
+        for layer in cache.tensor:
+            kernels.decode_attention(q, layer, tables, ctx, scale, graphs.parts)
+
+    side = torch.cuda.Stream(cache.device)
+    side.wait_stream(torch.cuda.current_stream(cache.device))
+    with torch.cuda.stream(side):
+        step()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=side):
+            step()
+    torch.cuda.current_stream(cache.device).wait_stream(side)
+    return _replay_ms(g, n)
+
+
+def _hf(hf, ids: torch.Tensor, max_tokens: int) -> tuple[float, float, list[list[int]]]:
+    dev = ids.device
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        _sync(dev)
+        t0 = time.perf_counter()
+        hf(input_ids=ids, attention_mask=mask)
+        _sync(dev)
+        prefill = time.perf_counter() - t0
+        _sync(dev)
+        t0 = time.perf_counter()
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                          do_sample=False)
+        _sync(dev)
+        total = time.perf_counter() - t0
+    return prefill, max(total - prefill, 0.0) / max(max_tokens - 1, 1), out[:, ids.shape[1]:].tolist()
+
+
+def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int, max_tokens: int, seed: int,
+        hf_baseline: bool, json_path: str | None) -> dict:
+    from ..llm import LLM
+
+    dev, dt, src, hf = random_hf_model("decode", model, device, dtype, seed)
+    max_batch = max(batches)
+    per_seq = -(-(prompt_len + max_tokens) // 16)
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        llm = LLM(model=d, device=str(dev), dtype=dtype, max_num_seqs=max_batch, kv_cache_blocks=max_batch * per_seq + 1,
+                  max_num_batched_tokens=max(max_batch * prompt_len, 8192))
+    hf = hf.to(dev)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(10, src.config.vocab_size, (max_batch, prompt_len), generator=g)
+    bw = device_bandwidth(dev) if dev.type == "cuda" else 0.0
+    wbytes = weight_bytes(llm.model)
+    floor_ms = 1e3 * wbytes / bw if bw else 0.0
+    graphs = llm.engine.runner.graphs
+    result = {"model": model, "device": str(dev), "dtype": str(dt).replace("torch.", ""), "prompt_len": prompt_len,
+              "max_tokens": max_tokens, "weight_bytes": wbytes, "copy_bandwidth_GBps": bw / 1e9,
+              "floor_ms": floor_ms, "cuda_graphs": graphs is not None,
+              "card": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "rows": []}
+    # Warm-up at the measured prompt length: kernels, allocator, cuBLAS heuristics, HF's generate.
+    _ours(llm, prompts[:1].tolist(), 4)
+    if hf_baseline:
+        _hf(hf, prompts[:1].to(dev), 4)
+    print(f"{result['card']}, {result['dtype']}, {model}: weights {wbytes / 1e9:.2f} GB, copy bandwidth "
+          f"{bw / 1e9:.0f} GB/s (read+write) -> floor {floor_ms:.3f} ms/step")
+    print(f"{'batch':>5} {'prefill ms':>10} {'HF prefill':>10} {'ms/step':>8} {'GPU ms':>8} {'attn ms':>8} {'eager':>8} {'HF':>8} "
+          f"{'tok/s':>9} {'x floor':>7} {'x HF':>6} {'same as HF':>10}")
+    for b in batches:
+        batch = prompts[:b].tolist()
+        pre, step, ours_ids = _ours(llm, batch, max_tokens)
+        row = {"batch": b, "prefill_ms": 1e3 * pre, "ms_per_step": 1e3 * step, "tok_s": b / step}
+        if graphs is not None:
+            row["gpu_ms_per_step"] = replay_ms(graphs, b)
+            row["attention_ms_per_step"] = attention_ms(graphs, b)
+            llm.engine.runner.graphs = None
+            row["eager_ms_per_step"] = 1e3 * _ours(llm, batch, max_tokens)[1]
+            llm.engine.runner.graphs = graphs
+        if floor_ms:
+            row["x_floor"] = row["ms_per_step"] / floor_ms
+        if hf_baseline:
+            hpre, hstep, hf_ids = _hf(hf, prompts[:b].to(dev), max_tokens)
+            row.update(hf_prefill_ms=1e3 * hpre, hf_ms_per_step=1e3 * hstep, speedup_vs_hf=hstep / step,
+                       prefill_vs_hf=hpre / pre, identical_sequences=f"{sum(a == c for a, c in zip(ours_ids, hf_ids))}/{b}")
+        result["rows"].append(row)
+        f = lambda k, w=8, p=3: f"{row[k]:>{w}.{p}f}" if k in row else f"{'-':>{w}}"  # noqa: E731
+        print(f"{b:>5} {f('prefill_ms', 10, 1)} {f('hf_prefill_ms', 10, 1)} {f('ms_per_step')} "
+              f"{f('gpu_ms_per_step')} {f('attention_ms_per_step')} {f('eager_ms_per_step')} {f('hf_ms_per_step')} "
+              f"{f('tok_s', 9, 1)} {f('x_floor', 7, 2)} "
+              f"{f('speedup_vs_hf', 6, 1)} {row.get('identical_sequences', '-'):>10}")
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(result, fh, indent=2)
+    llm.shutdown()
+    return result

@@ -1,0 +1,124 @@
+"""Decode steps replayed from CUDA graphs (the GPU fast path of the single-process engine).
+
+A decode step of B sequences is one new token each. For every batch-size bucket (1, 2, 4, 8, then
+steps of 16 up to max_num_seqs) the whole forward pass plus the LM head is captured once over
+static device buffers: token ids, positions, cache slots, context lengths and block tables sized
+for max_model_len. A step fills a pinned host copy of those buffers, moves them in one
+asynchronous copy and replays the smallest bucket that fits; rows past the batch are padding
+(their KV write is skipped, their attention has no keys). Nothing in a step waits for the GPU
+until the caller reads the sampled tokens.
+
+Capture needs the decode kernels (dejavu.kernels): attention over a cache gathered with dynamic
+shapes cannot be replayed. Capturing happens when the engine starts, so the first request does not
+pay for it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from .. import kernels
+from ..models.base import DecoderLM
+from ..models.layers import AttnMetadata
+from .block_manager import blocks_for
+from .kv_cache import PagedKVCache
+
+log = logging.getLogger("dejavu.engine")
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
+    return sorted(set(sizes + [max_batch]))
+
+
+def graphs_supported(model: DecoderLM, cache: PagedKVCache) -> str | None:
+    """None when decode steps of this model and cache can be captured, else why not."""
+    if cache.device.type != "cuda":
+        return "not on CUDA"
+    if not (model.is_first and model.is_last):
+        return "a pipeline stage (graphs cover whole models)"
+    if any(getattr(m, "tp_group", None) is not None for m in model.modules()):
+        return "tensor parallel"
+    if not kernels.usable(cache.tensor, cache.head_dim):
+        return f"no decode kernel for {cache.dtype} with head size {cache.head_dim} (or DEJAVU_ATTENTION=torch)"
+    return None
+
+
+class DecodeGraphs:
+    def __init__(self, model: DecoderLM, cache: PagedKVCache, max_batch: int, max_model_len: int):
+        self.model, self.cache = model, cache
+        self.block_size = cache.block_size
+        self.max_blocks = blocks_for(max_model_len, cache.block_size)
+        self.parts = kernels.num_parts(self.max_blocks * cache.block_size)
+        self.buckets = batch_buckets(max_batch)
+        mb = self.max_batch = self.buckets[-1]
+        # Packed int64 fields: ids, positions, slot blocks, slot offsets, context lengths (mb each),
+        # then the block tables (mb x max_blocks).
+        total = 5 * mb + mb * self.max_blocks
+        self.host = torch.zeros(total, dtype=torch.int64, pin_memory=True)
+        self.host_np = self.host.numpy()
+        self.dev = torch.zeros(total, dtype=torch.int64, device=cache.device)
+        self.copied = torch.cuda.Event()
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def _views(self, t, bucket: int):
+        mb = self.max_batch
+        f = [t[i * mb:i * mb + bucket] for i in range(5)]
+        tables = t[5 * mb:].view(mb, self.max_blocks)[:bucket]
+        return f[0], f[1], f[2], f[3], f[4], tables
+
+    def _forward(self, bucket: int) -> torch.Tensor:
+        ids, pos, blk, off, ctx, tables = self._views(self.dev, bucket)
+        meta = AttnMetadata(slot_blocks=blk, slot_offsets=off, block_tables=tables, context_lens=ctx,
+                            num_parts=self.parts)
+        return self.model.compute_logits(self.model(ids, pos, meta, self.cache.tensor))
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        t0 = time.perf_counter()
+        self._fill([])  # all padding: nothing is written to the cache while capturing
+        self.dev.copy_(self.host)
+        pool = None
+        side = torch.cuda.Stream(self.cache.device)
+        side.wait_stream(torch.cuda.current_stream(self.cache.device))
+        with torch.cuda.stream(side):
+            for bucket in reversed(self.buckets):  # largest first: the smaller ones reuse its memory
+                self._forward(bucket)  # warm-up (lazy initialisation stays out of the graph)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool, stream=side):
+                    out = self._forward(bucket)
+                pool = g.pool()
+                self.graphs[bucket] = (g, out)
+        torch.cuda.current_stream(self.cache.device).wait_stream(side)
+        torch.cuda.synchronize(self.cache.device)
+        log.info("captured decode CUDA graphs for batch sizes %s in %.2f s", self.buckets, time.perf_counter() - t0)
+
+    def fits(self, items) -> bool:
+        return len(items) <= self.max_batch and all(len(x[2]) <= self.max_blocks for x in items)
+
+    def _fill(self, items) -> None:
+        mb, h = self.max_batch, self.host_np
+        h[:5 * mb] = 0
+        h[2 * mb:3 * mb] = -1  # padding rows store nothing
+        for i, (ids, start, table) in enumerate(items):
+            h[i] = ids[-1]
+            h[mb + i] = start
+            h[2 * mb + i] = table[start // self.block_size]
+            h[3 * mb + i] = start % self.block_size
+            h[4 * mb + i] = start + 1
+            row = 5 * mb + i * self.max_blocks
+            h[row:row + len(table)] = table
+
+    def run(self, items) -> torch.Tensor:
+        """Logits [B, vocab] for a decode batch of (new token ids (one), position, block table) items."""
+        bucket = next(x for x in self.buckets if x >= len(items))
+        self.copied.synchronize()  # the previous step's copy has left the pinned buffer
+        self._fill(items)
+        self.dev.copy_(self.host, non_blocking=True)
+        self.copied.record()
+        g, out = self.graphs[bucket]
+        g.replay()
+        return out[:len(items)]
+

@@ -1,0 +1,88 @@
+"""The GPU fast path's decode kernels (csrc/kernels) as torch functions.
+
+`paged_attention` in models/layers.py calls these for decode batches on CUDA when the cache's dtype
+and head size are supported, and its torch code stays the reference (and the CPU path).
+DEJAVU_ATTENTION=torch turns the kernels off (for comparisons and bisecting).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _C
+
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+PARTITION = int(_C.decode_partition)  # keys per thread block of the split over the context
+
+
+def enabled() -> bool:
+    return os.environ.get("DEJAVU_ATTENTION", "auto").lower() != "torch"
+
+
+def usable(cache: torch.Tensor, head_dim: int) -> bool:
+    """True when the kernels serve this cache (CUDA, built with CUDA, supported dtype and head size)."""
+    return (cache.is_cuda and cache.dtype in _DTYPES and enabled() and _C.cuda_compiled()
+            and _C.decode_attention_supports(head_dim))
+
+
+def num_parts(max_context: int) -> int:
+    """Partitions of the context the attention kernel needs for sequences up to max_context tokens."""
+    return max(1, -(-int(max_context) // PARTITION))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [N, heads, D] with each row's heads contiguous (any stride between rows)."""
+    d = x.shape[2]
+    return x if x.stride(2) == 1 and x.stride(1) == d else x.contiguous()
+
+
+_SMS: dict[int, int] = {}
+
+
+def grid_parts(device: torch.device, seqs: int, heads: int, parts: int) -> int:
+    """Thread blocks per (sequence, head) along the context: enough for about two per SM."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return max(1, min(parts, -(-2 * _SMS[idx] // max(1, seqs * heads))))
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_blocks: torch.Tensor,
+             slot_offsets: torch.Tensor) -> None:
+    """Store new K/V rows ([N, kv_heads, head_dim]) into one layer's cache ([num_blocks, 2,
+    block_size, kv_heads, head_dim]); rows whose block is negative are skipped."""
+    k, v = _rows(k.to(cache.dtype)), _rows(v.to(cache.dtype))
+    _, _, bs, kvh, d = cache.shape
+    _C.write_kv_cache(cache.data_ptr(), k.data_ptr(), v.data_ptr(), slot_blocks.data_ptr(), slot_offsets.data_ptr(),
+                      k.shape[0], kvh, d, bs, k.stride(0), v.stride(0), _DTYPES[cache.dtype], _stream(cache.device))
+
+
+def decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                     scale: float, parts: int, alibi_slopes: torch.Tensor | None = None,
+                     grid: int = 0) -> torch.Tensor:
+    """One query per sequence (q: [B, H, D]) over the first context_lens[b] cached tokens of its
+    sequence. block_tables: [B, max_blocks] int64; context_lens: [B] int64 (0: padding row, output
+    zeros); parts >= num_parts(max context); grid: thread blocks per (sequence, head) along the
+    context (0: grid_parts()). Returns [B, H, D] in the cache's dtype."""
+    q = q.to(cache.dtype).contiguous()
+    b, h, d = q.shape
+    kvh, bs = cache.shape[3], cache.shape[2]
+    out = torch.empty_like(q)
+    ws = None
+    if parts > 1:
+        ws = torch.empty(_C.decode_attention_workspace(b, h, d, parts), dtype=torch.float32, device=q.device)
+    slopes = 0
+    if alibi_slopes is not None:
+        alibi_slopes = alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
+        slopes = alibi_slopes.data_ptr()
+    _C.paged_decode_attention(out.data_ptr(), q.data_ptr(), cache.data_ptr(), block_tables.data_ptr(),
+                              context_lens.data_ptr(), slopes, 0 if ws is None else ws.data_ptr(), b, h, kvh, d, bs,
+                              block_tables.stride(0), h * d, parts, grid or grid_parts(q.device, b, h, parts), float(scale),
+                              _DTYPES[cache.dtype],
+                              _stream(q.device))
+    return out

@@ -1,0 +1,116 @@
+"""The GPU fast path: decode kernels against the torch reference, CUDA graphs against eager and HF
+(skipped without a GPU; METHOD.md tolerances by dtype)."""
+import pytest
+import torch
+
+from conftest import needs_cuda
+from dejavu import LLM, SamplingParams, kernels
+from dejavu.engine.model_runner import build_metadata
+from dejavu.models.layers import alibi_slopes, paged_attention
+from hf_models import TINY, hf_greedy, save_hf_model
+
+pytestmark = needs_cuda
+
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1.6e-2, 1e-2)}
+
+
+def reference(q, cache, tables, ctx, scale, slopes):
+    """Per sequence, in float64: softmax(q.k * scale + slope * key_position) @ v over its context."""
+    b, h, d = q.shape
+    bs, kvh = cache.shape[2], cache.shape[3]
+    out = torch.zeros(b, h, d, dtype=torch.float64, device=q.device)
+    for i in range(b):
+        n = int(ctx[i])
+        if n == 0:
+            continue
+        pos = torch.arange(n, device=q.device)
+        blocks = tables[i, pos // bs]
+        k = cache[blocks, 0, pos % bs].double().repeat_interleave(h // kvh, dim=1)  # [n, h, d]
+        v = cache[blocks, 1, pos % bs].double().repeat_interleave(h // kvh, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[i].double(), k) * scale
+        if slopes is not None:
+            s = s + slopes.double()[:, None] * pos.double()[None, :]
+        out[i] = torch.einsum("hn,nhd->hd", torch.softmax(s, -1), v)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim,heads,kv_heads,alibi", [(64, 8, 8, False), (80, 4, 4, True), (128, 8, 2, False),
+                                                         (16, 4, 4, True), (32, 4, 1, False), (96, 6, 3, False)])
+def test_decode_attention_matches_reference(dtype, head_dim, heads, kv_heads, alibi):
+    g = torch.Generator(device="cuda").manual_seed(head_dim * 7 + heads)
+    bs, num_blocks = 16, 160
+    cache = torch.randn(num_blocks, 2, bs, kv_heads, head_dim, generator=g, device="cuda").to(dtype)
+    # Contexts from one key to several partitions, and a padding row (0).
+    ctx = torch.tensor([1, 15, 127, 128, 129, 256, 257, 700, 0, 1100], device="cuda")
+    b = ctx.numel()
+    max_blocks = -(-int(ctx.max()) // bs)
+    tables = torch.stack([torch.randperm(num_blocks, generator=g, device="cuda")[:max_blocks] for _ in range(b)])
+    q = torch.randn(b, heads, head_dim, generator=g, device="cuda").to(dtype)
+    slopes = alibi_slopes(heads).cuda() if alibi else None
+    scale = head_dim ** -0.5
+    ref = reference(q, cache, tables, ctx, scale, slopes)
+    need = kernels.num_parts(int(ctx.max()))
+    # Exactly the partitions needed, more (as a graph captured for a longer context), and grids
+    # smaller than the partitions (blocks stride over them).
+    for parts, grid in ((need, 0), (need + 3, 0), (need, 1), (need + 3, 2)):
+        out = kernels.decode_attention(q, cache, tables, ctx, scale, parts, slopes, grid=grid)
+        rtol, atol = TOL[dtype]
+        torch.testing.assert_close(out.double(), ref.to(dtype).double(), rtol=rtol, atol=atol)
+        assert torch.all(out[8] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_write_kv_stores_rows_and_skips_padding(dtype):
+    cache = torch.zeros(8, 2, 4, 2, 32, dtype=dtype, device="cuda")
+    k = torch.randn(5, 2, 32, device="cuda").to(dtype)
+    v = torch.randn(5, 2, 32, device="cuda").to(dtype)
+    blocks = torch.tensor([3, 3, 0, -1, 7], device="cuda")
+    offs = torch.tensor([0, 3, 2, 1, 1], device="cuda")
+    kernels.write_kv(cache, k, v, blocks, offs)
+    ref = torch.zeros_like(cache)
+    keep = blocks >= 0
+    ref[blocks[keep], 0, offs[keep]] = k[keep]
+    ref[blocks[keep], 1, offs[keep]] = v[keep]
+    assert torch.equal(cache, ref)
+    # A non-contiguous source (BLOOM's fused q/k/v view) is stored the same way.
+    fused = torch.randn(5, 2, 3, 32, device="cuda").to(dtype)
+    kernels.write_kv(cache, fused[:, :, 1], fused[:, :, 2], blocks, offs)
+    assert torch.equal(cache[3, 0, 3], fused[1, :, 1])
+
+
+def test_paged_attention_decode_kernel_matches_torch_path(monkeypatch):
+    """The layer-level switch: the same decode batch through the kernels and through the torch code."""
+    g = torch.Generator().manual_seed(0)
+    cache = torch.randn(40, 2, 16, 2, 64, generator=g).cuda()
+    items = [([5], 30, [3, 9]), ([6], 300, list(range(10, 29))), ([7], 0, [39])]
+    ids, pos, meta, _ = build_metadata(items, 16, torch.device("cuda"))
+    assert meta.context_lens is not None and meta.num_parts == kernels.num_parts(301)
+    q = torch.randn(3, 4, 64, generator=g).cuda()
+    k = torch.randn(3, 2, 64, generator=g).cuda()
+    v = torch.randn(3, 2, 64, generator=g).cuda()
+    fast_cache = cache.clone()
+    fast = paged_attention(q, k, v, fast_cache, meta, scale=0.125)
+    monkeypatch.setenv("DEJAVU_ATTENTION", "torch")
+    slow = paged_attention(q, k, v, cache, meta, scale=0.125)
+    assert torch.equal(fast_cache, cache)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_fast_path_greedy_equals_eager_and_hf(family, tmp_path):
+    """fp32: CUDA graphs + kernels, the eager torch path and HF give the same greedy tokens, for
+    batches that grow and shrink (requests of several lengths, so graph buckets change)."""
+    hf = save_hf_model(family, tmp_path)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, hf.config.vocab_size, (n,), generator=g).tolist() for n in (1, 5, 17, 40, 3)]
+    lens = [6, 20, 11, 3, 30]
+    fast = LLM(model=str(tmp_path), device="cuda", dtype="float32", block_size=4, max_num_seqs=8)
+    assert fast.engine.runner.graphs is not None
+    outs = fast.generate(prompts, [SamplingParams(max_tokens=n, ignore_eos=True) for n in lens])
+    eager = LLM(model=str(tmp_path), device="cuda", dtype="float32", block_size=4, max_num_seqs=8, cuda_graphs=False)
+    assert eager.engine.runner.graphs is None
+    ref = eager.generate(prompts, [SamplingParams(max_tokens=n, ignore_eos=True) for n in lens])
+    for p, n, o, r in zip(prompts, lens, outs, ref):
+        assert o.token_ids == r.token_ids
+        assert o.token_ids == hf_greedy(hf, p, n)
