@@ -61,3 +61,25 @@ def test_preemption_keeps_greedy_output(tmp_path):
     for p, o in zip(ps, outs):
         assert o.token_ids == hf_greedy(hf, p, NEW_TOKENS)
     assert small.engine.cache.allocator.num_used == 0
+
+
+def test_fused_projections_alias_the_layer_weights(tmp_path):
+    """q/k/v (and Llama's gate/up) run as one GEMM over a matrix their own weights are views of:
+    loading fills the fused matrix, state dicts keep the per-layer keys, and a model moved after
+    loading (the views no longer alias) falls back to the separate layers with the same result."""
+    hf = save_hf_model("llama", tmp_path)
+    llm = LLM(model=str(tmp_path), block_size=4, dtype="float32")
+    attn, mlp = llm.model.layers[0].self_attn, llm.model.layers[0].mlp
+    assert attn.qkv is not None and mlp.gate_up is not None
+    assert attn.k_proj.weight.data_ptr() == attn.qkv.weight.data_ptr() + attn.q_proj.weight.numel() * 4
+    assert torch.equal(attn.qkv.weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+    ref = hf.model.layers[0].self_attn.k_proj.weight
+    assert torch.equal(attn.k_proj.weight, ref)
+    assert not any("qkv" in k or "gate_up" in k for k in llm.model.state_dict())
+    x = torch.randn(3, hf.config.hidden_size)
+    fused = [t.clone() for t in attn.qkv(x)]
+    moved = llm.model.to(torch.float64).to(torch.float32)  # new storage for every parameter
+    separate = attn.qkv(x)
+    assert moved.layers[0].self_attn.q_proj.weight.data_ptr() != attn.qkv.weight.data_ptr()
+    for a, b in zip(fused, separate):
+        torch.testing.assert_close(a, b)

@@ -63,6 +63,13 @@ class DecoderLM(nn.Module):
                 on_layer(i)
         return self.final(h) if self.is_last else h
 
+    def fuse_projections(self) -> None:
+        """Make the projections that read the same input (q/k/v, gate/up) views into one matrix
+        each (layers.FusedLinears). Call before the weights are filled."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "fuse"):
+                m.fuse()
+
     def set_tp_group(self, group) -> None:
         """Row-parallel layers sum their partial outputs over this torch.distributed group."""
         from .layers import RowLinear

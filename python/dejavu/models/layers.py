@@ -146,6 +146,36 @@ class RowLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
+# ---------------------------------------------------------------------- fused projections
+class FusedLinears:
+    """Linear layers over the same input (q/k/v, gate/up) whose weights are views into one
+    matrix, so one GEMM computes them all (at decode batch sizes each GEMM is a weight read, and
+    small ones run far below the memory bandwidth). The layers keep their own parameters (state
+    dicts, loading and tensor-parallel slicing see no difference); `fuse()` must run before the
+    weights are filled, as `materialize` does."""
+
+    def __init__(self, *linears: nn.Linear):
+        self.linears = linears
+        self.sizes = [lin.weight.shape[0] for lin in linears]
+        self.weight = torch.cat([lin.weight.detach() for lin in linears])
+        has_bias = [lin.bias is not None for lin in linears]
+        if any(has_bias) and not all(has_bias):
+            raise ValueError("fused linears must all have a bias or none")
+        self.bias = torch.cat([lin.bias.detach() for lin in linears]) if all(has_bias) else None
+        at = 0
+        for lin, n in zip(linears, self.sizes):
+            lin.weight.data = self.weight[at:at + n]
+            if self.bias is not None:
+                lin.bias.data = self.bias[at:at + n]
+            at += n
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # The views still alias the fused matrix unless the model was moved after fusing.
+        if self.linears[0].weight.data_ptr() != self.weight.data_ptr():
+            return tuple(lin(x) for lin in self.linears)
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
 # ---------------------------------------------------------------------- norms and activations
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):

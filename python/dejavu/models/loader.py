@@ -174,6 +174,7 @@ def materialize(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
     with torch.device("meta"):
         model = build_model(cfg, layer_range)
     model = model.to(dtype).to_empty(device=device)
+    model.fuse_projections()  # before filling: the fused matrices are what the views alias
     if tensors is None:
         tensors = _random_tensors(model, seed, device)
     params = dict(model.named_parameters())
