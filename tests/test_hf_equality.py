@@ -70,7 +70,7 @@ def test_fused_projections_alias_the_layer_weights(tmp_path):
     hf = save_hf_model("llama", tmp_path)
     llm = LLM(model=str(tmp_path), block_size=4, dtype="float32")
     attn, mlp = llm.model.layers[0].self_attn, llm.model.layers[0].mlp
-    assert attn.qkv is not None and mlp.gate_up is not None
+    assert attn.qkv.weight is not None and mlp.gate_up.weight is not None  # fused by the loader
     assert attn.k_proj.weight.data_ptr() == attn.qkv.weight.data_ptr() + attn.q_proj.weight.numel() * 4
     assert torch.equal(attn.qkv.weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
     ref = hf.model.layers[0].self_attn.k_proj.weight

@@ -96,7 +96,8 @@ class DecodeGraphs:
         log.info("captured decode CUDA graphs for batch sizes %s in %.2f s", self.buckets, time.perf_counter() - t0)
 
     def fits(self, items) -> bool:
-        return len(items) <= self.max_batch and all(len(x[2]) <= self.max_blocks for x in items)
+        """True for a decode-shaped batch (one new token each) the captured graphs hold."""
+        return len(items) <= self.max_batch and all(len(x[0]) == 1 and len(x[2]) <= self.max_blocks for x in items)
 
     def _fill(self, items) -> None:
         mb, h = self.max_batch, self.host_np

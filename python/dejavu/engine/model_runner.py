@@ -81,7 +81,7 @@ class ModelRunner:
     def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
         """Logits [B, vocab] (float32) of each sequence's last new token; marks the K/V as cached."""
         items = step_items(seqs, is_prefill)
-        if self.graphs is not None and all(len(x[0]) == 1 for x in items) and self.graphs.fits(items):
+        if self.graphs is not None and self.graphs.fits(items):
             logits = self.graphs.run(items)
         else:
             ids, pos, meta, last = build_metadata(items, self.cache.block_size, self.cache.device)

@@ -66,9 +66,12 @@ class DecoderLM(nn.Module):
     def fuse_projections(self) -> None:
         """Make the projections that read the same input (q/k/v, gate/up) views into one matrix
         each (layers.FusedLinears). Call before the weights are filled."""
+        from .layers import FusedLinears
+
         for m in self.modules():
-            if m is not self and hasattr(m, "fuse"):
-                m.fuse()
+            for v in vars(m).values():
+                if isinstance(v, FusedLinears):
+                    v.fuse()
 
     def set_tp_group(self, group) -> None:
         """Row-parallel layers sum their partial outputs over this torch.distributed group."""

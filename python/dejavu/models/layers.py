@@ -51,7 +51,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     The torch code is the reference (and the CPU path). On CUDA, decode batches go through our
     kernels (dejavu.kernels) and fresh prefills through SDPA's causal (flash) path.
     """
-    if cache.is_cuda and kernels.usable(cache, q.shape[-1]):
+    if kernels.usable(cache, q.shape[-1]):
         if meta.context_lens is not None:
             kernels.write_kv(cache, k, v, meta.slot_blocks, meta.slot_offsets)
             return kernels.decode_attention(q, cache, meta.block_tables, meta.context_lens, scale, meta.num_parts,
@@ -151,12 +151,17 @@ class FusedLinears:
     """Linear layers over the same input (q/k/v, gate/up) whose weights are views into one
     matrix, so one GEMM computes them all (at decode batch sizes each GEMM is a weight read, and
     small ones run far below the memory bandwidth). The layers keep their own parameters (state
-    dicts, loading and tensor-parallel slicing see no difference); `fuse()` must run before the
-    weights are filled, as `materialize` does."""
+    dicts, loading and tensor-parallel slicing see no difference). `fuse()` must run before the
+    weights are filled, as `materialize` does (DecoderLM.fuse_projections); until then, or once
+    the model was moved after it (the views no longer alias the matrix), the layers run apart."""
 
     def __init__(self, *linears: nn.Linear):
         self.linears = linears
         self.sizes = [lin.weight.shape[0] for lin in linears]
+        self.weight = self.bias = None
+
+    def fuse(self) -> None:
+        linears = self.linears
         self.weight = torch.cat([lin.weight.detach() for lin in linears])
         has_bias = [lin.bias is not None for lin in linears]
         if any(has_bias) and not all(has_bias):
@@ -170,8 +175,7 @@ class FusedLinears:
             at += n
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # The views still alias the fused matrix unless the model was moved after fusing.
-        if self.linears[0].weight.data_ptr() != self.weight.data_ptr():
+        if self.weight is None or self.linears[0].weight.data_ptr() != self.weight.data_ptr():
             return tuple(lin(x) for lin in self.linears)
         return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 

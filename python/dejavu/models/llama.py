@@ -17,14 +17,11 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(hs, self.kvh * self.d, bias=bias)
         self.v_proj = nn.Linear(hs, self.kvh * self.d, bias=bias)
         self.o_proj = RowLinear(self.h * self.d, hs, bias=bias)
-        self.qkv = None  # FusedLinears after fuse()
-
-    def fuse(self):
         self.qkv = FusedLinears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x, positions, meta, cache):
         n = x.shape[0]
-        q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q, k, v = self.qkv(x)
         q, k, v = q.view(n, self.h, self.d), k.view(n, self.kvh, self.d), v.view(n, self.kvh, self.d)
         cos, sin = rope_cos_sin(positions, self.d, self.theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -40,13 +37,10 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(hs, inter, bias=bias)
         self.down_proj = RowLinear(inter, hs, bias=bias)
         self.act = activation(cfg.activation)
-        self.gate_up = None  # FusedLinears after fuse()
-
-    def fuse(self):
         self.gate_up = FusedLinears(self.gate_proj, self.up_proj)
 
     def forward(self, x):
-        gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        gate, up = self.gate_up(x)
         return self.down_proj(self.act(gate) * up)
 
 

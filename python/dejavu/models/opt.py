@@ -18,14 +18,11 @@ class OPTAttention(nn.Module):
         self.k_proj = nn.Linear(hs, inner)
         self.v_proj = nn.Linear(hs, inner)
         self.out_proj = RowLinear(inner, hs)
-        self.qkv = None  # FusedLinears after fuse()
-
-    def fuse(self):
         self.qkv = FusedLinears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x, positions, meta, cache):
         n = x.shape[0]
-        q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q, k, v = self.qkv(x)
         q, k, v = q.view(n, self.h, self.d), k.view(n, self.h, self.d), v.view(n, self.h, self.d)
         o = paged_attention(q, k, v, cache, meta, scale=self.d ** -0.5)
         return self.out_proj(o.reshape(n, -1))
