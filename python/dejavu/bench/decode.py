@@ -12,12 +12,12 @@ the same run as a device-to-device copy of 1 GiB counted as 2 GiB of traffic (re
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 
 import torch
 
+from . import write_json
 from .generate import _sync, random_hf_model
 
 
@@ -186,8 +186,6 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
               f"{f('gpu_ms_per_step')} {f('attention_ms_per_step')} {f('eager_ms_per_step')} {f('hf_ms_per_step')} "
               f"{f('tok_s', 9, 1)} {f('x_floor', 7, 2)} "
               f"{f('speedup_vs_hf', 6, 1)} {row.get('identical_sequences', '-'):>10}")
-    if json_path:
-        with open(json_path, "w") as fh:
-            json.dump(result, fh, indent=2)
+    write_json(json_path, result)
     llm.shutdown()
     return result

@@ -7,11 +7,12 @@ length, so HF needs no padding; both sides ignore EOS and produce exactly --max-
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 
 import torch
+
+from . import write_json
 
 
 def _sync(device):
@@ -90,7 +91,5 @@ def run(model: str, device: str, dtype: str, batch: int, prompt_len: int, max_to
     print(f"{'hf':<8} {timings['hf']:>9.3f} {result['hf_tok_s']:>9.1f}")
     print(f"speedup {result['speedup']:.2f}x on {result['card']} ({result['dtype']}, batch {batch}, prompt {prompt_len}, "
           f"{max_tokens} new tokens); identical greedy sequences: {result['identical_sequences']}")
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(json_path, result)
     return result

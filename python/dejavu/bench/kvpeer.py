@@ -12,12 +12,13 @@ Before timing, the received region is compared with the sender's: a wrong byte f
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import random
 import socket
 
 import torch
+
+from . import write_json
 
 
 def _free_port() -> int:
@@ -161,7 +162,5 @@ def run(device: str, layers: int, heads: int, head_dim: int, block_sizes: list[i
               f"{(str(r['piece_mib']) + 'Mi') if r['piece_mib'] else '-':>6} {r['dejavulib_GBps']:>15.2f} "
               f"{r['raw_GBps']:>9.2f} {r['ratio']:>6.2f} "
               f"{r['gather_GBps'] if r['gather_GBps'] is None else round(r['gather_GBps'], 1)!s:>11}")
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(json_path, result)
     return result

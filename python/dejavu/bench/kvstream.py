@@ -13,7 +13,6 @@ Times are medians of --repeat runs after a warm-up; wall time includes launch ov
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import statistics
@@ -25,6 +24,7 @@ import torch
 from .. import _C
 from ..engine.kv_cache import PagedKVCache
 from ..kvstream import FileDest, KVStreamer, Region
+from . import write_json
 
 
 def _time(fn, repeat, sync, before=None):
@@ -134,9 +134,7 @@ def run(device: str, layers: int, heads: int, head_dim: int, block_sizes: list[i
         print(f"decode-shaped GEMM (32x{overlap['k']} @ {overlap['k']}x{overlap['n']} fp16, {overlap['iters']} iters): "
               f"{overlap['alone_ms']:.2f} ms alone, {overlap['with_stream_ms']:.2f} ms while streaming "
               f"{overlap['streamed_mib']} MiB out and in -> {overlap['slowdown']:.3f}x")
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(json_path, result)
     return result
 
 

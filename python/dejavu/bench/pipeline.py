@@ -3,10 +3,11 @@
 Start-up (worker spawn, weight loading) is excluded; one warm-up request runs first."""
 from __future__ import annotations
 
-import json
 import time
 
 import torch
+
+from . import write_json
 
 
 def run(model: str, device: str, configs: list[tuple[int, int]], requests: int, prompt_len: int, max_tokens: int,
@@ -45,7 +46,5 @@ def run(model: str, device: str, configs: list[tuple[int, int]], requests: int, 
               f"{r['tokens_per_s'] / base:>7.2f}x {str(r['same_tokens_as_first']):>11}")
     result = {"model": model, "device": device, "card": card, "requests": requests, "prompt_len": prompt_len,
               "max_tokens": max_tokens, "microbatch_size": microbatch_size, "rows": rows}
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(json_path, result)
     return result

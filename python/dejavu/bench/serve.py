@@ -20,6 +20,8 @@ import time
 
 import aiohttp
 
+from . import write_json
+
 
 def synthetic_lengths(n: int, seed: int, max_prompt: int, max_output: int, prompt_median: float = 200,
                       output_median: float = 100) -> list[tuple[int, int]]:
@@ -198,9 +200,7 @@ def _pass_summary(records: list[dict], duration: float) -> dict:
 
 def _report(result: dict, text: str, json_path: str | None) -> dict:
     print(text)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(json_path, result)
     return result
 
 

@@ -3,10 +3,11 @@ and with microbatch swapping, in one run: how many sequences ran at once (peak),
 how much of the step time waited for swap-ins. Outputs are compared token for token."""
 from __future__ import annotations
 
-import json
 import time
 
 import torch
+
+from . import write_json
 
 
 def run(model: str, device: str, pp: int, kv_blocks: int, requests: int, prompt_len: int, max_tokens: int,
@@ -50,7 +51,5 @@ def run(model: str, device: str, pp: int, kv_blocks: int, requests: int, prompt_
     result = {"model": model, "device": device, "dtype": dtype, "card": card, "pp": pp, "kv_blocks": kv_blocks, "requests": requests,
               "prompt_len": prompt_len, "max_tokens": max_tokens, "resident": resident, "rows": rows,
               "same_tokens": same}
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(json_path, result)
     return result
