@@ -261,26 +261,42 @@ cudaError_t launch_attention(void* out, const void* q, const void* cache, const 
   return cudaGetLastError();
 }
 
+// The head sizes the attention kernel is compiled for: the switch below and
+// decode_attention_supports() both expand this list.
+#define DEJAVU_HEAD_DIMS(X) X(16) X(32) X(64) X(80) X(96) X(128)
+
 template <typename T>
 cudaError_t dispatch_head_dim(int64_t D, void* out, const void* q, const void* cache, const int64_t* bt,
                               const int64_t* ctx, const float* slopes, float* ws, int64_t B, int64_t H, int64_t KVH,
                               int64_t BS, int64_t bt_stride, int64_t q_stride, int64_t parts, int64_t grid_parts,
                               float scale, cudaStream_t s) {
-#define DEJAVU_HEAD_DIM(d)                                                                                  \
+#define DEJAVU_HEAD_DIM_CASE(d)                                                                             \
   case d:                                                                                                   \
     return launch_attention<T, d>(out, q, cache, bt, ctx, slopes, ws, B, H, KVH, BS, bt_stride, q_stride,   \
                                   parts, grid_parts, scale, s);
   switch (D) {
-    DEJAVU_HEAD_DIM(16)
-    DEJAVU_HEAD_DIM(32)
-    DEJAVU_HEAD_DIM(64)
-    DEJAVU_HEAD_DIM(80)
-    DEJAVU_HEAD_DIM(96)
-    DEJAVU_HEAD_DIM(128)
+    DEJAVU_HEAD_DIMS(DEJAVU_HEAD_DIM_CASE)
     default:
       return cudaErrorInvalidValue;
   }
-#undef DEJAVU_HEAD_DIM
+#undef DEJAVU_HEAD_DIM_CASE
+}
+
+// Calls f(T{}) with T the element type of `dtype`; false for an unknown code.
+template <typename F>
+bool with_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32:
+      f(float{});
+      return true;
+    case DType::kFloat16:
+      f(__half{});
+      return true;
+    case DType::kBFloat16:
+      f(__nv_bfloat16{});
+      return true;
+  }
+  return false;
 }
 
 std::string error_text(cudaError_t e) { return e == cudaSuccess ? "" : cudaGetErrorString(e); }
@@ -288,7 +304,9 @@ std::string error_text(cudaError_t e) { return e == cudaSuccess ? "" : cudaGetEr
 }  // namespace
 
 bool decode_attention_supports(int64_t d) {
-  return d == 16 || d == 32 || d == 64 || d == 80 || d == 96 || d == 128;
+#define DEJAVU_HEAD_DIM_IS(x) d == x ||
+  return DEJAVU_HEAD_DIMS(DEJAVU_HEAD_DIM_IS) false;
+#undef DEJAVU_HEAD_DIM_IS
 }
 
 int64_t decode_attention_workspace(int64_t B, int64_t H, int64_t D, int64_t parts) {
@@ -302,25 +320,13 @@ std::string write_kv_cache(void* cache, const void* k, const void* v, const int6
   const int64_t row = KVH * D;
   const int threads = row >= 256 ? 256 : 128;
   auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::kFloat32:
-      write_kv_kernel<float><<<static_cast<unsigned>(n), threads, 0, s>>>(
-          static_cast<float*>(cache), static_cast<const float*>(k), static_cast<const float*>(v), slot_blocks,
-          slot_offsets, row, BS, k_stride, v_stride);
-      break;
-    case DType::kFloat16:
-      write_kv_kernel<__half><<<static_cast<unsigned>(n), threads, 0, s>>>(
-          static_cast<__half*>(cache), static_cast<const __half*>(k), static_cast<const __half*>(v), slot_blocks,
-          slot_offsets, row, BS, k_stride, v_stride);
-      break;
-    case DType::kBFloat16:
-      write_kv_kernel<__nv_bfloat16><<<static_cast<unsigned>(n), threads, 0, s>>>(
-          static_cast<__nv_bfloat16*>(cache), static_cast<const __nv_bfloat16*>(k),
-          static_cast<const __nv_bfloat16*>(v), slot_blocks, slot_offsets, row, BS, k_stride, v_stride);
-      break;
-    default:
-      return "write_kv_cache: unsupported dtype code";
-  }
+  const bool known = with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    write_kv_kernel<T><<<static_cast<unsigned>(n), threads, 0, s>>>(
+        static_cast<T*>(cache), static_cast<const T*>(k), static_cast<const T*>(v), slot_blocks, slot_offsets, row,
+        BS, k_stride, v_stride);
+  });
+  if (!known) return "write_kv_cache: unsupported dtype code";
   return error_text(cudaGetLastError());
 }
 
@@ -334,23 +340,12 @@ std::string paged_decode_attention(void* out, const void* q, const void* cache, 
   if (KVH <= 0 || H % KVH != 0) return "paged_decode_attention: num_heads must be a multiple of num_kv_heads";
   if (parts < 1 || (parts > 1 && ws == nullptr)) return "paged_decode_attention: a workspace is needed for parts > 1";
   auto s = static_cast<cudaStream_t>(stream);
-  cudaError_t e;
-  switch (dtype) {
-    case DType::kFloat32:
-      e = dispatch_head_dim<float>(D, out, q, cache, bt, ctx, slopes, ws, B, H, KVH, BS, bt_stride, q_stride, parts,
-                                   grid_parts, scale, s);
-      break;
-    case DType::kFloat16:
-      e = dispatch_head_dim<__half>(D, out, q, cache, bt, ctx, slopes, ws, B, H, KVH, BS, bt_stride, q_stride, parts,
-                                    grid_parts, scale, s);
-      break;
-    case DType::kBFloat16:
-      e = dispatch_head_dim<__nv_bfloat16>(D, out, q, cache, bt, ctx, slopes, ws, B, H, KVH, BS, bt_stride, q_stride,
-                                           parts, grid_parts, scale, s);
-      break;
-    default:
-      return "paged_decode_attention: unsupported dtype code";
-  }
+  cudaError_t e = cudaSuccess;
+  const bool known = with_dtype(dtype, [&](auto tag) {
+    e = dispatch_head_dim<decltype(tag)>(D, out, q, cache, bt, ctx, slopes, ws, B, H, KVH, BS, bt_stride, q_stride,
+                                         parts, grid_parts, scale, s);
+  });
+  if (!known) return "paged_decode_attention: unsupported dtype code";
   return error_text(e);
 }
 
