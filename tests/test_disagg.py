@@ -46,6 +46,11 @@ def test_disaggregated_matches_single_process(dp, dt, tp, transport):
             text = _metrics_text(eng)
             raw = sum(st["raw_s"] for st in eng.transfer_stats)
             assert f'dejavu_kv_transfer_seconds_total{{part="prompt_to_token_raw"}} {raw}' in text
+            # The token stage times its decode steps (at least one per generated token after the
+            # first two: the latest rides with the next reply).
+            n = eng.decode_step_totals[0]
+            assert n >= 7 and len(eng.decode_steps) == n and all(x > 0 for x in eng.decode_steps)
+            assert f"dejavu_decode_steps_total {n}" in text
         assert eng.allocator.num_used == 0 and eng.prompt_alloc.num_used == 0
         # auto picks shared memory: every worker runs on this host.
         assert eng.transports_used == {"shm" if transport in ("auto", "shm") else "tcp"}

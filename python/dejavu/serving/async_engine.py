@@ -65,6 +65,9 @@ class AsyncEngine:
             m.transfer_seconds["prompt_to_token_compute"] = lambda: sum(x["compute_s"] for x in engine.transfer_stats)
             m.transfer_seconds["prompt_to_token_exposed"] = lambda: sum(x["exposed_s"] for x in engine.transfer_stats)
             m.transfer_seconds["prompt_to_token_raw"] = lambda: sum(x["raw_s"] for x in engine.transfer_stats)
+        if hasattr(engine, "decode_step_totals"):  # pipelines: the sampling stage's decode steps
+            m.counters["dejavu_decode_steps_total"] = lambda: engine.decode_step_totals[0]
+            m.counters["dejavu_decode_step_seconds_total"] = lambda: engine.decode_step_totals[1]
         if hasattr(engine, "fault_tolerance"):  # pipelines: failures, recoveries, replication
             ft = engine.fault_tolerance
             m.counters["dejavu_worker_failures_total"] = lambda: ft()["failures"]

@@ -90,6 +90,10 @@ class PipelineEngine(LLMEngine):
         self.swap = resident_microbatches if swap else 0
         self.swap_stats: dict[int, dict] = {}  # per worker: bytes in/out, seconds waiting for swap-ins
         self.peak_running = 0                  # most sequences running at once (bench swap)
+        # The sampling stage's decode steps (seconds; bench replication overhead): the latest ones,
+        # and totals for /metrics.
+        self.decode_steps: deque[float] = deque(maxlen=1 << 16)
+        self.decode_step_totals = [0, 0.0]
         if swap and not 1 <= resident_microbatches:
             raise ValueError(f"resident_microbatches must be >= 1, got {resident_microbatches}")
         self._plan(cfg, pp, layer_split, microbatch_size)
@@ -481,6 +485,10 @@ class PipelineEngine(LLMEngine):
         if msg["id"] != step_id:
             raise WorkerError(f"microbatch {i}: expected step {step_id}, got {msg['id']}")
         self.inflight[i] = None
+        if "step_s" in msg:  # the sampling stage's previous decode step (worker.py)
+            self.decode_steps.append(float(msg["step_s"]))
+            self.decode_step_totals[0] += 1
+            self.decode_step_totals[1] += float(msg["step_s"])
         live = {id(s) for s in self._returned(seqs)}
         self._append_tokens([s for s in seqs if id(s) in live], [t for s, t in zip(seqs, msg["tokens"]) if id(s) in live])
         return seqs

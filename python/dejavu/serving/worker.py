@@ -81,6 +81,8 @@ class StageWorker:
         self.cache = PagedKVCache(end - start, cfg["num_blocks"], cfg["block_size"], mc.num_kv_heads, mc.head_dim,
                                   self.dtype, self.device)
         self.load_s = time.perf_counter() - t_load  # weights and cache (reported with READY)
+        self._t_inputs = 0.0
+        self._decode_step_s: float | None = None
         self.swap = None
         if cfg.get("swap"):
             from ..engine.swap import SwapCache
@@ -154,6 +156,7 @@ class StageWorker:
             buf = torch.empty((ids.numel(), self.hidden), dtype=self.dtype, device=self.wire_device)
             self.dist.recv(buf, src=self.rank - self.tp)  # same TP rank, previous stage
             x = buf.to(self.device)
+        self._t_inputs = time.perf_counter()  # inputs at hand: what follows is this stage's own work
         h = self.model(x, pos, meta, self.cache.tensor, on_layer=on_layer)
         if self.stage < self.pp - 1 and self.pipes is not None:
             self.pipes.send(msg["id"], h)
@@ -186,10 +189,18 @@ class StageWorker:
         try:
             h = self._forward(msg)
             if h is not None and self.tp_rank == 0:  # the LM head is replicated: TP rank 0 of the last stage answers
-                self.ch.send({"t": "tokens", "mb": msg["mb"], "id": msg["id"], "tokens": self._sample(msg, h)})
+                reply = {"t": "tokens", "mb": msg["mb"], "id": msg["id"], "tokens": self._sample(msg, h)}
+                if self._decode_step_s is not None:  # the previous decode step's time rides along (see below)
+                    reply["step_s"], self._decode_step_s = self._decode_step_s, None
+                self.ch.send(reply)
             if self.replicator is not None:  # the token slots this step wrote leave for the replica holder
                 self.replicator.after_step(msg["id"], [(s["blocks"], s["start"], s["start"] + len(s["ids"]))
                                                        for s in msg["seqs"]])
+            if h is not None and not msg.get("prefill"):
+                # This stage's decode step, from its inputs at hand to the replication enqueued (the
+                # sampling synchronised with the device): /metrics and bench replication overhead. It
+                # goes with the next step's tokens so that enqueueing stays off the reply's path.
+                self._decode_step_s = time.perf_counter() - self._t_inputs
         finally:
             if self.swap is not None:
                 self.swap.write_back(mapping, touched)  # incremental swap-out: only the new tokens' blocks
