@@ -7,6 +7,13 @@ peer only breaks its own connections: the next send or receive on them fails at 
 reset), the worker reports the step as failed, and the controller re-forms the pipes under a new
 epoch, with the replacement worker, without touching the others' state.
 
+Sends are asynchronous: `send` starts the device -> pinned host copy on the current stream and
+queues it; a sending thread waits for the copy and writes the socket while the stage goes on with
+its next microbatch (a blocking `sendall` would hold the stage until the next one, busy with the
+microbatch before, reads). The queue is bounded (backpressure). A send that fails marks the pipes
+broken: the next `send` raises, the receiver's `recv` fails on the closed connection, and
+`on_broken` (the worker reports the step as failed) is called from the sending thread.
+
 Connection: the sender connects to the receiver's listener and sends a HELLO frame (msgpack:
 cluster token, epoch, sender rank); the receiver keeps only connections of its current epoch from
 its expected upstream rank. Data frame: 16-byte header (step id u64, payload bytes u64, big
@@ -15,9 +22,11 @@ endian) then the tensor's raw bytes; the receiver checks both against what it ex
 from __future__ import annotations
 
 import hmac
+import queue
 import socket
 import struct
 import threading
+from typing import Callable
 
 import msgpack
 import torch
@@ -33,8 +42,12 @@ class PipeBroken(ConnectionError):
 
 
 class StagePipes:
-    def __init__(self, token: str, rank: int, host: str = "127.0.0.1", timeout: float = 300.0):
+    MAX_QUEUED = 8  # sends not yet written to the socket before `send` waits
+
+    def __init__(self, token: str, rank: int, host: str = "127.0.0.1", timeout: float = 300.0,
+                 on_broken: Callable[[int, str], None] | None = None):
         self.token, self.rank, self.timeout = token, rank, timeout
+        self.on_broken = on_broken
         self._listener = socket.create_server((host, 0))
         self.port = self._listener.getsockname()[1]
         self._cond = threading.Condition()
@@ -45,6 +58,9 @@ class StagePipes:
         self._in: socket.socket | None = None
         self._out: socket.socket | None = None
         self.broken = False
+        self._q: queue.Queue = queue.Queue(self.MAX_QUEUED)
+        self._sender = threading.Thread(target=self._send_loop, daemon=True, name="pipe-send")
+        self._sender.start()
         serve_connections(self._listener, self._hello, "pipe")
 
     # ------------------------------------------------------------------ set-up
@@ -99,22 +115,59 @@ class StagePipes:
 
     # ------------------------------------------------------------------ data
     def send(self, step_id: int, t: torch.Tensor) -> None:
+        """Queue `t` (this step's hidden states) for the next stage; returns before it is written."""
         if self.broken or self.next is None:
             raise PipeBroken(f"pipe to the next stage is down (epoch {self.epoch})")
-        try:
-            if self._out is None:
-                host, port, _ = self.next
-                s = socket.create_connection((host, port), timeout=self.timeout)
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                hello = msgpack.packb({"token": self.token, "epoch": self.epoch, "rank": self.rank})
-                s.sendall(_LEN.pack(len(hello)) + hello)
-                self._out = s
-            data = t.detach().to("cpu").contiguous().view(torch.uint8).numpy()
-            self._out.sendall(_HDR.pack(step_id, data.nbytes))
-            self._out.sendall(memoryview(data))
-        except OSError as e:
-            self.fail()
-            raise PipeBroken(f"sending step {step_id} to the next stage failed: {e}") from None
+        t = t.detach()
+        done = None
+        if t.is_cuda:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            done = torch.cuda.Event(blocking=True)  # the sending thread sleeps on it (no polling)
+            done.record()
+            t = host
+        self._q.put((self.epoch, step_id, t.contiguous(), done))
+
+    def flush(self) -> None:
+        """Wait until every queued send was written (or dropped by a failure)."""
+        self._q.join()
+
+    def _send_loop(self) -> None:
+        while True:
+            item = self._q.get()
+            try:
+                if item is None:
+                    return
+                epoch, step_id, t, done = item
+                if done is not None:
+                    done.synchronize()
+                with self._cond:
+                    if epoch != self.epoch or self.broken:
+                        continue  # a send of an epoch already given up
+                    out, nxt = self._out, self.next
+                try:
+                    if out is None:
+                        out = socket.create_connection((nxt[0], nxt[1]), timeout=self.timeout)
+                        out.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        hello = msgpack.packb({"token": self.token, "epoch": epoch, "rank": self.rank})
+                        out.sendall(_LEN.pack(len(hello)) + hello)
+                        with self._cond:
+                            if epoch != self.epoch:
+                                _close(out)
+                                continue
+                            self._out = out
+                    data = t.view(torch.uint8).numpy() if t.numel() else b""
+                    out.sendall(_HDR.pack(step_id, t.numel() * t.element_size()))
+                    out.sendall(memoryview(data))
+                except OSError as e:
+                    with self._cond:
+                        stale = epoch != self.epoch
+                    if not stale:
+                        self.fail()
+                        if self.on_broken is not None:
+                            self.on_broken(step_id, f"sending step {step_id} to the next stage failed: {e}")
+            finally:
+                self._q.task_done()
 
     def recv(self, step_id: int, out: torch.Tensor) -> torch.Tensor:
         """Fill the contiguous CPU tensor `out` with the previous stage's hidden states of `step_id`."""
@@ -143,6 +196,12 @@ class StagePipes:
             raise PipeBroken(f"receiving step {step_id} from the previous stage failed: {e}") from None
 
     def close(self) -> None:
+        with self._cond:
+            self.broken = True
+        try:
+            self._q.put_nowait(None)
+        except queue.Full:
+            pass  # the sender drops the rest (broken) and is a daemon thread
         with self._cond:
             self._drop()
             for s in self._incoming.values():

@@ -190,11 +190,10 @@ class DisaggEngine(PipelineEngine):
                           "dst_blocks": s.block_table})
             self._busy.add(s.seq_id)
         msg = {"t": "prefill", "mb": slot, "id": self._step_id, "seqs": items}
-        for r in range(self.token_first):
-            self.channels[r].send(msg)
         self.in_transfer += len(seqs)
         self.prompt_inflight[slot] = {"id": self._step_id, "seqs": seqs, "keys": [it["key"] for it in items],
                                       "pending": set(range(self.token_first)), "tokens": None, "stats": []}
+        self._send_to(range(self.token_first), msg)
 
     def _on_pushed(self, msg) -> list[Sequence]:
         slot = msg["mb"]
@@ -236,10 +235,9 @@ class DisaggEngine(PipelineEngine):
                      "seqs": [{"key": k, "blocks": s.block_table, "ntok": len(s) - 1} for s, k in live]}
             self._expect_replication(self._step_id, range(self.token_first, self.world),
                                      [(s, len(s) - 1) for s, _ in live])
-            for r in range(self.token_first, self.world):
-                self.channels[r].send(admit)
             self.admitting[self._step_id] = {"seqs": [s for s, _ in live],
                                              "pending": set(range(self.token_first, self.world))}
+            self._send_to(range(self.token_first, self.world), admit)
         return seqs
 
     def _on_admitted(self, msg) -> None:

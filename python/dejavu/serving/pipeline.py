@@ -514,9 +514,19 @@ class PipelineEngine(LLMEngine):
         msg = {"t": "step", "mb": slot, "id": self._step_id, "prefill": is_prefill, "seqs": items}
         if self.swap:  # every block the microbatch holds now: workers keep exactly these resident
             msg["live"] = [b for s in self.slots[slot].running for b in s.block_table]
-        for r in self._step_ranks():
-            self.channels[r].send(msg)
-        self.inflight[slot] = (self._step_id, seqs, time.monotonic())
+        self.inflight[slot] = (self._step_id, seqs, time.monotonic())  # before sending: a failed send loses it
+        self._send_to(self._step_ranks(), msg)
+
+    def _send_to(self, ranks, msg: dict) -> None:
+        """A message on the serving path: a worker whose channel is gone has died (kill -9 before
+        its death was noticed), which is a failure to recover from, not the controller's error."""
+        for r in ranks:
+            try:
+                self.channels[r].send(msg)
+            except OSError as e:
+                if self.ft and self._started:
+                    raise _Failure({r}, f"worker {r} is unreachable: {e}") from None
+                raise WorkerError(f"worker {r} is unreachable: {e}") from None
 
     # ------------------------------------------------------------------ fault tolerance
     def set_replication(self, on: bool) -> None:

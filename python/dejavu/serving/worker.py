@@ -97,7 +97,8 @@ class StageWorker:
         if cfg.get("pipes"):
             from ..parallel.pipe import StagePipes
 
-            self.pipes = StagePipes(cfg["kv_token"], rank, cfg.get("kv_host", "127.0.0.1"), cfg["timeout"])
+            self.pipes = StagePipes(cfg["kv_token"], rank, cfg.get("kv_host", "127.0.0.1"), cfg["timeout"],
+                                    on_broken=self._pipe_broken)
         if cfg["world"] > 1 and (self.pipes is None or self.tp > 1):
             dist.init_process_group(self.backend, init_method=f"tcp://{cfg['master']}", rank=rank,
                                     world_size=cfg["world"], timeout=datetime.timedelta(seconds=cfg["timeout"]))
@@ -143,6 +144,13 @@ class StageWorker:
             info["ipc"] = export_tensor(self.cache.tensor)
         return info
 
+    def _pipe_broken(self, step_id: int, err: str) -> None:
+        """A queued send to the next stage failed (on the pipes' sending thread): that step is lost."""
+        try:
+            self.ch.send({"t": "step_failed", "rank": self.rank, "id": step_id, "msg": err})
+        except OSError:
+            pass  # the controller is gone; the main loop exits on its own
+
     # ------------------------------------------------------------------ forward through this stage
     def _forward(self, msg: dict, on_layer=None):
         items = [(s["ids"], s["start"], s["blocks"]) for s in msg["seqs"]]
@@ -150,8 +158,8 @@ class StageWorker:
         if self.stage == 0:
             x = ids
         elif self.pipes is not None:
-            buf = torch.empty((ids.numel(), self.hidden), dtype=self.dtype)
-            x = self.pipes.recv(msg["id"], buf).to(self.device)
+            buf = torch.empty((ids.numel(), self.hidden), dtype=self.dtype, pin_memory=self.device.type == "cuda")
+            x = self.pipes.recv(msg["id"], buf).to(self.device, non_blocking=True)
         else:
             buf = torch.empty((ids.numel(), self.hidden), dtype=self.dtype, device=self.wire_device)
             self.dist.recv(buf, src=self.rank - self.tp)  # same TP rank, previous stage
