@@ -116,6 +116,32 @@ def test_swap_cache_keeps_host_copy_current_and_budget():
     sw.close()
 
 
+def test_swap_ins_are_double_buffered_in_pipeline_order():
+    """4 microbatches over 2 resident regions, steps in arrival order: every step's swap-in was
+    started before the step (while the one before it ran), none at acquire time, and no queued
+    microbatch's region is taken by one behind it."""
+    L, bs, kvh, hd = 2, 4, 2, 8
+    dev = torch.zeros((L, 6, 2, bs, kvh, hd))
+    sw = SwapCache(dev, host_blocks=12, resident=2)
+    owner = {mb: list(range(mb * 3, mb * 3 + 3)) for mb in range(4)}
+    for b in range(12):
+        sw.host[:, b] = b
+    for mb in range(4):  # the pipeline's first round: every step message arrives at once
+        sw.prefetch(mb, owner[mb])
+    assert [r.mb for r in sw.regions] == [0, 1]
+    for step in range(16):
+        mb = step % 4
+        before = sw.bytes_in
+        mapping = sw.acquire(mb, owner[mb])
+        assert sw.bytes_in == before, f"step {step}: microbatch {mb} was swapped in on demand"
+        assert all(torch.equal(dev[:, mapping[b]], torch.full_like(dev[:, 0], b)) for b in owner[mb])
+        sw.write_back(mapping, [])
+        assert sorted(r.mb for r in sw.regions) == sorted([(mb + 1) % 4, (mb + 2) % 4])
+        sw.prefetch(mb, owner[mb])  # its next step arrives after this one ended
+    assert sw.bytes_in == (16 + 2) * 3 * sw.block_bytes  # once per step, and the next two are already in
+    sw.close()
+
+
 def test_swap_errors_are_clear():
     with pytest.raises(ValueError, match="swap needs a pipeline of pp >= 2"):
         LLM(model="random:opt-tiny", swap=True)

@@ -2,11 +2,15 @@
 device cache holds only `resident` microbatches, one per region of `region_blocks` blocks.
 
 Block ids in step messages are the controller's logical ids (host blocks). A microbatch's step
-first needs its blocks resident: `prefetch(mb, live)` (called when the step message arrives, so it
-overlaps the step running now) picks the microbatch's region, or else the least recently used one
-not in use, maps every live logical block to a device block of that region and copies its KV in
-on a background copier; `acquire` waits for that copy, and blocks that were already mapped are not
-copied again. After the step only the blocks its new tokens touched are written back
+first needs its blocks resident. `prefetch(mb, live)` is called when the step message arrives
+(steps run in arrival order); it queues the microbatch, and regions go to the queued microbatches
+in that order: the microbatch's own region, or else the least recently used one that neither the
+running step nor a microbatch ahead in the queue holds. Every live logical block is mapped to a
+device block of the region and its KV copied in, overlapping the step running now. When a step
+ends (`write_back`) its region becomes free and the next queued microbatch's swap-in starts at
+once: with two resident regions one computes while the other fills (double buffering), and a
+prefetched region is never taken by a microbatch queued behind it. `acquire` waits for the copy;
+blocks that were already mapped are not copied again. After the step only the blocks its new tokens touched are written back
 (`write_back`), so the host copy is always current and evicting a region costs nothing.
 
 On CUDA both directions are one DéjàVuLib span-copy kernel on the swap stream that reads or writes
@@ -68,6 +72,7 @@ class SwapCache:
         self.copier = ThreadPoolExecutor(1, thread_name_prefix="swap-in")
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.in_use: _Region | None = None
+        self.queued: list[tuple[int, list[int]]] = []  # (mb, live) of steps arrived and not started, in order
         self.bytes_in = self.bytes_out = 0
         self.wait_s = 0.0             # steps waiting for their swap-in: the exposed part
         self.steps, self.step_s = 0, 0.0
@@ -92,13 +97,25 @@ class SwapCache:
 
     # ------------------------------------------------------------------ swap in
     def prefetch(self, mb: int, live: list[int]) -> None:
+        """A step of `mb` arrived (it runs after those that arrived before it)."""
         with self.lock:
-            self._prefetch(mb, live)
+            self.queued = [q for q in self.queued if q[0] != mb] + [(mb, live)]
+            self._schedule()
 
-    def _prefetch(self, mb: int, live: list[int]) -> "_Region | None":
-        region = self._region_for(mb)
-        if region is None:
-            return None  # every region busy (resident = 1): acquire() swaps it in when the step starts
+    def _schedule(self) -> None:
+        """Regions to the queued microbatches, in order, as long as there is one that neither the
+        running step nor a microbatch ahead holds; their swap-ins start now."""
+        taken = {id(self.in_use)} if self.in_use is not None else set()
+        for mb, live in self.queued:
+            region = self._region_for(mb, taken)
+            if region is None:
+                return  # every region busy: this one starts when a step ends (write_back)
+            if self._fill(region, mb, live) is None:
+                return  # blocks of finished requests still mapped there: acquire() sorts it out
+            taken.add(id(region))
+
+    def _fill(self, region: "_Region", mb: int, live: list[int]) -> "_Region | None":
+        """Map every live block of `mb` into `region` and start copying in those not there yet."""
         live_set = set(live)
         if region is not self.in_use:  # (a step running now may still write its blocks back)
             for lb in [b for b in region.map if b not in live_set]:  # blocks the microbatch gave up
@@ -106,7 +123,7 @@ class SwapCache:
         new = [b for b in live if b not in region.map]
         if len(new) > len(region.free):
             if region is self.in_use:
-                return region  # blocks of finished requests still mapped: acquire() frees them first
+                return None
             raise SwapError(f"microbatch {mb} holds {len(live)} blocks but a resident region has "
                             f"{self.region_blocks}; the controller's per-microbatch budget was exceeded")
         pairs = [(lb, region.free.pop()) for lb in new]
@@ -115,21 +132,23 @@ class SwapCache:
         if pairs and self.stream is not None:
             # Ordered after earlier copies (write-backs included) by the stream itself.
             region.ready = self._cuda_copy(self.host, self.dev, [p[0] for p in pairs], [p[1] for p in pairs])
-            self.bytes_in += len(pairs) * self.block_bytes
         elif pairs:
             region.ready = self.copier.submit(self._copy_in, pairs, region.ready)
+        self.bytes_in += len(pairs) * self.block_bytes
         return region
 
-    def _region_for(self, mb: int) -> _Region | None:
+    def _region_for(self, mb: int, taken: set[int]) -> "_Region | None":
         for r in self.regions:
             if r.mb == mb:
                 return r
-        free = [r for r in self.regions if r is not self.in_use]
+        free = [r for r in self.regions if id(r) not in taken]
         if not free:
             return None
         victim = min(free, key=lambda r: (r.mb is not None, r.used))
-        if victim.ready is not None:
-            victim.ready.result()  # never drop a region while its copy is still landing
+        if victim.ready is not None and self.stream is None:
+            # CPU: never drop a region while its copy is still landing (on CUDA the swap stream
+            # orders the next copy into it after that one).
+            victim.ready.result()
         victim.free.extend(victim.map.values())
         victim.map.clear()
         victim.mb = mb
@@ -142,14 +161,21 @@ class SwapCache:
         src = torch.tensor([p[0] for p in pairs])
         dst = torch.tensor([p[1] for p in pairs])
         self.dev.index_copy_(1, dst, self.host.index_select(1, src))
-        self.bytes_in += len(pairs) * self.block_bytes
 
     def acquire(self, mb: int, live: list[int]) -> dict[int, int]:
         """The microbatch's mapping logical -> device block, its KV resident (waits for the copy)."""
         with self.lock:  # one critical section: an arriving message cannot take the region meanwhile
             if self.in_use is not None:
                 raise SwapError("a step acquired the cache before the previous one wrote back")
-            region = self._prefetch(mb, live)  # maps nothing new when the arrival-time prefetch did it
+            self.queued = [q for q in self.queued if q[0] != mb]
+            # Its prefetched region; else (resident = 1, or not prefetched) one that the queue holds
+            # least urgently: the last queued microbatch's region is taken before the next one's.
+            order = {m: i for i, (m, _) in enumerate(self.queued)}
+            region = next((r for r in self.regions if r.mb == mb), None) or min(
+                self.regions, key=lambda r: (r.mb is not None and r.mb in order, -order.get(r.mb, 0), r.used))
+            if region.mb != mb:
+                region = self._region_for(mb, {id(r) for r in self.regions if r is not region})
+            region = self._fill(region, mb, live)  # maps nothing new when the prefetch did it
             self.in_use = region
             ready = region.ready
         if ready is not None and not ready.done():
@@ -174,6 +200,7 @@ class SwapCache:
             self.bytes_out += len(blocks) * self.block_bytes
         with self.lock:
             self.in_use = None
+            self._schedule()  # the next queued microbatch fills the region this step frees
 
     def close(self) -> None:
         self.copier.shutdown(wait=True)
