@@ -2,6 +2,8 @@
 # FT pipeline vs prompt-token disaggregation with the same number of workers, on one prompt-heavy
 # trace, one after the other: `dejavu serve` + `dejavu bench serve` for each.
 #   MODEL=random:opt-1.3b DEVICE=cuda OUT=/tmp/out bash benchmarks/disagg_vs_pipeline.sh
+# DEPLOYS="pipeline_sync pipeline" runs only the FT pipeline (DEJAVU_PIPE_SYNC=1 in the environment: its hidden
+# states sent synchronously, as before the asynchronous pipes, for a baseline in the same command).
 set -euo pipefail
 MODEL=${MODEL:-random:opt-125m}
 DEVICE=${DEVICE:-cpu}
@@ -23,5 +25,10 @@ run() {
   curl -s "http://127.0.0.1:$PORT/metrics" | grep -E 'kind="prompt_to_token"|transfer_seconds_total\{' || true
   kill -TERM "$pid"; wait "$pid" || true
 }
-run pipeline --pp 2
-run disagg --prompt-stages 1 --token-stages 1
+for d in ${DEPLOYS:-pipeline disagg}; do
+  case $d in
+    pipeline) run pipeline --pp 2 ;;
+    pipeline_sync) DEJAVU_PIPE_SYNC=1 run pipeline_sync --pp 2 ;;
+    disagg) run disagg --prompt-stages 1 --token-stages 1 ;;
+  esac
+done

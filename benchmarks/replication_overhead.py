@@ -50,7 +50,7 @@ def same_deployment(args) -> list[dict]:
         llm.generate(prompts[:2], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up
         for _ in range(args.pairs):
             for rep in (False, True):
-                llm.engine.set_replication(rep)
+                llm.engine.set_replication(rep, every=args.every)
                 llm.engine.decode_steps.clear()
                 t = time.perf_counter()
                 llm.generate(prompts, SamplingParams(max_tokens=args.max_tokens, ignore_eos=True))
@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--kv-cache-gib", type=int, default=2)
     ap.add_argument("--pairs", type=int, default=2, help="(off, on) pairs, alternating")
+    ap.add_argument("--every", type=int, default=1, help="steps per replication gather and send (default 1)")
     ap.add_argument("--fresh", action="store_true", help="a fresh deployment per run instead of pausing one")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

@@ -160,11 +160,14 @@ LATE_PROMPT_TOKENS = sum(len(p) for p in PROMPTS[4:])
     (2, [(25, 0)], True, 2 * len(PROMPTS)),     # late, the first stage
     (3, [(10, 1)], True, 3 * len(PROMPTS)),     # a middle stage
     (2, [(12, 1)], False, None),                # no replicas: the paper's baseline, requests start over
+    (2, [(20, 1)], 4, 5 * len(PROMPTS)),        # replicas sent 4 steps at a time: up to 3 steps more behind
 ])
 def test_killed_worker_resumes_exactly(reference, pp, kills, replicate, most):
-    llm = LLM(model=MODEL, pp=pp, block_size=4, kv_cache_blocks=256, worker_timeout=60, replicate=replicate)
+    llm = LLM(model=MODEL, pp=pp, block_size=4, kv_cache_blocks=256, worker_timeout=60, replicate=bool(replicate))
     killed = []
     try:
+        if replicate is not True and replicate:
+            llm.engine.set_replication(True, every=replicate)
         got, killed = run(llm, kills)
         assert got == reference
         ft = llm.engine.fault_tolerance()
@@ -209,6 +212,16 @@ def test_replication_pauses_between_requests_only(reference):
         assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == reference
         eng.idle_check()
         assert eng.fault_tolerance()["replicated_bytes"] == 0 and not eng._rep_pending
+        eng.set_replication(True, every=3)  # batched: every step is still acknowledged
+        assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == reference
+        for _ in range(50):
+            eng.idle_check()
+            if not eng._rep_pending:
+                break
+            time.sleep(0.05)
+        assert not eng._rep_pending and eng.fault_tolerance()["replicated_bytes"] > 0
+        with pytest.raises(ValueError, match="every must be"):
+            eng.set_replication(True, every=0)
         eng.set_replication(True)
         assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == reference
         for _ in range(50):  # the last acknowledgements arrive after the tokens

@@ -22,6 +22,7 @@ endian) then the tensor's raw bytes; the receiver checks both against what it ex
 from __future__ import annotations
 
 import hmac
+import os
 import queue
 import socket
 import struct
@@ -48,6 +49,7 @@ class StagePipes:
                  on_broken: Callable[[int, str], None] | None = None):
         self.token, self.rank, self.timeout = token, rank, timeout
         self.on_broken = on_broken
+        self.sync = os.environ.get("DEJAVU_PIPE_SYNC") == "1"  # wait for each send (a benchmark baseline)
         self._listener = socket.create_server((host, 0))
         self.port = self._listener.getsockname()[1]
         self._cond = threading.Condition()
@@ -127,6 +129,10 @@ class StagePipes:
             done.record()
             t = host
         self._q.put((self.epoch, step_id, t.contiguous(), done))
+        if self.sync:
+            self.flush()
+            if self.broken:
+                raise PipeBroken(f"sending step {step_id} to the next stage failed")
 
     def flush(self) -> None:
         """Wait until every queued send was written (or dropped by a failure)."""

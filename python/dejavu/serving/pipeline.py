@@ -529,16 +529,20 @@ class PipelineEngine(LLMEngine):
                 raise WorkerError(f"worker {r} is unreachable: {e}") from None
 
     # ------------------------------------------------------------------ fault tolerance
-    def set_replication(self, on: bool) -> None:
+    def set_replication(self, on: bool, every: int = 1) -> None:
         """Pause or resume replication between requests (to measure what it costs on one deployment).
-        Requests served while it is paused have no replicas: after a failure they start over."""
+        Requests served while it is paused have no replicas: after a failure they start over.
+        `every` > 1: workers gather and send the slots of up to that many steps at once (a batch
+        leaves after 50 ms anyway); watermarks then trail by up to every - 1 steps more."""
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an integer >= 1, got {every!r}")
         if not self.replicate:
             raise ValueError("this deployment does not replicate (replicate=True)")
         if self.has_unfinished():
             raise RuntimeError("replication can only be paused or resumed while no request runs")
         for r in range(self.world):
             if self._holder_rank(r) is not None:
-                self.channels[r].send({"t": "replication", "on": bool(on)})
+                self.channels[r].send({"t": "replication", "on": bool(on), "every": every})
         self.replication_paused = not on
 
     def _stale(self, step_id: int) -> bool:

@@ -490,6 +490,7 @@ class StageWorker:
         """Pause / resume (between requests; PipelineEngine.set_replication)."""
         if self.replicator is not None:
             self.replicator.paused = not msg["on"]
+            self.replicator.every = max(1, int(msg.get("every", 1)))
 
     def rereplicate(self, msg: dict) -> None:
         """Our holder was replaced: re-seed it with every live block."""
@@ -557,6 +558,10 @@ def run(controller: str, token: str, rank: int | None = None, standby: bool = Fa
     import signal
 
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack (a hung worker)
+    # The thread running steps must get the GIL back quickly from the helpers (replication,
+    # replica holder, pipes, heartbeats): Python's default 5 ms switch interval can hold a kernel
+    # launch back for most of a GPU decode step.
+    sys.setswitchinterval(float(os.environ.get("DEJAVU_SWITCH_INTERVAL", "0.0005")))
     hello = {"pid": os.getpid(), "host": socket.gethostname()}
     hello.update({"standby": True} if standby else {"rank": rank})
     ch = connect(host or "127.0.0.1", int(port), token, hello)
