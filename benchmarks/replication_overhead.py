@@ -23,6 +23,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from dejavu import LLM, SamplingParams  # noqa: E402
+from dejavu.bench import write_json  # noqa: E402
 
 
 def one(args, replicate: bool) -> dict:
@@ -101,9 +102,7 @@ def main() -> None:
         print(f"median decode step on / off: {', '.join(f'{x:.3f}' for x in ratios)}; over all runs "
               f"{1e3 * med_on:.3f} / {1e3 * med_off:.3f} ms = {med_on / med_off:.3f} "
               f"({len(step_on)} / {len(step_off)} steps)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

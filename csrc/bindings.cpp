@@ -8,6 +8,7 @@
 #include <stdexcept>
 
 #include "kernels/attention.h"
+#include "kernels/gemv.h"
 #include "kvstream/cuda_copy.h"
 #include "kvstream/file_store.h"
 #include "kvstream/handle.h"
@@ -284,4 +285,14 @@ PYBIND11_MODULE(_C, m) {
      py::arg("head_dim"), py::arg("block_size"), py::arg("bt_stride"), py::arg("q_stride"), py::arg("num_parts"),
      py::arg("grid_parts"), py::arg("scale"), py::arg("dtype"), py::arg("stream") = 0,
      "One query per sequence over its paged KV (split over num_parts partitions of decode_partition keys)");
+  m.attr("small_linear_max_rows") = kSmallLinearMaxRows;
+  m.def("small_linear", [](uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t bias, int64_t rows, int64_t out_features,
+                           int64_t in_features, int64_t x_stride, int act, int dtype, uintptr_t stream) {
+    std::string err = small_linear(as_ptr<void>(y), as_ptr<const void>(x), as_ptr<const void>(w),
+                                   as_ptr<const void>(bias), rows, out_features, in_features, x_stride, act,
+                                   static_cast<DType>(dtype), as_ptr<void>(stream));
+    if (!err.empty()) throw std::runtime_error(err);
+  }, py::arg("y"), py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("rows"), py::arg("out_features"),
+     py::arg("in_features"), py::arg("x_stride"), py::arg("act"), py::arg("dtype"), py::arg("stream") = 0,
+     "y = act(x @ w.T + bias) for a few rows of x (decode batches), fp16/bf16");
 }

@@ -114,3 +114,48 @@ def test_fast_path_greedy_equals_eager_and_hf(family, tmp_path):
     for p, n, o, r in zip(prompts, lens, outs, ref):
         assert o.token_ids == r.token_ids
         assert o.token_ids == hf_greedy(hf, p, n)
+
+
+# ---------------------------------------------------------------------- small_linear (decode GEMV)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("n_out,k_in,x_pad", [(2048, 2048, 0), (333, 136, 8), (6144, 8192, 0), (50, 4104, 24)])
+def test_small_linear_matches_reference(dtype, rows, n_out, k_in, x_pad):
+    """Shapes: OPT-1.3B's, an odd row count with a K that leaves the unrolled loop a remainder, a
+    large K, a strided x. Fresh random inputs; the output poisoned first; fp64 reference."""
+    g = torch.Generator(device="cuda").manual_seed(rows * 7919 + n_out)
+    big = torch.randn(rows, k_in + x_pad, device="cuda", dtype=dtype, generator=g)
+    x = big[:, :k_in]
+    w = (torch.randn(n_out, k_in, device="cuda", dtype=dtype, generator=g) / k_in ** 0.5)
+    b = torch.randn(n_out, device="cuda", dtype=dtype, generator=g)
+    for bias in (None, b):
+        for relu in (False, True):
+            y = torch.full((rows, n_out), float("nan"), device="cuda", dtype=dtype)
+            from dejavu import _C
+
+            _C.small_linear(y.data_ptr(), x.data_ptr(), w.data_ptr(), 0 if bias is None else bias.data_ptr(), rows,
+                            n_out, k_in, x.stride(0), int(relu), kernels._HALF[dtype],
+                            torch.cuda.current_stream().cuda_stream)
+            torch.cuda.synchronize()
+            ref = x.double() @ w.double().T + (0 if bias is None else bias.double())
+            if relu:
+                ref = ref.clamp_min(0)
+            assert not torch.isnan(y).any()
+            err = ((y.double() - ref).norm() / ref.norm()).item()
+            assert err < (2e-3 if dtype == torch.float16 else 1e-2), err
+            if kernels._small_linear_serves(x, w, bias):  # through the torch face: the same values
+                assert torch.equal(kernels.linear(x, w, bias, relu=relu), y)
+
+
+def test_linear_falls_back_where_the_kernel_does_not_serve():
+    w = torch.randn(64, 32, device="cuda", dtype=torch.float16)
+    for x, why in [(torch.randn(5, 32, device="cuda", dtype=torch.float16), "5 rows"),
+                   (torch.randn(2, 32, device="cuda", dtype=torch.float32), "fp32"),
+                   (torch.randn(2, 40, device="cuda", dtype=torch.float16)[:, 1:33], "misaligned, odd stride")]:
+        wx = w.to(x.dtype)
+        assert not kernels._small_linear_serves(x, wx, None), why
+        torch.testing.assert_close(kernels.linear(x, wx), torch.nn.functional.linear(x, wx), rtol=0, atol=0)
+    x = torch.randn(3, 32, device="cuda", dtype=torch.float16)
+    assert kernels._small_linear_serves(x, w, None)
+    y = kernels.linear(x.view(3, 1, 32), w)  # leading dims are flattened and restored
+    assert y.shape == (3, 1, 64)

@@ -2,13 +2,18 @@
 
 `paged_attention` in models/layers.py calls these for decode batches on CUDA when the cache's dtype
 and head size are supported, and its torch code stays the reference (and the CPU path).
-DEJAVU_ATTENTION=torch turns the kernels off (for comparisons and bisecting).
+DEJAVU_ATTENTION=torch turns the attention kernels off (for comparisons and bisecting).
+
+`linear` runs the models' linear layers: with at most `SMALL_LINEAR_ROWS` rows of fp16/bf16 input
+on CUDA (a decode step at batch 1-4) through our weight-streaming kernel, otherwise (and with
+DEJAVU_LINEAR=torch) through torch.nn.functional.linear, its reference.
 """
 from __future__ import annotations
 
 import os
 
 import torch
+import torch.nn.functional as F
 
 from . import _C
 
@@ -86,3 +91,39 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.T
                               _DTYPES[cache.dtype],
                               _stream(q.device))
     return out
+
+
+SMALL_LINEAR_ROWS = int(_C.small_linear_max_rows)
+_HALF = {torch.float16: 1, torch.bfloat16: 2}
+
+
+# Beyond one row the kernel's per-row input reads and arithmetic grow while cuBLAS's small-M GEMMs
+# catch up on large matrices: measured on an H200 (benchmarks/linear_bench.py, docs/BENCHMARKS.md),
+# it wins at 1 row on every OPT-1.3B shape and at 2-4 rows only while rows x weight elements stay
+# within this many.
+_SMALL_LINEAR_MULTI_ROW_ELEMS = 2 * 6144 * 2048
+
+
+def _small_linear_serves(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    rows = x.shape[0] if x.dim() == 2 else 0
+    return (x.is_cuda and 1 <= rows <= SMALL_LINEAR_ROWS and x.dtype in _HALF
+            and (rows == 1 or rows * weight.numel() <= _SMALL_LINEAR_MULTI_ROW_ELEMS)
+            and weight.dtype == x.dtype and x.stride(1) == 1 and x.stride(0) % 8 == 0 and weight.shape[1] % 8 == 0
+            and weight.is_contiguous() and (x.data_ptr() | weight.data_ptr()) % 16 == 0
+            and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
+            and not (torch.is_grad_enabled() and weight.requires_grad)
+            and os.environ.get("DEJAVU_LINEAR", "auto").lower() != "torch" and _C.cuda_compiled())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
+    """F.linear (then ReLU if asked), through the small-batch kernel where it serves."""
+    if x.dim() != 2:
+        return linear(x.reshape(-1, x.shape[-1]), weight, bias, relu).view(*x.shape[:-1], weight.shape[0])
+    if _small_linear_serves(x, weight, bias):
+        y = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+        _C.small_linear(y.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                        x.shape[0], weight.shape[0], weight.shape[1], x.stride(0), int(relu), _HALF[x.dtype],
+                        _stream(x.device))
+        return y
+    y = F.linear(x, weight, bias)
+    return F.relu(y) if relu else y

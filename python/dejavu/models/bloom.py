@@ -4,14 +4,14 @@ from __future__ import annotations
 from torch import nn
 
 from .base import DecoderLM
-from .layers import RowLinear, activation, alibi_slopes, paged_attention
+from .layers import Linear, RowLinear, activation, alibi_slopes, paged_attention
 
 
 class BloomAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.h, self.d = cfg.num_heads, cfg.head_dim
-        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * self.h * self.d)
+        self.query_key_value = Linear(cfg.hidden_size, 3 * self.h * self.d)
         self.dense = RowLinear(self.h * self.d, cfg.hidden_size)
         # A plain attribute (never a weight, never on meta): this shard's heads' slopes.
         all_slopes = alibi_slopes(cfg.num_heads * cfg.tp_size)
@@ -38,7 +38,7 @@ class BloomBlock(nn.Module):
         self.self_attention = BloomAttention(cfg)
         self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = nn.Module()
-        self.mlp.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp.dense_h_to_4h = Linear(cfg.hidden_size, cfg.intermediate_size)
         self.mlp.dense_4h_to_h = RowLinear(cfg.intermediate_size, cfg.hidden_size)
         self.act = activation(cfg.activation)
 
@@ -64,7 +64,7 @@ class Bloom(DecoderLM):
             self.word_embeddings_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         if self.is_last:
             self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def make_layer(self, index):
         return BloomBlock(self.cfg)

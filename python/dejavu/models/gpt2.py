@@ -4,14 +4,14 @@ from __future__ import annotations
 from torch import nn
 
 from .base import DecoderLM
-from .layers import RowLinear, activation, paged_attention
+from .layers import Linear, RowLinear, activation, paged_attention
 
 
 class GPT2Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.h, self.d = cfg.num_heads, cfg.head_dim
-        self.c_attn = nn.Linear(cfg.hidden_size, 3 * self.h * self.d)
+        self.c_attn = Linear(cfg.hidden_size, 3 * self.h * self.d)
         self.c_proj = RowLinear(self.h * self.d, cfg.hidden_size)
 
     def forward(self, x, positions, meta, cache):
@@ -23,7 +23,7 @@ class GPT2Attention(nn.Module):
 class GPT2MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.c_fc = Linear(cfg.hidden_size, cfg.intermediate_size)
         self.c_proj = RowLinear(cfg.intermediate_size, cfg.hidden_size)
         self.act = activation(cfg.activation)
 
@@ -58,7 +58,7 @@ class GPT2(DecoderLM):
             self.wpe = nn.Embedding(cfg.max_position, cfg.hidden_size)
         if self.is_last:
             self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def make_layer(self, index):
         return GPT2Block(self.cfg)

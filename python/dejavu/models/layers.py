@@ -130,8 +130,16 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32, device="cpu")  # never on meta, even when built there
 
 
+# ---------------------------------------------------------------------- linear layers
+class Linear(nn.Linear):
+    """nn.Linear whose decode-sized calls on the GPU go through our kernel (kernels.linear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.bias)
+
+
 # ---------------------------------------------------------------------- tensor parallelism
-class RowLinear(nn.Linear):
+class RowLinear(Linear):
     """A row-parallel linear layer: each shard holds a slice of the input features; partial
     outputs are summed over the TP group, then the (replicated) bias is added once."""
     tp_group = None
@@ -177,7 +185,7 @@ class FusedLinears:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.weight is None or self.linears[0].weight.data_ptr() != self.weight.data_ptr():
             return tuple(lin(x) for lin in self.linears)
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        return kernels.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
 # ---------------------------------------------------------------------- norms and activations

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import DecoderLM
-from .layers import FusedLinears, RMSNorm, RowLinear, activation, apply_rope, paged_attention, rope_cos_sin
+from .layers import Linear, FusedLinears, RMSNorm, RowLinear, activation, apply_rope, paged_attention, rope_cos_sin
 
 
 class LlamaAttention(nn.Module):
@@ -13,9 +13,9 @@ class LlamaAttention(nn.Module):
         self.h, self.kvh, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.theta = cfg.rope_theta
         hs, bias = cfg.hidden_size, cfg.attention_bias
-        self.q_proj = nn.Linear(hs, self.h * self.d, bias=bias)
-        self.k_proj = nn.Linear(hs, self.kvh * self.d, bias=bias)
-        self.v_proj = nn.Linear(hs, self.kvh * self.d, bias=bias)
+        self.q_proj = Linear(hs, self.h * self.d, bias=bias)
+        self.k_proj = Linear(hs, self.kvh * self.d, bias=bias)
+        self.v_proj = Linear(hs, self.kvh * self.d, bias=bias)
         self.o_proj = RowLinear(self.h * self.d, hs, bias=bias)
         self.qkv = FusedLinears(self.q_proj, self.k_proj, self.v_proj)
 
@@ -33,8 +33,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         hs, inter, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj = nn.Linear(hs, inter, bias=bias)
-        self.up_proj = nn.Linear(hs, inter, bias=bias)
+        self.gate_proj = Linear(hs, inter, bias=bias)
+        self.up_proj = Linear(hs, inter, bias=bias)
         self.down_proj = RowLinear(inter, hs, bias=bias)
         self.act = activation(cfg.activation)
         self.gate_up = FusedLinears(self.gate_proj, self.up_proj)
@@ -67,7 +67,7 @@ class Llama(DecoderLM):
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         if self.is_last:
             self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def make_layer(self, index):
         return LlamaLayer(self.cfg)

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from .. import kernels
 from .base import DecoderLM
-from .layers import FusedLinears, RowLinear, activation, paged_attention
+from .layers import Linear, FusedLinears, RowLinear, activation, paged_attention
 
 POSITION_OFFSET = 2  # OPT's learned positions start at index 2
 
@@ -14,9 +15,9 @@ class OPTAttention(nn.Module):
         super().__init__()
         self.h, self.d = cfg.num_heads, cfg.head_dim
         hs, inner = cfg.hidden_size, self.h * self.d
-        self.q_proj = nn.Linear(hs, inner)
-        self.k_proj = nn.Linear(hs, inner)
-        self.v_proj = nn.Linear(hs, inner)
+        self.q_proj = Linear(hs, inner)
+        self.k_proj = Linear(hs, inner)
+        self.v_proj = Linear(hs, inner)
         self.out_proj = RowLinear(inner, hs)
         self.qkv = FusedLinears(self.q_proj, self.k_proj, self.v_proj)
 
@@ -34,10 +35,11 @@ class OPTLayer(nn.Module):
         self.pre_ln = cfg.do_layer_norm_before
         self.self_attn = OPTAttention(cfg)
         self.self_attn_layer_norm = nn.LayerNorm(cfg.hidden_size)
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = RowLinear(cfg.intermediate_size, cfg.hidden_size)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size)
         self.act = activation(cfg.activation)
+        self.relu = cfg.activation == "relu"  # fused into fc1 (kernels.linear)
 
     def forward(self, h, positions, meta, cache):
         x = self.self_attn_layer_norm(h) if self.pre_ln else h
@@ -45,7 +47,8 @@ class OPTLayer(nn.Module):
         if not self.pre_ln:
             h = self.self_attn_layer_norm(h)
         x = self.final_layer_norm(h) if self.pre_ln else h
-        h = h + self.fc2(self.act(self.fc1(x)))
+        y = kernels.linear(x, self.fc1.weight, self.fc1.bias, relu=True) if self.relu else self.act(self.fc1(x))
+        h = h + self.fc2(y)
         if not self.pre_ln:
             h = self.final_layer_norm(h)
         return h
@@ -60,11 +63,11 @@ class OPT(DecoderLM):
         if self.is_first:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.word_embed_proj_dim)
             self.embed_positions = nn.Embedding(cfg.max_position + POSITION_OFFSET, cfg.hidden_size)
-            self.project_in = nn.Linear(cfg.word_embed_proj_dim, cfg.hidden_size, bias=False) if projected else None
+            self.project_in = Linear(cfg.word_embed_proj_dim, cfg.hidden_size, bias=False) if projected else None
         if self.is_last:
             self.final_layer_norm = nn.LayerNorm(cfg.hidden_size) if cfg.do_layer_norm_before else None
-            self.project_out = nn.Linear(cfg.hidden_size, cfg.word_embed_proj_dim, bias=False) if projected else None
-            self.lm_head = nn.Linear(cfg.word_embed_proj_dim, cfg.vocab_size, bias=False)
+            self.project_out = Linear(cfg.hidden_size, cfg.word_embed_proj_dim, bias=False) if projected else None
+            self.lm_head = Linear(cfg.word_embed_proj_dim, cfg.vocab_size, bias=False)
 
     def make_layer(self, index):
         return OPTLayer(self.cfg)
