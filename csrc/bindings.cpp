@@ -9,6 +9,7 @@
 
 #include "kernels/attention.h"
 #include "kernels/gemv.h"
+#include "kernels/norm.h"
 #include "kvstream/cuda_copy.h"
 #include "kvstream/file_store.h"
 #include "kvstream/handle.h"
@@ -295,4 +296,14 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("y"), py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("rows"), py::arg("out_features"),
      py::arg("in_features"), py::arg("x_stride"), py::arg("act"), py::arg("dtype"), py::arg("stream") = 0,
      "y = act(x @ w.T + bias) for a few rows of x (decode batches), fp16/bf16");
+  m.attr("add_norm_max_hidden") = kAddNormMaxHidden;
+  m.def("add_norm", [](uintptr_t sum_out, uintptr_t y, uintptr_t h, uintptr_t a, uintptr_t weight, uintptr_t bias,
+                       int64_t rows, int64_t hidden, float eps, int rms, int dtype, uintptr_t stream) {
+    std::string err = add_norm(as_ptr<void>(sum_out), as_ptr<void>(y), as_ptr<const void>(h), as_ptr<const void>(a),
+                               as_ptr<const void>(weight), as_ptr<const void>(bias), rows, hidden, eps, rms,
+                               static_cast<DType>(dtype), as_ptr<void>(stream));
+    if (!err.empty()) throw std::runtime_error(err);
+  }, py::arg("sum_out"), py::arg("y"), py::arg("h"), py::arg("a"), py::arg("weight"), py::arg("bias"), py::arg("rows"),
+     py::arg("hidden"), py::arg("eps"), py::arg("rms"), py::arg("dtype"), py::arg("stream") = 0,
+     "sum = h + a; y = LayerNorm(sum) (rms=0) or RMSNorm(sum) (rms=1), one kernel, fp16/bf16");
 }

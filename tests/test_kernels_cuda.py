@@ -159,3 +159,52 @@ def test_linear_falls_back_where_the_kernel_does_not_serve():
     assert kernels._small_linear_serves(x, w, None)
     y = kernels.linear(x.view(3, 1, 32), w)  # leading dims are flattened and restored
     assert y.shape == (3, 1, 64)
+
+
+# ---------------------------------------------------------------------- add_norm (residual add + norm)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [64, 576, 2048, 8192])
+@pytest.mark.parametrize("kind", ["layernorm", "layernorm_nobias", "rmsnorm"])
+def test_add_norm_matches_reference(dtype, hidden, kind):
+    from dejavu.models.layers import RMSNorm
+
+    g = torch.Generator(device="cuda").manual_seed(hidden + len(kind))
+    if kind == "rmsnorm":
+        norm = RMSNorm(hidden, 1e-6)
+    else:
+        norm = torch.nn.LayerNorm(hidden, eps=1e-5, bias=kind == "layernorm")
+    norm = norm.to("cuda", dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(hidden, device="cuda", dtype=dtype, generator=g))
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.copy_(torch.randn(hidden, device="cuda", dtype=dtype, generator=g))
+    for rows in (1, 3, 17):
+        h = torch.randn(rows, hidden, device="cuda", dtype=dtype, generator=g) * 3
+        a = torch.randn(rows, hidden, device="cuda", dtype=dtype, generator=g)
+        with torch.inference_mode():
+            s, y = kernels.add_norm(h, a, norm)
+        assert torch.equal(s, h + a)  # the residual stream is exactly torch's
+        x = s.double()
+        if kind == "rmsnorm":
+            ref = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight.double()
+        else:
+            ref = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+            ref = ref * norm.weight.double() + (0 if norm.bias is None else norm.bias.double())
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert not torch.isnan(y).any() and err < (2e-3 if dtype == torch.float16 else 1e-2), (rows, err)
+        with torch.inference_mode():  # and the torch path it replaces agrees to the same tolerance
+            torch_y = norm(h + a)
+        assert ((torch_y.double() - y.double()).norm() / ref.norm()).item() < (2e-3 if dtype == torch.float16 else 1e-2)
+
+
+def test_add_norm_falls_back_to_torch():
+    norm = torch.nn.LayerNorm(100).to("cuda", torch.float16)  # 100 is not a multiple of 8
+    h = torch.randn(2, 100, device="cuda", dtype=torch.float16)
+    a = torch.randn(2, 100, device="cuda", dtype=torch.float16)
+    with torch.inference_mode():
+        s, y = kernels.add_norm(h, a, norm)
+        assert torch.equal(s, h + a) and torch.equal(y, norm(h + a))
+        norm32 = torch.nn.LayerNorm(64).to("cuda")
+        h32, a32 = torch.randn(2, 64, device="cuda"), torch.randn(2, 64, device="cuda")
+        s, y = kernels.add_norm(h32, a32, norm32)  # fp32: the torch ops, bit for bit
+        assert torch.equal(y, norm32(h32 + a32))

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/gemv.h"
+#include "kernels/element.cuh"
 
 namespace dejavu {
 namespace {
@@ -13,14 +14,8 @@ namespace {
 constexpr int kWarps = 8;  // output features per thread block
 constexpr int kVec = 8;    // elements per 16-byte chunk
 
-__device__ __forceinline__ float f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T>
-__device__ __forceinline__ T from_f32(float v);
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+using elem::from_f;
+using elem::to_f;
 
 template <typename T, int M>
 __device__ __forceinline__ void dot_chunk(float (&acc)[M], const uint4& wv, const T* __restrict__ x,
@@ -31,7 +26,7 @@ __device__ __forceinline__ void dot_chunk(float (&acc)[M], const uint4& wv, cons
     const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + m * x_stride) + c);
     const T* xt = reinterpret_cast<const T*>(&xv);
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) acc[m] = fmaf(f32(wt[j]), f32(xt[j]), acc[m]);
+    for (int j = 0; j < kVec; ++j) acc[m] = fmaf(to_f(wt[j]), to_f(xt[j]), acc[m]);
   }
 }
 
@@ -58,17 +53,14 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
   for (; c < chunks; c += 32) dot_chunk<T, M>(acc, __ldcs(row + c), x, x_stride, c);
 #pragma unroll
-  for (int m = 0; m < M; ++m) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], o);
-  }
+  for (int m = 0; m < M; ++m) acc[m] = elem::warp_sum(acc[m]);
   if (lane == 0) {
-    const float b = bias != nullptr ? f32(bias[n]) : 0.f;
+    const float b = bias != nullptr ? to_f(bias[n]) : 0.f;
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       float v = acc[m] + b;
       if (act == 1) v = fmaxf(v, 0.f);
-      y[m * n_out + n] = from_f32<T>(v);
+      y[m * n_out + n] = from_f<T>(v);
     }
   }
 }

@@ -4,6 +4,9 @@
 and head size are supported, and its torch code stays the reference (and the CPU path).
 DEJAVU_ATTENTION=torch turns the attention kernels off (for comparisons and bisecting).
 
+`add_norm` is a residual add and the LayerNorm / RMSNorm after it in one kernel (fp16/bf16 on
+CUDA; DEJAVU_NORM=torch, other dtypes and the CPU use the torch ops).
+
 `linear` runs the models' linear layers: with at most `SMALL_LINEAR_ROWS` rows of fp16/bf16 input
 on CUDA (a decode step at batch 1-4) through our weight-streaming kernel, otherwise (and with
 DEJAVU_LINEAR=torch) through torch.nn.functional.linear, its reference.
@@ -127,3 +130,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return y
     y = F.linear(x, weight, bias)
     return F.relu(y) if relu else y
+
+
+def add_norm(h: torch.Tensor, a: torch.Tensor, norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + a, norm(h + a)) for a LayerNorm or the models' RMSNorm (`eps`, `weight`, `bias`)."""
+    rms = not isinstance(norm, torch.nn.LayerNorm)
+    w, b = norm.weight, None if rms else norm.bias
+    hidden = h.shape[-1]
+    if (h.is_cuda and h.dtype in _HALF and a.dtype == h.dtype and w.dtype == h.dtype and hidden % 8 == 0
+            and hidden <= _C.add_norm_max_hidden and (b is None or b.dtype == h.dtype)
+            and not (rms and w.shape[0] != hidden) and not (torch.is_grad_enabled() and w.requires_grad)
+            and os.environ.get("DEJAVU_NORM", "auto").lower() != "torch" and _C.cuda_compiled()):
+        h, a = h.contiguous(), a.contiguous()
+        s, y = torch.empty_like(h), torch.empty_like(h)
+        if (s.data_ptr() | h.data_ptr() | a.data_ptr() | w.data_ptr() | (0 if b is None else b.data_ptr())) % 16 == 0:
+            _C.add_norm(s.data_ptr(), y.data_ptr(), h.data_ptr(), a.data_ptr(), w.data_ptr(),
+                        0 if b is None else b.data_ptr(), h.numel() // hidden, hidden, float(norm.eps), int(rms),
+                        _HALF[h.dtype], _stream(h.device))
+            return s, y
+    s = h + a
+    return s, norm(s)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .. import kernels
 from .base import DecoderLM
 from .layers import Linear, RowLinear, activation, paged_attention
 
@@ -40,8 +41,8 @@ class GPT2Block(nn.Module):
         self.mlp = GPT2MLP(cfg)
 
     def forward(self, h, positions, meta, cache):
-        h = h + self.attn(self.ln_1(h), positions, meta, cache)
-        return h + self.mlp(self.ln_2(h))
+        h, x = kernels.add_norm(h, self.attn(self.ln_1(h), positions, meta, cache), self.ln_2)
+        return h + self.mlp(x)
 
 
 class GPT2(DecoderLM):

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from .. import kernels
 from .base import DecoderLM
-from .layers import Linear, FusedLinears, RMSNorm, RowLinear, activation, apply_rope, paged_attention, rope_cos_sin
+from .layers import FusedLinears, Linear, RMSNorm, RowLinear, activation, apply_rope, paged_attention, rope_cos_sin
 
 
 class LlamaAttention(nn.Module):
@@ -53,8 +54,9 @@ class LlamaLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
 
     def forward(self, h, positions, meta, cache):
-        h = h + self.self_attn(self.input_layernorm(h), positions, meta, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h, x = kernels.add_norm(h, self.self_attn(self.input_layernorm(h), positions, meta, cache),
+                                self.post_attention_layernorm)
+        return h + self.mlp(x)
 
 
 class Llama(DecoderLM):

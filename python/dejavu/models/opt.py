@@ -5,7 +5,7 @@ from torch import nn
 
 from .. import kernels
 from .base import DecoderLM
-from .layers import Linear, FusedLinears, RowLinear, activation, paged_attention
+from .layers import FusedLinears, Linear, RowLinear, activation, paged_attention
 
 POSITION_OFFSET = 2  # OPT's learned positions start at index 2
 
@@ -43,10 +43,10 @@ class OPTLayer(nn.Module):
 
     def forward(self, h, positions, meta, cache):
         x = self.self_attn_layer_norm(h) if self.pre_ln else h
-        h = h + self.self_attn(x, positions, meta, cache)
-        if not self.pre_ln:
-            h = self.self_attn_layer_norm(h)
-        x = self.final_layer_norm(h) if self.pre_ln else h
+        if self.pre_ln:  # the residual add and the norm after it: one kernel on the GPU
+            h, x = kernels.add_norm(h, self.self_attn(x, positions, meta, cache), self.final_layer_norm)
+        else:
+            h = x = self.self_attn_layer_norm(h + self.self_attn(x, positions, meta, cache))
         y = kernels.linear(x, self.fc1.weight, self.fc1.bias, relu=True) if self.relu else self.act(self.fc1(x))
         h = h + self.fc2(y)
         if not self.pre_ln:
