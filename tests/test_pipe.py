@@ -23,11 +23,12 @@ def pair():
 
 def test_sends_return_before_the_receiver_reads_and_arrive_in_order(pair):
     a, b, broken = pair
-    # 3 x 16 MiB is far more than the sockets buffer: a blocking sendall would wait for the reader.
+    # 3 x 16 MiB is more than loopback sockets buffer: a blocking sendall would wait for the reader
+    # (and fail after the pipes' 10 s timeout), so reaching the reads proves the sends were queued.
     sent = [torch.randn(4096, 1024) for _ in range(3)]
     for i, t in enumerate(sent):
         a.send(i + 1, t)  # returns at once (queued); nothing reads yet
-    assert a._q.unfinished_tasks == 3, "with no reader, no send can have been written out yet"
+    assert a._q.unfinished_tasks >= 1, "with no reader, the last send cannot have been written out yet"
     for i, t in enumerate(sent):
         out = b.recv(i + 1, torch.empty(4096, 1024))
         assert torch.equal(out, t)

@@ -168,13 +168,13 @@ class SwapCache:
             if self.in_use is not None:
                 raise SwapError("a step acquired the cache before the previous one wrote back")
             self.queued = [q for q in self.queued if q[0] != mb]
-            # Its prefetched region; else (resident = 1, or not prefetched) one that the queue holds
-            # least urgently: the last queued microbatch's region is taken before the next one's.
-            order = {m: i for i, (m, _) in enumerate(self.queued)}
-            region = next((r for r in self.regions if r.mb == mb), None) or min(
-                self.regions, key=lambda r: (r.mb is not None and r.mb in order, -order.get(r.mb, 0), r.used))
-            if region.mb != mb:
-                region = self._region_for(mb, {id(r) for r in self.regions if r is not region})
+            # Its prefetched region; else one that no queued microbatch holds; else (resident = 1,
+            # or every region prefetched for others) the one the last queued microbatch holds.
+            held = [m for m, _ in self.queued]
+            region = self._region_for(mb, {id(r) for r in self.regions if r.mb in held})
+            if region is None:
+                last = next(r for m in reversed(held) for r in self.regions if r.mb == m)
+                region = self._region_for(mb, {id(r) for r in self.regions if r is not last})
             region = self._fill(region, mb, live)  # maps nothing new when the prefetch did it
             self.in_use = region
             ready = region.ready
