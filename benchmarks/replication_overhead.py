@@ -96,10 +96,10 @@ def main() -> None:
     if not args.fresh:
         step_on = [x for r in rows if r["replicate"] for x in r["steps"]]
         step_off = [x for r in rows if not r["replicate"] for x in r["steps"]]
-        ratios = [b["step_ms"] / a["step_ms"] for a, b in zip(rows[0::2], rows[1::2])]
+        step_ratios = [b["step_ms"] / a["step_ms"] for a, b in zip(rows[0::2], rows[1::2])]
         med_on, med_off = statistics.median(step_on), statistics.median(step_off)
-        out.update(step_ratios=ratios, step_ms_on=1e3 * med_on, step_ms_off=1e3 * med_off)
-        print(f"median decode step on / off: {', '.join(f'{x:.3f}' for x in ratios)}; over all runs "
+        out.update(step_ratios=step_ratios, step_ms_on=1e3 * med_on, step_ms_off=1e3 * med_off)
+        print(f"median decode step on / off: {', '.join(f'{x:.3f}' for x in step_ratios)}; over all runs "
               f"{1e3 * med_on:.3f} / {1e3 * med_off:.3f} ms = {med_on / med_off:.3f} "
               f"({len(step_on)} / {len(step_off)} steps)")
     write_json(args.json, out)

@@ -24,13 +24,14 @@ _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 PARTITION = int(_C.decode_partition)  # keys per thread block of the split over the context
 
 
-def enabled() -> bool:
-    return os.environ.get("DEJAVU_ATTENTION", "auto").lower() != "torch"
+def _switched_on(var: str) -> bool:
+    """A kernel family is built with CUDA and not turned off by its variable (VAR=torch)."""
+    return os.environ.get(var, "auto").lower() != "torch" and _C.cuda_compiled()
 
 
 def usable(cache: torch.Tensor, head_dim: int) -> bool:
     """True when the kernels serve this cache (CUDA, built with CUDA, supported dtype and head size)."""
-    return (cache.is_cuda and cache.dtype in _DTYPES and enabled() and _C.cuda_compiled()
+    return (cache.is_cuda and cache.dtype in _DTYPES and _switched_on("DEJAVU_ATTENTION")
             and _C.decode_attention_supports(head_dim))
 
 
@@ -97,7 +98,7 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.T
 
 
 SMALL_LINEAR_ROWS = int(_C.small_linear_max_rows)
-_HALF = {torch.float16: 1, torch.bfloat16: 2}
+_HALF = {t: code for t, code in _DTYPES.items() if t != torch.float32}  # what small_linear and add_norm take
 
 
 # Beyond one row the kernel's per-row input reads and arithmetic grow while cuBLAS's small-M GEMMs
@@ -114,8 +115,7 @@ def _small_linear_serves(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             and weight.dtype == x.dtype and x.stride(1) == 1 and x.stride(0) % 8 == 0 and weight.shape[1] % 8 == 0
             and weight.is_contiguous() and (x.data_ptr() | weight.data_ptr()) % 16 == 0
             and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
-            and not (torch.is_grad_enabled() and weight.requires_grad)
-            and os.environ.get("DEJAVU_LINEAR", "auto").lower() != "torch" and _C.cuda_compiled())
+            and not (torch.is_grad_enabled() and weight.requires_grad) and _switched_on("DEJAVU_LINEAR"))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
@@ -137,16 +137,16 @@ def add_norm(h: torch.Tensor, a: torch.Tensor, norm: torch.nn.Module) -> tuple[t
     rms = not isinstance(norm, torch.nn.LayerNorm)
     w, b = norm.weight, None if rms else norm.bias
     hidden = h.shape[-1]
-    if (h.is_cuda and h.dtype in _HALF and a.dtype == h.dtype and w.dtype == h.dtype and hidden % 8 == 0
-            and hidden <= _C.add_norm_max_hidden and (b is None or b.dtype == h.dtype)
-            and not (rms and w.shape[0] != hidden) and not (torch.is_grad_enabled() and w.requires_grad)
-            and os.environ.get("DEJAVU_NORM", "auto").lower() != "torch" and _C.cuda_compiled()):
+    if (h.is_cuda and h.dtype in _HALF and a.dtype == h.dtype and hidden % 8 == 0
+            and hidden <= _C.add_norm_max_hidden and w is not None and w.shape == (hidden,) and w.dtype == h.dtype
+            and (b is None or b.dtype == h.dtype) and not (torch.is_grad_enabled() and w.requires_grad)
+            and _switched_on("DEJAVU_NORM")):
         h, a = h.contiguous(), a.contiguous()
-        s, y = torch.empty_like(h), torch.empty_like(h)
-        if (s.data_ptr() | h.data_ptr() | a.data_ptr() | w.data_ptr() | (0 if b is None else b.data_ptr())) % 16 == 0:
-            _C.add_norm(s.data_ptr(), y.data_ptr(), h.data_ptr(), a.data_ptr(), w.data_ptr(),
-                        0 if b is None else b.data_ptr(), h.numel() // hidden, hidden, float(norm.eps), int(rms),
-                        _HALF[h.dtype], _stream(h.device))
+        b_ptr = 0 if b is None else b.data_ptr()
+        if (h.data_ptr() | a.data_ptr() | w.data_ptr() | b_ptr) % 16 == 0:
+            s, y = torch.empty_like(h), torch.empty_like(h)
+            _C.add_norm(s.data_ptr(), y.data_ptr(), h.data_ptr(), a.data_ptr(), w.data_ptr(), b_ptr,
+                        h.numel() // hidden, hidden, float(norm.eps), int(rms), _HALF[h.dtype], _stream(h.device))
             return s, y
     s = h + a
     return s, norm(s)

@@ -10,8 +10,9 @@ device block of the region and its KV copied in, overlapping the step running no
 ends (`write_back`) its region becomes free and the next queued microbatch's swap-in starts at
 once: with two resident regions one computes while the other fills (double buffering), and a
 prefetched region is never taken by a microbatch queued behind it. `acquire` waits for the copy;
-blocks that were already mapped are not copied again. After the step only the blocks its new tokens touched are written back
-(`write_back`), so the host copy is always current and evicting a region costs nothing.
+blocks that were already mapped are not copied again. After the step only the blocks its new
+tokens touched are written back (`write_back`), so the host copy is always current and evicting a
+region costs nothing.
 
 On CUDA both directions are one DéjàVuLib span-copy kernel on the swap stream that reads or writes
 the pinned host copy over PCIe itself (no host-side gather, no pageable staging, no host
