@@ -16,6 +16,29 @@ from .layers import AttnMetadata
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.*)$")
 
 
+class PreNormBlock(nn.Module):
+    """A pre-norm block, out = r + delta where the next block begins by normalising out. `step`
+    returns (r, delta) unadded and takes the previous block's pending delta, so that add lands in
+    the same kernel as this block's first norm (kernels.add_norm): one residual add + norm per
+    block boundary instead of an add and a norm. Subclasses give `input_norm` and `body(r, x)`
+    (x = input_norm(r)) -> (r', delta); `deferrable` False falls back to `forward`."""
+    deferrable = True
+
+    def step(self, h, pending, positions, meta, cache):
+        from .. import kernels
+
+        norm = self.input_norm
+        if pending is None:
+            x = norm(h)
+        else:
+            h, x = kernels.add_norm(h, pending, norm)
+        return self.body(h, x, positions, meta, cache)
+
+    def forward(self, h, positions, meta, cache):
+        h, delta = self.step(h, None, positions, meta, cache)
+        return h + delta
+
+
 class DecoderLM(nn.Module):
     # Our global name of the input embedding, used to fill a tied LM head.
     embedding_key = "embed_tokens.weight"
@@ -57,10 +80,18 @@ class DecoderLM(nn.Module):
         kv_cache: [num_local_layers, num_blocks, 2, block_size, kv_heads, head_dim].
         on_layer(i), if given, runs after local layer i has written its KV (layer-by-layer streaming)."""
         h = self.embed(x, positions) if self.is_first else x
+        pending = None  # the last pre-norm block's residual, added inside the next block's first norm
         for i, layer in enumerate(self.layers):
-            h = layer(h, positions, meta, kv_cache[i])
+            if getattr(layer, "deferrable", False):
+                h, pending = layer.step(h, pending, positions, meta, kv_cache[i])
+            else:
+                if pending is not None:
+                    h, pending = h + pending, None
+                h = layer(h, positions, meta, kv_cache[i])
             if on_layer is not None:
                 on_layer(i)
+        if pending is not None:
+            h = h + pending
         return self.final(h) if self.is_last else h
 
     def fuse_projections(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from .. import kernels
-from .base import DecoderLM
+from .base import DecoderLM, PreNormBlock
 from .layers import Linear, RowLinear, activation, paged_attention
 
 
@@ -32,7 +32,7 @@ class GPT2MLP(nn.Module):
         return self.c_proj(self.act(self.c_fc(x)))
 
 
-class GPT2Block(nn.Module):
+class GPT2Block(PreNormBlock):
     def __init__(self, cfg):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
@@ -40,9 +40,13 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = GPT2MLP(cfg)
 
-    def forward(self, h, positions, meta, cache):
-        h, x = kernels.add_norm(h, self.attn(self.ln_1(h), positions, meta, cache), self.ln_2)
-        return h + self.mlp(x)
+    @property
+    def input_norm(self):
+        return self.ln_1
+
+    def body(self, h, x, positions, meta, cache):
+        h, x = kernels.add_norm(h, self.attn(x, positions, meta, cache), self.ln_2)
+        return h, self.mlp(x)
 
 
 class GPT2(DecoderLM):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from .. import kernels
-from .base import DecoderLM
+from .base import DecoderLM, PreNormBlock
 from .layers import FusedLinears, Linear, RMSNorm, RowLinear, activation, apply_rope, paged_attention, rope_cos_sin
 
 
@@ -45,7 +45,7 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act(gate) * up)
 
 
-class LlamaLayer(nn.Module):
+class LlamaLayer(PreNormBlock):
     def __init__(self, cfg):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
@@ -53,10 +53,13 @@ class LlamaLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, h, positions, meta, cache):
-        h, x = kernels.add_norm(h, self.self_attn(self.input_layernorm(h), positions, meta, cache),
-                                self.post_attention_layernorm)
-        return h + self.mlp(x)
+    @property
+    def input_norm(self):
+        return self.input_layernorm
+
+    def body(self, h, x, positions, meta, cache):
+        h, x = kernels.add_norm(h, self.self_attn(x, positions, meta, cache), self.post_attention_layernorm)
+        return h, self.mlp(x)
 
 
 class Llama(DecoderLM):

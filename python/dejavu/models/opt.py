@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from .. import kernels
-from .base import DecoderLM
+from .base import DecoderLM, PreNormBlock
 from .layers import FusedLinears, Linear, RowLinear, activation, paged_attention
 
 POSITION_OFFSET = 2  # OPT's learned positions start at index 2
@@ -29,10 +29,10 @@ class OPTAttention(nn.Module):
         return self.out_proj(o.reshape(n, -1))
 
 
-class OPTLayer(nn.Module):
+class OPTLayer(PreNormBlock):
     def __init__(self, cfg):
         super().__init__()
-        self.pre_ln = cfg.do_layer_norm_before
+        self.pre_ln = self.deferrable = cfg.do_layer_norm_before
         self.self_attn = OPTAttention(cfg)
         self.self_attn_layer_norm = nn.LayerNorm(cfg.hidden_size)
         self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
@@ -41,17 +41,24 @@ class OPTLayer(nn.Module):
         self.act = activation(cfg.activation)
         self.relu = cfg.activation == "relu"  # fused into fc1 (kernels.linear)
 
+    @property
+    def input_norm(self):
+        return self.self_attn_layer_norm
+
+    def _mlp(self, x):
+        return self.fc2(kernels.linear(x, self.fc1.weight, self.fc1.bias, relu=True) if self.relu
+                        else self.act(self.fc1(x)))
+
+    def body(self, h, x, positions, meta, cache):
+        # the residual add and the norm after it: one kernel on the GPU
+        h, x = kernels.add_norm(h, self.self_attn(x, positions, meta, cache), self.final_layer_norm)
+        return h, self._mlp(x)
+
     def forward(self, h, positions, meta, cache):
-        x = self.self_attn_layer_norm(h) if self.pre_ln else h
-        if self.pre_ln:  # the residual add and the norm after it: one kernel on the GPU
-            h, x = kernels.add_norm(h, self.self_attn(x, positions, meta, cache), self.final_layer_norm)
-        else:
-            h = x = self.self_attn_layer_norm(h + self.self_attn(x, positions, meta, cache))
-        y = kernels.linear(x, self.fc1.weight, self.fc1.bias, relu=True) if self.relu else self.act(self.fc1(x))
-        h = h + self.fc2(y)
-        if not self.pre_ln:
-            h = self.final_layer_norm(h)
-        return h
+        if self.pre_ln:
+            return super().forward(h, positions, meta, cache)
+        h = x = self.self_attn_layer_norm(h + self.self_attn(h, positions, meta, cache))
+        return self.final_layer_norm(h + self._mlp(x))
 
 
 class OPT(DecoderLM):
