@@ -118,3 +118,23 @@ def test_bench_kvpeer_refuses_one_gpu():
     r = subprocess.run([sys.executable, "-m", "dejavu", "bench", "kvpeer", "--device", "cuda"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 1 and "needs two GPUs" in r.stderr
+
+
+def test_trace_overlap_counts_nccl_time_under_other_kernels(tmp_path):
+    """benchmarks/trace_overlap.py (reads `bench kvpeer --trace-dir` traces): busy and overlapping
+    time from a hand-made trace. NCCL kernels [0, 10) and [20, 30) us; copies [5, 8), [7, 12) and
+    [40, 41): copies are busy 8 us, of which 5 under NCCL (5-10)."""
+    import json
+
+    ev = [{"ph": "X", "cat": "kernel", "name": n, "ts": t, "dur": d, "args": {"stream": s}}
+          for n, t, d, s in [("ncclDevKernel_SendRecv", 0, 10, 7), ("ncclDevKernel_SendRecv", 20, 10, 7),
+                             ("copy_spans_kernel", 5, 3, 3), ("copy_spans_kernel", 7, 5, 3),
+                             ("copy_spans_kernel", 40, 1, 3)]]
+    ev.append({"ph": "X", "cat": "cpu_op", "name": "aten::copy_", "ts": 0, "dur": 100})
+    (tmp_path / "t.json").write_text(json.dumps({"traceEvents": ev}))
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "trace_overlap.py")
+    r = subprocess.run([sys.executable, script, str(tmp_path), "--rows", "2"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "span 41 us, NCCL busy 20 us, other kernels busy 8 us, overlap 5 us, 5 kernels" in r.stdout
+    assert r.stdout.count("\n") == 3  # the summary and two kernel rows

@@ -281,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     bq.add_argument("--repeat", type=_positive("--repeat"), default=5)
     bq.add_argument("--high-priority-nccl", action="store_true",
                     help="NCCL on a high-priority stream (its kernels get SMs ahead of the copy kernels)")
+    bq.add_argument("--nccl-init", default="eager", choices=["eager", "lazy"],
+                    help="eager: the process group is bound to its GPU at init (P2P shares the group's "
+                         "communicator); lazy: no device_id, NCCL makes a communicator per peer pair on first use")
+    bq.add_argument("--trace-dir", default=None,
+                    help="also record one streamed transfer per rank with torch.profiler (Chrome traces here)")
     bq.add_argument("--json", default=None)
     bq.set_defaults(func=cmd_bench_kvpeer)
     return parser
@@ -466,7 +471,7 @@ def cmd_bench_kvpeer(args) -> int:
     try:
         run(args.device, args.layers, args.kv_heads, args.head_dim, _int_list(args.block_sizes, "--block-sizes"),
             _int_list(args.piece_mib, "--piece-mib"), args.total_mib, args.repeat, args.json,
-            high_priority=args.high_priority_nccl)
+            high_priority=args.high_priority_nccl, nccl_init=args.nccl_init, trace_dir=args.trace_dir)
     except (RuntimeError, ValueError) as e:
         print(f"dejavu bench kvpeer: {e}", file=sys.stderr)
         return 1

@@ -40,7 +40,7 @@ def _rank_main(rank: int, port: int, cfg: dict, q) -> None:
     if cuda:
         torch.cuda.set_device(dev)
     kw = {}
-    if cuda:
+    if cuda and cfg["nccl_init"] == "eager":
         kw["device_id"] = dev
         if cfg["high_priority"]:  # NCCL's kernels get SMs ahead of the gather/scatter kernels beside them
             opts = dist.ProcessGroupNCCL.Options()
@@ -103,6 +103,12 @@ def _rank_main(rank: int, port: int, cfg: dict, q) -> None:
                 if rank == 0:
                     stream()
                 t = timed(stream)
+                if cfg["trace_dir"] and cuda:  # one more transfer, under the profiler: its kernels' timeline
+                    dist.barrier()
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                        stream()
+                        sync()
+                    prof.export_chrome_trace(os.path.join(cfg["trace_dir"], f"kvpeer_b{bs}_p{piece_mib}_rank{rank}.json"))
                 if rank == 1:
                     rows.append({"block_tokens": bs, "chunk_bytes": chunk, "bytes": nbytes, "piece_mib": piece_mib,
                                  "spans": len(src_region.spans(src.layout())),
@@ -123,7 +129,8 @@ def _rank_main(rank: int, port: int, cfg: dict, q) -> None:
 
 
 def run(device: str, layers: int, heads: int, head_dim: int, block_sizes: list[int], piece_mibs: list[int],
-        total_mib: int, repeat: int, json_path: str | None, high_priority: bool = False) -> dict:
+        total_mib: int, repeat: int, json_path: str | None, high_priority: bool = False, nccl_init: str = "eager",
+        trace_dir: str | None = None) -> dict:
     import torch.multiprocessing as mp
 
     if device not in ("cpu", "cuda"):
@@ -133,7 +140,9 @@ def run(device: str, layers: int, heads: int, head_dim: int, block_sizes: list[i
                            f"{torch.cuda.device_count()}")
     cfg = {"device": device, "layers": layers, "heads": heads, "head_dim": head_dim, "block_sizes": block_sizes,
            "piece_mibs": piece_mibs, "total_mib": total_mib, "repeat": repeat,
-           "high_priority": high_priority}
+           "high_priority": high_priority, "nccl_init": nccl_init, "trace_dir": trace_dir}
+    if trace_dir:
+        os.makedirs(trace_dir, exist_ok=True)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
@@ -150,7 +159,7 @@ def run(device: str, layers: int, heads: int, head_dim: int, block_sizes: list[i
                 p.kill()
     if "error" in result:
         raise RuntimeError(result["error"])
-    result.update({"high_priority_nccl_stream": high_priority, "copy_blocks": os.environ.get("DEJAVU_COPY_BLOCKS"),
+    result.update({"high_priority_nccl_stream": high_priority, "nccl_init": nccl_init, "copy_blocks": os.environ.get("DEJAVU_COPY_BLOCKS"),
                    "layers": layers, "kv_heads": heads, "head_dim": head_dim, "dtype": "float16"})
     print(f"DéjàVuLib peer transfer on {result['card']} ({result['backend']}"
           f"{' ' + result['nccl'] if result['nccl'] else ''}); cache {layers} layers x {heads} KV heads x "

@@ -28,8 +28,9 @@ CUDA_MODES = ("auto", "staged", "direct")
 # auto: staged for transfers larger than two staging pieces (0.94-0.96x of a contiguous copy on the
 # H100 for 16-token blocks), direct below that (token-level: 280 us vs 330 us); docs/BENCHMARKS.md.
 DEFAULT_CUDA_MODE = "auto"
-# GPU -> remote GPU over NCCL: each piece is one send; NCCL's per-operation cost wants large ones.
-DEFAULT_PEER_PIECE = 32 << 20
+# GPU -> remote GPU over NCCL: each piece is one send, and each send costs NCCL ~60 us beyond its
+# bytes (2x H200 traces): 128 MiB pieces reached 0.58-0.66 of a raw send, 32 MiB ones 0.45-0.57.
+DEFAULT_PEER_PIECE = 128 << 20
 
 
 class _Direction:
@@ -230,14 +231,16 @@ class KVStreamer:
             d.kernel.wait_event(after if after is not None else torch.cuda.current_stream(self.device).record_event())
             n = region.nbytes(self.layout)
             piece = self.peer_piece_bytes
-            bufs = self._peer_buffers(d, piece)
-            desc, prow, pbytes, big = self._device_desc(region, True, piece, d.kernel)
             works = []
+            # The header leaves first: the receiver waits for it before it posts its receives, so
+            # building the copy rows here overlaps its flight instead of delaying it.
             with torch.cuda.stream(d.kernel):
                 head = torch.tensor([n, piece], dtype=torch.int64, device=self.device)
             d.comm.wait_stream(d.kernel)
             with torch.cuda.stream(d.comm):
                 works.append(ch.dist_isend(head))
+            bufs = self._peer_buffers(d, piece)
+            desc, prow, pbytes, big = self._device_desc(region, True, piece, d.kernel)
             for i, pb in enumerate(pbytes):
                 j = i % 2
                 with torch.cuda.stream(d.kernel):
@@ -261,8 +264,15 @@ class KVStreamer:
             d = self._in
             n = region.nbytes(self.layout)
             head = torch.empty(2, dtype=torch.int64, device=self.device)
-            ch.dist_irecv(head).wait()
-            sent, piece = (int(x) for x in head.tolist())
+            with torch.cuda.stream(d.comm):
+                got_head = ch.dist_irecv(head)
+            # While the header is in flight: the copy rows for this side's own piece size (the
+            # sender's, unless the two were configured differently; then they are rebuilt).
+            guess = self.peer_piece_bytes
+            rows = self._host_desc(region, False, guess) if n else None
+            with torch.cuda.stream(d.comm):
+                got_head.wait()
+                sent, piece = (int(x) for x in head.tolist())
             if sent != n:
                 return Future.failed(f"stream_in {key!r} from rank {ch.peer}",
                                      f"the sender streams {sent} bytes, the region holds {n}")
@@ -271,7 +281,11 @@ class KVStreamer:
             if n == 0:
                 return Future.completed(f"stream_in {key!r} from rank {ch.peer}")
             bufs = self._peer_buffers(d, piece)
-            desc, prow, pbytes, big = self._device_desc(region, False, piece, d.kernel)
+            if piece != guess:
+                rows = self._host_desc(region, False, piece)
+            host, nrows, prow, pbytes, big = rows
+            with torch.cuda.stream(d.kernel):
+                desc = host[:nrows].to(self.device, non_blocking=True)
             freed = [d.kernel.record_event(), d.kernel.record_event()]  # earlier scatters from each buffer
 
             def post(i):
