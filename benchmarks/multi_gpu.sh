@@ -7,7 +7,9 @@
 #   4  failover: kill -9 one GPU worker mid-run, replication on and off
 #   5  planner check: the planner's pick against every split measured on the prompt-heavy trace
 #   OUT=/tmp/mgpu RUNS="1 2 5" bash benchmarks/multi_gpu.sh
-# Knobs: GPUS (default: all), MODEL (run 2/5), FT_MODEL (run 3/4), N, MB, KV_BLOCKS, PY, DEVICE.
+# Knobs: GPUS (default: all), MODEL (run 2/5), FT_MODEL (run 3/4), N, MB, KV_BLOCKS, PY, DEVICE,
+# PROFILE (a profile.json measured earlier), OVERHEAD_VIA (how the profile measures the step overhead:
+# http, the default, through a server and `dejavu bench serve` as the runs below; or engine).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
 PY=${PY:-python3}
@@ -83,7 +85,7 @@ print(sum(p for p, _ in t) // len(t), sum(o for _, o in t) // len(t))")
     cp "$PROFILE" "$OUT/profile.json"  # a profile measured earlier on the same kind of GPU
   else
     $PY -m dejavu profile --model "$MODEL" --device "$DEVICE" --batches 1,8,16 --prompt-lens 256,1024,1536 \
-      --contexts 256,1024,1536 --memory-gib 140 --json "$OUT/profile.json" > "$OUT/profile.log" 2>&1 \
+      --contexts 256,1024,1536 --memory-gib 140 --overhead-via "${OVERHEAD_VIA:-http}" --json "$OUT/profile.json" > "$OUT/profile.log" 2>&1 \
       || { log "profile failed"; tail -5 "$OUT/profile.log"; }
   fi
   $PY -m dejavu plan --profile "$OUT/profile.json" --machines "$GPUS" --microbatch "$MB" --prompt-len "$PLEN" \
@@ -93,8 +95,8 @@ print(sum(p for p, _ in t) // len(t), sum(o for _, o in t) // len(t))")
 if x['deployment'].startswith('disagg')]; \
 print(max(c, key=lambda x: x.get('simulated_tokens_per_s') or x['closed_form_tokens_per_s'])['deployment'])")
   DEPS="ft:$GPUS ftnccl:$GPUS $BEST_DISAGG"
-  [[ " $RUNS " == *" 5 "* ]] && DEPS=$($PY -c "import json; print(' '.join(c['deployment'] for c in \
-json.load(open('$OUT/plan.json'))['candidates'])) ftnccl:$GPUS")
+  [[ " $RUNS " == *" 5 "* ]] && DEPS="$($PY -c "import json; print(' '.join(c['deployment'] for c in \
+json.load(open('$OUT/plan.json'))['candidates']))") ftnccl:$GPUS"
   log "planner's choice: $CHOICE; best disaggregated split: $BEST_DISAGG; measuring: $DEPS"
   for dep in $DEPS; do
     # shellcheck disable=SC2046

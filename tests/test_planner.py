@@ -63,6 +63,23 @@ def test_simulated_ft_pipeline_matches_the_closed_form(D):
     assert r["tokens_per_s"] == pytest.approx(expect, rel=0.05)
 
 
+def test_stage_link_delays_each_boundary_by_the_hidden_states_it_carries():
+    """A measured stage link: a prefill's hidden states (prompt tokens x hidden bytes) cross each of
+    the D-1 boundaries before the next stage starts, one step at a time per boundary. One request
+    through ft:2 finishes later by exactly one prefill hop and one hop per decode step; without a
+    link (0, old profiles) nothing changes; disaggregation with one prompt and one token stage
+    has no boundary to cross."""
+    prof = explicit_profile(0.1, 0.01, 32, 10**9, 1000, 2)
+    base = {d: simulate(prof, Deployment.parse(d), [(1000, 5)], opts=SimOptions(microbatch=1))[0]
+            for d in ("ft:2", "disagg:1+1")}
+    prof.hidden_bytes_per_token, prof.stage_link_bytes_per_s = 4096, 4096 * 1000 * 10  # a 1000-token prompt: 0.1 s
+    slow = {d: simulate(prof, Deployment.parse(d), [(1000, 5)], opts=SimOptions(microbatch=1))[0]
+            for d in ("ft:2", "disagg:1+1")}
+    hop_prefill, hop_decode = 0.1, 1 / 10000
+    assert slow["ft:2"]["makespan_s"] == pytest.approx(base["ft:2"]["makespan_s"] + hop_prefill + 4 * hop_decode)
+    assert slow["disagg:1+1"]["makespan_s"] == pytest.approx(base["disagg:1+1"]["makespan_s"])
+
+
 def test_controller_overhead_shares_the_cores_of_a_cpu_deployment():
     """On a CPU deployment the controller's per-step time comes out of the workers' cores (an equal
     share per stage): a step of the FT pipeline costs its compute plus the overhead, on every stage
@@ -168,6 +185,7 @@ def test_cli_profile_simulate_plan_serve_plan(tmp_path):
     prof = Profile.load(str(prof_path))
     assert prof.num_layers == 2 and prof.kv_bytes_per_token == 2 * 2 * 64 * 4 and prof.weight_bytes > 0
     assert prof.prompt_time(1, 2, 16) > 0 and prof.token_time(2, 2, 16) > 0
+    assert prof.hidden_bytes_per_token == 64 * 4 and prof.stage_link_bytes_per_s > 0  # measured through StagePipes
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps([[12, 6], [5, 9], [16, 3]]))
     out = tmp_path / "sim.json"

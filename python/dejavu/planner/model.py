@@ -59,6 +59,8 @@ class Profile:
     token_last: Fit | None = None
     pcie_bytes_per_s: float = 0.0     # device <-> pinned host (swapping, replication)
     kv_link_bytes_per_s: float = 0.0  # prompt -> token worker (disaggregation)
+    stage_link_bytes_per_s: float = 0.0  # hidden states stage -> next stage (FT pipes: device -> host -> TCP -> device); 0: free
+    hidden_bytes_per_token: int = 0      # one token's hidden state as it crosses a stage boundary
     step_overhead_s: float = 0.0      # controller round trip per pipeline step
     admit_blocks_stage: bool = True   # the token worker copies arriving KV in itself (CPU, TCP)
     card: str = ""

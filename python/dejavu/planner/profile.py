@@ -150,6 +150,49 @@ def _bandwidths(device, dtype) -> tuple[float, float]:
     return bw, bw
 
 
+def _stage_link(device, dtype, hidden: int, tokens: int = 4096, repeat: int = 5) -> float:
+    """Bytes/s of hidden states from one pipeline stage to the next as the fault-tolerant pipes
+    carry them (parallel/pipe.py: device -> pinned host -> TCP loopback -> pinned host -> device),
+    `repeat` prefill-sized messages back to back (the sends are asynchronous, so this is the
+    link's throughput, not one message's latency)."""
+    import threading
+
+    from ..parallel.pipe import StagePipes
+
+    cuda = device.type == "cuda"
+    a, b = StagePipes("profile", 0, timeout=60), StagePipes("profile", 1, timeout=60)
+    try:
+        a.configure(0, None, ("127.0.0.1", b.port, 1))
+        b.configure(0, 0, None)
+        h = torch.randn(tokens, hidden, device=device).to(dtype)
+        got: list = []
+
+        def receive(n):
+            for i in range(n):
+                buf = torch.empty((tokens, hidden), dtype=dtype, pin_memory=cuda)
+                got.append(b.recv(i, buf).to(device, non_blocking=True))
+            if cuda:
+                torch.cuda.synchronize(device)
+
+        for n, timed in ((1, False), (repeat, True)):  # the first message connects and warms up
+            got.clear()
+            rx = threading.Thread(target=receive, args=(n,))
+            t0 = time.perf_counter()
+            rx.start()
+            for i in range(n):
+                a.send(i, h)
+            rx.join(120)
+            if rx.is_alive() or len(got) != n:
+                raise PlanError("the stage-link measurement did not complete")
+            dt = time.perf_counter() - t0
+        if not torch.equal(got[-1], h):
+            raise PlanError("the stage-link measurement received different bytes")
+        return repeat * h.numel() * h.element_size() / dt
+    finally:
+        a.close()
+        b.close()
+
+
 def _overhead(prof: Profile, model: str, device: str, dtype: str, seed: int, batch: int, context: int,
               via: str = "engine") -> float:
     """Seconds a pipeline step takes beyond its stages' compute (controller, messages, scheduling,
@@ -240,6 +283,7 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_lens: li
         rows[name] = _stage_rows(src, dev, dt, r, batches, prompt_lens, contexts, 16, repeat, seed)
     _stop_load(load)
     pcie, link = _bandwidths(dev, dt)
+    stage_link = _stage_link(dev, dt, cfg.hidden_size)
     prof = Profile(model=model, device=dev.type, num_layers=L, weight_bytes=weight_bytes, kv_bytes_per_token=kv_tok,
                    prompt_one=_fit(rows["one"][0], True), prompt_all=_fit(rows["all"][0], True),
                    token_one=_fit(rows["one"][1], False), token_all=_fit(rows["all"][1], False),
@@ -247,7 +291,8 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_lens: li
                    prompt_last=_fit(rows["last"][0], True) if "last" in rows else None,
                    token_first=_fit(rows["first"][1], False) if "first" in rows else None,
                    token_last=_fit(rows["last"][1], False) if "last" in rows else None,
-                   pcie_bytes_per_s=pcie, kv_link_bytes_per_s=link,
+                   pcie_bytes_per_s=pcie, kv_link_bytes_per_s=link, stage_link_bytes_per_s=stage_link,
+                   hidden_bytes_per_token=cfg.hidden_size * esize,
                    card=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                    dtype=str(dt).replace("torch.", ""), memory_bytes=int(memory_gib * 2**30),
                    samples={**{f"{k}_{name}": rows[name][i] for name in rows for i, k in enumerate(("prompt", "token"))},
@@ -257,7 +302,8 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_lens: li
                                          overhead_via)
     print(f"[profile] prefill of 1 x {prompt_lens[-1]} tokens: {prof.prompt_time(1, 1, prompt_lens[-1]) * 1e3:.2f} ms; "
           f"decode of {batches[-1]} at context {contexts[-1]}: {prof.token_time(1, batches[-1], contexts[-1]) * 1e3:.2f} ms; "
-          f"step overhead {prof.step_overhead_s * 1e3:.2f} ms; copy {link / 1e9:.1f} GB/s", file=sys.stderr)
+          f"step overhead {prof.step_overhead_s * 1e3:.2f} ms; copy {link / 1e9:.1f} GB/s; "
+          f"stage pipes {stage_link / 1e9:.2f} GB/s", file=sys.stderr)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(prof.to_json(), f, indent=1)

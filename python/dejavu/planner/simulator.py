@@ -14,6 +14,10 @@ the model:
   swap     (either mode) a stage's step also needs the microbatch's KV for its layers brought in
            from host memory (prefetched during the previous step) and the new token's KV written
            back: the step takes max(compute, PCIe time); steps where PCIe dominates are counted.
+  hops     between consecutive stages of a pipeline a step's hidden states (tokens x hidden bytes)
+           cross the profile's stage link (the fault-tolerant pipes: device -> host -> TCP ->
+           host -> device) before the next stage can start; each boundary carries one step at a
+           time, and the sending stage is free meanwhile (its sends are asynchronous).
   failure  at time F one stage dies; work in flight is lost and every stage waits for detection
            and a replacement (+ the KV fetch from the replica when replicating). With replication
            requests resume from their last token; without, the requests that had KV on the failed
@@ -114,6 +118,7 @@ class _Pipe:
     def __init__(self, name: str, layers: list[int]):
         self.name, self.layers = name, layers
         self.free = [0.0] * len(layers)
+        self.hop_free = [0.0] * len(layers)  # boundary s-1 -> s: when it is next free
         self.busy = [0.0] * len(layers)
 
 
@@ -156,12 +161,24 @@ class Simulator:
             return max(compute, pcie)
         return compute
 
+    def _hop_time(self, kind: str, seqs: list[Req]) -> float:
+        """Seconds for one step's hidden states to cross a stage boundary (0 without a measured link)."""
+        p = self.p
+        if not p.stage_link_bytes_per_s or not p.hidden_bytes_per_token:
+            return 0.0
+        tokens = sum(r.prompt + r.generated for r in seqs) if kind == "prefill" else len(seqs)
+        return tokens * p.hidden_bytes_per_token / p.stage_link_bytes_per_s
+
     def _run_through(self, pipe: _Pipe, kind: str, seqs: list[Req], ready: float, label: str,
                      scale: float = 1.0, lead: float = 0.0) -> float:
         """The step through every stage in turn; `lead` (CPU time of the controller on the workers'
         cores) is shared out over the stages: each loses an equal part of it to the controller."""
         share = lead / len(pipe.layers)
+        hop = self._hop_time(kind, seqs)
         for s in range(len(pipe.layers)):
+            if s and hop:
+                ready = max(ready, pipe.hop_free[s]) + hop
+                pipe.hop_free[s] = ready
             dur = self._stage_time(kind, s, pipe, seqs) * scale + share
             start = max(ready, pipe.free[s])
             pipe.free[s] = start + dur
