@@ -118,6 +118,38 @@ def _packed_slot_crc(x):
     return torch.tensor([_C.crc32c(y.data_ptr() + j * per, per) for j in range(y.shape[0])], dtype=torch.int64)
 
 
+def test_replicator_thread_survives_a_failing_item():
+    """A step whose slots cannot be gathered (here: a position outside its block table) must not kill
+    the sending thread: replication to that holder stops (no more acknowledgements, so watermarks
+    stay where they were), and drain() still returns instead of waiting forever."""
+    from types import SimpleNamespace
+
+    from dejavu.engine.kv_cache import PagedKVCache
+    from dejavu.kvstream import KVStreamer
+    from dejavu.kvstream.transports import new_cluster_token
+    from dejavu.serving.replication import Replicator
+
+    cache = PagedKVCache(2, 8, 4, 2, 8, torch.float32, torch.device("cpu"))
+    token, acks = new_cluster_token(), []
+    worker = SimpleNamespace(cache=cache, device=cache.device, streamer=KVStreamer(cache, pool_bytes=1 << 20),
+                             cfg={"timeout": 10.0, "kv_token": token}, rank=0, ch=SimpleNamespace(send=acks.append))
+    srv = ReplicaServer(token)
+    try:
+        rep = Replicator(worker, "w0")
+        rep.set_holder(("127.0.0.1", srv.port))
+        rep.after_step(1, [([0], 0, 2)])
+        rep.after_step(2, [([], 0, 1)])  # IndexError in the sending thread
+        rep.after_step(3, [([1], 0, 1)])
+        t = threading.Thread(target=rep.drain, daemon=True)
+        t.start()
+        t.join(30)
+        assert not t.is_alive(), "drain() hung: the sending thread died"
+        assert [m["id"] for m in acks if m["t"] == "replicated"] == [1]
+        assert torch.equal(srv.mirrors["w0"].data[:, 0, :, :2], cache.tensor[:, 0, :, :2])
+    finally:
+        srv.stop()
+
+
 def test_in_place_checksums_equal_the_packed_definition():
     """slot/block checksums read the slots in place (one C++ call); they must equal the CRC of the
     packed bytes for contiguous, permuted and non-dense inputs, or a replica check would be wrong."""

@@ -135,9 +135,11 @@ class Replicator:
                             buf.free()
                 for it in batch:
                     self._ack("replicated" if kind == "slots" else "rereplicated", it[1])
-            except (OSError, ReplicaError, StreamError) as e:
-                # The holder is gone (or refused): stop acknowledging; the controller replaces it.
-                print(f"[dejavu worker {self.src}] replication to its holder failed: {e}", file=sys.stderr, flush=True)
+            except Exception as e:  # noqa: BLE001 - the thread must outlive any one item, or drain() never returns
+                # The holder is gone (or refused), or a bug: stop acknowledging; the controller
+                # replaces the holder, and the watermarks stay where the last acknowledgement left them.
+                what = str(e) if isinstance(e, (OSError, ReplicaError, StreamError)) else f"{type(e).__name__}: {e}"
+                print(f"[dejavu worker {self.src}] replication to its holder failed: {what}", file=sys.stderr, flush=True)
                 if self.client is not None:
                     self.client.close()
                 self.client = None
