@@ -43,3 +43,25 @@ def test_bench_decode_on_cpu(tmp_path):
     assert not res["cuda_graphs"] and res["weight_bytes"] > 0
     r = run("bench", "decode", "--model", "random:opt-tiny", "--device", "cpu", "--batch", "1,x")
     assert r.returncode == 2 and "--batch must be comma-separated positive integers" in r.stderr
+
+
+def test_bench_decode_with_replication_running(tmp_path):
+    """--replicate: each batch decoded again with every step's new KV streamed to a replica holder
+    (the Replicator of a token worker), alternating off / on; every step is acknowledged and the
+    holder's copy of the last steps' slots equals the cache."""
+    out = tmp_path / "decode.json"
+    r = run("bench", "decode", "--model", "random:opt-tiny", "--device", "cpu", "--batch", "1,3", "--prompt-len", "20",
+            "--max-tokens", "6", "--no-hf", "--replicate", "--pairs", "2", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    for row in json.loads(out.read_text())["rows"]:
+        assert row["replicate_acked"] == "10/10"  # 2 runs x 5 decode steps
+        assert row["replica_exact"] is True and row["replicate_bytes"] > 0
+        assert row["replicate_ratio"] > 0 and len(row["replicate_pair_ratios"]) == 2
+    assert "with replication:" in r.stdout
+    r = run("bench", "decode", "--model", "random:opt-tiny", "--device", "cpu", "--batch", "2", "--prompt-len", "20",
+            "--max-tokens", "6", "--no-hf", "--replicate", "--pairs", "1", "--replica-holder", "process",
+            "--replicate-every", "2", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["replica_holder"] == "process" and res["replicate_every"] == 2
+    assert res["rows"][0]["replicate_acked"] == "5/5" and res["rows"][0]["replica_exact"] is True

@@ -139,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--max-tokens", type=_positive("--max-tokens"), default=128)
     bd.add_argument("--no-hf", dest="hf", action="store_false", help="skip the HF transformers baseline")
     bd.add_argument("--seed", type=int, default=0)
+    bd.add_argument("--replicate", action="store_true",
+                    help="also decode each batch with token-level replication running (as a --replicate token "
+                         "worker streams each step's new KV to its holder), alternating off / on, and report the ratio")
+    bd.add_argument("--pairs", type=_positive("--pairs"), default=2, help="off / on pairs with --replicate")
+    bd.add_argument("--replicate-every", type=_positive("--replicate-every"), default=1,
+                    help="with --replicate: steps per gather and send (set_replication(every=K))")
+    bd.add_argument("--replica-holder", default="thread", choices=["thread", "process"],
+                    help="with --replicate: the holder runs in this process, applying the slots as a worker holding "
+                         "its neighbour's replicas does (thread, default), or in a process of its own (process)")
     bd.add_argument("--json", default=None, help="write all numbers to this file")
     bd.set_defaults(func=cmd_bench_decode)
 
@@ -551,7 +560,9 @@ def cmd_bench_decode(args) -> int:
         print(f"dejavu bench decode: --batch must be comma-separated positive integers, got {args.batch!r}",
               file=sys.stderr)
         return 2
-    run(args.model, args.device, args.dtype, batches, args.prompt_len, args.max_tokens, args.seed, args.hf, args.json)
+    run(args.model, args.device, args.dtype, batches, args.prompt_len, args.max_tokens, args.seed, args.hf, args.json,
+        replicate=args.replicate, pairs=args.pairs, replicate_every=args.replicate_every,
+        replica_holder=args.replica_holder)
     return 0
 
 

@@ -46,8 +46,9 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _ours(llm, prompts: list[list[int]], max_tokens: int) -> tuple[float, float, list[list[int]]]:
-    """(prefill seconds, seconds per decode step, output ids) of one batch through the engine."""
+def _ours(llm, prompts: list[list[int]], max_tokens: int, streams=None) -> tuple[float, float, list[list[int]]]:
+    """(prefill seconds, seconds per decode step, output ids) of one batch through the engine.
+    `streams` (a _ReplicationStream): every decode step's new KV is streamed to a replica holder."""
     from ..sampling_params import SamplingParams
 
     eng = llm.engine
@@ -62,11 +63,132 @@ def _ours(llm, prompts: list[list[int]], max_tokens: int) -> tuple[float, float,
     t1 = time.perf_counter()
     steps = 0
     while eng.has_unfinished():
+        before = [len(s) for s in seqs] if streams else None
+        bs = streams.cache.block_size if streams else 0
         eng.step()
+        if streams is not None:
+            # the slot this step wrote for each sequence it ran: its input token's, at position len - 1
+            # of the length before the step (the block table is complete only after the step)
+            streams.after_step([(list(s.block_table), n - 1, n) for s, n in zip(seqs, before)
+                                if len(s) > n and len(s.block_table) * bs >= n])
         steps += 1
     _sync(dev)
     t2 = time.perf_counter()
     return t1 - t0, (t2 - t1) / max(steps, 1), [s.output_ids for s in seqs]
+
+
+class _ReplicationStream:
+    """Token-level replication as a `--replicate` token worker runs it (serving/replication.py's
+    Replicator: the step records an event and queues its slots; a sending thread gathers them into
+    pinned memory and sends them), into a ReplicaServer. By default the server runs in this process
+    and applies the slots to its host mirror as the ring neighbour's holder would, so this process
+    pays for both directions of a ring, like a worker does; holder="process" runs it in a process of
+    its own (the sending side's cost alone). Workers' GIL switch interval (0.5 ms) applies while it
+    runs."""
+
+    def __init__(self, llm, every: int = 1, holder: str = "thread"):
+        import subprocess
+        import sys
+
+        from ..kvstream import KVStreamer
+        from ..kvstream.replica import ReplicaServer
+        from ..kvstream.transports import new_cluster_token
+        from ..serving.replication import Replicator
+
+        if holder not in ("thread", "process"):
+            raise ValueError(f"replica holder must be thread or process, got {holder!r}")
+        self.cache = llm.engine.runner.cache
+        self.device = self.cache.device
+        self.streamer = KVStreamer(self.cache, pool_bytes=64 << 20)
+        token = new_cluster_token()
+        self.cfg = {"timeout": 60.0, "kv_token": token}
+        self.rank, self.ch, self.acks, self.step_id, self.recent = 0, self, 0, 0, []
+        self.server = self.proc = None
+        if holder == "thread":  # this process applies the slots too, as a worker holding its neighbour's
+            self.server = ReplicaServer(token)
+            port = self.server.port
+        else:  # the holder in a process of its own: the sender's cost alone
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", "import sys; from dejavu.kvstream.replica import ReplicaServer; "
+                 "s = ReplicaServer(sys.argv[1]); print(s.port, flush=True); sys.stdin.read()", token],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            port = int(self.proc.stdout.readline())
+        self.replicator = Replicator(self, "bench")
+        self.replicator.every = every  # steps per gather and send (PipelineEngine.set_replication(every=))
+        self.replicator.set_holder(("127.0.0.1", port))
+        self._switch = sys.getswitchinterval()
+
+    def __enter__(self):
+        import os
+        import sys
+
+        sys.setswitchinterval(float(os.environ.get("DEJAVU_SWITCH_INTERVAL", "0.0005")))
+        return self
+
+    def __exit__(self, *exc):
+        import sys
+
+        self.replicator.drain()
+        sys.setswitchinterval(self._switch)
+
+    def send(self, msg: dict) -> None:  # the Replicator's acknowledgements (a worker's controller channel)
+        if msg.get("t") == "replicated" and "error" not in msg:
+            self.acks += 1
+
+    def after_step(self, written) -> None:
+        self.step_id += 1
+        self.recent = (self.recent + [written])[-4:]
+        self.replicator.after_step(self.step_id, written)
+
+    def close(self) -> None:
+        if self.replicator.client is not None:
+            self.replicator.client.close()
+        if self.server is not None:
+            self.server.stop()
+        if self.proc is not None:
+            self.proc.stdin.close()
+            self.proc.wait(30)
+
+    def mirror_matches(self) -> bool:
+        """The holder's copy of the last steps' slots equals the device cache's (call after the run,
+        before the blocks are reused: the stream carried the right KV)."""
+        from ..kvstream.replica import ReplicaClient
+
+        bs = self.cache.block_size
+        slots = sorted({(table[p // bs], p % bs) for ws in self.recent for table, a, b in ws for p in range(a, b)})
+        blocks = sorted({b for b, _ in slots})
+        if self.server is not None:
+            data = self.server.mirrors["bench"].data[:, blocks]
+        else:
+            client = ReplicaClient("127.0.0.1", self.replicator.client.sock.getpeername()[1], self.cfg["kv_token"])
+            try:
+                raw, _ = client.get_blocks("bench", blocks)
+            finally:
+                client.close()
+            data = raw.view(self.cache.dtype).view((self.cache.num_layers, len(blocks)) + tuple(self.cache.tensor.shape[2:]))
+        idx = {b: i for i, b in enumerate(blocks)}
+        return all(torch.equal(data[:, idx[b], :, s].to(self.device), self.cache.tensor[:, b, :, s]) for b, s in slots)
+
+
+def _with_replication(llm, batch: list[list[int]], max_tokens: int, pairs: int, every: int = 1,
+                      holder: str = "thread") -> dict:
+    """The batch decoded `pairs` times each without and with token-level replication running,
+    alternating (off, on, off, on, ...), the same engine and graphs throughout."""
+    off, on = [], []
+    stream = _ReplicationStream(llm, every, holder)
+    try:
+        for _ in range(pairs):
+            off.append(_ours(llm, batch, max_tokens)[1])
+            before = stream.step_id
+            with stream:
+                on.append(_ours(llm, batch, max_tokens, streams=stream)[1])
+            exact = stream.mirror_matches()
+            acked = f"{stream.acks}/{stream.step_id}" if stream.step_id > before else "0/0"
+    finally:
+        stream.close()
+    return {"replicate_off_ms_per_step": 1e3 * sum(off) / pairs, "replicate_ms_per_step": 1e3 * sum(on) / pairs,
+            "replicate_ratio": sum(on) / sum(off), "replicate_pair_ratios": [b / a for a, b in zip(off, on)],
+            "replicate_acked": acked, "replica_exact": exact, "replicate_bytes": stream.replicator.bytes}
 
 
 def _replay_ms(g: torch.cuda.CUDAGraph, n: int) -> float:
@@ -133,7 +255,8 @@ def _hf(hf, ids: torch.Tensor, max_tokens: int) -> tuple[float, float, list[list
 
 
 def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int, max_tokens: int, seed: int,
-        hf_baseline: bool, json_path: str | None) -> dict:
+        hf_baseline: bool, json_path: str | None, replicate: bool = False, pairs: int = 2,
+        replicate_every: int = 1, replica_holder: str = "thread") -> dict:
     from ..llm import LLM
 
     dev, dt, src, hf = random_hf_model("decode", model, device, dtype, seed)
@@ -155,6 +278,8 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
     result = {"model": model, "device": str(dev), "dtype": str(dt).replace("torch.", ""), "prompt_len": prompt_len,
               "max_tokens": max_tokens, "weight_bytes": wbytes, "copy_bandwidth_GBps": bw / 1e9,
               "floor_ms": floor_ms, "cuda_graphs": graphs is not None,
+              "replicate_every": replicate_every if replicate else None,
+              "replica_holder": replica_holder if replicate else None,
               "card": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "rows": []}
     # Warm-up at the measured prompt length: kernels, allocator, cuBLAS heuristics, HF's generate.
     _ours(llm, prompts[:1].tolist(), 4)
@@ -180,12 +305,19 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
             hpre, hstep, hf_ids = _hf(hf, prompts[:b].to(dev), max_tokens)
             row.update(hf_prefill_ms=1e3 * hpre, hf_ms_per_step=1e3 * hstep, speedup_vs_hf=hstep / step,
                        prefill_vs_hf=hpre / pre, identical_sequences=f"{sum(a == c for a, c in zip(ours_ids, hf_ids))}/{b}")
+        if replicate:
+            row.update(_with_replication(llm, batch, max_tokens, pairs, replicate_every, replica_holder))
         result["rows"].append(row)
         f = lambda k, w=8, p=3: f"{row[k]:>{w}.{p}f}" if k in row else f"{'-':>{w}}"  # noqa: E731
         print(f"{b:>5} {f('prefill_ms', 10, 1)} {f('hf_prefill_ms', 10, 1)} {f('ms_per_step')} "
               f"{f('gpu_ms_per_step')} {f('attention_ms_per_step')} {f('eager_ms_per_step')} {f('hf_ms_per_step')} "
               f"{f('tok_s', 9, 1)} {f('x_floor', 7, 2)} "
               f"{f('speedup_vs_hf', 6, 1)} {row.get('identical_sequences', '-'):>10}")
+        if replicate:
+            print(f"      with replication: {row['replicate_ms_per_step']:.3f} ms/step against {row['replicate_off_ms_per_step']:.3f} "
+                  f"off, alternating in {pairs} pairs -> {row['replicate_ratio']:.3f} (pairs: "
+                  f"{', '.join(f'{x:.3f}' for x in row['replicate_pair_ratios'])}); {row['replicate_acked']} steps "
+                  f"acknowledged, replica exact: {row['replica_exact']}")
     write_json(json_path, result)
     llm.shutdown()
     return result
