@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--replica-holder", default="thread", choices=["thread", "process"],
                     help="with --replicate: the holder runs in this process, applying the slots as a worker holding "
                          "its neighbour's replicas does (thread, default), or in a process of its own (process)")
+    bd.add_argument("--replicate-skip", default="none", choices=["none", "gather", "send"],
+                    help="with --replicate, a diagnostic: leave out each step's device gather (send zeros) or its "
+                         "send, to see which part costs the decode step")
     bd.add_argument("--json", default=None, help="write all numbers to this file")
     bd.set_defaults(func=cmd_bench_decode)
 
@@ -562,7 +565,7 @@ def cmd_bench_decode(args) -> int:
         return 2
     run(args.model, args.device, args.dtype, batches, args.prompt_len, args.max_tokens, args.seed, args.hf, args.json,
         replicate=args.replicate, pairs=args.pairs, replicate_every=args.replicate_every,
-        replica_holder=args.replica_holder)
+        replica_holder=args.replica_holder, replicate_skip=args.replicate_skip)
     return 0
 
 

@@ -77,6 +77,27 @@ def _ours(llm, prompts: list[list[int]], max_tokens: int, streams=None) -> tuple
     return t1 - t0, (t2 - t1) / max(steps, 1), [s.output_ids for s in seqs]
 
 
+def _skipping(base, skip: str):
+    """A diagnostic Replicator that leaves out one part of each step's work (--replicate-skip):
+    'gather' sends zeros without touching the GPU, 'send' gathers but sends nothing."""
+    if skip not in ("gather", "send"):
+        raise ValueError(f"--replicate-skip must be none, gather or send, got {skip!r}")
+
+    class Skipping(base):
+        def _gather(self, region, after):
+            if skip != "gather":
+                return super()._gather(region, after)
+            n = region.nbytes(self.w.streamer.layout)
+            return None, torch.zeros(n, dtype=torch.uint8), n
+
+        def _send(self, kind, region, payload, n):
+            if skip == "send":
+                self.bytes += n
+            else:
+                super()._send(kind, region, payload, n)
+    return Skipping
+
+
 class _ReplicationStream:
     """Token-level replication as a `--replicate` token worker runs it (serving/replication.py's
     Replicator: the step records an event and queues its slots; a sending thread gathers them into
@@ -86,7 +107,7 @@ class _ReplicationStream:
     its own (the sending side's cost alone). Workers' GIL switch interval (0.5 ms) applies while it
     runs."""
 
-    def __init__(self, llm, every: int = 1, holder: str = "thread"):
+    def __init__(self, llm, every: int = 1, holder: str = "thread", skip: str = "none"):
         import subprocess
         import sys
 
@@ -113,7 +134,7 @@ class _ReplicationStream:
                  "s = ReplicaServer(sys.argv[1]); print(s.port, flush=True); sys.stdin.read()", token],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             port = int(self.proc.stdout.readline())
-        self.replicator = Replicator(self, "bench")
+        self.replicator = (_skipping(Replicator, skip) if skip != "none" else Replicator)(self, "bench")
         self.replicator.every = every  # steps per gather and send (PipelineEngine.set_replication(every=))
         self.replicator.set_holder(("127.0.0.1", port))
         self._switch = sys.getswitchinterval()
@@ -171,11 +192,11 @@ class _ReplicationStream:
 
 
 def _with_replication(llm, batch: list[list[int]], max_tokens: int, pairs: int, every: int = 1,
-                      holder: str = "thread") -> dict:
+                      holder: str = "thread", skip: str = "none") -> dict:
     """The batch decoded `pairs` times each without and with token-level replication running,
     alternating (off, on, off, on, ...), the same engine and graphs throughout."""
     off, on = [], []
-    stream = _ReplicationStream(llm, every, holder)
+    stream = _ReplicationStream(llm, every, holder, skip)
     try:
         for _ in range(pairs):
             off.append(_ours(llm, batch, max_tokens)[1])
@@ -256,7 +277,7 @@ def _hf(hf, ids: torch.Tensor, max_tokens: int) -> tuple[float, float, list[list
 
 def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int, max_tokens: int, seed: int,
         hf_baseline: bool, json_path: str | None, replicate: bool = False, pairs: int = 2,
-        replicate_every: int = 1, replica_holder: str = "thread") -> dict:
+        replicate_every: int = 1, replica_holder: str = "thread", replicate_skip: str = "none") -> dict:
     from ..llm import LLM
 
     dev, dt, src, hf = random_hf_model("decode", model, device, dtype, seed)
@@ -280,6 +301,7 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
               "floor_ms": floor_ms, "cuda_graphs": graphs is not None,
               "replicate_every": replicate_every if replicate else None,
               "replica_holder": replica_holder if replicate else None,
+              "replicate_skip": replicate_skip if replicate else None,
               "card": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "rows": []}
     # Warm-up at the measured prompt length: kernels, allocator, cuBLAS heuristics, HF's generate.
     _ours(llm, prompts[:1].tolist(), 4)
@@ -306,7 +328,8 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
             row.update(hf_prefill_ms=1e3 * hpre, hf_ms_per_step=1e3 * hstep, speedup_vs_hf=hstep / step,
                        prefill_vs_hf=hpre / pre, identical_sequences=f"{sum(a == c for a, c in zip(ours_ids, hf_ids))}/{b}")
         if replicate:
-            row.update(_with_replication(llm, batch, max_tokens, pairs, replicate_every, replica_holder))
+            row.update(_with_replication(llm, batch, max_tokens, pairs, replicate_every, replica_holder,
+                                         replicate_skip))
         result["rows"].append(row)
         f = lambda k, w=8, p=3: f"{row[k]:>{w}.{p}f}" if k in row else f"{'-':>{w}}"  # noqa: E731
         print(f"{b:>5} {f('prefill_ms', 10, 1)} {f('hf_prefill_ms', 10, 1)} {f('ms_per_step')} "
