@@ -65,3 +65,9 @@ def test_bench_decode_with_replication_running(tmp_path):
     res = json.loads(out.read_text())
     assert res["replica_holder"] == "process" and res["replicate_every"] == 2
     assert res["rows"][0]["replicate_acked"] == "5/5" and res["rows"][0]["replica_exact"] is True
+    # the diagnostic that leaves out each step's send: still acknowledged, but the holder has nothing
+    r = run("bench", "decode", "--model", "random:opt-tiny", "--device", "cpu", "--batch", "2", "--prompt-len", "20",
+            "--max-tokens", "6", "--no-hf", "--replicate", "--pairs", "1", "--replicate-skip", "send", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["replicate_acked"] == "5/5" and row["replica_exact"] is False
