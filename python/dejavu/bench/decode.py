@@ -136,6 +136,7 @@ class _ReplicationStream:
             port = int(self.proc.stdout.readline())
         self.replicator = (_skipping(Replicator, skip) if skip != "none" else Replicator)(self, "bench")
         self.replicator.every = every  # steps per gather and send (PipelineEngine.set_replication(every=))
+        self.port = port
         self.replicator.set_holder(("127.0.0.1", port))
         self._switch = sys.getswitchinterval()
 
@@ -181,7 +182,7 @@ class _ReplicationStream:
         if self.server is not None:
             data = self.server.mirrors["bench"].data[:, blocks]
         else:
-            client = ReplicaClient("127.0.0.1", self.replicator.client.sock.getpeername()[1], self.cfg["kv_token"])
+            client = ReplicaClient("127.0.0.1", self.port, self.cfg["kv_token"])
             try:
                 raw, _ = client.get_blocks("bench", blocks)
             finally:
