@@ -10,6 +10,7 @@ import re
 import torch
 from torch import nn
 
+from .. import kernels
 from .config import ModelConfig
 from .layers import AttnMetadata
 
@@ -25,8 +26,6 @@ class PreNormBlock(nn.Module):
     deferrable = True
 
     def step(self, h, pending, positions, meta, cache):
-        from .. import kernels
-
         norm = self.input_norm
         if pending is None:
             x = norm(h)
