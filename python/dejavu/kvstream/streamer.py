@@ -112,10 +112,10 @@ class KVStreamer:
         biggest = int(host[:rows, 2].max()) if rows else 0  # lets the copy kernel split large spans
         return host, rows, prow, pbytes, biggest
 
-    def _device_desc(self, region: Region, out: bool, piece_bytes: int, stream):
+    def _device_desc(self, region: Region, out: bool, piece_bytes: int, stream, host_rows=None):
         """The copy rows on the device (copied on `stream`): (desc, piece_row_starts, piece_bytes,
-        largest row bytes)."""
-        host, rows, prow, pbytes, biggest = self._host_desc(region, out, piece_bytes)
+        largest row bytes). `host_rows`: what _host_desc already built for these arguments."""
+        host, rows, prow, pbytes, biggest = host_rows or self._host_desc(region, out, piece_bytes)
         with torch.cuda.stream(stream):
             desc = host[:rows].to(self.device, non_blocking=True)
         return desc, prow, pbytes, biggest
@@ -281,11 +281,8 @@ class KVStreamer:
             if n == 0:
                 return Future.completed(f"stream_in {key!r} from rank {ch.peer}")
             bufs = self._peer_buffers(d, piece)
-            if piece != guess:
-                rows = self._host_desc(region, False, piece)
-            host, nrows, prow, pbytes, big = rows
-            with torch.cuda.stream(d.kernel):
-                desc = host[:nrows].to(self.device, non_blocking=True)
+            desc, prow, pbytes, big = self._device_desc(region, False, piece, d.kernel,
+                                                        rows if piece == guess else None)
             freed = [d.kernel.record_event(), d.kernel.record_event()]  # earlier scatters from each buffer
 
             def post(i):
