@@ -174,7 +174,7 @@ def _stage_link(device, dtype, hidden: int, tokens: int = 4096, repeat: int = 5)
             if cuda:
                 torch.cuda.synchronize(device)
 
-        for n, timed in ((1, False), (repeat, True)):  # the first message connects and warms up
+        for n in (1, repeat):  # the first message connects and warms up; the second round is timed
             got.clear()
             rx = threading.Thread(target=receive, args=(n,))
             t0 = time.perf_counter()
