@@ -12,6 +12,9 @@ the same run as a device-to-device copy of 1 GiB counted as 2 GiB of traffic (re
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -62,9 +65,9 @@ def _ours(llm, prompts: list[list[int]], max_tokens: int, streams=None) -> tuple
     _sync(dev)
     t1 = time.perf_counter()
     steps = 0
+    bs = streams.cache.block_size if streams else 0
     while eng.has_unfinished():
         before = [len(s) for s in seqs] if streams else None
-        bs = streams.cache.block_size if streams else 0
         eng.step()
         if streams is not None:
             # the slot this step wrote for each sequence it ran: its input token's, at position len - 1
@@ -108,9 +111,6 @@ class _ReplicationStream:
     runs."""
 
     def __init__(self, llm, every: int = 1, holder: str = "thread", skip: str = "none"):
-        import subprocess
-        import sys
-
         from ..kvstream import KVStreamer
         from ..kvstream.replica import ReplicaServer
         from ..kvstream.transports import new_cluster_token
@@ -141,15 +141,10 @@ class _ReplicationStream:
         self._switch = sys.getswitchinterval()
 
     def __enter__(self):
-        import os
-        import sys
-
         sys.setswitchinterval(float(os.environ.get("DEJAVU_SWITCH_INTERVAL", "0.0005")))
         return self
 
     def __exit__(self, *exc):
-        import sys
-
         self.replicator.drain()
         sys.setswitchinterval(self._switch)
 
@@ -196,21 +191,20 @@ def _with_replication(llm, batch: list[list[int]], max_tokens: int, pairs: int, 
                       holder: str = "thread", skip: str = "none") -> dict:
     """The batch decoded `pairs` times each without and with token-level replication running,
     alternating (off, on, off, on, ...), the same engine and graphs throughout."""
-    off, on = [], []
+    off, on, exact = [], [], []
     stream = _ReplicationStream(llm, every, holder, skip)
     try:
         for _ in range(pairs):
             off.append(_ours(llm, batch, max_tokens)[1])
-            before = stream.step_id
             with stream:
                 on.append(_ours(llm, batch, max_tokens, streams=stream)[1])
-            exact = stream.mirror_matches()
-            acked = f"{stream.acks}/{stream.step_id}" if stream.step_id > before else "0/0"
+            exact.append(stream.mirror_matches())  # each run's last steps, before the next run reuses the blocks
     finally:
         stream.close()
     return {"replicate_off_ms_per_step": 1e3 * sum(off) / pairs, "replicate_ms_per_step": 1e3 * sum(on) / pairs,
             "replicate_ratio": sum(on) / sum(off), "replicate_pair_ratios": [b / a for a, b in zip(off, on)],
-            "replicate_acked": acked, "replica_exact": exact, "replicate_bytes": stream.replicator.bytes}
+            "replicate_acked": f"{stream.acks}/{stream.step_id}", "replica_exact": all(exact),
+            "replicate_bytes": stream.replicator.bytes}
 
 
 def _replay_ms(g: torch.cuda.CUDAGraph, n: int) -> float:
