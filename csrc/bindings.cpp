@@ -16,6 +16,8 @@
 #include "kvstream/host_copy.h"
 #include "kvstream/host_pool.h"
 #include "kvstream/layout.h"
+#include "kvstream/replica_mirror.h"
+#include "kvstream/replica_sender.h"
 #include "kvstream/tcp_store.h"
 #include "kvstream/worker_pool.h"
 
@@ -232,6 +234,67 @@ PYBIND11_MODULE(_C, m) {
         return c.get(key, as_ptr<uint8_t>(p), cap);
       })
       .def("delete", &TcpStoreClient::del);
+
+  py::class_<ReplicaEvent>(m, "ReplicaEvent")
+      .def_readonly("kind", &ReplicaEvent::kind)
+      .def_readonly("tag", &ReplicaEvent::tag)
+      .def_readonly("bytes", &ReplicaEvent::bytes)
+      .def_readonly("error", &ReplicaEvent::error);
+  py::class_<ReplicaSender>(m, "ReplicaSender",
+                            "Token-level KV replication to a ReplicaServer from a C++ thread (replica_sender.h)")
+      .def(py::init<const KVLayout&, uintptr_t, int, std::string, std::string, std::string, double, int64_t>(),
+           py::arg("layout"), py::arg("cache"), py::arg("device"), py::arg("src"), py::arg("token"), py::arg("dtype"),
+           py::arg("timeout"), py::arg("frame_bytes") = int64_t{64} << 20)
+      .def("set_holder", &ReplicaSender::set_holder, py::arg("host"), py::arg("port"))
+      .def("push_slots", [](ReplicaSender& r, int64_t tag, const std::vector<Written>& written, uintptr_t stream) {
+        py::gil_scoped_release nogil;
+        r.push_slots(tag, written, as_ptr<void>(stream));
+      }, py::arg("tag"), py::arg("written"), py::arg("stream") = 0,
+         "Queue positions [start, end) of each (block table, start, end); stream: the cudaStream_t that wrote them")
+      .def("push_blocks", [](ReplicaSender& r, int64_t tag, const std::vector<int64_t>& blocks, uintptr_t stream) {
+        py::gil_scoped_release nogil;
+        r.push_blocks(tag, blocks, as_ptr<void>(stream));
+      }, py::arg("tag"), py::arg("blocks"), py::arg("stream") = 0)
+      .def("set_every", &ReplicaSender::set_every, py::arg("every"), py::arg("linger"))
+      .def("set_skip", &ReplicaSender::set_skip, py::arg("gather"), py::arg("send"))
+      .def("set_lag", &ReplicaSender::set_lag, py::arg("lag"))
+      .def("wait_events", &ReplicaSender::wait_events, py::arg("timeout"), py::arg("linger") = 0.0,
+           py::call_guard<py::gil_scoped_release>())
+      .def("drain", &ReplicaSender::drain, py::arg("timeout"), py::call_guard<py::gil_scoped_release>())
+      .def("bytes", &ReplicaSender::bytes)
+      .def("events_total", &ReplicaSender::events_total)
+      .def("connected", &ReplicaSender::connected)
+      .def("close", &ReplicaSender::close, py::call_guard<py::gil_scoped_release>());
+
+  py::class_<ReplicaMirror, std::shared_ptr<ReplicaMirror>>(m, "ReplicaMirror",
+                                                           "A replica holder's mirror of a paged cache (replica_mirror.h)")
+      .def(py::init<const KVLayout&, uintptr_t, uintptr_t>(), py::arg("layout"), py::arg("data"), py::arg("chk"))
+      .def("put_slots", [](ReplicaMirror& m, const std::vector<int64_t>& blocks, const std::vector<int64_t>& slots,
+                           uintptr_t payload, int64_t n) {
+        py::gil_scoped_release nogil;
+        m.put_slots(blocks, slots, as_ptr<const uint8_t>(payload), n);
+      })
+      .def("put_blocks", [](ReplicaMirror& m, const std::vector<int64_t>& blocks, uintptr_t payload, int64_t n) {
+        py::gil_scoped_release nogil;
+        m.put_blocks(blocks, as_ptr<const uint8_t>(payload), n);
+      })
+      .def("get_blocks", [](const ReplicaMirror& m, const std::vector<int64_t>& blocks, uintptr_t out, uintptr_t chk) {
+        py::gil_scoped_release nogil;
+        m.get_blocks(blocks, as_ptr<uint8_t>(out), as_ptr<int64_t>(chk));
+      });
+  py::class_<ReplicaFastPath>(m, "ReplicaFastPath")
+      .def(py::init<int64_t>(), py::arg("max_payload") = int64_t{16} << 30)
+      .def("add", &ReplicaFastPath::add, py::arg("src"), py::arg("mirror"))
+      .def("serve", [](ReplicaFastPath& f, int fd) {
+        std::string body;
+        {
+          py::gil_scoped_release nogil;
+          body = f.serve(fd);
+        }
+        return py::bytes(body);
+      }, py::arg("fd"), "Apply data frames until another frame (its header returned) or the peer closes (b'')")
+      .def("bytes_in", &ReplicaFastPath::bytes_in)
+      .def("refused", &ReplicaFastPath::refused);
 
   m.def("cuda_staged_copy", [](uintptr_t cache, uintptr_t host, uintptr_t desc, const std::vector<int64_t>& piece_rows,
                                const std::vector<int64_t>& piece_bytes, uintptr_t s0, uintptr_t s1, uintptr_t kstream,

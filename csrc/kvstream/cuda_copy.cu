@@ -159,4 +159,95 @@ std::string cuda_staged_copy(void* cache, void* host, const int64_t* desc, const
   return err;
 }
 
+std::string cuda_set_device(int device) {
+  DJV_CUDA(cudaSetDevice(device));
+  return "";
+}
+
+std::string cuda_stream_new(void** stream) {
+  cudaStream_t s = nullptr;
+  DJV_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  *stream = s;
+  return "";
+}
+
+void cuda_stream_free(void* stream) {
+  if (stream) cudaStreamDestroy(static_cast<cudaStream_t>(stream));
+}
+
+std::string cuda_event_new(void** event, bool blocking) {
+  cudaEvent_t e = nullptr;
+  DJV_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming | (blocking ? cudaEventBlockingSync : 0)));
+  *event = e;
+  return "";
+}
+
+void cuda_event_free(void* event) {
+  if (event) cudaEventDestroy(static_cast<cudaEvent_t>(event));
+}
+
+std::string cuda_event_record(void* event, void* stream) {
+  DJV_CUDA(cudaEventRecord(static_cast<cudaEvent_t>(event), static_cast<cudaStream_t>(stream)));
+  return "";
+}
+
+std::string cuda_stream_wait_event(void* stream, void* event) {
+  DJV_CUDA(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), static_cast<cudaEvent_t>(event), 0));
+  return "";
+}
+
+std::string cuda_event_wait(void* event) {
+  DJV_CUDA(cudaEventSynchronize(static_cast<cudaEvent_t>(event)));
+  return "";
+}
+
+std::string cuda_host_alloc(size_t bytes, void** host, void** device) {
+  void* h = nullptr;
+  DJV_CUDA(cudaHostAlloc(&h, bytes, cudaHostAllocPortable | cudaHostAllocMapped));
+  void* d = nullptr;
+  if (cudaError_t e = cudaHostGetDevicePointer(&d, h, 0); e != cudaSuccess) {
+    cudaFreeHost(h);
+    return std::string("cudaHostGetDevicePointer failed: ") + cudaGetErrorString(e);
+  }
+  *host = h;
+  *device = d;
+  return "";
+}
+
+void cuda_host_free(void* host) {
+  if (host) cudaFreeHost(host);
+}
+
+std::string cuda_dma_gather_slots(const void* cache, void* host, const int64_t* blocks, const int64_t* slots, int64_t n,
+                                  int64_t num_layers, int64_t num_blocks, int64_t block_size, int64_t token_bytes,
+                                  void* stream) {
+  // The cache as a pitched 3-D volume: x = bytes within a row of block_size tokens (pitch: a K or V
+  // half of a chunk), y = (block, K/V) rows, z = layers; a layer is 2 * num_blocks such rows. A slot's
+  // K and V rows of every layer are then one box of token_bytes x 2 x num_layers.
+  const size_t half = static_cast<size_t>(block_size * token_bytes);
+  cudaMemcpy3DParms p{};
+  p.srcPtr = make_cudaPitchedPtr(const_cast<void*>(cache), half, half, static_cast<size_t>(2 * num_blocks));
+  p.dstPtr = make_cudaPitchedPtr(host, static_cast<size_t>(token_bytes), static_cast<size_t>(token_bytes),
+                                 static_cast<size_t>(2 * n));
+  p.extent = make_cudaExtent(static_cast<size_t>(token_bytes), 2, static_cast<size_t>(num_layers));
+  p.kind = cudaMemcpyDeviceToHost;
+  for (int64_t j = 0; j < n; ++j) {
+    p.srcPos = make_cudaPos(static_cast<size_t>(slots[j] * token_bytes), static_cast<size_t>(2 * blocks[j]), 0);
+    p.dstPos = make_cudaPos(0, static_cast<size_t>(2 * j), 0);
+    DJV_CUDA(cudaMemcpy3DAsync(&p, static_cast<cudaStream_t>(stream)));
+  }
+  return "";
+}
+
+std::string cuda_dma_gather_blocks(const void* cache, void* host, const int64_t* blocks, int64_t n, int64_t num_layers,
+                                   int64_t num_blocks, int64_t chunk_bytes, void* stream) {
+  const size_t cb = static_cast<size_t>(chunk_bytes);
+  for (int64_t j = 0; j < n; ++j)
+    DJV_CUDA(cudaMemcpy2DAsync(static_cast<uint8_t*>(host) + j * cb, static_cast<size_t>(n) * cb,
+                               static_cast<const uint8_t*>(cache) + blocks[j] * cb, static_cast<size_t>(num_blocks) * cb,
+                               cb, static_cast<size_t>(num_layers), cudaMemcpyDeviceToHost,
+                               static_cast<cudaStream_t>(stream)));
+  return "";
+}
+
 }  // namespace dejavu

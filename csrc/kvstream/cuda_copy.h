@@ -30,4 +30,27 @@ std::string cuda_staged_copy(void* cache, void* host, const int64_t* desc, const
                              const std::vector<int64_t>& piece_bytes, void* staging0, void* staging1,
                              void* kernel_stream, void* dma_stream, bool out);
 
+// Thin runtime wrappers for a host thread of our own that moves device memory (the replica sender),
+// so code outside the .cu files needs no CUDA headers. Each returns "" or the CUDA error text.
+std::string cuda_set_device(int device);
+std::string cuda_stream_new(void** stream);                 // a non-blocking stream
+void cuda_stream_free(void* stream);
+std::string cuda_event_new(void** event, bool blocking);    // blocking: waiting sleeps, no spinning
+void cuda_event_free(void* event);
+std::string cuda_event_record(void* event, void* stream);
+std::string cuda_stream_wait_event(void* stream, void* event);
+std::string cuda_event_wait(void* event);
+// Copy-engine (DMA) gathers from a paged cache ([layers][blocks][K, V][block_size][token_bytes]) into
+// pinned host memory on `stream`, using no SMs (so nothing is taken from kernels running beside
+// them). Slots: one 3-D copy per slot (its K and V rows of every layer), packed [layers][n][K, V][token
+// bytes]. Blocks: one 2-D copy per block (its chunk of every layer), packed [layers][n][chunk].
+std::string cuda_dma_gather_slots(const void* cache, void* host, const int64_t* blocks, const int64_t* slots, int64_t n,
+                                  int64_t num_layers, int64_t num_blocks, int64_t block_size, int64_t token_bytes,
+                                  void* stream);
+std::string cuda_dma_gather_blocks(const void* cache, void* host, const int64_t* blocks, int64_t n, int64_t num_layers,
+                                   int64_t num_blocks, int64_t chunk_bytes, void* stream);
+// Pinned, portable, device-mapped host memory: *host for the CPU, *device for kernels.
+std::string cuda_host_alloc(size_t bytes, void** host, void** device);
+void cuda_host_free(void* host);
+
 }  // namespace dejavu

@@ -17,36 +17,10 @@ namespace dejavu {
 
 namespace {
 
-// Thrown when the peer closed or a read failed mid-frame.
-struct PeerGone {
-  std::string why;
-};
-
-void send_all(int fd, const void* buf, size_t n) {
-  const uint8_t* p = static_cast<const uint8_t*>(buf);
-  while (n > 0) {
-    ssize_t w = ::send(fd, p, n, MSG_NOSIGNAL);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      throw TransportError(std::string("send failed: ") + std::strerror(errno));
-    }
-    p += w;
-    n -= static_cast<size_t>(w);
-  }
-}
-
-// Reads n bytes; throws PeerGone on EOF/timeout/error.
-void recv_all(int fd, void* buf, size_t n) {
-  uint8_t* p = static_cast<uint8_t*>(buf);
-  while (n > 0) {
-    ssize_t r = ::recv(fd, p, n, 0);
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0) throw PeerGone{std::string("receive failed: ") + std::strerror(errno)};
-    if (r == 0) throw PeerGone{"peer closed the connection mid-frame"};
-    p += r;
-    n -= static_cast<size_t>(r);
-  }
-}
+using net::PeerGone;
+using net::recv_all;
+using net::send_all;
+using net::set_timeouts;
 
 void send_frame(int fd, FrameType t, const std::string& key, const uint8_t* payload, uint64_t n) {
   FrameHeader h = make_header(t, static_cast<uint32_t>(key.size()), payload, n);
@@ -73,14 +47,6 @@ bool constant_time_equal(const std::string& a, const std::string& b) {
   const size_t n = std::min(a.size(), b.size());
   for (size_t i = 0; i < n; ++i) diff |= static_cast<unsigned char>(a[i] ^ b[i]);
   return diff == 0;
-}
-
-void set_timeouts(int fd, double s) {
-  timeval tv{};
-  tv.tv_sec = static_cast<time_t>(s);
-  tv.tv_usec = static_cast<suseconds_t>((s - static_cast<double>(tv.tv_sec)) * 1e6);
-  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
 }
 
 }  // namespace
@@ -311,23 +277,7 @@ TcpStoreStats TcpStoreServer::stats() const {
 // ------------------------------------------------------------------------------------ client
 TcpStoreClient::TcpStoreClient(const std::string& host, int port, const std::string& token, double timeout_s)
     : peer_(host + ":" + std::to_string(port)) {
-  addrinfo hints{}, *res = nullptr;
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  if (int rc = ::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res); rc != 0)
-    throw TransportError("cannot resolve " + peer_ + ": " + gai_strerror(rc));
-  fd_ = ::socket(res->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  set_timeouts(fd_, timeout_s);
-  if (fd_ < 0 || ::connect(fd_, res->ai_addr, res->ai_addrlen) != 0) {
-    std::string err = std::strerror(errno);
-    ::freeaddrinfo(res);
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = -1;
-    throw TransportError("cannot connect to " + peer_ + ": " + err);
-  }
-  ::freeaddrinfo(res);
-  int one = 1;
-  ::setsockopt(fd_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  fd_ = net::connect_to(host, port, timeout_s);
   std::vector<uint8_t> reply;
   try {
     request(FrameType::kHello, "", reinterpret_cast<const uint8_t*>(token.data()), token.size(), &reply);

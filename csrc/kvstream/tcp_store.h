@@ -20,6 +20,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "kvstream/net.h"
+
 namespace dejavu {
 
 enum class FrameType : uint16_t { kHello = 1, kPut = 2, kGet = 3, kDel = 4, kOk = 16, kData = 17, kErr = 18 };
@@ -43,11 +45,6 @@ constexpr uint64_t kMaxPayload = uint64_t{16} << 30;  // one frame carries at mo
 
 // Fill magic, version and both checksums.
 FrameHeader make_header(FrameType type, uint32_t key_len, const uint8_t* payload, uint64_t payload_len);
-
-class TransportError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
 
 struct TcpStoreStats {
   int64_t connections = 0, auth_failures = 0, bad_frames = 0, checksum_failures = 0, truncated = 0, puts = 0,

@@ -80,31 +80,10 @@ def _ours(llm, prompts: list[list[int]], max_tokens: int, streams=None) -> tuple
     return t1 - t0, (t2 - t1) / max(steps, 1), [s.output_ids for s in seqs]
 
 
-def _skipping(base, skip: str):
-    """A diagnostic Replicator that leaves out one part of each step's work (--replicate-skip):
-    'gather' sends zeros without touching the GPU, 'send' gathers but sends nothing."""
-    if skip not in ("gather", "send"):
-        raise ValueError(f"--replicate-skip must be none, gather or send, got {skip!r}")
-
-    class Skipping(base):
-        def _gather(self, region, after):
-            if skip != "gather":
-                return super()._gather(region, after)
-            n = region.nbytes(self.w.streamer.layout)
-            return None, torch.zeros(n, dtype=torch.uint8), n
-
-        def _send(self, kind, region, payload, n):
-            if skip == "send":
-                self.bytes += n
-            else:
-                super()._send(kind, region, payload, n)
-    return Skipping
-
-
 class _ReplicationStream:
     """Token-level replication as a `--replicate` token worker runs it (serving/replication.py's
-    Replicator: the step records an event and queues its slots; a sending thread gathers them into
-    pinned memory and sends them), into a ReplicaServer. By default the server runs in this process
+    Replicator: the step records an event and queues its slots; DéjàVuLib's C++ sending thread
+    gathers them into pinned memory and sends them), into a ReplicaServer. By default the server runs in this process
     and applies the slots to its host mirror as the ring neighbour's holder would, so this process
     pays for both directions of a ring, like a worker does; holder="process" runs it in a process of
     its own (the sending side's cost alone). Workers' GIL switch interval (0.5 ms) applies while it
@@ -134,7 +113,11 @@ class _ReplicationStream:
                  "s = ReplicaServer(sys.argv[1]); print(s.port, flush=True); sys.stdin.read()", token],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             port = int(self.proc.stdout.readline())
-        self.replicator = (_skipping(Replicator, skip) if skip != "none" else Replicator)(self, "bench")
+        if skip not in ("none", "gather", "send"):
+            raise ValueError(f"--replicate-skip must be none, gather or send, got {skip!r}")
+        self.replicator = Replicator(self, "bench")
+        # diagnostics: 'gather' sends zeros without touching the GPU, 'send' gathers but sends nothing
+        self.replicator.native.set_skip(skip == "gather", skip == "send")
         self.replicator.every = every  # steps per gather and send (PipelineEngine.set_replication(every=))
         self.port = port
         self.replicator.set_holder(("127.0.0.1", port))
@@ -158,8 +141,7 @@ class _ReplicationStream:
         self.replicator.after_step(self.step_id, written)
 
     def close(self) -> None:
-        if self.replicator.client is not None:
-            self.replicator.client.close()
+        self.replicator.close()
         if self.server is not None:
             self.server.stop()
         if self.proc is not None:

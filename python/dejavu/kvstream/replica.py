@@ -18,12 +18,14 @@ bytes. The first frame is a HELLO with the cluster token. Nothing is unpickled.
 """
 from __future__ import annotations
 
+import atexit
 import hmac
 import math
 import os
 import socket
 import struct
 import threading
+import weakref
 
 import msgpack
 import torch
@@ -113,50 +115,40 @@ class Mirror:
             # (stored 0) and is zeroed by whoever restores it, so garbage never reaches a cache.
             self.data = torch.empty(self.shape, dtype=dtype)
             self.chk = torch.zeros((blocks, bs), dtype=torch.int64)
-        self.lock = threading.Lock()
-
-    def slot_entry_shape(self, n: int):
-        layers, _, _, _, heads, dim = self.shape
-        return (layers, n, 2, heads, dim)
-
-    def put_slots(self, blocks, slots, payload: torch.Tensor) -> None:
-        b = torch.as_tensor(blocks, dtype=torch.long)
-        s = torch.as_tensor(slots, dtype=torch.long)
-        self._check_ids(b, s)
-        x = payload.view(self.dtype).view(self.slot_entry_shape(len(blocks)))
-        with self.lock:
-            self.data.permute(1, 3, 0, 2, 4, 5)[b, s] = x.permute(1, 0, 2, 3, 4)
-            self.chk[b, s] = slot_checksums(x)
-
-    def put_blocks(self, blocks, payload: torch.Tensor) -> None:
-        b = torch.as_tensor(blocks, dtype=torch.long)
-        self._check_ids(b, None)
-        layers, _, two, bs, heads, dim = self.shape
-        x = payload.view(self.dtype).view(layers, len(blocks), two, bs, heads, dim)
-        with self.lock:
-            self.data[:, b] = x
-            self.chk[b] = block_checksums(x)
-
-    def get_blocks(self, blocks) -> tuple[torch.Tensor, torch.Tensor]:
-        """The blocks' KV packed [layers, blocks, ...] (DéjàVuLib's threaded host gather) and checksums."""
+        # Writes, reads and checksums go through the C++ mirror (its lock, no interpreter lock).
         from .. import _C
 
-        b = torch.as_tensor(blocks, dtype=torch.long)
-        self._check_ids(b, None)
-        layers, nblocks = self.shape[:2]
-        chunk = self.data[0, 0].numel() * self.data.element_size()
-        out = torch.empty((layers, len(blocks)) + self.shape[2:], dtype=self.dtype)
-        spans = ((torch.arange(layers).view(-1, 1) * nblocks + b.view(1, -1)) * chunk).reshape(-1).tolist()
-        with self.lock:
-            if spans:
-                _C.host_gather(self.data.data_ptr(), [(o, chunk) for o in spans], out.data_ptr(), 4)
-            return out, self.chk[b].contiguous()
+        heads, dim = self.shape[4:]
+        self.native = _C.ReplicaMirror(_C.KVLayout(layers, blocks, bs, heads, dim, self.data.element_size()),
+                                       self.data.data_ptr(), self.chk.data_ptr())
 
-    def _check_ids(self, b, s) -> None:
-        if b.numel() and (int(b.min()) < 0 or int(b.max()) >= self.shape[1]):
-            raise ReplicaError(f"block id out of range [0, {self.shape[1]})")
-        if s is not None and s.numel() and (int(s.min()) < 0 or int(s.max()) >= self.shape[3]):
-            raise ReplicaError(f"slot out of range [0, {self.shape[3]})")
+    def put_slots(self, blocks, slots, payload: torch.Tensor) -> None:
+        """payload: [layers, len(blocks), 2, heads, head_dim] bytes, as a sender packs them."""
+        self._native(self.native.put_slots, list(blocks), list(slots), *self._bytes(payload))
+
+    def put_blocks(self, blocks, payload: torch.Tensor) -> None:
+        """payload: [layers, len(blocks), 2, block_size, heads, head_dim] bytes."""
+        self._native(self.native.put_blocks, list(blocks), *self._bytes(payload))
+
+    def get_blocks(self, blocks) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks' KV packed [layers, blocks, ...] and their slot checksums [blocks, block_size]."""
+        blocks = list(blocks)
+        out = torch.empty((self.shape[0], len(blocks)) + self.shape[2:], dtype=self.dtype)
+        chk = torch.empty((len(blocks), self.shape[3]), dtype=torch.int64)
+        self._native(self.native.get_blocks, blocks, out.data_ptr(), chk.data_ptr())
+        return out, chk
+
+    @staticmethod
+    def _bytes(payload: torch.Tensor):
+        payload = payload.contiguous()
+        return payload.data_ptr(), payload.numel() * payload.element_size()
+
+    @staticmethod
+    def _native(fn, *args):
+        try:
+            fn(*args)
+        except (IndexError, ValueError) as e:  # the C++ checks: ids out of range, payload size
+            raise ReplicaError(str(e)) from None
 
 
 # ---------------------------------------------------------------------- framing
@@ -185,8 +177,13 @@ def _recv(sock: socket.socket) -> tuple[dict, torch.Tensor | None]:
         raise ReplicaError(f"replica header of {n} bytes exceeds {MAX_HEADER}")
     body = bytearray(n)
     recv_exact(sock, memoryview(body))
+    return _recv_rest(sock, bytes(body))
+
+
+def _recv_rest(sock: socket.socket, body: bytes) -> tuple[dict, torch.Tensor | None]:
+    """A frame whose header `body` was read: decode it and read its payload."""
     try:
-        hdr = msgpack.unpackb(bytes(body), raw=False, strict_map_key=False)
+        hdr = msgpack.unpackb(body, raw=False, strict_map_key=False)
     except Exception as e:  # noqa: BLE001 - the peer's protocol error
         raise ReplicaError(f"undecodable replica header: {e}") from None
     if not isinstance(hdr, dict) or "t" not in hdr:
@@ -211,17 +208,38 @@ class ReplicaServer:
         if directory:
             os.makedirs(directory, exist_ok=True)
         self.mirrors: dict[str, Mirror] = {}
+        self._retired: list[Mirror] = []  # replaced mirrors stay mapped: a connection may still be writing one
         self._lock = threading.Lock()
         self._listener = socket.create_server((host, 0))
         self.port = self._listener.getsockname()[1]
-        self.bytes_in = 0
-        self.refused = 0
+        self._bytes_in = self._refused = 0
+        # Data frames (put_slots, put_blocks) are applied by C++ on each connection's thread without
+        # the interpreter lock; every other frame comes back here.
+        from .. import _C
+
+        self._fast = _C.ReplicaFastPath(MAX_PAYLOAD)
+        self._conns: dict[socket.socket, threading.Thread] = {}
         serve_connections(self._listener, self._serve, "replica")
+        # Connection threads wait inside C++; they must be gone before the interpreter finalizes
+        # (a daemon thread torn down in a C++ call aborts the process).
+        ref = weakref.ref(self)
+        atexit.register(lambda: ref() is not None and ref().stop())
+
+    @property
+    def bytes_in(self) -> int:
+        return self._bytes_in + self._fast.bytes_in()
+
+    @property
+    def refused(self) -> int:
+        """Frames refused for a bad checksum (never applied)."""
+        return self._refused + self._fast.refused()
 
     def path(self, src: str) -> str | None:
         return os.path.join(self.directory, f"{self.prefix}{src}") if self.directory else None
 
     def _serve(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._conns[sock] = threading.current_thread()
         try:
             sock.settimeout(30.0)
             hdr, _ = _recv(sock)
@@ -231,10 +249,13 @@ class ReplicaServer:
             _send(sock, {"t": "ok"})
             sock.settimeout(None)
             while True:
+                body = self._fast.serve(sock.fileno())
+                if not body:
+                    return  # the peer closed
                 try:
-                    hdr, payload = _recv(sock)
+                    hdr, payload = _recv_rest(sock, body)
                 except ValueError as e:  # bad CRC: refused, never applied; the stream stays in sync
-                    self.refused += 1
+                    self._refused += 1
                     _send(sock, {"t": "err", "msg": str(e)})
                     continue
                 try:
@@ -242,9 +263,11 @@ class ReplicaServer:
                 except (ReplicaError, RuntimeError, KeyError, TypeError, ValueError) as e:
                     reply, out = {"t": "err", "msg": f"{type(e).__name__}: {e}"}, None
                 _send(sock, reply, out)
-        except (OSError, ConnectionError, ReplicaError):
+        except (OSError, ConnectionError, ReplicaError, RuntimeError):  # RuntimeError: the C++ loop's broken stream
             pass
         finally:
+            with self._lock:
+                self._conns.pop(sock, None)
             try:
                 sock.close()
             except OSError:
@@ -257,7 +280,10 @@ class ReplicaServer:
                 m = self.mirrors.get(src)
                 shape, dtype = tuple(hdr["shape"]), _dtype(hdr["dtype"])
                 if m is None or m.shape != shape or m.dtype != dtype:
-                    self.mirrors[src] = Mirror(shape, dtype, self.path(src))
+                    if m is not None:
+                        self._retired.append(m)
+                    m = self.mirrors[src] = Mirror(shape, dtype, self.path(src))
+                    self._fast.add(src, m.native)
             return {"t": "ok"}, None
         m = self.mirrors.get(src)
         if m is None:
@@ -271,7 +297,7 @@ class ReplicaServer:
             return {"t": "data", "chk": chk.numpy().tobytes()}, data.view(torch.uint8).reshape(-1)
         else:
             raise ReplicaError(f"unknown replica operation {t!r}")
-        self.bytes_in += 0 if payload is None else payload.numel()
+        self._bytes_in += 0 if payload is None else payload.numel()
         return {"t": "ok"}, None
 
     def stop(self) -> None:
@@ -280,6 +306,16 @@ class ReplicaServer:
         except OSError:
             pass
         self._listener.close()
+        with self._lock:
+            conns = list(self._conns.items())
+        for sock, _ in conns:  # wakes each connection's thread out of its blocking read
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for _, t in conns:
+            if t is not threading.current_thread():
+                t.join(5.0)
 
 
 class ReplicaClient:

@@ -2,170 +2,128 @@
 
 After every step (and every disaggregated admission) the token slots the step wrote leave for the
 holder's ReplicaServer, which applies them to its mirror of this worker's cache. The step itself
-only records a CUDA event and queues the slots; a background thread gathers them with DéjàVuLib
-into pinned host memory (on CUDA: on a copy stream, ordered after that event; on CPU: by C++
-threads) and sends them. (Gathering a slot after later steps ran is safe: a request's KV slots are
-written once, and a block freed and reused meanwhile is re-sent by its new owner later in the same
-FIFO queue.) Once the holder acknowledged, the worker tells the
-controller "replicated <step>"; the controller advances each request's watermark when every stage
-of the step has acknowledged. Nothing here blocks the step itself; the queue is FIFO, so
+only hands the slots (and, on CUDA, an event recorded after the step's work) to DéjàVuLib's
+ReplicaSender (csrc/kvstream/replica_sender.cpp): a C++ thread that gathers them into pinned host
+memory (a copy kernel on its own stream, ordered after that event; memcpy for a host cache),
+checksums and sends them, holding no interpreter lock, so it never competes with the step loop for
+it. (Gathering a slot after later steps ran is safe: a request's KV slots are written once, and a
+block freed and reused meanwhile is re-sent by its new owner later in the same FIFO queue.) Once the
+holder acknowledged, a small Python thread tells the controller "replicated <step>" (it wakes for a
+batch of acknowledgements at a time); the controller advances each request's watermark when every
+stage of the step has acknowledged. Nothing here blocks the step itself; the queue is FIFO, so
 acknowledgements arrive in step order and a watermark is always a prefix.
 """
 from __future__ import annotations
 
-import contextlib
-import queue
+import atexit
+import os
 import sys
 import threading
+import time
 
 import torch
 
-from ..kvstream import Region, StreamError
-from ..kvstream.replica import ReplicaClient, ReplicaError
+from .. import _C
 
 
 class Replicator:
-    LINGER_S = 0.05  # every > 1: how long a batch waits for the next step before it leaves anyway
+    LINGER_S = 0.05      # every > 1: how long a batch waits for the next step before it leaves anyway
+    ACK_LINGER_S = 0.01  # acknowledgements are forwarded in batches gathered over this long
+    LAG_S = 0.002        # the longest a step's slots wait for the next step before they are gathered
+
     def __init__(self, worker, src: str):
         self.w, self.src = worker, src
-        self.client: ReplicaClient | None = None
-        self.q: queue.Queue = queue.Queue()
-        self.bytes = 0
         cache = worker.cache
         self.shape = tuple(cache.tensor.shape)
-        self._sync = None  # CUDA: a stream on which the sending thread's blocking events are recorded
         self.paused = False  # PipelineEngine.set_replication (between requests only)
-        self.every = 1       # steps per gather and send (set_replication(every=))
-        threading.Thread(target=self._loop, daemon=True, name="replicator").start()
+        self._every = 1
+        dev = worker.device
+        self._cuda = dev.type == "cuda"
+        self.native = _C.ReplicaSender(cache.layout(), cache.tensor.data_ptr(),
+                                       (dev.index if dev.index is not None else torch.cuda.current_device())
+                                       if self._cuda else -1,
+                                       src, worker.cfg["kv_token"], str(cache.dtype).replace("torch.", ""),
+                                       float(worker.cfg["timeout"]))
+        self.native.set_every(1, self.LINGER_S)
+        # A step's slots are gathered once the next step was handed over (at most LAG_S later): the copy
+        # then runs beside that step's compute, not at the step boundary where the sampled tokens
+        # are read back. DEJAVU_REPLICA_LAG_S=0 gathers at once (bench decode --replicate compares).
+        self.native.set_lag(float(os.environ.get("DEJAVU_REPLICA_LAG_S", self.LAG_S)))
+        self._forwarded = 0
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._forward, daemon=True, name="replication-acks")
+        self._thread.start()
+        # Before the interpreter finalizes: a daemon thread still waiting inside C++ then would be
+        # torn down mid-call (std::terminate in pybind11's lock release).
+        atexit.register(self.close)
 
     # ------------------------------------------------------------------ called by the main thread
+    @property
+    def every(self) -> int:
+        """Steps per gather and send (set_replication(every=)); the watermark trails by up to every - 1."""
+        return self._every
+
+    @every.setter
+    def every(self, n: int) -> None:
+        self._every = max(1, int(n))
+        self.native.set_every(self._every, self.LINGER_S)
+
+    @property
+    def bytes(self) -> int:
+        return self.native.bytes()
+
     def set_holder(self, addr) -> None:
-        self.q.put(("holder", tuple(addr)))
+        self.native.set_holder(str(addr[0]), int(addr[1]))
 
     def after_step(self, step_id: int, written: list[tuple[list[int], int, int]]) -> None:
         """A step wrote positions [start, end) of each (block table, start, end): send those slots."""
         if not self.paused:
-            self.q.put(("slots", step_id, written, self._after()))
+            self.native.push_slots(step_id, written, self._stream())
 
     def send_blocks(self, tag: int, blocks: list[int]) -> None:
         """Re-seed the holder with whole blocks (its mirror was lost with the previous holder)."""
-        self.q.put(("blocks", tag, blocks, self._after()))
+        self.native.push_blocks(tag, blocks, self._stream())
 
-    def drain(self) -> None:
-        self.q.join()
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until everything queued was sent (or failed) and its acknowledgements forwarded."""
+        deadline = time.monotonic() + (timeout if timeout is not None else float(self.w.cfg["timeout"]) * 4)
+        if not self.native.drain(max(0.0, deadline - time.monotonic())):
+            return False
+        want = self.native.events_total()
+        with self._cond:
+            return self._cond.wait_for(lambda: self._forwarded >= want, max(0.0, deadline - time.monotonic()))
 
-    def _after(self):
-        """What the gather must wait for: the work queued so far on the caller's stream."""
-        if self.w.device.type != "cuda":
-            return None
-        return torch.cuda.current_stream(self.w.device).record_event()
+    def close(self) -> None:
+        self._closed = True
+        self.native.close()
+        if self._thread is not threading.current_thread():
+            self._thread.join(5.0)
 
-    def _region(self, kind: str, what) -> Region | None:
-        layers = range(self.w.cache.num_layers)
-        if kind == "blocks":
-            return Region.chunks(layers, what)
-        bs = self.w.cache.block_size
-        blocks = [table[p // bs] for table, a, b in what for p in range(a, b)]
-        slots = [p % bs for _, a, b in what for p in range(a, b)]
-        return Region.tokens(layers, blocks, slots) if blocks else None
+    def _stream(self) -> int:
+        """The stream whose work so far wrote the slots (the gather is ordered after it)."""
+        return torch.cuda.current_stream(self.w.device).cuda_stream if self._cuda else 0
 
-    def _gather(self, region: Region, after):
-        """Pack the region into pinned host memory; returns (pool buffer or None, tensor, bytes)."""
-        streamer = self.w.streamer
-        n = region.nbytes(streamer.layout)
-        try:
-            buf = streamer.pool.alloc(n)
-            tensor = buf.tensor
-        except MemoryError:  # pool exhausted: a buffer of its own
-            buf, tensor = None, torch.empty(n, dtype=torch.uint8, pin_memory=self.w.device.type == "cuda")
-        try:
-            fut = streamer.gather(region, tensor, after=after)
-            if fut.event is not None:
-                # Sleep on a blocking-sync event (no polling: a polling thread keeps taking the GIL
-                # and the driver from the thread launching the next step).
-                if self._sync is None:
-                    self._sync = torch.cuda.Stream(self.w.device)
-                self._sync.wait_event(fut.event)
-                done = torch.cuda.Event(blocking=True)
-                done.record(self._sync)
-                done.synchronize()
-            fut.wait(self.w.cfg["timeout"])
-        except BaseException:
-            if buf is not None:
-                buf.free()
-            raise
-        return buf, tensor, n
-
-    # ------------------------------------------------------------------ the sending thread
-    def _loop(self) -> None:
-        ahead = None  # an item taken while batching that was not a step's slots
+    # ------------------------------------------------------------------ the acknowledging thread
+    def _forward(self) -> None:
         while True:
-            item, ahead = ahead or self.q.get(), None
-            batch = [item]
-            try:
-                if item[0] == "holder":
-                    self._connect(item[1])
-                    continue
-                if item[0] == "slots":
-                    # every > 1: one gather and one send for up to `every` steps (fewer wake-ups and
-                    # messages; the watermark trails by up to every - 1 steps more).
-                    while len(batch) < self.every:
-                        try:
-                            nxt = self.q.get(timeout=self.LINGER_S)
-                        except queue.Empty:
-                            break
-                        if nxt[0] != "slots":
-                            ahead = nxt
-                            break
-                        batch.append(nxt)
-                kind, tag = item[0], item[1]
-                what = [w for it in batch for w in it[2]] if kind == "slots" else item[2]
-                region = self._region(kind, what)
-                if self.client is None:
-                    if kind == "blocks":
-                        self._ack("rereplicated", tag, "no replica holder")
-                    continue
-                if region is not None:
-                    with torch.cuda.device(self.w.device) if self.w.device.type == "cuda" else contextlib.nullcontext():
-                        buf, tensor, n = self._gather(region, batch[-1][3])  # the last event implies the others
-                    try:
-                        self._send(kind, region, tensor[:n], n)
-                    finally:
-                        if buf is not None:
-                            buf.free()
-                for it in batch:
-                    self._ack("replicated" if kind == "slots" else "rereplicated", it[1])
-            except Exception as e:  # noqa: BLE001 - the thread must outlive any one item, or drain() never returns
-                # The holder is gone (or refused), or a bug: stop acknowledging; the controller
-                # replaces the holder, and the watermarks stay where the last acknowledgement left them.
-                what = str(e) if isinstance(e, (OSError, ReplicaError, StreamError)) else f"{type(e).__name__}: {e}"
-                print(f"[dejavu worker {self.src}] replication to its holder failed: {what}", file=sys.stderr, flush=True)
-                if self.client is not None:
-                    self.client.close()
-                self.client = None
-                if item[0] == "blocks":
-                    self._ack("rereplicated", item[1], str(e))
-            finally:
-                for _ in batch:
-                    self.q.task_done()
+            events = self.native.wait_events(1.0, self.ACK_LINGER_S)
+            if not events and self._closed:
+                return
+            for ev in events:
+                if ev.kind == "failed":
+                    # The holder is gone (or refused), or a bad step: replication to it stops; the
+                    # controller replaces the holder, and the watermarks stay at the last acknowledgement.
+                    print(f"[dejavu worker {self.src}] replication to its holder failed: {ev.error}",
+                          file=sys.stderr, flush=True)
+                else:
+                    self._ack(ev.kind, ev.tag, ev.bytes, ev.error or None)
+            with self._cond:
+                self._forwarded += len(events)
+                self._cond.notify_all()
 
-    def _connect(self, addr) -> None:
-        if self.client is not None:
-            self.client.close()
-            self.client = None
-        client = ReplicaClient(addr[0], int(addr[1]), self.w.cfg["kv_token"], timeout=self.w.cfg["timeout"])
-        client.open(self.src, self.shape, self.w.cache.dtype)
-        self.client = client
-
-    def _send(self, kind, region, payload, n) -> None:
-        if kind == "slots":
-            self.client.put_slots(self.src, region.blocks, region.slots, payload)
-        else:
-            self.client.put_blocks(self.src, region.blocks, payload)
-        self.bytes += n
-
-    def _ack(self, kind: str, tag: int, error: str | None = None) -> None:
-        msg = {"t": kind, "rank": self.w.rank, "id": tag, "bytes": self.bytes}
+    def _ack(self, kind: str, tag: int, nbytes: int, error: str | None = None) -> None:
+        msg = {"t": kind, "rank": self.w.rank, "id": tag, "bytes": nbytes}
         if error:
             msg["error"] = error
         try:

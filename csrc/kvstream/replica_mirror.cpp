@@ -1,0 +1,189 @@
+#include "kvstream/replica_mirror.h"
+
+#include <arpa/inet.h>
+
+#include <cstring>
+#include <stdexcept>
+
+#include "kvstream/host_copy.h"
+#include "kvstream/msgpack_lite.h"
+#include "kvstream/net.h"
+
+namespace dejavu {
+
+namespace {
+constexpr uint32_t kMaxHeader = 1 << 20;  // as replica.py's MAX_HEADER
+
+std::string range_text(int64_t hi) { return "[0, " + std::to_string(hi) + ")"; }
+}  // namespace
+
+ReplicaMirror::ReplicaMirror(const KVLayout& layout, uintptr_t data, uintptr_t chk)
+    : layout_(layout), data_(reinterpret_cast<uint8_t*>(data)), chk_(reinterpret_cast<int64_t*>(chk)) {
+  layout_.validate();
+  if (!data_ || !chk_) throw std::invalid_argument("ReplicaMirror needs its data and checksum memory");
+}
+
+void ReplicaMirror::check_blocks(const std::vector<int64_t>& blocks) const {
+  for (int64_t b : blocks)
+    if (b < 0 || b >= layout_.num_blocks) throw std::out_of_range("block id out of range " + range_text(layout_.num_blocks));
+}
+
+void ReplicaMirror::put_slots(const std::vector<int64_t>& blocks, const std::vector<int64_t>& slots,
+                              const uint8_t* payload, int64_t n) {
+  const KVLayout& l = layout_;
+  if (blocks.size() != slots.size()) throw std::invalid_argument("put_slots needs one slot per block id");
+  check_blocks(blocks);
+  for (int64_t s : slots)
+    if (s < 0 || s >= l.block_size) throw std::out_of_range("slot out of range " + range_text(l.block_size));
+  const int64_t k = static_cast<int64_t>(blocks.size()), tb = l.token_bytes();
+  if (n != k * l.num_layers * 2 * tb)
+    throw std::invalid_argument("a payload of " + std::to_string(n) + " bytes does not hold " + std::to_string(k) +
+                                " token slots of " + std::to_string(l.num_layers * 2 * tb) + " bytes");
+  std::lock_guard<std::mutex> g(mu_);
+  for (int64_t j = 0; j < k; ++j) {
+    uint32_t c = 0;
+    for (int64_t layer = 0; layer < l.num_layers; ++layer)
+      for (int64_t kv = 0; kv < 2; ++kv) {
+        const uint8_t* row = payload + ((layer * k + j) * 2 + kv) * tb;
+        std::memcpy(data_ + l.token_offset(layer, blocks[j], slots[j], kv), row, static_cast<size_t>(tb));
+        c = crc32c(row, static_cast<size_t>(tb), c);
+      }
+    chk_[blocks[j] * l.block_size + slots[j]] = c;
+  }
+}
+
+void ReplicaMirror::put_blocks(const std::vector<int64_t>& blocks, const uint8_t* payload, int64_t n) {
+  const KVLayout& l = layout_;
+  check_blocks(blocks);
+  const int64_t k = static_cast<int64_t>(blocks.size()), cb = l.chunk_bytes(), tb = l.token_bytes();
+  if (n != k * l.num_layers * cb)
+    throw std::invalid_argument("a payload of " + std::to_string(n) + " bytes does not hold " + std::to_string(k) +
+                                " blocks of " + std::to_string(l.num_layers * cb) + " bytes");
+  std::lock_guard<std::mutex> g(mu_);
+  for (int64_t layer = 0; layer < l.num_layers; ++layer)
+    for (int64_t j = 0; j < k; ++j)
+      std::memcpy(data_ + l.chunk_offset(layer, blocks[j]), payload + (layer * k + j) * cb, static_cast<size_t>(cb));
+  for (int64_t b : blocks)
+    for (int64_t s = 0; s < l.block_size; ++s) {
+      uint32_t c = 0;
+      for (int64_t layer = 0; layer < l.num_layers; ++layer)
+        for (int64_t kv = 0; kv < 2; ++kv) c = crc32c(data_ + l.token_offset(layer, b, s, kv), static_cast<size_t>(tb), c);
+      chk_[b * l.block_size + s] = c;
+    }
+}
+
+void ReplicaMirror::get_blocks(const std::vector<int64_t>& blocks, uint8_t* out, int64_t* chk_out) const {
+  const KVLayout& l = layout_;
+  check_blocks(blocks);
+  const int64_t k = static_cast<int64_t>(blocks.size()), cb = l.chunk_bytes();
+  std::lock_guard<std::mutex> g(mu_);
+  for (int64_t layer = 0; layer < l.num_layers; ++layer)
+    for (int64_t j = 0; j < k; ++j)
+      std::memcpy(out + (layer * k + j) * cb, data_ + l.chunk_offset(layer, blocks[j]), static_cast<size_t>(cb));
+  for (int64_t j = 0; j < k; ++j)
+    std::memcpy(chk_out + j * l.block_size, chk_ + blocks[j] * l.block_size, static_cast<size_t>(l.block_size) * 8);
+}
+
+// ------------------------------------------------------------------------------ connection loop
+void ReplicaFastPath::add(const std::string& src, std::shared_ptr<ReplicaMirror> m) {
+  std::lock_guard<std::mutex> g(mu_);
+  mirrors_[src] = std::move(m);
+}
+
+std::shared_ptr<ReplicaMirror> ReplicaFastPath::find(const std::string& src) const {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = mirrors_.find(src);
+  return it == mirrors_.end() ? nullptr : it->second;
+}
+
+int64_t ReplicaFastPath::bytes_in() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return bytes_in_;
+}
+
+int64_t ReplicaFastPath::refused() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return refused_;
+}
+
+namespace {
+void reply(int fd, const std::string& error) {
+  mp::Writer w;
+  if (error.empty()) {
+    w.map(2);
+    w.str("t"), w.str("ok");
+  } else {
+    w.map(3);
+    w.str("t"), w.str("err");
+    w.str("msg"), w.str(error);
+  }
+  w.str("n"), w.integer(0);
+  const uint32_t len = htonl(static_cast<uint32_t>(w.buf.size()));
+  w.buf.insert(w.buf.begin(), reinterpret_cast<const uint8_t*>(&len), reinterpret_cast<const uint8_t*>(&len) + 4);
+  net::send_all(fd, w.buf.data(), w.buf.size());
+}
+}  // namespace
+
+std::string ReplicaFastPath::serve(int fd) {
+  std::vector<uint8_t> payload;
+  while (true) {
+    uint32_t len = 0;
+    try {
+      net::recv_all(fd, &len, sizeof len);
+    } catch (const net::PeerGone&) {
+      return "";  // closed between frames
+    }
+    len = ntohl(len);
+    if (len > kMaxHeader) throw TransportError("replica header of " + std::to_string(len) + " bytes exceeds " +
+                                               std::to_string(kMaxHeader));
+    std::string body(len, '\0');
+    try {
+      net::recv_all(fd, body.data(), len);
+    } catch (const net::PeerGone& e) {
+      throw TransportError("replica peer: " + e.why);
+    }
+    std::map<std::string, mp::Value> h;
+    try {
+      h = mp::read_map(reinterpret_cast<const uint8_t*>(body.data()), body.size());
+    } catch (const mp::DecodeError&) {
+      return body;  // Python reports it
+    }
+    const std::string& t = h["t"].s;
+    if (t != "put_slots" && t != "put_blocks") return body;
+    auto mirror = find(h["src"].s);
+    if (!mirror) return body;  // "no replica of ... here", from Python
+    const int64_t n = h["n"].i;
+    if (h["n"].kind != mp::Value::kInt || n < 0 || n > max_payload_) return body;
+    payload.resize(static_cast<size_t>(n));
+    try {
+      if (n) net::recv_all(fd, payload.data(), static_cast<size_t>(n));
+    } catch (const net::PeerGone& e) {
+      throw TransportError("replica peer: " + e.why);
+    }
+    if (h["crc"].kind != mp::Value::kInt || static_cast<int64_t>(crc32c(payload.data(), static_cast<size_t>(n))) != h["crc"].i) {
+      {
+        std::lock_guard<std::mutex> g(mu_);
+        ++refused_;
+      }
+      reply(fd, "replica payload failed its CRC-32C");  // refused, never applied; the stream stays in sync
+      continue;
+    }
+    std::string error;
+    try {
+      if (h["blocks"].kind != mp::Value::kInts) throw std::invalid_argument("'blocks' must be a list of integers");
+      if (t == "put_slots") {
+        if (h["slots"].kind != mp::Value::kInts) throw std::invalid_argument("'slots' must be a list of integers");
+        mirror->put_slots(h["blocks"].ints, h["slots"].ints, payload.data(), n);
+      } else {
+        mirror->put_blocks(h["blocks"].ints, payload.data(), n);
+      }
+      std::lock_guard<std::mutex> g(mu_);
+      bytes_in_ += n;
+    } catch (const std::exception& e) {
+      error = std::string("ReplicaError: ") + e.what();
+    }
+    reply(fd, error);
+  }
+}
+
+}  // namespace dejavu

@@ -1,0 +1,126 @@
+// The sending side of KV replication (`--replicate`), off the Python interpreter: a worker's step
+// hands over the token slots it wrote (and, on a GPU, an event recorded after them) and returns; a
+// thread of this class gathers those slots into pinned host memory (a copy kernel on its own CUDA
+// stream, ordered after the event, or memcpy for a host cache), checksums them and sends them to
+// the replica holder (python/dejavu/kvstream/replica.py's ReplicaServer, same msgpack protocol),
+// then reports the acknowledgement as an event the worker forwards to its controller. Holding no
+// interpreter lock, it never competes with the step loop for it.
+//
+// Order: items are processed first in, first out (a holder change takes effect between the items
+// queued before and after it). Any failure (unreachable holder, refused frame, a step naming slots
+// outside its block table) stops replication to that holder: later slots are dropped without
+// acknowledgement until the next holder, so a request's replicated watermark is always a prefix.
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "kvstream/layout.h"
+
+namespace dejavu {
+
+struct ReplicaEvent {
+  std::string kind;   // "replicated" (a step's slots), "rereplicated" (whole blocks), "failed"
+  int64_t tag = 0;
+  int64_t bytes = 0;  // bytes sent to holders so far
+  std::string error;  // "failed", or a re-seed that did not happen
+};
+
+// One sequence's new KV: positions [start, end) of its block table.
+using Written = std::tuple<std::vector<int64_t>, int64_t, int64_t>;
+
+class ReplicaSender {
+ public:
+  // cache: the paged cache's base (a device pointer when device >= 0, else host memory) laid out as
+  // `layout`; src names the mirror at the holder; dtype is torch's name of the cache's dtype.
+  // frame_bytes bounds one frame's payload (and the pinned buffer): larger items go as several frames.
+  ReplicaSender(const KVLayout& layout, uintptr_t cache, int device, std::string src, std::string token,
+                std::string dtype, double timeout_s, int64_t frame_bytes = int64_t{64} << 20);
+  ~ReplicaSender();
+  ReplicaSender(const ReplicaSender&) = delete;
+  ReplicaSender& operator=(const ReplicaSender&) = delete;
+
+  void set_holder(const std::string& host, int port);
+  // stream: the cudaStream_t whose work so far wrote the slots (ignored for a host cache).
+  void push_slots(int64_t tag, const std::vector<Written>& written, void* stream);
+  void push_blocks(int64_t tag, const std::vector<int64_t>& blocks, void* stream);
+  // Up to `every` consecutive steps share one gather and one frame, waiting at most linger_s for the next.
+  void set_every(int64_t every, double linger_s);
+  // A step's slots wait (at most lag_s) for the next step to be handed over before they are gathered
+  // (0: gather at once). The watermark trails by that one step more.
+  void set_lag(double lag_s);
+  // Diagnostics (bench decode --replicate-skip): send zeros without touching the cache / send nothing.
+  void set_skip(bool gather, bool send);
+
+  // Events so far, waiting up to timeout_s for the first and then linger_s for more; empty on timeout
+  // or once closed.
+  std::vector<ReplicaEvent> wait_events(double timeout_s, double linger_s);
+  // True once every item pushed so far was processed (its events are then queued).
+  bool drain(double timeout_s);
+  int64_t bytes() const;
+  int64_t events_total() const;
+  bool connected() const;
+  void close();
+
+ private:
+  struct Item {
+    enum Kind { kHolder, kSlots, kBlocks, kFail } kind = kSlots;
+    int64_t tag = 0;
+    std::vector<int64_t> blocks, slots;
+    std::string host, error;
+    int port = 0;
+    void* event = nullptr;
+  };
+  void enqueue(Item it, void* stream);
+  void run();
+  void process(std::vector<Item>& batch);
+  void connect(const std::string& host, int port);
+  void disconnect();
+  void send_frames(bool slots, const std::vector<int64_t>& blocks, const std::vector<int64_t>& slot_ids,
+                   void* after);
+  void gather(bool slots, const int64_t* blocks, const int64_t* slot_ids, int64_t k, const std::vector<int64_t>& rows,
+              int64_t nbytes, void* after);
+  static constexpr int64_t kMaxDmaEntries = 256;  // more: the copy kernel (one launch)
+  void request(const std::vector<uint8_t>& header, const uint8_t* payload, int64_t n);
+  void emit(const std::string& kind, int64_t tag, const std::string& error = "");
+  void reserve(int64_t payload_bytes, int64_t desc_rows);
+
+  const KVLayout layout_;
+  uint8_t* const cache_;
+  const int device_;
+  const std::string src_, token_, dtype_;
+  const double timeout_s_;
+  const int64_t frame_bytes_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_items_, cv_done_, cv_events_;
+  std::deque<Item> items_;
+  std::deque<ReplicaEvent> events_;
+  std::vector<void*> free_events_;
+  int64_t pushed_ = 0, processed_ = 0, events_total_ = 0, bytes_ = 0, every_ = 1;
+  double linger_s_ = 0.05, lag_s_ = 0.002;
+  int flush_ = 0;  // callers inside drain()
+  bool stop_ = false;
+  std::atomic<bool> skip_gather_{false}, skip_send_{false};
+
+  // Owned by the sending thread.
+  int fd_ = -1;
+  std::string peer_;
+  void* stream_ = nullptr;
+  void* done_ = nullptr;
+  uint8_t* buf_ = nullptr;        // payload (pinned when device_ >= 0)
+  uint8_t* buf_dev_ = nullptr;    // its device-mapped address
+  int64_t* desc_ = nullptr;       // copy rows (pinned)
+  int64_t* desc_dev_ = nullptr;
+  int64_t buf_cap_ = 0, desc_cap_ = 0;
+  std::string init_error_;
+  std::thread thread_;
+};
+
+}  // namespace dejavu

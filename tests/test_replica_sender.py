@@ -1,0 +1,248 @@
+"""DéjàVuLib's native replica sender (csrc/kvstream/replica_sender.cpp, through serving/replication.py's
+Replicator) against the real holder (kvstream/replica.py's ReplicaServer) over real sockets: what
+arrives, in which order, split into frames, and what happens when a holder refuses or a step is bad."""
+import threading
+from types import SimpleNamespace
+
+import torch
+
+from dejavu import _C
+from dejavu.engine.kv_cache import PagedKVCache
+from dejavu.kvstream.replica import ReplicaServer
+from dejavu.kvstream.transports import new_cluster_token
+from dejavu.serving.replication import Replicator
+
+
+def _worker(cache, token):
+    acks = []
+    return SimpleNamespace(cache=cache, device=cache.device, cfg={"timeout": 10.0, "kv_token": token}, rank=3,
+                           ch=SimpleNamespace(send=acks.append)), acks
+
+
+def _cache(seed=0, dtype=torch.float16):
+    cache = PagedKVCache(3, 10, 4, 2, 8, dtype, torch.device("cpu"))
+    cache.tensor.copy_(torch.randn(cache.tensor.shape, generator=torch.Generator().manual_seed(seed)))
+    return cache
+
+
+def _drained(rep):
+    t = threading.Thread(target=rep.drain, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "drain() hung"
+
+
+def test_slots_blocks_and_holder_changes_arrive_in_order():
+    """Slots land at the same (layer, block, slot) in the holder's mirror; a holder change splits the
+    stream exactly where it was queued; whole blocks re-seed a holder; every step is acknowledged
+    with the bytes sent so far, in order."""
+    token = new_cluster_token()
+    cache = _cache()
+    a, b = ReplicaServer(token), ReplicaServer(token)
+    worker, acks = _worker(cache, token)
+    rep = Replicator(worker, "w0")
+    try:
+        rep.set_holder(("127.0.0.1", a.port))
+        rep.after_step(1, [([2, 5], 0, 6), ([7], 1, 3)])  # a prompt across two blocks, and two positions
+        rep.after_step(2, [([2, 5], 6, 7)])
+        rep.set_holder(("127.0.0.1", b.port))
+        rep.after_step(3, [([7], 3, 4)])
+        rep.send_blocks(4, [2, 5])
+        _drained(rep)
+        assert [(m["t"], m["id"], m["rank"]) for m in acks] == [
+            ("replicated", 1, 3), ("replicated", 2, 3), ("replicated", 3, 3), ("rereplicated", 4, 3)]
+        slot = 3 * 2 * 2 * 8 * 2  # layers x K/V x heads x dim x 2 bytes
+        block = 4 * slot
+        assert [m["bytes"] for m in acks] == [8 * slot, 9 * slot, 10 * slot, 10 * slot + 2 * block]
+        assert rep.bytes == acks[-1]["bytes"]
+        ma, mb = a.mirrors["w0"].data, b.mirrors["w0"].data
+        t = cache.tensor
+        assert torch.equal(ma[:, 2], t[:, 2]) and torch.equal(ma[:, 5, :, :3], t[:, 5, :, :3])
+        assert torch.equal(ma[:, 7, :, 1:3], t[:, 7, :, 1:3])
+        assert not torch.equal(ma[:, 7, :, 3], t[:, 7, :, 3])       # step 3 went to the second holder
+        assert torch.equal(mb[:, 7, :, 3], t[:, 7, :, 3])
+        assert torch.equal(mb[:, 2], t[:, 2]) and torch.equal(mb[:, 5], t[:, 5])  # re-seeded whole
+        # the holder keeps per-slot checksums of what it applied: they verify
+        from dejavu.kvstream.replica import block_checksums
+        data, chk = b.mirrors["w0"].get_blocks([2, 5])
+        assert torch.equal(block_checksums(data), chk)
+    finally:
+        rep.close()
+        a.stop()
+        b.stop()
+
+
+def test_large_items_go_as_several_frames():
+    """An item larger than one frame (a long prompt admitted at once) is split into several frames,
+    each a complete message the holder checks on its own; the mirror ends up whole."""
+    token = new_cluster_token()
+    cache = _cache(1, torch.float32)
+    srv = ReplicaServer(token)
+    layout = cache.layout()
+    slot = 2 * layout.token_bytes() * cache.num_layers
+    sender = _C.ReplicaSender(layout, cache.tensor.data_ptr(), -1, "big", token, "float32", 10.0, 3 * slot)
+    try:
+        sender.set_holder("127.0.0.1", srv.port)
+        sender.push_slots(1, [([0, 1, 2, 3, 4, 5, 6, 7], 0, 31)], 0)  # 31 slots -> 11 frames
+        sender.push_blocks(2, [8, 9, 1], 0)                             # 3 blocks of 4 slots -> 3 frames
+        assert sender.drain(30)
+        events = sender.wait_events(5.0, 0.0)
+        assert [(e.kind, e.tag, e.error) for e in events] == [("replicated", 1, ""), ("rereplicated", 2, "")]
+        m = srv.mirrors["big"].data
+        t = cache.tensor
+        assert torch.equal(m[:, :7], t[:, :7]) and torch.equal(m[:, 7, :, :3], t[:, 7, :, :3])
+        assert torch.equal(m[:, 8:], t[:, 8:])
+        assert sender.bytes() == 31 * slot + 3 * 4 * slot
+    finally:
+        sender.close()
+        srv.stop()
+
+
+def test_a_refusing_holder_or_a_bad_step_stops_acknowledgements():
+    """A holder with another cluster token refuses the connection: nothing is acknowledged, a
+    re-seed reports the failure. With a good holder, a step naming a position outside its block
+    table fails in order: the steps before it are acknowledged, none after it (the watermark stays
+    a prefix) until the holder is set again."""
+    token = new_cluster_token()
+    cache = _cache(2)
+    worker, acks = _worker(cache, token)
+    wrong, good = ReplicaServer(new_cluster_token()), ReplicaServer(token)
+    rep = Replicator(worker, "w1")
+    try:
+        rep.set_holder(("127.0.0.1", wrong.port))
+        rep.after_step(1, [([0], 0, 1)])
+        rep.send_blocks(2, [0])
+        _drained(rep)
+        assert [(m["t"], m["id"], "error" in m) for m in acks] == [("rereplicated", 2, True)]
+        assert "w1" not in wrong.mirrors
+        acks.clear()
+        rep.set_holder(("127.0.0.1", good.port))
+        rep.after_step(3, [([0], 1, 2)])
+        rep.after_step(4, [([0], 4, 5)])    # position 4 needs a second block
+        rep.after_step(5, [([1], 0, 1)])
+        _drained(rep)
+        assert [m["id"] for m in acks] == [3]
+        rep.set_holder(("127.0.0.1", good.port))
+        rep.after_step(6, [([1], 1, 2)])
+        _drained(rep)
+        assert [m["id"] for m in acks] == [3, 6]
+        assert torch.equal(good.mirrors["w1"].data[:, 1, :, 1], cache.tensor[:, 1, :, 1])
+    finally:
+        rep.close()
+        wrong.stop()
+        good.stop()
+
+
+def test_batched_steps_are_each_acknowledged():
+    """every=3: consecutive steps share a gather and a frame; each is still acknowledged, in order,
+    and a holder change in the middle of a batch still takes effect between the right steps."""
+    token = new_cluster_token()
+    cache = _cache(3)
+    worker, acks = _worker(cache, token)
+    srv = ReplicaServer(token)
+    rep = Replicator(worker, "w2")
+    try:
+        rep.every = 3
+        rep.set_holder(("127.0.0.1", srv.port))
+        for step in range(1, 8):
+            rep.after_step(step, [([4, 6], step - 1, step)])
+        _drained(rep)
+        assert [m["id"] for m in acks] == list(range(1, 8))
+        assert torch.equal(srv.mirrors["w2"].data[:, 4, :, :4], cache.tensor[:, 4, :, :4])
+        assert torch.equal(srv.mirrors["w2"].data[:, 6, :, :3], cache.tensor[:, 6, :, :3])
+    finally:
+        rep.close()
+        srv.stop()
+
+
+def test_device_cache_gather_is_ordered_after_the_step():
+    """A CUDA cache: the sender's copy kernel (on its own stream) waits for the event recorded after
+    the step's work, so slots written by a long-running stream arrive with their new values."""
+    import pytest
+
+    if not torch.cuda.is_available() or not _C.cuda_compiled():
+        pytest.skip("needs a CUDA device and a CUDA build")
+    token = new_cluster_token()
+    dev = torch.device("cuda", 0)
+    cache = PagedKVCache(4, 32, 16, 8, 128, torch.float16, dev)
+    worker, acks = _worker(cache, token)
+    srv = ReplicaServer(token)
+    rep = Replicator(worker, "gpu")
+    try:
+        rep.set_holder(("127.0.0.1", srv.port))
+        side = torch.cuda.Stream(dev)
+        for step in range(1, 6):
+            with torch.cuda.stream(side):
+                torch.cuda._sleep(20_000_000)  # ~10 ms of GPU time before the step's writes
+                cache.tensor[:, 3, :, step] = float(step)
+                cache.tensor[:, 9, :, step] = -float(step)
+                rep.after_step(step, [([3], step, step + 1), ([0, 9], 16 + step, 17 + step)])
+        _drained(rep)
+        torch.cuda.synchronize(dev)
+        assert [m["id"] for m in acks] == [1, 2, 3, 4, 5]
+        m, t = srv.mirrors["gpu"].data, cache.tensor.cpu()
+        assert torch.equal(m[:, 3, :, 1:6], t[:, 3, :, 1:6]) and torch.equal(m[:, 9, :, 1:6], t[:, 9, :, 1:6])
+        assert float(m[0, 3, 0, 5, 0, 0]) == 5.0
+        # A whole prompt at once (more slots than the copy engine path takes: the copy kernel) and
+        # whole blocks (copy-engine 2-D copies) land exactly as well.
+        cache.tensor.normal_()
+        rep.after_step(6, [(list(range(4, 24)), 0, 300), ([30], 0, 16)])
+        rep.send_blocks(7, [1, 2, 3, 25])
+        _drained(rep)
+        assert [m["id"] for m in acks][-2:] == [6, 7]
+        m, t = srv.mirrors["gpu"].data, cache.tensor.cpu()
+        assert torch.equal(m[:, 4:22], t[:, 4:22]) and torch.equal(m[:, 22, :, :12], t[:, 22, :, :12])
+        assert torch.equal(m[:, 30], t[:, 30]) and torch.equal(m[:, [1, 2, 3, 25]], t[:, [1, 2, 3, 25]])
+    finally:
+        rep.close()
+        srv.stop()
+
+
+def test_holder_refuses_bad_data_frames_and_stays_in_sync():
+    """The holder's C++ data path: a frame whose payload fails its CRC-32C is refused and never
+    applied; a payload of the wrong size and an unknown mirror are answered with errors; the
+    connection stays usable after each, and a good frame then lands."""
+    import socket
+    import struct
+
+    import msgpack
+
+    from dejavu.kvstream.replica import _recv, _send
+
+    token = new_cluster_token()
+    srv = ReplicaServer(token)
+    shape = (2, 4, 2, 4, 2, 8)
+    row = 2 * 2 * 2 * 8 * 4  # one slot: 2 layers x K, V x 2 heads x 8 dims x 4 bytes
+    try:
+        sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        _send(sock, {"t": "hello", "token": token})
+        assert _recv(sock)[0]["t"] == "ok"
+        _send(sock, {"t": "open", "src": "s", "shape": list(shape), "dtype": "float32"})
+        assert _recv(sock)[0]["t"] == "ok"
+        good = torch.arange(row // 4, dtype=torch.float32).view(torch.uint8)
+
+        def frame(payload, crc, **extra):
+            hdr = msgpack.packb({"t": "put_slots", "src": "s", "blocks": [2], "slots": [1], "n": payload.numel(),
+                                 "crc": crc, **extra})
+            sock.sendall(struct.pack(">I", len(hdr)) + hdr + payload.numpy().tobytes())
+            return _recv(sock)[0]
+
+        crc = _C.crc32c(good.data_ptr(), good.numel())
+        assert frame(good, crc ^ 1) == {"t": "err", "msg": "replica payload failed its CRC-32C", "n": 0}
+        assert srv.refused == 1 and not srv.mirrors["s"].chk.any()
+        short = good[:-4]
+        reply = frame(short, _C.crc32c(short.data_ptr(), short.numel()))
+        assert reply["t"] == "err" and "does not hold 1 token slots" in reply["msg"]
+        reply = frame(good, crc, slots=[9])
+        assert reply["t"] == "err" and "slot out of range [0, 4)" in reply["msg"]
+        _send(sock, {"t": "put_slots", "src": "nobody", "blocks": [0], "slots": [0]}, good)
+        reply = _recv(sock)[0]
+        assert reply["t"] == "err" and "no replica of nobody" in reply["msg"]
+        assert frame(good, crc) == {"t": "ok", "n": 0}
+        m = srv.mirrors["s"]
+        want = good.view(torch.float32).view(2, 2, 2, 8)  # [layers, K/V, heads, dim]
+        assert torch.equal(m.data[:, 2, :, 1], want)
+        assert int(m.chk[2, 1]) == crc and srv.bytes_in == row
+        sock.close()
+    finally:
+        srv.stop()
