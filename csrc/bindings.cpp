@@ -263,7 +263,6 @@ PYBIND11_MODULE(_C, m) {
       .def("drain", &ReplicaSender::drain, py::arg("timeout"), py::call_guard<py::gil_scoped_release>())
       .def("bytes", &ReplicaSender::bytes)
       .def("events_total", &ReplicaSender::events_total)
-      .def("connected", &ReplicaSender::connected)
       .def("close", &ReplicaSender::close, py::call_guard<py::gil_scoped_release>());
 
   py::class_<ReplicaMirror, std::shared_ptr<ReplicaMirror>>(m, "ReplicaMirror",

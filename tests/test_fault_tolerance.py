@@ -125,20 +125,19 @@ def test_replicator_thread_survives_a_failing_item():
     from types import SimpleNamespace
 
     from dejavu.engine.kv_cache import PagedKVCache
-    from dejavu.kvstream import KVStreamer
     from dejavu.kvstream.transports import new_cluster_token
     from dejavu.serving.replication import Replicator
 
     cache = PagedKVCache(2, 8, 4, 2, 8, torch.float32, torch.device("cpu"))
     token, acks = new_cluster_token(), []
-    worker = SimpleNamespace(cache=cache, device=cache.device, streamer=KVStreamer(cache, pool_bytes=1 << 20),
+    worker = SimpleNamespace(cache=cache, device=cache.device,
                              cfg={"timeout": 10.0, "kv_token": token}, rank=0, ch=SimpleNamespace(send=acks.append))
     srv = ReplicaServer(token)
     try:
         rep = Replicator(worker, "w0")
         rep.set_holder(("127.0.0.1", srv.port))
         rep.after_step(1, [([0], 0, 2)])
-        rep.after_step(2, [([], 0, 1)])  # IndexError in the sending thread
+        rep.after_step(2, [([], 0, 1)])  # a position outside its block table: fails in order
         rep.after_step(3, [([1], 0, 1)])
         t = threading.Thread(target=rep.drain, daemon=True)
         t.start()

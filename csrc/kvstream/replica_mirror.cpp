@@ -1,19 +1,16 @@
 #include "kvstream/replica_mirror.h"
 
-#include <arpa/inet.h>
-
 #include <cstring>
 #include <stdexcept>
 
 #include "kvstream/host_copy.h"
 #include "kvstream/msgpack_lite.h"
 #include "kvstream/net.h"
+#include "kvstream/replica_wire.h"
 
 namespace dejavu {
 
 namespace {
-constexpr uint32_t kMaxHeader = 1 << 20;  // as replica.py's MAX_HEADER
-
 std::string range_text(int64_t hi) { return "[0, " + std::to_string(hi) + ")"; }
 }  // namespace
 
@@ -106,42 +103,11 @@ int64_t ReplicaFastPath::refused() const {
   return refused_;
 }
 
-namespace {
-void reply(int fd, const std::string& error) {
-  mp::Writer w;
-  if (error.empty()) {
-    w.map(2);
-    w.str("t"), w.str("ok");
-  } else {
-    w.map(3);
-    w.str("t"), w.str("err");
-    w.str("msg"), w.str(error);
-  }
-  w.str("n"), w.integer(0);
-  const uint32_t len = htonl(static_cast<uint32_t>(w.buf.size()));
-  w.buf.insert(w.buf.begin(), reinterpret_cast<const uint8_t*>(&len), reinterpret_cast<const uint8_t*>(&len) + 4);
-  net::send_all(fd, w.buf.data(), w.buf.size());
-}
-}  // namespace
-
 std::string ReplicaFastPath::serve(int fd) {
   std::vector<uint8_t> payload;
+  std::string body;
   while (true) {
-    uint32_t len = 0;
-    try {
-      net::recv_all(fd, &len, sizeof len);
-    } catch (const net::PeerGone&) {
-      return "";  // closed between frames
-    }
-    len = ntohl(len);
-    if (len > kMaxHeader) throw TransportError("replica header of " + std::to_string(len) + " bytes exceeds " +
-                                               std::to_string(kMaxHeader));
-    std::string body(len, '\0');
-    try {
-      net::recv_all(fd, body.data(), len);
-    } catch (const net::PeerGone& e) {
-      throw TransportError("replica peer: " + e.why);
-    }
+    if (!replica_wire::recv_header(fd, &body)) return "";
     std::map<std::string, mp::Value> h;
     try {
       h = mp::read_map(reinterpret_cast<const uint8_t*>(body.data()), body.size());
@@ -160,12 +126,14 @@ std::string ReplicaFastPath::serve(int fd) {
     } catch (const net::PeerGone& e) {
       throw TransportError("replica peer: " + e.why);
     }
-    if (h["crc"].kind != mp::Value::kInt || static_cast<int64_t>(crc32c(payload.data(), static_cast<size_t>(n))) != h["crc"].i) {
+    const int64_t crc = crc32c(payload.data(), static_cast<size_t>(n));
+    if (h["crc"].kind != mp::Value::kInt || crc != h["crc"].i) {
       {
         std::lock_guard<std::mutex> g(mu_);
         ++refused_;
       }
-      reply(fd, "replica payload failed its CRC-32C");  // refused, never applied; the stream stays in sync
+      // Refused, never applied; the stream stays in sync.
+      replica_wire::send_reply(fd, "replica payload failed its CRC-32C");
       continue;
     }
     std::string error;
@@ -182,7 +150,7 @@ std::string ReplicaFastPath::serve(int fd) {
     } catch (const std::exception& e) {
       error = std::string("ReplicaError: ") + e.what();
     }
-    reply(fd, error);
+    replica_wire::send_reply(fd, error);
   }
 }
 

@@ -1,24 +1,23 @@
 #include "kvstream/replica_sender.h"
 
-#include <arpa/inet.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <numeric>
 #include <stdexcept>
 
 #include "kvstream/cuda_copy.h"
 #include "kvstream/host_copy.h"
 #include "kvstream/msgpack_lite.h"
 #include "kvstream/net.h"
+#include "kvstream/replica_wire.h"
 
 namespace dejavu {
 
 namespace {
-constexpr uint32_t kMaxReplyHeader = 1 << 20;  // as the holder's MAX_HEADER
-
 void check_cuda(const std::string& err) {
   if (!err.empty()) throw std::runtime_error(err);
 }
@@ -42,6 +41,7 @@ ReplicaSender::ReplicaSender(const KVLayout& layout, uintptr_t cache, int device
   if (token_.empty()) throw std::invalid_argument("ReplicaSender needs the cluster token");
   if (frame_bytes_ <= 0) throw std::invalid_argument("frame_bytes must be positive");
   if (device_ >= 0 && !cuda_compiled()) throw std::runtime_error("ReplicaSender: this build has no CUDA");
+  buf_.pinned = desc_.pinned = device_ >= 0;
   // CUDA state belongs to the sending thread (setting the device there leaves the caller's alone);
   // its errors surface here.
   std::mutex init_mu;
@@ -88,16 +88,37 @@ void ReplicaSender::close() {
   items_.clear();
   for (void* e : free_events_) cuda_event_free(e);
   free_events_.clear();
-  if (device_ >= 0) {
-    cuda_host_free(buf_);
-    cuda_host_free(desc_);
-    cuda_event_free(done_);
-    cuda_stream_free(stream_);
+  buf_.release();
+  desc_.release();
+  cuda_event_free(done_);
+  cuda_stream_free(stream_);
+  done_ = nullptr, stream_ = nullptr;
+}
+
+// ------------------------------------------------------------------------------ host buffers
+void ReplicaSender::HostBuffer::reserve(int64_t bytes, int64_t limit) {
+  if (bytes <= cap) return;
+  const int64_t want = std::max(bytes, std::min(2 * cap, limit));  // doubling, up to limit unless more is needed
+  release();
+  if (pinned) {
+    void *h = nullptr, *d = nullptr;
+    check_cuda(cuda_host_alloc(static_cast<size_t>(want), &h, &d));
+    host = static_cast<uint8_t*>(h), dev = d;
   } else {
-    std::free(buf_);
-    std::free(desc_);
+    host = static_cast<uint8_t*>(std::malloc(static_cast<size_t>(want)));
+    if (!host) throw std::bad_alloc();
+    dev = host;
   }
-  buf_ = nullptr, desc_ = nullptr, done_ = nullptr, stream_ = nullptr;
+  cap = want;
+}
+
+void ReplicaSender::HostBuffer::release() {
+  if (pinned) {
+    cuda_host_free(host);
+  } else {
+    std::free(host);
+  }
+  host = nullptr, dev = nullptr, cap = 0;
 }
 
 // ------------------------------------------------------------------------------ caller side
@@ -136,33 +157,28 @@ void ReplicaSender::push_slots(int64_t tag, const std::vector<Written>& written,
   it.tag = tag;
   const int64_t bs = layout_.block_size;
   for (const auto& [table, start, end] : written) {
-    if (start < 0 || end < start || (end > 0 && (end - 1) / bs >= static_cast<int64_t>(table.size()))) {
-      // Queued as a failure, in order: the steps before it are still sent and acknowledged.
-      Item bad;
-      bad.kind = Item::kFail;
-      bad.tag = tag;
-      bad.error = "step " + std::to_string(tag) + ": positions [" + std::to_string(start) + ", " +
-                  std::to_string(end) + ") do not fit a block table of " + std::to_string(table.size()) + " blocks";
-      enqueue(std::move(bad), nullptr);
-      return;
-    }
+    if (start < 0 || end < start || (end > 0 && (end - 1) / bs >= static_cast<int64_t>(table.size())))
+      return push_fail(tag, "positions [" + std::to_string(start) + ", " + std::to_string(end) +
+                                ") do not fit a block table of " + std::to_string(table.size()) + " blocks");
     for (int64_t p = start; p < end; ++p) {
       it.blocks.push_back(table[p / bs]);
       it.slots.push_back(p % bs);
     }
   }
-  for (int64_t b : it.blocks) {
-    if (b < 0 || b >= layout_.num_blocks) {
-      Item bad;
-      bad.kind = Item::kFail;
-      bad.tag = tag;
-      bad.error = "step " + std::to_string(tag) + ": block id " + std::to_string(b) + " outside the cache's [0, " +
-                  std::to_string(layout_.num_blocks) + ")";
-      enqueue(std::move(bad), nullptr);
-      return;
-    }
-  }
+  for (int64_t b : it.blocks)
+    if (b < 0 || b >= layout_.num_blocks)
+      return push_fail(tag, "block id " + std::to_string(b) + " outside the cache's [0, " +
+                                std::to_string(layout_.num_blocks) + ")");
   enqueue(std::move(it), stream);
+}
+
+// A bad step is queued as a failure, in order: the steps before it are still sent and acknowledged.
+void ReplicaSender::push_fail(int64_t tag, const std::string& why) {
+  Item bad;
+  bad.kind = Item::kFail;
+  bad.tag = tag;
+  bad.error = "step " + std::to_string(tag) + ": " + why;
+  enqueue(std::move(bad), nullptr);
 }
 
 void ReplicaSender::push_blocks(int64_t tag, const std::vector<int64_t>& blocks, void* stream) {
@@ -220,11 +236,6 @@ int64_t ReplicaSender::bytes() const {
 int64_t ReplicaSender::events_total() const {
   std::lock_guard<std::mutex> g(mu_);
   return events_total_;
-}
-
-bool ReplicaSender::connected() const {
-  std::lock_guard<std::mutex> g(mu_);
-  return fd_ >= 0;
 }
 
 // ------------------------------------------------------------------------------ sending thread
@@ -316,18 +327,13 @@ void ReplicaSender::process(std::vector<Item>& batch) {
 }
 
 void ReplicaSender::disconnect() {
-  std::lock_guard<std::mutex> g(mu_);
   if (fd_ >= 0) ::close(fd_);
   fd_ = -1;
 }
 
 void ReplicaSender::connect(const std::string& host, int port) {
   disconnect();
-  const int fd = net::connect_to(host, port, timeout_s_);
-  {
-    std::lock_guard<std::mutex> g(mu_);
-    fd_ = fd;
-  }
+  fd_ = net::connect_to(host, port, timeout_s_);
   peer_ = host + ":" + std::to_string(port);
   mp::Writer hello;
   hello.map(3);
@@ -347,95 +353,59 @@ void ReplicaSender::connect(const std::string& host, int port) {
 }
 
 void ReplicaSender::request(const std::vector<uint8_t>& header, const uint8_t* payload, int64_t n) {
-  const uint32_t len = htonl(static_cast<uint32_t>(header.size()));
-  std::vector<uint8_t> head(sizeof len + header.size());
-  std::memcpy(head.data(), &len, sizeof len);
-  std::memcpy(head.data() + sizeof len, header.data(), header.size());
   try {
-    net::send_all(fd_, head.data(), head.size());
-    if (n > 0) net::send_all(fd_, payload, static_cast<size_t>(n));
-    uint32_t rlen = 0;
-    net::recv_all(fd_, &rlen, sizeof rlen);
-    rlen = ntohl(rlen);
-    if (rlen > kMaxReplyHeader) throw TransportError("replica holder " + peer_ + " sent an oversized header");
-    std::vector<uint8_t> body(rlen);
-    net::recv_all(fd_, body.data(), rlen);
-    auto reply = mp::read_map(body.data(), body.size());
-    if (reply["n"].i != 0) throw TransportError("replica holder " + peer_ + " answered with an unexpected payload");
-    if (reply["t"].s == "err")
-      throw TransportError("replica holder " + peer_ + ": " + reply["msg"].s);
-    if (reply["t"].s != "ok") throw TransportError("replica holder " + peer_ + " answered '" + reply["t"].s + "'");
-  } catch (const net::PeerGone& e) {
-    throw TransportError("replica holder " + peer_ + ": " + e.why);
+    replica_wire::send_frame(fd_, header, payload, n);
+    std::string body;
+    if (!replica_wire::recv_header(fd_, &body)) throw TransportError("closed the connection");
+    auto reply = mp::read_map(reinterpret_cast<const uint8_t*>(body.data()), body.size());
+    if (reply["n"].i != 0) throw TransportError("answered with an unexpected payload");
+    if (reply["t"].s == "err") throw TransportError(reply["msg"].s);
+    if (reply["t"].s != "ok") throw TransportError("answered '" + reply["t"].s + "'");
+  } catch (const TransportError& e) {
+    throw TransportError("replica holder " + peer_ + ": " + e.what());
   } catch (const mp::DecodeError& e) {
     throw TransportError("replica holder " + peer_ + " sent an undecodable header: " + e.what());
   }
 }
 
-void ReplicaSender::reserve(int64_t payload_bytes, int64_t desc_rows) {
-  if (payload_bytes > buf_cap_) {
-    const int64_t cap = std::max<int64_t>(payload_bytes, std::min<int64_t>(2 * buf_cap_, frame_bytes_));
-    if (device_ >= 0) {
-      cuda_host_free(buf_);
-      buf_ = nullptr, buf_cap_ = 0;
-      void *h = nullptr, *d = nullptr;
-      check_cuda(cuda_host_alloc(static_cast<size_t>(cap), &h, &d));
-      buf_ = static_cast<uint8_t*>(h), buf_dev_ = static_cast<uint8_t*>(d);
-    } else {
-      std::free(buf_);
-      buf_ = static_cast<uint8_t*>(std::malloc(static_cast<size_t>(cap)));
-      if (!buf_) throw std::bad_alloc();
-      buf_dev_ = buf_;
-    }
-    buf_cap_ = cap;
+// Packs one frame's entries into buf_ as the holder's Mirror reads them: [layers][slots][K, V]
+// (slots) or [layers][blocks].
+void ReplicaSender::gather(bool slots, const std::vector<int64_t>& blocks, const std::vector<int64_t>& slot_ids,
+                           int64_t nbytes, void* after) {
+  if (skip_gather_) {
+    std::memset(buf_.host, 0, static_cast<size_t>(nbytes));
+    return;
   }
-  if (desc_rows > desc_cap_) {
-    const int64_t cap = std::max<int64_t>(desc_rows, 2 * desc_cap_);
-    const size_t nbytes = static_cast<size_t>(cap) * 3 * sizeof(int64_t);
-    if (device_ >= 0) {
-      cuda_host_free(desc_);
-      desc_ = nullptr, desc_cap_ = 0;
-      void *h = nullptr, *d = nullptr;
-      check_cuda(cuda_host_alloc(nbytes, &h, &d));
-      desc_ = static_cast<int64_t*>(h), desc_dev_ = static_cast<int64_t*>(d);
-    } else {
-      std::free(desc_);
-      desc_ = static_cast<int64_t*>(std::malloc(nbytes));
-      if (!desc_) throw std::bad_alloc();
-      desc_dev_ = desc_;
+  const KVLayout& l = layout_;
+  const int64_t k = static_cast<int64_t>(blocks.size());
+  if (device_ >= 0) {
+    if (after) check_cuda(cuda_stream_wait_event(stream_, after));
+    if (k <= kMaxDmaEntries) {
+      // The copy engine: no SMs taken from the decode step running beside it.
+      check_cuda(slots ? cuda_dma_gather_slots(cache_, buf_.host, blocks.data(), slot_ids.data(), k, l.num_layers,
+                                               l.num_blocks, l.block_size, l.token_bytes(), stream_)
+                       : cuda_dma_gather_blocks(cache_, buf_.host, blocks.data(), k, l.num_layers, l.num_blocks,
+                                                l.chunk_bytes(), stream_));
+      return wait_for_device();
     }
-    desc_cap_ = cap;
   }
+  std::vector<int64_t> layers(static_cast<size_t>(l.num_layers));
+  std::iota(layers.begin(), layers.end(), 0);
+  const std::vector<Span> spans = slots ? token_spans(l, layers, blocks, slot_ids) : chunk_spans(l, layers, blocks);
+  if (device_ < 0) {
+    host_gather(cache_, spans.data(), spans.size(), buf_.host);
+    return;
+  }
+  // Many entries (a whole prompt at admission): one copy-kernel launch instead of thousands of
+  // copies; it writes the pinned buffer through its mapped address.
+  const int64_t rows = copy_desc_rows_bound(spans, 0);
+  desc_.reserve(rows * 3 * static_cast<int64_t>(sizeof(int64_t)));
+  const CopyDesc d = fill_copy_desc(spans, /*out=*/true, 0, reinterpret_cast<int64_t*>(desc_.host), rows);
+  check_cuda(cuda_copy_spans(cache_, buf_.dev, static_cast<const int64_t*>(desc_.dev), d.rows, stream_, 0));
+  wait_for_device();
 }
 
-// Packs entries [first, first + k) into buf_: copy rows (src offset, dst offset, bytes) for the
-// host and the copy kernel, or, on a device, copy-engine transfers when there are few enough.
-void ReplicaSender::gather(bool slots, const int64_t* blocks, const int64_t* slot_ids, int64_t k,
-                           const std::vector<int64_t>& rows, int64_t nbytes, void* after) {
-  const int64_t n = static_cast<int64_t>(rows.size() / 3);
-  if (skip_gather_) {
-    std::memset(buf_, 0, static_cast<size_t>(nbytes));
-    return;
-  }
-  if (device_ < 0) {
-    for (int64_t r = 0; r < n; ++r) std::memcpy(buf_ + rows[3 * r + 1], cache_ + rows[3 * r], rows[3 * r + 2]);
-    return;
-  }
-  if (after) check_cuda(cuda_stream_wait_event(stream_, after));
-  const KVLayout& l = layout_;
-  if (k <= kMaxDmaEntries) {
-    // The copy engine: no SMs taken from the decode step running beside it. (A copy kernel writing
-    // host memory holds its SMs for the PCIe round trips and slowed a batch-1 step by ~5%.)
-    check_cuda(slots ? cuda_dma_gather_slots(cache_, buf_, blocks, slot_ids, k, l.num_layers, l.num_blocks,
-                                             l.block_size, l.token_bytes(), stream_)
-                     : cuda_dma_gather_blocks(cache_, buf_, blocks, k, l.num_layers, l.num_blocks, l.chunk_bytes(),
-                                              stream_));
-  } else {
-    // Many entries (a whole prompt at admission): one kernel launch instead of thousands of copies;
-    // it writes the pinned buffer through its mapped address.
-    std::memcpy(desc_, rows.data(), rows.size() * sizeof(int64_t));
-    check_cuda(cuda_copy_spans(cache_, buf_dev_, desc_dev_, n, stream_, 0));
-  }
+void ReplicaSender::wait_for_device() {
   check_cuda(cuda_event_record(done_, stream_));
   // A blocking-sync event: this thread sleeps (polling it measured no better on the H200).
   check_cuda(cuda_event_wait(done_));
@@ -450,36 +420,24 @@ void ReplicaSender::send_frames(bool slots, const std::vector<int64_t>& blocks, 
   const int64_t per_frame = std::max<int64_t>(1, frame_bytes_ / entry);
   const int64_t total = static_cast<int64_t>(blocks.size());
   const bool skip_send = skip_send_;
-  std::vector<int64_t> rows;
   for (int64_t first = 0; first < total; first += per_frame) {
     const int64_t k = std::min(per_frame, total - first);
     const int64_t nbytes = k * entry;
-    // Packed as the holder's Mirror reads it: [layers][entries][K, V] (slots) or [layers][blocks].
-    rows.clear();
-    int64_t dst = 0;
-    for (int64_t layer = 0; layer < l.num_layers; ++layer)
-      for (int64_t j = first; j < first + k; ++j) {
-        if (slots) {
-          for (int64_t kv = 0; kv < 2; ++kv, dst += piece)
-            rows.insert(rows.end(), {l.token_offset(layer, blocks[j], slot_ids[j], kv), dst, piece});
-        } else {
-          rows.insert(rows.end(), {l.chunk_offset(layer, blocks[j]), dst, piece});
-          dst += piece;
-        }
-      }
-    reserve(nbytes, static_cast<int64_t>(rows.size() / 3));
-    gather(slots, blocks.data() + first, slots ? slot_ids.data() + first : nullptr, k, rows, nbytes,
-           first == 0 ? after : nullptr);
+    const std::vector<int64_t> fb(blocks.begin() + first, blocks.begin() + first + k);
+    const std::vector<int64_t> fs = slots ? std::vector<int64_t>(slot_ids.begin() + first, slot_ids.begin() + first + k)
+                                          : std::vector<int64_t>();
+    buf_.reserve(nbytes, frame_bytes_);
+    gather(slots, fb, fs, nbytes, first == 0 ? after : nullptr);
     if (!skip_send) {
       mp::Writer h;
       h.map(slots ? 6 : 5);
       h.str("t"), h.str(slots ? "put_slots" : "put_blocks");
       h.str("src"), h.str(src_);
-      h.str("blocks"), h.ints(std::vector<int64_t>(blocks.begin() + first, blocks.begin() + first + k));
-      if (slots) h.str("slots"), h.ints(std::vector<int64_t>(slot_ids.begin() + first, slot_ids.begin() + first + k));
+      h.str("blocks"), h.ints(fb);
+      if (slots) h.str("slots"), h.ints(fs);
       h.str("n"), h.integer(nbytes);
-      h.str("crc"), h.integer(crc32c(buf_, static_cast<size_t>(nbytes)));
-      request(h.buf, buf_, nbytes);
+      h.str("crc"), h.integer(crc32c(buf_.host, static_cast<size_t>(nbytes)));
+      request(h.buf, buf_.host, nbytes);
     }
     std::lock_guard<std::mutex> g(mu_);
     bytes_ += nbytes;

@@ -65,7 +65,6 @@ class ReplicaSender {
   bool drain(double timeout_s);
   int64_t bytes() const;
   int64_t events_total() const;
-  bool connected() const;
   void close();
 
  private:
@@ -77,19 +76,29 @@ class ReplicaSender {
     int port = 0;
     void* event = nullptr;
   };
+  // Host memory of the sending thread: pinned and device-mapped (dev) for a device cache.
+  struct HostBuffer {
+    bool pinned = false;
+    uint8_t* host = nullptr;
+    void* dev = nullptr;
+    int64_t cap = 0;
+    void reserve(int64_t bytes, int64_t limit = INT64_MAX);  // contents are not kept
+    void release();
+  };
   void enqueue(Item it, void* stream);
+  void push_fail(int64_t tag, const std::string& why);
   void run();
   void process(std::vector<Item>& batch);
   void connect(const std::string& host, int port);
   void disconnect();
   void send_frames(bool slots, const std::vector<int64_t>& blocks, const std::vector<int64_t>& slot_ids,
                    void* after);
-  void gather(bool slots, const int64_t* blocks, const int64_t* slot_ids, int64_t k, const std::vector<int64_t>& rows,
-              int64_t nbytes, void* after);
+  void gather(bool slots, const std::vector<int64_t>& blocks, const std::vector<int64_t>& slot_ids, int64_t nbytes,
+              void* after);
+  void wait_for_device();
   static constexpr int64_t kMaxDmaEntries = 256;  // more: the copy kernel (one launch)
   void request(const std::vector<uint8_t>& header, const uint8_t* payload, int64_t n);
   void emit(const std::string& kind, int64_t tag, const std::string& error = "");
-  void reserve(int64_t payload_bytes, int64_t desc_rows);
 
   const KVLayout layout_;
   uint8_t* const cache_;
@@ -114,11 +123,8 @@ class ReplicaSender {
   std::string peer_;
   void* stream_ = nullptr;
   void* done_ = nullptr;
-  uint8_t* buf_ = nullptr;        // payload (pinned when device_ >= 0)
-  uint8_t* buf_dev_ = nullptr;    // its device-mapped address
-  int64_t* desc_ = nullptr;       // copy rows (pinned)
-  int64_t* desc_dev_ = nullptr;
-  int64_t buf_cap_ = 0, desc_cap_ = 0;
+  HostBuffer buf_;   // one frame's payload
+  HostBuffer desc_;  // copy rows for the copy kernel (device caches only)
   std::string init_error_;
   std::thread thread_;
 };

@@ -90,16 +90,16 @@ class _ReplicationStream:
     runs."""
 
     def __init__(self, llm, every: int = 1, holder: str = "thread", skip: str = "none"):
-        from ..kvstream import KVStreamer
         from ..kvstream.replica import ReplicaServer
         from ..kvstream.transports import new_cluster_token
         from ..serving.replication import Replicator
 
         if holder not in ("thread", "process"):
             raise ValueError(f"replica holder must be thread or process, got {holder!r}")
+        if skip not in ("none", "gather", "send"):
+            raise ValueError(f"--replicate-skip must be none, gather or send, got {skip!r}")
         self.cache = llm.engine.runner.cache
         self.device = self.cache.device
-        self.streamer = KVStreamer(self.cache, pool_bytes=64 << 20)
         token = new_cluster_token()
         self.cfg = {"timeout": 60.0, "kv_token": token}
         self.rank, self.ch, self.acks, self.step_id, self.recent = 0, self, 0, 0, []
@@ -113,8 +113,6 @@ class _ReplicationStream:
                  "s = ReplicaServer(sys.argv[1]); print(s.port, flush=True); sys.stdin.read()", token],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             port = int(self.proc.stdout.readline())
-        if skip not in ("none", "gather", "send"):
-            raise ValueError(f"--replicate-skip must be none, gather or send, got {skip!r}")
         self.replicator = Replicator(self, "bench")
         # diagnostics: 'gather' sends zeros without touching the GPU, 'send' gathers but sends nothing
         self.replicator.native.set_skip(skip == "gather", skip == "send")

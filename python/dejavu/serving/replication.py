@@ -4,8 +4,8 @@ After every step (and every disaggregated admission) the token slots the step wr
 holder's ReplicaServer, which applies them to its mirror of this worker's cache. The step itself
 only hands the slots (and, on CUDA, an event recorded after the step's work) to DéjàVuLib's
 ReplicaSender (csrc/kvstream/replica_sender.cpp): a C++ thread that gathers them into pinned host
-memory (a copy kernel on its own stream, ordered after that event; memcpy for a host cache),
-checksums and sends them, holding no interpreter lock, so it never competes with the step loop for
+memory (with the copy engine, ordered after that event and lagged by one step; memcpy for a host
+cache), checksums and sends them, holding no interpreter lock, so it never competes with the step loop for
 it. (Gathering a slot after later steps ran is safe: a request's KV slots are written once, and a
 block freed and reused meanwhile is re-sent by its new owner later in the same FIFO queue.) Once the
 holder acknowledged, a small Python thread tells the controller "replicated <step>" (it wakes for a
@@ -34,7 +34,6 @@ class Replicator:
     def __init__(self, worker, src: str):
         self.w, self.src = worker, src
         cache = worker.cache
-        self.shape = tuple(cache.tensor.shape)
         self.paused = False  # PipelineEngine.set_replication (between requests only)
         self._every = 1
         dev = worker.device

@@ -113,7 +113,7 @@ class StageWorker:
         self.kv_server = None
         self.dests = {}
         rep = cfg.get("replicate")
-        if self.role in ("prompt", "token") or rep:
+        if self.role in ("prompt", "token"):  # disaggregation's KV streams (replication has its own sender)
             from ..kvstream import KVStreamer, TcpReplicaServer
 
             self.streamer = KVStreamer(self.cache, pool_bytes=cfg.get("kv_pool_bytes", 256 << 20))
