@@ -1,5 +1,6 @@
 // dejavu._C: the Python face of the C++ core. Pointers cross as integers (tensor.data_ptr()),
 // so the extension links against no torch and one build serves any torch version.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -255,6 +256,21 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release nogil;
         r.push_blocks(tag, blocks, as_ptr<void>(stream));
       }, py::arg("tag"), py::arg("blocks"), py::arg("stream") = 0)
+      .def("ring_attach", &ReplicaSender::ring_attach, py::arg("ring"), py::arg("rows"),
+           "Use `rows` rows at address `ring` ([layers][rows][K, V][token bytes]) as the step ring")
+      .def("ring_stage", [](ReplicaSender& r, const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& blocks,
+                            const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& slots) {
+        if (blocks.ndim() != 1 || slots.ndim() != 1 || blocks.shape(0) != slots.shape(0))
+          throw std::invalid_argument("ring_stage takes two 1-D int64 arrays of the same length");
+        return r.ring_stage(blocks.data(), slots.data(), blocks.shape(0));
+      }, py::arg("blocks"), py::arg("slots"),
+         "Reserve ring rows for a step's new tokens at (blocks[i], slots[i]): the first row, or -1")
+      .def("ring_commit", [](ReplicaSender& r, int64_t tag, int64_t n, uintptr_t stream) {
+        return r.ring_commit(tag, n, as_ptr<void>(stream));
+      }, py::arg("tag"), py::arg("n"), py::arg("stream") = 0,
+         "Queue the staged step of n tokens under tag; False when none (or another size) was staged")
+      .def("ring_cancel", &ReplicaSender::ring_cancel, "Take back the uncommitted reservation, if any")
+      .def("ring_misses", &ReplicaSender::ring_misses)
       .def("set_every", &ReplicaSender::set_every, py::arg("every"), py::arg("linger"))
       .def("set_skip", &ReplicaSender::set_skip, py::arg("gather"), py::arg("send"))
       .def("set_lag", &ReplicaSender::set_lag, py::arg("lag"))
@@ -322,15 +338,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("head_dim"), py::arg("num_parts"), "Floats of workspace paged_decode_attention needs");
   m.def("write_kv_cache", [](uintptr_t cache, uintptr_t k, uintptr_t v, uintptr_t slot_blocks, uintptr_t slot_offsets,
                              int64_t n, int64_t kv_heads, int64_t head_dim, int64_t block_size, int64_t k_stride,
-                             int64_t v_stride, int dtype, uintptr_t stream) {
+                             int64_t v_stride, int dtype, uintptr_t stream, uintptr_t ring, uintptr_t ring_rows) {
     std::string err = write_kv_cache(as_ptr<void>(cache), as_ptr<const void>(k), as_ptr<const void>(v),
                                      as_ptr<const int64_t>(slot_blocks), as_ptr<const int64_t>(slot_offsets), n,
                                      kv_heads, head_dim, block_size, k_stride, v_stride, static_cast<DType>(dtype),
-                                     as_ptr<void>(stream));
+                                     as_ptr<void>(stream), as_ptr<void>(ring), as_ptr<const int64_t>(ring_rows));
     if (!err.empty()) throw std::runtime_error(err);
   }, py::arg("cache"), py::arg("k"), py::arg("v"), py::arg("slot_blocks"), py::arg("slot_offsets"), py::arg("n"),
      py::arg("kv_heads"), py::arg("head_dim"), py::arg("block_size"), py::arg("k_stride"), py::arg("v_stride"),
-     py::arg("dtype"), py::arg("stream") = 0, "Store n new K/V rows into one layer's paged cache (negative block: skip)");
+     py::arg("dtype"), py::arg("stream") = 0, py::arg("ring") = 0, py::arg("ring_rows") = 0,
+     "Store n new K/V rows into one layer's paged cache (negative block: skip); with a ring (this layer's part "
+     "of a replication ring) also into row ring_rows[i] (negative: none)");
   m.def("paged_decode_attention", [](uintptr_t out, uintptr_t q, uintptr_t cache, uintptr_t block_tables,
                                      uintptr_t context_lens, uintptr_t alibi_slopes, uintptr_t workspace,
                                      int64_t num_seqs, int64_t num_heads, int64_t kv_heads, int64_t head_dim,

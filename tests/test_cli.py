@@ -51,13 +51,19 @@ def test_bench_decode_with_replication_running(tmp_path):
     holder's copy of the last steps' slots equals the cache."""
     out = tmp_path / "decode.json"
     r = run("bench", "decode", "--model", "random:opt-tiny", "--device", "cpu", "--batch", "1,3", "--prompt-len", "20",
-            "--max-tokens", "6", "--no-hf", "--replicate", "--pairs", "2", "--json", str(out))
+            "--max-tokens", "6", "--no-hf", "--replicate", "--pairs", "2", "--replicate-path", "ring,gather",
+            "--json", str(out))
     assert r.returncode == 0, r.stderr
     for row in json.loads(out.read_text())["rows"]:
-        assert row["replicate_acked"] == "10/10"  # 2 runs x 5 decode steps
-        assert row["replica_exact"] is True and row["replicate_bytes"] > 0
-        assert row["replicate_ratio"] > 0 and len(row["replicate_pair_ratios"]) == 2
-    assert "with replication:" in r.stdout
+        assert row["replicate_acked"] == "20/20"  # 2 pairs x 2 paths x 5 decode steps
+        assert row["replica_exact"] is True and row["replicate_bytes"] > 0 and row["replicate_ring_misses"] == 0
+        assert row["replicate_ratio"] == row["replicate_by_path"]["ring"]["ratio"] > 0
+        assert sorted(row["replicate_by_path"]) == ["gather", "ring"]
+        assert all(len(r["pair_ratios"]) == 2 for r in row["replicate_by_path"].values())
+    assert "with replication (ring):" in r.stdout and "with replication (gather):" in r.stdout
+    r = run("bench", "decode", "--model", "random:opt-tiny", "--device", "cpu", "--batch", "1", "--no-hf",
+            "--replicate", "--replicate-path", "ring,copy")
+    assert r.returncode == 2 and "--replicate-path takes" in r.stderr
     r = run("bench", "decode", "--model", "random:opt-tiny", "--device", "cpu", "--batch", "2", "--prompt-len", "20",
             "--max-tokens", "6", "--no-hf", "--replicate", "--pairs", "1", "--replica-holder", "process",
             "--replicate-every", "2", "--json", str(out))

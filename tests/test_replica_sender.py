@@ -72,15 +72,21 @@ def test_slots_blocks_and_holder_changes_arrive_in_order():
         b.stop()
 
 
-def test_large_items_go_as_several_frames():
-    """An item larger than one frame (a long prompt admitted at once) is split into several frames,
-    each a complete message the holder checks on its own; the mirror ends up whole."""
+def _three_slot_frames(seed, name):
+    """A float32 cache, a holder, and a bare sender whose frames hold at most 3 token slots."""
     token = new_cluster_token()
-    cache = _cache(1, torch.float32)
+    cache = _cache(seed, torch.float32)
     srv = ReplicaServer(token)
     layout = cache.layout()
     slot = 2 * layout.token_bytes() * cache.num_layers
-    sender = _C.ReplicaSender(layout, cache.tensor.data_ptr(), -1, "big", token, "float32", 10.0, 3 * slot)
+    sender = _C.ReplicaSender(layout, cache.tensor.data_ptr(), -1, name, token, "float32", 10.0, 3 * slot)
+    return cache, srv, sender, slot
+
+
+def test_large_items_go_as_several_frames():
+    """An item larger than one frame (a long prompt admitted at once) is split into several frames,
+    each a complete message the holder checks on its own; the mirror ends up whole."""
+    cache, srv, sender, slot = _three_slot_frames(1, "big")
     try:
         sender.set_holder("127.0.0.1", srv.port)
         sender.push_slots(1, [([0, 1, 2, 3, 4, 5, 6, 7], 0, 31)], 0)  # 31 slots -> 11 frames
@@ -245,4 +251,202 @@ def test_holder_refuses_bad_data_frames_and_stays_in_sync():
         assert int(m.chk[2, 1]) == crc and srv.bytes_in == row
         sock.close()
     finally:
+        srv.stop()
+
+
+def _small_ring(rep, cache, rows):
+    """Give the Replicator a ring of `rows` rows (the default has at least 256)."""
+    from dejavu.models.layers import KVRing
+
+    t = torch.zeros((cache.num_layers, rows, 2, cache.num_kv_heads, cache.head_dim), dtype=cache.dtype)
+    rep.native.ring_attach(t.data_ptr(), rows)
+    rep.ring = KVRing(t, cache.tensor)
+    return t
+
+
+def _ring_setup(seed, name, rows):
+    """A cache, a holder, and a Replicator with a ring of `rows` rows replicating to it."""
+    token = new_cluster_token()
+    cache = _cache(seed)
+    worker, acks = _worker(cache, token)
+    srv = ReplicaServer(token)
+    rep = Replicator(worker, name)
+    ring = _small_ring(rep, cache, rows)
+    rep.set_holder(("127.0.0.1", srv.port))
+    return cache, acks, srv, rep, ring
+
+
+def _ring_step(rep, ring, cache, step, slots):
+    """A decode step as the write-KV kernel runs it: stage ring rows for (block, slot) pairs, store
+    each slot's K/V into the cache (fresh values) and into its ring row, then after_step."""
+    import numpy as np
+
+    blocks = np.array([b for b, _ in slots], np.int64)
+    offs = np.array([s for _, s in slots], np.int64)
+    first = rep.stage(blocks, offs)
+    for i, (b, s) in enumerate(slots):
+        cache.tensor[:, b, :, s] = float(step) + i / 8
+        if first >= 0:
+            ring[:, first + i] = cache.tensor[:, b, :, s]
+    rep.after_step(step, [([b], s, s + 1) for b, s in slots])
+    return first
+
+
+def test_ring_steps_arrive_in_order_with_wraps_and_fallbacks():
+    """Decode steps through the step ring: rows are reserved consecutively and wrap at the end of
+    the ring; a step that finds the ring full goes the gather way instead, in the same FIFO order;
+    whatever the path, every step is acknowledged in order and the holder's mirror holds exactly
+    the values each step wrote."""
+    token = new_cluster_token()
+    cache = _cache(4)
+    rep = Replicator(_worker(cache, token)[0], "default")
+    try:
+        assert rep.ring is not None and rep.ring.tensor.shape[1] >= 256  # the default ring
+    finally:
+        rep.close()
+    cache, acks, srv, rep, ring = _ring_setup(4, "r0", 5)
+    try:
+        rep.native.set_every(10, 30.0)  # the sending thread holds ring steps back (a batch of up to 10)
+        assert _ring_step(rep, ring, cache, 1, [(2, 0), (3, 0)]) == 0
+        assert _ring_step(rep, ring, cache, 2, [(2, 1), (3, 1)]) == 2
+        # 3 more rows fit only at the start, where step 1's rows are still in flight: the ring is
+        # full, and the step is gathered instead (which also closes the held batch).
+        assert _ring_step(rep, ring, cache, 3, [(2, 2), (3, 2), (4, 0)]) == -1
+        assert rep.ring_misses == 1
+        _drained(rep)
+        assert _ring_step(rep, ring, cache, 4, [(5, 0), (6, 0)]) == 0  # rows 4 and 0 would split: wrapped to 0
+        assert _ring_step(rep, ring, cache, 5, [(5, 1)]) == 2
+        rep.after_step(6, [([7], 0, 3)])  # not staged (an admission): the gather way, in order
+        _drained(rep)
+        assert _ring_step(rep, ring, cache, 7, [(5, 2), (6, 1), (7, 3)]) == 0
+        _drained(rep)
+        assert [m["id"] for m in acks] == [1, 2, 3, 4, 5, 6, 7]
+        m, t = srv.mirrors["r0"].data, cache.tensor
+        written = [(2, 0), (3, 0), (2, 1), (3, 1), (2, 2), (3, 2), (4, 0), (5, 0), (6, 0), (5, 1), (7, 0), (7, 1),
+                   (7, 2), (5, 2), (6, 1), (7, 3)]
+        for b, s in written:
+            assert torch.equal(m[:, b, :, s], t[:, b, :, s]), (b, s)
+        slot = 2 * cache.layout().token_bytes() * cache.num_layers
+        assert acks[-1]["bytes"] == len(written) * slot == rep.bytes
+        assert rep.ring_misses == 1
+    finally:
+        rep.close()
+        srv.stop()
+
+
+def test_ring_reservations_of_abandoned_steps_are_taken_back():
+    """A staged step that never reaches after_step gives its rows back (staging again or
+    cancel_staged), and a commit whose token count differs from what was staged falls back to the
+    gather: no row ever goes out under another step's id."""
+    import numpy as np
+
+    cache, acks, srv, rep, ring = _ring_setup(5, "r1", 4)
+    try:
+        assert rep.stage(np.array([1, 2], np.int64), np.array([0, 0], np.int64)) == 0  # abandoned
+        assert rep.stage(np.array([1], np.int64), np.array([1], np.int64)) == 0        # same rows again
+        rep.cancel_staged()
+        assert _ring_step(rep, ring, cache, 1, [(1, 2), (2, 2), (3, 2), (4, 2)]) == 0   # the whole ring
+        _drained(rep)
+        first = rep.stage(np.array([8], np.int64), np.array([3], np.int64))
+        assert first == 0
+        cache.tensor[:, 8, :, 3] = 7.0   # the staged row is never written ...
+        rep.after_step(2, [([8, 9], 3, 5)])  # ... and the step says it wrote 2 tokens: gathered instead
+        assert rep.stage(np.array([0], np.int64), np.array([9], np.int64)) == -1  # a slot outside the block
+        _drained(rep)
+        assert [m["id"] for m in acks] == [1, 2]
+        m, t = srv.mirrors["r1"].data, cache.tensor
+        assert torch.equal(m[:, 8, :, 3], t[:, 8, :, 3]) and torch.equal(m[:, 9, :, 0], t[:, 9, :, 0])
+        assert torch.equal(m[:, 1:5, :, 2], t[:, 1:5, :, 2])
+    finally:
+        rep.close()
+        srv.stop()
+
+
+def test_ring_frames_split_and_batch():
+    """Ring steps larger than a frame go as several frames, and every > 1 batches ring steps into
+    shared frames, including runs of rows on both sides of the ring's wrap; the mirror is exact."""
+    import numpy as np
+
+    cache, srv, sender, slot = _three_slot_frames(6, "rf")
+    ring = torch.zeros((cache.num_layers, 8, 2, cache.num_kv_heads, cache.head_dim), dtype=cache.dtype)
+    sender.ring_attach(ring.data_ptr(), 8)
+
+    def step(tag, pairs):
+        blocks = np.array([b for b, _ in pairs], np.int64)
+        slots = np.array([s for _, s in pairs], np.int64)
+        first = sender.ring_stage(blocks, slots)
+        for i, (b, s) in enumerate(pairs):
+            cache.tensor[:, b, :, s] = torch.randn(cache.tensor[:, b, :, s].shape)
+            ring[:, first + i] = cache.tensor[:, b, :, s]
+        assert sender.ring_commit(tag, len(pairs), 0)
+        return first
+
+    try:
+        sender.set_holder("127.0.0.1", srv.port)
+        one = [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2)]
+        assert step(1, one) == 0      # 7 rows: 3 frames of at most 3 slots
+        assert sender.drain(30)
+        sender.set_every(3, 5.0)      # the next three steps share frames
+        batch = [[(2, 0)], [(2, 1), (3, 0)], [(3, 1), (4, 3)]]
+        assert [step(2 + i, pairs) for i, pairs in enumerate(batch)] == [7, 0, 2]  # row 7, then wrapped
+        assert sender.drain(30)
+        events = sender.wait_events(5.0, 0.0)
+        assert [(e.kind, e.tag) for e in events] == [("replicated", t) for t in range(1, 5)]
+        m, t = srv.mirrors["rf"].data, cache.tensor
+        for b, s in one + [p for pairs in batch for p in pairs]:
+            assert torch.equal(m[:, b, :, s], t[:, b, :, s]), (b, s)
+        assert sender.bytes() == 12 * slot and sender.ring_misses() == 0
+    finally:
+        sender.close()
+        srv.stop()
+
+
+def test_ring_through_the_engine_and_its_cuda_graphs(tmp_path):
+    """The whole ring path on a GPU: decode steps replayed from CUDA graphs captured with the ring
+    write each new token's K/V into pinned host memory from the write-KV kernel, the sender sends
+    those rows, and the holder's mirror equals the device cache; the gather path in the same run
+    as well (bench decode --replicate checks both)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    if not torch.cuda.is_available() or not _C.cuda_compiled():
+        pytest.skip("needs a CUDA device and a CUDA build")
+    out = tmp_path / "d.json"
+    r = subprocess.run([sys.executable, "-m", "dejavu", "bench", "decode", "--model", "random:opt-tiny", "--device",
+                        "cuda", "--dtype", "float16", "--batch", "1,5", "--prompt-len", "40", "--max-tokens", "12",
+                        "--no-hf", "--replicate", "--pairs", "2", "--replicate-path", "ring,gather", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["cuda_graphs"] is True
+    for row in res["rows"]:
+        assert row["replicate_acked"] == "44/44" and row["replica_exact"] is True  # 2 pairs x 2 paths x 11 steps
+        assert row["replicate_ring_misses"] == 0
+
+
+def test_ring_burst_is_acknowledged_in_order():
+    """Steps arriving faster than the holder answers: the sending thread batches what queued up and
+    sends the next batches before the holder answered the last (a few in flight); ring-full steps
+    go the gather way in between. Every step is acknowledged once, in order, and the mirror is
+    exact."""
+    cache, acks, srv, rep, ring = _ring_setup(7, "rb", 16)
+    try:
+        written = []
+        for step in range(1, 121):
+            pairs = [((step * 3 + i) % 10, (step + i) % 4) for i in range(1 + step % 3)]
+            _ring_step(rep, ring, cache, step, pairs)
+            written += pairs
+        _drained(rep)
+        assert [m["id"] for m in acks] == list(range(1, 121))
+        m, t = srv.mirrors["rb"].data, cache.tensor
+        for b, s in set(written):
+            assert torch.equal(m[:, b, :, s], t[:, b, :, s]), (b, s)
+        slot = 2 * cache.layout().token_bytes() * cache.num_layers
+        assert rep.bytes == len(written) * slot
+    finally:
+        rep.close()
         srv.stop()

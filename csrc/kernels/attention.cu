@@ -224,7 +224,8 @@ combine_kernel(T* __restrict__ out, const float* __restrict__ ws, const int64_t*
 template <typename T>
 __global__ void write_kv_kernel(T* __restrict__ cache, const T* __restrict__ k, const T* __restrict__ v,
                                 const int64_t* __restrict__ slot_blocks, const int64_t* __restrict__ slot_offsets,
-                                int64_t row_elems, int64_t BS, int64_t k_stride, int64_t v_stride) {
+                                int64_t row_elems, int64_t BS, int64_t k_stride, int64_t v_stride,
+                                T* __restrict__ ring, const int64_t* __restrict__ ring_rows) {
   const int64_t i = blockIdx.x;
   const int64_t blk = slot_blocks[i];
   if (blk < 0) return;
@@ -232,9 +233,16 @@ __global__ void write_kv_kernel(T* __restrict__ cache, const T* __restrict__ k, 
   T* vd = kd + BS * row_elems;
   const T* ks = k + i * k_stride;
   const T* vs = v + i * v_stride;
+  // The replication ring's row of this token (host memory: these stores cross PCIe), or none.
+  T* rd = ring != nullptr && ring_rows[i] >= 0 ? ring + ring_rows[i] * 2 * row_elems : nullptr;
   for (int64_t j = threadIdx.x; j < row_elems; j += blockDim.x) {
-    kd[j] = ks[j];
-    vd[j] = vs[j];
+    const T kv = ks[j], vv = vs[j];
+    kd[j] = kv;
+    vd[j] = vv;
+    if (rd) {
+      rd[j] = kv;
+      rd[row_elems + j] = vv;
+    }
   }
 }
 
@@ -308,8 +316,10 @@ int64_t decode_attention_workspace(int64_t B, int64_t H, int64_t D, int64_t part
 
 std::string write_kv_cache(void* cache, const void* k, const void* v, const int64_t* slot_blocks,
                            const int64_t* slot_offsets, int64_t n, int64_t KVH, int64_t D, int64_t BS,
-                           int64_t k_stride, int64_t v_stride, DType dtype, void* stream) {
+                           int64_t k_stride, int64_t v_stride, DType dtype, void* stream, void* ring_layer,
+                           const int64_t* ring_rows) {
   if (n <= 0) return "";
+  if (ring_layer != nullptr && ring_rows == nullptr) return "write_kv_cache: a ring needs its rows";
   const int64_t row = KVH * D;
   const int threads = row >= 256 ? 256 : 128;
   auto s = static_cast<cudaStream_t>(stream);
@@ -317,7 +327,7 @@ std::string write_kv_cache(void* cache, const void* k, const void* v, const int6
     using T = decltype(tag);
     write_kv_kernel<T><<<static_cast<unsigned>(n), threads, 0, s>>>(
         static_cast<T*>(cache), static_cast<const T*>(k), static_cast<const T*>(v), slot_blocks, slot_offsets, row,
-        BS, k_stride, v_stride);
+        BS, k_stride, v_stride, static_cast<T*>(ring_layer), ring_rows);
   });
   if (!known) return "write_kv_cache: unsupported dtype code";
   return error_text(cudaGetLastError());

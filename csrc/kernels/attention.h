@@ -26,7 +26,8 @@ int64_t decode_attention_workspace(int64_t num_seqs, int64_t num_heads, int64_t 
 // skipped (padding of a captured batch). k, v and the cache share one dtype.
 std::string write_kv_cache(void* cache, const void* k, const void* v, const int64_t* slot_blocks,
                            const int64_t* slot_offsets, int64_t n, int64_t num_kv_heads, int64_t head_dim,
-                           int64_t block_size, int64_t k_stride, int64_t v_stride, DType dtype, void* stream);
+                           int64_t block_size, int64_t k_stride, int64_t v_stride, DType dtype, void* stream,
+                           void* ring_layer = nullptr, const int64_t* ring_rows = nullptr);
 
 // One query per sequence ([num_seqs, num_heads, head_dim], row stride q_stride elements) attends
 // to the first context_lens[b] tokens of its sequence, found through block_tables ([num_seqs,

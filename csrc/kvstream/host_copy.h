@@ -16,6 +16,9 @@ int64_t host_scatter(uint8_t* base, const Span* spans, size_t n_spans, const uin
 
 // CRC-32C (Castagnoli) of a buffer; `seed` chains calls. Used to checksum chunks on the wire and on disk.
 uint32_t crc32c(const uint8_t* data, size_t n, uint32_t seed = 0);
+// Three CRCs at once over three buffers of n bytes each: crc[i] = crc32c(data[i], n, crc[i]) (three
+// independent chains keep the CRC instruction busy; what a replica holder does per token slot).
+void crc32c_x3(const uint8_t* const data[3], size_t n, uint32_t crc[3]);
 
 // One CRC-32C per item, over the item's pieces in order, in place (no packing copy): item j's
 // checksum covers the piece_bytes at base + item_offsets[j] + piece_offsets[p] for p = 0..n_pieces-1.

@@ -8,6 +8,8 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <cstring>
 
@@ -23,6 +25,33 @@ void send_all(int fd, const void* buf, size_t n) {
     }
     p += w;
     n -= static_cast<size_t>(w);
+  }
+}
+
+void send_pieces(int fd, std::vector<iovec>& pieces) {
+  size_t at = 0;
+  while (at < pieces.size()) {
+    if (pieces[at].iov_len == 0) {
+      ++at;
+      continue;
+    }
+    msghdr msg{};
+    msg.msg_iov = pieces.data() + at;
+    msg.msg_iovlen = std::min<size_t>(pieces.size() - at, IOV_MAX);
+    ssize_t w = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      throw TransportError(std::string("send failed: ") + std::strerror(errno));
+    }
+    auto left = static_cast<size_t>(w);
+    while (left > 0) {  // advance over what went out
+      iovec& v = pieces[at];
+      const size_t take = std::min(left, v.iov_len);
+      v.iov_base = static_cast<uint8_t*>(v.iov_base) + take;
+      v.iov_len -= take;
+      left -= take;
+      if (v.iov_len == 0) ++at;
+    }
   }
 }
 

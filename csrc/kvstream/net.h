@@ -1,8 +1,11 @@
 // Blocking TCP helpers shared by the C++ transports (tcp_store, replica_sender).
 #pragma once
+#include <sys/uio.h>
+
 #include <cstddef>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace dejavu {
 
@@ -20,6 +23,9 @@ struct PeerGone {
 
 // Writes all n bytes (no SIGPIPE); throws TransportError.
 void send_all(int fd, const void* buf, size_t n);
+// Writes the pieces in order, as few system calls as the socket allows (sendmsg); throws TransportError.
+// The vector is consumed (its entries advance over what was written).
+void send_pieces(int fd, std::vector<iovec>& pieces);
 // Reads exactly n bytes; throws PeerGone on EOF, timeout or error.
 void recv_all(int fd, void* buf, size_t n);
 // SO_RCVTIMEO and SO_SNDTIMEO of s seconds.

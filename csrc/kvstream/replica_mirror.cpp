@@ -1,5 +1,6 @@
 #include "kvstream/replica_mirror.h"
 
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 
@@ -37,15 +38,23 @@ void ReplicaMirror::put_slots(const std::vector<int64_t>& blocks, const std::vec
     throw std::invalid_argument("a payload of " + std::to_string(n) + " bytes does not hold " + std::to_string(k) +
                                 " token slots of " + std::to_string(l.num_layers * 2 * tb) + " bytes");
   std::lock_guard<std::mutex> g(mu_);
-  for (int64_t j = 0; j < k; ++j) {
-    uint32_t c = 0;
+  for (int64_t j = 0; j < k; j += 3) {  // three slots at a time: three CRC chains
+    const int64_t m = std::min<int64_t>(3, k - j);
+    uint32_t c[3] = {0, 0, 0};
     for (int64_t layer = 0; layer < l.num_layers; ++layer)
       for (int64_t kv = 0; kv < 2; ++kv) {
-        const uint8_t* row = payload + ((layer * k + j) * 2 + kv) * tb;
-        std::memcpy(data_ + l.token_offset(layer, blocks[j], slots[j], kv), row, static_cast<size_t>(tb));
-        c = crc32c(row, static_cast<size_t>(tb), c);
+        const uint8_t* rows[3] = {nullptr, nullptr, nullptr};
+        for (int64_t i = 0; i < m; ++i) {
+          rows[i] = payload + ((layer * k + j + i) * 2 + kv) * tb;
+          std::memcpy(data_ + l.token_offset(layer, blocks[j + i], slots[j + i], kv), rows[i], static_cast<size_t>(tb));
+        }
+        if (m == 3) {
+          crc32c_x3(rows, static_cast<size_t>(tb), c);
+        } else {
+          for (int64_t i = 0; i < m; ++i) c[i] = crc32c(rows[i], static_cast<size_t>(tb), c[i]);
+        }
       }
-    chk_[blocks[j] * l.block_size + slots[j]] = c;
+    for (int64_t i = 0; i < m; ++i) chk_[blocks[j + i] * l.block_size + slots[j + i]] = c[i];
   }
 }
 

@@ -204,6 +204,75 @@ void ReplicaSender::set_skip(bool gather, bool send) {
   skip_send_ = send;
 }
 
+// ------------------------------------------------------------------------------ the step ring
+void ReplicaSender::ring_attach(uintptr_t ring, int64_t rows) {
+  if (ring == 0 || rows <= 0) throw std::invalid_argument("ring_attach needs a ring and a positive row count");
+  std::lock_guard<std::mutex> g(mu_);
+  if (ring_ && ring_head_ != ring_tail_) throw std::runtime_error("ring_attach: the current ring still has rows in flight");
+  ring_ = reinterpret_cast<uint8_t*>(ring);
+  ring_rows_ = rows;
+  ring_head_ = ring_tail_ = 0;
+  staged_valid_ = false;
+}
+
+int64_t ReplicaSender::ring_stage(const int64_t* blocks, const int64_t* slots, int64_t n) {
+  std::lock_guard<std::mutex> g(mu_);
+  if (staged_valid_) {  // never committed: its step was abandoned, and nothing was reserved after it
+    ring_head_ = staged_from_;
+    staged_valid_ = false;
+  }
+  if (!ring_ || n <= 0 || n > ring_rows_ || stop_) return -1;
+  for (int64_t i = 0; i < n; ++i)
+    if (blocks[i] < 0 || blocks[i] >= layout_.num_blocks || slots[i] < 0 || slots[i] >= layout_.block_size) {
+      ++ring_misses_;  // push_slots then names the problem
+      return -1;
+    }
+  const int64_t at = ring_head_ % ring_rows_;
+  const int64_t start = at + n > ring_rows_ ? ring_head_ + (ring_rows_ - at) : ring_head_;  // rows stay consecutive
+  if (start + n - ring_tail_ > ring_rows_) {
+    ++ring_misses_;  // the sending thread is behind by a whole ring
+    return -1;
+  }
+  staged_from_ = ring_head_;
+  ring_head_ = start + n;
+  staged_ = Item();
+  staged_.kind = Item::kRing;
+  staged_.blocks.assign(blocks, blocks + n);
+  staged_.slots.assign(slots, slots + n);
+  staged_.ring_row = start % ring_rows_;
+  staged_.ring_end = ring_head_;
+  staged_valid_ = true;
+  return staged_.ring_row;
+}
+
+bool ReplicaSender::ring_commit(int64_t tag, int64_t n, void* stream) {
+  Item it;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (!staged_valid_) return false;
+    staged_valid_ = false;
+    if (static_cast<int64_t>(staged_.blocks.size()) != n) {
+      ring_head_ = staged_from_;
+      return false;
+    }
+    it = std::move(staged_);
+  }
+  it.tag = tag;
+  enqueue(std::move(it), stream);
+  return true;
+}
+
+void ReplicaSender::ring_cancel() {
+  std::lock_guard<std::mutex> g(mu_);
+  if (staged_valid_) ring_head_ = staged_from_;
+  staged_valid_ = false;
+}
+
+int64_t ReplicaSender::ring_misses() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return ring_misses_;
+}
+
 std::vector<ReplicaEvent> ReplicaSender::wait_events(double timeout_s, double linger_s) {
   std::unique_lock<std::mutex> g(mu_);
   if (!cv_events_.wait_for(g, secs(timeout_s), [&] { return stop_ || !events_.empty(); }) || stop_) return {};
@@ -256,18 +325,32 @@ void ReplicaSender::run() {
     std::vector<Item> batch;
     batch.push_back(std::move(items_.front()));
     items_.pop_front();
-    if (batch[0].kind == Item::kSlots) {
+    const Item::Kind kind = batch[0].kind;
+    if (kind == Item::kSlots || kind == Item::kRing) {
       // every > 1: later steps join this one's gather and frame (fewer wake-ups and messages; the
       // watermark trails by up to every - 1 steps more).
       const auto until = std::chrono::steady_clock::now() + secs(linger_s_);
       while (static_cast<int64_t>(batch.size()) < every_) {
-        if (!cv_items_.wait_until(g, until, [&] { return stop_ || !items_.empty(); }) || stop_) break;
-        if (items_.front().kind != Item::kSlots) break;
+        // drain() does not wait out the linger: what is queued goes now
+        if (!cv_items_.wait_until(g, until, [&] { return stop_ || flush_ || !items_.empty(); }) || stop_) break;
+        if (items_.empty()) break;
+        if (items_.front().kind != kind) break;
         batch.push_back(std::move(items_.front()));
         items_.pop_front();
       }
     }
-    if (batch[0].kind == Item::kSlots && lag_s_ > 0) {
+    if (kind == Item::kRing) {
+      // Behind (steps queued meanwhile): they go in the same frames, one round trip to the holder
+      // instead of one each. Nothing waits for them; they were already there.
+      int64_t rows = 0;
+      for (const Item& it : batch) rows += static_cast<int64_t>(it.blocks.size());
+      while (!items_.empty() && items_.front().kind == Item::kRing && rows < ring_rows_ / 4) {
+        rows += static_cast<int64_t>(items_.front().blocks.size());
+        batch.push_back(std::move(items_.front()));
+        items_.pop_front();
+      }
+    }
+    if (kind == Item::kSlots && lag_s_ > 0) {
       // Hold the gather until the next step was handed over (or lag_s passed, or drain()): the copy
       // then overlaps that step's compute instead of racing the step boundary, where the worker
       // reads its sampled tokens back over the same copy engines.
@@ -275,17 +358,53 @@ void ReplicaSender::run() {
       if (stop_) return;
     }
     g.unlock();
+    if (kind != Item::kRing) settle(0);  // acknowledgements stay in order
     process(batch);
     g.lock();
     for (auto& it : batch)
-      if (it.event) free_events_.push_back(it.event);
-    processed_ += static_cast<int64_t>(batch.size());
-    cv_done_.notify_all();
+      if (it.event) free_events_.push_back(it.event);  // (a ring batch's events completed before it was sent)
+    if (!in_flight_.empty() && items_.empty() && !stop_) {  // caught up: collect the holder's answers now
+      g.unlock();
+      settle(0);
+      g.lock();
+    }
   }
+}
+
+void ReplicaSender::done(int64_t items) {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    processed_ += items;
+  }
+  cv_done_.notify_all();
 }
 
 void ReplicaSender::process(std::vector<Item>& batch) {
   Item& first = batch.front();
+  const auto n = static_cast<int64_t>(batch.size());
+  if (first.kind == Item::kRing) {
+    if (fd_ < 0 && !skip_send_) {  // without a holder: dropped unacknowledged, like push_slots
+      release_ring(batch.back().ring_end);
+      return done(n);
+    }
+    InFlight f;
+    try {
+      f.replies = send_ring(batch);
+    } catch (const std::exception& e) {
+      fail_in_flight(first.tag, e.what());
+      release_ring(batch.back().ring_end);
+      return done(n);
+    }
+    for (const Item& it : batch) f.tags.push_back(it.tag);
+    f.ring_end = batch.back().ring_end;
+    in_flight_.push_back(std::move(f));
+    return settle(kMaxInFlight);
+  }
+  struct Done {  // every other kind is processed once this returns
+    ReplicaSender* s;
+    int64_t n;
+    ~Done() { s->done(n); }
+  } mark{this, n};
   if (first.kind == Item::kHolder) {
     try {
       connect(first.host, first.port);
@@ -353,8 +472,26 @@ void ReplicaSender::connect(const std::string& host, int port) {
 }
 
 void ReplicaSender::request(const std::vector<uint8_t>& header, const uint8_t* payload, int64_t n) {
+  std::vector<iovec> pieces;
+  if (n > 0) pieces.push_back({const_cast<uint8_t*>(payload), static_cast<size_t>(n)});
+  request(header, std::move(pieces));
+}
+
+void ReplicaSender::request(const std::vector<uint8_t>& header, std::vector<iovec> pieces) {
+  send_request(header, std::move(pieces));
+  expect_ok();
+}
+
+void ReplicaSender::send_request(const std::vector<uint8_t>& header, std::vector<iovec> pieces) {
   try {
-    replica_wire::send_frame(fd_, header, payload, n);
+    replica_wire::send_frame_pieces(fd_, header, std::move(pieces));
+  } catch (const TransportError& e) {
+    throw TransportError("replica holder " + peer_ + ": " + e.what());
+  }
+}
+
+void ReplicaSender::expect_ok() {
+  try {
     std::string body;
     if (!replica_wire::recv_header(fd_, &body)) throw TransportError("closed the connection");
     auto reply = mp::read_map(reinterpret_cast<const uint8_t*>(body.data()), body.size());
@@ -442,6 +579,110 @@ void ReplicaSender::send_frames(bool slots, const std::vector<int64_t>& blocks, 
     std::lock_guard<std::mutex> g(mu_);
     bytes_ += nbytes;
   }
+}
+
+// A batch of committed ring steps, once the last one's kernels are done: the rows go out as they lie
+// in the ring, in the put_slots payload order ([layers][slots][K, V]): per frame and layer, one
+// piece per run of consecutive rows.
+int64_t ReplicaSender::send_ring(const std::vector<Item>& batch) {
+  if (device_ >= 0 && batch.back().event) {
+    check_cuda(cuda_event_wait(batch.back().event));  // the ring's rows are then visible here
+  }
+  const KVLayout& l = layout_;
+  const int64_t entry = 2 * l.token_bytes();       // one slot of one layer
+  const int64_t layer_stride = ring_rows_ * entry;  // ring_ and ring_rows_ do not change while rows are in flight
+  const int64_t per_frame = std::max<int64_t>(1, frame_bytes_ / (entry * l.num_layers));
+  struct Run {
+    int64_t row, count;
+  };
+  std::vector<int64_t> blocks, slots;
+  std::vector<Run> runs;
+  int64_t frames = 0;
+  auto flush = [&] {
+    if (blocks.empty()) return;
+    const int64_t k = static_cast<int64_t>(blocks.size());
+    const int64_t nbytes = k * entry * l.num_layers;
+    if (!skip_send_) {
+      std::vector<iovec> pieces;
+      pieces.reserve(static_cast<size_t>(l.num_layers) * runs.size());
+      uint32_t crc = 0;
+      for (int64_t layer = 0; layer < l.num_layers; ++layer)
+        for (const Run& r : runs) {
+          uint8_t* p = ring_ + layer * layer_stride + r.row * entry;
+          const auto len = static_cast<size_t>(r.count * entry);
+          crc = crc32c(p, len, crc);
+          pieces.push_back({p, len});
+        }
+      mp::Writer h;
+      h.map(6);
+      h.str("t"), h.str("put_slots");
+      h.str("src"), h.str(src_);
+      h.str("blocks"), h.ints(blocks);
+      h.str("slots"), h.ints(slots);
+      h.str("n"), h.integer(nbytes);
+      h.str("crc"), h.integer(crc);
+      send_request(h.buf, std::move(pieces));  // answered later (settle)
+      ++frames;
+    }
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      bytes_ += nbytes;
+    }
+    blocks.clear(), slots.clear(), runs.clear();
+  };
+  for (const Item& it : batch) {
+    const int64_t n = static_cast<int64_t>(it.blocks.size());
+    for (int64_t i = 0; i < n;) {
+      const int64_t take = std::min(n - i, per_frame - static_cast<int64_t>(blocks.size()));
+      const int64_t row = it.ring_row + i;
+      if (!runs.empty() && runs.back().row + runs.back().count == row) {
+        runs.back().count += take;
+      } else {
+        runs.push_back({row, take});
+      }
+      blocks.insert(blocks.end(), it.blocks.begin() + i, it.blocks.begin() + i + take);
+      slots.insert(slots.end(), it.slots.begin() + i, it.slots.begin() + i + take);
+      i += take;
+      if (static_cast<int64_t>(blocks.size()) == per_frame) flush();
+    }
+  }
+  flush();
+  return frames;
+}
+
+void ReplicaSender::release_ring(int64_t end) {
+  std::lock_guard<std::mutex> g(mu_);
+  ring_tail_ = std::max(ring_tail_, end);
+}
+
+// Collects the holder's answers to the oldest ring batches until at most `keep` are in flight:
+// each batch's steps are acknowledged and its rows freed once all its frames were answered.
+void ReplicaSender::settle(size_t keep) {
+  while (in_flight_.size() > keep) {
+    InFlight& f = in_flight_.front();
+    try {
+      for (; f.replies > 0; --f.replies) expect_ok();
+    } catch (const std::exception& e) {
+      return fail_in_flight(f.tags.front(), e.what());
+    }
+    for (int64_t tag : f.tags) emit("replicated", tag);
+    release_ring(f.ring_end);
+    const auto n = static_cast<int64_t>(f.tags.size());
+    in_flight_.pop_front();
+    done(n);
+  }
+}
+
+// A failure while ring batches are in flight: none of them is acknowledged (the watermark stays a
+// prefix), their rows are freed, and replication to this holder stops until the next one.
+void ReplicaSender::fail_in_flight(int64_t tag, const std::string& why) {
+  disconnect();
+  emit("failed", in_flight_.empty() ? tag : in_flight_.front().tags.front(), why);
+  for (const InFlight& f : in_flight_) {
+    release_ring(f.ring_end);
+    done(static_cast<int64_t>(f.tags.size()));
+  }
+  in_flight_.clear();
 }
 
 }  // namespace dejavu

@@ -21,6 +21,8 @@
 #include <tuple>
 #include <vector>
 
+#include <sys/uio.h>
+
 #include "kvstream/layout.h"
 
 namespace dejavu {
@@ -58,6 +60,26 @@ class ReplicaSender {
   // Diagnostics (bench decode --replicate-skip): send zeros without touching the cache / send nothing.
   void set_skip(bool gather, bool send);
 
+  // The step ring: token-level replication without a copy of its own. A decode step's write-KV
+  // kernel also writes each new token's K and V rows, over all layers, into `ring` (host memory laid
+  // out [layers][rows][K, V][token bytes]; pinned, so a device kernel writes it over PCIe) at rows
+  // that ring_stage reserved; ring_commit then queues the step like push_slots, and the sending thread
+  // sends those rows as they are, once the step's event has completed, and frees them. There is no
+  // gather, no second stream, and no CUDA call beyond one event per step.
+  void ring_attach(uintptr_t ring, int64_t rows);
+  // Reserves n consecutive rows for a step whose new tokens go to (blocks[i], slots[i]); returns the
+  // first row, or -1 (no ring, ring full, bad slot): the step then goes through push_slots. Staging
+  // again before a commit takes the uncommitted reservation back (its step was abandoned).
+  int64_t ring_stage(const int64_t* blocks, const int64_t* slots, int64_t n);
+  // Queues the staged step under `tag` (an event recorded on `stream` orders the send after its
+  // kernels). False when nothing is staged or the staged step has other than n tokens (it is then
+  // taken back): the caller uses push_slots instead.
+  bool ring_commit(int64_t tag, int64_t n, void* stream);
+  // Takes the uncommitted reservation back, if any (a step that will not be committed).
+  void ring_cancel();
+  // Steps that found the ring full (or a bad slot) and were staged nowhere.
+  int64_t ring_misses() const;
+
   // Events so far, waiting up to timeout_s for the first and then linger_s for more; empty on timeout
   // or once closed.
   std::vector<ReplicaEvent> wait_events(double timeout_s, double linger_s);
@@ -69,8 +91,9 @@ class ReplicaSender {
 
  private:
   struct Item {
-    enum Kind { kHolder, kSlots, kBlocks, kFail } kind = kSlots;
+    enum Kind { kHolder, kSlots, kBlocks, kFail, kRing } kind = kSlots;
     int64_t tag = 0;
+    int64_t ring_row = 0, ring_end = 0;  // kRing: first row, and the ring counter after its rows
     std::vector<int64_t> blocks, slots;
     std::string host, error;
     int port = 0;
@@ -91,6 +114,11 @@ class ReplicaSender {
   void process(std::vector<Item>& batch);
   void connect(const std::string& host, int port);
   void disconnect();
+  int64_t send_ring(const std::vector<Item>& batch);  // frames sent (each awaits its reply)
+  void release_ring(int64_t end);
+  void settle(size_t keep);
+  void fail_in_flight(int64_t tag, const std::string& why);
+  void done(int64_t items);
   void send_frames(bool slots, const std::vector<int64_t>& blocks, const std::vector<int64_t>& slot_ids,
                    void* after);
   void gather(bool slots, const std::vector<int64_t>& blocks, const std::vector<int64_t>& slot_ids, int64_t nbytes,
@@ -98,6 +126,9 @@ class ReplicaSender {
   void wait_for_device();
   static constexpr int64_t kMaxDmaEntries = 256;  // more: the copy kernel (one launch)
   void request(const std::vector<uint8_t>& header, const uint8_t* payload, int64_t n);
+  void request(const std::vector<uint8_t>& header, std::vector<iovec> pieces);
+  void send_request(const std::vector<uint8_t>& header, std::vector<iovec> pieces);
+  void expect_ok();
   void emit(const std::string& kind, int64_t tag, const std::string& error = "");
 
   const KVLayout layout_;
@@ -117,6 +148,13 @@ class ReplicaSender {
   int flush_ = 0;  // callers inside drain()
   bool stop_ = false;
   std::atomic<bool> skip_gather_{false}, skip_send_{false};
+  // The ring (under mu_): rows are handed out at counter head_ and freed up to tail_ (both count
+  // rows ever reserved, wasted ends included); staged_ is the reservation awaiting its commit.
+  uint8_t* ring_ = nullptr;
+  int64_t ring_rows_ = 0, ring_head_ = 0, ring_tail_ = 0, ring_misses_ = 0;
+  bool staged_valid_ = false;
+  Item staged_;
+  int64_t staged_from_ = 0;  // head_ before the staged reservation (to take it back)
 
   // Owned by the sending thread.
   int fd_ = -1;
@@ -125,6 +163,15 @@ class ReplicaSender {
   void* done_ = nullptr;
   HostBuffer buf_;   // one frame's payload
   HostBuffer desc_;  // copy rows for the copy kernel (device caches only)
+  // Ring batches sent and not yet answered, oldest first: while the thread is behind, it sends the
+  // next batch before the holder has answered the last (up to kMaxInFlight), so its checksumming
+  // and sending overlap the holder's receiving and applying. Acknowledgements still go in order.
+  struct InFlight {
+    std::vector<int64_t> tags;
+    int64_t ring_end = 0, replies = 0;
+  };
+  static constexpr size_t kMaxInFlight = 3;
+  std::deque<InFlight> in_flight_;
   std::string init_error_;
   std::thread thread_;
 };

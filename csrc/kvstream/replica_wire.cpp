@@ -18,6 +18,13 @@ void send_frame(int fd, const std::vector<uint8_t>& header, const uint8_t* paylo
   if (n > 0) net::send_all(fd, payload, static_cast<size_t>(n));
 }
 
+void send_frame_pieces(int fd, const std::vector<uint8_t>& header, std::vector<iovec> pieces) {
+  const uint32_t len = htonl(static_cast<uint32_t>(header.size()));
+  pieces.insert(pieces.begin(), {iovec{const_cast<uint32_t*>(&len), sizeof len},
+                                 iovec{const_cast<uint8_t*>(header.data()), header.size()}});
+  net::send_pieces(fd, pieces);
+}
+
 void send_reply(int fd, const std::string& error) {
   mp::Writer w;
   if (error.empty()) {

@@ -1,4 +1,5 @@
 // Host gather/scatter of KV blocks: round trips, threading, and CRC-32C.
+#include <algorithm>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -82,6 +83,30 @@ int main() {
     uint32_t chained = 0;
     for (size_t i = 3; i < buf.size(); ++i) chained = crc32c(buf.data() + i, 1, chained);
     CHECK(whole == chained);
+  }
+  // Large buffers (the three-lane path, 12 KiB and up): the same CRC as pieces too small for it,
+  // at lengths on and off its lane boundaries.
+  {
+    std::vector<uint8_t> buf(100003);
+    for (auto& b : buf) b = static_cast<uint8_t>(rng());
+    for (size_t n : {size_t{12288}, size_t{12289}, size_t{24575}, size_t{100000}}) {
+      const uint32_t whole = crc32c(buf.data() + 3, n, 0x1234u);
+      uint32_t chained = 0x1234u;
+      for (size_t at = 0; at < n; at += 1000) chained = crc32c(buf.data() + 3 + at, std::min<size_t>(1000, n - at), chained);
+      CHECK(whole == chained);
+    }
+  }
+  // Three CRCs at once (the replica holder's per-slot checksums) equal three single ones.
+  {
+    std::vector<uint8_t> buf(3 * 4099);
+    for (auto& b : buf) b = static_cast<uint8_t>(rng());
+    for (size_t n : {size_t{0}, size_t{5}, size_t{4096}, size_t{4099}}) {
+      const uint8_t* rows[3] = {buf.data(), buf.data() + 4099, buf.data() + 2 * 4099};
+      uint32_t c[3] = {0u, 7u, 0xFFFFFFFFu};
+      const uint32_t want[3] = {crc32c(rows[0], n, 0u), crc32c(rows[1], n, 7u), crc32c(rows[2], n, 0xFFFFFFFFu)};
+      crc32c_x3(rows, n, c);
+      CHECK(c[0] == want[0] && c[1] == want[1] && c[2] == want[2]);
+    }
   }
   // crc32c_items: per item, the CRC of its pieces in order, read in place (1 and 4 threads).
   {

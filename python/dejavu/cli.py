@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--replica-holder", default="thread", choices=["thread", "process"],
                     help="with --replicate: the holder runs in this process, applying the slots as a worker holding "
                          "its neighbour's replicas does (thread, default), or in a process of its own (process)")
+    bd.add_argument("--replicate-path", default="ring",
+                    help="with --replicate: comma-separated ways to replicate, each measured against the same off "
+                         "runs: ring (the decode kernels also write new K/V into a pinned ring the sender sends "
+                         "from; the default) and gather (the sender gathers the slots with the copy engine)")
     bd.add_argument("--replicate-skip", default="none", choices=["none", "gather", "send"],
                     help="with --replicate, a diagnostic: leave out each step's device gather (send zeros) or its "
                          "send, to see which part costs the decode step")
@@ -563,9 +567,16 @@ def cmd_bench_decode(args) -> int:
         print(f"dejavu bench decode: --batch must be comma-separated positive integers, got {args.batch!r}",
               file=sys.stderr)
         return 2
+    from .bench.decode import REPLICATE_PATHS
+
+    paths = tuple(x.strip() for x in args.replicate_path.split(",") if x.strip())
+    if not paths or any(p not in REPLICATE_PATHS for p in paths):
+        print(f"dejavu bench decode: --replicate-path takes a comma-separated list of {', '.join(REPLICATE_PATHS)}, "
+              f"got {args.replicate_path!r}", file=sys.stderr)
+        return 2
     run(args.model, args.device, args.dtype, batches, args.prompt_len, args.max_tokens, args.seed, args.hf, args.json,
         replicate=args.replicate, pairs=args.pairs, replicate_every=args.replicate_every,
-        replica_holder=args.replica_holder, replicate_skip=args.replicate_skip)
+        replica_holder=args.replica_holder, replicate_skip=args.replicate_skip, replicate_paths=paths)
     return 0
 
 

@@ -82,8 +82,10 @@ def _ours(llm, prompts: list[list[int]], max_tokens: int, streams=None) -> tuple
 
 class _ReplicationStream:
     """Token-level replication as a `--replicate` token worker runs it (serving/replication.py's
-    Replicator: the step records an event and queues its slots; DéjàVuLib's C++ sending thread
-    gathers them into pinned memory and sends them), into a ReplicaServer. By default the server runs in this process
+    Replicator), into a ReplicaServer. Path "ring": the decode graphs also write each new token's K/V
+    into the Replicator's pinned ring, and DéjàVuLib's C++ sending thread sends those rows; "gather":
+    the step records an event and queues its slots, and the sending thread gathers them into pinned
+    memory with the copy engine first. By default the server runs in this process
     and applies the slots to its host mirror as the ring neighbour's holder would, so this process
     pays for both directions of a ring, like a worker does; holder="process" runs it in a process of
     its own (the sending side's cost alone). Workers' GIL switch interval (0.5 ms) applies while it
@@ -120,12 +122,24 @@ class _ReplicationStream:
         self.port = port
         self.replicator.set_holder(("127.0.0.1", port))
         self._switch = sys.getswitchinterval()
+        self.runner = llm.engine.runner
+        self.path = "gather"
+
+    def using(self, path: str) -> "_ReplicationStream":
+        if path == "ring" and self.replicator.ring is None:
+            raise ValueError("--replicate-path ring: this engine has no replication ring (DEJAVU_REPLICA_RING=0, "
+                             "or no decode kernels for this cache)")
+        self.path = path
+        return self
 
     def __enter__(self):
+        if self.path == "ring":
+            self.runner.set_kv_tap(self.replicator)  # the first time, the decode graphs are captured again
         sys.setswitchinterval(float(os.environ.get("DEJAVU_SWITCH_INTERVAL", "0.0005")))
         return self
 
     def __exit__(self, *exc):
+        self.runner.set_kv_tap(None)
         self.replicator.drain()
         sys.setswitchinterval(self._switch)
 
@@ -167,24 +181,38 @@ class _ReplicationStream:
         return all(torch.equal(data[:, idx[b], :, s].to(self.device), self.cache.tensor[:, b, :, s]) for b, s in slots)
 
 
+REPLICATE_PATHS = ("ring", "gather")
+
+
 def _with_replication(llm, batch: list[list[int]], max_tokens: int, pairs: int, every: int = 1,
-                      holder: str = "thread", skip: str = "none") -> dict:
-    """The batch decoded `pairs` times each without and with token-level replication running,
-    alternating (off, on, off, on, ...), the same engine and graphs throughout."""
-    off, on, exact = [], [], []
+                      holder: str = "thread", skip: str = "none", paths: tuple[str, ...] = ("ring",)) -> dict:
+    """The batch decoded `pairs` times without replication and with it through each of `paths`,
+    alternating (off, path 1, path 2, off, ...), the same engine throughout. The replicate_* keys
+    are the first path's; replicate_by_path has every path's."""
+    bad = [p for p in paths if p not in REPLICATE_PATHS]
+    if bad or not paths:
+        raise ValueError(f"--replicate-path takes {', '.join(REPLICATE_PATHS)}, got {', '.join(paths) or 'nothing'}")
+    off, on, exact = [], {p: [] for p in paths}, []
     stream = _ReplicationStream(llm, every, holder, skip)
     try:
+        for p in paths:
+            stream.using(p)  # a path this engine cannot run fails before any run
         for _ in range(pairs):
             off.append(_ours(llm, batch, max_tokens)[1])
-            with stream:
-                on.append(_ours(llm, batch, max_tokens, streams=stream)[1])
-            exact.append(stream.mirror_matches())  # each run's last steps, before the next run reuses the blocks
+            for p in paths:
+                with stream.using(p):
+                    on[p].append(_ours(llm, batch, max_tokens, streams=stream)[1])
+                exact.append(stream.mirror_matches())  # each run's last steps, before the next run reuses the blocks
     finally:
         stream.close()
-    return {"replicate_off_ms_per_step": 1e3 * sum(off) / pairs, "replicate_ms_per_step": 1e3 * sum(on) / pairs,
-            "replicate_ratio": sum(on) / sum(off), "replicate_pair_ratios": [b / a for a, b in zip(off, on)],
-            "replicate_acked": f"{stream.acks}/{stream.step_id}", "replica_exact": all(exact),
-            "replicate_bytes": stream.replicator.bytes}
+    by_path = {p: {"ms_per_step": 1e3 * sum(on[p]) / pairs, "ratio": sum(on[p]) / sum(off),
+                   "pair_ratios": [b / a for a, b in zip(off, on[p])]} for p in paths}
+    first = by_path[paths[0]]
+    return {"replicate_off_ms_per_step": 1e3 * sum(off) / pairs, "replicate_ms_per_step": first["ms_per_step"],
+            "replicate_ratio": first["ratio"], "replicate_pair_ratios": first["pair_ratios"],
+            "replicate_by_path": by_path, "replicate_acked": f"{stream.acks}/{stream.step_id}",
+            "replica_exact": all(exact), "replicate_bytes": stream.replicator.bytes,
+            "replicate_ring_misses": stream.replicator.ring_misses}
 
 
 def _replay_ms(g: torch.cuda.CUDAGraph, n: int) -> float:
@@ -212,7 +240,7 @@ def attention_ms(graphs, batch: int, n: int = 5) -> float:
     from .. import kernels
 
     bucket = next(x for x in graphs.buckets if x >= batch)
-    _, _, _, _, ctx, tables = graphs._views(graphs.dev, bucket)
+    *_, ctx, _rows, tables = graphs._views(graphs.dev, bucket)
     cache, cfg = graphs.cache, graphs.model.cfg
     q = torch.randn(bucket, cfg.num_heads, cfg.head_dim, device=cache.device, dtype=cache.dtype)
     scale = cfg.head_dim ** -0.5
@@ -252,7 +280,8 @@ def _hf(hf, ids: torch.Tensor, max_tokens: int) -> tuple[float, float, list[list
 
 def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int, max_tokens: int, seed: int,
         hf_baseline: bool, json_path: str | None, replicate: bool = False, pairs: int = 2,
-        replicate_every: int = 1, replica_holder: str = "thread", replicate_skip: str = "none") -> dict:
+        replicate_every: int = 1, replica_holder: str = "thread", replicate_skip: str = "none",
+        replicate_paths: tuple[str, ...] = ("ring",)) -> dict:
     from ..llm import LLM
 
     dev, dt, src, hf = random_hf_model("decode", model, device, dtype, seed)
@@ -270,13 +299,13 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
     bw = device_bandwidth(dev) if dev.type == "cuda" else 0.0
     wbytes = weight_bytes(llm.model)
     floor_ms = 1e3 * wbytes / bw if bw else 0.0
-    graphs = llm.engine.runner.graphs
     result = {"model": model, "device": str(dev), "dtype": str(dt).replace("torch.", ""), "prompt_len": prompt_len,
               "max_tokens": max_tokens, "weight_bytes": wbytes, "copy_bandwidth_GBps": bw / 1e9,
-              "floor_ms": floor_ms, "cuda_graphs": graphs is not None,
+              "floor_ms": floor_ms, "cuda_graphs": llm.engine.runner.graphs is not None,
               "replicate_every": replicate_every if replicate else None,
               "replica_holder": replica_holder if replicate else None,
               "replicate_skip": replicate_skip if replicate else None,
+              "replicate_paths": list(replicate_paths) if replicate else None,
               "card": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "rows": []}
     # Warm-up at the measured prompt length: kernels, allocator, cuBLAS heuristics, HF's generate.
     _ours(llm, prompts[:1].tolist(), 4)
@@ -287,6 +316,7 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
     print(f"{'batch':>5} {'prefill ms':>10} {'HF prefill':>10} {'ms/step':>8} {'GPU ms':>8} {'attn ms':>8} {'eager':>8} {'HF':>8} "
           f"{'tok/s':>9} {'x floor':>7} {'x HF':>6} {'same as HF':>10}")
     for b in batches:
+        graphs = llm.engine.runner.graphs  # (replication through the ring captures them again)
         batch = prompts[:b].tolist()
         pre, step, ours_ids = _ours(llm, batch, max_tokens)
         row = {"batch": b, "prefill_ms": 1e3 * pre, "ms_per_step": 1e3 * step, "tok_s": b / step}
@@ -304,7 +334,7 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
                        prefill_vs_hf=hpre / pre, identical_sequences=f"{sum(a == c for a, c in zip(ours_ids, hf_ids))}/{b}")
         if replicate:
             row.update(_with_replication(llm, batch, max_tokens, pairs, replicate_every, replica_holder,
-                                         replicate_skip))
+                                         replicate_skip, tuple(replicate_paths)))
         result["rows"].append(row)
         f = lambda k, w=8, p=3: f"{row[k]:>{w}.{p}f}" if k in row else f"{'-':>{w}}"  # noqa: E731
         print(f"{b:>5} {f('prefill_ms', 10, 1)} {f('hf_prefill_ms', 10, 1)} {f('ms_per_step')} "
@@ -312,10 +342,12 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
               f"{f('tok_s', 9, 1)} {f('x_floor', 7, 2)} "
               f"{f('speedup_vs_hf', 6, 1)} {row.get('identical_sequences', '-'):>10}")
         if replicate:
-            print(f"      with replication: {row['replicate_ms_per_step']:.3f} ms/step against {row['replicate_off_ms_per_step']:.3f} "
-                  f"off, alternating in {pairs} pairs -> {row['replicate_ratio']:.3f} (pairs: "
-                  f"{', '.join(f'{x:.3f}' for x in row['replicate_pair_ratios'])}); {row['replicate_acked']} steps "
-                  f"acknowledged, replica exact: {row['replica_exact']}")
+            for p, r in row["replicate_by_path"].items():
+                print(f"      with replication ({p}): {r['ms_per_step']:.3f} ms/step against "
+                      f"{row['replicate_off_ms_per_step']:.3f} off, alternating in {pairs} pairs -> {r['ratio']:.3f} "
+                      f"(pairs: {', '.join(f'{x:.3f}' for x in r['pair_ratios'])})")
+            print(f"      {row['replicate_acked']} steps acknowledged, replica exact: {row['replica_exact']}, "
+                  f"ring full: {row['replicate_ring_misses']} steps")
     write_json(json_path, result)
     llm.shutdown()
     return result

@@ -6,7 +6,8 @@ static device buffers: token ids, positions, cache slots, context lengths and bl
 for max_model_len. A step fills a pinned host copy of those buffers, moves them in one
 asynchronous copy and replays the smallest bucket that fits; rows past the batch are padding
 (their KV write is skipped, their attention has no keys). Nothing in a step waits for the GPU
-until the caller reads the sampled tokens.
+until the caller reads the sampled tokens. With a replication ring (ModelRunner.set_kv_tap) the
+graphs also write each new token's K/V into the ring rows a buffer field names (-1: none).
 
 Capture needs the decode kernels (dejavu.kernels): attention over a cache gathered with dynamic
 shapes cannot be replayed. Capturing happens when the engine starts, so the first request does not
@@ -17,11 +18,12 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 
 from .. import kernels
 from ..models.base import DecoderLM
-from ..models.layers import AttnMetadata
+from ..models.layers import AttnMetadata, KVRing
 from .block_manager import blocks_for
 from .kv_cache import PagedKVCache
 
@@ -47,32 +49,43 @@ def graphs_supported(model: DecoderLM, cache: PagedKVCache) -> str | None:
 
 
 class DecodeGraphs:
-    def __init__(self, model: DecoderLM, cache: PagedKVCache, max_batch: int, max_model_len: int):
-        self.model, self.cache = model, cache
+    FIELDS = 6  # ids, positions, slot blocks, slot offsets, context lengths, ring rows
+
+    def __init__(self, model: DecoderLM, cache: PagedKVCache, max_batch: int, max_model_len: int,
+                 ring: KVRing | None = None):
+        self.model, self.cache, self.ring = model, cache, ring
+        self._args = (max_batch, max_model_len)
         self.block_size = cache.block_size
         self.max_blocks = blocks_for(max_model_len, cache.block_size)
         self.parts = kernels.num_parts(self.max_blocks * cache.block_size)
         self.buckets = batch_buckets(max_batch)
         mb = self.max_batch = self.buckets[-1]
-        # Packed int64 fields: ids, positions, slot blocks, slot offsets, context lengths (mb each),
-        # then the block tables (mb x max_blocks).
-        total = 5 * mb + mb * self.max_blocks
+        # Packed int64 fields: ids, positions, slot blocks, slot offsets, context lengths, ring rows
+        # (mb each), then the block tables (mb x max_blocks).
+        total = self.FIELDS * mb + mb * self.max_blocks
         self.host = torch.zeros(total, dtype=torch.int64, pin_memory=True)
         self.host_np = self.host.numpy()
         self.dev = torch.zeros(total, dtype=torch.int64, device=cache.device)
         self.copied = torch.cuda.Event()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
+    def recapture(self, ring: KVRing | None) -> "DecodeGraphs":
+        """The same graphs captured again, writing into `ring`."""
+        fresh = DecodeGraphs(self.model, self.cache, *self._args, ring=ring)
+        self.graphs.clear()
+        fresh.capture()
+        return fresh
+
     def _views(self, t, bucket: int):
-        mb = self.max_batch
-        f = [t[i * mb:i * mb + bucket] for i in range(5)]
-        tables = t[5 * mb:].view(mb, self.max_blocks)[:bucket]
-        return f[0], f[1], f[2], f[3], f[4], tables
+        mb, nf = self.max_batch, self.FIELDS
+        f = [t[i * mb:i * mb + bucket] for i in range(nf)]
+        tables = t[nf * mb:].view(mb, self.max_blocks)[:bucket]
+        return (*f, tables)
 
     def _forward(self, bucket: int) -> torch.Tensor:
-        ids, pos, blk, off, ctx, tables = self._views(self.dev, bucket)
+        ids, pos, blk, off, ctx, rows, tables = self._views(self.dev, bucket)
         meta = AttnMetadata(slot_blocks=blk, slot_offsets=off, block_tables=tables, context_lens=ctx,
-                            num_parts=self.parts)
+                            num_parts=self.parts, ring=self.ring, ring_rows=rows if self.ring is not None else None)
         return self.model.compute_logits(self.model(ids, pos, meta, self.cache.tensor))
 
     @torch.inference_mode()
@@ -99,24 +112,31 @@ class DecodeGraphs:
         """True for a decode-shaped batch (one new token each) the captured graphs hold."""
         return len(items) <= self.max_batch and all(len(x[0]) == 1 and len(x[2]) <= self.max_blocks for x in items)
 
-    def _fill(self, items) -> None:
+    def _fill(self, items, tap=None) -> None:
         mb, h = self.max_batch, self.host_np
-        h[:5 * mb] = 0
+        h[:self.FIELDS * mb] = 0
         h[2 * mb:3 * mb] = -1  # padding rows store nothing
+        h[5 * mb:6 * mb] = -1  # nor go to the ring
         for i, (ids, start, table) in enumerate(items):
             h[i] = ids[-1]
             h[mb + i] = start
             h[2 * mb + i] = table[start // self.block_size]
             h[3 * mb + i] = start % self.block_size
             h[4 * mb + i] = start + 1
-            row = 5 * mb + i * self.max_blocks
+            row = self.FIELDS * mb + i * self.max_blocks
             h[row:row + len(table)] = table
+        if tap is not None and self.ring is not None:
+            n = len(items)
+            first = tap.stage(h[2 * mb:2 * mb + n], h[3 * mb:3 * mb + n])
+            if first >= 0:
+                h[5 * mb:5 * mb + n] = np.arange(first, first + n)
 
-    def run(self, items) -> torch.Tensor:
-        """Logits [B, vocab] for a decode batch of (new token ids (one), position, block table) items."""
+    def run(self, items, tap=None) -> torch.Tensor:
+        """Logits [B, vocab] for a decode batch of (new token ids (one), position, block table) items;
+        `tap` (a Replicator whose ring these graphs were captured with) stages ring rows for them."""
         bucket = next(x for x in self.buckets if x >= len(items))
         self.copied.synchronize()  # the previous step's copy has left the pinned buffer
-        self._fill(items)
+        self._fill(items, tap)
         self.dev.copy_(self.host, non_blocking=True)
         self.copied.record()
         g, out = self.graphs[bucket]

@@ -23,10 +23,12 @@ def step_items(seqs: list[Sequence], is_prefill: bool) -> list[tuple[list[int], 
     return out
 
 
-def build_metadata(items: list[tuple[list[int], int, list[int]]], block_size: int, device: torch.device):
+def build_metadata(items: list[tuple[list[int], int, list[int]]], block_size: int, device: torch.device,
+                   tap=None):
     """Returns (input_ids [N], positions [N], AttnMetadata, last_index [B]) for a batch of
     (new token ids, first position, block table) items. Every integer crosses to the device in
-    one copy (views of one packed tensor)."""
+    one copy (views of one packed tensor). `tap` (a Replicator with a ring): a decode step's new
+    K/V also go to the ring rows it stages (serving/replication.py); any other step stages none."""
     q_lens = np.fromiter((len(x[0]) for x in items), np.int64, len(items))
     starts = np.fromiter((x[1] for x in items), np.int64, len(items))
     n, b, t = int(q_lens.sum()), len(items), int(q_lens.max())
@@ -45,19 +47,28 @@ def build_metadata(items: list[tuple[list[int], int, list[int]]], block_size: in
     q_positions[seq_of, local] = pos
     last = first + q_lens - 1
     decode = t == 1
-    fields = [ids, pos, tables[seq_of, pos // block_size], pos % block_size, tables, q_index, seq_of * t + local,
-              q_positions, last, pos[last] + 1 if decode else np.zeros(0, np.int64)]
+    slot_blocks, slot_offsets = tables[seq_of, pos // block_size], pos % block_size
+    ring_rows = None
+    if tap is not None:
+        first = tap.stage(slot_blocks, slot_offsets) if decode else tap.cancel_staged()
+        if first is not None and first >= 0:
+            ring_rows = np.arange(first, first + n, dtype=np.int64)
+    fields = [ids, pos, slot_blocks, slot_offsets, tables, q_index, seq_of * t + local,
+              q_positions, last, pos[last] + 1 if decode else np.zeros(0, np.int64),
+              ring_rows if ring_rows is not None else np.zeros(0, np.int64)]
     packed = torch.from_numpy(np.concatenate([f.reshape(-1) for f in fields])).to(device, non_blocking=True)
     views, at = [], 0
     for f in fields:
         views.append(packed[at:at + f.size].view(f.shape))
         at += f.size
-    d_ids, d_pos, d_blk, d_off, d_tables, d_qi, d_oi, d_qp, d_last, d_ctx = views
+    d_ids, d_pos, d_blk, d_off, d_tables, d_qi, d_oi, d_qp, d_last, d_ctx, d_ring = views
     meta = AttnMetadata(slot_blocks=d_blk, slot_offsets=d_off, block_tables=d_tables, q_index=d_qi, out_index=d_oi,
                         q_positions=d_qp, key_positions=torch.arange(max_blocks * block_size, device=device),
                         context_lens=d_ctx if decode else None,
                         num_parts=kernels.num_parts(int(pos.max()) + 1) if decode else 1,
-                        fresh=not decode and not starts.any())
+                        fresh=not decode and not starts.any(),
+                        ring=tap.ring if ring_rows is not None else None,
+                        ring_rows=d_ring if ring_rows is not None else None)
     return d_ids, d_pos, meta, d_last
 
 
@@ -66,6 +77,7 @@ class ModelRunner:
         self.model = model
         self.cache = cache
         self.graphs = None  # DecodeGraphs once enable_cuda_graphs() has captured them
+        self.kv_tap = None  # a Replicator with a ring (set_kv_tap)
 
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> str | None:
         """Capture decode steps as CUDA graphs; returns None, or why they cannot be used here."""
@@ -77,14 +89,22 @@ class ModelRunner:
             self.graphs.capture()
         return why
 
+    def set_kv_tap(self, tap) -> None:
+        """Decode steps also write their new K/V into `tap`'s replication ring (a Replicator whose
+        after_step then sends them; serving/replication.py); None stops that. Captured decode graphs
+        are captured again for a new ring (its address is part of them)."""
+        self.kv_tap = tap if tap is not None and tap.ring is not None else None
+        if self.kv_tap is not None and self.graphs is not None and self.graphs.ring is not self.kv_tap.ring:
+            self.graphs = self.graphs.recapture(self.kv_tap.ring)
+
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
         """Logits [B, vocab] (float32) of each sequence's last new token; marks the K/V as cached."""
         items = step_items(seqs, is_prefill)
         if self.graphs is not None and self.graphs.fits(items):
-            logits = self.graphs.run(items)
+            logits = self.graphs.run(items, self.kv_tap)
         else:
-            ids, pos, meta, last = build_metadata(items, self.cache.block_size, self.cache.device)
+            ids, pos, meta, last = build_metadata(items, self.cache.block_size, self.cache.device, self.kv_tap)
             hidden = self.model(ids, pos, meta, self.cache.tensor)
             logits = self.model.compute_logits(hidden[last])
         for s in seqs:

@@ -17,6 +17,20 @@ from .. import kernels
 
 
 @dataclass
+class KVRing:
+    """A replication ring (serving/replication.py): host memory ([layers, rows, 2, kv_heads, head_dim],
+    pinned for a device cache) into which a decode step also writes each new token's K and V, at the
+    rows AttnMetadata.ring_rows names, so the replica sender sends them without a copy of its own."""
+    tensor: torch.Tensor
+    cache: torch.Tensor  # the whole paged cache ([layers, blocks, 2, block_size, kv_heads, head_dim])
+
+    def layer(self, layer_cache: torch.Tensor) -> torch.Tensor:
+        """The ring's part for the layer whose cache view this is."""
+        i = (layer_cache.data_ptr() - self.cache.data_ptr()) // (self.cache.stride(0) * self.cache.element_size())
+        return self.tensor[i]
+
+
+@dataclass
 class AttnMetadata:
     slot_blocks: torch.Tensor    # [N] cache block of each new token (negative: padding, not stored)
     slot_offsets: torch.Tensor   # [N] slot inside that block
@@ -30,6 +44,8 @@ class AttnMetadata:
     context_lens: torch.Tensor | None = None   # [B] int64
     num_parts: int = 1
     fresh: bool = False  # prefill with nothing cached before it: attention over the new tokens only
+    ring: KVRing | None = None        # with ring_rows: new K/V also go to these rows of the ring
+    ring_rows: torch.Tensor | None = None  # [N] int64 (negative: not replicated through the ring)
 
     @property
     def num_seqs(self) -> int:
@@ -41,6 +57,12 @@ def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMe
     ([num_blocks, 2, block_size, kv_heads, head_dim])."""
     cache[meta.slot_blocks, 0, meta.slot_offsets] = k.to(cache.dtype)
     cache[meta.slot_blocks, 1, meta.slot_offsets] = v.to(cache.dtype)
+    if meta.ring_rows is not None:  # the torch path (CPU): the same rows the kernel writes on a GPU
+        ring = meta.ring.layer(cache)
+        rows = meta.ring_rows.to(ring.device)
+        keep = rows >= 0
+        ring[rows[keep], 0] = k.to(ring.device, ring.dtype)[keep]
+        ring[rows[keep], 1] = v.to(ring.device, ring.dtype)[keep]
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
@@ -53,7 +75,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     """
     if kernels.usable(cache, q.shape[-1]):
         if meta.context_lens is not None:
-            kernels.write_kv(cache, k, v, meta.slot_blocks, meta.slot_offsets)
+            kernels.write_kv(cache, k, v, meta.slot_blocks, meta.slot_offsets,
+                             None if meta.ring_rows is None else meta.ring.layer(cache), meta.ring_rows)
             return kernels.decode_attention(q, cache, meta.block_tables, meta.context_lens, scale, meta.num_parts,
                                             alibi_slopes).to(q.dtype)
         if meta.fresh and alibi_slopes is None:

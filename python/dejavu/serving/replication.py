@@ -1,8 +1,16 @@
 """Worker side of `--replicate`: stream the KV this worker writes to its replica holder.
 
 After every step (and every disaggregated admission) the token slots the step wrote leave for the
-holder's ReplicaServer, which applies them to its mirror of this worker's cache. The step itself
-only hands the slots (and, on CUDA, an event recorded after the step's work) to DéjàVuLib's
+holder's ReplicaServer, which applies them to its mirror of this worker's cache.
+
+Decode steps go through the step ring: the metadata of the step (model_runner.build_metadata, or
+the captured decode graphs) names a ring row for each new token, reserved by `stage`, and the
+step's write-KV kernel stores the token's K and V there too, in pinned host memory, besides the
+cache. `after_step` then commits the step, and DéjàVuLib's sending thread sends the rows as they lie
+once the step's event completed: no gather, no second stream, no copy beyond the kernel's own
+stores. DEJAVU_REPLICA_RING=0 turns the ring off, and DEJAVU_REPLICA_RING_MIB sizes it (128 MiB, at
+least 256 tokens). A step that finds the ring full, and every other step, goes the gather way: the
+step only hands the slots (and, on CUDA, an event recorded after the step's work) to DéjàVuLib's
 ReplicaSender (csrc/kvstream/replica_sender.cpp): a C++ thread that gathers them into pinned host
 memory (with the copy engine, ordered after that event and lagged by one step; memcpy for a host
 cache), checksums and sends them, holding no interpreter lock, so it never competes with the step loop for
@@ -23,7 +31,8 @@ import time
 
 import torch
 
-from .. import _C
+from .. import _C, kernels
+from ..models.layers import KVRing
 
 
 class Replicator:
@@ -38,9 +47,8 @@ class Replicator:
         self._every = 1
         dev = worker.device
         self._cuda = dev.type == "cuda"
-        self.native = _C.ReplicaSender(cache.layout(), cache.tensor.data_ptr(),
-                                       (dev.index if dev.index is not None else torch.cuda.current_device())
-                                       if self._cuda else -1,
+        self._device_index = (dev.index if dev.index is not None else torch.cuda.current_device()) if self._cuda else -1
+        self.native = _C.ReplicaSender(cache.layout(), cache.tensor.data_ptr(), self._device_index,
                                        src, worker.cfg["kv_token"], str(cache.dtype).replace("torch.", ""),
                                        float(worker.cfg["timeout"]))
         self.native.set_every(1, self.LINGER_S)
@@ -48,6 +56,8 @@ class Replicator:
         # then runs beside that step's compute, not at the step boundary where the sampled tokens
         # are read back. DEJAVU_REPLICA_LAG_S=0 gathers at once (bench decode --replicate compares).
         self.native.set_lag(float(os.environ.get("DEJAVU_REPLICA_LAG_S", self.LAG_S)))
+        self.ring = self._make_ring(cache)
+        self._staged = False  # a ring reservation awaits this step's after_step
         self._forwarded = 0
         self._closed = False
         self._cond = threading.Condition()
@@ -75,10 +85,50 @@ class Replicator:
     def set_holder(self, addr) -> None:
         self.native.set_holder(str(addr[0]), int(addr[1]))
 
+    def _make_ring(self, cache) -> KVRing | None:
+        mib = float(os.environ.get("DEJAVU_REPLICA_RING_MIB", "128"))
+        if os.environ.get("DEJAVU_REPLICA_RING", "1") == "0" or mib <= 0:
+            return None
+        if self._cuda and not kernels.usable(cache.tensor, cache.head_dim):
+            return None  # the torch write path would copy to the host synchronously: gather instead
+        row = 2 * cache.num_layers * cache.num_kv_heads * cache.head_dim * cache.tensor.element_size()
+        rows = max(256, int(mib * (1 << 20)) // row)
+        t = torch.empty((cache.num_layers, rows, 2, cache.num_kv_heads, cache.head_dim), dtype=cache.dtype,
+                        pin_memory=self._cuda)
+        self.native.ring_attach(t.data_ptr(), rows)
+        return KVRing(t, cache.tensor)
+
+    def stage(self, blocks, slots) -> int:
+        """A decode step is about to write new tokens at (blocks[i], slots[i]) (int64 arrays): the
+        first of the ring rows reserved for them, or -1 (no ring, paused, ring full)."""
+        if self.ring is None or self.paused:
+            return -1
+        first = self.native.ring_stage(blocks, slots)
+        self._staged = first >= 0
+        return first
+
+    def cancel_staged(self) -> None:
+        """This step writes no ring rows: a reservation left by a step that never reached after_step
+        is taken back (its rows would otherwise go out under this step's id)."""
+        if self._staged:
+            self.native.ring_cancel()
+            self._staged = False
+
+    @property
+    def ring_misses(self) -> int:
+        return self.native.ring_misses()
+
     def after_step(self, step_id: int, written: list[tuple[list[int], int, int]]) -> None:
-        """A step wrote positions [start, end) of each (block table, start, end): send those slots."""
-        if not self.paused:
-            self.native.push_slots(step_id, written, self._stream())
+        """A step wrote positions [start, end) of each (block table, start, end): send those slots
+        (the ring rows it staged, or a gather of them)."""
+        if self.paused:
+            return
+        stream = self._stream()
+        if self._staged:
+            self._staged = False
+            if self.native.ring_commit(step_id, sum(e - s for _, s, e in written), stream):
+                return
+        self.native.push_slots(step_id, written, stream)
 
     def send_blocks(self, tag: int, blocks: list[int]) -> None:
         """Re-seed the holder with whole blocks (its mirror was lost with the previous holder)."""
@@ -101,7 +151,12 @@ class Replicator:
 
     def _stream(self) -> int:
         """The stream whose work so far wrote the slots (the gather is ordered after it)."""
-        return torch.cuda.current_stream(self.w.device).cuda_stream if self._cuda else 0
+        if not self._cuda:
+            return 0
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # the handle without a Stream object
+        if raw is not None:
+            return raw(self._device_index)
+        return torch.cuda.current_stream(self.w.device).cuda_stream
 
     # ------------------------------------------------------------------ the acknowledging thread
     def _forward(self) -> None:

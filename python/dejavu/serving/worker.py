@@ -154,7 +154,9 @@ class StageWorker:
     # ------------------------------------------------------------------ forward through this stage
     def _forward(self, msg: dict, on_layer=None):
         items = [(s["ids"], s["start"], s["blocks"]) for s in msg["seqs"]]
-        ids, pos, meta, last = build_metadata(items, self.cache.block_size, self.device)
+        # --replicate: a decode step's new K/V also go to the replicator's ring (after_step sends them)
+        tap = self.replicator if self.replicator is not None and self.replicator.ring is not None else None
+        ids, pos, meta, last = build_metadata(items, self.cache.block_size, self.device, tap)
         if self.stage == 0:
             x = ids
         elif self.pipes is not None:
@@ -209,6 +211,10 @@ class StageWorker:
                 # sampling synchronised with the device): /metrics and bench replication overhead. It
                 # goes with the next step's tokens so that enqueueing stays off the reply's path.
                 self._decode_step_s = time.perf_counter() - self._t_inputs
+        except BaseException:
+            if self.replicator is not None:
+                self.replicator.cancel_staged()  # the step never reached after_step
+            raise
         finally:
             if self.swap is not None:
                 self.swap.write_back(mapping, touched)  # incremental swap-out: only the new tokens' blocks
@@ -412,6 +418,7 @@ class StageWorker:
     def _replicate_admitted(self, msg: dict) -> None:
         """The prompt KV just admitted goes to the replica holder as well (positions [0, ntok))."""
         if self.replicator is not None:
+            self.replicator.cancel_staged()  # these slots were not written by a step's kernels
             self.replicator.after_step(msg["id"], [(s["blocks"], 0, s["ntok"]) for s in msg["seqs"]])
 
     # ------------------------------------------------------------------ fault tolerance
