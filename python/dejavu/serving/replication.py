@@ -8,13 +8,13 @@ the captured decode graphs) names a ring row for each new token, reserved by `st
 step's write-KV kernel stores the token's K and V there too, in pinned host memory, besides the
 cache. `after_step` then commits the step, and DéjàVuLib's sending thread sends the rows as they lie
 once the step's event completed: no gather, no second stream, no copy beyond the kernel's own
-stores. DEJAVU_REPLICA_RING=0 turns the ring off, and DEJAVU_REPLICA_RING_MIB sizes it (128 MiB, at
-least 256 tokens). A step that finds the ring full, and every other step, goes the gather way: the
-step only hands the slots (and, on CUDA, an event recorded after the step's work) to DéjàVuLib's
-ReplicaSender (csrc/kvstream/replica_sender.cpp): a C++ thread that gathers them into pinned host
-memory (with the copy engine, ordered after that event and lagged by one step; memcpy for a host
-cache), checksums and sends them, holding no interpreter lock, so it never competes with the step loop for
-it. (Gathering a slot after later steps ran is safe: a request's KV slots are written once, and a
+stores. DEJAVU_REPLICA_RING=0 turns the ring off. The ring holds an eighth of the cache's tokens, at
+most DEJAVU_REPLICA_RING_MIB (512) and at least 256 tokens. A step that finds the ring full, and
+every other step, goes the gather way: the step only hands the slots (and, on CUDA, an event
+recorded after the step's work) to DéjàVuLib's ReplicaSender (csrc/kvstream/replica_sender.cpp): a
+C++ thread that gathers them into pinned host memory (with the copy engine, ordered after that
+event and lagged by one step; memcpy for a host cache), checksums and sends them, holding no
+interpreter lock, so it never competes with the step loop for it. (Gathering a slot after later steps ran is safe: a request's KV slots are written once, and a
 block freed and reused meanwhile is re-sent by its new owner later in the same FIFO queue.) Once the
 holder acknowledged, a small Python thread tells the controller "replicated <step>" (it wakes for a
 batch of acknowledgements at a time); the controller advances each request's watermark when every
@@ -86,13 +86,15 @@ class Replicator:
         self.native.set_holder(str(addr[0]), int(addr[1]))
 
     def _make_ring(self, cache) -> KVRing | None:
-        mib = float(os.environ.get("DEJAVU_REPLICA_RING_MIB", "128"))
+        mib = float(os.environ.get("DEJAVU_REPLICA_RING_MIB", "512"))
         if os.environ.get("DEJAVU_REPLICA_RING", "1") == "0" or mib <= 0:
             return None
         if self._cuda and not kernels.usable(cache.tensor, cache.head_dim):
             return None  # the torch write path would copy to the host synchronously: gather instead
+        # Up to an eighth of the cache's tokens (rows absorb the sender falling behind for a while),
+        # at most DEJAVU_REPLICA_RING_MIB, at least 256 tokens.
         row = 2 * cache.num_layers * cache.num_kv_heads * cache.head_dim * cache.tensor.element_size()
-        rows = max(256, int(mib * (1 << 20)) // row)
+        rows = max(256, min(int(mib * (1 << 20)) // row, cache.num_blocks * cache.block_size // 8))
         t = torch.empty((cache.num_layers, rows, 2, cache.num_kv_heads, cache.head_dim), dtype=cache.dtype,
                         pin_memory=self._cuda)
         self.native.ring_attach(t.data_ptr(), rows)
