@@ -450,3 +450,26 @@ def test_ring_burst_is_acknowledged_in_order():
     finally:
         rep.close()
         srv.stop()
+
+
+def test_replica_throughput_benchmark_runs(tmp_path):
+    """benchmarks/replica_throughput.py (ring against gather, host only): every step of both paths
+    acknowledged, figures written."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "thr.json"
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "replica_throughput.py")
+    r = subprocess.run([sys.executable, script, "--model", "opt-125m", "--batch", "5", "--steps", "30", "--repeat",
+                        "1", "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    slot = 2 * 12 * 12 * 64 * 2
+    for path in ("ring", "gather"):
+        (run,) = res["runs"][path]
+        assert run["bytes"] == 30 * 5 * slot and run["GBps"] > 0
+    assert "ring / gather (medians)" in r.stdout
+    r = subprocess.run([sys.executable, script, "--steps", "0"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "must be positive" in r.stderr
