@@ -57,7 +57,8 @@ class ReplicaSender {
   // A step's slots wait (at most lag_s) for the next step to be handed over before they are gathered
   // (0: gather at once). The watermark trails by that one step more.
   void set_lag(double lag_s);
-  // Diagnostics (bench decode --replicate-skip): send zeros without touching the cache / send nothing.
+  // Diagnostics (bench decode --replicate-skip): send zeros without touching the cache (gathered
+  // items only: ring steps have no gather) / send nothing.
   void set_skip(bool gather, bool send);
 
   // The step ring: token-level replication without a copy of its own. A decode step's write-KV

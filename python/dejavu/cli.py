@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "runs: ring (the decode kernels also write new K/V into a pinned ring the sender sends "
                          "from; the default) and gather (the sender gathers the slots with the copy engine)")
     bd.add_argument("--replicate-skip", default="none", choices=["none", "gather", "send"],
-                    help="with --replicate, a diagnostic: leave out each step's device gather (send zeros) or its "
-                         "send, to see which part costs the decode step")
+                    help="with --replicate, a diagnostic: leave out each step's device gather (send zeros; the gather "
+                         "path only, the ring has none) or its send, to see which part costs the decode step")
     bd.add_argument("--json", default=None, help="write all numbers to this file")
     bd.set_defaults(func=cmd_bench_decode)
 
