@@ -115,32 +115,10 @@ const LaneShift& lane_shift() {
   return s;
 }
 
-__attribute__((target("sse4.2"))) uint32_t crc32c_sse42_3way(const uint8_t* data, size_t n, uint32_t c) {
-  if (n >= 3 * kLane) {
-    const LaneShift& shift = lane_shift();
-    do {
-      uint64_t a = c, b = 0, d = 0;
-      for (size_t i = 0; i < kLane; i += 8) {
-        uint64_t va, vb, vd;
-        std::memcpy(&va, data + i, 8);
-        std::memcpy(&vb, data + kLane + i, 8);
-        std::memcpy(&vd, data + 2 * kLane + i, 8);
-        a = __builtin_ia32_crc32di(a, va);
-        b = __builtin_ia32_crc32di(b, vb);
-        d = __builtin_ia32_crc32di(d, vd);
-      }
-      c = shift(shift(static_cast<uint32_t>(a)) ^ static_cast<uint32_t>(b)) ^ static_cast<uint32_t>(d);
-      data += 3 * kLane;
-      n -= 3 * kLane;
-    } while (n >= 3 * kLane);
-  }
-  return crc32c_sse42(data, n, c);
-}
-
-__attribute__((target("sse4.2"))) void crc32c_x3_sse42(const uint8_t* const data[3], size_t n, uint32_t crc[3]) {
-  uint64_t a = ~crc[0] & 0xFFFFFFFFu, b = ~crc[1] & 0xFFFFFFFFu, d = ~crc[2] & 0xFFFFFFFFu;
-  size_t i = 0;
-  for (; i + 8 <= n; i += 8) {
+// Three raw CRC registers advanced over the first n bytes (n a multiple of 8) of three buffers.
+__attribute__((target("sse4.2"))) void crc3_raw(const uint8_t* const data[3], size_t n, uint32_t c[3]) {
+  uint64_t a = c[0], b = c[1], d = c[2];
+  for (size_t i = 0; i < n; i += 8) {
     uint64_t va, vb, vd;
     std::memcpy(&va, data[0] + i, 8);
     std::memcpy(&vb, data[1] + i, 8);
@@ -149,8 +127,29 @@ __attribute__((target("sse4.2"))) void crc32c_x3_sse42(const uint8_t* const data
     b = __builtin_ia32_crc32di(b, vb);
     d = __builtin_ia32_crc32di(d, vd);
   }
-  uint32_t c[3] = {static_cast<uint32_t>(a), static_cast<uint32_t>(b), static_cast<uint32_t>(d)};
-  for (int k = 0; k < 3; ++k) crc[k] = ~crc32c_sse42(data[k] + i, n - i, c[k]);
+  c[0] = static_cast<uint32_t>(a), c[1] = static_cast<uint32_t>(b), c[2] = static_cast<uint32_t>(d);
+}
+
+__attribute__((target("sse4.2"))) uint32_t crc32c_sse42_3way(const uint8_t* data, size_t n, uint32_t c) {
+  if (n >= 3 * kLane) {
+    const LaneShift& shift = lane_shift();
+    do {
+      const uint8_t* lanes[3] = {data, data + kLane, data + 2 * kLane};
+      uint32_t r[3] = {c, 0, 0};
+      crc3_raw(lanes, kLane, r);
+      c = shift(shift(r[0]) ^ r[1]) ^ r[2];
+      data += 3 * kLane;
+      n -= 3 * kLane;
+    } while (n >= 3 * kLane);
+  }
+  return crc32c_sse42(data, n, c);
+}
+
+__attribute__((target("sse4.2"))) void crc32c_x3_sse42(const uint8_t* const data[3], size_t n, uint32_t crc[3]) {
+  const size_t whole = n & ~size_t{7};
+  uint32_t r[3] = {~crc[0], ~crc[1], ~crc[2]};
+  crc3_raw(data, whole, r);
+  for (int k = 0; k < 3; ++k) crc[k] = ~crc32c_sse42(data[k] + whole, n - whole, r[k]);
 }
 #endif
 

@@ -6,29 +6,22 @@ void Writer::be(uint64_t v, int bytes) {
   for (int k = bytes - 1; k >= 0; --k) buf.push_back(static_cast<uint8_t>(v >> (8 * k)));
 }
 
-void Writer::map(uint32_t n) {
+// A map's or an array's header: fix (n < 16), 16-bit or 32-bit count.
+void Writer::container(uint32_t n, uint8_t fix, uint8_t tag16, uint8_t tag32) {
   if (n < 16) {
-    buf.push_back(static_cast<uint8_t>(0x80 | n));
+    buf.push_back(static_cast<uint8_t>(fix | n));
   } else if (n < 65536) {
-    buf.push_back(0xde);
+    buf.push_back(tag16);
     be(n, 2);
   } else {
-    buf.push_back(0xdf);
+    buf.push_back(tag32);
     be(n, 4);
   }
 }
 
-void Writer::array(uint32_t n) {
-  if (n < 16) {
-    buf.push_back(static_cast<uint8_t>(0x90 | n));
-  } else if (n < 65536) {
-    buf.push_back(0xdc);
-    be(n, 2);
-  } else {
-    buf.push_back(0xdd);
-    be(n, 4);
-  }
-}
+void Writer::map(uint32_t n) { container(n, 0x80, 0xde, 0xdf); }
+
+void Writer::array(uint32_t n) { container(n, 0x90, 0xdc, 0xdd); }
 
 void Writer::str(const std::string& s) {
   const size_t n = s.size();

@@ -26,6 +26,7 @@ class Writer {
 
  private:
   void be(uint64_t v, int bytes);
+  void container(uint32_t n, uint8_t fix, uint8_t tag16, uint8_t tag32);
 };
 
 struct Value {

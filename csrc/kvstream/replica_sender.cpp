@@ -505,6 +505,21 @@ void ReplicaSender::expect_ok() {
   }
 }
 
+// The header of a put_slots (slots) or put_blocks frame carrying nbytes with CRC-32C crc.
+std::vector<uint8_t> ReplicaSender::data_header(bool slots, const std::vector<int64_t>& blocks,
+                                                const std::vector<int64_t>& slot_ids, int64_t nbytes,
+                                                uint32_t crc) const {
+  mp::Writer h;
+  h.map(slots ? 6 : 5);
+  h.str("t"), h.str(slots ? "put_slots" : "put_blocks");
+  h.str("src"), h.str(src_);
+  h.str("blocks"), h.ints(blocks);
+  if (slots) h.str("slots"), h.ints(slot_ids);
+  h.str("n"), h.integer(nbytes);
+  h.str("crc"), h.integer(crc);
+  return std::move(h.buf);
+}
+
 // Packs one frame's entries into buf_ as the holder's Mirror reads them: [layers][slots][K, V]
 // (slots) or [layers][blocks].
 void ReplicaSender::gather(bool slots, const std::vector<int64_t>& blocks, const std::vector<int64_t>& slot_ids,
@@ -565,17 +580,8 @@ void ReplicaSender::send_frames(bool slots, const std::vector<int64_t>& blocks, 
                                           : std::vector<int64_t>();
     buf_.reserve(nbytes, frame_bytes_);
     gather(slots, fb, fs, nbytes, first == 0 ? after : nullptr);
-    if (!skip_send) {
-      mp::Writer h;
-      h.map(slots ? 6 : 5);
-      h.str("t"), h.str(slots ? "put_slots" : "put_blocks");
-      h.str("src"), h.str(src_);
-      h.str("blocks"), h.ints(fb);
-      if (slots) h.str("slots"), h.ints(fs);
-      h.str("n"), h.integer(nbytes);
-      h.str("crc"), h.integer(crc32c(buf_.host, static_cast<size_t>(nbytes)));
-      request(h.buf, buf_.host, nbytes);
-    }
+    if (!skip_send)
+      request(data_header(slots, fb, fs, nbytes, crc32c(buf_.host, static_cast<size_t>(nbytes))), buf_.host, nbytes);
     std::lock_guard<std::mutex> g(mu_);
     bytes_ += nbytes;
   }
@@ -613,15 +619,7 @@ int64_t ReplicaSender::send_ring(const std::vector<Item>& batch) {
           crc = crc32c(p, len, crc);
           pieces.push_back({p, len});
         }
-      mp::Writer h;
-      h.map(6);
-      h.str("t"), h.str("put_slots");
-      h.str("src"), h.str(src_);
-      h.str("blocks"), h.ints(blocks);
-      h.str("slots"), h.ints(slots);
-      h.str("n"), h.integer(nbytes);
-      h.str("crc"), h.integer(crc);
-      send_request(h.buf, std::move(pieces));  // answered later (settle)
+      send_request(data_header(true, blocks, slots, nbytes, crc), std::move(pieces));  // answered later (settle)
       ++frames;
     }
     {

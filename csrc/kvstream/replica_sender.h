@@ -116,6 +116,8 @@ class ReplicaSender {
   void connect(const std::string& host, int port);
   void disconnect();
   int64_t send_ring(const std::vector<Item>& batch);  // frames sent (each awaits its reply)
+  std::vector<uint8_t> data_header(bool slots, const std::vector<int64_t>& blocks,
+                                   const std::vector<int64_t>& slot_ids, int64_t nbytes, uint32_t crc) const;
   void release_ring(int64_t end);
   void settle(size_t keep);
   void fail_in_flight(int64_t tag, const std::string& why);

@@ -69,8 +69,6 @@ def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_blocks:
     cache's dtype) row i also goes to ring row ring_rows[i] (negative: not)."""
     k, v = _rows(k.to(cache.dtype)), _rows(v.to(cache.dtype))
     _, _, bs, kvh, d = cache.shape
-    if ring is not None and ring_rows is None:
-        raise ValueError("write_kv: a ring needs its rows")
     _C.write_kv_cache(cache.data_ptr(), k.data_ptr(), v.data_ptr(), slot_blocks.data_ptr(), slot_offsets.data_ptr(),
                       k.shape[0], kvh, d, bs, k.stride(0), v.stride(0), _DTYPES[cache.dtype], _stream(cache.device),
                       0 if ring is None else ring.data_ptr(), 0 if ring_rows is None else ring_rows.data_ptr())

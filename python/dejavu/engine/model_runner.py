@@ -49,10 +49,12 @@ def build_metadata(items: list[tuple[list[int], int, list[int]]], block_size: in
     decode = t == 1
     slot_blocks, slot_offsets = tables[seq_of, pos // block_size], pos % block_size
     ring_rows = None
-    if tap is not None:
-        first = tap.stage(slot_blocks, slot_offsets) if decode else tap.cancel_staged()
-        if first is not None and first >= 0:
+    if tap is not None and decode:
+        first = tap.stage(slot_blocks, slot_offsets)
+        if first >= 0:
             ring_rows = np.arange(first, first + n, dtype=np.int64)
+    elif tap is not None:
+        tap.cancel_staged()
     fields = [ids, pos, slot_blocks, slot_offsets, tables, q_index, seq_of * t + local,
               q_positions, last, pos[last] + 1 if decode else np.zeros(0, np.int64),
               ring_rows if ring_rows is not None else np.zeros(0, np.int64)]
