@@ -11,6 +11,7 @@
 #include "kernels/attention.h"
 #include "kernels/gemv.h"
 #include "kernels/norm.h"
+#include "kernels/pdl.h"
 #include "kvstream/cuda_copy.h"
 #include "kvstream/file_store.h"
 #include "kvstream/handle.h"
@@ -376,6 +377,10 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("y"), py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("rows"), py::arg("out_features"),
      py::arg("in_features"), py::arg("x_stride"), py::arg("act"), py::arg("dtype"), py::arg("stream") = 0,
      "y = act(x @ w.T + bias) for a few rows of x (decode batches), fp16/bf16");
+  m.def("set_programmatic_launch", &set_programmatic_launch, py::arg("mode"),
+        "Programmatic dependent launch of the decode kernels: 1 on, 0 off, -1 from DEJAVU_PDL (default on); "
+        "kernels use it on compute capability 9.0+ only. Captured CUDA graphs keep the launches they captured.");
+  m.def("programmatic_launch", &programmatic_launch, "Whether the decode kernels ask for programmatic launch");
   m.attr("add_norm_max_hidden") = kAddNormMaxHidden;
   m.def("add_norm", [](uintptr_t sum_out, uintptr_t y, uintptr_t h, uintptr_t a, uintptr_t weight, uintptr_t bias,
                        int64_t rows, int64_t hidden, float eps, int rms, int dtype, uintptr_t stream) {

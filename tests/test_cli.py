@@ -33,14 +33,17 @@ def test_bench_decode_on_cpu(tmp_path):
     """The decode benchmark's rows (ours vs HF, same prompts) and its --batch validation."""
     out = tmp_path / "decode.json"
     r = run("bench", "decode", "--model", "random:opt-tiny", "--device", "cpu", "--batch", "1,3", "--prompt-len", "20",
-            "--max-tokens", "6", "--json", str(out))
+            "--max-tokens", "6", "--compare-pdl", "--pairs", "2", "--json", str(out))
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert [row["batch"] for row in res["rows"]] == [1, 3]
     for row in res["rows"]:
         assert row["ms_per_step"] > 0 and row["hf_ms_per_step"] > 0
         assert row["identical_sequences"] == f"{row['batch']}/{row['batch']}"  # fp32 greedy equals HF
-    assert not res["cuda_graphs"] and res["weight_bytes"] > 0
+        # --compare-pdl: off / on pairs (on the CPU nothing is launched either way, and no graphs)
+        assert len(row["pdl_pair_ratios"]) == 2 and row["pdl_ratio"] > 0 and "pdl_on_gpu_ms" not in row
+    assert not res["cuda_graphs"] and res["weight_bytes"] > 0 and res["programmatic_launch"] is False
+    assert "programmatic launch on:" in r.stdout
     r = run("bench", "decode", "--model", "random:opt-tiny", "--device", "cpu", "--batch", "1,x")
     assert r.returncode == 2 and "--batch must be comma-separated positive integers" in r.stderr
 

@@ -16,6 +16,7 @@
 
 #include "kernels/attention.h"
 #include "kernels/element.cuh"
+#include "kernels/pdl.cuh"
 
 namespace dejavu {
 
@@ -74,6 +75,8 @@ decode_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* _
   constexpr int kWarpRows = kRows * kInFlight;  // rows per warp per iteration
   static_assert(D % kVec == 0 && kVecs <= 32, "head_dim must be a multiple of 16 bytes, at most 512 bytes");
 
+  pdl::release();
+  pdl::wait();  // q and the new token's K/V come from the kernels before this one
   const int h = blockIdx.x, b = blockIdx.y;
   const int ctx = static_cast<int>(context_lens[b]);
   const int64_t row = static_cast<int64_t>(b) * H + h;
@@ -204,6 +207,8 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
 combine_kernel(T* __restrict__ out, const float* __restrict__ ws, const int64_t* __restrict__ context_lens,
                int num_seqs, int H, int num_parts) {
+  pdl::release();
+  pdl::wait();
   const int h = blockIdx.x, b = blockIdx.y;
   const int64_t row = static_cast<int64_t>(b) * H + h;
   const int n = static_cast<int>((context_lens[b] + kPart - 1) / kPart);
@@ -226,6 +231,8 @@ __global__ void write_kv_kernel(T* __restrict__ cache, const T* __restrict__ k, 
                                 const int64_t* __restrict__ slot_blocks, const int64_t* __restrict__ slot_offsets,
                                 int64_t row_elems, int64_t BS, int64_t k_stride, int64_t v_stride,
                                 T* __restrict__ ring, const int64_t* __restrict__ ring_rows) {
+  pdl::release();
+  pdl::wait();
   const int64_t i = blockIdx.x;
   const int64_t blk = slot_blocks[i];
   if (blk < 0) return;
@@ -252,14 +259,15 @@ cudaError_t launch_attention(void* out, const void* q, const void* cache, const 
                              int64_t bt_stride, int64_t q_stride, int64_t parts, int64_t grid_parts, float scale,
                              cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>(H), static_cast<unsigned>(B), static_cast<unsigned>(grid_parts));
-  decode_attention_kernel<T, D><<<grid, kThreads, 0, s>>>(
-      static_cast<T*>(out), static_cast<const T*>(q), static_cast<const T*>(cache), bt, ctx, slopes, ws,
-      static_cast<int>(B), static_cast<int>(H), static_cast<int>(KVH), static_cast<int>(BS), bt_stride, q_stride,
-      static_cast<int>(parts), scale);
-  if (parts > 1)
-    combine_kernel<T, D><<<dim3(static_cast<unsigned>(H), static_cast<unsigned>(B)), kThreads, 0, s>>>(
-        static_cast<T*>(out), ws, ctx, static_cast<int>(B), static_cast<int>(H), static_cast<int>(parts));
-  return cudaGetLastError();
+  cudaError_t e = pdl::launch(decode_attention_kernel<T, D>, grid, dim3(kThreads), s, static_cast<T*>(out),
+                              static_cast<const T*>(q), static_cast<const T*>(cache), bt, ctx, slopes, ws,
+                              static_cast<int>(B), static_cast<int>(H), static_cast<int>(KVH), static_cast<int>(BS),
+                              bt_stride, q_stride, static_cast<int>(parts), scale);
+  if (e == cudaSuccess && parts > 1)
+    e = pdl::launch(combine_kernel<T, D>, dim3(static_cast<unsigned>(H), static_cast<unsigned>(B)), dim3(kThreads), s,
+                    static_cast<T*>(out), static_cast<const float*>(ws), ctx, static_cast<int>(B),
+                    static_cast<int>(H), static_cast<int>(parts));
+  return e;
 }
 
 // The head sizes the attention kernel is compiled for: the switch below and
@@ -323,14 +331,15 @@ std::string write_kv_cache(void* cache, const void* k, const void* v, const int6
   const int64_t row = KVH * D;
   const int threads = row >= 256 ? 256 : 128;
   auto s = static_cast<cudaStream_t>(stream);
+  cudaError_t e = cudaSuccess;
   const bool known = with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    write_kv_kernel<T><<<static_cast<unsigned>(n), threads, 0, s>>>(
-        static_cast<T*>(cache), static_cast<const T*>(k), static_cast<const T*>(v), slot_blocks, slot_offsets, row,
-        BS, k_stride, v_stride, static_cast<T*>(ring_layer), ring_rows);
+    e = pdl::launch(write_kv_kernel<T>, dim3(static_cast<unsigned>(n)), dim3(threads), s, static_cast<T*>(cache),
+                    static_cast<const T*>(k), static_cast<const T*>(v), slot_blocks, slot_offsets, row, BS, k_stride,
+                    v_stride, static_cast<T*>(ring_layer), ring_rows);
   });
   if (!known) return "write_kv_cache: unsupported dtype code";
-  return error_text(cudaGetLastError());
+  return error_text(e);
 }
 
 std::string paged_decode_attention(void* out, const void* q, const void* cache, const int64_t* bt,

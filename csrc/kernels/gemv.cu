@@ -1,18 +1,22 @@
 // small_linear: one warp per output feature reads its weight row in coalesced 16-byte chunks
 // (four in flight per lane, streamed past L1) and dots it with each input row (through the
 // read-only cache: every warp of the grid reads the same few rows); a warp shuffle reduces.
+// Launched with programmatic dependent launch (pdl.h), each warp loads the first kPre chunks per
+// lane of its row (all of a 2048-wide row) before it waits for the kernel that writes its input.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "kernels/gemv.h"
 #include "kernels/element.cuh"
+#include "kernels/pdl.cuh"
 
 namespace dejavu {
 namespace {
 
 constexpr int kWarps = 8;  // output features per thread block
 constexpr int kVec = 8;    // elements per 16-byte chunk
+constexpr int kPre = 8;    // chunks per lane loaded before the wait for the input
 
 using elem::from_f;
 using elem::to_f;
@@ -34,15 +38,24 @@ template <typename T, int M>
 __global__ void __launch_bounds__(kWarps * 32)
     small_linear_kernel(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w,
                         const T* __restrict__ bias, int64_t n_out, int64_t k_in, int64_t x_stride, int act) {
+  pdl::release();
   const int lane = threadIdx.x & 31;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (n >= n_out) return;
   const uint4* row = reinterpret_cast<const uint4*>(w + n * k_in);
   const int64_t chunks = k_in / kVec;
+  uint4 pre[kPre];  // weights only: no kernel of the step writes them
+#pragma unroll
+  for (int i = 0; i < kPre; ++i)
+    if (lane + 32 * i < chunks) pre[i] = __ldcs(row + lane + 32 * i);
+  pdl::wait();  // the input (and y) belong to the kernels before this one
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.f;
-  int64_t c = lane;
+#pragma unroll
+  for (int i = 0; i < kPre; ++i)
+    if (lane + 32 * i < chunks) dot_chunk<T, M>(acc, pre[i], x, x_stride, lane + 32 * i);
+  int64_t c = lane + 32 * kPre;
   for (; c + 96 < chunks; c += 128) {  // four loads in flight before any arithmetic
     const uint4 w0 = __ldcs(row + c), w1 = __ldcs(row + c + 32), w2 = __ldcs(row + c + 64),
                 w3 = __ldcs(row + c + 96);
@@ -74,13 +87,12 @@ cudaError_t launch(void* y, const void* x, const void* w, const void* bias, int6
   auto W = static_cast<const T*>(w);
   auto B = static_cast<const T*>(bias);
   switch (rows) {
-    case 1: small_linear_kernel<T, 1><<<grid, block, 0, s>>>(Y, X, W, B, n_out, k_in, x_stride, act); break;
-    case 2: small_linear_kernel<T, 2><<<grid, block, 0, s>>>(Y, X, W, B, n_out, k_in, x_stride, act); break;
-    case 3: small_linear_kernel<T, 3><<<grid, block, 0, s>>>(Y, X, W, B, n_out, k_in, x_stride, act); break;
-    case 4: small_linear_kernel<T, 4><<<grid, block, 0, s>>>(Y, X, W, B, n_out, k_in, x_stride, act); break;
+    case 1: return pdl::launch(small_linear_kernel<T, 1>, grid, block, s, Y, X, W, B, n_out, k_in, x_stride, act);
+    case 2: return pdl::launch(small_linear_kernel<T, 2>, grid, block, s, Y, X, W, B, n_out, k_in, x_stride, act);
+    case 3: return pdl::launch(small_linear_kernel<T, 3>, grid, block, s, Y, X, W, B, n_out, k_in, x_stride, act);
+    case 4: return pdl::launch(small_linear_kernel<T, 4>, grid, block, s, Y, X, W, B, n_out, k_in, x_stride, act);
     default: return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 
 #include "kernels/norm.h"
 #include "kernels/element.cuh"
+#include "kernels/pdl.cuh"
 
 namespace dejavu {
 namespace {
@@ -31,6 +32,8 @@ __global__ void __launch_bounds__(kThreads)
     add_norm_kernel(T* __restrict__ sum_out, T* __restrict__ y, const T* __restrict__ h, const T* __restrict__ a,
                     const T* __restrict__ weight, const T* __restrict__ bias, int64_t hidden, float eps, int rms) {
   __shared__ float shared[kThreads / 32];
+  pdl::release();
+  pdl::wait();  // h and a come from the kernels before this one
   const int64_t base = static_cast<int64_t>(blockIdx.x) * hidden;
   const int64_t chunks = hidden / kVec;
   float v[kMaxChunks][kVec];
@@ -103,19 +106,18 @@ std::string add_norm(void* sum_out, void* y, const void* h, const void* a, const
   if (any % 16) return "add_norm: every pointer must be 16-byte aligned";
   auto s = static_cast<cudaStream_t>(stream);
   const dim3 grid(static_cast<unsigned>(rows)), block(kThreads);
+  cudaError_t e;
   if (dtype == DType::kFloat16)
-    add_norm_kernel<__half><<<grid, block, 0, s>>>(
-        static_cast<__half*>(sum_out), static_cast<__half*>(y), static_cast<const __half*>(h),
-        static_cast<const __half*>(a), static_cast<const __half*>(weight), static_cast<const __half*>(bias), hidden,
-        eps, rms);
+    e = pdl::launch(add_norm_kernel<__half>, grid, block, s, static_cast<__half*>(sum_out), static_cast<__half*>(y),
+                    static_cast<const __half*>(h), static_cast<const __half*>(a),
+                    static_cast<const __half*>(weight), static_cast<const __half*>(bias), hidden, eps, rms);
   else if (dtype == DType::kBFloat16)
-    add_norm_kernel<__nv_bfloat16><<<grid, block, 0, s>>>(
-        static_cast<__nv_bfloat16*>(sum_out), static_cast<__nv_bfloat16*>(y),
-        static_cast<const __nv_bfloat16*>(h), static_cast<const __nv_bfloat16*>(a),
-        static_cast<const __nv_bfloat16*>(weight), static_cast<const __nv_bfloat16*>(bias), hidden, eps, rms);
+    e = pdl::launch(add_norm_kernel<__nv_bfloat16>, grid, block, s, static_cast<__nv_bfloat16*>(sum_out),
+                    static_cast<__nv_bfloat16*>(y), static_cast<const __nv_bfloat16*>(h),
+                    static_cast<const __nv_bfloat16*>(a), static_cast<const __nv_bfloat16*>(weight),
+                    static_cast<const __nv_bfloat16*>(bias), hidden, eps, rms);
   else
     return "add_norm: fp16 or bf16 only";
-  const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? "" : cudaGetErrorString(e);
 }
 

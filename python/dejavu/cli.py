@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--replicate", action="store_true",
                     help="also decode each batch with token-level replication running (as a --replicate token "
                          "worker streams each step's new KV to its holder), alternating off / on, and report the ratio")
-    bd.add_argument("--pairs", type=_positive("--pairs"), default=2, help="off / on pairs with --replicate")
+    bd.add_argument("--pairs", type=_positive("--pairs"), default=2,
+                    help="off / on pairs with --replicate or --compare-pdl")
     bd.add_argument("--replicate-every", type=_positive("--replicate-every"), default=1,
                     help="with --replicate: steps per gather and send (set_replication(every=K))")
     bd.add_argument("--replica-holder", default="thread", choices=["thread", "process"],
@@ -155,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--replicate-skip", default="none", choices=["none", "gather", "send"],
                     help="with --replicate, a diagnostic: leave out each step's device gather (send zeros; the gather "
                          "path only, the ring has none) or its send, to see which part costs the decode step")
+    bd.add_argument("--compare-pdl", action="store_true",
+                    help="also decode each batch with the decode kernels' programmatic dependent launch off and on "
+                         "(CUDA graphs captured again for each), alternating --pairs times, and report the ratio")
     bd.add_argument("--json", default=None, help="write all numbers to this file")
     bd.set_defaults(func=cmd_bench_decode)
 
@@ -576,7 +580,8 @@ def cmd_bench_decode(args) -> int:
         return 2
     run(args.model, args.device, args.dtype, batches, args.prompt_len, args.max_tokens, args.seed, args.hf, args.json,
         replicate=args.replicate, pairs=args.pairs, replicate_every=args.replicate_every,
-        replica_holder=args.replica_holder, replicate_skip=args.replicate_skip, replicate_paths=paths)
+        replica_holder=args.replica_holder, replicate_skip=args.replicate_skip, replicate_paths=paths,
+        compare_pdl=args.compare_pdl)
     return 0
 
 

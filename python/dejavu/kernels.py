@@ -10,6 +10,10 @@ CUDA; DEJAVU_NORM=torch, other dtypes and the CPU use the torch ops).
 `linear` runs the models' linear layers: with at most `SMALL_LINEAR_ROWS` rows of fp16/bf16 input
 on CUDA (a decode step at batch 1-4) through our weight-streaming kernel, otherwise (and with
 DEJAVU_LINEAR=torch) through torch.nn.functional.linear, its reference.
+
+On compute capability 9.0+ these kernels are launched with programmatic dependent launch (each may
+start before the previous one ends and waits for it before reading an activation; csrc/kernels/pdl.h);
+DEJAVU_PDL=0 or _C.set_programmatic_launch(0) turns that off.
 """
 from __future__ import annotations
 

@@ -215,6 +215,35 @@ def _with_replication(llm, batch: list[list[int]], max_tokens: int, pairs: int, 
             "replicate_ring_misses": stream.replicator.ring_misses}
 
 
+def _with_pdl(llm, batch: list[list[int]], max_tokens: int, pairs: int) -> dict:
+    """The batch decoded `pairs` times with the decode kernels' programmatic dependent launch off
+    and on, alternating (off, on, off, ...), the CUDA graphs captured again for each setting; then
+    the setting goes back to the environment's."""
+    from .. import _C
+
+    runner = llm.engine.runner
+    runs = {0: [], 1: []}
+    gpu = {0: [], 1: []}
+    try:
+        for _ in range(pairs):
+            for mode in (0, 1):
+                _C.set_programmatic_launch(mode)
+                if runner.graphs is not None:
+                    runner.graphs = runner.graphs.recapture(runner.graphs.ring)
+                runs[mode].append(_ours(llm, batch, max_tokens)[1])
+                if runner.graphs is not None:
+                    gpu[mode].append(replay_ms(runner.graphs, len(batch)))
+    finally:
+        _C.set_programmatic_launch(-1)
+        if runner.graphs is not None:
+            runner.graphs = runner.graphs.recapture(runner.graphs.ring)
+    out = {"pdl_off_ms_per_step": 1e3 * sum(runs[0]) / pairs, "pdl_on_ms_per_step": 1e3 * sum(runs[1]) / pairs,
+           "pdl_ratio": sum(runs[1]) / sum(runs[0]), "pdl_pair_ratios": [b / a for a, b in zip(runs[0], runs[1])]}
+    if gpu[0]:
+        out.update(pdl_off_gpu_ms=sum(gpu[0]) / pairs, pdl_on_gpu_ms=sum(gpu[1]) / pairs)
+    return out
+
+
 def _replay_ms(g: torch.cuda.CUDAGraph, n: int) -> float:
     """Milliseconds per replay of a captured graph, n replays back to back after one untimed."""
     g.replay()
@@ -281,7 +310,8 @@ def _hf(hf, ids: torch.Tensor, max_tokens: int) -> tuple[float, float, list[list
 def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int, max_tokens: int, seed: int,
         hf_baseline: bool, json_path: str | None, replicate: bool = False, pairs: int = 2,
         replicate_every: int = 1, replica_holder: str = "thread", replicate_skip: str = "none",
-        replicate_paths: tuple[str, ...] = ("ring",)) -> dict:
+        replicate_paths: tuple[str, ...] = ("ring",), compare_pdl: bool = False) -> dict:
+    from .. import _C
     from ..llm import LLM
 
     dev, dt, src, hf = random_hf_model("decode", model, device, dtype, seed)
@@ -306,6 +336,7 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
               "replica_holder": replica_holder if replicate else None,
               "replicate_skip": replicate_skip if replicate else None,
               "replicate_paths": list(replicate_paths) if replicate else None,
+              "programmatic_launch": _C.programmatic_launch() and dev.type == "cuda",
               "card": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "rows": []}
     # Warm-up at the measured prompt length: kernels, allocator, cuBLAS heuristics, HF's generate.
     _ours(llm, prompts[:1].tolist(), 4)
@@ -335,6 +366,8 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
         if replicate:
             row.update(_with_replication(llm, batch, max_tokens, pairs, replicate_every, replica_holder,
                                          replicate_skip, tuple(replicate_paths)))
+        if compare_pdl:
+            row.update(_with_pdl(llm, batch, max_tokens, pairs))
         result["rows"].append(row)
         f = lambda k, w=8, p=3: f"{row[k]:>{w}.{p}f}" if k in row else f"{'-':>{w}}"  # noqa: E731
         print(f"{b:>5} {f('prefill_ms', 10, 1)} {f('hf_prefill_ms', 10, 1)} {f('ms_per_step')} "
@@ -348,6 +381,12 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
                       f"(pairs: {', '.join(f'{x:.3f}' for x in r['pair_ratios'])})")
             print(f"      {row['replicate_acked']} steps acknowledged, replica exact: {row['replica_exact']}, "
                   f"ring full: {row['replicate_ring_misses']} steps")
+        if compare_pdl:
+            gpu = (f"; GPU ms {row['pdl_on_gpu_ms']:.3f} against {row['pdl_off_gpu_ms']:.3f}"
+                   if "pdl_on_gpu_ms" in row else "")
+            print(f"      programmatic launch on: {row['pdl_on_ms_per_step']:.3f} ms/step against "
+                  f"{row['pdl_off_ms_per_step']:.3f} off, alternating in {pairs} pairs -> {row['pdl_ratio']:.3f} "
+                  f"(pairs: {', '.join(f'{x:.3f}' for x in row['pdl_pair_ratios'])}){gpu}")
     write_json(json_path, result)
     llm.shutdown()
     return result
