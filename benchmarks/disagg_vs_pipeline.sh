@@ -4,6 +4,8 @@
 #   MODEL=random:opt-1.3b DEVICE=cuda OUT=/tmp/out bash benchmarks/disagg_vs_pipeline.sh
 # DEPLOYS="pipeline_sync pipeline" runs only the FT pipeline (DEJAVU_PIPE_SYNC=1 in the environment: its hidden
 # states sent synchronously, as before the asynchronous pipes, for a baseline in the same command).
+# DEPLOYS="disagg_normal disagg": disaggregated with the prompt worker's CUDA IPC copies on a stream of
+# normal priority (DEJAVU_KV_STREAM_PRIORITY=normal), then of high priority (the default).
 set -euo pipefail
 MODEL=${MODEL:-random:opt-125m}
 DEVICE=${DEVICE:-cpu}
@@ -30,5 +32,6 @@ for d in ${DEPLOYS:-pipeline disagg}; do
     pipeline) run pipeline --pp 2 ;;
     pipeline_sync) DEJAVU_PIPE_SYNC=1 run pipeline_sync --pp 2 ;;
     disagg) run disagg --prompt-stages 1 --token-stages 1 ;;
+    disagg_normal) DEJAVU_KV_STREAM_PRIORITY=normal run disagg_normal --prompt-stages 1 --token-stages 1 ;;
   esac
 done

@@ -260,7 +260,11 @@ class StageWorker:
                 # Mapped into our own device's address space: with the peer on another GPU, our copy
                 # kernels write to it over NVLink / PCIe peer access.
                 self.remote[w["worker"]] = (import_tensor(w["ipc"], device=self.device.index), w["num_blocks"])
-                self.ipc_stream = torch.cuda.Stream(self.device)
+                # High priority: a layer's copy blocks go ahead of the next layers' prefill blocks as
+                # SMs free up, instead of queueing behind the whole prefill and draining after it.
+                # DEJAVU_KV_STREAM_PRIORITY=normal: the default priority (a baseline for benchmarks).
+                normal = os.environ.get("DEJAVU_KV_STREAM_PRIORITY", "high") == "normal"
+                self.ipc_stream = torch.cuda.Stream(self.device, priority=0 if normal else -1)
             elif kind == "shm":
                 self.dests[w["worker"]] = ShmDest(self.cfg["shm_prefix"])
             else:
@@ -344,6 +348,10 @@ class StageWorker:
                     per_dst[t.dst] = per_dst.get(t.dst, 0) + region.nbytes(self.streamer.layout)
         t0 = time.perf_counter()
         h = self._forward(msg, on_layer=on_layer)
+        if self.device.type == "cuda":
+            # The last layer has run on the device: from here on the wait is transfer only (the
+            # launches above return before the kernels finish).
+            torch.cuda.current_stream(self.device).synchronize()
         compute = time.perf_counter() - t0
         for f in futures:
             f.wait(self.cfg["timeout"])
