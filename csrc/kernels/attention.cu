@@ -1,18 +1,26 @@
 // Paged decode attention and the KV write, for the GPU fast path (see attention.h).
 //
 // Attention: grid (head, sequence, partition), 128 threads. Each partition covers kDecodePartition
-// keys. Groups of lanes read one key row at a time as 16-byte vectors (a warp covers 32 / group
-// rows per load, coalesced), dot it with the query and reduce by shuffles; the block takes the max
-// and the exponentials; then the same lane groups accumulate the weighted value rows, reduced over
-// the warp by shuffles and over the warps in shared memory. With one partition
-// the block writes the output; with several, each writes (max, sum, unnormalised output) and a
-// second kernel combines them, so a batch of one still spreads over many SMs.
+// keys. Groups of lanes read one row at a time as 16-byte vectors (a warp covers 32 / group rows
+// per load, coalesced), dot keys with the query and reduce by shuffles. Two kernels:
+// - rows (large batches): the block scores all keys of the partition, takes the max and the
+//   exponentials with block-wide reductions, then the same lane groups accumulate the weighted
+//   value rows;
+// - warps (small batches, where latency rules): keys and values are loaded together; each warp
+//   keeps a running max, sum and weighted sum of values over its rows (rescaled when the max
+//   grows), so no barrier separates keys from values, and the warps are merged once at the end.
+//   Under programmatic launch its first rows are loaded before the wait for the previous kernel.
+// Both reduce the values over the warp by shuffles and over the warps in shared memory. With one
+// partition the block writes the output; with several, each writes (max, sum, unnormalised
+// output) and a second kernel combines them, so a batch of one still spreads over many SMs.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "kernels/attention.h"
 #include "kernels/element.cuh"
@@ -25,6 +33,10 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kPart = static_cast<int>(kDecodePartition);
+// Up to this many (sequence, head) rows a step uses the warps kernel, beyond it the rows kernel.
+// On an H200 (OPT-1.3B, fp16, context ~640) the warps kernel took 24% less time at batch 1 and
+// 15% less at batch 8 (32 heads: 32 and 256 rows), and 24% more at batch 32 (1024 rows).
+constexpr int64_t kWarpsKernelMaxRows = 512;
 
 using elem::from_f;
 using elem::to_f;
@@ -58,22 +70,56 @@ __device__ float block_sum(float v, float* red) {
   return r;
 }
 
+// The lane-group layout both attention kernels read rows with: G lanes hold one key (or value)
+// row as 16-byte vectors, so a warp reads 32 / G rows per load instruction, coalesced; each lane
+// keeps kInFlight rows' loads in flight before it uses them.
+template <typename T, int D>
+struct Lanes {
+  static constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte vector
+  static constexpr int kVecs = D / kVec;       // vectors per row
+  static constexpr int G = kVecs <= 1 ? 1 : kVecs <= 2 ? 2 : kVecs <= 4 ? 4 : kVecs <= 8 ? 8 : kVecs <= 16 ? 16 : 32;
+  static constexpr int kRows = 32 / G;         // rows per warp per load
+  static constexpr int kInFlight = 4;
+  static constexpr int kWarpRows = kRows * kInFlight;  // rows per warp per iteration
+  static_assert(D % kVec == 0 && kVecs <= 32, "head_dim must be a multiple of 16 bytes, at most 512 bytes");
+};
+
+// Where one (sequence, head) of a decode step reads: its KV head, the cache strides, its block
+// table and ALiBi slope, and this thread's place in the lane-group layout.
+template <typename T, int D>
+struct Head {
+  int kvh;
+  int64_t tok_stride;  // elements between tokens of a block
+  int64_t kv_stride;   // K half -> V half of a block
+  int64_t blk_stride;
+  const int64_t* table;
+  float slope;
+  int warp, lane, grp, sub;
+  bool active;  // the lane holds part of a row (head sizes whose vectors do not fill the group)
+  __device__ __forceinline__ Head(int h, int b, int H, int KVH, int BS, const int64_t* block_tables,
+                                  int64_t bt_stride, const float* slopes)
+      : kvh(h / (H / KVH)),
+        tok_stride(static_cast<int64_t>(KVH) * D),
+        kv_stride(static_cast<int64_t>(BS) * tok_stride),
+        blk_stride(2 * kv_stride),
+        table(block_tables + b * bt_stride),
+        slope(slopes ? slopes[h] : 0.f),
+        warp(threadIdx.x / 32),
+        lane(threadIdx.x % 32),
+        grp(lane / Lanes<T, D>::G),
+        sub(lane % Lanes<T, D>::G),
+        active(sub < Lanes<T, D>::kVecs) {}
+};
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
-decode_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ cache,
+decode_attention_rows_kernel(T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ cache,
                         const int64_t* __restrict__ block_tables, const int64_t* __restrict__ context_lens,
                         const float* __restrict__ slopes, float* __restrict__ ws, int num_seqs, int H, int KVH,
                         int BS, int64_t bt_stride, int64_t q_stride, int num_parts, float scale) {
-  // Lane groups: G lanes hold one key (or value) row as 16-byte vectors, so a warp reads 32 / G
-  // rows per load instruction, coalesced; each lane keeps kInFlight rows' loads in flight before
-  // it uses them. Loops run whole warps (the shuffles need every lane).
-  constexpr int kVec = 16 / sizeof(T);         // elements per 16-byte vector
-  constexpr int kVecs = D / kVec;              // vectors per row
-  constexpr int G = kVecs <= 1 ? 1 : kVecs <= 2 ? 2 : kVecs <= 4 ? 4 : kVecs <= 8 ? 8 : kVecs <= 16 ? 16 : 32;
-  constexpr int kRows = 32 / G;                // rows per warp per load
-  constexpr int kInFlight = 4;
-  constexpr int kWarpRows = kRows * kInFlight;  // rows per warp per iteration
-  static_assert(D % kVec == 0 && kVecs <= 32, "head_dim must be a multiple of 16 bytes, at most 512 bytes");
+  // Loops run whole warps (the shuffles need every lane).
+  using L = Lanes<T, D>;
+  constexpr int kVec = L::kVec, G = L::G, kRows = L::kRows, kInFlight = L::kInFlight, kWarpRows = L::kWarpRows;
 
   pdl::release();
   pdl::wait();  // q and the new token's K/V come from the kernels before this one
@@ -89,15 +135,7 @@ decode_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* _
   __shared__ float red[kWarps];
   __shared__ float acc_s[kWarps][D];
   __shared__ int64_t blk_s[kPart + 1];  // cache blocks of the partition's keys
-  const int kvh = h / (H / KVH);
-  const int64_t tok_stride = static_cast<int64_t>(KVH) * D;         // elements between tokens of a block
-  const int64_t kv_stride = static_cast<int64_t>(BS) * tok_stride;  // K half -> V half of a block
-  const int64_t blk_stride = 2 * kv_stride;
-  const int64_t* table = block_tables + b * bt_stride;
-  const float slope = slopes ? slopes[h] : 0.f;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int grp = lane / G, sub = lane % G;
-  const bool active = sub < kVecs;
+  const Head<T, D> g(h, b, H, KVH, BS, block_tables, bt_stride, slopes);
   for (int i = threadIdx.x; i < D; i += kThreads) q_s[i] = to_f(q[b * q_stride + static_cast<int64_t>(h) * D + i]);
   float* ws_max = ws;
   float* ws_sum = ws + static_cast<int64_t>(num_seqs) * H * num_parts;
@@ -110,38 +148,38 @@ decode_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* _
     const int end = min(ctx, start + kPart);
     const int first_blk = start / BS;
     const int nblk = (end - 1) / BS - first_blk + 1;
-    for (int i = threadIdx.x; i < nblk; i += kThreads) blk_s[i] = table[first_blk + i];
+    for (int i = threadIdx.x; i < nblk; i += kThreads) blk_s[i] = g.table[first_blk + i];
     __syncthreads();
     float qv[kVec];
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) qv[j] = active ? q_s[sub * kVec + j] : 0.f;
+    for (int j = 0; j < kVec; ++j) qv[j] = g.active ? q_s[g.sub * kVec + j] : 0.f;
     auto row_ptr = [&](int t, int64_t half) {
-      return cache + blk_s[t / BS - first_blk] * blk_stride + half + (t % BS) * tok_stride + kvh * D + sub * kVec;
+      return cache + blk_s[t / BS - first_blk] * g.blk_stride + half + (t % BS) * g.tok_stride + g.kvh * D + g.sub * kVec;
     };
 
     // Scores.
     float local_max = -INFINITY;
-    for (int base = start + warp * kWarpRows; base < end; base += kWarps * kWarpRows) {
+    for (int base = start + g.warp * kWarpRows; base < end; base += kWarps * kWarpRows) {
       uint4 raw[kInFlight];
 #pragma unroll
       for (int r = 0; r < kInFlight; ++r) {
-        const int t = base + r * kRows + grp;
-        if (t < end && active) raw[r] = *reinterpret_cast<const uint4*>(row_ptr(t, 0));
+        const int t = base + r * kRows + g.grp;
+        if (t < end && g.active) raw[r] = *reinterpret_cast<const uint4*>(row_ptr(t, 0));
       }
 #pragma unroll
       for (int r = 0; r < kInFlight; ++r) {
-        const int t = base + r * kRows + grp;
+        const int t = base + r * kRows + g.grp;
         float s = 0.f;
-        if (t < end && active) {
+        if (t < end && g.active) {
           const T* e = reinterpret_cast<const T*>(&raw[r]);
 #pragma unroll
           for (int j = 0; j < kVec; ++j) s += qv[j] * to_f(e[j]);
         }
 #pragma unroll
         for (int o = G / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (t < end && sub == 0) {
+        if (t < end && g.sub == 0) {
           s *= scale;
-          if (slopes) s += slope * static_cast<float>(t);
+          if (slopes) s += g.slope * static_cast<float>(t);
           p_s[t - start] = s;
           local_max = fmaxf(local_max, s);
         }
@@ -160,17 +198,17 @@ decode_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* _
     float acc[kVec];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) acc[j] = 0.f;
-    for (int base = start + warp * kWarpRows; base < end; base += kWarps * kWarpRows) {
+    for (int base = start + g.warp * kWarpRows; base < end; base += kWarps * kWarpRows) {
       uint4 raw[kInFlight];
 #pragma unroll
       for (int r = 0; r < kInFlight; ++r) {
-        const int t = base + r * kRows + grp;
-        if (t < end && active) raw[r] = *reinterpret_cast<const uint4*>(row_ptr(t, kv_stride));
+        const int t = base + r * kRows + g.grp;
+        if (t < end && g.active) raw[r] = *reinterpret_cast<const uint4*>(row_ptr(t, g.kv_stride));
       }
 #pragma unroll
       for (int r = 0; r < kInFlight; ++r) {
-        const int t = base + r * kRows + grp;
-        if (t < end && active) {
+        const int t = base + r * kRows + g.grp;
+        if (t < end && g.active) {
           const T* e = reinterpret_cast<const T*>(&raw[r]);
           const float p = p_s[t - start];
 #pragma unroll
@@ -182,14 +220,180 @@ decode_attention_kernel(T* __restrict__ out, const T* __restrict__ q, const T* _
     for (int o = G; o < 32; o <<= 1)
 #pragma unroll
       for (int j = 0; j < kVec; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
-    if (grp == 0 && active)
+    if (g.grp == 0 && g.active)
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) acc_s[warp][sub * kVec + j] = acc[j];
+      for (int j = 0; j < kVec; ++j) acc_s[g.warp][g.sub * kVec + j] = acc[j];
     __syncthreads();
     for (int d = threadIdx.x; d < D; d += kThreads) {
       float o = 0.f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) o += acc_s[w][d];
+      if (num_parts == 1)
+        out[row * D + d] = from_f<T>(o / sum);
+      else
+        ws_out[(row * num_parts + part) * D + d] = o;
+    }
+    if (num_parts > 1 && threadIdx.x == 0) {
+      ws_max[row * num_parts + part] = m;
+      ws_sum[row * num_parts + part] = sum;
+    }
+    __syncthreads();  // shared memory is reused by the next partition
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads)
+decode_attention_warps_kernel(T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ cache,
+                        const int64_t* __restrict__ block_tables, const int64_t* __restrict__ context_lens,
+                        const float* __restrict__ slopes, float* __restrict__ ws, int num_seqs, int H, int KVH,
+                        int BS, int64_t bt_stride, int64_t q_stride, int num_parts, float scale) {
+  // Each lane keeps kInFlight rows' keys and values in flight at once. Each warp runs its own
+  // softmax over its rows (a running max, rescaled), and the warps are merged once at the end of
+  // the partition. Loops run whole warps (the shuffles need every lane).
+  using L = Lanes<T, D>;
+  constexpr int kVec = L::kVec, G = L::G, kRows = L::kRows, kInFlight = L::kInFlight, kWarpRows = L::kWarpRows;
+
+  pdl::release();
+  // Before the wait: only what no kernel of this step writes. Context lengths and block tables
+  // come from the host; cached keys and values were written by earlier steps, except the new
+  // token's row (ctx - 1), which the KV write just before this kernel stores and which is read
+  // again after the wait.
+  const int h = blockIdx.x, b = blockIdx.y;
+  const int ctx = static_cast<int>(context_lens[b]);
+  const int64_t row = static_cast<int64_t>(b) * H + h;
+  if (ctx == 0 && num_parts == 1) {  // padding row
+    pdl::wait();
+    for (int d = threadIdx.x; d < D; d += kThreads) out[row * D + d] = from_f<T>(0.f);
+    return;
+  }
+  __shared__ float q_s[D];
+  __shared__ float red_m[kWarps], red_l[kWarps];
+  __shared__ float acc_s[kWarps][D];
+  __shared__ int64_t blk_s[kPart + 1];  // cache blocks of the partition's keys
+  const Head<T, D> g(h, b, H, KVH, BS, block_tables, bt_stride, slopes);
+  float* ws_max = ws;
+  float* ws_sum = ws + static_cast<int64_t>(num_seqs) * H * num_parts;
+  float* ws_out = ws + 2 * static_cast<int64_t>(num_seqs) * H * num_parts;
+  bool waited = false;
+
+  // The grid's z dimension may be smaller than num_parts: blocks stride over the partitions.
+  for (int part = blockIdx.z; part < num_parts; part += gridDim.z) {
+    const int start = part * kPart;
+    if (start >= ctx) break;  // (the combine kernel reads only the partitions below the context)
+    const int end = min(ctx, start + kPart);
+    const int first_blk = start / BS;
+    const int nblk = (end - 1) / BS - first_blk + 1;
+    for (int i = threadIdx.x; i < nblk; i += kThreads) blk_s[i] = g.table[first_blk + i];
+    __syncthreads();
+    auto row_ptr = [&](int t, int64_t half) {
+      return reinterpret_cast<const uint4*>(cache + blk_s[t / BS - first_blk] * g.blk_stride + half +
+                                            (t % BS) * g.tok_stride + g.kvh * D + g.sub * kVec);
+    };
+    uint4 kr[kInFlight], vr[kInFlight];
+    auto load = [&](int base) {
+#pragma unroll
+      for (int r = 0; r < kInFlight; ++r) {
+        const int t = base + r * kRows + g.grp;
+        if (t < end && g.active) {
+          kr[r] = __ldcg(row_ptr(t, 0));
+          vr[r] = __ldcg(row_ptr(t, g.kv_stride));
+        }
+      }
+    };
+    int base = start + g.warp * kWarpRows;
+    if (base < end) load(base);
+    if (!waited) {  // (the same for the whole block)
+      pdl::wait();
+      waited = true;
+      for (int i = threadIdx.x; i < D; i += kThreads) q_s[i] = to_f(q[b * q_stride + static_cast<int64_t>(h) * D + i]);
+      if (base < end) {
+#pragma unroll
+        for (int r = 0; r < kInFlight; ++r) {
+          const int t = base + r * kRows + g.grp;
+          if (t == ctx - 1 && g.active) {  // (through L2, never a line loaded before the wait)
+            kr[r] = __ldcg(row_ptr(t, 0));
+            vr[r] = __ldcg(row_ptr(t, g.kv_stride));
+          }
+        }
+      }
+      __syncthreads();
+    }
+    float qv[kVec];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) qv[j] = g.active ? q_s[g.sub * kVec + j] : 0.f;
+
+    float m_w = -INFINITY, l_w = 0.f, acc[kVec];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) acc[j] = 0.f;
+    for (bool first = true; base < end; base += kWarps * kWarpRows, first = false) {
+      if (!first) load(base);
+      float s[kInFlight];
+      float it_max = -INFINITY;
+#pragma unroll
+      for (int r = 0; r < kInFlight; ++r) {
+        const int t = base + r * kRows + g.grp;
+        float x = 0.f;
+        if (t < end && g.active) {
+          const T* e = reinterpret_cast<const T*>(&kr[r]);
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) x += qv[j] * to_f(e[j]);
+        }
+#pragma unroll
+        for (int o = G / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+        s[r] = t < end ? x * scale + (slopes ? g.slope * static_cast<float>(t) : 0.f) : -INFINITY;
+        it_max = fmaxf(it_max, s[r]);
+      }
+#pragma unroll
+      for (int o = G; o < 32; o <<= 1) it_max = fmaxf(it_max, __shfl_xor_sync(0xffffffffu, it_max, o));
+      const float m_new = fmaxf(m_w, it_max);  // finite: the warp's first row of this iteration is < end
+      const float alpha = expf(m_w - m_new);   // 0 on the first iteration
+      l_w *= alpha;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) acc[j] *= alpha;
+#pragma unroll
+      for (int r = 0; r < kInFlight; ++r) {
+        const int t = base + r * kRows + g.grp;
+        if (t < end) {
+          const float p = expf(s[r] - m_new);
+          l_w += p;
+          if (g.active) {
+            const T* e = reinterpret_cast<const T*>(&vr[r]);
+#pragma unroll
+            for (int j = 0; j < kVec; ++j) acc[j] += p * to_f(e[j]);
+          }
+        }
+      }
+      m_w = m_new;
+    }
+    // Sum over the warp's lane groups (lanes with the same `sub`), then over the warps, each
+    // scaled from its own max to the block's.
+#pragma unroll
+    for (int o = G; o < 32; o <<= 1) {
+      l_w += __shfl_xor_sync(0xffffffffu, l_w, o);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
+    }
+    if (g.lane == 0) {
+      red_m[g.warp] = m_w;
+      red_l[g.warp] = l_w;
+    }
+    if (g.grp == 0 && g.active)
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) acc_s[g.warp][g.sub * kVec + j] = acc[j];
+    __syncthreads();
+    float m = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, red_m[w]);
+    float wscale[kWarps], sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      wscale[w] = expf(red_m[w] - m);  // 0 for a warp without rows (-inf)
+      sum += red_l[w] * wscale[w];
+    }
+    for (int d = threadIdx.x; d < D; d += kThreads) {
+      float o = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) o += acc_s[w][d] * wscale[w];
       if (num_parts == 1)
         out[row * D + d] = from_f<T>(o / sum);
       else
@@ -253,13 +457,28 @@ __global__ void write_kv_kernel(T* __restrict__ cache, const T* __restrict__ k, 
   }
 }
 
+// DEJAVU_ATTENTION_KERNEL=rows | warps forces one of the two kernels (a baseline for benchmarks);
+// unset or auto: by the number of (sequence, head) rows. Read once.
+int attention_kernel_choice() {
+  static const int choice = [] {
+    const char* v = std::getenv("DEJAVU_ATTENTION_KERNEL");
+    if (v == nullptr) return 0;
+    const std::string s(v);
+    return s == "rows" ? 1 : s == "warps" ? 2 : 0;
+  }();
+  return choice;
+}
+
 template <typename T, int D>
 cudaError_t launch_attention(void* out, const void* q, const void* cache, const int64_t* bt, const int64_t* ctx,
                              const float* slopes, float* ws, int64_t B, int64_t H, int64_t KVH, int64_t BS,
                              int64_t bt_stride, int64_t q_stride, int64_t parts, int64_t grid_parts, float scale,
                              cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>(H), static_cast<unsigned>(B), static_cast<unsigned>(grid_parts));
-  cudaError_t e = pdl::launch(decode_attention_kernel<T, D>, grid, dim3(kThreads), s, static_cast<T*>(out),
+  const int pick = attention_kernel_choice();
+  const bool warps = pick == 0 ? B * H <= kWarpsKernelMaxRows : pick == 2;
+  auto kernel = warps ? decode_attention_warps_kernel<T, D> : decode_attention_rows_kernel<T, D>;
+  cudaError_t e = pdl::launch(kernel, grid, dim3(kThreads), s, static_cast<T*>(out),
                               static_cast<const T*>(q), static_cast<const T*>(cache), bt, ctx, slopes, ws,
                               static_cast<int>(B), static_cast<int>(H), static_cast<int>(KVH), static_cast<int>(BS),
                               bt_stride, q_stride, static_cast<int>(parts), scale);
