@@ -336,7 +336,9 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
               "replica_holder": replica_holder if replicate else None,
               "replicate_skip": replicate_skip if replicate else None,
               "replicate_paths": list(replicate_paths) if replicate else None,
-              "programmatic_launch": _C.programmatic_launch() and dev.type == "cuda",
+              # the setting, on a device that has it (the kernels' own check is on their build too)
+              "programmatic_launch": (_C.programmatic_launch() and dev.type == "cuda"
+                                      and torch.cuda.get_device_capability(dev)[0] >= 9),
               "card": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "rows": []}
     # Warm-up at the measured prompt length: kernels, allocator, cuBLAS heuristics, HF's generate.
     _ours(llm, prompts[:1].tolist(), 4)
