@@ -80,3 +80,19 @@ def test_bench_decode_with_replication_running(tmp_path):
     assert r.returncode == 0, r.stderr
     row = json.loads(out.read_text())["rows"][0]
     assert row["replicate_acked"] == "5/5" and row["replica_exact"] is False
+
+
+def test_bench_decode_with_a_swap_stream(tmp_path):
+    """--swap-stream: each batch decoded again with microbatch swapping running beside it (a
+    SwapCache cycling three shadow microbatches of the batch's size through two regions); every
+    prefetch moves a whole shadow microbatch in, and the decoded tokens do not change."""
+    out = tmp_path / "decode.json"
+    r = run("bench", "decode", "--model", "random:opt-tiny", "--device", "cpu", "--batch", "2", "--prompt-len", "20",
+            "--max-tokens", "6", "--no-hf", "--swap-stream", "--pairs", "2", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["swap_same_tokens"] is True and len(row["swap_pair_ratios"]) == 2 and row["swap_ratio"] > 0
+    blocks = 2 * -(-(20 + 6) // 16)  # the batch's blocks: one shadow microbatch
+    assert row["swap_prefetches"] >= 2
+    assert row["swap_bytes_in"] == row["swap_prefetches"] * blocks * row["swap_block_bytes"]
+    assert "with a swap stream:" in r.stdout

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also decode each batch with token-level replication running (as a --replicate token "
                          "worker streams each step's new KV to its holder), alternating off / on, and report the ratio")
     bd.add_argument("--pairs", type=_positive("--pairs"), default=2,
-                    help="off / on pairs with --replicate or --compare-pdl")
+                    help="off / on pairs with --replicate, --compare-pdl or --swap-stream")
     bd.add_argument("--replicate-every", type=_positive("--replicate-every"), default=1,
                     help="with --replicate: steps per gather and send (set_replication(every=K))")
     bd.add_argument("--replica-holder", default="thread", choices=["thread", "process"],
@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--compare-pdl", action="store_true",
                     help="also decode each batch with the decode kernels' programmatic dependent launch off and on "
                          "(CUDA graphs captured again for each), alternating --pairs times, and report the ratio")
+    bd.add_argument("--swap-stream", action="store_true",
+                    help="also decode each batch with microbatch swapping running beside it (a SwapCache of its "
+                         "own swapping shadow microbatches of the batch's size in over PCIe, as a --swap pipeline "
+                         "worker does while a microbatch computes), alternating off / on --pairs times")
     bd.add_argument("--json", default=None, help="write all numbers to this file")
     bd.set_defaults(func=cmd_bench_decode)
 
@@ -581,7 +585,7 @@ def cmd_bench_decode(args) -> int:
     run(args.model, args.device, args.dtype, batches, args.prompt_len, args.max_tokens, args.seed, args.hf, args.json,
         replicate=args.replicate, pairs=args.pairs, replicate_every=args.replicate_every,
         replica_holder=args.replica_holder, replicate_skip=args.replicate_skip, replicate_paths=paths,
-        compare_pdl=args.compare_pdl)
+        compare_pdl=args.compare_pdl, swap_stream=args.swap_stream)
     return 0
 
 

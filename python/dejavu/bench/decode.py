@@ -49,9 +49,11 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _ours(llm, prompts: list[list[int]], max_tokens: int, streams=None) -> tuple[float, float, list[list[int]]]:
+def _ours(llm, prompts: list[list[int]], max_tokens: int, streams=None,
+          swap=None) -> tuple[float, float, list[list[int]]]:
     """(prefill seconds, seconds per decode step, output ids) of one batch through the engine.
-    `streams` (a _ReplicationStream): every decode step's new KV is streamed to a replica holder."""
+    `streams` (a _ReplicationStream): every decode step's new KV is streamed to a replica holder.
+    `swap` (a _SwapStream): a swap stream runs beside the decode steps."""
     from ..sampling_params import SamplingParams
 
     eng = llm.engine
@@ -68,6 +70,8 @@ def _ours(llm, prompts: list[list[int]], max_tokens: int, streams=None) -> tuple
     bs = streams.cache.block_size if streams else 0
     while eng.has_unfinished():
         before = [len(s) for s in seqs] if streams else None
+        if swap is not None:
+            swap.before_step()
         eng.step()
         if streams is not None:
             # the slot this step wrote for each sequence it ran: its input token's, at position len - 1
@@ -179,6 +183,64 @@ class _ReplicationStream:
             data = raw.view(self.cache.dtype).view((self.cache.num_layers, len(blocks)) + tuple(self.cache.tensor.shape[2:]))
         idx = {b: i for i, b in enumerate(blocks)}
         return all(torch.equal(data[:, idx[b], :, s].to(self.device), self.cache.tensor[:, b, :, s]) for b, s in slots)
+
+
+class _SwapStream:
+    """Microbatch swapping beside the decode steps, as a `--swap` pipeline worker runs it while a
+    microbatch computes: the worker's SwapCache (engine/swap.py) over a cache of its own, cycling
+    three shadow microbatches of the decoded batch's size through two resident regions. Before each
+    step, when the last swap-in has landed, the next shadow microbatch is prefetched: its blocks
+    cross PCIe from pinned host memory in a DéjàVuLib span-copy kernel on the swap stream (a
+    thread's index copies on the CPU). Nothing of it touches the decoded batch."""
+
+    def __init__(self, llm, blocks: int):
+        from ..engine.swap import SwapCache
+
+        t = llm.engine.runner.cache.tensor  # [layers, blocks, 2, block_size, kv_heads, head_dim]
+        dev = torch.zeros((t.shape[0], 2 * blocks) + tuple(t.shape[2:]), dtype=t.dtype, device=t.device)
+        self.swap = SwapCache(dev, 3 * blocks, resident=2)
+        self.mbs = [list(range(i * blocks, (i + 1) * blocks)) for i in range(3)]
+        self.current: int | None = None  # the shadow microbatch whose swap-in was started last
+        self.prefetches = 0
+
+    def before_step(self) -> None:
+        if self.swap.busy():
+            return  # the last swap-in is still crossing: PCIe stays busy without a queue building up
+        if self.current is not None:  # its "step": it computes nothing and writes nothing back
+            mapping = self.swap.acquire(self.current, self.mbs[self.current])  # landed: no wait
+            self.swap.write_back(mapping, [])
+        self.current = 0 if self.current is None else (self.current + 1) % 3
+        self.swap.prefetch(self.current, self.mbs[self.current])  # evicts the older resident one
+        self.prefetches += 1
+
+    def drain(self) -> None:
+        while self.swap.busy():
+            time.sleep(0.001)
+
+    def close(self) -> None:
+        self.drain()
+        self.swap.close()
+
+
+def _with_swap(llm, batch: list[list[int]], max_tokens: int, pairs: int, blocks: int) -> dict:
+    """The batch decoded `pairs` times without and with a swap stream running beside it (_SwapStream),
+    alternating, the same engine throughout."""
+    off, on, same = [], [], []
+    stream = _SwapStream(llm, blocks)
+    try:
+        for _ in range(pairs):
+            _, t_off, ids_off = _ours(llm, batch, max_tokens)
+            off.append(t_off)
+            _, t_on, ids_on = _ours(llm, batch, max_tokens, swap=stream)
+            stream.drain()
+            on.append(t_on)
+            same.append(ids_on == ids_off)
+    finally:
+        stream.close()
+    return {"swap_off_ms_per_step": 1e3 * sum(off) / pairs, "swap_ms_per_step": 1e3 * sum(on) / pairs,
+            "swap_ratio": sum(on) / sum(off), "swap_pair_ratios": [b / a for a, b in zip(off, on)],
+            "swap_bytes_in": stream.swap.bytes_in, "swap_prefetches": stream.prefetches,
+            "swap_block_bytes": stream.swap.block_bytes, "swap_same_tokens": all(same)}
 
 
 REPLICATE_PATHS = ("ring", "gather")
@@ -310,7 +372,8 @@ def _hf(hf, ids: torch.Tensor, max_tokens: int) -> tuple[float, float, list[list
 def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int, max_tokens: int, seed: int,
         hf_baseline: bool, json_path: str | None, replicate: bool = False, pairs: int = 2,
         replicate_every: int = 1, replica_holder: str = "thread", replicate_skip: str = "none",
-        replicate_paths: tuple[str, ...] = ("ring",), compare_pdl: bool = False) -> dict:
+        replicate_paths: tuple[str, ...] = ("ring",), compare_pdl: bool = False,
+        swap_stream: bool = False) -> dict:
     from .. import _C
     from ..llm import LLM
 
@@ -370,6 +433,8 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
                                          replicate_skip, tuple(replicate_paths)))
         if compare_pdl:
             row.update(_with_pdl(llm, batch, max_tokens, pairs))
+        if swap_stream:
+            row.update(_with_swap(llm, batch, max_tokens, pairs, b * per_seq))
         result["rows"].append(row)
         f = lambda k, w=8, p=3: f"{row[k]:>{w}.{p}f}" if k in row else f"{'-':>{w}}"  # noqa: E731
         print(f"{b:>5} {f('prefill_ms', 10, 1)} {f('hf_prefill_ms', 10, 1)} {f('ms_per_step')} "
@@ -383,6 +448,12 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
                       f"(pairs: {', '.join(f'{x:.3f}' for x in r['pair_ratios'])})")
             print(f"      {row['replicate_acked']} steps acknowledged, replica exact: {row['replica_exact']}, "
                   f"ring full: {row['replicate_ring_misses']} steps")
+        if swap_stream:
+            print(f"      with a swap stream: {row['swap_ms_per_step']:.3f} ms/step against "
+                  f"{row['swap_off_ms_per_step']:.3f} off, alternating in {pairs} pairs -> {row['swap_ratio']:.3f} "
+                  f"(pairs: {', '.join(f'{x:.3f}' for x in row['swap_pair_ratios'])}); "
+                  f"{row['swap_prefetches']} swap-ins, {row['swap_bytes_in'] / 1e9:.2f} GB in; "
+                  f"same tokens: {row['swap_same_tokens']}")
         if compare_pdl:
             gpu = (f"; GPU ms {row['pdl_on_gpu_ms']:.3f} against {row['pdl_off_gpu_ms']:.3f}"
                    if "pdl_on_gpu_ms" in row else "")

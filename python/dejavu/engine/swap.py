@@ -185,6 +185,11 @@ class SwapCache:
             self.wait_s += time.perf_counter() - t0
         return region.map
 
+    def busy(self) -> bool:
+        """A swap-in is still landing in some region."""
+        with self.lock:
+            return any(r.ready is not None and not r.ready.done() for r in self.regions)
+
     # ------------------------------------------------------------------ swap out
     def write_back(self, mapping: dict[int, int], blocks: list[int]) -> None:
         """Copy the given logical blocks (those the step's new tokens touched) to the host."""
