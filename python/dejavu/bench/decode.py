@@ -185,6 +185,18 @@ class _ReplicationStream:
         return all(torch.equal(data[:, idx[b], :, s].to(self.device), self.cache.tensor[:, b, :, s]) for b, s in slots)
 
 
+def _paired(off: list[float], on: list[float]) -> tuple[float, float, float, list[float]]:
+    """Seconds per step of alternating off / on runs of one batch: (ms per step off, ms per step on,
+    on / off over all runs, each pair's on / off)."""
+    n = len(off)
+    return 1e3 * sum(off) / n, 1e3 * sum(on) / n, sum(on) / sum(off), [b / a for a, b in zip(off, on)]
+
+
+def _paired_line(what: str, on_ms: float, off_ms: float, ratio: float, pair_ratios: list[float], pairs: int) -> str:
+    return (f"      {what}: {on_ms:.3f} ms/step against {off_ms:.3f} off, alternating in {pairs} pairs -> {ratio:.3f} "
+            f"(pairs: {', '.join(f'{x:.3f}' for x in pair_ratios)})")
+
+
 class _SwapStream:
     """Microbatch swapping beside the decode steps, as a `--swap` pipeline worker runs it while a
     microbatch computes: the worker's SwapCache (engine/swap.py) over a cache of its own, cycling
@@ -237,9 +249,9 @@ def _with_swap(llm, batch: list[list[int]], max_tokens: int, pairs: int, blocks:
             same.append(ids_on == ids_off)
     finally:
         stream.close()
-    return {"swap_off_ms_per_step": 1e3 * sum(off) / pairs, "swap_ms_per_step": 1e3 * sum(on) / pairs,
-            "swap_ratio": sum(on) / sum(off), "swap_pair_ratios": [b / a for a, b in zip(off, on)],
-            "swap_bytes_in": stream.swap.bytes_in, "swap_prefetches": stream.prefetches,
+    off_ms, on_ms, ratio, pair_ratios = _paired(off, on)
+    return {"swap_off_ms_per_step": off_ms, "swap_ms_per_step": on_ms, "swap_ratio": ratio,
+            "swap_pair_ratios": pair_ratios, "swap_bytes_in": stream.swap.bytes_in, "swap_prefetches": stream.prefetches,
             "swap_block_bytes": stream.swap.block_bytes, "swap_same_tokens": all(same)}
 
 
@@ -267,10 +279,12 @@ def _with_replication(llm, batch: list[list[int]], max_tokens: int, pairs: int, 
                 exact.append(stream.mirror_matches())  # each run's last steps, before the next run reuses the blocks
     finally:
         stream.close()
-    by_path = {p: {"ms_per_step": 1e3 * sum(on[p]) / pairs, "ratio": sum(on[p]) / sum(off),
-                   "pair_ratios": [b / a for a, b in zip(off, on[p])]} for p in paths}
+    by_path = {}
+    for p in paths:
+        off_ms, on_ms, ratio, pair_ratios = _paired(off, on[p])
+        by_path[p] = {"ms_per_step": on_ms, "ratio": ratio, "pair_ratios": pair_ratios}
     first = by_path[paths[0]]
-    return {"replicate_off_ms_per_step": 1e3 * sum(off) / pairs, "replicate_ms_per_step": first["ms_per_step"],
+    return {"replicate_off_ms_per_step": off_ms, "replicate_ms_per_step": first["ms_per_step"],
             "replicate_ratio": first["ratio"], "replicate_pair_ratios": first["pair_ratios"],
             "replicate_by_path": by_path, "replicate_acked": f"{stream.acks}/{stream.step_id}",
             "replica_exact": all(exact), "replicate_bytes": stream.replicator.bytes,
@@ -299,8 +313,9 @@ def _with_pdl(llm, batch: list[list[int]], max_tokens: int, pairs: int) -> dict:
         _C.set_programmatic_launch(-1)
         if runner.graphs is not None:
             runner.graphs = runner.graphs.recapture(runner.graphs.ring)
-    out = {"pdl_off_ms_per_step": 1e3 * sum(runs[0]) / pairs, "pdl_on_ms_per_step": 1e3 * sum(runs[1]) / pairs,
-           "pdl_ratio": sum(runs[1]) / sum(runs[0]), "pdl_pair_ratios": [b / a for a, b in zip(runs[0], runs[1])]}
+    off_ms, on_ms, ratio, pair_ratios = _paired(runs[0], runs[1])
+    out = {"pdl_off_ms_per_step": off_ms, "pdl_on_ms_per_step": on_ms, "pdl_ratio": ratio,
+           "pdl_pair_ratios": pair_ratios}
     if gpu[0]:
         out.update(pdl_off_gpu_ms=sum(gpu[0]) / pairs, pdl_on_gpu_ms=sum(gpu[1]) / pairs)
     return out
@@ -443,23 +458,20 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
               f"{f('speedup_vs_hf', 6, 1)} {row.get('identical_sequences', '-'):>10}")
         if replicate:
             for p, r in row["replicate_by_path"].items():
-                print(f"      with replication ({p}): {r['ms_per_step']:.3f} ms/step against "
-                      f"{row['replicate_off_ms_per_step']:.3f} off, alternating in {pairs} pairs -> {r['ratio']:.3f} "
-                      f"(pairs: {', '.join(f'{x:.3f}' for x in r['pair_ratios'])})")
+                print(_paired_line(f"with replication ({p})", r["ms_per_step"], row["replicate_off_ms_per_step"],
+                                   r["ratio"], r["pair_ratios"], pairs))
             print(f"      {row['replicate_acked']} steps acknowledged, replica exact: {row['replica_exact']}, "
                   f"ring full: {row['replicate_ring_misses']} steps")
         if swap_stream:
-            print(f"      with a swap stream: {row['swap_ms_per_step']:.3f} ms/step against "
-                  f"{row['swap_off_ms_per_step']:.3f} off, alternating in {pairs} pairs -> {row['swap_ratio']:.3f} "
-                  f"(pairs: {', '.join(f'{x:.3f}' for x in row['swap_pair_ratios'])}); "
-                  f"{row['swap_prefetches']} swap-ins, {row['swap_bytes_in'] / 1e9:.2f} GB in; "
+            print(_paired_line("with a swap stream", row["swap_ms_per_step"], row["swap_off_ms_per_step"],
+                               row["swap_ratio"], row["swap_pair_ratios"], pairs)
+                  + f"; {row['swap_prefetches']} swap-ins, {row['swap_bytes_in'] / 1e9:.2f} GB in; "
                   f"same tokens: {row['swap_same_tokens']}")
         if compare_pdl:
             gpu = (f"; GPU ms {row['pdl_on_gpu_ms']:.3f} against {row['pdl_off_gpu_ms']:.3f}"
                    if "pdl_on_gpu_ms" in row else "")
-            print(f"      programmatic launch on: {row['pdl_on_ms_per_step']:.3f} ms/step against "
-                  f"{row['pdl_off_ms_per_step']:.3f} off, alternating in {pairs} pairs -> {row['pdl_ratio']:.3f} "
-                  f"(pairs: {', '.join(f'{x:.3f}' for x in row['pdl_pair_ratios'])}){gpu}")
+            print(_paired_line("programmatic launch on", row["pdl_on_ms_per_step"], row["pdl_off_ms_per_step"],
+                               row["pdl_ratio"], row["pdl_pair_ratios"], pairs) + gpu)
     write_json(json_path, result)
     llm.shutdown()
     return result
