@@ -96,3 +96,21 @@ def test_bench_decode_with_a_swap_stream(tmp_path):
     assert row["swap_prefetches"] >= 2
     assert row["swap_bytes_in"] == row["swap_prefetches"] * blocks * row["swap_block_bytes"]
     assert "with a swap stream:" in r.stdout
+
+
+def test_bench_swap_holds_d_over_k_times_the_batch(tmp_path):
+    """`bench swap` with reserve admission: pp=2 with one resident microbatch runs microbatches twice
+    the size at the same KV budget, neither run preempts, and the tokens are the same (fp32)."""
+    out = tmp_path / "swap.json"
+    # 12 + 8 tokens: 19 KV slots, 2 blocks of 16; 8 blocks per worker: 4 requests without swapping
+    # (2 microbatches of 2), 8 with it (a region of 8 blocks per microbatch of 4).
+    r = run("bench", "swap", "--model", "random:opt-tiny", "--pp", "2", "--resident-microbatches", "1",
+            "--kv-cache-blocks", "8", "--requests", "10", "--prompt-len", "12", "--max-tokens", "8", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    off, on = res["rows"]
+    assert res["admission"] == "reserve" and res["same_tokens"] is True
+    assert (off["microbatch_size"], on["microbatch_size"]) == (2, 4)
+    assert (off["peak_running"], on["peak_running"]) == (4, 8)
+    assert off["preemptions"] == on["preemptions"] == 0
+    assert on["swap_in_bytes"] > 0 and off["swap_in_bytes"] == 0

@@ -112,6 +112,10 @@ def test_bad_pipeline_options():
         LLM(model="random:gpt2-tiny", pp=2, layer_split=[(0, 1), (1, 1)])
     with pytest.raises(ValueError, match="does not end at the model's 2 layers"):
         LLM(model="random:gpt2-tiny", pp=2, layer_split=[(0, 1), (1, 3)])
+    with pytest.raises(ValueError, match="admission must be 'greedy' or 'reserve'"):
+        LLM(model="random:gpt2-tiny", admission="fifo")
+    with pytest.raises(ValueError, match="not yet available with prompt_stages"):
+        LLM(model="random:gpt2-tiny", prompt_stages=1, token_stages=1, admission="reserve")
 
 
 def _children(pid):

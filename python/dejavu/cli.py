@@ -32,6 +32,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resident-microbatches", type=int, default=2,
                    help="with --swap: microbatches whose KV is on the device at once (the KV budget, "
                         "--kv-cache-blocks, is split among them)")
+    p.add_argument("--admission", default="greedy", choices=["greedy", "reserve"],
+                   help="greedy: admit requests whose tokens so far fit, preempt (and recompute) when the cache "
+                        "fills; reserve: admit one only when its prompt + max_tokens fits, never preempt")
     p.add_argument("--launcher", default="local", choices=["local", "mpirun", "external"],
                    help="how pipeline workers start: local child processes (default), mpirun, or external")
     p.add_argument("--replicate", action="store_true",
@@ -276,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     bw.add_argument("--prompt-len", type=_positive("--prompt-len"), default=64)
     bw.add_argument("--max-tokens", type=_positive("--max-tokens"), default=32)
     bw.add_argument("--resident-microbatches", type=_positive("--resident-microbatches"), default=1)
+    bw.add_argument("--admission", default="reserve", choices=["greedy", "reserve"],
+                    help="reserve (default): a request runs only when its whole prompt + max_tokens fits, so the "
+                         "batch a budget holds is fixed; greedy: admit by prompt, preempt and recompute")
     bw.add_argument("--seed", type=int, default=0)
     bw.add_argument("--json", default=None)
     bw.set_defaults(func=cmd_bench_swap)
@@ -474,7 +480,7 @@ def cmd_bench_swap(args) -> int:
     from .bench.swap import run
 
     r = run(args.model, args.device, args.pp, args.kv_cache_blocks, args.requests, args.prompt_len, args.max_tokens,
-            args.resident_microbatches, args.seed, args.json, dtype=args.dtype)
+            args.resident_microbatches, args.seed, args.json, dtype=args.dtype, admission=args.admission)
     # fp32 outputs must match token for token; fp16/bf16 ones may differ where the two runs batch
     # differently (different GEMM shapes round differently), so there the comparison is reported only.
     exact = args.dtype == "float32" or (args.dtype == "auto" and args.device == "cpu")
@@ -512,7 +518,7 @@ def _llm_from_args(args):
                swap=args.swap, resident_microbatches=args.resident_microbatches, replicate=args.replicate,
                replicate_dir=args.replicate_dir, replicate_to=_replicate_to(args.replicate_to), recovery=args.recovery,
                heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
-               spare_workers=args.spare_workers, cuda_graphs=args.cuda_graphs)
+               spare_workers=args.spare_workers, cuda_graphs=args.cuda_graphs, admission=args.admission)
 
 
 def _replicate_to(v):

@@ -60,7 +60,7 @@ class LLM:
                  kv_transport: str = "auto", resident_microbatches: int = 2, replicate_dir: str | None = None,
                  replicate_to: list[int] | None = None, recovery: str = "auto", heartbeat_interval: float = 0.5,
                  heartbeat_timeout: float = 2.0, spare_workers: int = 1,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, admission: str = "greedy"):
         if replicate and pp < 2 and (token_stages or 1) < 2:
             raise ValueError("replicate needs a pipeline of pp >= 2 (or token_stages >= 2): a stage's KV is "
                              "replicated to another stage's host memory")
@@ -73,6 +73,11 @@ class LLM:
                              "prompt_stages/token_stages)")
         if swap and (not isinstance(resident_microbatches, int) or resident_microbatches < 1):
             raise ValueError(f"resident_microbatches must be an integer >= 1, got {resident_microbatches!r}")
+        if admission not in ("greedy", "reserve"):
+            raise ValueError(f"admission must be 'greedy' or 'reserve', got {admission!r}")
+        if admission == "reserve" and prompt_stages:
+            raise ValueError("admission='reserve' is not yet available with prompt_stages/token_stages "
+                             "(disaggregation admits by prompt length)")
         if bool(prompt_stages) != bool(token_stages):
             raise ValueError("prompt_stages and token_stages go together (both > 0 for disaggregation)")
         if prompt_stages and pp != 1:
@@ -94,7 +99,7 @@ class LLM:
             kv_cache_memory = DEFAULT_KV_CACHE_MEMORY_CPU if self.device.type == "cpu" else 0
         engine_cfg = EngineConfig(block_size=block_size, num_blocks=kv_cache_blocks, kv_cache_memory=kv_cache_memory,
                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                  max_model_len=max_model_len, cuda_graphs=cuda_graphs)
+                                  max_model_len=max_model_len, cuda_graphs=cuda_graphs, admission=admission)
         if pp > 1 or tp > 1 or prompt_stages:
             from .serving.disagg import DisaggEngine
             from .serving.pipeline import PipelineEngine

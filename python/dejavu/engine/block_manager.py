@@ -20,21 +20,32 @@ class BlockAllocator:
         self.num_blocks = num_blocks
         self._free = deque(range(first, first + num_blocks))
         self._used: set[int] = set()
+        self.promised = 0  # free blocks promised to running sequences (admission="reserve")
 
     @property
     def num_free(self) -> int:
         return len(self._free)
+
+    def promise(self, n: int) -> None:
+        """Set aside n more free blocks (negative: give them back) for sequences already running."""
+        if not 0 <= self.promised + n <= len(self._free):
+            raise ValueError(f"cannot promise {n} more KV blocks: {self.promised} promised, {len(self._free)} free")
+        self.promised += n
 
     @property
     def num_used(self) -> int:
         return len(self._used)
 
     def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+        return n <= len(self._free) - self.promised
 
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise OutOfBlocks(f"asked for {n} KV blocks, {len(self._free)} free of {self.num_blocks}")
+    def allocate(self, n: int, promised: bool = False) -> list[int]:
+        """n free blocks; `promised`: blocks promised earlier to the caller, handed out now."""
+        if promised:
+            self.promise(-n)
+        elif n > len(self._free) - self.promised:
+            raise OutOfBlocks(f"asked for {n} KV blocks, {len(self._free)} free of {self.num_blocks} "
+                              f"({self.promised} of them promised)")
         out = [self._free.popleft() for _ in range(n)]
         self._used.update(out)
         return out

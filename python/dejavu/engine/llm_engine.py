@@ -33,6 +33,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int = 0           # 0: the model's context length
     cuda_graphs: bool = True         # decode steps from CUDA graphs (single process on CUDA)
+    admission: str = "greedy"        # greedy | reserve: see engine/scheduler.py
 
 
 def eos_ids(cfg, tokenizer: Tokenizer) -> list[int]:
@@ -56,7 +57,7 @@ class LLMEngine:
         self.cache = PagedKVCache(model.end - model.start, num_blocks, config.block_size, cfg.num_kv_heads,
                                   cfg.head_dim, dtype, device)
         self.scheduler = Scheduler(self.cache.allocator, config.block_size, config.max_num_seqs,
-                                   config.max_num_batched_tokens)
+                                   config.max_num_batched_tokens, admission=config.admission)
         self.runner = ModelRunner(model, self.cache)
         if config.cuda_graphs and device.type == "cuda":
             why = self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)

@@ -4,6 +4,12 @@ A step is either a prefill step (new sequences, all their tokens) or a decode st
 every running sequence). When decode needs a block and none is free, the most recently admitted
 sequence is preempted: its blocks are freed and it goes back to the front of the queue, to be
 recomputed from its tokens (prompt and output so far) when blocks free up.
+
+Admission is "greedy" (the default) or "reserve". Greedy admits a sequence when its tokens so far
+fit, so more sequences run at once and sequences that stop early (EOS) leave room sooner; the
+price is preemption and recomputation when they all grow. Reserve admits one only when every block
+it can ever need (prompt + max_tokens) fits beside the blocks promised to those running: it holds
+fewer at once and never preempts, so the batch a KV budget holds is a fixed number (docs/serving.md).
 """
 from __future__ import annotations
 
@@ -12,10 +18,20 @@ from collections import deque
 from .block_manager import BlockAllocator, blocks_for
 from .sequence import Sequence, Status
 
+ADMISSION = ("greedy", "reserve")
+
+
+def lifetime_blocks(seq: Sequence, block_size: int) -> int:
+    """Blocks `seq` holds when it stops at max_tokens (the last token's KV is never written)."""
+    return blocks_for(max(len(seq), seq.num_prompt_tokens + seq.params.max_tokens - 1), block_size)
+
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 waiting: deque | None = None):
+                 waiting: deque | None = None, admission: str = "greedy"):
+        if admission not in ADMISSION:
+            raise ValueError(f"unknown admission {admission!r}; use one of {', '.join(ADMISSION)}")
+        self.reserve = admission == "reserve"
         self.allocator = allocator
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
@@ -40,10 +56,13 @@ class Scheduler:
             if batch and tokens + n > self.max_num_batched_tokens:
                 break
             need = blocks_for(n, self.block_size)
-            if not self.allocator.can_allocate(need):
+            promise = max(0, lifetime_blocks(seq, self.block_size) - need) if self.reserve else 0
+            if not self.allocator.can_allocate(need + promise):
                 break
             self.waiting.popleft()
             seq.block_table = self.allocator.allocate(need)
+            self.allocator.promise(promise)
+            seq.promised = promise
             seq.num_cached = 0
             seq.status = Status.RUNNING
             batch.append(seq)
@@ -56,7 +75,10 @@ class Scheduler:
         while self.running:
             seq = self.running.popleft()
             while len(seq.block_table) < blocks_for(len(seq), self.block_size):
-                if self.allocator.can_allocate(1):
+                if seq.promised:
+                    seq.block_table += self.allocator.allocate(1, promised=True)
+                    seq.promised -= 1
+                elif self.allocator.can_allocate(1):
                     seq.block_table += self.allocator.allocate(1)
                 elif self.running:
                     self._preempt(self.running.pop())
@@ -68,9 +90,14 @@ class Scheduler:
         self.running.extend(scheduled)
         return scheduled, False
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _release(self, seq: Sequence) -> None:
+        """Free `seq`'s blocks and whatever was still promised to it."""
         self.allocator.free(seq.block_table)
-        seq.block_table = []
+        self.allocator.promise(-seq.promised)
+        seq.block_table, seq.promised = [], 0
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._release(seq)
         seq.num_cached = 0
         seq.status = Status.WAITING
         seq.preemptions += 1
@@ -85,5 +112,4 @@ class Scheduler:
         if seq in self.waiting:
             self.waiting.remove(seq)
         if seq.block_table:
-            self.allocator.free(seq.block_table)
-            seq.block_table = []
+            self._release(seq)

@@ -27,6 +27,7 @@ class Sequence:
         self.seed = seed
         self.status = Status.WAITING
         self.block_table: list[int] = []
+        self.promised = 0  # KV blocks set aside for its growth (admission="reserve")
         self.num_cached = 0  # leading tokens whose K/V is in the cache
         self.preemptions = 0  # times its KV was dropped (replication watermarks of older KV no longer count)
         self.finish_reason: str | None = None

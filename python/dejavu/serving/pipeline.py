@@ -144,8 +144,8 @@ class PipelineEngine(LLMEngine):
             self.host_blocks = self.region_blocks * pp
             self.swap = k
             self.num_blocks = self.region_blocks  # what one microbatch (so one request) can hold
-        self.slots = [Scheduler(a, self.block_size, b, self.config.max_num_batched_tokens, self.waiting)
-                      for a in allocators]
+        self.slots = [Scheduler(a, self.block_size, b, self.config.max_num_batched_tokens, self.waiting,
+                                self.config.admission) for a in allocators]
         self.inflight: list[tuple[int, list[Sequence], float] | None] = [None] * pp
         self.scheduler = self.slots[0]  # for code that asks for "the" scheduler (counts, preemptions)
 
