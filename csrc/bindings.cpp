@@ -7,6 +7,7 @@
 #include <optional>
 
 #include <stdexcept>
+#include <tuple>
 
 #include "kernels/attention.h"
 #include "kernels/gemv.h"
@@ -321,6 +322,31 @@ PYBIND11_MODULE(_C, m) {
                                        as_ptr<void>(dstream), out);
     if (!err.empty()) throw std::runtime_error(err);
   }, "Pipelined staged transfer between a device cache and a pinned host buffer (see cuda_copy.h)");
+  m.def("block_runs", [](const std::vector<int64_t>& src, const std::vector<int64_t>& dst) {
+    std::vector<std::tuple<int64_t, int64_t, int64_t>> out;
+    for (const BlockRun& r : block_runs(src, dst)) out.emplace_back(r.src, r.dst, r.count);
+    return out;
+  }, py::arg("src"), py::arg("dst"), "Block copies src[i] -> dst[i] grouped into (src, dst, count) runs of "
+     "consecutive ids on both sides");
+  m.def("cuda_dma_copy_blocks", [](uintptr_t src, uintptr_t dst, const std::vector<int64_t>& src_ids,
+                                   const std::vector<int64_t>& dst_ids, int64_t num_layers, int64_t src_blocks,
+                                   int64_t dst_blocks, int64_t chunk_bytes, uintptr_t stream) {
+    const std::vector<BlockRun> runs = block_runs(src_ids, dst_ids);
+    for (const BlockRun& r : runs)
+      if (r.src + r.count > src_blocks || r.dst + r.count > dst_blocks)
+        throw std::invalid_argument("cuda_dma_copy_blocks: a block id is past the end of its cache");
+    std::string err;
+    {
+      py::gil_scoped_release nogil;  // a swap-in is enqueued from a worker's receiving thread
+      err = cuda_dma_copy_blocks(as_ptr<const void>(src), as_ptr<void>(dst), runs, num_layers, src_blocks, dst_blocks,
+                                 chunk_bytes, as_ptr<void>(stream));
+    }
+    if (!err.empty()) throw std::runtime_error(err);
+    return runs.size();
+  }, py::arg("src"), py::arg("dst"), py::arg("src_ids"), py::arg("dst_ids"), py::arg("num_layers"),
+     py::arg("src_blocks"), py::arg("dst_blocks"), py::arg("chunk_bytes"), py::arg("stream") = 0,
+     "Copy-engine copies of blocks src_ids[i] -> dst_ids[i] (every layer) between two [layers][blocks][chunk] "
+     "caches, one 2-D copy per run of consecutive ids; returns the number of runs");
   m.def("cuda_compiled", &cuda_compiled);
   m.def("cuda_device_count", &cuda_device_count);
   m.def("cuda_copy_spans", [](uintptr_t src, uintptr_t dst, uintptr_t desc, int64_t n, uintptr_t stream,

@@ -86,10 +86,21 @@ def test_swapping_holds_more_than_the_device_budget():
         llm.shutdown()
 
 
-def test_swap_cache_keeps_host_copy_current_and_budget():
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+# The CPU copier thread, and on CUDA copy-engine copies (the default) and the span-copy kernel.
+COPIES = [("cpu", None), pytest.param("cuda", "dma", marks=_CUDA), pytest.param("cuda", "kernel", marks=_CUDA)]
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("device,copy", COPIES)
+def test_swap_cache_keeps_host_copy_current_and_budget(device, copy):
     L, bs, kvh, hd = 2, 4, 2, 8
-    dev = torch.zeros((L, 6, 2, bs, kvh, hd))
-    sw = SwapCache(dev, host_blocks=12, resident=2)
+    dev = torch.zeros((L, 6, 2, bs, kvh, hd), device=device)
+    sw = SwapCache(dev, host_blocks=12, resident=2, copy=copy)
     assert sw.region_blocks == 3
     rng = random.Random(0)
     truth = {}
@@ -109,20 +120,23 @@ def test_swap_cache_keeps_host_copy_current_and_budget():
         dev[:, mapping[b]] = torch.randn_like(dev[:, 0])
         truth[b] = dev[:, mapping[b]].clone()
         sw.write_back(mapping, [b])
-        assert torch.equal(sw.host[:, b], truth[b])
+        _sync(device)
+        assert torch.equal(sw.host[:, b], truth[b].cpu())
     assert sw.bytes_in > 0 and sw.bytes_out == 40 * sw.block_bytes
     with pytest.raises(SwapError, match="budget was exceeded"):
         sw.acquire(0, list(range(4)))
     sw.close()
 
 
-def test_swap_ins_are_double_buffered_in_pipeline_order():
+@pytest.mark.parametrize("device,copy", COPIES)
+def test_swap_ins_are_double_buffered_in_pipeline_order(device, copy):
     """4 microbatches over 2 resident regions, steps in arrival order: every step's swap-in was
     started before the step (while the one before it ran), none at acquire time, and no queued
-    microbatch's region is taken by one behind it."""
+    microbatch's region is taken by one behind it. With DMA a microbatch's 3 consecutive blocks
+    land in 3 consecutive device blocks: one copy per swap-in."""
     L, bs, kvh, hd = 2, 4, 2, 8
-    dev = torch.zeros((L, 6, 2, bs, kvh, hd))
-    sw = SwapCache(dev, host_blocks=12, resident=2)
+    dev = torch.zeros((L, 6, 2, bs, kvh, hd), device=device)
+    sw = SwapCache(dev, host_blocks=12, resident=2, copy=copy)
     owner = {mb: list(range(mb * 3, mb * 3 + 3)) for mb in range(4)}
     for b in range(12):
         sw.host[:, b] = b
@@ -135,10 +149,13 @@ def test_swap_ins_are_double_buffered_in_pipeline_order():
         mapping = sw.acquire(mb, owner[mb])
         assert sw.bytes_in == before, f"step {step}: microbatch {mb} was swapped in on demand"
         assert all(torch.equal(dev[:, mapping[b]], torch.full_like(dev[:, 0], b)) for b in owner[mb])
+        assert sorted(mapping[b] for b in owner[mb]) == [mapping[b] for b in owner[mb]]  # ascending
         sw.write_back(mapping, [])
         assert sorted(r.mb for r in sw.regions) == sorted([(mb + 1) % 4, (mb + 2) % 4])
         sw.prefetch(mb, owner[mb])  # its next step arrives after this one ended
     assert sw.bytes_in == (16 + 2) * 3 * sw.block_bytes  # once per step, and the next two are already in
+    if copy == "dma":
+        assert sw.copies == 16 + 2
     sw.close()
 
 
@@ -149,12 +166,14 @@ def test_swap_errors_are_clear():
         LLM(model="random:opt-tiny", swap=True, prompt_stages=1, token_stages=1)
     with pytest.raises(ValueError, match="resident_microbatches must be an integer >= 1"):
         LLM(model="random:opt-tiny", pp=2, swap=True, resident_microbatches=0)
+    with pytest.raises(SwapError, match="unknown swap copy 'pcie'"):
+        SwapCache(torch.zeros((1, 2, 2, 4, 1, 8)), host_blocks=4, resident=1, copy="pcie")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("pp,resident", [(2, 1), (4, 2)])
 def test_swapping_on_cuda_gives_the_same_tokens(pp, resident):
-    """The CUDA path (span-copy kernels over pinned host memory on the swap stream), fp32."""
+    """The CUDA path (copy-engine copies to and from pinned host memory on the swap stream), fp32."""
     prompts, params = _workload(12, seed=pp)
     ref = LLM(model="random:llama-tiny", device="cuda", dtype="float32")
     try:
@@ -170,3 +189,29 @@ def test_swapping_on_cuda_gives_the_same_tokens(pp, resident):
         llm.shutdown()
     assert got == want
     assert any(s["bytes_in"] > 0 for s in stats)
+
+
+
+@_CUDA
+def test_dma_block_copies():
+    """Copy-engine block copies, both directions: exactly the blocks asked for land, one copy per
+    run of consecutive ids."""
+    from dejavu import _C
+
+    L, host_blocks, dev_blocks = 5, 20, 9
+    host = torch.randn(L, host_blocks, 2, 4, 2, 8).pin_memory()
+    dev = torch.zeros(L, dev_blocks, 2, 4, 2, 8, device="cuda")
+    chunk = host[0, 0].numel() * host.element_size()
+    src, dst = [3, 4, 5, 6, 10, 11, 0], [0, 1, 2, 3, 5, 6, 8]  # runs of 4, 2 and 1 blocks
+    stream = torch.cuda.current_stream().cuda_stream
+    n = _C.cuda_dma_copy_blocks(host.data_ptr(), dev.data_ptr(), src, dst, L, host_blocks, dev_blocks, chunk, stream)
+    torch.cuda.synchronize()
+    want = torch.zeros(dev.shape)
+    want[:, dst] = host[:, src]
+    assert n == 3 and torch.equal(dev.cpu(), want)
+    back = torch.zeros_like(host).pin_memory()
+    _C.cuda_dma_copy_blocks(dev.data_ptr(), back.data_ptr(), dst, src, L, dev_blocks, host_blocks, chunk, stream)
+    torch.cuda.synchronize()
+    assert torch.equal(back[:, src], host[:, src]) and not back[:, [1, 2, 7]].any()
+    with pytest.raises(ValueError, match="past the end"):
+        _C.cuda_dma_copy_blocks(host.data_ptr(), dev.data_ptr(), [19], [9], L, host_blocks, dev_blocks, chunk, stream)

@@ -250,4 +250,27 @@ std::string cuda_dma_gather_blocks(const void* cache, void* host, const int64_t*
   return "";
 }
 
+std::string cuda_dma_copy_blocks(const void* src, void* dst, const std::vector<BlockRun>& runs, int64_t num_layers,
+                                 int64_t src_blocks, int64_t dst_blocks, int64_t chunk_bytes, void* stream) {
+  const size_t cb = static_cast<size_t>(chunk_bytes);
+  const size_t sp = static_cast<size_t>(src_blocks) * cb, dp = static_cast<size_t>(dst_blocks) * cb;
+  const auto s = static_cast<cudaStream_t>(stream);
+  const auto* s8 = static_cast<const uint8_t*>(src);
+  auto* d8 = static_cast<uint8_t*>(dst);
+  // cudaMemcpy2D's pitches are limited (2^31 - 1 bytes on current GPUs); beyond that, one copy per layer.
+  constexpr size_t kMaxPitch = (size_t{1} << 31) - 1;
+  for (const BlockRun& r : runs) {
+    const size_t width = static_cast<size_t>(r.count) * cb;
+    const uint8_t* from = s8 + static_cast<size_t>(r.src) * cb;
+    uint8_t* to = d8 + static_cast<size_t>(r.dst) * cb;
+    if (sp <= kMaxPitch && dp <= kMaxPitch) {
+      DJV_CUDA(cudaMemcpy2DAsync(to, dp, from, sp, width, static_cast<size_t>(num_layers), cudaMemcpyDefault, s));
+    } else {
+      for (int64_t l = 0; l < num_layers; ++l)
+        DJV_CUDA(cudaMemcpyAsync(to + l * dp, from + l * sp, width, cudaMemcpyDefault, s));
+    }
+  }
+  return "";
+}
+
 }  // namespace dejavu

@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "kvstream/layout.h"
+
 namespace dejavu {
 
 // True when this build contains the CUDA kernels.
@@ -49,6 +51,14 @@ std::string cuda_dma_gather_slots(const void* cache, void* host, const int64_t* 
                                   void* stream);
 std::string cuda_dma_gather_blocks(const void* cache, void* host, const int64_t* blocks, int64_t n, int64_t num_layers,
                                    int64_t num_blocks, int64_t chunk_bytes, void* stream);
+// Copy-engine block copies between two paged caches laid out [layers][blocks][chunk] (either one
+// may be pinned host memory): for each run, blocks run.src .. run.src+count-1 of src go to run.dst ..
+// of dst, every layer, as one 2-D copy on `stream` (per-layer copies where a pitch exceeds the 2-D
+// limit). No SMs are used, so kernels running beside it keep the whole GPU. Note that a copy
+// engine works through its queue in order: a small host-to-device memcpy enqueued after a large
+// one waits for it, whichever stream it is on (docs/BENCHMARKS.md, "Microbatch swapping").
+std::string cuda_dma_copy_blocks(const void* src, void* dst, const std::vector<BlockRun>& runs, int64_t num_layers,
+                                 int64_t src_blocks, int64_t dst_blocks, int64_t chunk_bytes, void* stream);
 // Pinned, portable, device-mapped host memory: *host for the CPU, *device for kernels.
 std::string cuda_host_alloc(size_t bytes, void** host, void** device);
 void cuda_host_free(void* host);

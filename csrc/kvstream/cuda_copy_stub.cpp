@@ -30,6 +30,10 @@ std::string cuda_dma_gather_slots(const void*, void*, const int64_t*, const int6
 std::string cuda_dma_gather_blocks(const void*, void*, const int64_t*, int64_t, int64_t, int64_t, int64_t, void*) {
   return kNoCuda;
 }
+std::string cuda_dma_copy_blocks(const void*, void*, const std::vector<BlockRun>&, int64_t, int64_t, int64_t, int64_t,
+                                 void*) {
+  return kNoCuda;
+}
 void cuda_host_free(void*) {}
 }  // namespace dejavu
 #endif

@@ -75,6 +75,22 @@ std::vector<Span> token_spans(const KVLayout& layout, const std::vector<int64_t>
   return merge_adjacent(spans);
 }
 
+std::vector<BlockRun> block_runs(const std::vector<int64_t>& src, const std::vector<int64_t>& dst) {
+  if (src.size() != dst.size())
+    throw std::invalid_argument("block_runs: " + std::to_string(src.size()) + " source blocks but " +
+                                std::to_string(dst.size()) + " destination blocks");
+  std::vector<BlockRun> runs;
+  for (size_t i = 0; i < src.size(); ++i) {
+    if (src[i] < 0 || dst[i] < 0)
+      throw std::invalid_argument("block_runs: negative block id at position " + std::to_string(i));
+    if (!runs.empty() && runs.back().src + runs.back().count == src[i] && runs.back().dst + runs.back().count == dst[i])
+      ++runs.back().count;
+    else
+      runs.push_back({src[i], dst[i], 1});
+  }
+  return runs;
+}
+
 int64_t total_bytes(const std::vector<Span>& spans) {
   int64_t n = 0;
   for (const Span& s : spans) n += s.bytes;

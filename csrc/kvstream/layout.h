@@ -49,6 +49,17 @@ std::vector<Span> chunk_spans(const KVLayout& layout, const std::vector<int64_t>
 std::vector<Span> token_spans(const KVLayout& layout, const std::vector<int64_t>& layers,
                               const std::vector<int64_t>& blocks, const std::vector<int64_t>& slots);
 
+// Block-to-block copies between two caches of the same chunk size: block src[i] -> block dst[i],
+// grouped into runs where both sides are consecutive (src, src+1, ... -> dst, dst+1, ...), in the
+// given order, so a run of any length is one strided copy over the layers. Throws
+// std::invalid_argument when the lists differ in length or hold a negative id.
+struct BlockRun {
+  int64_t src;
+  int64_t dst;
+  int64_t count;
+};
+std::vector<BlockRun> block_runs(const std::vector<int64_t>& src, const std::vector<int64_t>& dst);
+
 // Merge spans that touch end-to-start, keeping order. Packed order is unchanged by merging.
 std::vector<Span> merge_adjacent(const std::vector<Span>& spans);
 

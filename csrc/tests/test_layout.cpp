@@ -70,5 +70,18 @@ int main() {
     CHECK(un.rows == 3 && d[6] == 200 && d[7] == 9000 && un.piece_rows.size() == 2);
     CHECK_THROWS(fill_copy_desc(sp, false, 0, d.data(), 2));
   }
+  // Block runs: consecutive on both sides merge, a break on either side starts a new run.
+  {
+    auto r = block_runs({4, 5, 6, 9, 10, 2}, {0, 1, 2, 3, 5, 6});
+    CHECK(r.size() == 4);
+    CHECK(r[0].src == 4 && r[0].dst == 0 && r[0].count == 3);
+    CHECK(r[1].src == 9 && r[1].dst == 3 && r[1].count == 1);  // dst 3 -> 5 breaks it
+    CHECK(r[2].src == 10 && r[2].dst == 5 && r[2].count == 1);
+    CHECK(r[3].src == 2 && r[3].dst == 6 && r[3].count == 1);   // src goes back
+    CHECK(block_runs({}, {}).empty());
+    CHECK(block_runs({7, 6}, {1, 0}).size() == 2);              // descending is not a run
+    CHECK_THROWS(block_runs({1, 2}, {1}));
+    CHECK_THROWS(block_runs({-1}, {0}));
+  }
   TEST_MAIN_END();
 }

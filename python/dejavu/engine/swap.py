@@ -14,13 +14,18 @@ blocks that were already mapped are not copied again. After the step only the bl
 tokens touched are written back (`write_back`), so the host copy is always current and evicting a
 region costs nothing.
 
-On CUDA both directions are one DéjàVuLib span-copy kernel on the swap stream that reads or writes
-the pinned host copy over PCIe itself (no host-side gather, no pageable staging, no host
-synchronisation): a swap-in is ordered after earlier write-backs by the stream, a write-back after
-the step's compute by an event, and a step waits for its swap-in only if it has not landed yet.
+On CUDA both directions are copy-engine (DMA) copies on the swap stream between the pinned host
+copy and the device cache, one 2-D copy (every layer) per run of consecutive blocks (no host-side
+gather, no pageable staging, no host synchronisation, and no SMs: decode kernels running beside a
+swap-in keep the whole GPU). Regions hand out their free blocks in ascending order so that a
+microbatch's consecutive logical blocks land in consecutive device blocks. A swap-in is ordered
+after earlier write-backs by the stream, a write-back after the step's compute by an event, and a
+step waits for its swap-in only if it has not landed yet. DEJAVU_SWAP_COPY=kernel uses DéjàVuLib's
+span-copy kernel instead (SMs read the host copy over PCIe; the earlier path, kept for comparison).
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,8 +64,12 @@ class _Region:
 
 
 class SwapCache:
-    def __init__(self, device_tensor: torch.Tensor, host_blocks: int, resident: int):
+    def __init__(self, device_tensor: torch.Tensor, host_blocks: int, resident: int, copy: str | None = None):
         self.dev = device_tensor  # [L, resident * region_blocks, 2, bs, kvh, hd]
+        self.copy = copy or os.environ.get("DEJAVU_SWAP_COPY", "dma")
+        if self.copy not in ("dma", "kernel"):
+            raise SwapError(f"unknown swap copy {self.copy!r} (DEJAVU_SWAP_COPY): use dma or kernel")
+        self.copies = 0  # CUDA copy operations issued (DMA runs, or kernels)
         self.device = device_tensor.device
         total = device_tensor.shape[1]
         if resident <= 0 or total % resident:
@@ -82,9 +91,16 @@ class SwapCache:
         self.chunk_bytes = self.dev[0, 0].numel() * self.dev.element_size()  # one block of one layer
 
     def _cuda_copy(self, src: torch.Tensor, dst: torch.Tensor, src_ids: list[int], dst_ids: list[int]) -> _CudaCopy:
-        """Copy blocks src[:, src_ids] -> dst[:, dst_ids] (every layer) with one span-copy kernel on
-        the swap stream; one of the two tensors is the pinned host copy."""
+        """Copy blocks src[:, src_ids] -> dst[:, dst_ids] (every layer) on the swap stream: one DMA copy
+        per run of consecutive ids, or one span-copy kernel; one of the two tensors is the pinned host copy."""
         layers, c = self.dev.shape[0], self.chunk_bytes
+        if self.copy == "dma":
+            with torch.cuda.device(self.device):
+                self.copies += _C.cuda_dma_copy_blocks(src.data_ptr(), dst.data_ptr(), src_ids, dst_ids, layers,
+                                                       src.shape[1], dst.shape[1], c, self.stream.cuda_stream)
+                evt = self.stream.record_event()
+            return _CudaCopy(evt, [src, dst])
+        self.copies += 1
         layer = torch.arange(layers, dtype=torch.int64).view(-1, 1)
         so = (layer * src.shape[1] + torch.tensor(src_ids, dtype=torch.int64).view(1, -1)) * c
         do = (layer * dst.shape[1] + torch.tensor(dst_ids, dtype=torch.int64).view(1, -1)) * c
@@ -121,12 +137,13 @@ class SwapCache:
         if region is not self.in_use:  # (a step running now may still write its blocks back)
             for lb in [b for b in region.map if b not in live_set]:  # blocks the microbatch gave up
                 region.free.append(region.map.pop(lb))
-        new = [b for b in live if b not in region.map]
+        new = sorted(b for b in live if b not in region.map)
         if len(new) > len(region.free):
             if region is self.in_use:
                 return None
             raise SwapError(f"microbatch {mb} holds {len(live)} blocks but a resident region has "
                             f"{self.region_blocks}; the controller's per-microbatch budget was exceeded")
+        region.free.sort(reverse=True)  # pop() from the end: ascending device blocks, so runs stay runs
         pairs = [(lb, region.free.pop()) for lb in new]
         region.map.update(pairs)
         region.used = time.monotonic()
