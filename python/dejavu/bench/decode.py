@@ -202,8 +202,9 @@ class _SwapStream:
     microbatch computes: the worker's SwapCache (engine/swap.py) over a cache of its own, cycling
     three shadow microbatches of the decoded batch's size through two resident regions. Before each
     step, when the last swap-in has landed, the next shadow microbatch is prefetched: its blocks
-    cross PCIe from pinned host memory in a DéjàVuLib span-copy kernel on the swap stream (a
-    thread's index copies on the CPU). Nothing of it touches the decoded batch."""
+    cross PCIe from pinned host memory in copy-engine copies on the swap stream (a thread's index
+    copies on the CPU), so PCIe's host-to-device direction is busy all the time: a worst case.
+    Nothing of it touches the decoded batch."""
 
     def __init__(self, llm, blocks: int):
         from ..engine.swap import SwapCache

@@ -4,7 +4,10 @@ A decode step of B sequences is one new token each. For every batch-size bucket 
 steps of 16 up to max_num_seqs) the whole forward pass plus the LM head is captured once over
 static device buffers: token ids, positions, cache slots, context lengths and block tables sized
 for max_model_len. A step fills a pinned host copy of those buffers, moves them in one
-asynchronous copy and replays the smallest bucket that fits; rows past the batch are padding
+asynchronous copy and replays the smallest bucket that fits. The copy is DéjàVuLib's span-copy
+kernel reading the pinned buffer over PCIe, not a copy-engine memcpy: a swap-in or any other large
+host-to-device DMA running beside the step would otherwise hold the step's inputs behind it in the
+copy engine's queue (DEJAVU_GRAPH_INPUT_COPY=memcpy for the memcpy, to compare); rows past the batch are padding
 (their KV write is skipped, their attention has no keys). Nothing in a step waits for the GPU
 until the caller reads the sampled tokens. With a replication ring (ModelRunner.set_kv_tap) the
 graphs also write each new token's K/V into the ring rows a buffer field names (-1: none).
@@ -16,12 +19,13 @@ pay for it.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import numpy as np
 import torch
 
-from .. import kernels
+from .. import _C, kernels
 from ..models.base import DecoderLM
 from ..models.layers import AttnMetadata, KVRing
 from .block_manager import blocks_for
@@ -66,6 +70,11 @@ class DecodeGraphs:
         self.host = torch.zeros(total, dtype=torch.int64, pin_memory=True)
         self.host_np = self.host.numpy()
         self.dev = torch.zeros(total, dtype=torch.int64, device=cache.device)
+        self.nbytes = total * 8
+        self.desc = torch.tensor([0, 0, self.nbytes], dtype=torch.int64, device=cache.device)  # one span
+        self.input_copy = os.environ.get("DEJAVU_GRAPH_INPUT_COPY", "kernel")
+        if self.input_copy not in ("kernel", "memcpy"):
+            raise ValueError(f"DEJAVU_GRAPH_INPUT_COPY must be kernel or memcpy, got {self.input_copy!r}")
         self.copied = torch.cuda.Event()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
@@ -137,7 +146,11 @@ class DecodeGraphs:
         bucket = next(x for x in self.buckets if x >= len(items))
         self.copied.synchronize()  # the previous step's copy has left the pinned buffer
         self._fill(items, tap)
-        self.dev.copy_(self.host, non_blocking=True)
+        if self.input_copy == "kernel":
+            _C.cuda_copy_spans(self.host.data_ptr(), self.dev.data_ptr(), self.desc.data_ptr(), 1,
+                               torch.cuda.current_stream(self.cache.device).cuda_stream, self.nbytes)
+        else:
+            self.dev.copy_(self.host, non_blocking=True)
         self.copied.record()
         g, out = self.graphs[bucket]
         g.replay()
