@@ -10,6 +10,8 @@ import torch
 from dejavu import LLM, SamplingParams
 from dejavu.engine.swap import SwapCache, SwapError
 
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
 
 def _workload(n, seed, max_prompt=40, max_out=24):
     rng = random.Random(seed)
@@ -18,8 +20,8 @@ def _workload(n, seed, max_prompt=40, max_out=24):
     return prompts, params
 
 
-def _reference(model, prompts, params):
-    llm = LLM(model=model)
+def _reference(model, prompts, params, device="cpu"):
+    llm = LLM(model=model, device=device, dtype="float32")
     try:
         return [o.token_ids for o in llm.generate(prompts, params)]
     finally:
@@ -45,6 +47,26 @@ def test_swapping_gives_the_same_tokens(model, pp, resident):
     assert stats and all(s["bytes_out"] > 0 for s in stats)
     if resident < pp:  # microbatches really left the device and came back
         assert any(s["bytes_in"] > 0 for s in stats)
+
+
+@pytest.mark.parametrize("device,transport", [("cpu", "shm"), pytest.param("cuda", "auto", marks=_CUDA)])
+def test_swapping_on_the_token_side_of_disaggregation(device, transport):
+    """Prompt workers prefill, swapping token workers decode (2 token microbatches, 1 resident):
+    the prompt KV lands in the token workers' host copies and is swapped in for its steps. Mixed
+    lengths, requests joining and finishing; the same tokens as one process (fp32)."""
+    prompts, params = _workload(12, seed=5)
+    want = _reference("random:llama-tiny", prompts, params, device=device)
+    llm = LLM(model="random:llama-tiny", device=device, dtype="float32", prompt_stages=1, token_stages=2, swap=True,
+              resident_microbatches=1, microbatch_size=3, kv_cache_blocks=12, kv_transport=transport)
+    try:
+        got = [o.token_ids for o in llm.generate(prompts, params)]
+        eng = llm.engine
+        assert eng.device_blocks == 12 and eng.host_blocks == 24 and eng.transports_used <= {"shm", "tcp"}
+        stats = list(eng.swap_stats.values())
+    finally:
+        llm.shutdown()
+    assert got == want
+    assert stats and all(s["bytes_in"] > 0 for s in stats)  # microbatches left the device and came back
 
 
 def test_swapping_stress_many_microbatches():
@@ -86,7 +108,6 @@ def test_swapping_holds_more_than_the_device_budget():
         llm.shutdown()
 
 
-_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 # The CPU copier thread, and on CUDA copy-engine copies (the default) and the span-copy kernel.
 COPIES = [("cpu", None), pytest.param("cuda", "dma", marks=_CUDA), pytest.param("cuda", "kernel", marks=_CUDA)]
 
@@ -162,8 +183,10 @@ def test_swap_ins_are_double_buffered_in_pipeline_order(device, copy):
 def test_swap_errors_are_clear():
     with pytest.raises(ValueError, match="swap needs a pipeline of pp >= 2"):
         LLM(model="random:opt-tiny", swap=True)
-    with pytest.raises(ValueError, match="not yet available with prompt_stages"):
+    with pytest.raises(ValueError, match="token_stages >= 2 with disaggregation"):
         LLM(model="random:opt-tiny", swap=True, prompt_stages=1, token_stages=1)
+    with pytest.raises(ValueError, match="needs kv_transport shm or tcp"):
+        LLM(model="random:opt-tiny", swap=True, prompt_stages=1, token_stages=2, kv_transport="ipc")
     with pytest.raises(ValueError, match="resident_microbatches must be an integer >= 1"):
         LLM(model="random:opt-tiny", pp=2, swap=True, resident_microbatches=0)
     with pytest.raises(SwapError, match="unknown swap copy 'pcie'"):

@@ -28,7 +28,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "for GPU workers, shared memory for CPU ones, else tcp)")
     p.add_argument("--microbatch-size", type=int, default=0, help="sequences per microbatch (pipeline; default: any)")
     p.add_argument("--swap", action="store_true",
-                   help="microbatch swapping (pp >= 2): the KV of idle microbatches lives in pinned host memory")
+                   help="microbatch swapping (pp >= 2, or --token-stages >= 2 with disaggregation): the KV of idle "
+                        "microbatches lives in pinned host memory")
     p.add_argument("--resident-microbatches", type=int, default=2,
                    help="with --swap: microbatches whose KV is on the device at once (the KV budget, "
                         "--kv-cache-blocks, is split among them)")

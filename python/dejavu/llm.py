@@ -68,9 +68,12 @@ class LLM:
             raise ValueError("replicate and swap cannot be combined yet")
         if (replicate_dir or replicate_to) and not replicate:
             raise ValueError("replicate_dir / replicate_to need replicate=True")
-        if swap and (prompt_stages or pp < 2):
-            raise ValueError("swap needs a pipeline of pp >= 2 microbatches (and is not yet available with "
-                             "prompt_stages/token_stages)")
+        if swap and (token_stages or pp) < 2:
+            raise ValueError("swap needs a pipeline of pp >= 2 microbatches (token_stages >= 2 with "
+                             "disaggregation)")
+        if swap and prompt_stages and kv_transport == "ipc":
+            raise ValueError("swap with disaggregation needs kv_transport shm or tcp (or auto): a swapping token "
+                             "worker takes prompt KV into its host copy, which CUDA IPC cannot write")
         if swap and (not isinstance(resident_microbatches, int) or resident_microbatches < 1):
             raise ValueError(f"resident_microbatches must be an integer >= 1, got {resident_microbatches!r}")
         if admission not in ("greedy", "reserve"):
@@ -113,7 +116,8 @@ class LLM:
             if prompt_stages:
                 self.engine = DisaggEngine(self.source, self.tokenizer, engine_cfg, self.device, self.dtype, seed,
                                            prompt_stages, token_stages, tp, microbatch_size, launcher, worker_timeout,
-                                           log_dir, kv_receive_slots, kv_transport, **ft)
+                                           log_dir, kv_receive_slots, kv_transport, swap=swap,
+                                           resident_microbatches=resident_microbatches, **ft)
             else:
                 self.engine = PipelineEngine(self.source, self.tokenizer, engine_cfg, self.device, self.dtype, seed, pp,
                                              tp, microbatch_size, launcher, layer_split, worker_timeout, log_dir=log_dir,

@@ -202,6 +202,18 @@ class SwapCache:
             self.wait_s += time.perf_counter() - t0
         return region.map
 
+    def host_write(self, blocks: list[int]) -> None:
+        """The caller is about to write these logical blocks straight into the host copy (prompt KV
+        admitted on a disaggregated token worker): earlier write-backs land first, and no region
+        keeps a device copy of them from an earlier owner (they are copied in at their next step)."""
+        if self.stream is not None:
+            self.stream.synchronize()
+        drop = set(blocks)
+        with self.lock:
+            for r in self.regions:
+                for b in drop & r.map.keys():
+                    r.free.append(r.map.pop(b))
+
     def busy(self) -> bool:
         """A swap-in is still landing in some region."""
         with self.lock:

@@ -12,6 +12,13 @@ microbatch" (a token microbatch holds at most `microbatch_size` sequences); a
 prompt waits for a slot (and for token-side blocks for its KV) before its prefill starts, so nothing
 is dropped or overwritten. A request preempted on the token side (out of blocks) goes back to the
 prompt queue and is prefilled again from all its tokens.
+
+Microbatch swapping on the token side (`swap`, `resident_microbatches` k, token_stages >= 2): as in
+the FT pipeline, each token microbatch slot has a region's worth of logical blocks of its own and
+the token workers keep only k regions on the device. A request's token slot is chosen when its
+prefill starts (its token-side blocks come from that slot's range), and the token workers write
+its prompt KV straight into their pinned host copy, from where it is swapped in for the slot's
+steps. So the KV travels by shared memory or TCP, never CUDA IPC (which writes device memory).
 """
 from __future__ import annotations
 
@@ -29,7 +36,8 @@ from .pipeline import PipelineEngine, WorkerError, check_split
 class DisaggEngine(PipelineEngine):
     def __init__(self, source, tokenizer, config, device, dtype, seed, prompt_stages: int, token_stages: int,
                  tp: int = 1, microbatch_size: int = 0, launcher: str = "local", timeout: float = 300.0,
-                 log_dir: str | None = None, receive_slots: int = 8, kv_transport: str = "auto", **fault_tolerance):
+                 log_dir: str | None = None, receive_slots: int = 8, kv_transport: str = "auto", swap: bool = False,
+                 resident_microbatches: int = 2, **fault_tolerance):
         from ..kvstream.select import TRANSPORTS
 
         if kv_transport not in TRANSPORTS:
@@ -42,7 +50,7 @@ class DisaggEngine(PipelineEngine):
         self.receive_slots = receive_slots
         super().__init__(source, tokenizer, config, device, dtype, seed, pp=token_stages, tp=tp,
                          microbatch_size=microbatch_size, launcher=launcher, timeout=timeout, log_dir=log_dir,
-                         **fault_tolerance)
+                         swap=swap, resident_microbatches=resident_microbatches, **fault_tolerance)
 
     # ------------------------------------------------------------------ layout
     def _plan(self, cfg, pp, layer_split, microbatch_size) -> None:
@@ -59,8 +67,17 @@ class DisaggEngine(PipelineEngine):
         self.waiting: deque[Sequence] = deque()         # waiting for a prefill
         self.token_waiting: deque[Sequence] = deque()   # preempted on the token side
         self.mb = microbatch_size or self.config.max_num_seqs
-        self.slots = [Scheduler(self.allocator, self.block_size, self.mb, self.config.max_num_batched_tokens,
-                                self.token_waiting) for _ in range(dt)]
+        allocators = [self.allocator] * dt
+        if self.swap:  # as in PipelineEngine._plan: a region of logical blocks per token microbatch
+            k = min(self.swap, dt)
+            self.region_blocks = self.num_blocks // k
+            if self.region_blocks <= 0:
+                raise ValueError(f"{self.num_blocks} KV blocks cannot hold {k} resident microbatches")
+            self.device_blocks, self.host_blocks, self.swap = self.region_blocks * k, self.region_blocks * dt, k
+            allocators = [BlockAllocator(self.region_blocks, first=i * self.region_blocks) for i in range(dt)]
+            self.num_blocks = self.region_blocks  # what one request can hold on the token side
+        self.slots = [Scheduler(a, self.block_size, self.mb, self.config.max_num_batched_tokens,
+                                self.token_waiting) for a in allocators]
         self.scheduler = self.slots[0]
         self.inflight = [None] * dt
         self.prompt_inflight: list[dict | None] = [None] * dp
@@ -85,9 +102,12 @@ class DisaggEngine(PipelineEngine):
             return {"role": "prompt", "pp": self._dp, "layers": [list(x) for x in self.prompt_layers],
                     "first_rank": 0, "num_blocks": self.num_prompt_blocks, "worker_name": f"p{stage}.{rank % self.tp}"}
         stage = (rank - self.token_first) // self.tp
-        return {"role": "token", "pp": self._dt, "layers": [list(x) for x in self.token_layers],
-                "first_rank": self.token_first, "num_blocks": self.num_blocks,
-                "worker_name": f"t{stage}.{rank % self.tp}"}
+        rc = {"role": "token", "pp": self._dt, "layers": [list(x) for x in self.token_layers],
+              "first_rank": self.token_first, "num_blocks": self.num_blocks,
+              "worker_name": f"t{stage}.{rank % self.tp}"}
+        if self.swap:
+            rc.update(num_blocks=self.device_blocks, swap={"resident": self.swap, "host_blocks": self.host_blocks})
+        return rc
 
     def _step_ranks(self):
         return range(self.token_first, self.world)
@@ -129,7 +149,7 @@ class DisaggEngine(PipelineEngine):
             self.ready.remove(seq)
             self.in_transfer -= 1
         if seq.block_table:
-            self.allocator.free(seq.block_table)
+            self._token_alloc(seq).free(seq.block_table)
             seq.block_table = []
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
@@ -137,6 +157,7 @@ class DisaggEngine(PipelineEngine):
     def _step(self) -> list[Sequence]:
         while self.token_waiting:  # preempted on the token side: prefill again, first in line
             s = self.token_waiting.pop()
+            s.token_slot = None  # (with swapping) a slot is chosen again at its prefill
             self.waiting.appendleft(s)
         for i in range(self._dp):
             if self.prompt_inflight[i] is None:
@@ -172,15 +193,35 @@ class DisaggEngine(PipelineEngine):
             need = blocks_for(n, self.block_size)
             if batch and tokens + n > self.config.max_num_batched_tokens:
                 break
-            if not (self.prompt_alloc.can_allocate(need) and self.allocator.can_allocate(need)):
+            slot = self._token_slot_for(need, batch) if self.swap else None
+            if not (self.prompt_alloc.can_allocate(need) and (self.allocator.can_allocate(need) if slot is None
+                                                               else slot >= 0)):
                 break
             self.waiting.popleft()
             seq.prompt_blocks = self.prompt_alloc.allocate(need)
-            seq.block_table = self.allocator.allocate(need)
+            seq.token_slot = slot
+            seq.block_table = self._token_alloc(seq).allocate(need)
             seq.status = Status.RUNNING
             batch.append(seq)
             tokens += n
         return batch
+
+    def _token_alloc(self, seq: Sequence) -> BlockAllocator:
+        """The allocator of `seq`'s token-side blocks: the shared one, or with swapping its slot's."""
+        slot = getattr(seq, "token_slot", None)
+        return self.allocator if slot is None else self.slots[slot].allocator
+
+    def _token_slot_for(self, need: int, batch: list[Sequence]) -> int:
+        """With swapping: the token microbatch a request about to be prefilled will join (-1: none
+        has room): the least loaded (running plus on its way) whose region has `need` free blocks."""
+        on_way = [s for st in self.prompt_inflight if st for s in st["seqs"]]
+        on_way += [s for st in self.admitting.values() for s in st["seqs"]] + list(self.ready) + batch
+        load = [len(sl.running) for sl in self.slots]
+        for s in on_way:
+            if getattr(s, "token_slot", None) is not None:
+                load[s.token_slot] += 1
+        fits = [i for i in range(self._dt) if load[i] < self.mb and self.slots[i].allocator.can_allocate(need)]
+        return min(fits, key=lambda i: (load[i], -self.slots[i].allocator.num_free)) if fits else -1
 
     def _launch_prefill(self, slot: int, seqs: list[Sequence]) -> None:
         self._step_id += 1
@@ -260,6 +301,18 @@ class DisaggEngine(PipelineEngine):
     def _place_ready(self) -> None:
         """Admitted requests join the token microbatch with the fewest sequences, up to `mb` each;
         until then they keep their receive slot (their KV already sits in the token cache)."""
+        if self.swap:  # each joins the microbatch its blocks were taken for, in arrival order
+            waiting = deque()
+            while self.ready:
+                s = self.ready.popleft()
+                if len(self.slots[s.token_slot].running) >= self.mb:
+                    waiting.append(s)
+                    continue
+                self.in_transfer -= 1
+                self.slots[s.token_slot].running.append(s)
+                self.slot_of[s.seq_id] = s.token_slot
+            self.ready = waiting
+            return
         while self.ready:
             slot = min(range(self._dt), key=lambda i: len(self.slots[i].running))
             if len(self.slots[slot].running) >= self.mb:
@@ -304,7 +357,7 @@ class DisaggEngine(PipelineEngine):
             self.prompt_alloc.free(s.prompt_blocks)
             s.prompt_blocks = []
         if s.block_table:
-            self.allocator.free(s.block_table)
+            self._token_alloc(s).free(s.block_table)
             s.block_table = []
 
     def _after_recovery(self, dead: set[int]) -> None:

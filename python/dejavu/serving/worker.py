@@ -138,7 +138,7 @@ class StageWorker:
         if not self.kv_server:
             return info
         info["kv_port"] = self.kv_server.port
-        if self.device.type == "cuda":  # same-host prompt workers may write straight into this cache
+        if self.device.type == "cuda" and self.swap is None:  # same-host prompt workers may write into this cache
             from ..kvstream.ipc import export_tensor
 
             info["ipc"] = export_tensor(self.cache.tensor)
@@ -255,6 +255,8 @@ class StageWorker:
         self.remote = {}
         for w in msg["token_workers"]:
             kind = choose(w["hostname"], self.cfg.get("kv_transport", "auto"), device=self.device.type)
+            if kind == "ipc" and not w.get("ipc"):
+                kind = "shm"  # a swapping token worker takes prompt KV into host memory: no cache to map
             self.transport_used[w["worker"]] = kind
             if kind == "ipc":
                 # Mapped into our own device's address space: with the peer on another GPU, our copy
@@ -390,6 +392,8 @@ class StageWorker:
         shm = ShmDest(self.cfg["shm_prefix"])
         nbytes = 0
         t0 = time.perf_counter()
+        if self.swap is not None:  # into the host copy, where the microbatch's swap-ins read it
+            self.swap.host_write([b for s in msg["seqs"] for b in s["blocks"]])
         if self.cfg["worker_name"] in msg.get("delivered", []):
             # Written straight into this cache by the prompt workers (CUDA IPC), already complete.
             chunk = self.streamer.layout.chunk_bytes()
@@ -413,7 +417,12 @@ class StageWorker:
                         self.kv_server.server.erase(key)
                     if got != n:
                         raise RuntimeError(f"KV chunk {key} has {got} bytes, expected {n}")
-                    self.streamer.scatter(region, buf.tensor).wait(self.cfg["timeout"])
+                    if self.swap is not None:
+                        host = self.swap.host[i]  # [host blocks, 2, block_size, kv_heads, head_dim]
+                        x = buf.tensor[:n].view(host.dtype).view((len(s["blocks"]),) + tuple(host.shape[1:]))
+                        host.index_copy_(0, torch.tensor(s["blocks"]), x)
+                    else:
+                        self.streamer.scatter(region, buf.tensor).wait(self.cfg["timeout"])
                 finally:
                     buf.free()
                 nbytes += n
