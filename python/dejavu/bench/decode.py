@@ -367,22 +367,39 @@ def attention_ms(graphs, batch: int, n: int = 5) -> float:
     return _replay_ms(g, n)
 
 
+class _StepClock:
+    """A logits processor that only notes the time: generate calls it once per token, after that
+    step's forward pass (generate synchronises with the device every step to test for stopping)."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
 def _hf(hf, ids: torch.Tensor, max_tokens: int) -> tuple[float, float, list[list[int]]]:
+    """HF's prefill (one forward pass over the prompts) and its decode step: the time between the
+    first and the last token of one generate call, per step. (Subtracting a separately timed
+    prefill from generate's total could come out at or below zero on a busy machine.)"""
+    from transformers import LogitsProcessorList
+
     dev = ids.device
     mask = torch.ones_like(ids)
+    clock = _StepClock()
     with torch.no_grad():
         _sync(dev)
         t0 = time.perf_counter()
         hf(input_ids=ids, attention_mask=mask)
         _sync(dev)
         prefill = time.perf_counter() - t0
-        _sync(dev)
-        t0 = time.perf_counter()
         out = hf.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                          do_sample=False)
+                          do_sample=False, logits_processor=LogitsProcessorList([clock]))
         _sync(dev)
-        total = time.perf_counter() - t0
-    return prefill, max(total - prefill, 0.0) / max(max_tokens - 1, 1), out[:, ids.shape[1]:].tolist()
+    steps = len(clock.stamps) - 1
+    step = (clock.stamps[-1] - clock.stamps[0]) / steps if steps > 0 else float("nan")
+    return prefill, step, out[:, ids.shape[1]:].tolist()
 
 
 def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int, max_tokens: int, seed: int,
