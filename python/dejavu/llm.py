@@ -10,6 +10,7 @@ from typing import Sequence as Seq
 import torch
 
 from .engine.llm_engine import EngineConfig, LLMEngine, RequestError
+from .engine.scheduler import ADMISSION
 from .models.loader import load_model, load_tokenizer, parse_dtype, resolve
 from .sampling_params import SamplingParams
 
@@ -76,8 +77,8 @@ class LLM:
                              "worker takes prompt KV into its host copy, which CUDA IPC cannot write")
         if swap and (not isinstance(resident_microbatches, int) or resident_microbatches < 1):
             raise ValueError(f"resident_microbatches must be an integer >= 1, got {resident_microbatches!r}")
-        if admission not in ("greedy", "reserve"):
-            raise ValueError(f"admission must be 'greedy' or 'reserve', got {admission!r}")
+        if admission not in ADMISSION:
+            raise ValueError(f"admission must be {' or '.join(map(repr, ADMISSION))}, got {admission!r}")
         if admission == "reserve" and prompt_stages:
             raise ValueError("admission='reserve' is not yet available with prompt_stages/token_stages "
                              "(disaggregation admits by prompt length)")

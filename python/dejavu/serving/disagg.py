@@ -67,17 +67,8 @@ class DisaggEngine(PipelineEngine):
         self.waiting: deque[Sequence] = deque()         # waiting for a prefill
         self.token_waiting: deque[Sequence] = deque()   # preempted on the token side
         self.mb = microbatch_size or self.config.max_num_seqs
-        allocators = [self.allocator] * dt
-        if self.swap:  # as in PipelineEngine._plan: a region of logical blocks per token microbatch
-            k = min(self.swap, dt)
-            self.region_blocks = self.num_blocks // k
-            if self.region_blocks <= 0:
-                raise ValueError(f"{self.num_blocks} KV blocks cannot hold {k} resident microbatches")
-            self.device_blocks, self.host_blocks, self.swap = self.region_blocks * k, self.region_blocks * dt, k
-            allocators = [BlockAllocator(self.region_blocks, first=i * self.region_blocks) for i in range(dt)]
-            self.num_blocks = self.region_blocks  # what one request can hold on the token side
         self.slots = [Scheduler(a, self.block_size, self.mb, self.config.max_num_batched_tokens,
-                                self.token_waiting) for a in allocators]
+                                self.token_waiting) for a in self._slot_allocators(dt)]
         self.scheduler = self.slots[0]
         self.inflight = [None] * dt
         self.prompt_inflight: list[dict | None] = [None] * dp
@@ -102,12 +93,9 @@ class DisaggEngine(PipelineEngine):
             return {"role": "prompt", "pp": self._dp, "layers": [list(x) for x in self.prompt_layers],
                     "first_rank": 0, "num_blocks": self.num_prompt_blocks, "worker_name": f"p{stage}.{rank % self.tp}"}
         stage = (rank - self.token_first) // self.tp
-        rc = {"role": "token", "pp": self._dt, "layers": [list(x) for x in self.token_layers],
-              "first_rank": self.token_first, "num_blocks": self.num_blocks,
-              "worker_name": f"t{stage}.{rank % self.tp}"}
-        if self.swap:
-            rc.update(num_blocks=self.device_blocks, swap={"resident": self.swap, "host_blocks": self.host_blocks})
-        return rc
+        return self._swap_config({"role": "token", "pp": self._dt, "layers": [list(x) for x in self.token_layers],
+                                  "first_rank": self.token_first, "num_blocks": self.num_blocks,
+                                  "worker_name": f"t{stage}.{rank % self.tp}"})
 
     def _step_ranks(self):
         return range(self.token_first, self.world)

@@ -131,23 +131,30 @@ class PipelineEngine(LLMEngine):
         self.allocator = BlockAllocator(self.num_blocks)
         self.waiting: deque[Sequence] = deque()
         b = microbatch_size or self.config.max_num_seqs
-        allocators = [self.allocator] * pp
-        if self.swap:
-            # The device budget (num_blocks) holds `swap` microbatches; each of the pp microbatches
-            # gets a region's worth of logical blocks of its own, all of them kept in host memory.
-            k = min(self.swap, pp)
-            self.region_blocks = self.num_blocks // k
-            if self.region_blocks <= 0:
-                raise ValueError(f"{self.num_blocks} KV blocks cannot hold {k} resident microbatches")
-            self.device_blocks = self.region_blocks * k
-            allocators = [BlockAllocator(self.region_blocks, first=i * self.region_blocks) for i in range(pp)]
-            self.host_blocks = self.region_blocks * pp
-            self.swap = k
-            self.num_blocks = self.region_blocks  # what one microbatch (so one request) can hold
         self.slots = [Scheduler(a, self.block_size, b, self.config.max_num_batched_tokens, self.waiting,
-                                self.config.admission) for a in allocators]
+                                self.config.admission) for a in self._slot_allocators(pp)]
         self.inflight: list[tuple[int, list[Sequence], float] | None] = [None] * pp
         self.scheduler = self.slots[0]  # for code that asks for "the" scheduler (counts, preemptions)
+
+    def _slot_allocators(self, slots: int) -> list[BlockAllocator]:
+        """The block allocator of each of `slots` microbatch slots: the shared one; or with swapping,
+        where the device budget (num_blocks) holds `swap` microbatches, a region's worth of logical
+        blocks of each slot's own, all of them kept in host memory."""
+        if not self.swap:
+            return [self.allocator] * slots
+        k = min(self.swap, slots)
+        self.region_blocks = self.num_blocks // k
+        if self.region_blocks <= 0:
+            raise ValueError(f"{self.num_blocks} KV blocks cannot hold {k} resident microbatches")
+        self.device_blocks, self.host_blocks, self.swap = self.region_blocks * k, self.region_blocks * slots, k
+        self.num_blocks = self.region_blocks  # what one microbatch (so one request) can hold
+        return [BlockAllocator(self.region_blocks, first=i * self.region_blocks) for i in range(slots)]
+
+    def _swap_config(self, rc: dict) -> dict:
+        """A KV-holding worker's config, with its device cache and host copy sizes when swapping."""
+        if self.swap:
+            rc.update(num_blocks=self.device_blocks, swap={"resident": self.swap, "host_blocks": self.host_blocks})
+        return rc
 
     def _setup_fault_tolerance(self, launcher, replicate, replicate_dir, replicate_to, recovery, hb_interval,
                                hb_timeout, spare_workers: int = 1) -> None:
@@ -211,11 +218,9 @@ class PipelineEngine(LLMEngine):
 
     def _rank_config(self, rank: int) -> dict:
         stage = rank // self.tp
-        rc = {"role": "stage", "pp": self.pp, "layers": [list(x) for x in self.layers], "first_rank": 0,
-              "num_blocks": self.num_blocks, "worker_name": f"s{stage}.{rank % self.tp}"}
-        if self.swap:
-            rc.update(num_blocks=self.device_blocks, swap={"resident": self.swap, "host_blocks": self.host_blocks})
-        return rc
+        return self._swap_config({"role": "stage", "pp": self.pp, "layers": [list(x) for x in self.layers],
+                                  "first_rank": 0, "num_blocks": self.num_blocks,
+                                  "worker_name": f"s{stage}.{rank % self.tp}"})
 
     def _step_ranks(self):
         """The workers that run the microbatch steps (all of them here)."""
