@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def run(*args):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -82,16 +84,22 @@ def test_bench_decode_with_replication_running(tmp_path):
     assert row["replicate_acked"] == "5/5" and row["replica_exact"] is False
 
 
-def test_bench_decode_with_a_swap_stream(tmp_path):
+@pytest.mark.parametrize("driver", ["step", "thread"])
+def test_bench_decode_with_a_swap_stream(tmp_path, driver):
     """--swap-stream: each batch decoded again with microbatch swapping running beside it (a
     SwapCache cycling three shadow microbatches of the batch's size through two regions); every
-    prefetch moves a whole shadow microbatch in, and the decoded tokens do not change."""
+    prefetch moves a whole shadow microbatch in, and the decoded tokens do not change. The swap-ins
+    start between steps (driver step) or on a thread of their own (thread)."""
     out = tmp_path / "decode.json"
     r = run("bench", "decode", "--model", "random:opt-tiny", "--device", "cpu", "--batch", "2", "--prompt-len", "20",
-            "--max-tokens", "6", "--no-hf", "--swap-stream", "--pairs", "2", "--json", str(out))
+            "--max-tokens", "6", "--no-hf", "--swap-stream", "--swap-driver", driver, "--pairs", "2",
+            "--json", str(out))
     assert r.returncode == 0, r.stderr
     row = json.loads(out.read_text())["rows"][0]
     assert row["swap_same_tokens"] is True and len(row["swap_pair_ratios"]) == 2 and row["swap_ratio"] > 0
+    # the host's time starting swap-ins in the decode loop (none there with the thread driver)
+    assert (row["swap_host_ms_per_step"] > 0) == (driver == "step")
+    assert "swap_gpu_ratio" not in row  # no graphs on the CPU: nothing to replay
     blocks = 2 * -(-(20 + 6) // 16)  # the batch's blocks: one shadow microbatch
     assert row["swap_prefetches"] >= 2
     assert row["swap_bytes_in"] == row["swap_prefetches"] * blocks * row["swap_block_bytes"]

@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also decode each batch with microbatch swapping running beside it (a SwapCache of its "
                          "own swapping shadow microbatches of the batch's size in over PCIe, as a --swap pipeline "
                          "worker does while a microbatch computes), alternating off / on --pairs times")
+    bd.add_argument("--swap-driver", default="step", choices=["step", "thread"],
+                    help="with --swap-stream: the decode loop starts each swap-in between two steps (step), or a "
+                         "thread of its own does, as a worker's receiving thread starts a prefetch (thread)")
     bd.add_argument("--json", default=None, help="write all numbers to this file")
     bd.set_defaults(func=cmd_bench_decode)
 
@@ -592,7 +595,7 @@ def cmd_bench_decode(args) -> int:
     run(args.model, args.device, args.dtype, batches, args.prompt_len, args.max_tokens, args.seed, args.hf, args.json,
         replicate=args.replicate, pairs=args.pairs, replicate_every=args.replicate_every,
         replica_holder=args.replica_holder, replicate_skip=args.replicate_skip, replicate_paths=paths,
-        compare_pdl=args.compare_pdl, swap_stream=args.swap_stream)
+        compare_pdl=args.compare_pdl, swap_stream=args.swap_stream, swap_driver=args.swap_driver)
     return 0
 
 

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -197,6 +198,9 @@ def _paired_line(what: str, on_ms: float, off_ms: float, ratio: float, pair_rati
             f"(pairs: {', '.join(f'{x:.3f}' for x in pair_ratios)})")
 
 
+SWAP_DRIVERS = ("step", "thread")
+
+
 class _SwapStream:
     """Microbatch swapping beside the decode steps, as a `--swap` pipeline worker runs it while a
     microbatch computes: the worker's SwapCache (engine/swap.py) over a cache of its own, cycling
@@ -204,9 +208,12 @@ class _SwapStream:
     step, when the last swap-in has landed, the next shadow microbatch is prefetched: its blocks
     cross PCIe from pinned host memory in copy-engine copies on the swap stream (a thread's index
     copies on the CPU), so PCIe's host-to-device direction is busy all the time: a worst case.
-    Nothing of it touches the decoded batch."""
+    Nothing of it touches the decoded batch. driver "step": the decode loop starts each swap-in
+    between two steps (its host time counts in the step); "thread": a thread of its own does, as a
+    worker's receiving thread starts the prefetch of a step message that arrives, waiting for each
+    swap-in with the GIL released (the step pays only for sharing the GIL)."""
 
-    def __init__(self, llm, blocks: int):
+    def __init__(self, llm, blocks: int, driver: str = "step"):
         from ..engine.swap import SwapCache
 
         t = llm.engine.runner.cache.tensor  # [layers, blocks, 2, block_size, kv_heads, head_dim]
@@ -215,8 +222,37 @@ class _SwapStream:
         self.mbs = [list(range(i * blocks, (i + 1) * blocks)) for i in range(3)]
         self.current: int | None = None  # the shadow microbatch whose swap-in was started last
         self.prefetches = 0
+        self.host_s, self.calls = 0.0, 0  # time in before_step: the host's own share of the swap's cost
+        if driver not in SWAP_DRIVERS:
+            raise ValueError(f"swap driver must be one of {', '.join(SWAP_DRIVERS)}, got {driver!r}")
+        self.driver = driver
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._before_step()
+            ready = [r.ready for r in self.swap.regions if r.ready is not None and not r.ready.done()]
+            if ready:
+                ready[0].result()  # an event wait: the GIL is released meanwhile
+            else:
+                time.sleep(0.0005)
 
     def before_step(self) -> None:
+        if self.driver == "thread":
+            if self._thread is None:
+                self._stop.clear()
+                self._thread = threading.Thread(target=self._run, name="swap-driver", daemon=True)
+                self._thread.start()
+            return
+        t0 = time.perf_counter()
+        try:
+            self._before_step()
+        finally:
+            self.host_s += time.perf_counter() - t0
+            self.calls += 1
+
+    def _before_step(self) -> None:
         if self.swap.busy():
             return  # the last swap-in is still crossing: PCIe stays busy without a queue building up
         if self.current is not None:  # its "step": it computes nothing and writes nothing back
@@ -227,6 +263,10 @@ class _SwapStream:
         self.prefetches += 1
 
     def drain(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
         while self.swap.busy():
             time.sleep(0.001)
 
@@ -235,11 +275,11 @@ class _SwapStream:
         self.swap.close()
 
 
-def _with_swap(llm, batch: list[list[int]], max_tokens: int, pairs: int, blocks: int) -> dict:
+def _with_swap(llm, batch: list[list[int]], max_tokens: int, pairs: int, blocks: int, driver: str = "step") -> dict:
     """The batch decoded `pairs` times without and with a swap stream running beside it (_SwapStream),
     alternating, the same engine throughout."""
     off, on, same = [], [], []
-    stream = _SwapStream(llm, blocks)
+    stream = _SwapStream(llm, blocks, driver)
     try:
         for _ in range(pairs):
             _, t_off, ids_off = _ours(llm, batch, max_tokens)
@@ -248,12 +288,43 @@ def _with_swap(llm, batch: list[list[int]], max_tokens: int, pairs: int, blocks:
             stream.drain()
             on.append(t_on)
             same.append(ids_on == ids_off)
+        host_ms = 1e3 * stream.host_s / max(stream.calls, 1)  # (0 with the thread driver)
+        stream.driver = "step"  # the GPU-time comparison below starts swap-ins between its replays
+        gpu = _swap_gpu_ms(llm, len(batch), stream, pairs)
     finally:
         stream.close()
     off_ms, on_ms, ratio, pair_ratios = _paired(off, on)
-    return {"swap_off_ms_per_step": off_ms, "swap_ms_per_step": on_ms, "swap_ratio": ratio,
+    return {**gpu, "swap_host_ms_per_step": host_ms, "swap_off_ms_per_step": off_ms, "swap_ms_per_step": on_ms, "swap_ratio": ratio,
             "swap_pair_ratios": pair_ratios, "swap_bytes_in": stream.swap.bytes_in, "swap_prefetches": stream.prefetches,
             "swap_block_bytes": stream.swap.block_bytes, "swap_same_tokens": all(same)}
+
+
+def _swap_gpu_ms(llm, batch: int, stream: _SwapStream, pairs: int, n: int = 40) -> dict:
+    """GPU time of the batch's decode graph replayed n times, each timed by events and waited for,
+    without and with the swap stream's swap-ins crossing PCIe meanwhile (alternating, `pairs`
+    times): the device's share of the swap's cost, apart from the host's (no input upload, no
+    sampling). Nothing on a CPU or without graphs."""
+    graphs = llm.engine.runner.graphs
+    if graphs is None:
+        return {}
+    g = graphs.graphs[next(x for x in graphs.buckets if x >= batch)][0]
+    times = {False: [], True: []}
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(pairs):
+        for busy in (False, True):
+            stream.drain()
+            total = 0.0
+            for _ in range(n):  # one at a time, as steps run: the host starts the next swap-in between them
+                if busy:
+                    stream.before_step()
+                start.record()
+                g.replay()
+                end.record()
+                end.synchronize()
+                total += start.elapsed_time(end)
+            times[busy].append(total / n)
+    off, on = sum(times[False]) / pairs, sum(times[True]) / pairs
+    return {"swap_gpu_off_ms": off, "swap_gpu_on_ms": on, "swap_gpu_ratio": on / off}
 
 
 REPLICATE_PATHS = ("ring", "gather")
@@ -406,7 +477,7 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
         hf_baseline: bool, json_path: str | None, replicate: bool = False, pairs: int = 2,
         replicate_every: int = 1, replica_holder: str = "thread", replicate_skip: str = "none",
         replicate_paths: tuple[str, ...] = ("ring",), compare_pdl: bool = False,
-        swap_stream: bool = False) -> dict:
+        swap_stream: bool = False, swap_driver: str = "step") -> dict:
     from .. import _C
     from ..llm import LLM
 
@@ -467,7 +538,7 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
         if compare_pdl:
             row.update(_with_pdl(llm, batch, max_tokens, pairs))
         if swap_stream:
-            row.update(_with_swap(llm, batch, max_tokens, pairs, b * per_seq))
+            row.update(_with_swap(llm, batch, max_tokens, pairs, b * per_seq, swap_driver))
         result["rows"].append(row)
         f = lambda k, w=8, p=3: f"{row[k]:>{w}.{p}f}" if k in row else f"{'-':>{w}}"  # noqa: E731
         print(f"{b:>5} {f('prefill_ms', 10, 1)} {f('hf_prefill_ms', 10, 1)} {f('ms_per_step')} "
@@ -485,6 +556,10 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
                                row["swap_ratio"], row["swap_pair_ratios"], pairs)
                   + f"; {row['swap_prefetches']} swap-ins, {row['swap_bytes_in'] / 1e9:.2f} GB in; "
                   f"same tokens: {row['swap_same_tokens']}")
+            if "swap_gpu_ratio" in row:
+                print(f"      GPU time of replayed steps: {row['swap_gpu_on_ms']:.3f} ms with swap-ins crossing, "
+                      f"{row['swap_gpu_off_ms']:.3f} without -> {row['swap_gpu_ratio']:.3f}; host time starting "
+                      f"swap-ins: {row['swap_host_ms_per_step']:.3f} ms per step")
         if compare_pdl:
             gpu = (f"; GPU ms {row['pdl_on_gpu_ms']:.3f} against {row['pdl_off_gpu_ms']:.3f}"
                    if "pdl_on_gpu_ms" in row else "")

@@ -4,7 +4,10 @@ A decode step of B sequences is one new token each. For every batch-size bucket 
 steps of 16 up to max_num_seqs) the whole forward pass plus the LM head is captured once over
 static device buffers: token ids, positions, cache slots, context lengths and block tables sized
 for max_model_len. A step fills a pinned host copy of those buffers, moves them in one
-asynchronous copy and replays the smallest bucket that fits. The copy is DéjàVuLib's span-copy
+asynchronous copy and replays the smallest bucket that fits. Each bucket's graph reads its inputs
+packed at the start of the buffer (fields of `bucket` rows each), so a step moves only its
+bucket's bytes: a few hundred at batch 1, where a packing for the largest bucket moved the whole
+buffer every step. The copy is the graph's first node, so a step is a single launch. The copy is DéjàVuLib's span-copy
 kernel reading the pinned buffer over PCIe, not a copy-engine memcpy: a swap-in or any other large
 host-to-device DMA running beside the step would otherwise hold the step's inputs behind it in the
 copy engine's queue (DEJAVU_GRAPH_INPUT_COPY=memcpy for the memcpy, to compare); rows past the batch are padding
@@ -64,18 +67,19 @@ class DecodeGraphs:
         self.parts = kernels.num_parts(self.max_blocks * cache.block_size)
         self.buckets = batch_buckets(max_batch)
         mb = self.max_batch = self.buckets[-1]
-        # Packed int64 fields: ids, positions, slot blocks, slot offsets, context lengths, ring rows
-        # (mb each), then the block tables (mb x max_blocks).
-        total = self.FIELDS * mb + mb * self.max_blocks
+        # Packed int64 fields of a bucket b: ids, positions, slot blocks, slot offsets, context
+        # lengths, ring rows (b each), then the block tables (b x max_blocks), from offset 0.
+        total = self._words(mb)
         self.host = torch.zeros(total, dtype=torch.int64, pin_memory=True)
         self.host_np = self.host.numpy()
         self.dev = torch.zeros(total, dtype=torch.int64, device=cache.device)
-        self.nbytes = total * 8
-        self.desc = torch.tensor([0, 0, self.nbytes], dtype=torch.int64, device=cache.device)  # one span
+        # one span per bucket: (0, 0, its bytes)
+        self.desc = torch.tensor([[0, 0, 8 * self._words(b)] for b in self.buckets], dtype=torch.int64,
+                                 device=cache.device)
         self.input_copy = os.environ.get("DEJAVU_GRAPH_INPUT_COPY", "kernel")
         if self.input_copy not in ("kernel", "memcpy"):
             raise ValueError(f"DEJAVU_GRAPH_INPUT_COPY must be kernel or memcpy, got {self.input_copy!r}")
-        self.copied = torch.cuda.Event()
+        self.replayed = torch.cuda.Event()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def recapture(self, ring: KVRing | None) -> "DecodeGraphs":
@@ -85,11 +89,26 @@ class DecodeGraphs:
         fresh.capture()
         return fresh
 
+    def _words(self, bucket: int) -> int:
+        return (self.FIELDS + self.max_blocks) * bucket
+
     def _views(self, t, bucket: int):
-        mb, nf = self.max_batch, self.FIELDS
-        f = [t[i * mb:i * mb + bucket] for i in range(nf)]
-        tables = t[nf * mb:].view(mb, self.max_blocks)[:bucket]
+        nf = self.FIELDS
+        f = [t[i * bucket:(i + 1) * bucket] for i in range(nf)]
+        tables = t[nf * bucket:self._words(bucket)].view(bucket, self.max_blocks)
         return (*f, tables)
+
+    def _step(self, bucket: int) -> torch.Tensor:
+        """The bucket's inputs from the pinned buffer to the device, then the forward pass: both are
+        captured in the bucket's graph, so a step is one graph launch."""
+        words = self._words(bucket)
+        if self.input_copy == "kernel":
+            index = self.buckets.index(bucket)
+            _C.cuda_copy_spans(self.host.data_ptr(), self.dev.data_ptr(), self.desc[index].data_ptr(), 1,
+                               torch.cuda.current_stream(self.cache.device).cuda_stream, 8 * words)
+        else:
+            self.dev[:words].copy_(self.host[:words], non_blocking=True)
+        return self._forward(bucket)
 
     def _forward(self, bucket: int) -> torch.Tensor:
         ids, pos, blk, off, ctx, rows, tables = self._views(self.dev, bucket)
@@ -100,17 +119,16 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         t0 = time.perf_counter()
-        self._fill([])  # all padding: nothing is written to the cache while capturing
-        self.dev.copy_(self.host)
         pool = None
         side = torch.cuda.Stream(self.cache.device)
         side.wait_stream(torch.cuda.current_stream(self.cache.device))
         with torch.cuda.stream(side):
             for bucket in reversed(self.buckets):  # largest first: the smaller ones reuse its memory
-                self._forward(bucket)  # warm-up (lazy initialisation stays out of the graph)
+                self._fill([], bucket)  # all padding: nothing is written to the cache while capturing
+                self._step(bucket)  # warm-up (lazy initialisation stays out of the graph)
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool, stream=side):
-                    out = self._forward(bucket)
+                    out = self._step(bucket)
                 pool = g.pool()
                 self.graphs[bucket] = (g, out)
         torch.cuda.current_stream(self.cache.device).wait_stream(side)
@@ -121,8 +139,8 @@ class DecodeGraphs:
         """True for a decode-shaped batch (one new token each) the captured graphs hold."""
         return len(items) <= self.max_batch and all(len(x[0]) == 1 and len(x[2]) <= self.max_blocks for x in items)
 
-    def _fill(self, items, tap=None) -> None:
-        mb, h = self.max_batch, self.host_np
+    def _fill(self, items, bucket: int, tap=None) -> None:
+        mb, h = bucket, self.host_np
         h[:self.FIELDS * mb] = 0
         h[2 * mb:3 * mb] = -1  # padding rows store nothing
         h[5 * mb:6 * mb] = -1  # nor go to the ring
@@ -144,15 +162,10 @@ class DecodeGraphs:
         """Logits [B, vocab] for a decode batch of (new token ids (one), position, block table) items;
         `tap` (a Replicator whose ring these graphs were captured with) stages ring rows for them."""
         bucket = next(x for x in self.buckets if x >= len(items))
-        self.copied.synchronize()  # the previous step's copy has left the pinned buffer
-        self._fill(items, tap)
-        if self.input_copy == "kernel":
-            _C.cuda_copy_spans(self.host.data_ptr(), self.dev.data_ptr(), self.desc.data_ptr(), 1,
-                               torch.cuda.current_stream(self.cache.device).cuda_stream, self.nbytes)
-        else:
-            self.dev.copy_(self.host, non_blocking=True)
-        self.copied.record()
+        self.replayed.synchronize()  # the previous step's graph has read the pinned buffer
+        self._fill(items, bucket, tap)
         g, out = self.graphs[bucket]
         g.replay()
+        self.replayed.record()
         return out[:len(items)]
 
