@@ -360,6 +360,7 @@ PYBIND11_MODULE(_C, m) {
 
   // The GPU fast path's decode kernels (kernels/attention.h); dtype codes: 0 fp32, 1 fp16, 2 bf16.
   m.attr("decode_partition") = kDecodePartition;
+  m.attr("decode_warps_max_rows") = kDecodeWarpsMaxRows;
   m.def("decode_attention_supports", &decode_attention_supports, py::arg("head_dim"));
   m.def("decode_attention_workspace", &decode_attention_workspace, py::arg("num_seqs"), py::arg("num_heads"),
         py::arg("head_dim"), py::arg("num_parts"), "Floats of workspace paged_decode_attention needs");
@@ -380,19 +381,32 @@ PYBIND11_MODULE(_C, m) {
                                      uintptr_t context_lens, uintptr_t alibi_slopes, uintptr_t workspace,
                                      int64_t num_seqs, int64_t num_heads, int64_t kv_heads, int64_t head_dim,
                                      int64_t block_size, int64_t bt_stride, int64_t q_stride, int64_t num_parts,
-                                     int64_t grid_parts, float scale, int dtype, uintptr_t stream) {
+                                     int64_t grid_parts, float scale, int dtype, uintptr_t stream, uintptr_t k_new,
+                                     uintptr_t v_new, int64_t k_stride, int64_t v_stride, uintptr_t ring,
+                                     uintptr_t ring_rows, uintptr_t counters) {
+    DecodeFusion fusion;
+    fusion.k_new = as_ptr<const void>(k_new);
+    fusion.v_new = as_ptr<const void>(v_new);
+    fusion.k_stride = k_stride;
+    fusion.v_stride = v_stride;
+    fusion.ring_layer = as_ptr<void>(ring);
+    fusion.ring_rows = as_ptr<const int64_t>(ring_rows);
+    fusion.counters = as_ptr<unsigned>(counters);
     std::string err = paged_decode_attention(
         as_ptr<void>(out), as_ptr<const void>(q), as_ptr<const void>(cache), as_ptr<const int64_t>(block_tables),
         as_ptr<const int64_t>(context_lens), as_ptr<const float>(alibi_slopes), as_ptr<float>(workspace), num_seqs,
         num_heads, kv_heads, head_dim, block_size, bt_stride, q_stride, num_parts, grid_parts, scale,
-        static_cast<DType>(dtype),
-        as_ptr<void>(stream));
+        static_cast<DType>(dtype), as_ptr<void>(stream), fusion);
     if (!err.empty()) throw std::runtime_error(err);
   }, py::arg("out"), py::arg("q"), py::arg("cache"), py::arg("block_tables"), py::arg("context_lens"),
      py::arg("alibi_slopes"), py::arg("workspace"), py::arg("num_seqs"), py::arg("num_heads"), py::arg("kv_heads"),
      py::arg("head_dim"), py::arg("block_size"), py::arg("bt_stride"), py::arg("q_stride"), py::arg("num_parts"),
-     py::arg("grid_parts"), py::arg("scale"), py::arg("dtype"), py::arg("stream") = 0,
-     "One query per sequence over its paged KV (split over num_parts partitions of decode_partition keys)");
+     py::arg("grid_parts"), py::arg("scale"), py::arg("dtype"), py::arg("stream") = 0, py::arg("k_new") = 0,
+     py::arg("v_new") = 0, py::arg("k_stride") = 0, py::arg("v_stride") = 0, py::arg("ring") = 0,
+     py::arg("ring_rows") = 0, py::arg("counters") = 0,
+     "One query per sequence over its paged KV (split over num_parts partitions of decode_partition keys); "
+     "with k_new/v_new it first stores the new token's K/V at position context_len - 1; with counters "
+     "(num_seqs * num_heads zero uint32) its last block per row combines the partitions");
   m.attr("small_linear_max_rows") = kSmallLinearMaxRows;
   m.def("small_linear", [](uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t bias, int64_t rows, int64_t out_features,
                            int64_t in_features, int64_t x_stride, int act, int dtype, uintptr_t stream) {

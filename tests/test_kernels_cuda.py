@@ -67,11 +67,13 @@ def test_decode_attention_matches_reference(dtype, head_dim, heads, kv_heads, al
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_attention_reads_the_row_the_kv_write_just_stored(dtype):
+@pytest.mark.parametrize("fused", [False, True])
+def test_attention_reads_the_row_the_kv_write_just_stored(dtype, fused):
     """The attention kernel loads its first key/value rows before it waits for the kernel before it
     (programmatic launch) and loads the new token's row again after the wait. Each round poisons
-    the new token's slot with NaN, stores its K/V (write_kv) and attends right after it on the same
-    stream, eagerly and from a CUDA graph; a stale row would make the output NaN or wrong."""
+    the new token's slot with NaN, stores its K/V (write_kv, or fused: the attention kernel itself)
+    and attends right after it on the same stream, eagerly and from a CUDA graph; a stale row would
+    make the output NaN or wrong, and the fused kernel must leave the new rows in the cache."""
     g = torch.Generator(device="cuda").manual_seed(5)
     heads, d, bs = 8, 64, 16
     ctx = torch.tensor([1, 17, 128, 129, 300, 640], device="cuda")
@@ -87,6 +89,8 @@ def test_attention_reads_the_row_the_kv_write_just_stored(dtype):
     v = torch.empty_like(q)
 
     def step():
+        if fused:
+            return kernels.decode_attention(q, cache, tables, ctx, d ** -0.5, parts, k_new=k, v_new=v)
         kernels.write_kv(cache, k, v, blocks, offs)
         return kernels.decode_attention(q, cache, tables, ctx, d ** -0.5, parts)
 
@@ -115,7 +119,54 @@ def test_attention_reads_the_row_the_kv_write_just_stored(dtype):
             out = step()
         ref = reference(q, cache, tables, ctx, d ** -0.5, None)
         assert not torch.isnan(out).any(), f"round {r}: a stale (NaN) row was read"
+        assert torch.equal(cache[blocks, 0, offs], k) and torch.equal(cache[blocks, 1, offs], v)
         torch.testing.assert_close(out.double(), ref.to(dtype).double(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,alibi,wide", [(8, 8, False, False), (8, 2, False, True), (4, 4, True, False),
+                                                       (32, 8, False, True)])
+def test_fused_attention_step_equals_write_then_attend(dtype, heads, kv_heads, alibi, wide):
+    """One kernel (KV write inside, partitions combined by each row's last block) against the two
+    or three kernels it replaces: the same output and the same cache, bit for bit, for both
+    attention kernels (wide: the one of large batches), GQA, ALiBi, padding rows, more partitions
+    than needed and grids smaller than the partitions, with K/V as strided views of a fused q/k/v
+    output, and a replication ring in pinned host memory (some rows not replicated); the combine
+    counters are back at 0 after every launch."""
+    g = torch.Generator(device="cuda").manual_seed(heads * 31 + kv_heads)
+    d, bs = 64, 16
+    lens = [1, 16, 17, 128, 129, 300, 0, 700] * (20 if wide else 1)
+    ctx = torch.tensor(lens, device="cuda")
+    b = ctx.numel()
+    max_blocks = -(-max(lens) // bs)
+    num_blocks = b * max_blocks + 4
+    base = torch.randn(num_blocks, 2, bs, kv_heads, d, generator=g, device="cuda").to(dtype)
+    tables = torch.randperm(num_blocks, generator=g, device="cuda")[:b * max_blocks].view(b, max_blocks)
+    qkv = torch.randn(b, (heads + 2 * kv_heads) * d, generator=g, device="cuda").to(dtype)
+    q = qkv[:, :heads * d].view(b, heads, d)
+    k = qkv[:, heads * d:(heads + kv_heads) * d].view(b, kv_heads, d)
+    v = qkv[:, (heads + kv_heads) * d:].view(b, kv_heads, d)
+    pos = (ctx - 1).clamp(min=0)
+    blocks = torch.where(ctx > 0, tables.gather(1, (pos // bs)[:, None]).squeeze(1), -1)
+    offs = pos % bs
+    slopes = alibi_slopes(heads).cuda() if alibi else None
+    need = kernels.num_parts(max(lens))
+    ring_rows = torch.randperm(2 * b, generator=g, device="cuda")[:b]
+    ring_rows[::3] = -1
+    for parts, grid in ((need, 0), (need + 2, 0), (need, 2)):
+        ref_cache, cache = base.clone(), base.clone()
+        ref_ring, ring = (torch.zeros(2 * b, 2, kv_heads, d, dtype=dtype, pin_memory=True) for _ in range(2))
+        kernels.write_kv(ref_cache, k, v, blocks, offs, ref_ring, ring_rows)
+        ref = kernels.decode_attention(q, ref_cache, tables, ctx, d ** -0.5, parts, slopes, grid=grid,
+                                       fuse_combine=False)
+        out = kernels.decode_attention(q, cache, tables, ctx, d ** -0.5, parts, slopes, grid=grid, k_new=k, v_new=v,
+                                       fuse_combine=True, ring=ring, ring_rows=ring_rows)
+        torch.cuda.synchronize()
+        assert torch.equal(cache, ref_cache), f"parts {parts}, grid {grid}: the caches differ"
+        assert torch.equal(ring, ref_ring) and ring.count_nonzero() > 0, f"parts {parts}, grid {grid}: the rings differ"
+        assert torch.equal(out, ref), f"parts {parts}, grid {grid}: the outputs differ"
+        assert torch.all(out[ctx == 0] == 0)
+        assert all(int(c.count_nonzero()) == 0 for c in kernels._COUNTERS.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -177,10 +228,13 @@ def test_fast_path_greedy_equals_eager_and_hf(family, tmp_path):
 # ---------------------------------------------------------------------- small_linear (decode GEMV)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
-@pytest.mark.parametrize("n_out,k_in,x_pad", [(2048, 2048, 0), (333, 136, 8), (6144, 8192, 0), (50, 4104, 24)])
+@pytest.mark.parametrize("n_out,k_in,x_pad", [(2048, 2048, 0), (333, 136, 8), (6144, 8192, 0), (50, 4104, 24),
+                                              (37, 8192, 8), (100, 4096, 0), (77, 16384, 0)])
 def test_small_linear_matches_reference(dtype, rows, n_out, k_in, x_pad):
     """Shapes: OPT-1.3B's, an odd row count with a K that leaves the unrolled loop a remainder, a
-    large K, a strided x. Fresh random inputs; the output poisoned first; fp64 reference."""
+    large K, a strided x; K split over 2 or 4 warps (4096, 8192, 16384 inputs), with a row count
+    that leaves a block's last row empty. Fresh random inputs; the output poisoned first; fp64
+    reference."""
     g = torch.Generator(device="cuda").manual_seed(rows * 7919 + n_out)
     big = torch.randn(rows, k_in + x_pad, device="cuda", dtype=dtype, generator=g)
     x = big[:, :k_in]

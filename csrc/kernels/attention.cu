@@ -12,7 +12,13 @@
 //   Under programmatic launch its first rows are loaded before the wait for the previous kernel.
 // Both reduce the values over the warp by shuffles and over the warps in shared memory. With one
 // partition the block writes the output; with several, each writes (max, sum, unnormalised
-// output) and a second kernel combines them, so a batch of one still spreads over many SMs.
+// output) to the workspace, so a batch of one still spreads over many SMs, and the partials are
+// combined either by the block that finishes a row's last partition (given a counter per row:
+// each block counts its partitions with one atomic after a fence, and the last one combines and
+// resets the counter to 0 for the next launch) or by a second kernel.
+// Given the new token's K and V (k_new, v_new), the kernels also store them at position ctx - 1
+// of the cache, as the KV write kernel would (one block per sequence and KV head), and read that
+// row from k_new / v_new, never from the cache: one kernel instead of two.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -33,10 +39,11 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kPart = static_cast<int>(kDecodePartition);
-// Up to this many (sequence, head) rows a step uses the warps kernel, beyond it the rows kernel.
-// On an H200 (OPT-1.3B, fp16, context ~640) the warps kernel took 24% less time at batch 1 and
-// 15% less at batch 8 (32 heads: 32 and 256 rows), and 24% more at batch 32 (1024 rows).
-constexpr int64_t kWarpsKernelMaxRows = 512;
+// kDecodeWarpsMaxRows (attention.h): up to this many (sequence, head) rows a step uses the warps
+// kernel, beyond it the rows kernel. On an H200 (OPT-1.3B, fp16, context ~640) the warps kernel
+// took 24% less time at batch 1 and 15% less at batch 8 (32 heads: 32 and 256 rows), and 24% more
+// at batch 32 (1024 rows).
+constexpr int64_t kWarpsKernelMaxRows = kDecodeWarpsMaxRows;
 
 using elem::from_f;
 using elem::to_f;
@@ -111,12 +118,114 @@ struct Head {
         active(sub < Lanes<T, D>::kVecs) {}
 };
 
+// Where the fused KV write leaves a block: the new token's K/V as the kernel's inputs, or none.
+template <typename T>
+struct NewKV {
+  T* cache;  // the layer's cache, written at position ctx - 1 (null: nothing fused)
+  const T* k;
+  const T* v;
+  int64_t k_stride, v_stride;  // elements between sequences' rows
+  T* ring;                     // a replication ring's layer (host memory), or null
+  const int64_t* ring_rows;    // the ring row of each sequence's new token (negative: none)
+};
+
+// The new token's row (key or value half) of sequence b, this lane's 16 bytes.
+template <typename T, int D>
+__device__ __forceinline__ const uint4* new_row(const NewKV<T>& nk, const Head<T, D>& g, int b, bool value) {
+  const T* base = value ? nk.v + b * nk.v_stride : nk.k + b * nk.k_stride;
+  return reinterpret_cast<const uint4*>(base + g.kvh * D + g.sub * Lanes<T, D>::kVec);
+}
+
+// Stores the new token's K and V at position ctx - 1 of sequence b (after the wait: the kernel
+// before this one writes them). One block per (sequence, KV head) does it; no block of this
+// launch reads that row of the cache.
+template <typename T, int D>
+__device__ __forceinline__ void store_new_kv(const NewKV<T>& nk, const Head<T, D>& g, int b, int h, int H, int KVH,
+                                             int BS, int ctx) {
+  if (nk.cache == nullptr || blockIdx.z != 0 || h % (H / KVH) != 0) return;
+  const int t = ctx - 1;
+  T* dst = nk.cache + g.table[t / BS] * g.blk_stride + (t % BS) * g.tok_stride + static_cast<int64_t>(g.kvh) * D;
+  const T* ks = nk.k + b * nk.k_stride + static_cast<int64_t>(g.kvh) * D;
+  const T* vs = nk.v + b * nk.v_stride + static_cast<int64_t>(g.kvh) * D;
+  // The replication ring's row of this token, laid out as write_kv_cache stores it: [2, KVH, D].
+  T* rd = nk.ring != nullptr && nk.ring_rows[b] >= 0
+              ? nk.ring + nk.ring_rows[b] * 2 * g.tok_stride + static_cast<int64_t>(g.kvh) * D
+              : nullptr;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    const T kv = ks[d], vv = vs[d];
+    dst[d] = kv;
+    dst[g.kv_stride + d] = vv;
+    if (rd) {
+      rd[d] = kv;
+      rd[g.tok_stride + d] = vv;
+    }
+  }
+}
+
+// The workspace of a launch with several partitions: per row and partition a max, a sum, and the
+// unnormalised output.
+struct Workspace {
+  float* max;
+  float* sum;
+  float* out;
+  __device__ __forceinline__ Workspace(float* ws, int num_seqs, int H, int num_parts)
+      : max(ws),
+        sum(ws + static_cast<int64_t>(num_seqs) * H * num_parts),
+        out(ws + 2 * static_cast<int64_t>(num_seqs) * H * num_parts) {}
+};
+
+// out[row] from the first n partitions' partials (n == 0: zeros). Loads go through L2: other
+// blocks of the same launch may have written them.
+template <typename T, int D>
+__device__ void combine_row(T* __restrict__ out, const Workspace& w, int64_t row, int n, int num_parts) {
+  const float* m_p = w.max + row * num_parts;
+  const float* s_p = w.sum + row * num_parts;
+  const float* o_p = w.out + row * num_parts * D;
+  float m = -INFINITY;
+  for (int p = 0; p < n; ++p) m = fmaxf(m, __ldcg(m_p + p));
+  float total = 0.f;
+  for (int p = 0; p < n; ++p) total += __ldcg(s_p + p) * expf(__ldcg(m_p + p) - m);
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float o = 0.f;
+    for (int p = 0; p < n; ++p) o += __ldcg(o_p + p * D + d) * expf(__ldcg(m_p + p) - m);
+    out[row * D + d] = from_f<T>(n > 0 ? o / total : 0.f);
+  }
+}
+
+// After a block has written the partials of its `mine` partitions of a row (of n): true (in every
+// thread) when they were the row's last ones, so this block combines them. A block that owns all
+// of its row's partitions (grid z of 1) needs no count. Otherwise one fence and one atomic per
+// block (not per partition): its partials are visible device-wide before they are counted.
+__device__ __forceinline__ bool count_partitions(unsigned* counters, int64_t row, int mine, int n, int* flag_s) {
+  if (gridDim.z == 1) {
+    __syncthreads();  // the block's own partials (global memory) are visible to all its threads
+    return true;
+  }
+  if (mine == 0) return false;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) *flag_s = atomicAdd(counters + row, static_cast<unsigned>(mine)) + mine == static_cast<unsigned>(n);
+  __syncthreads();
+  return *flag_s != 0;
+}
+
+// The combine of the last block: the other blocks' partials (fenced before their counts), then
+// the counter back to 0 for the next launch.
+template <typename T, int D>
+__device__ void combine_last(T* __restrict__ out, const Workspace& w, unsigned* counters, int64_t row, int n,
+                             int num_parts) {
+  __threadfence();
+  combine_row<T, D>(out, w, row, n, num_parts);
+  if (threadIdx.x == 0 && gridDim.z > 1) counters[row] = 0;
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
 decode_attention_rows_kernel(T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ cache,
                         const int64_t* __restrict__ block_tables, const int64_t* __restrict__ context_lens,
                         const float* __restrict__ slopes, float* __restrict__ ws, int num_seqs, int H, int KVH,
-                        int BS, int64_t bt_stride, int64_t q_stride, int num_parts, float scale) {
+                        int BS, int64_t bt_stride, int64_t q_stride, int num_parts, float scale,
+                        NewKV<T> nk, unsigned* __restrict__ counters) {
   // Loops run whole warps (the shuffles need every lane).
   using L = Lanes<T, D>;
   constexpr int kVec = L::kVec, G = L::G, kRows = L::kRows, kInFlight = L::kInFlight, kWarpRows = L::kWarpRows;
@@ -126,25 +235,28 @@ decode_attention_rows_kernel(T* __restrict__ out, const T* __restrict__ q, const
   const int h = blockIdx.x, b = blockIdx.y;
   const int ctx = static_cast<int>(context_lens[b]);
   const int64_t row = static_cast<int64_t>(b) * H + h;
-  if (ctx == 0 && num_parts == 1) {  // padding row
-    for (int d = threadIdx.x; d < D; d += kThreads) out[row * D + d] = from_f<T>(0.f);
+  if (ctx == 0) {  // padding row
+    if (blockIdx.z == 0)
+      for (int d = threadIdx.x; d < D; d += kThreads) out[row * D + d] = from_f<T>(0.f);
     return;
   }
   __shared__ float q_s[D];
   __shared__ float p_s[kPart];
+  __shared__ int flag_s;
   __shared__ float red[kWarps];
   __shared__ float acc_s[kWarps][D];
   __shared__ int64_t blk_s[kPart + 1];  // cache blocks of the partition's keys
   const Head<T, D> g(h, b, H, KVH, BS, block_tables, bt_stride, slopes);
   for (int i = threadIdx.x; i < D; i += kThreads) q_s[i] = to_f(q[b * q_stride + static_cast<int64_t>(h) * D + i]);
-  float* ws_max = ws;
-  float* ws_sum = ws + static_cast<int64_t>(num_seqs) * H * num_parts;
-  float* ws_out = ws + 2 * static_cast<int64_t>(num_seqs) * H * num_parts;
+  store_new_kv<T, D>(nk, g, b, h, H, KVH, BS, ctx);
+  const Workspace wsp(ws, num_seqs, H, num_parts);
+  const int n_parts = (ctx + kPart - 1) / kPart;  // partitions below the context
+  int mine = 0;                                    // of them, those this block took
 
   // The grid's z dimension may be smaller than num_parts: blocks stride over the partitions.
   for (int part = blockIdx.z; part < num_parts; part += gridDim.z) {
     const int start = part * kPart;
-    if (start >= ctx) break;  // (the combine kernel reads only the partitions below the context)
+    if (start >= ctx) break;  // (the combine reads only the partitions below the context)
     const int end = min(ctx, start + kPart);
     const int first_blk = start / BS;
     const int nblk = (end - 1) / BS - first_blk + 1;
@@ -153,8 +265,12 @@ decode_attention_rows_kernel(T* __restrict__ out, const T* __restrict__ q, const
     float qv[kVec];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) qv[j] = g.active ? q_s[g.sub * kVec + j] : 0.f;
-    auto row_ptr = [&](int t, int64_t half) {
-      return cache + blk_s[t / BS - first_blk] * g.blk_stride + half + (t % BS) * g.tok_stride + g.kvh * D + g.sub * kVec;
+    // Row t's key (value: the V half) for this lane; the new token's from k_new / v_new when fused.
+    auto load_row = [&](int t, bool value) -> uint4 {
+      if (nk.cache != nullptr && t == ctx - 1) return *new_row<T, D>(nk, g, b, value);
+      return *reinterpret_cast<const uint4*>(cache + blk_s[t / BS - first_blk] * g.blk_stride +
+                                             (value ? g.kv_stride : 0) + (t % BS) * g.tok_stride + g.kvh * D +
+                                             g.sub * kVec);
     };
 
     // Scores.
@@ -164,7 +280,7 @@ decode_attention_rows_kernel(T* __restrict__ out, const T* __restrict__ q, const
 #pragma unroll
       for (int r = 0; r < kInFlight; ++r) {
         const int t = base + r * kRows + g.grp;
-        if (t < end && g.active) raw[r] = *reinterpret_cast<const uint4*>(row_ptr(t, 0));
+        if (t < end && g.active) raw[r] = load_row(t, false);
       }
 #pragma unroll
       for (int r = 0; r < kInFlight; ++r) {
@@ -203,7 +319,7 @@ decode_attention_rows_kernel(T* __restrict__ out, const T* __restrict__ q, const
 #pragma unroll
       for (int r = 0; r < kInFlight; ++r) {
         const int t = base + r * kRows + g.grp;
-        if (t < end && g.active) raw[r] = *reinterpret_cast<const uint4*>(row_ptr(t, g.kv_stride));
+        if (t < end && g.active) raw[r] = load_row(t, true);
       }
 #pragma unroll
       for (int r = 0; r < kInFlight; ++r) {
@@ -231,14 +347,17 @@ decode_attention_rows_kernel(T* __restrict__ out, const T* __restrict__ q, const
       if (num_parts == 1)
         out[row * D + d] = from_f<T>(o / sum);
       else
-        ws_out[(row * num_parts + part) * D + d] = o;
+        wsp.out[(row * num_parts + part) * D + d] = o;
     }
     if (num_parts > 1 && threadIdx.x == 0) {
-      ws_max[row * num_parts + part] = m;
-      ws_sum[row * num_parts + part] = sum;
+      wsp.max[row * num_parts + part] = m;
+      wsp.sum[row * num_parts + part] = sum;
     }
+    ++mine;
     __syncthreads();  // shared memory is reused by the next partition
   }
+  if (num_parts > 1 && counters != nullptr && count_partitions(counters, row, mine, n_parts, &flag_s))
+    combine_last<T, D>(out, wsp, counters, row, n_parts, num_parts);
 }
 
 template <typename T, int D>
@@ -246,7 +365,8 @@ __global__ void __launch_bounds__(kThreads)
 decode_attention_warps_kernel(T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ cache,
                         const int64_t* __restrict__ block_tables, const int64_t* __restrict__ context_lens,
                         const float* __restrict__ slopes, float* __restrict__ ws, int num_seqs, int H, int KVH,
-                        int BS, int64_t bt_stride, int64_t q_stride, int num_parts, float scale) {
+                        int BS, int64_t bt_stride, int64_t q_stride, int num_parts, float scale,
+                        NewKV<T> nk, unsigned* __restrict__ counters) {
   // Each lane keeps kInFlight rows' keys and values in flight at once. Each warp runs its own
   // softmax over its rows (a running max, rescaled), and the warps are merged once at the end of
   // the partition. Loops run whole warps (the shuffles need every lane).
@@ -256,24 +376,27 @@ decode_attention_warps_kernel(T* __restrict__ out, const T* __restrict__ q, cons
   pdl::release();
   // Before the wait: only what no kernel of this step writes. Context lengths and block tables
   // come from the host; cached keys and values were written by earlier steps, except the new
-  // token's row (ctx - 1), which the KV write just before this kernel stores and which is read
-  // again after the wait.
+  // token's row (ctx - 1), which the KV write just before this kernel stores (or, fused, k_new /
+  // v_new hold) and which is read again after the wait.
   const int h = blockIdx.x, b = blockIdx.y;
   const int ctx = static_cast<int>(context_lens[b]);
   const int64_t row = static_cast<int64_t>(b) * H + h;
-  if (ctx == 0 && num_parts == 1) {  // padding row
-    pdl::wait();
-    for (int d = threadIdx.x; d < D; d += kThreads) out[row * D + d] = from_f<T>(0.f);
+  if (ctx == 0) {  // padding row
+    if (blockIdx.z == 0) {
+      pdl::wait();
+      for (int d = threadIdx.x; d < D; d += kThreads) out[row * D + d] = from_f<T>(0.f);
+    }
     return;
   }
   __shared__ float q_s[D];
   __shared__ float red_m[kWarps], red_l[kWarps];
   __shared__ float acc_s[kWarps][D];
   __shared__ int64_t blk_s[kPart + 1];  // cache blocks of the partition's keys
+  __shared__ int flag_s;
   const Head<T, D> g(h, b, H, KVH, BS, block_tables, bt_stride, slopes);
-  float* ws_max = ws;
-  float* ws_sum = ws + static_cast<int64_t>(num_seqs) * H * num_parts;
-  float* ws_out = ws + 2 * static_cast<int64_t>(num_seqs) * H * num_parts;
+  const Workspace wsp(ws, num_seqs, H, num_parts);
+  const int n_parts = (ctx + kPart - 1) / kPart;  // partitions below the context
+  int mine = 0;                                    // of them, those this block took
   bool waited = false;
 
   // The grid's z dimension may be smaller than num_parts: blocks stride over the partitions.
@@ -290,14 +413,23 @@ decode_attention_warps_kernel(T* __restrict__ out, const T* __restrict__ q, cons
                                             (t % BS) * g.tok_stride + g.kvh * D + g.sub * kVec);
     };
     uint4 kr[kInFlight], vr[kInFlight];
+    // Row t's key and value for this lane (through L2, never a line loaded before the wait);
+    // fused, the new token's come from k_new / v_new (only after the wait: the kernel before
+    // this one writes them).
+    auto load_row = [&](int r, int t) {
+      if (waited && nk.cache != nullptr && t == ctx - 1) {
+        kr[r] = __ldcg(new_row<T, D>(nk, g, b, false));
+        vr[r] = __ldcg(new_row<T, D>(nk, g, b, true));
+      } else {
+        kr[r] = __ldcg(row_ptr(t, 0));
+        vr[r] = __ldcg(row_ptr(t, g.kv_stride));
+      }
+    };
     auto load = [&](int base) {
 #pragma unroll
       for (int r = 0; r < kInFlight; ++r) {
         const int t = base + r * kRows + g.grp;
-        if (t < end && g.active) {
-          kr[r] = __ldcg(row_ptr(t, 0));
-          vr[r] = __ldcg(row_ptr(t, g.kv_stride));
-        }
+        if (t < end && g.active) load_row(r, t);
       }
     };
     int base = start + g.warp * kWarpRows;
@@ -306,14 +438,12 @@ decode_attention_warps_kernel(T* __restrict__ out, const T* __restrict__ q, cons
       pdl::wait();
       waited = true;
       for (int i = threadIdx.x; i < D; i += kThreads) q_s[i] = to_f(q[b * q_stride + static_cast<int64_t>(h) * D + i]);
+      store_new_kv<T, D>(nk, g, b, h, H, KVH, BS, ctx);
       if (base < end) {
 #pragma unroll
         for (int r = 0; r < kInFlight; ++r) {
           const int t = base + r * kRows + g.grp;
-          if (t == ctx - 1 && g.active) {  // (through L2, never a line loaded before the wait)
-            kr[r] = __ldcg(row_ptr(t, 0));
-            vr[r] = __ldcg(row_ptr(t, g.kv_stride));
-          }
+          if (t == ctx - 1 && g.active) load_row(r, t);  // the row the previous kernel wrote
         }
       }
       __syncthreads();
@@ -397,37 +527,29 @@ decode_attention_warps_kernel(T* __restrict__ out, const T* __restrict__ q, cons
       if (num_parts == 1)
         out[row * D + d] = from_f<T>(o / sum);
       else
-        ws_out[(row * num_parts + part) * D + d] = o;
+        wsp.out[(row * num_parts + part) * D + d] = o;
     }
     if (num_parts > 1 && threadIdx.x == 0) {
-      ws_max[row * num_parts + part] = m;
-      ws_sum[row * num_parts + part] = sum;
+      wsp.max[row * num_parts + part] = m;
+      wsp.sum[row * num_parts + part] = sum;
     }
+    ++mine;
     __syncthreads();  // shared memory is reused by the next partition
   }
+  if (num_parts > 1 && counters != nullptr && count_partitions(counters, row, mine, n_parts, &flag_s))
+    combine_last<T, D>(out, wsp, counters, row, n_parts, num_parts);
 }
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
-combine_kernel(T* __restrict__ out, const float* __restrict__ ws, const int64_t* __restrict__ context_lens,
+combine_kernel(T* __restrict__ out, float* __restrict__ ws, const int64_t* __restrict__ context_lens,
                int num_seqs, int H, int num_parts) {
   pdl::release();
   pdl::wait();
   const int h = blockIdx.x, b = blockIdx.y;
   const int64_t row = static_cast<int64_t>(b) * H + h;
   const int n = static_cast<int>((context_lens[b] + kPart - 1) / kPart);
-  const float* ws_max = ws + row * num_parts;
-  const float* ws_sum = ws + static_cast<int64_t>(num_seqs) * H * num_parts + row * num_parts;
-  const float* ws_out = ws + 2 * static_cast<int64_t>(num_seqs) * H * num_parts + row * num_parts * D;
-  float m = -INFINITY;
-  for (int p = 0; p < n; ++p) m = fmaxf(m, ws_max[p]);
-  float total = 0.f;
-  for (int p = 0; p < n; ++p) total += ws_sum[p] * expf(ws_max[p] - m);
-  for (int d = threadIdx.x; d < D; d += kThreads) {
-    float o = 0.f;
-    for (int p = 0; p < n; ++p) o += ws_out[p * D + d] * expf(ws_max[p] - m);
-    out[row * D + d] = from_f<T>(n > 0 ? o / total : 0.f);
-  }
+  combine_row<T, D>(out, Workspace(ws, num_seqs, H, num_parts), row, n, num_parts);
 }
 
 template <typename T>
@@ -473,7 +595,15 @@ template <typename T, int D>
 cudaError_t launch_attention(void* out, const void* q, const void* cache, const int64_t* bt, const int64_t* ctx,
                              const float* slopes, float* ws, int64_t B, int64_t H, int64_t KVH, int64_t BS,
                              int64_t bt_stride, int64_t q_stride, int64_t parts, int64_t grid_parts, float scale,
-                             cudaStream_t s) {
+                             const DecodeFusion& f, cudaStream_t s) {
+  const NewKV<T> nk{f.k_new != nullptr ? static_cast<T*>(const_cast<void*>(cache)) : nullptr,
+                    static_cast<const T*>(f.k_new),
+                    static_cast<const T*>(f.v_new),
+                    f.k_stride,
+                    f.v_stride,
+                    static_cast<T*>(f.ring_layer),
+                    f.ring_rows};
+  unsigned* counters = parts > 1 ? f.counters : nullptr;
   const dim3 grid(static_cast<unsigned>(H), static_cast<unsigned>(B), static_cast<unsigned>(grid_parts));
   const int pick = attention_kernel_choice();
   const bool warps = pick == 0 ? B * H <= kWarpsKernelMaxRows : pick == 2;
@@ -481,10 +611,10 @@ cudaError_t launch_attention(void* out, const void* q, const void* cache, const 
   cudaError_t e = pdl::launch(kernel, grid, dim3(kThreads), s, static_cast<T*>(out),
                               static_cast<const T*>(q), static_cast<const T*>(cache), bt, ctx, slopes, ws,
                               static_cast<int>(B), static_cast<int>(H), static_cast<int>(KVH), static_cast<int>(BS),
-                              bt_stride, q_stride, static_cast<int>(parts), scale);
-  if (e == cudaSuccess && parts > 1)
+                              bt_stride, q_stride, static_cast<int>(parts), scale, nk, counters);
+  if (e == cudaSuccess && parts > 1 && counters == nullptr)
     e = pdl::launch(combine_kernel<T, D>, dim3(static_cast<unsigned>(H), static_cast<unsigned>(B)), dim3(kThreads), s,
-                    static_cast<T*>(out), static_cast<const float*>(ws), ctx, static_cast<int>(B),
+                    static_cast<T*>(out), ws, ctx, static_cast<int>(B),
                     static_cast<int>(H), static_cast<int>(parts));
   return e;
 }
@@ -497,11 +627,11 @@ template <typename T>
 cudaError_t dispatch_head_dim(int64_t D, void* out, const void* q, const void* cache, const int64_t* bt,
                               const int64_t* ctx, const float* slopes, float* ws, int64_t B, int64_t H, int64_t KVH,
                               int64_t BS, int64_t bt_stride, int64_t q_stride, int64_t parts, int64_t grid_parts,
-                              float scale, cudaStream_t s) {
+                              float scale, const DecodeFusion& f, cudaStream_t s) {
 #define DEJAVU_HEAD_DIM_CASE(d)                                                                             \
   case d:                                                                                                   \
     return launch_attention<T, d>(out, q, cache, bt, ctx, slopes, ws, B, H, KVH, BS, bt_stride, q_stride,   \
-                                  parts, grid_parts, scale, s);
+                                  parts, grid_parts, scale, f, s);
   switch (D) {
     DEJAVU_HEAD_DIMS(DEJAVU_HEAD_DIM_CASE)
     default:
@@ -564,17 +694,22 @@ std::string write_kv_cache(void* cache, const void* k, const void* v, const int6
 std::string paged_decode_attention(void* out, const void* q, const void* cache, const int64_t* bt,
                                    const int64_t* ctx, const float* slopes, float* ws, int64_t B, int64_t H,
                                    int64_t KVH, int64_t D, int64_t BS, int64_t bt_stride, int64_t q_stride,
-                                   int64_t parts, int64_t grid_parts, float scale, DType dtype, void* stream) {
+                                   int64_t parts, int64_t grid_parts, float scale, DType dtype, void* stream,
+                                   const DecodeFusion& fusion) {
   if (B <= 0) return "";
   if (grid_parts < 1 || grid_parts > parts) grid_parts = parts;
   if (!decode_attention_supports(D)) return "paged_decode_attention: unsupported head_dim " + std::to_string(D);
   if (KVH <= 0 || H % KVH != 0) return "paged_decode_attention: num_heads must be a multiple of num_kv_heads";
   if (parts < 1 || (parts > 1 && ws == nullptr)) return "paged_decode_attention: a workspace is needed for parts > 1";
+  if ((fusion.k_new == nullptr) != (fusion.v_new == nullptr))
+    return "paged_decode_attention: give both the new K and V, or neither";
+  if (fusion.ring_layer != nullptr && (fusion.k_new == nullptr || fusion.ring_rows == nullptr))
+    return "paged_decode_attention: a ring needs the new K/V and its rows";
   auto s = static_cast<cudaStream_t>(stream);
   cudaError_t e = cudaSuccess;
   const bool known = with_dtype(dtype, [&](auto tag) {
     e = dispatch_head_dim<decltype(tag)>(D, out, q, cache, bt, ctx, slopes, ws, B, H, KVH, BS, bt_stride, q_stride,
-                                         parts, grid_parts, scale, s);
+                                         parts, grid_parts, scale, fusion, s);
   });
   if (!known) return "paged_decode_attention: unsupported dtype code";
   return error_text(e);

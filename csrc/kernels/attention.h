@@ -29,6 +29,28 @@ std::string write_kv_cache(void* cache, const void* k, const void* v, const int6
                            int64_t block_size, int64_t k_stride, int64_t v_stride, DType dtype, void* stream,
                            void* ring_layer = nullptr, const int64_t* ring_rows = nullptr);
 
+// What paged_decode_attention may do besides attending (all optional):
+// - k_new / v_new ([num_seqs, num_kv_heads, head_dim], row strides k_stride / v_stride elements):
+//   the new token's K and V, stored at position context_lens[b] - 1 of the cache through the block
+//   table (what write_kv_cache would do for a decode step, in the same kernel) and used from there;
+//   With ring_layer (a replication ring's layer in host memory, [rows, 2, kv_heads, head_dim]) the
+//   new K/V also go to row ring_rows[b] (negative: none), as write_kv_cache writes them;
+// - counters (num_seqs * num_heads unsigned, all 0): with num_parts > 1 the block that finishes
+//   a row's last partition combines the partials, instead of a second kernel; they are 0 again
+//   when the launch ends. One set of counters per stream (launches on one stream never overlap).
+struct DecodeFusion {
+  const void* k_new = nullptr;
+  const void* v_new = nullptr;
+  int64_t k_stride = 0, v_stride = 0;
+  void* ring_layer = nullptr;
+  const int64_t* ring_rows = nullptr;
+  unsigned* counters = nullptr;
+};
+
+// Up to this many (sequence, head) rows a decode step uses the attention kernel for small batches
+// (latency-bound), beyond it the one for large batches.
+constexpr int64_t kDecodeWarpsMaxRows = 512;
+
 // One query per sequence ([num_seqs, num_heads, head_dim], row stride q_stride elements) attends
 // to the first context_lens[b] tokens of its sequence, found through block_tables ([num_seqs,
 // bt_stride] block ids). GQA when num_heads > num_kv_heads; alibi_slopes ([num_heads] float, or
@@ -42,6 +64,7 @@ std::string paged_decode_attention(void* out, const void* q, const void* cache, 
                                    const int64_t* context_lens, const float* alibi_slopes, float* workspace,
                                    int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                                    int64_t block_size, int64_t bt_stride, int64_t q_stride, int64_t num_parts,
-                                   int64_t grid_parts, float scale, DType dtype, void* stream);
+                                   int64_t grid_parts, float scale, DType dtype, void* stream,
+                                   const DecodeFusion& fusion = DecodeFusion{});
 
 }  // namespace dejavu

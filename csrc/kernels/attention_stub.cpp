@@ -13,7 +13,7 @@ std::string write_kv_cache(void*, const void*, const void*, const int64_t*, cons
 }
 std::string paged_decode_attention(void*, const void*, const void*, const int64_t*, const int64_t*, const float*,
                                    float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                   int64_t, float, DType, void*) {
+                                   int64_t, float, DType, void*, const DecodeFusion&) {
   return kNoCuda;
 }
 }  // namespace dejavu

@@ -3,6 +3,10 @@
 `paged_attention` in models/layers.py calls these for decode batches on CUDA when the cache's dtype
 and head size are supported, and its torch code stays the reference (and the CPU path).
 DEJAVU_ATTENTION=torch turns the attention kernels off (for comparisons and bisecting).
+A decode step's attention combines its partitions in the block that finishes a row last, and for
+small batches (`fuses_kv_write`) it also stores the new token's K/V itself (`decode_attention(k_new=,
+v_new=)`): one kernel instead of three. DEJAVU_ATTENTION_FUSE=0 runs the KV write and the combine
+as kernels of their own (a baseline).
 
 `add_norm` is a residual add and the LayerNorm / RMSNorm after it in one kernel (fp16/bf16 on
 CUDA; DEJAVU_NORM=torch, other dtypes and the CPU use the torch ops).
@@ -50,7 +54,37 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(2) == 1 and x.stride(1) == d else x.contiguous()
 
 
+def _vector_rows(x: torch.Tensor) -> torch.Tensor:
+    """_rows(x), each row starting on 16 bytes (the kernels read them as 16-byte vectors)."""
+    x = _rows(x)
+    return x if (x.data_ptr() | x.stride(0) * x.element_size()) % 16 == 0 else x.contiguous()
+
+
 _SMS: dict[int, int] = {}
+FUSE_ATTENTION = os.environ.get("DEJAVU_ATTENTION_FUSE", "1") != "0"
+# Beyond this many (sequence, head) rows the attention kernel of large batches runs, and with the
+# KV write inside it a step took 1.3% more GPU time (OPT-1.3B, batch 32, H200; docs/BENCHMARKS.md):
+# there the write stays a kernel of its own.
+_FUSED_KV_WRITE_MAX_ROWS = int(_C.decode_warps_max_rows)
+
+
+def fuses_kv_write(num_seqs: int, num_heads: int) -> bool:
+    """Whether a decode step of this shape stores its new K/V inside the attention kernel."""
+    return FUSE_ATTENTION and num_seqs * num_heads <= _FUSED_KV_WRITE_MAX_ROWS
+_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _counters(device: torch.device, stream: int, rows: int) -> torch.Tensor:
+    """Zeroed uint32 counters for the in-kernel combine: one set per (device, stream), since
+    launches on one stream never overlap and each launch leaves them at 0 again. Allocated (at
+    least 8192) the first time a size is needed, outside any graph capture: capture runs a warm-up
+    step of the same shape first."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    have = _COUNTERS.get((idx, stream))
+    if have is None or have.numel() < rows:
+        have = torch.zeros(max(8192, 1 << (rows - 1).bit_length()), dtype=torch.int32, device=device)
+        _COUNTERS[(idx, stream)] = have
+    return have
 
 
 def grid_parts(device: torch.device, seqs: int, heads: int, parts: int) -> int:
@@ -80,27 +114,41 @@ def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_blocks:
 
 def decode_attention(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
                      scale: float, parts: int, alibi_slopes: torch.Tensor | None = None,
-                     grid: int = 0) -> torch.Tensor:
+                     grid: int = 0, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
+                     fuse_combine: bool | None = None, ring: torch.Tensor | None = None,
+                     ring_rows: torch.Tensor | None = None) -> torch.Tensor:
     """One query per sequence (q: [B, H, D]) over the first context_lens[b] cached tokens of its
     sequence. block_tables: [B, max_blocks] int64; context_lens: [B] int64 (0: padding row, output
     zeros); parts >= num_parts(max context); grid: thread blocks per (sequence, head) along the
-    context (0: grid_parts()). Returns [B, H, D] in the cache's dtype."""
-    q = q.to(cache.dtype).contiguous()
+    context (0: grid_parts()). With k_new and v_new ([B, KVH, D]: the new token's K/V, at position
+    context_lens[b] - 1) the kernel stores them into the cache first, as write_kv would, and with
+    `ring` / `ring_rows` into the replication ring as well.
+    fuse_combine (None: FUSE_ATTENTION): partitions combined by the kernel's last block per row
+    rather than by a second kernel. Returns [B, H, D] in the cache's dtype."""
+    q = _rows(q.to(cache.dtype))
     b, h, d = q.shape
     kvh, bs = cache.shape[3], cache.shape[2]
-    out = torch.empty_like(q)
-    ws = None
+    out = torch.empty((b, h, d), dtype=cache.dtype, device=q.device)
+    stream = _stream(q.device)
+    ws, counters = None, 0
     if parts > 1:
         ws = torch.empty(_C.decode_attention_workspace(b, h, d, parts), dtype=torch.float32, device=q.device)
+        if FUSE_ATTENTION if fuse_combine is None else fuse_combine:
+            counters = _counters(q.device, stream, b * h).data_ptr()
     slopes = 0
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
         slopes = alibi_slopes.data_ptr()
+    new = {}
+    if k_new is not None:
+        k_new, v_new = _vector_rows(k_new.to(cache.dtype)), _vector_rows(v_new.to(cache.dtype))
+        new = dict(k_new=k_new.data_ptr(), v_new=v_new.data_ptr(), k_stride=k_new.stride(0), v_stride=v_new.stride(0))
+        if ring is not None:
+            new.update(ring=ring.data_ptr(), ring_rows=ring_rows.data_ptr())
     _C.paged_decode_attention(out.data_ptr(), q.data_ptr(), cache.data_ptr(), block_tables.data_ptr(),
                               context_lens.data_ptr(), slopes, 0 if ws is None else ws.data_ptr(), b, h, kvh, d, bs,
-                              block_tables.stride(0), h * d, parts, grid or grid_parts(q.device, b, h, parts), float(scale),
-                              _DTYPES[cache.dtype],
-                              _stream(q.device))
+                              block_tables.stride(0), q.stride(0), parts, grid or grid_parts(q.device, b, h, parts),
+                              float(scale), _DTYPES[cache.dtype], stream, counters=counters, **new)
     return out
 
 
