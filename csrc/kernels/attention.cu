@@ -39,11 +39,6 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kPart = static_cast<int>(kDecodePartition);
-// kDecodeWarpsMaxRows (attention.h): up to this many (sequence, head) rows a step uses the warps
-// kernel, beyond it the rows kernel. On an H200 (OPT-1.3B, fp16, context ~640) the warps kernel
-// took 24% less time at batch 1 and 15% less at batch 8 (32 heads: 32 and 256 rows), and 24% more
-// at batch 32 (1024 rows).
-constexpr int64_t kWarpsKernelMaxRows = kDecodeWarpsMaxRows;
 
 using elem::from_f;
 using elem::to_f;
@@ -118,6 +113,23 @@ struct Head {
         active(sub < Lanes<T, D>::kVecs) {}
 };
 
+// Stores n elements of a new token's K and V (ks, vs) at kd and vd, and, unless rd is null, at rd
+// and rd + ring_v: the token's row of a replication ring in host memory, [2 (K, V), KVH, D] (these
+// stores cross PCIe). The block's threads share the elements. Used by the KV write kernel (a whole
+// row) and by the attention kernels' fused write (one KV head).
+template <typename T>
+__device__ __forceinline__ void store_kv(T* kd, T* vd, T* rd, int64_t ring_v, const T* ks, const T* vs, int64_t n) {
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    const T kv = ks[j], vv = vs[j];
+    kd[j] = kv;
+    vd[j] = vv;
+    if (rd) {
+      rd[j] = kv;
+      rd[ring_v + j] = vv;
+    }
+  }
+}
+
 // Where the fused KV write leaves a block: the new token's K/V as the kernel's inputs, or none.
 template <typename T>
 struct NewKV {
@@ -147,19 +159,11 @@ __device__ __forceinline__ void store_new_kv(const NewKV<T>& nk, const Head<T, D
   T* dst = nk.cache + g.table[t / BS] * g.blk_stride + (t % BS) * g.tok_stride + static_cast<int64_t>(g.kvh) * D;
   const T* ks = nk.k + b * nk.k_stride + static_cast<int64_t>(g.kvh) * D;
   const T* vs = nk.v + b * nk.v_stride + static_cast<int64_t>(g.kvh) * D;
-  // The replication ring's row of this token, laid out as write_kv_cache stores it: [2, KVH, D].
+  // The replication ring's row of this token (tok_stride = KVH * D elements per half).
   T* rd = nk.ring != nullptr && nk.ring_rows[b] >= 0
               ? nk.ring + nk.ring_rows[b] * 2 * g.tok_stride + static_cast<int64_t>(g.kvh) * D
               : nullptr;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    const T kv = ks[d], vv = vs[d];
-    dst[d] = kv;
-    dst[g.kv_stride + d] = vv;
-    if (rd) {
-      rd[d] = kv;
-      rd[g.tok_stride + d] = vv;
-    }
-  }
+  store_kv<T>(dst, dst + g.kv_stride, rd, g.tok_stride, ks, vs, D);
 }
 
 // The workspace of a launch with several partitions: per row and partition a max, a sum, and the
@@ -566,17 +570,9 @@ __global__ void write_kv_kernel(T* __restrict__ cache, const T* __restrict__ k, 
   T* vd = kd + BS * row_elems;
   const T* ks = k + i * k_stride;
   const T* vs = v + i * v_stride;
-  // The replication ring's row of this token (host memory: these stores cross PCIe), or none.
+  // The replication ring's row of this token, or none.
   T* rd = ring != nullptr && ring_rows[i] >= 0 ? ring + ring_rows[i] * 2 * row_elems : nullptr;
-  for (int64_t j = threadIdx.x; j < row_elems; j += blockDim.x) {
-    const T kv = ks[j], vv = vs[j];
-    kd[j] = kv;
-    vd[j] = vv;
-    if (rd) {
-      rd[j] = kv;
-      rd[row_elems + j] = vv;
-    }
-  }
+  store_kv<T>(kd, vd, rd, row_elems, ks, vs, row_elems);
 }
 
 // DEJAVU_ATTENTION_KERNEL=rows | warps forces one of the two kernels (a baseline for benchmarks);
@@ -606,7 +602,7 @@ cudaError_t launch_attention(void* out, const void* q, const void* cache, const 
   unsigned* counters = parts > 1 ? f.counters : nullptr;
   const dim3 grid(static_cast<unsigned>(H), static_cast<unsigned>(B), static_cast<unsigned>(grid_parts));
   const int pick = attention_kernel_choice();
-  const bool warps = pick == 0 ? B * H <= kWarpsKernelMaxRows : pick == 2;
+  const bool warps = pick == 0 ? B * H <= kDecodeWarpsMaxRows : pick == 2;
   auto kernel = warps ? decode_attention_warps_kernel<T, D> : decode_attention_rows_kernel<T, D>;
   cudaError_t e = pdl::launch(kernel, grid, dim3(kThreads), s, static_cast<T*>(out),
                               static_cast<const T*>(q), static_cast<const T*>(cache), bt, ctx, slopes, ws,

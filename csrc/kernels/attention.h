@@ -48,7 +48,9 @@ struct DecodeFusion {
 };
 
 // Up to this many (sequence, head) rows a decode step uses the attention kernel for small batches
-// (latency-bound), beyond it the one for large batches.
+// (latency-bound, "warps"), beyond it the one for large batches ("rows"). On an H200 (OPT-1.3B,
+// fp16, context ~640) the warps kernel took 24% less time at batch 1 and 15% less at batch 8 (32
+// heads: 32 and 256 rows), and 24% more at batch 32 (1024 rows).
 constexpr int64_t kDecodeWarpsMaxRows = 512;
 
 // One query per sequence ([num_seqs, num_heads, head_dim], row stride q_stride elements) attends

@@ -75,15 +75,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     """
     if kernels.usable(cache, q.shape[-1]):
         if meta.context_lens is not None:
+            ring = None if meta.ring_rows is None else meta.ring.layer(cache)
+            new = {}
             if kernels.fuses_kv_write(q.shape[0], q.shape[1]):  # the KV write inside the attention kernel
-                return kernels.decode_attention(q, cache, meta.block_tables, meta.context_lens, scale, meta.num_parts,
-                                                alibi_slopes, k_new=k, v_new=v,
-                                                ring=None if meta.ring_rows is None else meta.ring.layer(cache),
-                                                ring_rows=meta.ring_rows).to(q.dtype)
-            kernels.write_kv(cache, k, v, meta.slot_blocks, meta.slot_offsets,
-                             None if meta.ring_rows is None else meta.ring.layer(cache), meta.ring_rows)
+                new = dict(k_new=k, v_new=v, ring=ring, ring_rows=meta.ring_rows)
+            else:
+                kernels.write_kv(cache, k, v, meta.slot_blocks, meta.slot_offsets, ring, meta.ring_rows)
             return kernels.decode_attention(q, cache, meta.block_tables, meta.context_lens, scale, meta.num_parts,
-                                            alibi_slopes).to(q.dtype)
+                                            alibi_slopes, **new).to(q.dtype)
         if meta.fresh and alibi_slopes is None:
             kernels.write_kv(cache, k, v, meta.slot_blocks, meta.slot_offsets)
             return _causal_attention(q, k, v, meta, scale)
