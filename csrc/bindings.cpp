@@ -408,15 +408,31 @@ PYBIND11_MODULE(_C, m) {
      "with k_new/v_new it first stores the new token's K/V at position context_len - 1; with counters "
      "(num_seqs * num_heads zero uint32) its last block per row combines the partitions");
   m.attr("small_linear_max_rows") = kSmallLinearMaxRows;
+  m.attr("small_linear_norm_max_bytes") = kSmallLinearNormMaxBytes;
   m.def("small_linear", [](uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t bias, int64_t rows, int64_t out_features,
-                           int64_t in_features, int64_t x_stride, int act, int dtype, uintptr_t stream) {
+                           int64_t in_features, int64_t x_stride, int act, int dtype, uintptr_t stream,
+                           uintptr_t norm_h, uintptr_t norm_a, uintptr_t norm_weight, uintptr_t norm_bias,
+                           uintptr_t sum_out, float eps, int rms) {
+    NormPrologue norm;
+    norm.h = as_ptr<const void>(norm_h);
+    norm.a = as_ptr<const void>(norm_a);
+    norm.weight = as_ptr<const void>(norm_weight);
+    norm.bias = as_ptr<const void>(norm_bias);
+    norm.sum_out = as_ptr<void>(sum_out);
+    norm.eps = eps;
+    norm.rms = rms;
+    const bool prologue = norm_h != 0 || norm_a != 0 || sum_out != 0;
     std::string err = small_linear(as_ptr<void>(y), as_ptr<const void>(x), as_ptr<const void>(w),
                                    as_ptr<const void>(bias), rows, out_features, in_features, x_stride, act,
-                                   static_cast<DType>(dtype), as_ptr<void>(stream));
+                                   static_cast<DType>(dtype), as_ptr<void>(stream), prologue ? &norm : nullptr);
     if (!err.empty()) throw std::runtime_error(err);
   }, py::arg("y"), py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("rows"), py::arg("out_features"),
      py::arg("in_features"), py::arg("x_stride"), py::arg("act"), py::arg("dtype"), py::arg("stream") = 0,
-     "y = act(x @ w.T + bias) for a few rows of x (decode batches), fp16/bf16");
+     py::kw_only(), py::arg("norm_h") = 0, py::arg("norm_a") = 0, py::arg("norm_weight") = 0,
+     py::arg("norm_bias") = 0, py::arg("sum_out") = 0, py::arg("eps") = 1e-5f, py::arg("rms") = 0,
+     "y = act(x @ w.T + bias) for a few rows of x (decode batches), fp16/bf16; with norm_h/norm_a/norm_weight/"
+     "sum_out, x = norm(norm_h + norm_a) computed in the kernel (LayerNorm, or RMSNorm with rms=1) and "
+     "norm_h + norm_a stored to sum_out");
   m.def("set_programmatic_launch", &set_programmatic_launch, py::arg("mode"),
         "Programmatic dependent launch of the decode kernels: 1 on, 0 off, -1 from DEJAVU_PDL (default on); "
         "kernels use it on compute capability 9.0+ only. Captured CUDA graphs keep the launches they captured.");

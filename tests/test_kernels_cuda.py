@@ -322,15 +322,119 @@ def test_add_norm_falls_back_to_torch():
         assert torch.equal(y, norm32(h32 + a32))
 
 
+# ---------------------------------------------------------------------- add + norm + linear in one kernel
+def _norm(kind: str, hidden: int, dtype: torch.dtype, g: torch.Generator) -> torch.nn.Module:
+    from dejavu.models.layers import RMSNorm
+
+    norm = RMSNorm(hidden, 1e-6) if kind == "rmsnorm" else torch.nn.LayerNorm(hidden, eps=1e-5, bias=kind == "layernorm")
+    norm = norm.to("cuda", dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(hidden, device="cuda", dtype=dtype, generator=g))
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.copy_(torch.randn(hidden, device="cuda", dtype=dtype, generator=g))
+    return norm
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["layernorm", "layernorm_nobias", "rmsnorm"])
+@pytest.mark.parametrize("hidden,n_out", [(2048, 6144), (576, 1728), (64, 333), (4096, 100), (8192, 37)])
+def test_add_norm_linear_equals_add_norm_then_linear(dtype, kind, hidden, n_out, monkeypatch):
+    """The add and the norm as the linear kernel's prologue give bit for bit what add_norm then
+    linear give: the residual sum and the output (bias or none, ReLU or none), for 1-4 rows and K
+    split over 1, 2 or 4 warps (4096 and 8192 inputs). Where it serves, the fused kernel must be
+    the one that ran (add_norm and linear are made to fail); where not, the fallback answers."""
+    g = torch.Generator(device="cuda").manual_seed(hidden + n_out + len(kind))
+    norm = _norm(kind, hidden, dtype, g)
+    w = torch.randn(n_out, hidden, device="cuda", dtype=dtype, generator=g) / hidden ** 0.5
+    b = torch.randn(n_out, device="cuda", dtype=dtype, generator=g)
+    fused_any = False
+    for rows in (1, 2, 3, 4):
+        h = torch.randn(rows, hidden, device="cuda", dtype=dtype, generator=g) * 3
+        a = torch.randn(rows, hidden, device="cuda", dtype=dtype, generator=g)
+        for bias in (None, b):
+            for relu in (False, True):
+                with torch.inference_mode():
+                    s_ref, x_ref = kernels.add_norm(h, a, norm)
+                    y_ref = kernels.linear(x_ref, w, bias, relu=relu)
+                    with monkeypatch.context() as m:
+                        # the kernel's prologue takes up to 4 rows (the models fuse 1: NORM_LINEAR_MAX_ROWS)
+                        m.setattr(kernels, "NORM_LINEAR_MAX_ROWS", 4)
+                        fused = kernels.norm_linear_serves(h, a, norm, w, bias)
+                        if fused:
+                            def refuse(*args, **kw):
+                                raise AssertionError("the fused kernel should have served this call")
+                            m.setattr(kernels, "add_norm", refuse)
+                            m.setattr(kernels, "linear", refuse)
+                        s, y = kernels.add_norm_linear(h, a, norm, w, bias, relu=relu)
+                fused_any |= fused
+                assert torch.equal(s, s_ref), (rows, bias is None, relu)
+                assert torch.equal(y, y_ref), (rows, bias is None, relu)
+    assert fused_any  # every shape here has at least its one-row case fused
+
+
+def test_add_norm_linear_rejects_bad_prologues():
+    """The C++ checks name the problem: rows too wide for the shared-memory copy, misalignment."""
+    from dejavu import _C
+
+    dt = kernels._HALF[torch.float16]
+    stream = torch.cuda.current_stream().cuda_stream
+    h = torch.randn(4, 8192, device="cuda", dtype=torch.float16)
+    w = torch.randn(16, 8192, device="cuda", dtype=torch.float16)
+    y = torch.empty(4, 16, device="cuda", dtype=torch.float16)
+    nw = torch.ones(8192, device="cuda", dtype=torch.float16)
+    s = torch.empty_like(h)
+    with pytest.raises(RuntimeError, match="bytes of input rows"):  # 4 x 8192 fp16 = 64 KiB
+        _C.small_linear(y.data_ptr(), 0, w.data_ptr(), 0, 4, 16, 8192, 8192, 0, dt, stream, norm_h=h.data_ptr(),
+                        norm_a=h.data_ptr(), norm_weight=nw.data_ptr(), sum_out=s.data_ptr())
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        _C.small_linear(y.data_ptr(), 0, w.data_ptr(), 0, 1, 16, 8192, 8192, 0, dt, stream,
+                        norm_h=h.data_ptr() + 2, norm_a=h.data_ptr(), norm_weight=nw.data_ptr(), sum_out=s.data_ptr())
+    with pytest.raises(RuntimeError, match="needs h, a, weight and sum_out"):
+        _C.small_linear(y.data_ptr(), 0, w.data_ptr(), 0, 1, 16, 8192, 8192, 0, dt, stream, norm_h=h.data_ptr(),
+                        norm_a=h.data_ptr(), norm_weight=nw.data_ptr())
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_add_norm_linear_keeps_greedy_tokens(family, tmp_path, monkeypatch):
+    """fp16 decode through CUDA graphs: the same greedy tokens with the norm inside the linear
+    kernels (DEJAVU_NORM_LINEAR) and without, and with it on the prologue kernels did run."""
+    from dejavu import _C
+
+    hf = save_hf_model(family, tmp_path)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, hf.config.vocab_size, (n,), generator=g).tolist() for n in (2, 9, 33)]
+    launches = []
+    plain = _C.small_linear
+
+    def counting(*args, **kw):
+        launches.append(kw.get("norm_h", 0) != 0)
+        return plain(*args, **kw)
+
+    monkeypatch.setattr(_C, "small_linear", counting)
+    outs = {}
+    for on in (False, True):
+        monkeypatch.setattr(kernels, "NORM_LINEAR", on)
+        launches.clear()
+        llm = LLM(model=str(tmp_path), device="cuda", dtype="float16", block_size=4, max_num_seqs=4)
+        assert llm.engine.runner.graphs is not None
+        # (lengths that leave one sequence decoding alone: the models fuse one-row steps)
+        params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (24, 8, 4)]
+        outs[on] = [o.token_ids for o in llm.generate(prompts, params)]
+        llm.shutdown()
+        assert any(launches) == on  # (counted as the graphs were captured and on eager steps)
+    assert outs[True] == outs[False]
+
+
 # ---------------------------------------------------------------------- programmatic dependent launch
 def _kernel_chain(x: torch.Tensor, ws: list[torch.Tensor], norm: torch.nn.LayerNorm) -> list[torch.Tensor]:
-    """add_norm -> linear (ReLU) -> linear, 3 x len(ws) // 2 kernels, each reading the last one's
-    output (and the residual stream two kernels back)."""
+    """add_norm -> linear (ReLU) -> linear, up to 3 x len(ws) // 2 kernels, each reading the last
+    one's output (and the residual stream two kernels back)."""
     outs, h, a = [], x, torch.zeros_like(x)
     for w1, w2 in zip(ws[::2], ws[1::2]):
-        h, y = kernels.add_norm(h, a, norm)
-        a = kernels.linear(kernels.linear(y, w1, relu=True), w2)
-        outs.append(a)
+        # (one kernel at batch 1: the add and norm as the linear kernel's prologue)
+        h, y = kernels.add_norm_linear(h, a, norm, w1, relu=True)
+        a = kernels.linear(y, w2)
+        outs += [h, a]
     return outs
 
 

@@ -6,15 +6,25 @@
 // Long rows are split over KS warps of the block (split-K: 2 from 4096 inputs, 4 from 8192), each
 // taking a contiguous slice, so an 8192-wide row is loaded whole before the wait as well and four
 // times as many warps keep loads in flight; the slices' sums meet in shared memory.
+// With a norm prologue (NORM), each block computes x = norm(h + a) itself after the wait, into
+// shared memory (norm.cuh: add_norm_row, as the add_norm kernel computes it), and block 0 stores
+// h + a: the add_norm kernel before the linear layer and its launch disappear. The grid is then
+// only as large as fits on the device at once, each block taking every gridDim.x-th tile of
+// output features, so each normalises once rather than once per tile.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <string>
+#include <tuple>
 
 #include "kernels/gemv.h"
 #include "kernels/element.cuh"
+#include "kernels/norm.cuh"
 #include "kernels/pdl.cuh"
 
 namespace dejavu {
@@ -27,78 +37,131 @@ constexpr int kPre = 8;    // chunks per lane loaded before the wait for the inp
 using elem::from_f;
 using elem::to_f;
 
-template <typename T, int M>
+// Input rows come through the read-only cache from global memory, or from shared memory (SMEM).
+template <bool SMEM>
+__device__ __forceinline__ uint4 load_x(const uint4* p) {
+  if constexpr (SMEM) return *p;
+  else return __ldg(p);
+}
+
+template <typename T, int M, bool SMEM>
 __device__ __forceinline__ void dot_chunk(float (&acc)[M], const uint4& wv, const T* __restrict__ x,
                                           int64_t x_stride, int64_t c) {
   const T* wt = reinterpret_cast<const T*>(&wv);
 #pragma unroll
   for (int m = 0; m < M; ++m) {
-    const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + m * x_stride) + c);
+    const uint4 xv = load_x<SMEM>(reinterpret_cast<const uint4*>(x + m * x_stride) + c);
     const T* xt = reinterpret_cast<const T*>(&xv);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) acc[m] = fmaf(to_f(wt[j]), to_f(xt[j]), acc[m]);
   }
 }
 
-template <typename T, int M, int KS>
+// NormPrologue with typed pointers (all null when the kernel has no prologue).
+template <typename T>
+struct NormArgs {
+  const T* h;
+  const T* a;
+  const T* weight;
+  const T* bias;
+  T* sum_out;
+  float eps;
+  int rms;
+};
+
+template <typename T, int M, int KS, bool NORM>
 __global__ void __launch_bounds__(kWarps * 32)
     small_linear_kernel(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w,
-                        const T* __restrict__ bias, int64_t n_out, int64_t k_in, int64_t x_stride, int act) {
+                        const T* __restrict__ bias, int64_t n_out, int64_t k_in, int64_t x_stride, int act,
+                        NormArgs<T> norm_args) {
   static_assert(kWarps % KS == 0, "the block's warps split evenly over its rows");
+  static_assert(!NORM || kWarps * 32 == norm::kThreads, "add_norm_row runs on the whole block");
+  constexpr int per_block = kWarps / KS;  // output features of a tile
   __shared__ float part_s[KS > 1 ? kWarps : 1][M];
+  extern __shared__ uint4 x_shared[];  // NORM: the normalised rows, [M, k_in]
   pdl::release();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, slice = warp % KS;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * (kWarps / KS) + warp / KS;
-  if (KS == 1 && n >= n_out) return;  // (with slices every warp reaches the barrier below)
-  const bool valid = n < n_out;
+  // Tiles of per_block features: one per block, or with a prologue (a grid of the blocks that fit
+  // at once) every gridDim.x-th, so that each block normalises its input once.
+  const int64_t tiles = (n_out + per_block - 1) / per_block;
+  int64_t tile = blockIdx.x;
+  int64_t n = tile * per_block + warp / KS;
+  // (with slices or a prologue every warp reaches the barriers below)
+  if (KS == 1 && !NORM && n >= n_out) return;
   const int64_t chunks = k_in / kVec / KS;  // this warp's slice of the row
-  const uint4* row = reinterpret_cast<const uint4*>(w + n * k_in) + slice * chunks;
-  x += slice * chunks * kVec;
   uint4 pre[kPre];  // weights only: no kernel of the step writes them
+  auto preload = [&](bool valid, const uint4* row) {
 #pragma unroll
-  for (int i = 0; i < kPre; ++i)
-    if (valid && lane + 32 * i < chunks) pre[i] = __ldcs(row + lane + 32 * i);
+    for (int i = 0; i < kPre; ++i)
+      if (valid && lane + 32 * i < chunks) pre[i] = __ldcs(row + lane + 32 * i);
+  };
+  preload(n < n_out, reinterpret_cast<const uint4*>(w + n * k_in) + slice * chunks);
   pdl::wait();  // the input (and y) belong to the kernels before this one
-  float acc[M];
-#pragma unroll
-  for (int m = 0; m < M; ++m) acc[m] = 0.f;
-#pragma unroll
-  for (int i = 0; i < kPre; ++i)
-    if (valid && lane + 32 * i < chunks) dot_chunk<T, M>(acc, pre[i], x, x_stride, lane + 32 * i);
-  int64_t c = valid ? lane + 32 * kPre : chunks;
-  for (; c + 96 < chunks; c += 128) {  // four loads in flight before any arithmetic
-    const uint4 w0 = __ldcs(row + c), w1 = __ldcs(row + c + 32), w2 = __ldcs(row + c + 64),
-                w3 = __ldcs(row + c + 96);
-    dot_chunk<T, M>(acc, w0, x, x_stride, c);
-    dot_chunk<T, M>(acc, w1, x, x_stride, c + 32);
-    dot_chunk<T, M>(acc, w2, x, x_stride, c + 64);
-    dot_chunk<T, M>(acc, w3, x, x_stride, c + 96);
-  }
-  for (; c < chunks; c += 32) dot_chunk<T, M>(acc, __ldcs(row + c), x, x_stride, c);
-#pragma unroll
-  for (int m = 0; m < M; ++m) acc[m] = elem::warp_sum(acc[m]);
-  if (KS > 1) {  // the row's slices meet in shared memory; its first warp adds them up
-    if (lane == 0)
-#pragma unroll
-      for (int m = 0; m < M; ++m) part_s[warp][m] = acc[m];
+  if constexpr (NORM) {
+    __shared__ float red[norm::kThreads / 32];
+    T* xs = reinterpret_cast<T*>(x_shared);
+#pragma unroll 1
+    for (int m = 0; m < M; ++m)
+      norm::add_norm_row(blockIdx.x == 0 ? norm_args.sum_out + m * k_in : static_cast<T*>(nullptr), xs + m * k_in,
+                         norm_args.h + m * k_in, norm_args.a + m * k_in, norm_args.weight, norm_args.bias, k_in,
+                         norm_args.eps, norm_args.rms, red);
     __syncthreads();
-    if (slice != 0 || !valid) return;
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float v = 0.f;
-#pragma unroll
-      for (int k = 0; k < KS; ++k) v += part_s[warp + k][m];  // (warp is the row's first: slice 0)
-      acc[m] = v;
-    }
+    x = xs;
+    x_stride = k_in;
   }
-  if (lane == 0) {
-    const float b = bias != nullptr ? to_f(bias[n]) : 0.f;
+  x += slice * chunks * kVec;
+  for (;;) {
+    const bool valid = n < n_out;
+    const uint4* row = reinterpret_cast<const uint4*>(w + n * k_in) + slice * chunks;
+    float acc[M];
 #pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float v = acc[m] + b;
-      if (act == 1) v = fmaxf(v, 0.f);
-      y[m * n_out + n] = from_f<T>(v);
+    for (int m = 0; m < M; ++m) acc[m] = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPre; ++i)
+      if (valid && lane + 32 * i < chunks) dot_chunk<T, M, NORM>(acc, pre[i], x, x_stride, lane + 32 * i);
+    int64_t c = valid ? lane + 32 * kPre : chunks;
+    for (; c + 96 < chunks; c += 128) {  // four loads in flight before any arithmetic
+      const uint4 w0 = __ldcs(row + c), w1 = __ldcs(row + c + 32), w2 = __ldcs(row + c + 64),
+                  w3 = __ldcs(row + c + 96);
+      dot_chunk<T, M, NORM>(acc, w0, x, x_stride, c);
+      dot_chunk<T, M, NORM>(acc, w1, x, x_stride, c + 32);
+      dot_chunk<T, M, NORM>(acc, w2, x, x_stride, c + 64);
+      dot_chunk<T, M, NORM>(acc, w3, x, x_stride, c + 96);
     }
+    for (; c < chunks; c += 32) dot_chunk<T, M, NORM>(acc, __ldcs(row + c), x, x_stride, c);
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[m] = elem::warp_sum(acc[m]);
+    bool writes = valid;
+    if (KS > 1) {  // the row's slices meet in shared memory; its first warp adds them up
+      if (lane == 0)
+#pragma unroll
+        for (int m = 0; m < M; ++m) part_s[warp][m] = acc[m];
+      __syncthreads();
+      writes = valid && slice == 0;
+      if (writes) {
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          float v = 0.f;
+#pragma unroll
+          for (int k = 0; k < KS; ++k) v += part_s[warp + k][m];  // (warp is the row's first: slice 0)
+          acc[m] = v;
+        }
+      }
+    }
+    if (lane == 0 && writes) {
+      const float b = bias != nullptr ? to_f(bias[n]) : 0.f;
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        float v = acc[m] + b;
+        if (act == 1) v = fmaxf(v, 0.f);
+        y[m * n_out + n] = from_f<T>(v);
+      }
+    }
+    tile += gridDim.x;
+    if (!NORM || tile >= tiles) return;
+    if (KS > 1) __syncthreads();  // part_s is read above before the next tile writes it
+    n = tile * per_block + warp / KS;
+    preload(n < n_out, reinterpret_cast<const uint4*>(w + n * k_in) + slice * chunks);
   }
 }
 
@@ -116,40 +179,92 @@ int split_for(int64_t k_in) {
   return 1;
 }
 
-template <typename T, int KS>
+// Blocks of `kernel` (kWarps * 32 threads, smem bytes of dynamic shared memory) resident on the
+// current device at once; at least 1. Asked once per (device, kernel, smem).
+int64_t resident_blocks(const void* kernel, size_t smem) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, const void*, size_t>, int64_t> known;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 1;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known.find({dev, kernel, smem});
+  if (it == known.end()) {
+    int per_sm = 0, sms = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+      per_sm = sms = 1;
+    it = known.emplace(std::make_tuple(dev, kernel, smem), std::max<int64_t>(1, static_cast<int64_t>(per_sm) * sms)).first;
+  }
+  return it->second;
+}
+
+template <typename T, int KS, bool NORM>
 cudaError_t launch_split(T* y, const T* x, const T* w, const T* bias, int64_t rows, int64_t n_out, int64_t k_in,
-                         int64_t x_stride, int act, cudaStream_t s) {
+                         int64_t x_stride, int act, const NormArgs<T>& na, cudaStream_t s) {
   constexpr int per_block = kWarps / KS;
-  const dim3 grid(static_cast<unsigned>((n_out + per_block - 1) / per_block)), block(kWarps * 32);
+  const int64_t tiles = (n_out + per_block - 1) / per_block;
+  const dim3 block(kWarps * 32);
+  const size_t smem = NORM ? static_cast<size_t>(rows * k_in) * sizeof(T) : 0;
+  auto go = [&](auto kernel) {
+    // With a prologue: no more blocks than fit on the device at once (each normalises once).
+    const int64_t blocks = NORM ? std::min<int64_t>(tiles, resident_blocks(reinterpret_cast<const void*>(kernel), smem)) : tiles;
+    return pdl::launch_smem(kernel, dim3(static_cast<unsigned>(blocks)), block, smem, s, y, x, w, bias, n_out, k_in,
+                            x_stride, act, na);
+  };
   switch (rows) {
-    case 1: return pdl::launch(small_linear_kernel<T, 1, KS>, grid, block, s, y, x, w, bias, n_out, k_in, x_stride, act);
-    case 2: return pdl::launch(small_linear_kernel<T, 2, KS>, grid, block, s, y, x, w, bias, n_out, k_in, x_stride, act);
-    case 3: return pdl::launch(small_linear_kernel<T, 3, KS>, grid, block, s, y, x, w, bias, n_out, k_in, x_stride, act);
-    case 4: return pdl::launch(small_linear_kernel<T, 4, KS>, grid, block, s, y, x, w, bias, n_out, k_in, x_stride, act);
+    case 1: return go(small_linear_kernel<T, 1, KS, NORM>);
+    case 2: return go(small_linear_kernel<T, 2, KS, NORM>);
+    case 3: return go(small_linear_kernel<T, 3, KS, NORM>);
+    case 4: return go(small_linear_kernel<T, 4, KS, NORM>);
     default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T, bool NORM>
+cudaError_t launch_norm(T* y, const T* x, const T* w, const T* bias, int64_t rows, int64_t n_out, int64_t k_in,
+                        int64_t x_stride, int act, const NormArgs<T>& na, cudaStream_t s) {
+  switch (split_for(k_in)) {
+    case 4: return launch_split<T, 4, NORM>(y, x, w, bias, rows, n_out, k_in, x_stride, act, na, s);
+    case 2: return launch_split<T, 2, NORM>(y, x, w, bias, rows, n_out, k_in, x_stride, act, na, s);
+    default: return launch_split<T, 1, NORM>(y, x, w, bias, rows, n_out, k_in, x_stride, act, na, s);
   }
 }
 
 template <typename T>
 cudaError_t launch(void* y, const void* x, const void* w, const void* bias, int64_t rows, int64_t n_out,
-                   int64_t k_in, int64_t x_stride, int act, cudaStream_t s) {
+                   int64_t k_in, int64_t x_stride, int act, const NormPrologue* norm, cudaStream_t s) {
   auto Y = static_cast<T*>(y);
   auto X = static_cast<const T*>(x);
   auto W = static_cast<const T*>(w);
   auto B = static_cast<const T*>(bias);
-  switch (split_for(k_in)) {
-    case 4: return launch_split<T, 4>(Y, X, W, B, rows, n_out, k_in, x_stride, act, s);
-    case 2: return launch_split<T, 2>(Y, X, W, B, rows, n_out, k_in, x_stride, act, s);
-    default: return launch_split<T, 1>(Y, X, W, B, rows, n_out, k_in, x_stride, act, s);
-  }
+  NormArgs<T> na{};
+  if (norm == nullptr) return launch_norm<T, false>(Y, X, W, B, rows, n_out, k_in, x_stride, act, na, s);
+  na = NormArgs<T>{static_cast<const T*>(norm->h), static_cast<const T*>(norm->a), static_cast<const T*>(norm->weight),
+                   static_cast<const T*>(norm->bias), static_cast<T*>(norm->sum_out), norm->eps, norm->rms};
+  return launch_norm<T, true>(Y, X, W, B, rows, n_out, k_in, k_in, act, na, s);
 }
 
 }  // namespace
 
 std::string small_linear(void* y, const void* x, const void* w, const void* bias, int64_t rows,
                          int64_t out_features, int64_t in_features, int64_t x_stride, int act, DType dtype,
-                         void* stream) {
+                         void* stream, const NormPrologue* norm) {
   if (rows < 1 || rows > kSmallLinearMaxRows) return "small_linear: rows must be 1.." + std::to_string(kSmallLinearMaxRows);
+  if (norm != nullptr) {
+    x = w;  // unused, but checked below
+    x_stride = in_features;
+    const int64_t elem = dtype == DType::kFloat32 ? 4 : 2;
+    if (in_features > kAddNormMaxHidden || rows * in_features * elem > kSmallLinearNormMaxBytes)
+      return "small_linear: a norm prologue takes up to " + std::to_string(kAddNormMaxHidden) + " inputs and " +
+             std::to_string(kSmallLinearNormMaxBytes) + " bytes of input rows";
+    if (norm->h == nullptr || norm->a == nullptr || norm->weight == nullptr || norm->sum_out == nullptr)
+      return "small_linear: a norm prologue needs h, a, weight and sum_out";
+    const uintptr_t any = reinterpret_cast<uintptr_t>(norm->h) | reinterpret_cast<uintptr_t>(norm->a) |
+                          reinterpret_cast<uintptr_t>(norm->weight) | reinterpret_cast<uintptr_t>(norm->bias) |
+                          reinterpret_cast<uintptr_t>(norm->sum_out);
+    if (any % 16) return "small_linear: the norm prologue's pointers must be 16-byte aligned";
+    if (norm->rms != 0 && norm->rms != 1) return "small_linear: rms must be 0 (LayerNorm) or 1 (RMSNorm)";
+  }
   if (in_features % kVec || x_stride % kVec || out_features < 1)
     return "small_linear: in_features and x_stride must be multiples of 8";
   if ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(w)) % 16)
@@ -158,9 +273,9 @@ std::string small_linear(void* y, const void* x, const void* w, const void* bias
   auto s = static_cast<cudaStream_t>(stream);
   cudaError_t e;
   if (dtype == DType::kFloat16)
-    e = launch<__half>(y, x, w, bias, rows, out_features, in_features, x_stride, act, s);
+    e = launch<__half>(y, x, w, bias, rows, out_features, in_features, x_stride, act, norm, s);
   else if (dtype == DType::kBFloat16)
-    e = launch<__nv_bfloat16>(y, x, w, bias, rows, out_features, in_features, x_stride, act, s);
+    e = launch<__nv_bfloat16>(y, x, w, bias, rows, out_features, in_features, x_stride, act, norm, s);
   else
     return "small_linear: fp16 or bf16 only";
   return e == cudaSuccess ? "" : cudaGetErrorString(e);

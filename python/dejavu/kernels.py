@@ -9,7 +9,8 @@ v_new=)`): one kernel instead of three. DEJAVU_ATTENTION_FUSE=0 runs the KV writ
 as kernels of their own (a baseline).
 
 `add_norm` is a residual add and the LayerNorm / RMSNorm after it in one kernel (fp16/bf16 on
-CUDA; DEJAVU_NORM=torch, other dtypes and the CPU use the torch ops).
+CUDA; DEJAVU_NORM=torch, other dtypes and the CPU use the torch ops). `add_norm_linear` also runs
+the linear layer that reads the norm's output, in the same kernel where the linear kernel serves.
 
 `linear` runs the models' linear layers: with at most `SMALL_LINEAR_ROWS` rows of fp16/bf16 input
 on CUDA (a decode step at batch 1-4) through our weight-streaming kernel, otherwise (and with
@@ -187,21 +188,68 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.relu(y) if relu else y
 
 
-def add_norm(h: torch.Tensor, a: torch.Tensor, norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h + a, norm(h + a)) for a LayerNorm or the models' RMSNorm (`eps`, `weight`, `bias`)."""
+def _add_norm_args(h: torch.Tensor, a: torch.Tensor, norm: torch.nn.Module):
+    """(h, a, norm weight, norm bias or None, rms) made ready for the add_norm kernels (contiguous,
+    aligned), or None where they do not serve (CPU, fp32, wide rows, DEJAVU_NORM=torch)."""
     rms = not isinstance(norm, torch.nn.LayerNorm)
     w, b = norm.weight, None if rms else norm.bias
     hidden = h.shape[-1]
-    if (h.is_cuda and h.dtype in _HALF and a.dtype == h.dtype and hidden % 8 == 0
+    if not (h.is_cuda and h.dtype in _HALF and a.dtype == h.dtype and a.shape == h.shape and hidden % 8 == 0
             and hidden <= _C.add_norm_max_hidden and w is not None and w.shape == (hidden,) and w.dtype == h.dtype
             and (b is None or b.dtype == h.dtype) and not (torch.is_grad_enabled() and w.requires_grad)
             and _switched_on("DEJAVU_NORM")):
-        h, a = h.contiguous(), a.contiguous()
-        b_ptr = 0 if b is None else b.data_ptr()
-        if (h.data_ptr() | a.data_ptr() | w.data_ptr() | b_ptr) % 16 == 0:
-            s, y = torch.empty_like(h), torch.empty_like(h)
-            _C.add_norm(s.data_ptr(), y.data_ptr(), h.data_ptr(), a.data_ptr(), w.data_ptr(), b_ptr,
-                        h.numel() // hidden, hidden, float(norm.eps), int(rms), _HALF[h.dtype], _stream(h.device))
-            return s, y
+        return None
+    h, a = h.contiguous(), a.contiguous()
+    if (h.data_ptr() | a.data_ptr() | w.data_ptr() | (0 if b is None else b.data_ptr())) % 16:
+        return None
+    return h, a, w, b, rms
+
+
+def add_norm(h: torch.Tensor, a: torch.Tensor, norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + a, norm(h + a)) for a LayerNorm or the models' RMSNorm (`eps`, `weight`, `bias`)."""
+    args = _add_norm_args(h, a, norm)
+    if args is not None:
+        h, a, w, b, rms = args
+        hidden = h.shape[-1]
+        s, y = torch.empty_like(h), torch.empty_like(h)
+        _C.add_norm(s.data_ptr(), y.data_ptr(), h.data_ptr(), a.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(),
+                    h.numel() // hidden, hidden, float(norm.eps), int(rms), _HALF[h.dtype], _stream(h.device))
+        return s, y
     s = h + a
     return s, norm(s)
+
+
+NORM_LINEAR = os.environ.get("DEJAVU_NORM_LINEAR", "1") != "0"
+# Rows add_norm_linear fuses. The kernel takes up to 4, but each block normalises its rows one
+# after another, and at 4 rows that cost more than the add_norm kernel it replaces (SmolLM2 shapes,
+# batch 4, H200: 1.088x the GPU time; batch 1: 0.987x; OPT-1.3B batch 1: 0.940x; docs/BENCHMARKS.md).
+NORM_LINEAR_MAX_ROWS = 1
+
+
+def norm_linear_serves(h: torch.Tensor, a: torch.Tensor, norm: torch.nn.Module, weight: torch.Tensor,
+                       bias: torch.Tensor | None) -> bool:
+    """Whether add_norm_linear runs these as one kernel."""
+    return (NORM_LINEAR and h.dim() == 2 and h.shape[0] <= NORM_LINEAR_MAX_ROWS
+            and h.numel() * h.element_size() <= _C.small_linear_norm_max_bytes
+            and _add_norm_args(h, a, norm) is not None and _small_linear_serves(h.contiguous(), weight, bias))
+
+
+def add_norm_linear(h: torch.Tensor, a: torch.Tensor, norm: torch.nn.Module, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None, relu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + a, linear(norm(h + a), weight, bias) [then ReLU]): at decode sizes on the GPU one kernel,
+    the linear kernel with the add and the norm as its prologue (each thread block normalises the
+    few rows itself); elsewhere add_norm then linear, which it equals bit for bit.
+    DEJAVU_NORM_LINEAR=0 keeps them apart (a baseline)."""
+    if norm_linear_serves(h, a, norm, weight, bias):
+        h, a, w, b, rms = _add_norm_args(h, a, norm)
+        rows, hidden = h.shape
+        s = torch.empty_like(h)
+        y = torch.empty((rows, weight.shape[0]), dtype=h.dtype, device=h.device)
+        _C.small_linear(y.data_ptr(), 0, weight.data_ptr(), 0 if bias is None else bias.data_ptr(), rows,
+                        weight.shape[0], hidden, hidden, int(relu), _HALF[h.dtype], _stream(h.device),
+                        norm_h=h.data_ptr(), norm_a=a.data_ptr(), norm_weight=w.data_ptr(),
+                        norm_bias=0 if b is None else b.data_ptr(), sum_out=s.data_ptr(), eps=float(norm.eps),
+                        rms=int(rms))
+        return s, y
+    s, x = add_norm(h, a, norm)
+    return s, linear(x, weight, bias, relu)

@@ -22,15 +22,23 @@ class PreNormBlock(nn.Module):
     returns (r, delta) unadded and takes the previous block's pending delta, so that add lands in
     the same kernel as this block's first norm (kernels.add_norm): one residual add + norm per
     block boundary instead of an add and a norm. Subclasses give `input_norm` and `body(r, x)`
-    (x = input_norm(r)) -> (r', delta); `deferrable` False falls back to `forward`."""
+    -> (r', delta), where x = input_norm(r), or, where they give `input_projection` (the
+    FusedLinears that reads the norm's output), x = input_projection(input_norm(r)): then the add,
+    the norm and the projection run as one kernel at decode sizes (FusedLinears.after_add_norm).
+    `deferrable` False falls back to `forward`."""
     deferrable = True
+    input_projection = None
 
     def step(self, h, pending, positions, meta, cache):
-        norm = self.input_norm
+        norm, proj = self.input_norm, self.input_projection
         if pending is None:
             x = norm(h)
-        else:
+            if proj is not None:
+                x = proj(x)
+        elif proj is None:
             h, x = kernels.add_norm(h, pending, norm)
+        else:
+            h, x = proj.after_add_norm(h, pending, norm)
         return self.body(h, x, positions, meta, cache)
 
     def forward(self, h, positions, meta, cache):

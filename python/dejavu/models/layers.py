@@ -209,10 +209,24 @@ class FusedLinears:
                 lin.bias.data = self.bias[at:at + n]
             at += n
 
+    @property
+    def fused(self) -> bool:
+        """Whether the layers' weights are views into the one matrix (fuse() ran and still holds)."""
+        return self.weight is not None and self.linears[0].weight.data_ptr() == self.weight.data_ptr()
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.weight is None or self.linears[0].weight.data_ptr() != self.weight.data_ptr():
+        if not self.fused:
             return tuple(lin(x) for lin in self.linears)
         return kernels.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+    def after_add_norm(self, h: torch.Tensor, a: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, tuple]:
+        """(h + a, self(norm(h + a))): the residual add, the norm and the projections in one kernel
+        at decode sizes on the GPU (kernels.add_norm_linear)."""
+        if not self.fused:
+            h, x = kernels.add_norm(h, a, norm)
+            return h, self(x)
+        h, y = kernels.add_norm_linear(h, a, norm, self.weight, self.bias)
+        return h, y.split(self.sizes, dim=-1)
 
 
 # ---------------------------------------------------------------------- norms and activations

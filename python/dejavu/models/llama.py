@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from .. import kernels
 from .base import DecoderLM, PreNormBlock
 from .layers import FusedLinears, Linear, RMSNorm, RowLinear, activation, apply_rope, paged_attention, rope_cos_sin
 
@@ -21,10 +20,14 @@ class LlamaAttention(nn.Module):
         self.qkv = FusedLinears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x, positions, meta, cache):
-        n = x.shape[0]
-        q, k, v = self.qkv(x)
+        return self.attend(self.qkv(x), positions, meta, cache)
+
+    def attend(self, qkv, positions, meta, cache):
+        """The attention after the q/k/v projection (qkv: its three outputs)."""
+        q, k, v = qkv
+        n = q.shape[0]
         q, k, v = q.view(n, self.h, self.d), k.view(n, self.kvh, self.d), v.view(n, self.kvh, self.d)
-        cos, sin = rope_cos_sin(positions, self.d, self.theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.d, self.theta, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = paged_attention(q, k, v, cache, meta, scale=self.d ** -0.5)
         return self.o_proj(o.reshape(n, -1))
@@ -41,7 +44,9 @@ class LlamaMLP(nn.Module):
         self.gate_up = FusedLinears(self.gate_proj, self.up_proj)
 
     def forward(self, x):
-        gate, up = self.gate_up(x)
+        return self.down(*self.gate_up(x))
+
+    def down(self, gate, up):
         return self.down_proj(self.act(gate) * up)
 
 
@@ -57,9 +62,14 @@ class LlamaLayer(PreNormBlock):
     def input_norm(self):
         return self.input_layernorm
 
-    def body(self, h, x, positions, meta, cache):
-        h, x = kernels.add_norm(h, self.self_attn(x, positions, meta, cache), self.post_attention_layernorm)
-        return h, self.mlp(x)
+    @property
+    def input_projection(self):
+        return self.self_attn.qkv
+
+    def body(self, h, qkv, positions, meta, cache):
+        a = self.self_attn.attend(qkv, positions, meta, cache)
+        h, (gate, up) = self.mlp.gate_up.after_add_norm(h, a, self.post_attention_layernorm)
+        return h, self.mlp.down(gate, up)
 
 
 class Llama(DecoderLM):

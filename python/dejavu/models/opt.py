@@ -22,8 +22,12 @@ class OPTAttention(nn.Module):
         self.qkv = FusedLinears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x, positions, meta, cache):
-        n = x.shape[0]
-        q, k, v = self.qkv(x)
+        return self.attend(self.qkv(x), positions, meta, cache)
+
+    def attend(self, qkv, positions, meta, cache):
+        """The attention after the q/k/v projection (qkv: its three outputs)."""
+        q, k, v = qkv
+        n = q.shape[0]
         q, k, v = q.view(n, self.h, self.d), k.view(n, self.h, self.d), v.view(n, self.h, self.d)
         o = paged_attention(q, k, v, cache, meta, scale=self.d ** -0.5)
         return self.out_proj(o.reshape(n, -1))
@@ -49,9 +53,16 @@ class OPTLayer(PreNormBlock):
         return self.fc2(kernels.linear(x, self.fc1.weight, self.fc1.bias, relu=True) if self.relu
                         else self.act(self.fc1(x)))
 
-    def body(self, h, x, positions, meta, cache):
-        # the residual add and the norm after it: one kernel on the GPU
-        h, x = kernels.add_norm(h, self.self_attn(x, positions, meta, cache), self.final_layer_norm)
+    @property
+    def input_projection(self):
+        return self.self_attn.qkv
+
+    def body(self, h, qkv, positions, meta, cache):
+        a = self.self_attn.attend(qkv, positions, meta, cache)
+        if self.relu:  # the residual add, the norm, fc1 and its ReLU: one kernel at decode sizes
+            h, x = kernels.add_norm_linear(h, a, self.final_layer_norm, self.fc1.weight, self.fc1.bias, relu=True)
+            return h, self.fc2(x)
+        h, x = kernels.add_norm(h, a, self.final_layer_norm)
         return h, self._mlp(x)
 
     def forward(self, h, positions, meta, cache):
