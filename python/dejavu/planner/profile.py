@@ -220,6 +220,7 @@ def _overhead(prof: Profile, model: str, device: str, dtype: str, seed: int, bat
     a, b = stage_layers(prof.num_layers, 2)
     stages = (prof.stage_time("decode", a, True, False, batch, batch * (context + 16)) +
               prof.stage_time("decode", b, False, True, batch, batch * (context + 16)))
+    prof.samples["overhead"] = {"via": via, "step_s": step, "stages_s": stages}  # what the estimate came from
     return max(0.0, step - stages)
 
 
