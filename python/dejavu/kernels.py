@@ -226,12 +226,20 @@ NORM_LINEAR = os.environ.get("DEJAVU_NORM_LINEAR", "1") != "0"
 NORM_LINEAR_MAX_ROWS = 1
 
 
+def _norm_linear_args(h: torch.Tensor, a: torch.Tensor, norm: torch.nn.Module, weight: torch.Tensor,
+                      bias: torch.Tensor | None):
+    """_add_norm_args(h, a, norm) where add_norm_linear runs these as one kernel, else None."""
+    if not (NORM_LINEAR and h.dim() == 2 and h.shape[0] <= NORM_LINEAR_MAX_ROWS
+            and h.numel() * h.element_size() <= _C.small_linear_norm_max_bytes):
+        return None
+    args = _add_norm_args(h, a, norm)
+    return args if args is not None and _small_linear_serves(args[0], weight, bias) else None
+
+
 def norm_linear_serves(h: torch.Tensor, a: torch.Tensor, norm: torch.nn.Module, weight: torch.Tensor,
                        bias: torch.Tensor | None) -> bool:
     """Whether add_norm_linear runs these as one kernel."""
-    return (NORM_LINEAR and h.dim() == 2 and h.shape[0] <= NORM_LINEAR_MAX_ROWS
-            and h.numel() * h.element_size() <= _C.small_linear_norm_max_bytes
-            and _add_norm_args(h, a, norm) is not None and _small_linear_serves(h.contiguous(), weight, bias))
+    return _norm_linear_args(h, a, norm, weight, bias) is not None
 
 
 def add_norm_linear(h: torch.Tensor, a: torch.Tensor, norm: torch.nn.Module, weight: torch.Tensor,
@@ -240,8 +248,9 @@ def add_norm_linear(h: torch.Tensor, a: torch.Tensor, norm: torch.nn.Module, wei
     the linear kernel with the add and the norm as its prologue (each thread block normalises the
     few rows itself); elsewhere add_norm then linear, which it equals bit for bit.
     DEJAVU_NORM_LINEAR=0 keeps them apart (a baseline)."""
-    if norm_linear_serves(h, a, norm, weight, bias):
-        h, a, w, b, rms = _add_norm_args(h, a, norm)
+    args = _norm_linear_args(h, a, norm, weight, bias)
+    if args is not None:
+        h, a, w, b, rms = args
         rows, hidden = h.shape
         s = torch.empty_like(h)
         y = torch.empty((rows, weight.shape[0]), dtype=h.dtype, device=h.device)
