@@ -179,19 +179,40 @@ struct Workspace {
 };
 
 // out[row] from the first n partitions' partials (n == 0: zeros). Loads go through L2: other
-// blocks of the same launch may have written them.
+// blocks of the same launch may have written them. Partials are merged 8 at a time with a running
+// max (rescaled as it grows): each group's maxima, sums and outputs are loaded together, so a
+// short row costs one round of loads rather than one per quantity.
 template <typename T, int D>
 __device__ void combine_row(T* __restrict__ out, const Workspace& w, int64_t row, int n, int num_parts) {
+  constexpr int kGroup = 8;
   const float* m_p = w.max + row * num_parts;
   const float* s_p = w.sum + row * num_parts;
   const float* o_p = w.out + row * num_parts * D;
-  float m = -INFINITY;
-  for (int p = 0; p < n; ++p) m = fmaxf(m, __ldcg(m_p + p));
-  float total = 0.f;
-  for (int p = 0; p < n; ++p) total += __ldcg(s_p + p) * expf(__ldcg(m_p + p) - m);
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float o = 0.f;
-    for (int p = 0; p < n; ++p) o += __ldcg(o_p + p * D + d) * expf(__ldcg(m_p + p) - m);
+    float m = -INFINITY, total = 0.f, o = 0.f;
+    for (int p0 = 0; p0 < n; p0 += kGroup) {
+      float mp[kGroup], sp[kGroup], op[kGroup];
+#pragma unroll
+      for (int i = 0; i < kGroup; ++i) {
+        const bool ok = p0 + i < n;
+        mp[i] = ok ? __ldcg(m_p + p0 + i) : -INFINITY;
+        sp[i] = ok ? __ldcg(s_p + p0 + i) : 0.f;
+        op[i] = ok ? __ldcg(o_p + (p0 + i) * D + d) : 0.f;
+      }
+      float m_new = m;
+#pragma unroll
+      for (int i = 0; i < kGroup; ++i) m_new = fmaxf(m_new, mp[i]);  // finite: partition p0 is below n
+      const float alpha = expf(m - m_new);                           // 0 for the first group
+      total *= alpha;
+      o *= alpha;
+#pragma unroll
+      for (int i = 0; i < kGroup; ++i) {
+        const float e = expf(mp[i] - m_new);  // 0 past n
+        total += sp[i] * e;
+        o += op[i] * e;
+      }
+      m = m_new;
+    }
     out[row * D + d] = from_f<T>(n > 0 ? o / total : 0.f);
   }
 }
@@ -364,8 +385,8 @@ decode_attention_rows_kernel(T* __restrict__ out, const T* __restrict__ q, const
     combine_last<T, D>(out, wsp, counters, row, n_parts, num_parts);
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, int D, int NW>
+__global__ void __launch_bounds__(NW * 32)
 decode_attention_warps_kernel(T* __restrict__ out, const T* __restrict__ q, const T* __restrict__ cache,
                         const int64_t* __restrict__ block_tables, const int64_t* __restrict__ context_lens,
                         const float* __restrict__ slopes, float* __restrict__ ws, int num_seqs, int H, int KVH,
@@ -388,13 +409,13 @@ decode_attention_warps_kernel(T* __restrict__ out, const T* __restrict__ q, cons
   if (ctx == 0) {  // padding row
     if (blockIdx.z == 0) {
       pdl::wait();
-      for (int d = threadIdx.x; d < D; d += kThreads) out[row * D + d] = from_f<T>(0.f);
+      for (int d = threadIdx.x; d < D; d += NW * 32) out[row * D + d] = from_f<T>(0.f);
     }
     return;
   }
   __shared__ float q_s[D];
-  __shared__ float red_m[kWarps], red_l[kWarps];
-  __shared__ float acc_s[kWarps][D];
+  __shared__ float red_m[NW], red_l[NW];
+  __shared__ float acc_s[NW][D];
   __shared__ int64_t blk_s[kPart + 1];  // cache blocks of the partition's keys
   __shared__ int flag_s;
   const Head<T, D> g(h, b, H, KVH, BS, block_tables, bt_stride, slopes);
@@ -410,7 +431,7 @@ decode_attention_warps_kernel(T* __restrict__ out, const T* __restrict__ q, cons
     const int end = min(ctx, start + kPart);
     const int first_blk = start / BS;
     const int nblk = (end - 1) / BS - first_blk + 1;
-    for (int i = threadIdx.x; i < nblk; i += kThreads) blk_s[i] = g.table[first_blk + i];
+    for (int i = threadIdx.x; i < nblk; i += NW * 32) blk_s[i] = g.table[first_blk + i];
     __syncthreads();
     auto row_ptr = [&](int t, int64_t half) {
       return reinterpret_cast<const uint4*>(cache + blk_s[t / BS - first_blk] * g.blk_stride + half +
@@ -441,7 +462,7 @@ decode_attention_warps_kernel(T* __restrict__ out, const T* __restrict__ q, cons
     if (!waited) {  // (the same for the whole block)
       pdl::wait();
       waited = true;
-      for (int i = threadIdx.x; i < D; i += kThreads) q_s[i] = to_f(q[b * q_stride + static_cast<int64_t>(h) * D + i]);
+      for (int i = threadIdx.x; i < D; i += NW * 32) q_s[i] = to_f(q[b * q_stride + static_cast<int64_t>(h) * D + i]);
       store_new_kv<T, D>(nk, g, b, h, H, KVH, BS, ctx);
       if (base < end) {
 #pragma unroll
@@ -459,7 +480,7 @@ decode_attention_warps_kernel(T* __restrict__ out, const T* __restrict__ q, cons
     float m_w = -INFINITY, l_w = 0.f, acc[kVec];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) acc[j] = 0.f;
-    for (bool first = true; base < end; base += kWarps * kWarpRows, first = false) {
+    for (bool first = true; base < end; base += NW * kWarpRows, first = false) {
       if (!first) load(base);
       float s[kInFlight];
       float it_max = -INFINITY;
@@ -517,17 +538,17 @@ decode_attention_warps_kernel(T* __restrict__ out, const T* __restrict__ q, cons
     __syncthreads();
     float m = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, red_m[w]);
-    float wscale[kWarps], sum = 0.f;
+    for (int w = 0; w < NW; ++w) m = fmaxf(m, red_m[w]);
+    float wscale[NW], sum = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
+    for (int w = 0; w < NW; ++w) {
       wscale[w] = expf(red_m[w] - m);  // 0 for a warp without rows (-inf)
       sum += red_l[w] * wscale[w];
     }
-    for (int d = threadIdx.x; d < D; d += kThreads) {
+    for (int d = threadIdx.x; d < D; d += NW * 32) {
       float o = 0.f;
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) o += acc_s[w][d] * wscale[w];
+      for (int w = 0; w < NW; ++w) o += acc_s[w][d] * wscale[w];
       if (num_parts == 1)
         out[row * D + d] = from_f<T>(o / sum);
       else
@@ -587,6 +608,17 @@ int attention_kernel_choice() {
   return choice;
 }
 
+// Warps per block of the warps kernel: 8 by default (a 128-key partition of 64-wide fp16 heads is
+// then one round of loads, all issued before the wait for the previous kernel); 4 with
+// DEJAVU_ATTENTION_WARPS=4 (a baseline for benchmarks). Read once.
+int attention_warps_choice() {
+  static const int choice = [] {
+    const char* v = std::getenv("DEJAVU_ATTENTION_WARPS");
+    return v != nullptr && std::string(v) == "4" ? 4 : 8;
+  }();
+  return choice;
+}
+
 template <typename T, int D>
 cudaError_t launch_attention(void* out, const void* q, const void* cache, const int64_t* bt, const int64_t* ctx,
                              const float* slopes, float* ws, int64_t B, int64_t H, int64_t KVH, int64_t BS,
@@ -603,8 +635,11 @@ cudaError_t launch_attention(void* out, const void* q, const void* cache, const 
   const dim3 grid(static_cast<unsigned>(H), static_cast<unsigned>(B), static_cast<unsigned>(grid_parts));
   const int pick = attention_kernel_choice();
   const bool warps = pick == 0 ? B * H <= kDecodeWarpsMaxRows : pick == 2;
-  auto kernel = warps ? decode_attention_warps_kernel<T, D> : decode_attention_rows_kernel<T, D>;
-  cudaError_t e = pdl::launch(kernel, grid, dim3(kThreads), s, static_cast<T*>(out),
+  const bool wide = warps && attention_warps_choice() == 8;
+  auto kernel = !warps ? decode_attention_rows_kernel<T, D>
+                : wide ? decode_attention_warps_kernel<T, D, 8>
+                       : decode_attention_warps_kernel<T, D, kWarps>;
+  cudaError_t e = pdl::launch(kernel, grid, dim3(wide ? 8 * 32 : kThreads), s, static_cast<T*>(out),
                               static_cast<const T*>(q), static_cast<const T*>(cache), bt, ctx, slopes, ws,
                               static_cast<int>(B), static_cast<int>(H), static_cast<int>(KVH), static_cast<int>(BS),
                               bt_stride, q_stride, static_cast<int>(parts), scale, nk, counters);
