@@ -421,7 +421,7 @@ PYBIND11_MODULE(_C, m) {
     norm.sum_out = as_ptr<void>(sum_out);
     norm.eps = eps;
     norm.rms = rms;
-    const bool prologue = norm_h != 0 || norm_a != 0 || sum_out != 0;
+    const bool prologue = norm_h != 0 || norm_a != 0 || norm_weight != 0 || sum_out != 0;
     std::string err = small_linear(as_ptr<void>(y), as_ptr<const void>(x), as_ptr<const void>(w),
                                    as_ptr<const void>(bias), rows, out_features, in_features, x_stride, act,
                                    static_cast<DType>(dtype), as_ptr<void>(stream), prologue ? &norm : nullptr);

@@ -10,6 +10,10 @@ TINY = {
     "opt": lambda: T.OPTConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                ffn_dim=128, max_position_embeddings=256, word_embed_proj_dim=64,
                                bos_token_id=2, eos_token_id=2, pad_token_id=1),
+    # GELU instead of ReLU (fc1 then runs without the fused activation).
+    "opt-gelu": lambda: T.OPTConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    ffn_dim=128, max_position_embeddings=256, word_embed_proj_dim=64,
+                                    activation_function="gelu", bos_token_id=2, eos_token_id=2, pad_token_id=1),
     # OPT-350m style: post-LayerNorm and projected embeddings.
     "opt-postln": lambda: T.OPTConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                       ffn_dim=128, max_position_embeddings=256, word_embed_proj_dim=32,

@@ -392,9 +392,16 @@ def test_add_norm_linear_rejects_bad_prologues():
     with pytest.raises(RuntimeError, match="needs h, a, weight and sum_out"):
         _C.small_linear(y.data_ptr(), 0, w.data_ptr(), 0, 1, 16, 8192, 8192, 0, dt, stream, norm_h=h.data_ptr(),
                         norm_a=h.data_ptr(), norm_weight=nw.data_ptr())
+    with pytest.raises(RuntimeError, match="needs h, a, weight and sum_out"):  # a norm weight alone is a prologue
+        _C.small_linear(y.data_ptr(), 0, w.data_ptr(), 0, 1, 16, 8192, 8192, 0, dt, stream, norm_weight=nw.data_ptr())
+    with pytest.raises(RuntimeError, match="x is null"):  # no prologue and no input
+        _C.small_linear(y.data_ptr(), 0, w.data_ptr(), 0, 1, 16, 8192, 8192, 0, dt, stream)
+    with pytest.raises(RuntimeError, match="w must be 16-byte aligned"):
+        _C.small_linear(y.data_ptr(), 0, w.data_ptr() + 2, 0, 1, 16, 8192, 8192, 0, dt, stream,
+                        norm_h=h.data_ptr(), norm_a=h.data_ptr(), norm_weight=nw.data_ptr(), sum_out=s.data_ptr())
 
 
-@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("family", ["opt", "opt-gelu", "llama"])
 def test_add_norm_linear_keeps_greedy_tokens(family, tmp_path, monkeypatch):
     """fp16 decode through CUDA graphs: the same greedy tokens with the norm inside the linear
     kernels (DEJAVU_NORM_LINEAR) and without, and with it on the prologue kernels did run."""

@@ -5,7 +5,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
-#include <utility>
+#include <tuple>
 
 namespace dejavu {
 namespace {
@@ -13,7 +13,7 @@ namespace {
 std::atomic<int> g_mode{-1};  // -1: not read from the environment yet
 
 std::mutex g_mu;
-std::map<std::pair<int, const void*>, bool> g_capable;  // (device, kernel) -> compiled for sm_90+
+std::map<std::tuple<int, const void*, size_t>, int64_t> g_facts;  // (device, kernel, key) -> value
 
 }  // namespace
 
@@ -33,22 +33,26 @@ bool programmatic_launch() {
 
 namespace pdl {
 
+int64_t kernel_fact(const void* kernel, size_t key, int64_t (*compute)(int, const void*, size_t), int64_t fallback) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return fallback;
+  std::lock_guard<std::mutex> lock(g_mu);
+  auto it = g_facts.find({dev, kernel, key});
+  if (it == g_facts.end()) it = g_facts.emplace(std::make_tuple(dev, kernel, key), compute(dev, kernel, key)).first;
+  return it->second;
+}
+
 bool enabled_for(const void* kernel) {
   if (!programmatic_launch()) return false;
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  std::lock_guard<std::mutex> lock(g_mu);
-  auto it = g_capable.find({dev, kernel});
-  if (it == g_capable.end()) {
+  return kernel_fact(kernel, 0, [](int dev, const void* k, size_t) -> int64_t {
     cudaFuncAttributes a{};
     // ptxVersion: the architecture the running code was compiled from (80 for the generic PTX
     // JIT-compiled on a newer card, which has no waits); PDL itself needs a 9.0+ device.
     int major = 0;
-    const bool ok = cudaFuncGetAttributes(&a, kernel) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess;
-    it = g_capable.emplace(std::make_pair(dev, kernel), ok && a.ptxVersion >= 90 && major >= 9).first;
-  }
-  return it->second;
+    return cudaFuncGetAttributes(&a, k) == cudaSuccess &&
+           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+           a.ptxVersion >= 90 && major >= 9;
+  }, 0) != 0;
 }
 
 }  // namespace pdl

@@ -2,6 +2,8 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <cstddef>
+#include <cstdint>
 #include <utility>
 
 #include "kernels/pdl.h"
@@ -24,6 +26,11 @@ __device__ __forceinline__ void wait() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+
+// A fact about `kernel` on the current device (its occupancy for `key` bytes of shared memory,
+// say), computed once per (device, kernel, key) by `compute(device, kernel, key)` and kept;
+// `fallback` where the current device cannot be read.
+int64_t kernel_fact(const void* kernel, size_t key, int64_t (*compute)(int, const void*, size_t), int64_t fallback);
 
 // Whether `kernel` is launched with PDL on the current device: the setting is on and the code
 // the device runs was compiled for compute capability 9.0 or later (so it has the waits).

@@ -59,11 +59,9 @@ class OPTLayer(PreNormBlock):
 
     def body(self, h, qkv, positions, meta, cache):
         a = self.self_attn.attend(qkv, positions, meta, cache)
-        if self.relu:  # the residual add, the norm, fc1 and its ReLU: one kernel at decode sizes
-            h, x = kernels.add_norm_linear(h, a, self.final_layer_norm, self.fc1.weight, self.fc1.bias, relu=True)
-            return h, self.fc2(x)
-        h, x = kernels.add_norm(h, a, self.final_layer_norm)
-        return h, self._mlp(x)
+        # The residual add, the norm and fc1 (with its ReLU): one kernel at decode sizes.
+        h, x = kernels.add_norm_linear(h, a, self.final_layer_norm, self.fc1.weight, self.fc1.bias, relu=self.relu)
+        return h, self.fc2(x if self.relu else self.act(x))
 
     def forward(self, h, positions, meta, cache):
         if self.pre_ln:
