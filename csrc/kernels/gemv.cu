@@ -7,20 +7,19 @@
 // taking a contiguous slice, so an 8192-wide row is loaded whole before the wait as well and four
 // times as many warps keep loads in flight; the slices' sums meet in shared memory.
 // With a norm prologue (NORM), each block computes x = norm(h + a) itself after the wait, into
-// shared memory (norm.cuh: add_norm_row, as the add_norm kernel computes it), and block 0 stores
-// h + a: the add_norm kernel before the linear layer and its launch disappear. The grid is then
-// only as large as fits on the device at once, each block taking every gridDim.x-th tile of
-// output features, so each normalises once rather than once per tile.
+// shared memory (norm.cuh: add_norm_row, as the add_norm kernel computes it, staged in that
+// shared row so that no registers are held across its reductions), and block 0 stores h + a: the
+// add_norm kernel before the linear layer and its launch disappear. The grid is then only as
+// large as fits on the device at once, each block taking every gridDim.x-th tile of output
+// features, so each normalises once rather than once per tile. Each tile is a round of loads, so
+// the registers (blocks per SM) set the number of rounds.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdlib>
-#include <map>
-#include <mutex>
 #include <string>
-#include <tuple>
 
 #include "kernels/gemv.h"
 #include "kernels/element.cuh"
@@ -69,7 +68,7 @@ struct NormArgs {
   int rms;
 };
 
-template <typename T, int M, int KS, bool NORM>
+template <typename T, int M, int KS, bool NORM, bool ROLL = false>
 __global__ void __launch_bounds__(kWarps * 32)
     small_linear_kernel(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w,
                         const T* __restrict__ bias, int64_t n_out, int64_t k_in, int64_t x_stride, int act,
@@ -102,7 +101,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     T* xs = reinterpret_cast<T*>(x_shared);
 #pragma unroll 1
     for (int m = 0; m < M; ++m)
-      norm::add_norm_row(blockIdx.x == 0 ? norm_args.sum_out + m * k_in : static_cast<T*>(nullptr), xs + m * k_in,
+      norm::add_norm_row<T, true>(blockIdx.x == 0 ? norm_args.sum_out + m * k_in : static_cast<T*>(nullptr), xs + m * k_in,
                          norm_args.h + m * k_in, norm_args.a + m * k_in, norm_args.weight, norm_args.bias, k_in,
                          norm_args.eps, norm_args.rms, red);
     __syncthreads();
@@ -113,12 +112,20 @@ __global__ void __launch_bounds__(kWarps * 32)
   for (;;) {
     const bool valid = n < n_out;
     const uint4* row = reinterpret_cast<const uint4*>(w + n * k_in) + slice * chunks;
+    // With a prologue, the block's next tile: each preloaded chunk, once used, is replaced by the
+    // next tile's, so the block's loads stay in flight while it computes.
+    const int64_t next_tile = tile + gridDim.x;
+    const int64_t n_next = next_tile * per_block + warp / KS;
+    const bool next_valid = NORM && ROLL && next_tile < tiles && n_next < n_out;
+    const uint4* next_row = reinterpret_cast<const uint4*>(w + (next_valid ? n_next : 0) * k_in) + slice * chunks;
     float acc[M];
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = 0.f;
 #pragma unroll
-    for (int i = 0; i < kPre; ++i)
+    for (int i = 0; i < kPre; ++i) {
       if (valid && lane + 32 * i < chunks) dot_chunk<T, M, NORM>(acc, pre[i], x, x_stride, lane + 32 * i);
+      if (next_valid && lane + 32 * i < chunks) pre[i] = __ldcs(next_row + lane + 32 * i);
+    }
     int64_t c = valid ? lane + 32 * kPre : chunks;
     for (; c + 96 < chunks; c += 128) {  // four loads in flight before any arithmetic
       const uint4 w0 = __ldcs(row + c), w1 = __ldcs(row + c + 32), w2 = __ldcs(row + c + 64),
@@ -157,11 +164,11 @@ __global__ void __launch_bounds__(kWarps * 32)
         y[m * n_out + n] = from_f<T>(v);
       }
     }
-    tile += gridDim.x;
+    tile = next_tile;
     if (!NORM || tile >= tiles) return;
     if (KS > 1) __syncthreads();  // part_s is read above before the next tile writes it
-    n = tile * per_block + warp / KS;
-    preload(n < n_out, reinterpret_cast<const uint4*>(w + n * k_in) + slice * chunks);
+    n = n_next;  // (its first chunks are in pre already, unless not rolled)
+    if (!ROLL) preload(n < n_out, reinterpret_cast<const uint4*>(w + n * k_in) + slice * chunks);
   }
 }
 
@@ -179,23 +186,34 @@ int split_for(int64_t k_in) {
   return 1;
 }
 
+// An integer setting from the environment (read once per name by the caller's static), or dflt.
+int env_int(const char* name, int dflt) {
+  const char* v = std::getenv(name);
+  return v == nullptr || *v == '\0' ? dflt : std::atoi(v);
+}
+
 // Blocks of `kernel` (kWarps * 32 threads, smem bytes of dynamic shared memory) resident on the
-// current device at once; at least 1. Asked once per (device, kernel, smem).
+// current device at once, at most DEJAVU_NORM_BLOCKS_PER_SM per SM where that is set (a knob for
+// benchmarks: fewer leaves room for the next kernel's blocks to start early); at least 1. Asked
+// once per (device, kernel, smem).
 int64_t resident_blocks(const void* kernel, size_t smem) {
-  static std::mutex mu;
-  static std::map<std::tuple<int, const void*, size_t>, int64_t> known;
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 1;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = known.find({dev, kernel, smem});
-  if (it == known.end()) {
+  return pdl::kernel_fact(kernel, smem, [](int dev, const void* k, size_t bytes) -> int64_t {
+    static const int cap = env_int("DEJAVU_NORM_BLOCKS_PER_SM", 0);
     int per_sm = 0, sms = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, smem) != cudaSuccess ||
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, kWarps * 32, bytes) != cudaSuccess ||
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-      per_sm = sms = 1;
-    it = known.emplace(std::make_tuple(dev, kernel, smem), std::max<int64_t>(1, static_cast<int64_t>(per_sm) * sms)).first;
-  }
-  return it->second;
+      return 1;
+    if (cap > 0) per_sm = std::min(per_sm, cap);
+    return std::max<int64_t>(1, static_cast<int64_t>(per_sm) * sms);
+  }, 1);
+}
+
+// DEJAVU_NORM_ROLL=1: a one-row prologue block loads its next tile's chunks as it uses the current
+// ones (ROLL) rather than after the tile. An experiment kept for benchmarks: on an H200 it made
+// the OPT-1.3B batch-1 step 8% slower (docs/BENCHMARKS.md), so it is off by default.
+int roll_setting() {
+  static const int roll = env_int("DEJAVU_NORM_ROLL", 0) != 0;
+  return roll;
 }
 
 template <typename T, int KS, bool NORM>
@@ -212,7 +230,10 @@ cudaError_t launch_split(T* y, const T* x, const T* w, const T* bias, int64_t ro
                             x_stride, act, na);
   };
   switch (rows) {
-    case 1: return go(small_linear_kernel<T, 1, KS, NORM>);
+    case 1:
+      if constexpr (NORM)
+        if (roll_setting()) return go(small_linear_kernel<T, 1, KS, true, true>);
+      return go(small_linear_kernel<T, 1, KS, NORM>);
     case 2: return go(small_linear_kernel<T, 2, KS, NORM>);
     case 3: return go(small_linear_kernel<T, 3, KS, NORM>);
     case 4: return go(small_linear_kernel<T, 4, KS, NORM>);
@@ -251,7 +272,7 @@ std::string small_linear(void* y, const void* x, const void* w, const void* bias
                          void* stream, const NormPrologue* norm) {
   if (rows < 1 || rows > kSmallLinearMaxRows) return "small_linear: rows must be 1.." + std::to_string(kSmallLinearMaxRows);
   if (norm != nullptr) {
-    x = w;  // unused, but checked below
+    x = nullptr;  // unused: the kernel reads norm(h + a)
     x_stride = in_features;
     const int64_t elem = dtype == DType::kFloat32 ? 4 : 2;
     if (in_features > kAddNormMaxHidden || rows * in_features * elem > kSmallLinearNormMaxBytes)
@@ -267,8 +288,9 @@ std::string small_linear(void* y, const void* x, const void* w, const void* bias
   }
   if (in_features % kVec || x_stride % kVec || out_features < 1)
     return "small_linear: in_features and x_stride must be multiples of 8";
+  if (norm == nullptr && x == nullptr) return "small_linear: x is null";
   if ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(w)) % 16)
-    return "small_linear: x and w must be 16-byte aligned";
+    return norm == nullptr ? "small_linear: x and w must be 16-byte aligned" : "small_linear: w must be 16-byte aligned";
   if (act != 0 && act != 1) return "small_linear: act must be 0 (none) or 1 (relu)";
   auto s = static_cast<cudaStream_t>(stream);
   cudaError_t e;
