@@ -608,15 +608,16 @@ int attention_kernel_choice() {
   return choice;
 }
 
-// Warps per block of the warps kernel: 8 by default (a 128-key partition of 64-wide fp16 heads is
-// then one round of loads, all issued before the wait for the previous kernel); 4 with
-// DEJAVU_ATTENTION_WARPS=4 (a baseline for benchmarks). Read once.
-int attention_warps_choice() {
-  static const int choice = [] {
+// Warps per block of the warps kernel: kWideWarps by default (a 128-key partition of 64-wide fp16
+// heads is then one round of loads, all issued before the wait for the previous kernel); kWarps
+// with DEJAVU_ATTENTION_WARPS=4 (a baseline for benchmarks). Read once.
+constexpr int kWideWarps = 8;
+bool wide_warps() {
+  static const bool wide = [] {
     const char* v = std::getenv("DEJAVU_ATTENTION_WARPS");
-    return v != nullptr && std::string(v) == "4" ? 4 : 8;
+    return !(v != nullptr && std::string(v) == "4");
   }();
-  return choice;
+  return wide;
 }
 
 template <typename T, int D>
@@ -635,11 +636,11 @@ cudaError_t launch_attention(void* out, const void* q, const void* cache, const 
   const dim3 grid(static_cast<unsigned>(H), static_cast<unsigned>(B), static_cast<unsigned>(grid_parts));
   const int pick = attention_kernel_choice();
   const bool warps = pick == 0 ? B * H <= kDecodeWarpsMaxRows : pick == 2;
-  const bool wide = warps && attention_warps_choice() == 8;
+  const bool wide = warps && wide_warps();
   auto kernel = !warps ? decode_attention_rows_kernel<T, D>
-                : wide ? decode_attention_warps_kernel<T, D, 8>
+                : wide ? decode_attention_warps_kernel<T, D, kWideWarps>
                        : decode_attention_warps_kernel<T, D, kWarps>;
-  cudaError_t e = pdl::launch(kernel, grid, dim3(wide ? 8 * 32 : kThreads), s, static_cast<T*>(out),
+  cudaError_t e = pdl::launch(kernel, grid, dim3((wide ? kWideWarps : kWarps) * 32), s, static_cast<T*>(out),
                               static_cast<const T*>(q), static_cast<const T*>(cache), bt, ctx, slopes, ws,
                               static_cast<int>(B), static_cast<int>(H), static_cast<int>(KVH), static_cast<int>(BS),
                               bt_stride, q_stride, static_cast<int>(parts), scale, nk, counters);
