@@ -223,6 +223,31 @@ def test_fast_path_greedy_equals_eager_and_hf(family, tmp_path):
     for p, n, o, r in zip(prompts, lens, outs, ref):
         assert o.token_ids == r.token_ids
         assert o.token_ids == hf_greedy(hf, p, n)
+    assert fast.engine.num_chained > 0  # steps queued before the host read the tokens before them
+
+
+def test_overlapped_graph_steps_equal_synchronous_ones(tmp_path):
+    """fp16 decode through CUDA graphs with each step's input id taken on the device from the graph
+    before (overlapped) and from the host (not): the same tokens, with stop tokens that end sequences
+    while a step is queued for them, and a late request that changes the bucket."""
+    hf = save_hf_model("llama", tmp_path)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, hf.config.vocab_size, (n,), generator=g).tolist() for n in (2, 9, 30, 4)]
+    runs = []
+    for overlap in (False, True):
+        llm = LLM(model=str(tmp_path), device="cuda", dtype="float16", block_size=4, max_num_seqs=8)
+        assert llm.engine.runner.graphs is not None
+        llm.engine.overlap = overlap
+        free = llm.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))
+        params = []
+        for i, o in enumerate(free):
+            t = o.token_ids
+            new = [x for j, x in enumerate(t) if j >= 3 + 2 * i and x not in t[:j]]
+            params.append(SamplingParams(max_tokens=24, ignore_eos=True, stop_token_ids=new[:1]))
+        runs.append(([o.token_ids for o in free], [(o.token_ids, o.finish_reason) for o in llm.generate(prompts, params)]))
+        assert (llm.engine.num_chained > 0) == overlap
+        assert llm.engine.cache.allocator.num_used == 0
+    assert runs[0] == runs[1]
 
 
 # ---------------------------------------------------------------------- small_linear (decode GEMV)

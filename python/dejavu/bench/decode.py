@@ -3,9 +3,10 @@
 For each batch size, one run of the same random prompts through: our engine with its GPU fast path
 (decode kernels + CUDA graphs), our engine eager (the same kernels, no graphs), and HF transformers
 (`generate`, plus one forward over the prompts for its prefill time). Reported per batch: prefill
-time, ms per decode step (engine step, host work included; and "GPU ms", the step's graph replayed
-alone, i.e. without the scheduler, sampling and copies on the host), decode tokens/s, the ratio to the floor and to HF, and whether the greedy
-tokens agree with HF's.
+time, ms per decode step (engine step, host work included, greedy steps overlapped with the host's
+work; "sync", the same with each step waiting for its tokens before the next is queued; and "GPU
+ms", the step's graph replayed alone, i.e. without the scheduler, sampling and copies on the host),
+decode tokens/s, the ratio to the floor and to HF, and whether the greedy tokens agree with HF's.
 
 The floor is the time to read the weights once: weight bytes / the device's bandwidth, measured in
 the same run as a device-to-device copy of 1 GiB counted as 2 GiB of traffic (read + write).
@@ -67,7 +68,7 @@ def _ours(llm, prompts: list[list[int]], max_tokens: int, streams=None,
         eng.step()
     _sync(dev)
     t1 = time.perf_counter()
-    steps = 0
+    first = max(s.num_output_tokens for s in seqs)
     bs = streams.cache.block_size if streams else 0
     while eng.has_unfinished():
         before = [len(s) for s in seqs] if streams else None
@@ -79,9 +80,10 @@ def _ours(llm, prompts: list[list[int]], max_tokens: int, streams=None,
             # of the length before the step (the block table is complete only after the step)
             streams.after_step([(list(s.block_table), n - 1, n) for s, n in zip(seqs, before)
                                 if len(s) > n and len(s.block_table) * bs >= n])
-        steps += 1
     _sync(dev)
     t2 = time.perf_counter()
+    # decode steps: tokens after the first (an overlapped step's call returns before its tokens land)
+    steps = max(s.num_output_tokens for s in seqs) - first
     return t1 - t0, (t2 - t1) / max(steps, 1), [s.output_ids for s in seqs]
 
 
@@ -307,7 +309,7 @@ def _swap_gpu_ms(llm, batch: int, stream: _SwapStream, pairs: int, n: int = 40) 
     graphs = llm.engine.runner.graphs
     if graphs is None:
         return {}
-    g = graphs.graphs[next(x for x in graphs.buckets if x >= batch)][0]
+    g = graphs.graph(batch)
     times = {False: [], True: []}
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(pairs):
@@ -340,6 +342,10 @@ def _with_replication(llm, batch: list[list[int]], max_tokens: int, pairs: int, 
         raise ValueError(f"--replicate-path takes {', '.join(REPLICATE_PATHS)}, got {', '.join(paths) or 'nothing'}")
     off, on, exact = [], {p: [] for p in paths}, []
     stream = _ReplicationStream(llm, every, holder, skip)
+    # A step that streams its KV waits for its tokens before the next is queued (a ring's rows are
+    # staged one step at a time), so both halves run without overlapped steps: the ratio is the
+    # streaming's own cost (docs/gpu-fast-path.md).
+    overlap, llm.engine.overlap = llm.engine.overlap, False
     try:
         for p in paths:
             stream.using(p)  # a path this engine cannot run fails before any run
@@ -351,6 +357,7 @@ def _with_replication(llm, batch: list[list[int]], max_tokens: int, pairs: int, 
                 exact.append(stream.mirror_matches())  # each run's last steps, before the next run reuses the blocks
     finally:
         stream.close()
+        llm.engine.overlap = overlap
     by_path = {}
     for p in paths:
         off_ms, on_ms, ratio, pair_ratios = _paired(off, on[p])
@@ -408,7 +415,7 @@ def _replay_ms(g: torch.cuda.CUDAGraph, n: int) -> float:
 def replay_ms(graphs, batch: int, n: int = 20) -> float:
     """GPU time of one decode step: the batch's graph replayed back to back (the static inputs
     still hold the last step's, whose blocks are free by now; nothing reads what this writes)."""
-    return _replay_ms(graphs.graphs[next(x for x in graphs.buckets if x >= batch)][0], n)
+    return _replay_ms(graphs.graph(batch), n)
 
 
 def attention_ms(graphs, batch: int, n: int = 5) -> float:
@@ -513,13 +520,18 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
         _hf(hf, prompts[:1].to(dev), 4)
     print(f"{result['card']}, {result['dtype']}, {model}: weights {wbytes / 1e9:.2f} GB, copy bandwidth "
           f"{bw / 1e9:.0f} GB/s (read+write) -> floor {floor_ms:.3f} ms/step")
-    print(f"{'batch':>5} {'prefill ms':>10} {'HF prefill':>10} {'ms/step':>8} {'GPU ms':>8} {'attn ms':>8} {'eager':>8} {'HF':>8} "
+    print(f"{'batch':>5} {'prefill ms':>10} {'HF prefill':>10} {'ms/step':>8} {'sync':>8} {'GPU ms':>8} {'attn ms':>8} "
+          f"{'eager':>8} {'HF':>8} "
           f"{'tok/s':>9} {'x floor':>7} {'x HF':>6} {'same as HF':>10}")
     for b in batches:
         graphs = llm.engine.runner.graphs  # (replication through the ring captures them again)
         batch = prompts[:b].tolist()
         pre, step, ours_ids = _ours(llm, batch, max_tokens)
         row = {"batch": b, "prefill_ms": 1e3 * pre, "ms_per_step": 1e3 * step, "tok_s": b / step}
+        if llm.engine.overlap:  # the baseline: each step waits for its tokens before the next is queued
+            llm.engine.overlap = False
+            row["sync_ms_per_step"] = 1e3 * _ours(llm, batch, max_tokens)[1]
+            llm.engine.overlap = True
         if graphs is not None:
             row["gpu_ms_per_step"] = replay_ms(graphs, b)
             row["attention_ms_per_step"] = attention_ms(graphs, b)
@@ -541,7 +553,7 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
             row.update(_with_swap(llm, batch, max_tokens, pairs, b * per_seq, swap_driver))
         result["rows"].append(row)
         f = lambda k, w=8, p=3: f"{row[k]:>{w}.{p}f}" if k in row else f"{'-':>{w}}"  # noqa: E731
-        print(f"{b:>5} {f('prefill_ms', 10, 1)} {f('hf_prefill_ms', 10, 1)} {f('ms_per_step')} "
+        print(f"{b:>5} {f('prefill_ms', 10, 1)} {f('hf_prefill_ms', 10, 1)} {f('ms_per_step')} {f('sync_ms_per_step')} "
               f"{f('gpu_ms_per_step')} {f('attention_ms_per_step')} {f('eager_ms_per_step')} {f('hf_ms_per_step')} "
               f"{f('tok_s', 9, 1)} {f('x_floor', 7, 2)} "
               f"{f('speedup_vs_hf', 6, 1)} {row.get('identical_sequences', '-'):>10}")

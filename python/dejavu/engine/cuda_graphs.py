@@ -12,7 +12,11 @@ kernel reading the pinned buffer over PCIe, not a copy-engine memcpy: a swap-in 
 host-to-device DMA running beside the step would otherwise hold the step's inputs behind it in the
 copy engine's queue (DEJAVU_GRAPH_INPUT_COPY=memcpy for the memcpy, to compare); rows past the batch are padding
 (their KV write is skipped, their attention has no keys). Nothing in a step waits for the GPU
-until the caller reads the sampled tokens. With a replication ring (ModelRunner.set_kv_tap) the
+until the caller reads the sampled tokens. Each graph ends with the rows' greedy tokens (argmax)
+on the device and in pinned memory; a row whose input id is -1 takes the token the step before
+picked, so the engine can queue a step before it has read the last one's tokens (overlapped
+steps, llm_engine.py). There are two pinned input buffers, each with its own graphs, used in turn:
+a step's inputs are written while the step before may still be queued. With a replication ring (ModelRunner.set_kv_tap) the
 graphs also write each new token's K/V into the ring rows a buffer field names (-1: none).
 
 Capture needs the decode kernels (dejavu.kernels): attention over a cache gathered with dynamic
@@ -70,17 +74,29 @@ class DecodeGraphs:
         # Packed int64 fields of a bucket b: ids, positions, slot blocks, slot offsets, context
         # lengths, ring rows (b each), then the block tables (b x max_blocks), from offset 0.
         total = self._words(mb)
-        self.host = torch.zeros(total, dtype=torch.int64, pin_memory=True)
-        self.host_np = self.host.numpy()
+        # Two pinned input buffers, each with its own graph per bucket, used in turn: a step's inputs
+        # are written while the step before it (reading the other buffer) may still be queued.
+        self.host = [torch.zeros(total, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        self.host_np = [h.numpy() for h in self.host]
         self.dev = torch.zeros(total, dtype=torch.int64, device=cache.device)
+        # Every graph ends with each row's greedy token here; a step whose input id is -1 (its
+        # newest token was sampled by the step before, still on the device) reads it from here first.
+        self.tokens = torch.zeros(mb, dtype=torch.int64, device=cache.device)
+        self.last_tokens: torch.Tensor | None = None  # the view run(greedy=True) returned last
+        # ... and the graph writes them to pinned memory too (the host reads them from there once the
+        # step is done; no copy of its own to queue), one row per input buffer.
+        self.host_tokens = [torch.zeros(mb, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        self.last_host: torch.Tensor | None = None
+        self.token_desc = torch.tensor([[0, 0, 8 * b] for b in self.buckets], dtype=torch.int64, device=cache.device)
         # one span per bucket: (0, 0, its bytes)
         self.desc = torch.tensor([[0, 0, 8 * self._words(b)] for b in self.buckets], dtype=torch.int64,
                                  device=cache.device)
         self.input_copy = os.environ.get("DEJAVU_GRAPH_INPUT_COPY", "kernel")
         if self.input_copy not in ("kernel", "memcpy"):
             raise ValueError(f"DEJAVU_GRAPH_INPUT_COPY must be kernel or memcpy, got {self.input_copy!r}")
-        self.replayed = torch.cuda.Event()
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.replayed = [torch.cuda.Event(), torch.cuda.Event()]
+        self.turn = 0  # the input buffer the next step writes
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def recapture(self, ring: KVRing | None) -> "DecodeGraphs":
         """The same graphs captured again, writing into `ring`."""
@@ -98,23 +114,36 @@ class DecodeGraphs:
         tables = t[nf * bucket:self._words(bucket)].view(bucket, self.max_blocks)
         return (*f, tables)
 
-    def _step(self, bucket: int) -> torch.Tensor:
-        """The bucket's inputs from the pinned buffer to the device, then the forward pass: both are
-        captured in the bucket's graph, so a step is one graph launch."""
+    def _step(self, bucket: int, turn: int) -> torch.Tensor:
+        """The bucket's inputs from pinned buffer `turn` to the device, then the forward pass: both
+        are captured in the (bucket, turn) graph, so a step is one graph launch."""
         words = self._words(bucket)
+        index = self.buckets.index(bucket)
+        stream = torch.cuda.current_stream(self.cache.device).cuda_stream
         if self.input_copy == "kernel":
-            index = self.buckets.index(bucket)
-            _C.cuda_copy_spans(self.host.data_ptr(), self.dev.data_ptr(), self.desc[index].data_ptr(), 1,
-                               torch.cuda.current_stream(self.cache.device).cuda_stream, 8 * words)
+            _C.cuda_copy_spans(self.host[turn].data_ptr(), self.dev.data_ptr(), self.desc[index].data_ptr(), 1,
+                               stream, 8 * words)
         else:
-            self.dev[:words].copy_(self.host[:words], non_blocking=True)
-        return self._forward(bucket)
+            self.dev[:words].copy_(self.host[turn][:words], non_blocking=True)
+        logits = self._forward(bucket)
+        # the greedy tokens to pinned memory: by the span-copy kernel (a copy-engine memcpy could
+        # queue behind a swap's DMA), or by a memcpy with DEJAVU_GRAPH_INPUT_COPY=memcpy
+        if self.input_copy == "kernel":
+            _C.cuda_copy_spans(self.tokens.data_ptr(), self.host_tokens[turn].data_ptr(),
+                               self.token_desc[index].data_ptr(), 1, stream, 8 * bucket)
+        else:
+            self.host_tokens[turn][:bucket].copy_(self.tokens[:bucket], non_blocking=True)
+        return logits
 
     def _forward(self, bucket: int) -> torch.Tensor:
         ids, pos, blk, off, ctx, rows, tables = self._views(self.dev, bucket)
+        tokens = self.tokens[:bucket]
+        ids = torch.where(ids < 0, tokens, ids)  # (before this step overwrites them)
         meta = AttnMetadata(slot_blocks=blk, slot_offsets=off, block_tables=tables, context_lens=ctx,
                             num_parts=self.parts, ring=self.ring, ring_rows=rows if self.ring is not None else None)
-        return self.model.compute_logits(self.model(ids, pos, meta, self.cache.tensor))
+        logits = self.model.compute_logits(self.model(ids, pos, meta, self.cache.tensor))
+        torch.argmax(logits, dim=-1, out=tokens)
+        return logits
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -124,13 +153,14 @@ class DecodeGraphs:
         side.wait_stream(torch.cuda.current_stream(self.cache.device))
         with torch.cuda.stream(side):
             for bucket in reversed(self.buckets):  # largest first: the smaller ones reuse its memory
-                self._fill([], bucket)  # all padding: nothing is written to the cache while capturing
-                self._step(bucket)  # warm-up (lazy initialisation stays out of the graph)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool, stream=side):
-                    out = self._step(bucket)
-                pool = g.pool()
-                self.graphs[bucket] = (g, out)
+                for turn in range(2):
+                    self._fill([], bucket, turn)  # all padding: nothing is written to the cache while capturing
+                    self._step(bucket, turn)  # warm-up (lazy initialisation stays out of the graph)
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=pool, stream=side):
+                        out = self._step(bucket, turn)
+                    pool = g.pool()
+                    self.graphs[bucket, turn] = (g, out)
         torch.cuda.current_stream(self.cache.device).wait_stream(side)
         torch.cuda.synchronize(self.cache.device)
         log.info("captured decode CUDA graphs for batch sizes %s in %.2f s", self.buckets, time.perf_counter() - t0)
@@ -139,8 +169,8 @@ class DecodeGraphs:
         """True for a decode-shaped batch (one new token each) the captured graphs hold."""
         return len(items) <= self.max_batch and all(len(x[0]) == 1 and len(x[2]) <= self.max_blocks for x in items)
 
-    def _fill(self, items, bucket: int, tap=None) -> None:
-        mb, h = bucket, self.host_np
+    def _fill(self, items, bucket: int, turn: int, tap=None) -> None:
+        mb, h = bucket, self.host_np[turn]
         h[:self.FIELDS * mb] = 0
         h[2 * mb:3 * mb] = -1  # padding rows store nothing
         h[5 * mb:6 * mb] = -1  # nor go to the ring
@@ -158,14 +188,26 @@ class DecodeGraphs:
             if first >= 0:
                 h[5 * mb:5 * mb + n] = np.arange(first, first + n)
 
-    def run(self, items, tap=None) -> torch.Tensor:
-        """Logits [B, vocab] for a decode batch of (new token ids (one), position, block table) items;
-        `tap` (a Replicator whose ring these graphs were captured with) stages ring rows for them."""
+    def graph(self, batch: int) -> torch.cuda.CUDAGraph:
+        """A graph for `batch` rows (benchmarks replay it by itself)."""
+        return self.graphs[next(x for x in self.buckets if x >= batch), 0][0]
+
+    def run(self, items, tap=None, greedy: bool = False) -> torch.Tensor:
+        """Logits [B, vocab] for a decode batch of (new token ids (one, or -1 for the token the
+        previous step sampled), position, block table) items, or with `greedy` each row's greedy
+        token ([B] int64, on the device). `tap` (a Replicator whose ring these graphs were captured
+        with) stages ring rows for them."""
         bucket = next(x for x in self.buckets if x >= len(items))
-        self.replayed.synchronize()  # the previous step's graph has read the pinned buffer
-        self._fill(items, bucket, tap)
-        g, out = self.graphs[bucket]
+        turn = self.turn
+        self.turn ^= 1
+        self.replayed[turn].synchronize()  # the step two before this one has read this pinned buffer
+        self._fill(items, bucket, turn, tap)
+        g, out = self.graphs[bucket, turn]
         g.replay()
-        self.replayed.record()
+        self.replayed[turn].record()
+        if greedy:
+            self.last_tokens = self.tokens[:len(items)]
+            self.last_host = self.host_tokens[turn][:len(items)]
+            return self.last_tokens
         return out[:len(items)]
 

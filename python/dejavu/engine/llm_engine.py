@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass
 
@@ -34,6 +35,28 @@ class EngineConfig:
     max_model_len: int = 0           # 0: the model's context length
     cuda_graphs: bool = True         # decode steps from CUDA graphs (single process on CUDA)
     admission: str = "greedy"        # greedy | reserve: see engine/scheduler.py
+    overlap_steps: bool = True       # greedy decode steps queued before the host reads tokens (below)
+
+
+class _Launched:
+    """A decode step queued on the device whose greedy tokens the host has not read yet."""
+
+    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor, host: torch.Tensor, copy: bool):
+        """`host`: where the tokens land on the host; `copy`: queue that copy here (else the step
+        writes them there itself)."""
+        self.seqs, self.tokens = seqs, tokens
+        self.host = host[:len(seqs)]
+        if copy:
+            self.host.copy_(tokens, non_blocking=True)
+        self.event = None
+        if tokens.is_cuda:
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def read(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 def eos_ids(cfg, tokenizer: Tokenizer) -> list[int]:
@@ -66,6 +89,15 @@ class LLMEngine:
         self.block_size, self.num_blocks = config.block_size, num_blocks
         self.eos_ids = eos_ids(cfg, tokenizer)
         self.num_generated = 0
+        # Overlapped decode steps (step()); DEJAVU_OVERLAP=0 turns them off, a baseline for benchmarks.
+        self.overlap = config.overlap_steps and os.environ.get("DEJAVU_OVERLAP", "1") != "0"
+        self.num_chained = 0  # decode steps queued before the tokens of the step before were read
+        self._launched: _Launched | None = None
+        # Pinned host rows for the sampled tokens, used in turn (a step's are read while the next's
+        # copy may be queued).
+        pin = device.type == "cuda"
+        self._token_rows = [torch.zeros(config.max_num_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._token_turn = 0
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB) on %s", num_blocks, config.block_size,
                  self.cache.nbytes / 2**20, device)
 
@@ -108,13 +140,73 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     # ------------------------------------------------------------------ one iteration
+    # Overlapped decode steps. When every sequence of a decode batch decodes greedily (and nothing can
+    # ban a token), a step is queued on the device and its tokens are picked there (argmax; with CUDA
+    # graphs, inside the step's graph); step() returns before they are read. The next call queues the
+    # following step over the same sequences before it reads the first one's tokens: that step takes
+    # its input ids from the device, so the GPU goes from one step to the next without waiting for
+    # the host, and the host's bookkeeping (reading tokens, stop checks, scheduling, the next step's
+    # inputs) runs while the GPU computes. A sequence that stops (EOS, a stop string, an abort) while
+    # a step is queued for it drops that step's token. Only one step is ever queued unread; a step
+    # that could change the batch (admission, a preemption, the last token of max_tokens) waits
+    # for the tokens first. docs/gpu-fast-path.md.
+
+    def _overlappable(self, seqs: list[Sequence]) -> bool:
+        """True when the next token of each of `seqs` is its greedy argmax (no ban, no randomness)
+        and is not its last by length: a step for them can be queued before their tokens are read."""
+        if not self.overlap or self.runner.kv_tap is not None:
+            return False
+        for s in seqs:
+            p, n = s.params, s.num_output_tokens + s.inflight  # tokens before the one this step picks
+            if not p.greedy or n >= p.max_tokens or len(s) + s.inflight >= self.max_model_len:
+                return False
+            if n < p.min_tokens and (p.stop_token_ids or (self.eos_ids and not p.ignore_eos)):
+                return False
+        return True
+
+    def _launch(self, seqs: list[Sequence], chain: _Launched | None) -> _Launched:
+        tokens, host = self.runner.run_greedy(seqs, chain.tokens if chain is not None else None)
+        for s in seqs:
+            s.inflight += 1
+        if host is not None:
+            return _Launched(seqs, tokens, host, copy=False)
+        rows = self._token_rows[self._token_turn]
+        self._token_turn ^= 1
+        return _Launched(seqs, tokens, rows, copy=True)
+
+    def _land(self, launched: _Launched) -> list[Sequence]:
+        """Read a queued step's tokens into its sequences (those still running)."""
+        out = []
+        for s, tok in zip(launched.seqs, launched.read()):
+            if s.finished or not s.inflight:
+                continue  # stopped while this step was queued: its token is dropped
+            s.inflight -= 1
+            s.token_ids.append(tok)
+            self.num_generated += 1
+            self._check_stop(s, tok)  # (a finish drops the rest of its queued tokens)
+            out.append(s)
+        return out
+
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
         """Run one iteration; returns the sequences that got a token (finished ones included)."""
+        launched, self._launched = self._launched, None
+        if launched is not None:
+            seqs = launched.seqs
+            if self._overlappable(seqs) and self.scheduler.decode_fits(seqs):
+                again, is_prefill = self.scheduler.schedule()
+                if is_prefill or again != seqs:
+                    raise RuntimeError("scheduler: an overlapped decode step was not scheduled as predicted")
+                self._launched = self._launch(seqs, launched)
+                self.num_chained += 1
+            return self._land(launched)
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             if self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("scheduler stalled: waiting requests but nothing can run")
+            return []
+        if not is_prefill and self._overlappable(seqs):
+            self._launched = self._launch(seqs, None)
             return []
         logits = self.runner.run(seqs, is_prefill)
         banned = [self._banned(s) for s in seqs]

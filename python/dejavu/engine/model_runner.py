@@ -15,9 +15,14 @@ from .sequence import Sequence
 
 def step_items(seqs: list[Sequence], is_prefill: bool) -> list[tuple[list[int], int, list[int]]]:
     """(new token ids, position of the first, block table) per sequence: everything not yet
-    cached for a prefill, the newest token for a decode."""
+    cached for a prefill, the newest token for a decode. A decode whose newest token is still being
+    computed on the device (Sequence.inflight) gets the id -1: the step takes it from the tokens
+    the step before it sampled (ModelRunner.run_greedy)."""
     out = []
     for s in seqs:
+        if s.inflight:
+            out.append(([-1], len(s) + s.inflight - 1, s.block_table))
+            continue
         start = s.num_cached if is_prefill else len(s) - 1
         out.append((s.token_ids[start:], start, s.block_table))
     return out
@@ -112,3 +117,27 @@ class ModelRunner:
         for s in seqs:
             s.num_cached = len(s)
         return logits
+
+    @torch.inference_mode()
+    def run_greedy(self, seqs: list[Sequence],
+                   chain: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A decode step whose tokens are picked on the device: the greedy token of each sequence
+        ([B] int64 on the device; nothing waits for it), and a pinned host tensor the step also
+        writes them to (None: the caller copies them). `chain`: the tokens of the step before, which
+        was over the same sequences in the same order; a sequence whose newest token is still being
+        computed (Sequence.inflight) reads its input id from it. With CUDA graphs the argmax, that
+        read and the host copy are part of the graph (which keeps the previous step's tokens)."""
+        items = step_items(seqs, False)
+        host = None
+        if self.graphs is not None and self.graphs.fits(items) and (chain is None or chain is self.graphs.last_tokens):
+            tokens = self.graphs.run(items, greedy=True)
+            host = self.graphs.last_host
+        else:
+            ids, pos, meta, last = build_metadata(items, self.cache.block_size, self.cache.device)
+            if chain is not None:
+                ids = torch.where(ids < 0, chain, ids)
+            logits = self.model.compute_logits(self.model(ids, pos, meta, self.cache.tensor)[last])
+            tokens = torch.argmax(logits, dim=-1)
+        for s in seqs:
+            s.num_cached = len(s) + s.inflight
+        return tokens, host

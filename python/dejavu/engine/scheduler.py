@@ -74,7 +74,8 @@ class Scheduler:
         scheduled: list[Sequence] = []
         while self.running:
             seq = self.running.popleft()
-            while len(seq.block_table) < blocks_for(len(seq), self.block_size):
+            # (a token still being computed on the device takes its slot in the next step)
+            while len(seq.block_table) < blocks_for(len(seq) + seq.inflight, self.block_size):
                 if seq.promised:
                     seq.block_table += self.allocator.allocate(1, promised=True)
                     seq.promised -= 1
@@ -104,7 +105,19 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def decode_fits(self, seqs: list[Sequence]) -> bool:
+        """True when the next schedule() is a decode step of exactly `seqs` (in this order): nobody
+        waits for admission and every running sequence gets its next block without a preemption."""
+        if self.waiting or list(self.running) != seqs:
+            return False
+        unpromised = 0
+        for s in seqs:
+            need = blocks_for(len(s) + s.inflight, self.block_size) - len(s.block_table)
+            unpromised += max(0, need - s.promised)
+        return self.allocator.can_allocate(unpromised)
+
     def finish(self, seq: Sequence, reason: str) -> None:
+        seq.inflight = 0  # whatever a queued step computes for it is dropped
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         if seq in self.running:

@@ -29,6 +29,9 @@ class Sequence:
         self.block_table: list[int] = []
         self.promised = 0  # KV blocks set aside for its growth (admission="reserve")
         self.num_cached = 0  # leading tokens whose K/V is in the cache
+        # Tokens being decoded whose ids are still on the device (overlapped steps, llm_engine.py):
+        # the step that reads the newest of them is already queued behind the step that computes it.
+        self.inflight = 0
         self.preemptions = 0  # times its KV was dropped (replication watermarks of older KV no longer count)
         self.finish_reason: str | None = None
         self.text = ""
