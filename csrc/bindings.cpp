@@ -11,6 +11,7 @@
 
 #include "kernels/attention.h"
 #include "kernels/gemv.h"
+#include "kernels/greedy.h"
 #include "kernels/norm.h"
 #include "kernels/pdl.h"
 #include "kvstream/cuda_copy.h"
@@ -447,4 +448,16 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("sum_out"), py::arg("y"), py::arg("h"), py::arg("a"), py::arg("weight"), py::arg("bias"), py::arg("rows"),
      py::arg("hidden"), py::arg("eps"), py::arg("rms"), py::arg("dtype"), py::arg("stream") = 0,
      "sum = h + a; y = LayerNorm(sum) (rms=0) or RMSNorm(sum) (rms=1), one kernel, fp16/bf16");
+  m.def("greedy_step_end", [](uintptr_t logits, int64_t rows, int64_t vocab, int64_t stride, uintptr_t tokens,
+                              uintptr_t host_tokens, uintptr_t fields, int64_t bucket, int64_t max_blocks,
+                              int64_t block_size, uintptr_t stream) {
+    std::string err = greedy_step_end(as_ptr<const float>(logits), rows, vocab, stride, as_ptr<int64_t>(tokens),
+                                      as_ptr<int64_t>(host_tokens), as_ptr<int64_t>(fields), bucket, max_blocks,
+                                      block_size, as_ptr<void>(stream));
+    if (!err.empty()) throw std::runtime_error(err);
+  }, py::arg("logits"), py::arg("rows"), py::arg("vocab"), py::arg("stride"), py::arg("tokens"),
+     py::arg("host_tokens") = 0, py::arg("fields") = 0, py::arg("bucket") = 0, py::arg("max_blocks") = 0,
+     py::arg("block_size") = 0, py::arg("stream") = 0,
+     "Each row's argmax of fp32 logits [rows, vocab] (row stride `stride`) to tokens (int64, and to pinned "
+     "host_tokens unless 0); with fields, a graph bucket's decode inputs advanced for the next step");
 }

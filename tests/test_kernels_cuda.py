@@ -246,8 +246,76 @@ def test_overlapped_graph_steps_equal_synchronous_ones(tmp_path):
             params.append(SamplingParams(max_tokens=24, ignore_eos=True, stop_token_ids=new[:1]))
         runs.append(([o.token_ids for o in free], [(o.token_ids, o.finish_reason) for o in llm.generate(prompts, params)]))
         assert (llm.engine.num_chained > 0) == overlap
+        # chained steps mostly run from the inputs the step before left on the device
+        assert (llm.engine.runner.graphs.num_advanced > 0) == overlap
         assert llm.engine.cache.allocator.num_used == 0
     assert runs[0] == runs[1]
+
+
+# ---------------------------------------------------------------------- greedy_step_end
+@pytest.mark.parametrize("rows,vocab,pad", [(1, 50272, 0), (3, 32003, 5), (5, 7, 1), (2, 1, 0), (4, 4096, 64)])
+def test_greedy_step_end_is_torch_argmax(rows, vocab, pad):
+    """Fresh random fp32 logits (a strided view where pad > 0) with planted ties, a row of -inf and a
+    NaN: the kernel's tokens, on the device and in pinned memory, are torch.argmax's."""
+    g = torch.Generator(device="cuda").manual_seed(rows * 131 + vocab)
+    logits = torch.randn(rows, vocab + pad, device="cuda", generator=g)[:, :vocab]
+    if vocab > 10:
+        logits[0, vocab - 3] = logits[0, 7] = logits[0].max() + 1  # a tie: the first index wins
+    if rows > 2:
+        logits[1] = float("-inf")
+        logits[2, vocab // 2] = float("nan")
+    tokens = torch.full((rows + 2,), -7, dtype=torch.int64, device="cuda")
+    host = torch.full((rows + 2,), -7, dtype=torch.int64).pin_memory()
+    kernels.greedy_step_end(logits, tokens, host)
+    torch.cuda.synchronize()
+    ref = torch.argmax(logits, dim=-1)
+    assert torch.equal(tokens[:rows], ref) and torch.equal(host[:rows], ref.cpu())
+    assert tokens[rows:].tolist() == [-7, -7] and host[rows:].tolist() == [-7, -7]  # nothing past the rows
+
+
+def test_greedy_step_end_advances_graph_inputs():
+    """With the graph input fields: a live row's next id, position, slot, context length and ring row
+    from its token and block table; padding rows untouched; a position past the table gets slot -1."""
+    bucket, max_blocks, bs, vocab = 4, 3, 4, 100
+    g = torch.Generator().manual_seed(9)
+    tables = torch.randint(0, 50, (bucket, max_blocks), generator=g)
+    pos = torch.tensor([2, 3, 11, 0])  # row 1 crosses into its second block; row 2 runs off the table
+    blk = torch.stack([tables[i, pos[i] // bs] for i in range(bucket)])
+    blk[3] = -1  # padding
+    fields = torch.cat([torch.tensor([5, 6, 7, 0]), pos, blk, pos % bs, pos + 1, torch.tensor([8, 9, 10, -1]),
+                        tables.reshape(-1)]).cuda()
+    before = fields.clone().cpu()
+    logits = torch.randn(bucket, vocab, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+    tokens = torch.empty(bucket, dtype=torch.int64, device="cuda")
+    kernels.greedy_step_end(logits, tokens, None, fields, bucket, max_blocks, bs)
+    torch.cuda.synchronize()
+    tok = torch.argmax(logits, -1).cpu()
+    f = fields.cpu()
+    want = before.clone()
+    for r in range(3):
+        p = int(pos[r]) + 1
+        want[r], want[bucket + r], want[4 * bucket + r] = tok[r], p, p + 1
+        want[2 * bucket + r] = int(tables[r, p // bs]) if p // bs < max_blocks else -1
+        want[3 * bucket + r], want[5 * bucket + r] = p % bs, -1
+    assert torch.equal(f, want)
+    assert f[2 * bucket + 2] == -1 and f[2 * bucket + 1] == tables[1, 1]
+
+
+def test_greedy_step_end_rejects_bad_arguments():
+    logits = torch.randn(3, 10, device="cuda")
+    tokens = torch.empty(3, dtype=torch.int64, device="cuda")
+    with pytest.raises(ValueError, match="fp32"):
+        kernels.greedy_step_end(logits.half(), tokens)
+    with pytest.raises(ValueError, match="tokens must be contiguous int64"):
+        kernels.greedy_step_end(logits, tokens[:2])
+    with pytest.raises(ValueError, match="a bucket of 2 needs"):
+        kernels.greedy_step_end(logits, tokens, None, torch.zeros(5, dtype=torch.int64, device="cuda"), 2, 3, 4)
+    from dejavu import _C
+    with pytest.raises(RuntimeError, match="rows <= bucket"):
+        _C.greedy_step_end(logits.data_ptr(), 3, 10, 10, tokens.data_ptr(), 0,
+                           torch.zeros(100, dtype=torch.int64, device="cuda").data_ptr(), 2, 3, 4)
+    with pytest.raises(RuntimeError, match="stride >= vocab"):
+        _C.greedy_step_end(logits.data_ptr(), 3, 10, 5, tokens.data_ptr())
 
 
 # ---------------------------------------------------------------------- small_linear (decode GEMV)

@@ -262,3 +262,30 @@ def add_norm_linear(h: torch.Tensor, a: torch.Tensor, norm: torch.nn.Module, wei
         return s, y
     s, x = add_norm(h, a, norm)
     return s, linear(x, weight, bias, relu)
+
+
+def greedy_serves(logits: torch.Tensor) -> bool:
+    """True where greedy_step_end runs as a kernel (CUDA fp32 logits, not DEJAVU_GREEDY=torch)."""
+    return (logits.is_cuda and logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(1) == 1
+            and _switched_on("DEJAVU_GREEDY"))
+
+
+def greedy_step_end(logits: torch.Tensor, tokens: torch.Tensor, host_tokens: torch.Tensor | None = None,
+                    fields: torch.Tensor | None = None, bucket: int = 0, max_blocks: int = 0,
+                    block_size: int = 0) -> None:
+    """Each row's argmax of `logits` [rows, vocab] fp32 (torch.argmax's, ties to the first) into
+    `tokens` [>= rows] int64 on the device, and into pinned `host_tokens` as well; with `fields`, the
+    decode inputs of a graph bucket (engine/cuda_graphs.py's layout) advanced for the next step
+    (kernels/greedy.h). One kernel; greedy_serves(logits) must hold. torch.argmax is the reference."""
+    rows, vocab = logits.shape
+    if not greedy_serves(logits):
+        raise ValueError("greedy_step_end: needs fp32 CUDA logits with unit column stride (and DEJAVU_GREEDY not torch)")
+    for name, t in (("tokens", tokens), ("host_tokens", host_tokens), ("fields", fields)):
+        if t is not None and (t.dtype != torch.int64 or not t.is_contiguous() or t.numel() < rows):
+            raise ValueError(f"greedy_step_end: {name} must be contiguous int64 with at least {rows} elements")
+    if fields is not None and fields.numel() < (6 + max_blocks) * bucket:
+        raise ValueError(f"greedy_step_end: fields holds {fields.numel()} words, a bucket of {bucket} needs "
+                         f"{(6 + max_blocks) * bucket}")
+    _C.greedy_step_end(logits.data_ptr(), rows, vocab, logits.stride(0), tokens.data_ptr(),
+                       0 if host_tokens is None else host_tokens.data_ptr(), 0 if fields is None else fields.data_ptr(),
+                       bucket, max_blocks, block_size, _stream(logits.device))

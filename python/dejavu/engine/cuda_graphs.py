@@ -96,7 +96,14 @@ class DecodeGraphs:
             raise ValueError(f"DEJAVU_GRAPH_INPUT_COPY must be kernel or memcpy, got {self.input_copy!r}")
         self.replayed = [torch.cuda.Event(), torch.cuda.Event()]
         self.turn = 0  # the input buffer the next step writes
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # The greedy kernel at the end of a graph (kernels.greedy_step_end) also advances the device
+        # inputs for the next step, so each bucket has "advance" graphs as well: no input copy, for
+        # a step that follows the last one over the same sequences whose block tables there are
+        # still current (run()). DEJAVU_GREEDY=torch: torch.argmax and a copy kernel, no such graphs.
+        self.fused_end = kernels._switched_on("DEJAVU_GREEDY")
+        self.num_advanced = 0  # steps that ran from the inputs the step before left on the device
+        self._last: tuple[int, list[int], list[int]] | None = None  # bucket, positions, table lengths there
+        self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def recapture(self, ring: KVRing | None) -> "DecodeGraphs":
         """The same graphs captured again, writing into `ring`."""
@@ -114,35 +121,38 @@ class DecodeGraphs:
         tables = t[nf * bucket:self._words(bucket)].view(bucket, self.max_blocks)
         return (*f, tables)
 
-    def _step(self, bucket: int, turn: int) -> torch.Tensor:
-        """The bucket's inputs from pinned buffer `turn` to the device, then the forward pass: both
-        are captured in the (bucket, turn) graph, so a step is one graph launch."""
+    def _step(self, bucket: int, turn: int, advance: bool = False) -> torch.Tensor:
+        """The bucket's inputs from pinned buffer `turn` to the device (unless `advance`: the step
+        before left them there), the forward pass and the greedy tokens: all captured in the
+        (bucket, turn, advance) graph, so a step is one graph launch."""
         words = self._words(bucket)
         index = self.buckets.index(bucket)
         stream = torch.cuda.current_stream(self.cache.device).cuda_stream
-        if self.input_copy == "kernel":
+        if advance:
+            pass
+        elif self.input_copy == "kernel":
             _C.cuda_copy_spans(self.host[turn].data_ptr(), self.dev.data_ptr(), self.desc[index].data_ptr(), 1,
                                stream, 8 * words)
         else:
             self.dev[:words].copy_(self.host[turn][:words], non_blocking=True)
-        logits = self._forward(bucket)
-        # the greedy tokens to pinned memory: by the span-copy kernel (a copy-engine memcpy could
-        # queue behind a swap's DMA), or by a memcpy with DEJAVU_GRAPH_INPUT_COPY=memcpy
-        if self.input_copy == "kernel":
-            _C.cuda_copy_spans(self.tokens.data_ptr(), self.host_tokens[turn].data_ptr(),
-                               self.token_desc[index].data_ptr(), 1, stream, 8 * bucket)
-        else:
-            self.host_tokens[turn][:bucket].copy_(self.tokens[:bucket], non_blocking=True)
-        return logits
-
-    def _forward(self, bucket: int) -> torch.Tensor:
         ids, pos, blk, off, ctx, rows, tables = self._views(self.dev, bucket)
         tokens = self.tokens[:bucket]
         ids = torch.where(ids < 0, tokens, ids)  # (before this step overwrites them)
         meta = AttnMetadata(slot_blocks=blk, slot_offsets=off, block_tables=tables, context_lens=ctx,
                             num_parts=self.parts, ring=self.ring, ring_rows=rows if self.ring is not None else None)
         logits = self.model.compute_logits(self.model(ids, pos, meta, self.cache.tensor))
+        if self.fused_end:  # argmax, its pinned copy and the next step's inputs: one kernel
+            kernels.greedy_step_end(logits, tokens, self.host_tokens[turn], self.dev[:words], bucket,
+                                    self.max_blocks, self.block_size)
+            return logits
         torch.argmax(logits, dim=-1, out=tokens)
+        # the greedy tokens to pinned memory: by the span-copy kernel (a copy-engine memcpy could
+        # queue behind a swap's DMA), or by a memcpy with DEJAVU_GRAPH_INPUT_COPY=memcpy
+        if self.input_copy == "kernel":
+            _C.cuda_copy_spans(self.tokens.data_ptr(), self.host_tokens[turn].data_ptr(),
+                               self.token_desc[index].data_ptr(), 1, stream, 8 * bucket)
+        else:
+            self.host_tokens[turn][:bucket].copy_(tokens, non_blocking=True)
         return logits
 
     @torch.inference_mode()
@@ -154,13 +164,15 @@ class DecodeGraphs:
         with torch.cuda.stream(side):
             for bucket in reversed(self.buckets):  # largest first: the smaller ones reuse its memory
                 for turn in range(2):
-                    self._fill([], bucket, turn)  # all padding: nothing is written to the cache while capturing
-                    self._step(bucket, turn)  # warm-up (lazy initialisation stays out of the graph)
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g, pool=pool, stream=side):
-                        out = self._step(bucket, turn)
-                    pool = g.pool()
-                    self.graphs[bucket, turn] = (g, out)
+                    for advance in (False, True) if self.fused_end else (False,):
+                        # all padding: nothing is written to the cache while capturing
+                        self._fill([], bucket, turn)
+                        self._step(bucket, turn)  # warm-up (lazy initialisation stays out of the graph)
+                        g = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(g, pool=pool, stream=side):
+                            out = self._step(bucket, turn, advance)
+                        pool = g.pool()
+                        self.graphs[bucket, turn, advance] = (g, out)
         torch.cuda.current_stream(self.cache.device).wait_stream(side)
         torch.cuda.synchronize(self.cache.device)
         log.info("captured decode CUDA graphs for batch sizes %s in %.2f s", self.buckets, time.perf_counter() - t0)
@@ -189,8 +201,19 @@ class DecodeGraphs:
                 h[5 * mb:5 * mb + n] = np.arange(first, first + n)
 
     def graph(self, batch: int) -> torch.cuda.CUDAGraph:
-        """A graph for `batch` rows (benchmarks replay it by itself)."""
-        return self.graphs[next(x for x in self.buckets if x >= batch), 0][0]
+        """A graph for `batch` rows that copies its inputs (benchmarks replay it by itself)."""
+        self._last = None  # the device inputs will not be those the last step left
+        return self.graphs[next(x for x in self.buckets if x >= batch), 0, False][0]
+
+    def _advances(self, items, bucket: int, tap) -> bool:
+        """True when the device holds this step's inputs already: the last step ran over the same
+        rows in the same bucket, each now one position further with its input token the one that
+        step picked, and each row's block-table entry for its new position was on the device."""
+        last = self._last
+        if not self.fused_end or tap is not None or last is None or last[0] != bucket or len(last[1]) != len(items):
+            return False
+        return all(ids == [-1] and start == p + 1 and start // self.block_size < n
+                   for (ids, start, _), p, n in zip(items, last[1], last[2]))
 
     def run(self, items, tap=None, greedy: bool = False) -> torch.Tensor:
         """Logits [B, vocab] for a decode batch of (new token ids (one, or -1 for the token the
@@ -201,8 +224,15 @@ class DecodeGraphs:
         turn = self.turn
         self.turn ^= 1
         self.replayed[turn].synchronize()  # the step two before this one has read this pinned buffer
-        self._fill(items, bucket, turn, tap)
-        g, out = self.graphs[bucket, turn]
+        starts = [x[1] for x in items]
+        advance = self._advances(items, bucket, tap)
+        if advance:
+            self.num_advanced += 1
+            self._last = (bucket, starts, self._last[2])
+        else:
+            self._fill(items, bucket, turn, tap)
+            self._last = (bucket, starts, [len(x[2]) for x in items])
+        g, out = self.graphs[bucket, turn, advance]
         g.replay()
         self.replayed[turn].record()
         if greedy:

@@ -1,0 +1,30 @@
+// The end of a greedy decode step (the GPU fast path): each row's argmax over its logits, stored on
+// the device and in pinned host memory, and the next step's inputs advanced in place, so that a
+// decode step that follows it over the same sequences needs nothing from the host (CUDA graphs,
+// engine/cuda_graphs.py). Pointers, sizes and a stream only: no torch. torch.argmax is the
+// reference (and the CPU path).
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace dejavu {
+
+// Threads per row of greedy_step_end.
+constexpr int kGreedyThreads = 1024;
+
+// For each row r < rows of logits ([rows, vocab] fp32, row stride `stride` elements):
+//   token = the index of the row's largest value (the first of equal ones; a NaN counts as the
+//   largest, as torch.argmax has it); tokens[r] = token, and host_tokens[r] = token unless
+//   host_tokens is null (pinned memory the device can write).
+// With `fields` (not null), the decode inputs of a bucket of `bucket` rows as the engine's graphs
+// lay them out (int64: ids, positions, slot blocks, slot offsets, context lengths, ring rows, each
+// `bucket` long, then block tables [bucket, max_blocks]) are advanced for the next step of a row
+// whose slot block is >= 0 (a live row; padding rows keep -1): id = token, position + 1, context
+// length = position + 2, slot offset = (position + 1) % block_size, slot block = its block
+// table's entry for position + 1 (or -1 past max_blocks), ring row -1. The caller runs a step on
+// those only where that block-table entry is current. Needs rows <= bucket when fields is given.
+std::string greedy_step_end(const float* logits, int64_t rows, int64_t vocab, int64_t stride, int64_t* tokens,
+                            int64_t* host_tokens, int64_t* fields, int64_t bucket, int64_t max_blocks,
+                            int64_t block_size, void* stream);
+
+}  // namespace dejavu
