@@ -25,11 +25,11 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 
 #include "kernels/attention.h"
 #include "kernels/element.cuh"
+#include "kernels/env.h"
 #include "kernels/pdl.cuh"
 
 namespace dejavu {
@@ -600,9 +600,7 @@ __global__ void write_kv_kernel(T* __restrict__ cache, const T* __restrict__ k, 
 // unset or auto: by the number of (sequence, head) rows. Read once.
 int attention_kernel_choice() {
   static const int choice = [] {
-    const char* v = std::getenv("DEJAVU_ATTENTION_KERNEL");
-    if (v == nullptr) return 0;
-    const std::string s(v);
+    const std::string s = env::str("DEJAVU_ATTENTION_KERNEL");
     return s == "rows" ? 1 : s == "warps" ? 2 : 0;
   }();
   return choice;
@@ -613,10 +611,7 @@ int attention_kernel_choice() {
 // with DEJAVU_ATTENTION_WARPS=4 (a baseline for benchmarks). Read once.
 constexpr int kWideWarps = 8;
 bool wide_warps() {
-  static const bool wide = [] {
-    const char* v = std::getenv("DEJAVU_ATTENTION_WARPS");
-    return !(v != nullptr && std::string(v) == "4");
-  }();
+  static const bool wide = env::str("DEJAVU_ATTENTION_WARPS") != "4";
   return wide;
 }
 

@@ -18,11 +18,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <string>
 
 #include "kernels/gemv.h"
 #include "kernels/element.cuh"
+#include "kernels/env.h"
 #include "kernels/norm.cuh"
 #include "kernels/pdl.cuh"
 
@@ -176,8 +176,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 // DEJAVU_LINEAR_SPLIT=1 (2, 4) caps it, a baseline for benchmarks. Read once.
 int split_for(int64_t k_in) {
   static const int cap = [] {
-    const char* v = std::getenv("DEJAVU_LINEAR_SPLIT");
-    const int c = v == nullptr ? 4 : std::atoi(v);
+    const long long c = env::integer("DEJAVU_LINEAR_SPLIT", 4);
     return c >= 4 ? 4 : c >= 2 ? 2 : 1;
   }();
   const int64_t chunks = k_in / kVec;
@@ -186,19 +185,13 @@ int split_for(int64_t k_in) {
   return 1;
 }
 
-// An integer setting from the environment (read once per name by the caller's static), or dflt.
-int env_int(const char* name, int dflt) {
-  const char* v = std::getenv(name);
-  return v == nullptr || *v == '\0' ? dflt : std::atoi(v);
-}
-
 // Blocks of `kernel` (kWarps * 32 threads, smem bytes of dynamic shared memory) resident on the
 // current device at once, at most DEJAVU_NORM_BLOCKS_PER_SM per SM where that is set (a knob for
 // benchmarks: fewer leaves room for the next kernel's blocks to start early); at least 1. Asked
 // once per (device, kernel, smem).
 int64_t resident_blocks(const void* kernel, size_t smem) {
   return pdl::kernel_fact(kernel, smem, [](int dev, const void* k, size_t bytes) -> int64_t {
-    static const int cap = env_int("DEJAVU_NORM_BLOCKS_PER_SM", 0);
+    static const int cap = static_cast<int>(env::integer("DEJAVU_NORM_BLOCKS_PER_SM", 0));
     int per_sm = 0, sms = 0;
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, kWarps * 32, bytes) != cudaSuccess ||
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
@@ -212,7 +205,7 @@ int64_t resident_blocks(const void* kernel, size_t smem) {
 // ones (ROLL) rather than after the tile. An experiment kept for benchmarks: on an H200 it made
 // the OPT-1.3B batch-1 step 8% slower (docs/BENCHMARKS.md), so it is off by default.
 int roll_setting() {
-  static const int roll = env_int("DEJAVU_NORM_ROLL", 0) != 0;
+  static const int roll = env::integer("DEJAVU_NORM_ROLL", 0) != 0;
   return roll;
 }
 

@@ -1,11 +1,12 @@
 #include "kernels/pdl.cuh"
 
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
+
+#include "kernels/env.h"
 
 namespace dejavu {
 namespace {
@@ -22,8 +23,8 @@ void set_programmatic_launch(int mode) { g_mode.store(mode < 0 ? -1 : (mode ? 1 
 bool programmatic_launch() {
   int m = g_mode.load();
   if (m < 0) {
-    const char* v = std::getenv("DEJAVU_PDL");
-    m = (v != nullptr && (std::strcmp(v, "0") == 0 || std::strcmp(v, "off") == 0)) ? 0 : 1;
+    const std::string v = env::str("DEJAVU_PDL");
+    m = v == "0" || v == "off" ? 0 : 1;
     int unset = -1;
     g_mode.compare_exchange_strong(unset, m);
     m = g_mode.load();

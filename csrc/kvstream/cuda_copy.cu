@@ -2,9 +2,9 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 
 #include "kvstream/cuda_copy.h"
+#include "kernels/env.h"
 
 namespace dejavu {
 
@@ -64,8 +64,7 @@ namespace {
 // caps the grid at N blocks (they then stride over the units), leaving SMs to kernels beside it.
 int64_t copy_grid_cap() {
   static const int64_t cap = [] {
-    const char* e = std::getenv("DEJAVU_COPY_BLOCKS");
-    const int64_t n = e ? std::atoll(e) : 0;
+    const int64_t n = env::integer("DEJAVU_COPY_BLOCKS", 0);
     return n > 0 ? n : (int64_t{1} << 31) - 1;
   }();
   return cap;
