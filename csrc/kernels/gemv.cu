@@ -204,8 +204,8 @@ int64_t resident_blocks(const void* kernel, size_t smem) {
 // DEJAVU_NORM_ROLL=1: a one-row prologue block loads its next tile's chunks as it uses the current
 // ones (ROLL) rather than after the tile. An experiment kept for benchmarks: on an H200 it made
 // the OPT-1.3B batch-1 step 8% slower (docs/BENCHMARKS.md), so it is off by default.
-int roll_setting() {
-  static const int roll = env::integer("DEJAVU_NORM_ROLL", 0) != 0;
+bool roll_setting() {
+  static const bool roll = env::integer("DEJAVU_NORM_ROLL", 0) != 0;
   return roll;
 }
 

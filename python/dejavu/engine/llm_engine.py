@@ -41,13 +41,9 @@ class EngineConfig:
 class _Launched:
     """A decode step queued on the device whose greedy tokens the host has not read yet."""
 
-    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor, host: torch.Tensor, copy: bool):
-        """`host`: where the tokens land on the host; `copy`: queue that copy here (else the step
-        writes them there itself)."""
-        self.seqs, self.tokens = seqs, tokens
-        self.host = host[:len(seqs)]
-        if copy:
-            self.host.copy_(tokens, non_blocking=True)
+    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor, host: torch.Tensor):
+        """`tokens` on the device, and `host`: where the step (on the current stream) puts them."""
+        self.seqs, self.tokens, self.host = seqs, tokens, host
         self.event = None
         if tokens.is_cuda:
             self.event = torch.cuda.Event()
@@ -93,11 +89,6 @@ class LLMEngine:
         self.overlap = config.overlap_steps and os.environ.get("DEJAVU_OVERLAP", "1") != "0"
         self.num_chained = 0  # decode steps queued before the tokens of the step before were read
         self._launched: _Launched | None = None
-        # Pinned host rows for the sampled tokens, used in turn (a step's are read while the next's
-        # copy may be queued).
-        pin = device.type == "cuda"
-        self._token_rows = [torch.zeros(config.max_num_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
-        self._token_turn = 0
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB) on %s", num_blocks, config.block_size,
                  self.cache.nbytes / 2**20, device)
 
@@ -168,11 +159,7 @@ class LLMEngine:
         tokens, host = self.runner.run_greedy(seqs, chain.tokens if chain is not None else None)
         for s in seqs:
             s.inflight += 1
-        if host is not None:
-            return _Launched(seqs, tokens, host, copy=False)
-        rows = self._token_rows[self._token_turn]
-        self._token_turn ^= 1
-        return _Launched(seqs, tokens, rows, copy=True)
+        return _Launched(seqs, tokens, host)
 
     def _land(self, launched: _Launched) -> list[Sequence]:
         """Read a queued step's tokens into its sequences (those still running)."""

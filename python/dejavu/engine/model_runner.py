@@ -120,15 +120,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_greedy(self, seqs: list[Sequence],
-                   chain: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   chain: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A decode step whose tokens are picked on the device: the greedy token of each sequence
-        ([B] int64 on the device; nothing waits for it), and a pinned host tensor the step also
-        writes them to (None: the caller copies them). `chain`: the tokens of the step before, which
+        ([B] int64 on the device; nothing waits for it), and the host tensor (pinned on CUDA) they
+        are on their way to, in stream order. `chain`: the tokens of the step before, which
         was over the same sequences in the same order; a sequence whose newest token is still being
         computed (Sequence.inflight) reads its input id from it. With CUDA graphs the argmax, that
         read and the host copy are part of the graph (which keeps the previous step's tokens)."""
         items = step_items(seqs, False)
-        host = None
         if self.graphs is not None and self.graphs.fits(items) and (chain is None or chain is self.graphs.last_tokens):
             tokens = self.graphs.run(items, greedy=True)
             host = self.graphs.last_host
@@ -138,6 +137,9 @@ class ModelRunner:
                 ids = torch.where(ids < 0, chain, ids)
             logits = self.model.compute_logits(self.model(ids, pos, meta, self.cache.tensor)[last])
             tokens = torch.argmax(logits, dim=-1)
+            # (the caching host allocator hands the pinned block out again only after this copy)
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=tokens.is_cuda)
+            host.copy_(tokens, non_blocking=True)
         for s in seqs:
             s.num_cached = len(s) + s.inflight
         return tokens, host
