@@ -448,6 +448,7 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("sum_out"), py::arg("y"), py::arg("h"), py::arg("a"), py::arg("weight"), py::arg("bias"), py::arg("rows"),
      py::arg("hidden"), py::arg("eps"), py::arg("rms"), py::arg("dtype"), py::arg("stream") = 0,
      "sum = h + a; y = LayerNorm(sum) (rms=0) or RMSNorm(sum) (rms=1), one kernel, fp16/bf16");
+  m.attr("step_fields") = kStepFields;
   m.def("greedy_step_end", [](uintptr_t logits, int64_t rows, int64_t vocab, int64_t stride, uintptr_t tokens,
                               uintptr_t host_tokens, uintptr_t fields, int64_t bucket, int64_t max_blocks,
                               int64_t block_size, uintptr_t stream) {

@@ -14,13 +14,18 @@ def run(*args):
 
 
 def test_generate_json():
-    r = run("generate", "--model", "random:gpt2-tiny", "--prompt", "hello", "--prompt", "a longer prompt here",
+    args = ("generate", "--model", "random:gpt2-tiny", "--prompt", "hello", "--prompt", "a longer prompt here",
             "--max-tokens", "5", "--ignore-eos", "--json")
+    r = run(*args)
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in r.stdout.splitlines()]
     assert [x["prompt"] for x in lines] == ["hello", "a longer prompt here"]
     assert all(len(x["token_ids"]) == 5 and x["finish_reason"] == "length" for x in lines)
     assert "tok/s" in r.stderr
+    # each greedy step waiting for its tokens: the same tokens
+    r = run(*args, "--no-overlap")
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x)["token_ids"] for x in r.stdout.splitlines()] == [x["token_ids"] for x in lines]
 
 
 def test_generate_errors_are_clear():

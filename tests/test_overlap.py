@@ -19,9 +19,8 @@ def _prompts(vocab: int, seed: int = 0) -> list[list[int]]:
 
 def _pair(path, **kw) -> tuple[LLM, LLM]:
     on = LLM(model=str(path), block_size=4, dtype="float32", **kw)
-    off = LLM(model=str(path), block_size=4, dtype="float32", **kw)
-    off.engine.overlap = False
-    assert on.engine.overlap
+    off = LLM(model=str(path), block_size=4, dtype="float32", overlap_steps=False, **kw)
+    assert on.engine.overlap and not off.engine.overlap
     return on, off
 
 

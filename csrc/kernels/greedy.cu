@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kGreedyThreads)
   int64_t* off = fields + 3 * bucket;
   int64_t* ctx = fields + 4 * bucket;
   int64_t* ring = fields + 5 * bucket;
-  const int64_t* tables = fields + 6 * bucket;
+  const int64_t* tables = fields + kStepFields * bucket;
   if (blk[r] < 0) return;  // padding
   const int64_t p = pos[r] + 1, logical = p / block_size;
   ids[r] = token;

@@ -12,6 +12,9 @@ namespace dejavu {
 // Threads per row of greedy_step_end.
 constexpr int kGreedyThreads = 1024;
 
+// Per-row fields of a bucket's decode inputs, before the block tables (see `fields` below).
+constexpr int kStepFields = 6;
+
 // For each row r < rows of logits ([rows, vocab] fp32, row stride `stride` elements):
 //   token = the index of the row's largest value (the first of equal ones; a NaN counts as the
 //   largest, as torch.argmax has it); tokens[r] = token, and host_tokens[r] = token unless

@@ -53,6 +53,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "only after a failure)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run decode steps eagerly instead of replaying CUDA graphs (single process on CUDA)")
+    p.add_argument("--no-overlap", dest="overlap_steps", action="store_false",
+                   help="each greedy decode step waits for its tokens before the next is queued (single process; "
+                        "by default the next step is queued first)")
     p.add_argument("--heartbeat-interval", type=float, default=0.5, help="seconds between worker heartbeats")
     p.add_argument("--heartbeat-timeout", type=float, default=2.0,
                    help="a worker silent this long is declared dead (connection loss is noticed at once)")
@@ -522,7 +525,8 @@ def _llm_from_args(args):
                swap=args.swap, resident_microbatches=args.resident_microbatches, replicate=args.replicate,
                replicate_dir=args.replicate_dir, replicate_to=_replicate_to(args.replicate_to), recovery=args.recovery,
                heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
-               spare_workers=args.spare_workers, cuda_graphs=args.cuda_graphs, admission=args.admission)
+               spare_workers=args.spare_workers, cuda_graphs=args.cuda_graphs, admission=args.admission,
+               overlap_steps=args.overlap_steps)
 
 
 def _replicate_to(v):

@@ -33,14 +33,14 @@ _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 PARTITION = int(_C.decode_partition)  # keys per thread block of the split over the context
 
 
-def _switched_on(var: str) -> bool:
+def switched_on(var: str) -> bool:
     """A kernel family is built with CUDA and not turned off by its variable (VAR=torch)."""
     return os.environ.get(var, "auto").lower() != "torch" and _C.cuda_compiled()
 
 
 def usable(cache: torch.Tensor, head_dim: int) -> bool:
     """True when the kernels serve this cache (CUDA, built with CUDA, supported dtype and head size)."""
-    return (cache.is_cuda and cache.dtype in _DTYPES and _switched_on("DEJAVU_ATTENTION")
+    return (cache.is_cuda and cache.dtype in _DTYPES and switched_on("DEJAVU_ATTENTION")
             and _C.decode_attention_supports(head_dim))
 
 
@@ -171,7 +171,7 @@ def _small_linear_serves(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             and weight.dtype == x.dtype and x.stride(1) == 1 and x.stride(0) % 8 == 0 and weight.shape[1] % 8 == 0
             and weight.is_contiguous() and (x.data_ptr() | weight.data_ptr()) % 16 == 0
             and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
-            and not (torch.is_grad_enabled() and weight.requires_grad) and _switched_on("DEJAVU_LINEAR"))
+            and not (torch.is_grad_enabled() and weight.requires_grad) and switched_on("DEJAVU_LINEAR"))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
@@ -197,7 +197,7 @@ def _add_norm_args(h: torch.Tensor, a: torch.Tensor, norm: torch.nn.Module):
     if not (h.is_cuda and h.dtype in _HALF and a.dtype == h.dtype and a.shape == h.shape and hidden % 8 == 0
             and hidden <= _C.add_norm_max_hidden and w is not None and w.shape == (hidden,) and w.dtype == h.dtype
             and (b is None or b.dtype == h.dtype) and not (torch.is_grad_enabled() and w.requires_grad)
-            and _switched_on("DEJAVU_NORM")):
+            and switched_on("DEJAVU_NORM")):
         return None
     h, a = h.contiguous(), a.contiguous()
     if (h.data_ptr() | a.data_ptr() | w.data_ptr() | (0 if b is None else b.data_ptr())) % 16:
@@ -264,10 +264,16 @@ def add_norm_linear(h: torch.Tensor, a: torch.Tensor, norm: torch.nn.Module, wei
     return s, linear(x, weight, bias, relu)
 
 
+# Per-row fields of a graph bucket's decode inputs before its block tables (engine/cuda_graphs.py's
+# layout, which greedy_step_end advances): ids, positions, slot blocks, slot offsets, context
+# lengths, ring rows.
+STEP_FIELDS = int(_C.step_fields)
+
+
 def greedy_serves(logits: torch.Tensor) -> bool:
     """True where greedy_step_end runs as a kernel (CUDA fp32 logits, not DEJAVU_GREEDY=torch)."""
     return (logits.is_cuda and logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(1) == 1
-            and _switched_on("DEJAVU_GREEDY"))
+            and switched_on("DEJAVU_GREEDY"))
 
 
 def greedy_step_end(logits: torch.Tensor, tokens: torch.Tensor, host_tokens: torch.Tensor | None = None,
@@ -283,9 +289,9 @@ def greedy_step_end(logits: torch.Tensor, tokens: torch.Tensor, host_tokens: tor
     for name, t in (("tokens", tokens), ("host_tokens", host_tokens), ("fields", fields)):
         if t is not None and (t.dtype != torch.int64 or not t.is_contiguous() or t.numel() < rows):
             raise ValueError(f"greedy_step_end: {name} must be contiguous int64 with at least {rows} elements")
-    if fields is not None and fields.numel() < (6 + max_blocks) * bucket:
+    if fields is not None and fields.numel() < (STEP_FIELDS + max_blocks) * bucket:
         raise ValueError(f"greedy_step_end: fields holds {fields.numel()} words, a bucket of {bucket} needs "
-                         f"{(6 + max_blocks) * bucket}")
+                         f"{(STEP_FIELDS + max_blocks) * bucket}")
     _C.greedy_step_end(logits.data_ptr(), rows, vocab, logits.stride(0), tokens.data_ptr(),
                        0 if host_tokens is None else host_tokens.data_ptr(), 0 if fields is None else fields.data_ptr(),
                        bucket, max_blocks, block_size, _stream(logits.device))

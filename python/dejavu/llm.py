@@ -61,7 +61,7 @@ class LLM:
                  kv_transport: str = "auto", resident_microbatches: int = 2, replicate_dir: str | None = None,
                  replicate_to: list[int] | None = None, recovery: str = "auto", heartbeat_interval: float = 0.5,
                  heartbeat_timeout: float = 2.0, spare_workers: int = 1,
-                 cuda_graphs: bool = True, admission: str = "greedy"):
+                 cuda_graphs: bool = True, admission: str = "greedy", overlap_steps: bool = True):
         if replicate and pp < 2 and (token_stages or 1) < 2:
             raise ValueError("replicate needs a pipeline of pp >= 2 (or token_stages >= 2): a stage's KV is "
                              "replicated to another stage's host memory")
@@ -103,7 +103,8 @@ class LLM:
             kv_cache_memory = DEFAULT_KV_CACHE_MEMORY_CPU if self.device.type == "cpu" else 0
         engine_cfg = EngineConfig(block_size=block_size, num_blocks=kv_cache_blocks, kv_cache_memory=kv_cache_memory,
                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                  max_model_len=max_model_len, cuda_graphs=cuda_graphs, admission=admission)
+                                  max_model_len=max_model_len, cuda_graphs=cuda_graphs, admission=admission,
+                                  overlap_steps=overlap_steps)
         if pp > 1 or tp > 1 or prompt_stages:
             from .serving.disagg import DisaggEngine
             from .serving.pipeline import PipelineEngine

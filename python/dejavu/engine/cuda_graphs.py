@@ -60,7 +60,7 @@ def graphs_supported(model: DecoderLM, cache: PagedKVCache) -> str | None:
 
 
 class DecodeGraphs:
-    FIELDS = 6  # ids, positions, slot blocks, slot offsets, context lengths, ring rows
+    FIELDS = kernels.STEP_FIELDS  # ids, positions, slot blocks, slot offsets, context lengths, ring rows
 
     def __init__(self, model: DecoderLM, cache: PagedKVCache, max_batch: int, max_model_len: int,
                  ring: KVRing | None = None):
@@ -100,7 +100,7 @@ class DecodeGraphs:
         # inputs for the next step, so each bucket has "advance" graphs as well: no input copy, for
         # a step that follows the last one over the same sequences whose block tables there are
         # still current (run()). DEJAVU_GREEDY=torch: torch.argmax and a copy kernel, no such graphs.
-        self.fused_end = kernels._switched_on("DEJAVU_GREEDY")
+        self.fused_end = kernels.switched_on("DEJAVU_GREEDY")
         self.num_advanced = 0  # steps that ran from the inputs the step before left on the device
         self._last: tuple[int, list[int], list[int]] | None = None  # bucket, positions, table lengths there
         self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
