@@ -137,7 +137,8 @@ class DecodeGraphs:
             self.dev[:words].copy_(self.host[turn][:words], non_blocking=True)
         ids, pos, blk, off, ctx, rows, tables = self._views(self.dev, bucket)
         tokens = self.tokens[:bucket]
-        ids = torch.where(ids < 0, tokens, ids)  # (before this step overwrites them)
+        if not advance:  # (an advance graph's ids are the last step's tokens already: greedy_step_end wrote them)
+            ids = torch.where(ids < 0, tokens, ids)  # (before this step overwrites them)
         meta = AttnMetadata(slot_blocks=blk, slot_offsets=off, block_tables=tables, context_lens=ctx,
                             num_parts=self.parts, ring=self.ring, ring_rows=rows if self.ring is not None else None)
         logits = self.model.compute_logits(self.model(ids, pos, meta, self.cache.tensor))
