@@ -600,3 +600,165 @@ def test_programmatic_launch_keeps_greedy_tokens(tmp_path):
     finally:
         _C.set_programmatic_launch(-1)
     assert outs[1] == outs[0]
+
+
+# ---------------------------------------------------------------------- linear layers in one persistent kernel
+def _layers_one_by_one(x: torch.Tensor, layers: list) -> tuple[list, list]:
+    """kernels.linear_chain's reference: each layer as its own kernel(s)."""
+    outs, sums, prev = [], [], x
+    for layer in layers:
+        if layer.norm is not None:
+            s, prev = kernels.add_norm_linear(layer.h, prev, layer.norm, layer.weight, layer.bias, relu=layer.relu)
+        else:
+            s, prev = None, kernels.linear(prev, layer.weight, layer.bias, relu=layer.relu)
+        outs.append(prev)
+        sums.append(s)
+    return outs, sums
+
+
+def _chain_case(dtype, widths, norms, kind, seed):
+    """A chain over widths[0] -> widths[1] -> ...; norms[i]: layer i has a norm (with its own h)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(1, widths[0], device="cuda", dtype=dtype, generator=g)
+    layers = []
+    for i, (k, n) in enumerate(zip(widths, widths[1:])):
+        w = torch.randn(n, k, device="cuda", dtype=dtype, generator=g) / k ** 0.5
+        b = torch.randn(n, device="cuda", dtype=dtype, generator=g) if i % 2 == 0 else None
+        norm = h = None
+        if norms[i]:
+            norm = _norm(kind, k, dtype, g)
+            h = torch.randn(1, k, device="cuda", dtype=dtype, generator=g) * 3
+        layers.append(kernels.ChainLayer(w, b, relu=i % 3 == 1, norm=norm, h=h))
+    return x, layers
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("widths,norms", [
+    ((2048, 2048, 8192, 2048), (False, True, False)),  # OPT-1.3B's out_proj, fc1, fc2
+    ((64, 336, 40), (True, False)),
+    ((4096, 104, 8192, 16, 2048), (False, True, True, False)),  # split-K rows (4096, 8192), 4 layers
+    ((576, 1536), (True,)),
+])
+def test_linear_chain_equals_the_layers_one_by_one(dtype, kind, widths, norms, monkeypatch):
+    """One persistent kernel over several linear layers (grid barriers between them) gives bit for
+    bit what the layers give as kernels of their own: every output and every norm's sum, run three
+    times in a row (the barrier leaves its counters at zero for the next launch)."""
+    monkeypatch.setattr(kernels, "LINEAR_CHAIN", True)  # (off by default: slower, docs/gpu-fast-path.md)
+    x, layers = _chain_case(dtype, widths, norms, kind, seed=sum(widths))
+    with torch.inference_mode():
+        ref_outs, ref_sums = _layers_one_by_one(x, layers)
+        for _ in range(3):
+            out = kernels.linear_chain(x, layers)
+            assert out is not None
+            outs, sums = out
+            for i, (a, b) in enumerate(zip(outs, ref_outs)):
+                assert torch.equal(a, b), f"layer {i}'s output differs"
+            for i, (a, b) in enumerate(zip(sums, ref_sums)):
+                assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), f"layer {i}'s sum differs"
+    barrier = kernels._chain_barrier(x.device, torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    assert int(barrier.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("spin", ["0", "64"])
+def test_linear_chain_in_graphs_with_and_without_programmatic_launch(spin, monkeypatch):
+    """Ten chains back to back (each reading the last one's output), eager and captured in a CUDA
+    graph replayed three times, with programmatic launch on and off and either barrier
+    (DEJAVU_CHAIN_SPIN): the same bits every time."""
+    from dejavu import _C
+
+    monkeypatch.setattr(kernels, "LINEAR_CHAIN", True)
+    monkeypatch.setenv("DEJAVU_CHAIN_SPIN", spin)
+    x, layers = _chain_case(torch.float16, (2048, 2048, 8192, 2048), (False, True, False), "layernorm", seed=7)
+
+    def run():
+        outs, y = [], x
+        for _ in range(10):
+            o, s = kernels.linear_chain(y, layers)
+            y = o[-1]
+            outs += o + [s[1]]
+        return outs
+
+    results = {}
+    try:
+        for mode in (0, 1):
+            _C.set_programmatic_launch(mode)
+            with torch.inference_mode():
+                eager = run()
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, stream=side):
+                        captured = run()
+                torch.cuda.current_stream().wait_stream(side)
+                for _ in range(3):
+                    for c in captured:
+                        c.fill_(float("nan"))
+                    graph.replay()
+                    torch.cuda.synchronize()
+                    for i, (a, b) in enumerate(zip(captured, eager)):
+                        assert torch.equal(a, b), f"mode {mode}: graph output {i} differs"
+            results[mode] = eager
+    finally:
+        _C.set_programmatic_launch(-1)
+    for i, (a, b) in enumerate(zip(results[0], results[1])):
+        assert torch.equal(a, b), f"output {i} differs with programmatic launch"
+
+
+def test_linear_chain_falls_back_and_rejects_bad_chains(monkeypatch):
+    """Where the kernel does not serve, linear_chain says so (None) and the caller runs the layers
+    apart; the C++ checks name what is wrong with a chain."""
+    from dejavu import _C
+
+    monkeypatch.setattr(kernels, "LINEAR_CHAIN", True)
+    x, layers = _chain_case(torch.float16, (64, 336, 40), (True, False), "layernorm", seed=3)
+    assert kernels.linear_chain(x.repeat(2, 1), layers) is None  # one row only
+    assert kernels.linear_chain(x.float(), layers) is None
+    monkeypatch.setattr(kernels, "LINEAR_CHAIN", False)
+    assert kernels.linear_chain(x, layers) is None
+    w = torch.randn(16, 64, device="cuda", dtype=torch.float16)
+    y = torch.empty(1, 16, device="cuda", dtype=torch.float16)
+    bar = torch.zeros(4, dtype=torch.int32, device="cuda")
+    dt, stream = kernels._HALF[torch.float16], torch.cuda.current_stream().cuda_stream
+    one = dict(w=w.data_ptr(), y=y.data_ptr(), out_features=16, in_features=64)
+    with pytest.raises(RuntimeError, match="layer 1: in_features must equal the previous layer's out_features"):
+        _C.linear_chain(x.data_ptr(), [one, one], bar.data_ptr(), dt, stream)
+    with pytest.raises(RuntimeError, match="layer 0: a norm needs h, weight and sum_out"):
+        _C.linear_chain(x.data_ptr(), [dict(one, norm_weight=w.data_ptr())], bar.data_ptr(), dt, stream)
+    with pytest.raises(RuntimeError, match="layer 0: w and y must be 16-byte aligned"):
+        _C.linear_chain(x.data_ptr(), [dict(one, w=w.data_ptr() + 2)], bar.data_ptr(), dt, stream)
+    with pytest.raises(RuntimeError, match="1..4 layers"):
+        _C.linear_chain(x.data_ptr(), [one] * 5, bar.data_ptr(), dt, stream)
+    with pytest.raises(ValueError, match="unknown key 'bais'"):
+        _C.linear_chain(x.data_ptr(), [dict(one, bais=0)], bar.data_ptr(), dt, stream)
+
+
+@pytest.mark.parametrize("family", ["opt", "opt-gelu"])
+def test_linear_chain_keeps_greedy_tokens(family, tmp_path, monkeypatch):
+    """fp16 decode through CUDA graphs: the same greedy tokens with OPT's out_proj, norm, fc1 and fc2
+    as one persistent kernel (DEJAVU_LINEAR_CHAIN) and without; on, the chain did run (ReLU OPT)."""
+    from dejavu import _C
+
+    hf = save_hf_model(family, tmp_path)
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, hf.config.vocab_size, (n,), generator=g).tolist() for n in (2, 9, 33)]
+    launches = []
+    plain = _C.linear_chain
+
+    def counting(*args, **kw):
+        launches.append(1)
+        return plain(*args, **kw)
+
+    monkeypatch.setattr(_C, "linear_chain", counting)
+    outs = {}
+    for on in (False, True):
+        monkeypatch.setattr(kernels, "LINEAR_CHAIN", on)
+        launches.clear()
+        llm = LLM(model=str(tmp_path), device="cuda", dtype="float16", block_size=4, max_num_seqs=4)
+        params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (24, 8, 4)]
+        outs[on] = [o.token_ids for o in llm.generate(prompts, params)]
+        llm.shutdown()
+        assert bool(launches) == (on and family == "opt")
+    assert outs[True] == outs[False]

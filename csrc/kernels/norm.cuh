@@ -30,8 +30,9 @@ __device__ __forceinline__ float block_sum(float v, float* shared) {
 // statistics. Each thread keeps its chunks of the sum in registers between the reductions, or,
 // STAGED, in y itself (then normalised in place: the same values in the same order, so the same
 // bits, with no registers held across the reductions; for y in shared memory). y may point to
-// shared memory. hidden: a multiple of 8 up to kAddNormMaxHidden; 16-byte aligned rows.
-template <typename T, bool STAGED = false>
+// shared memory. hidden: a multiple of 8 up to kAddNormMaxHidden; 16-byte aligned rows. CG: h and
+// a are read through L2 only (ld.global.cg), for rows other blocks of the same kernel wrote.
+template <typename T, bool STAGED = false, bool CG = false>
 __device__ __forceinline__ void add_norm_row(T* sum_out, T* y, const T* __restrict__ h, const T* __restrict__ a,
                                              const T* __restrict__ weight, const T* __restrict__ bias,
                                              int64_t hidden, float eps, int rms, float* shared) {
@@ -56,8 +57,14 @@ __device__ __forceinline__ void add_norm_row(T* sum_out, T* y, const T* __restri
   for (int i = 0; i < kMaxChunks; ++i) {
     const int64_t c = threadIdx.x + static_cast<int64_t>(i) * kThreads;
     if (c < chunks) {
-      const uint4 hv = *reinterpret_cast<const uint4*>(h + c * kVec);
-      const uint4 av = *reinterpret_cast<const uint4*>(a + c * kVec);
+      uint4 hv, av;
+      if constexpr (CG) {
+        hv = __ldcg(reinterpret_cast<const uint4*>(h + c * kVec));
+        av = __ldcg(reinterpret_cast<const uint4*>(a + c * kVec));
+      } else {
+        hv = *reinterpret_cast<const uint4*>(h + c * kVec);
+        av = *reinterpret_cast<const uint4*>(a + c * kVec);
+      }
       const T* ht = reinterpret_cast<const T*>(&hv);
       const T* at = reinterpret_cast<const T*>(&av);
       uint4 sv;

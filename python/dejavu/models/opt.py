@@ -26,11 +26,14 @@ class OPTAttention(nn.Module):
 
     def attend(self, qkv, positions, meta, cache):
         """The attention after the q/k/v projection (qkv: its three outputs)."""
+        return self.out_proj(self.attention(qkv, positions, meta, cache))
+
+    def attention(self, qkv, positions, meta, cache):
+        """attend without out_proj: the heads' outputs, [n, heads * head_dim]."""
         q, k, v = qkv
         n = q.shape[0]
         q, k, v = q.view(n, self.h, self.d), k.view(n, self.h, self.d), v.view(n, self.h, self.d)
-        o = paged_attention(q, k, v, cache, meta, scale=self.d ** -0.5)
-        return self.out_proj(o.reshape(n, -1))
+        return paged_attention(q, k, v, cache, meta, scale=self.d ** -0.5).reshape(n, -1)
 
 
 class OPTLayer(PreNormBlock):
@@ -58,7 +61,21 @@ class OPTLayer(PreNormBlock):
         return self.self_attn.qkv
 
     def body(self, h, qkv, positions, meta, cache):
-        a = self.self_attn.attend(qkv, positions, meta, cache)
+        attn = self.self_attn
+        if self.relu and attn.out_proj.tp_group is None and self.fc2.tp_group is None:
+            # out_proj, the residual add, the norm, fc1 with its ReLU and fc2: one persistent kernel
+            # at batch 1 on the GPU (kernels.linear_chain), else the kernels below.
+            o = attn.attention(qkv, positions, meta, cache)
+            out = kernels.linear_chain(o, [
+                kernels.ChainLayer(attn.out_proj.weight, attn.out_proj.bias),
+                kernels.ChainLayer(self.fc1.weight, self.fc1.bias, relu=True, norm=self.final_layer_norm, h=h),
+                kernels.ChainLayer(self.fc2.weight, self.fc2.bias)])
+            if out is not None:
+                (_, _, y), (_, s, _) = out
+                return s, y
+            a = attn.out_proj(o)
+        else:
+            a = attn.attend(qkv, positions, meta, cache)
         # The residual add, the norm and fc1 (with its ReLU): one kernel at decode sizes.
         h, x = kernels.add_norm_linear(h, a, self.final_layer_norm, self.fc1.weight, self.fc1.bias, relu=self.relu)
         return h, self.fc2(x if self.relu else self.act(x))
