@@ -200,7 +200,8 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
 }
 
 // Returns once every block of the grid has arrived here for the k-th time (target k * gridDim.x);
-// what each block wrote before it arrived is then visible to every block.
+// what each block wrote before it arrived is then visible to every block. mode 0: fence, atomic
+// add, then polls; N > 0: a release-add, then polls N ns apart (the same cost, measured).
 __device__ __forceinline__ void grid_barrier(unsigned* bar, unsigned target, int mode) {
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -409,6 +410,8 @@ cudaError_t launch_chain(const void* x, const ChainLinear* layers, int n, unsign
   args.x = static_cast<const T*>(x);
   args.bar = barrier;
   args.n = n;
+  // DEJAVU_CHAIN_SPIN=N > 0: the barrier arrives with a release-add and sleeps N ns between polls
+  // (a knob for benchmarks/chain_bench.py; read at every launch, so graphs keep what they captured).
   args.spin = static_cast<int>(env::integer("DEJAVU_CHAIN_SPIN", 0));
   int64_t tiles = 1, widest = 0;
   for (int i = 0; i < n; ++i) {

@@ -62,9 +62,9 @@ class OPTLayer(PreNormBlock):
 
     def body(self, h, qkv, positions, meta, cache):
         attn = self.self_attn
-        if self.relu and attn.out_proj.tp_group is None and self.fc2.tp_group is None:
+        if kernels.LINEAR_CHAIN and self.relu and attn.out_proj.tp_group is None and self.fc2.tp_group is None:
             # out_proj, the residual add, the norm, fc1 with its ReLU and fc2: one persistent kernel
-            # at batch 1 on the GPU (kernels.linear_chain), else the kernels below.
+            # at batch 1 on the GPU (kernels.linear_chain; off by default), else the kernels below.
             o = attn.attention(qkv, positions, meta, cache)
             out = kernels.linear_chain(o, [
                 kernels.ChainLayer(attn.out_proj.weight, attn.out_proj.bias),
