@@ -459,13 +459,13 @@ PYBIND11_MODULE(_C, m) {
       c.out_features = get("out_features", int64_t{0});
       c.in_features = get("in_features", int64_t{0});
       c.act = get("act", 0);
-      c.has_norm = get("norm_h", uintptr_t{0}) != 0 || get("norm_weight", uintptr_t{0}) != 0;
       c.norm.h = as_ptr<const void>(get("norm_h", uintptr_t{0}));
       c.norm.weight = as_ptr<const void>(get("norm_weight", uintptr_t{0}));
       c.norm.bias = as_ptr<const void>(get("norm_bias", uintptr_t{0}));
       c.norm.sum_out = as_ptr<void>(get("sum_out", uintptr_t{0}));
       c.norm.eps = get("eps", 1e-5f);
       c.norm.rms = get("rms", 0);
+      c.has_norm = c.norm.h != nullptr || c.norm.weight != nullptr;  // (a weight alone is a norm missing h)
     }
     std::string err = linear_chain(as_ptr<const void>(x), chain.data(), static_cast<int>(chain.size()),
                                    as_ptr<unsigned>(barrier), static_cast<DType>(dtype), as_ptr<void>(stream));

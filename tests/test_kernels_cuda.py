@@ -496,34 +496,43 @@ def test_add_norm_linear_rejects_bad_prologues():
                         norm_h=h.data_ptr(), norm_a=h.data_ptr(), norm_weight=nw.data_ptr(), sum_out=s.data_ptr())
 
 
+def _greedy_tokens_either_way(family, tmp_path, monkeypatch, switch: str, fn: str, seed: int, counts=None):
+    """fp16 greedy tokens through CUDA graphs with kernels.<switch> off and on: ({on: tokens},
+    {on: whether _C.<fn> ran}, counting only the calls `counts(kwargs)` accepts). The lengths
+    leave one sequence decoding alone: the models fuse one-row steps."""
+    from dejavu import _C
+
+    hf = save_hf_model(family, tmp_path)
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, hf.config.vocab_size, (n,), generator=g).tolist() for n in (2, 9, 33)]
+    launches = []
+    plain = getattr(_C, fn)
+
+    def counting(*args, **kw):
+        launches.append(counts is None or counts(kw))
+        return plain(*args, **kw)
+
+    monkeypatch.setattr(_C, fn, counting)
+    outs, ran = {}, {}
+    for on in (False, True):
+        monkeypatch.setattr(kernels, switch, on)
+        launches.clear()
+        llm = LLM(model=str(tmp_path), device="cuda", dtype="float16", block_size=4, max_num_seqs=4)
+        assert llm.engine.runner.graphs is not None
+        params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (24, 8, 4)]
+        outs[on] = [o.token_ids for o in llm.generate(prompts, params)]
+        llm.shutdown()
+        ran[on] = any(launches)  # (counted as the graphs were captured and on eager steps)
+    return outs, ran
+
+
 @pytest.mark.parametrize("family", ["opt", "opt-gelu", "llama"])
 def test_add_norm_linear_keeps_greedy_tokens(family, tmp_path, monkeypatch):
     """fp16 decode through CUDA graphs: the same greedy tokens with the norm inside the linear
     kernels (DEJAVU_NORM_LINEAR) and without, and with it on the prologue kernels did run."""
-    from dejavu import _C
-
-    hf = save_hf_model(family, tmp_path)
-    g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, hf.config.vocab_size, (n,), generator=g).tolist() for n in (2, 9, 33)]
-    launches = []
-    plain = _C.small_linear
-
-    def counting(*args, **kw):
-        launches.append(kw.get("norm_h", 0) != 0)
-        return plain(*args, **kw)
-
-    monkeypatch.setattr(_C, "small_linear", counting)
-    outs = {}
-    for on in (False, True):
-        monkeypatch.setattr(kernels, "NORM_LINEAR", on)
-        launches.clear()
-        llm = LLM(model=str(tmp_path), device="cuda", dtype="float16", block_size=4, max_num_seqs=4)
-        assert llm.engine.runner.graphs is not None
-        # (lengths that leave one sequence decoding alone: the models fuse one-row steps)
-        params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (24, 8, 4)]
-        outs[on] = [o.token_ids for o in llm.generate(prompts, params)]
-        llm.shutdown()
-        assert any(launches) == on  # (counted as the graphs were captured and on eager steps)
+    outs, ran = _greedy_tokens_either_way(family, tmp_path, monkeypatch, "NORM_LINEAR", "small_linear", seed=5,
+                                          counts=lambda kw: kw.get("norm_h", 0) != 0)
+    assert ran == {False: False, True: True}
     assert outs[True] == outs[False]
 
 
@@ -656,7 +665,7 @@ def test_linear_chain_equals_the_layers_one_by_one(dtype, kind, widths, norms, m
                 assert torch.equal(a, b), f"layer {i}'s output differs"
             for i, (a, b) in enumerate(zip(sums, ref_sums)):
                 assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), f"layer {i}'s sum differs"
-    barrier = kernels._chain_barrier(x.device, torch.cuda.current_stream().cuda_stream)
+    barrier = kernels._counters(x.device, torch.cuda.current_stream().cuda_stream, 2, "chain")
     torch.cuda.synchronize()
     assert int(barrier.abs().sum()) == 0
 
@@ -739,26 +748,6 @@ def test_linear_chain_falls_back_and_rejects_bad_chains(monkeypatch):
 def test_linear_chain_keeps_greedy_tokens(family, tmp_path, monkeypatch):
     """fp16 decode through CUDA graphs: the same greedy tokens with OPT's out_proj, norm, fc1 and fc2
     as one persistent kernel (DEJAVU_LINEAR_CHAIN) and without; on, the chain did run (ReLU OPT)."""
-    from dejavu import _C
-
-    hf = save_hf_model(family, tmp_path)
-    g = torch.Generator().manual_seed(11)
-    prompts = [torch.randint(3, hf.config.vocab_size, (n,), generator=g).tolist() for n in (2, 9, 33)]
-    launches = []
-    plain = _C.linear_chain
-
-    def counting(*args, **kw):
-        launches.append(1)
-        return plain(*args, **kw)
-
-    monkeypatch.setattr(_C, "linear_chain", counting)
-    outs = {}
-    for on in (False, True):
-        monkeypatch.setattr(kernels, "LINEAR_CHAIN", on)
-        launches.clear()
-        llm = LLM(model=str(tmp_path), device="cuda", dtype="float16", block_size=4, max_num_seqs=4)
-        params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (24, 8, 4)]
-        outs[on] = [o.token_ids for o in llm.generate(prompts, params)]
-        llm.shutdown()
-        assert bool(launches) == (on and family == "opt")
+    outs, ran = _greedy_tokens_either_way(family, tmp_path, monkeypatch, "LINEAR_CHAIN", "linear_chain", seed=11)
+    assert ran == {False: False, True: family == "opt"}
     assert outs[True] == outs[False]

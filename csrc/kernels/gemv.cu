@@ -445,7 +445,8 @@ std::string linear_chain(const void* x, const ChainLinear* layers, int n, unsign
   if (x == nullptr || barrier == nullptr) return "linear_chain: x and barrier must not be null";
   const int64_t elem = dtype == DType::kFloat32 ? 4 : 2;
   auto misaligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 != 0; };
-  if (misaligned(x) || reinterpret_cast<uintptr_t>(barrier) % 4) return "linear_chain: x must be 16-byte aligned";
+  if (misaligned(x)) return "linear_chain: x must be 16-byte aligned";
+  if (reinterpret_cast<uintptr_t>(barrier) % 4) return "linear_chain: barrier must be 4-byte aligned";
   for (int i = 0; i < n; ++i) {
     const ChainLinear& c = layers[i];
     const std::string at = "linear_chain: layer " + std::to_string(i) + ": ";

@@ -76,19 +76,19 @@ _FUSED_KV_WRITE_MAX_ROWS = int(_C.decode_warps_max_rows)
 def fuses_kv_write(num_seqs: int, num_heads: int) -> bool:
     """Whether a decode step of this shape stores its new K/V inside the attention kernel."""
     return FUSE_ATTENTION and num_seqs * num_heads <= _FUSED_KV_WRITE_MAX_ROWS
-_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
+_COUNTERS: dict[tuple[int, int, str], torch.Tensor] = {}
 
 
-def _counters(device: torch.device, stream: int, rows: int) -> torch.Tensor:
-    """Zeroed uint32 counters for the in-kernel combine: one set per (device, stream), since
-    launches on one stream never overlap and each launch leaves them at 0 again. Allocated (at
-    least 8192) the first time a size is needed, outside any graph capture: capture runs a warm-up
-    step of the same shape first."""
+def _counters(device: torch.device, stream: int, rows: int, user: str = "attention") -> torch.Tensor:
+    """Zeroed uint32 counters of a kernel family (`user`: the attention kernel's in-kernel combine,
+    linear_chain's grid barrier): one set per (device, stream, user), since launches on one stream
+    never overlap and each launch leaves them at 0 again. Allocated (at least 8192) the first time a
+    size is needed, outside any graph capture: capture runs a warm-up step of the same shape first."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    have = _COUNTERS.get((idx, stream))
+    have = _COUNTERS.get((idx, stream, user))
     if have is None or have.numel() < rows:
         have = torch.zeros(max(8192, 1 << (rows - 1).bit_length()), dtype=torch.int32, device=device)
-        _COUNTERS[(idx, stream)] = have
+        _COUNTERS[(idx, stream, user)] = have
     return have
 
 
@@ -272,17 +272,6 @@ def add_norm_linear(h: torch.Tensor, a: torch.Tensor, norm: torch.nn.Module, wei
 # them than with the layers as kernels of their own (docs/BENCHMARKS.md, fifteenth session).
 # DEJAVU_LINEAR_CHAIN=1 turns them on.
 LINEAR_CHAIN = os.environ.get("DEJAVU_LINEAR_CHAIN", "0") == "1"
-_BARRIERS: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def _chain_barrier(device: torch.device, stream: int) -> torch.Tensor:
-    """linear_chain's grid barrier: 2 zeroed uint32 per (device, stream) (launches on one stream never
-    overlap, and each leaves them zeroed); allocated outside graph capture by the warm-up step."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    have = _BARRIERS.get((idx, stream))
-    if have is None:
-        have = _BARRIERS[(idx, stream)] = torch.zeros(4, dtype=torch.int32, device=device)
-    return have
 
 
 class ChainLayer:
@@ -332,7 +321,8 @@ def linear_chain(x: torch.Tensor, layers: list[ChainLayer]) -> tuple[list[torch.
         sums.append(s)
         width = w.shape[0]
     stream = _stream(x.device)
-    _C.linear_chain(x.data_ptr(), spec, _chain_barrier(x.device, stream).data_ptr(), _HALF[x.dtype], stream)
+    barrier = _counters(x.device, stream, 2, "chain")  # (arrivals, departures)
+    _C.linear_chain(x.data_ptr(), spec, barrier.data_ptr(), _HALF[x.dtype], stream)
     return outs, sums
 
 
