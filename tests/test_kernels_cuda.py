@@ -324,11 +324,12 @@ def test_greedy_step_end_rejects_bad_arguments():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 @pytest.mark.parametrize("n_out,k_in,x_pad", [(2048, 2048, 0), (333, 136, 8), (6144, 8192, 0), (50, 4104, 24),
-                                              (37, 8192, 8), (100, 4096, 0), (77, 16384, 0)])
+                                              (37, 8192, 8), (100, 4096, 0), (77, 16384, 0), (2048, 8192, 0)])
 def test_small_linear_matches_reference(dtype, rows, n_out, k_in, x_pad):
     """Shapes: OPT-1.3B's, an odd row count with a K that leaves the unrolled loop a remainder, a
     large K, a strided x; K split over 2 or 4 warps (4096, 8192, 16384 inputs), with a row count
-    that leaves a block's last row empty. Fresh random inputs; the output poisoned first; fp64
+    that leaves a block's last row empty; OPT-1.3B's fc2 (2048 x 8192: split over 2 warps, the
+    widest split whose blocks fit on the device in one wave). Fresh random inputs; the output poisoned first; fp64
     reference."""
     g = torch.Generator(device="cuda").manual_seed(rows * 7919 + n_out)
     big = torch.randn(rows, k_in + x_pad, device="cuda", dtype=dtype, generator=g)

@@ -3,9 +3,10 @@
 // read-only cache: every warp of the grid reads the same few rows); a warp shuffle reduces.
 // Launched with programmatic dependent launch (pdl.h), each warp loads the first kPre chunks per
 // lane of its row (all of a 2048-wide row) before it waits for the kernel that writes its input.
-// Long rows are split over KS warps of the block (split-K: 2 from 4096 inputs, 4 from 8192), each
-// taking a contiguous slice, so an 8192-wide row is loaded whole before the wait as well and four
-// times as many warps keep loads in flight; the slices' sums meet in shared memory.
+// Long rows are split over KS warps of the block (split-K: up to 2 from 4096 inputs, 4 from 8192),
+// each taking a contiguous slice, so more of a long row is loaded before the wait and more warps
+// keep loads in flight; the slices' sums meet in shared memory. Without a prologue the split is
+// the widest whose blocks fit on the device in one wave (plain_split).
 // With a norm prologue (NORM), each block computes x = norm(h + a) itself after the wait, into
 // shared memory (norm.cuh: add_norm_row, as the add_norm kernel computes it, staged in that
 // shared row so that no registers are held across its reductions), and block 0 stores h + a: the
@@ -318,8 +319,9 @@ __global__ void __launch_bounds__(kWarps * 32) linear_chain_kernel(const __grid_
   }
 }
 
-// Slices per row: 4 from 8192 inputs, 2 from 4096, else 1 (the slice must be whole chunks).
-// DEJAVU_LINEAR_SPLIT=1 (2, 4) caps it, a baseline for benchmarks. Read once.
+// Slices per row at most: 4 from 8192 inputs, 2 from 4096, else 1 (the slice must be whole chunks);
+// the plain kernel may take fewer (plain_split). DEJAVU_LINEAR_SPLIT=1 (2, 4) caps it, a baseline
+// for benchmarks. Read once.
 int split_for(int64_t k_in) {
   static const int cap = [] {
     const long long c = env::integer("DEJAVU_LINEAR_SPLIT", 4);
@@ -355,6 +357,40 @@ bool roll_setting() {
   return roll;
 }
 
+// Blocks of the plain kernel (no prologue) for `rows` rows and KS slices per row that the current
+// device holds at once (by registers; asked once per device and kernel).
+template <typename T, int KS>
+int64_t plain_resident(int64_t rows) {
+  const void* k = rows == 1   ? reinterpret_cast<const void*>(small_linear_kernel<T, 1, KS, false>)
+                  : rows == 2 ? reinterpret_cast<const void*>(small_linear_kernel<T, 2, KS, false>)
+                  : rows == 3 ? reinterpret_cast<const void*>(small_linear_kernel<T, 3, KS, false>)
+                              : reinterpret_cast<const void*>(small_linear_kernel<T, 4, KS, false>);
+  return pdl::kernel_fact(k, 0, [](int dev, const void* kernel, size_t) -> int64_t {
+    int per_sm = 0, sms = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, 0) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+      return 1;
+    return std::max<int64_t>(1, static_cast<int64_t>(per_sm) * sms);
+  }, 1);
+}
+
+// Slices per row of the plain kernel (one block per tile of kWarps / KS features): the widest that
+// split_for allows whose tiles all fit on the device at once, in one wave of blocks; where none
+// does, the widest. OPT-1.3B's fc2 at batch 1 (2048 x 8192) takes 2: 4 slices make 1024 blocks,
+// two waves on a 132-SM Hopper (4 blocks per SM), and the step ran 3% slower (docs/BENCHMARKS.md).
+// DEJAVU_LINEAR_ONE_WAVE=0 always takes the widest (the rule before; a baseline for benchmarks).
+template <typename T>
+int plain_split(int64_t rows, int64_t n_out, int64_t k_in) {
+  static const bool one_wave = env::integer("DEJAVU_LINEAR_ONE_WAVE", 1) != 0;
+  const int widest = split_for(k_in);
+  if (!one_wave) return widest;
+  auto tiles = [&](int ks) { return (n_out + kWarps / ks - 1) / (kWarps / ks); };
+  if (widest >= 4 && tiles(4) <= plain_resident<T, 4>(rows)) return 4;
+  if (widest >= 2 && tiles(2) <= plain_resident<T, 2>(rows)) return 2;
+  if (tiles(1) <= plain_resident<T, 1>(rows)) return 1;
+  return widest;
+}
+
 template <typename T, int KS, bool NORM>
 cudaError_t launch_split(T* y, const T* x, const T* w, const T* bias, int64_t rows, int64_t n_out, int64_t k_in,
                          int64_t x_stride, int act, const NormArgs<T>& na, cudaStream_t s) {
@@ -383,7 +419,7 @@ cudaError_t launch_split(T* y, const T* x, const T* w, const T* bias, int64_t ro
 template <typename T, bool NORM>
 cudaError_t launch_norm(T* y, const T* x, const T* w, const T* bias, int64_t rows, int64_t n_out, int64_t k_in,
                         int64_t x_stride, int act, const NormArgs<T>& na, cudaStream_t s) {
-  switch (split_for(k_in)) {
+  switch (NORM ? split_for(k_in) : plain_split<T>(rows, n_out, k_in)) {
     case 4: return launch_split<T, 4, NORM>(y, x, w, bias, rows, n_out, k_in, x_stride, act, na, s);
     case 2: return launch_split<T, 2, NORM>(y, x, w, bias, rows, n_out, k_in, x_stride, act, na, s);
     default: return launch_split<T, 1, NORM>(y, x, w, bias, rows, n_out, k_in, x_stride, act, na, s);
@@ -422,7 +458,8 @@ cudaError_t launch_chain(const void* x, const ChainLinear* layers, int n, unsign
     L.y = static_cast<T*>(c.y);
     L.n_out = c.out_features;
     L.k_in = c.in_features;
-    L.ks = split_for(c.in_features);
+    // (as small_linear would split the layer, so that the outputs are bit-equal)
+    L.ks = c.has_norm ? split_for(c.in_features) : plain_split<T>(1, c.out_features, c.in_features);
     L.act = c.act;
     L.has_norm = c.has_norm ? 1 : 0;
     if (c.has_norm)
