@@ -7,8 +7,11 @@ is installed and the model's vocabulary covers its 49,152 ids; otherwise a byte-
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import shutil
+import tempfile
 from typing import Sequence
 
 from .config import ModelError
@@ -100,14 +103,65 @@ def from_directory(path: str) -> Tokenizer | None:
         raise ModelError(f"cannot load the tokenizer in {path}: {e}") from e
 
 
+def cache_dir() -> str | None:
+    """Where tokenizers converted from GGUF files are kept: $DEJAVU_CACHE_DIR/tokenizers, else
+    ~/.cache/dejavu/tokenizers; None where DEJAVU_TOKENIZER_CACHE=0."""
+    if os.environ.get("DEJAVU_TOKENIZER_CACHE", "1") == "0":
+        return None
+    root = os.environ.get("DEJAVU_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "dejavu")
+    return os.path.join(root, "tokenizers")
+
+
+def _cache_entry(path: str, transformers_version: str) -> str | None:
+    """The cache directory of GGUF file `path` as it is now (path, size, modification time) and
+    this transformers version, or None without a cache."""
+    root = cache_dir()
+    if root is None:
+        return None
+    st = os.stat(path)
+    key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{transformers_version}"
+    return os.path.join(root, hashlib.sha256(key.encode()).hexdigest()[:24])
+
+
 def from_gguf(path: str) -> Tokenizer:
+    """The tokenizer in GGUF file `path`. Converting it takes transformers some 10 s (it parses the
+    whole file), which every process that serves a model (and every worker) would pay: so the
+    converted tokenizer is saved once in its HF form (JSON files, no code) under cache_dir(), and
+    later loads read that (about 0.5 s). A cache that cannot be written is skipped."""
     t = _quiet_transformers()
+    try:
+        entry = _cache_entry(path, t.__version__)
+    except OSError as e:
+        raise ModelError(f"cannot read GGUF file {path}: {e}") from e
+    if entry is not None and os.path.isfile(os.path.join(entry, "tokenizer.json")):
+        try:
+            return HFTokenizer(t.AutoTokenizer.from_pretrained(entry))
+        except Exception:  # noqa: BLE001 - a damaged cache entry: drop it, convert again below
+            shutil.rmtree(entry, ignore_errors=True)
     try:
         tok = t.AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
                                               gguf_file=os.path.basename(path))
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"cannot read a tokenizer from GGUF file {path}: {e}") from e
+    if entry is not None:
+        _save_entry(tok, entry)
     return HFTokenizer(tok)
+
+
+def _save_entry(tok, entry: str) -> None:
+    """Save `tok` as cache entry `entry`: written to a temporary directory beside it, then renamed,
+    so a reader never sees half an entry (a concurrent writer's rename wins; both are the same)."""
+    parent = os.path.dirname(entry)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    except OSError:
+        return
+    try:
+        tok.save_pretrained(tmp)
+        os.rename(tmp, entry)
+    except Exception:  # noqa: BLE001 - the cache is an optimisation: never fail a load over it
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fallback(vocab_size: int) -> Tokenizer:
