@@ -415,7 +415,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("small_linear", [](uintptr_t y, uintptr_t x, uintptr_t w, uintptr_t bias, int64_t rows, int64_t out_features,
                            int64_t in_features, int64_t x_stride, int act, int dtype, uintptr_t stream,
                            uintptr_t norm_h, uintptr_t norm_a, uintptr_t norm_weight, uintptr_t norm_bias,
-                           uintptr_t sum_out, float eps, int rms) {
+                           uintptr_t sum_out, float eps, int rms, bool out_f32) {
     NormPrologue norm;
     norm.h = as_ptr<const void>(norm_h);
     norm.a = as_ptr<const void>(norm_a);
@@ -427,15 +427,16 @@ PYBIND11_MODULE(_C, m) {
     const bool prologue = norm_h != 0 || norm_a != 0 || norm_weight != 0 || sum_out != 0;
     std::string err = small_linear(as_ptr<void>(y), as_ptr<const void>(x), as_ptr<const void>(w),
                                    as_ptr<const void>(bias), rows, out_features, in_features, x_stride, act,
-                                   static_cast<DType>(dtype), as_ptr<void>(stream), prologue ? &norm : nullptr);
+                                   static_cast<DType>(dtype), as_ptr<void>(stream), prologue ? &norm : nullptr, out_f32);
     if (!err.empty()) throw std::runtime_error(err);
   }, py::arg("y"), py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("rows"), py::arg("out_features"),
      py::arg("in_features"), py::arg("x_stride"), py::arg("act"), py::arg("dtype"), py::arg("stream") = 0,
      py::kw_only(), py::arg("norm_h") = 0, py::arg("norm_a") = 0, py::arg("norm_weight") = 0,
      py::arg("norm_bias") = 0, py::arg("sum_out") = 0, py::arg("eps") = 1e-5f, py::arg("rms") = 0,
+     py::arg("out_f32") = false,
      "y = act(x @ w.T + bias) for a few rows of x (decode batches), fp16/bf16; with norm_h/norm_a/norm_weight/"
      "sum_out, x = norm(norm_h + norm_a) computed in the kernel (LayerNorm, or RMSNorm with rms=1) and "
-     "norm_h + norm_a stored to sum_out");
+     "norm_h + norm_a stored to sum_out; out_f32: y is fp32 (each output rounded to the dtype first)");
   m.attr("linear_chain_max") = kLinearChainMax;
   m.def("linear_chain", [](uintptr_t x, const std::vector<py::dict>& layers, uintptr_t barrier, int dtype,
                            uintptr_t stream) {
@@ -489,16 +490,19 @@ PYBIND11_MODULE(_C, m) {
      py::arg("hidden"), py::arg("eps"), py::arg("rms"), py::arg("dtype"), py::arg("stream") = 0,
      "sum = h + a; y = LayerNorm(sum) (rms=0) or RMSNorm(sum) (rms=1), one kernel, fp16/bf16");
   m.attr("step_fields") = kStepFields;
+  m.def("greedy_part_words", &greedy_part_words, py::arg("rows"), py::arg("vocab"),
+        "int32 words greedy_step_end needs for its slices' bests (0: a row is one block)");
   m.def("greedy_step_end", [](uintptr_t logits, int64_t rows, int64_t vocab, int64_t stride, uintptr_t tokens,
                               uintptr_t host_tokens, uintptr_t fields, int64_t bucket, int64_t max_blocks,
-                              int64_t block_size, uintptr_t stream) {
+                              int64_t block_size, uintptr_t counters, uintptr_t parts, uintptr_t stream) {
     std::string err = greedy_step_end(as_ptr<const float>(logits), rows, vocab, stride, as_ptr<int64_t>(tokens),
                                       as_ptr<int64_t>(host_tokens), as_ptr<int64_t>(fields), bucket, max_blocks,
-                                      block_size, as_ptr<void>(stream));
+                                      block_size, as_ptr<unsigned>(counters), as_ptr<int32_t>(parts),
+                                      as_ptr<void>(stream));
     if (!err.empty()) throw std::runtime_error(err);
   }, py::arg("logits"), py::arg("rows"), py::arg("vocab"), py::arg("stride"), py::arg("tokens"),
      py::arg("host_tokens") = 0, py::arg("fields") = 0, py::arg("bucket") = 0, py::arg("max_blocks") = 0,
-     py::arg("block_size") = 0, py::arg("stream") = 0,
+     py::arg("block_size") = 0, py::arg("counters") = 0, py::arg("parts") = 0, py::arg("stream") = 0,
      "Each row's argmax of fp32 logits [rows, vocab] (row stride `stride`) to tokens (int64, and to pinned "
      "host_tokens unless 0); with fields, a graph bucket's decode inputs advanced for the next step");
 }

@@ -255,24 +255,32 @@ def test_overlapped_graph_steps_equal_synchronous_ones(tmp_path, graphs):
 
 
 # ---------------------------------------------------------------------- greedy_step_end
-@pytest.mark.parametrize("rows,vocab,pad", [(1, 50272, 0), (3, 32003, 5), (5, 7, 1), (2, 1, 0), (4, 4096, 64)])
+@pytest.mark.parametrize("rows,vocab,pad", [(1, 50272, 0), (3, 32003, 5), (5, 7, 1), (2, 1, 0), (4, 4096, 64),
+                                             (64, 50272, 0), (3, 2049, 3)])
 def test_greedy_step_end_is_torch_argmax(rows, vocab, pad):
-    """Fresh random fp32 logits (a strided view where pad > 0) with planted ties, a row of -inf and a
-    NaN: the kernel's tokens, on the device and in pinned memory, are torch.argmax's."""
+    """Fresh random fp32 logits (a strided view where pad > 0) with planted ties (across the blocks
+    a row is split over, from 2049 logits on), a row of -inf, a NaN, and a row whose largest value
+    is its last: the kernel's tokens, on the device and in pinned memory, are torch.argmax's. Three
+    launches in a row on fresh logits: the split rows' counters are left at 0 for the next."""
     g = torch.Generator(device="cuda").manual_seed(rows * 131 + vocab)
-    logits = torch.randn(rows, vocab + pad, device="cuda", generator=g)[:, :vocab]
-    if vocab > 10:
-        logits[0, vocab - 3] = logits[0, 7] = logits[0].max() + 1  # a tie: the first index wins
-    if rows > 2:
-        logits[1] = float("-inf")
-        logits[2, vocab // 2] = float("nan")
-    tokens = torch.full((rows + 2,), -7, dtype=torch.int64, device="cuda")
-    host = torch.full((rows + 2,), -7, dtype=torch.int64).pin_memory()
-    kernels.greedy_step_end(logits, tokens, host)
-    torch.cuda.synchronize()
-    ref = torch.argmax(logits, dim=-1)
-    assert torch.equal(tokens[:rows], ref) and torch.equal(host[:rows], ref.cpu())
-    assert tokens[rows:].tolist() == [-7, -7] and host[rows:].tolist() == [-7, -7]  # nothing past the rows
+    for _ in range(3):
+        logits = torch.randn(rows, vocab + pad, device="cuda", generator=g)[:, :vocab]
+        if vocab > 10:
+            logits[0, vocab - 3] = logits[0, 7] = logits[0].max() + 1  # a tie: the first index wins
+        if rows > 2:
+            logits[1] = float("-inf")
+            logits[2, vocab // 2] = float("nan")
+            logits[-1, vocab - 1] = logits[-1].max() + 1
+        tokens = torch.full((rows + 2,), -7, dtype=torch.int64, device="cuda")
+        host = torch.full((rows + 2,), -7, dtype=torch.int64).pin_memory()
+        kernels.greedy_step_end(logits, tokens, host)
+        torch.cuda.synchronize()
+        ref = torch.argmax(logits, dim=-1)
+        assert torch.equal(tokens[:rows], ref) and torch.equal(host[:rows], ref.cpu())
+        assert tokens[rows:].tolist() == [-7, -7] and host[rows:].tolist() == [-7, -7]  # nothing past the rows
+    if kernels._C.greedy_part_words(rows, vocab):
+        stream = torch.cuda.current_stream().cuda_stream
+        assert int(kernels._counters(logits.device, stream, rows, "greedy")[:rows].abs().sum()) == 0
 
 
 def test_greedy_step_end_advances_graph_inputs():
@@ -318,6 +326,10 @@ def test_greedy_step_end_rejects_bad_arguments():
                            torch.zeros(100, dtype=torch.int64, device="cuda").data_ptr(), 2, 3, 4)
     with pytest.raises(RuntimeError, match="stride >= vocab"):
         _C.greedy_step_end(logits.data_ptr(), 3, 10, 5, tokens.data_ptr())
+    wide = torch.randn(1, 50272, device="cuda")
+    if _C.greedy_part_words(1, 50272):
+        with pytest.raises(RuntimeError, match="needs counters and parts"):
+            _C.greedy_step_end(wide.data_ptr(), 1, 50272, 50272, tokens.data_ptr())
 
 
 # ---------------------------------------------------------------------- small_linear (decode GEMV)
@@ -353,6 +365,9 @@ def test_small_linear_matches_reference(dtype, rows, n_out, k_in, x_pad):
             assert err < (2e-3 if dtype == torch.float16 else 1e-2), err
             if kernels._small_linear_serves(x, w, bias):  # through the torch face: the same values
                 assert torch.equal(kernels.linear(x, w, bias, relu=relu), y)
+                # fp32 outputs (an LM head's logits): the dtype's outputs converted, bit for bit
+                y32 = kernels.linear(x, w, bias, relu=relu, float_out=True)
+                assert y32.dtype == torch.float32 and torch.equal(y32, y.float())
 
 
 def test_linear_falls_back_where_the_kernel_does_not_serve():

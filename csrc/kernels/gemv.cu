@@ -37,11 +37,26 @@ constexpr int kPre = 8;    // chunks per lane loaded before the wait for the inp
 using elem::from_f;
 using elem::to_f;
 
+// The key of pdl::kernel_fact for the plain kernel's occupancy (key 0 is pdl's own fact, and the
+// prologue kernels' occupancy is keyed by their shared memory size).
+constexpr size_t kFactResidentPlain = ~size_t{0};
+
 // Input rows come through the read-only cache from global memory, or from shared memory (SMEM).
 template <bool SMEM>
 __device__ __forceinline__ uint4 load_x(const uint4* p) {
   if constexpr (SMEM) return *p;
   else return __ldg(p);
+}
+
+// Bits of small_linear_kernel's `act`: ReLU, and outputs stored as fp32 (rounded to T first, so
+// they equal the T outputs converted: an LM head's logits without a conversion kernel after it).
+constexpr int kActRelu = 1;
+constexpr int kOutF32 = 2;
+
+template <typename T>
+__device__ __forceinline__ void store_out(T* y, int64_t i, float v, int act) {
+  if (act & kOutF32) reinterpret_cast<float*>(y)[i] = to_f(from_f<T>(v));
+  else y[i] = from_f<T>(v);
 }
 
 template <typename T, int M, bool SMEM>
@@ -161,8 +176,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
       for (int m = 0; m < M; ++m) {
         float v = acc[m] + b;
-        if (act == 1) v = fmaxf(v, 0.f);
-        y[m * n_out + n] = from_f<T>(v);
+        if (act & kActRelu) v = fmaxf(v, 0.f);
+        store_out(y, m * n_out + n, v, act);
       }
     }
     tile = next_tile;
@@ -365,7 +380,7 @@ int64_t plain_resident(int64_t rows) {
                   : rows == 2 ? reinterpret_cast<const void*>(small_linear_kernel<T, 2, KS, false>)
                   : rows == 3 ? reinterpret_cast<const void*>(small_linear_kernel<T, 3, KS, false>)
                               : reinterpret_cast<const void*>(small_linear_kernel<T, 4, KS, false>);
-  return pdl::kernel_fact(k, 0, [](int dev, const void* kernel, size_t) -> int64_t {
+  return pdl::kernel_fact(k, kFactResidentPlain, [](int dev, const void* kernel, size_t) -> int64_t {
     int per_sm = 0, sms = 0;
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, 0) != cudaSuccess ||
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
@@ -521,7 +536,7 @@ std::string linear_chain(const void* x, const ChainLinear* layers, int n, unsign
 
 std::string small_linear(void* y, const void* x, const void* w, const void* bias, int64_t rows,
                          int64_t out_features, int64_t in_features, int64_t x_stride, int act, DType dtype,
-                         void* stream, const NormPrologue* norm) {
+                         void* stream, const NormPrologue* norm, bool out_f32) {
   if (rows < 1 || rows > kSmallLinearMaxRows) return "small_linear: rows must be 1.." + std::to_string(kSmallLinearMaxRows);
   if (norm != nullptr) {
     x = nullptr;  // unused: the kernel reads norm(h + a)
@@ -544,6 +559,7 @@ std::string small_linear(void* y, const void* x, const void* w, const void* bias
   if ((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(w)) % 16)
     return norm == nullptr ? "small_linear: x and w must be 16-byte aligned" : "small_linear: w must be 16-byte aligned";
   if (act != 0 && act != 1) return "small_linear: act must be 0 (none) or 1 (relu)";
+  if (out_f32) act |= kOutF32;
   auto s = static_cast<cudaStream_t>(stream);
   cudaError_t e;
   if (dtype == DType::kFloat16)

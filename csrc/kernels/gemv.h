@@ -36,10 +36,11 @@ struct NormPrologue {
 // fp16 or bf16. Needs 1 <= rows <= kSmallLinearMaxRows, in_features and x_stride multiples of 8,
 // and x, w 16-byte aligned. act: 0 none, 1 ReLU. With `norm`, x is norm(h + a) as NormPrologue says
 // (x and x_stride are then unused): in_features up to kAddNormMaxHidden and rows x in_features
-// elements within kSmallLinearNormMaxBytes; every pointer 16-byte aligned.
+// elements within kSmallLinearNormMaxBytes; every pointer 16-byte aligned. out_f32: y is fp32, each
+// output rounded to the dtype first (the dtype's outputs, converted: an LM head's fp32 logits).
 std::string small_linear(void* y, const void* x, const void* w, const void* bias, int64_t rows,
                          int64_t out_features, int64_t in_features, int64_t x_stride, int act, DType dtype,
-                         void* stream, const NormPrologue* norm = nullptr);
+                         void* stream, const NormPrologue* norm = nullptr, bool out_f32 = false);
 
 // One linear layer of a chain (linear_chain): y = act(x @ w.T + bias), where x is the chain's input
 // for the first layer and the previous layer's y for the others, or with `norm` (norm.weight set)

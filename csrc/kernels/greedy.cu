@@ -1,6 +1,8 @@
-// greedy_step_end: one thread block per row. Each thread scans a strided share of the row (four
-// independent loads in flight), keeping its best (value, index); a warp shuffle and then a
-// shared-memory pass over the warps' bests give the row's. "Better" is: a NaN over a number, a
+// greedy_step_end: each row is split into slices of kGreedySliceLogits logits, one thread block
+// each (kGreedySliceThreads threads, so each thread's loads of a slice are in flight at once). Each
+// thread scans a strided share of its slice (four independent loads in flight), keeping its best
+// (value, index); a warp shuffle and then a shared-memory pass over the warps' bests give the
+// slice's, and the last slice block of a row to finish combines the slices' (see the kernel). "Better" is: a NaN over a number, a
 // larger number, and among equals the smaller index, so the result is torch.argmax's. Launched with
 // programmatic dependent launch: the block starts while the LM head finishes and waits for it
 // before reading the logits.
@@ -9,6 +11,7 @@
 #include <cmath>
 #include <string>
 
+#include "kernels/env.h"
 #include "kernels/greedy.h"
 #include "kernels/pdl.cuh"
 
@@ -31,41 +34,77 @@ __device__ __forceinline__ void take(Best& b, float v, int64_t i) {
   if (better(v, i, b)) b = Best{v, i};
 }
 
-__global__ void __launch_bounds__(kGreedyThreads)
-    greedy_step_end_kernel(const float* __restrict__ logits, int64_t vocab, int64_t stride, int64_t* tokens,
-                           int64_t* host_tokens, int64_t* fields, int64_t bucket, int64_t max_blocks,
-                           int64_t block_size) {
-  pdl::release();
-  const int64_t r = blockIdx.x;
-  pdl::wait();  // the logits come from the kernel before
-  const float* row = logits + r * stride;
-  Best b{-INFINITY, vocab};  // (any value beats it through its smaller index, -inf included)
-  int64_t i = threadIdx.x;
-  for (; i + 3 * kGreedyThreads < vocab; i += 4 * kGreedyThreads) {
-    const float v0 = row[i], v1 = row[i + kGreedyThreads], v2 = row[i + 2 * kGreedyThreads],
-                v3 = row[i + 3 * kGreedyThreads];
-    take(b, v0, i);
-    take(b, v1, i + kGreedyThreads);
-    take(b, v2, i + 2 * kGreedyThreads);
-    take(b, v3, i + 3 * kGreedyThreads);
-  }
-  for (; i < vocab; i += kGreedyThreads) take(b, row[i], i);
+// The best of `b` and the other threads' of the block, in thread 0 (the others' results are
+// unspecified). `vs`, `is`: shared memory for one entry per warp.
+__device__ __forceinline__ Best block_best(Best b, float* vs, int64_t* is) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     const float v = __shfl_xor_sync(0xffffffffu, b.v, o);
     const int64_t j = __shfl_xor_sync(0xffffffffu, b.i, o);
     take(b, v, j);
   }
-  __shared__ float vs[kGreedyThreads / 32];
-  __shared__ int64_t is[kGreedyThreads / 32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   if (lane == 0) {
     vs[warp] = b.v;
     is[warp] = b.i;
   }
   __syncthreads();
+  if (threadIdx.x == 0)
+    for (int w = 1; w < warps; ++w) take(b, vs[w], is[w]);
+  return b;
+}
+
+// Block (s, r) takes the s-th slice of `chunk` logits of row r. With one slice it is the row's
+// result; with several, each block stores its best in `scratch` and counts itself in the row's
+// counter after a fence, and the block that completes the count (it also finds every other
+// slice's best stored) reduces them, sets the counter back to 0 for the next launch, and ends the
+// row. counters: [rows]; parts (int32 words): values [rows, slices] (float bits), then indices
+// [rows, slices].
+__global__ void __launch_bounds__(kGreedyThreads)
+    greedy_step_end_kernel(const float* __restrict__ logits, int64_t vocab, int64_t stride, int64_t chunk,
+                           unsigned* counters, int32_t* parts, int64_t* tokens, int64_t* host_tokens, int64_t* fields, int64_t bucket,
+                           int64_t max_blocks, int64_t block_size) {
+  pdl::release();
+  const int64_t r = blockIdx.y, slice = blockIdx.x, slices = gridDim.x, rows = gridDim.y;
+  const int64_t begin = slice * chunk, end = begin + chunk < vocab ? begin + chunk : vocab;
+  const int64_t step = blockDim.x;
+  pdl::wait();  // the logits come from the kernel before
+  const float* row = logits + r * stride;
+  Best b{-INFINITY, vocab};  // (any value beats it through its smaller index, -inf included)
+  int64_t i = begin + threadIdx.x;
+  for (; i + 3 * step < end; i += 4 * step) {
+    const float v0 = row[i], v1 = row[i + step], v2 = row[i + 2 * step], v3 = row[i + 3 * step];
+    take(b, v0, i);
+    take(b, v1, i + step);
+    take(b, v2, i + 2 * step);
+    take(b, v3, i + 3 * step);
+  }
+  for (; i < end; i += step) take(b, row[i], i);
+  __shared__ float vs[kGreedyThreads / 32];
+  __shared__ int64_t is[kGreedyThreads / 32];
+  __shared__ bool last;
+  b = block_best(b, vs, is);
+  if (slices > 1) {
+    unsigned* counter = counters + r;
+    float* part_v = reinterpret_cast<float*>(parts) + r * slices;
+    int32_t* part_i = parts + rows * slices + r * slices;
+    if (threadIdx.x == 0) {
+      part_v[slice] = b.v;
+      part_i[slice] = static_cast<int32_t>(b.i);
+      __threadfence();  // the best is visible before the count says so
+      last = atomicAdd(counter, 1u) == static_cast<unsigned>(slices - 1);
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();  // (the other slices' bests, stored before their counts)
+    b = Best{-INFINITY, vocab};
+    for (int64_t k = threadIdx.x; k < slices; k += step)
+      take(b, __ldcg(part_v + k), __ldcg(part_i + k));
+    __syncthreads();  // (vs and is are reused)
+    b = block_best(b, vs, is);
+    if (threadIdx.x == 0) *counter = 0u;
+  }
   if (threadIdx.x != 0) return;
-  for (int w = 1; w < kGreedyThreads / 32; ++w) take(b, vs[w], is[w]);
   const int64_t token = b.i;
   tokens[r] = token;
   if (host_tokens != nullptr) host_tokens[r] = token;
@@ -89,17 +128,35 @@ __global__ void __launch_bounds__(kGreedyThreads)
 
 }  // namespace
 
+int64_t greedy_slices(int64_t vocab) {
+  static const bool split = env::integer("DEJAVU_GREEDY_SPLIT", 1) != 0;
+  if (!split) return 1;
+  const int64_t slices = (vocab + kGreedySliceLogits - 1) / kGreedySliceLogits;
+  return slices < kGreedyMaxSlices ? slices : kGreedyMaxSlices;
+}
+
+int64_t greedy_part_words(int64_t rows, int64_t vocab) {
+  const int64_t slices = greedy_slices(vocab);
+  return slices > 1 ? 2 * rows * slices : 0;
+}
+
 std::string greedy_step_end(const float* logits, int64_t rows, int64_t vocab, int64_t stride, int64_t* tokens,
                             int64_t* host_tokens, int64_t* fields, int64_t bucket, int64_t max_blocks,
-                            int64_t block_size, void* stream) {
+                            int64_t block_size, unsigned* counters, int32_t* parts, void* stream) {
   if (rows < 1 || vocab < 1 || stride < vocab) return "greedy_step_end: needs rows >= 1 and stride >= vocab >= 1";
+  if (rows > 65535) return "greedy_step_end: at most 65535 rows";
   if (logits == nullptr || tokens == nullptr) return "greedy_step_end: logits and tokens must not be null";
   if (fields != nullptr && (rows > bucket || max_blocks < 1 || block_size < 1))
     return "greedy_step_end: with fields, rows <= bucket, max_blocks >= 1 and block_size >= 1";
+  int64_t slices = vocab > INT32_MAX ? 1 : greedy_slices(vocab);  // (a slice's index is stored as int32)
+  if (slices > 1 && (counters == nullptr || parts == nullptr))
+    return "greedy_step_end: a row in slices needs counters and parts (greedy_part_words)";
+  const int64_t chunk = slices > 1 ? (vocab + slices - 1) / slices : vocab;
+  const unsigned threads = slices > 1 ? kGreedySliceThreads : kGreedyThreads;
   const cudaError_t e =
-      pdl::launch(greedy_step_end_kernel, dim3(static_cast<unsigned>(rows)), dim3(kGreedyThreads),
-                  static_cast<cudaStream_t>(stream), logits, vocab, stride, tokens, host_tokens, fields, bucket,
-                  max_blocks, block_size);
+      pdl::launch(greedy_step_end_kernel, dim3(static_cast<unsigned>(slices), static_cast<unsigned>(rows)),
+                  dim3(threads), static_cast<cudaStream_t>(stream), logits, vocab, stride, chunk, counters, parts, tokens,
+                  host_tokens, fields, bucket, max_blocks, block_size);
   return e == cudaSuccess ? "" : cudaGetErrorString(e);
 }
 

@@ -9,8 +9,21 @@
 
 namespace dejavu {
 
-// Threads per row of greedy_step_end.
+// Threads of a greedy_step_end block that takes a whole row (DEJAVU_GREEDY_SPLIT=0, or a row of
+// one slice), and of a block that takes one slice of a row.
 constexpr int kGreedyThreads = 1024;
+constexpr int kGreedySliceThreads = 256;
+// Logits per slice (kGreedySliceThreads x 8: two rounds of four loads per thread) and most
+// slices per row.
+constexpr int64_t kGreedySliceLogits = 2048;
+constexpr int64_t kGreedyMaxSlices = 1024;
+
+// Slices greedy_step_end splits a row of `vocab` logits into: one block each (1 where
+// DEJAVU_GREEDY_SPLIT=0, the single-block kernel, a baseline for benchmarks).
+int64_t greedy_slices(int64_t vocab);
+// int32 words of device memory greedy_step_end needs for its slices' bests at `rows` rows (0:
+// none; the row is one block).
+int64_t greedy_part_words(int64_t rows, int64_t vocab);
 
 // Per-row fields of a bucket's decode inputs, before the block tables (see `fields` below).
 constexpr int kStepFields = 6;
@@ -26,8 +39,11 @@ constexpr int kStepFields = 6;
 // length = position + 2, slot offset = (position + 1) % block_size, slot block = its block
 // table's entry for position + 1 (or -1 past max_blocks), ring row -1. The caller runs a step on
 // those only where that block-table entry is current. Needs rows <= bucket when fields is given.
+// Where a row is in slices (greedy_part_words > 0): `counters`, `rows` zeroed uint32 on the device
+// (one set per stream: launches on a stream never overlap, and each leaves them zeroed), and
+// `parts`, greedy_part_words(rows, vocab) int32 words of any content.
 std::string greedy_step_end(const float* logits, int64_t rows, int64_t vocab, int64_t stride, int64_t* tokens,
                             int64_t* host_tokens, int64_t* fields, int64_t bucket, int64_t max_blocks,
-                            int64_t block_size, void* stream);
+                            int64_t block_size, unsigned* counters, int32_t* parts, void* stream);
 
 }  // namespace dejavu

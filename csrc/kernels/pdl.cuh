@@ -29,7 +29,8 @@ __device__ __forceinline__ void wait() {
 
 // A fact about `kernel` on the current device (its occupancy for `key` bytes of shared memory,
 // say), computed once per (device, kernel, key) by `compute(device, kernel, key)` and kept;
-// `fallback` where the current device cannot be read.
+// `fallback` where the current device cannot be read. Key 0 of every kernel is enabled_for's; each
+// other fact of a kernel needs a key of its own.
 int64_t kernel_fact(const void* kernel, size_t key, int64_t (*compute)(int, const void*, size_t), int64_t fallback);
 
 // Whether `kernel` is launched with PDL on the current device: the setting is on and the code

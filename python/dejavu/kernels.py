@@ -81,7 +81,8 @@ _COUNTERS: dict[tuple[int, int, str], torch.Tensor] = {}
 
 def _counters(device: torch.device, stream: int, rows: int, user: str = "attention") -> torch.Tensor:
     """Zeroed uint32 counters of a kernel family (`user`: the attention kernel's in-kernel combine,
-    linear_chain's grid barrier): one set per (device, stream, user), since launches on one stream
+    linear_chain's grid barrier, the greedy kernel's slices; or scratch words of any content that
+    a kernel family needs per stream, as "greedy parts"): one set per (device, stream, user), since launches on one stream
     never overlap and each launch leaves them at 0 again. Allocated (at least 8192) the first time a
     size is needed, outside any graph capture: capture runs a warm-up step of the same shape first."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -178,18 +179,23 @@ def _small_linear_serves(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             and not (torch.is_grad_enabled() and weight.requires_grad) and switched_on("DEJAVU_LINEAR"))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
-    """F.linear (then ReLU if asked), through the small-batch kernel where it serves."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False,
+           float_out: bool = False) -> torch.Tensor:
+    """F.linear (then ReLU if asked), through the small-batch kernel where it serves. float_out:
+    the result converted to fp32 (`.float()`), which the kernel stores directly (an LM head's
+    logits: one kernel fewer per decode step)."""
     if x.dim() != 2:
-        return linear(x.reshape(-1, x.shape[-1]), weight, bias, relu).view(*x.shape[:-1], weight.shape[0])
+        return linear(x.reshape(-1, x.shape[-1]), weight, bias, relu,
+                      float_out).view(*x.shape[:-1], weight.shape[0])
     if _small_linear_serves(x, weight, bias):
-        y = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+        y = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32 if float_out else x.dtype, device=x.device)
         _C.small_linear(y.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
                         x.shape[0], weight.shape[0], weight.shape[1], x.stride(0), int(relu), _HALF[x.dtype],
-                        _stream(x.device))
+                        _stream(x.device), out_f32=float_out)
         return y
     y = F.linear(x, weight, bias)
-    return F.relu(y) if relu else y
+    y = F.relu(y) if relu else y
+    return y.float() if float_out else y
 
 
 def _add_norm_args(h: torch.Tensor, a: torch.Tensor, norm: torch.nn.Module):
@@ -354,6 +360,12 @@ def greedy_step_end(logits: torch.Tensor, tokens: torch.Tensor, host_tokens: tor
     if fields is not None and fields.numel() < (STEP_FIELDS + max_blocks) * bucket:
         raise ValueError(f"greedy_step_end: fields holds {fields.numel()} words, a bucket of {bucket} needs "
                          f"{(STEP_FIELDS + max_blocks) * bucket}")
+    stream = _stream(logits.device)
+    counters = parts = 0
+    words = _C.greedy_part_words(rows, vocab)
+    if words:  # the row is split over blocks: the last one of a row combines their bests
+        counters = _counters(logits.device, stream, rows, "greedy").data_ptr()
+        parts = _counters(logits.device, stream, words, "greedy parts").data_ptr()
     _C.greedy_step_end(logits.data_ptr(), rows, vocab, logits.stride(0), tokens.data_ptr(),
                        0 if host_tokens is None else host_tokens.data_ptr(), 0 if fields is None else fields.data_ptr(),
-                       bucket, max_blocks, block_size, _stream(logits.device))
+                       bucket, max_blocks, block_size, counters, parts, stream)

@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import kernels
 from .config import ModelConfig
-from .layers import AttnMetadata
+from .layers import AttnMetadata, Linear
 
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.(.*)$")
 
@@ -75,6 +75,19 @@ class DecoderLM(nn.Module):
     def final(self, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def embed_parts(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(e, pending) with embed(...) == e + pending, rounded as torch adds them, or (embed(...), None).
+        A family whose embedding ends in a sum (token + position) returns its two terms, so that
+        the first pre-norm block adds them inside its first norm, as it adds a previous block's
+        residual (PreNormBlock.step)."""
+        return self.embed(input_ids, positions), None
+
+    @property
+    def final_norm(self) -> nn.Module | None:
+        """The norm that `final` is, where final(h) == final_norm(h) (None: final does more or
+        other). The last pre-norm block's pending residual is then added inside that norm."""
+        return None
+
     @staticmethod
     def hf_key(name: str) -> tuple[str | None, bool]:
         """Map a HF checkpoint key to (our global key or None to skip, transpose?)."""
@@ -86,8 +99,9 @@ class DecoderLM(nn.Module):
         """x: token ids [N] on the first stage, hidden states [N, hidden] elsewhere.
         kv_cache: [num_local_layers, num_blocks, 2, block_size, kv_heads, head_dim].
         on_layer(i), if given, runs after local layer i has written its KV (layer-by-layer streaming)."""
-        h = self.embed(x, positions) if self.is_first else x
-        pending = None  # the last pre-norm block's residual, added inside the next block's first norm
+        # pending: the last pre-norm block's residual (or the embedding's second term), added inside
+        # the next block's first norm
+        h, pending = self.embed_parts(x, positions) if self.is_first else (x, None)
         for i, layer in enumerate(self.layers):
             if getattr(layer, "deferrable", False):
                 h, pending = layer.step(h, pending, positions, meta, kv_cache[i])
@@ -98,6 +112,9 @@ class DecoderLM(nn.Module):
             if on_layer is not None:
                 on_layer(i)
         if pending is not None:
+            norm = self.final_norm if self.is_last else None
+            if norm is not None:  # the residual add and the final norm: one kernel (kernels.add_norm)
+                return kernels.add_norm(h, pending, norm)[1]
             h = h + pending
         return self.final(h) if self.is_last else h
 
@@ -132,7 +149,12 @@ class DecoderLM(nn.Module):
         return t
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(h).float()
+        """fp32 logits: the LM head's outputs in the model's dtype, converted (by the linear kernel
+        itself at decode sizes)."""
+        head = self.lm_head
+        if type(head) is Linear:
+            return kernels.linear(h, head.weight, head.bias, float_out=True)
+        return head(h).float()
 
     def local_key(self, global_key: str) -> str | None:
         """Our global key -> the key in this layer range's state dict, None if not held here."""

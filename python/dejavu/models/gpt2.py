@@ -71,6 +71,13 @@ class GPT2(DecoderLM):
     def embed(self, ids, positions):
         return self.wte(ids) + self.wpe(positions)
 
+    def embed_parts(self, ids, positions):
+        return self.wte(ids), self.wpe(positions)
+
+    @property
+    def final_norm(self):
+        return self.ln_f
+
     def final(self, h):
         return self.ln_f(h)
 

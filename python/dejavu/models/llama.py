@@ -90,6 +90,10 @@ class Llama(DecoderLM):
     def embed(self, ids, positions):
         return self.embed_tokens(ids)
 
+    @property
+    def final_norm(self):
+        return self.norm
+
     def final(self, h):
         return self.norm(h)
 

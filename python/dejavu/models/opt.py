@@ -111,6 +111,15 @@ class OPT(DecoderLM):
             x = self.project_in(x)
         return x + self.embed_positions(positions + POSITION_OFFSET)
 
+    def embed_parts(self, ids, positions):
+        if self.project_in is not None:
+            return self.embed(ids, positions), None
+        return self.embed_tokens(ids), self.embed_positions(positions + POSITION_OFFSET)
+
+    @property
+    def final_norm(self):
+        return self.final_layer_norm if self.project_out is None else None
+
     def final(self, h):
         if self.final_layer_norm is not None:
             h = self.final_layer_norm(h)
