@@ -1,6 +1,7 @@
 """OPT: learned positions (offset 2), pre- or post-LayerNorm, ReLU MLP, optional projections."""
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
@@ -109,12 +110,17 @@ class OPT(DecoderLM):
         x = self.embed_tokens(ids)
         if self.project_in is not None:
             x = self.project_in(x)
-        return x + self.embed_positions(positions + POSITION_OFFSET)
+        return x + self._positions(positions)
 
     def embed_parts(self, ids, positions):
         if self.project_in is not None:
             return self.embed(ids, positions), None
-        return self.embed_tokens(ids), self.embed_positions(positions + POSITION_OFFSET)
+        return self.embed_tokens(ids), self._positions(positions)
+
+    def _positions(self, positions):
+        """The learned position embeddings: rows from POSITION_OFFSET on, looked up without adding
+        the offset to the positions (one kernel fewer per step)."""
+        return F.embedding(positions, self.embed_positions.weight[POSITION_OFFSET:])
 
     @property
     def final_norm(self):
