@@ -2,10 +2,10 @@
 // each (kGreedySliceThreads threads, so each thread's loads of a slice are in flight at once). Each
 // thread scans a strided share of its slice (four independent loads in flight), keeping its best
 // (value, index); a warp shuffle and then a shared-memory pass over the warps' bests give the
-// slice's, and the last slice block of a row to finish combines the slices' (see the kernel). "Better" is: a NaN over a number, a
-// larger number, and among equals the smaller index, so the result is torch.argmax's. Launched with
-// programmatic dependent launch: the block starts while the LM head finishes and waits for it
-// before reading the logits.
+// slice's, and the last slice block of a row to finish combines the slices' (see the kernel).
+// "Better" is: a NaN over a number, a larger number, and among equals the smaller index, so the
+// result is torch.argmax's. Launched with programmatic dependent launch: the block starts while
+// the LM head finishes and waits for it before reading the logits.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(kGreedyThreads)
 
 int64_t greedy_slices(int64_t vocab) {
   static const bool split = env::integer("DEJAVU_GREEDY_SPLIT", 1) != 0;
-  if (!split) return 1;
+  if (!split || vocab > INT32_MAX) return 1;  // (a slice's best index is stored as int32)
   const int64_t slices = (vocab + kGreedySliceLogits - 1) / kGreedySliceLogits;
   return slices < kGreedyMaxSlices ? slices : kGreedyMaxSlices;
 }
@@ -148,7 +148,7 @@ std::string greedy_step_end(const float* logits, int64_t rows, int64_t vocab, in
   if (logits == nullptr || tokens == nullptr) return "greedy_step_end: logits and tokens must not be null";
   if (fields != nullptr && (rows > bucket || max_blocks < 1 || block_size < 1))
     return "greedy_step_end: with fields, rows <= bucket, max_blocks >= 1 and block_size >= 1";
-  int64_t slices = vocab > INT32_MAX ? 1 : greedy_slices(vocab);  // (a slice's index is stored as int32)
+  const int64_t slices = greedy_slices(vocab);
   if (slices > 1 && (counters == nullptr || parts == nullptr))
     return "greedy_step_end: a row in slices needs counters and parts (greedy_part_words)";
   const int64_t chunk = slices > 1 ? (vocab + slices - 1) / slices : vocab;

@@ -19,7 +19,8 @@ constexpr int64_t kGreedySliceLogits = 2048;
 constexpr int64_t kGreedyMaxSlices = 1024;
 
 // Slices greedy_step_end splits a row of `vocab` logits into: one block each (1 where
-// DEJAVU_GREEDY_SPLIT=0, the single-block kernel, a baseline for benchmarks).
+// DEJAVU_GREEDY_SPLIT=0, the single-block kernel, a baseline for benchmarks; 1 past INT32_MAX
+// logits, since a slice's best index is stored as int32).
 int64_t greedy_slices(int64_t vocab);
 // int32 words of device memory greedy_step_end needs for its slices' bests at `rows` rows (0:
 // none; the row is one block).

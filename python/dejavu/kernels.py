@@ -81,9 +81,9 @@ _COUNTERS: dict[tuple[int, int, str], torch.Tensor] = {}
 
 def _counters(device: torch.device, stream: int, rows: int, user: str = "attention") -> torch.Tensor:
     """Zeroed uint32 counters of a kernel family (`user`: the attention kernel's in-kernel combine,
-    linear_chain's grid barrier, the greedy kernel's slices; or scratch words of any content that
-    a kernel family needs per stream, as "greedy parts"): one set per (device, stream, user), since launches on one stream
-    never overlap and each launch leaves them at 0 again. Allocated (at least 8192) the first time a
+    linear_chain's grid barrier, the greedy kernel's slices; or scratch words of any content that a
+    kernel family needs per stream, as "greedy parts"): one set per (device, stream, user), since
+    launches on one stream never overlap and each launch leaves them at 0 again. Allocated (at least 8192) the first time a
     size is needed, outside any graph capture: capture runs a warm-up step of the same shape first."""
     idx = device.index if device.index is not None else torch.cuda.current_device()
     have = _COUNTERS.get((idx, stream, user))

@@ -135,8 +135,8 @@ def from_gguf(path: str) -> Tokenizer:
         raise ModelError(f"cannot read GGUF file {path}: {e}") from e
     if entry is not None and os.path.isfile(os.path.join(entry, "tokenizer.json")):
         try:
-            return HFTokenizer(t.AutoTokenizer.from_pretrained(entry))
-        except Exception:  # noqa: BLE001 - a damaged cache entry: drop it, convert again below
+            return from_directory(entry)
+        except ModelError:  # a damaged cache entry: drop it, convert again below
             shutil.rmtree(entry, ignore_errors=True)
     try:
         tok = t.AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
