@@ -66,6 +66,9 @@ def test_bench_decode_with_replication_running(tmp_path):
     assert r.returncode == 0, r.stderr
     for row in json.loads(out.read_text())["rows"]:
         assert row["replicate_acked"] == "20/20"  # 2 pairs x 2 paths x 5 decode steps
+        # replicated steps stay overlapped: each run's decode steps after its first are queued before
+        # the tokens of the step before are read (the runner commits them to the Replicator as queued)
+        assert row["replicate_chained_steps"] == 2 * 2 * 4
         assert row["replica_exact"] is True and row["replicate_bytes"] > 0 and row["replicate_ring_misses"] == 0
         assert row["replicate_ratio"] == row["replicate_by_path"]["ring"]["ratio"] > 0
         assert sorted(row["replicate_by_path"]) == ["gather", "ring"]

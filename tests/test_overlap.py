@@ -108,3 +108,30 @@ def test_requests_arriving_and_aborted_mid_decode(tmp_path):
     for r in results:
         ids, reason = r[1]
         assert reason == "abort" and ids == hf_greedy(hf, ps[1], 9)[:len(ids)]
+
+
+def test_decode_steps_hand_their_slots_to_on_step_as_they_are_queued(tmp_path):
+    """ModelRunner.set_kv_tap(tap, on_step), as replication uses it: every decode step passes the
+    slots it writes to on_step when it is queued, overlapped steps included, each position once;
+    the tokens do not change, and a tap without on_step is refused."""
+    import pytest
+
+    hf = save_hf_model("llama", tmp_path)
+    on, off = _pair(tmp_path)
+    seen = []
+    on.engine.runner.set_kv_tap(None, lambda written: seen.append([(list(t), a, b) for t, a, b in written]))
+    ps = _prompts(hf.config.vocab_size, seed=2)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    assert _outs(on, ps, params) == _outs(off, ps, params)
+    assert on.engine.num_chained > 0
+    # per sequence (its first block): the positions written, one per decode step
+    by_seq = {}
+    for written in seen:
+        for table, a, b in written:
+            assert b == a + 1
+            by_seq.setdefault(table[0], []).append(a)
+    # the first token comes from the prefill; decode steps 1-5 write positions n .. n + 4
+    assert sorted(sorted(p) for p in by_seq.values()) == sorted(list(range(n, n + 5)) for n in PROMPT_LENS)
+    on.engine.runner.set_kv_tap(None)
+    with pytest.raises(ValueError, match="needs on_step"):
+        on.engine.runner.set_kv_tap(object())

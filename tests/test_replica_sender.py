@@ -405,7 +405,8 @@ def test_ring_through_the_engine_and_its_cuda_graphs(tmp_path):
     """The whole ring path on a GPU: decode steps replayed from CUDA graphs captured with the ring
     write each new token's K/V into pinned host memory from the write-KV kernel, the sender sends
     those rows, and the holder's mirror equals the device cache; the gather path in the same run
-    as well (bench decode --replicate checks both)."""
+    as well (bench decode --replicate checks both). The replicated steps stay overlapped: each is
+    queued (with input ids -1) before the tokens of the one before are read."""
     import json
     import os
     import subprocess
@@ -426,6 +427,7 @@ def test_ring_through_the_engine_and_its_cuda_graphs(tmp_path):
     for row in res["rows"]:
         assert row["replicate_acked"] == "44/44" and row["replica_exact"] is True  # 2 pairs x 2 paths x 11 steps
         assert row["replicate_ring_misses"] == 0
+        assert row["replicate_chained_steps"] == 2 * 2 * 10  # overlapped: every step after each run's first
 
 
 def test_ring_burst_is_acknowledged_in_order():

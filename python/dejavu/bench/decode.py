@@ -51,11 +51,10 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _ours(llm, prompts: list[list[int]], max_tokens: int, streams=None,
-          swap=None) -> tuple[float, float, list[list[int]]]:
+def _ours(llm, prompts: list[list[int]], max_tokens: int, swap=None) -> tuple[float, float, list[list[int]]]:
     """(prefill seconds, seconds per decode step, output ids) of one batch through the engine.
-    `streams` (a _ReplicationStream): every decode step's new KV is streamed to a replica holder.
-    `swap` (a _SwapStream): a swap stream runs beside the decode steps."""
+    `swap` (a _SwapStream): a swap stream runs beside the decode steps. (A _ReplicationStream
+    entered around the call streams every decode step's new KV to a replica holder.)"""
     from ..sampling_params import SamplingParams
 
     eng = llm.engine
@@ -69,17 +68,10 @@ def _ours(llm, prompts: list[list[int]], max_tokens: int, streams=None,
     _sync(dev)
     t1 = time.perf_counter()
     first = max(s.num_output_tokens for s in seqs)
-    bs = streams.cache.block_size if streams else 0
     while eng.has_unfinished():
-        before = [len(s) for s in seqs] if streams else None
         if swap is not None:
             swap.before_step()
         eng.step()
-        if streams is not None:
-            # the slot this step wrote for each sequence it ran: its input token's, at position len - 1
-            # of the length before the step (the block table is complete only after the step)
-            streams.after_step([(list(s.block_table), n - 1, n) for s, n in zip(seqs, before)
-                                if len(s) > n and len(s.block_table) * bs >= n])
     _sync(dev)
     t2 = time.perf_counter()
     # decode steps: tokens after the first (an overlapped step's call returns before its tokens land)
@@ -140,8 +132,9 @@ class _ReplicationStream:
         return self
 
     def __enter__(self):
-        if self.path == "ring":
-            self.runner.set_kv_tap(self.replicator)  # the first time, the decode graphs are captured again
+        # The runner hands each decode step to after_step as it is queued (steps stay overlapped);
+        # with the ring the first time captures the decode graphs again.
+        self.runner.set_kv_tap(self.replicator if self.path == "ring" else None, self.after_step)
         sys.setswitchinterval(float(os.environ.get("DEJAVU_SWITCH_INTERVAL", "0.0005")))
         return self
 
@@ -156,7 +149,7 @@ class _ReplicationStream:
 
     def after_step(self, written) -> None:
         self.step_id += 1
-        self.recent = (self.recent + [written])[-4:]
+        self.recent = (self.recent + [[(list(t), a, b) for t, a, b in written]])[-4:]
         self.replicator.after_step(self.step_id, written)
 
     def close(self) -> None:
@@ -342,10 +335,7 @@ def _with_replication(llm, batch: list[list[int]], max_tokens: int, pairs: int, 
         raise ValueError(f"--replicate-path takes {', '.join(REPLICATE_PATHS)}, got {', '.join(paths) or 'nothing'}")
     off, on, exact = [], {p: [] for p in paths}, []
     stream = _ReplicationStream(llm, every, holder, skip)
-    # A step that streams its KV waits for its tokens before the next is queued (a ring's rows are
-    # staged one step at a time), so both halves run without overlapped steps: the ratio is the
-    # streaming's own cost (docs/gpu-fast-path.md).
-    overlap, llm.engine.overlap = llm.engine.overlap, False
+    chained = 0  # steps of the replicated runs queued before the tokens of the step before were read
     try:
         for p in paths:
             stream.using(p)  # a path this engine cannot run fails before any run
@@ -353,11 +343,12 @@ def _with_replication(llm, batch: list[list[int]], max_tokens: int, pairs: int, 
             off.append(_ours(llm, batch, max_tokens)[1])
             for p in paths:
                 with stream.using(p):
-                    on[p].append(_ours(llm, batch, max_tokens, streams=stream)[1])
+                    c0 = llm.engine.num_chained
+                    on[p].append(_ours(llm, batch, max_tokens)[1])
+                    chained += llm.engine.num_chained - c0
                 exact.append(stream.mirror_matches())  # each run's last steps, before the next run reuses the blocks
     finally:
         stream.close()
-        llm.engine.overlap = overlap
     by_path = {}
     for p in paths:
         off_ms, on_ms, ratio, pair_ratios = _paired(off, on[p])
@@ -367,7 +358,8 @@ def _with_replication(llm, batch: list[list[int]], max_tokens: int, pairs: int, 
             "replicate_ratio": first["ratio"], "replicate_pair_ratios": first["pair_ratios"],
             "replicate_by_path": by_path, "replicate_acked": f"{stream.acks}/{stream.step_id}",
             "replica_exact": all(exact), "replicate_bytes": stream.replicator.bytes,
-            "replicate_ring_misses": stream.replicator.ring_misses}
+            "replicate_ring_misses": stream.replicator.ring_misses,
+            "replicate_chained_steps": chained}
 
 
 def _with_pdl(llm, batch: list[list[int]], max_tokens: int, pairs: int) -> dict:
@@ -526,8 +518,11 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
     for b in batches:
         graphs = llm.engine.runner.graphs  # (replication through the ring captures them again)
         batch = prompts[:b].tolist()
+        advanced = graphs.num_advanced if graphs is not None else 0
         pre, step, ours_ids = _ours(llm, batch, max_tokens)
         row = {"batch": b, "prefill_ms": 1e3 * pre, "ms_per_step": 1e3 * step, "tok_s": b / step}
+        if graphs is not None:  # steps that ran from the inputs the step before left on the device
+            row["advanced_steps"] = graphs.num_advanced - advanced
         if llm.engine.overlap:  # the baseline: each step waits for its tokens before the next is queued
             llm.engine.overlap = False
             row["sync_ms_per_step"] = 1e3 * _ours(llm, batch, max_tokens)[1]
@@ -562,7 +557,7 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
                 print(_paired_line(f"with replication ({p})", r["ms_per_step"], row["replicate_off_ms_per_step"],
                                    r["ratio"], r["pair_ratios"], pairs))
             print(f"      {row['replicate_acked']} steps acknowledged, replica exact: {row['replica_exact']}, "
-                  f"ring full: {row['replicate_ring_misses']} steps")
+                  f"ring full: {row['replicate_ring_misses']} steps, overlapped: {row['replicate_chained_steps']} steps")
         if swap_stream:
             print(_paired_line("with a swap stream", row["swap_ms_per_step"], row["swap_off_ms_per_step"],
                                row["swap_ratio"], row["swap_pair_ratios"], pairs)

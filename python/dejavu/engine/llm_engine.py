@@ -145,7 +145,7 @@ class LLMEngine:
     def _overlappable(self, seqs: list[Sequence]) -> bool:
         """True when the next token of each of `seqs` is its greedy argmax (no ban, no randomness)
         and is not its last by length: a step for them can be queued before their tokens are read."""
-        if not self.overlap or self.runner.kv_tap is not None:
+        if not self.overlap:
             return False
         for s in seqs:
             p, n = s.params, s.num_output_tokens + s.inflight  # tokens before the one this step picks

@@ -85,6 +85,7 @@ class ModelRunner:
         self.cache = cache
         self.graphs = None  # DecodeGraphs once enable_cuda_graphs() has captured them
         self.kv_tap = None  # a Replicator with a ring (set_kv_tap)
+        self.kv_on_step = None  # called with each queued decode step's written positions (set_kv_tap)
 
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int) -> str | None:
         """Capture decode steps as CUDA graphs; returns None, or why they cannot be used here."""
@@ -96,13 +97,26 @@ class ModelRunner:
             self.graphs.capture()
         return why
 
-    def set_kv_tap(self, tap) -> None:
-        """Decode steps also write their new K/V into `tap`'s replication ring (a Replicator whose
-        after_step then sends them; serving/replication.py); None stops that. Captured decode graphs
-        are captured again for a new ring (its address is part of them)."""
+    def set_kv_tap(self, tap, on_step=None) -> None:
+        """Token-level replication of decode steps. `tap`: a Replicator (serving/replication.py)
+        whose ring the steps' write-KV kernels also store each new token's K/V into (captured decode
+        graphs are captured again for a new ring: its address is part of them); None, or a tap
+        without a ring, writes no ring. `on_step(written)` is called as soon as each decode step is
+        queued, with the (block table, start, end) positions it writes per sequence, so the caller
+        hands them to the tap (Replicator.after_step) before the next step stages its rows: steps
+        stay overlapped (llm_engine.py). Prefill steps are not passed on (a token worker's caller
+        replicates admissions itself). set_kv_tap(None) stops both."""
+        if tap is not None and on_step is None:
+            raise ValueError("set_kv_tap: a tap needs on_step (its steps are committed as they are queued)")
         self.kv_tap = tap if tap is not None and tap.ring is not None else None
+        self.kv_on_step = on_step
         if self.kv_tap is not None and self.graphs is not None and self.graphs.ring is not self.kv_tap.ring:
             self.graphs = self.graphs.recapture(self.kv_tap.ring)
+
+    def _queued(self, items) -> None:
+        """A decode step over `items` was queued: its written positions go to kv_on_step."""
+        if self.kv_on_step is not None:
+            self.kv_on_step([(table, start, start + len(ids)) for ids, start, table in items])
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
@@ -114,6 +128,8 @@ class ModelRunner:
             ids, pos, meta, last = build_metadata(items, self.cache.block_size, self.cache.device, self.kv_tap)
             hidden = self.model(ids, pos, meta, self.cache.tensor)
             logits = self.model.compute_logits(hidden[last])
+        if not is_prefill:
+            self._queued(items)
         for s in seqs:
             s.num_cached = len(s)
         return logits
@@ -129,10 +145,10 @@ class ModelRunner:
         read and the host copy are part of the graph (which keeps the previous step's tokens)."""
         items = step_items(seqs, False)
         if self.graphs is not None and self.graphs.fits(items) and (chain is None or chain is self.graphs.last_tokens):
-            tokens = self.graphs.run(items, greedy=True)
+            tokens = self.graphs.run(items, self.kv_tap, greedy=True)
             host = self.graphs.last_host
         else:
-            ids, pos, meta, last = build_metadata(items, self.cache.block_size, self.cache.device)
+            ids, pos, meta, last = build_metadata(items, self.cache.block_size, self.cache.device, self.kv_tap)
             if chain is not None:
                 ids = torch.where(ids < 0, chain, ids)
             logits = self.model.compute_logits(self.model(ids, pos, meta, self.cache.tensor)[last])
@@ -140,6 +156,7 @@ class ModelRunner:
             # (the caching host allocator hands the pinned block out again only after this copy)
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=tokens.is_cuda)
             host.copy_(tokens, non_blocking=True)
+        self._queued(items)
         for s in seqs:
             s.num_cached = len(s) + s.inflight
         return tokens, host
