@@ -63,8 +63,13 @@ class DecodeGraphs:
     FIELDS = kernels.STEP_FIELDS  # ids, positions, slot blocks, slot offsets, context lengths, ring rows
 
     def __init__(self, model: DecoderLM, cache: PagedKVCache, max_batch: int, max_model_len: int,
-                 ring: KVRing | None = None):
+                 ring: KVRing | None = None, stream: torch.cuda.Stream | None = None):
         self.model, self.cache, self.ring = model, cache, ring
+        # The stream graphs are captured on: one for good, kept by recapture(). With a new stream
+        # per capture, each capture added a cuBLAS workspace (about 32 MiB, never freed), and on an
+        # H200 graphs from the third capture on replayed 5% slower at batch 8 with the same kernels
+        # and the same kernel times (cause not established; docs/gpu-fast-path.md).
+        self.capture_stream = stream if stream is not None else torch.cuda.Stream(cache.device)
         self._args = (max_batch, max_model_len)
         self.block_size = cache.block_size
         self.max_blocks = blocks_for(max_model_len, cache.block_size)
@@ -107,7 +112,7 @@ class DecodeGraphs:
 
     def recapture(self, ring: KVRing | None) -> "DecodeGraphs":
         """The same graphs captured again, writing into `ring`."""
-        fresh = DecodeGraphs(self.model, self.cache, *self._args, ring=ring)
+        fresh = DecodeGraphs(self.model, self.cache, *self._args, ring=ring, stream=self.capture_stream)
         self.graphs.clear()
         fresh.capture()
         return fresh
@@ -160,7 +165,7 @@ class DecodeGraphs:
     def capture(self) -> None:
         t0 = time.perf_counter()
         pool = None
-        side = torch.cuda.Stream(self.cache.device)
+        side = self.capture_stream
         side.wait_stream(torch.cuda.current_stream(self.cache.device))
         with torch.cuda.stream(side):
             for bucket in reversed(self.buckets):  # largest first: the smaller ones reuse its memory
