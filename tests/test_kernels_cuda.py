@@ -254,6 +254,28 @@ def test_overlapped_graph_steps_equal_synchronous_ones(tmp_path, graphs):
     assert runs[0] == runs[1]
 
 
+def test_graph_step_events_time_each_replay(tmp_path):
+    """DecodeGraphs.step_events (benchmarks): one pair of timing events around each replayed decode
+    step, in stream order and each step a positive time; the tokens are those of a run without them."""
+    save_hf_model("llama", tmp_path)
+    prompts = [[5, 9, 12], [7, 3, 4, 8, 2]]
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    llm = LLM(model=str(tmp_path), device="cuda", dtype="float16", block_size=4, max_num_seqs=4)
+    graphs = llm.engine.runner.graphs
+    ref = [o.token_ids for o in llm.generate(prompts, params)]
+    graphs.step_events = []
+    runs = graphs.num_advanced
+    got = [o.token_ids for o in llm.generate(prompts, params)]
+    events, graphs.step_events = graphs.step_events, None
+    torch.cuda.synchronize()
+    assert got == ref and graphs.num_advanced > runs
+    assert len(events) == 9  # every decode step (the first token comes from the prefill)
+    for (a, b), (c, _) in zip(events, events[1:] + [(None, None)]):
+        assert a.elapsed_time(b) > 0
+        if c is not None:
+            assert b.elapsed_time(c) >= 0  # the next step starts after this one ended
+
+
 # ---------------------------------------------------------------------- greedy_step_end
 @pytest.mark.parametrize("rows,vocab,pad", [(1, 50272, 0), (3, 32003, 5), (5, 7, 1), (2, 1, 0), (4, 4096, 64),
                                              (64, 50272, 0), (3, 2049, 3)])

@@ -51,10 +51,14 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def _ours(llm, prompts: list[list[int]], max_tokens: int, swap=None) -> tuple[float, float, list[list[int]]]:
+def _ours(llm, prompts: list[list[int]], max_tokens: int, swap=None,
+          timing: dict | None = None) -> tuple[float, float, list[list[int]]]:
     """(prefill seconds, seconds per decode step, output ids) of one batch through the engine.
     `swap` (a _SwapStream): a swap stream runs beside the decode steps. (A _ReplicationStream
-    entered around the call streams every decode step's new KV to a replica holder.)"""
+    entered around the call streams every decode step's new KV to a replica holder.) `timing` (a
+    dict): the ms the device went on after the decode's stream was done (other streams' work) go to
+    its "tail" list; with CUDA graphs the decode steps' device time is timed by events around each
+    replay, and the run's mean ms per step busy and idle between replays go to "busy" and "gap"."""
     from ..sampling_params import SamplingParams
 
     eng = llm.engine
@@ -68,12 +72,29 @@ def _ours(llm, prompts: list[list[int]], max_tokens: int, swap=None) -> tuple[fl
     _sync(dev)
     t1 = time.perf_counter()
     first = max(s.num_output_tokens for s in seqs)
+    graphs = eng.runner.graphs if timing is not None else None
+    if graphs is not None:
+        graphs.step_events = []
     while eng.has_unfinished():
         if swap is not None:
             swap.before_step()
         eng.step()
-    _sync(dev)
+    # The decode ends when its own stream is done (every token is on the host by now). A swap-in or
+    # a replication copy still crossing on a stream of its own is not the decode's time: a device
+    # synchronisation here waited for the swap-in in flight (up to a whole one, ~20 ms at batch 8).
+    if dev.type == "cuda":
+        torch.cuda.current_stream(dev).synchronize()
     t2 = time.perf_counter()
+    _sync(dev)
+    if timing is not None:
+        timing.setdefault("tail", []).append(1e3 * (time.perf_counter() - t2))
+    if graphs is not None:
+        events, graphs.step_events = graphs.step_events, None
+        if events:
+            busy = sum(a.elapsed_time(b) for a, b in events)
+            span = events[0][0].elapsed_time(events[-1][1])
+            timing.setdefault("busy", []).append(busy / len(events))
+            timing.setdefault("gap", []).append((span - busy) / len(events))
     # decode steps: tokens after the first (an overlapped step's call returns before its tokens land)
     steps = max(s.num_output_tokens for s in seqs) - first
     return t1 - t0, (t2 - t1) / max(steps, 1), [s.output_ids for s in seqs]
@@ -274,21 +295,34 @@ def _with_swap(llm, batch: list[list[int]], max_tokens: int, pairs: int, blocks:
     """The batch decoded `pairs` times without and with a swap stream running beside it (_SwapStream),
     alternating, the same engine throughout."""
     off, on, same = [], [], []
+    timed: dict[bool, dict] = {False: {}, True: {}}  # device time of the steps in the loop, off / on
     stream = _SwapStream(llm, blocks, driver)
     try:
-        for _ in range(pairs):
-            _, t_off, ids_off = _ours(llm, batch, max_tokens)
-            off.append(t_off)
-            _, t_on, ids_on = _ours(llm, batch, max_tokens, swap=stream)
+        # `pairs` timed pairs, then one more with events around each step (apart: on an H200 the
+        # events' own records cost the run with swap-ins 0.3% more at batch 8)
+        for i in range(pairs + 1):
+            evented = i == pairs
+            _, t_off, ids_off = _ours(llm, batch, max_tokens, timing=timed[False] if evented else None)
+            _, t_on, ids_on = _ours(llm, batch, max_tokens, swap=stream, timing=timed[True] if evented else None)
             stream.drain()
-            on.append(t_on)
             same.append(ids_on == ids_off)
+            if not evented:
+                off.append(t_off)
+                on.append(t_on)
         host_ms = 1e3 * stream.host_s / max(stream.calls, 1)  # (0 with the thread driver)
         stream.driver = "step"  # the GPU-time comparison below starts swap-ins between its replays
         gpu = _swap_gpu_ms(llm, len(batch), stream, pairs)
     finally:
         stream.close()
     off_ms, on_ms, ratio, pair_ratios = _paired(off, on)
+    if timed[False].get("busy") and timed[True].get("busy"):
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        gpu.update({"swap_loop_busy_off_ms": mean(timed[False]["busy"]), "swap_loop_busy_on_ms": mean(timed[True]["busy"]),
+                    "swap_loop_gap_off_ms": mean(timed[False]["gap"]), "swap_loop_gap_on_ms": mean(timed[True]["gap"])})
+        gpu["swap_loop_busy_ratio"] = gpu["swap_loop_busy_on_ms"] / gpu["swap_loop_busy_off_ms"]
+    # a swap-in still crossing when the decode was done: waited for after the run, not counted in it
+    tail = timed[True].get("tail", [0.0])
+    gpu["swap_tail_ms"] = sum(tail) / len(tail)
     return {**gpu, "swap_host_ms_per_step": host_ms, "swap_off_ms_per_step": off_ms, "swap_ms_per_step": on_ms, "swap_ratio": ratio,
             "swap_pair_ratios": pair_ratios, "swap_bytes_in": stream.swap.bytes_in, "swap_prefetches": stream.prefetches,
             "swap_block_bytes": stream.swap.block_bytes, "swap_same_tokens": all(same)}
@@ -426,7 +460,7 @@ def attention_ms(graphs, batch: int, n: int = 5) -> float:
         for layer in cache.tensor:
             kernels.decode_attention(q, layer, tables, ctx, scale, graphs.parts)
 
-    side = torch.cuda.Stream(cache.device)
+    side = graphs.capture_stream  # (a new stream per capture leaves resources behind: cuda_graphs.py)
     side.wait_stream(torch.cuda.current_stream(cache.device))
     with torch.cuda.stream(side):
         step()
@@ -567,6 +601,11 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
                 print(f"      GPU time of replayed steps: {row['swap_gpu_on_ms']:.3f} ms with swap-ins crossing, "
                       f"{row['swap_gpu_off_ms']:.3f} without -> {row['swap_gpu_ratio']:.3f}; host time starting "
                       f"swap-ins: {row['swap_host_ms_per_step']:.3f} ms per step")
+            if "swap_loop_busy_ratio" in row:
+                print(f"      device time of the decode loop's steps: {row['swap_loop_busy_on_ms']:.3f} ms busy with "
+                      f"swap-ins, {row['swap_loop_busy_off_ms']:.3f} without -> {row['swap_loop_busy_ratio']:.3f}; "
+                      f"idle between steps {row['swap_loop_gap_on_ms']:.3f} / {row['swap_loop_gap_off_ms']:.3f} ms; "
+                      f"a swap-in still crossing after the last step: {row['swap_tail_ms']:.1f} ms a run (not counted)")
         if compare_pdl:
             gpu = (f"; GPU ms {row['pdl_on_gpu_ms']:.3f} against {row['pdl_off_gpu_ms']:.3f}"
                    if "pdl_on_gpu_ms" in row else "")

@@ -109,6 +109,9 @@ class DecodeGraphs:
         self.num_advanced = 0  # steps that ran from the inputs the step before left on the device
         self._last: tuple[int, list[int], list[int]] | None = None  # bucket, positions, table lengths there
         self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # A list to time steps on the device (benchmarks): run() appends a (start, end) pair of
+        # timing events around each replay. None: nothing recorded.
+        self.step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
 
     def recapture(self, ring: KVRing | None) -> "DecodeGraphs":
         """The same graphs captured again, writing into `ring`."""
@@ -239,7 +242,13 @@ class DecodeGraphs:
             self._fill(items, bucket, turn, tap)
             self._last = (bucket, starts, [len(x[2]) for x in items])
         g, out = self.graphs[bucket, turn, advance]
+        timed = self.step_events
+        if timed is not None:
+            timed.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            timed[-1][0].record()
         g.replay()
+        if timed is not None:
+            timed[-1][1].record()
         self.replayed[turn].record()
         if greedy:
             self.last_tokens = self.tokens[:len(items)]
