@@ -56,9 +56,9 @@ def _ours(llm, prompts: list[list[int]], max_tokens: int, swap=None,
     """(prefill seconds, seconds per decode step, output ids) of one batch through the engine.
     `swap` (a _SwapStream): a swap stream runs beside the decode steps. (A _ReplicationStream
     entered around the call streams every decode step's new KV to a replica holder.) `timing` (a
-    dict): the ms the device went on after the decode's stream was done (other streams' work) go to
-    its "tail" list; with CUDA graphs the decode steps' device time is timed by events around each
-    replay, and the run's mean ms per step busy and idle between replays go to "busy" and "gap"."""
+    dict) gets "tail": the ms the device went on after the decode's stream was done (other streams'
+    work); with CUDA graphs, each replay is timed by events, and it gets "busy" and "gap": the mean
+    ms per step the device ran the steps and sat idle between them."""
     from ..sampling_params import SamplingParams
 
     eng = llm.engine
@@ -87,14 +87,13 @@ def _ours(llm, prompts: list[list[int]], max_tokens: int, swap=None,
     t2 = time.perf_counter()
     _sync(dev)
     if timing is not None:
-        timing.setdefault("tail", []).append(1e3 * (time.perf_counter() - t2))
+        timing["tail"] = 1e3 * (time.perf_counter() - t2)
     if graphs is not None:
         events, graphs.step_events = graphs.step_events, None
         if events:
             busy = sum(a.elapsed_time(b) for a, b in events)
             span = events[0][0].elapsed_time(events[-1][1])
-            timing.setdefault("busy", []).append(busy / len(events))
-            timing.setdefault("gap", []).append((span - busy) / len(events))
+            timing["busy"], timing["gap"] = busy / len(events), (span - busy) / len(events)
     # decode steps: tokens after the first (an overlapped step's call returns before its tokens land)
     steps = max(s.num_output_tokens for s in seqs) - first
     return t1 - t0, (t2 - t1) / max(steps, 1), [s.output_ids for s in seqs]
@@ -295,7 +294,7 @@ def _with_swap(llm, batch: list[list[int]], max_tokens: int, pairs: int, blocks:
     """The batch decoded `pairs` times without and with a swap stream running beside it (_SwapStream),
     alternating, the same engine throughout."""
     off, on, same = [], [], []
-    timed: dict[bool, dict] = {False: {}, True: {}}  # device time of the steps in the loop, off / on
+    timed: dict[bool, dict] = {False: {}, True: {}}  # the evented pair's timings (_ours), off / on
     stream = _SwapStream(llm, blocks, driver)
     try:
         # `pairs` timed pairs, then one more with events around each step (apart: on an H200 the
@@ -315,14 +314,13 @@ def _with_swap(llm, batch: list[list[int]], max_tokens: int, pairs: int, blocks:
     finally:
         stream.close()
     off_ms, on_ms, ratio, pair_ratios = _paired(off, on)
-    if timed[False].get("busy") and timed[True].get("busy"):
-        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        gpu.update({"swap_loop_busy_off_ms": mean(timed[False]["busy"]), "swap_loop_busy_on_ms": mean(timed[True]["busy"]),
-                    "swap_loop_gap_off_ms": mean(timed[False]["gap"]), "swap_loop_gap_on_ms": mean(timed[True]["gap"])})
-        gpu["swap_loop_busy_ratio"] = gpu["swap_loop_busy_on_ms"] / gpu["swap_loop_busy_off_ms"]
+    off_t, on_t = timed[False], timed[True]
+    if "busy" in off_t and "busy" in on_t:
+        gpu.update({"swap_loop_busy_off_ms": off_t["busy"], "swap_loop_busy_on_ms": on_t["busy"],
+                    "swap_loop_gap_off_ms": off_t["gap"], "swap_loop_gap_on_ms": on_t["gap"],
+                    "swap_loop_busy_ratio": on_t["busy"] / off_t["busy"]})
     # a swap-in still crossing when the decode was done: waited for after the run, not counted in it
-    tail = timed[True].get("tail", [0.0])
-    gpu["swap_tail_ms"] = sum(tail) / len(tail)
+    gpu["swap_tail_ms"] = on_t["tail"]
     return {**gpu, "swap_host_ms_per_step": host_ms, "swap_off_ms_per_step": off_ms, "swap_ms_per_step": on_ms, "swap_ratio": ratio,
             "swap_pair_ratios": pair_ratios, "swap_bytes_in": stream.swap.bytes_in, "swap_prefetches": stream.prefetches,
             "swap_block_bytes": stream.swap.block_bytes, "swap_same_tokens": all(same)}
