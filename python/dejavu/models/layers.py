@@ -115,17 +115,24 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: A
                       scale: float) -> torch.Tensor:
     """Prefill of sequences with nothing cached before their new tokens: causal attention over
     those tokens alone (no cache gather, no explicit mask, so SDPA may take its flash kernels).
-    Padding sits after each sequence's tokens, so causality keeps it out of every real query."""
+    Padding sits after each sequence's tokens, so causality keeps it out of every real query, and
+    its rows may hold any finite values: they repeat a real token's (one gather per input, no
+    zero row appended first). Sequences of one length need no padding: the [B, heads, T, D]
+    inputs are views of the tokens (of the fused q/k/v output) and the output needs no gather."""
     n, h, d = q.shape
     b, t = meta.q_index.shape
     kvh = k.shape[1]
+    uniform = n == b * t  # every sequence has t new tokens: q_index is 0..n-1 in order
+    index = None if uniform else meta.q_index.clamp(max=n - 1)
 
     def padded(x):  # [N, heads, D] -> [B, heads, T, D]
-        return torch.cat([x, x.new_zeros(1, x.shape[1], d)], 0)[meta.q_index].transpose(1, 2)
+        x = x.view(b, t, x.shape[1], d) if uniform else x[index]
+        return x.transpose(1, 2)
 
     out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=True, scale=scale,
                                          enable_gqa=kvh != h)
-    return out.transpose(1, 2).reshape(b * t, h, d)[meta.out_index]
+    out = out.transpose(1, 2).reshape(b * t, h, d)
+    return out if uniform else out[meta.out_index]
 
 
 # ---------------------------------------------------------------------- position encodings

@@ -1,0 +1,93 @@
+"""Prefill of fresh prompts: the engine's SDPA prefill attention before the twentieth session and
+now, and HF's forward pass, alternating in one process. On a CPU the attention takes the torch
+path, not this one: the comparison means something on a GPU only.
+
+    python benchmarks/prefill_attention_ab.py [--model random:opt-1.3b] [--batch 8,32,64] [--prompt-len 512] [--runs 5] [--device cuda]
+
+Before, models/layers.py _causal_attention built the padded [B, heads, T, D] inputs as
+torch.cat([x, zero row])[q_index] for each of q, k and v (two copies each) and gathered the output
+back by out_index (two more): at batch 32 and 512 tokens each copy moves 67 MB, about 25 GB a
+prefill. Now a batch of one prompt length passes views, and a ragged one gathers each input once.
+The earlier version is kept below (`before`) only for this comparison. Prints, per batch, the
+median prefill time of each over --runs alternating runs, after one untimed run of each.
+"""
+import argparse
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+import dejavu.models.layers as layers
+from dejavu.bench.decode import _ours
+from dejavu.bench.generate import _sync, random_hf_model
+from dejavu.llm import LLM
+
+
+def before(q, k, v, meta, scale):
+    """_causal_attention as it was before the twentieth session."""
+    n, h, d = q.shape
+    b, t = meta.q_index.shape
+
+    def padded(x):
+        return torch.cat([x, x.new_zeros(1, x.shape[1], d)], 0)[meta.q_index].transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), is_causal=True, scale=scale,
+                                         enable_gqa=k.shape[1] != h)
+    return out.transpose(1, 2).reshape(b * t, h, d)[meta.out_index]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="random:opt-1.3b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--batch", default="8,32,64")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--runs", type=int, default=5)
+    a = ap.parse_args()
+    batches = [int(x) for x in a.batch.split(",")]
+    dev, _, src, hf = random_hf_model("prefill", a.model, a.device, a.dtype, 0)
+    per_seq = -(-(a.prompt_len + 16) // 16)
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        llm = LLM(model=d, device=str(dev), dtype=a.dtype, max_num_seqs=max(batches), cuda_graphs=False,
+                  kv_cache_blocks=max(batches) * per_seq + 1,
+                  max_num_batched_tokens=max(batches) * a.prompt_len)
+    hf = hf.to(dev)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(10, src.config.vocab_size, (max(batches), a.prompt_len), generator=g)
+    now = layers._causal_attention
+
+    def hf_forward(ids):
+        with torch.no_grad():
+            _sync(dev)
+            t0 = time.perf_counter()
+            hf(input_ids=ids, attention_mask=torch.ones_like(ids))
+            _sync(dev)
+        return time.perf_counter() - t0
+
+    card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    print(f"{card}, {a.dtype}, {a.model}, prompt {a.prompt_len}: prefill ms, "
+          f"median of {a.runs} alternating runs")
+    for b in batches:
+        ids = prompts[:b].to(dev)
+        runs = {"before": [], "now": [], "hf": []}
+        for i in range(a.runs + 1):  # the first round untimed: new shapes' heuristics and allocations
+            for name, impl in (("before", before), ("now", now)):
+                layers._causal_attention = impl
+                t = _ours(llm, prompts[:b].tolist(), 1)[0]
+                if i:
+                    runs[name].append(t)
+            t = hf_forward(ids)
+            if i:
+                runs["hf"].append(t)
+        layers._causal_attention = now
+        med = {k: 1e3 * sorted(v)[len(v) // 2] for k, v in runs.items()}
+        print(f"batch {b}: before {med['before']:.1f}, now {med['now']:.1f} ({med['now'] / med['before']:.3f}x), "
+              f"HF {med['hf']:.1f}; HF / ours: before {med['hf'] / med['before']:.3f}, now {med['hf'] / med['now']:.3f}")
+    llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""The prefill attention of fresh sequences (SDPA over the new tokens, models/layers.py
+_causal_attention, which CUDA prefills take) against the torch path over the paged cache, for
+batches of one prompt length (inputs as views, no gathers) and of several (padded by a gather)."""
+import pytest
+import torch
+
+from conftest import needs_cuda
+from dejavu.engine.model_runner import build_metadata
+from dejavu.models.layers import _causal_attention, paged_attention
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("lens", [(6, 6, 6), (5, 1, 9, 3)])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
+def test_fresh_prefill_attention_equals_the_paged_path(device, lens, heads, kv_heads, monkeypatch):
+    g = torch.Generator().manual_seed(sum(lens) + heads + kv_heads)
+    d, bs = 16, 4
+    items, at = [], 0
+    for n in lens:  # each sequence's own blocks, nothing cached before its tokens
+        blocks = -(-n // bs)
+        items.append((torch.randint(3, 100, (n,), generator=g).tolist(), 0, list(range(at, at + blocks))))
+        at += blocks
+    _, _, meta, _ = build_metadata(items, bs, torch.device(device))
+    assert meta.fresh and tuple(meta.q_index.shape) == (len(lens), max(lens))
+    n = sum(lens)
+    # q, k and v as views of one fused projection output, as the models' fused q/k/v gives them
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * d, generator=g).to(device)
+    q = qkv[:, :heads * d].view(n, heads, d)
+    k = qkv[:, heads * d:(heads + kv_heads) * d].view(n, kv_heads, d)
+    v = qkv[:, (heads + kv_heads) * d:].view(n, kv_heads, d)
+    out = _causal_attention(q, k, v, meta, scale=d ** -0.5)
+    monkeypatch.setenv("DEJAVU_ATTENTION", "torch")  # the reference: write the cache, attend over it
+    cache = torch.zeros(at, 2, bs, kv_heads, d, device=device)
+    ref = paged_attention(q, k, v, cache, meta, scale=d ** -0.5)
+    assert out.shape == (n, heads, d)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # each token attends to its own sequence's tokens up to itself: the first token's output is its value
+    first = 0
+    for m in lens:
+        torch.testing.assert_close(out[first], v[first].repeat_interleave(heads // kv_heads, 0), rtol=1e-5, atol=1e-5)
+        first += m
