@@ -46,13 +46,25 @@ def test_bench_decode_on_cpu(tmp_path):
     assert [row["batch"] for row in res["rows"]] == [1, 3]
     for row in res["rows"]:
         assert row["ms_per_step"] > 0 and row["hf_ms_per_step"] > 0
+        # prefill: the median of 3 runs of each, alternating, after an untimed one
+        assert row["prefill_runs"] == 3 and row["prefill_ms"] > 0 and row["hf_prefill_ms"] > 0
         assert row["identical_sequences"] == f"{row['batch']}/{row['batch']}"  # fp32 greedy equals HF
+        assert row["hf_first_difference"] == [None] * row["batch"]
         # --compare-pdl: off / on pairs (on the CPU nothing is launched either way, and no graphs)
         assert len(row["pdl_pair_ratios"]) == 2 and row["pdl_ratio"] > 0 and "pdl_on_gpu_ms" not in row
     assert not res["cuda_graphs"] and res["weight_bytes"] > 0 and res["programmatic_launch"] is False
     assert "programmatic launch on:" in r.stdout
     r = run("bench", "decode", "--model", "random:opt-tiny", "--device", "cpu", "--batch", "1,x")
     assert r.returncode == 2 and "--batch must be comma-separated positive integers" in r.stderr
+
+
+def test_first_difference_from_hf():
+    """Where a greedy sequence parts from HF's (reported per sequence by bench decode)."""
+    from dejavu.bench.decode import first_difference
+
+    assert first_difference([5, 6, 7], [5, 6, 7]) is None
+    assert first_difference([5, 6, 7], [5, 9, 7]) == 1 and first_difference([1], [2]) == 0
+    assert first_difference([5, 6], [5, 6, 7]) == 2  # one ended early
 
 
 def test_bench_decode_with_replication_running(tmp_path):
@@ -115,6 +127,25 @@ def test_bench_decode_with_a_swap_stream(tmp_path, driver):
     assert row["swap_prefetches"] >= 2
     assert row["swap_bytes_in"] == row["swap_prefetches"] * blocks * row["swap_block_bytes"]
     assert "with a swap stream:" in r.stdout
+
+
+def test_bench_decode_with_replication_and_swapping_at_once(tmp_path):
+    """--replicate with --swap-stream: besides each stream alone, the batch decoded with both running
+    at once against neither (issue 9's "with token-level replication and swapping streams running"):
+    every replicated step is acknowledged, the holder's copy is exact, and the tokens do not change."""
+    out = tmp_path / "decode.json"
+    r = run("bench", "decode", "--model", "random:opt-tiny", "--device", "cpu", "--batch", "2", "--prompt-len", "20",
+            "--max-tokens", "6", "--no-hf", "--replicate", "--replicate-path", "gather", "--swap-stream",
+            "--pairs", "2", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["replicate_acked"] == "10/10" and row["swap_same_tokens"] is True  # each stream alone
+    assert row["both_path"] == "gather" and len(row["both_pair_ratios"]) == 2 and row["both_ratio"] > 0
+    assert row["both_acked"] == "10/10" and row["both_replica_exact"] is True and row["both_same_tokens"] is True
+    blocks = 2 * -(-(20 + 6) // 16)
+    assert row["both_swap_prefetches"] >= 2
+    assert row["both_swap_bytes_in"] == row["both_swap_prefetches"] * blocks * row["swap_block_bytes"]
+    assert "with replication (gather) and a swap stream at once:" in r.stdout
 
 
 def test_bench_swap_holds_d_over_k_times_the_batch(tmp_path):

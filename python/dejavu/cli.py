@@ -169,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--swap-stream", action="store_true",
                     help="also decode each batch with microbatch swapping running beside it (a SwapCache of its "
                          "own swapping shadow microbatches of the batch's size in over PCIe, as a --swap pipeline "
-                         "worker does while a microbatch computes), alternating off / on --pairs times")
+                         "worker does while a microbatch computes), alternating off / on --pairs times; with --replicate "
+                         "as well, also with both streams at once (replication through the first --replicate-path) "
+                         "against neither")
     bd.add_argument("--swap-driver", default="step", choices=["step", "thread"],
                     help="with --swap-stream: the decode loop starts each swap-in between two steps (step), or a "
                          "thread of its own does, as a worker's receiving thread starts a prefetch (thread)")

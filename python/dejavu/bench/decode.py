@@ -2,11 +2,13 @@
 
 For each batch size, one run of the same random prompts through: our engine with its GPU fast path
 (decode kernels + CUDA graphs), our engine eager (the same kernels, no graphs), and HF transformers
-(`generate`, plus one forward over the prompts for its prefill time). Reported per batch: prefill
-time, ms per decode step (engine step, host work included, greedy steps overlapped with the host's
-work; "sync", the same with each step waiting for its tokens before the next is queued; and "GPU
-ms", the step's graph replayed alone, i.e. without the scheduler, sampling and copies on the host),
-decode tokens/s, the ratio to the floor and to HF, and whether the greedy tokens agree with HF's.
+(`generate`, plus forward passes over the prompts for its prefill time). Reported per batch:
+prefill time (the median of 3 runs alternating with HF's forward pass, after an untimed one of
+each), ms per decode step (engine step, host work included, greedy steps overlapped with the
+host's work; "sync", the same with each step waiting for its tokens before the next is queued;
+and "GPU ms", the step's graph replayed alone, i.e. without the scheduler, sampling and copies on
+the host), decode tokens/s, the ratio to the floor and to HF, and whether the greedy tokens agree
+with HF's (and where each sequence parts from HF's).
 
 The floor is the time to read the weights once: weight bytes / the device's bandwidth, measured in
 the same run as a device-to-device copy of 1 GiB counted as 2 GiB of traffic (read + write).
@@ -40,6 +42,14 @@ def device_bandwidth(dev: torch.device, nbytes: int = 1 << 30, repeat: int = 5) 
         best = min(best, time.perf_counter() - t0)
     del src, dst
     return 2 * nbytes / best
+
+
+def first_difference(ours: list[int], theirs: list[int]) -> int | None:
+    """The index of the first new token where two greedy sequences differ (None: equal)."""
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            return i
+    return None if len(ours) == len(theirs) else min(len(ours), len(theirs))
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -394,6 +404,36 @@ def _with_replication(llm, batch: list[list[int]], max_tokens: int, pairs: int, 
             "replicate_chained_steps": chained}
 
 
+def _with_both(llm, batch: list[list[int]], max_tokens: int, pairs: int, blocks: int, path: str = "ring",
+               every: int = 1, holder: str = "thread", driver: str = "step") -> dict:
+    """The batch decoded `pairs` times without any stream and with both at once: every step's new KV
+    replicated through `path` (_ReplicationStream) while a swap stream (_SwapStream) moves shadow
+    microbatches in beside it, alternating, the same engine throughout: issue 9's "with token-level
+    replication and swapping streams running"."""
+    off, on, same, exact = [], [], [], []
+    rep = _ReplicationStream(llm, every, holder)
+    swap = _SwapStream(llm, blocks, driver)
+    try:
+        rep.using(path)  # a path this engine cannot run fails before any run
+        for _ in range(pairs):
+            _, t_off, ids_off = _ours(llm, batch, max_tokens)
+            with rep.using(path):
+                _, t_on, ids_on = _ours(llm, batch, max_tokens, swap=swap)
+            swap.drain()
+            exact.append(rep.mirror_matches())  # before the next run reuses the blocks
+            same.append(ids_on == ids_off)
+            off.append(t_off)
+            on.append(t_on)
+    finally:
+        swap.close()
+        rep.close()
+    off_ms, on_ms, ratio, pair_ratios = _paired(off, on)
+    return {"both_off_ms_per_step": off_ms, "both_ms_per_step": on_ms, "both_ratio": ratio,
+            "both_pair_ratios": pair_ratios, "both_path": path, "both_same_tokens": all(same),
+            "both_replica_exact": all(exact), "both_acked": f"{rep.acks}/{rep.step_id}",
+            "both_swap_prefetches": swap.prefetches, "both_swap_bytes_in": swap.swap.bytes_in}
+
+
 def _with_pdl(llm, batch: list[list[int]], max_tokens: int, pairs: int) -> dict:
     """The batch decoded `pairs` times with the decode kernels' programmatic dependent launch off
     and on, alternating (off, on, off, ...), the CUDA graphs captured again for each setting; then
@@ -481,27 +521,53 @@ class _StepClock:
         return scores
 
 
-def _hf(hf, ids: torch.Tensor, max_tokens: int) -> tuple[float, float, list[list[int]]]:
-    """HF's prefill (one forward pass over the prompts) and its decode step: the time between the
-    first and the last token of one generate call, per step. (Subtracting a separately timed
-    prefill from generate's total could come out at or below zero on a busy machine.)"""
+PREFILL_RUNS = 3
+
+
+def _prefills(llm, hf, ids: torch.Tensor, runs: int = PREFILL_RUNS) -> tuple[float, float | None]:
+    """Median seconds of `runs` prefills of the batch through our engine (its first token) and,
+    given `hf`, of HF's forward pass over the same prompts, alternating, after one untimed run of
+    each at this batch size (its first run also pays for new shapes: cuBLAS heuristics, allocator
+    growth)."""
+    dev = ids.device
+    mask = torch.ones_like(ids)
+    batch = ids.tolist()
+
+    def hf_forward() -> float:
+        with torch.no_grad():
+            _sync(dev)
+            t0 = time.perf_counter()
+            hf(input_ids=ids, attention_mask=mask)
+            _sync(dev)
+        return time.perf_counter() - t0
+
+    ours, theirs = [], []
+    for i in range(runs + 1):
+        t = _ours(llm, batch, 1)[0]
+        h = hf_forward() if hf is not None else None
+        if i:
+            ours.append(t)
+            theirs.append(h)
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return med(ours), med(theirs) if hf is not None else None
+
+
+def _hf(hf, ids: torch.Tensor, max_tokens: int) -> tuple[float, list[list[int]]]:
+    """HF's decode step (the time between the first and the last token of one generate call, per
+    step; subtracting a separately timed prefill from generate's total could come out at or below
+    zero on a busy machine) and its greedy tokens. Its prefill is timed by _prefills."""
     from transformers import LogitsProcessorList
 
     dev = ids.device
     mask = torch.ones_like(ids)
     clock = _StepClock()
     with torch.no_grad():
-        _sync(dev)
-        t0 = time.perf_counter()
-        hf(input_ids=ids, attention_mask=mask)
-        _sync(dev)
-        prefill = time.perf_counter() - t0
         out = hf.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                           do_sample=False, logits_processor=LogitsProcessorList([clock]))
         _sync(dev)
     steps = len(clock.stamps) - 1
     step = (clock.stamps[-1] - clock.stamps[0]) / steps if steps > 0 else float("nan")
-    return prefill, step, out[:, ids.shape[1]:].tolist()
+    return step, out[:, ids.shape[1]:].tolist()
 
 
 def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int, max_tokens: int, seed: int,
@@ -551,8 +617,9 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
         graphs = llm.engine.runner.graphs  # (replication through the ring captures them again)
         batch = prompts[:b].tolist()
         advanced = graphs.num_advanced if graphs is not None else 0
-        pre, step, ours_ids = _ours(llm, batch, max_tokens)
-        row = {"batch": b, "prefill_ms": 1e3 * pre, "ms_per_step": 1e3 * step, "tok_s": b / step}
+        pre, hpre = _prefills(llm, hf if hf_baseline else None, prompts[:b].to(dev))
+        _, step, ours_ids = _ours(llm, batch, max_tokens)
+        row = {"batch": b, "prefill_ms": 1e3 * pre, "prefill_runs": PREFILL_RUNS, "ms_per_step": 1e3 * step, "tok_s": b / step}
         if graphs is not None:  # steps that ran from the inputs the step before left on the device
             row["advanced_steps"] = graphs.num_advanced - advanced
         if llm.engine.overlap:  # the baseline: each step waits for its tokens before the next is queued
@@ -568,9 +635,10 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
         if floor_ms:
             row["x_floor"] = row["ms_per_step"] / floor_ms
         if hf_baseline:
-            hpre, hstep, hf_ids = _hf(hf, prompts[:b].to(dev), max_tokens)
+            hstep, hf_ids = _hf(hf, prompts[:b].to(dev), max_tokens)
             row.update(hf_prefill_ms=1e3 * hpre, hf_ms_per_step=1e3 * hstep, speedup_vs_hf=hstep / step,
-                       prefill_vs_hf=hpre / pre, identical_sequences=f"{sum(a == c for a, c in zip(ours_ids, hf_ids))}/{b}")
+                       prefill_vs_hf=hpre / pre, identical_sequences=f"{sum(a == c for a, c in zip(ours_ids, hf_ids))}/{b}",
+                       hf_first_difference=[first_difference(a, c) for a, c in zip(ours_ids, hf_ids)])
         if replicate:
             row.update(_with_replication(llm, batch, max_tokens, pairs, replicate_every, replica_holder,
                                          replicate_skip, tuple(replicate_paths)))
@@ -578,12 +646,19 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
             row.update(_with_pdl(llm, batch, max_tokens, pairs))
         if swap_stream:
             row.update(_with_swap(llm, batch, max_tokens, pairs, b * per_seq, swap_driver))
+        if swap_stream and replicate:  # both streams at once, against neither
+            row.update(_with_both(llm, batch, max_tokens, pairs, b * per_seq, replicate_paths[0], replicate_every,
+                                  replica_holder, swap_driver))
         result["rows"].append(row)
         f = lambda k, w=8, p=3: f"{row[k]:>{w}.{p}f}" if k in row else f"{'-':>{w}}"  # noqa: E731
         print(f"{b:>5} {f('prefill_ms', 10, 1)} {f('hf_prefill_ms', 10, 1)} {f('ms_per_step')} {f('sync_ms_per_step')} "
               f"{f('gpu_ms_per_step')} {f('attention_ms_per_step')} {f('eager_ms_per_step')} {f('hf_ms_per_step')} "
               f"{f('tok_s', 9, 1)} {f('x_floor', 7, 2)} "
               f"{f('speedup_vs_hf', 6, 1)} {row.get('identical_sequences', '-'):>10}")
+        parted = sorted(i for i in row.get("hf_first_difference", []) if i is not None)
+        if parted:  # (fp16: near-ties round differently in other kernels, and the sequences part there)
+            print(f"      {len(parted)} sequence(s) part from HF's at new token {', '.join(map(str, parted[:8]))}"
+                  f"{' ...' if len(parted) > 8 else ''} (of {max_tokens})")
         if replicate:
             for p, r in row["replicate_by_path"].items():
                 print(_paired_line(f"with replication ({p})", r["ms_per_step"], row["replicate_off_ms_per_step"],
@@ -604,6 +679,12 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
                       f"swap-ins, {row['swap_loop_busy_off_ms']:.3f} without -> {row['swap_loop_busy_ratio']:.3f}; "
                       f"idle between steps {row['swap_loop_gap_on_ms']:.3f} / {row['swap_loop_gap_off_ms']:.3f} ms; "
                       f"a swap-in still crossing after the last step: {row['swap_tail_ms']:.1f} ms a run (not counted)")
+        if swap_stream and replicate:
+            print(_paired_line(f"with replication ({row['both_path']}) and a swap stream at once",
+                               row["both_ms_per_step"], row["both_off_ms_per_step"], row["both_ratio"],
+                               row["both_pair_ratios"], pairs)
+                  + f"; {row['both_acked']} steps acknowledged, replica exact: {row['both_replica_exact']}, "
+                  f"{row['both_swap_prefetches']} swap-ins; same tokens: {row['both_same_tokens']}")
         if compare_pdl:
             gpu = (f"; GPU ms {row['pdl_on_gpu_ms']:.3f} against {row['pdl_off_gpu_ms']:.3f}"
                    if "pdl_on_gpu_ms" in row else "")

@@ -1,0 +1,65 @@
+"""Are greedy tokens reproducible, ours and HF's? (fp16 "same as HF" counts of `bench decode`)
+
+    python benchmarks/token_stability.py [--model random:opt-1.3b] [--dtype float16] [--batch 1,8] [--device cuda]
+
+For each batch: our engine decodes the prompts twice through its CUDA graphs and once eagerly,
+and HF's `generate` runs twice. Prints a short hash of each run's tokens (run the script twice to
+compare processes), where each sequence of ours parts from HF's first run, and HF's top-two logit
+gap at the first new token (the token the prefill picks: a near-tie there is decided by rounding).
+"""
+import argparse
+import hashlib
+import json
+import tempfile
+
+import torch
+
+from dejavu.bench.decode import _hf, _ours, first_difference
+from dejavu.bench.generate import random_hf_model
+from dejavu.llm import LLM
+
+
+def digest(ids) -> str:
+    return hashlib.sha1(json.dumps(ids).encode()).hexdigest()[:10]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="random:opt-1.3b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--batch", default="1,8")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    a = ap.parse_args()
+    batches = [int(x) for x in a.batch.split(",")]
+    dev, _, src, hf = random_hf_model("stability", a.model, a.device, a.dtype, 0)
+    per_seq = -(-(a.prompt_len + a.max_tokens) // 16)
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        llm = LLM(model=d, device=str(dev), dtype=a.dtype, max_num_seqs=max(batches),
+                  kv_cache_blocks=max(batches) * per_seq + 1, max_num_batched_tokens=max(batches) * a.prompt_len)
+    hf = hf.to(dev)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(10, src.config.vocab_size, (max(batches), a.prompt_len), generator=g)
+    for b in batches:
+        batch = prompts[:b].tolist()
+        ours = [_ours(llm, batch, a.max_tokens)[2] for _ in range(2)]
+        graphs, llm.engine.runner.graphs = llm.engine.runner.graphs, None
+        eager = _ours(llm, batch, a.max_tokens)[2]
+        llm.engine.runner.graphs = graphs
+        theirs = [_hf(hf, prompts[:b].to(dev), a.max_tokens)[1] for _ in range(2)]
+        with torch.no_grad():
+            top = hf(input_ids=prompts[:b].to(dev)).logits[:, -1].float().topk(2, -1)
+        gaps = [round(float(x), 4) for x in top.values[:, 0] - top.values[:, 1]]
+        print(f"batch {b}: ours {[digest(o) for o in ours]}, eager {digest(eager)} (equal: {ours[0] == eager}); "
+              f"HF {[digest(t) for t in theirs]}")
+        print(f"  ours part from HF's first run at new token {[first_difference(x, y) for x, y in zip(ours[0], theirs[0])]}")
+        print(f"  HF's top-two logit gap at the first new token: {gaps}")
+    llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
