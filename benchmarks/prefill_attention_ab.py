@@ -13,14 +13,13 @@ median prefill time of each over --runs alternating runs, after one untimed run 
 """
 import argparse
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
 
 import dejavu.models.layers as layers
-from dejavu.bench.decode import _ours
-from dejavu.bench.generate import _sync, random_hf_model
+from dejavu.bench.decode import _ours, hf_forward_s, median
+from dejavu.bench.generate import random_hf_model
 from dejavu.llm import LLM
 
 
@@ -59,14 +58,6 @@ def main():
     prompts = torch.randint(10, src.config.vocab_size, (max(batches), a.prompt_len), generator=g)
     now = layers._causal_attention
 
-    def hf_forward(ids):
-        with torch.no_grad():
-            _sync(dev)
-            t0 = time.perf_counter()
-            hf(input_ids=ids, attention_mask=torch.ones_like(ids))
-            _sync(dev)
-        return time.perf_counter() - t0
-
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"{card}, {a.dtype}, {a.model}, prompt {a.prompt_len}: prefill ms, "
           f"median of {a.runs} alternating runs")
@@ -79,11 +70,11 @@ def main():
                 t = _ours(llm, prompts[:b].tolist(), 1)[0]
                 if i:
                     runs[name].append(t)
-            t = hf_forward(ids)
+            t = hf_forward_s(hf, ids)
             if i:
                 runs["hf"].append(t)
         layers._causal_attention = now
-        med = {k: 1e3 * sorted(v)[len(v) // 2] for k, v in runs.items()}
+        med = {k: 1e3 * median(v) for k, v in runs.items()}
         print(f"batch {b}: before {med['before']:.1f}, now {med['now']:.1f} ({med['now'] / med['before']:.3f}x), "
               f"HF {med['hf']:.1f}; HF / ours: before {med['hf'] / med['before']:.3f}, now {med['hf'] / med['now']:.3f}")
     llm.shutdown()

@@ -524,32 +524,35 @@ class _StepClock:
 PREFILL_RUNS = 3
 
 
-def _prefills(llm, hf, ids: torch.Tensor, runs: int = PREFILL_RUNS) -> tuple[float, float | None]:
-    """Median seconds of `runs` prefills of the batch through our engine (its first token) and,
-    given `hf`, of HF's forward pass over the same prompts, alternating, after one untimed run of
-    each at this batch size (its first run also pays for new shapes: cuBLAS heuristics, allocator
-    growth)."""
-    dev = ids.device
-    mask = torch.ones_like(ids)
-    batch = ids.tolist()
+def hf_forward_s(hf, ids: torch.Tensor) -> float:
+    """Seconds of one HF forward pass over the prompts `ids` ([B, T] on the model's device)."""
+    with torch.no_grad():
+        _sync(ids.device)
+        t0 = time.perf_counter()
+        hf(input_ids=ids, attention_mask=torch.ones_like(ids))
+        _sync(ids.device)
+    return time.perf_counter() - t0
 
-    def hf_forward() -> float:
-        with torch.no_grad():
-            _sync(dev)
-            t0 = time.perf_counter()
-            hf(input_ids=ids, attention_mask=mask)
-            _sync(dev)
-        return time.perf_counter() - t0
 
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def _prefills(llm, hf, prompts: torch.Tensor, runs: int = PREFILL_RUNS) -> tuple[float, float | None]:
+    """Median seconds of `runs` prefills of the batch (prompts: [B, T] on the CPU) through our
+    engine (its first token) and, given `hf`, of HF's forward pass over the same prompts,
+    alternating, after one untimed run of each at this batch size (its first run also pays for new
+    shapes: cuBLAS heuristics, allocator growth)."""
+    batch = prompts.tolist()
+    ids = prompts.to(llm.device) if hf is not None else None
     ours, theirs = [], []
     for i in range(runs + 1):
         t = _ours(llm, batch, 1)[0]
-        h = hf_forward() if hf is not None else None
+        h = hf_forward_s(hf, ids) if hf is not None else None
         if i:
             ours.append(t)
             theirs.append(h)
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    return med(ours), med(theirs) if hf is not None else None
+    return median(ours), median(theirs) if hf is not None else None
 
 
 def _hf(hf, ids: torch.Tensor, max_tokens: int) -> tuple[float, list[list[int]]]:
@@ -617,7 +620,7 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
         graphs = llm.engine.runner.graphs  # (replication through the ring captures them again)
         batch = prompts[:b].tolist()
         advanced = graphs.num_advanced if graphs is not None else 0
-        pre, hpre = _prefills(llm, hf if hf_baseline else None, prompts[:b].to(dev))
+        pre, hpre = _prefills(llm, hf if hf_baseline else None, prompts[:b])
         _, step, ours_ids = _ours(llm, batch, max_tokens)
         row = {"batch": b, "prefill_ms": 1e3 * pre, "prefill_runs": PREFILL_RUNS, "ms_per_step": 1e3 * step, "tok_s": b / step}
         if graphs is not None:  # steps that ran from the inputs the step before left on the device
