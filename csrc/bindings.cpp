@@ -494,15 +494,18 @@ PYBIND11_MODULE(_C, m) {
         "int32 words greedy_step_end needs for its slices' bests (0: a row is one block)");
   m.def("greedy_step_end", [](uintptr_t logits, int64_t rows, int64_t vocab, int64_t stride, uintptr_t tokens,
                               uintptr_t host_tokens, uintptr_t fields, int64_t bucket, int64_t max_blocks,
-                              int64_t block_size, uintptr_t counters, uintptr_t parts, uintptr_t stream) {
+                              int64_t block_size, int64_t ring_size, uintptr_t counters, uintptr_t parts,
+                              uintptr_t stream) {
     std::string err = greedy_step_end(as_ptr<const float>(logits), rows, vocab, stride, as_ptr<int64_t>(tokens),
                                       as_ptr<int64_t>(host_tokens), as_ptr<int64_t>(fields), bucket, max_blocks,
-                                      block_size, as_ptr<unsigned>(counters), as_ptr<int32_t>(parts),
+                                      block_size, ring_size, as_ptr<unsigned>(counters), as_ptr<int32_t>(parts),
                                       as_ptr<void>(stream));
     if (!err.empty()) throw std::runtime_error(err);
   }, py::arg("logits"), py::arg("rows"), py::arg("vocab"), py::arg("stride"), py::arg("tokens"),
      py::arg("host_tokens") = 0, py::arg("fields") = 0, py::arg("bucket") = 0, py::arg("max_blocks") = 0,
-     py::arg("block_size") = 0, py::arg("counters") = 0, py::arg("parts") = 0, py::arg("stream") = 0,
+     py::arg("block_size") = 0, py::arg("ring_size") = 0, py::arg("counters") = 0, py::arg("parts") = 0,
+     py::arg("stream") = 0,
      "Each row's argmax of fp32 logits [rows, vocab] (row stride `stride`) to tokens (int64, and to pinned "
-     "host_tokens unless 0); with fields, a graph bucket's decode inputs advanced for the next step");
+     "host_tokens unless 0); with fields, a graph bucket's decode inputs advanced for the next step (ring rows "
+     "too, in a ring of ring_size rows, where ring_size > 0)");
 }

@@ -332,6 +332,39 @@ def test_greedy_step_end_advances_graph_inputs():
     assert f[2 * bucket + 2] == -1 and f[2 * bucket + 1] == tables[1, 1]
 
 
+@pytest.mark.parametrize("live,first,ring_size", [(3, 8, 20), (3, 8, 12), (3, 8, 11), (4, 0, 8), (4, 4, 8),
+                                                   (4, 3, 10), (1, 0, 1), (3, 5, 0)])
+def test_greedy_step_end_advances_ring_rows_as_the_sender_reserves_them(live, first, ring_size):
+    """With a ring of ring_size rows: the live rows (the bucket's first `live`, at ring rows
+    first..first+live-1) move on to the rows ReplicaSender::ring_stage reserves next (engine/cuda_graphs.py's
+    next_ring_row: consecutive, or from 0 where they would run past the end); padding rows keep -1;
+    ring_size 0 leaves -1 (no ring). The other fields advance as without a ring."""
+    from dejavu.engine.cuda_graphs import next_ring_row
+
+    bucket, max_blocks, bs, vocab = 4, 3, 4, 100
+    tables = torch.arange(bucket * max_blocks).view(bucket, max_blocks) + 20
+    pos = torch.tensor([2, 3, 5, 6])
+    blk = torch.stack([tables[i, pos[i] // bs] for i in range(bucket)])
+    blk[live:] = -1
+    rows = torch.tensor([first + i if i < live else -1 for i in range(bucket)])
+    fields = torch.cat([torch.tensor([5, 6, 7, 8]), pos, blk, pos % bs, pos + 1, rows, tables.reshape(-1)]).cuda()
+    before = fields.clone().cpu()
+    logits = torch.randn(bucket, vocab, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
+    tokens = torch.empty(bucket, dtype=torch.int64, device="cuda")
+    kernels.greedy_step_end(logits, tokens, None, fields, bucket, max_blocks, bs, ring_size)
+    torch.cuda.synchronize()
+    f, tok, want = fields.cpu(), torch.argmax(logits, -1).cpu(), before.clone()
+    nxt = next_ring_row(first, live, ring_size)
+    for r in range(live):
+        p = int(pos[r]) + 1
+        want[r], want[bucket + r], want[4 * bucket + r] = tok[r], p, p + 1
+        want[2 * bucket + r], want[3 * bucket + r] = int(tables[r, p // bs]), p % bs
+        want[5 * bucket + r] = nxt + r if nxt >= 0 else -1
+    assert torch.equal(f, want)
+    if ring_size:
+        assert 0 <= nxt and nxt + live <= ring_size and (nxt == 0 or nxt == first + live)
+
+
 def test_greedy_step_end_rejects_bad_arguments():
     logits = torch.randn(3, 10, device="cuda")
     tokens = torch.empty(3, dtype=torch.int64, device="cuda")

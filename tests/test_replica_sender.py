@@ -334,6 +334,33 @@ def test_ring_steps_arrive_in_order_with_wraps_and_fallbacks():
         srv.stop()
 
 
+def test_next_ring_row_is_the_senders_next_reservation():
+    """engine/cuda_graphs.next_ring_row (the rule the graphs' greedy kernel advances ring rows by, so
+    a replicated step can run without an input copy) predicts what ReplicaSender::ring_stage
+    reserves next for a step of the same size, across wraps, for each size of step that fits the
+    ring; -1 where the step before took no rows."""
+    from dejavu.engine.cuda_graphs import next_ring_row
+
+    rows = 7
+    assert next_ring_row(-1, 3, rows) == -1 and next_ring_row(2, 3, 0) == -1
+    for n in range(1, rows + 1):
+        cache, acks, srv, rep, ring = _ring_setup(6, f"n{n}", rows)
+        try:
+            last = -1
+            for step in range(1, 3 * rows // n + 3):
+                slots = [(1 + i % 9, step % cache.block_size) for i in range(n)]
+                first = _ring_step(rep, ring, cache, step, slots)
+                assert first >= 0, (n, step)
+                if last >= 0:
+                    assert first == next_ring_row(last, n, rows), (n, step, last, first)
+                last = first
+                _drained(rep)  # (the sender never falls behind here: every reservation fits)
+            assert len(acks) == step
+        finally:
+            rep.close()
+            srv.stop()
+
+
 def test_ring_reservations_of_abandoned_steps_are_taken_back():
     """A staged step that never reaches after_step gives its rows back (staging again or
     cancel_staged), and a commit whose token count differs from what was staged falls back to the
@@ -418,16 +445,20 @@ def test_ring_through_the_engine_and_its_cuda_graphs(tmp_path):
         pytest.skip("needs a CUDA device and a CUDA build")
     out = tmp_path / "d.json"
     r = subprocess.run([sys.executable, "-m", "dejavu", "bench", "decode", "--model", "random:opt-tiny", "--device",
-                        "cuda", "--dtype", "float16", "--batch", "1,5", "--prompt-len", "40", "--max-tokens", "12",
+                        "cuda", "--dtype", "float16", "--batch", "1,5", "--prompt-len", "40", "--max-tokens", "30",
                         "--no-hf", "--replicate", "--pairs", "2", "--replicate-path", "ring,gather", "--json", str(out)],
                        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["cuda_graphs"] is True
     for row in res["rows"]:
-        assert row["replicate_acked"] == "44/44" and row["replica_exact"] is True  # 2 pairs x 2 paths x 11 steps
+        assert row["replicate_acked"] == "116/116" and row["replica_exact"] is True  # 2 pairs x 2 paths x 29 steps
         assert row["replicate_ring_misses"] == 0
-        assert row["replicate_chained_steps"] == 2 * 2 * 10  # overlapped: every step after each run's first
+        assert row["replicate_chained_steps"] == 2 * 2 * 28  # overlapped: every step after each run's first
+        # Ring steps run from the inputs the step before left on the device, ring rows included
+        # (at batch 5 the 256-row ring wraps), as often as the gather path's steps do.
+        ring, gather = row["replicate_by_path"]["ring"], row["replicate_by_path"]["gather"]
+        assert ring["advanced_steps"] == gather["advanced_steps"] > 2 * 20
 
 
 def test_ring_burst_is_acknowledged_in_order():

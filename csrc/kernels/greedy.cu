@@ -63,7 +63,7 @@ __device__ __forceinline__ Best block_best(Best b, float* vs, int64_t* is) {
 __global__ void __launch_bounds__(kGreedyThreads)
     greedy_step_end_kernel(const float* __restrict__ logits, int64_t vocab, int64_t stride, int64_t chunk,
                            unsigned* counters, int32_t* parts, int64_t* tokens, int64_t* host_tokens, int64_t* fields, int64_t bucket,
-                           int64_t max_blocks, int64_t block_size) {
+                           int64_t max_blocks, int64_t block_size, int64_t ring_size) {
   pdl::release();
   const int64_t r = blockIdx.y, slice = blockIdx.x, slices = gridDim.x, rows = gridDim.y;
   const int64_t begin = slice * chunk, end = begin + chunk < vocab ? begin + chunk : vocab;
@@ -123,7 +123,25 @@ __global__ void __launch_bounds__(kGreedyThreads)
   ctx[r] = p + 1;
   off[r] = p % block_size;
   blk[r] = logical < max_blocks ? tables[r * max_blocks + logical] : -1;
-  ring[r] = -1;
+  const int64_t ring_row = ring[r];
+  if (ring_size <= 0 || ring_row < 0) {
+    ring[r] = -1;
+    return;
+  }
+  // The next ring rows, as ReplicaSender::ring_stage reserves them: n consecutive rows from where
+  // this step's rows end, or from row 0 where they would run past the ring. The live rows are the first
+  // n of the bucket, each with a ring row >= 0, and padding rows have -1; other rows' blocks
+  // rewrite theirs meanwhile, but never across 0, so a binary search over the signs finds n.
+  int64_t lo = r + 1, hi = bucket;  // rows [0, lo) are live; n lies in [lo, hi]
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (__ldcg(ring + mid) >= 0) lo = mid + 1;
+    else hi = mid;
+  }
+  const int64_t n = lo, first = ring_row - r;
+  int64_t next = (first + n) % ring_size;
+  if (next + n > ring_size) next = 0;
+  ring[r] = next + r;
 }
 
 }  // namespace
@@ -142,7 +160,7 @@ int64_t greedy_part_words(int64_t rows, int64_t vocab) {
 
 std::string greedy_step_end(const float* logits, int64_t rows, int64_t vocab, int64_t stride, int64_t* tokens,
                             int64_t* host_tokens, int64_t* fields, int64_t bucket, int64_t max_blocks,
-                            int64_t block_size, unsigned* counters, int32_t* parts, void* stream) {
+                            int64_t block_size, int64_t ring_size, unsigned* counters, int32_t* parts, void* stream) {
   if (rows < 1 || vocab < 1 || stride < vocab) return "greedy_step_end: needs rows >= 1 and stride >= vocab >= 1";
   if (rows > 65535) return "greedy_step_end: at most 65535 rows";
   if (logits == nullptr || tokens == nullptr) return "greedy_step_end: logits and tokens must not be null";
@@ -156,7 +174,7 @@ std::string greedy_step_end(const float* logits, int64_t rows, int64_t vocab, in
   const cudaError_t e =
       pdl::launch(greedy_step_end_kernel, dim3(static_cast<unsigned>(slices), static_cast<unsigned>(rows)),
                   dim3(threads), static_cast<cudaStream_t>(stream), logits, vocab, stride, chunk, counters, parts, tokens,
-                  host_tokens, fields, bucket, max_blocks, block_size);
+                  host_tokens, fields, bucket, max_blocks, block_size, ring_size);
   return e == cudaSuccess ? "" : cudaGetErrorString(e);
 }
 

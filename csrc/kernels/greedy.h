@@ -38,13 +38,17 @@ constexpr int kStepFields = 6;
 // `bucket` long, then block tables [bucket, max_blocks]) are advanced for the next step of a row
 // whose slot block is >= 0 (a live row; padding rows keep -1): id = token, position + 1, context
 // length = position + 2, slot offset = (position + 1) % block_size, slot block = its block
-// table's entry for position + 1 (or -1 past max_blocks), ring row -1. The caller runs a step on
-// those only where that block-table entry is current. Needs rows <= bucket when fields is given.
+// table's entry for position + 1 (or -1 past max_blocks), ring row -1, or with ring_size > 0 and
+// a ring row >= 0 the row ReplicaSender::ring_stage reserves next for it (the live rows are the
+// bucket's first n and take rows first..first+n-1 of a ring of ring_size rows; the next step's are
+// the n rows from first + n, or from 0 where those would run past the end). The caller runs a step
+// on those only where that block-table entry is current, and with ring rows only where ring_stage
+// reserved exactly those rows. Needs rows <= bucket when fields is given.
 // Where a row is in slices (greedy_part_words > 0): `counters`, `rows` zeroed uint32 on the device
 // (one set per stream: launches on a stream never overlap, and each leaves them zeroed), and
 // `parts`, greedy_part_words(rows, vocab) int32 words of any content.
 std::string greedy_step_end(const float* logits, int64_t rows, int64_t vocab, int64_t stride, int64_t* tokens,
                             int64_t* host_tokens, int64_t* fields, int64_t bucket, int64_t max_blocks,
-                            int64_t block_size, unsigned* counters, int32_t* parts, void* stream);
+                            int64_t block_size, int64_t ring_size, unsigned* counters, int32_t* parts, void* stream);
 
 }  // namespace dejavu

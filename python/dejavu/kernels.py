@@ -346,11 +346,11 @@ def greedy_serves(logits: torch.Tensor) -> bool:
 
 def greedy_step_end(logits: torch.Tensor, tokens: torch.Tensor, host_tokens: torch.Tensor | None = None,
                     fields: torch.Tensor | None = None, bucket: int = 0, max_blocks: int = 0,
-                    block_size: int = 0) -> None:
+                    block_size: int = 0, ring_size: int = 0) -> None:
     """Each row's argmax of `logits` [rows, vocab] fp32 (torch.argmax's, ties to the first) into
     `tokens` [>= rows] int64 on the device, and into pinned `host_tokens` as well; with `fields`, the
-    decode inputs of a graph bucket (engine/cuda_graphs.py's layout) advanced for the next step
-    (kernels/greedy.h). One kernel; greedy_serves(logits) must hold. torch.argmax is the reference."""
+    decode inputs of a graph bucket (engine/cuda_graphs.py's layout) advanced for the next step,
+    with `ring_size` > 0 their replication ring rows too (kernels/greedy.h). One kernel; greedy_serves(logits) must hold. torch.argmax is the reference."""
     rows, vocab = logits.shape
     if not greedy_serves(logits):
         raise ValueError("greedy_step_end: needs fp32 CUDA logits with unit column stride (and DEJAVU_GREEDY not torch)")
@@ -368,4 +368,4 @@ def greedy_step_end(logits: torch.Tensor, tokens: torch.Tensor, host_tokens: tor
         parts = _counters(logits.device, stream, words, "greedy parts").data_ptr()
     _C.greedy_step_end(logits.data_ptr(), rows, vocab, logits.stride(0), tokens.data_ptr(),
                        0 if host_tokens is None else host_tokens.data_ptr(), 0 if fields is None else fields.data_ptr(),
-                       bucket, max_blocks, block_size, counters, parts, stream)
+                       bucket, max_blocks, block_size, ring_size, counters, parts, stream)

@@ -378,6 +378,7 @@ def _with_replication(llm, batch: list[list[int]], max_tokens: int, pairs: int, 
     off, on, exact = [], {p: [] for p in paths}, []
     stream = _ReplicationStream(llm, every, holder, skip)
     chained = 0  # steps of the replicated runs queued before the tokens of the step before were read
+    advanced = {p: 0 for p in paths}  # replicated steps that ran from the inputs the step before left on the device
     try:
         for p in paths:
             stream.using(p)  # a path this engine cannot run fails before any run
@@ -385,16 +386,18 @@ def _with_replication(llm, batch: list[list[int]], max_tokens: int, pairs: int, 
             off.append(_ours(llm, batch, max_tokens)[1])
             for p in paths:
                 with stream.using(p):
-                    c0 = llm.engine.num_chained
+                    c0, graphs = llm.engine.num_chained, llm.engine.runner.graphs  # (captured again for the ring)
+                    a0 = graphs.num_advanced if graphs is not None else 0
                     on[p].append(_ours(llm, batch, max_tokens)[1])
                     chained += llm.engine.num_chained - c0
+                    advanced[p] += graphs.num_advanced - a0 if graphs is not None else 0
                 exact.append(stream.mirror_matches())  # each run's last steps, before the next run reuses the blocks
     finally:
         stream.close()
     by_path = {}
     for p in paths:
         off_ms, on_ms, ratio, pair_ratios = _paired(off, on[p])
-        by_path[p] = {"ms_per_step": on_ms, "ratio": ratio, "pair_ratios": pair_ratios}
+        by_path[p] = {"ms_per_step": on_ms, "ratio": ratio, "pair_ratios": pair_ratios, "advanced_steps": advanced[p]}
     first = by_path[paths[0]]
     return {"replicate_off_ms_per_step": off_ms, "replicate_ms_per_step": first["ms_per_step"],
             "replicate_ratio": first["ratio"], "replicate_pair_ratios": first["pair_ratios"],
@@ -411,6 +414,7 @@ def _with_both(llm, batch: list[list[int]], max_tokens: int, pairs: int, blocks:
     microbatches in beside it, alternating, the same engine throughout: issue 9's "with token-level
     replication and swapping streams running"."""
     off, on, same, exact = [], [], [], []
+    advanced = 0  # replicated steps that ran from the inputs the step before left on the device
     rep = _ReplicationStream(llm, every, holder)
     swap = _SwapStream(llm, blocks, driver)
     try:
@@ -418,7 +422,10 @@ def _with_both(llm, batch: list[list[int]], max_tokens: int, pairs: int, blocks:
         for _ in range(pairs):
             _, t_off, ids_off = _ours(llm, batch, max_tokens)
             with rep.using(path):
+                graphs = llm.engine.runner.graphs  # (captured again for the ring)
+                a0 = graphs.num_advanced if graphs is not None else 0
                 _, t_on, ids_on = _ours(llm, batch, max_tokens, swap=swap)
+                advanced += graphs.num_advanced - a0 if graphs is not None else 0
             swap.drain()
             exact.append(rep.mirror_matches())  # before the next run reuses the blocks
             same.append(ids_on == ids_off)
@@ -431,7 +438,8 @@ def _with_both(llm, batch: list[list[int]], max_tokens: int, pairs: int, blocks:
     return {"both_off_ms_per_step": off_ms, "both_ms_per_step": on_ms, "both_ratio": ratio,
             "both_pair_ratios": pair_ratios, "both_path": path, "both_same_tokens": all(same),
             "both_replica_exact": all(exact), "both_acked": f"{rep.acks}/{rep.step_id}",
-            "both_swap_prefetches": swap.prefetches, "both_swap_bytes_in": swap.swap.bytes_in}
+            "both_swap_prefetches": swap.prefetches, "both_swap_bytes_in": swap.swap.bytes_in,
+            "both_advanced_steps": advanced}
 
 
 def _with_pdl(llm, batch: list[list[int]], max_tokens: int, pairs: int) -> dict:
@@ -665,7 +673,8 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
         if replicate:
             for p, r in row["replicate_by_path"].items():
                 print(_paired_line(f"with replication ({p})", r["ms_per_step"], row["replicate_off_ms_per_step"],
-                                   r["ratio"], r["pair_ratios"], pairs))
+                                   r["ratio"], r["pair_ratios"], pairs)
+                      + f"; {r['advanced_steps']} steps without an input copy")
             print(f"      {row['replicate_acked']} steps acknowledged, replica exact: {row['replica_exact']}, "
                   f"ring full: {row['replicate_ring_misses']} steps, overlapped: {row['replicate_chained_steps']} steps")
         if swap_stream:
@@ -687,7 +696,8 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
                                row["both_ms_per_step"], row["both_off_ms_per_step"], row["both_ratio"],
                                row["both_pair_ratios"], pairs)
                   + f"; {row['both_acked']} steps acknowledged, replica exact: {row['both_replica_exact']}, "
-                  f"{row['both_swap_prefetches']} swap-ins; same tokens: {row['both_same_tokens']}")
+                  f"{row['both_swap_prefetches']} swap-ins, {row['both_advanced_steps']} steps without an input copy; "
+                  f"same tokens: {row['both_same_tokens']}")
         if compare_pdl:
             gpu = (f"; GPU ms {row['pdl_on_gpu_ms']:.3f} against {row['pdl_off_gpu_ms']:.3f}"
                    if "pdl_on_gpu_ms" in row else "")

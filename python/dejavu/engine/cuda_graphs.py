@@ -17,7 +17,9 @@ on the device and in pinned memory; a row whose input id is -1 takes the token t
 picked, so the engine can queue a step before it has read the last one's tokens (overlapped
 steps, llm_engine.py). There are two pinned input buffers, each with its own graphs, used in turn:
 a step's inputs are written while the step before may still be queued. With a replication ring (ModelRunner.set_kv_tap) the
-graphs also write each new token's K/V into the ring rows a buffer field names (-1: none).
+graphs also write each new token's K/V into the ring rows a buffer field names (-1: none). A step
+that follows the last one over the same rows needs no input copy at all (an "advance" graph, see
+run()): the last step's greedy kernel left its inputs on the device, ring rows included.
 
 Capture needs the decode kernels (dejavu.kernels): attention over a cache gathered with dynamic
 shapes cannot be replayed. Capturing happens when the engine starts, so the first request does not
@@ -44,6 +46,18 @@ log = logging.getLogger("dejavu.engine")
 def batch_buckets(max_batch: int) -> list[int]:
     sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
     return sorted(set(sizes + [max_batch]))
+
+
+def next_ring_row(first: int, n: int, size: int) -> int:
+    """The first of the ring rows ReplicaSender::ring_stage reserves for a step of n tokens after
+    one that took n rows from `first` in a ring of `size` rows, if the sender is not behind:
+    consecutive from where those ended, or from row 0 where they would run past the end (-1 where
+    `first` or `size` is: no ring rows). The greedy kernel advances the graphs' ring rows by the
+    same rule (kernels/greedy.h)."""
+    if first < 0 or size <= 0:
+        return -1
+    nxt = (first + n) % size
+    return 0 if nxt + n > size else nxt
 
 
 def graphs_supported(model: DecoderLM, cache: PagedKVCache) -> str | None:
@@ -108,6 +122,13 @@ class DecodeGraphs:
         self.fused_end = kernels.switched_on("DEJAVU_GREEDY")
         self.num_advanced = 0  # steps that ran from the inputs the step before left on the device
         self._last: tuple[int, list[int], list[int]] | None = None  # bucket, positions, table lengths there
+        # Replication ring rows: the ring's size, and the first row the last step wrote (-1: none).
+        # The greedy kernel advances ring rows as ReplicaSender::ring_stage reserves them, so a
+        # replicated step can run from the device's inputs too when the sender reserved exactly those.
+        # DEJAVU_RING_ADVANCE=0: a replicated step always copies its inputs (the baseline).
+        self.ring_advance = os.environ.get("DEJAVU_RING_ADVANCE", "1") != "0"
+        self.ring_size = int(ring.tensor.shape[1]) if ring is not None and self.ring_advance else 0
+        self._last_ring = -1
         self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # A list to time steps on the device (benchmarks): run() appends a (start, end) pair of
         # timing events around each replay. None: nothing recorded.
@@ -152,7 +173,7 @@ class DecodeGraphs:
         logits = self.model.compute_logits(self.model(ids, pos, meta, self.cache.tensor))
         if self.fused_end:  # argmax, its pinned copy and the next step's inputs: one kernel
             kernels.greedy_step_end(logits, tokens, self.host_tokens[turn], self.dev[:words], bucket,
-                                    self.max_blocks, self.block_size)
+                                    self.max_blocks, self.block_size, self.ring_size)
             return logits
         torch.argmax(logits, dim=-1, out=tokens)
         # the greedy tokens to pinned memory: by the span-copy kernel (a copy-engine memcpy could
@@ -190,7 +211,9 @@ class DecodeGraphs:
         """True for a decode-shaped batch (one new token each) the captured graphs hold."""
         return len(items) <= self.max_batch and all(len(x[0]) == 1 and len(x[2]) <= self.max_blocks for x in items)
 
-    def _fill(self, items, bucket: int, turn: int, tap=None) -> None:
+    def _fill(self, items, bucket: int, turn: int, tap=None, first: int | None = None) -> int:
+        """Write the step's inputs into pinned buffer `turn`; with `tap`, its ring rows from `first`
+        (reserved already) or from a reservation made here. Returns the first ring row (-1: none)."""
         mb, h = bucket, self.host_np[turn]
         h[:self.FIELDS * mb] = 0
         h[2 * mb:3 * mb] = -1  # padding rows store nothing
@@ -203,23 +226,27 @@ class DecodeGraphs:
             h[4 * mb + i] = start + 1
             row = self.FIELDS * mb + i * self.max_blocks
             h[row:row + len(table)] = table
-        if tap is not None and self.ring is not None:
-            n = len(items)
+        if tap is None or self.ring is None:
+            return -1
+        n = len(items)
+        if first is None:
             first = tap.stage(h[2 * mb:2 * mb + n], h[3 * mb:3 * mb + n])
-            if first >= 0:
-                h[5 * mb:5 * mb + n] = np.arange(first, first + n)
+        if first >= 0:
+            h[5 * mb:5 * mb + n] = np.arange(first, first + n)
+        return first
 
     def graph(self, batch: int) -> torch.cuda.CUDAGraph:
         """A graph for `batch` rows that copies its inputs (benchmarks replay it by itself)."""
         self._last = None  # the device inputs will not be those the last step left
         return self.graphs[next(x for x in self.buckets if x >= batch), 0, False][0]
 
-    def _advances(self, items, bucket: int, tap) -> bool:
-        """True when the device holds this step's inputs already: the last step ran over the same
-        rows in the same bucket, each now one position further with its input token the one that
-        step picked, and each row's block-table entry for its new position was on the device."""
+    def _advances(self, items, bucket: int) -> bool:
+        """True when the device holds this step's inputs already (ring rows aside, see run()): the
+        last step ran over the same rows in the same bucket, each now one position further with its
+        input token the one that step picked, and each row's block-table entry for its new position
+        was on the device."""
         last = self._last
-        if not self.fused_end or tap is not None or last is None or last[0] != bucket or len(last[1]) != len(items):
+        if not self.fused_end or last is None or last[0] != bucket or len(last[1]) != len(items):
             return False
         return all(ids == [-1] and start == p + 1 and start // self.block_size < n
                    for (ids, start, _), p, n in zip(items, last[1], last[2]))
@@ -234,13 +261,24 @@ class DecodeGraphs:
         self.turn ^= 1
         self.replayed[turn].synchronize()  # the step two before this one has read this pinned buffer
         starts = [x[1] for x in items]
-        advance = self._advances(items, bucket, tap)
+        advance = self._advances(items, bucket)
+        first = None  # ring rows reserved for this step: not yet
+        if advance:
+            first = -1
+            if tap is not None and self.ring is not None:
+                bs = self.block_size
+                first = tap.stage(np.array([t[s // bs] for _, s, t in items], dtype=np.int64),
+                                  np.array([s % bs for _, s, _ in items], dtype=np.int64))
+            # The device has the rows the last step's ring rows lead to (or none after none): run
+            # from them only where the sender reserved exactly those.
+            advance = first == next_ring_row(self._last_ring, len(items), self.ring_size)
         if advance:
             self.num_advanced += 1
             self._last = (bucket, starts, self._last[2])
         else:
-            self._fill(items, bucket, turn, tap)
+            first = self._fill(items, bucket, turn, tap, first)
             self._last = (bucket, starts, [len(x[2]) for x in items])
+        self._last_ring = first
         g, out = self.graphs[bucket, turn, advance]
         timed = self.step_events
         if timed is not None:
