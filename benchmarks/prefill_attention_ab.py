@@ -12,15 +12,12 @@ The earlier version is kept below (`before`) only for this comparison. Prints, p
 median prefill time of each over --runs alternating runs, after one untimed run of each.
 """
 import argparse
-import tempfile
 
 import torch
 import torch.nn.functional as F
 
 import dejavu.models.layers as layers
-from dejavu.bench.decode import _ours, hf_forward_s, median
-from dejavu.bench.generate import random_hf_model
-from dejavu.llm import LLM
+from dejavu.bench.decode import _ours, engine_and_hf, hf_forward_s, median
 
 
 def before(q, k, v, meta, scale):
@@ -46,16 +43,8 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     a = ap.parse_args()
     batches = [int(x) for x in a.batch.split(",")]
-    dev, _, src, hf = random_hf_model("prefill", a.model, a.device, a.dtype, 0)
-    per_seq = -(-(a.prompt_len + 16) // 16)
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        llm = LLM(model=d, device=str(dev), dtype=a.dtype, max_num_seqs=max(batches), cuda_graphs=False,
-                  kv_cache_blocks=max(batches) * per_seq + 1,
-                  max_num_batched_tokens=max(batches) * a.prompt_len)
-    hf = hf.to(dev)
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(10, src.config.vocab_size, (max(batches), a.prompt_len), generator=g)
+    dev, _, hf, llm, prompts = engine_and_hf("prefill", a.model, a.device, a.dtype, 0, max(batches), a.prompt_len, 16,
+                                             cuda_graphs=False)
     now = layers._causal_attention
 
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"

@@ -10,13 +10,10 @@ gap at the first new token (the token the prefill picks: a near-tie there is dec
 import argparse
 import hashlib
 import json
-import tempfile
 
 import torch
 
-from dejavu.bench.decode import _hf, _ours, first_difference
-from dejavu.bench.generate import random_hf_model
-from dejavu.llm import LLM
+from dejavu.bench.decode import _hf, _ours, engine_and_hf, first_difference
 
 
 def digest(ids) -> str:
@@ -33,17 +30,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     a = ap.parse_args()
     batches = [int(x) for x in a.batch.split(",")]
-    dev, _, src, hf = random_hf_model("stability", a.model, a.device, a.dtype, 0)
-    per_seq = -(-(a.prompt_len + a.max_tokens) // 16)
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        llm = LLM(model=d, device=str(dev), dtype=a.dtype, max_num_seqs=max(batches),
-                  kv_cache_blocks=max(batches) * per_seq + 1, max_num_batched_tokens=max(batches) * a.prompt_len)
-    hf = hf.to(dev)
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 0
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(10, src.config.vocab_size, (max(batches), a.prompt_len), generator=g)
+    dev, _, hf, llm, prompts = engine_and_hf("stability", a.model, a.device, a.dtype, 0, max(batches), a.prompt_len,
+                                             a.max_tokens)
     for b in batches:
         batch = prompts[:b].tolist()
         ours = [_ours(llm, batch, a.max_tokens)[2] for _ in range(2)]

@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from ..engine.block_manager import blocks_for
 from . import write_json
 from .generate import _sync, random_hf_model
 
@@ -367,6 +368,13 @@ def _swap_gpu_ms(llm, batch: int, stream: _SwapStream, pairs: int, n: int = 40) 
 REPLICATE_PATHS = ("ring", "gather")
 
 
+def _advanced_steps(llm) -> int:
+    """Decode steps so far that ran from the inputs the step before left on the device, by the
+    engine's current graphs (0 without graphs; a ring's first use captures new ones)."""
+    graphs = llm.engine.runner.graphs
+    return graphs.num_advanced if graphs is not None else 0
+
+
 def _with_replication(llm, batch: list[list[int]], max_tokens: int, pairs: int, every: int = 1,
                       holder: str = "thread", skip: str = "none", paths: tuple[str, ...] = ("ring",)) -> dict:
     """The batch decoded `pairs` times without replication and with it through each of `paths`,
@@ -386,11 +394,10 @@ def _with_replication(llm, batch: list[list[int]], max_tokens: int, pairs: int, 
             off.append(_ours(llm, batch, max_tokens)[1])
             for p in paths:
                 with stream.using(p):
-                    c0, graphs = llm.engine.num_chained, llm.engine.runner.graphs  # (captured again for the ring)
-                    a0 = graphs.num_advanced if graphs is not None else 0
+                    c0, a0 = llm.engine.num_chained, _advanced_steps(llm)
                     on[p].append(_ours(llm, batch, max_tokens)[1])
                     chained += llm.engine.num_chained - c0
-                    advanced[p] += graphs.num_advanced - a0 if graphs is not None else 0
+                    advanced[p] += _advanced_steps(llm) - a0
                 exact.append(stream.mirror_matches())  # each run's last steps, before the next run reuses the blocks
     finally:
         stream.close()
@@ -422,10 +429,9 @@ def _with_both(llm, batch: list[list[int]], max_tokens: int, pairs: int, blocks:
         for _ in range(pairs):
             _, t_off, ids_off = _ours(llm, batch, max_tokens)
             with rep.using(path):
-                graphs = llm.engine.runner.graphs  # (captured again for the ring)
-                a0 = graphs.num_advanced if graphs is not None else 0
+                a0 = _advanced_steps(llm)
                 _, t_on, ids_on = _ours(llm, batch, max_tokens, swap=swap)
-                advanced += graphs.num_advanced - a0 if graphs is not None else 0
+                advanced += _advanced_steps(llm) - a0
             swap.drain()
             exact.append(rep.mirror_matches())  # before the next run reuses the blocks
             same.append(ids_on == ids_off)
@@ -581,26 +587,41 @@ def _hf(hf, ids: torch.Tensor, max_tokens: int) -> tuple[float, list[list[int]]]
     return step, out[:, ids.shape[1]:].tolist()
 
 
+BLOCK_SIZE = 16  # KV block size of engine_and_hf's engine (the default), which its cache is sized by
+
+
+def engine_and_hf(bench: str, model: str, device: str, dtype: str, seed: int, max_batch: int, prompt_len: int,
+                  max_tokens: int, cuda_graphs: bool = True):
+    """A random model (random_hf_model) as our engine, sized for max_batch prompts of prompt_len
+    tokens plus max_tokens new ones, and as HF's model on the device (greedy, no EOS), with
+    max_batch random prompts [max_batch, prompt_len] on the CPU: (device, dtype, hf, llm, prompts)."""
+    from ..llm import LLM
+
+    dev, dt, src, hf = random_hf_model(bench, model, device, dtype, seed)
+    per_seq = blocks_for(prompt_len + max_tokens, BLOCK_SIZE)
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        llm = LLM(model=d, device=str(dev), dtype=dtype, max_num_seqs=max_batch, block_size=BLOCK_SIZE,
+                  kv_cache_blocks=max_batch * per_seq + 1, max_num_batched_tokens=max(max_batch * prompt_len, 8192),
+                  cuda_graphs=cuda_graphs)
+    hf = hf.to(dev)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(10, src.config.vocab_size, (max_batch, prompt_len), generator=g)
+    return dev, dt, hf, llm, prompts
+
+
 def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int, max_tokens: int, seed: int,
         hf_baseline: bool, json_path: str | None, replicate: bool = False, pairs: int = 2,
         replicate_every: int = 1, replica_holder: str = "thread", replicate_skip: str = "none",
         replicate_paths: tuple[str, ...] = ("ring",), compare_pdl: bool = False,
         swap_stream: bool = False, swap_driver: str = "step") -> dict:
     from .. import _C
-    from ..llm import LLM
 
-    dev, dt, src, hf = random_hf_model("decode", model, device, dtype, seed)
-    max_batch = max(batches)
-    per_seq = -(-(prompt_len + max_tokens) // 16)
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        llm = LLM(model=d, device=str(dev), dtype=dtype, max_num_seqs=max_batch, kv_cache_blocks=max_batch * per_seq + 1,
-                  max_num_batched_tokens=max(max_batch * prompt_len, 8192))
-    hf = hf.to(dev)
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 0
-    g = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(10, src.config.vocab_size, (max_batch, prompt_len), generator=g)
+    dev, dt, hf, llm, prompts = engine_and_hf("decode", model, device, dtype, seed, max(batches), prompt_len,
+                                              max_tokens)
+    per_seq = blocks_for(prompt_len + max_tokens, BLOCK_SIZE)  # (the swap streams' shadow microbatches)
     bw = device_bandwidth(dev) if dev.type == "cuda" else 0.0
     wbytes = weight_bytes(llm.model)
     floor_ms = 1e3 * wbytes / bw if bw else 0.0
@@ -627,12 +648,12 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
     for b in batches:
         graphs = llm.engine.runner.graphs  # (replication through the ring captures them again)
         batch = prompts[:b].tolist()
-        advanced = graphs.num_advanced if graphs is not None else 0
+        advanced = _advanced_steps(llm)
         pre, hpre = _prefills(llm, hf if hf_baseline else None, prompts[:b])
         _, step, ours_ids = _ours(llm, batch, max_tokens)
         row = {"batch": b, "prefill_ms": 1e3 * pre, "prefill_runs": PREFILL_RUNS, "ms_per_step": 1e3 * step, "tok_s": b / step}
         if graphs is not None:  # steps that ran from the inputs the step before left on the device
-            row["advanced_steps"] = graphs.num_advanced - advanced
+            row["advanced_steps"] = _advanced_steps(llm) - advanced
         if llm.engine.overlap:  # the baseline: each step waits for its tokens before the next is queued
             llm.engine.overlap = False
             row["sync_ms_per_step"] = 1e3 * _ours(llm, batch, max_tokens)[1]

@@ -126,8 +126,8 @@ class DecodeGraphs:
         # The greedy kernel advances ring rows as ReplicaSender::ring_stage reserves them, so a
         # replicated step can run from the device's inputs too when the sender reserved exactly those.
         # DEJAVU_RING_ADVANCE=0: a replicated step always copies its inputs (the baseline).
-        self.ring_advance = os.environ.get("DEJAVU_RING_ADVANCE", "1") != "0"
-        self.ring_size = int(ring.tensor.shape[1]) if ring is not None and self.ring_advance else 0
+        ring_advance = os.environ.get("DEJAVU_RING_ADVANCE", "1") != "0"
+        self.ring_size = int(ring.tensor.shape[1]) if ring is not None and ring_advance else 0
         self._last_ring = -1
         self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # A list to time steps on the device (benchmarks): run() appends a (start, end) pair of
@@ -211,9 +211,8 @@ class DecodeGraphs:
         """True for a decode-shaped batch (one new token each) the captured graphs hold."""
         return len(items) <= self.max_batch and all(len(x[0]) == 1 and len(x[2]) <= self.max_blocks for x in items)
 
-    def _fill(self, items, bucket: int, turn: int, tap=None, first: int | None = None) -> int:
-        """Write the step's inputs into pinned buffer `turn`; with `tap`, its ring rows from `first`
-        (reserved already) or from a reservation made here. Returns the first ring row (-1: none)."""
+    def _fill(self, items, bucket: int, turn: int, first: int = -1) -> None:
+        """Write the step's inputs into pinned buffer `turn`, with ring rows from `first` (-1: none)."""
         mb, h = bucket, self.host_np[turn]
         h[:self.FIELDS * mb] = 0
         h[2 * mb:3 * mb] = -1  # padding rows store nothing
@@ -226,14 +225,8 @@ class DecodeGraphs:
             h[4 * mb + i] = start + 1
             row = self.FIELDS * mb + i * self.max_blocks
             h[row:row + len(table)] = table
-        if tap is None or self.ring is None:
-            return -1
-        n = len(items)
-        if first is None:
-            first = tap.stage(h[2 * mb:2 * mb + n], h[3 * mb:3 * mb + n])
         if first >= 0:
-            h[5 * mb:5 * mb + n] = np.arange(first, first + n)
-        return first
+            h[5 * mb:5 * mb + len(items)] = np.arange(first, first + len(items))
 
     def graph(self, batch: int) -> torch.cuda.CUDAGraph:
         """A graph for `batch` rows that copies its inputs (benchmarks replay it by itself)."""
@@ -261,22 +254,20 @@ class DecodeGraphs:
         self.turn ^= 1
         self.replayed[turn].synchronize()  # the step two before this one has read this pinned buffer
         starts = [x[1] for x in items]
-        advance = self._advances(items, bucket)
-        first = None  # ring rows reserved for this step: not yet
-        if advance:
-            first = -1
-            if tap is not None and self.ring is not None:
-                bs = self.block_size
-                first = tap.stage(np.array([t[s // bs] for _, s, t in items], dtype=np.int64),
-                                  np.array([s % bs for _, s, _ in items], dtype=np.int64))
-            # The device has the rows the last step's ring rows lead to (or none after none): run
-            # from them only where the sender reserved exactly those.
-            advance = first == next_ring_row(self._last_ring, len(items), self.ring_size)
+        first = -1  # the first ring row reserved for this step (-1: none)
+        if tap is not None and self.ring is not None:
+            bs = self.block_size
+            first = tap.stage(np.array([t[s // bs] for _, s, t in items], dtype=np.int64),
+                              np.array([s % bs for _, s, _ in items], dtype=np.int64))
+        # The device holds the rows the last step's ring rows lead to (or none after none): run from
+        # them only where the sender reserved exactly those.
+        advance = self._advances(items, bucket) and first == next_ring_row(self._last_ring, len(items),
+                                                                             self.ring_size)
         if advance:
             self.num_advanced += 1
             self._last = (bucket, starts, self._last[2])
         else:
-            first = self._fill(items, bucket, turn, tap, first)
+            self._fill(items, bucket, turn, first)
             self._last = (bucket, starts, [len(x[2]) for x in items])
         self._last_ring = first
         g, out = self.graphs[bucket, turn, advance]
