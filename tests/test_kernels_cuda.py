@@ -188,6 +188,36 @@ def test_write_kv_stores_rows_and_skips_padding(dtype):
     assert torch.equal(cache[3, 0, 3], fused[1, :, 1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shift", [0, 1])
+def test_write_kv_stores_rows_into_the_ring_aligned_or_not(dtype, shift):
+    """The KV write stores 16-byte vectors where every address allows it and falls back to elements
+    where one does not (shift 1: each source row starts one element past 16 bytes): the cache and
+    the replication ring (pinned host memory) hold the same rows either way, rows with no ring row
+    left untouched."""
+    g = torch.Generator(device="cuda").manual_seed(7 + shift)
+    kvh, d, n = 2, 64, 6
+    cache = torch.zeros(8, 2, 4, kvh, d, dtype=dtype, device="cuda")
+    src = torch.randn(n, 2 * kvh * d + 8, generator=g, device="cuda").to(dtype)
+    k = src[:, shift:shift + kvh * d].view(n, kvh, d)
+    v = src[:, shift + kvh * d:shift + 2 * kvh * d].view(n, kvh, d)
+    blocks = torch.tensor([3, 3, 0, -1, 7, 5], device="cuda")
+    offs = torch.tensor([0, 3, 2, 1, 1, 0], device="cuda")
+    ring_rows = torch.tensor([4, -1, 0, 2, 1, 3], device="cuda")
+    ring = torch.zeros(5, 2, kvh, d, dtype=dtype, pin_memory=True)
+    kernels.write_kv(cache, k, v, blocks, offs, ring, ring_rows)
+    torch.cuda.synchronize()
+    ref, ref_ring = torch.zeros_like(cache), torch.zeros_like(ring)
+    keep = blocks >= 0
+    ref[blocks[keep], 0, offs[keep]] = k[keep]
+    ref[blocks[keep], 1, offs[keep]] = v[keep]
+    live = (blocks >= 0) & (ring_rows >= 0)
+    ref_ring[ring_rows[live].cpu(), 0] = k[live].cpu()
+    ref_ring[ring_rows[live].cpu(), 1] = v[live].cpu()
+    assert torch.equal(cache, ref)
+    assert torch.equal(ring, ref_ring) and ring.count_nonzero() > 0
+
+
 def test_paged_attention_decode_kernel_matches_torch_path(monkeypatch):
     """The layer-level switch: the same decode batch through the kernels and through the torch code."""
     g = torch.Generator().manual_seed(0)

@@ -459,6 +459,8 @@ def test_ring_through_the_engine_and_its_cuda_graphs(tmp_path):
         # (at batch 5 the 256-row ring wraps), as often as the gather path's steps do.
         ring, gather = row["replicate_by_path"]["ring"], row["replicate_by_path"]["gather"]
         assert ring["advanced_steps"] == gather["advanced_steps"] > 2 * 20
+        # The device's share of the ring: the graph replayed with and without ring stores.
+        assert row["ring_gpu_on_ms"] > 0 and row["ring_gpu_off_ms"] > 0
 
 
 def test_ring_burst_is_acknowledged_in_order():

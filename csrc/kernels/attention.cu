@@ -116,9 +116,30 @@ struct Head {
 // Stores n elements of a new token's K and V (ks, vs) at kd and vd, and, unless rd is null, at rd
 // and rd + ring_v: the token's row of a replication ring in host memory, [2 (K, V), KVH, D] (these
 // stores cross PCIe). The block's threads share the elements. Used by the KV write kernel (a whole
-// row) and by the attention kernels' fused write (one KV head).
+// row) and by the attention kernels' fused write (one KV head). With `vec` and every address
+// 16-byte aligned, in 16-byte vectors: a 64-wide fp16 head's half is then one 128-byte store of 8
+// threads, not two 64-byte warp stores (half the PCIe writes into the ring). DEJAVU_KV_STORE=scalar
+// (kv_store_vectors()) stores element by element: the baseline for benchmarks.
 template <typename T>
-__device__ __forceinline__ void store_kv(T* kd, T* vd, T* rd, int64_t ring_v, const T* ks, const T* vs, int64_t n) {
+__device__ __forceinline__ void store_kv(T* kd, T* vd, T* rd, int64_t ring_v, const T* ks, const T* vs, int64_t n,
+                                         bool vec) {
+  constexpr int kV = 16 / sizeof(T);
+  const uintptr_t bits = reinterpret_cast<uintptr_t>(kd) | reinterpret_cast<uintptr_t>(vd) |
+                         reinterpret_cast<uintptr_t>(ks) | reinterpret_cast<uintptr_t>(vs) |
+                         static_cast<uintptr_t>(n * sizeof(T)) |
+                         (rd ? reinterpret_cast<uintptr_t>(rd) | static_cast<uintptr_t>(ring_v * sizeof(T)) : 0);
+  if (vec && bits % 16 == 0) {
+    for (int64_t j = threadIdx.x * static_cast<int64_t>(kV); j < n; j += static_cast<int64_t>(blockDim.x) * kV) {
+      const uint4 kv = *reinterpret_cast<const uint4*>(ks + j), vv = *reinterpret_cast<const uint4*>(vs + j);
+      *reinterpret_cast<uint4*>(kd + j) = kv;
+      *reinterpret_cast<uint4*>(vd + j) = vv;
+      if (rd) {
+        *reinterpret_cast<uint4*>(rd + j) = kv;
+        *reinterpret_cast<uint4*>(rd + ring_v + j) = vv;
+      }
+    }
+    return;
+  }
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
     const T kv = ks[j], vv = vs[j];
     kd[j] = kv;
@@ -139,6 +160,7 @@ struct NewKV {
   int64_t k_stride, v_stride;  // elements between sequences' rows
   T* ring;                     // a replication ring's layer (host memory), or null
   const int64_t* ring_rows;    // the ring row of each sequence's new token (negative: none)
+  bool vec;                    // store_kv in 16-byte vectors where aligned (kv_store_vectors())
 };
 
 // The new token's row (key or value half) of sequence b, this lane's 16 bytes.
@@ -163,7 +185,7 @@ __device__ __forceinline__ void store_new_kv(const NewKV<T>& nk, const Head<T, D
   T* rd = nk.ring != nullptr && nk.ring_rows[b] >= 0
               ? nk.ring + nk.ring_rows[b] * 2 * g.tok_stride + static_cast<int64_t>(g.kvh) * D
               : nullptr;
-  store_kv<T>(dst, dst + g.kv_stride, rd, g.tok_stride, ks, vs, D);
+  store_kv<T>(dst, dst + g.kv_stride, rd, g.tok_stride, ks, vs, D, nk.vec);
 }
 
 // The workspace of a launch with several partitions: per row and partition a max, a sum, and the
@@ -581,7 +603,7 @@ template <typename T>
 __global__ void write_kv_kernel(T* __restrict__ cache, const T* __restrict__ k, const T* __restrict__ v,
                                 const int64_t* __restrict__ slot_blocks, const int64_t* __restrict__ slot_offsets,
                                 int64_t row_elems, int64_t BS, int64_t k_stride, int64_t v_stride,
-                                T* __restrict__ ring, const int64_t* __restrict__ ring_rows) {
+                                T* __restrict__ ring, const int64_t* __restrict__ ring_rows, bool vec) {
   pdl::release();
   pdl::wait();
   const int64_t i = blockIdx.x;
@@ -593,7 +615,7 @@ __global__ void write_kv_kernel(T* __restrict__ cache, const T* __restrict__ k, 
   const T* vs = v + i * v_stride;
   // The replication ring's row of this token, or none.
   T* rd = ring != nullptr && ring_rows[i] >= 0 ? ring + ring_rows[i] * 2 * row_elems : nullptr;
-  store_kv<T>(kd, vd, rd, row_elems, ks, vs, row_elems);
+  store_kv<T>(kd, vd, rd, row_elems, ks, vs, row_elems, vec);
 }
 
 // DEJAVU_ATTENTION_KERNEL=rows | warps forces one of the two kernels (a baseline for benchmarks);
@@ -615,6 +637,13 @@ bool wide_warps() {
   return wide;
 }
 
+// New K/V stored in 16-byte vectors (store_kv); DEJAVU_KV_STORE=scalar: element by element (a
+// baseline for benchmarks). Read once.
+bool kv_store_vectors() {
+  static const bool vec = env::str("DEJAVU_KV_STORE") != "scalar";
+  return vec;
+}
+
 template <typename T, int D>
 cudaError_t launch_attention(void* out, const void* q, const void* cache, const int64_t* bt, const int64_t* ctx,
                              const float* slopes, float* ws, int64_t B, int64_t H, int64_t KVH, int64_t BS,
@@ -626,7 +655,8 @@ cudaError_t launch_attention(void* out, const void* q, const void* cache, const 
                     f.k_stride,
                     f.v_stride,
                     static_cast<T*>(f.ring_layer),
-                    f.ring_rows};
+                    f.ring_rows,
+                    kv_store_vectors()};
   unsigned* counters = parts > 1 ? f.counters : nullptr;
   const dim3 grid(static_cast<unsigned>(H), static_cast<unsigned>(B), static_cast<unsigned>(grid_parts));
   const int pick = attention_kernel_choice();
@@ -712,7 +742,7 @@ std::string write_kv_cache(void* cache, const void* k, const void* v, const int6
     using T = decltype(tag);
     e = pdl::launch(write_kv_kernel<T>, dim3(static_cast<unsigned>(n)), dim3(threads), s, static_cast<T*>(cache),
                     static_cast<const T*>(k), static_cast<const T*>(v), slot_blocks, slot_offsets, row, BS, k_stride,
-                    v_stride, static_cast<T*>(ring_layer), ring_rows);
+                    v_stride, static_cast<T*>(ring_layer), ring_rows, kv_store_vectors());
   });
   if (!known) return "write_kv_cache: unsupported dtype code";
   return error_text(e);

@@ -156,10 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--replica-holder", default="thread", choices=["thread", "process"],
                     help="with --replicate: the holder runs in this process, applying the slots as a worker holding "
                          "its neighbour's replicas does (thread, default), or in a process of its own (process)")
-    bd.add_argument("--replicate-path", default="ring",
+    bd.add_argument("--replicate-path", default="gather,ring",
                     help="with --replicate: comma-separated ways to replicate, each measured against the same off "
-                         "runs: ring (the decode kernels also write new K/V into a pinned ring the sender sends "
-                         "from; the default) and gather (the sender gathers the slots with the copy engine)")
+                         "runs: gather (the sender gathers each step's slots with the copy engine while the next "
+                         "step computes: the cheapest where steps are queued ahead, as this engine's are) and ring "
+                         "(the decode kernels also write new K/V into a pinned ring the sender sends from: pipeline "
+                         "workers' default); default both, in that order")
     bd.add_argument("--replicate-skip", default="none", choices=["none", "gather", "send"],
                     help="with --replicate, a diagnostic: leave out each step's device gather (send zeros; the gather "
                          "path only, the ring has none) or its send, to see which part costs the decode step")

@@ -337,6 +337,28 @@ def _with_swap(llm, batch: list[list[int]], max_tokens: int, pairs: int, blocks:
             "swap_block_bytes": stream.swap.block_bytes, "swap_same_tokens": all(same)}
 
 
+def _replays_off_on(g: torch.cuda.CUDAGraph, pairs: int, n: int, setup, before=None) -> tuple[float, float]:
+    """Mean GPU ms of graph g replayed n times, each timed by events and waited for (one at a time,
+    as steps run), after setup(False) and after setup(True), alternating `pairs` times; before(on),
+    if given, runs ahead of each replay. (off ms, on ms)."""
+    times = {False: [], True: []}
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(pairs):
+        for on in (False, True):
+            setup(on)
+            total = 0.0
+            for _ in range(n):
+                if before is not None:
+                    before(on)
+                start.record()
+                g.replay()
+                end.record()
+                end.synchronize()
+                total += start.elapsed_time(end)
+            times[on].append(total / n)
+    return sum(times[False]) / pairs, sum(times[True]) / pairs
+
+
 def _swap_gpu_ms(llm, batch: int, stream: _SwapStream, pairs: int, n: int = 40) -> dict:
     """GPU time of the batch's decode graph replayed n times, each timed by events and waited for,
     without and with the swap stream's swap-ins crossing PCIe meanwhile (alternating, `pairs`
@@ -345,23 +367,12 @@ def _swap_gpu_ms(llm, batch: int, stream: _SwapStream, pairs: int, n: int = 40) 
     graphs = llm.engine.runner.graphs
     if graphs is None:
         return {}
-    g = graphs.graph(batch)
-    times = {False: [], True: []}
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(pairs):
-        for busy in (False, True):
-            stream.drain()
-            total = 0.0
-            for _ in range(n):  # one at a time, as steps run: the host starts the next swap-in between them
-                if busy:
-                    stream.before_step()
-                start.record()
-                g.replay()
-                end.record()
-                end.synchronize()
-                total += start.elapsed_time(end)
-            times[busy].append(total / n)
-    off, on = sum(times[False]) / pairs, sum(times[True]) / pairs
+
+    def before(busy: bool) -> None:  # the host starts the next swap-in between replays, as between steps
+        if busy:
+            stream.before_step()
+
+    off, on = _replays_off_on(graphs.graph(batch), pairs, n, lambda _: stream.drain(), before)
     return {"swap_gpu_off_ms": off, "swap_gpu_on_ms": on, "swap_gpu_ratio": on / off}
 
 
@@ -373,6 +384,30 @@ def _advanced_steps(llm) -> int:
     engine's current graphs (0 without graphs; a ring's first use captures new ones)."""
     graphs = llm.engine.runner.graphs
     return graphs.num_advanced if graphs is not None else 0
+
+
+def _ring_gpu_ms(llm, batch: int, start: int, pairs: int, n: int = 40) -> dict:
+    """GPU time of the batch's decode graph (captured with a replication ring) replayed n times,
+    each timed by events and waited for, with its ring rows set (the kernels also store each new
+    token's K/V into the ring, across PCIe) and unset, alternating `pairs` times: the device's
+    share of the ring's cost. Rows are at position `start` of free blocks; nothing reads what the
+    replays write, and no step is committed, so nothing is sent. {} without a ring's graphs."""
+    graphs = llm.engine.runner.graphs
+    if graphs is None or graphs.ring is None or batch > graphs.ring.tensor.shape[1]:
+        return {}
+    per = blocks_for(start + 1, graphs.block_size)
+    if batch * per > llm.engine.runner.cache.num_blocks:
+        return {}
+    items = [([1], start, list(range(i * per, (i + 1) * per))) for i in range(batch)]
+    g = graphs.graph(batch)  # (its inputs come from pinned buffer 0)
+    bucket = next(x for x in graphs.buckets if x >= batch)
+
+    def setup(ring: bool) -> None:
+        graphs._fill(items, bucket, 0, 0 if ring else -1)
+        g.replay()  # (untimed)
+
+    off, on = _replays_off_on(g, pairs, n, setup)
+    return {"ring_gpu_off_ms": off, "ring_gpu_on_ms": on, "ring_gpu_ratio": on / off}
 
 
 def _with_replication(llm, batch: list[list[int]], max_tokens: int, pairs: int, every: int = 1,
@@ -399,6 +434,8 @@ def _with_replication(llm, batch: list[list[int]], max_tokens: int, pairs: int, 
                     chained += llm.engine.num_chained - c0
                     advanced[p] += _advanced_steps(llm) - a0
                 exact.append(stream.mirror_matches())  # each run's last steps, before the next run reuses the blocks
+        # (after the runs, with no request running: the ring's graphs are the engine's now)
+        gpu = _ring_gpu_ms(llm, len(batch), len(batch[0]) + max_tokens // 2, pairs) if "ring" in paths else {}
     finally:
         stream.close()
     by_path = {}
@@ -411,7 +448,7 @@ def _with_replication(llm, batch: list[list[int]], max_tokens: int, pairs: int, 
             "replicate_by_path": by_path, "replicate_acked": f"{stream.acks}/{stream.step_id}",
             "replica_exact": all(exact), "replicate_bytes": stream.replicator.bytes,
             "replicate_ring_misses": stream.replicator.ring_misses,
-            "replicate_chained_steps": chained}
+            "replicate_chained_steps": chained, **gpu}
 
 
 def _with_both(llm, batch: list[list[int]], max_tokens: int, pairs: int, blocks: int, path: str = "ring",
@@ -615,7 +652,7 @@ def engine_and_hf(bench: str, model: str, device: str, dtype: str, seed: int, ma
 def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int, max_tokens: int, seed: int,
         hf_baseline: bool, json_path: str | None, replicate: bool = False, pairs: int = 2,
         replicate_every: int = 1, replica_holder: str = "thread", replicate_skip: str = "none",
-        replicate_paths: tuple[str, ...] = ("ring",), compare_pdl: bool = False,
+        replicate_paths: tuple[str, ...] = ("gather", "ring"), compare_pdl: bool = False,
         swap_stream: bool = False, swap_driver: str = "step") -> dict:
     from .. import _C
 
@@ -698,6 +735,9 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
                       + f"; {r['advanced_steps']} steps without an input copy")
             print(f"      {row['replicate_acked']} steps acknowledged, replica exact: {row['replica_exact']}, "
                   f"ring full: {row['replicate_ring_misses']} steps, overlapped: {row['replicate_chained_steps']} steps")
+            if "ring_gpu_ratio" in row:
+                print(f"      GPU time of replayed steps: {row['ring_gpu_on_ms']:.3f} ms storing ring rows, "
+                      f"{row['ring_gpu_off_ms']:.3f} without -> {row['ring_gpu_ratio']:.4f}")
         if swap_stream:
             print(_paired_line("with a swap stream", row["swap_ms_per_step"], row["swap_off_ms_per_step"],
                                row["swap_ratio"], row["swap_pair_ratios"], pairs)
