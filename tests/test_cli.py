@@ -95,13 +95,17 @@ def test_bench_decode_with_replication_running(tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert res["replica_holder"] == "process" and res["replicate_every"] == 2
-    assert res["rows"][0]["replicate_acked"] == "5/5" and res["rows"][0]["replica_exact"] is True
+    # by default both paths, the gather first (the cheaper one for steps queued ahead): 2 x 5 steps
+    assert res["replicate_paths"] == ["gather", "ring"]
+    row = res["rows"][0]
+    assert row["replicate_ratio"] == row["replicate_by_path"]["gather"]["ratio"] > 0
+    assert row["replicate_acked"] == "10/10" and row["replica_exact"] is True
     # the diagnostic that leaves out each step's send: still acknowledged, but the holder has nothing
     r = run("bench", "decode", "--model", "random:opt-tiny", "--device", "cpu", "--batch", "2", "--prompt-len", "20",
             "--max-tokens", "6", "--no-hf", "--replicate", "--pairs", "1", "--replicate-skip", "send", "--json", str(out))
     assert r.returncode == 0, r.stderr
     row = json.loads(out.read_text())["rows"][0]
-    assert row["replicate_acked"] == "5/5" and row["replica_exact"] is False
+    assert row["replicate_acked"] == "10/10" and row["replica_exact"] is False
 
 
 @pytest.mark.parametrize("driver", ["step", "thread"])
