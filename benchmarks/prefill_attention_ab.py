@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import dejavu.models.layers as layers
-from dejavu.bench.decode import _ours, engine_and_hf, hf_forward_s, median
+from dejavu.bench.decode import _ours, add_engine_args, engine_and_hf, hf_forward_s, median
 
 
 def before(q, k, v, meta, scale):
@@ -35,22 +35,17 @@ def before(q, k, v, meta, scale):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="random:opt-1.3b")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="float16")
-    ap.add_argument("--batch", default="8,32,64")
-    ap.add_argument("--prompt-len", type=int, default=512)
+    add_engine_args(ap, "8,32,64")
     ap.add_argument("--runs", type=int, default=5)
     a = ap.parse_args()
-    batches = [int(x) for x in a.batch.split(",")]
-    dev, _, hf, llm, prompts = engine_and_hf("prefill", a.model, a.device, a.dtype, 0, max(batches), a.prompt_len, 16,
+    dev, _, hf, llm, prompts = engine_and_hf("prefill", a.model, a.device, a.dtype, 0, max(a.batch), a.prompt_len, 16,
                                              cuda_graphs=False)
     now = layers._causal_attention
 
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"{card}, {a.dtype}, {a.model}, prompt {a.prompt_len}: prefill ms, "
           f"median of {a.runs} alternating runs")
-    for b in batches:
+    for b in a.batch:
         ids = prompts[:b].to(dev)
         runs = {"before": [], "now": [], "hf": []}
         for i in range(a.runs + 1):  # the first round untimed: new shapes' heuristics and allocations

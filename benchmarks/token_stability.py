@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from dejavu.bench.decode import _hf, _ours, engine_and_hf, first_difference
+from dejavu.bench.decode import _hf, _ours, add_engine_args, engine_and_hf, first_difference
 
 
 def digest(ids) -> str:
@@ -22,17 +22,12 @@ def digest(ids) -> str:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="random:opt-1.3b")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="float16")
-    ap.add_argument("--batch", default="1,8")
-    ap.add_argument("--prompt-len", type=int, default=512)
+    add_engine_args(ap, "1,8")
     ap.add_argument("--max-tokens", type=int, default=128)
     a = ap.parse_args()
-    batches = [int(x) for x in a.batch.split(",")]
-    dev, _, hf, llm, prompts = engine_and_hf("stability", a.model, a.device, a.dtype, 0, max(batches), a.prompt_len,
+    dev, _, hf, llm, prompts = engine_and_hf("stability", a.model, a.device, a.dtype, 0, max(a.batch), a.prompt_len,
                                              a.max_tokens)
-    for b in batches:
+    for b in a.batch:
         batch = prompts[:b].tolist()
         ours = [_ours(llm, batch, a.max_tokens)[2] for _ in range(2)]
         graphs, llm.engine.runner.graphs = llm.engine.runner.graphs, None

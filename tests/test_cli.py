@@ -127,7 +127,9 @@ def test_bench_decode_with_a_swap_stream(tmp_path, driver):
     # the extra pair timed apart (events around each replay on CUDA; none here) counts in no ratio,
     # and what the device did after the decode's stream was done is reported, not counted
     assert "swap_loop_busy_ratio" not in row and row["swap_tail_ms"] >= 0
-    blocks = 2 * -(-(20 + 6) // 16)  # the batch's blocks: one shadow microbatch
+    from dejavu.engine.block_manager import blocks_for
+
+    blocks = 2 * blocks_for(20 + 6, 16)  # the batch's blocks: one shadow microbatch
     assert row["swap_prefetches"] >= 2
     assert row["swap_bytes_in"] == row["swap_prefetches"] * blocks * row["swap_block_bytes"]
     assert "with a swap stream:" in r.stdout

@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--replica-holder", default="thread", choices=["thread", "process"],
                     help="with --replicate: the holder runs in this process, applying the slots as a worker holding "
                          "its neighbour's replicas does (thread, default), or in a process of its own (process)")
-    bd.add_argument("--replicate-path", default="gather,ring",
+    bd.add_argument("--replicate-path", default="gather,ring",  # bench.decode.REPLICATE_PATHS (which imports torch)
                     help="with --replicate: comma-separated ways to replicate, each measured against the same off "
                          "runs: gather (the sender gathers each step's slots with the copy engine while the next "
                          "step computes: the cheapest where steps are queued ahead, as this engine's are) and ring "

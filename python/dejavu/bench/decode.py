@@ -376,7 +376,9 @@ def _swap_gpu_ms(llm, batch: int, stream: _SwapStream, pairs: int, n: int = 40) 
     return {"swap_gpu_off_ms": off, "swap_gpu_on_ms": on, "swap_gpu_ratio": on / off}
 
 
-REPLICATE_PATHS = ("ring", "gather")
+# The ways bench decode replicates, in its default order: the gather first, the cheaper one for this
+# engine, whose steps are queued ahead (the ring is pipeline workers'; docs/fault-tolerance.md).
+REPLICATE_PATHS = ("gather", "ring")
 
 
 def _advanced_steps(llm) -> int:
@@ -411,7 +413,7 @@ def _ring_gpu_ms(llm, batch: int, start: int, pairs: int, n: int = 40) -> dict:
 
 
 def _with_replication(llm, batch: list[list[int]], max_tokens: int, pairs: int, every: int = 1,
-                      holder: str = "thread", skip: str = "none", paths: tuple[str, ...] = ("ring",)) -> dict:
+                      holder: str = "thread", skip: str = "none", paths: tuple[str, ...] = REPLICATE_PATHS) -> dict:
     """The batch decoded `pairs` times without replication and with it through each of `paths`,
     alternating (off, path 1, path 2, off, ...), the same engine throughout. The replicate_* keys
     are the first path's; replicate_by_path has every path's."""
@@ -451,7 +453,7 @@ def _with_replication(llm, batch: list[list[int]], max_tokens: int, pairs: int, 
             "replicate_chained_steps": chained, **gpu}
 
 
-def _with_both(llm, batch: list[list[int]], max_tokens: int, pairs: int, blocks: int, path: str = "ring",
+def _with_both(llm, batch: list[list[int]], max_tokens: int, pairs: int, blocks: int, path: str = "gather",
                every: int = 1, holder: str = "thread", driver: str = "step") -> dict:
     """The batch decoded `pairs` times without any stream and with both at once: every step's new KV
     replicated through `path` (_ReplicationStream) while a swap stream (_SwapStream) moves shadow
@@ -649,10 +651,21 @@ def engine_and_hf(bench: str, model: str, device: str, dtype: str, seed: int, ma
     return dev, dt, hf, llm, prompts
 
 
+def add_engine_args(ap, batch: str) -> None:
+    """The arguments of a benchmark script built on engine_and_hf: --model, --device, --dtype (bench
+    decode's random OPT-1.3B in fp16 on CUDA), --batch (comma-separated, parsed into a list; default
+    `batch`) and --prompt-len (512)."""
+    ap.add_argument("--model", default="random:opt-1.3b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--batch", default=batch, type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--prompt-len", type=int, default=512)
+
+
 def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int, max_tokens: int, seed: int,
         hf_baseline: bool, json_path: str | None, replicate: bool = False, pairs: int = 2,
         replicate_every: int = 1, replica_holder: str = "thread", replicate_skip: str = "none",
-        replicate_paths: tuple[str, ...] = ("gather", "ring"), compare_pdl: bool = False,
+        replicate_paths: tuple[str, ...] = REPLICATE_PATHS, compare_pdl: bool = False,
         swap_stream: bool = False, swap_driver: str = "step") -> dict:
     from .. import _C
 
