@@ -479,6 +479,9 @@ PYBIND11_MODULE(_C, m) {
         "Programmatic dependent launch of the decode kernels: 1 on, 0 off, -1 from DEJAVU_PDL (default on); "
         "kernels use it on compute capability 9.0+ only. Captured CUDA graphs keep the launches they captured.");
   m.def("programmatic_launch", &programmatic_launch, "Whether the decode kernels ask for programmatic launch");
+  m.def("programmatic_launch_active", &programmatic_launch_active,
+        "Whether kernels launched now would use programmatic launch: the setting, a 9.0+ device and code "
+        "compiled for 9.0+ (not JIT-compiled from the generic PTX)");
   m.attr("add_norm_max_hidden") = kAddNormMaxHidden;
   m.def("add_norm", [](uintptr_t sum_out, uintptr_t y, uintptr_t h, uintptr_t a, uintptr_t weight, uintptr_t bias,
                        int64_t rows, int64_t hidden, float eps, int rms, int dtype, uintptr_t stream) {

@@ -56,3 +56,14 @@ def test_cuda_build_flags_are_consistent():
         assert _C.cuda_device_count() == 0
         with pytest.raises(RuntimeError, match="without CUDA"):
             _C.cuda_copy_spans(0, 0, 0, 1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU case is tests/test_kernels_cuda.py's")
+def test_programmatic_launch_is_not_active_without_a_device():
+    """With the setting on, a machine without a CUDA device (or a build without CUDA) reports that
+    no kernel launches with programmatic launch."""
+    try:
+        _C.set_programmatic_launch(1)
+        assert not _C.programmatic_launch_active()
+    finally:
+        _C.set_programmatic_launch(-1)

@@ -691,6 +691,22 @@ def test_programmatic_launch_changes_no_bits(rows):
             assert torch.equal(a, b), f"{name}: kernel group {i} differs"
 
 
+def test_programmatic_launch_is_active_where_the_device_has_it():
+    """The build's kernels run code compiled for the device (sm_90a on Hopper), not the generic
+    PTX JIT-compiled, so programmatic launch is in use on a 9.0+ device when the setting is on: a
+    build that lost it would still pass every bit-for-bit test, only slower."""
+    from dejavu import _C
+
+    major, _ = torch.cuda.get_device_capability()
+    try:
+        _C.set_programmatic_launch(1)
+        assert _C.programmatic_launch_active() == (major >= 9)
+        _C.set_programmatic_launch(0)
+        assert not _C.programmatic_launch_active()
+    finally:
+        _C.set_programmatic_launch(-1)
+
+
 def test_programmatic_launch_keeps_greedy_tokens(tmp_path):
     """fp16 decode through CUDA graphs: the same greedy tokens with programmatic launch on and off."""
     from dejavu import _C

@@ -57,4 +57,12 @@ bool enabled_for(const void* kernel) {
 }
 
 }  // namespace pdl
+
+namespace {
+// Compiled like every kernel of the build, so the device runs the same architecture's code.
+__global__ void pdl_probe_kernel() {}
+}  // namespace
+
+bool programmatic_launch_active() { return pdl::enabled_for(reinterpret_cast<const void*>(pdl_probe_kernel)); }
+
 }  // namespace dejavu

@@ -18,5 +18,9 @@ namespace dejavu {
 void set_programmatic_launch(int mode);
 // Whether launches ask for PDL (the setting above, before the per-kernel check).
 bool programmatic_launch();
+// Whether a kernel of this build launched now on the current device would use PDL: the setting is
+// on, the device is 9.0+ and the code it runs was compiled for 9.0+ (not the generic PTX). False
+// without a CUDA build or device. A guard against a build that silently loses PDL.
+bool programmatic_launch_active();
 
 }  // namespace dejavu
