@@ -402,7 +402,7 @@ def _ring_gpu_ms(llm, batch: int, start: int, pairs: int, n: int = 40) -> dict:
         return {}
     items = [([1], start, list(range(i * per, (i + 1) * per))) for i in range(batch)]
     g = graphs.graph(batch)  # (its inputs come from pinned buffer 0)
-    bucket = next(x for x in graphs.buckets if x >= batch)
+    bucket = graphs.bucket(batch)
 
     def setup(ring: bool) -> None:
         graphs._fill(items, bucket, 0, 0 if ring else -1)
@@ -541,7 +541,7 @@ def attention_ms(graphs, batch: int, n: int = 5) -> float:
     is counted (at batch 1 the kernels are shorter than a Python call)."""
     from .. import kernels
 
-    bucket = next(x for x in graphs.buckets if x >= batch)
+    bucket = graphs.bucket(batch)
     *_, ctx, _rows, tables = graphs._views(graphs.dev, bucket)
     cache, cfg = graphs.cache, graphs.model.cfg
     q = torch.randn(bucket, cfg.num_heads, cfg.head_dim, device=cache.device, dtype=cache.dtype)

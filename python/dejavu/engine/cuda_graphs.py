@@ -228,10 +228,14 @@ class DecodeGraphs:
         if first >= 0:
             h[5 * mb:5 * mb + len(items)] = np.arange(first, first + len(items))
 
+    def bucket(self, batch: int) -> int:
+        """The captured batch size that holds `batch` rows: the smallest bucket at least as large."""
+        return next(x for x in self.buckets if x >= batch)
+
     def graph(self, batch: int) -> torch.cuda.CUDAGraph:
         """A graph for `batch` rows that copies its inputs (benchmarks replay it by itself)."""
         self._last = None  # the device inputs will not be those the last step left
-        return self.graphs[next(x for x in self.buckets if x >= batch), 0, False][0]
+        return self.graphs[self.bucket(batch), 0, False][0]
 
     def _advances(self, items, bucket: int) -> bool:
         """True when the device holds this step's inputs already (ring rows aside, see run()): the
@@ -249,7 +253,7 @@ class DecodeGraphs:
         previous step sampled), position, block table) items, or with `greedy` each row's greedy
         token ([B] int64, on the device). `tap` (a Replicator whose ring these graphs were captured
         with) stages ring rows for them."""
-        bucket = next(x for x in self.buckets if x >= len(items))
+        bucket = self.bucket(len(items))
         turn = self.turn
         self.turn ^= 1
         self.replayed[turn].synchronize()  # the step two before this one has read this pinned buffer
