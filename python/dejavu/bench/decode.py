@@ -453,8 +453,8 @@ def _with_replication(llm, batch: list[list[int]], max_tokens: int, pairs: int, 
             "replicate_chained_steps": chained, **gpu}
 
 
-def _with_both(llm, batch: list[list[int]], max_tokens: int, pairs: int, blocks: int, path: str = "gather",
-               every: int = 1, holder: str = "thread", driver: str = "step") -> dict:
+def _with_both(llm, batch: list[list[int]], max_tokens: int, pairs: int, blocks: int,
+               path: str = REPLICATE_PATHS[0], every: int = 1, holder: str = "thread", driver: str = "step") -> dict:
     """The batch decoded `pairs` times without any stream and with both at once: every step's new KV
     replicated through `path` (_ReplicationStream) while a swap stream (_SwapStream) moves shadow
     microbatches in beside it, alternating, the same engine throughout: issue 9's "with token-level
