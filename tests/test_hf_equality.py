@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dejavu import LLM, SamplingParams
-from hf_models import TINY, hf_greedy, save_hf_model
+from hf_models import TINY, assert_prefill_logits_close, hf_greedy, random_prompts, save_hf_model
 
 # Lengths chosen to start, end and cross block boundaries (block_size=4 below).
 PROMPT_LENS = [1, 4, 5, 11, 23]
@@ -11,8 +11,7 @@ NEW_TOKENS = 12
 
 
 def prompts(vocab, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
+    return random_prompts(vocab, PROMPT_LENS, seed)
 
 
 @pytest.mark.parametrize("family", list(TINY))
@@ -30,16 +29,7 @@ def test_greedy_matches_hf(family, tmp_path):
 def test_prefill_logits_close_to_hf(family, tmp_path):
     hf = save_hf_model(family, tmp_path, seed=3)
     llm = LLM(model=str(tmp_path), block_size=4, dtype="float32")
-    engine = llm.engine
-    for p in prompts(hf.config.vocab_size, seed=5):
-        seq = engine.add_request(p, SamplingParams(max_tokens=1))
-        batch, is_prefill = engine.scheduler.schedule()
-        assert is_prefill and batch == [seq]
-        ours = engine.runner.run(batch, True)[0]
-        with torch.no_grad():
-            ref = hf(torch.tensor([p])).logits[0, -1].float()
-        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
-        engine.scheduler.finish(seq, "abort")
+    assert_prefill_logits_close(llm, hf, prompts(hf.config.vocab_size, seed=5))
 
 
 def test_pytorch_bin_checkpoint(tmp_path):

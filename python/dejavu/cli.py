@@ -11,9 +11,11 @@ import time
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
-                   help="HF directory, .gguf file, 'smollm2', or random:<name> (default: smollm2)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16 (auto: fp32 on CPU, fp16 on CUDA)")
+                   help="HF directory, hub id in the local HF cache (org/name), .gguf file, 'smollm2', or "
+                        "random:<name> (default: smollm2)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16 (auto: fp32 on CPU; on CUDA the "
+                   "checkpoint's bf16/fp16, else fp16)")
     p.add_argument("--seed", type=int, default=0, help="seed for random: weights and for sampling")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     p.add_argument("--kv-cache-blocks", type=int, default=0, help="KV-cache blocks (default: from memory)")

@@ -51,7 +51,7 @@ class LLM:
     every token's KV is also kept in another worker's host memory (and `replicate_dir` on disk), so
     requests resume from their last replicated token instead of starting over."""
 
-    def __init__(self, model: str, device: str = "cpu", dtype: str = "auto", seed: int = 0,
+    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", seed: int = 0,
                  block_size: int = 16, kv_cache_blocks: int = 0, kv_cache_memory: int = 0,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 8192, max_model_len: int = 0,
                  tp: int = 1, pp: int = 1, microbatch_size: int = 0, prompt_stages: int = 0,
@@ -95,8 +95,8 @@ class LLM:
         if microbatch_size < 0:
             raise ValueError(f"microbatch_size must be >= 0, got {microbatch_size}")
         self.device = parse_device(device)
-        self.dtype = parse_dtype(dtype, self.device)
         self.source = resolve(model)
+        self.dtype = parse_dtype(dtype, self.device, self.source.dtype)
         self.tokenizer = load_tokenizer(self.source)
         self.config = self.source.config
         if not kv_cache_blocks and not kv_cache_memory:

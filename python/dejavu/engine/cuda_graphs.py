@@ -68,6 +68,8 @@ def graphs_supported(model: DecoderLM, cache: PagedKVCache) -> str | None:
         return "a pipeline stage (graphs cover whole models)"
     if any(getattr(m, "tp_group", None) is not None for m in model.modules()):
         return "tensor parallel"
+    if any(getattr(m, "window", 0) for m in model.modules()):
+        return "sliding-window attention (windowed layers run the torch attention, which graphs do not cover)"
     if not kernels.usable(cache.tensor, cache.head_dim):
         return f"no decode kernel for {cache.dtype} with head size {cache.head_dim} (or DEJAVU_ATTENTION=torch)"
     return None

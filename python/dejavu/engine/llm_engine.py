@@ -104,6 +104,8 @@ class LLMEngine:
         if any(t < 0 or t >= vocab for t in ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
         params.validate()
+        if params.stop and not self.tokenizer.has_text:
+            raise RequestError("'stop' strings need text, and this model has no tokenizer: use stop_token_ids")
         total = len(ids) + params.max_tokens
         if total > self.max_model_len:
             raise RequestError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "

@@ -9,15 +9,17 @@ from .layers import Linear, RowLinear, activation, paged_attention
 
 
 class GPT2Attention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, index):
         super().__init__()
         self.h, self.d = cfg.num_heads, cfg.head_dim
+        # scale_attn_weights and scale_attn_by_inverse_layer_idx, as HF applies them
+        self.scale = (self.d ** -0.5 if cfg.attn_scale else 1.0) / (index + 1 if cfg.scale_by_layer else 1)
         self.c_attn = Linear(cfg.hidden_size, 3 * self.h * self.d)
         self.c_proj = RowLinear(self.h * self.d, cfg.hidden_size)
 
     def forward(self, x, positions, meta, cache):
         q, k, v = self.c_attn(x).view(x.shape[0], 3, self.h, self.d).unbind(1)
-        o = paged_attention(q, k, v, cache, meta, scale=self.d ** -0.5)
+        o = paged_attention(q, k, v, cache, meta, scale=self.scale)
         return self.c_proj(o.reshape(x.shape[0], -1))
 
 
@@ -33,10 +35,10 @@ class GPT2MLP(nn.Module):
 
 
 class GPT2Block(PreNormBlock):
-    def __init__(self, cfg):
+    def __init__(self, cfg, index):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.attn = GPT2Attention(cfg)
+        self.attn = GPT2Attention(cfg, index)
         self.ln_2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = GPT2MLP(cfg)
 
@@ -66,7 +68,7 @@ class GPT2(DecoderLM):
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def make_layer(self, index):
-        return GPT2Block(self.cfg)
+        return GPT2Block(self.cfg, index)
 
     def embed(self, ids, positions):
         return self.wte(ids) + self.wpe(positions)
@@ -81,10 +83,12 @@ class GPT2(DecoderLM):
     def final(self, h):
         return self.ln_f(h)
 
-    @staticmethod
-    def hf_key(name):
+    NON_WEIGHTS = (".attn.bias", ".attn.masked_bias")  # HF's causal-mask buffers
+
+    @classmethod
+    def hf_key(cls, name):
         name = name.removeprefix("transformer.")
-        if name.endswith((".attn.bias", ".attn.masked_bias")):
+        if name.endswith(cls.NON_WEIGHTS):
             return None, False
         if name.startswith("h."):
             name = "layers." + name[2:]

@@ -66,14 +66,17 @@ def write_kv(cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMe
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
-                    meta: AttnMetadata, scale: float, alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
+                    meta: AttnMetadata, scale: float, alibi_slopes: torch.Tensor | None = None,
+                    window: int = 0) -> torch.Tensor:
     """Causal attention of the new tokens over everything cached for their sequences.
 
     q: [N, H, D]; k, v: [N, KVH, D] (written to the cache first). Returns [N, H, D].
-    The torch code is the reference (and the CPU path). On CUDA, decode batches go through our
-    kernels (dejavu.kernels) and fresh prefills through SDPA's causal (flash) path.
+    `window` > 0: each query sees only the last `window` keys, itself included (HF's sliding
+    window). The torch code is the reference (and the CPU path). On CUDA, decode batches go through
+    our kernels (dejavu.kernels) and fresh prefills through SDPA's causal (flash) path; the kernels
+    have no window, so windowed layers take the torch path.
     """
-    if kernels.usable(cache, q.shape[-1]):
+    if not window and kernels.usable(cache, q.shape[-1]):
         if meta.context_lens is not None:
             ring = None if meta.ring_rows is None else meta.ring.layer(cache)
             new = {}
@@ -102,6 +105,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     keys = keys.to(q.dtype)
     vals = vals.to(q.dtype)
     visible = meta.key_positions[None, None, :] <= meta.q_positions[:, :, None]  # [B, T, S]
+    if window:
+        visible &= meta.key_positions[None, None, :] > meta.q_positions[:, :, None] - window
     if alibi_slopes is None:
         mask = visible[:, None]
     else:
@@ -136,10 +141,9 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: A
 
 
 # ---------------------------------------------------------------------- position encodings
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin tables for rotate-half RoPE (HF Llama convention), computed in fp32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device)
-                                .to(torch.float32) / head_dim))
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos/sin tables for rotate-half RoPE (HF Llama convention), computed in fp32 from the
+    inverse frequencies (hf_config.rope_inv_freq: scaling applied there)."""
     freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -257,6 +261,9 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "relu": F.relu,
     "silu": F.silu,
+    "swish": F.silu,
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
 }
 
 

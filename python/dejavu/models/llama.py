@@ -1,23 +1,31 @@
-"""Llama: RoPE, grouped-query attention, RMSNorm, SwiGLU MLP (also SmolLM2, Mistral-style dense)."""
+"""Llama: RoPE, grouped-query attention, RMSNorm, SwiGLU MLP. Also SmolLM2, Mistral (sliding
+window) and Qwen2 (q/k/v biases, per-layer window): the same math, set by config fields."""
 from __future__ import annotations
 
 from torch import nn
 
 from .base import DecoderLM, PreNormBlock
+from .hf_config import rope_inv_freq
 from .layers import FusedLinears, Linear, RMSNorm, RowLinear, activation, apply_rope, paged_attention, rope_cos_sin
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, index):
         super().__init__()
         self.h, self.kvh, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.theta = cfg.rope_theta
-        hs, bias = cfg.hidden_size, cfg.attention_bias
+        self.window = cfg.layer_window(index)
+        hs, bias = cfg.hidden_size, cfg.qkv_bias
         self.q_proj = Linear(hs, self.h * self.d, bias=bias)
         self.k_proj = Linear(hs, self.kvh * self.d, bias=bias)
         self.v_proj = Linear(hs, self.kvh * self.d, bias=bias)
-        self.o_proj = RowLinear(self.h * self.d, hs, bias=bias)
+        self.o_proj = RowLinear(self.h * self.d, hs, bias=cfg.o_bias)
         self.qkv = FusedLinears(self.q_proj, self.k_proj, self.v_proj)
+        self._inv_freq = rope_inv_freq(cfg)  # a plain attribute (never a weight, never on meta)
+
+    def inv_freq(self, device):
+        if self._inv_freq.device != device:
+            self._inv_freq = self._inv_freq.to(device)
+        return self._inv_freq
 
     def forward(self, x, positions, meta, cache):
         return self.attend(self.qkv(x), positions, meta, cache)
@@ -27,9 +35,9 @@ class LlamaAttention(nn.Module):
         q, k, v = qkv
         n = q.shape[0]
         q, k, v = q.view(n, self.h, self.d), k.view(n, self.kvh, self.d), v.view(n, self.kvh, self.d)
-        cos, sin = rope_cos_sin(positions, self.d, self.theta, q.dtype)
+        cos, sin = rope_cos_sin(positions, self.inv_freq(q.device), q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = paged_attention(q, k, v, cache, meta, scale=self.d ** -0.5)
+        o = paged_attention(q, k, v, cache, meta, scale=self.d ** -0.5, window=self.window)
         return self.o_proj(o.reshape(n, -1))
 
 
@@ -51,10 +59,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaLayer(PreNormBlock):
-    def __init__(self, cfg):
+    def __init__(self, cfg, index):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.self_attn = LlamaAttention(cfg)
+        self.self_attn = LlamaAttention(cfg, index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = LlamaMLP(cfg)
 
@@ -76,6 +84,7 @@ class Llama(DecoderLM):
     TP_DIMS = {"q_proj.weight": 0, "q_proj.bias": 0, "k_proj.weight": 0, "k_proj.bias": 0, "v_proj.weight": 0,
                "v_proj.bias": 0, "o_proj.weight": 1, "gate_proj.weight": 0, "gate_proj.bias": 0,
                "up_proj.weight": 0, "up_proj.bias": 0, "down_proj.weight": 1}
+    NON_WEIGHTS = ("rotary_emb.inv_freq",)  # HF's RoPE buffer: computed from the config instead
     def __init__(self, cfg, layer_range=None):
         super().__init__(cfg, layer_range)
         if self.is_first:
@@ -85,7 +94,7 @@ class Llama(DecoderLM):
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def make_layer(self, index):
-        return LlamaLayer(self.cfg)
+        return LlamaLayer(self.cfg, index)
 
     def embed(self, ids, positions):
         return self.embed_tokens(ids)
@@ -97,8 +106,8 @@ class Llama(DecoderLM):
     def final(self, h):
         return self.norm(h)
 
-    @staticmethod
-    def hf_key(name):
-        if "rotary_emb" in name:
+    @classmethod
+    def hf_key(cls, name):
+        if name.endswith(cls.NON_WEIGHTS):
             return None, False
         return name.removeprefix("model."), False

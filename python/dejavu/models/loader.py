@@ -11,6 +11,7 @@ import glob
 import json
 import logging
 import os
+import sys
 import zlib
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -31,11 +32,16 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float3
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype, device: torch.device, checkpoint_dtype: str | None = None) -> torch.dtype:
+    """`auto`: float32 on a CPU; on a GPU the checkpoint's own half-precision dtype (config.json's
+    torch_dtype), float16 where it names none or a full-precision one."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        return torch.float32 if device.type == "cpu" else torch.float16
+        if device.type == "cpu":
+            return torch.float32
+        return DTYPES.get(str(checkpoint_dtype).lower(), torch.float16) if checkpoint_dtype in (
+            "bfloat16", "float16") else torch.float16
     try:
         return DTYPES[str(dtype).lower()]
     except KeyError:
@@ -49,6 +55,7 @@ class ModelSource:
     kind: str            # random | gguf | hf
     path: str | None
     config: ModelConfig
+    dtype: str | None = None  # the checkpoint's own dtype (config.json's torch_dtype), when it names one
 
 
 def resolve(spec: str) -> ModelSource:
@@ -66,6 +73,8 @@ def resolve(spec: str) -> ModelSource:
             raise ModelError(f"GGUF file not found: {spec}")
         from .gguf_file import _open, gguf_config
         return ModelSource(spec, "gguf", spec, gguf_config(_open(spec), spec))
+    if not os.path.exists(spec) and _looks_like_hub_id(spec):
+        spec = hub_snapshot(spec)
     if os.path.isdir(spec):
         cfg_path = os.path.join(spec, "config.json")
         if not os.path.isfile(cfg_path):
@@ -79,18 +88,47 @@ def resolve(spec: str) -> ModelSource:
             cfg = ModelConfig.from_hf(raw)
         except KeyError as e:
             raise ModelError(f"{cfg_path} lacks field {e}") from e
-        return ModelSource(spec, "hf", spec, cfg)
-    raise ModelError(f"unknown model {spec!r}: expected a HF model directory, a .gguf file, 'smollm2', "
-                     f"or random:<name> with name one of {', '.join(NAMED_CONFIGS)}")
+        except ModelError as e:
+            raise ModelError(f"{cfg_path}: {e}") from None
+        return ModelSource(spec, "hf", spec, cfg, raw.get("torch_dtype") or raw.get("dtype"))
+    raise ModelError(f"unknown model {spec!r}: expected a HF model directory, a hub id in the local HF cache, "
+                     f"a .gguf file, 'smollm2', or random:<name> with name one of {', '.join(NAMED_CONFIGS)}")
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    """`org/name` (one slash, no path syntax): a Hugging Face hub id."""
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and not spec.endswith(".gguf")
+
+
+def hub_snapshot(repo_id: str) -> str:
+    """The local snapshot of hub model `repo_id` in the HF cache (no download: offline lookup)."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:  # transformers depends on it; a broken install still gets a clear message
+        raise ModelError(f"model {repo_id!r} looks like a hub id, but huggingface_hub is not installed") from None
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - not cached, a bad id, or a damaged cache
+        raise ModelError(
+            f"model {repo_id!r} is not in the local Hugging Face cache ({HF_HUB_CACHE}); DéjàVu does not download. "
+            f"Fetch it first where the hub is reachable (`huggingface-cli download {repo_id}`, or "
+            f"`snapshot_download('{repo_id}')`) into that cache (HF_HOME / HF_HUB_CACHE), or pass the model "
+            f"directory's path ({type(e).__name__})") from None
 
 
 def load_tokenizer(src: ModelSource) -> tokmod.Tokenizer:
+    """The model's own tokenizer; a HF directory without one serves token-id prompts only."""
     if src.kind == "gguf":
+        from .gguf_file import _open
+
+        if "tokenizer.ggml.tokens" not in _open(src.path).fields:
+            return tokmod.NoTokenizer(src.path, src.config)
         return tokmod.from_gguf(src.path)
     if src.kind == "hf":
         tok = tokmod.from_directory(src.path)
-        if tok is not None:
-            return tok
+        return tok if tok is not None else tokmod.NoTokenizer(src.path, src.config)
     return tokmod.fallback(src.config.vocab_size)
 
 
@@ -105,16 +143,20 @@ def _hf_files(path: str) -> list[str]:
 
 
 def _hf_tensors(path: str, model: DecoderLM) -> Iterator[tuple[str, torch.Tensor]]:
+    known = _known_keys(model)
     for f in _hf_files(path):
         try:
             if f.endswith(".safetensors"):
                 from safetensors import safe_open
 
                 with safe_open(f, framework="pt", device="cpu") as sf:
-                    for key in sf.keys():
+                    keys = list(sf.keys())
+                    _account(f, keys, model, known)
+                    for key in keys:
                         yield from _map_hf(model, key, lambda k=key: sf.get_tensor(k))
             else:
                 state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                _account(f, list(state), model, known)
                 for key in list(state):
                     yield from _map_hf(model, key, lambda k=key: state[k])
                 del state
@@ -124,10 +166,32 @@ def _hf_tensors(path: str, model: DecoderLM) -> Iterator[tuple[str, torch.Tensor
             raise ModelError(f"cannot read weight file {f}: {e}") from e
 
 
+def _known_keys(model: DecoderLM) -> set[str]:
+    """Our global keys of the whole (unsharded, every layer) model."""
+    with torch.device("meta"):
+        return set(build_model(model.cfg.unsharded()).state_dict())
+
+
+def _account(file: str, keys: list[str], model: DecoderLM, known: set[str]) -> None:
+    """Every checkpoint tensor has a place in the model or is a documented non-weight (hf_key None):
+    a tensor we would drop (say a QK-norm weight) changes the math, so it refuses the model."""
+    unused = []
+    for key in keys:
+        name, _ = model.hf_key(key)
+        if name is not None and name not in known:
+            unused.append(key)
+    if unused:
+        raise ModelError(f"{file}: {len(unused)} checkpoint tensor(s) have no place in this {model.cfg.hf_model_type} "
+                         f"model and would be ignored, which would change its output: {', '.join(unused[:8])}"
+                         + (" ..." if len(unused) > 8 else ""))
+
+
 def _map_hf(model, key, get):
     name, transpose = model.hf_key(key)
     if name is None or (model.local_key(name) is None and name not in model.tied_head_keys()):
         return
+    if name == "lm_head.weight" and model.cfg.tie_word_embeddings:
+        return  # a tied head is the input embedding, as in HF
     t = get()
     yield name, (t.t() if transpose else t)
 
@@ -184,7 +248,7 @@ def materialize(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
     missing = set(params)
     tied = model.tied_head_keys()
     total = sum(p.numel() * p.element_size() for p in params.values())
-    done, next_report = 0, 0.1
+    bar = _progress(total, source)
     with torch.no_grad():
         for key, t in tensors:
             targets = [k for k in (model.local_key(key), tied.get(key)) if k is not None and k in params]
@@ -198,15 +262,27 @@ def materialize(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
                 if local in missing:
                     p.copy_(t)
                     missing.discard(local)
-                    done += p.numel() * p.element_size()
-            if total > (256 << 20) and done / total >= next_report:
-                log.info("loading weights: %d%% (%.2f / %.2f GB)", int(100 * done / total), done / 1e9, total / 1e9)
-                next_report += 0.1
+                    if bar is not None:
+                        bar.update(p.numel() * p.element_size())
+    if bar is not None:
+        bar.close()
     if missing:
         names = ", ".join(sorted(missing)[:5])
         raise ModelError(f"{source or 'checkpoint'} is missing {len(missing)} weight(s) the config needs: {names}"
                          + (" ..." if len(missing) > 5 else ""))
     return model.eval()
+
+
+def _progress(total: int, source: str):
+    """A tqdm bar over the weights' bytes, on a terminal only (logs and pipes stay clean)."""
+    if source.startswith("random:") or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {os.path.basename(source) or 'weights'}",
+                leave=False)
 
 
 def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype, seed: int = 0,
@@ -216,7 +292,7 @@ def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype, seed:
     if src.kind == "random":
         return materialize(cfg, device, dtype, None, layer_range, seed, src.spec)
     if src.kind == "gguf":
-        gcfg, tensors = open_gguf(src.path)
+        gcfg, tensors = open_gguf(src.path, dtype)
         return materialize(gcfg.shard(tp_rank, tp_size), device, dtype, tensors, layer_range, seed, src.path)
     # HF: the key mapping needs the model's family; build a meta skeleton to ask it.
     with torch.device("meta"):

