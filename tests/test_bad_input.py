@@ -9,9 +9,9 @@ from hf_models import save_hf_model
 
 def test_unknown_model_name():
     with pytest.raises(ModelError, match="unknown model 'no-such-model'"):
-        LLM(model="no-such-model")
+        LLM(device="cpu", model="no-such-model")
     with pytest.raises(ModelError, match="unknown random model 'gpt9'"):
-        LLM(model="random:gpt9")
+        LLM(device="cpu", model="random:gpt9")
 
 
 def test_directory_without_weights(tmp_path):
@@ -19,14 +19,14 @@ def test_directory_without_weights(tmp_path):
     for f in tmp_path.glob("*.safetensors"):
         f.unlink()
     with pytest.raises(ModelError, match="no \\*.safetensors or pytorch_model"):
-        LLM(model=str(tmp_path))
+        LLM(device="cpu", model=str(tmp_path))
 
 
 def test_directory_without_config(tmp_path):
     save_hf_model("gpt2", tmp_path)
     (tmp_path / "config.json").unlink()
     with pytest.raises(ModelError, match="no config.json"):
-        LLM(model=str(tmp_path))
+        LLM(device="cpu", model=str(tmp_path))
 
 
 def test_truncated_weight_file(tmp_path):
@@ -35,7 +35,7 @@ def test_truncated_weight_file(tmp_path):
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelError, match="cannot read weight file .*model.safetensors"):
-        LLM(model=str(tmp_path))
+        LLM(device="cpu", model=str(tmp_path))
 
 
 def test_config_that_does_not_match_the_weights(tmp_path):
@@ -44,7 +44,7 @@ def test_config_that_does_not_match_the_weights(tmp_path):
     cfg["intermediate_size"] = 100
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelError, match="has shape .* but the config expects"):
-        LLM(model=str(tmp_path))
+        LLM(device="cpu", model=str(tmp_path))
 
 
 def test_weights_missing_from_checkpoint(tmp_path):
@@ -53,27 +53,27 @@ def test_weights_missing_from_checkpoint(tmp_path):
     cfg["num_hidden_layers"] = 3  # the checkpoint has 2
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelError, match="missing .* weight"):
-        LLM(model=str(tmp_path))
+        LLM(device="cpu", model=str(tmp_path))
 
 
 def test_unsupported_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
     with pytest.raises(ModelError, match="unsupported model_type 't5'"):
-        LLM(model=str(tmp_path))
+        LLM(device="cpu", model=str(tmp_path))
 
 
 def test_missing_and_foreign_gguf(tmp_path):
     with pytest.raises(ModelError, match="GGUF file not found"):
-        LLM(model=str(tmp_path / "x.gguf"))
+        LLM(device="cpu", model=str(tmp_path / "x.gguf"))
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(ModelError, match="cannot read GGUF file"):
-        LLM(model=str(bad))
+        LLM(device="cpu", model=str(bad))
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return LLM(model="random:gpt2-tiny", block_size=4, kv_cache_blocks=64, max_model_len=128)
+    return LLM(device="cpu", model="random:gpt2-tiny", block_size=4, kv_cache_blocks=64, max_model_len=128)
 
 
 def test_prompt_too_long_for_context(tiny):
@@ -85,7 +85,7 @@ def test_prompt_too_long_for_context(tiny):
 
 
 def test_request_larger_than_the_cache():
-    llm = LLM(model="random:gpt2-tiny", block_size=4, kv_cache_blocks=8)
+    llm = LLM(device="cpu", model="random:gpt2-tiny", block_size=4, kv_cache_blocks=8)
     with pytest.raises(RequestError, match="needs 10 KV blocks but the cache holds only 8"):
         llm.generate([[5] * 30], SamplingParams(max_tokens=10))
 
@@ -103,11 +103,11 @@ def test_bad_requests(tiny):
 
 def test_unsupported_modes_are_refused():
     with pytest.raises(ValueError, match="swap"):
-        LLM(model="random:gpt2-tiny", swap=True)
+        LLM(device="cpu", model="random:gpt2-tiny", swap=True)
 
 
 def test_bad_dtype_and_device():
     with pytest.raises(ModelError, match="unknown dtype 'float7'"):
-        LLM(model="random:gpt2-tiny", dtype="float7")
+        LLM(device="cpu", model="random:gpt2-tiny", dtype="float7")
     with pytest.raises(ValueError, match="device"):
         LLM(model="random:gpt2-tiny", device="tpu")

@@ -33,7 +33,7 @@ def test_trace_validation(tmp_path):
 
 
 def test_bench_serve_against_a_live_server(tmp_path):
-    llm = LLM(model="random:llama-tiny", block_size=4, kv_cache_blocks=1024, max_model_len=512)
+    llm = LLM(device="cpu", model="random:llama-tiny", block_size=4, kv_cache_blocks=1024, max_model_len=512)
     srv = ApiServer(llm, "random:llama-tiny")
     port = srv.start_background()
     try:

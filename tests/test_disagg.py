@@ -31,7 +31,7 @@ def test_disaggregated_matches_single_process(dp, dt, tp, transport):
 
     params = SamplingParams(max_tokens=9, ignore_eos=True)
     ref = reference(MODEL, PROMPTS, 9)
-    with LLM(model=MODEL, prompt_stages=dp, token_stages=dt, tp=tp, block_size=BLOCK, kv_cache_blocks=128,
+    with LLM(device="cpu", model=MODEL, prompt_stages=dp, token_stages=dt, tp=tp, block_size=BLOCK, kv_cache_blocks=128,
              worker_timeout=60, kv_transport=transport) as llm:
         eng = llm.engine
         roles = sorted((w["role"], w["stage"], w["tp_rank"]) for w in eng.cluster())
@@ -63,7 +63,7 @@ def test_disaggregated_matches_single_process(dp, dt, tp, transport):
 def test_more_prompts_than_receive_slots_all_complete():
     prompts = [[i + 3] * (i + 1) for i in range(12)]
     ref = reference(MODEL, prompts, 5)
-    with LLM(model=MODEL, prompt_stages=1, token_stages=1, block_size=BLOCK, kv_cache_blocks=64,
+    with LLM(device="cpu", model=MODEL, prompt_stages=1, token_stages=1, block_size=BLOCK, kv_cache_blocks=64,
              kv_receive_slots=1, microbatch_size=2) as llm:
         out = llm.generate(prompts, SamplingParams(max_tokens=5, ignore_eos=True))
         assert [o.token_ids for o in out] == ref
@@ -71,7 +71,7 @@ def test_more_prompts_than_receive_slots_all_complete():
 
 
 def test_prompt_too_long_for_the_token_side_is_rejected_before_any_work():
-    with LLM(model=MODEL, prompt_stages=1, token_stages=1, block_size=BLOCK, kv_cache_blocks=8) as llm:
+    with LLM(device="cpu", model=MODEL, prompt_stages=1, token_stages=1, block_size=BLOCK, kv_cache_blocks=8) as llm:
         with pytest.raises(RequestError, match="needs 10 KV blocks but the cache holds only 8"):
             llm.generate([[7] * 36], SamplingParams(max_tokens=4))
         assert llm.engine.kv_bytes == 0 and not llm.engine.transfer_stats
@@ -115,9 +115,9 @@ def test_shm_destination_round_trip_and_cleanup():
 
 def test_disaggregation_options_are_checked():
     with pytest.raises(ValueError, match="go together"):
-        LLM(model=MODEL, prompt_stages=1)
+        LLM(device="cpu", model=MODEL, prompt_stages=1)
     with pytest.raises(ValueError, match="leave pp at 1"):
-        LLM(model=MODEL, prompt_stages=1, token_stages=1, pp=2)
+        LLM(device="cpu", model=MODEL, prompt_stages=1, token_stages=1, pp=2)
 
 
 def test_cuda_ipc_writes_into_the_token_cache_exactly_like_tcp():

@@ -25,7 +25,7 @@ PARAMS = [GREEDY if i % 2 == 0 else SEEDED for i in range(len(PROMPTS))]
 
 @pytest.fixture(scope="module")
 def reference():
-    llm = LLM(model=MODEL, block_size=4)
+    llm = LLM(device="cpu", model=MODEL, block_size=4)
     return [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
 
 
@@ -170,15 +170,15 @@ def test_in_place_checksums_equal_the_packed_definition():
 
 def test_bad_fault_tolerance_options_are_refused():
     with pytest.raises(ValueError, match="pp >= 2"):
-        LLM(model=MODEL, replicate=True)
+        LLM(device="cpu", model=MODEL, replicate=True)
     with pytest.raises(ValueError, match="replicate_to"):
-        LLM(model=MODEL, pp=2, replicate=True, replicate_to=[0, 1])
+        LLM(device="cpu", model=MODEL, pp=2, replicate=True, replicate_to=[0, 1])
     with pytest.raises(ValueError, match="tp 1"):
-        LLM(model=MODEL, pp=2, tp=2, recovery="respawn")
+        LLM(device="cpu", model=MODEL, pp=2, tp=2, recovery="respawn")
     with pytest.raises(ValueError, match="swap"):
-        LLM(model=MODEL, pp=2, replicate=True, swap=True)
+        LLM(device="cpu", model=MODEL, pp=2, replicate=True, swap=True)
     with pytest.raises(ValueError, match="recovery"):
-        LLM(model=MODEL, pp=2, recovery="sometimes")
+        LLM(device="cpu", model=MODEL, pp=2, recovery="sometimes")
 
 
 # ---------------------------------------------------------------------- pipelines
@@ -194,7 +194,7 @@ LATE_PROMPT_TOKENS = sum(len(p) for p in PROMPTS[4:])
     (2, [(20, 1)], 4, 5 * len(PROMPTS)),        # replicas sent 4 steps at a time: up to 3 steps more behind
 ])
 def test_killed_worker_resumes_exactly(reference, pp, kills, replicate, most):
-    llm = LLM(model=MODEL, pp=pp, block_size=4, kv_cache_blocks=256, worker_timeout=60, replicate=bool(replicate))
+    llm = LLM(device="cpu", model=MODEL, pp=pp, block_size=4, kv_cache_blocks=256, worker_timeout=60, replicate=bool(replicate))
     killed = []
     try:
         if replicate is not True and replicate:
@@ -223,7 +223,7 @@ def test_token_worker_killed_at_a_random_moment(reference, seed):
 
     rng = random.Random(seed)
     at, rank = rng.randrange(3, 40), rng.choice([1, 2])
-    llm = LLM(model=MODEL, prompt_stages=1, token_stages=2, block_size=4, kv_cache_blocks=256, worker_timeout=60,
+    llm = LLM(device="cpu", model=MODEL, prompt_stages=1, token_stages=2, block_size=4, kv_cache_blocks=256, worker_timeout=60,
               replicate=True)
     killed = []
     try:
@@ -236,7 +236,7 @@ def test_token_worker_killed_at_a_random_moment(reference, seed):
 
 
 def test_replication_pauses_between_requests_only(reference):
-    llm = LLM(model=MODEL, pp=2, block_size=4, kv_cache_blocks=256, worker_timeout=60, replicate=True)
+    llm = LLM(device="cpu", model=MODEL, pp=2, block_size=4, kv_cache_blocks=256, worker_timeout=60, replicate=True)
     eng = llm.engine
     try:
         eng.set_replication(False)
@@ -269,7 +269,7 @@ def test_replication_pauses_between_requests_only(reference):
     finally:
         finish(llm)
     with pytest.raises(ValueError, match="does not replicate"):
-        plain = LLM(model=MODEL, pp=2, block_size=4, kv_cache_blocks=64)
+        plain = LLM(device="cpu", model=MODEL, pp=2, block_size=4, kv_cache_blocks=64)
         try:
             plain.engine.set_replication(True)
         finally:
@@ -277,7 +277,7 @@ def test_replication_pauses_between_requests_only(reference):
 
 
 def test_two_workers_killed_in_a_row(reference):
-    llm = LLM(model=MODEL, pp=3, block_size=4, kv_cache_blocks=256, worker_timeout=60, replicate=True)
+    llm = LLM(device="cpu", model=MODEL, pp=3, block_size=4, kv_cache_blocks=256, worker_timeout=60, replicate=True)
     killed = []
     try:
         got, killed = run(llm, [(4, 0), (16, 1)])
@@ -290,7 +290,7 @@ def test_two_workers_killed_in_a_row(reference):
 
 
 def test_hung_worker_is_detected_by_heartbeats(reference):
-    llm = LLM(model=MODEL, pp=2, block_size=4, kv_cache_blocks=256, worker_timeout=60, replicate=True,
+    llm = LLM(device="cpu", model=MODEL, pp=2, block_size=4, kv_cache_blocks=256, worker_timeout=60, replicate=True,
               heartbeat_interval=0.2, heartbeat_timeout=1.0)
     killed = []
     try:
@@ -307,7 +307,7 @@ def test_hung_worker_is_detected_by_heartbeats(reference):
 
 
 def test_corrupted_replica_is_never_used(reference, tmp_path):
-    llm = LLM(model=MODEL, pp=2, block_size=4, kv_cache_blocks=256, worker_timeout=60, replicate=True,
+    llm = LLM(device="cpu", model=MODEL, pp=2, block_size=4, kv_cache_blocks=256, worker_timeout=60, replicate=True,
               replicate_dir=str(tmp_path))
     eng = llm.engine
     killed = []
@@ -332,7 +332,7 @@ def test_corrupted_replica_is_never_used(reference, tmp_path):
 
 
 def test_standby_worker_takes_over(reference):
-    llm = LLM(model=MODEL, pp=2, block_size=4, kv_cache_blocks=256, worker_timeout=60, replicate=True,
+    llm = LLM(device="cpu", model=MODEL, pp=2, block_size=4, kv_cache_blocks=256, worker_timeout=60, replicate=True,
               recovery="standby")
     eng = llm.engine
     standby = subprocess.Popen([sys.executable, "-m", "dejavu", "worker", "--controller", eng.controller_addr,
@@ -379,7 +379,7 @@ def _token_kill_ready(at_kill: dict):
 
 
 def test_disaggregated_prompt_and_token_workers_killed(reference):
-    llm = LLM(model=MODEL, prompt_stages=1, token_stages=2, block_size=4, kv_cache_blocks=256, worker_timeout=60,
+    llm = LLM(device="cpu", model=MODEL, prompt_stages=1, token_stages=2, block_size=4, kv_cache_blocks=256, worker_timeout=60,
               replicate=True)
     killed, at_kill = [], {}
     try:
@@ -417,7 +417,7 @@ def _stream(base, prompt, sp, out):
 def test_streams_survive_a_worker_killed_under_http_load(reference, replicate):
     from dejavu.serving.api import ApiServer
 
-    llm = LLM(model=MODEL, pp=2, block_size=4, kv_cache_blocks=256, worker_timeout=60, replicate=replicate)
+    llm = LLM(device="cpu", model=MODEL, pp=2, block_size=4, kv_cache_blocks=256, worker_timeout=60, replicate=replicate)
     srv = ApiServer(llm, MODEL)
     base = f"http://127.0.0.1:{srv.start_background()}"
     results = [[] for _ in PROMPTS]

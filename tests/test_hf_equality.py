@@ -17,7 +17,7 @@ def prompts(vocab, seed=0):
 @pytest.mark.parametrize("family", list(TINY))
 def test_greedy_matches_hf(family, tmp_path):
     hf = save_hf_model(family, tmp_path)
-    llm = LLM(model=str(tmp_path), block_size=4, dtype="float32")
+    llm = LLM(device="cpu", model=str(tmp_path), block_size=4, dtype="float32")
     ps = prompts(hf.config.vocab_size)
     ours = llm.generate(ps, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
     for p, o in zip(ps, ours):
@@ -28,14 +28,14 @@ def test_greedy_matches_hf(family, tmp_path):
 @pytest.mark.parametrize("family", list(TINY))
 def test_prefill_logits_close_to_hf(family, tmp_path):
     hf = save_hf_model(family, tmp_path, seed=3)
-    llm = LLM(model=str(tmp_path), block_size=4, dtype="float32")
+    llm = LLM(device="cpu", model=str(tmp_path), block_size=4, dtype="float32")
     assert_prefill_logits_close(llm, hf, prompts(hf.config.vocab_size, seed=5))
 
 
 def test_pytorch_bin_checkpoint(tmp_path):
     hf = save_hf_model("opt", tmp_path, safe=False)
     assert list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.safetensors"))
-    llm = LLM(model=str(tmp_path), block_size=4)
+    llm = LLM(device="cpu", model=str(tmp_path), block_size=4)
     p = prompts(hf.config.vocab_size)[3]
     out = llm.generate([p], SamplingParams(max_tokens=8, ignore_eos=True))[0]
     assert out.token_ids == hf_greedy(hf, p, 8)
@@ -45,7 +45,7 @@ def test_preemption_keeps_greedy_output(tmp_path):
     """A cache too small for all requests at once forces preemption and recompute; tokens must not change."""
     hf = save_hf_model("llama", tmp_path)
     ps = prompts(hf.config.vocab_size)
-    small = LLM(model=str(tmp_path), block_size=4, kv_cache_blocks=12)
+    small = LLM(device="cpu", model=str(tmp_path), block_size=4, kv_cache_blocks=12)
     outs = small.generate(ps, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
     assert small.engine.scheduler.num_preemptions > 0
     for p, o in zip(ps, outs):
@@ -58,7 +58,7 @@ def test_fused_projections_alias_the_layer_weights(tmp_path):
     loading fills the fused matrix, state dicts keep the per-layer keys, and a model moved after
     loading (the views no longer alias) falls back to the separate layers with the same result."""
     hf = save_hf_model("llama", tmp_path)
-    llm = LLM(model=str(tmp_path), block_size=4, dtype="float32")
+    llm = LLM(device="cpu", model=str(tmp_path), block_size=4, dtype="float32")
     attn, mlp = llm.model.layers[0].self_attn, llm.model.layers[0].mlp
     assert attn.qkv.weight is not None and mlp.gate_up.weight is not None  # fused by the loader
     assert attn.k_proj.weight.data_ptr() == attn.qkv.weight.data_ptr() + attn.q_proj.weight.numel() * 4

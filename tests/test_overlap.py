@@ -18,6 +18,7 @@ def _prompts(vocab: int, seed: int = 0) -> list[list[int]]:
 
 
 def _pair(path, **kw) -> tuple[LLM, LLM]:
+    kw.setdefault("device", "cpu")
     on = LLM(model=str(path), block_size=4, dtype="float32", **kw)
     off = LLM(model=str(path), block_size=4, dtype="float32", overlap_steps=False, **kw)
     assert on.engine.overlap and not off.engine.overlap

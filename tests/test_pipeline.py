@@ -13,6 +13,7 @@ PROMPTS = [[5, 6, 7], [9] * 10, list(range(1, 14)), [100], list(range(200, 231))
 
 
 def reference(model, prompts, max_tokens, **kw):
+    kw.setdefault("device", "cpu")
     llm = LLM(model=model, block_size=4, **kw)
     return [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True))]
 
@@ -34,7 +35,7 @@ def test_pipeline_matches_single_process(pp, mb):
     model = "random:llama-tiny"  # 4 layers, GQA
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     ref = reference(model, PROMPTS, 10)
-    with LLM(model=model, pp=pp, microbatch_size=mb, block_size=4, kv_cache_blocks=128) as llm:
+    with LLM(device="cpu", model=model, pp=pp, microbatch_size=mb, block_size=4, kv_cache_blocks=128) as llm:
         pids = [p.pid for p in llm.engine.procs]
         assert all(alive(p) for p in pids)
         got = generate_with_arrivals(llm, PROMPTS, params)
@@ -48,9 +49,9 @@ def test_pipeline_hf_checkpoint_and_sampling(tmp_path):
     """A real checkpoint directory loaded by each worker; seeded sampling identical too."""
     save_hf_model("opt", tmp_path)
     params = SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, seed=11, ignore_eos=True)
-    single = LLM(model=str(tmp_path), block_size=4)
+    single = LLM(device="cpu", model=str(tmp_path), block_size=4)
     ref = [o.token_ids for o in single.generate(PROMPTS, params)]
-    with LLM(model=str(tmp_path), pp=2, block_size=4, kv_cache_blocks=128, microbatch_size=2) as llm:
+    with LLM(device="cpu", model=str(tmp_path), pp=2, block_size=4, kv_cache_blocks=128, microbatch_size=2) as llm:
         assert [o.token_ids for o in llm.generate(PROMPTS, params)] == ref
 
 
@@ -59,7 +60,7 @@ def test_pipeline_hf_checkpoint_and_sampling(tmp_path):
 def test_pipeline_via_mpirun(pp, tp):
     model = "random:llama-tiny"
     ref = reference(model, PROMPTS, 6)
-    with LLM(model=model, pp=pp, tp=tp, block_size=4, kv_cache_blocks=128, launcher="mpirun",
+    with LLM(device="cpu", model=model, pp=pp, tp=tp, block_size=4, kv_cache_blocks=128, launcher="mpirun",
              worker_timeout=120) as llm:
         out = llm.generate(PROMPTS, SamplingParams(max_tokens=6, ignore_eos=True))
         assert [o.token_ids for o in out] == ref
@@ -75,7 +76,7 @@ def test_tensor_parallel_matches_hf(family, tmp_path):
 
     hf = save_hf_model(family, tmp_path)
     prompts = [p for p in PROMPTS if max(p) < hf.config.vocab_size]
-    with LLM(model=str(tmp_path), tp=2, block_size=4, kv_cache_blocks=128) as llm:
+    with LLM(device="cpu", model=str(tmp_path), tp=2, block_size=4, kv_cache_blocks=128) as llm:
         out = llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
     for p, o in zip(prompts, out):
         assert o.token_ids == hf_greedy(hf, p, 8), f"{family} tp=2 diverged on a prompt of {len(p)} tokens"
@@ -83,7 +84,7 @@ def test_tensor_parallel_matches_hf(family, tmp_path):
 
 def test_pipeline_and_tensor_parallel_together():
     ref = reference("random:llama-tiny", PROMPTS, 8)
-    with LLM(model="random:llama-tiny", pp=2, tp=2, microbatch_size=2, block_size=4, kv_cache_blocks=128) as llm:
+    with LLM(device="cpu", model="random:llama-tiny", pp=2, tp=2, microbatch_size=2, block_size=4, kv_cache_blocks=128) as llm:
         assert generate_with_arrivals(llm, PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True)) == ref
         assert len(llm.engine.cluster()) == 4
 
@@ -92,7 +93,7 @@ def test_tp_must_divide_the_heads():
     from dejavu import ModelError
 
     with pytest.raises(ModelError, match="tensor parallelism 3 does not divide num_heads=4"):
-        LLM(model="random:llama-tiny", tp=3)
+        LLM(device="cpu", model="random:llama-tiny", tp=3)
 
 
 def test_worker_that_fails_to_start_is_a_clear_error(tmp_path):
@@ -100,22 +101,22 @@ def test_worker_that_fails_to_start_is_a_clear_error(tmp_path):
     (f,) = tmp_path.glob("*.safetensors")
     f.write_bytes(f.read_bytes()[:1000])  # the controller reads config.json only; workers fail to load
     with pytest.raises(WorkerError, match="worker \\d failed: ModelError: cannot read weight file"):
-        LLM(model=str(tmp_path), pp=2, block_size=4, kv_cache_blocks=64, worker_timeout=60)
+        LLM(device="cpu", model=str(tmp_path), pp=2, block_size=4, kv_cache_blocks=64, worker_timeout=60)
 
 
 def test_bad_pipeline_options():
     with pytest.raises(ValueError, match="pp must be an integer from 1 to 8"):
-        LLM(model="random:gpt2-tiny", pp=9)
+        LLM(device="cpu", model="random:gpt2-tiny", pp=9)
     with pytest.raises(ValueError, match="pipeline depth 3 must be between 1 and the 2 layers"):
-        LLM(model="random:gpt2-tiny", pp=3)
+        LLM(device="cpu", model="random:gpt2-tiny", pp=3)
     with pytest.raises(ValueError, match="must be contiguous, non-empty ranges"):
-        LLM(model="random:gpt2-tiny", pp=2, layer_split=[(0, 1), (1, 1)])
+        LLM(device="cpu", model="random:gpt2-tiny", pp=2, layer_split=[(0, 1), (1, 1)])
     with pytest.raises(ValueError, match="does not end at the model's 2 layers"):
-        LLM(model="random:gpt2-tiny", pp=2, layer_split=[(0, 1), (1, 3)])
+        LLM(device="cpu", model="random:gpt2-tiny", pp=2, layer_split=[(0, 1), (1, 3)])
     with pytest.raises(ValueError, match="admission must be 'greedy' or 'reserve'"):
-        LLM(model="random:gpt2-tiny", admission="fifo")
+        LLM(device="cpu", model="random:gpt2-tiny", admission="fifo")
     with pytest.raises(ValueError, match="not yet available with prompt_stages"):
-        LLM(model="random:gpt2-tiny", prompt_stages=1, token_stages=1, admission="reserve")
+        LLM(device="cpu", model="random:gpt2-tiny", prompt_stages=1, token_stages=1, admission="reserve")
 
 
 def _children(pid):
@@ -162,7 +163,7 @@ def test_worker_killed_mid_run_is_reported_not_hung():
     import signal
     import time
 
-    llm = LLM(model="random:llama-tiny", pp=2, block_size=4, kv_cache_blocks=256, worker_timeout=30, recovery="off")
+    llm = LLM(device="cpu", model="random:llama-tiny", pp=2, block_size=4, kv_cache_blocks=256, worker_timeout=30, recovery="off")
     try:
         eng = llm.engine
         eng.add_request([1, 2, 3], SamplingParams(max_tokens=500, ignore_eos=True))

@@ -8,7 +8,7 @@ from dejavu import LLM, SamplingParams
 
 @pytest.fixture(scope="module")
 def smol():
-    return LLM(model="smollm2")
+    return LLM(device="cpu", model="smollm2")
 
 
 @needs_smollm2

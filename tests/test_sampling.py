@@ -7,7 +7,7 @@ from dejavu.engine.sampler import uniform
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(model="random:llama-tiny", block_size=4, seed=7)
+    return LLM(device="cpu", model="random:llama-tiny", block_size=4, seed=7)
 
 
 def test_uniform_depends_only_on_seed_and_position():

@@ -21,7 +21,7 @@ MODEL = "random:llama-tiny"
 
 @pytest.fixture(scope="module")
 def server():
-    llm = LLM(model=MODEL, block_size=4, kv_cache_blocks=512, max_model_len=512)
+    llm = LLM(device="cpu", model=MODEL, block_size=4, kv_cache_blocks=512, max_model_len=512)
     srv = ApiServer(llm, MODEL, max_queue=64)
     port = srv.start_background()
     yield srv, f"http://127.0.0.1:{port}"
@@ -168,7 +168,7 @@ def test_client_disconnect_frees_blocks(server):
 
 
 def test_api_key_and_backpressure():
-    llm = LLM(model=MODEL, block_size=4, kv_cache_blocks=64, max_model_len=256)
+    llm = LLM(device="cpu", model=MODEL, block_size=4, kv_cache_blocks=64, max_model_len=256)
     srv = ApiServer(llm, MODEL, api_key="s3cret", max_queue=1)
     base = f"http://127.0.0.1:{srv.start_background()}"
     try:
@@ -248,7 +248,7 @@ def test_serve_cli_sigterm_stops_workers():
 def test_dead_worker_fails_requests_instead_of_hanging():
     """Without recovery (as with tp > 1) a dead worker ends the engine: requests get an error, none hangs.
     (With recovery, the default, see test_fault_tolerance.py.)"""
-    llm = LLM(model=MODEL, pp=2, block_size=4, kv_cache_blocks=128, worker_timeout=20, recovery="off")
+    llm = LLM(device="cpu", model=MODEL, pp=2, block_size=4, kv_cache_blocks=128, worker_timeout=20, recovery="off")
     srv = ApiServer(llm, MODEL)
     base = f"http://127.0.0.1:{srv.start_background()}"
     try:

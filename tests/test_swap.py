@@ -35,7 +35,7 @@ def test_swapping_gives_the_same_tokens(model, pp, resident):
     prompts, params = _workload(12, seed=pp + resident)
     params[3] = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
     want = _reference(model, prompts, params)
-    llm = LLM(model=model, pp=pp, swap=True, resident_microbatches=resident, microbatch_size=3, kv_cache_blocks=12)
+    llm = LLM(device="cpu", model=model, pp=pp, swap=True, resident_microbatches=resident, microbatch_size=3, kv_cache_blocks=12)
     try:
         got = [o.token_ids for o in llm.generate(prompts, params)]
         eng = llm.engine
@@ -72,7 +72,7 @@ def test_swapping_on_the_token_side_of_disaggregation(device, transport):
 def test_swapping_stress_many_microbatches():
     prompts, params = _workload(28, seed=11, max_prompt=60, max_out=30)
     want = _reference("random:llama-tiny", prompts, params)
-    llm = LLM(model="random:llama-tiny", pp=4, swap=True, resident_microbatches=1, microbatch_size=2,
+    llm = LLM(device="cpu", model="random:llama-tiny", pp=4, swap=True, resident_microbatches=1, microbatch_size=2,
               kv_cache_blocks=10)
     try:
         got = [o.token_ids for o in llm.generate(prompts, params)]
@@ -83,7 +83,7 @@ def test_swapping_stress_many_microbatches():
 
 def test_swapping_holds_more_than_the_device_budget():
     """pp=2 with one resident microbatch: twice the device budget's blocks are in use at once."""
-    llm = LLM(model="random:opt-tiny", pp=2, swap=True, resident_microbatches=1, microbatch_size=2,
+    llm = LLM(device="cpu", model="random:opt-tiny", pp=2, swap=True, resident_microbatches=1, microbatch_size=2,
               kv_cache_blocks=8, block_size=4)
     try:
         eng = llm.engine
@@ -182,13 +182,13 @@ def test_swap_ins_are_double_buffered_in_pipeline_order(device, copy):
 
 def test_swap_errors_are_clear():
     with pytest.raises(ValueError, match="swap needs a pipeline of pp >= 2"):
-        LLM(model="random:opt-tiny", swap=True)
+        LLM(device="cpu", model="random:opt-tiny", swap=True)
     with pytest.raises(ValueError, match="token_stages >= 2 with disaggregation"):
-        LLM(model="random:opt-tiny", swap=True, prompt_stages=1, token_stages=1)
+        LLM(device="cpu", model="random:opt-tiny", swap=True, prompt_stages=1, token_stages=1)
     with pytest.raises(ValueError, match="needs kv_transport shm or tcp"):
-        LLM(model="random:opt-tiny", swap=True, prompt_stages=1, token_stages=2, kv_transport="ipc")
+        LLM(device="cpu", model="random:opt-tiny", swap=True, prompt_stages=1, token_stages=2, kv_transport="ipc")
     with pytest.raises(ValueError, match="resident_microbatches must be an integer >= 1"):
-        LLM(model="random:opt-tiny", pp=2, swap=True, resident_microbatches=0)
+        LLM(device="cpu", model="random:opt-tiny", pp=2, swap=True, resident_microbatches=0)
     with pytest.raises(SwapError, match="unknown swap copy 'pcie'"):
         SwapCache(torch.zeros((1, 2, 2, 4, 1, 8)), host_blocks=4, resident=1, copy="pcie")
 
