@@ -437,44 +437,6 @@ PYBIND11_MODULE(_C, m) {
      "y = act(x @ w.T + bias) for a few rows of x (decode batches), fp16/bf16; with norm_h/norm_a/norm_weight/"
      "sum_out, x = norm(norm_h + norm_a) computed in the kernel (LayerNorm, or RMSNorm with rms=1) and "
      "norm_h + norm_a stored to sum_out; out_f32: y is fp32 (each output rounded to the dtype first)");
-  m.attr("linear_chain_max") = kLinearChainMax;
-  m.def("linear_chain", [](uintptr_t x, const std::vector<py::dict>& layers, uintptr_t barrier, int dtype,
-                           uintptr_t stream) {
-    static const char* const kKeys[] = {"w", "bias", "y", "out_features", "in_features", "act", "norm_h",
-                                        "norm_weight", "norm_bias", "sum_out", "eps", "rms"};
-    std::vector<ChainLinear> chain(layers.size());
-    for (size_t i = 0; i < layers.size(); ++i) {
-      const py::dict& d = layers[i];
-      for (auto item : d) {
-        const std::string key = py::str(item.first);
-        if (std::find(std::begin(kKeys), std::end(kKeys), key) == std::end(kKeys))
-          throw std::invalid_argument("linear_chain: layer " + std::to_string(i) + ": unknown key '" + key + "'");
-      }
-      auto get = [&](const char* key, auto fallback) {
-        return d.contains(key) ? d[key].cast<decltype(fallback)>() : fallback;
-      };
-      ChainLinear& c = chain[i];
-      c.w = as_ptr<const void>(get("w", uintptr_t{0}));
-      c.bias = as_ptr<const void>(get("bias", uintptr_t{0}));
-      c.y = as_ptr<void>(get("y", uintptr_t{0}));
-      c.out_features = get("out_features", int64_t{0});
-      c.in_features = get("in_features", int64_t{0});
-      c.act = get("act", 0);
-      c.norm.h = as_ptr<const void>(get("norm_h", uintptr_t{0}));
-      c.norm.weight = as_ptr<const void>(get("norm_weight", uintptr_t{0}));
-      c.norm.bias = as_ptr<const void>(get("norm_bias", uintptr_t{0}));
-      c.norm.sum_out = as_ptr<void>(get("sum_out", uintptr_t{0}));
-      c.norm.eps = get("eps", 1e-5f);
-      c.norm.rms = get("rms", 0);
-      c.has_norm = c.norm.h != nullptr || c.norm.weight != nullptr;  // (a weight alone is a norm missing h)
-    }
-    std::string err = linear_chain(as_ptr<const void>(x), chain.data(), static_cast<int>(chain.size()),
-                                   as_ptr<unsigned>(barrier), static_cast<DType>(dtype), as_ptr<void>(stream));
-    if (!err.empty()) throw std::runtime_error(err);
-  }, py::arg("x"), py::arg("layers"), py::arg("barrier"), py::arg("dtype"), py::arg("stream") = 0,
-     "Linear layers one after another over one row in one persistent kernel (gemv.h: linear_chain). layers: "
-     "dicts of w, bias, y, out_features, in_features, act and, for a norm before the layer, norm_h, "
-     "norm_weight, norm_bias, sum_out, eps, rms; barrier: 2 zeroed uint32 on the device");
   m.def("set_programmatic_launch", &set_programmatic_launch, py::arg("mode"),
         "Programmatic dependent launch of the decode kernels: 1 on, 0 off, -1 from DEJAVU_PDL (default on); "
         "kernels use it on compute capability 9.0+ only. Captured CUDA graphs keep the launches they captured.");

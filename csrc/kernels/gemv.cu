@@ -84,7 +84,7 @@ struct NormArgs {
   int rms;
 };
 
-template <typename T, int M, int KS, bool NORM, bool ROLL = false>
+template <typename T, int M, int KS, bool NORM>
 __global__ void __launch_bounds__(kWarps * 32)
     small_linear_kernel(T* __restrict__ y, const T* __restrict__ x, const T* __restrict__ w,
                         const T* __restrict__ bias, int64_t n_out, int64_t k_in, int64_t x_stride, int act,
@@ -128,20 +128,15 @@ __global__ void __launch_bounds__(kWarps * 32)
   for (;;) {
     const bool valid = n < n_out;
     const uint4* row = reinterpret_cast<const uint4*>(w + n * k_in) + slice * chunks;
-    // With a prologue, the block's next tile: each preloaded chunk, once used, is replaced by the
-    // next tile's, so the block's loads stay in flight while it computes.
+    // With a prologue, the block's next tile (its chunks are loaded after this one's arithmetic).
     const int64_t next_tile = tile + gridDim.x;
     const int64_t n_next = next_tile * per_block + warp / KS;
-    const bool next_valid = NORM && ROLL && next_tile < tiles && n_next < n_out;
-    const uint4* next_row = reinterpret_cast<const uint4*>(w + (next_valid ? n_next : 0) * k_in) + slice * chunks;
     float acc[M];
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = 0.f;
 #pragma unroll
-    for (int i = 0; i < kPre; ++i) {
+    for (int i = 0; i < kPre; ++i)
       if (valid && lane + 32 * i < chunks) dot_chunk<T, M, NORM>(acc, pre[i], x, x_stride, lane + 32 * i);
-      if (next_valid && lane + 32 * i < chunks) pre[i] = __ldcs(next_row + lane + 32 * i);
-    }
     int64_t c = valid ? lane + 32 * kPre : chunks;
     for (; c + 96 < chunks; c += 128) {  // four loads in flight before any arithmetic
       const uint4 w0 = __ldcs(row + c), w1 = __ldcs(row + c + 32), w2 = __ldcs(row + c + 64),
@@ -183,154 +178,8 @@ __global__ void __launch_bounds__(kWarps * 32)
     tile = next_tile;
     if (!NORM || tile >= tiles) return;
     if (KS > 1) __syncthreads();  // part_s is read above before the next tile writes it
-    n = n_next;  // (its first chunks are in pre already, unless not rolled)
-    if (!ROLL) preload(n < n_out, reinterpret_cast<const uint4*>(w + n * k_in) + slice * chunks);
-  }
-}
-
-// ---------------------------------------------------------------------- linear_chain
-// Layers of a chain as the kernel takes them (typed pointers; ks: warps per row, split_for).
-template <typename T>
-struct ChainLayer {
-  const T* w;
-  const T* bias;
-  T* y;
-  int64_t n_out, k_in;
-  int ks, act, has_norm;
-  NormArgs<T> na;  // (a unused: the layer's input is the previous layer's y)
-};
-
-template <typename T>
-struct ChainArgs {
-  const T* x;
-  unsigned* bar;  // [arrivals, departures]
-  int n;
-  int spin;
-  ChainLayer<T> l[kLinearChainMax];
-};
-
-__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
-  unsigned v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-// Returns once every block of the grid has arrived here for the k-th time (target k * gridDim.x);
-// what each block wrote before it arrived is then visible to every block. mode 0: fence, atomic
-// add, then polls; N > 0: a release-add, then polls N ns apart (the same cost, measured).
-__device__ __forceinline__ void grid_barrier(unsigned* bar, unsigned target, int mode) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    if (mode == 0) {
-      __threadfence();
-      atomicAdd(bar, 1u);
-      while (load_acquire(bar) < target) {
-      }
-    } else {
-      asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(bar) : "memory");
-      while (load_acquire(bar) < target) __nanosleep(mode);
-    }
-  }
-  __syncthreads();
-}
-
-// One block per resident slot (the grid barrier needs them all on the device at once). A layer's
-// tile is kWarps / ks output features, tiles striding over the blocks as in the norm-prologue
-// kernel; each warp's row slice is computed exactly as small_linear_kernel computes it (the same
-// chunks per lane in the same order, the same warp and slice sums), so the outputs are bit-equal.
-// The layer's input row is staged in shared memory first: normalised (norm.cuh, from rows read
-// through L2) or copied through L2 (other blocks of this kernel wrote it).
-template <typename T>
-__global__ void __launch_bounds__(kWarps * 32) linear_chain_kernel(const __grid_constant__ ChainArgs<T> args) {
-  static_assert(kWarps * 32 == norm::kThreads, "add_norm_row runs on the whole block");
-  extern __shared__ uint4 x_shared[];  // the current layer's input row
-  __shared__ float part_s[kWarps];
-  __shared__ float red[norm::kThreads / 32];
-  pdl::release();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  T* xs = reinterpret_cast<T*>(x_shared);
-  uint4 pre[kPre];  // the warp's first chunks of its current (or next) row; weights only
-  // Row n of layer L's tile `tile` for this warp (the start of its slice), and whether it exists.
-  auto warp_row = [&](const ChainLayer<T>& L, int64_t tile, int64_t& n) -> const uint4* {
-    n = tile * (kWarps / L.ks) + warp / L.ks;
-    const int64_t chunks = L.k_in / kVec / L.ks;
-    return reinterpret_cast<const uint4*>(L.w + (n < L.n_out ? n : 0) * L.k_in) + (warp % L.ks) * chunks;
-  };
-  auto preload = [&](const ChainLayer<T>& L, int64_t tile) {
-    int64_t n;
-    const uint4* row = warp_row(L, tile, n);
-    const int64_t chunks = L.k_in / kVec / L.ks;
-#pragma unroll
-    for (int i = 0; i < kPre; ++i)
-      if (n < L.n_out && lane + 32 * i < chunks) pre[i] = __ldcs(row + lane + 32 * i);
-  };
-  preload(args.l[0], blockIdx.x);
-  pdl::wait();  // the chain's input (and the outputs' buffers) belong to the kernels before this one
-#pragma unroll 1
-  for (int l = 0; l < args.n; ++l) {
-    const ChainLayer<T>& L = args.l[l];
-    const T* a = l == 0 ? args.x : args.l[l - 1].y;
-    if (L.has_norm) {
-      norm::add_norm_row<T, true, true>(blockIdx.x == 0 ? L.na.sum_out : static_cast<T*>(nullptr), xs, L.na.h, a,
-                                        L.na.weight, L.na.bias, L.k_in, L.na.eps, L.na.rms, red);
-    } else {
-      for (int64_t c = threadIdx.x; c < L.k_in / kVec; c += blockDim.x)
-        x_shared[c] = __ldcg(reinterpret_cast<const uint4*>(a) + c);
-    }
-    __syncthreads();
-    const int ks = L.ks, per_block = kWarps / ks, slice = warp % ks;
-    const int64_t tiles = (L.n_out + per_block - 1) / per_block;
-    const int64_t chunks = L.k_in / kVec / ks;
-    const T* x = xs + slice * chunks * kVec;
-#pragma unroll 1
-    for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      if (tile != blockIdx.x) preload(L, tile);  // (the first was loaded before the last wait)
-      int64_t n;
-      const uint4* row = warp_row(L, tile, n);
-      const bool valid = n < L.n_out;
-      float acc[1] = {0.f};
-#pragma unroll
-      for (int i = 0; i < kPre; ++i)
-        if (valid && lane + 32 * i < chunks) dot_chunk<T, 1, true>(acc, pre[i], x, 0, lane + 32 * i);
-      int64_t c = valid ? lane + 32 * kPre : chunks;
-      for (; c + 96 < chunks; c += 128) {
-        const uint4 w0 = __ldcs(row + c), w1 = __ldcs(row + c + 32), w2 = __ldcs(row + c + 64),
-                    w3 = __ldcs(row + c + 96);
-        dot_chunk<T, 1, true>(acc, w0, x, 0, c);
-        dot_chunk<T, 1, true>(acc, w1, x, 0, c + 32);
-        dot_chunk<T, 1, true>(acc, w2, x, 0, c + 64);
-        dot_chunk<T, 1, true>(acc, w3, x, 0, c + 96);
-      }
-      for (; c < chunks; c += 32) dot_chunk<T, 1, true>(acc, __ldcs(row + c), x, 0, c);
-      float v = elem::warp_sum(acc[0]);
-      bool writes = valid;
-      if (ks > 1) {  // the row's slices meet in shared memory; its first warp adds them up
-        if (lane == 0) part_s[warp] = v;
-        __syncthreads();
-        writes = valid && slice == 0;
-        if (writes) {
-          v = 0.f;
-          for (int k = 0; k < ks; ++k) v += part_s[warp + k];
-        }
-        __syncthreads();  // part_s is read above before the next tile writes it
-      }
-      if (lane == 0 && writes) {
-        v += L.bias != nullptr ? to_f(L.bias[n]) : 0.f;
-        if (L.act == 1) v = fmaxf(v, 0.f);
-        L.y[n] = from_f<T>(v);
-      }
-    }
-    if (l + 1 < args.n) {
-      preload(args.l[l + 1], blockIdx.x);  // weights: in flight while the other blocks finish
-      grid_barrier(args.bar, static_cast<unsigned>(l + 1) * gridDim.x, args.spin);
-    }
-  }
-  if (args.n > 1) {  // the last block out leaves the counters at zero for the next launch
-    __syncthreads();
-    if (threadIdx.x == 0 && atomicAdd(args.bar + 1, 1u) == gridDim.x - 1) {
-      atomicExch(args.bar, 0u);
-      atomicExch(args.bar + 1, 0u);
-    }
+    n = n_next;
+    preload(n < n_out, reinterpret_cast<const uint4*>(w + n * k_in) + slice * chunks);
   }
 }
 
@@ -362,14 +211,6 @@ int64_t resident_blocks(const void* kernel, size_t smem) {
     if (cap > 0) per_sm = std::min(per_sm, cap);
     return std::max<int64_t>(1, static_cast<int64_t>(per_sm) * sms);
   }, 1);
-}
-
-// DEJAVU_NORM_ROLL=1: a one-row prologue block loads its next tile's chunks as it uses the current
-// ones (ROLL) rather than after the tile. An experiment kept for benchmarks: on an H200 it made
-// the OPT-1.3B batch-1 step 8% slower (docs/BENCHMARKS.md), so it is off by default.
-bool roll_setting() {
-  static const bool roll = env::integer("DEJAVU_NORM_ROLL", 0) != 0;
-  return roll;
 }
 
 // Blocks of the plain kernel (no prologue) for `rows` rows and KS slices per row that the current
@@ -420,10 +261,7 @@ cudaError_t launch_split(T* y, const T* x, const T* w, const T* bias, int64_t ro
                             x_stride, act, na);
   };
   switch (rows) {
-    case 1:
-      if constexpr (NORM)
-        if (roll_setting()) return go(small_linear_kernel<T, 1, KS, true, true>);
-      return go(small_linear_kernel<T, 1, KS, NORM>);
+    case 1: return go(small_linear_kernel<T, 1, KS, NORM>);
     case 2: return go(small_linear_kernel<T, 2, KS, NORM>);
     case 3: return go(small_linear_kernel<T, 3, KS, NORM>);
     case 4: return go(small_linear_kernel<T, 4, KS, NORM>);
@@ -455,84 +293,7 @@ cudaError_t launch(void* y, const void* x, const void* w, const void* bias, int6
   return launch_norm<T, true>(Y, X, W, B, rows, n_out, k_in, k_in, act, na, s);
 }
 
-template <typename T>
-cudaError_t launch_chain(const void* x, const ChainLinear* layers, int n, unsigned* barrier, cudaStream_t s) {
-  ChainArgs<T> args{};
-  args.x = static_cast<const T*>(x);
-  args.bar = barrier;
-  args.n = n;
-  // DEJAVU_CHAIN_SPIN=N > 0: the barrier arrives with a release-add and sleeps N ns between polls
-  // (a knob for benchmarks/chain_bench.py; read at every launch, so graphs keep what they captured).
-  args.spin = static_cast<int>(env::integer("DEJAVU_CHAIN_SPIN", 0));
-  int64_t tiles = 1, widest = 0;
-  for (int i = 0; i < n; ++i) {
-    const ChainLinear& c = layers[i];
-    ChainLayer<T>& L = args.l[i];
-    L.w = static_cast<const T*>(c.w);
-    L.bias = static_cast<const T*>(c.bias);
-    L.y = static_cast<T*>(c.y);
-    L.n_out = c.out_features;
-    L.k_in = c.in_features;
-    // (as small_linear would split the layer, so that the outputs are bit-equal)
-    L.ks = c.has_norm ? split_for(c.in_features) : plain_split<T>(1, c.out_features, c.in_features);
-    L.act = c.act;
-    L.has_norm = c.has_norm ? 1 : 0;
-    if (c.has_norm)
-      L.na = NormArgs<T>{static_cast<const T*>(c.norm.h), nullptr, static_cast<const T*>(c.norm.weight),
-                         static_cast<const T*>(c.norm.bias), static_cast<T*>(c.norm.sum_out), c.norm.eps, c.norm.rms};
-    tiles = std::max<int64_t>(tiles, (L.n_out + kWarps / L.ks - 1) / (kWarps / L.ks));
-    widest = std::max<int64_t>(widest, L.k_in);
-  }
-  const size_t smem = static_cast<size_t>(widest) * sizeof(T);
-  auto kernel = linear_chain_kernel<T>;
-  const int64_t blocks = std::min<int64_t>(tiles, resident_blocks(reinterpret_cast<const void*>(kernel), smem));
-  return pdl::launch_smem(kernel, dim3(static_cast<unsigned>(blocks)), dim3(kWarps * 32), smem, s, args);
-}
-
 }  // namespace
-
-std::string linear_chain(const void* x, const ChainLinear* layers, int n, unsigned* barrier, DType dtype,
-                         void* stream) {
-  if (n < 1 || n > kLinearChainMax) return "linear_chain: 1.." + std::to_string(kLinearChainMax) + " layers";
-  if (x == nullptr || barrier == nullptr) return "linear_chain: x and barrier must not be null";
-  const int64_t elem = dtype == DType::kFloat32 ? 4 : 2;
-  auto misaligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 != 0; };
-  if (misaligned(x)) return "linear_chain: x must be 16-byte aligned";
-  if (reinterpret_cast<uintptr_t>(barrier) % 4) return "linear_chain: barrier must be 4-byte aligned";
-  for (int i = 0; i < n; ++i) {
-    const ChainLinear& c = layers[i];
-    const std::string at = "linear_chain: layer " + std::to_string(i) + ": ";
-    if (c.w == nullptr || c.y == nullptr) return at + "w and y must not be null";
-    if (c.in_features < 8 || c.in_features % kVec || c.out_features < 1)
-      return at + "in_features must be a positive multiple of 8 and out_features positive";
-    if (i > 0 && c.in_features != layers[i - 1].out_features)
-      return at + "in_features must equal the previous layer's out_features";
-    if (c.in_features * elem > kSmallLinearNormMaxBytes)
-      return at + "at most " + std::to_string(kSmallLinearNormMaxBytes) + " bytes of input";
-    if (misaligned(c.w) || misaligned(c.y) || reinterpret_cast<uintptr_t>(c.bias) % elem)
-      return at + "w and y must be 16-byte aligned";
-    if (c.act != 0 && c.act != 1) return at + "act must be 0 (none) or 1 (relu)";
-    if (c.has_norm) {
-      const NormPrologue& p = c.norm;
-      if (c.in_features > kAddNormMaxHidden)
-        return at + "a norm takes up to " + std::to_string(kAddNormMaxHidden) + " inputs";
-      if (p.h == nullptr || p.weight == nullptr || p.sum_out == nullptr)
-        return at + "a norm needs h, weight and sum_out";
-      if (misaligned(p.h) || misaligned(p.weight) || misaligned(p.bias) || misaligned(p.sum_out))
-        return at + "the norm's pointers must be 16-byte aligned";
-      if (p.rms != 0 && p.rms != 1) return at + "rms must be 0 (LayerNorm) or 1 (RMSNorm)";
-    }
-  }
-  auto s = static_cast<cudaStream_t>(stream);
-  cudaError_t e;
-  if (dtype == DType::kFloat16)
-    e = launch_chain<__half>(x, layers, n, barrier, s);
-  else if (dtype == DType::kBFloat16)
-    e = launch_chain<__nv_bfloat16>(x, layers, n, barrier, s);
-  else
-    return "linear_chain: fp16 or bf16 only";
-  return e == cudaSuccess ? "" : cudaGetErrorString(e);
-}
 
 std::string small_linear(void* y, const void* x, const void* w, const void* bias, int64_t rows,
                          int64_t out_features, int64_t in_features, int64_t x_stride, int act, DType dtype,

@@ -42,33 +42,4 @@ std::string small_linear(void* y, const void* x, const void* w, const void* bias
                          int64_t out_features, int64_t in_features, int64_t x_stride, int act, DType dtype,
                          void* stream, const NormPrologue* norm = nullptr, bool out_f32 = false);
 
-// One linear layer of a chain (linear_chain): y = act(x @ w.T + bias), where x is the chain's input
-// for the first layer and the previous layer's y for the others, or with `norm` (norm.weight set)
-// norm(norm.h + that), whose sum is stored to norm.sum_out (norm.a is unused).
-struct ChainLinear {
-  const void* w = nullptr;     // [out_features, in_features] contiguous
-  const void* bias = nullptr;  // [out_features] or null
-  void* y = nullptr;           // [out_features]
-  int64_t out_features = 0;
-  int64_t in_features = 0;
-  int act = 0;  // 0 none, 1 ReLU
-  bool has_norm = false;
-  NormPrologue norm;
-};
-
-// Most layers one linear_chain runs.
-constexpr int kLinearChainMax = 4;
-
-// Linear layers one after another over one input row, each reading the last one's output, as one
-// persistent kernel: its blocks (as many as fit on the device at once) take each layer's tiles of
-// output features in turn, load their first tile of the next layer's weights, then wait at a grid
-// barrier until every block has written its outputs. The weights stream without the launch gap
-// and the tail of a kernel per layer. Every output equals small_linear's for the same layer (with
-// its norm prologue where `norm` is set) bit for bit. x: [in_features of layer 0]; every pointer
-// 16-byte aligned; fp16 or bf16. `barrier`: 2 zeroed uint32 on the device, left zeroed; one per
-// stream (launches on one stream never run at once). Needs every block resident at once: no other
-// stream may hold the device's SMs for the kernel's duration.
-std::string linear_chain(const void* x, const ChainLinear* layers, int n, unsigned* barrier, DType dtype,
-                         void* stream);
-
 }  // namespace dejavu

@@ -6,8 +6,5 @@ std::string small_linear(void*, const void*, const void*, const void*, int64_t, 
                          DType, void*, const NormPrologue*, bool) {
   return "dejavu was built without CUDA (DEJAVU_CUDA=off or no nvcc at build time)";
 }
-std::string linear_chain(const void*, const ChainLinear*, int, unsigned*, DType, void*) {
-  return "dejavu was built without CUDA (DEJAVU_CUDA=off or no nvcc at build time)";
-}
 }  // namespace dejavu
 #endif

@@ -12,10 +12,6 @@ as kernels of their own (a baseline).
 CUDA; DEJAVU_NORM=torch, other dtypes and the CPU use the torch ops). `add_norm_linear` also runs
 the linear layer that reads the norm's output, in the same kernel where the linear kernel serves.
 
-`linear_chain` runs several linear layers in a row (OPT's out_proj, then the add, norm and fc1,
-then fc2) as one persistent kernel at batch 1, with grid barriers between them. It is off unless
-DEJAVU_LINEAR_CHAIN=1: measured, it made the step slower (docs/gpu-fast-path.md).
-
 `linear` runs the models' linear layers: with at most `SMALL_LINEAR_ROWS` rows of fp16/bf16 input
 on CUDA (a decode step at batch 1-4) through our weight-streaming kernel, otherwise (and with
 DEJAVU_LINEAR=torch) through torch.nn.functional.linear, its reference.
@@ -81,7 +77,7 @@ _COUNTERS: dict[tuple[int, int, str], torch.Tensor] = {}
 
 def _counters(device: torch.device, stream: int, rows: int, user: str = "attention") -> torch.Tensor:
     """Zeroed uint32 counters of a kernel family (`user`: the attention kernel's in-kernel combine,
-    linear_chain's grid barrier, the greedy kernel's slices; or scratch words of any content that a
+    the greedy kernel's slices; or scratch words of any content that a
     kernel family needs per stream, as "greedy parts"): one set per (device, stream, user), since
     launches on one stream never overlap and each launch leaves them at 0 again. Allocated (at least 8192) the first time a
     size is needed, outside any graph capture: capture runs a warm-up step of the same shape first."""
@@ -272,64 +268,6 @@ def add_norm_linear(h: torch.Tensor, a: torch.Tensor, norm: torch.nn.Module, wei
         return s, y
     s, x = add_norm(h, a, norm)
     return s, linear(x, weight, bias, relu)
-
-
-# Linear chains are off by default: on an H200 the OPT-1.3B batch-1 step took 11% longer with
-# them than with the layers as kernels of their own (docs/BENCHMARKS.md, fifteenth session).
-# DEJAVU_LINEAR_CHAIN=1 turns them on.
-LINEAR_CHAIN = os.environ.get("DEJAVU_LINEAR_CHAIN", "0") == "1"
-
-
-class ChainLayer:
-    """One layer of kernels.linear_chain: y = act(x @ weight.T + bias), where x is the previous
-    layer's output (the chain's input for the first), or with `norm` (and `h`) norm(h + that)."""
-    __slots__ = ("weight", "bias", "relu", "norm", "h")
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False,
-                 norm: torch.nn.Module | None = None, h: torch.Tensor | None = None):
-        if (norm is None) != (h is None):
-            raise ValueError("ChainLayer: a norm needs h and h needs a norm")
-        self.weight, self.bias, self.relu, self.norm, self.h = weight, bias, relu, norm, h
-
-
-def linear_chain(x: torch.Tensor, layers: list[ChainLayer]) -> tuple[list[torch.Tensor], list] | None:
-    """Runs `layers` one after another over one row x ([1, in_features]) in one persistent kernel
-    (csrc/kernels/gemv.h: linear_chain). Returns (outputs, sums): each layer's output, and for a
-    layer with a norm the sum h + input it normalised (None for the others). Every value equals,
-    bit for bit, the layers run one by one with `linear` and `add_norm_linear`. None where the
-    kernel does not serve (CPU, fp32, more than one row, wide rows, LINEAR_CHAIN off, or a kernel
-    family switched to torch): the caller then runs the layers apart."""
-    if not (LINEAR_CHAIN and 1 <= len(layers) <= _C.linear_chain_max and x.dim() == 2 and x.shape[0] == 1
-            and _small_linear_serves(x, layers[0].weight, layers[0].bias) and x.is_contiguous()):
-        return None
-    width, spec, outs, sums = x.shape[1], [], [], []
-    for layer in layers:
-        w, b = layer.weight, layer.bias
-        if (w.dim() != 2 or w.shape[1] != width or w.dtype != x.dtype or not w.is_contiguous()
-                or width * x.element_size() > _C.small_linear_norm_max_bytes or width % 8
-                or (b is not None and (b.dtype != x.dtype or not b.is_contiguous() or b.data_ptr() % 16))
-                or w.data_ptr() % 16 or (torch.is_grad_enabled() and w.requires_grad)):
-            return None
-        y = torch.empty((1, w.shape[0]), dtype=x.dtype, device=x.device)
-        d = dict(w=w.data_ptr(), bias=0 if b is None else b.data_ptr(), y=y.data_ptr(), out_features=w.shape[0],
-                 in_features=width, act=int(layer.relu))
-        s = None
-        if layer.norm is not None:
-            args = _add_norm_args(layer.h, layer.h, layer.norm)  # (the chain supplies a)
-            if args is None or layer.h.shape != (1, width):
-                return None
-            h, _, nw, nb, rms = args
-            s = torch.empty_like(h)
-            d.update(norm_h=h.data_ptr(), norm_weight=nw.data_ptr(), norm_bias=0 if nb is None else nb.data_ptr(),
-                     sum_out=s.data_ptr(), eps=float(layer.norm.eps), rms=int(rms))
-        spec.append(d)
-        outs.append(y)
-        sums.append(s)
-        width = w.shape[0]
-    stream = _stream(x.device)
-    barrier = _counters(x.device, stream, 2, "chain")  # (arrivals, departures)
-    _C.linear_chain(x.data_ptr(), spec, barrier.data_ptr(), _HALF[x.dtype], stream)
-    return outs, sums
 
 
 # Per-row fields of a graph bucket's decode inputs before its block tables (engine/cuda_graphs.py's

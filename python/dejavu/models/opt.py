@@ -62,21 +62,7 @@ class OPTLayer(PreNormBlock):
         return self.self_attn.qkv
 
     def body(self, h, qkv, positions, meta, cache):
-        attn = self.self_attn
-        if kernels.LINEAR_CHAIN and self.relu and attn.out_proj.tp_group is None and self.fc2.tp_group is None:
-            # out_proj, the residual add, the norm, fc1 with its ReLU and fc2: one persistent kernel
-            # at batch 1 on the GPU (kernels.linear_chain; off by default), else the kernels below.
-            o = attn.attention(qkv, positions, meta, cache)
-            out = kernels.linear_chain(o, [
-                kernels.ChainLayer(attn.out_proj.weight, attn.out_proj.bias),
-                kernels.ChainLayer(self.fc1.weight, self.fc1.bias, relu=True, norm=self.final_layer_norm, h=h),
-                kernels.ChainLayer(self.fc2.weight, self.fc2.bias)])
-            if out is not None:
-                (_, _, y), (_, s, _) = out
-                return s, y
-            a = attn.out_proj(o)
-        else:
-            a = attn.attend(qkv, positions, meta, cache)
+        a = self.self_attn.attend(qkv, positions, meta, cache)
         # The residual add, the norm and fc1 (with its ReLU): one kernel at decode sizes.
         h, x = kernels.add_norm_linear(h, a, self.final_layer_norm, self.fc1.weight, self.fc1.bias, relu=self.relu)
         return h, self.fc2(x if self.relu else self.act(x))
