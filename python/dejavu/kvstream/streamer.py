@@ -12,10 +12,11 @@ GPU copies run on dedicated CUDA streams, ordered after the producing compute by
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from .. import _C
-from ..engine.kv_cache import PagedKVCache
 from .dist import _completion
 from .futures import Future, gather_futures
 from .pool import PinnedPool
@@ -33,6 +34,15 @@ DEFAULT_CUDA_MODE = "auto"
 DEFAULT_PEER_PIECE = 128 << 20
 
 
+class PagedCache(Protocol):
+    """What DéjàVuLib needs of a paged KV cache (the engine's PagedKVCache is one): the tensor
+    [layers, blocks, 2, block_size, kv_heads, head_dim] and its layout for the C++ core."""
+    tensor: torch.Tensor
+    num_kv_heads: int
+
+    def layout(self) -> "_C.KVLayout": ...
+
+
 class _Direction:
     """One direction's streams and double-buffered staging on the device."""
 
@@ -45,7 +55,7 @@ class _Direction:
 
 
 class KVStreamer:
-    def __init__(self, cache: PagedKVCache, level: int = DEFAULT_LEVEL, pool_bytes: int = 256 << 20,
+    def __init__(self, cache: PagedCache, level: int = DEFAULT_LEVEL, pool_bytes: int = 256 << 20,
                  piece_bytes: int = 8 << 20, cuda_mode: str = DEFAULT_CUDA_MODE, workers=None, threads: int = 4,
                  peer_piece_bytes: int = DEFAULT_PEER_PIECE):
         if level not in LEVELS:
