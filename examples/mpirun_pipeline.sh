@@ -11,7 +11,7 @@
 #     bash examples/mpirun_pipeline.sh
 set -euo pipefail
 : "${CONTROLLER:?set CONTROLLER=host:port of the controller}"
-: "${DEJAVU_CLUSTER_TOKEN:?set DEJAVU_CLUSTER_TOKEN to the controller's token}"
+: "${DEJAVU_CLUSTER_TOKEN:?set DEJAVU_CLUSTER_TOKEN to the token of the controller}"
 ROOT=()
 [ "$(id -u)" = 0 ] && ROOT=(--allow-run-as-root)
 exec mpirun "${ROOT[@]}" --oversubscribe -n "${WORKERS:-4}" ${HOSTFILE:+--hostfile "$HOSTFILE"} \

@@ -11,7 +11,7 @@ def plot(results: list[dict], path: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise PlanError("--plot needs matplotlib: pip install 'dejavu[plot]' (or matplotlib)") from None
+        raise PlanError("--plot needs matplotlib: pip install 'dejavu-serve[plot]' (or matplotlib)") from None
     names = [r["deployment"] for r in results]
     fig, (a, b) = plt.subplots(1, 2, figsize=(4 + 1.6 * len(names), 3.6))
     a.bar(names, [r["tokens_per_s"] for r in results], color="#4c72b0")
