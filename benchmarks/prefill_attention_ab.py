@@ -1,14 +1,14 @@
-"""Prefill of fresh prompts: the engine's SDPA prefill attention before the twentieth session and
-now, and HF's forward pass, alternating in one process. On a CPU the attention takes the torch
+"""Prefill of fresh prompts: the engine's SDPA prefill attention, the copying form it replaced, and
+HF's forward pass, alternating in one process. On a CPU the attention takes the torch
 path, not this one: the comparison means something on a GPU only.
 
     python benchmarks/prefill_attention_ab.py [--model random:opt-1.3b] [--batch 8,32,64] [--prompt-len 512] [--runs 5] [--device cuda]
 
-Before, models/layers.py _causal_attention built the padded [B, heads, T, D] inputs as
-torch.cat([x, zero row])[q_index] for each of q, k and v (two copies each) and gathered the output
-back by out_index (two more): at batch 32 and 512 tokens each copy moves 67 MB, about 25 GB a
-prefill. Now a batch of one prompt length passes views, and a ragged one gathers each input once.
-The earlier version is kept below (`before`) only for this comparison. Prints, per batch, the
+The copying form (`before`, kept here only as this benchmark's baseline) built the padded
+[B, heads, T, D] inputs as torch.cat([x, zero row])[q_index] for each of q, k and v (two copies
+each) and gathered the output back by out_index (two more): at batch 32 and 512 tokens each copy
+moves 67 MB, about 25 GB a prefill. models/layers.py _causal_attention passes views for a batch of
+one prompt length, and a ragged one gathers each input once. Prints, per batch, the
 median prefill time of each over --runs alternating runs, after one untimed run of each.
 """
 import argparse
@@ -21,7 +21,7 @@ from dejavu.bench.decode import _ours, add_engine_args, engine_and_hf, hf_forwar
 
 
 def before(q, k, v, meta, scale):
-    """_causal_attention as it was before the twentieth session."""
+    """The copying form of _causal_attention (the baseline)."""
     n, h, d = q.shape
     b, t = meta.q_index.shape
 
