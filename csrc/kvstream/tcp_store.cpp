@@ -149,7 +149,7 @@ void TcpStoreServer::accept_loop() {
 }
 
 void TcpStoreServer::serve(int fd, int id) {
-  set_timeouts(fd, 30.0);  // a peer silent for 30 s mid-frame is dropped
+  set_timeouts(fd, kAuthDeadline);  // until HELLO: a peer silent mid-frame is dropped soon
   const auto opened = std::chrono::steady_clock::now();
   auto bump = [&](int64_t TcpStoreStats::*field) {
     std::lock_guard<std::mutex> g(mu_);
@@ -208,6 +208,7 @@ void TcpStoreServer::serve(int fd, int id) {
           break;
         }
         authed = true;
+        set_timeouts(fd, 30.0);  // a member silent for 30 s mid-frame is dropped
         send_text(fd, FrameType::kOk, "");
         continue;
       }
@@ -305,7 +306,7 @@ std::vector<std::string> TcpStoreServer::keys() const {
 TcpStoreStats TcpStoreServer::stats() const {
   std::lock_guard<std::mutex> g(mu_);
   TcpStoreStats s = stats_;
-  s.active = static_cast<int64_t>(conns_.size() - finished_.size());
+  s.active = static_cast<int64_t>(conns_.size());  // threads held: running, or finished and not yet joined
   return s;
 }
 

@@ -49,6 +49,7 @@ constexpr double kAuthDeadline = 10.0;   // seconds a new connection has to pass
 FrameHeader make_header(FrameType type, uint32_t key_len, const uint8_t* payload, uint64_t payload_len);
 
 struct TcpStoreStats {
+  // active: connection threads held (not yet joined); refused_connections: closed over the cap.
   int64_t connections = 0, refused_connections = 0, active = 0, auth_failures = 0, bad_frames = 0, checksum_failures = 0, truncated = 0, puts = 0,
           gets = 0, bytes_stored = 0;
 };

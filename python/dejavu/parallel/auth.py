@@ -85,6 +85,24 @@ def hello_problem(hello: dict, world: int) -> str | None:
     return None
 
 
+_INT_FIELDS = ("rank", "id", "mb", "epoch", "bytes")
+_INT_LISTS = ("tokens", "bad")
+
+
+def message_problem(msg: dict) -> str | None:
+    """What is wrong with the shape of a member's control message (its fields' types), or None."""
+    if not isinstance(msg.get("t"), str):
+        return "a message without a string type"
+    for k in _INT_FIELDS:
+        if k in msg and (isinstance(msg[k], bool) or not isinstance(msg[k], int)):
+            return f"{msg['t']}: {k} must be an integer, got {msg[k]!r}"
+    for k in _INT_LISTS:
+        if k in msg and (not isinstance(msg[k], list) or
+                         not all(isinstance(x, int) and not isinstance(x, bool) for x in msg[k])):
+            return f"{msg['t']}: {k} must be a list of integers"
+    return None
+
+
 class Acceptor:
     """Accepts on `listener` until closed; each connection's HELLO is checked on its own thread and
     the accepted (Channel, hello) pairs come out of `get` in the order their handshakes completed."""

@@ -30,7 +30,7 @@ from ..engine.sequence import Sequence
 from ..kvstream.routing import split_layers
 from ..models.loader import ModelSource
 from ..parallel import launch
-from ..parallel.auth import Acceptor, cluster_prefix
+from ..parallel.auth import Acceptor, cluster_prefix, message_problem
 
 log = logging.getLogger("dejavu.pipeline")
 
@@ -325,6 +325,13 @@ class PipelineEngine(LLMEngine):
                 self._last_seen[rank] = time.monotonic()
                 if msg["t"] == "hb":
                     continue
+                problem = message_problem(msg)
+                if problem is not None:  # refused: the worker is cut off (and replaced) like a dead one
+                    log.warning("worker %d sent a malformed message (%s): closing its connection", rank, problem)
+                    ch.close()
+                    raise ConnectionError(f"malformed message: {problem}")
+                if "rank" in msg:
+                    msg["rank"] = rank  # a worker speaks for its own rank only
                 msg["_rank"], msg["_gen"] = rank, gen
                 self._inbox.put(msg)
         except (ConnectionError, OSError) as e:
@@ -479,6 +486,9 @@ class PipelineEngine(LLMEngine):
     def _on_tokens(self, msg: dict) -> list[Sequence]:
         """A microbatch's sampled tokens came back: append them to the sequences still live."""
         i = msg["mb"]
+        if not 0 <= i < len(self.inflight):  # refused without effect
+            log.warning("worker %d answered for microbatch %d, which does not exist", msg["_rank"], i)
+            return []
         if (self.inflight[i] is None or self.inflight[i][0] != msg["id"]) and self._stale(msg["id"]):
             return []  # a step from before a recovery: replayed already
         step_id, seqs, _ = self.inflight[i]
