@@ -16,6 +16,7 @@
 #include "kernels/greedy.h"
 #include "kernels/norm.h"
 #include "kernels/pdl.h"
+#include "kvstream/blake2b.h"
 #include "kvstream/cuda_copy.h"
 #include "kvstream/file_store.h"
 #include "kvstream/handle.h"
@@ -120,6 +121,25 @@ PYBIND11_MODULE(_C, m) {
      py::arg("piece_bytes"), py::arg("out"), py::arg("threads") = 4,
      "One CRC-32C per item over its pieces, in place: item j covers piece_bytes at base + item_offsets[j] + "
      "piece_offsets[p] for each p in order (int64 arrays); results to the int64 array at out.");
+  m.def("mac_items", [](py::bytes key, uintptr_t base, uintptr_t item_offsets, uintptr_t ids, int64_t n_items,
+                        uintptr_t piece_offsets, int64_t n_pieces, int64_t piece_bytes, uintptr_t out) {
+    std::string k = key;
+    if (k.size() > 64) throw std::invalid_argument("a MAC key has at most 64 bytes");
+    py::gil_scoped_release nogil;
+    mac_items(k, as_ptr<const uint8_t>(base), as_ptr<const int64_t>(item_offsets), as_ptr<const int64_t>(ids), n_items,
+              as_ptr<const int64_t>(piece_offsets), n_pieces, piece_bytes, as_ptr<int64_t>(out));
+  }, py::arg("key"), py::arg("base"), py::arg("item_offsets"), py::arg("ids"), py::arg("n_items"),
+     py::arg("piece_offsets"), py::arg("n_pieces"), py::arg("piece_bytes"), py::arg("out"),
+     "As crc32c_items, but each item's keyed BLAKE2b-64 over le64(ids[2j]), le64(ids[2j+1]) and its pieces "
+     "(the MAC of a replica slot on disk).");
+  m.def("blake2b", [](py::bytes data, py::bytes key, int out_len) {
+    std::string d = data, k = key;
+    std::string out(static_cast<size_t>(out_len), '\0');
+    Blake2b h(static_cast<size_t>(out_len), reinterpret_cast<const uint8_t*>(k.data()), k.size());
+    h.update(reinterpret_cast<const uint8_t*>(d.data()), d.size());
+    h.final(reinterpret_cast<uint8_t*>(out.data()));
+    return py::bytes(out);
+  }, py::arg("data"), py::arg("key") = py::bytes(""), py::arg("out_len") = 64, "Keyed BLAKE2b (RFC 7693), for tests.");
 
   // ---------------------------------------------------------------- errors
   auto base_err = py::register_exception<TransportError>(m, "TransportError", PyExc_ConnectionError);
@@ -200,6 +220,8 @@ PYBIND11_MODULE(_C, m) {
   py::class_<TcpStoreStats>(m, "TcpStoreStats")
       .def_readonly("connections", &TcpStoreStats::connections)
       .def_readonly("auth_failures", &TcpStoreStats::auth_failures)
+      .def_readonly("refused_connections", &TcpStoreStats::refused_connections)
+      .def_readonly("active", &TcpStoreStats::active)
       .def_readonly("bad_frames", &TcpStoreStats::bad_frames)
       .def_readonly("checksum_failures", &TcpStoreStats::checksum_failures)
       .def_readonly("truncated", &TcpStoreStats::truncated)
@@ -289,6 +311,7 @@ PYBIND11_MODULE(_C, m) {
   py::class_<ReplicaMirror, std::shared_ptr<ReplicaMirror>>(m, "ReplicaMirror",
                                                            "A replica holder's mirror of a paged cache (replica_mirror.h)")
       .def(py::init<const KVLayout&, uintptr_t, uintptr_t>(), py::arg("layout"), py::arg("data"), py::arg("chk"))
+      .def("set_key", [](ReplicaMirror& m, py::bytes key) { m.set_key(std::string(key)); }, py::arg("key"))
       .def("put_slots", [](ReplicaMirror& m, const std::vector<int64_t>& blocks, const std::vector<int64_t>& slots,
                            uintptr_t payload, int64_t n) {
         py::gil_scoped_release nogil;

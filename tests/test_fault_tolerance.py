@@ -14,7 +14,9 @@ import torch
 
 from conftest import alive
 from dejavu import LLM, SamplingParams
-from dejavu.kvstream.replica import ReplicaClient, ReplicaError, ReplicaServer, block_checksums, slot_checksums
+from dejavu.kvstream.replica import (ReplicaClient, ReplicaError, ReplicaServer, block_checksums, mac_key,
+                                    slot_checksums)
+from dejavu.parallel.auth import cluster_prefix
 
 MODEL = "random:llama-tiny"
 PROMPTS = [[5, 6, 7], [9] * 10, list(range(1, 14)), [100], list(range(200, 231)), [7] * 20, [3, 4], [50] * 6]
@@ -77,7 +79,8 @@ def test_replica_store_applies_slots_and_detects_corruption(tmp_path):
         data, chk = cli.get_blocks("s1.0", [4, 1])
         x = data.view(torch.float32).view(3, 2, 2, 4, 2, 8)
         assert torch.equal(x[:, 0, :, 0], cache[:, 4, :, 0]) and torch.equal(x[:, 1, :, 3], cache[:, 1, :, 3])
-        ok = block_checksums(x) == chk.view(2, 4)
+        key = mac_key(token, "s1.0")  # on disk: each slot's checksum is its MAC
+        ok = block_checksums(x, [4, 1], key) == chk.view(2, 4)
         assert ok[0, 0] and ok[0, 1] and ok[1, 3]
         # Corrupt the file on disk under the holder: the checksum no longer matches.
         path = tmp_path / "c-s1.0.kv"
@@ -86,13 +89,27 @@ def test_replica_store_applies_slots_and_detects_corruption(tmp_path):
         raw[off] ^= 0xFF
         path.write_bytes(bytes(raw))
         data, chk = cli.get_blocks("s1.0", [4])
-        assert not bool((block_checksums(data.view(torch.float32).view(3, 1, 2, 4, 2, 8)) == chk.view(1, 4))[0, 0])
-        # A replacement holder reopens the same files and still has the replica.
+        assert not bool((block_checksums(data.view(torch.float32).view(3, 1, 2, 4, 2, 8), [4], key)
+                         == chk.view(1, 4))[0, 0])
+        # Rewritten with CRCs to match: a CRC would accept it, the MAC does not.
+        _rewrite_consistently(tmp_path / "c-s1.0")
+        data, chk = cli.get_blocks("s1.0", [4, 1])
+        x = data.view(torch.float32).view(3, 2, 2, 4, 2, 8)
+        assert bool((block_checksums(x) == chk.view(2, 4)).all())  # CRCs fixed up: a CRC check is fooled
+        assert not bool((block_checksums(x, [4, 1], key) == chk.view(2, 4)).any())
+        srv.stop()
+        srv = ReplicaServer(token, directory=str(tmp_path), prefix="c-")
+        cli = ReplicaClient("127.0.0.1", srv.port, token)
+        cli.open("s1.0", shape, torch.float32)
+        cli.put_slots("s1.0", blocks, slots, payload.contiguous().view(torch.uint8).reshape(-1))
+        # A replacement holder reopens the same files (from their .meta) and still has the replica.
         srv2 = ReplicaServer(token, directory=str(tmp_path), prefix="c-")
         cli2 = ReplicaClient("127.0.0.1", srv2.port, token)
-        cli2.open("s1.0", shape, torch.float32)
-        data2, _ = cli2.get_blocks("s1.0", [1])
-        assert torch.equal(data2.view(torch.float32).view(3, 1, 2, 4, 2, 8)[:, 0, :, 3], cache[:, 1, :, 3])
+        data2, chk2 = cli2.get_blocks("s1.0", [1])
+        x2 = data2.view(torch.float32).view(3, 1, 2, 4, 2, 8)
+        assert torch.equal(x2[:, 0, :, 3], cache[:, 1, :, 3])
+        assert bool((block_checksums(x2, [1], key) == chk2.view(1, 4))[0, 3])
+        assert not bool((block_checksums(x2, [4], key) == chk2.view(1, 4))[0, 3])  # a slot moved elsewhere fails
         with pytest.raises(ReplicaError, match="no replica"):
             cli2.get_blocks("s9.0", [0])
         with pytest.raises(ReplicaError, match="out of range"):
@@ -306,6 +323,18 @@ def test_hung_worker_is_detected_by_heartbeats(reference):
         finish(llm, killed)
 
 
+def _rewrite_consistently(base):
+    """What an attacker who can write the replica files does: new KV, and each slot's CRC-32C
+    recomputed to match it (the MAC needs the cluster token's key, which they lack)."""
+    meta = json.loads(open(f"{base}.meta").read())
+    dtype = getattr(torch, meta["dtype"])
+    x = torch.from_file(f"{base}.kv", shared=True, size=int(torch.Size(meta["shape"]).numel()), dtype=dtype)
+    x = x.view(meta["shape"])
+    x.copy_(torch.randn(x.shape).to(dtype))
+    chk = torch.from_file(f"{base}.chk", shared=True, size=meta["shape"][1] * meta["shape"][3], dtype=torch.int64)
+    chk.copy_(block_checksums(x).view(-1))
+
+
 def test_corrupted_replica_is_never_used(reference, tmp_path):
     llm = LLM(device="cpu", model=MODEL, pp=2, block_size=4, kv_cache_blocks=256, worker_timeout=60, replicate=True,
               replicate_dir=str(tmp_path))
@@ -315,10 +344,8 @@ def test_corrupted_replica_is_never_used(reference, tmp_path):
         seqs = [eng.add_request(p, sp) for p, sp in zip(PROMPTS, PARAMS)]
         for _ in range(14):
             eng.step()
-        mirror = tmp_path / f"dejavu-{eng.token[:12]}-s1.0.kv"  # s1.0's replica, held by s0.0
-        size = mirror.stat().st_size
-        with open(mirror, "r+b") as f:
-            f.write(os.urandom(size))
+        base = tmp_path / f"{cluster_prefix(eng.token)}s1.0"  # s1.0's replica, held by s0.0
+        _rewrite_consistently(base)
         pid = eng.worker_info[1]["pid"]
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
@@ -445,3 +472,27 @@ def test_streams_survive_a_worker_killed_under_http_load(reference, replicate):
     finally:
         srv.stop()
         finish(llm, [pid])
+
+
+def test_disk_replicas_survive_both_workers_killed(reference, tmp_path):
+    """--replicate-dir: both stage workers of pp=2 die at once (each held the other's replica). The
+    replacements reopen the replica files the dead holders left and restore from them: only the
+    tokens past the watermark are recomputed, the output equals the failure-free run, and the
+    files are private (600, directory 700) and gone after a clean shutdown."""
+    d = tmp_path / "replicas"
+    llm = LLM(model=MODEL, pp=2, block_size=4, kv_cache_blocks=256, worker_timeout=60, replicate=True,
+              replicate_dir=str(d))
+    killed = []
+    try:
+        got, killed = run(llm, [(20, 0), (20, 1)])
+        assert got == reference
+        ft = llm.engine.fault_tolerance()
+        recomputed = sum(ev["recomputed_tokens"] for ev in ft["recoveries"])
+        assert sum(ev["bad_replicas"] for ev in ft["recoveries"]) == 0, ft
+        assert recomputed <= 3 * len(PROMPTS), ft  # from the prompts would be hundreds
+        assert (d.stat().st_mode & 0o777) == 0o700
+        files = sorted(p.name for p in d.iterdir())
+        assert files and all((d / f).stat().st_mode & 0o777 == 0o600 for f in files), files
+    finally:
+        finish(llm, killed)
+    assert list(d.iterdir()) == [], "replica files outlived a clean shutdown"

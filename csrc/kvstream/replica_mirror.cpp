@@ -4,6 +4,7 @@
 #include <cstring>
 #include <stdexcept>
 
+#include "kvstream/blake2b.h"
 #include "kvstream/host_copy.h"
 #include "kvstream/msgpack_lite.h"
 #include "kvstream/net.h"
@@ -19,6 +20,21 @@ ReplicaMirror::ReplicaMirror(const KVLayout& layout, uintptr_t data, uintptr_t c
     : layout_(layout), data_(reinterpret_cast<uint8_t*>(data)), chk_(reinterpret_cast<int64_t*>(chk)) {
   layout_.validate();
   if (!data_ || !chk_) throw std::invalid_argument("ReplicaMirror needs its data and checksum memory");
+}
+
+void ReplicaMirror::set_key(const std::string& key) {
+  if (key.size() > 64) throw std::invalid_argument("a replica MAC key has at most 64 bytes");
+  std::lock_guard<std::mutex> g(mu_);
+  key_ = key;
+}
+
+int64_t ReplicaMirror::slot_mac(int64_t block, int64_t slot) const {
+  const KVLayout& l = layout_;
+  std::vector<const uint8_t*> pieces;
+  pieces.reserve(static_cast<size_t>(l.num_layers) * 2);
+  for (int64_t layer = 0; layer < l.num_layers; ++layer)
+    for (int64_t kv = 0; kv < 2; ++kv) pieces.push_back(data_ + l.token_offset(layer, block, slot, kv));
+  return slot_tag(key_, block, slot, pieces.data(), static_cast<int64_t>(pieces.size()), l.token_bytes());
 }
 
 void ReplicaMirror::check_blocks(const std::vector<int64_t>& blocks) const {
@@ -54,7 +70,9 @@ void ReplicaMirror::put_slots(const std::vector<int64_t>& blocks, const std::vec
           for (int64_t i = 0; i < m; ++i) c[i] = crc32c(rows[i], static_cast<size_t>(tb), c[i]);
         }
       }
-    for (int64_t i = 0; i < m; ++i) chk_[blocks[j + i] * l.block_size + slots[j + i]] = c[i];
+    for (int64_t i = 0; i < m; ++i)
+      chk_[blocks[j + i] * l.block_size + slots[j + i]] =
+          key_.empty() ? c[i] : slot_mac(blocks[j + i], slots[j + i]);
   }
 }
 
@@ -71,6 +89,10 @@ void ReplicaMirror::put_blocks(const std::vector<int64_t>& blocks, const uint8_t
       std::memcpy(data_ + l.chunk_offset(layer, blocks[j]), payload + (layer * k + j) * cb, static_cast<size_t>(cb));
   for (int64_t b : blocks)
     for (int64_t s = 0; s < l.block_size; ++s) {
+      if (!key_.empty()) {
+        chk_[b * l.block_size + s] = slot_mac(b, s);
+        continue;
+      }
       uint32_t c = 0;
       for (int64_t layer = 0; layer < l.num_layers; ++layer)
         for (int64_t kv = 0; kv < 2; ++kv) c = crc32c(data_ + l.token_offset(layer, b, s, kv), static_cast<size_t>(tb), c);

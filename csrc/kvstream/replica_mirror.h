@@ -20,6 +20,9 @@ class ReplicaMirror {
   // slot's bytes, layer-major: layer 0 K, layer 0 V, layer 1 K, ...).
   ReplicaMirror(const KVLayout& layout, uintptr_t data, uintptr_t chk);
   const KVLayout& layout() const { return layout_; }
+  // A non-empty key makes every slot's checksum its keyed MAC (blake2b.h's slot_tag) instead of its
+  // CRC-32C: for mirrors kept on disk, where whoever can write the files could fix up CRCs.
+  void set_key(const std::string& key);
   // payload: [layers][slots][K, V][token bytes], as the sender packs it. Throws std::invalid_argument.
   void put_slots(const std::vector<int64_t>& blocks, const std::vector<int64_t>& slots, const uint8_t* payload,
                  int64_t n);
@@ -30,7 +33,9 @@ class ReplicaMirror {
 
  private:
   void check_blocks(const std::vector<int64_t>& blocks) const;
+  int64_t slot_mac(int64_t block, int64_t slot) const;  // from the mirror's bytes
   const KVLayout layout_;
+  std::string key_;
   uint8_t* const data_;
   int64_t* const chk_;
   mutable std::mutex mu_;

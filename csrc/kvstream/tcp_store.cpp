@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstring>
 
 #include "kvstream/host_copy.h"
@@ -41,6 +42,8 @@ std::string header_problem(const FrameHeader& h) {
   if (h.key_len > kMaxKeyLen) return "frame key too long";
   return "";
 }
+
+struct AuthTimeout {};
 
 bool constant_time_equal(const std::string& a, const std::string& b) {
   unsigned char diff = a.size() == b.size() ? 0 : 1;
@@ -107,9 +110,25 @@ void TcpStoreServer::stop() {
   for (auto& [id, t] : conns) t.join();
 }
 
+void TcpStoreServer::reap() {
+  std::vector<std::thread> done;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    for (int id : finished_) {
+      auto it = conns_.find(id);
+      if (it == conns_.end()) continue;
+      done.push_back(std::move(it->second));
+      conns_.erase(it);
+    }
+    finished_.clear();
+  }
+  for (auto& t : done) t.join();  // each has only its return left
+}
+
 void TcpStoreServer::accept_loop() {
   int next_id = 0;
   while (!stop_) {
+    reap();
     pollfd p{listen_fd_, POLLIN, 0};
     if (::poll(&p, 1, 100) <= 0) continue;
     int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
@@ -118,13 +137,20 @@ void TcpStoreServer::accept_loop() {
     ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     std::lock_guard<std::mutex> g(mu_);
     ++stats_.connections;
+    if (conns_.size() - finished_.size() >= kMaxConnections) {
+      ++stats_.refused_connections;
+      ::close(fd);
+      continue;
+    }
     open_fds_.push_back(fd);
-    conns_.emplace(next_id++, std::thread([this, fd] { serve(fd); }));
+    const int id = next_id++;
+    conns_.emplace(id, std::thread([this, fd, id] { serve(fd, id); }));
   }
 }
 
-void TcpStoreServer::serve(int fd) {
-  set_timeouts(fd, 30.0);  // a peer silent for 30 s mid-frame is dropped
+void TcpStoreServer::serve(int fd, int id) {
+  set_timeouts(fd, kAuthDeadline);  // until HELLO: a peer silent mid-frame is dropped soon
+  const auto opened = std::chrono::steady_clock::now();
   auto bump = [&](int64_t TcpStoreStats::*field) {
     std::lock_guard<std::mutex> g(mu_);
     ++(stats_.*field);
@@ -132,9 +158,14 @@ void TcpStoreServer::serve(int fd) {
   bool authed = false;
   try {
     for (;;) {
-      // Idle connections wait here without a timeout, checking for shutdown.
+      // Idle connections wait here without a timeout, checking for shutdown; one that has not passed
+      // HELLO within kAuthDeadline is dropped.
       for (;;) {
         if (stop_) throw PeerGone{"server stopping"};
+        if (!authed && std::chrono::steady_clock::now() - opened > std::chrono::duration<double>(kAuthDeadline)) {
+          bump(&TcpStoreStats::auth_failures);
+          throw AuthTimeout{};
+        }
         pollfd p{fd, POLLIN, 0};
         int r = ::poll(&p, 1, 200);
         if (r > 0) break;
@@ -177,6 +208,7 @@ void TcpStoreServer::serve(int fd) {
           break;
         }
         authed = true;
+        set_timeouts(fd, 30.0);  // a member silent for 30 s mid-frame is dropped
         send_text(fd, FrameType::kOk, "");
         continue;
       }
@@ -217,6 +249,7 @@ void TcpStoreServer::serve(int fd) {
         send_text(fd, FrameType::kErr, "unexpected frame type " + std::to_string(h.type));
       }
     }
+  } catch (const AuthTimeout&) {
   } catch (const PeerGone&) {
     if (!stop_) bump(&TcpStoreStats::truncated);
   } catch (const std::exception&) {
@@ -230,6 +263,7 @@ void TcpStoreServer::serve(int fd) {
       break;
     }
   }
+  finished_.push_back(id);
 }
 
 bool TcpStoreServer::contains(const std::string& key) const {
@@ -271,7 +305,9 @@ std::vector<std::string> TcpStoreServer::keys() const {
 
 TcpStoreStats TcpStoreServer::stats() const {
   std::lock_guard<std::mutex> g(mu_);
-  return stats_;
+  TcpStoreStats s = stats_;
+  s.active = static_cast<int64_t>(conns_.size());  // threads held: running, or finished and not yet joined
+  return s;
 }
 
 // ------------------------------------------------------------------------------------ client

@@ -42,12 +42,15 @@ constexpr uint32_t kFrameMagic = 0x54564A44;  // "DJVT"
 constexpr uint16_t kFrameVersion = 1;
 constexpr uint32_t kMaxKeyLen = 4096;
 constexpr uint64_t kMaxPayload = uint64_t{16} << 30;  // one frame carries at most 16 GiB
+constexpr size_t kMaxConnections = 256;  // more at once are closed as they arrive
+constexpr double kAuthDeadline = 10.0;   // seconds a new connection has to pass HELLO
 
 // Fill magic, version and both checksums.
 FrameHeader make_header(FrameType type, uint32_t key_len, const uint8_t* payload, uint64_t payload_len);
 
 struct TcpStoreStats {
-  int64_t connections = 0, auth_failures = 0, bad_frames = 0, checksum_failures = 0, truncated = 0, puts = 0,
+  // active: connection threads held (not yet joined); refused_connections: closed over the cap.
+  int64_t connections = 0, refused_connections = 0, active = 0, auth_failures = 0, bad_frames = 0, checksum_failures = 0, truncated = 0, puts = 0,
           gets = 0, bytes_stored = 0;
 };
 
@@ -69,7 +72,8 @@ class TcpStoreServer {
 
  private:
   void accept_loop();
-  void serve(int fd);
+  void reap();  // joins the threads of connections that ended
+  void serve(int fd, int id);
   std::string token_;
   int64_t max_bytes_;
   int listen_fd_ = -1;
@@ -79,6 +83,7 @@ class TcpStoreServer {
   mutable std::mutex mu_;
   std::unordered_map<std::string, std::vector<uint8_t>> chunks_;
   std::map<int, std::thread> conns_;
+  std::vector<int> finished_;  // ids in conns_ whose thread is done
   std::vector<int> open_fds_;
   TcpStoreStats stats_;
 };

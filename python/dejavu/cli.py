@@ -119,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run one worker process (started by the controller or by mpirun)")
     w.add_argument("--controller", required=True, help="HOST:PORT of the controller")
-    w.add_argument("--token", default="env", help="cluster token, or 'env' to read DEJAVU_CLUSTER_TOKEN (default)")
+    w.add_argument("--token-file", default=None, metavar="PATH",
+                   help="read the cluster token from this file (mode 600) instead of DEJAVU_CLUSTER_TOKEN")
+    w.add_argument("--token", default=None, help=argparse.SUPPRESS)  # refused: see cmd_worker
     w.add_argument("--rank", type=int, default=None, help="worker rank (default: from mpirun's environment)")
     w.add_argument("--standby", action="store_true",
                    help="register as a standby: the controller gives it the rank of the next worker that fails "
@@ -566,13 +568,13 @@ def cmd_serve(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    import os
-
+    from .parallel.auth import read_token
     from .serving.worker import run
 
-    token = os.environ.get("DEJAVU_CLUSTER_TOKEN", "") if args.token == "env" else args.token
-    if not token:
-        raise ValueError("no cluster token: pass --token or set DEJAVU_CLUSTER_TOKEN")
+    if args.token is not None:
+        raise ValueError("--token is not accepted: a command line is readable by every user (/proc/PID/cmdline); "
+                         "put the cluster token in DEJAVU_CLUSTER_TOKEN or a mode-600 file (--token-file PATH)")
+    token = read_token(args.token_file)
     return run(args.controller, token, args.rank, standby=args.standby)
 
 

@@ -7,14 +7,19 @@ source lands at the same place in the mirror. Token-level updates are small (one
 sequence per step); a whole-block update re-seeds a mirror (after its holder was replaced).
 
 Integrity: every frame's payload carries a CRC-32C checked on arrival (a bad frame is refused, never
-applied). At rest, the holder keeps one checksum per token slot (the CRC-32C of the slot's bytes
-over all layers, computed from the applied bytes); whoever fetches a mirror
-recomputes them and never uses a slot that does not match. With a directory the mirror and its
-checksums are files mapped shared: they survive the holder's process (the page cache keeps them)
-and a replacement holder reopens them; a torn write shows up as a checksum mismatch.
+applied). At rest, the holder keeps one checksum per token slot (computed from the applied bytes);
+whoever fetches a mirror recomputes them and never uses a slot that does not match. In memory that
+is the CRC-32C of the slot's bytes over all layers. With a directory the mirror and its checksums
+are files mapped shared (mode 600, directory 700): they survive the holder's process (the page
+cache keeps them), a replacement holder reopens them (their shape is in a `.meta` file beside them),
+and the holder of a clean shutdown removes them. Whoever can write files could fix up CRCs, so
+there each slot's checksum is a MAC instead: keyed BLAKE2b-64 over (block, slot, bytes) with a key
+derived from the cluster token and the source's name (`mac_key`); a rewritten file, a slot moved
+elsewhere, or a torn write fails it.
 
 Wire: 4-byte big-endian header length, a msgpack header {"t": op, ...}, then `n` raw payload
-bytes. The first frame is a HELLO with the cluster token. Nothing is unpickled.
+bytes. The first frame is a HELLO with the cluster token and no payload: nothing larger than
+HELLO_MAX is read, and nothing allocated, before the token checks out. Nothing is unpickled.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import atexit
 import hmac
 import math
 import os
+import re
 import socket
 import struct
 import threading
@@ -30,15 +36,15 @@ import weakref
 import msgpack
 import torch
 
+from ..parallel.auth import AUTH_DEADLINE, HELLO_MAX, derive_key
 from ..parallel.wire import recv_exact, serve_connections
+from .mirror import Mirror, ReplicaError, _dtype
 
 _LEN = struct.Struct(">I")
 MAX_HEADER = 1 << 20
-MAX_PAYLOAD = 16 << 30
-
-
-class ReplicaError(RuntimeError):
-    pass
+MAX_PAYLOAD = 1 << 30  # a frame to the holder (senders split theirs at 64 MiB)
+MAX_REPLY = 16 << 30   # a holder's answer (a whole stage's blocks when restoring)
+_SRC = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # a worker's name: also part of a file name
 
 
 def _crc_items(x: torch.Tensor, item_dims: tuple[int, ...], piece_dims: tuple[int, ...]) -> torch.Tensor:
@@ -78,77 +84,31 @@ def slot_checksums(x: torch.Tensor) -> torch.Tensor:
     return _crc_items(x, item_dims=(1,), piece_dims=(0, 2))
 
 
-def block_checksums(x: torch.Tensor) -> torch.Tensor:
-    """x: [layers, nb, 2, block_size, heads, head_dim] whole blocks -> int64 [nb, block_size]."""
+def block_checksums(x: torch.Tensor, blocks=None, key: bytes | None = None) -> torch.Tensor:
+    """x: [layers, nb, 2, block_size, heads, head_dim] whole blocks -> int64 [nb, block_size]: CRC-32Cs,
+    or with `key` the slots' MACs (a disk mirror's), x's blocks being the cache's `blocks`."""
     nb, bs = x.shape[1], x.shape[3]
-    return _crc_items(x, item_dims=(1, 3), piece_dims=(0, 2)).view(nb, bs)
+    if key is None:
+        return _crc_items(x, item_dims=(1, 3), piece_dims=(0, 2)).view(nb, bs)
+    from .. import _C
+
+    x = x.contiguous()
+    es = x.element_size()
+    items = (torch.arange(nb).view(-1, 1) * (x.stride(1) * es) + torch.arange(bs) * (x.stride(3) * es)).reshape(-1)
+    pieces = (torch.arange(x.shape[0]).view(-1, 1) * (x.stride(0) * es) + torch.arange(2) * (x.stride(2) * es))
+    pieces = pieces.reshape(-1).contiguous()
+    ids = torch.stack([torch.as_tensor(list(blocks), dtype=torch.int64).repeat_interleave(bs),
+                       torch.arange(bs, dtype=torch.int64).repeat(nb)], 1).contiguous()
+    out = torch.empty(nb * bs, dtype=torch.int64)
+    if nb:
+        _C.mac_items(key, x.data_ptr(), items.contiguous().data_ptr(), ids.data_ptr(), nb * bs, pieces.data_ptr(),
+                     pieces.numel(), es * x.shape[4] * x.shape[5], out.data_ptr())
+    return out.view(nb, bs)
 
 
-def _dtype(name: str) -> torch.dtype:
-    dt = getattr(torch, str(name), None)
-    if not isinstance(dt, torch.dtype):
-        raise ReplicaError(f"unknown dtype {name!r}")
-    return dt
-
-
-def _mapped(path: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    nbytes = numel * torch.tensor([], dtype=dtype).element_size()
-    with open(path, "ab"):
-        pass
-    if os.path.getsize(path) != nbytes:
-        os.truncate(path, nbytes)  # a new (or differently shaped) mirror starts zeroed
-    return torch.from_file(path, shared=True, size=numel, dtype=dtype)
-
-
-class Mirror:
-    def __init__(self, shape, dtype: torch.dtype, path: str | None = None):
-        self.shape = tuple(int(x) for x in shape)
-        if len(self.shape) != 6 or self.shape[2] != 2 or min(self.shape) <= 0:
-            raise ReplicaError(f"bad mirror shape {shape}")
-        self.dtype = dtype
-        layers, blocks, _, bs = self.shape[:4]
-        if path:
-            self.data = _mapped(path + ".kv", math.prod(self.shape), dtype).view(self.shape)
-            self.chk = _mapped(path + ".chk", blocks * bs, torch.int64).view(blocks, bs)
-        else:
-            # Not zeroed (pages are touched only when written): a slot never written fails its checksum
-            # (stored 0) and is zeroed by whoever restores it, so garbage never reaches a cache.
-            self.data = torch.empty(self.shape, dtype=dtype)
-            self.chk = torch.zeros((blocks, bs), dtype=torch.int64)
-        # Writes, reads and checksums go through the C++ mirror (its lock, no interpreter lock).
-        from .. import _C
-
-        heads, dim = self.shape[4:]
-        self.native = _C.ReplicaMirror(_C.KVLayout(layers, blocks, bs, heads, dim, self.data.element_size()),
-                                       self.data.data_ptr(), self.chk.data_ptr())
-
-    def put_slots(self, blocks, slots, payload: torch.Tensor) -> None:
-        """payload: [layers, len(blocks), 2, heads, head_dim] bytes, as a sender packs them."""
-        self._native(self.native.put_slots, list(blocks), list(slots), *self._bytes(payload))
-
-    def put_blocks(self, blocks, payload: torch.Tensor) -> None:
-        """payload: [layers, len(blocks), 2, block_size, heads, head_dim] bytes."""
-        self._native(self.native.put_blocks, list(blocks), *self._bytes(payload))
-
-    def get_blocks(self, blocks) -> tuple[torch.Tensor, torch.Tensor]:
-        """The blocks' KV packed [layers, blocks, ...] and their slot checksums [blocks, block_size]."""
-        blocks = list(blocks)
-        out = torch.empty((self.shape[0], len(blocks)) + self.shape[2:], dtype=self.dtype)
-        chk = torch.empty((len(blocks), self.shape[3]), dtype=torch.int64)
-        self._native(self.native.get_blocks, blocks, out.data_ptr(), chk.data_ptr())
-        return out, chk
-
-    @staticmethod
-    def _bytes(payload: torch.Tensor):
-        payload = payload.contiguous()
-        return payload.data_ptr(), payload.numel() * payload.element_size()
-
-    @staticmethod
-    def _native(fn, *args):
-        try:
-            fn(*args)
-        except (IndexError, ValueError) as e:  # the C++ checks: ids out of range, payload size
-            raise ReplicaError(str(e)) from None
+def mac_key(token: str, src: str) -> bytes:
+    """The key of the MACs on `src`'s mirror files."""
+    return derive_key(token, "replica-mac/" + src)
 
 
 # ---------------------------------------------------------------------- framing
@@ -169,27 +129,28 @@ def _crc(data) -> int:
     return _C.crc32c(data.ctypes.data, data.nbytes) if data.nbytes else 0
 
 
-def _recv(sock: socket.socket) -> tuple[dict, torch.Tensor | None]:
+def _recv(sock: socket.socket, max_header: int = MAX_HEADER,
+          max_payload: int = MAX_REPLY) -> tuple[dict, torch.Tensor | None]:
     head = bytearray(4)
     recv_exact(sock, memoryview(head))
     (n,) = _LEN.unpack(head)
-    if n > MAX_HEADER:
-        raise ReplicaError(f"replica header of {n} bytes exceeds {MAX_HEADER}")
+    if n > max_header:
+        raise ReplicaError(f"replica header of {n} bytes exceeds {max_header}")
     body = bytearray(n)
     recv_exact(sock, memoryview(body))
-    return _recv_rest(sock, bytes(body))
+    return _recv_rest(sock, bytes(body), max_payload)
 
 
-def _recv_rest(sock: socket.socket, body: bytes) -> tuple[dict, torch.Tensor | None]:
-    """A frame whose header `body` was read: decode it and read its payload."""
+def _recv_rest(sock: socket.socket, body: bytes, max_payload: int = MAX_PAYLOAD) -> tuple[dict, torch.Tensor | None]:
+    """A frame whose header `body` was read: decode it and read its payload (at most max_payload bytes)."""
     try:
         hdr = msgpack.unpackb(body, raw=False, strict_map_key=False)
     except Exception as e:  # noqa: BLE001 - the peer's protocol error
         raise ReplicaError(f"undecodable replica header: {e}") from None
     if not isinstance(hdr, dict) or "t" not in hdr:
         raise ReplicaError("replica header without a type")
-    size = int(hdr.get("n", 0))
-    if not 0 <= size <= MAX_PAYLOAD:
+    size = hdr.get("n", 0)
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= max_payload:
         raise ReplicaError(f"replica payload of {size} bytes is out of bounds")
     payload = None
     if size:
@@ -206,7 +167,7 @@ class ReplicaServer:
     def __init__(self, token: str, host: str = "127.0.0.1", directory: str | None = None, prefix: str = ""):
         self.token, self.directory, self.prefix = token, directory, prefix
         if directory:
-            os.makedirs(directory, exist_ok=True)
+            os.makedirs(directory, mode=0o700, exist_ok=True)
         self.mirrors: dict[str, Mirror] = {}
         self._retired: list[Mirror] = []  # replaced mirrors stay mapped: a connection may still be writing one
         self._lock = threading.Lock()
@@ -241,9 +202,11 @@ class ReplicaServer:
         with self._lock:
             self._conns[sock] = threading.current_thread()
         try:
-            sock.settimeout(30.0)
-            hdr, _ = _recv(sock)
-            if hdr.get("t") != "hello" or not hmac.compare_digest(str(hdr.get("token", "")), self.token):
+            sock.settimeout(AUTH_DEADLINE)
+            hdr, _ = _recv(sock, HELLO_MAX, 0)  # nothing allocated before the token checks out
+            tok = hdr.get("token")
+            if hdr.get("t") != "hello" or not isinstance(tok, str) or \
+                    not hmac.compare_digest(tok.encode(), self.token.encode()):
                 _send(sock, {"t": "err", "msg": "bad cluster token"})
                 return
             _send(sock, {"t": "ok"})
@@ -274,18 +237,23 @@ class ReplicaServer:
                 pass
 
     def _handle(self, hdr: dict, payload):
-        t, src = hdr["t"], str(hdr.get("src", ""))
+        t, src = hdr["t"], hdr.get("src", "")
+        if not isinstance(src, str) or not _SRC.fullmatch(src):
+            raise ReplicaError(f"bad replica source name {src!r}")
         if t == "open":
             with self._lock:
                 m = self.mirrors.get(src)
                 shape, dtype = tuple(hdr["shape"]), _dtype(hdr["dtype"])
                 if m is None or m.shape != shape or m.dtype != dtype:
+                    nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+                    if nbytes > _host_memory():
+                        raise ReplicaError(f"a mirror of {nbytes} bytes does not fit this host's memory")
                     if m is not None:
                         self._retired.append(m)
-                    m = self.mirrors[src] = Mirror(shape, dtype, self.path(src))
+                    m = self.mirrors[src] = Mirror(shape, dtype, self.path(src), self._key(src))
                     self._fast.add(src, m.native)
             return {"t": "ok"}, None
-        m = self.mirrors.get(src)
+        m = self.mirrors.get(src) or self._reopen(src)
         if m is None:
             raise ReplicaError(f"no replica of {src} here")
         if t == "put_slots":
@@ -300,7 +268,26 @@ class ReplicaServer:
         self._bytes_in += 0 if payload is None else payload.numel()
         return {"t": "ok"}, None
 
-    def stop(self) -> None:
+    def _key(self, src: str) -> bytes | None:
+        return mac_key(self.token, src) if self.directory else None
+
+    def _reopen(self, src: str) -> Mirror | None:
+        """A mirror that a holder before us left in the directory (it was replaced), or None."""
+        path = self.path(src)
+        if not path or not os.path.exists(path + ".meta"):
+            return None
+        with self._lock:
+            if src not in self.mirrors:
+                m = self.mirrors[src] = Mirror.reopen(path, self._key(src))
+                self._fast.add(src, m.native)
+            return self.mirrors[src]
+
+    def stop(self, remove_files: bool = False) -> None:
+        """Stop serving; `remove_files` (a clean shutdown of the deployment): delete the mirrors' files."""
+        if remove_files:
+            with self._lock:
+                for m in list(self.mirrors.values()) + self._retired:
+                    m.remove_files()
         try:
             self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread (close alone does not)
         except OSError:
@@ -316,6 +303,13 @@ class ReplicaServer:
         for _, t in conns:
             if t is not threading.current_thread():
                 t.join(5.0)
+
+
+def _host_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 1 << 40
 
 
 class ReplicaClient:

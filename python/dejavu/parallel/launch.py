@@ -15,34 +15,36 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def worker_command(controller: str, token: str) -> list[str]:
-    return [sys.executable, "-m", "dejavu", "worker", "--controller", controller, "--token", token]
+def worker_command(controller: str) -> list[str]:
+    """A worker's argv: no secret on it (other users read argv); the token goes in DEJAVU_CLUSTER_TOKEN."""
+    return [sys.executable, "-m", "dejavu", "worker", "--controller", controller]
 
 
-def _spawn_child(args: list[str], log_dir: str | None, log_name: str, mode: str = "w",
+def _spawn_child(args: list[str], token: str, log_dir: str | None, log_name: str, mode: str = "w",
                  **env) -> subprocess.Popen:
     """A worker process started from this one (it exits when we do: DEJAVU_PARENT_PID)."""
-    env = dict(os.environ, DEJAVU_PARENT_PID=str(os.getpid()), PYTHONUNBUFFERED="1", **env)
+    env = dict(os.environ, DEJAVU_PARENT_PID=str(os.getpid()), PYTHONUNBUFFERED="1", DEJAVU_CLUSTER_TOKEN=token,
+               **env)
     out = open(os.path.join(log_dir, log_name), mode) if log_dir else subprocess.DEVNULL
     return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT if log_dir else subprocess.DEVNULL)
 
 
 def spawn_local(n: int, controller: str, token: str, log_dir: str | None = None) -> list[subprocess.Popen]:
-    return [_spawn_child(worker_command(controller, token) + ["--rank", str(rank)], log_dir, f"worker{rank}.log")
+    return [_spawn_child(worker_command(controller) + ["--rank", str(rank)], token, log_dir, f"worker{rank}.log")
             for rank in range(n)]
 
 
 def spawn_local_rank(rank: int, controller: str, token: str, log_dir: str | None = None) -> subprocess.Popen:
     """One replacement worker for `rank` (after a failure), as a local child process."""
-    return _spawn_child(worker_command(controller, token) + ["--rank", str(rank)], log_dir,
+    return _spawn_child(worker_command(controller) + ["--rank", str(rank)], token, log_dir,
                         f"worker{rank}.respawn.log", "a")
 
 
 def spawn_standby(controller: str, token: str, device: str, log_dir: str | None = None) -> subprocess.Popen:
     """A warm spare: a worker process that starts (interpreter, imports, CUDA context) now and
     registers as a standby, so that a recovery only has to load the failed stage's weights."""
-    return _spawn_child(worker_command(controller, "env") + ["--standby"], log_dir, "spare.log", "a",
-                        DEJAVU_CLUSTER_TOKEN=token, DEJAVU_STANDBY_DEVICE=device)
+    return _spawn_child(worker_command(controller) + ["--standby"], token, log_dir, "spare.log", "a",
+                        DEJAVU_STANDBY_DEVICE=device)
 
 
 def spawn_mpirun(n: int, controller: str, token: str, hostfile: str | None = None,
@@ -59,7 +61,7 @@ def spawn_mpirun(n: int, controller: str, token: str, hostfile: str | None = Non
     if hostfile:
         cmd += ["--hostfile", hostfile]
     # The token travels in the environment, not on the command line (other users can read argv).
-    cmd += ["-x", "DEJAVU_CLUSTER_TOKEN"] + worker_command(controller, "env")
+    cmd += ["-x", "DEJAVU_CLUSTER_TOKEN"] + worker_command(controller)
     env = dict(os.environ, DEJAVU_CLUSTER_TOKEN=token, PYTHONUNBUFFERED="1")
     out = open(os.path.join(log_dir, "mpirun.log"), "w") if log_dir else subprocess.DEVNULL
     return [subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if log_dir else subprocess.DEVNULL,

@@ -111,7 +111,7 @@ class StagePipes:
                     _close(old)
                 self._incoming[key] = sock
                 self._cond.notify_all()
-        except (OSError, ConnectionError, ValueError, KeyError, msgpack.exceptions.ExtraData,
+        except (OSError, ConnectionError, ValueError, KeyError, TypeError, msgpack.exceptions.ExtraData,
                 msgpack.exceptions.UnpackException):
             _close(sock)
 

@@ -1,5 +1,5 @@
 """The control channel: msgpack messages in length-prefixed frames over TCP, opened by a HELLO that
-carries the cluster token. Never pickle.
+carries the cluster token (the controller's side of it: auth.py). Never pickle.
 
 Frame: 4-byte big-endian payload length, then a msgpack map with a "t" (type) field. Frames over
 MAX_FRAME bytes, non-map payloads and undecodable bytes are protocol errors that close the
@@ -7,7 +7,6 @@ connection with a message naming the problem.
 """
 from __future__ import annotations
 
-import hmac
 import socket
 import struct
 import threading
@@ -58,13 +57,13 @@ class Channel:
         with self._send_lock:
             self.sock.sendall(_LEN.pack(len(data)) + data)
 
-    def recv(self, timeout: float | None = None) -> dict:
+    def recv(self, timeout: float | None = None, max_frame: int = MAX_FRAME) -> dict:
         """Next message; raises TimeoutError, ConnectionError (peer gone) or ProtocolError."""
         self.sock.settimeout(timeout)
         try:
             (n,) = _LEN.unpack(self._exact(4))
-            if n > MAX_FRAME:
-                raise ProtocolError(f"{self.peer} sent a frame of {n} bytes (limit {MAX_FRAME})")
+            if n > max_frame:
+                raise ProtocolError(f"{self.peer} sent a frame of {n} bytes (limit {max_frame})")
             data = self._exact(n)
         except socket.timeout:
             raise TimeoutError(f"no message from {self.peer} within {timeout}s") from None
@@ -102,26 +101,3 @@ def connect(host: str, port: int, token: str, hello: dict, timeout: float = 30.0
         ch.close()
         raise ConnectionError(f"controller refused the connection: {reply.get('msg', reply)}")
     return ch
-
-
-def accept_hello(listener: socket.socket, token: str, timeout: float) -> tuple[Channel, dict]:
-    """Accept one connection and check its HELLO; a bad token gets an error reply and is closed."""
-    listener.settimeout(timeout)
-    try:
-        sock, addr = listener.accept()
-    except socket.timeout:
-        raise TimeoutError(f"no worker connected within {timeout}s") from None
-    ch = Channel(sock, f"worker at {addr[0]}:{addr[1]}")
-    try:
-        msg = ch.recv(timeout)
-    except (ConnectionError, TimeoutError) as e:
-        ch.close()
-        raise ProtocolError(f"handshake failed: {e}") from None
-    if msg.get("t") != "hello" or not hmac.compare_digest(str(msg.get("token", "")), token):
-        try:
-            ch.send({"t": "refused", "msg": "bad cluster token"})
-        finally:
-            ch.close()
-        raise ProtocolError(f"{ch.peer} presented a bad cluster token")
-    ch.send({"t": "welcome"})
-    return ch, msg

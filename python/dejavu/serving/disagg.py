@@ -30,6 +30,7 @@ from ..engine.block_manager import BlockAllocator, blocks_for
 from ..engine.scheduler import Scheduler
 from ..engine.sequence import Sequence, Status
 from ..kvstream.routing import WorkerLayout, plan, split_layers
+from ..parallel.auth import cluster_prefix
 from .pipeline import PipelineEngine, WorkerError, check_split
 
 
@@ -84,7 +85,7 @@ class DisaggEngine(PipelineEngine):
         self.transfer_stats: list[dict] = []  # per prefill: compute, exposed transfer, bytes
 
     def _rank_config(self, rank: int) -> dict:
-        common = {"kv_transport": self.kv_transport, "shm_prefix": f"dejavu-{self.token[:12]}-"}
+        common = {"kv_transport": self.kv_transport, "shm_prefix": cluster_prefix(self.token)}
         return {**common, **self._role_config(rank)}
 
     def _role_config(self, rank: int) -> dict:
@@ -360,4 +361,4 @@ class DisaggEngine(PipelineEngine):
         super().shutdown()
         from ..kvstream.shm import cleanup
 
-        cleanup(f"dejavu-{self.token[:12]}-")  # whatever a crash left in /dev/shm
+        cleanup(cluster_prefix(self.token))  # whatever a crash left in /dev/shm

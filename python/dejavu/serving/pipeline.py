@@ -30,7 +30,7 @@ from ..engine.sequence import Sequence
 from ..kvstream.routing import split_layers
 from ..models.loader import ModelSource
 from ..parallel import launch
-from ..parallel.wire import ProtocolError, accept_hello
+from ..parallel.auth import Acceptor, cluster_prefix, message_problem
 
 log = logging.getLogger("dejavu.pipeline")
 
@@ -102,6 +102,7 @@ class PipelineEngine(LLMEngine):
         self.token = secrets.token_hex(16)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
+        self._accept = Acceptor(self._listener, self.token, self.world)  # HELLOs, each on a thread of its own
         self.controller_addr = controller = f"127.0.0.1:{self.port}"
         self.log_dir = log_dir
         if launcher == "local":
@@ -237,19 +238,18 @@ class PipelineEngine(LLMEngine):
         while len(self.channels) < self.world:
             self._check_procs()
             try:
-                ch, hello = accept_hello(self._listener, self.token, min(1.0, max(0.01, deadline - time.monotonic())))
+                ch, hello = self._accept.get(min(1.0, max(0.01, deadline - time.monotonic())))
             except TimeoutError:
                 if time.monotonic() > deadline:
                     raise WorkerError(f"only {len(self.channels)} of {self.world} workers connected within "
                                       f"{self.timeout}s") from None
                 continue
-            except ProtocolError as e:
-                log.warning("refused a connection: %s", e)
-                continue
-            rank = int(hello.get("rank", -1))
-            if not 0 <= rank < self.world or rank in self.channels:
+            rank = hello.get("rank")
+            if hello.get("standby") or rank in self.channels:  # refused; the deployment goes on starting
+                log.warning("refused a worker announcing %s while starting: expected a new rank in [0, %d)",
+                            "standby" if hello.get("standby") else f"rank {rank}", self.world)
                 ch.close()
-                raise WorkerError(f"a worker announced rank {rank}, expected a new one in [0, {self.world})")
+                continue
             self.channels[rank] = ch
             rc = self._rank_config(rank)
             self.worker_info[rank] = {"pid": hello.get("pid"), "host": hello.get("host"), "role": rc["role"],
@@ -287,7 +287,7 @@ class PipelineEngine(LLMEngine):
         rc = self._rank_config(rank)
         msg = {**self._config, "rank": rank, **rc}
         if self.replicate and rc["role"] != "prompt":
-            msg["replicate"] = {"dir": self.replicate_dir, "prefix": f"dejavu-{self.token[:12]}-"}
+            msg["replicate"] = {"dir": self.replicate_dir, "prefix": cluster_prefix(self.token)}
         return msg
 
     def _on_ready(self, msg: dict) -> None:
@@ -325,6 +325,13 @@ class PipelineEngine(LLMEngine):
                 self._last_seen[rank] = time.monotonic()
                 if msg["t"] == "hb":
                     continue
+                problem = message_problem(msg)
+                if problem is not None:  # refused: the worker is cut off (and replaced) like a dead one
+                    log.warning("worker %d sent a malformed message (%s): closing its connection", rank, problem)
+                    ch.close()
+                    raise ConnectionError(f"malformed message: {problem}")
+                if "rank" in msg:
+                    msg["rank"] = rank  # a worker speaks for its own rank only
                 msg["_rank"], msg["_gen"] = rank, gen
                 self._inbox.put(msg)
         except (ConnectionError, OSError) as e:
@@ -335,14 +342,9 @@ class PipelineEngine(LLMEngine):
         """After start-up: replacement workers and standbys connect at any time."""
         while not self._closed:
             try:
-                ch, hello = accept_hello(self._listener, self.token, 1.0)
+                ch, hello = self._accept.get(1.0)
             except TimeoutError:
                 continue
-            except ProtocolError as e:
-                log.warning("refused a connection: %s", e)
-                continue
-            except OSError:
-                return
             self._inbox.put({"t": "joined", "ch": ch, "hello": hello})
 
     def _next_message(self, deadline: float, doing: str) -> dict:
@@ -404,7 +406,7 @@ class PipelineEngine(LLMEngine):
             self._recover(f.dead, f.reason)
 
     def _check_procs(self) -> None:
-        if self.ft and self._started and self._proc_of:
+        if self.ft and self._started:  # a dead rank is replaced (even when no process is left to watch)
             for rank, p in list(self._proc_of.items()):
                 if p.poll() is None:
                     continue
@@ -484,6 +486,9 @@ class PipelineEngine(LLMEngine):
     def _on_tokens(self, msg: dict) -> list[Sequence]:
         """A microbatch's sampled tokens came back: append them to the sequences still live."""
         i = msg["mb"]
+        if not 0 <= i < len(self.inflight):  # refused without effect
+            log.warning("worker %d answered for microbatch %d, which does not exist", msg["_rank"], i)
+            return []
         if (self.inflight[i] is None or self.inflight[i][0] != msg["id"]) and self._stale(msg["id"]):
             return []  # a step from before a recovery: replayed already
         step_id, seqs, _ = self.inflight[i]
@@ -633,8 +638,9 @@ class PipelineEngine(LLMEngine):
                 return
             except OSError:  # that standby is gone: try the next
                 self.channels.pop(rank, None)
-        if self.recovery == "respawn" and any(p.poll() is None for p in self._spare_procs.values()):
-            return  # a warm spare is still starting: it takes the rank when it registers
+        starting = sum(p.poll() is None for p in self._spare_procs.values())
+        if self.recovery == "respawn" and starting >= len([r for r in self._needed if r not in self.channels]):
+            return  # enough warm spares are still starting: each takes a rank when it registers
         if self.recovery == "respawn":
             p = launch.spawn_local_rank(rank, self.controller_addr, self.token, self.log_dir)
             self._proc_of[rank] = p
@@ -699,7 +705,8 @@ class PipelineEngine(LLMEngine):
                 ch, hello = msg["ch"], msg["hello"]
                 if hello.get("standby"):
                     self._standbys.remove((ch, hello))
-                    waiting = sorted(r for r in self._needed if r not in self.channels)
+                    # not a rank whose own replacement process is starting (it takes that one)
+                    waiting = sorted(r for r in self._needed if r not in self.channels and r not in self._proc_of)
                     if waiting:
                         self._assign(waiting[0], ch, hello)
                 else:
@@ -794,6 +801,11 @@ class PipelineEngine(LLMEngine):
                 break
             if msg.get("t") == "joined":
                 standbys.append((msg["ch"], msg["hello"]))
+        while True:  # and those accepted that nothing took yet
+            try:
+                standbys.append(self._accept.joined.get_nowait())
+            except queue.Empty:
+                break
         for ch, _ in standbys:
             try:
                 ch.send({"t": "shutdown"})
@@ -809,6 +821,7 @@ class PipelineEngine(LLMEngine):
         launch.stop(self.procs, timeout=10.0)
         for ch in getattr(self, "channels", {}).values():
             ch.close()
+        self._accept.close()
         self._listener.close()
 
     def cluster(self) -> list[dict]:

@@ -473,7 +473,7 @@ class StageWorker:
     def restore(self, msg: dict) -> None:
         """A replacement worker: fetch this stage's KV from the replica holder into the cache. A
         slot below a request's watermark whose checksum fails marks the request bad (recomputed)."""
-        from ..kvstream.replica import ReplicaClient, ReplicaError, block_checksums
+        from ..kvstream.replica import ReplicaClient, ReplicaError, block_checksums, mac_key
 
         t0 = time.perf_counter()
         blocks = msg["blocks"]
@@ -488,7 +488,10 @@ class StageWorker:
                     client.close()
                 shape = (self.cache.num_layers, len(blocks)) + tuple(self.cache.tensor.shape[2:])
                 x = data.view(self.cache.dtype).view(shape)
-                good = block_checksums(x) == chk.view(len(blocks), -1)
+                # Replicas kept on disk carry MACs (replica.py): verified with the key, never trusted as they are.
+                on_disk = bool((self.cfg.get("replicate") or {}).get("dir"))
+                key = mac_key(self.cfg["kv_token"], self.cfg["worker_name"]) if on_disk else None
+                good = block_checksums(x, blocks, key) == chk.view(len(blocks), -1)
                 # Never let a corrupted slot into the cache (garbage such as NaN would leak through masked
                 # attention); those of live requests are recomputed anyway.
                 if not bool(good.all()):
@@ -526,7 +529,7 @@ class StageWorker:
         if self.pipes is not None:
             self.pipes.close()
         if self.replica_server is not None:
-            self.replica_server.stop()
+            self.replica_server.stop(remove_files=True)  # a clean shutdown: no replica outlives the deployment
         for w, _ in self.pending_sends:
             w.wait()
         if self.kv_server is not None:

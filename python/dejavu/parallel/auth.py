@@ -1,0 +1,197 @@
+"""The cluster token and the controller's side of the control channel's handshake.
+
+The token is a shared secret: whoever presents it is a full member of the deployment. It never
+appears on a command line (other users read argv through /proc): workers get it from the
+environment (DEJAVU_CLUSTER_TOKEN) or from a file only its owner may read (--token-file).
+
+The controller's `Acceptor` handshakes every incoming connection on a thread of its own, so a slow
+or silent client never holds up the workers joining behind it: a connection that has not sent a
+valid HELLO within `deadline` seconds is dropped. A HELLO is at most HELLO_MAX bytes (nothing
+larger is read before the token checks out), and one whose fields are malformed (a rank that is
+not an integer in [0, world), neither a rank nor standby) is refused with a message naming the
+problem; the deployment goes on.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import queue
+import socket
+import stat
+import threading
+
+from .wire import Channel, ProtocolError
+
+log = logging.getLogger("dejavu.auth")
+
+TOKEN_ENV = "DEJAVU_CLUSTER_TOKEN"
+HELLO_MAX = 4096          # bytes of a HELLO frame (read before the token is checked)
+AUTH_DEADLINE = 10.0      # seconds a new connection has to present a valid HELLO
+MAX_PENDING = 64          # connections handshaking at once; more are closed at once
+
+
+class TokenError(ValueError):
+    pass
+
+
+def read_token(token_file: str | None = None) -> str:
+    """The cluster token: from `token_file` (which only its owner may read), else $DEJAVU_CLUSTER_TOKEN."""
+    if token_file:
+        try:
+            st = os.stat(token_file)
+            with open(token_file) as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise TokenError(f"cannot read the token file {token_file}: {e.strerror}") from None
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise TokenError(f"token file {token_file} is readable by other users (mode "
+                             f"{stat.S_IMODE(st.st_mode):o}); chmod 600 it")
+    else:
+        token = os.environ.get(TOKEN_ENV, "")
+    if not token:
+        raise TokenError(f"no cluster token: set {TOKEN_ENV} (or pass --token-file PATH)")
+    return token
+
+
+def derive_key(token: str, purpose: str) -> bytes:
+    """A 32-byte key for `purpose`, derived from the token (HMAC-SHA256 as a KDF)."""
+    return hmac.new(token.encode(), b"dejavu/" + purpose.encode(), hashlib.sha256).digest()
+
+
+def cluster_prefix(token: str) -> str:
+    """The name prefix of a deployment's files and shared-memory objects (which others may list):
+    derived from the token, so it reveals nothing of it."""
+    return f"dejavu-{derive_key(token, 'names').hex()[:12]}-"
+
+
+def hello_problem(hello: dict, world: int) -> str | None:
+    """What is wrong with a HELLO's fields, or None."""
+    if hello.get("standby") is True:
+        return None
+    if "standby" in hello and hello["standby"] is not False:
+        return f"standby must be true or false, got {hello['standby']!r}"
+    rank = hello.get("rank")
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        return f"rank must be an integer, got {rank!r}"
+    if not 0 <= rank < world:
+        return f"rank {rank} is outside [0, {world})"
+    pid = hello.get("pid")
+    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
+        return f"pid must be an integer, got {pid!r}"
+    if not isinstance(hello.get("host", ""), str):
+        return "host must be a string"
+    return None
+
+
+_INT_FIELDS = ("rank", "id", "mb", "epoch", "bytes")
+_INT_LISTS = ("tokens", "bad")
+
+
+def message_problem(msg: dict) -> str | None:
+    """What is wrong with the shape of a member's control message (its fields' types), or None."""
+    if not isinstance(msg.get("t"), str):
+        return "a message without a string type"
+    for k in _INT_FIELDS:
+        if k in msg and (isinstance(msg[k], bool) or not isinstance(msg[k], int)):
+            return f"{msg['t']}: {k} must be an integer, got {msg[k]!r}"
+    for k in _INT_LISTS:
+        if k in msg and (not isinstance(msg[k], list) or
+                         not all(isinstance(x, int) and not isinstance(x, bool) for x in msg[k])):
+            return f"{msg['t']}: {k} must be a list of integers"
+    return None
+
+
+class Acceptor:
+    """Accepts on `listener` until closed; each connection's HELLO is checked on its own thread and
+    the accepted (Channel, hello) pairs come out of `get` in the order their handshakes completed."""
+
+    def __init__(self, listener: socket.socket, token: str, world: int, deadline: float = AUTH_DEADLINE):
+        self.listener, self.token, self.world, self.deadline = listener, token, world, deadline
+        self.joined: queue.Queue = queue.Queue()
+        self.refused = 0
+        self._pending = threading.BoundedSemaphore(MAX_PENDING)
+        self._closed = False
+        threading.Thread(target=self._loop, daemon=True, name="controller-accept").start()
+
+    def get(self, timeout: float) -> tuple[Channel, dict]:
+        """The next accepted worker; TimeoutError if none within `timeout` seconds."""
+        try:
+            return self.joined.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no worker connected within {timeout}s") from None
+
+    def close(self) -> None:
+        self._closed = True
+        _shutdown(self.listener)  # wakes the accepting thread (closing alone does not)
+
+    def _loop(self) -> None:
+        self.listener.settimeout(None)
+        while not self._closed:
+            try:
+                sock, addr = self.listener.accept()
+            except OSError:  # the listener was closed
+                return
+            if not self._pending.acquire(blocking=False):
+                self.refused += 1
+                log.warning("refused a connection from %s:%s: too many handshakes pending", *addr[:2])
+                sock.close()
+                continue
+            threading.Thread(target=self._handshake, args=(sock, addr), daemon=True, name="controller-hello").start()
+
+    def _handshake(self, sock: socket.socket, addr) -> None:
+        ch = None
+        # A hard deadline for the whole HELLO (a per-read timeout alone lets a client drip bytes).
+        state = {"expired": False, "done": False}
+        lock = threading.Lock()
+
+        def expire():
+            with lock:
+                if not state["done"]:
+                    state["expired"] = True
+                    _shutdown(sock)
+        timer = threading.Timer(self.deadline, expire)
+        timer.start()
+        try:
+            ch = Channel(sock, f"worker at {addr[0]}:{addr[1]}")
+            try:
+                msg = ch.recv(self.deadline, max_frame=HELLO_MAX)
+            except (ConnectionError, TimeoutError, OSError) as e:
+                raise ProtocolError(f"handshake failed: {e}") from None
+            if msg.get("t") != "hello" or not isinstance(msg.get("token"), str) or \
+                    not hmac.compare_digest(msg["token"].encode(), self.token.encode()):
+                self._refuse(ch, "bad cluster token")
+                raise ProtocolError(f"{ch.peer} presented a bad cluster token")
+            problem = hello_problem(msg, self.world)
+            if problem is not None:
+                self._refuse(ch, f"malformed hello: {problem}")
+                raise ProtocolError(f"{ch.peer} sent a malformed hello: {problem}")
+            with lock:
+                state["done"] = True
+                if state["expired"]:
+                    raise ProtocolError(f"{ch.peer} did not complete its hello within {self.deadline}s")
+            timer.cancel()
+            ch.send({"t": "welcome"})
+            self.joined.put((ch, msg))
+        except (ProtocolError, OSError) as e:
+            self.refused += 1
+            log.warning("refused a connection: %s", e)
+            (ch or sock).close()
+        finally:
+            timer.cancel()
+            self._pending.release()
+
+    @staticmethod
+    def _refuse(ch: Channel, why: str) -> None:
+        try:
+            ch.send({"t": "refused", "msg": why})
+        except OSError:
+            pass
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
