@@ -3,7 +3,6 @@ token workers; output identical to the single-process engine."""
 import pytest
 
 from dejavu import LLM, RequestError, SamplingParams
-from dejavu.parallel.auth import cluster_prefix
 from test_pipeline import PROMPTS, alive, generate_with_arrivals, reference
 
 MODEL = "random:llama-tiny"  # 4 layers, 2 KV heads of 32, SmolLM2 tokenizer
@@ -56,7 +55,7 @@ def test_disaggregated_matches_single_process(dp, dt, tp, transport):
         # auto picks shared memory: every worker runs on this host.
         assert eng.transports_used == {"shm" if transport in ("auto", "shm") else "tcp"}
         pids = [p.pid for p in eng.procs]
-        prefix = "/dev/shm/" + cluster_prefix(eng.token)
+        prefix = f"/dev/shm/{eng._shm_prefix()}"
     assert not any(alive(p) for p in pids)
     assert not glob.glob(prefix + "*"), "shared memory left behind"
 

@@ -562,6 +562,10 @@ def cmd_serve(args) -> int:
 
     llm = _llm_from_args(args)
     server = ApiServer(llm, args.served_model_name or args.model, api_key=args.api_key, max_queue=args.max_queue)
+    if hasattr(llm.engine, "begin_stop"):
+        async def stopping(app):  # SIGTERM / SIGINT: the workers' exits that follow are not failures
+            llm.engine.begin_stop()
+        server.app.on_shutdown.append(stopping)
     print(f"[dejavu] serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     server.serve_forever(args.host, args.port)
     return 0

@@ -3,12 +3,15 @@
 put(key, buf) creates a segment named prefix + key, copies the buffer in on a C++ worker thread
 and leaves it for the reader; get(key, buf) maps it, copies it out and unlinks it. Local memory
 needs no checksum, and nothing is pickled. `cleanup(prefix)` removes every segment a deployment
-left behind (crashes included), so no shared memory leaks.
+left behind (crashes included), so no shared memory leaks. A deployment's prefix names its owner
+(`owner_prefix`: dejavu-<controller pid>-<tag>-): its workers `retire` it when the controller
+is gone, and the next deployment's `cleanup_orphans` removes what a dead owner still left.
 """
 from __future__ import annotations
 
 import glob
 import os
+import re
 from multiprocessing import resource_tracker, shared_memory
 
 import torch
@@ -17,6 +20,8 @@ from .futures import Future
 from .transports import Destination, _check_buf, default_workers
 
 SHM_DIR = "/dev/shm"
+_OWNED = re.compile(r"dejavu-(\d+)-[0-9a-f]+-")
+_retired: set[str] = set()  # prefixes whose deployment is gone: no new segments under them
 
 
 def _untrack(shm: shared_memory.SharedMemory) -> None:
@@ -44,6 +49,8 @@ class ShmDest(Destination):
     def put(self, key, buf):
         _check_buf(buf)
         n = buf.numel()
+        if self.prefix in _retired:
+            return Future.failed(f"shm put {key!r}", "the deployment is gone")
         try:
             shm = shared_memory.SharedMemory(name=self._name(key), create=True, size=max(n, 1))
         except FileExistsError:
@@ -99,4 +106,39 @@ def cleanup(prefix: str) -> int:
             n += 1
         except FileNotFoundError:
             pass
+    return n
+
+
+def owner_prefix(tag: str, pid: int | None = None) -> str:
+    """The segment prefix of a deployment run by process `pid` (this one by default)."""
+    return f"dejavu-{os.getpid() if pid is None else pid}-{tag}-"
+
+
+def retire(prefix: str) -> int:
+    """The deployment is gone: refuse new segments under prefix and unlink those left."""
+    _retired.add(prefix)
+    return cleanup(prefix)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cleanup_orphans() -> int:
+    """Unlink the segments of deployments whose owner process is dead; returns how many."""
+    n = 0
+    for path in glob.glob(os.path.join(SHM_DIR, "dejavu-*")):
+        m = _OWNED.match(os.path.basename(path))
+        if m and not _alive(int(m.group(1))):
+            try:
+                os.unlink(path)
+                n += 1
+            except (FileNotFoundError, PermissionError):
+                pass
     return n

@@ -60,10 +60,14 @@ def derive_key(token: str, purpose: str) -> bytes:
     return hmac.new(token.encode(), b"dejavu/" + purpose.encode(), hashlib.sha256).digest()
 
 
+def cluster_tag(token: str) -> str:
+    """A deployment's name in files and shared-memory objects (which others may list): derived from
+    the token, so it reveals nothing of it."""
+    return derive_key(token, "names").hex()[:12]
+
+
 def cluster_prefix(token: str) -> str:
-    """The name prefix of a deployment's files and shared-memory objects (which others may list):
-    derived from the token, so it reveals nothing of it."""
-    return f"dejavu-{derive_key(token, 'names').hex()[:12]}-"
+    return f"dejavu-{cluster_tag(token)}-"
 
 
 def hello_problem(hello: dict, world: int) -> str | None:

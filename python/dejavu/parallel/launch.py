@@ -22,11 +22,16 @@ def worker_command(controller: str) -> list[str]:
 
 def _spawn_child(args: list[str], token: str, log_dir: str | None, log_name: str, mode: str = "w",
                  **env) -> subprocess.Popen:
-    """A worker process started from this one (it exits when we do: DEJAVU_PARENT_PID)."""
+    """A worker process started from this one (it exits when we do: DEJAVU_PARENT_PID), the cluster
+    token in its environment. It starts with SIGTERM and SIGINT blocked: a stop signal to the group
+    waits for its handlers (lifecycle.py)."""
+    from ..serving.lifecycle import spawn_blocked
+
     env = dict(os.environ, DEJAVU_PARENT_PID=str(os.getpid()), PYTHONUNBUFFERED="1", DEJAVU_CLUSTER_TOKEN=token,
                **env)
     out = open(os.path.join(log_dir, log_name), mode) if log_dir else subprocess.DEVNULL
-    return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT if log_dir else subprocess.DEVNULL)
+    with spawn_blocked():
+        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT if log_dir else subprocess.DEVNULL)
 
 
 def spawn_local(n: int, controller: str, token: str, log_dir: str | None = None) -> list[subprocess.Popen]:

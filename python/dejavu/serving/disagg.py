@@ -30,7 +30,7 @@ from ..engine.block_manager import BlockAllocator, blocks_for
 from ..engine.scheduler import Scheduler
 from ..engine.sequence import Sequence, Status
 from ..kvstream.routing import WorkerLayout, plan, split_layers
-from ..parallel.auth import cluster_prefix
+from ..parallel.auth import cluster_tag
 from .pipeline import PipelineEngine, WorkerError, check_split
 
 
@@ -49,6 +49,9 @@ class DisaggEngine(PipelineEngine):
         if receive_slots <= 0:
             raise ValueError(f"receive_slots must be > 0, got {receive_slots}")
         self.receive_slots = receive_slots
+        from ..kvstream.shm import cleanup_orphans
+
+        cleanup_orphans()  # segments of earlier deployments that died with no one to clean up
         super().__init__(source, tokenizer, config, device, dtype, seed, pp=token_stages, tp=tp,
                          microbatch_size=microbatch_size, launcher=launcher, timeout=timeout, log_dir=log_dir,
                          swap=swap, resident_microbatches=resident_microbatches, **fault_tolerance)
@@ -85,7 +88,7 @@ class DisaggEngine(PipelineEngine):
         self.transfer_stats: list[dict] = []  # per prefill: compute, exposed transfer, bytes
 
     def _rank_config(self, rank: int) -> dict:
-        common = {"kv_transport": self.kv_transport, "shm_prefix": cluster_prefix(self.token)}
+        common = {"kv_transport": self.kv_transport, "shm_prefix": self._shm_prefix()}
         return {**common, **self._role_config(rank)}
 
     def _role_config(self, rank: int) -> dict:
@@ -341,6 +344,14 @@ class DisaggEngine(PipelineEngine):
                 self.waiting.appendleft(s)
         return drop
 
+    def _stop_all(self) -> list[Sequence]:
+        self.waiting.extend(self.token_waiting)
+        self.token_waiting.clear()
+        seqs = super()._stop_all()  # (the ready ones are on the token side)
+        self.ready.clear()
+        self.in_transfer = 0
+        return seqs
+
     def _release(self, s: Sequence) -> None:
         if getattr(s, "prompt_blocks", None):
             self.prompt_alloc.free(s.prompt_blocks)
@@ -357,8 +368,14 @@ class DisaggEngine(PipelineEngine):
         else:
             self._after_ready(only={r for r in dead if r < self.token_first})
 
+    def _shm_prefix(self) -> str:
+        """This deployment's /dev/shm segments: named after this (the controller's) process."""
+        from ..kvstream.shm import owner_prefix
+
+        return owner_prefix(cluster_tag(self.token))
+
     def shutdown(self) -> None:
         super().shutdown()
         from ..kvstream.shm import cleanup
 
-        cleanup(cluster_prefix(self.token))  # whatever a crash left in /dev/shm
+        cleanup(self._shm_prefix())  # whatever a crash left in /dev/shm

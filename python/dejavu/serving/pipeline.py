@@ -16,6 +16,7 @@ import queue
 import secrets
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections import deque
@@ -26,7 +27,7 @@ from ..engine.block_manager import BlockAllocator
 from ..engine.kv_cache import PagedKVCache
 from ..engine.llm_engine import EngineConfig, LLMEngine, eos_ids
 from ..engine.scheduler import Scheduler
-from ..engine.sequence import Sequence
+from ..engine.sequence import Sequence, Status
 from ..kvstream.routing import split_layers
 from ..models.loader import ModelSource
 from ..parallel import launch
@@ -59,7 +60,12 @@ class _Failure(Exception):
         self.dead, self.reason = set(dead), reason
 
 
+class _Stopped(Exception):
+    """Internal: the deployment is being stopped (begin_stop); every request ends now."""
+
+
 RECOVERY = ("auto", "respawn", "standby", "wait", "off")
+REPLACE_ATTEMPTS = 3  # replacement workers tried per failed rank in one recovery
 
 
 class PipelineEngine(LLMEngine):
@@ -83,6 +89,7 @@ class PipelineEngine(LLMEngine):
         self._step_id = 0
         self._inbox: queue.Queue = queue.Queue()
         self._closed = False
+        self._stopping = False  # begin_stop(): no worker exit is a failure any more
         self.slot_of: dict[int, int] = {}
         self._busy: set[int] = set()          # sequences in a step that workers are running
         self._ipc: dict[int, dict] = {}        # CUDA IPC handles of token workers' caches
@@ -201,6 +208,7 @@ class PipelineEngine(LLMEngine):
         self._started = False
         self._standbys: list = []
         self._needed: set[int] = set()
+        self._attempts: dict[int, int] = {}  # replacements started per rank in the current recovery
         self._proc_of: dict = {}
 
     def _holder_rank(self, rank: int) -> int | None:
@@ -349,6 +357,8 @@ class PipelineEngine(LLMEngine):
 
     def _next_message(self, deadline: float, doing: str) -> dict:
         while True:
+            if self._stopping:
+                raise _Stopped()
             left = deadline - time.monotonic()
             if left <= 0:
                 raise WorkerError(f"workers did not answer within {self.timeout}s while {doing}")
@@ -370,6 +380,8 @@ class PipelineEngine(LLMEngine):
         if t == "error":
             raise WorkerError(f"worker {msg['rank']} failed: {msg['msg']}")
         if t == "dead":
+            if self._stopping:
+                raise _Stopped()
             if self.ft and self._started:
                 raise _Failure({msg["rank"]}, f"worker {msg['rank']} disconnected: {msg['msg']}")
             raise WorkerError(f"worker {msg['rank']} disconnected while {doing}: {msg['msg']}")
@@ -393,7 +405,7 @@ class PipelineEngine(LLMEngine):
 
     def idle_check(self) -> None:
         """Called while no request runs: notice failures (and recover) before the next request comes."""
-        if not (self.ft and self._started) or self._closed:
+        if not (self.ft and self._started) or self._closed or self._stopping:
             return
         try:
             self._check_procs()
@@ -403,24 +415,32 @@ class PipelineEngine(LLMEngine):
         except queue.Empty:
             pass
         except _Failure as f:
-            self._recover(f.dead, f.reason)
+            try:
+                self._recover_from(f)
+            except _Stopped:
+                pass
+        except _Stopped:
+            pass
 
     def _check_procs(self) -> None:
+        if self._stopping:
+            return  # workers exit because we stop them: not failures
         if self.ft and self._started:  # a dead rank is replaced (even when no process is left to watch)
             for rank, p in list(self._proc_of.items()):
                 if p.poll() is None:
                     continue
                 if rank in self._needed:
-                    raise WorkerError(f"the replacement for rank {rank} exited with status {p.returncode} while "
-                                      f"starting")
+                    raise _Failure({rank}, f"the replacement for rank {rank} (pid {p.pid}) exited with status "
+                                           f"{p.returncode} while starting")
                 raise _Failure({rank}, f"worker process {p.pid} (rank {rank}) exited with status {p.returncode}")
+            self._respawn_unserved()
             return
         for p in self.procs:
             if p.poll() is not None:
                 raise WorkerError(f"worker process {p.pid} exited with status {p.returncode}")
 
     def _check_heartbeats(self) -> None:
-        if not (self.ft and self._started):
+        if not (self.ft and self._started) or self._stopping:
             return
         now = time.monotonic()
         silent = {r for r in self.channels if r not in self._needed and now - self._last_seen.get(r, now) > self.hb_timeout}
@@ -464,10 +484,32 @@ class PipelineEngine(LLMEngine):
 
     def step(self) -> list[Sequence]:
         try:
-            return self._step()
-        except _Failure as f:
-            self._recover(f.dead, f.reason)
-            return []
+            if not self._stopping:
+                try:
+                    return self._step()
+                except _Failure as f:
+                    self._recover_from(f)
+                    return []
+        except _Stopped:
+            pass
+        return self._stop_all()
+
+    def begin_stop(self) -> None:
+        """The deployment is being stopped (a stop signal, shutdown): from now on no worker exit
+        is a failure and nothing is recovered; the next step ends every request ("abort")."""
+        self._stopping = True
+
+    def _stop_all(self) -> list[Sequence]:
+        """Stopping: every request still here ends now (finish reason "abort"); returns them."""
+        self._abandon_inflight()
+        seqs = list(self.waiting) + self._token_side()
+        self.waiting.clear()
+        for slot in self.slots:
+            slot.running.clear()
+        for s in seqs:
+            if not s.finished:
+                s.status, s.finish_reason = Status.FINISHED, "abort"
+        return seqs
 
     def _step(self) -> list[Sequence]:
         for i, slot in enumerate(self.slots):
@@ -623,23 +665,42 @@ class PipelineEngine(LLMEngine):
         if ch is not None:
             ch.close()
         p = self._proc_of.pop(rank, None)
-        if p is not None and p.poll() is None:
-            p.kill()
+        if p is not None:
+            self._reap(p)
         elif p is None and self.worker_info.get(rank, {}).get("host") == socket.gethostname():
             try:  # a hung worker we did not start ourselves (mpirun): make sure it is gone
                 os.kill(int(self.worker_info[rank]["pid"]), 9)
             except (OSError, TypeError, ValueError):
                 pass
         self._needed.add(rank)
+        self._bring_in(rank)
+
+    def _reap(self, p) -> None:
+        """A failed (or replaced) worker process of ours: make sure it is gone, and reap it."""
+        if p.poll() is None:
+            p.kill()
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            log.warning("worker process %d did not exit after SIGKILL", p.pid)
+        if p in self.procs:
+            self.procs.remove(p)
+
+    def _bring_in(self, rank: int) -> None:
+        """Start `rank`'s next replacement by the recovery policy: a standby, a warm spare still
+        starting, or a new process; after REPLACE_ATTEMPTS of them in one recovery, give up."""
         name = self.worker_info[rank]["worker"]
+        n = self._attempts[rank] = self._attempts.get(rank, 0) + 1
+        if n > REPLACE_ATTEMPTS:
+            raise WorkerError(f"worker {name} (rank {rank}) could not be replaced: {REPLACE_ATTEMPTS} replacements "
+                              f"died while starting")
         while self.recovery in ("respawn", "standby") and self._standbys:
             try:
                 self._assign(rank, *self._standbys.pop(0))
                 return
             except OSError:  # that standby is gone: try the next
                 self.channels.pop(rank, None)
-        starting = sum(p.poll() is None for p in self._spare_procs.values())
-        if self.recovery == "respawn" and starting >= len([r for r in self._needed if r not in self.channels]):
+        if self.recovery == "respawn" and self._spares_starting() >= len(self._unserved()):
             return  # enough warm spares are still starting: each takes a rank when it registers
         if self.recovery == "respawn":
             p = launch.spawn_local_rank(rank, self.controller_addr, self.token, self.log_dir)
@@ -649,10 +710,28 @@ class PipelineEngine(LLMEngine):
             log.warning("worker %s (rank %d) is down: start `dejavu worker --controller %s --rank %d` (token in "
                         "DEJAVU_CLUSTER_TOKEN) or `dejavu worker --standby`", name, rank, self.controller_addr, rank)
 
-    def _spawn_spares(self) -> None:
+    def _spares_starting(self) -> int:
+        """Warm spares still starting (spares that died are reaped and forgotten)."""
         for pid, p in list(self._spare_procs.items()):
             if p.poll() is not None:
                 del self._spare_procs[pid]
+                self._reap(p)
+        return len(self._spare_procs)
+
+    def _unserved(self) -> list[int]:
+        """Ranks being replaced that have neither a connection nor a process of their own yet."""
+        return sorted(r for r in self._needed if r not in self.channels and r not in self._proc_of)
+
+    def _respawn_unserved(self) -> None:
+        """While recovering: ranks waiting for warm spares that died meanwhile get other replacements."""
+        if self.recovery != "respawn":
+            return
+        unserved = self._unserved()
+        for rank in unserved[self._spares_starting():]:
+            self._bring_in(rank)
+
+    def _spawn_spares(self) -> None:
+        self._spares_starting()
         while len(self._spare_procs) < self.spares:
             p = launch.spawn_standby(self.controller_addr, self.token, self.device.type, self.log_dir)
             self._spare_procs[p.pid] = p
@@ -670,6 +749,9 @@ class PipelineEngine(LLMEngine):
     def _recover(self, dead: set[int], reason: str) -> None:
         """Replace dead workers, re-form the pipes, restore their KV from the replicas, and resume
         every request from its watermark (or from its prompt without replication)."""
+        if self._stopping:
+            raise _Stopped()
+        self._attempts = {}
         t0 = time.monotonic()
         event = {"at": time.time(), "reason": reason, "ranks": sorted(dead),
                  "workers": [self.worker_info[r]["worker"] for r in sorted(dead)]}
@@ -692,7 +774,8 @@ class PipelineEngine(LLMEngine):
             try:
                 msg = self._next_message(deadline, "recovering from a failure")
             except _Failure as f:
-                for r in f.dead - dead:  # another one died meanwhile: replace it too
+                # Another worker died meanwhile, or a replacement did (then the next one is tried).
+                for r in sorted(f.dead):
                     dead.add(r)
                     resetting.discard(r)
                     self._replace(r)
@@ -747,6 +830,16 @@ class PipelineEngine(LLMEngine):
         log.warning("recovered from the failure of %s in %.2fs (respawn %.2fs, KV %.2fs); %d tokens recomputed",
                     ", ".join(event["workers"]), event["total_s"], event["respawn_s"], event["kv_fetch_s"], recomputed)
 
+    def _recover_from(self, f: _Failure) -> None:
+        """_recover; a failure in its last phases (a replacement dying while its KV is restored)
+        starts the next recovery, up to REPLACE_ATTEMPTS in a row."""
+        for _ in range(REPLACE_ATTEMPTS):
+            try:
+                return self._recover(f.dead, f.reason)
+            except _Failure as again:
+                f = again
+        raise WorkerError(f"recovery failed {REPLACE_ATTEMPTS} times in a row; last: {f.reason}")
+
     def _holds_decode_kv(self, rank: int) -> bool:
         return self._rank_config(rank)["role"] != "prompt"
 
@@ -792,7 +885,7 @@ class PipelineEngine(LLMEngine):
     def shutdown(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        self._stopping = self._closed = True
         standbys = list(getattr(self, "_standbys", []))
         while True:  # standbys that registered while nothing read the inbox
             try:
@@ -812,7 +905,7 @@ class PipelineEngine(LLMEngine):
             except OSError:
                 pass
         for p in getattr(self, "_spare_procs", {}).values():
-            launch._signal(p, signal.SIGTERM)  # a spare still starting has nothing to lose
+            launch._signal(p, signal.SIGKILL)  # a spare not given a rank has nothing to lose
         for ch in getattr(self, "channels", {}).values():
             try:
                 ch.send({"t": "shutdown"})

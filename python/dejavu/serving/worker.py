@@ -30,6 +30,7 @@ from ..engine.sampler import sample
 from ..models.loader import load_model, parse_dtype, resolve
 from ..parallel.wire import Channel, connect
 from ..sampling_params import SamplingParams
+from .lifecycle import on_deployment_gone, quiet_stop_on_signals, run_deployment_cleanups, watch_parent
 
 
 def _env_rank() -> int | None:
@@ -37,15 +38,6 @@ def _env_rank() -> int | None:
         if os.environ.get(k) is not None:
             return int(os.environ[k])
     return None
-
-
-def _watch_parent(parent: int) -> None:
-    def loop():
-        while True:
-            if os.getppid() != parent:
-                os._exit(3)
-            time.sleep(0.5)
-    threading.Thread(target=loop, daemon=True, name="parent-watch").start()
 
 
 class StageWorker:
@@ -538,6 +530,16 @@ class StageWorker:
             self.dist.destroy_process_group()
 
 
+def _parent_exits(parent: int, wait: float = 1.0) -> bool:
+    """Whether `parent` is exiting (we are handed to another parent) within `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while os.getppid() == parent:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _receiver(ch: Channel, worker: StageWorker):
     """Messages read on their own thread (so a step's swap-in starts as it arrives), in order."""
     import queue
@@ -579,8 +581,10 @@ def run(controller: str, token: str, rank: int | None = None, standby: bool = Fa
     if rank is None and not standby:
         print("dejavu worker: no rank (pass --rank, launch under mpirun, or --standby)", file=sys.stderr)
         return 2
-    if os.environ.get("DEJAVU_PARENT_PID"):
-        _watch_parent(int(os.environ["DEJAVU_PARENT_PID"]))
+    quiet_stop_on_signals()  # a stop signal is not a failure: lifecycle.py
+    parent = int(os.environ.get("DEJAVU_PARENT_PID") or 0)
+    if parent:
+        watch_parent(parent)
     import faulthandler
     import signal
 
@@ -602,6 +606,10 @@ def run(controller: str, token: str, rank: int | None = None, standby: bool = Fa
     if cfg.get("t") != "config":
         return 2
     rank = int(cfg.get("rank", rank))
+    if cfg.get("shm_prefix"):  # the deployment's /dev/shm segments go with it
+        from ..kvstream.shm import retire
+
+        on_deployment_gone(lambda: retire(cfg["shm_prefix"]))
     if cfg.get("heartbeat_interval"):
         _heartbeat(ch, lambda: rank, float(cfg["heartbeat_interval"]))
     try:
@@ -636,6 +644,8 @@ def run(controller: str, token: str, rank: int | None = None, standby: bool = Fa
                 worker.pipes.fail()
                 ch.send({"t": "step_failed", "rank": rank, "id": msg.get("id", 0), "msg": str(e)})
     except ConnectionError:
+        if parent and _parent_exits(parent):
+            run_deployment_cleanups()
         return 4  # the controller is gone: nothing to serve
     except Exception as e:  # noqa: BLE001
         try:
