@@ -320,3 +320,102 @@ def test_sigterm_ends_running_streams_at_once():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---------------------------------------------------------------------------------------- item 7
+def _requests():
+    """(path, body): valid bodies, valid ones with one hostile field, and hostile ones throughout."""
+    from hypothesis import strategies as st
+
+    surrogate = st.characters(categories=["Cs"])
+    text = st.one_of(st.text(max_size=12), st.text(st.one_of(st.characters(), surrogate), min_size=1, max_size=6))
+    number = st.one_of(st.integers(-3, 20), st.integers(-2**80, 2**80), st.sampled_from([2**63, 10**30, -1, 0]),
+                       st.floats(allow_nan=True, allow_infinity=True), st.floats(0, 2))
+    scalar = st.one_of(st.none(), st.booleans(), number, text)
+    junk = st.recursive(scalar, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3),
+                        max_leaves=6)
+    ids = st.lists(st.one_of(st.integers(0, 60000), st.integers(-3, 3), st.integers(2**40, 2**70)), max_size=8)
+    part = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]), "text": text})
+    message = st.fixed_dictionaries({"role": st.one_of(st.sampled_from(["user", "system", "assistant", "wizard"]), junk),
+                                     "content": st.one_of(text, st.lists(part, max_size=2), junk)})
+    hostile = {
+        "prompt": st.one_of(text, ids, st.lists(text, max_size=2), st.lists(ids, max_size=2), junk),
+        "messages": st.one_of(st.lists(message, max_size=3), junk),
+        "max_tokens": st.one_of(number, junk), "max_completion_tokens": number,
+        "temperature": number, "top_p": number, "top_k": number, "n": number, "min_tokens": number,
+        "seed": number, "stop": st.one_of(text, st.lists(text, max_size=3), junk),
+        "stop_token_ids": st.one_of(ids, junk), "ignore_eos": junk, "stream": junk,
+        "stream_options": st.one_of(st.fixed_dictionaries({"include_usage": junk}), junk),
+        "model": st.one_of(text, junk), "logprobs": junk, "presence_penalty": number,
+    }
+    plain = st.text(st.characters(codec="utf-8"), min_size=1, max_size=20)
+    valid = {
+        "temperature": st.one_of(st.just(0), st.floats(0, 2)),
+        "top_p": st.floats(0.05, 1), "top_k": st.integers(-1, 50), "n": st.integers(1, 2),
+        "min_tokens": st.integers(0, 1), "seed": st.integers(0, 2**63 - 1),
+        "stop": st.lists(plain, min_size=1, max_size=2), "stop_token_ids": st.lists(st.integers(0, 49151), max_size=3),
+        "ignore_eos": st.booleans(), "stream": st.booleans(),
+        "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}), "model": st.just(MODEL),
+        "user": plain,  # an unknown field: ignored
+    }
+    short = st.integers(1, 3)  # (sampled tokens are slow on a CPU: few of them)
+    completion = st.tuples(st.just("/v1/completions"), st.fixed_dictionaries(
+        {"prompt": st.one_of(plain, st.lists(st.integers(0, 49151), min_size=1, max_size=8)), "max_tokens": short},
+        optional=valid))
+    chat = st.tuples(st.just("/v1/chat/completions"), st.fixed_dictionaries(
+        {"messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
+                                                     "content": plain}), min_size=1, max_size=3),
+         "max_completion_tokens": short}, optional=valid))
+    good = st.one_of(completion, chat)
+    one_bad = st.builds(lambda pb, kv: (pb[0], {**pb[1], kv[0]: kv[1]}), good,
+                        st.sampled_from(sorted(hostile)).flatmap(lambda k: st.tuples(st.just(k), hostile[k])))
+    unknown = st.dictionaries(st.text(max_size=6).filter(lambda k: k not in hostile), junk, max_size=2)
+    anything = st.tuples(st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+                         st.one_of(st.builds(lambda a, b: {**b, **a}, st.fixed_dictionaries({}, optional=hostile),
+                                             unknown), junk))
+    return st.one_of(good, one_bad, anything)
+
+
+def _check_ok(body: dict, path: str, text: str) -> None:
+    """A 200 must be a well-formed answer to what was asked."""
+    if body.get("stream") is True:
+        events = [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
+        assert events[-1] == "[DONE]", text[-200:]
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks and all("error" not in c for c in chunks), text[-300:]
+        assert any(ch["choices"] and ch["choices"][0]["finish_reason"] in ("stop", "length") for ch in chunks)
+        return
+    r = json.loads(text)
+    n = body.get("n") or 1
+    assert len(r["choices"]) == n and all(c["finish_reason"] in ("stop", "length") for c in r["choices"]), r
+    key = "message" if path.endswith("chat/completions") else "text"
+    assert all(key in c for c in r["choices"]), r
+    u = r["usage"]
+    assert u["prompt_tokens"] > 0 and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"], r
+
+
+def test_fuzzed_requests_get_a_4xx_or_a_valid_200(server):
+    from hypothesis import HealthCheck, given, settings
+
+    srv, base, before = server
+    seen = {"ok": 0, "refused": 0}
+
+    @settings(max_examples=200, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(_requests())
+    def check(request):
+        path, body = request
+        code, text = http(base + path, raw=json.dumps(body).encode(), timeout=30)
+        assert code < 500, (body, code, text)
+        if code == 200:
+            seen["ok"] += 1
+            _check_ok(body, path, text)
+        else:
+            seen["refused"] += 1
+            err = json.loads(text)["error"]
+            assert 400 <= code < 500 and err["code"] == code and err["message"], (body, text)
+
+    check()
+    assert seen["ok"] > 0 and seen["refused"] > 0, seen  # the mix had both valid and hostile bodies
+    assert http(base + "/health")[0] == 200
+    assert plain_tokens(base) == before
