@@ -206,6 +206,15 @@ def test_connection_cap_timeouts_and_body_size():
                 assert time.monotonic() - t0 < 10, "slow headers were never cut off"
             assert 2.5 < time.monotonic() - t0 < 10
 
+        # The deadline restarts after each response: a keep-alive connection outlives it while it
+        # sends a request within header_timeout of the previous answer.
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            for i in range(3):
+                if i:
+                    time.sleep(1.8)
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert s.recv(4096).startswith(b"HTTP/1.1 200")
+
         # A body that stops arriving: 408 after body_timeout.
         t0 = time.monotonic()
         head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -336,8 +345,8 @@ def _requests():
                         max_leaves=6)
     ids = st.lists(st.one_of(st.integers(0, 60000), st.integers(-3, 3), st.integers(2**40, 2**70)), max_size=8)
     part = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url"]), "text": text})
-    message = st.fixed_dictionaries({"role": st.one_of(st.sampled_from(["user", "system", "assistant", "wizard"]), junk),
-                                     "content": st.one_of(text, st.lists(part, max_size=2), junk)})
+    role = st.one_of(st.sampled_from(["user", "system", "assistant", "wizard"]), junk)
+    message = st.fixed_dictionaries({"role": role, "content": st.one_of(text, st.lists(part, max_size=2), junk)})
     hostile = {
         "prompt": st.one_of(text, ids, st.lists(text, max_size=2), st.lists(ids, max_size=2), junk),
         "messages": st.one_of(st.lists(message, max_size=3), junk),

@@ -63,7 +63,9 @@ class TextStream:
         return d
 
 
-class StreamError(RuntimeError):
+class HttpError(RuntimeError):
+    """A request that ends with this HTTP status (a body too slow or too large, a failed stream)."""
+
     def __init__(self, message: str, status: int):
         super().__init__(message)
         self.status = status
@@ -151,9 +153,9 @@ class ApiServer:
         try:
             raw = await asyncio.wait_for(request.read(), self.limits.body_timeout)
         except asyncio.TimeoutError:
-            raise StreamError(f"the request body did not arrive within {self.limits.body_timeout:g} s", 408) from None
+            raise HttpError(f"the request body did not arrive within {self.limits.body_timeout:g} s", 408) from None
         except web.HTTPRequestEntityTooLarge:
-            raise StreamError(f"the request body is larger than {self.limits.max_body_bytes} bytes", 413) from None
+            raise HttpError(f"the request body is larger than {self.limits.max_body_bytes} bytes", 413) from None
         try:
             body = await self._offload(json.loads, raw)
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError):
@@ -204,14 +206,14 @@ class ApiServer:
             prompt = await self._prompt_ids(body, chat)
             for p in params:
                 if self._closing:
-                    raise StreamError(SHUTTING_DOWN, 503)
+                    raise HttpError(SHUTTING_DOWN, 503)
                 streams.append(await self.engine.submit(prompt, p))
                 self._active.add(streams[-1])
         except BadRequest as e:
             return self._refuse(streams, error(400, str(e), param=e.param))
         except (RequestError, ValueError) as e:
             return self._refuse(streams, error(400, str(e)))
-        except StreamError as e:
+        except HttpError as e:
             return self._refuse(streams, error(e.status, str(e)))
         except QueueFull as e:
             return self._refuse(streams, error(429, str(e), "rate_limit_error"))
@@ -250,7 +252,7 @@ class ApiServer:
         while True:
             kind, *rest = await s.updates.get()
             if kind == "error":
-                raise StreamError(rest[0], rest[1])
+                raise HttpError(rest[0], rest[1])
             if rest[1]:
                 return
 
@@ -258,7 +260,7 @@ class ApiServer:
         try:
             for s in streams:
                 await self._wait(s)
-        except StreamError as e:
+        except HttpError as e:
             if e.status >= 500 and str(e) != SHUTTING_DOWN:
                 self.metrics.inc("dejavu_requests_failed_total")
             return error(e.status, str(e) if str(e) == SHUTTING_DOWN else f"generation failed: {e}", "server_error")
