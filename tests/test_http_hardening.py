@@ -125,10 +125,18 @@ def test_a_failing_engine_step_ends_its_requests_only():
         seq = Sequence([5, 6, 7], SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=[10**9]), seed=1)
         eng._enqueue(seq)  # straight into the scheduler, past add_request's checks
         return seq
-    bad, good = poison(), eng.add_request([8, 9], greedy)
+    alone = llm.generate([[8, 9]], greedy)[0].token_ids
+    good = eng.add_request([8, 9], greedy)
+    eng.step()  # its prefill: it decodes while the poison's prefill fails
+    bad = poison()
     while eng.has_unfinished():
         eng.step()
     assert bad.finish_reason == "error" and "IndexError" in bad.error
+    assert good.finish_reason == "length" and good.output_ids == alone
+    bad, good = poison(), eng.add_request([8, 9], greedy)
+    while eng.has_unfinished():
+        eng.step()
+    assert bad.finish_reason == "error"
     assert good.finish_reason == "error"  # it shared the failing step: one step cannot tell them apart
     assert eng.cache.allocator.num_used == 0
     assert llm.generate([[5, 6, 7]], greedy)[0].token_ids == before

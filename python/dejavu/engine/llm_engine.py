@@ -93,6 +93,7 @@ class LLMEngine:
         self.num_chained = 0  # decode steps queued before the tokens of the step before were read
         self._launched: _Launched | None = None
         self.failed_steps = 0  # consecutive steps that raised (step())
+        self._stepping: list[Sequence] = []  # the requests of the step being run
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB) on %s", num_blocks, config.block_size,
                  self.cache.nbytes / 2**20, device)
 
@@ -192,14 +193,16 @@ class LLMEngine:
     def step(self) -> list[Sequence]:
         """Run one iteration; returns the sequences that got a token (finished ones included).
 
-        An exception inside the iteration ends the requests it was running (finish_reason "error",
+        An exception inside the iteration ends the requests of that step (finish_reason "error",
         `Sequence.error` says why; one step cannot tell which of its requests caused it) and the
-        engine goes on with the rest. It propagates when nothing was running to blame, or when
-        MAX_FAILED_STEPS steps in a row failed (the engine itself is broken, e.g. a CUDA error)."""
+        engine goes on with the others. It propagates when the step had no requests yet to blame,
+        or when MAX_FAILED_STEPS steps in a row failed (the engine itself is broken, e.g. a CUDA
+        error)."""
+        self._stepping = []
         try:
             out = self._iterate()
         except Exception as e:  # noqa: BLE001 - contained to the requests of this step
-            failed = list(self.scheduler.running)
+            failed = [s for s in self._stepping if not s.finished]
             self.failed_steps += 1
             if not failed or self.failed_steps >= self.MAX_FAILED_STEPS:
                 raise
@@ -215,7 +218,7 @@ class LLMEngine:
     def _iterate(self) -> list[Sequence]:
         launched, self._launched = self._launched, None
         if launched is not None:
-            seqs = launched.seqs
+            seqs = self._stepping = launched.seqs
             if self._overlappable(seqs) and self.scheduler.decode_fits(seqs):
                 again, is_prefill = self.scheduler.schedule()
                 if is_prefill or again != seqs:
@@ -224,6 +227,7 @@ class LLMEngine:
                 self.num_chained += 1
             return self._land(launched)
         seqs, is_prefill = self.scheduler.schedule()
+        self._stepping = seqs
         if not seqs:
             if self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("scheduler stalled: waiting requests but nothing can run")
