@@ -1,7 +1,6 @@
 """Hostile HTTP clients: bad fields, huge prompts, slow or too many connections, shutdown mid-stream,
 fuzzed bodies. Each against a real server on a loopback port; the engine must keep serving."""
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -299,13 +298,14 @@ def test_huge_prompts_never_stall_health_or_streams(server):
 
 # ---------------------------------------------------------------------------------------- item 6
 def test_sigterm_ends_running_streams_at_once():
+    cmd = [sys.executable, "-m", "dejavu", "serve", "--model", MODEL, "--kv-cache-blocks", "512", "--block-size", "4"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
+        s.listen()
         port = s.getsockname()[1]
-    env = dict(os.environ)
-    proc = subprocess.Popen([sys.executable, "-m", "dejavu", "serve", "--model", MODEL, "--port", str(port),
-                             "--kv-cache-blocks", "512", "--block-size", "4"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        taken = subprocess.run(cmd + ["--port", str(port)], capture_output=True, text=True, timeout=120)
+        assert taken.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in taken.stderr, taken.stderr[-500:]
+    proc = subprocess.Popen(cmd + ["--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 90
         while time.time() < deadline:

@@ -376,7 +376,10 @@ class ApiServer:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
-            await self._start(host, port)
+            try:
+                await self._start(host, port)
+            except OSError as e:  # e.g. the port is taken: a clear error, not a traceback
+                raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
             log.warning("serving on %s", self._site.name)
             await stop.wait()
             log.warning("stopping")
