@@ -75,6 +75,18 @@ def _positive(name):
     return parse
 
 
+def _positive_float(name):
+    def parse(v):
+        try:
+            x = float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {v!r}") from None
+        if not x > 0 or x == float("inf"):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {v}")
+        return x
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dejavu", description="DéjàVu: fast, fault-tolerant LLM serving")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -101,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=_positive("--max-queue"), default=256,
                     help="waiting requests before new ones get 429")
     sv.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    sv.add_argument("--max-connections", type=_positive("--max-connections"), default=None,
+                    help="open HTTP connections at once; more get 503 and are closed "
+                         "(default: 1024, or half the file-descriptor limit when lower)")
+    sv.add_argument("--header-timeout", type=_positive_float("--header-timeout"), default=15.0,
+                    help="seconds a connection may take to send its request headers, or stay idle (default 15)")
+    sv.add_argument("--body-timeout", type=_positive_float("--body-timeout"), default=30.0,
+                    help="seconds to receive a request body once its headers are in; then 408 (default 30)")
+    sv.add_argument("--max-body-bytes", type=_positive("--max-body-bytes"), default=8 << 20,
+                    help="largest request body; larger get 413 (default 8 MiB)")
     sv.add_argument("--plan", default=None, help="take pp / prompt and token stages / microbatch from `dejavu plan --json`")
     sv.set_defaults(func=cmd_serve)
 
@@ -556,12 +577,16 @@ def apply_plan(args) -> None:
 
 def cmd_serve(args) -> int:
     from .serving.api import ApiServer
+    from .serving.http_limits import HttpLimits
 
     if args.plan:
         apply_plan(args)
 
     llm = _llm_from_args(args)
-    server = ApiServer(llm, args.served_model_name or args.model, api_key=args.api_key, max_queue=args.max_queue)
+    limits = HttpLimits(max_connections=args.max_connections or 0, header_timeout=args.header_timeout,
+                        body_timeout=args.body_timeout, max_body_bytes=args.max_body_bytes)
+    server = ApiServer(llm, args.served_model_name or args.model, api_key=args.api_key, max_queue=args.max_queue,
+                       limits=limits)
     if hasattr(llm.engine, "begin_stop"):
         async def stopping(app):  # SIGTERM / SIGINT: the workers' exits that follow are not failures
             llm.engine.begin_stop()

@@ -167,6 +167,9 @@ class LLM:
                 seqs.append(self.engine.add_request(p, sp, request_id=str(i)))
             while self.engine.has_unfinished():
                 self.engine.step()
+            failed = next((s for s in seqs if s.finish_reason == "error"), None)
+            if failed is not None:
+                raise RuntimeError(f"request {failed.request_id} failed: {failed.error}")
         except BaseException:
             for s in seqs:
                 self.engine.abort(s)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import operator
 import os
 import random
 from dataclasses import dataclass
@@ -63,6 +65,7 @@ def eos_ids(cfg, tokenizer: Tokenizer) -> list[int]:
 
 
 class LLMEngine:
+    MAX_FAILED_STEPS = 3
     def __init__(self, model: DecoderLM, tokenizer: Tokenizer, config: EngineConfig, device: torch.device,
                  dtype: torch.dtype):
         cfg = self.model_config = model.cfg
@@ -89,21 +92,33 @@ class LLMEngine:
         self.overlap = config.overlap_steps and os.environ.get("DEJAVU_OVERLAP", "1") != "0"
         self.num_chained = 0  # decode steps queued before the tokens of the step before were read
         self._launched: _Launched | None = None
+        self.failed_steps = 0  # consecutive steps that raised (step())
+        self._stepping: list[Sequence] = []  # the requests of the step being run
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB) on %s", num_blocks, config.block_size,
                  self.cache.nbytes / 2**20, device)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Sequence:
         if isinstance(prompt, str):
-            ids, text = self.tokenizer.encode(prompt), prompt
+            try:
+                ids, text = self.tokenizer.encode(prompt), prompt
+            except Exception as e:  # noqa: BLE001 - e.g. a lone surrogate: the tokenizer's own error
+                raise RequestError(f"cannot tokenize the prompt: {type(e).__name__}: {e}") from None
         else:
-            ids, text = [int(t) for t in prompt], None
+            try:
+                ids, text = [operator.index(t) for t in prompt], None
+            except TypeError:
+                raise RequestError("the prompt must be a string or a list of integer token ids") from None
         if not ids:
             raise RequestError("the prompt is empty")
         vocab = self.model_config.vocab_size
         if any(t < 0 or t >= vocab for t in ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
         params.validate()
+        if not math.isfinite(params.temperature):
+            raise RequestError(f"temperature must be a finite number, got {params.temperature}")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise RequestError(f"stop_token_ids must be in [0, {vocab})")
         if params.stop and not self.tokenizer.has_text:
             raise RequestError("'stop' strings need text, and this model has no tokenizer: use stop_token_ids")
         total = len(ids) + params.max_tokens
@@ -178,10 +193,34 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
-        """Run one iteration; returns the sequences that got a token (finished ones included)."""
+        """Run one iteration; returns the sequences that got a token (finished ones included).
+
+        An exception inside the iteration ends the requests of that step (finish_reason "error",
+        `Sequence.error` says why; one step cannot tell which of its requests caused it) and the
+        engine goes on with the others. It propagates when the step had no requests yet to blame,
+        or when MAX_FAILED_STEPS steps in a row failed (the engine itself is broken, e.g. a CUDA
+        error)."""
+        self._stepping = []
+        try:
+            out = self._iterate()
+        except Exception as e:  # noqa: BLE001 - contained to the requests of this step
+            failed = [s for s in self._stepping if not s.finished]
+            self.failed_steps += 1
+            if not failed or self.failed_steps >= self.MAX_FAILED_STEPS:
+                raise
+            log.exception("engine step failed; ending its %d request(s)", len(failed))
+            self._launched = None
+            for s in failed:
+                s.error = f"{type(e).__name__}: {e}"
+                self._finish(s, "error")
+            return failed
+        self.failed_steps = 0
+        return out
+
+    def _iterate(self) -> list[Sequence]:
         launched, self._launched = self._launched, None
         if launched is not None:
-            seqs = launched.seqs
+            seqs = self._stepping = launched.seqs
             if self._overlappable(seqs) and self.scheduler.decode_fits(seqs):
                 again, is_prefill = self.scheduler.schedule()
                 if is_prefill or again != seqs:
@@ -190,6 +229,7 @@ class LLMEngine:
                 self.num_chained += 1
             return self._land(launched)
         seqs, is_prefill = self.scheduler.schedule()
+        self._stepping = seqs
         if not seqs:
             if self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("scheduler stalled: waiting requests but nothing can run")

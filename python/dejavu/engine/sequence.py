@@ -33,7 +33,8 @@ class Sequence:
         # the step that reads the newest of them is already queued behind the step that computes it.
         self.inflight = 0
         self.preemptions = 0  # times its KV was dropped (replication watermarks of older KV no longer count)
-        self.finish_reason: str | None = None
+        self.finish_reason: str | None = None  # stop | length | abort | error
+        self.error: str | None = None  # why, when finish_reason is "error"
         self.text = ""
 
     def __len__(self) -> int:

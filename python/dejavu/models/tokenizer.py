@@ -38,6 +38,9 @@ class Tokenizer:
     bos_token_id: int | None = None
     vocab_size: int = 0
     has_text = True  # False: token ids only (no encode, decode gives "")
+    # The most characters of text one token can stand for, or None when unknown; the server uses
+    # it to refuse a prompt that cannot fit the context before tokenizing it.
+    max_token_chars: int | None = None
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -54,6 +57,7 @@ class ByteTokenizer(Tokenizer):
 
     def __init__(self):
         self.bos_token_id, self.eos_token_id, self.vocab_size = self.BOS, self.EOS, 258
+        self.max_token_chars = 1
 
     def encode(self, text):
         return list(text.encode("utf-8"))
@@ -95,6 +99,7 @@ class HFTokenizer(Tokenizer):
         self.eos_token_id = tok.eos_token_id
         self.bos_token_id = tok.bos_token_id
         self.vocab_size = len(tok)
+        self.max_token_chars = _max_token_chars(tok)
 
     def encode(self, text):
         return list(self.tok(text)["input_ids"])
@@ -109,6 +114,19 @@ class HFTokenizer(Tokenizer):
         if isinstance(out, dict) or hasattr(out, "keys"):
             out = out["input_ids"]
         return list(out)
+
+
+def _max_token_chars(tok) -> int | None:
+    """The longest vocabulary entry, in characters: a bound on the text one token covers when the
+    model is BPE that never emits an unknown token (byte-level, or byte fallback; a fused unknown
+    token can cover any length) and no normalizer can shrink the text first."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None or backend.normalizer is not None:
+        return None
+    model = backend.model
+    if type(model).__name__ != "BPE" or (model.unk_token is not None and not getattr(model, "byte_fallback", False)):
+        return None
+    return max((len(t) for t in tok.get_vocab()), default=0) or None
 
 
 def _quiet_transformers():

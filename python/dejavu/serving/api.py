@@ -4,6 +4,11 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions (both with "stream": 
 server-sent events), GET /v1/models, /health, /metrics (Prometheus), /v1/cluster. Errors use
 OpenAI's shape {"error": {"message", "type", "param", "code"}}. A client that disconnects cancels
 its request and frees its KV blocks.
+
+The event loop only moves bytes: JSON decoding, tokenization and the chat template run on a small
+thread pool (never on the loop, nor on the engine thread), so a huge prompt delays only itself.
+Connection, timeout and size limits: serving/http_limits.py. Shutdown (SIGINT/SIGTERM, stop())
+ends every running request with an error at once instead of waiting for it to finish.
 """
 from __future__ import annotations
 
@@ -12,16 +17,21 @@ import hmac
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
 from ..engine.llm_engine import RequestError
-from .async_engine import AsyncEngine, QueueFull, Stream
-from .protocol import BadRequest, parse_messages, parse_prompt, parse_sampling
+from .async_engine import AsyncEngine, QueueFull, RequestFailed, Stream
+from .http_limits import CappedSite, HttpLimits
+from .protocol import BadRequest, PromptBounds, max_prompt_chars, parse_messages, parse_prompt, parse_sampling
+
+SHUTTING_DOWN = "the server is shutting down"
 
 log = logging.getLogger("dejavu.server")
 
@@ -53,19 +63,39 @@ class TextStream:
         return d
 
 
+class HttpError(RuntimeError):
+    """A request that ends with this HTTP status (a body too slow or too large, a failed stream)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 class ApiServer:
-    def __init__(self, llm, model_name: str, api_key: str | None = None, max_queue: int = 256):
+    def __init__(self, llm, model_name: str, api_key: str | None = None, max_queue: int = 256,
+                 limits: HttpLimits | None = None):
         self.llm, self.model_name, self.api_key = llm, model_name, api_key
+        self.limits = limits or HttpLimits()
         self.engine = AsyncEngine(llm.engine, max_queue=max_queue)
         self.metrics = self.engine.metrics
+        self.metrics.counters["dejavu_http_connections_refused_total"] = 0
+        self.metrics.gauges["dejavu_http_connections"] = lambda: self._site.open if self._site else 0
+        eng = llm.engine
+        self.bounds = PromptBounds(eng.model_config.vocab_size, eng.max_model_len,
+                                   max_prompt_chars(llm.tokenizer, eng.max_model_len))
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="dejavu-tokenize")
+        self._active: set[Stream] = set()  # requests in the engine, for shutdown to end
+        self._closing = False
         self.created = int(time.time())
-        app = web.Application(middlewares=[self._auth], client_max_size=8 << 20)
+        app = web.Application(middlewares=[self._auth], client_max_size=self.limits.max_body_bytes)
+        app.on_shutdown.append(self._cancel_all)
         app.add_routes([web.post("/v1/completions", self.completions),
                         web.post("/v1/chat/completions", self.chat),
                         web.get("/v1/models", self.models), web.get("/health", self.health),
                         web.get("/metrics", self.metrics_text), web.get("/v1/cluster", self.cluster)])
         self.app = app
         self._runner: web.AppRunner | None = None
+        self._site: CappedSite | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -73,8 +103,12 @@ class ApiServer:
     @web.middleware
     async def _auth(self, request, handler):
         if self.api_key and request.path.startswith("/v1/"):
-            got = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(got, f"Bearer {self.api_key}"):
+            # Compared as bytes: a header with non-ASCII characters is just a wrong key.
+            try:
+                got = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                got = b""
+            if not hmac.compare_digest(got, f"Bearer {self.api_key}".encode()):
                 return error(401, "missing or invalid API key", "authentication_error")
         try:
             return await handler(request)
@@ -111,10 +145,20 @@ class ApiServer:
         return web.json_response(out)
 
     # ------------------------------------------------------------------ generation
+    async def _offload(self, fn, *args):
+        """Run fn(*args) on the tokenizer pool: long work stays off the event loop and the engine."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
     async def _body(self, request):
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+            raw = await asyncio.wait_for(request.read(), self.limits.body_timeout)
+        except asyncio.TimeoutError:
+            raise HttpError(f"the request body did not arrive within {self.limits.body_timeout:g} s", 408) from None
+        except web.HTTPRequestEntityTooLarge:
+            raise HttpError(f"the request body is larger than {self.limits.max_body_bytes} bytes", 413) from None
+        try:
+            body = await self._offload(json.loads, raw)
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError):
             raise BadRequest("the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
@@ -129,34 +173,55 @@ class ApiServer:
     async def chat(self, request):
         return await self._generate(request, chat=True)
 
+    def _template(self, messages: list[dict]) -> list[int]:
+        try:
+            return list(self.llm.tokenizer.apply_chat_template(messages))
+        except Exception as e:  # noqa: BLE001 - the template itself failed on these messages
+            raise BadRequest(f"cannot apply the chat template: {e}", "messages") from None
+
+    def _encode(self, text: str) -> list[int]:
+        try:
+            return list(self.llm.tokenizer.encode(text))
+        except Exception as e:  # noqa: BLE001 - the tokenizer refused this text
+            raise BadRequest(f"cannot tokenize the prompt: {e}", "prompt") from None
+
+    async def _prompt_ids(self, body: dict, chat: bool) -> list[int]:
+        """The request's prompt as token ids, every field checked; tokenized on the pool."""
+        if chat:
+            ids, what = await self._offload(self._template, parse_messages(body, self.bounds)), "messages"
+        else:
+            ids, what = parse_prompt(body, self.bounds), "prompt"
+            if isinstance(ids, str):
+                ids = await self._offload(self._encode, ids)
+        if len(ids) > self.bounds.max_model_len:
+            raise BadRequest(f"the prompt is {len(ids)} tokens, more than the model's context length of "
+                             f"{self.bounds.max_model_len} tokens", what)
+        return ids
+
     async def _generate(self, request, chat: bool):
         streams: list[Stream] = []
         try:
             body = await self._body(request)
-            params, stream, include_usage = parse_sampling(body, chat=chat)
-            if chat:
-                try:
-                    prompt = self.llm.tokenizer.apply_chat_template(parse_messages(body))
-                except BadRequest:
-                    raise
-                except Exception as e:  # noqa: BLE001 - the template itself failed on these messages
-                    raise BadRequest(f"cannot apply the chat template: {e}", "messages") from None
-            else:
-                prompt = parse_prompt(body)[0]
+            params, stream, include_usage = parse_sampling(body, chat=chat, vocab_size=self.bounds.vocab_size)
+            prompt = await self._prompt_ids(body, chat)
             for p in params:
+                if self._closing:
+                    raise HttpError(SHUTTING_DOWN, 503)
                 streams.append(await self.engine.submit(prompt, p))
+                self._active.add(streams[-1])
         except BadRequest as e:
-            for s in streams:
-                self.engine.abort(s)
-            return error(400, str(e), param=e.param)
+            return self._refuse(streams, error(400, str(e), param=e.param))
         except (RequestError, ValueError) as e:
-            for s in streams:
-                self.engine.abort(s)
-            return error(400, str(e))
+            return self._refuse(streams, error(400, str(e)))
+        except HttpError as e:
+            return self._refuse(streams, error(e.status, str(e)))
         except QueueFull as e:
-            return error(429, str(e), "rate_limit_error")
+            return self._refuse(streams, error(429, str(e), "rate_limit_error"))
+        except RequestFailed as e:
+            self.metrics.inc("dejavu_requests_failed_total")
+            return self._refuse(streams, error(500, f"the request failed: {e}", "server_error"))
         except RuntimeError as e:
-            return error(503, str(e), "server_error")
+            return self._refuse(streams, error(503, str(e), "server_error"))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         try:
             if stream:
@@ -164,14 +229,30 @@ class ApiServer:
             return await self._complete(rid, streams, chat)
         finally:
             for s in streams:
+                self._active.discard(s)
                 if s.seq is None or not s.seq.finished:
                     self.engine.abort(s)
+
+    def _refuse(self, streams: list[Stream], response: web.Response) -> web.Response:
+        for s in streams:
+            self._active.discard(s)
+            self.engine.abort(s)
+        return response
+
+    async def _cancel_all(self, app) -> None:
+        """Shutdown: every running request ends now with an error (its handler then returns)."""
+        self._closing = True
+        for s in list(self._active):
+            s.updates.put_nowait(("error", SHUTTING_DOWN, 503))
+            self.engine.abort(s)
+        if self._active:
+            log.warning("shutdown: ended %d running request(s)", len(self._active))
 
     async def _wait(self, s: Stream):
         while True:
             kind, *rest = await s.updates.get()
             if kind == "error":
-                raise RuntimeError(rest[0])
+                raise HttpError(rest[0], rest[1])
             if rest[1]:
                 return
 
@@ -179,9 +260,10 @@ class ApiServer:
         try:
             for s in streams:
                 await self._wait(s)
-        except RuntimeError as e:
-            self.metrics.inc("dejavu_requests_failed_total")
-            return error(500, f"generation failed: {e}", "server_error")
+        except HttpError as e:
+            if e.status >= 500 and str(e) != SHUTTING_DOWN:
+                self.metrics.inc("dejavu_requests_failed_total")
+            return error(e.status, str(e) if str(e) == SHUTTING_DOWN else f"generation failed: {e}", "server_error")
         choices = []
         for i, s in enumerate(streams):
             seq = s.seq
@@ -217,8 +299,10 @@ class ApiServer:
         while True:
             kind, *rest = await s.updates.get()
             if kind == "error":
-                await resp.write(f"data: {json.dumps({'error': {'message': rest[0], 'type': 'server_error'}})}\n\n"
-                                 .encode())
+                if rest[0] != SHUTTING_DOWN:
+                    self.metrics.inc("dejavu_requests_failed_total")
+                err = {"message": rest[0], "type": "server_error", "code": rest[1]}
+                await resp.write(f"data: {json.dumps({'error': err})}\n\n".encode())
                 break
             new, finished = rest
             ids += new
@@ -245,11 +329,14 @@ class ApiServer:
 
     # ------------------------------------------------------------------ running
     async def _start(self, host: str, port: int) -> None:
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        lim = self.limits
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
+                                     keepalive_timeout=lim.header_timeout, shutdown_timeout=lim.shutdown_timeout)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self._site = CappedSite(self._runner, host, port, lim.max_connections,
+                                on_refuse=lambda: self.metrics.inc("dejavu_http_connections_refused_total"))
+        await self._site.start()
+        self.port = self._site.port
 
     def start_background(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Serve from a background thread (tests, the demo); returns the port."""
@@ -274,14 +361,30 @@ class ApiServer:
             finally:
                 self._loop.call_soon_threadsafe(self._loop.stop)
                 self._thread.join(15)
+        self._close()
+
+    def _close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self.engine.shutdown()
         self.llm.shutdown()
 
     def serve_forever(self, host: str, port: int) -> None:
-        """Blocks; SIGINT/SIGTERM stop the server, cancel what runs and stop every worker."""
+        """Blocks; SIGINT/SIGTERM stop the server: running requests end at once with an error
+        (a stream gets an error event, then [DONE]), then the engine and every worker stop."""
+        async def main():
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            try:
+                await self._start(host, port)
+            except OSError as e:  # e.g. the port is taken: a clear error, not a traceback
+                raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+            log.warning("serving on %s", self._site.name)
+            await stop.wait()
+            log.warning("stopping")
+            await self._runner.cleanup()
         try:
-            web.run_app(self.app, host=host, port=port, handler_cancellation=True, access_log=None,
-                        print=lambda msg: log.warning("%s", msg))
+            asyncio.run(main())
         finally:
-            self.engine.shutdown()
-            self.llm.shutdown()
+            self._close()

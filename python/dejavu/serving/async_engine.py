@@ -2,7 +2,12 @@
 
 Requests, aborts and results cross threads through queues: the engine thread owns the engine
 (nothing else touches it); each request gets an asyncio.Queue that receives its progress as
-(new token ids, finished?) updates, delivered on the event loop.
+("tokens", new token ids, finished?) updates, or one ("error", message, HTTP status), delivered on
+the event loop.
+
+A request that fails (its add raised, or the engine ended it with finish_reason "error") gets its
+error and the loop goes on; only an exception the engine does not contain (a pipeline that cannot
+recover, three failed steps in a row) stops the loop, after which every request is refused.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ class QueueFull(RuntimeError):
     pass
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity
 class Stream:
     """One request's view from the event loop."""
     updates: asyncio.Queue
@@ -122,7 +127,7 @@ class AsyncEngine:
             log.exception("engine loop failed")
             self.error = f"{type(e).__name__}: {e}"
             for stream, loop in list(self._streams.values()):
-                loop.call_soon_threadsafe(stream.updates.put_nowait, ("error", self.error))
+                _deliver(loop, stream.updates.put_nowait, ("error", self.error, 500))
             self._streams.clear()
             # Keep answering: every request still queued or arriving later is refused, none hangs.
             while not self._stop.is_set():
@@ -132,7 +137,7 @@ class AsyncEngine:
                     continue
                 if cmd[0] == "add":
                     _, _, _, _, loop, done = cmd
-                    loop.call_soon_threadsafe(_resolve, done, RuntimeError(f"engine stopped: {self.error}"))
+                    _deliver(loop, _resolve, done, RuntimeError(f"engine stopped: {self.error}"))
 
     def _drain(self, block: bool) -> None:
         try:
@@ -152,12 +157,18 @@ class AsyncEngine:
             try:
                 seq = self.engine.add_request(prompt, params)
             except (RequestError, ValueError) as e:
-                loop.call_soon_threadsafe(_resolve, done, e)
+                _deliver(loop, _resolve, done, e)
+                return
+            except Exception as e:  # noqa: BLE001 - this request fails, the engine goes on
+                log.exception("adding a request failed")
+                _deliver(loop, _resolve, done, RequestFailed(f"{type(e).__name__}: {e}"))
                 return
             stream.seq = seq
             self._streams[seq.seq_id] = (stream, loop)
             self.metrics.inc("dejavu_prompt_tokens_total", seq.num_prompt_tokens)
-            loop.call_soon_threadsafe(_resolve, done, None)
+            if not _deliver(loop, _resolve, done, None):
+                self.engine.abort(seq)  # its event loop is gone
+                self._streams.pop(seq.seq_id, None)
         elif cmd[0] == "abort":
             stream = cmd[1]
             if stream.seq is not None and not stream.seq.finished:
@@ -186,7 +197,26 @@ class AsyncEngine:
             if s.finished:
                 self._streams.pop(s.seq_id, None)
                 self.metrics.observe("e2e", now - stream.arrival)
-            loop.call_soon_threadsafe(stream.updates.put_nowait, ("tokens", list(new), s.finished))
+            if s.finish_reason == "error":
+                update = ("error", s.error, 500)
+            else:
+                update = ("tokens", list(new), s.finished)
+            if not _deliver(loop, stream.updates.put_nowait, update) and not s.finished:
+                self.engine.abort(s)  # its event loop is gone
+                self._streams.pop(s.seq_id, None)
+
+
+class RequestFailed(RuntimeError):
+    """A request that failed inside the engine for a reason other than its parameters."""
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
+    """Run fn(*args) on `loop`; False when that loop is closed (nobody is waiting any more)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+        return True
+    except RuntimeError:
+        return False
 
 
 def _resolve(fut: asyncio.Future, exc) -> None:

@@ -1,16 +1,41 @@
 """OpenAI-compatible request parsing: JSON bodies to prompts and SamplingParams, with errors that
-name the offending field (returned as HTTP 400 in OpenAI's error shape)."""
+name the offending field (returned as HTTP 400 in OpenAI's error shape).
+
+Everything a request carries is checked here, before it reaches the tokenizer or the engine:
+numbers are finite and in range, strings are encodable Unicode (JSON's "\\ud800" decodes to a lone
+surrogate that no tokenizer accepts), token ids are inside the model's vocabulary, and a prompt
+that cannot fit the context is refused before it is tokenized (PromptBounds).
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..sampling_params import SamplingParams
+
+MAX_STOP_TOKEN_IDS = 256
 
 
 class BadRequest(ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+@dataclass
+class PromptBounds:
+    """What a prompt may be for this model: token ids below `vocab_size`, at most `max_model_len`
+    tokens, and (when the tokenizer lets us bound it) at most `max_chars` characters of text."""
+    vocab_size: int
+    max_model_len: int
+    max_chars: int | None = None
+
+
+def max_prompt_chars(tokenizer, max_model_len: int) -> int | None:
+    """Characters beyond which a text is certainly longer than `max_model_len` tokens: each token
+    covers at most `tokenizer.max_token_chars` characters. None when the tokenizer gives no bound."""
+    per_token = getattr(tokenizer, "max_token_chars", None)
+    return max_model_len * per_token if per_token else None
 
 
 def _num(body, name, default, lo=None, hi=None, integer=False):
@@ -20,6 +45,8 @@ def _num(body, name, default, lo=None, hi=None, integer=False):
     ok = isinstance(v, int) if integer else isinstance(v, (int, float))
     if isinstance(v, bool) or not ok:
         raise BadRequest(f"'{name}' must be {'an integer' if integer else 'a number'}, got {type(v).__name__}", name)
+    if isinstance(v, float) and not math.isfinite(v):
+        raise BadRequest(f"'{name}' must be a finite number, got {v}", name)
     if lo is not None and v < lo:
         raise BadRequest(f"'{name}' must be >= {lo}, got {v}", name)
     if hi is not None and v > hi:
@@ -36,39 +63,48 @@ def _bool(body, name, default=False):
     return v
 
 
+def check_text(s: str, name: str) -> str:
+    """`s` unchanged if it is encodable Unicode; a lone surrogate is a 400 naming the field."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequest(f"'{name}' is not valid Unicode: a lone surrogate {s[e.start]!r} at character {e.start}",
+                         name) from None
+    return s
+
+
+def _token_ids(ids: list, name: str, vocab_size: int | None) -> list[int]:
+    if vocab_size is not None and any(t < 0 or t >= vocab_size for t in ids):
+        raise BadRequest(f"'{name}' token ids must be in [0, {vocab_size})", name)
+    return ids
+
+
 UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
                "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "best_of": (None, 1),
                "logit_bias": (None, {}), "suffix": (None, ""), "tools": (None, []), "response_format": (None,)}
 
 
-@dataclass
-class Parsed:
-    prompts: list  # str or list[int] each
-    params: list[SamplingParams]
-    stream: bool
-    include_usage: bool
-
-
-def parse_sampling(body: dict, n_default_tokens: int = 16, chat: bool = False) -> tuple[list[SamplingParams], bool, bool]:
+def parse_sampling(body: dict, n_default_tokens: int = 16, chat: bool = False,
+                   vocab_size: int | None = None) -> tuple[list[SamplingParams], bool, bool]:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     for name, allowed in UNSUPPORTED.items():
         if name in body and body[name] not in allowed:
             raise BadRequest(f"'{name}' is not supported by this server", name)
-    max_tokens = body.get("max_completion_tokens") if chat and body.get("max_completion_tokens") is not None \
-        else body.get("max_tokens")
+    name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(name)
     if max_tokens is None:
         max_tokens = n_default_tokens
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-        raise BadRequest("'max_tokens' must be an integer", "max_tokens")
+        raise BadRequest(f"'{name}' must be an integer", name)
     if max_tokens <= 0:
-        raise BadRequest(f"'max_tokens' must be > 0, got {max_tokens}", "max_tokens")
+        raise BadRequest(f"'{name}' must be > 0, got {max_tokens}", name)
     n = _num(body, "n", 1, 1, 16, integer=True)
     temperature = _num(body, "temperature", 1.0, 0, 100)
     top_p = _num(body, "top_p", 1.0)
     if not 0 < top_p <= 1:
         raise BadRequest(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
-    top_k = _num(body, "top_k", 0, -1, integer=True)
+    top_k = _num(body, "top_k", 0, -1, 2**31 - 1, integer=True)
     min_tokens = _num(body, "min_tokens", 0, 0, max_tokens, integer=True)
     seed = _num(body, "seed", None, 0, 2**63 - 1, integer=True)
     stop = body.get("stop")
@@ -78,16 +114,20 @@ def parse_sampling(body: dict, n_default_tokens: int = 16, chat: bool = False) -
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop) or len(stop) > 16:
         raise BadRequest("'stop' must be a string or a list of up to 16 non-empty strings", "stop")
+    for x in stop:
+        check_text(x, "stop")
     stop_ids = body.get("stop_token_ids") or []
     if not isinstance(stop_ids, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
-                                                  for x in stop_ids):
-        raise BadRequest("'stop_token_ids' must be a list of non-negative integers", "stop_token_ids")
+                                                  for x in stop_ids) or len(stop_ids) > MAX_STOP_TOKEN_IDS:
+        raise BadRequest(f"'stop_token_ids' must be a list of up to {MAX_STOP_TOKEN_IDS} non-negative integers",
+                         "stop_token_ids")
+    _token_ids(stop_ids, "stop_token_ids", vocab_size)
     ignore_eos = _bool(body, "ignore_eos")
     stream = _bool(body, "stream")
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise BadRequest("'stream_options' must be an object", "stream_options")
-    include_usage = bool(opts.get("include_usage", False))
+    include_usage = _bool(opts, "include_usage")
     params = [SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_k=top_k, top_p=float(top_p),
                              seed=None if seed is None else seed + i, stop=stop, stop_token_ids=stop_ids,
                              ignore_eos=ignore_eos, min_tokens=min_tokens) for i in range(n)]
@@ -96,24 +136,36 @@ def parse_sampling(body: dict, n_default_tokens: int = 16, chat: bool = False) -
     return params, stream, include_usage
 
 
-def parse_prompt(body: dict) -> list:
+def _too_long(what: str, n: int, unit: str, limit: int, bounds: PromptBounds) -> BadRequest:
+    return BadRequest(f"{what} of {n} {unit} is longer than any prompt the model's context of "
+                      f"{bounds.max_model_len} tokens can hold (at most {limit} {unit})", what.split()[0])
+
+
+def parse_prompt(body: dict, bounds: PromptBounds | None = None) -> str | list[int]:
+    """The one prompt of a completion request: text, or token ids checked against `bounds`."""
     p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]
     if isinstance(p, str):
-        return [p]
+        if bounds is not None and bounds.max_chars is not None and len(p) > bounds.max_chars:
+            raise _too_long("prompt text", len(p), "characters", bounds.max_chars, bounds)
+        return check_text(p, "prompt")
     if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-        return [p]
-    if isinstance(p, list) and len(p) == 1 and (isinstance(p[0], str) or isinstance(p[0], list)):
-        return parse_prompt({"prompt": p[0]})
+        if bounds is not None:
+            if len(p) > bounds.max_model_len:
+                raise _too_long("prompt", len(p), "tokens", bounds.max_model_len, bounds)
+            _token_ids(p, "prompt", bounds.vocab_size)
+        return p
     if p is None:
         raise BadRequest("'prompt' is required", "prompt")
     raise BadRequest("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
 
 
-def parse_messages(body: dict) -> list[dict]:
+def parse_messages(body: dict, bounds: PromptBounds | None = None) -> list[dict]:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise BadRequest("'messages' must be a non-empty list", "messages")
-    out = []
+    out, chars = [], 0
     for m in msgs:
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
             raise BadRequest("each message needs a 'role' of system, user or assistant", "messages")
@@ -125,5 +177,8 @@ def parse_messages(body: dict) -> list[dict]:
             content = "".join(c["text"] for c in content)
         if not isinstance(content, str):
             raise BadRequest("each message needs string 'content'", "messages")
-        out.append({"role": m["role"], "content": content})
+        chars += len(content)
+        if bounds is not None and bounds.max_chars is not None and chars > bounds.max_chars:
+            raise _too_long("messages text", chars, "characters", bounds.max_chars, bounds)
+        out.append({"role": m["role"], "content": check_text(content, "messages")})
     return out
