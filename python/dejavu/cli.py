@@ -205,19 +205,66 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--json", default=None, help="write all numbers to this file")
     bd.set_defaults(func=cmd_bench_decode)
 
-    bs = bsub.add_parser("serve", help="load generator for an OpenAI-compatible server")
+    bs = bsub.add_parser("serve", help="load generator for an OpenAI-compatible server (vLLM's serving metrics)",
+                         description="Streams requests to an OpenAI-compatible server and reports vLLM's serving "
+                                     "benchmark metrics (TTFT, TPOT, ITL, E2EL, throughput, goodput) and ours "
+                                     "(normalized latency). See docs/serving.md, Benchmarking.")
     bs.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
-    src = bs.add_mutually_exclusive_group(required=True)
-    src.add_argument("--trace", help="JSON list of [prompt_tokens, output_tokens]")
-    src.add_argument("--synthetic", action="store_true", help="chat-like long-tailed lengths (see docs)")
-    bs.add_argument("--rate", type=float, default=float("inf"), help="requests per second (Poisson); inf = all at once")
-    bs.add_argument("--num-requests", type=_positive("--num-requests"), default=100)
-    bs.add_argument("--max-prompt", type=_positive("--max-prompt"), default=1024)
-    bs.add_argument("--max-output", type=_positive("--max-output"), default=512)
-    bs.add_argument("--model", default=None, help="model id to send (default: none)")
+    src = bs.add_mutually_exclusive_group()
+    src.add_argument("--dataset-name", choices=["random", "prefix", "sharegpt", "synthetic", "trace"], default=None,
+                     help="workload (default random): random lengths, a shared prefix + random suffixes (prefix), "
+                          "a ShareGPT JSON file (sharegpt, --dataset-path), chat-like long-tailed lengths "
+                          "(synthetic) or a trace file (trace, --dataset-path)")
+    src.add_argument("--trace", help="JSON list of [prompt_tokens, output_tokens] (= --dataset-name trace)")
+    src.add_argument("--synthetic", action="store_true", help="chat-like long-tailed lengths (= --dataset-name "
+                     "synthetic)")
+    bs.add_argument("--dataset-path", default=None, help="the sharegpt or trace file")
+    bs.add_argument("--backend", default="openai", choices=["openai", "vllm", "openai-chat"],
+                    help="openai / vllm: /v1/completions; openai-chat: /v1/chat/completions with text messages")
+    bs.add_argument("--endpoint", default=None, help="API path (default: by --backend)")
+    bs.add_argument("--rate", "--request-rate", dest="rate", type=float, default=float("inf"),
+                    help="requests per second (Poisson); inf = all at once (default)")
+    bs.add_argument("--burstiness", type=float, default=1.0,
+                    help="arrival gaps are gamma distributed with this shape (1: Poisson; < 1 burstier)")
+    bs.add_argument("--max-concurrency", type=_positive("--max-concurrency"), default=None,
+                    help="at most this many requests in flight (later arrivals wait for a slot)")
+    bs.add_argument("--num-requests", "--num-prompts", dest="num_requests", type=_positive("--num-requests"),
+                    default=None, help="requests to send (default: 32, a CPU server's minute or so; a trace: all)")
+    bs.add_argument("--random-input-len", type=_positive("--random-input-len"), default=256,
+                    help="random / prefix: prompt tokens after the prefix (default 256)")
+    bs.add_argument("--random-output-len", type=_positive("--random-output-len"), default=64,
+                    help="random / prefix: output tokens (default 64)")
+    bs.add_argument("--random-range-ratio", type=float, default=0.0,
+                    help="random / prefix: lengths uniform in [L*(1-r), L*(1+r)], r in [0, 1) (default 0)")
+    bs.add_argument("--prefix-len", "--random-prefix-len", dest="prefix_len", type=int, default=None,
+                    help="tokens of one prefix shared by every request (default: 256 for prefix, 0 for random)")
+    bs.add_argument("--sharegpt-output-len", type=_positive("--sharegpt-output-len"), default=None,
+                    help="sharegpt: this output length instead of the gpt turn's")
+    bs.add_argument("--max-prompt", type=_positive("--max-prompt"), default=1024,
+                    help="synthetic: longest prompt; sharegpt: longest prompt kept (default 1024)")
+    bs.add_argument("--max-output", type=_positive("--max-output"), default=512, help="synthetic: longest output")
+    bs.add_argument("--text-prompts", action="store_true",
+                    help="completions: send token-count workloads as text (words) instead of token ids")
+    bs.add_argument("--tokenizer", default=None,
+                    help="model spec whose tokenizer counts sharegpt text (default: the server's model id)")
+    bs.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=None,
+                    help="send ignore_eos so outputs run to max_tokens (default: on, except for sharegpt; "
+                         "ours and vLLM accept it, other servers may not)")
+    bs.add_argument("--goodput", nargs="+", metavar="NAME:MS", default=None,
+                    help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:5000 (milliseconds)")
+    bs.add_argument("--percentile-metrics", default="ttft,tpot,itl,e2el",
+                    help="metrics to report (default ttft,tpot,itl,e2el)")
+    bs.add_argument("--metric-percentiles", default="95,99", help="percentiles to report (default 95,99)")
+    bs.add_argument("--model", default=None, help="model id to send (default: the server's, from /v1/models)")
     bs.add_argument("--api-key", default=None)
     bs.add_argument("--seed", type=int, default=0)
-    bs.add_argument("--json", default=None)
+    bs.add_argument("--disable-tqdm", action="store_true", help="no progress bar (it shows only on a terminal)")
+    bs.add_argument("--json", default=None, help="write the report, per-request arrays included, to this file")
+    bs.add_argument("--save-result", action="store_true",
+                    help="also write it as vLLM names it: --result-dir / --result-filename (default "
+                         "BACKEND-RATEqps[-concurrencyN]-MODEL-DATE.json)")
+    bs.add_argument("--result-dir", default=None)
+    bs.add_argument("--result-filename", default=None)
     bs.add_argument("--kill-worker", default=None, metavar="ROLE:STAGE",
                     help="failover benchmark: kill -9 this worker (stage:N, token:N or prompt:N, from /v1/cluster; "
                          "same host) during a second pass of the same load, after a failure-free first pass")
@@ -479,22 +526,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench_serve(args) -> int:
-    from .bench.serve import load_trace, run, synthetic_lengths
+    from .bench.serve import main
 
-    if args.rate <= 0:
-        raise ValueError(f"--rate must be > 0, got {args.rate}")
-    if args.trace:
-        lengths = load_trace(args.trace)[: args.num_requests]
-    else:
-        lengths = synthetic_lengths(args.num_requests, args.seed, args.max_prompt, args.max_output)
-    if args.kill_worker:
-        from .bench.serve import run_failover
-
-        r = run_failover(args.url, lengths, args.rate, args.kill_worker, args.kill_at, args.model, args.seed,
-                         args.api_key, args.json)
-        return 0 if r["failure"]["completed"] == r["failure"]["requests"] else 1
-    r = run(args.url, lengths, args.rate, args.model, args.seed, args.api_key, args.json)
-    return 0 if r["completed"] else 1
+    return main(args)
 
 
 def cmd_bench_pipeline(args) -> int:

@@ -1,0 +1,105 @@
+"""`dejavu bench serve --kill-worker ROLE:STAGE`: the same load twice after a short warm-up,
+failure-free and then with one worker killed (SIGKILL, same host) --kill-at seconds in; reports
+the latency inflation of the requests in flight at the kill and the server's recovery time split
+into its parts (from /v1/cluster)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+import urllib.request
+from dataclasses import replace
+
+from .serve_client import Target, run_load
+from .serve_data import Request
+
+
+def _cluster(url: str, headers: dict) -> dict:
+    req = urllib.request.Request(url + "/v1/cluster", headers=headers)
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def find_worker(cluster: dict, spec: str) -> dict:
+    """ROLE:STAGE (stage, token or prompt; TP rank 0) -> that worker's /v1/cluster entry."""
+    role, _, stage = spec.partition(":")
+    if role not in ("stage", "token", "prompt") or not stage.isdigit():
+        raise ValueError(f"--kill-worker wants ROLE:STAGE with ROLE stage, token or prompt, got {spec!r}")
+    for w in cluster.get("workers", []):
+        if w.get("role") == role and w.get("stage") == int(stage) and w.get("tp_rank", 0) == 0:
+            return w
+    raise ValueError(f"no {role} worker at stage {stage} in /v1/cluster "
+                     f"({', '.join(str(w.get('worker')) for w in cluster.get('workers', []))})")
+
+
+def _killer(t: Target, spec: str, at: float, out: dict):
+    async def kill(start: float):
+        await asyncio.sleep(at)
+        w = find_worker(await asyncio.to_thread(_cluster, t.url, t.headers), spec)
+        os.kill(int(w["pid"]), signal.SIGKILL)
+        out.update(worker=w["worker"], pid=w["pid"], at=time.time(), t=time.perf_counter() - start)
+    return kill
+
+
+def pass_summary(records: list[dict], duration: float) -> dict:
+    """Counts, throughput and the first errors of one pass of the load."""
+    ok = [r for r in records if r.get("ok")]
+    return {"requests": len(records), "completed": len(ok), "failed": len(records) - len(ok), "duration_s": duration,
+            "throughput_output_tokens_per_s": sum(r["output_tokens"] for r in ok) / duration,
+            "errors": sorted({r["error"] for r in records if not r.get("ok")})[:5]}
+
+
+def run_failover(t: Target, requests: list[Request], rate: float, spec: str, kill_at: float, seed: int = 0,
+                 burstiness: float = 1.0, max_concurrency: int | None = None) -> dict:
+    from .serve import percentiles
+
+    find_worker(_cluster(t.url, t.headers), spec)  # a bad spec fails before any load
+    # Warm-up (first-use costs of a fresh deployment would otherwise inflate the baseline pass).
+    warm = [replace(r, output_len=min(r.output_len, 16)) for r in requests[:4]]
+    asyncio.run(run_load(t, warm, float("inf"), seed))
+    load = dict(seed=seed, burstiness=burstiness, max_concurrency=max_concurrency)
+    base, base_s = asyncio.run(run_load(t, requests, rate, **load))
+    killed: dict = {}
+    fail, fail_s = asyncio.run(run_load(t, requests, rate, **load, on_start=_killer(t, spec, kill_at, killed)))
+    if not killed:
+        raise RuntimeError(f"the load finished before --kill-at {kill_at}s: nothing was killed")
+    ft = _cluster(t.url, t.headers).get("fault_tolerance", {})
+    events = [e for e in ft.get("recoveries", []) if e["at"] >= killed["at"] - 1.0]
+    affected = [i for i, r in enumerate(fail) if r.get("ok") and r["t_start"] < killed["t"] < r["t_end"]]
+    infl = [fail[i]["latency"] / base[i]["latency"] for i in affected if base[i].get("ok")]
+    rec = {}
+    if events:
+        e = events[0]
+        rec = {"detect_s": max(0.0, e["at"] - killed["at"]), "respawn_s": e["respawn_s"],
+               "weights_s": e.get("weights_s", 0.0),
+               "kv_fetch_s": e["kv_fetch_s"], "recovery_s": e["total_s"],
+               "recomputed_tokens": e["recomputed_tokens"], "bad_replicas": e["bad_replicas"],
+               "replicated": e["replicated"]}
+    return {"url": t.url, "killed": killed, "recovery": rec,
+            "baseline": pass_summary(base, base_s), "failure": pass_summary(fail, fail_s),
+            "affected_requests": len(affected), "latency_inflation": percentiles(infl) | {"max": max(infl, default=None)}}
+
+
+def format_failover(r: dict) -> str:
+    k, rec, li = r["killed"], r["recovery"], r["latency_inflation"]
+    lines = [f"killed {k['worker']} (pid {k['pid']}) {k['t']:.2f}s into the pass; "
+             f"{r['failure']['completed']}/{r['failure']['requests']} requests completed "
+             f"(failure-free pass: {r['baseline']['completed']}/{r['baseline']['requests']})"]
+    if rec:
+        lines.append(f"  recovery {rec['recovery_s']:.2f}s after detection {rec['detect_s']:.2f}s (respawn "
+                     f"{rec['respawn_s']:.2f}s of which weights {rec['weights_s']:.2f}s, KV fetch "
+                     f"{rec['kv_fetch_s']:.3f}s); replication "
+                     f"{'on' if rec['replicated'] else 'off'}; {rec['recomputed_tokens']} tokens recomputed")
+    else:
+        lines.append("  no recovery recorded by the server (/v1/cluster)")
+    if li["p50"] is not None:
+        lines.append(f"  {r['affected_requests']} requests in flight at the kill: latency x{li['mean']:.2f} mean, "
+                     f"x{li['p50']:.2f} p50, x{li['max']:.2f} max against the failure-free pass")
+    else:
+        lines.append("  no request was in flight at the kill (the pass ended before it): nothing measured; "
+                     "use an earlier --kill-at or a longer load")
+    lines.append(f"  throughput {r['failure']['throughput_output_tokens_per_s']:.1f} vs "
+                 f"{r['baseline']['throughput_output_tokens_per_s']:.1f} output tok/s failure-free")
+    return "\n".join(lines)
