@@ -1,5 +1,5 @@
 # DéjàVu on a CUDA GPU: `docker build -t dejavu .` then
-#   docker run --gpus all -p 8000:8000 dejavu serve --model smollm2 --host 0.0.0.0
+#   docker run --gpus all -p 8000:8000 -e DEJAVU_API_KEY=... dejavu serve --model smollm2 --host 0.0.0.0
 # The base is a PyTorch CUDA *devel* image: building dejavu._C's kernels needs nvcc.
 ARG BASE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-devel
 FROM ${BASE}

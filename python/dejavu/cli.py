@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -109,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(sv)
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    sv.add_argument("--api-key", default=os.environ.get("DEJAVU_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' on /v1/ routes (default: $DEJAVU_API_KEY; prefer the "
+                         "variable: other users of the machine can read a command line)")
     sv.add_argument("--max-queue", type=_positive("--max-queue"), default=256,
                     help="waiting requests before new ones get 429")
     sv.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
@@ -256,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="metrics to report (default ttft,tpot,itl,e2el)")
     bs.add_argument("--metric-percentiles", default="95,99", help="percentiles to report (default 95,99)")
     bs.add_argument("--model", default=None, help="model id to send (default: the server's, from /v1/models)")
-    bs.add_argument("--api-key", default=None)
+    bs.add_argument("--api-key", default=os.environ.get("DEJAVU_API_KEY"), help="default: $DEJAVU_API_KEY")
     bs.add_argument("--seed", type=int, default=0)
     bs.add_argument("--disable-tqdm", action="store_true", help="no progress bar (it shows only on a terminal)")
     bs.add_argument("--json", default=None, help="write the report, per-request arrays included, to this file")

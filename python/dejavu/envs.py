@@ -23,6 +23,9 @@ _VARS = [
     # -- settings
     EnvVar("DEJAVU_CLUSTER_TOKEN", "str", "(random per deployment)",
            "the shared secret of a deployment's internal channels; workers read it here, never from argv"),
+    EnvVar("DEJAVU_API_KEY", "str", "", "the API key `dejavu serve` requires (and `bench serve` sends), kept off argv"),
+    EnvVar("DEJAVU_STOP_GRACE", "float", "3", "seconds a worker keeps serving after SIGTERM/SIGINT before it exits "
+           "(the controller's shutdown comes first)"),
     EnvVar("DEJAVU_CUDA", "choice", "auto", "build time (pip install .): auto, on or off, whether CUDA sources build"),
     EnvVar("DEJAVU_CACHE_DIR", "str", "~/.cache/dejavu", "where converted GGUF tokenizers are kept"),
     EnvVar("DEJAVU_TOKENIZER_CACHE", "bool", "1", "0: convert a GGUF tokenizer every time, keep no cache"),
