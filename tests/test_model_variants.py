@@ -111,7 +111,7 @@ def test_directory_without_tokenizer_serves_token_ids_only(tmp_path):
     llm = LLM(model=str(tmp_path), block_size=4, device="cpu")
     out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=5, ignore_eos=True))[0]
     assert out.token_ids == hf_greedy(hf, [5, 6, 7], 5) and out.text == ""
-    with pytest.raises(ModelError, match="no tokenizer files"):
+    with pytest.raises(ValueError, match="no tokenizer files"):  # a RequestError naming the ModelError
         llm.generate(["hello"], SamplingParams(max_tokens=2))
     with pytest.raises(ValueError, match="stop_token_ids"):
         llm.generate([[5, 6]], SamplingParams(max_tokens=2, stop=["x"]))
