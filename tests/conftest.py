@@ -22,3 +22,14 @@ def alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:
         return f.read().split()[2] != "Z"
+
+
+def proc_stats():
+    """(pid, fields after the command name of /proc/<pid>/stat: state, ppid, pgrp, ...) of every process."""
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    yield int(d), f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue

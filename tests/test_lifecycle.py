@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 import torch
 
-from conftest import alive
+from conftest import alive, proc_stats
 from dejavu import LLM
 from dejavu.kvstream.shm import SHM_DIR, ShmDest, cleanup_orphans, owner_prefix, retire
 from dejavu.serving import pipeline
@@ -35,31 +35,12 @@ def _post(port, body, timeout=60):
 
 def _group(pgid: int) -> list[int]:
     """Live (non-zombie) processes of a process group."""
-    pids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                pids.append(int(d))
-    return pids
+    return [pid for pid, f in proc_stats() if int(f[2]) == pgid and f[0] != "Z"]
 
 
 def _zombie_children() -> list[int]:
-    me, out = os.getpid(), []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == me and fields[0] == "Z":
-                out.append(int(d))
-    return out
+    me = os.getpid()
+    return [pid for pid, f in proc_stats() if int(f[1]) == me and f[0] == "Z"]
 
 
 def _start_serve(args, log_path):

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from conftest import alive
+from conftest import alive, proc_stats
 from dejavu import LLM, SamplingParams
 from dejavu.serving.pipeline import WorkerError
 from hf_models import save_hf_model
@@ -120,17 +120,7 @@ def test_bad_pipeline_options():
 
 
 def _children(pid):
-    kids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                kids.append(int(d))
-    return kids
+    return [p for p, f in proc_stats() if int(f[1]) == pid and f[0] != "Z"]
 
 
 def test_sigterm_stops_every_worker():
