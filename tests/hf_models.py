@@ -44,7 +44,8 @@ VARIANTS = {
                                                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
     "llama-tied-biases": lambda: T.LlamaConfig(**_LLAMA, tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
                                                hidden_act="gelu_pytorch_tanh"),
-    "llama-head-dim": lambda: T.LlamaConfig(**_LLAMA, head_dim=24),  # head_dim != hidden / heads
+    "llama-head-dim": lambda: T.LlamaConfig(**_LLAMA, head_dim=24),  # head_dim != hidden / heads, no CUDA kernel
+    "llama-head-dim-32": lambda: T.LlamaConfig(**_LLAMA, head_dim=32),  # != hidden / heads, the CUDA kernel's
     "llama3-rope": lambda: T.LlamaConfig(**_LLAMA, rope_parameters={
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),

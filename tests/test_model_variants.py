@@ -148,12 +148,16 @@ def test_dtype_auto_follows_device_and_checkpoint():
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variant_on_cuda_matches_hf(variant, tmp_path):
     """fp32 on the GPU: CUDA graphs and our kernels where the model allows them; windowed models
-    run without graphs and take the torch attention in their windowed layers. HF's tokens either way."""
+    and head sizes our decode kernel lacks run without graphs on the torch attention. HF's tokens
+    either way."""
+    from dejavu import kernels
+
     hf = save_hf_model(variant, tmp_path)
     ps = prompts(hf.config.vocab_size, seed=2)
     llm = LLM(model=str(tmp_path), device="cuda", dtype="float32", block_size=4, max_num_seqs=8)
-    windowed = bool(llm.config.sliding_window)
-    assert (llm.engine.runner.graphs is None) == windowed
+    cache = llm.engine.cache
+    fast = not llm.config.sliding_window and kernels.usable(cache.tensor, cache.head_dim)
+    assert (llm.engine.runner.graphs is not None) == fast
     outs = llm.generate(ps, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
     for p, o in zip(ps, outs):
         assert o.token_ids == hf_greedy(hf, p, NEW_TOKENS), f"{variant}: prompt of {len(p)} tokens diverged on CUDA"
