@@ -272,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="failover benchmark: kill -9 this worker (stage:N, token:N or prompt:N, from /v1/cluster; "
                          "same host) during a second pass of the same load, after a failure-free first pass")
     bs.add_argument("--kill-at", type=float, default=2.0, help="seconds into the pass to kill the worker")
+    from .bench.serve_chaos import add_chaos_args
+    add_chaos_args(bs)
     bs.set_defaults(func=cmd_bench_serve)
 
     bp = bsub.add_parser("pipeline", help="throughput of the same requests at several pipeline/TP layouts")

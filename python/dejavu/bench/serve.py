@@ -7,7 +7,7 @@ text) or /v1/chat/completions call (--backend openai-chat). The workload comes f
 (random, prefix, sharegpt, synthetic, trace); the metrics from serve_metrics (TTFT, TPOT, ITL,
 E2EL, throughputs, goodput); next to them our own normalized latency (request latency / output
 tokens) and the nearest-rank p50/p95/p99 of every latency in seconds. --kill-worker runs the
-failover benchmark instead (serve_failover).
+failover benchmark instead (serve_failover), --chaos the chaos benchmark (serve_chaos).
 """
 from __future__ import annotations
 
@@ -165,6 +165,14 @@ def main(args) -> int:
     requests = _requests(args, dataset, info, tokenizer, text)
     ignore_eos = args.ignore_eos if args.ignore_eos is not None else dataset != "sharegpt"
     t_kw = dict(backend=args.backend, endpoint=args.endpoint, ignore_eos=ignore_eos, tokenizer=tokenizer)
+    if getattr(args, "chaos", None) is not None:
+        from .serve_chaos import chaos_ok, format_chaos, parse_faults, run_chaos
+        t = Target(url, model=model, api_key=args.api_key, **t_kw)
+        r = run_chaos(t, requests, args.rate, args.chaos, args.chaos_interval, parse_faults(args.chaos_faults),
+                      args.seed, args.burstiness, args.max_concurrency)
+        print(format_chaos(r))
+        write_json(args.json, r)
+        return 0 if chaos_ok(r) else 1
     if args.kill_worker:
         t = Target(url, model=model, api_key=args.api_key, **t_kw)
         r = run_failover(t, requests, args.rate, args.kill_worker, args.kill_at, args.seed, args.burstiness,

@@ -63,23 +63,24 @@ def _body(t: Target, req: Request) -> dict:
     return body
 
 
-def _output_of(chunk: dict, chat: bool) -> tuple[str, int, bool]:
+def _output_of(chunk: dict, chat: bool) -> tuple[str, list, bool]:
     """(text, token ids, carries output) of one streamed chunk's first choice."""
     if not chunk.get("choices"):
-        return "", 0, False
+        return "", [], False
     c = chunk["choices"][0]
     if chat:
         delta = c.get("delta") or {}
         text = delta.get("content") or ""
-        return text, 0, bool(text) or ("content" in delta and "role" not in delta)
+        return text, [], bool(text) or ("content" in delta and "role" not in delta)
     text, ids = c.get("text") or "", c.get("token_ids") or []
-    return text, len(ids), bool(text) or bool(ids)
+    return text, ids, bool(text) or bool(ids)
 
 
 async def request(session: aiohttp.ClientSession, t: Target, req: Request, rec: dict) -> None:
-    """Sends one request and fills rec: ok, error, ttft, latency, itl, output_tokens, prompt_tokens."""
+    """Sends one request and fills rec: ok, error, ttft, latency, itl, output_tokens, prompt_tokens,
+    output (the token ids where the stream carries them, else the text)."""
     rec.update(ok=False, error="", prompt_tokens=req.prompt_len)
-    stamps, text, ids, usage = [], [], 0, None
+    stamps, text, ids, usage = [], [], [], None
     t0 = time.perf_counter()
     try:
         async with session.post(t.api_url, json=_body(t, req), headers=t.headers) as r:
@@ -100,11 +101,11 @@ async def request(session: aiohttp.ClientSession, t: Target, req: Request, rec: 
                     return
                 if chunk.get("usage"):
                     usage = chunk["usage"]
-                piece, n_ids, carries = _output_of(chunk, t.chat)
+                piece, new_ids, carries = _output_of(chunk, t.chat)
                 if carries:
                     stamps.append(time.perf_counter())
                     text.append(piece)
-                    ids += n_ids
+                    ids += new_ids
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, AttributeError, TypeError) as e:
         rec["error"] = f"{type(e).__name__}: {e}"
         return
@@ -112,14 +113,15 @@ async def request(session: aiohttp.ClientSession, t: Target, req: Request, rec: 
     if usage and isinstance(usage.get("completion_tokens"), int):
         n = usage["completion_tokens"]
     elif ids:
-        n = ids
+        n = len(ids)
     elif t.tokenizer is not None:
         n = len(t.tokenizer.encode("".join(text)))
     else:
         n = len(stamps)
     if usage and isinstance(usage.get("prompt_tokens"), int):
         rec["prompt_tokens"] = usage["prompt_tokens"]
-    rec.update(ok=True, ttft=(stamps[0] - t0) if stamps else end - t0, latency=end - t0, output_tokens=n,
+    rec.update(ok=True, output=ids or "".join(text), ttft=(stamps[0] - t0) if stamps else end - t0,
+               latency=end - t0, output_tokens=n,
                itl=[b - a for a, b in zip(stamps, stamps[1:])], normalized=(end - t0) / max(n, 1))
 
 

@@ -1,0 +1,158 @@
+"""`dejavu bench serve --chaos SECONDS`: faults at random moments under load, checked for exactness.
+
+A failure-free pass of the load gives each request's reference output (greedy). Then, for SECONDS,
+the same load runs pass after pass while faults strike the server's workers (same host, pids from
+/v1/cluster) at exponentially distributed gaps (--chaos-interval mean): SIGKILL, or SIGSTOP (a hung
+worker, found by the heartbeat timeout; the controller kills it when it replaces it). The faults'
+moments are random, so they land in prefills, decodes, swaps and recoveries alike; a seed makes
+the schedule repeatable. The report: requests completed and lost, outputs equal to the reference,
+faults, recoveries (p50/p99 seconds) and tokens recomputed, from the server's /v1/cluster.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+
+from .serve_client import Target, run_load
+from .serve_data import Request
+from .serve_failover import _cluster
+
+FAULTS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
+
+
+def add_chaos_args(p) -> None:
+    p.add_argument("--chaos", type=float, default=None, metavar="SECONDS",
+                   help="chaos benchmark: for SECONDS, repeat the load while random workers are killed (SIGKILL) "
+                        "or hung (SIGSTOP) at random moments; outputs are checked against a failure-free pass")
+    p.add_argument("--chaos-interval", type=float, default=3.0, metavar="S",
+                   help="mean seconds between faults (exponential gaps; default 3)")
+    p.add_argument("--chaos-faults", default="kill,stop", help="fault kinds to draw from: kill, stop (default both)")
+
+
+def parse_faults(spec: str) -> list[str]:
+    kinds = [k.strip() for k in spec.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in FAULTS]
+    if not kinds or bad:
+        raise ValueError(f"--chaos-faults takes a comma-separated list of {', '.join(FAULTS)}, got {spec!r}")
+    return kinds
+
+
+def _state(pid: int) -> str | None:
+    """The process state letter from /proc (None: gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+class Injector:
+    """Strikes random live workers until `until` seconds after the pass started."""
+
+    def __init__(self, t: Target, kinds: list[str], interval: float, until: float, seed: int):
+        self.t, self.kinds, self.interval, self.until = t, kinds, interval, until
+        self.rng = random.Random(seed)
+        self.faults: list[dict] = []
+
+    async def run(self, start: float) -> None:
+        while True:
+            await asyncio.sleep(self.rng.expovariate(1.0 / self.interval))
+            now = time.perf_counter() - start
+            if now >= self.until:
+                return
+            cluster = await asyncio.to_thread(_cluster, self.t.url, self.t.headers)
+            struck = {f["pid"] for f in self.faults}
+            live = [w for w in cluster.get("workers", [])
+                    if w.get("pid") and int(w["pid"]) not in struck and _state(int(w["pid"])) not in (None, "T", "Z")]
+            if not live:
+                continue
+            w, kind = self.rng.choice(live), self.rng.choice(self.kinds)
+            try:
+                os.kill(int(w["pid"]), FAULTS[kind])
+            except OSError:
+                continue
+            self.faults.append({"kind": kind, "worker": w.get("worker"), "pid": int(w["pid"]), "t": now,
+                                "at": time.time()})
+
+    def leftovers(self) -> list[dict]:
+        """Hung workers still stopped (never replaced): killed here so none outlives the bench."""
+        left = [f for f in self.faults if f["kind"] == "stop" and _state(f["pid"]) == "T"]
+        for f in left:
+            try:
+                os.kill(f["pid"], signal.SIGKILL)
+            except OSError:
+                pass
+        return left
+
+
+def _exact(ref: list[dict], got: list[dict]) -> tuple[int, int]:
+    """(completed requests whose output equals the reference's, completed requests)."""
+    done = [(a, b) for a, b in zip(ref, got) if b.get("ok")]
+    return sum(a.get("ok") and a.get("output") == b.get("output") for a, b in done), len(done)
+
+
+def run_chaos(t: Target, requests: list[Request], rate: float, seconds: float, interval: float, kinds: list[str],
+              seed: int = 0, burstiness: float = 1.0, max_concurrency: int | None = None) -> dict:
+    from .serve import percentiles
+
+    if not seconds > 0:
+        raise ValueError(f"--chaos must be > 0 seconds, got {seconds}")
+    if not interval > 0:
+        raise ValueError(f"--chaos-interval must be > 0, got {interval}")
+    load = dict(seed=seed, burstiness=burstiness, max_concurrency=max_concurrency)
+    ref, _ = asyncio.run(run_load(t, requests, rate, **load))
+    if not all(r.get("ok") for r in ref):
+        raise RuntimeError(f"the failure-free pass failed: {sorted({r.get('error') for r in ref if not r.get('ok')})[:3]}")
+    before = len(_cluster(t.url, t.headers).get("fault_tolerance", {}).get("recoveries", []))
+    inj = Injector(t, kinds, interval, seconds, seed)
+
+    async def chaos():
+        start = time.perf_counter()
+        strike = asyncio.create_task(inj.run(start))
+        passes = []
+        while time.perf_counter() - start < seconds or not passes:
+            passes.append((await run_load(t, requests, rate, **load))[0])
+        await strike
+        return passes, time.perf_counter() - start
+
+    passes, duration = asyncio.run(chaos())
+    left = inj.leftovers()
+    ft = _cluster(t.url, t.headers).get("fault_tolerance", {})
+    events = ft.get("recoveries", [])[before:]
+    records = [r for p in passes for r in p]
+    exact = completed = 0
+    for p in passes:
+        e, c = _exact(ref, p)
+        exact, completed = exact + e, completed + c
+    return {"url": t.url, "seconds": duration, "passes": len(passes), "requests": len(records),
+            "completed": completed, "lost": len(records) - completed, "exact": exact,
+            "errors": sorted({r["error"] for r in records if not r.get("ok")})[:5],
+            "faults": inj.faults, "never_replaced": [f["worker"] for f in left],
+            "recoveries": len(events), "recovery_s": percentiles([e["total_s"] for e in events]),
+            "recomputed_tokens": sum(e.get("recomputed_tokens", 0) for e in events),
+            "output_tokens": sum(r["output_tokens"] for r in records if r.get("ok"))}
+
+
+def format_chaos(r: dict) -> str:
+    kinds = {}
+    for f in r["faults"]:
+        kinds[f["kind"]] = kinds.get(f["kind"], 0) + 1
+    rs = r["recovery_s"]
+    lines = [f"chaos: {r['seconds']:.1f}s, {r['passes']} passes, faults "
+             f"{', '.join(f'{n} {k}' for k, n in sorted(kinds.items())) or 'none'}",
+             f"  requests: {r['completed']}/{r['requests']} completed, {r['lost']} lost; "
+             f"{r['exact']}/{r['completed']} outputs equal to the failure-free pass",
+             f"  recoveries: {r['recoveries']}" + (f", p50 {rs['p50']:.2f}s, p99 {rs['p99']:.2f}s" if rs["p50"] is not None
+                                                   else "") + f"; {r['recomputed_tokens']} tokens recomputed"]
+    if r["never_replaced"]:
+        lines.append(f"  hung workers never replaced: {', '.join(map(str, r['never_replaced']))}")
+    if r["errors"]:
+        lines.append(f"  errors: {'; '.join(r['errors'])}")
+    return "\n".join(lines)
+
+
+def chaos_ok(r: dict) -> bool:
+    return r["lost"] == 0 and r["exact"] == r["completed"] and not r["never_replaced"]
