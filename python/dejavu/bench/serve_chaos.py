@@ -6,7 +6,8 @@ the same load runs pass after pass while faults strike the server's workers (sam
 worker, found by the heartbeat timeout; the controller kills it when it replaces it). The faults'
 moments are random, so they land in prefills, decodes, swaps and recoveries alike; a seed makes
 the schedule repeatable. The report: requests completed and lost, outputs equal to the reference,
-faults, recoveries (p50/p99 seconds) and tokens recomputed, from the server's /v1/cluster.
+faults, recoveries (p50/p99 seconds) and tokens recomputed, from the server's /v1/cluster. A pass
+in which no request completes (the deployment is down) ends the run early.
 """
 from __future__ import annotations
 
@@ -115,7 +116,10 @@ def run_chaos(t: Target, requests: list[Request], rate: float, seconds: float, i
         passes = []
         while time.perf_counter() - start < seconds or not passes:
             passes.append((await run_load(t, requests, rate, **load))[0])
-        await strike
+            if not any(r.get("ok") for r in passes[-1]):
+                break  # the deployment is down: more passes would only count the same failure again
+        strike.cancel()
+        await asyncio.gather(strike, return_exceptions=True)
         return passes, time.perf_counter() - start
 
     passes, duration = asyncio.run(chaos())
