@@ -93,18 +93,26 @@ def int_list(text: str, flag: str) -> list[int]:
         raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
 
 
+def config_from_args(args):
+    """The deployment the engine flags describe (validated when the LLM starts)."""
+    from ..config import Config
+
+    return Config.from_kwargs(
+        model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
+        kv_cache_blocks=args.kv_cache_blocks, max_model_len=args.max_model_len, pp=args.pp, tp=args.tp,
+        microbatch_size=args.microbatch_size, launcher=args.launcher, prompt_stages=args.prompt_stages,
+        token_stages=args.token_stages, kv_receive_slots=args.kv_receive_slots, kv_transport=args.kv_transport,
+        swap=args.swap, resident_microbatches=args.resident_microbatches, replicate=args.replicate,
+        replicate_dir=args.replicate_dir, replicate_to=_replicate_to(args.replicate_to), recovery=args.recovery,
+        heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
+        spare_workers=args.spare_workers, cuda_graphs=args.cuda_graphs, admission=args.admission,
+        overlap_steps=args.overlap_steps)
+
+
 def llm_from_args(args):
     from .. import LLM
 
-    return LLM(model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
-               kv_cache_blocks=args.kv_cache_blocks, max_model_len=args.max_model_len, pp=args.pp, tp=args.tp,
-               microbatch_size=args.microbatch_size, launcher=args.launcher, prompt_stages=args.prompt_stages,
-               token_stages=args.token_stages, kv_receive_slots=args.kv_receive_slots, kv_transport=args.kv_transport,
-               swap=args.swap, resident_microbatches=args.resident_microbatches, replicate=args.replicate,
-               replicate_dir=args.replicate_dir, replicate_to=_replicate_to(args.replicate_to), recovery=args.recovery,
-               heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
-               spare_workers=args.spare_workers, cuda_graphs=args.cuda_graphs, admission=args.admission,
-               overlap_steps=args.overlap_steps)
+    return LLM.from_config(config_from_args(args))
 
 
 def _replicate_to(v):

@@ -45,21 +45,26 @@ def apply_plan(args) -> None:
 
 
 def cmd_serve(args) -> int:
+    from ..config import ServerConfig
     from ..serving.api import ApiServer
     from ..serving.http_limits import HttpLimits
 
     if args.plan:
         apply_plan(args)
 
+    sc = ServerConfig(host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue,
+                      served_model_name=args.served_model_name, max_connections=args.max_connections or 0,
+                      header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                      max_body_bytes=args.max_body_bytes).validate()
     llm = llm_from_args(args)
-    limits = HttpLimits(max_connections=args.max_connections or 0, header_timeout=args.header_timeout,
-                        body_timeout=args.body_timeout, max_body_bytes=args.max_body_bytes)
-    server = ApiServer(llm, args.served_model_name or args.model, api_key=args.api_key, max_queue=args.max_queue,
+    limits = HttpLimits(max_connections=sc.max_connections, header_timeout=sc.header_timeout,
+                        body_timeout=sc.body_timeout, max_body_bytes=sc.max_body_bytes)
+    server = ApiServer(llm, sc.served_model_name or args.model, api_key=sc.api_key, max_queue=sc.max_queue,
                        limits=limits)
     if hasattr(llm.engine, "begin_stop"):
         async def stopping(app):  # SIGTERM / SIGINT: the workers' exits that follow are not failures
             llm.engine.begin_stop()
         server.app.on_shutdown.append(stopping)
-    print(f"[dejavu] serving {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    server.serve_forever(args.host, args.port)
+    print(f"[dejavu] serving {args.model} on http://{sc.host}:{sc.port}/v1", file=sys.stderr)
+    server.serve_forever(sc.host, sc.port)
     return 0
