@@ -105,7 +105,7 @@ def test_worker_that_fails_to_start_is_a_clear_error(tmp_path):
 
 
 def test_bad_pipeline_options():
-    with pytest.raises(ValueError, match="pp must be an integer from 1 to 8"):
+    with pytest.raises(ValueError, match="pp: must be an integer from 1 to 8"):
         LLM(device="cpu", model="random:gpt2-tiny", pp=9)
     with pytest.raises(ValueError, match="pipeline depth 3 must be between 1 and the 2 layers"):
         LLM(device="cpu", model="random:gpt2-tiny", pp=3)
@@ -113,7 +113,7 @@ def test_bad_pipeline_options():
         LLM(device="cpu", model="random:gpt2-tiny", pp=2, layer_split=[(0, 1), (1, 1)])
     with pytest.raises(ValueError, match="does not end at the model's 2 layers"):
         LLM(device="cpu", model="random:gpt2-tiny", pp=2, layer_split=[(0, 1), (1, 3)])
-    with pytest.raises(ValueError, match="admission must be 'greedy' or 'reserve'"):
+    with pytest.raises(ValueError, match="admission: must be 'greedy' or 'reserve'"):
         LLM(device="cpu", model="random:gpt2-tiny", admission="fifo")
     with pytest.raises(ValueError, match="not yet available with prompt_stages"):
         LLM(device="cpu", model="random:gpt2-tiny", prompt_stages=1, token_stages=1, admission="reserve")

@@ -79,5 +79,5 @@ def test_reserve_with_mixed_lengths_and_a_shared_allocator():
 
 
 def test_unknown_admission_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown admission 'lazy'"):
+    with pytest.raises(ValueError, match="admission: must be 'greedy' or 'reserve', got 'lazy'"):
         Scheduler(BlockAllocator(4), 4, 8, 4096, admission="lazy")

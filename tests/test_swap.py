@@ -181,13 +181,13 @@ def test_swap_ins_are_double_buffered_in_pipeline_order(device, copy):
 
 
 def test_swap_errors_are_clear():
-    with pytest.raises(ValueError, match="swap needs a pipeline of pp >= 2"):
+    with pytest.raises(ValueError, match="swap: needs a pipeline of pp >= 2"):
         LLM(device="cpu", model="random:opt-tiny", swap=True)
     with pytest.raises(ValueError, match="token_stages >= 2 with disaggregation"):
         LLM(device="cpu", model="random:opt-tiny", swap=True, prompt_stages=1, token_stages=1)
     with pytest.raises(ValueError, match="needs kv_transport shm or tcp"):
         LLM(device="cpu", model="random:opt-tiny", swap=True, prompt_stages=1, token_stages=2, kv_transport="ipc")
-    with pytest.raises(ValueError, match="resident_microbatches must be an integer >= 1"):
+    with pytest.raises(ValueError, match="resident_microbatches: must be an integer >= 1"):
         LLM(device="cpu", model="random:opt-tiny", pp=2, swap=True, resident_microbatches=0)
     with pytest.raises(SwapError, match="unknown swap copy 'pcie'"):
         SwapCache(torch.zeros((1, 2, 2, 4, 1, 8)), host_blocks=4, resident=1, copy="pcie")

@@ -4,13 +4,13 @@ from __future__ import annotations
 import gc
 import logging
 import weakref
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence as Seq
 
 import torch
 
-from .engine.llm_engine import EngineConfig, LLMEngine, RequestError
-from .engine.scheduler import ADMISSION
+from .config import Config
+from .engine.llm_engine import LLMEngine, RequestError
 from .models.loader import load_model, load_tokenizer, parse_dtype, resolve
 from .sampling_params import SamplingParams
 
@@ -62,68 +62,48 @@ class LLM:
                  replicate_to: list[int] | None = None, recovery: str = "auto", heartbeat_interval: float = 0.5,
                  heartbeat_timeout: float = 2.0, spare_workers: int = 1,
                  cuda_graphs: bool = True, admission: str = "greedy", overlap_steps: bool = True):
-        if replicate and pp < 2 and (token_stages or 1) < 2:
-            raise ValueError("replicate needs a pipeline of pp >= 2 (or token_stages >= 2): a stage's KV is "
-                             "replicated to another stage's host memory")
-        if replicate and swap:
-            raise ValueError("replicate and swap cannot be combined yet")
-        if (replicate_dir or replicate_to) and not replicate:
-            raise ValueError("replicate_dir / replicate_to need replicate=True")
-        if swap and (token_stages or pp) < 2:
-            raise ValueError("swap needs a pipeline of pp >= 2 microbatches (token_stages >= 2 with "
-                             "disaggregation)")
-        if swap and prompt_stages and kv_transport == "ipc":
-            raise ValueError("swap with disaggregation needs kv_transport shm or tcp (or auto): a swapping token "
-                             "worker takes prompt KV into its host copy, which CUDA IPC cannot write")
-        if swap and (not isinstance(resident_microbatches, int) or resident_microbatches < 1):
-            raise ValueError(f"resident_microbatches must be an integer >= 1, got {resident_microbatches!r}")
-        if admission not in ADMISSION:
-            raise ValueError(f"admission must be {' or '.join(map(repr, ADMISSION))}, got {admission!r}")
-        if admission == "reserve" and prompt_stages:
-            raise ValueError("admission='reserve' is not yet available with prompt_stages/token_stages "
-                             "(disaggregation admits by prompt length)")
-        if bool(prompt_stages) != bool(token_stages):
-            raise ValueError("prompt_stages and token_stages go together (both > 0 for disaggregation)")
-        if prompt_stages and pp != 1:
-            raise ValueError("pp is the non-disaggregated pipeline; with prompt_stages/token_stages leave pp at 1")
-        if block_size <= 0:
-            raise ValueError(f"block_size must be > 0, got {block_size}")
-        for name, v in (("pp", pp), ("tp", tp), ("prompt_stages", prompt_stages or 1),
-                        ("token_stages", token_stages or 1)):
-            if not isinstance(v, int) or not 1 <= v <= 8:
-                raise ValueError(f"{name} must be an integer from 1 to 8, got {v!r}")
-        if microbatch_size < 0:
-            raise ValueError(f"microbatch_size must be >= 0, got {microbatch_size}")
-        self.device = parse_device(device)
-        self.source = resolve(model)
-        self.dtype = parse_dtype(dtype, self.device, self.source.dtype)
+        # Every argument is a field of the configuration records (config.py), validated there.
+        self._start(Config.from_kwargs(**{k: v for k, v in locals().items() if k != "self"}))
+
+    @classmethod
+    def from_config(cls, config: Config) -> LLM:
+        """An LLM from configuration records (what `dejavu serve` and `generate` build)."""
+        llm = cls.__new__(cls)
+        llm._start(config)
+        return llm
+
+    def _start(self, config: Config) -> None:
+        config.validate()
+        self.deployment = config
+        par, dis, sw, rep = config.parallel, config.disagg, config.swap, config.replication
+        seed = config.seed
+        self.device = parse_device(config.device)
+        self.source = resolve(config.model)
+        self.dtype = parse_dtype(config.dtype, self.device, self.source.dtype)
         self.tokenizer = load_tokenizer(self.source)
         self.config = self.source.config
-        if not kv_cache_blocks and not kv_cache_memory:
-            kv_cache_memory = DEFAULT_KV_CACHE_MEMORY_CPU if self.device.type == "cpu" else 0
-        engine_cfg = EngineConfig(block_size=block_size, num_blocks=kv_cache_blocks, kv_cache_memory=kv_cache_memory,
-                                  max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                  max_model_len=max_model_len, cuda_graphs=cuda_graphs, admission=admission,
-                                  overlap_steps=overlap_steps)
-        if pp > 1 or tp > 1 or prompt_stages:
+        engine_cfg = replace(config.engine)  # the defaults below fill a copy, not the caller's record
+        if not engine_cfg.num_blocks and not engine_cfg.kv_cache_memory:
+            engine_cfg.kv_cache_memory = DEFAULT_KV_CACHE_MEMORY_CPU if self.device.type == "cpu" else 0
+        if config.distributed:
             from .serving.disagg import DisaggEngine
             from .serving.pipeline import PipelineEngine
 
             if not engine_cfg.num_blocks and not engine_cfg.kv_cache_memory:
                 engine_cfg.kv_cache_memory = 4 << 30  # per stage, on the GPU
             self.model = None
-            ft = dict(replicate=replicate, replicate_dir=replicate_dir, replicate_to=replicate_to, recovery=recovery,
-                      heartbeat_interval=heartbeat_interval, heartbeat_timeout=heartbeat_timeout,
-                      spare_workers=spare_workers)
-            if prompt_stages:
+            ft = asdict(rep)
+            if dis.enabled:
                 self.engine = DisaggEngine(self.source, self.tokenizer, engine_cfg, self.device, self.dtype, seed,
-                                           prompt_stages, token_stages, tp, microbatch_size, launcher, worker_timeout,
-                                           log_dir, kv_receive_slots, kv_transport, swap=swap,
-                                           resident_microbatches=resident_microbatches, **ft)
+                                           dis.prompt_stages, dis.token_stages, par.tp, par.microbatch_size,
+                                           par.launcher, par.worker_timeout, par.log_dir, dis.kv_receive_slots,
+                                           dis.kv_transport, swap=sw.swap,
+                                           resident_microbatches=sw.resident_microbatches, **ft)
             else:
-                self.engine = PipelineEngine(self.source, self.tokenizer, engine_cfg, self.device, self.dtype, seed, pp,
-                                             tp, microbatch_size, launcher, layer_split, worker_timeout, log_dir=log_dir,
-                                             swap=swap, resident_microbatches=resident_microbatches, **ft)
+                self.engine = PipelineEngine(self.source, self.tokenizer, engine_cfg, self.device, self.dtype, seed,
+                                             par.pp, par.tp, par.microbatch_size, par.launcher, par.layer_split,
+                                             par.worker_timeout, log_dir=par.log_dir, swap=sw.swap,
+                                             resident_microbatches=sw.resident_microbatches, **ft)
             self._finalizer = weakref.finalize(self, self.engine.shutdown)
             return
         try:

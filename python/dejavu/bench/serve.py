@@ -144,7 +144,7 @@ def _requests(args, dataset: str, info: dict, tokenizer, text: bool) -> list[Req
 
 
 def main(args) -> int:
-    """`dejavu bench serve` from its parsed arguments (cli.py)."""
+    """`dejavu bench serve` from its parsed arguments (cli/bench_serve.py)."""
     if not args.rate > 0:
         raise ValueError(f"--rate must be > 0, got {args.rate}")
     if not args.burstiness > 0:

@@ -239,6 +239,17 @@ class DecodeGraphs:
         self._last = None  # the device inputs will not be those the last step left
         return self.graphs[self.bucket(batch), 0, False][0]
 
+    # Hooks for benchmarks that replay a step's graph alone (bench/decode_*.py).
+    def stage_inputs(self, items, batch: int, ring_first: int = -1) -> None:
+        """Write a step's inputs (items as run() takes them) where graph(batch) reads them, with
+        ring rows from `ring_first` (-1: the step writes no ring rows)."""
+        self._fill(items, self.bucket(batch), 0, ring_first)
+
+    def attention_inputs(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device block tables and context lengths the last step of batch's bucket attended over."""
+        *_, ctx, _rows, tables = self._views(self.dev, self.bucket(batch))
+        return tables, ctx
+
     def _advances(self, items, bucket: int) -> bool:
         """True when the device holds this step's inputs already (ring rows aside, see run()): the
         last step ran over the same rows in the same bucket, each now one position further with its

@@ -6,10 +6,10 @@ import math
 import operator
 import os
 import random
-from dataclasses import dataclass
 
 import torch
 
+from ..config import EngineConfig
 from ..models.base import DecoderLM
 from ..models.tokenizer import Tokenizer
 from ..sampling_params import SamplingParams
@@ -25,19 +25,6 @@ log = logging.getLogger("dejavu.engine")
 
 class RequestError(ValueError):
     """A request that can never be served (too long, empty, bad parameters)."""
-
-
-@dataclass
-class EngineConfig:
-    block_size: int = 16
-    num_blocks: int = 0              # 0: derive from kv_cache_memory
-    kv_cache_memory: int = 0         # bytes; 0: a default by device (see LLM)
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 8192
-    max_model_len: int = 0           # 0: the model's context length
-    cuda_graphs: bool = True         # decode steps from CUDA graphs (single process on CUDA)
-    admission: str = "greedy"        # greedy | reserve: see engine/scheduler.py
-    overlap_steps: bool = True       # greedy decode steps queued before the host reads tokens (below)
 
 
 class _Launched:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from collections import deque
 
+from ..config import ADMISSION, check_choice
 from .block_manager import BlockAllocator, blocks_for
 from .sequence import Sequence, Status
 
-ADMISSION = ("greedy", "reserve")
 
 
 def lifetime_blocks(seq: Sequence, block_size: int) -> int:
@@ -29,8 +29,7 @@ def lifetime_blocks(seq: Sequence, block_size: int) -> int:
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
                  waiting: deque | None = None, admission: str = "greedy"):
-        if admission not in ADMISSION:
-            raise ValueError(f"unknown admission {admission!r}; use one of {', '.join(ADMISSION)}")
+        check_choice("admission", admission, ADMISSION)
         self.reserve = admission == "reserve"
         self.allocator = allocator
         self.block_size = block_size

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from ..config import check_positive
+
 
 def default_max_connections() -> int:
     """1024, or half the process's file-descriptor limit when that is lower (the rest is left
@@ -38,8 +40,7 @@ class HttpLimits:
         if not self.max_connections:
             self.max_connections = default_max_connections()
         for name in ("max_connections", "header_timeout", "body_timeout", "max_body_bytes", "shutdown_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"HTTP limit {name} must be > 0, got {getattr(self, name)!r}")
+            check_positive(name, getattr(self, name))
 
 
 def _refusal(max_connections: int) -> bytes:
