@@ -9,6 +9,8 @@ import os
 import sys
 import time
 
+from .prefix_cli import add_prefix_cache_args, prefix_cache_kwargs
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
@@ -59,6 +61,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-overlap", dest="overlap_steps", action="store_false",
                    help="each greedy decode step waits for its tokens before the next is queued (single process; "
                         "by default the next step is queued first)")
+    add_prefix_cache_args(p)
     p.add_argument("--heartbeat-interval", type=float, default=0.5, help="seconds between worker heartbeats")
     p.add_argument("--heartbeat-timeout", type=float, default=2.0,
                    help="a worker silent this long is declared dead (connection loss is noticed at once)")
@@ -592,7 +595,7 @@ def _llm_from_args(args):
                replicate_dir=args.replicate_dir, replicate_to=_replicate_to(args.replicate_to), recovery=args.recovery,
                heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
                spare_workers=args.spare_workers, cuda_graphs=args.cuda_graphs, admission=args.admission,
-               overlap_steps=args.overlap_steps)
+               overlap_steps=args.overlap_steps, **prefix_cache_kwargs(args))
 
 
 def _replicate_to(v):

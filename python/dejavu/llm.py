@@ -11,7 +11,7 @@ import torch
 
 from .engine.llm_engine import EngineConfig, LLMEngine, RequestError
 from .engine.scheduler import ADMISSION
-from .models.loader import load_model, load_tokenizer, parse_dtype, resolve
+from .models.loader import load_model, load_tokenizer, model_identity, parse_dtype, resolve
 from .sampling_params import SamplingParams
 
 log = logging.getLogger("dejavu")
@@ -61,7 +61,8 @@ class LLM:
                  kv_transport: str = "auto", resident_microbatches: int = 2, replicate_dir: str | None = None,
                  replicate_to: list[int] | None = None, recovery: str = "auto", heartbeat_interval: float = 0.5,
                  heartbeat_timeout: float = 2.0, spare_workers: int = 1,
-                 cuda_graphs: bool = True, admission: str = "greedy", overlap_steps: bool = True):
+                 cuda_graphs: bool = True, admission: str = "greedy", overlap_steps: bool = True,
+                 enable_prefix_caching: bool = False):
         if replicate and pp < 2 and (token_stages or 1) < 2:
             raise ValueError("replicate needs a pipeline of pp >= 2 (or token_stages >= 2): a stage's KV is "
                              "replicated to another stage's host memory")
@@ -82,6 +83,11 @@ class LLM:
         if admission == "reserve" and prompt_stages:
             raise ValueError("admission='reserve' is not yet available with prompt_stages/token_stages "
                              "(disaggregation admits by prompt length)")
+        if enable_prefix_caching and prompt_stages:
+            raise ValueError("enable_prefix_caching is not yet available with prompt_stages/token_stages "
+                             "(disaggregation); use --no-enable-prefix-caching there")
+        if enable_prefix_caching and (swap or replicate):
+            raise ValueError("enable_prefix_caching cannot be combined with swap or replicate yet")
         if bool(prompt_stages) != bool(token_stages):
             raise ValueError("prompt_stages and token_stages go together (both > 0 for disaggregation)")
         if prompt_stages and pp != 1:
@@ -104,7 +110,7 @@ class LLM:
         engine_cfg = EngineConfig(block_size=block_size, num_blocks=kv_cache_blocks, kv_cache_memory=kv_cache_memory,
                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   max_model_len=max_model_len, cuda_graphs=cuda_graphs, admission=admission,
-                                  overlap_steps=overlap_steps)
+                                  overlap_steps=overlap_steps, enable_prefix_caching=enable_prefix_caching)
         if pp > 1 or tp > 1 or prompt_stages:
             from .serving.disagg import DisaggEngine
             from .serving.pipeline import PipelineEngine
@@ -137,7 +143,8 @@ class LLM:
         if not engine_cfg.num_blocks and not engine_cfg.kv_cache_memory:
             free, _ = torch.cuda.mem_get_info(self.device)
             engine_cfg.kv_cache_memory = int(free * DEFAULT_KV_CACHE_FRACTION_CUDA)
-        self.engine = LLMEngine(self.model, self.tokenizer, engine_cfg, self.device, self.dtype)
+        self.engine = LLMEngine(self.model, self.tokenizer, engine_cfg, self.device, self.dtype,
+                                model_id=model_identity(self.source, seed))
 
     def shutdown(self) -> None:
         """Stop worker processes (pipeline modes); a no-op for the single-process engine."""

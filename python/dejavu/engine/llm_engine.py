@@ -38,6 +38,7 @@ class EngineConfig:
     cuda_graphs: bool = True         # decode steps from CUDA graphs (single process on CUDA)
     admission: str = "greedy"        # greedy | reserve: see engine/scheduler.py
     overlap_steps: bool = True       # greedy decode steps queued before the host reads tokens (below)
+    enable_prefix_caching: bool = False  # share the KV of common prompt prefixes (docs/prefix-caching.md)
 
 
 class _Launched:
@@ -57,6 +58,11 @@ class _Launched:
         return self.host.tolist()
 
 
+def prefix_salt(model_id: str, dtype: torch.dtype, start: int, end: int) -> str:
+    """The prefix cache's salt: everything besides the tokens that changes a block's K/V."""
+    return f"{model_id}|{dtype}|layers {start}-{end}"
+
+
 def eos_ids(cfg, tokenizer: Tokenizer) -> list[int]:
     eos = set(cfg.eos_token_ids)
     if tokenizer.eos_token_id is not None:
@@ -67,7 +73,8 @@ def eos_ids(cfg, tokenizer: Tokenizer) -> list[int]:
 class LLMEngine:
     MAX_FAILED_STEPS = 3
     def __init__(self, model: DecoderLM, tokenizer: Tokenizer, config: EngineConfig, device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, model_id: str = ""):
+        """`model_id`: what names these weights (the prefix cache's salt, with the dtype)."""
         cfg = self.model_config = model.cfg
         self.model, self.tokenizer, self.config, self.device = model, tokenizer, config, device
         self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
@@ -79,7 +86,9 @@ class LLMEngine:
         self.cache = PagedKVCache(model.end - model.start, num_blocks, config.block_size, cfg.num_kv_heads,
                                   cfg.head_dim, dtype, device)
         self.scheduler = Scheduler(self.cache.allocator, config.block_size, config.max_num_seqs,
-                                   config.max_num_batched_tokens, admission=config.admission)
+                                   config.max_num_batched_tokens, admission=config.admission,
+                                   prefix_salt=prefix_salt(model_id, dtype, model.start, model.end)
+                                   if config.enable_prefix_caching else None)
         self.runner = ModelRunner(model, self.cache)
         if config.cuda_graphs and device.type == "cuda":
             why = self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
