@@ -29,6 +29,7 @@ def test_names_chain_their_parent_and_salt():
 
 def test_allocator_refcounts_and_reuses_named_blocks_last_in_lru_order():
     al = BlockAllocator(4)
+    al.record_evictions = True
     x, y, z, w = al.allocate(4)
     for b, name in ((x, b"x"), (y, b"y"), (z, b"z")):
         assert al.register(b, name)
@@ -189,6 +190,9 @@ def test_cli_flags_in_vllm_spelling():
     p = build_parser()
     on = p.parse_args(["generate", "--prompt", "x", "--enable-prefix-caching"])
     off = p.parse_args(["generate", "--prompt", "x", "--no-enable-prefix-caching"])
-    assert prefix_cache_kwargs(on) == {"enable_prefix_caching": True}
-    assert prefix_cache_kwargs(off) == {"enable_prefix_caching": False}
+    assert prefix_cache_kwargs(on)["enable_prefix_caching"] is True
+    assert prefix_cache_kwargs(off)["enable_prefix_caching"] is False
     assert prefix_cache_kwargs(p.parse_args(["serve"]))["enable_prefix_caching"] is False
+    tiers = p.parse_args(["serve", "--enable-prefix-caching", "--kv-offload-gib", "0.5", "--kv-offload-dir", "/d"])
+    assert prefix_cache_kwargs(tiers) == {"enable_prefix_caching": True, "kv_offload_gib": 0.5,
+                                          "kv_offload_dir": "/d", "kv_offload_dir_gib": 8.0}

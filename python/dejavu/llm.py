@@ -62,7 +62,8 @@ class LLM:
                  replicate_to: list[int] | None = None, recovery: str = "auto", heartbeat_interval: float = 0.5,
                  heartbeat_timeout: float = 2.0, spare_workers: int = 1,
                  cuda_graphs: bool = True, admission: str = "greedy", overlap_steps: bool = True,
-                 enable_prefix_caching: bool = False):
+                 enable_prefix_caching: bool = False, kv_offload_gib: float = 0.0, kv_offload_dir: str | None = None,
+                 kv_offload_dir_gib: float = 8.0):
         if replicate and pp < 2 and (token_stages or 1) < 2:
             raise ValueError("replicate needs a pipeline of pp >= 2 (or token_stages >= 2): a stage's KV is "
                              "replicated to another stage's host memory")
@@ -88,6 +89,17 @@ class LLM:
                              "(disaggregation); use --no-enable-prefix-caching there")
         if enable_prefix_caching and (swap or replicate):
             raise ValueError("enable_prefix_caching cannot be combined with swap or replicate yet")
+        if (kv_offload_gib or kv_offload_dir) and not enable_prefix_caching:
+            raise ValueError("kv_offload_gib / kv_offload_dir are tiers of the prefix cache: they need "
+                             "enable_prefix_caching=True")
+        if (kv_offload_gib or kv_offload_dir) and (pp > 1 or tp > 1 or prompt_stages):
+            raise ValueError("kv_offload_gib / kv_offload_dir are not yet available with pp/tp/disaggregation "
+                             "(single process only)")
+        if kv_offload_dir and not kv_offload_gib:
+            raise ValueError("kv_offload_dir needs a host tier (kv_offload_gib > 0): the disk tier is fed from it")
+        for name, v in (("kv_offload_gib", kv_offload_gib), ("kv_offload_dir_gib", kv_offload_dir_gib)):
+            if not isinstance(v, (int, float)) or not 0 <= v < 1 << 20:
+                raise ValueError(f"{name} must be a number of GiB >= 0, got {v!r}")
         if bool(prompt_stages) != bool(token_stages):
             raise ValueError("prompt_stages and token_stages go together (both > 0 for disaggregation)")
         if prompt_stages and pp != 1:
@@ -110,7 +122,9 @@ class LLM:
         engine_cfg = EngineConfig(block_size=block_size, num_blocks=kv_cache_blocks, kv_cache_memory=kv_cache_memory,
                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   max_model_len=max_model_len, cuda_graphs=cuda_graphs, admission=admission,
-                                  overlap_steps=overlap_steps, enable_prefix_caching=enable_prefix_caching)
+                                  overlap_steps=overlap_steps, enable_prefix_caching=enable_prefix_caching,
+                                  kv_offload_bytes=int(kv_offload_gib * 2**30), kv_offload_dir=kv_offload_dir,
+                                  kv_offload_dir_bytes=int(kv_offload_dir_gib * 2**30))
         if pp > 1 or tp > 1 or prompt_stages:
             from .serving.disagg import DisaggEngine
             from .serving.pipeline import PipelineEngine

@@ -48,6 +48,8 @@ class PrefixStats:
     disk_hit_tokens: int = 0
     evictions: int = 0        # named device blocks whose name was dropped to reuse the block
     disk_corrupt: int = 0     # disk-tier blocks that failed their checksum (recomputed)
+    offloaded_bytes: int = 0  # copied from the device to the host tier
+    restored_bytes: int = 0   # copied back from the host or disk tier
 
     @property
     def hit_tokens(self) -> int:
@@ -72,6 +74,7 @@ class BlockAllocator:
         self._name: dict[int, bytes] = {}   # block -> its prefix name
         self._block: dict[bytes, int] = {}  # prefix name -> block
         self.evicted: list[tuple[int, bytes]] = []  # named blocks handed out since take_evicted()
+        self.record_evictions = False  # keep `evicted` (a lower tier takes them)
         self.stats = PrefixStats()
         self.promised = 0  # free blocks promised to running sequences (admission="reserve")
 
@@ -105,7 +108,8 @@ class BlockAllocator:
             name = self._name.pop(b, None)
             if name is not None:  # its cached content is overwritten from now on
                 del self._block[name]
-                self.evicted.append((b, name))
+                if self.record_evictions:
+                    self.evicted.append((b, name))
                 self.stats.evictions += 1
             self._ref[b] = 1
             out.append(b)

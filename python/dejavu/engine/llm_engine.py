@@ -39,6 +39,9 @@ class EngineConfig:
     admission: str = "greedy"        # greedy | reserve: see engine/scheduler.py
     overlap_steps: bool = True       # greedy decode steps queued before the host reads tokens (below)
     enable_prefix_caching: bool = False  # share the KV of common prompt prefixes (docs/prefix-caching.md)
+    kv_offload_bytes: int = 0        # prefix caching: pinned host tier for blocks the device evicts (0: none)
+    kv_offload_dir: str | None = None  # prefix caching: disk tier below the host tier
+    kv_offload_dir_bytes: int = 8 << 30
 
 
 class _Launched:
@@ -85,10 +88,17 @@ class LLMEngine:
             num_blocks = max(1, config.kv_cache_memory // per_block)
         self.cache = PagedKVCache(model.end - model.start, num_blocks, config.block_size, cfg.num_kv_heads,
                                   cfg.head_dim, dtype, device)
+        self.tiers = None  # the prefix cache's host and disk tiers
+        if config.enable_prefix_caching and (config.kv_offload_bytes or config.kv_offload_dir):
+            from .prefix_tiers import PrefixTiers
+
+            self.tiers = PrefixTiers(self.cache, self.cache.allocator.stats, config.kv_offload_bytes,
+                                     config.kv_offload_dir, config.kv_offload_dir_bytes)
+            self.cache.allocator.record_evictions = True
         self.scheduler = Scheduler(self.cache.allocator, config.block_size, config.max_num_seqs,
                                    config.max_num_batched_tokens, admission=config.admission,
                                    prefix_salt=prefix_salt(model_id, dtype, model.start, model.end)
-                                   if config.enable_prefix_caching else None)
+                                   if config.enable_prefix_caching else None, tiers=self.tiers)
         self.runner = ModelRunner(model, self.cache)
         if config.cuda_graphs and device.type == "cuda":
             why = self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
@@ -232,6 +242,7 @@ class LLMEngine:
             seqs = self._stepping = launched.seqs
             if self._overlappable(seqs) and self.scheduler.decode_fits(seqs):
                 again, is_prefill = self.scheduler.schedule()
+                self._sync_tiers(again, is_prefill)
                 if is_prefill or again != seqs:
                     raise RuntimeError("scheduler: an overlapped decode step was not scheduled as predicted")
                 self._launched = self._launch(seqs, launched)
@@ -239,6 +250,7 @@ class LLMEngine:
             return self._land(launched)
         seqs, is_prefill = self.scheduler.schedule()
         self._stepping = seqs
+        self._sync_tiers(seqs, is_prefill)
         if not seqs:
             if self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("scheduler stalled: waiting requests but nothing can run")
@@ -251,6 +263,21 @@ class LLMEngine:
         tokens = sample(logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s) for s in seqs], banned)
         self._append_tokens(seqs, tokens)
         return seqs
+
+    def _sync_tiers(self, seqs: list[Sequence], is_prefill: bool) -> None:
+        """Blocks this schedule evicted go to the host tier before a step overwrites them; admitted
+        sequences' lower-tier hits come back before their prefill (engine/prefix_tiers.py)."""
+        if self.tiers is not None:
+            self.tiers.sync(self.cache.allocator.take_evicted(), seqs if is_prefill else [])
+
+    def prefix_cache_stats(self) -> dict | None:
+        """Prefix-cache counters (and tier occupancy), None when caching is off."""
+        if not self.scheduler.prefix_caching:
+            return None
+        out = self.scheduler.allocator.stats.as_dict()
+        if getattr(self, "tiers", None) is not None:
+            out.update(self.tiers.occupancy())
+        return out
 
     def _append_tokens(self, seqs: list[Sequence], tokens: list[int]) -> None:
         for s, tok in zip(seqs, tokens):
