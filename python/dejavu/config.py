@@ -59,8 +59,29 @@ class EngineConfig:
     cuda_graphs: bool = True         # decode steps from CUDA graphs (single process on CUDA)
     admission: str = "greedy"        # greedy | reserve: see engine/scheduler.py
     overlap_steps: bool = True       # greedy decode steps queued before the host reads tokens (llm_engine.py)
+    enable_prefix_caching: bool = False  # share the KV of common prompt prefixes (docs/prefix-caching.md)
+    kv_offload_gib: float = 0.0      # prefix caching: pinned host tier for blocks the device evicts (0: none)
+    kv_offload_dir: str | None = None  # prefix caching: disk tier below the host tier
+    kv_offload_dir_gib: float = 8.0  # the disk tier's bound
+
+    @property
+    def kv_offload_bytes(self) -> int:
+        return int(self.kv_offload_gib * 2**30)
+
+    @property
+    def kv_offload_dir_bytes(self) -> int:
+        return int(self.kv_offload_dir_gib * 2**30)
 
     def validate(self) -> None:
+        for name in ("kv_offload_gib", "kv_offload_dir_gib"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1 << 20:
+                raise ConfigError(name, f"must be a number of GiB >= 0, got {v!r}")
+        if (self.kv_offload_gib or self.kv_offload_dir) and not self.enable_prefix_caching:
+            raise ConfigError("kv_offload_gib" if self.kv_offload_gib else "kv_offload_dir",
+                              "is a tier of the prefix cache: it needs enable_prefix_caching=True")
+        if self.kv_offload_dir and not self.kv_offload_gib:
+            raise ConfigError("kv_offload_dir", "needs a host tier (kv_offload_gib > 0): the disk tier is fed from it")
         check_int("block_size", self.block_size, 1)
         check_int("num_blocks", self.num_blocks, 0)
         check_int("kv_cache_memory", self.kv_cache_memory, 0)
@@ -198,6 +219,15 @@ class Config:
         if dis.enabled and self.engine.admission == "reserve":
             raise ConfigError("admission", "'reserve' is not yet available with prompt_stages/token_stages "
                                            "(disaggregation admits by prompt length)")
+        eng = self.engine
+        if eng.enable_prefix_caching and dis.enabled:
+            raise ConfigError("enable_prefix_caching", "is not yet available with prompt_stages/token_stages "
+                                                       "(disaggregation); use --no-enable-prefix-caching there")
+        if eng.enable_prefix_caching and (sw.swap or rep.replicate):
+            raise ConfigError("enable_prefix_caching", "cannot be combined with swap or replicate yet")
+        if (eng.kv_offload_gib or eng.kv_offload_dir) and self.distributed:
+            raise ConfigError("kv_offload_gib", "the host and disk tiers are not yet available with "
+                                                "pp/tp/disaggregation (single process only)")
         stages = self.kv_stages()
         if sw.swap and stages < 2:
             raise ConfigError("swap", "needs a pipeline of pp >= 2 microbatches (token_stages >= 2 with "

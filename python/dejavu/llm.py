@@ -11,7 +11,7 @@ import torch
 
 from .config import Config
 from .engine.llm_engine import LLMEngine, RequestError
-from .models.loader import load_model, load_tokenizer, parse_dtype, resolve
+from .models.loader import load_model, load_tokenizer, model_identity, parse_dtype, resolve
 from .sampling_params import SamplingParams
 
 log = logging.getLogger("dejavu")
@@ -61,7 +61,9 @@ class LLM:
                  kv_transport: str = "auto", resident_microbatches: int = 2, replicate_dir: str | None = None,
                  replicate_to: list[int] | None = None, recovery: str = "auto", heartbeat_interval: float = 0.5,
                  heartbeat_timeout: float = 2.0, spare_workers: int = 1,
-                 cuda_graphs: bool = True, admission: str = "greedy", overlap_steps: bool = True):
+                 cuda_graphs: bool = True, admission: str = "greedy", overlap_steps: bool = True,
+                 enable_prefix_caching: bool = False, kv_offload_gib: float = 0.0, kv_offload_dir: str | None = None,
+                 kv_offload_dir_gib: float = 8.0):
         # Every argument is a field of the configuration records (config.py), validated there.
         self._start(Config.from_kwargs(**{k: v for k, v in locals().items() if k != "self"}))
 
@@ -117,7 +119,8 @@ class LLM:
         if not engine_cfg.num_blocks and not engine_cfg.kv_cache_memory:
             free, _ = torch.cuda.mem_get_info(self.device)
             engine_cfg.kv_cache_memory = int(free * DEFAULT_KV_CACHE_FRACTION_CUDA)
-        self.engine = LLMEngine(self.model, self.tokenizer, engine_cfg, self.device, self.dtype)
+        self.engine = LLMEngine(self.model, self.tokenizer, engine_cfg, self.device, self.dtype,
+                                model_id=model_identity(self.source, seed))
 
     def shutdown(self) -> None:
         """Stop worker processes (pipeline modes); a no-op for the single-process engine."""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .prefix_cache import add_prefix_cache_args, prefix_cache_kwargs
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The model, engine and deployment flags of `generate` and `serve` (the LLM() arguments)."""
@@ -18,6 +20,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=0, help="cap on prompt + output tokens")
     p.add_argument("--pp", type=int, default=1, help="pipeline depth: worker processes, one stage each (1-8)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: worker processes per stage (1-8)")
+    add_prefix_cache_args(p)
     p.add_argument("--prompt-stages", type=int, default=0, help="disaggregation: prompt pipeline depth")
     p.add_argument("--token-stages", type=int, default=0, help="disaggregation: token pipeline depth")
     p.add_argument("--kv-receive-slots", type=int, default=8, help="disaggregation: requests in KV transfer at once")
@@ -106,7 +109,7 @@ def config_from_args(args):
         replicate_dir=args.replicate_dir, replicate_to=_replicate_to(args.replicate_to), recovery=args.recovery,
         heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
         spare_workers=args.spare_workers, cuda_graphs=args.cuda_graphs, admission=args.admission,
-        overlap_steps=args.overlap_steps)
+        overlap_steps=args.overlap_steps, **prefix_cache_kwargs(args))
 
 
 def llm_from_args(args):

@@ -44,6 +44,11 @@ class _Launched:
         return self.host.tolist()
 
 
+def prefix_salt(model_id: str, dtype: torch.dtype, start: int, end: int) -> str:
+    """The prefix cache's salt: everything besides the tokens that changes a block's K/V."""
+    return f"{model_id}|{dtype}|layers {start}-{end}"
+
+
 def eos_ids(cfg, tokenizer: Tokenizer) -> list[int]:
     eos = set(cfg.eos_token_ids)
     if tokenizer.eos_token_id is not None:
@@ -54,7 +59,8 @@ def eos_ids(cfg, tokenizer: Tokenizer) -> list[int]:
 class LLMEngine:
     MAX_FAILED_STEPS = 3
     def __init__(self, model: DecoderLM, tokenizer: Tokenizer, config: EngineConfig, device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, model_id: str = ""):
+        """`model_id`: what names these weights (the prefix cache's salt, with the dtype)."""
         cfg = self.model_config = model.cfg
         self.model, self.tokenizer, self.config, self.device = model, tokenizer, config, device
         self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
@@ -65,8 +71,17 @@ class LLMEngine:
             num_blocks = max(1, config.kv_cache_memory // per_block)
         self.cache = PagedKVCache(model.end - model.start, num_blocks, config.block_size, cfg.num_kv_heads,
                                   cfg.head_dim, dtype, device)
+        self.tiers = None  # the prefix cache's host and disk tiers
+        if config.enable_prefix_caching and (config.kv_offload_bytes or config.kv_offload_dir):
+            from .prefix_tiers import PrefixTiers
+
+            self.tiers = PrefixTiers(self.cache, self.cache.allocator.stats, config.kv_offload_bytes,
+                                     config.kv_offload_dir, config.kv_offload_dir_bytes)
+            self.cache.allocator.record_evictions = True
         self.scheduler = Scheduler(self.cache.allocator, config.block_size, config.max_num_seqs,
-                                   config.max_num_batched_tokens, admission=config.admission)
+                                   config.max_num_batched_tokens, admission=config.admission,
+                                   prefix_salt=prefix_salt(model_id, dtype, model.start, model.end)
+                                   if config.enable_prefix_caching else None, tiers=self.tiers)
         self.runner = ModelRunner(model, self.cache)
         if config.cuda_graphs and device.type == "cuda":
             why = self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
@@ -210,6 +225,7 @@ class LLMEngine:
             seqs = self._stepping = launched.seqs
             if self._overlappable(seqs) and self.scheduler.decode_fits(seqs):
                 again, is_prefill = self.scheduler.schedule()
+                self._sync_tiers(again, is_prefill)
                 if is_prefill or again != seqs:
                     raise RuntimeError("scheduler: an overlapped decode step was not scheduled as predicted")
                 self._launched = self._launch(seqs, launched)
@@ -217,6 +233,7 @@ class LLMEngine:
             return self._land(launched)
         seqs, is_prefill = self.scheduler.schedule()
         self._stepping = seqs
+        self._sync_tiers(seqs, is_prefill)
         if not seqs:
             if self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("scheduler stalled: waiting requests but nothing can run")
@@ -229,6 +246,21 @@ class LLMEngine:
         tokens = sample(logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s) for s in seqs], banned)
         self._append_tokens(seqs, tokens)
         return seqs
+
+    def _sync_tiers(self, seqs: list[Sequence], is_prefill: bool) -> None:
+        """Blocks this schedule evicted go to the host tier before a step overwrites them; admitted
+        sequences' lower-tier hits come back before their prefill (engine/prefix_tiers.py)."""
+        if self.tiers is not None:
+            self.tiers.sync(self.cache.allocator.take_evicted(), seqs if is_prefill else [])
+
+    def prefix_cache_stats(self) -> dict | None:
+        """Prefix-cache counters (and tier occupancy), None when caching is off."""
+        if not self.scheduler.prefix_caching:
+            return None
+        out = self.scheduler.allocator.stats.as_dict()
+        if getattr(self, "tiers", None) is not None:
+            out.update(self.tiers.occupancy())
+        return out
 
     def _append_tokens(self, seqs: list[Sequence], tokens: list[int]) -> None:
         for s, tok in zip(seqs, tokens):

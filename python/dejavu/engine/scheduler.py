@@ -10,13 +10,19 @@ fit, so more sequences run at once and sequences that stop early (EOS) leave roo
 price is preemption and recomputation when they all grow. Reserve admits one only when every block
 it can ever need (prompt + max_tokens) fits beside the blocks promised to those running: it holds
 fewer at once and never preempts, so the batch a KV budget holds is a fixed number (docs/serving.md).
+
+With prefix caching (a `prefix_salt`), admission first looks up the sequence's leading full blocks
+by name: blocks on the device are shared (a reference each), blocks a lower tier holds (`tiers`,
+engine/prefix_tiers.py) get fresh blocks listed in Sequence.restore for the engine to fill, and the
+prefill computes only the rest. At least the last token is always computed (its logits are needed).
+Blocks are named once their K/V is computed (docs/prefix-caching.md).
 """
 from __future__ import annotations
 
 from collections import deque
 
 from ..config import ADMISSION, check_choice
-from .block_manager import BlockAllocator, blocks_for
+from .block_manager import BlockAllocator, block_hashes, blocks_for, root_hash
 from .sequence import Sequence, Status
 
 
@@ -28,7 +34,8 @@ def lifetime_blocks(seq: Sequence, block_size: int) -> int:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 waiting: deque | None = None, admission: str = "greedy"):
+                 waiting: deque | None = None, admission: str = "greedy", prefix_salt: str | None = None,
+                 tiers=None):
         check_choice("admission", admission, ADMISSION)
         self.reserve = admission == "reserve"
         self.allocator = allocator
@@ -39,6 +46,12 @@ class Scheduler:
         self.waiting: deque[Sequence] = waiting if waiting is not None else deque()
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
+        self.root = root_hash(prefix_salt) if prefix_salt is not None else None  # None: no prefix caching
+        self.tiers = tiers  # lower tiers: lookup(names) -> how many leading names they hold
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self.root is not None
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -47,22 +60,31 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> tuple[list[Sequence], bool]:
+        for seq in self.running:
+            self._name_computed(seq)
         batch: list[Sequence] = []
         tokens = 0
         while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = len(seq)
+            hits, lower = self._cached_prefix(seq)
+            n = len(seq) - (len(hits) + len(lower)) * self.block_size  # tokens this step computes
             if batch and tokens + n > self.max_num_batched_tokens:
                 break
-            need = blocks_for(n, self.block_size)
-            promise = max(0, lifetime_blocks(seq, self.block_size) - need) if self.reserve else 0
-            if not self.allocator.can_allocate(need + promise):
+            need = blocks_for(len(seq), self.block_size) - len(hits)
+            promise = max(0, lifetime_blocks(seq, self.block_size) - need - len(hits)) if self.reserve else 0
+            if not self.allocator.can_allocate(need + self.allocator.num_unreferenced(hits) + promise):
                 break
             self.waiting.popleft()
-            seq.block_table = self.allocator.allocate(need)
+            self.allocator.acquire(hits)
+            seq.block_table = hits + self.allocator.allocate(need)
             self.allocator.promise(promise)
             seq.promised = promise
-            seq.num_cached = 0
+            seq.num_cached = len(hits) * self.block_size  # the engine adds the restored blocks'
+            seq.num_named = len(hits)
+            seq.restore = list(zip(seq.block_table[len(hits):len(hits) + len(lower)], lower))
+            if self.prefix_caching:
+                self.allocator.stats.queried_tokens += len(seq)
+                self.allocator.stats.device_hit_tokens += len(hits) * self.block_size
             seq.status = Status.RUNNING
             batch.append(seq)
             tokens += n
@@ -90,11 +112,42 @@ class Scheduler:
         self.running.extend(scheduled)
         return scheduled, False
 
+    def _names(self, seq: Sequence, full: int) -> list[bytes]:
+        """Names of `seq`'s first `full` blocks (computed once per sequence and block)."""
+        have = len(seq.block_names)
+        if have < full:
+            parent = seq.block_names[-1] if have else self.root
+            seq.block_names += block_hashes(seq.token_ids, self.block_size, parent, have, full)
+        return seq.block_names[:full]
+
+    def _cached_prefix(self, seq: Sequence) -> tuple[list[int], list[bytes]]:
+        """Device blocks holding `seq`'s leading full blocks, then the names of the blocks after them
+        that a lower tier holds. Never the block of the last token: it is computed for its logits."""
+        if self.root is None:
+            return [], []
+        names = self._names(seq, (len(seq) - 1) // self.block_size)
+        hits = self.allocator.lookup(names)
+        lower = names[len(hits):len(hits) + self.tiers.lookup(names[len(hits):])] if self.tiers else []
+        return hits, lower
+
+    def _name_computed(self, seq: Sequence) -> None:
+        """Name `seq`'s full blocks whose K/V is computed, so later admissions can share them."""
+        if self.root is None:
+            return
+        full = min(seq.num_cached, len(seq)) // self.block_size
+        if full > seq.num_named:
+            names = self._names(seq, full)
+            for i in range(seq.num_named, full):
+                self.allocator.register(seq.block_table[i], names[i])
+            seq.num_named = full
+
     def _release(self, seq: Sequence) -> None:
-        """Free `seq`'s blocks and whatever was still promised to it."""
-        self.allocator.free(seq.block_table)
+        """Free `seq`'s blocks (last first, so its prefix stays cached longest) and whatever was still
+        promised to it."""
+        self._name_computed(seq)
+        self.allocator.free(reversed(seq.block_table))
         self.allocator.promise(-seq.promised)
-        seq.block_table, seq.promised = [], 0
+        seq.block_table, seq.promised, seq.num_named, seq.restore = [], 0, 0, []
 
     def _preempt(self, seq: Sequence) -> None:
         self._release(seq)

@@ -29,6 +29,11 @@ class Sequence:
         self.block_table: list[int] = []
         self.promised = 0  # KV blocks set aside for its growth (admission="reserve")
         self.num_cached = 0  # leading tokens whose K/V is in the cache
+        # Prefix caching (block_manager.py): names of its full blocks so far, how many of its blocks
+        # carry their name in the allocator, and blocks a lower tier fills before its prefill.
+        self.block_names: list[bytes] = []
+        self.num_named = 0
+        self.restore: list[tuple[int, bytes]] = []
         # Tokens being decoded whose ids are still on the device (overlapped steps, llm_engine.py):
         # the step that reads the newest of them is already queued behind the step that computes it.
         self.inflight = 0

@@ -58,6 +58,18 @@ class ModelSource:
     dtype: str | None = None  # the checkpoint's own dtype (config.json's torch_dtype), when it names one
 
 
+def model_identity(source: ModelSource, seed: int) -> str:
+    """Names the weights (the prefix cache's salt): the spec and seed of a random model; else the
+    checkpoint's path and its files' sizes and modification times."""
+    if source.kind == "random" or not source.path:
+        return f"{source.spec}|seed {seed}"
+    path = os.path.abspath(source.path)
+    files = [os.path.join(path, f) for f in sorted(os.listdir(path))] if os.path.isdir(path) else [path]
+    stamp = [(os.path.basename(f), st.st_size, st.st_mtime_ns) for f in files if os.path.isfile(f)
+             for st in (os.stat(f),)]
+    return f"{path}|{stamp}"
+
+
 def resolve(spec: str) -> ModelSource:
     if not spec:
         raise ModelError("no model given")

@@ -65,6 +65,14 @@ class AsyncEngine:
             alloc = getattr(engine, "allocator", None) or engine.cache.allocator
             m.gauges["dejavu_kv_blocks_used"] = lambda: alloc.num_used
             m.gauges["dejavu_kv_blocks_total"] = lambda: alloc.num_blocks
+        if getattr(engine, "prefix_cache_stats", lambda: None)() is not None:  # docs/prefix-caching.md
+            pc = engine.prefix_cache_stats
+            m.counters["dejavu_prefix_cache_queried_tokens_total"] = lambda: pc()["queried_tokens"]
+            m.counters["dejavu_prefix_cache_evictions_total"] = lambda: pc()["evictions"]
+            m.counters["dejavu_prefix_cache_corrupt_blocks_total"] = lambda: pc()["disk_corrupt"]
+            m.prefix_hit_tokens.update({t: (lambda t=t: pc()[f"{t}_hit_tokens"]) for t in ("device", "host", "disk")})
+            m.bytes_streamed["prefix_offload"] = lambda: pc()["offloaded_bytes"]
+            m.bytes_streamed["prefix_restore"] = lambda: pc()["restored_bytes"]
         if hasattr(engine, "kv_bytes"):  # disaggregated: KV streamed prompt -> token, and how long it showed
             m.bytes_streamed["prompt_to_token"] = lambda: engine.kv_bytes
             m.transfer_seconds["prompt_to_token_compute"] = lambda: sum(x["compute_s"] for x in engine.transfer_stats)

@@ -44,6 +44,7 @@ class Metrics:
         self.bytes_streamed = {"prompt_to_token": 0, "swap_out": 0, "swap_in": 0, "replication": 0}
         self.transfer_seconds = {"prompt_to_token_compute": 0.0, "prompt_to_token_exposed": 0.0,
                                  "prompt_to_token_raw": 0.0}
+        self.prefix_hit_tokens: dict = {}  # tier -> prompt tokens served from the prefix cache (callables)
         self.ttft = Histogram()
         self.itl = Histogram()
         self.e2e = Histogram()
@@ -69,6 +70,10 @@ class Metrics:
             lines.append("# TYPE dejavu_kv_transfer_seconds_total counter")
             for part, v in self.transfer_seconds.items():
                 lines.append(f'dejavu_kv_transfer_seconds_total{{part="{part}"}} {v() if callable(v) else v}')
+            if self.prefix_hit_tokens:
+                lines.append("# TYPE dejavu_prefix_cache_hit_tokens_total counter")
+                for tier, v in self.prefix_hit_tokens.items():
+                    lines.append(f'dejavu_prefix_cache_hit_tokens_total{{tier="{tier}"}} {v()}')
             for k, fn in self.gauges.items():
                 lines += [f"# TYPE {k} gauge", f"{k} {fn()}"]
             for name, h in (("dejavu_time_to_first_token_seconds", self.ttft),

@@ -25,11 +25,11 @@ import torch
 
 from ..engine.block_manager import BlockAllocator
 from ..engine.kv_cache import PagedKVCache
-from ..engine.llm_engine import EngineConfig, LLMEngine, eos_ids
+from ..engine.llm_engine import EngineConfig, LLMEngine, eos_ids, prefix_salt
 from ..engine.scheduler import Scheduler
 from ..engine.sequence import Sequence, Status
 from ..kvstream.routing import split_layers
-from ..models.loader import ModelSource
+from ..models.loader import ModelSource, model_identity
 from ..parallel import launch
 from ..parallel.auth import Acceptor, cluster_prefix, message_problem
 
@@ -103,6 +103,9 @@ class PipelineEngine(LLMEngine):
         self.decode_step_totals = [0, 0.0]
         if swap and not 1 <= resident_microbatches:
             raise ValueError(f"resident_microbatches must be >= 1, got {resident_microbatches}")
+        # prefix caching: blocks named here once for every stage (each caches its own layers' K/V)
+        self.prefix_salt = (prefix_salt(model_identity(source, seed), dtype, 0, cfg.num_layers)
+                            if config.enable_prefix_caching and not swap else None)
         self._plan(cfg, pp, layer_split, microbatch_size)
         self._setup_fault_tolerance(launcher, replicate, replicate_dir, replicate_to, recovery, heartbeat_interval,
                                     heartbeat_timeout, spare_workers)
@@ -140,7 +143,8 @@ class PipelineEngine(LLMEngine):
         self.waiting: deque[Sequence] = deque()
         b = microbatch_size or self.config.max_num_seqs
         self.slots = [Scheduler(a, self.block_size, b, self.config.max_num_batched_tokens, self.waiting,
-                                self.config.admission) for a in self._slot_allocators(pp)]
+                                self.config.admission, self.prefix_salt)
+                      for a in self._slot_allocators(pp)]
         self.inflight: list[tuple[int, list[Sequence], float] | None] = [None] * pp
         self.scheduler = self.slots[0]  # for code that asks for "the" scheduler (counts, preemptions)
 
@@ -757,6 +761,7 @@ class PipelineEngine(LLMEngine):
                  "workers": [self.worker_info[r]["worker"] for r in sorted(dead)]}
         log.warning("recovering: %s", reason)
         drop = self._abandon_inflight()
+        self.allocator.reset_prefix_cache()  # a replaced worker's cached blocks are gone
         self._epoch += 1
         self._epoch_step = self._step_id
         resetting = set()
