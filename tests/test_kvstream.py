@@ -140,3 +140,19 @@ def test_invalid_arguments():
         s.gather(Region.chunks([0], [99]), torch.empty(1 << 20, dtype=torch.uint8))
     with pytest.raises(ValueError, match="bad chunk key"):
         FileDest("/tmp/dejavu-keys").put("../x", torch.empty(4, dtype=torch.uint8))
+
+
+def test_tcp_store_keeps_every_chunk_while_reusing_receive_buffers(tcp_server):
+    """The store receives each put into the memory of the chunk it replaced: chunks replaced, grown
+    and shrunk on one connection leave every key holding its latest bytes."""
+    server, token = tcp_server
+    dest = TcpDest("127.0.0.1", server.port, token)
+    g = torch.Generator().manual_seed(9)
+    latest = {}
+    for key, n in [("r.a", 4096), ("r.b", 4096), ("r.a", 4096), ("r.b", 9000), ("r.a", 100), ("r.c", 4096)]:
+        buf = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+        dest.put(key, buf).wait(30)
+        latest[key] = buf
+    for key, want in latest.items():
+        got = torch.empty(want.numel(), dtype=torch.uint8)
+        assert server.get_into(key, got) == want.numel() and torch.equal(got, want), key

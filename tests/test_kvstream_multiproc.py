@@ -23,7 +23,8 @@ def test_tcp_between_processes():
     server = TcpReplicaServer(token)
     try:
         r = subprocess.run([sys.executable, os.path.join(HERE, "kv_peer.py"), "tcp-push", "127.0.0.1",
-                            str(server.port), token], capture_output=True, text=True, timeout=120)
+                            str(server.port)], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, DEJAVU_CLUSTER_TOKEN=token))
         assert r.returncode == 0, r.stderr
         assert set(server.keys()) == {"peer.chunks", "peer.tokens"}
         src = filled_cache(seed=42, dtype=torch.float16)

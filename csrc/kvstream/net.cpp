@@ -15,13 +15,24 @@
 
 namespace dejavu::net {
 
+namespace {
+// A blocked send or receive returns EAGAIN once SO_SNDTIMEO / SO_RCVTIMEO pass: name that plainly.
+std::string io_error(const char* what) {
+  const int e = errno;
+  if (e == EAGAIN || e == EWOULDBLOCK)
+    return std::string(what) + " timed out: the peer made no progress within the socket timeout "
+           "(link down, peer stalled or unreachable)";
+  return std::string(what) + " failed: " + std::strerror(e);
+}
+}  // namespace
+
 void send_all(int fd, const void* buf, size_t n) {
   const uint8_t* p = static_cast<const uint8_t*>(buf);
   while (n > 0) {
     ssize_t w = ::send(fd, p, n, MSG_NOSIGNAL);
     if (w < 0) {
       if (errno == EINTR) continue;
-      throw TransportError(std::string("send failed: ") + std::strerror(errno));
+      throw TransportError(io_error("send"));
     }
     p += w;
     n -= static_cast<size_t>(w);
@@ -41,7 +52,7 @@ void send_pieces(int fd, std::vector<iovec>& pieces) {
     ssize_t w = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
     if (w < 0) {
       if (errno == EINTR) continue;
-      throw TransportError(std::string("send failed: ") + std::strerror(errno));
+      throw TransportError(io_error("send"));
     }
     auto left = static_cast<size_t>(w);
     while (left > 0) {  // advance over what went out
@@ -60,7 +71,7 @@ void recv_all(int fd, void* buf, size_t n) {
   while (n > 0) {
     ssize_t r = ::recv(fd, p, n, 0);
     if (r < 0 && errno == EINTR) continue;
-    if (r < 0) throw PeerGone{std::string("receive failed: ") + std::strerror(errno)};
+    if (r < 0) throw PeerGone{io_error("receive")};
     if (r == 0) throw PeerGone{"peer closed the connection mid-frame"};
     p += r;
     n -= static_cast<size_t>(r);

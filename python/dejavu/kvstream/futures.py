@@ -57,9 +57,14 @@ def _part_done(p) -> bool:
     return p.test()              # _C.Handle
 
 
+def _chained_error(f: "Future") -> str | None:
+    """A step's error with what the step was (the peer it talked to, say), for the future it is part of."""
+    return None if f._error is None else f"{f.what}: {f._error}"
+
+
 def _part_error(p) -> str | None:
     if isinstance(p, Future):
-        return p._error
+        return _chained_error(p)
     if hasattr(p, "failed") and p.failed():
         return p.error()
     return None
@@ -157,7 +162,7 @@ class Future:
         if self._next is not None and self._error is None:
             if not self._next._try_done():
                 return False
-            self._error = self._next._error
+            self._error = _chained_error(self._next)
         self._finish()
         return True
 
@@ -183,7 +188,7 @@ class Future:
                 except StreamError as e:
                     if not self._next._done:
                         raise StreamError(f"{self.what}: timed out after {timeout}s") from e
-                self._error = self._next._error
+                self._error = _chained_error(self._next)
             self._finish()
         if self._error is not None:
             raise StreamError(f"{self.what}: {self._error}")

@@ -24,7 +24,6 @@ HELLO_MAX is read, and nothing allocated, before the token checks out. Nothing i
 from __future__ import annotations
 
 import atexit
-import hmac
 import math
 import os
 import re
@@ -36,8 +35,8 @@ import weakref
 import msgpack
 import torch
 
-from ..parallel.auth import AUTH_DEADLINE, HELLO_MAX, derive_key
-from ..parallel.wire import recv_exact, serve_connections
+from .auth import AUTH_DEADLINE, HELLO_MAX, derive_key, token_matches
+from .net import LOOPBACK, Address, advertised, listen, recv_exact, serve_connections
 from .mirror import Mirror, ReplicaError, _dtype
 
 _LEN = struct.Struct(">I")
@@ -162,17 +161,21 @@ def _recv_rest(sock: socket.socket, body: bytes, max_payload: int = MAX_PAYLOAD)
 
 
 class ReplicaServer:
-    """The holder side: mirrors of other workers' caches, served over TCP."""
+    """The holder side: mirrors of other workers' caches, served over TCP. Binds `host`
+    (127.0.0.1 unless told); sources dial `self.address` (`advertise`, else `host`)."""
 
-    def __init__(self, token: str, host: str = "127.0.0.1", directory: str | None = None, prefix: str = ""):
+    def __init__(self, token: str, host: str = LOOPBACK, directory: str | None = None, prefix: str = "",
+                 advertise: str | None = None):
+        advertise = advertised(host, advertise)
         self.token, self.directory, self.prefix = token, directory, prefix
         if directory:
             os.makedirs(directory, mode=0o700, exist_ok=True)
         self.mirrors: dict[str, Mirror] = {}
         self._retired: list[Mirror] = []  # replaced mirrors stay mapped: a connection may still be writing one
         self._lock = threading.Lock()
-        self._listener = socket.create_server((host, 0))
+        self._listener = listen(host)
         self.port = self._listener.getsockname()[1]
+        self.address = Address(advertise, self.port)
         self._bytes_in = self._refused = 0
         # Data frames (put_slots, put_blocks) are applied by C++ on each connection's thread without
         # the interpreter lock; every other frame comes back here.
@@ -204,9 +207,7 @@ class ReplicaServer:
         try:
             sock.settimeout(AUTH_DEADLINE)
             hdr, _ = _recv(sock, HELLO_MAX, 0)  # nothing allocated before the token checks out
-            tok = hdr.get("token")
-            if hdr.get("t") != "hello" or not isinstance(tok, str) or \
-                    not hmac.compare_digest(tok.encode(), self.token.encode()):
+            if hdr.get("t") != "hello" or not token_matches(hdr.get("token"), self.token):
                 _send(sock, {"t": "err", "msg": "bad cluster token"})
                 return
             _send(sock, {"t": "ok"})

@@ -8,14 +8,25 @@
 """
 from __future__ import annotations
 
+import os
 import socket
 
 TRANSPORTS = ("auto", "ipc", "shm", "tcp")
 
 
+def host_id() -> str:
+    """This process's host as peers should compare it: the host name and the network namespace, so
+    processes in two network namespaces of one machine (containers, test hosts) count as two hosts."""
+    try:
+        ns = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return socket.gethostname()
+    return f"{socket.gethostname()}/net:{ns}"
+
+
 def same_host(peer_host: str, local_host: str | None = None) -> bool:
     local_host = local_host or socket.gethostname()
-    return peer_host in (local_host, "localhost", "127.0.0.1", "::1")
+    return peer_host in (local_host, host_id(), "localhost", "127.0.0.1", "::1")
 
 
 def choose(peer_host: str, override: str = "auto", local_host: str | None = None, device: str = "cpu") -> str:

@@ -10,13 +10,14 @@ Each `put(key, buf)` / `get(key, buf)` returns a Future; `buf` is a contiguous u
 """
 from __future__ import annotations
 
-import secrets
 import threading
 
 import torch
 
 from .. import _C
+from .auth import new_cluster_token  # noqa: F401 - re-exported
 from .futures import Future
+from .net import LOOPBACK, Address, advertised
 
 _pool_lock = threading.Lock()
 _default_workers: "_C.WorkerPool | None" = None
@@ -114,12 +115,16 @@ class FileDest(Destination):
 
 
 class TcpReplicaServer:
-    """Keeps chunks pushed by peers in this process's host memory. Binds 127.0.0.1 unless told."""
+    """Keeps chunks pushed by peers in this process's host memory. Binds `host` (127.0.0.1 unless
+    told); peers dial `self.address` (`advertise`, else `host`)."""
 
-    def __init__(self, token: str, host: str = "127.0.0.1", port: int = 0, max_bytes: int = 0):
+    def __init__(self, token: str, host: str = LOOPBACK, port: int = 0, max_bytes: int = 0,
+                 advertise: str | None = None):
+        advertise = advertised(host, advertise)
         self.host, self.token = host, token
         self.server = _C.TcpStoreServer(host, port, token, max_bytes)
         self.port = self.server.port
+        self.address = Address(advertise, self.port)
 
     def get_into(self, key: str, buf: torch.Tensor) -> int:
         _check_buf(buf)
@@ -133,10 +138,6 @@ class TcpReplicaServer:
 
     def stop(self):
         self.server.stop()
-
-
-def new_cluster_token() -> str:
-    return secrets.token_hex(16)
 
 
 class TcpDest(Destination):

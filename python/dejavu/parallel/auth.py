@@ -13,8 +13,6 @@ problem; the deployment goes on.
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import os
 import queue
@@ -22,13 +20,12 @@ import socket
 import stat
 import threading
 
+from ..kvstream.auth import AUTH_DEADLINE, HELLO_MAX, TOKEN_ENV, derive_key, token_matches  # noqa: F401 - re-exported
+from ..kvstream.net import shutdown as _shutdown
 from .wire import Channel, ProtocolError
 
 log = logging.getLogger("dejavu.auth")
 
-TOKEN_ENV = "DEJAVU_CLUSTER_TOKEN"
-HELLO_MAX = 4096          # bytes of a HELLO frame (read before the token is checked)
-AUTH_DEADLINE = 10.0      # seconds a new connection has to present a valid HELLO
 MAX_PENDING = 64          # connections handshaking at once; more are closed at once
 
 
@@ -53,11 +50,6 @@ def read_token(token_file: str | None = None) -> str:
     if not token:
         raise TokenError(f"no cluster token: set {TOKEN_ENV} (or pass --token-file PATH)")
     return token
-
-
-def derive_key(token: str, purpose: str) -> bytes:
-    """A 32-byte key for `purpose`, derived from the token (HMAC-SHA256 as a KDF)."""
-    return hmac.new(token.encode(), b"dejavu/" + purpose.encode(), hashlib.sha256).digest()
 
 
 def cluster_tag(token: str) -> str:
@@ -163,8 +155,7 @@ class Acceptor:
                 msg = ch.recv(self.deadline, max_frame=HELLO_MAX)
             except (ConnectionError, TimeoutError, OSError) as e:
                 raise ProtocolError(f"handshake failed: {e}") from None
-            if msg.get("t") != "hello" or not isinstance(msg.get("token"), str) or \
-                    not hmac.compare_digest(msg["token"].encode(), self.token.encode()):
+            if msg.get("t") != "hello" or not token_matches(msg.get("token"), self.token):
                 self._refuse(ch, "bad cluster token")
                 raise ProtocolError(f"{ch.peer} presented a bad cluster token")
             problem = hello_problem(msg, self.world)
@@ -192,10 +183,3 @@ class Acceptor:
             ch.send({"t": "refused", "msg": why})
         except OSError:
             pass
-
-
-def _shutdown(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass

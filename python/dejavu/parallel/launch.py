@@ -4,14 +4,15 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
+from ..kvstream.net import LOOPBACK, listen
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port free on `host` now (for a listener another process opens on this host)."""
+    with listen(host) as s:
         return s.getsockname()[1]
 
 

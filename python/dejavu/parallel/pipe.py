@@ -21,7 +21,6 @@ endian) then the tensor's raw bytes; the receiver checks both against what it ex
 """
 from __future__ import annotations
 
-import hmac
 import os
 import queue
 import socket
@@ -32,7 +31,8 @@ from typing import Callable
 import msgpack
 import torch
 
-from .wire import recv_exact, serve_connections
+from ..kvstream.auth import token_matches
+from ..kvstream.net import LOOPBACK, Address, advertised, listen, recv_exact, serve_connections
 
 _HDR = struct.Struct(">QQ")
 _LEN = struct.Struct(">I")
@@ -45,13 +45,16 @@ class PipeBroken(ConnectionError):
 class StagePipes:
     MAX_QUEUED = 8  # sends not yet written to the socket before `send` waits
 
-    def __init__(self, token: str, rank: int, host: str = "127.0.0.1", timeout: float = 300.0,
-                 on_broken: Callable[[int, str], None] | None = None):
+    def __init__(self, token: str, rank: int, host: str = LOOPBACK, timeout: float = 300.0,
+                 on_broken: Callable[[int, str], None] | None = None, advertise: str | None = None):
+        """Listens on `host` (the bind address); the previous stage dials `self.address`."""
         self.token, self.rank, self.timeout = token, rank, timeout
         self.on_broken = on_broken
         self.sync = os.environ.get("DEJAVU_PIPE_SYNC") == "1"  # wait for each send (a benchmark baseline)
-        self._listener = socket.create_server((host, 0))
+        advertise = advertised(host, advertise)
+        self._listener = listen(host)
         self.port = self._listener.getsockname()[1]
+        self.address = Address(advertise, self.port)
         self._cond = threading.Condition()
         self._incoming: dict[tuple[int, int], socket.socket] = {}
         self.epoch = -1
@@ -98,7 +101,7 @@ class StagePipes:
             body = bytearray(n)
             recv_exact(sock, memoryview(body))
             msg = msgpack.unpackb(bytes(body), raw=False)
-            if not isinstance(msg, dict) or not hmac.compare_digest(str(msg.get("token", "")), self.token):
+            if not isinstance(msg, dict) or not token_matches(msg.get("token"), self.token):
                 raise ConnectionError("bad cluster token on a pipe connection")
             sock.settimeout(None)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

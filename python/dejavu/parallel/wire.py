@@ -13,34 +13,14 @@ import threading
 
 import msgpack
 
+from ..kvstream.net import recv_exact, serve_connections  # noqa: F401 - re-exported
+
 MAX_FRAME = 64 << 20
 _LEN = struct.Struct(">I")
 
 
 class ProtocolError(ConnectionError):
     pass
-
-
-def serve_connections(listener: socket.socket, handler, name: str) -> None:
-    """Accept on `listener` until it is closed; each connection is handled on a thread of its own."""
-    def loop():
-        while True:
-            try:
-                sock, _ = listener.accept()
-            except OSError:  # closed: stop
-                return
-            threading.Thread(target=handler, args=(sock,), daemon=True, name=f"{name}-conn").start()
-    threading.Thread(target=loop, daemon=True, name=f"{name}-accept").start()
-
-
-def recv_exact(sock: socket.socket, view: memoryview, peer: str = "peer") -> None:
-    """Fill `view` from `sock`; ConnectionError when the peer closes first."""
-    got = 0
-    while got < len(view):
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            raise ConnectionError(f"{peer} closed the connection")
-        got += k
 
 
 class Channel:
