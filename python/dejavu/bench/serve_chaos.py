@@ -104,7 +104,7 @@ def run_chaos(t: Target, requests: list[Request], rate: float, seconds: float, i
     if not interval > 0:
         raise ValueError(f"--chaos-interval must be > 0, got {interval}")
     load = dict(seed=seed, burstiness=burstiness, max_concurrency=max_concurrency)
-    ref, _ = asyncio.run(run_load(t, requests, rate, **load))
+    ref, ref_s = asyncio.run(run_load(t, requests, rate, **load))
     if not all(r.get("ok") for r in ref):
         raise RuntimeError(f"the failure-free pass failed: {sorted({r.get('error') for r in ref if not r.get('ok')})[:3]}")
     before = len(_cluster(t.url, t.headers).get("fault_tolerance", {}).get("recoveries", []))
@@ -137,7 +137,9 @@ def run_chaos(t: Target, requests: list[Request], rate: float, seconds: float, i
             "faults": inj.faults, "never_replaced": [f["worker"] for f in left],
             "recoveries": len(events), "recovery_s": percentiles([e["total_s"] for e in events]),
             "recomputed_tokens": sum(e.get("recomputed_tokens", 0) for e in events),
-            "output_tokens": sum(r["output_tokens"] for r in records if r.get("ok"))}
+            "output_tokens": sum(r["output_tokens"] for r in records if r.get("ok")),
+            "throughput_output_tokens_per_s": sum(r["output_tokens"] for r in records if r.get("ok")) / duration,
+            "baseline_throughput_output_tokens_per_s": sum(r["output_tokens"] for r in ref) / ref_s}
 
 
 def format_chaos(r: dict) -> str:
@@ -151,6 +153,8 @@ def format_chaos(r: dict) -> str:
              f"{r['exact']}/{r['completed']} outputs equal to the failure-free pass",
              f"  recoveries: {r['recoveries']}" + (f", p50 {rs['p50']:.2f}s, p99 {rs['p99']:.2f}s" if rs["p50"] is not None
                                                    else "") + f"; {r['recomputed_tokens']} tokens recomputed"]
+    lines.append(f"  throughput {r['throughput_output_tokens_per_s']:.1f} output tok/s under chaos, "
+                 f"{r['baseline_throughput_output_tokens_per_s']:.1f} in the failure-free pass")
     if r["never_replaced"]:
         lines.append(f"  hung workers never replaced: {', '.join(map(str, r['never_replaced']))}")
     if r["errors"]:
