@@ -16,7 +16,7 @@ from ..sampling_params import SamplingParams
 from .block_manager import blocks_for
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner
-from .sampler import sample
+from .sampler import pick, with_logprobs
 from .scheduler import Scheduler
 from .sequence import Sequence
 
@@ -119,6 +119,10 @@ class LLMEngine:
             raise RequestError(f"temperature must be a finite number, got {params.temperature}")
         if any(t >= vocab for t in params.stop_token_ids):
             raise RequestError(f"stop_token_ids must be in [0, {vocab})")
+        if any(t >= vocab for t in params.logit_bias):
+            raise RequestError(f"logit_bias token ids must be in [0, {vocab})")
+        if params.n != 1:
+            raise RequestError("one request samples one choice: expand n with SamplingParams.choices()")
         if params.stop and not self.tokenizer.has_text:
             raise RequestError("'stop' strings need text, and this model has no tokenizer: use stop_token_ids")
         total = len(ids) + params.max_tokens
@@ -166,7 +170,7 @@ class LLMEngine:
             return False
         for s in seqs:
             p, n = s.params, s.num_output_tokens + s.inflight  # tokens before the one this step picks
-            if not p.greedy or n >= p.max_tokens or len(s) + s.inflight >= self.max_model_len:
+            if not p.greedy or not p.plain or n >= p.max_tokens or len(s) + s.inflight >= self.max_model_len:
                 return False
             if n < p.min_tokens and (p.stop_token_ids or (self.eos_ids and not p.ignore_eos)):
                 return False
@@ -239,12 +243,19 @@ class LLMEngine:
             return []
         logits = self.runner.run(seqs, is_prefill)
         banned = [self._banned(s) for s in seqs]
-        tokens = sample(logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s) for s in seqs], banned)
-        self._append_tokens(seqs, tokens)
+        seen = [(s.token_ids, s.num_prompt_tokens) if s.params.penalized else None for s in seqs]
+        tokens, lps = pick(logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s) for s in seqs], banned,
+                           seen)
+        self._append_tokens(seqs, with_logprobs(tokens, lps))
         return seqs
 
-    def _append_tokens(self, seqs: list[Sequence], tokens: list[int]) -> None:
+    def _append_tokens(self, seqs: list[Sequence], tokens: list) -> None:
+        """tokens[i]: an id, or [id, logprob entry] for a request that asked for logprobs (sampler.pick)."""
         for s, tok in zip(seqs, tokens):
+            if isinstance(tok, (list, tuple)):
+                tok, lp = tok
+                del s.logprobs[s.num_output_tokens:]  # a request started over (pipeline recovery) regenerates
+                s.logprobs.append(lp)
             s.token_ids.append(tok)
             self.num_generated += 1
             self._check_stop(s, tok)
