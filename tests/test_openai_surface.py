@@ -11,7 +11,8 @@ from dejavu import LLM, SamplingParams
 from dejavu.engine.sampler import pick
 from dejavu.models.loader import load_tokenizer, resolve
 from dejavu.sampling_params import choice_seed
-from dejavu.serving.detok import IncrementalDecoder, TextStream
+from dejavu.engine.detok import IncrementalDecoder
+from dejavu.serving.detok import TextStream
 from hf_models import random_prompts, save_hf_model
 
 openai = pytest.importorskip("openai")

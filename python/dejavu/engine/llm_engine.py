@@ -14,6 +14,7 @@ from ..models.base import DecoderLM
 from ..models.tokenizer import Tokenizer
 from ..sampling_params import SamplingParams
 from .block_manager import blocks_for
+from .detok import IncrementalDecoder
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner
 from .sampler import pick, with_logprobs
@@ -273,8 +274,15 @@ class LLMEngine:
         elif s.num_output_tokens >= p.max_tokens or len(s) >= self.max_model_len:
             reason = "length"
         if p.stop:
-            text = self.tokenizer.decode(s.output_ids)
-            cut = min((i for i in (text.find(x) for x in p.stop) if i >= 0), default=-1)
+            # Incremental: decode the new token only, and look for a stop string ending in its text.
+            dec = s.detok
+            if dec is None or len(dec.ids) != s.num_output_tokens - 1:  # new, or the request started over
+                dec = s.detok = IncrementalDecoder(self.tokenizer)
+                dec.push(s.output_ids[:-1])
+            new = dec.push([tok])
+            text = dec.text
+            since = max(0, len(text) - len(new) - max(map(len, p.stop)) + 1)
+            cut = min((i for i in (text.find(x, since) for x in p.stop) if i >= 0), default=-1) if new else -1
             if cut >= 0:
                 s.text = text[:cut]
                 self._finish(s, "stop")
