@@ -7,9 +7,10 @@
 """
 from .config import Config, ConfigError
 from .engine.llm_engine import RequestError
-from .llm import LLM, RequestOutput
+from .llm import LLM, CompletionOutput, RequestOutput
 from .models.config import ModelError
 from .sampling_params import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "Config", "ConfigError", "SamplingParams", "RequestOutput", "RequestError", "ModelError", "__version__"]
+__all__ = ["LLM", "Config", "ConfigError", "SamplingParams", "RequestOutput", "CompletionOutput", "RequestError",
+           "ModelError", "__version__"]

@@ -21,13 +21,50 @@ DEFAULT_KV_CACHE_FRACTION_CUDA = 0.4  # of the device memory free after the weig
 
 
 @dataclass
+class CompletionOutput:
+    """One choice of a request (vLLM's shape). logprobs: per token, {token id: logprob} of the
+    sampled token and the top alternatives (raw model distribution), when SamplingParams.logprobs is set."""
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[dict[int, float]] | None = None
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        if self.logprobs is None:
+            return None
+        return sum(lp[t] for lp, t in zip(self.logprobs, self.token_ids))
+
+
+@dataclass
 class RequestOutput:
+    """A finished request as vLLM returns it: `outputs` has its n choices; `.text`, `.token_ids`
+    and `.finish_reason` are those of the first."""
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None
+    outputs: list[CompletionOutput]
+    finished: bool = True
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+
+def _choice(i: int, s) -> CompletionOutput:
+    lps = None
+    if s.params.logprobs is not None:
+        lps = [{t: e[0], **{a: v for a, v in e[1] if a != t}} for t, e in zip(s.output_ids, s.logprobs)]
+    return CompletionOutput(i, s.text, s.output_ids, s.finish_reason, lps)
 
 
 def parse_device(device: str | torch.device) -> torch.device:
@@ -144,10 +181,12 @@ class LLM:
         params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling parameter sets")
-        seqs = []
+        seqs, groups = [], []
         try:
             for i, (p, sp) in enumerate(zip(prompts, params)):
-                seqs.append(self.engine.add_request(p, sp, request_id=str(i)))
+                groups.append(len(seqs))
+                for c in sp.choices():  # n choices: one engine request each
+                    seqs.append(self.engine.add_request(p, c, request_id=str(i)))
             while self.engine.has_unfinished():
                 self.engine.step()
             failed = next((s for s in seqs if s.finish_reason == "error"), None)
@@ -157,12 +196,16 @@ class LLM:
             for s in seqs:
                 self.engine.abort(s)
             raise
-        return [RequestOutput(s.request_id, s.prompt, s.token_ids[:s.num_prompt_tokens], s.output_ids, s.text,
-                              s.finish_reason) for s in seqs]
+        out = []
+        for g, sp in zip(groups, params):
+            s = seqs[g]
+            out.append(RequestOutput(s.request_id, s.prompt, s.token_ids[:s.num_prompt_tokens],
+                                     [_choice(i, c) for i, c in enumerate(seqs[g:g + sp.n])]))
+        return out
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
         ids = self.tokenizer.apply_chat_template(messages)
         return self.generate([ids], sampling_params)[0]
 
 
-__all__ = ["LLM", "RequestOutput", "RequestError", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "RequestError", "SamplingParams"]

@@ -14,9 +14,10 @@ from ..models.base import DecoderLM
 from ..models.tokenizer import Tokenizer
 from ..sampling_params import SamplingParams
 from .block_manager import blocks_for
+from .detok import IncrementalDecoder
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner
-from .sampler import sample
+from .sampler import pick, with_logprobs
 from .scheduler import Scheduler
 from .sequence import Sequence
 
@@ -121,6 +122,10 @@ class LLMEngine:
             raise RequestError(f"temperature must be a finite number, got {params.temperature}")
         if any(t >= vocab for t in params.stop_token_ids):
             raise RequestError(f"stop_token_ids must be in [0, {vocab})")
+        if any(t >= vocab for t in params.logit_bias):
+            raise RequestError(f"logit_bias token ids must be in [0, {vocab})")
+        if params.n != 1:
+            raise RequestError("one request samples one choice: expand n with SamplingParams.choices()")
         if params.stop and not self.tokenizer.has_text:
             raise RequestError("'stop' strings need text, and this model has no tokenizer: use stop_token_ids")
         total = len(ids) + params.max_tokens
@@ -168,7 +173,7 @@ class LLMEngine:
             return False
         for s in seqs:
             p, n = s.params, s.num_output_tokens + s.inflight  # tokens before the one this step picks
-            if not p.greedy or n >= p.max_tokens or len(s) + s.inflight >= self.max_model_len:
+            if not p.greedy or not p.plain or n >= p.max_tokens or len(s) + s.inflight >= self.max_model_len:
                 return False
             if n < p.min_tokens and (p.stop_token_ids or (self.eos_ids and not p.ignore_eos)):
                 return False
@@ -243,8 +248,10 @@ class LLMEngine:
             return []
         logits = self.runner.run(seqs, is_prefill)
         banned = [self._banned(s) for s in seqs]
-        tokens = sample(logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s) for s in seqs], banned)
-        self._append_tokens(seqs, tokens)
+        seen = [(s.token_ids, s.num_prompt_tokens) if s.params.penalized else None for s in seqs]
+        tokens, lps = pick(logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s) for s in seqs], banned,
+                           seen)
+        self._append_tokens(seqs, with_logprobs(tokens, lps))
         return seqs
 
     def _sync_tiers(self, seqs: list[Sequence], is_prefill: bool) -> None:
@@ -262,8 +269,13 @@ class LLMEngine:
             out.update(self.tiers.occupancy())
         return out
 
-    def _append_tokens(self, seqs: list[Sequence], tokens: list[int]) -> None:
+    def _append_tokens(self, seqs: list[Sequence], tokens: list) -> None:
+        """tokens[i]: an id, or [id, logprob entry] for a request that asked for logprobs (sampler.pick)."""
         for s, tok in zip(seqs, tokens):
+            if isinstance(tok, (list, tuple)):
+                tok, lp = tok
+                del s.logprobs[s.num_output_tokens:]  # a request started over (pipeline recovery) regenerates
+                s.logprobs.append(lp)
             s.token_ids.append(tok)
             self.num_generated += 1
             self._check_stop(s, tok)
@@ -281,8 +293,15 @@ class LLMEngine:
         elif s.num_output_tokens >= p.max_tokens or len(s) >= self.max_model_len:
             reason = "length"
         if p.stop:
-            text = self.tokenizer.decode(s.output_ids)
-            cut = min((i for i in (text.find(x) for x in p.stop) if i >= 0), default=-1)
+            # Incremental: decode the new token only, and look for a stop string ending in its text.
+            dec = s.detok
+            if dec is None or len(dec.ids) != s.num_output_tokens - 1:  # new, or the request started over
+                dec = s.detok = IncrementalDecoder(self.tokenizer)
+                dec.push(s.output_ids[:-1])
+            new = dec.push([tok])
+            text = dec.text
+            since = max(0, len(text) - len(new) - max(map(len, p.stop)) + 1)
+            cut = min((i for i in (text.find(x, since) for x in p.stop) if i >= 0), default=-1) if new else -1
             if cut >= 0:
                 s.text = text[:cut]
                 self._finish(s, "stop")

@@ -41,6 +41,8 @@ class Sequence:
         self.finish_reason: str | None = None  # stop | length | abort | error
         self.error: str | None = None  # why, when finish_reason is "error"
         self.text = ""
+        self.detok = None  # an IncrementalDecoder of the output, for stop strings (llm_engine._check_stop)
+        self.logprobs: list = []  # per output token, when params.logprobs is set: sampler.pick's entries
 
     def __len__(self) -> int:
         return len(self.token_ids)

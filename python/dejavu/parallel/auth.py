@@ -82,7 +82,26 @@ def hello_problem(hello: dict, world: int) -> str | None:
 
 
 _INT_FIELDS = ("rank", "id", "mb", "epoch", "bytes")
-_INT_LISTS = ("tokens", "bad")
+_INT_LISTS = ("bad",)
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _token_ok(x) -> bool:
+    """A sampled token: an id, or [id, [logprob, [[id, logprob], ...up to 20]]] (engine/sampler.py)."""
+    if _int(x):
+        return True
+    if not (isinstance(x, list) and len(x) == 2 and _int(x[0]) and isinstance(x[1], list) and len(x[1]) == 2):
+        return False
+    lp, top = x[1]
+    return _num(lp) and isinstance(top, list) and len(top) <= 20 and all(
+        isinstance(e, list) and len(e) == 2 and _int(e[0]) and _num(e[1]) for e in top)
 
 
 def message_problem(msg: dict) -> str | None:
@@ -96,6 +115,8 @@ def message_problem(msg: dict) -> str | None:
         if k in msg and (not isinstance(msg[k], list) or
                          not all(isinstance(x, int) and not isinstance(x, bool) for x in msg[k])):
             return f"{msg['t']}: {k} must be a list of integers"
+    if "tokens" in msg and (not isinstance(msg["tokens"], list) or not all(_token_ok(x) for x in msg["tokens"])):
+        return f"{msg['t']}: tokens must be a list of token ids (each with its logprobs where asked)"
     return None
 
 

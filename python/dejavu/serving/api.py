@@ -29,7 +29,10 @@ from aiohttp import web
 from ..engine.llm_engine import RequestError
 from .async_engine import AsyncEngine, QueueFull, RequestFailed, Stream
 from .http_limits import CappedSite, HttpLimits
-from .protocol import BadRequest, PromptBounds, max_prompt_chars, parse_messages, parse_prompt, parse_sampling
+from .detok import TextStream
+from .logprobs import chat_logprobs, completion_logprobs
+from .protocol import BadRequest, PromptBounds, Request, max_prompt_chars, parse_messages, parse_prompt, parse_sampling
+from .tokenize_routes import add_routes, model_card
 
 SHUTTING_DOWN = "the server is shutting down"
 
@@ -39,28 +42,6 @@ log = logging.getLogger("dejavu.server")
 def error(status: int, message: str, etype: str = "invalid_request_error", param: str | None = None) -> web.Response:
     return web.json_response({"error": {"message": message, "type": etype, "param": param, "code": status}},
                              status=status)
-
-
-class TextStream:
-    """Incremental detokenization: the text of the tokens so far, minus what may still change
-    (an incomplete UTF-8 character, or a possible beginning of a stop string)."""
-
-    def __init__(self, tokenizer, stops: list[str]):
-        self.tok, self.holdback = tokenizer, max((len(s) for s in stops), default=1) - 1
-        self.sent = ""
-
-    def delta(self, ids: list[int], final_text: str | None = None) -> str:
-        if final_text is not None:
-            text = final_text
-        else:
-            text = self.tok.decode(ids)
-            if text.endswith("\ufffd"):
-                text = text.rstrip("\ufffd")
-            text = text[: max(len(self.sent), len(text) - self.holdback)]
-        if not text.startswith(self.sent):
-            return ""  # never retract what a client already has
-        d, self.sent = text[len(self.sent):], text
-        return d
 
 
 class HttpError(RuntimeError):
@@ -78,6 +59,7 @@ class ApiServer:
         self.limits = limits or HttpLimits()
         self.engine = AsyncEngine(llm.engine, max_queue=max_queue)
         self.metrics = self.engine.metrics
+        self.metrics.model_name = model_name
         self.metrics.counters["dejavu_http_connections_refused_total"] = 0
         self.metrics.gauges["dejavu_http_connections"] = lambda: self._site.open if self._site else 0
         eng = llm.engine
@@ -93,6 +75,7 @@ class ApiServer:
                         web.post("/v1/chat/completions", self.chat),
                         web.get("/v1/models", self.models), web.get("/health", self.health),
                         web.get("/metrics", self.metrics_text), web.get("/v1/cluster", self.cluster)])
+        add_routes(self, app)
         self.app = app
         self._runner: web.AppRunner | None = None
         self._site: CappedSite | None = None
@@ -102,7 +85,7 @@ class ApiServer:
     # ------------------------------------------------------------------ middleware and small routes
     @web.middleware
     async def _auth(self, request, handler):
-        if self.api_key and request.path.startswith("/v1/"):
+        if self.api_key and request.path.startswith(("/v1/", "/tokenize", "/detokenize")):
             # Compared as bytes: a header with non-ASCII characters is just a wrong key.
             try:
                 got = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
@@ -118,9 +101,20 @@ class ApiServer:
             raise
 
     async def models(self, request):
-        return web.json_response({"object": "list", "data": [
-            {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "dejavu",
-             "max_model_len": self.llm.engine.max_model_len}]})
+        return web.json_response({"object": "list", "data": [model_card(self)]})
+
+    def not_found_model(self, name) -> web.Response:
+        return error(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                     "NotFoundError", "model")
+
+    async def guarded(self, fn):
+        """fn()'s response, or the error response for a bad request or a failed body read."""
+        try:
+            return await fn()
+        except BadRequest as e:
+            return error(e.status, str(e), "NotFoundError" if e.status == 404 else "invalid_request_error", e.param)
+        except HttpError as e:
+            return error(e.status, str(e))
 
     async def health(self, request):
         if self.engine.error:
@@ -164,7 +158,7 @@ class ApiServer:
             raise BadRequest("the request body must be a JSON object")
         model = body.get("model")
         if model is not None and model != self.model_name:
-            raise BadRequest(f"unknown model {model!r}; this server serves {self.model_name!r}", "model")
+            raise BadRequest(f"the model {model!r} does not exist; this server serves {self.model_name!r}", "model", 404)
         return body
 
     async def completions(self, request):
@@ -202,15 +196,16 @@ class ApiServer:
         streams: list[Stream] = []
         try:
             body = await self._body(request)
-            params, stream, include_usage = parse_sampling(body, chat=chat, vocab_size=self.bounds.vocab_size)
+            req = parse_sampling(body, chat=chat, vocab_size=self.bounds.vocab_size)
             prompt = await self._prompt_ids(body, chat)
-            for p in params:
+            for p in req.params:
                 if self._closing:
                     raise HttpError(SHUTTING_DOWN, 503)
                 streams.append(await self.engine.submit(prompt, p))
                 self._active.add(streams[-1])
         except BadRequest as e:
-            return self._refuse(streams, error(400, str(e), param=e.param))
+            return self._refuse(streams, error(e.status, str(e), "NotFoundError" if e.status == 404
+                                               else "invalid_request_error", e.param))
         except (RequestError, ValueError) as e:
             return self._refuse(streams, error(400, str(e)))
         except HttpError as e:
@@ -224,9 +219,9 @@ class ApiServer:
             return self._refuse(streams, error(503, str(e), "server_error"))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         try:
-            if stream:
-                return await self._stream(request, rid, streams[0], chat, include_usage)
-            return await self._complete(rid, streams, chat)
+            if req.stream:
+                return await self._stream(request, rid, streams, chat, req)
+            return await self._complete(rid, streams, chat, req)
         finally:
             for s in streams:
                 self._active.discard(s)
@@ -256,7 +251,10 @@ class ApiServer:
             if rest[1]:
                 return
 
-    async def _complete(self, rid, streams, chat):
+    def _echo(self, seq) -> str:
+        return seq.prompt if seq.prompt is not None else self.llm.tokenizer.decode(seq.token_ids[:seq.num_prompt_tokens])
+
+    async def _complete(self, rid, streams, chat, req: Request):
         try:
             for s in streams:
                 await self._wait(s)
@@ -264,15 +262,18 @@ class ApiServer:
             if e.status >= 500 and str(e) != SHUTTING_DOWN:
                 self.metrics.inc("dejavu_requests_failed_total")
             return error(e.status, str(e) if str(e) == SHUTTING_DOWN else f"generation failed: {e}", "server_error")
-        choices = []
+        choices, tok = [], self.llm.tokenizer
         for i, s in enumerate(streams):
             seq = s.seq
             if chat:
+                lp = chat_logprobs(tok, seq.output_ids, seq.logprobs) if req.logprobs is not None else None
                 choices.append({"index": i, "message": {"role": "assistant", "content": seq.text},
-                                "finish_reason": seq.finish_reason, "logprobs": None})
+                                "finish_reason": seq.finish_reason, "logprobs": lp})
             else:
-                choices.append({"index": i, "text": seq.text, "finish_reason": seq.finish_reason, "logprobs": None,
-                                "token_ids": seq.output_ids})
+                head = self._echo(seq) if req.echo else ""
+                lp = completion_logprobs(tok, seq.output_ids, seq.logprobs) if req.logprobs is not None else None
+                choices.append({"index": i, "text": head + seq.text, "finish_reason": seq.finish_reason,
+                                "logprobs": lp, "token_ids": seq.output_ids})
         prompt_tokens = streams[0].seq.num_prompt_tokens
         completion = sum(s.seq.num_output_tokens for s in streams)
         return web.json_response({"id": rid, "object": "chat.completion" if chat else "text_completion",
@@ -280,12 +281,13 @@ class ApiServer:
                                   "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                                             "total_tokens": prompt_tokens + completion}})
 
-    async def _stream(self, request, rid, s: Stream, chat, include_usage):
+    async def _stream(self, request, rid, streams: list[Stream], chat, req: Request):
+        """Server-sent events; with n > 1 the choices' chunks interleave, each with its index."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         obj = "chat.completion.chunk" if chat else "text_completion"
         created = int(time.time())
-        text = TextStream(self.llm.tokenizer, s.seq.params.stop)
+        tok = self.llm.tokenizer
 
         async def send(choice, usage=None):
             chunk = {"id": rid, "object": obj, "created": created, "model": self.model_name, "choices": choice}
@@ -293,36 +295,58 @@ class ApiServer:
                 chunk["usage"] = usage
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
 
-        if chat:
-            await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-        ids: list[int] = []
-        while True:
-            kind, *rest = await s.updates.get()
-            if kind == "error":
-                if rest[0] != SHUTTING_DOWN:
-                    self.metrics.inc("dejavu_requests_failed_total")
-                err = {"message": rest[0], "type": "server_error", "code": rest[1]}
-                await resp.write(f"data: {json.dumps({'error': err})}\n\n".encode())
-                break
-            new, finished = rest
-            ids += new
-            seq = s.seq
-            d = text.delta(ids, seq.text if finished else None)
-            reason = seq.finish_reason if finished else None
-            # One chunk per engine update, even when the text did not change yet (a token that ends
-            # in an incomplete character, or a special token): clients see every token's timing.
-            if new or finished:
-                if chat:
-                    await send([{"index": 0, "delta": {"content": d}, "finish_reason": reason}])
-                else:
-                    await send([{"index": 0, "text": d, "finish_reason": reason, "logprobs": None,
-                                 "token_ids": new}])
-            if finished:
-                if include_usage:
-                    n_out = seq.num_output_tokens
-                    await send([], {"prompt_tokens": seq.num_prompt_tokens, "completion_tokens": n_out,
-                                    "total_tokens": seq.num_prompt_tokens + n_out})
-                break
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def forward(i, s):
+            while True:
+                update = await s.updates.get()
+                await merged.put((i, update))
+                if update[0] == "error" or update[2]:
+                    return
+        tasks = [asyncio.create_task(forward(i, s)) for i, s in enumerate(streams)]
+        texts = [TextStream(tok, s.seq.params.stop) for s in streams]
+        got = [0] * len(streams)  # tokens of each choice sent so far
+        for i, s in enumerate(streams):
+            if chat:
+                await send([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            elif req.echo:
+                await send([{"index": i, "text": self._echo(s.seq), "finish_reason": None, "logprobs": None,
+                             "token_ids": []}])
+        try:
+            live = len(streams)
+            while live:
+                i, (kind, *rest) = await merged.get()
+                if kind == "error":
+                    if rest[0] != SHUTTING_DOWN:
+                        self.metrics.inc("dejavu_requests_failed_total")
+                    err = {"message": rest[0], "type": "server_error", "code": rest[1]}
+                    await resp.write(f"data: {json.dumps({'error': err})}\n\n".encode())
+                    break
+                new, finished = rest
+                seq = streams[i].seq
+                d = texts[i].delta(new, seq.text if finished else None)
+                reason = seq.finish_reason if finished else None
+                # One chunk per engine update, even when the text did not change yet (a token that ends
+                # in an incomplete character, or a special token): clients see every token's timing.
+                if new or finished:
+                    lps = seq.logprobs[got[i]:got[i] + len(new)]  # appended before their tokens
+                    got[i] += len(new)
+                    if chat:
+                        lp = chat_logprobs(tok, new, lps) if req.logprobs is not None else None
+                        await send([{"index": i, "delta": {"content": d}, "finish_reason": reason, "logprobs": lp}])
+                    else:
+                        lp = completion_logprobs(tok, new, lps) if req.logprobs is not None else None
+                        await send([{"index": i, "text": d, "finish_reason": reason, "logprobs": lp,
+                                     "token_ids": new}])
+                live -= finished
+            else:
+                if req.include_usage:
+                    n_in = streams[0].seq.num_prompt_tokens
+                    n_out = sum(s.seq.num_output_tokens for s in streams)
+                    await send([], {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out})
+        finally:
+            for t in tasks:
+                t.cancel()
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp

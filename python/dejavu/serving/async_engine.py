@@ -73,6 +73,9 @@ class AsyncEngine:
             m.prefix_hit_tokens.update({t: (lambda t=t: pc()[f"{t}_hit_tokens"]) for t in ("device", "host", "disk")})
             m.bytes_streamed["prefix_offload"] = lambda: pc()["offloaded_bytes"]
             m.bytes_streamed["prefix_restore"] = lambda: pc()["restored_bytes"]
+        scheds = [x for x in getattr(engine, "slots", None) or [getattr(engine, "scheduler", None)]
+                  if hasattr(x, "num_preemptions")]
+        m.preemptions = lambda: sum(x.num_preemptions for x in scheds)
         if hasattr(engine, "kv_bytes"):  # disaggregated: KV streamed prompt -> token, and how long it showed
             m.bytes_streamed["prompt_to_token"] = lambda: engine.kv_bytes
             m.transfer_seconds["prompt_to_token_compute"] = lambda: sum(x["compute_s"] for x in engine.transfer_stats)
@@ -205,6 +208,7 @@ class AsyncEngine:
             if s.finished:
                 self._streams.pop(s.seq_id, None)
                 self.metrics.observe("e2e", now - stream.arrival)
+                self.metrics.finish(s.finish_reason)
             if s.finish_reason == "error":
                 update = ("error", s.error, 500)
             else:

@@ -26,6 +26,7 @@ import torch
 from ..engine.block_manager import BlockAllocator
 from ..engine.kv_cache import PagedKVCache
 from ..engine.llm_engine import EngineConfig, LLMEngine, eos_ids, prefix_salt
+from ..engine.sampler import wire_fields
 from ..engine.scheduler import Scheduler
 from ..engine.sequence import Sequence, Status
 from ..kvstream.routing import split_layers
@@ -554,7 +555,8 @@ class PipelineEngine(LLMEngine):
         and what the last stage needs to sample its next token."""
         p = s.params
         return {"ids": s.token_ids[start:], "start": start, "blocks": blocks, "temp": p.temperature, "top_k": p.top_k,
-                "top_p": p.top_p, "seed": s.seed, "banned": self._banned(s)}
+                "top_p": p.top_p, "seed": s.seed, "banned": self._banned(s),
+                **wire_fields(p, s.token_ids, s.num_prompt_tokens)}
 
     def _launch(self, slot: int, seqs: list[Sequence], is_prefill: bool) -> None:
         self._step_id += 1

@@ -11,15 +11,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..sampling_params import SamplingParams
+from ..sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 
 MAX_STOP_TOKEN_IDS = 256
 
 
 class BadRequest(ValueError):
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
         super().__init__(message)
-        self.param = param
+        self.param, self.status = param, status
 
 
 @dataclass
@@ -79,18 +79,64 @@ def _token_ids(ids: list, name: str, vocab_size: int | None) -> list[int]:
     return ids
 
 
-UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
-               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "best_of": (None, 1),
-               "logit_bias": (None, {}), "suffix": (None, ""), "tools": (None, []), "response_format": (None,)}
+# Fields refused unless they carry one of these values (a clear 400 naming the field, never ignored).
+UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, ""), "tools": (None, []),
+               "response_format": (None, {"type": "text"})}
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's legacy completions cap
+
+
+@dataclass
+class Request:
+    """What a completion or chat body asks for besides its prompt. `params` has one entry per
+    choice (n of them). logprobs: None, or top alternatives per token (0: the sampled token's only)."""
+    params: list[SamplingParams]
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None
+    echo: bool = False
+
+
+def _logit_bias(body: dict, vocab_size: int | None) -> dict[int, float]:
+    bias = body.get("logit_bias")
+    if bias is None:
+        return {}
+    if not isinstance(bias, dict) or len(bias) > 1024:
+        raise BadRequest("'logit_bias' must be an object of at most 1024 token ids to numbers", "logit_bias")
+    out = {}
+    for k, v in bias.items():
+        try:
+            t = int(k)
+        except ValueError:
+            raise BadRequest(f"'logit_bias' keys must be token ids, got {k!r}", "logit_bias") from None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not -100 <= v <= 100:
+            raise BadRequest(f"'logit_bias' values must be numbers in [-100, 100], got {v!r}", "logit_bias")
+        out[t] = float(v)
+    _token_ids(list(out), "logit_bias", vocab_size)
+    if any(t < 0 for t in out):
+        raise BadRequest("'logit_bias' token ids must be non-negative", "logit_bias")
+    return out
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    if chat:
+        on = _bool(body, "logprobs")
+        k = _num(body, "top_logprobs", None, 0, MAX_LOGPROBS, integer=True)
+        if k is not None and not on:
+            raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return (k or 0) if on else None
+    if isinstance(body.get("logprobs"), bool):
+        raise BadRequest("'logprobs' of a completion is an integer (how many alternatives per token)", "logprobs")
+    return _num(body, "logprobs", None, 0, MAX_COMPLETION_LOGPROBS, integer=True)
 
 
 def parse_sampling(body: dict, n_default_tokens: int = 16, chat: bool = False,
-                   vocab_size: int | None = None) -> tuple[list[SamplingParams], bool, bool]:
+                   vocab_size: int | None = None) -> Request:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     for name, allowed in UNSUPPORTED.items():
         if name in body and body[name] not in allowed:
-            raise BadRequest(f"'{name}' is not supported by this server", name)
+            what = "only {'type': 'text'} is supported" if name == "response_format" else "not supported"
+            raise BadRequest(f"'{name}' is {what} by this server", name)
     name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(name)
     if max_tokens is None:
@@ -99,7 +145,7 @@ def parse_sampling(body: dict, n_default_tokens: int = 16, chat: bool = False,
         raise BadRequest(f"'{name}' must be an integer", name)
     if max_tokens <= 0:
         raise BadRequest(f"'{name}' must be > 0, got {max_tokens}", name)
-    n = _num(body, "n", 1, 1, 16, integer=True)
+    n = _num(body, "n", 1, 1, MAX_N, integer=True)
     temperature = _num(body, "temperature", 1.0, 0, 100)
     top_p = _num(body, "top_p", 1.0)
     if not 0 < top_p <= 1:
@@ -128,12 +174,21 @@ def parse_sampling(body: dict, n_default_tokens: int = 16, chat: bool = False,
     if not isinstance(opts, dict):
         raise BadRequest("'stream_options' must be an object", "stream_options")
     include_usage = _bool(opts, "include_usage")
-    params = [SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_k=top_k, top_p=float(top_p),
-                             seed=None if seed is None else seed + i, stop=stop, stop_token_ids=stop_ids,
-                             ignore_eos=ignore_eos, min_tokens=min_tokens) for i in range(n)]
-    if stream and n > 1:
-        raise BadRequest("'stream' with 'n' > 1 is not supported", "n")
-    return params, stream, include_usage
+    pen = {k: float(_num(body, k, 0.0, -2, 2)) for k in ("presence_penalty", "frequency_penalty")}
+    repetition = float(_num(body, "repetition_penalty", 1.0))
+    if repetition <= 0:
+        raise BadRequest(f"'repetition_penalty' must be > 0, got {repetition}", "repetition_penalty")
+    min_p = float(_num(body, "min_p", 0.0, 0, 1))
+    logprobs = _logprobs(body, chat)
+    echo = False if chat else _bool(body, "echo")
+    if echo and logprobs is not None:
+        raise BadRequest("'echo' with 'logprobs' (prompt logprobs) is not supported; ask for one or the other",
+                         "echo")
+    sp = SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_k=top_k, top_p=float(top_p),
+                        seed=seed, stop=stop, stop_token_ids=stop_ids, ignore_eos=ignore_eos, min_tokens=min_tokens,
+                        repetition_penalty=repetition, min_p=min_p, logit_bias=_logit_bias(body, vocab_size),
+                        logprobs=logprobs, n=n, **pen)
+    return Request(sp.choices(), stream, include_usage, logprobs, echo)
 
 
 def _too_long(what: str, n: int, unit: str, limit: int, bounds: PromptBounds) -> BadRequest:

@@ -26,10 +26,9 @@ import torch
 
 from ..engine.kv_cache import PagedKVCache
 from ..engine.model_runner import build_metadata
-from ..engine.sampler import sample
+from ..engine.sampler import from_wire, pick, with_logprobs
 from ..models.loader import load_model, parse_dtype, resolve
 from ..parallel.wire import Channel, connect
-from ..sampling_params import SamplingParams
 from .lifecycle import on_deployment_gone, quiet_stop_on_signals, run_deployment_cleanups, watch_parent
 
 
@@ -173,9 +172,9 @@ class StageWorker:
     def _sample(self, msg: dict, h) -> list[int]:
         logits = self.model.compute_logits(h)
         seqs = msg["seqs"]
-        params = [SamplingParams(max_tokens=1, temperature=s["temp"], top_k=s["top_k"], top_p=s["top_p"]) for s in seqs]
-        return sample(logits, params, [s["seed"] for s in seqs], [s["start"] + len(s["ids"]) for s in seqs],
-                      [s["banned"] for s in seqs])
+        params, seen = zip(*(from_wire(s) for s in seqs))
+        return with_logprobs(*pick(logits, list(params), [s["seed"] for s in seqs],
+                                   [s["start"] + len(s["ids"]) for s in seqs], [s["banned"] for s in seqs], list(seen)))
 
     @torch.inference_mode()
     def step(self, msg: dict) -> None:

@@ -1,0 +1,65 @@
+"""vLLM's small routes beside the OpenAI ones: POST /tokenize, POST /detokenize, GET /version and
+GET /v1/models/{id}. Tokenization runs on the server's tokenizer pool, like a prompt's."""
+from __future__ import annotations
+
+from aiohttp import web
+
+from .protocol import BadRequest, check_text, parse_messages
+
+MAX_DETOKENIZE = 1 << 20  # token ids in one /detokenize
+
+
+def model_card(server) -> dict:
+    """One /v1/models entry, with the fields vLLM clients read (root, max_model_len)."""
+    return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "dejavu",
+            "root": server.model_name, "parent": None, "max_model_len": server.llm.engine.max_model_len,
+            "permission": []}
+
+
+def add_routes(server, app: web.Application) -> None:
+    tok = server.llm.tokenizer
+
+    async def model(request):
+        name = request.match_info["model"]
+        if name != server.model_name:
+            return server.not_found_model(name)
+        return web.json_response(model_card(server))
+
+    async def version(request):
+        from .. import __version__
+        return web.json_response({"version": __version__})
+
+    async def tokenize(request):
+        async def run():
+            body = await server._body(request)
+            if "messages" in body:
+                add = body.get("add_generation_prompt", True)
+                if not isinstance(add, bool):
+                    raise BadRequest("'add_generation_prompt' must be a boolean", "add_generation_prompt")
+                msgs = parse_messages(body, server.bounds)
+                ids = await server._offload(server._template, msgs)
+            else:
+                prompt = body.get("prompt")
+                if not isinstance(prompt, str):
+                    raise BadRequest("'prompt' (a string) or 'messages' is required", "prompt")
+                ids = await server._offload(server._encode, check_text(prompt, "prompt"))
+            out = {"count": len(ids), "max_model_len": server.bounds.max_model_len, "tokens": ids}
+            if body.get("return_token_strs"):
+                out["token_strs"] = [tok.decode([t]) for t in ids]
+            return web.json_response(out)
+        return await server.guarded(run)
+
+    async def detokenize(request):
+        async def run():
+            body = await server._body(request)
+            ids = body.get("tokens")
+            if (not isinstance(ids, list) or len(ids) > MAX_DETOKENIZE
+                    or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
+                raise BadRequest("'tokens' must be a list of token ids", "tokens")
+            if any(t < 0 or t >= server.bounds.vocab_size for t in ids):
+                raise BadRequest(f"'tokens' token ids must be in [0, {server.bounds.vocab_size})", "tokens")
+            return web.json_response({"prompt": await server._offload(tok.decode, ids)})
+        return await server.guarded(run)
+
+    app.add_routes([web.get("/v1/models/{model}", model), web.get("/version", version),
+                    web.post("/tokenize", tokenize), web.post("/detokenize", detokenize)])
