@@ -148,7 +148,7 @@ def test_replicator_thread_survives_a_failing_item():
     cache = PagedKVCache(2, 8, 4, 2, 8, torch.float32, torch.device("cpu"))
     token, acks = new_cluster_token(), []
     worker = SimpleNamespace(cache=cache, device=cache.device,
-                             cfg={"timeout": 10.0, "kv_token": token}, rank=0, ch=SimpleNamespace(send=acks.append))
+                             cfg=SimpleNamespace(timeout=10.0, kv_token=token), rank=0, ch=SimpleNamespace(send=acks.append))
     srv = ReplicaServer(token)
     try:
         rep = Replicator(worker, "w0")
@@ -160,7 +160,7 @@ def test_replicator_thread_survives_a_failing_item():
         t.start()
         t.join(30)
         assert not t.is_alive(), "drain() hung: the sending thread died"
-        assert [m["id"] for m in acks if m["t"] == "replicated"] == [1]
+        assert [m.id for m in acks if m.t == "replicated"] == [1]
         assert torch.equal(srv.mirrors["w0"].data[:, 0, :, :2], cache.tensor[:, 0, :, :2])
     finally:
         srv.stop()

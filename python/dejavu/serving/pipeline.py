@@ -10,6 +10,7 @@ for its running ones) is sent to every worker as soon as its previous step's tok
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -31,7 +32,9 @@ from ..engine.sequence import Sequence, Status
 from ..kvstream.routing import split_layers
 from ..models.loader import ModelSource
 from ..parallel import launch
-from ..parallel.auth import Acceptor, cluster_prefix, message_problem
+from ..cluster.messages import (Config, MessageError, Pipes, ReplicateConfig, Replication, Rereplicate, Reset, Restore,
+                                RestoreSeq, Shutdown, Step, StepSeq, SwapConfig)
+from ..parallel.auth import Acceptor, cluster_prefix
 
 log = logging.getLogger("dejavu.pipeline")
 
@@ -62,6 +65,22 @@ class _Failure(Exception):
 
 class _Stopped(Exception):
     """Internal: the deployment is being stopped (begin_stop); every request ends now."""
+
+
+@dataclasses.dataclass
+class Dead:
+    """Internal (never on the wire): a worker's control connection broke."""
+    rank: int
+    msg: str
+    t: str = "dead"
+
+
+@dataclasses.dataclass
+class Joined:
+    """Internal (never on the wire): a worker connected after start-up (a replacement or a standby)."""
+    ch: object
+    hello: object
+    t: str = "joined"
 
 
 RECOVERY = ("auto", "respawn", "standby", "wait", "off")
@@ -161,7 +180,7 @@ class PipelineEngine(LLMEngine):
     def _swap_config(self, rc: dict) -> dict:
         """A KV-holding worker's config, with its device cache and host copy sizes when swapping."""
         if self.swap:
-            rc.update(num_blocks=self.device_blocks, swap={"resident": self.swap, "host_blocks": self.host_blocks})
+            rc.update(num_blocks=self.device_blocks, swap=SwapConfig(resident=self.swap, host_blocks=self.host_blocks))
         return rc
 
     def _setup_fault_tolerance(self, launcher, replicate, replicate_dir, replicate_to, recovery, hb_interval,
@@ -252,21 +271,21 @@ class PipelineEngine(LLMEngine):
                     raise WorkerError(f"only {len(self.channels)} of {self.world} workers connected within "
                                       f"{self.timeout}s") from None
                 continue
-            rank = hello.get("rank")
-            if hello.get("standby") or rank in self.channels:  # refused; the deployment goes on starting
+            rank = hello.rank
+            if hello.standby or rank in self.channels:  # refused; the deployment goes on starting
                 log.warning("refused a worker announcing %s while starting: expected a new rank in [0, %d)",
-                            "standby" if hello.get("standby") else f"rank {rank}", self.world)
+                            "standby" if hello.standby else f"rank {rank}", self.world)
                 ch.close()
                 continue
             self.channels[rank] = ch
             rc = self._rank_config(rank)
-            self.worker_info[rank] = {"pid": hello.get("pid"), "host": hello.get("host"), "role": rc["role"],
+            self.worker_info[rank] = {"pid": hello.pid, "host": hello.host, "role": rc["role"],
                                       "stage": (rank - rc["first_rank"]) // self.tp, "tp_rank": rank % self.tp,
                                       "worker": rc["worker_name"],
                                       "layers": rc["layers"][(rank - rc["first_rank"]) // self.tp]}
         backend = "nccl" if device.type == "cuda" and torch.cuda.device_count() >= self.world else "gloo"
         master = f"127.0.0.1:{launch.free_port()}"
-        self._config = {"t": "config", "model": spec, "dtype": str(dtype).replace("torch.", ""), "device": device.type,
+        self._config = {"model": spec, "dtype": str(dtype).replace("torch.", ""), "device": device.type,
                         "seed": seed, "tp": self.tp, "block_size": self.block_size, "master": master,
                         "world": self.world, "backend": backend, "timeout": self.timeout,
                         "tp_groups": self._tp_groups(), "kv_token": self.token, "pipes": self.ft,
@@ -278,8 +297,8 @@ class PipelineEngine(LLMEngine):
         ready = set()
         while len(ready) < self.world:
             msg = self._next_message(deadline, "starting")
-            if msg["t"] == "ready":
-                ready.add(msg["rank"])
+            if msg.t == "ready":
+                ready.add(msg.rank)
                 self._on_ready(msg)
         self._started = True
         if self.ft:
@@ -291,32 +310,30 @@ class PipelineEngine(LLMEngine):
         log.info("%d workers ready (TP %d): %s", self.world, self.tp,
                  ", ".join(f"{i['worker']} layers {i['layers']}" for _, i in sorted(self.worker_info.items())))
 
-    def _config_for(self, rank: int) -> dict:
+    def _config_for(self, rank: int, epoch: int = 0) -> Config:
         rc = self._rank_config(rank)
-        msg = {**self._config, "rank": rank, **rc}
+        rep = None
         if self.replicate and rc["role"] != "prompt":
-            msg["replicate"] = {"dir": self.replicate_dir, "prefix": cluster_prefix(self.token)}
-        return msg
+            rep = ReplicateConfig(dir=self.replicate_dir, prefix=cluster_prefix(self.token))
+        return Config(**self._config, rank=rank, **rc, replicate=rep, epoch=epoch)
 
-    def _on_ready(self, msg: dict) -> None:
-        info = self.worker_info[msg["rank"]]
+    def _on_ready(self, msg) -> None:
+        info = self.worker_info[msg.rank]
         for k in ("kv_port", "pipe_port", "replica_port", "load_s"):
-            if k in msg:
-                info[k] = msg[k]
-        if "ipc" in msg:
-            self._ipc[msg["rank"]] = msg["ipc"]
+            if getattr(msg, k) is not None:
+                info[k] = getattr(msg, k)
+        if msg.ipc is not None:
+            self._ipc[msg.rank] = msg.ipc
 
-    def _pipes_msg(self, rank: int) -> dict:
+    def _pipes_msg(self, rank: int) -> Pipes:
         """Rank's neighbours in its pipeline (and its replica holder) for the current epoch."""
         rc = self._rank_config(rank)
         stage = (rank - rc["first_rank"]) // self.tp
         nxt = rank + self.tp if stage < rc["pp"] - 1 else None
-        msg = {"t": "pipes", "epoch": self._epoch, "prev": rank - self.tp if stage > 0 else None,
-               "next": ["127.0.0.1", self.worker_info[nxt]["pipe_port"], nxt] if nxt is not None else None}
         holder = self._holder_rank(rank)
-        if holder is not None:
-            msg["holder"] = ["127.0.0.1", self.worker_info[holder]["replica_port"]]
-        return msg
+        return Pipes(epoch=self._epoch, prev=rank - self.tp if stage > 0 else None,
+                     next=["127.0.0.1", self.worker_info[nxt]["pipe_port"], nxt] if nxt is not None else None,
+                     holder=["127.0.0.1", self.worker_info[holder]["replica_port"]] if holder is not None else None)
 
     def _after_ready(self) -> None:
         """Hook for deployments that must introduce workers to each other once all are up."""
@@ -329,22 +346,21 @@ class PipelineEngine(LLMEngine):
     def _reader(self, rank, ch, gen) -> None:
         try:
             while True:
-                msg = ch.recv(None)
-                self._last_seen[rank] = time.monotonic()
-                if msg["t"] == "hb":
-                    continue
-                problem = message_problem(msg)
-                if problem is not None:  # refused: the worker is cut off (and replaced) like a dead one
-                    log.warning("worker %d sent a malformed message (%s): closing its connection", rank, problem)
+                try:
+                    msg = ch.recv(None)
+                except MessageError as e:  # refused: the worker is cut off (and replaced) like a dead one
+                    log.warning("worker %d sent a malformed message (%s): closing its connection", rank, e)
                     ch.close()
-                    raise ConnectionError(f"malformed message: {problem}")
-                if "rank" in msg:
-                    msg["rank"] = rank  # a worker speaks for its own rank only
-                msg["_rank"], msg["_gen"] = rank, gen
-                self._inbox.put(msg)
+                    raise ConnectionError(f"malformed message: {e}") from None
+                self._last_seen[rank] = time.monotonic()
+                if msg.t == "hb":
+                    continue
+                if hasattr(msg, "rank"):
+                    msg.rank = rank  # a worker speaks for its own rank only
+                self._inbox.put((rank, gen, msg))
         except (ConnectionError, OSError) as e:
             if not self._closed:
-                self._inbox.put({"t": "dead", "rank": rank, "msg": str(e), "_rank": rank, "_gen": gen})
+                self._inbox.put((rank, gen, Dead(rank=rank, msg=str(e))))
 
     def _acceptor(self) -> None:
         """After start-up: replacement workers and standbys connect at any time."""
@@ -353,7 +369,7 @@ class PipelineEngine(LLMEngine):
                 ch, hello = self._accept.get(1.0)
             except TimeoutError:
                 continue
-            self._inbox.put({"t": "joined", "ch": ch, "hello": hello})
+            self._inbox.put((None, None, Joined(ch=ch, hello=hello)))
 
     def _next_message(self, deadline: float, doing: str) -> dict:
         while True:
@@ -372,32 +388,33 @@ class PipelineEngine(LLMEngine):
             if msg is not None:
                 return msg
 
-    def _classify(self, msg: dict, doing: str) -> dict | None:
+    def _classify(self, item: tuple, doing: str):
         """Handles bookkeeping messages and failures; returns those the caller must see."""
-        if "_rank" in msg and msg["_gen"] != self._gen.get(msg["_rank"]):
+        rank, gen, msg = item
+        if rank is not None and gen != self._gen.get(rank):
             return None  # from a worker already replaced
-        t = msg["t"]
+        t = msg.t
         if t == "error":
-            raise WorkerError(f"worker {msg['rank']} failed: {msg['msg']}")
+            raise WorkerError(f"worker {msg.rank} failed: {msg.msg}")
         if t == "dead":
             if self._stopping:
                 raise _Stopped()
             if self.ft and self._started:
-                raise _Failure({msg["rank"]}, f"worker {msg['rank']} disconnected: {msg['msg']}")
-            raise WorkerError(f"worker {msg['rank']} disconnected while {doing}: {msg['msg']}")
+                raise _Failure({msg.rank}, f"worker {msg.rank} disconnected: {msg.msg}")
+            raise WorkerError(f"worker {msg.rank} disconnected while {doing}: {msg.msg}")
         if t == "step_failed":
-            if msg["id"] > self._epoch_step:  # a live link broke: reset and replay, even if no one died
-                raise _Failure(set(), f"worker {msg['rank']} lost step {msg['id']}: {msg['msg']}")
+            if msg.id > self._epoch_step:  # a live link broke: reset and replay, even if no one died
+                raise _Failure(set(), f"worker {msg.rank} lost step {msg.id}: {msg.msg}")
             return None
         if t == "replicated":
             self._on_replicated(msg)
             return None
         if t == "swapstats":
-            self.swap_stats[msg["rank"]] = msg
+            self.swap_stats[msg.rank] = dataclasses.asdict(msg)
             return None
         if t == "rereplicated":
-            if msg.get("error"):
-                log.warning("worker %d could not re-seed its replica holder: %s", msg["rank"], msg["error"])
+            if msg.error:
+                log.warning("worker %d could not re-seed its replica holder: %s", msg.rank, msg.error)
             return None
         if t == "joined":
             return msg if self._on_joined(msg) else None
@@ -523,34 +540,34 @@ class PipelineEngine(LLMEngine):
                 raise RuntimeError("scheduler stalled: waiting requests but nothing can run")
             return []
         msg = self._next_message(time.monotonic() + self.timeout, "running a step")
-        return self._on_tokens(msg) if msg["t"] == "tokens" else []
+        return self._on_tokens(msg) if msg.t == "tokens" else []
 
-    def _on_tokens(self, msg: dict) -> list[Sequence]:
+    def _on_tokens(self, msg) -> list[Sequence]:
         """A microbatch's sampled tokens came back: append them to the sequences still live."""
-        i = msg["mb"]
+        i = msg.mb
         if not 0 <= i < len(self.inflight):  # refused without effect
-            log.warning("worker %d answered for microbatch %d, which does not exist", msg["_rank"], i)
+            log.warning("a worker answered for microbatch %d, which does not exist", i)
             return []
-        if (self.inflight[i] is None or self.inflight[i][0] != msg["id"]) and self._stale(msg["id"]):
+        if (self.inflight[i] is None or self.inflight[i][0] != msg.id) and self._stale(msg.id):
             return []  # a step from before a recovery: replayed already
         step_id, seqs, _ = self.inflight[i]
-        if msg["id"] != step_id:
-            raise WorkerError(f"microbatch {i}: expected step {step_id}, got {msg['id']}")
+        if msg.id != step_id:
+            raise WorkerError(f"microbatch {i}: expected step {step_id}, got {msg.id}")
         self.inflight[i] = None
-        if "step_s" in msg:  # the sampling stage's previous decode step (worker.py)
-            self.decode_steps.append(float(msg["step_s"]))
+        if msg.step_s is not None:  # the sampling stage's previous decode step (worker.py)
+            self.decode_steps.append(msg.step_s)
             self.decode_step_totals[0] += 1
-            self.decode_step_totals[1] += float(msg["step_s"])
+            self.decode_step_totals[1] += msg.step_s
         live = {id(s) for s in self._returned(seqs)}
-        self._append_tokens([s for s in seqs if id(s) in live], [t for s, t in zip(seqs, msg["tokens"]) if id(s) in live])
+        self._append_tokens([s for s in seqs if id(s) in live], [t for s, t in zip(seqs, msg.tokens) if id(s) in live])
         return seqs
 
-    def _step_item(self, s: Sequence, start: int, blocks: list[int]) -> dict:
+    def _step_item(self, s: Sequence, start: int, blocks: list[int], **extra) -> StepSeq:
         """One sequence's part of a step message: its new tokens from `start`, where their KV goes,
         and what the last stage needs to sample its next token."""
         p = s.params
-        return {"ids": s.token_ids[start:], "start": start, "blocks": blocks, "temp": p.temperature, "top_k": p.top_k,
-                "top_p": p.top_p, "seed": s.seed, "banned": self._banned(s)}
+        return StepSeq(ids=s.token_ids[start:], start=start, blocks=blocks, temp=p.temperature, top_k=p.top_k,
+                       top_p=p.top_p, seed=s.seed, banned=self._banned(s), **extra)
 
     def _launch(self, slot: int, seqs: list[Sequence], is_prefill: bool) -> None:
         self._step_id += 1
@@ -563,13 +580,13 @@ class PipelineEngine(LLMEngine):
             self.slot_of[s.seq_id] = slot
             self._busy.add(s.seq_id)
         self._expect_replication(self._step_id, self._step_ranks(), [(s, len(s)) for s in seqs])
-        msg = {"t": "step", "mb": slot, "id": self._step_id, "prefill": is_prefill, "seqs": items}
-        if self.swap:  # every block the microbatch holds now: workers keep exactly these resident
-            msg["live"] = [b for s in self.slots[slot].running for b in s.block_table]
+        # with swapping, every block the microbatch holds now: workers keep exactly these resident
+        live = [b for s in self.slots[slot].running for b in s.block_table] if self.swap else None
+        msg = Step(mb=slot, id=self._step_id, prefill=is_prefill, seqs=items, live=live)
         self.inflight[slot] = (self._step_id, seqs, time.monotonic())  # before sending: a failed send loses it
         self._send_to(self._step_ranks(), msg)
 
-    def _send_to(self, ranks, msg: dict) -> None:
+    def _send_to(self, ranks, msg) -> None:
         """A message on the serving path: a worker whose channel is gone has died (kill -9 before
         its death was noticed), which is a failure to recover from, not the controller's error."""
         for r in ranks:
@@ -594,7 +611,7 @@ class PipelineEngine(LLMEngine):
             raise RuntimeError("replication can only be paused or resumed while no request runs")
         for r in range(self.world):
             if self._holder_rank(r) is not None:
-                self.channels[r].send({"t": "replication", "on": bool(on), "every": every})
+                self.channels[r].send(Replication(on=bool(on), every=every))
         self.replication_paused = not on
 
     def _stale(self, step_id: int) -> bool:
@@ -613,36 +630,36 @@ class PipelineEngine(LLMEngine):
         w, pre = self.watermark.get(s.seq_id, (0, s.preemptions))
         return min(w, len(s) - 1) if pre == s.preemptions else 0
 
-    def _on_replicated(self, msg: dict) -> None:
+    def _on_replicated(self, msg) -> None:
         """A worker's holder applied step `id`: once every stage has, the step's tokens count."""
-        self.rep_bytes[msg["rank"]] = msg.get("bytes", 0)
-        st = self._rep_pending.get(msg["id"])
+        self.rep_bytes[msg.rank] = msg.bytes
+        st = self._rep_pending.get(msg.id)
         if st is None:
             return
-        st["ranks"].discard(msg["rank"])
+        st["ranks"].discard(msg.rank)
         if st["ranks"]:
             return
-        del self._rep_pending[msg["id"]]
+        del self._rep_pending[msg.id]
         for s, n, pre in st["seqs"]:
             if not s.finished and s.preemptions == pre:
                 w, _ = self.watermark.get(s.seq_id, (0, pre))
                 self.watermark[s.seq_id] = (max(w, n), pre)
 
-    def _on_joined(self, msg: dict) -> bool:
+    def _on_joined(self, msg: Joined) -> bool:
         """A connection after start-up: a standby joins the pool; a replacement for a rank we wait
         for is taken (returned to the recovery loop); anything else is turned away."""
-        ch, hello = msg["ch"], msg["hello"]
-        if hello.get("standby"):
+        ch, hello = msg.ch, msg.hello
+        if hello.standby:
             self._standbys.append((ch, hello))
-            log.info("standby worker registered (pid %s on %s)", hello.get("pid"), hello.get("host"))
+            log.info("standby worker registered (pid %s on %s)", hello.pid, hello.host)
             return bool(self._needed)
-        if int(hello.get("rank", -1)) in self._needed and int(hello["rank"]) not in self.channels:
+        if hello.rank in self._needed and hello.rank not in self.channels:
             return True
         try:
-            ch.send({"t": "shutdown"})
+            ch.send(Shutdown())
         finally:
             ch.close()
-        log.warning("turned away a worker announcing rank %s: no such rank is being replaced", hello.get("rank"))
+        log.warning("turned away a worker announcing rank %s: no such rank is being replaced", hello.rank)
         return False
 
     def _token_side(self) -> list[Sequence]:
@@ -738,12 +755,12 @@ class PipelineEngine(LLMEngine):
             self.procs.append(p)
 
     def _assign(self, rank: int, ch, hello: dict) -> None:
-        spare = self._spare_procs.pop(hello.get("pid"), None)
+        spare = self._spare_procs.pop(hello.pid, None)
         if spare is not None:
             self._proc_of[rank] = spare  # its exit is noticed like a worker's
         self.channels[rank] = ch
-        self.worker_info[rank].update(pid=hello.get("pid"), host=hello.get("host"))
-        ch.send({**self._config_for(rank), "epoch": self._epoch})
+        self.worker_info[rank].update(pid=hello.pid, host=hello.host)
+        ch.send(self._config_for(rank, epoch=self._epoch))
         self._start_reader(rank, ch)
 
     def _recover(self, dead: set[int], reason: str) -> None:
@@ -764,7 +781,7 @@ class PipelineEngine(LLMEngine):
             self._replace(r)
         for r in sorted(set(self.channels) - dead):
             try:
-                self.channels[r].send({"t": "reset", "epoch": self._epoch, "drop_keys": drop})
+                self.channels[r].send(Reset(epoch=self._epoch, drop_keys=drop))
                 resetting.add(r)
             except OSError:
                 dead.add(r)
@@ -781,23 +798,23 @@ class PipelineEngine(LLMEngine):
                     self._replace(r)
                 event["reason"] += f"; {f.reason}"
                 continue
-            t = msg["t"]
-            if t == "reset_done" and msg["epoch"] == self._epoch:
-                resetting.discard(msg["rank"])
+            t = msg.t
+            if t == "reset_done" and msg.epoch == self._epoch:
+                resetting.discard(msg.rank)
             elif t == "joined":
-                ch, hello = msg["ch"], msg["hello"]
-                if hello.get("standby"):
+                ch, hello = msg.ch, msg.hello
+                if hello.standby:
                     self._standbys.remove((ch, hello))
                     # not a rank whose own replacement process is starting (it takes that one)
                     waiting = sorted(r for r in self._needed if r not in self.channels and r not in self._proc_of)
                     if waiting:
                         self._assign(waiting[0], ch, hello)
                 else:
-                    self._assign(int(hello["rank"]), ch, hello)
-            elif t == "ready" and msg["rank"] in self._needed:
-                self._needed.discard(msg["rank"])
+                    self._assign(hello.rank, ch, hello)
+            elif t == "ready" and msg.rank in self._needed:
+                self._needed.discard(msg.rank)
                 self._on_ready(msg)
-                event["weights_s"] = max(event.get("weights_s", 0.0), msg.get("load_s", 0.0))
+                event["weights_s"] = max(event.get("weights_s", 0.0), msg.load_s)
         event["respawn_s"] = time.monotonic() - t0
         event["ranks"] = sorted(dead)  # including those found dead while recovering
         event["workers"] = [self.worker_info[r]["worker"] for r in sorted(dead)]
@@ -860,25 +877,25 @@ class PipelineEngine(LLMEngine):
             if holder in dead and not self.replicate_dir:
                 bad.update(s.seq_id for s in seqs)  # the replica died with its holder
                 continue
-            self.channels[r].send({"t": "restore", "holder": ["127.0.0.1", self.worker_info[holder]["replica_port"]],
-                                   "blocks": blocks,
-                                   "seqs": [[s.seq_id, s.block_table, self._watermark_of(s)] for s in seqs]})
+            self.channels[r].send(Restore(holder=["127.0.0.1", self.worker_info[holder]["replica_port"]], blocks=blocks,
+                                          seqs=[RestoreSeq(seq_id=s.seq_id, blocks=s.block_table,
+                                                           watermark=self._watermark_of(s)) for s in seqs]))
             waiting[("restored", r)] = True
         for r in range(self.world):
             if r not in dead and self._holder_rank(r) in dead:
                 # Not waited for: until the new holder is re-seeded its empty slots fail their checksums,
                 # so a second failure meanwhile recomputes those requests instead of using a bad replica.
-                self.channels[r].send({"t": "rereplicate", "id": self._epoch, "blocks": blocks})
+                self.channels[r].send(Rereplicate(id=self._epoch, blocks=blocks))
         deadline = time.monotonic() + self.timeout
         while waiting:
             msg = self._next_message(deadline, "restoring KV from replicas")
-            key = (msg["t"], msg.get("rank"))
+            key = (msg.t, getattr(msg, "rank", None))
             if key not in waiting:
                 continue
             del waiting[key]
-            bad.update(msg["bad"])
-            if msg.get("error"):
-                log.warning("worker %d could not fetch its replica: %s", msg["rank"], msg["error"])
+            bad.update(msg.bad)
+            if msg.error:
+                log.warning("worker %d could not fetch its replica: %s", msg.rank, msg.error)
         return bad
 
     # ------------------------------------------------------------------ shutdown
@@ -892,8 +909,8 @@ class PipelineEngine(LLMEngine):
                 msg = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if msg.get("t") == "joined":
-                standbys.append((msg["ch"], msg["hello"]))
+            if msg[2].t == "joined":
+                standbys.append((msg[2].ch, msg[2].hello))
         while True:  # and those accepted that nothing took yet
             try:
                 standbys.append(self._accept.joined.get_nowait())
@@ -901,14 +918,14 @@ class PipelineEngine(LLMEngine):
                 break
         for ch, _ in standbys:
             try:
-                ch.send({"t": "shutdown"})
+                ch.send(Shutdown())
             except OSError:
                 pass
         for p in getattr(self, "_spare_procs", {}).values():
             launch._signal(p, signal.SIGKILL)  # a spare not given a rank has nothing to lose
         for ch in getattr(self, "channels", {}).values():
             try:
-                ch.send({"t": "shutdown"})
+                ch.send(Shutdown())
             except OSError:
                 pass
         launch.stop(self.procs, timeout=10.0)
