@@ -259,15 +259,15 @@ def test_replication_pauses_between_requests_only(reference):
         eng.set_replication(False)
         assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == reference
         eng.idle_check()
-        assert eng.fault_tolerance()["replicated_bytes"] == 0 and not eng._rep_pending
+        assert eng.fault_tolerance()["replicated_bytes"] == 0 and not eng.replication.pending
         eng.set_replication(True, every=3)  # batched: every step is still acknowledged
         assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == reference
         for _ in range(50):
             eng.idle_check()
-            if not eng._rep_pending:
+            if not eng.replication.pending:
                 break
             time.sleep(0.05)
-        assert not eng._rep_pending and eng.fault_tolerance()["replicated_bytes"] > 0
+        assert not eng.replication.pending and eng.fault_tolerance()["replicated_bytes"] > 0
         with pytest.raises(ValueError, match="every must be"):
             eng.set_replication(True, every=0)
         eng.set_replication(True)
@@ -397,9 +397,9 @@ def _token_kill_ready(at_kill: dict):
         if eng.waiting or any(eng.prompt_inflight) or eng.admitting or eng.token_waiting or eng.ready:
             return False  # a request not yet on the token side
         live = eng._token_side()
-        if not all(eng._watermark_of(s) >= s.num_prompt_tokens for s in live):
+        if not all(eng.replication.watermark_of(s) >= s.num_prompt_tokens for s in live):
             return False
-        at_kill["bound"] = sum(len(s) - eng._watermark_of(s) for s in live)
+        at_kill["bound"] = sum(len(s) - eng.replication.watermark_of(s) for s in live)
         at_kill["from_prompt"] = sum(len(s) - 1 for s in live)
         return True
     return ready

@@ -151,7 +151,7 @@ def test_orphaned_segments_are_removed_and_retired_prefixes_refuse_new_ones():
 def _kill_replacements(eng, rank, n, killed, stop):
     """Kill the next n replacement processes started for `rank` while a recovery waits for them."""
     while len(killed) < n and not stop.is_set():
-        p = eng._proc_of.get(rank)
+        p = eng.launcher.proc_of.get(rank)
         if rank in eng._needed and p is not None and p.pid not in killed:
             os.kill(p.pid, signal.SIGKILL)
             killed.append(p.pid)

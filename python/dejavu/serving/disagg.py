@@ -133,7 +133,7 @@ class DisaggEngine(PipelineEngine):
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.seq_id in self.slot_of:
             return super()._finish(seq, reason)
-        self.watermark.pop(seq.seq_id, None)
+        self.replication.watermark.pop(seq.seq_id, None)
         # Between prefill and a token microbatch: its token-side blocks are held here.
         if seq in self.waiting:
             self.waiting.remove(seq)
@@ -266,7 +266,7 @@ class DisaggEngine(PipelineEngine):
             self._step_id += 1
             admit = Admit(id=self._step_id, delivered=sorted(st.get("delivered", ())),
                           seqs=[AdmitSeq(key=k, blocks=s.block_table, ntok=len(s) - 1) for s, k in live])
-            self._expect_replication(self._step_id, range(self.token_first, self.world),
+            self.replication.expect(self._step_id, range(self.token_first, self.world),
                                      [(s, len(s) - 1) for s, _ in live])
             self.admitting[self._step_id] = {"seqs": [s for s, _ in live],
                                              "pending": set(range(self.token_first, self.world))}
