@@ -205,7 +205,7 @@ class Recovery:
                     ", ".join(event["workers"]), event["total_s"], event["respawn_s"], event["kv_fetch_s"], recomputed)
 
     def recover_from(self, f: Failure) -> None:
-        """_recover; a failure in its last phases (a replacement dying while its KV is restored)
+        """recover; a failure in its last phases (a replacement dying while its KV is restored)
         starts the next recovery, up to REPLACE_ATTEMPTS in a row."""
         for _ in range(REPLACE_ATTEMPTS):
             try:
