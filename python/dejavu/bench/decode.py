@@ -203,7 +203,7 @@ class _ReplicationStream:
         if self.server is not None:
             data = self.server.mirrors["bench"].data[:, blocks]
         else:
-            client = ReplicaClient("127.0.0.1", self.port, self.cfg["kv_token"])
+            client = ReplicaClient("127.0.0.1", self.port, self.cfg.kv_token)
             try:
                 raw, _ = client.get_blocks("bench", blocks)
             finally:
