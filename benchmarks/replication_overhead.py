@@ -35,7 +35,7 @@ def one(args, replicate: bool) -> dict:
         t = time.perf_counter()
         llm.generate(prompts, SamplingParams(max_tokens=args.max_tokens, ignore_eos=True))
         dt = time.perf_counter() - t
-        pending = len(getattr(llm.engine, "_rep_pending", {}))  # steps whose replication was not acknowledged yet
+        pending = len(llm.engine.replication.pending)  # steps whose replication was not acknowledged yet
     finally:
         llm.shutdown()
     return {"replicate": replicate, "tok_s": args.requests * args.max_tokens / dt, "unacknowledged_steps": pending}
@@ -59,7 +59,7 @@ def same_deployment(args) -> list[dict]:
                 steps = list(llm.engine.decode_steps)
                 rows.append({"replicate": rep, "tok_s": args.requests * args.max_tokens / dt,
                              "step_ms": 1e3 * statistics.median(steps), "steps": steps,
-                             "unacknowledged_steps": len(llm.engine._rep_pending)})
+                             "unacknowledged_steps": len(llm.engine.replication.pending)})
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "steps"}), flush=True)
     finally:
         llm.shutdown()

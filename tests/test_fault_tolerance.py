@@ -148,7 +148,7 @@ def test_replicator_thread_survives_a_failing_item():
     cache = PagedKVCache(2, 8, 4, 2, 8, torch.float32, torch.device("cpu"))
     token, acks = new_cluster_token(), []
     worker = SimpleNamespace(cache=cache, device=cache.device,
-                             cfg={"timeout": 10.0, "kv_token": token}, rank=0, ch=SimpleNamespace(send=acks.append))
+                             cfg=SimpleNamespace(timeout=10.0, kv_token=token), rank=0, ch=SimpleNamespace(send=acks.append))
     srv = ReplicaServer(token)
     try:
         rep = Replicator(worker, "w0")
@@ -160,7 +160,7 @@ def test_replicator_thread_survives_a_failing_item():
         t.start()
         t.join(30)
         assert not t.is_alive(), "drain() hung: the sending thread died"
-        assert [m["id"] for m in acks if m["t"] == "replicated"] == [1]
+        assert [m.id for m in acks if m.t == "replicated"] == [1]
         assert torch.equal(srv.mirrors["w0"].data[:, 0, :, :2], cache.tensor[:, 0, :, :2])
     finally:
         srv.stop()
@@ -259,15 +259,15 @@ def test_replication_pauses_between_requests_only(reference):
         eng.set_replication(False)
         assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == reference
         eng.idle_check()
-        assert eng.fault_tolerance()["replicated_bytes"] == 0 and not eng._rep_pending
+        assert eng.fault_tolerance()["replicated_bytes"] == 0 and not eng.replication.pending
         eng.set_replication(True, every=3)  # batched: every step is still acknowledged
         assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == reference
         for _ in range(50):
             eng.idle_check()
-            if not eng._rep_pending:
+            if not eng.replication.pending:
                 break
             time.sleep(0.05)
-        assert not eng._rep_pending and eng.fault_tolerance()["replicated_bytes"] > 0
+        assert not eng.replication.pending and eng.fault_tolerance()["replicated_bytes"] > 0
         with pytest.raises(ValueError, match="every must be"):
             eng.set_replication(True, every=0)
         eng.set_replication(True)
@@ -397,9 +397,9 @@ def _token_kill_ready(at_kill: dict):
         if eng.waiting or any(eng.prompt_inflight) or eng.admitting or eng.token_waiting or eng.ready:
             return False  # a request not yet on the token side
         live = eng._token_side()
-        if not all(eng._watermark_of(s) >= s.num_prompt_tokens for s in live):
+        if not all(eng.replication.watermark_of(s) >= s.num_prompt_tokens for s in live):
             return False
-        at_kill["bound"] = sum(len(s) - eng._watermark_of(s) for s in live)
+        at_kill["bound"] = sum(len(s) - eng.replication.watermark_of(s) for s in live)
         at_kill["from_prompt"] = sum(len(s) - 1 for s in live)
         return True
     return ready

@@ -174,7 +174,7 @@ def test_silent_client_does_not_block_others_and_is_dropped():
         ch = connect("127.0.0.1", port, token, {"rank": 1, "pid": 1, "host": "h"}, timeout=5)
         assert time.monotonic() - t0 < 0.5
         got, hello = acc.get(2.0)
-        assert hello["rank"] == 1
+        assert hello.rank == 1
         for s in silent + [dripping]:
             assert _closed_within(s, 3.0), "a silent connection outlived the auth deadline"
         deadline = time.monotonic() + 2  # counted just after the close the client saw
@@ -266,7 +266,7 @@ def test_worker_channel_garbage_from_many_threads_at_once():
             t.start()
         ch = connect("127.0.0.1", port, token, {"standby": True}, timeout=5)
         _, hello = acc.get(5.0)
-        assert hello["standby"] is True
+        assert hello.standby is True
         ch.close()
     finally:
         for t in threads:

@@ -19,7 +19,7 @@ import torch
 from conftest import alive, proc_stats
 from dejavu import LLM
 from dejavu.kvstream.shm import SHM_DIR, ShmDest, cleanup_orphans, owner_prefix, retire
-from dejavu.serving import pipeline
+from dejavu.cluster import recovery
 from dejavu.serving.pipeline import WorkerError
 from test_fault_tolerance import MODEL, PARAMS, PROMPTS, reference, run  # noqa: F401 - a fixture
 
@@ -151,7 +151,7 @@ def test_orphaned_segments_are_removed_and_retired_prefixes_refuse_new_ones():
 def _kill_replacements(eng, rank, n, killed, stop):
     """Kill the next n replacement processes started for `rank` while a recovery waits for them."""
     while len(killed) < n and not stop.is_set():
-        p = eng._proc_of.get(rank)
+        p = eng.launcher.proc_of.get(rank)
         if rank in eng._needed and p is not None and p.pid not in killed:
             os.kill(p.pid, signal.SIGKILL)
             killed.append(p.pid)
@@ -184,7 +184,7 @@ def test_replacement_killed_during_recovery_is_retried(reference):  # noqa: F811
 
 
 def test_replacements_exhausted_fail_clearly(monkeypatch):
-    monkeypatch.setattr(pipeline, "REPLACE_ATTEMPTS", 1)
+    monkeypatch.setattr(recovery, "REPLACE_ATTEMPTS", 1)
     llm = LLM(model=MODEL, pp=2, block_size=4, kv_cache_blocks=256, worker_timeout=60, replicate=True)
     eng, stop, repl = llm.engine, threading.Event(), []
     watcher = threading.Thread(target=_kill_replacements, args=(eng, 0, 1, repl, stop))

@@ -15,7 +15,7 @@ from dejavu.serving.replication import Replicator
 
 def _worker(cache, token):
     acks = []
-    return SimpleNamespace(cache=cache, device=cache.device, cfg={"timeout": 10.0, "kv_token": token}, rank=3,
+    return SimpleNamespace(cache=cache, device=cache.device, cfg=SimpleNamespace(timeout=10.0, kv_token=token), rank=3,
                            ch=SimpleNamespace(send=acks.append)), acks
 
 
@@ -49,12 +49,12 @@ def test_slots_blocks_and_holder_changes_arrive_in_order():
         rep.after_step(3, [([7], 3, 4)])
         rep.send_blocks(4, [2, 5])
         _drained(rep)
-        assert [(m["t"], m["id"], m["rank"]) for m in acks] == [
+        assert [(m.t, m.id, m.rank) for m in acks] == [
             ("replicated", 1, 3), ("replicated", 2, 3), ("replicated", 3, 3), ("rereplicated", 4, 3)]
         slot = 3 * 2 * 2 * 8 * 2  # layers x K/V x heads x dim x 2 bytes
         block = 4 * slot
-        assert [m["bytes"] for m in acks] == [8 * slot, 9 * slot, 10 * slot, 10 * slot + 2 * block]
-        assert rep.bytes == acks[-1]["bytes"]
+        assert [m.bytes for m in acks] == [8 * slot, 9 * slot, 10 * slot, 10 * slot + 2 * block]
+        assert rep.bytes == acks[-1].bytes
         ma, mb = a.mirrors["w0"].data, b.mirrors["w0"].data
         t = cache.tensor
         assert torch.equal(ma[:, 2], t[:, 2]) and torch.equal(ma[:, 5, :, :3], t[:, 5, :, :3])
@@ -119,7 +119,7 @@ def test_a_refusing_holder_or_a_bad_step_stops_acknowledgements():
         rep.after_step(1, [([0], 0, 1)])
         rep.send_blocks(2, [0])
         _drained(rep)
-        assert [(m["t"], m["id"], "error" in m) for m in acks] == [("rereplicated", 2, True)]
+        assert [(m.t, m.id, m.error is not None) for m in acks] == [("rereplicated", 2, True)]
         assert "w1" not in wrong.mirrors
         acks.clear()
         rep.set_holder(("127.0.0.1", good.port))
@@ -127,11 +127,11 @@ def test_a_refusing_holder_or_a_bad_step_stops_acknowledgements():
         rep.after_step(4, [([0], 4, 5)])    # position 4 needs a second block
         rep.after_step(5, [([1], 0, 1)])
         _drained(rep)
-        assert [m["id"] for m in acks] == [3]
+        assert [m.id for m in acks] == [3]
         rep.set_holder(("127.0.0.1", good.port))
         rep.after_step(6, [([1], 1, 2)])
         _drained(rep)
-        assert [m["id"] for m in acks] == [3, 6]
+        assert [m.id for m in acks] == [3, 6]
         assert torch.equal(good.mirrors["w1"].data[:, 1, :, 1], cache.tensor[:, 1, :, 1])
     finally:
         rep.close()
@@ -153,7 +153,7 @@ def test_batched_steps_are_each_acknowledged():
         for step in range(1, 8):
             rep.after_step(step, [([4, 6], step - 1, step)])
         _drained(rep)
-        assert [m["id"] for m in acks] == list(range(1, 8))
+        assert [m.id for m in acks] == list(range(1, 8))
         assert torch.equal(srv.mirrors["w2"].data[:, 4, :, :4], cache.tensor[:, 4, :, :4])
         assert torch.equal(srv.mirrors["w2"].data[:, 6, :, :3], cache.tensor[:, 6, :, :3])
     finally:
@@ -185,7 +185,7 @@ def test_device_cache_gather_is_ordered_after_the_step():
                 rep.after_step(step, [([3], step, step + 1), ([0, 9], 16 + step, 17 + step)])
         _drained(rep)
         torch.cuda.synchronize(dev)
-        assert [m["id"] for m in acks] == [1, 2, 3, 4, 5]
+        assert [m.id for m in acks] == [1, 2, 3, 4, 5]
         m, t = srv.mirrors["gpu"].data, cache.tensor.cpu()
         assert torch.equal(m[:, 3, :, 1:6], t[:, 3, :, 1:6]) and torch.equal(m[:, 9, :, 1:6], t[:, 9, :, 1:6])
         assert float(m[0, 3, 0, 5, 0, 0]) == 5.0
@@ -195,7 +195,7 @@ def test_device_cache_gather_is_ordered_after_the_step():
         rep.after_step(6, [(list(range(4, 24)), 0, 300), ([30], 0, 16)])
         rep.send_blocks(7, [1, 2, 3, 25])
         _drained(rep)
-        assert [m["id"] for m in acks][-2:] == [6, 7]
+        assert [m.id for m in acks][-2:] == [6, 7]
         m, t = srv.mirrors["gpu"].data, cache.tensor.cpu()
         assert torch.equal(m[:, 4:22], t[:, 4:22]) and torch.equal(m[:, 22, :, :12], t[:, 22, :, :12])
         assert torch.equal(m[:, 30], t[:, 30]) and torch.equal(m[:, [1, 2, 3, 25]], t[:, [1, 2, 3, 25]])
@@ -320,14 +320,14 @@ def test_ring_steps_arrive_in_order_with_wraps_and_fallbacks():
         _drained(rep)
         assert _ring_step(rep, ring, cache, 7, [(5, 2), (6, 1), (7, 3)]) == 0
         _drained(rep)
-        assert [m["id"] for m in acks] == [1, 2, 3, 4, 5, 6, 7]
+        assert [m.id for m in acks] == [1, 2, 3, 4, 5, 6, 7]
         m, t = srv.mirrors["r0"].data, cache.tensor
         written = [(2, 0), (3, 0), (2, 1), (3, 1), (2, 2), (3, 2), (4, 0), (5, 0), (6, 0), (5, 1), (7, 0), (7, 1),
                    (7, 2), (5, 2), (6, 1), (7, 3)]
         for b, s in written:
             assert torch.equal(m[:, b, :, s], t[:, b, :, s]), (b, s)
         slot = 2 * cache.layout().token_bytes() * cache.num_layers
-        assert acks[-1]["bytes"] == len(written) * slot == rep.bytes
+        assert acks[-1].bytes == len(written) * slot == rep.bytes
         assert rep.ring_misses == 1
     finally:
         rep.close()
@@ -380,7 +380,7 @@ def test_ring_reservations_of_abandoned_steps_are_taken_back():
         rep.after_step(2, [([8, 9], 3, 5)])  # ... and the step says it wrote 2 tokens: gathered instead
         assert rep.stage(np.array([0], np.int64), np.array([9], np.int64)) == -1  # a slot outside the block
         _drained(rep)
-        assert [m["id"] for m in acks] == [1, 2]
+        assert [m.id for m in acks] == [1, 2]
         m, t = srv.mirrors["r1"].data, cache.tensor
         assert torch.equal(m[:, 8, :, 3], t[:, 8, :, 3]) and torch.equal(m[:, 9, :, 0], t[:, 9, :, 0])
         assert torch.equal(m[:, 1:5, :, 2], t[:, 1:5, :, 2])
@@ -476,7 +476,7 @@ def test_ring_burst_is_acknowledged_in_order():
             _ring_step(rep, ring, cache, step, pairs)
             written += pairs
         _drained(rep)
-        assert [m["id"] for m in acks] == list(range(1, 121))
+        assert [m.id for m in acks] == list(range(1, 121))
         m, t = srv.mirrors["rb"].data, cache.tensor
         for b, s in set(written):
             assert torch.equal(m[:, b, :, s], t[:, b, :, s]), (b, s)

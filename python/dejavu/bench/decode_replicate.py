@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import torch
 
@@ -34,7 +35,7 @@ class _ReplicationStream:
         self.cache = llm.engine.runner.cache
         self.device = self.cache.device
         token = new_cluster_token()
-        self.cfg = {"timeout": 60.0, "kv_token": token}
+        self.cfg = SimpleNamespace(timeout=60.0, kv_token=token)
         self.rank, self.ch, self.acks, self.step_id, self.recent = 0, self, 0, 0, []
         self.server = self.proc = None
         if holder == "thread":  # this process applies the slots too, as a worker holding its neighbour's
@@ -75,8 +76,8 @@ class _ReplicationStream:
         self.replicator.drain()
         sys.setswitchinterval(self._switch)
 
-    def send(self, msg: dict) -> None:  # the Replicator's acknowledgements (a worker's controller channel)
-        if msg.get("t") == "replicated" and "error" not in msg:
+    def send(self, msg) -> None:  # the Replicator's acknowledgements (a worker's controller channel)
+        if msg.t == "replicated" and msg.error is None:
             self.acks += 1
 
     def after_step(self, written) -> None:
@@ -103,7 +104,7 @@ class _ReplicationStream:
         if self.server is not None:
             data = self.server.mirrors["bench"].data[:, blocks]
         else:
-            client = ReplicaClient("127.0.0.1", self.port, self.cfg["kv_token"])
+            client = ReplicaClient("127.0.0.1", self.port, self.cfg.kv_token)
             try:
                 raw, _ = client.get_blocks("bench", blocks)
             finally:

@@ -147,23 +147,25 @@ def with_logprobs(tokens: list[int], lps: list) -> list:
 
 
 # ---------------------------------------------------------------------- on the wire (pipelines)
-def wire_fields(params: SamplingParams, token_ids: list[int], num_prompt: int) -> dict:
+def wire_fields(params: SamplingParams, token_ids: list[int], num_prompt: int) -> dict | None:
     """What a step message carries, beyond temp/top_k/top_p/seed/banned, for the sampling worker
-    to apply `params`: nothing for plain params; the tokens so far only when a penalty needs them."""
+    to apply `params` (cluster.messages.SampleExtra): None for plain params; the tokens so far
+    only when a penalty needs them."""
     if params.plain:
-        return {}
+        return None
     x = {"pres": params.presence_penalty, "freq": params.frequency_penalty, "rep": params.repetition_penalty,
          "min_p": params.min_p, "bias": [[t, b] for t, b in params.logit_bias.items()], "lp": params.logprobs}
     if params.penalized:
         x["seen"], x["np"] = list(token_ids), num_prompt
-    return {"x": x}
+    return x
 
 
-def from_wire(item: dict) -> tuple[SamplingParams, tuple[list[int], int] | None]:
+def from_wire(temp: float, top_k: int, top_p: float, x: dict | None
+              ) -> tuple[SamplingParams, tuple[list[int], int] | None]:
     """The SamplingParams (for sampling one token) and penalty history of one step-message item."""
-    x = item.get("x") or {}
-    p = SamplingParams(max_tokens=1, temperature=item["temp"], top_k=item["top_k"], top_p=item["top_p"],
+    x = x or {}
+    p = SamplingParams(max_tokens=1, temperature=temp, top_k=top_k, top_p=top_p,
                        presence_penalty=x.get("pres", 0.0), frequency_penalty=x.get("freq", 0.0),
                        repetition_penalty=x.get("rep", 1.0), min_p=x.get("min_p", 0.0),
-                       logit_bias={int(t): b for t, b in x.get("bias", [])}, logprobs=x.get("lp"))
-    return p, ((x["seen"], x["np"]) if "seen" in x else None)
+                       logit_bias={int(t): b for t, b in x.get("bias") or []}, logprobs=x.get("lp"))
+    return p, ((x["seen"], x["np"]) if x.get("seen") is not None else None)

@@ -7,9 +7,9 @@ environment (DEJAVU_CLUSTER_TOKEN) or from a file only its owner may read (--tok
 The controller's `Acceptor` handshakes every incoming connection on a thread of its own, so a slow
 or silent client never holds up the workers joining behind it: a connection that has not sent a
 valid HELLO within `deadline` seconds is dropped. A HELLO is at most HELLO_MAX bytes (nothing
-larger is read before the token checks out), and one whose fields are malformed (a rank that is
-not an integer in [0, world), neither a rank nor standby) is refused with a message naming the
-problem; the deployment goes on.
+larger is read before the token checks out), and one whose fields are malformed (not a
+messages.Hello, a rank outside [0, world), neither a rank nor standby) is refused with a message
+naming the problem; the deployment goes on.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import socket
 import stat
 import threading
 
+from ..cluster.messages import MessageError, Refused, Welcome, decode
 from ..kvstream.auth import AUTH_DEADLINE, HELLO_MAX, TOKEN_ENV, derive_key, token_matches  # noqa: F401 - re-exported
 from ..kvstream.net import shutdown as _shutdown
 from .wire import Channel, ProtocolError
@@ -62,67 +63,20 @@ def cluster_prefix(token: str) -> str:
     return f"dejavu-{cluster_tag(token)}-"
 
 
-def hello_problem(hello: dict, world: int) -> str | None:
-    """What is wrong with a HELLO's fields, or None."""
-    if hello.get("standby") is True:
+def hello_problem(hello, world: int) -> str | None:
+    """What is wrong with a (well-typed) HELLO's rank for a deployment of `world` workers, or None."""
+    if hello.standby:
         return None
-    if "standby" in hello and hello["standby"] is not False:
-        return f"standby must be true or false, got {hello['standby']!r}"
-    rank = hello.get("rank")
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        return f"rank must be an integer, got {rank!r}"
-    if not 0 <= rank < world:
-        return f"rank {rank} is outside [0, {world})"
-    pid = hello.get("pid")
-    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
-        return f"pid must be an integer, got {pid!r}"
-    if not isinstance(hello.get("host", ""), str):
-        return "host must be a string"
-    return None
-
-
-_INT_FIELDS = ("rank", "id", "mb", "epoch", "bytes")
-_INT_LISTS = ("bad",)
-
-
-def _int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _token_ok(x) -> bool:
-    """A sampled token: an id, or [id, [logprob, [[id, logprob], ...up to 20]]] (engine/sampler.py)."""
-    if _int(x):
-        return True
-    if not (isinstance(x, list) and len(x) == 2 and _int(x[0]) and isinstance(x[1], list) and len(x[1]) == 2):
-        return False
-    lp, top = x[1]
-    return _num(lp) and isinstance(top, list) and len(top) <= 20 and all(
-        isinstance(e, list) and len(e) == 2 and _int(e[0]) and _num(e[1]) for e in top)
-
-
-def message_problem(msg: dict) -> str | None:
-    """What is wrong with the shape of a member's control message (its fields' types), or None."""
-    if not isinstance(msg.get("t"), str):
-        return "a message without a string type"
-    for k in _INT_FIELDS:
-        if k in msg and (isinstance(msg[k], bool) or not isinstance(msg[k], int)):
-            return f"{msg['t']}: {k} must be an integer, got {msg[k]!r}"
-    for k in _INT_LISTS:
-        if k in msg and (not isinstance(msg[k], list) or
-                         not all(isinstance(x, int) and not isinstance(x, bool) for x in msg[k])):
-            return f"{msg['t']}: {k} must be a list of integers"
-    if "tokens" in msg and (not isinstance(msg["tokens"], list) or not all(_token_ok(x) for x in msg["tokens"])):
-        return f"{msg['t']}: tokens must be a list of token ids (each with its logprobs where asked)"
+    if hello.rank is None:
+        return "neither a rank nor standby"
+    if not 0 <= hello.rank < world:
+        return f"rank {hello.rank} is outside [0, {world})"
     return None
 
 
 class Acceptor:
     """Accepts on `listener` until closed; each connection's HELLO is checked on its own thread and
-    the accepted (Channel, hello) pairs come out of `get` in the order their handshakes completed."""
+    the accepted (Channel, messages.Hello) pairs come out of `get` in the order their handshakes completed."""
 
     def __init__(self, listener: socket.socket, token: str, world: int, deadline: float = AUTH_DEADLINE):
         self.listener, self.token, self.world, self.deadline = listener, token, world, deadline
@@ -173,13 +127,18 @@ class Acceptor:
         try:
             ch = Channel(sock, f"worker at {addr[0]}:{addr[1]}")
             try:
-                msg = ch.recv(self.deadline, max_frame=HELLO_MAX)
+                raw = ch.recv_frame(self.deadline, max_frame=HELLO_MAX)
             except (ConnectionError, TimeoutError, OSError) as e:
                 raise ProtocolError(f"handshake failed: {e}") from None
-            if msg.get("t") != "hello" or not token_matches(msg.get("token"), self.token):
+            # The token is checked before the HELLO is parsed any further.
+            if raw.get("t") != "hello" or not token_matches(raw.get("token"), self.token):
                 self._refuse(ch, "bad cluster token")
                 raise ProtocolError(f"{ch.peer} presented a bad cluster token")
-            problem = hello_problem(msg, self.world)
+            try:
+                msg = decode(raw)
+                problem = hello_problem(msg, self.world)
+            except MessageError as e:
+                problem = str(e)
             if problem is not None:
                 self._refuse(ch, f"malformed hello: {problem}")
                 raise ProtocolError(f"{ch.peer} sent a malformed hello: {problem}")
@@ -188,7 +147,7 @@ class Acceptor:
                 if state["expired"]:
                     raise ProtocolError(f"{ch.peer} did not complete its hello within {self.deadline}s")
             timer.cancel()
-            ch.send({"t": "welcome"})
+            ch.send(Welcome())
             self.joined.put((ch, msg))
         except (ProtocolError, OSError) as e:
             self.refused += 1
@@ -201,6 +160,6 @@ class Acceptor:
     @staticmethod
     def _refuse(ch: Channel, why: str) -> None:
         try:
-            ch.send({"t": "refused", "msg": why})
+            ch.send(Refused(msg=why))
         except OSError:
             pass

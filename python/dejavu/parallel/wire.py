@@ -1,9 +1,9 @@
-"""The control channel: msgpack messages in length-prefixed frames over TCP, opened by a HELLO that
-carries the cluster token (the controller's side of it: auth.py). Never pickle.
+"""The control channel: typed messages (cluster/messages.py) in length-prefixed frames over TCP,
+opened by a HELLO that carries the cluster token (the controller's side of it: auth.py). Never pickle.
 
-Frame: 4-byte big-endian payload length, then a msgpack map with a "t" (type) field. Frames over
-MAX_FRAME bytes, non-map payloads and undecodable bytes are protocol errors that close the
-connection with a message naming the problem.
+Frame: 4-byte big-endian payload length, then a msgpack map with a "t" (kind) field. Frames over
+MAX_FRAME bytes, non-map payloads, undecodable bytes and messages that are not a known kind with
+well-typed fields are protocol errors that close the connection with a message naming the problem.
 """
 from __future__ import annotations
 
@@ -30,15 +30,31 @@ class Channel:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._send_lock = threading.Lock()  # heartbeats and replication acks send from their own threads
 
-    def send(self, msg: dict) -> None:
-        data = msgpack.packb(msg, use_bin_type=True)
+    def send(self, msg) -> None:
+        """Send a typed control message (a cluster.messages record)."""
+        from ..cluster.messages import encode
+
+        self._send_bytes(encode(msg))
+
+    def send_frame(self, msg: dict) -> None:
+        """Send a raw map: the HELLO, whose fields the controller checks after the token."""
+        self._send_bytes(msgpack.packb(msg, use_bin_type=True))
+
+    def _send_bytes(self, data: bytes) -> None:
         if len(data) > MAX_FRAME:
             raise ProtocolError(f"message of {len(data)} bytes exceeds the {MAX_FRAME}-byte frame limit")
         with self._send_lock:
             self.sock.sendall(_LEN.pack(len(data)) + data)
 
-    def recv(self, timeout: float | None = None, max_frame: int = MAX_FRAME) -> dict:
-        """Next message; raises TimeoutError, ConnectionError (peer gone) or ProtocolError."""
+    def recv(self, timeout: float | None = None):
+        """Next typed message; raises TimeoutError, ConnectionError (peer gone) or ProtocolError
+        (MessageError: an unknown kind, or missing, unknown or mistyped fields)."""
+        from ..cluster.messages import decode
+
+        return decode(self.recv_frame(timeout))
+
+    def recv_frame(self, timeout: float | None = None, max_frame: int = MAX_FRAME) -> dict:
+        """Next frame as a raw map (at most `max_frame` bytes are read)."""
         self.sock.settimeout(timeout)
         try:
             (n,) = _LEN.unpack(self._exact(4))
@@ -72,12 +88,13 @@ class Channel:
 
 
 def connect(host: str, port: int, token: str, hello: dict, timeout: float = 30.0) -> Channel:
-    """Connect to the controller and introduce ourselves; raises if the token is refused."""
+    """Connect to the controller and introduce ourselves with a HELLO of `hello`'s fields (rank or
+    standby, pid, host: messages.Hello); raises if the token or the fields are refused."""
     sock = socket.create_connection((host, port), timeout=timeout)
     ch = Channel(sock, f"controller {host}:{port}")
-    ch.send({"t": "hello", "token": token, **hello})
+    ch.send_frame({"t": "hello", "token": token, **hello})
     reply = ch.recv(timeout)
-    if reply.get("t") != "welcome":
+    if reply.t != "welcome":
         ch.close()
-        raise ConnectionError(f"controller refused the connection: {reply.get('msg', reply)}")
+        raise ConnectionError(f"controller refused the connection: {getattr(reply, 'msg', reply)}")
     return ch

@@ -26,6 +26,7 @@ import dataclasses
 import time
 from collections import deque
 
+from ..cluster.messages import Admit, AdmitSeq, Peers, Prefill, TokenWorker, unpack_tokens
 from ..engine.block_manager import BlockAllocator, blocks_for
 from ..engine.scheduler import Scheduler
 from ..engine.sequence import Sequence, Status
@@ -105,11 +106,10 @@ class DisaggEngine(PipelineEngine):
         return range(self.token_first, self.world)
 
     def _after_ready(self, only: set[int] | None = None) -> None:
-        token_workers = [{"worker": i["worker"], "host": "127.0.0.1", "hostname": i["host"], "kv_port": i["kv_port"],
-                          "ipc": self._ipc.get(r), "num_blocks": self.num_blocks}
+        token_workers = [TokenWorker(worker=i["worker"], host="127.0.0.1", hostname=i["host"], kv_port=i["kv_port"],
+                                     ipc=self._ipc.get(r), num_blocks=self.num_blocks)
                          for r, i in sorted(self.worker_info.items()) if i["role"] == "token"]
-        msg = {"t": "peers", "token_workers": token_workers,
-               "transfers": [dataclasses.asdict(t) for t in self.transfers]}
+        msg = Peers(token_workers=token_workers, transfers=[dataclasses.asdict(t) for t in self.transfers])
         for r in range(self.token_first):
             if only is None or r in only:
                 self.channels[r].send(msg)
@@ -133,7 +133,7 @@ class DisaggEngine(PipelineEngine):
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.seq_id in self.slot_of:
             return super()._finish(seq, reason)
-        self.watermark.pop(seq.seq_id, None)
+        self.replication.watermark.pop(seq.seq_id, None)
         # Between prefill and a token microbatch: its token-side blocks are held here.
         if seq in self.waiting:
             self.waiting.remove(seq)
@@ -169,11 +169,11 @@ class DisaggEngine(PipelineEngine):
                 return []
             return []
         msg = self._next_message(time.monotonic() + self.timeout, "running a step")
-        if msg["t"] == "tokens":
+        if msg.t == "tokens":
             return self._on_tokens(msg)
-        if msg["t"] == "pushed":
+        if msg.t == "pushed":
             return self._on_pushed(msg)
-        if msg["t"] == "admitted":
+        if msg.t == "admitted":
             self._on_admitted(msg)
         return []
 
@@ -219,37 +219,37 @@ class DisaggEngine(PipelineEngine):
         self._step_id += 1
         items = []
         for s in seqs:
-            items.append({**self._step_item(s, 0, s.prompt_blocks), "key": f"r{s.seq_id}.{self._step_id}",
-                          "dst_blocks": s.block_table})
+            items.append(self._step_item(s, 0, s.prompt_blocks, key=f"r{s.seq_id}.{self._step_id}",
+                                         dst_blocks=s.block_table))
             self._busy.add(s.seq_id)
-        msg = {"t": "prefill", "mb": slot, "id": self._step_id, "seqs": items}
+        msg = Prefill(mb=slot, id=self._step_id, seqs=items)
         self.in_transfer += len(seqs)
-        self.prompt_inflight[slot] = {"id": self._step_id, "seqs": seqs, "keys": [it["key"] for it in items],
+        self.prompt_inflight[slot] = {"id": self._step_id, "seqs": seqs, "keys": [it.key for it in items],
                                       "pending": set(range(self.token_first)), "tokens": None, "stats": []}
         self._send_to(range(self.token_first), msg)
 
     def _on_pushed(self, msg) -> list[Sequence]:
-        slot = msg["mb"]
-        st = self.prompt_inflight[slot]
-        if (st is None or st["id"] != msg["id"]) and self._stale(msg["id"]):
+        slot = msg.mb
+        st = self.prompt_inflight[slot] if 0 <= slot < len(self.prompt_inflight) else None
+        if (st is None or st["id"] != msg.id) and self._stale(msg.id):
             return []  # a prefill from before a recovery: done again already
-        if st is None or st["id"] != msg["id"]:
-            raise WorkerError(f"prompt microbatch {slot}: unexpected step {msg['id']}")
-        st["pending"].discard(msg["rank"])
+        if st is None or st["id"] != msg.id:
+            raise WorkerError(f"prompt microbatch {slot}: unexpected step {msg.id}")
+        st["pending"].discard(msg.rank)
         st["stats"].append(msg)
-        self.transports_used.update(msg.get("transports", []))
-        st.setdefault("delivered", set()).update(msg.get("delivered", []))
-        if "tokens" in msg:
-            st["tokens"] = msg["tokens"]
+        self.transports_used.update(msg.transports)
+        st.setdefault("delivered", set()).update(msg.delivered)
+        if msg.tokens is not None:
+            st["tokens"] = unpack_tokens(msg.tokens, msg.logprobs)
         if st["pending"] or st["tokens"] is None:
             return []
         self.prompt_inflight[slot] = None
         seqs = st["seqs"]
-        sent = sum(m["bytes"] for m in st["stats"])
+        sent = sum(m.bytes for m in st["stats"])
         self.kv_bytes += sent
-        self.transfer_stats.append({"bytes": sent, "compute_s": max(m["compute_s"] for m in st["stats"]),
-                                    "exposed_s": max(m["exposed_s"] for m in st["stats"]),
-                                    "raw_s": max(m.get("raw_s", 0.0) for m in st["stats"])})
+        self.transfer_stats.append({"bytes": sent, "compute_s": max(m.compute_s for m in st["stats"]),
+                                    "exposed_s": max(m.exposed_s for m in st["stats"]),
+                                    "raw_s": max(m.raw_s for m in st["stats"])})
         for s in seqs:
             self.prompt_alloc.free(s.prompt_blocks)
             s.prompt_blocks = []
@@ -264,9 +264,9 @@ class DisaggEngine(PipelineEngine):
                 live.append((s, key))
         if live:
             self._step_id += 1
-            admit = {"t": "admit", "id": self._step_id, "delivered": sorted(st.get("delivered", ())),
-                     "seqs": [{"key": k, "blocks": s.block_table, "ntok": len(s) - 1} for s, k in live]}
-            self._expect_replication(self._step_id, range(self.token_first, self.world),
+            admit = Admit(id=self._step_id, delivered=sorted(st.get("delivered", ())),
+                          seqs=[AdmitSeq(key=k, blocks=s.block_table, ntok=len(s) - 1) for s, k in live])
+            self.replication.expect(self._step_id, range(self.token_first, self.world),
                                      [(s, len(s) - 1) for s, _ in live])
             self.admitting[self._step_id] = {"seqs": [s for s, _ in live],
                                              "pending": set(range(self.token_first, self.world))}
@@ -274,15 +274,15 @@ class DisaggEngine(PipelineEngine):
         return seqs
 
     def _on_admitted(self, msg) -> None:
-        st = self.admitting.get(msg["id"])
-        if st is None and self._stale(msg["id"]):
+        st = self.admitting.get(msg.id)
+        if st is None and self._stale(msg.id):
             return  # an admission from before a recovery: that request is prefilled again
         if st is None:
-            raise WorkerError(f"unexpected admission {msg['id']} from worker {msg['rank']}")
-        st["pending"].discard(msg["rank"])
+            raise WorkerError(f"unexpected admission {msg.id} from worker {msg.rank}")
+        st["pending"].discard(msg.rank)
         if st["pending"]:
             return
-        del self.admitting[msg["id"]]
+        del self.admitting[msg.id]
         live = self._returned(st["seqs"])  # deferred aborts end here
         self.in_transfer -= len(st["seqs"]) - len(live)
         for s in live:

@@ -10,13 +10,11 @@ for its running ones) is sent to every worker as soon as its previous step's tok
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import queue
 import secrets
-import signal
 import socket
-import subprocess
 import threading
 import time
 from collections import deque
@@ -31,8 +29,14 @@ from ..engine.scheduler import Scheduler
 from ..engine.sequence import Sequence, Status
 from ..kvstream.routing import split_layers
 from ..models.loader import ModelSource, model_identity
-from ..parallel import launch
-from ..parallel.auth import Acceptor, cluster_prefix, message_problem
+from ..cluster import launch
+from ..cluster.errors import WorkerError
+from ..cluster.launch import Launcher
+from ..cluster.recovery import Failure as _Failure, Recovery, Stopped as _Stopped, recovery_policy
+from ..cluster.replication import Replication
+from ..cluster.messages import (Config, MessageError, Pipes, ReplicateConfig, SampleExtra, Shutdown, Step, StepSeq,
+                                SwapConfig, unpack_tokens)
+from ..parallel.auth import Acceptor, cluster_prefix
 
 log = logging.getLogger("dejavu.pipeline")
 
@@ -49,24 +53,25 @@ def check_split(layers, depth: int, num_layers: int) -> None:
         raise ValueError(f"layer split {layers} does not end at the model's {num_layers} layers")
 
 
-class WorkerError(RuntimeError):
-    """A worker failed to start or died; the message names the worker and the reason."""
+@dataclasses.dataclass
+class Dead:
+    """Internal (never on the wire): a worker's control connection broke."""
+    rank: int
+    msg: str
+    t: str = "dead"
 
 
-class _Failure(Exception):
-    """Internal: workers died (or a step failed on a broken link); the engine recovers."""
-
-    def __init__(self, dead: set[int], reason: str):
-        super().__init__(reason)
-        self.dead, self.reason = set(dead), reason
-
-
-class _Stopped(Exception):
-    """Internal: the deployment is being stopped (begin_stop); every request ends now."""
+@dataclasses.dataclass
+class Joined:
+    """Internal (never on the wire): a worker connected after start-up (a replacement or a standby)."""
+    ch: object
+    hello: object
+    t: str = "joined"
 
 
-RECOVERY = ("auto", "respawn", "standby", "wait", "off")
-REPLACE_ATTEMPTS = 3  # replacement workers tried per failed rank in one recovery
+
+def _extra(x: dict | None) -> SampleExtra | None:
+    return None if x is None else SampleExtra(**x)
 
 
 class PipelineEngine(LLMEngine):
@@ -116,18 +121,8 @@ class PipelineEngine(LLMEngine):
         self._accept = Acceptor(self._listener, self.token, self.world)  # HELLOs, each on a thread of its own
         self.controller_addr = controller = f"127.0.0.1:{self.port}"
         self.log_dir = log_dir
-        if launcher == "local":
-            self.procs = launch.spawn_local(self.world, controller, self.token, log_dir)
-            self._proc_of = dict(enumerate(self.procs))
-        elif launcher == "mpirun":
-            self.procs = launch.spawn_mpirun(self.world, controller, self.token, hostfile, log_dir,
-                                             recovery=self.ft)
-        elif launcher == "external":
-            self.procs = []
-            log.warning("waiting for %d workers: dejavu worker --controller %s (token in DEJAVU_CLUSTER_TOKEN=%s)",
-                        self.world, controller, self.token)
-        else:
-            raise ValueError(f"unknown launcher {launcher!r}; use local, mpirun or external")
+        self.launcher = Launcher(controller, self.token, device.type, log_dir)
+        self.launcher.start(launcher, self.world, hostfile, recovery=self.ft)
         try:
             self._rendezvous(source.spec, device, dtype, seed, cfg)
         except BaseException:
@@ -166,46 +161,19 @@ class PipelineEngine(LLMEngine):
     def _swap_config(self, rc: dict) -> dict:
         """A KV-holding worker's config, with its device cache and host copy sizes when swapping."""
         if self.swap:
-            rc.update(num_blocks=self.device_blocks, swap={"resident": self.swap, "host_blocks": self.host_blocks})
+            rc.update(num_blocks=self.device_blocks, swap=SwapConfig(resident=self.swap, host_blocks=self.host_blocks))
         return rc
 
     def _setup_fault_tolerance(self, launcher, replicate, replicate_dir, replicate_to, recovery, hb_interval,
                                hb_timeout, spare_workers: int = 1) -> None:
-        if recovery not in RECOVERY:
-            raise ValueError(f"unknown recovery {recovery!r}; use one of {', '.join(RECOVERY)}")
-        if recovery == "auto":
-            recovery = "off" if self.tp > 1 else ("wait" if launcher == "external" else "respawn")
-        if recovery != "off" and self.tp > 1:
-            raise ValueError("recovery from worker failures needs tp 1 (tensor-parallel groups are not re-formed "
-                             "yet); pass recovery='off' with tp > 1")
-        if replicate and recovery == "off":
-            raise ValueError("replicate needs recovery (respawn, standby or wait), not 'off'")
+        policy = recovery_policy(recovery, self.tp, launcher, replicate)
         if hb_interval <= 0 or hb_timeout <= hb_interval:
             raise ValueError(f"heartbeat interval ({hb_interval}s) must be > 0 and below the timeout ({hb_timeout}s)")
-        if not isinstance(spare_workers, int) or spare_workers < 0:
-            raise ValueError(f"spare_workers must be an integer >= 0, got {spare_workers!r}")
-        self.recovery, self.ft = recovery, recovery != "off"
-        # respawn: keep warm spares (started, imported, registered as standbys) to take over at once
-        self.spares = spare_workers if recovery == "respawn" else 0
-        self._spare_procs: dict[int, object] = {}  # pid -> Popen of spares not yet given a rank
+        self.ft = policy != "off"
+        self.recovery = Recovery(self, policy, spare_workers)
         self.hb_interval, self.hb_timeout = hb_interval, hb_timeout
-        self.replicate = bool(replicate)
-        self.replicate_dir = replicate_dir
-        stages = self.pp  # the stages that hold decode KV: the pipeline, or the token pipeline
-        ring = replicate_to if replicate_to is not None else [(i + 1) % stages for i in range(stages)]
-        if self.replicate:
-            if stages < 2:
-                raise ValueError("replicate needs at least 2 stages holding KV (each replicates to another)")
-            if len(ring) != stages or any(not 0 <= h < stages or h == i for i, h in enumerate(ring)):
-                raise ValueError(f"replicate_to must name, for each of the {stages} stages, another stage in "
-                                 f"[0, {stages}); got {ring}")
-        self.replicate_to = ring
-        self.replication_paused = False
-        self.watermark: dict[int, tuple[int, int]] = {}  # seq id -> (tokens replicated on every stage, preemptions)
-        self._rep_pending: dict[int, dict] = {}          # step id -> ranks yet to acknowledge, (seq, tokens, preemptions)
-        self.rep_bytes: dict[int, int] = {}
-        self.failures: list[dict] = []                   # one entry per recovery (see _recover)
-        self.recomputed_tokens = 0
+        # the stages that hold decode KV: the pipeline, or the token pipeline
+        self.replication = Replication(replicate, self.pp, replicate_to, replicate_dir)
         self._epoch = 0
         self._epoch_step = 0
         self._gen: dict[int, int] = {}
@@ -213,16 +181,28 @@ class PipelineEngine(LLMEngine):
         self._started = False
         self._standbys: list = []
         self._needed: set[int] = set()
-        self._attempts: dict[int, int] = {}  # replacements started per rank in the current recovery
-        self._proc_of: dict = {}
 
-    def _holder_rank(self, rank: int) -> int | None:
-        """The rank holding `rank`'s replica (same TP rank of the target stage), or None."""
-        rc = self._rank_config(rank)
-        if not self.replicate or rc["role"] == "prompt":
-            return None
-        stage = (rank - rc["first_rank"]) // self.tp
-        return rc["first_rank"] + self.replicate_to[stage] * self.tp + rank % self.tp
+    @property
+    def procs(self) -> list:
+        """The worker processes this controller started (none for external workers)."""
+        return self.launcher.procs
+
+    def holder_rank(self, rank: int) -> int | None:
+        """The rank holding `rank`'s replica, or None."""
+        return self.replication.holder_rank(rank, self._rank_config(rank), self.tp)
+
+    def set_replication(self, on: bool, every: int = 1) -> None:
+        """Pause or resume replication between requests (to measure what it costs on one deployment).
+        Requests served while it is paused have no replicas: after a failure they start over.
+        `every` > 1: workers gather and send the slots of up to that many steps at once (a batch
+        leaves after 50 ms anyway); watermarks then trail by up to every - 1 steps more."""
+        msg = self.replication.command(on, every)
+        if self.has_unfinished():
+            raise RuntimeError("replication can only be paused or resumed while no request runs")
+        for r in range(self.world):
+            if self.holder_rank(r) is not None:
+                self.channels[r].send(msg)
+        self.replication.paused = not on
 
     def _blocks_for(self, cfg, layers, num_blocks: int, memory: int) -> int:
         deepest = max(b - a for a, b in layers)
@@ -257,21 +237,21 @@ class PipelineEngine(LLMEngine):
                     raise WorkerError(f"only {len(self.channels)} of {self.world} workers connected within "
                                       f"{self.timeout}s") from None
                 continue
-            rank = hello.get("rank")
-            if hello.get("standby") or rank in self.channels:  # refused; the deployment goes on starting
+            rank = hello.rank
+            if hello.standby or rank in self.channels:  # refused; the deployment goes on starting
                 log.warning("refused a worker announcing %s while starting: expected a new rank in [0, %d)",
-                            "standby" if hello.get("standby") else f"rank {rank}", self.world)
+                            "standby" if hello.standby else f"rank {rank}", self.world)
                 ch.close()
                 continue
             self.channels[rank] = ch
             rc = self._rank_config(rank)
-            self.worker_info[rank] = {"pid": hello.get("pid"), "host": hello.get("host"), "role": rc["role"],
+            self.worker_info[rank] = {"pid": hello.pid, "host": hello.host, "role": rc["role"],
                                       "stage": (rank - rc["first_rank"]) // self.tp, "tp_rank": rank % self.tp,
                                       "worker": rc["worker_name"],
                                       "layers": rc["layers"][(rank - rc["first_rank"]) // self.tp]}
         backend = "nccl" if device.type == "cuda" and torch.cuda.device_count() >= self.world else "gloo"
         master = f"127.0.0.1:{launch.free_port()}"
-        self._config = {"t": "config", "model": spec, "dtype": str(dtype).replace("torch.", ""), "device": device.type,
+        self._config = {"model": spec, "dtype": str(dtype).replace("torch.", ""), "device": device.type,
                         "seed": seed, "tp": self.tp, "block_size": self.block_size, "master": master,
                         "world": self.world, "backend": backend, "timeout": self.timeout,
                         "tp_groups": self._tp_groups(), "kv_token": self.token, "pipes": self.ft,
@@ -283,45 +263,43 @@ class PipelineEngine(LLMEngine):
         ready = set()
         while len(ready) < self.world:
             msg = self._next_message(deadline, "starting")
-            if msg["t"] == "ready":
-                ready.add(msg["rank"])
+            if msg.t == "ready":
+                ready.add(msg.rank)
                 self._on_ready(msg)
         self._started = True
         if self.ft:
             for rank in range(self.world):
                 self.channels[rank].send(self._pipes_msg(rank))
             threading.Thread(target=self._acceptor, daemon=True, name="controller-accept").start()
-            self._spawn_spares()
+            self.launcher.spawn_spares(self.recovery.spares)
         self._after_ready()
         log.info("%d workers ready (TP %d): %s", self.world, self.tp,
                  ", ".join(f"{i['worker']} layers {i['layers']}" for _, i in sorted(self.worker_info.items())))
 
-    def _config_for(self, rank: int) -> dict:
+    def _config_for(self, rank: int, epoch: int = 0) -> Config:
         rc = self._rank_config(rank)
-        msg = {**self._config, "rank": rank, **rc}
-        if self.replicate and rc["role"] != "prompt":
-            msg["replicate"] = {"dir": self.replicate_dir, "prefix": cluster_prefix(self.token)}
-        return msg
+        rep = None
+        if self.replication.enabled and rc["role"] != "prompt":
+            rep = ReplicateConfig(dir=self.replication.dir, prefix=cluster_prefix(self.token))
+        return Config(**self._config, rank=rank, **rc, replicate=rep, epoch=epoch)
 
-    def _on_ready(self, msg: dict) -> None:
-        info = self.worker_info[msg["rank"]]
+    def _on_ready(self, msg) -> None:
+        info = self.worker_info[msg.rank]
         for k in ("kv_port", "pipe_port", "replica_port", "load_s"):
-            if k in msg:
-                info[k] = msg[k]
-        if "ipc" in msg:
-            self._ipc[msg["rank"]] = msg["ipc"]
+            if getattr(msg, k) is not None:
+                info[k] = getattr(msg, k)
+        if msg.ipc is not None:
+            self._ipc[msg.rank] = msg.ipc
 
-    def _pipes_msg(self, rank: int) -> dict:
+    def _pipes_msg(self, rank: int) -> Pipes:
         """Rank's neighbours in its pipeline (and its replica holder) for the current epoch."""
         rc = self._rank_config(rank)
         stage = (rank - rc["first_rank"]) // self.tp
         nxt = rank + self.tp if stage < rc["pp"] - 1 else None
-        msg = {"t": "pipes", "epoch": self._epoch, "prev": rank - self.tp if stage > 0 else None,
-               "next": ["127.0.0.1", self.worker_info[nxt]["pipe_port"], nxt] if nxt is not None else None}
-        holder = self._holder_rank(rank)
-        if holder is not None:
-            msg["holder"] = ["127.0.0.1", self.worker_info[holder]["replica_port"]]
-        return msg
+        holder = self.holder_rank(rank)
+        return Pipes(epoch=self._epoch, prev=rank - self.tp if stage > 0 else None,
+                     next=["127.0.0.1", self.worker_info[nxt]["pipe_port"], nxt] if nxt is not None else None,
+                     holder=["127.0.0.1", self.worker_info[holder]["replica_port"]] if holder is not None else None)
 
     def _after_ready(self) -> None:
         """Hook for deployments that must introduce workers to each other once all are up."""
@@ -334,22 +312,21 @@ class PipelineEngine(LLMEngine):
     def _reader(self, rank, ch, gen) -> None:
         try:
             while True:
-                msg = ch.recv(None)
-                self._last_seen[rank] = time.monotonic()
-                if msg["t"] == "hb":
-                    continue
-                problem = message_problem(msg)
-                if problem is not None:  # refused: the worker is cut off (and replaced) like a dead one
-                    log.warning("worker %d sent a malformed message (%s): closing its connection", rank, problem)
+                try:
+                    msg = ch.recv(None)
+                except MessageError as e:  # refused: the worker is cut off (and replaced) like a dead one
+                    log.warning("worker %d sent a malformed message (%s): closing its connection", rank, e)
                     ch.close()
-                    raise ConnectionError(f"malformed message: {problem}")
-                if "rank" in msg:
-                    msg["rank"] = rank  # a worker speaks for its own rank only
-                msg["_rank"], msg["_gen"] = rank, gen
-                self._inbox.put(msg)
+                    raise ConnectionError(f"malformed message: {e}") from None
+                self._last_seen[rank] = time.monotonic()
+                if msg.t == "hb":
+                    continue
+                if hasattr(msg, "rank"):
+                    msg.rank = rank  # a worker speaks for its own rank only
+                self._inbox.put((rank, gen, msg))
         except (ConnectionError, OSError) as e:
             if not self._closed:
-                self._inbox.put({"t": "dead", "rank": rank, "msg": str(e), "_rank": rank, "_gen": gen})
+                self._inbox.put((rank, gen, Dead(rank=rank, msg=str(e))))
 
     def _acceptor(self) -> None:
         """After start-up: replacement workers and standbys connect at any time."""
@@ -358,7 +335,7 @@ class PipelineEngine(LLMEngine):
                 ch, hello = self._accept.get(1.0)
             except TimeoutError:
                 continue
-            self._inbox.put({"t": "joined", "ch": ch, "hello": hello})
+            self._inbox.put((None, None, Joined(ch=ch, hello=hello)))
 
     def _next_message(self, deadline: float, doing: str) -> dict:
         while True:
@@ -377,32 +354,33 @@ class PipelineEngine(LLMEngine):
             if msg is not None:
                 return msg
 
-    def _classify(self, msg: dict, doing: str) -> dict | None:
+    def _classify(self, item: tuple, doing: str):
         """Handles bookkeeping messages and failures; returns those the caller must see."""
-        if "_rank" in msg and msg["_gen"] != self._gen.get(msg["_rank"]):
+        rank, gen, msg = item
+        if rank is not None and gen != self._gen.get(rank):
             return None  # from a worker already replaced
-        t = msg["t"]
+        t = msg.t
         if t == "error":
-            raise WorkerError(f"worker {msg['rank']} failed: {msg['msg']}")
+            raise WorkerError(f"worker {msg.rank} failed: {msg.msg}")
         if t == "dead":
             if self._stopping:
                 raise _Stopped()
             if self.ft and self._started:
-                raise _Failure({msg["rank"]}, f"worker {msg['rank']} disconnected: {msg['msg']}")
-            raise WorkerError(f"worker {msg['rank']} disconnected while {doing}: {msg['msg']}")
+                raise _Failure({msg.rank}, f"worker {msg.rank} disconnected: {msg.msg}")
+            raise WorkerError(f"worker {msg.rank} disconnected while {doing}: {msg.msg}")
         if t == "step_failed":
-            if msg["id"] > self._epoch_step:  # a live link broke: reset and replay, even if no one died
-                raise _Failure(set(), f"worker {msg['rank']} lost step {msg['id']}: {msg['msg']}")
+            if msg.id > self._epoch_step:  # a live link broke: reset and replay, even if no one died
+                raise _Failure(set(), f"worker {msg.rank} lost step {msg.id}: {msg.msg}")
             return None
         if t == "replicated":
-            self._on_replicated(msg)
+            self.replication.on_replicated(msg)
             return None
         if t == "swapstats":
-            self.swap_stats[msg["rank"]] = msg
+            self.swap_stats[msg.rank] = dataclasses.asdict(msg)
             return None
         if t == "rereplicated":
-            if msg.get("error"):
-                log.warning("worker %d could not re-seed its replica holder: %s", msg["rank"], msg["error"])
+            if msg.error:
+                log.warning("worker %d could not re-seed its replica holder: %s", msg.rank, msg.error)
             return None
         if t == "joined":
             return msg if self._on_joined(msg) else None
@@ -421,7 +399,7 @@ class PipelineEngine(LLMEngine):
             pass
         except _Failure as f:
             try:
-                self._recover_from(f)
+                self.recovery.recover_from(f)
             except _Stopped:
                 pass
         except _Stopped:
@@ -431,14 +409,14 @@ class PipelineEngine(LLMEngine):
         if self._stopping:
             return  # workers exit because we stop them: not failures
         if self.ft and self._started:  # a dead rank is replaced (even when no process is left to watch)
-            for rank, p in list(self._proc_of.items()):
+            for rank, p in list(self.launcher.proc_of.items()):
                 if p.poll() is None:
                     continue
                 if rank in self._needed:
                     raise _Failure({rank}, f"the replacement for rank {rank} (pid {p.pid}) exited with status "
                                            f"{p.returncode} while starting")
                 raise _Failure({rank}, f"worker process {p.pid} (rank {rank}) exited with status {p.returncode}")
-            self._respawn_unserved()
+            self.recovery.respawn_unserved()
             return
         for p in self.procs:
             if p.poll() is not None:
@@ -457,7 +435,7 @@ class PipelineEngine(LLMEngine):
         self.waiting.append(seq)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        self.watermark.pop(seq.seq_id, None)
+        self.replication.watermark.pop(seq.seq_id, None)
         slot = self.slot_of.pop(seq.seq_id, None)
         sched = self.slots[slot] if slot is not None else self.slots[0]
         sched.finish(seq, reason)
@@ -493,7 +471,7 @@ class PipelineEngine(LLMEngine):
                 try:
                     return self._step()
                 except _Failure as f:
-                    self._recover_from(f)
+                    self.recovery.recover_from(f)
                     return []
         except _Stopped:
             pass
@@ -528,35 +506,36 @@ class PipelineEngine(LLMEngine):
                 raise RuntimeError("scheduler stalled: waiting requests but nothing can run")
             return []
         msg = self._next_message(time.monotonic() + self.timeout, "running a step")
-        return self._on_tokens(msg) if msg["t"] == "tokens" else []
+        return self._on_tokens(msg) if msg.t == "tokens" else []
 
-    def _on_tokens(self, msg: dict) -> list[Sequence]:
+    def _on_tokens(self, msg) -> list[Sequence]:
         """A microbatch's sampled tokens came back: append them to the sequences still live."""
-        i = msg["mb"]
+        i = msg.mb
         if not 0 <= i < len(self.inflight):  # refused without effect
-            log.warning("worker %d answered for microbatch %d, which does not exist", msg["_rank"], i)
+            log.warning("a worker answered for microbatch %d, which does not exist", i)
             return []
-        if (self.inflight[i] is None or self.inflight[i][0] != msg["id"]) and self._stale(msg["id"]):
+        if (self.inflight[i] is None or self.inflight[i][0] != msg.id) and self._stale(msg.id):
             return []  # a step from before a recovery: replayed already
         step_id, seqs, _ = self.inflight[i]
-        if msg["id"] != step_id:
-            raise WorkerError(f"microbatch {i}: expected step {step_id}, got {msg['id']}")
+        if msg.id != step_id:
+            raise WorkerError(f"microbatch {i}: expected step {step_id}, got {msg.id}")
         self.inflight[i] = None
-        if "step_s" in msg:  # the sampling stage's previous decode step (worker.py)
-            self.decode_steps.append(float(msg["step_s"]))
+        if msg.step_s is not None:  # the sampling stage's previous decode step (worker.py)
+            self.decode_steps.append(msg.step_s)
             self.decode_step_totals[0] += 1
-            self.decode_step_totals[1] += float(msg["step_s"])
+            self.decode_step_totals[1] += msg.step_s
         live = {id(s) for s in self._returned(seqs)}
-        self._append_tokens([s for s in seqs if id(s) in live], [t for s, t in zip(seqs, msg["tokens"]) if id(s) in live])
+        tokens = unpack_tokens(msg.tokens, msg.logprobs)
+        self._append_tokens([s for s in seqs if id(s) in live], [t for s, t in zip(seqs, tokens) if id(s) in live])
         return seqs
 
-    def _step_item(self, s: Sequence, start: int, blocks: list[int]) -> dict:
+    def _step_item(self, s: Sequence, start: int, blocks: list[int], **extra) -> StepSeq:
         """One sequence's part of a step message: its new tokens from `start`, where their KV goes,
         and what the last stage needs to sample its next token."""
         p = s.params
-        return {"ids": s.token_ids[start:], "start": start, "blocks": blocks, "temp": p.temperature, "top_k": p.top_k,
-                "top_p": p.top_p, "seed": s.seed, "banned": self._banned(s),
-                **wire_fields(p, s.token_ids, s.num_prompt_tokens)}
+        return StepSeq(ids=s.token_ids[start:], start=start, blocks=blocks, temp=p.temperature, top_k=p.top_k,
+                       top_p=p.top_p, seed=s.seed, banned=self._banned(s),
+                       x=_extra(wire_fields(p, s.token_ids, s.num_prompt_tokens)), **extra)
 
     def _launch(self, slot: int, seqs: list[Sequence], is_prefill: bool) -> None:
         self._step_id += 1
@@ -568,14 +547,14 @@ class PipelineEngine(LLMEngine):
             s.num_cached = len(s)
             self.slot_of[s.seq_id] = slot
             self._busy.add(s.seq_id)
-        self._expect_replication(self._step_id, self._step_ranks(), [(s, len(s)) for s in seqs])
-        msg = {"t": "step", "mb": slot, "id": self._step_id, "prefill": is_prefill, "seqs": items}
-        if self.swap:  # every block the microbatch holds now: workers keep exactly these resident
-            msg["live"] = [b for s in self.slots[slot].running for b in s.block_table]
+        self.replication.expect(self._step_id, self._step_ranks(), [(s, len(s)) for s in seqs])
+        # with swapping, every block the microbatch holds now: workers keep exactly these resident
+        live = [b for s in self.slots[slot].running for b in s.block_table] if self.swap else None
+        msg = Step(mb=slot, id=self._step_id, prefill=is_prefill, seqs=items, live=live)
         self.inflight[slot] = (self._step_id, seqs, time.monotonic())  # before sending: a failed send loses it
         self._send_to(self._step_ranks(), msg)
 
-    def _send_to(self, ranks, msg: dict) -> None:
+    def _send_to(self, ranks, msg) -> None:
         """A message on the serving path: a worker whose channel is gone has died (kill -9 before
         its death was noticed), which is a failure to recover from, not the controller's error."""
         for r in ranks:
@@ -587,68 +566,25 @@ class PipelineEngine(LLMEngine):
                 raise WorkerError(f"worker {r} is unreachable: {e}") from None
 
     # ------------------------------------------------------------------ fault tolerance
-    def set_replication(self, on: bool, every: int = 1) -> None:
-        """Pause or resume replication between requests (to measure what it costs on one deployment).
-        Requests served while it is paused have no replicas: after a failure they start over.
-        `every` > 1: workers gather and send the slots of up to that many steps at once (a batch
-        leaves after 50 ms anyway); watermarks then trail by up to every - 1 steps more."""
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an integer >= 1, got {every!r}")
-        if not self.replicate:
-            raise ValueError("this deployment does not replicate (replicate=True)")
-        if self.has_unfinished():
-            raise RuntimeError("replication can only be paused or resumed while no request runs")
-        for r in range(self.world):
-            if self._holder_rank(r) is not None:
-                self.channels[r].send({"t": "replication", "on": bool(on), "every": every})
-        self.replication_paused = not on
-
     def _stale(self, step_id: int) -> bool:
         """A reply to a step (or prefill, admission) from before the last recovery."""
         return self.ft and step_id <= self._epoch_step
 
-    def _expect_replication(self, step_id: int, ranks, seqs: list[tuple[Sequence, int]]) -> None:
-        """Step `step_id` leaves each (sequence, n) with n tokens of KV on `ranks`: once all of them
-        report it replicated, n counts towards the sequence's watermark."""
-        if self.replicate and not self.replication_paused:
-            self._rep_pending[step_id] = {"ranks": set(ranks), "seqs": [(s, n, s.preemptions) for s, n in seqs]}
-
-    def _watermark_of(self, s: Sequence) -> int:
-        """Leading tokens of `s` whose KV every stage's holder has (none since a preemption), at most
-        all but the newest token."""
-        w, pre = self.watermark.get(s.seq_id, (0, s.preemptions))
-        return min(w, len(s) - 1) if pre == s.preemptions else 0
-
-    def _on_replicated(self, msg: dict) -> None:
-        """A worker's holder applied step `id`: once every stage has, the step's tokens count."""
-        self.rep_bytes[msg["rank"]] = msg.get("bytes", 0)
-        st = self._rep_pending.get(msg["id"])
-        if st is None:
-            return
-        st["ranks"].discard(msg["rank"])
-        if st["ranks"]:
-            return
-        del self._rep_pending[msg["id"]]
-        for s, n, pre in st["seqs"]:
-            if not s.finished and s.preemptions == pre:
-                w, _ = self.watermark.get(s.seq_id, (0, pre))
-                self.watermark[s.seq_id] = (max(w, n), pre)
-
-    def _on_joined(self, msg: dict) -> bool:
+    def _on_joined(self, msg: Joined) -> bool:
         """A connection after start-up: a standby joins the pool; a replacement for a rank we wait
         for is taken (returned to the recovery loop); anything else is turned away."""
-        ch, hello = msg["ch"], msg["hello"]
-        if hello.get("standby"):
+        ch, hello = msg.ch, msg.hello
+        if hello.standby:
             self._standbys.append((ch, hello))
-            log.info("standby worker registered (pid %s on %s)", hello.get("pid"), hello.get("host"))
+            log.info("standby worker registered (pid %s on %s)", hello.pid, hello.host)
             return bool(self._needed)
-        if int(hello.get("rank", -1)) in self._needed and int(hello["rank"]) not in self.channels:
+        if hello.rank in self._needed and hello.rank not in self.channels:
             return True
         try:
-            ch.send({"t": "shutdown"})
+            ch.send(Shutdown())
         finally:
             ch.close()
-        log.warning("turned away a worker announcing rank %s: no such rank is being replaced", hello.get("rank"))
+        log.warning("turned away a worker announcing rank %s: no such rank is being replaced", hello.rank)
         return False
 
     def _token_side(self) -> list[Sequence]:
@@ -661,232 +597,14 @@ class PipelineEngine(LLMEngine):
             if inf is not None:
                 self.inflight[i] = None
                 self._returned(inf[1])
-        self._rep_pending.clear()
+        self.replication.pending.clear()
         return []
-
-    def _replace(self, rank: int) -> None:
-        """Stop a failed worker for good and bring in its replacement (by the recovery policy)."""
-        ch = self.channels.pop(rank, None)
-        self._gen[rank] = self._gen.get(rank, 0) + 1  # its messages still queued are ignored
-        if ch is not None:
-            ch.close()
-        p = self._proc_of.pop(rank, None)
-        if p is not None:
-            self._reap(p)
-        elif p is None and self.worker_info.get(rank, {}).get("host") == socket.gethostname():
-            try:  # a hung worker we did not start ourselves (mpirun): make sure it is gone
-                os.kill(int(self.worker_info[rank]["pid"]), 9)
-            except (OSError, TypeError, ValueError):
-                pass
-        self._needed.add(rank)
-        self._bring_in(rank)
-
-    def _reap(self, p) -> None:
-        """A failed (or replaced) worker process of ours: make sure it is gone, and reap it."""
-        if p.poll() is None:
-            p.kill()
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            log.warning("worker process %d did not exit after SIGKILL", p.pid)
-        if p in self.procs:
-            self.procs.remove(p)
-
-    def _bring_in(self, rank: int) -> None:
-        """Start `rank`'s next replacement by the recovery policy: a standby, a warm spare still
-        starting, or a new process; after REPLACE_ATTEMPTS of them in one recovery, give up."""
-        name = self.worker_info[rank]["worker"]
-        n = self._attempts[rank] = self._attempts.get(rank, 0) + 1
-        if n > REPLACE_ATTEMPTS:
-            raise WorkerError(f"worker {name} (rank {rank}) could not be replaced: {REPLACE_ATTEMPTS} replacements "
-                              f"died while starting")
-        while self.recovery in ("respawn", "standby") and self._standbys:
-            try:
-                self._assign(rank, *self._standbys.pop(0))
-                return
-            except OSError:  # that standby is gone: try the next
-                self.channels.pop(rank, None)
-        if self.recovery == "respawn" and self._spares_starting() >= len(self._unserved()):
-            return  # enough warm spares are still starting: each takes a rank when it registers
-        if self.recovery == "respawn":
-            p = launch.spawn_local_rank(rank, self.controller_addr, self.token, self.log_dir)
-            self._proc_of[rank] = p
-            self.procs.append(p)
-        else:
-            log.warning("worker %s (rank %d) is down: start `dejavu worker --controller %s --rank %d` (token in "
-                        "DEJAVU_CLUSTER_TOKEN) or `dejavu worker --standby`", name, rank, self.controller_addr, rank)
-
-    def _spares_starting(self) -> int:
-        """Warm spares still starting (spares that died are reaped and forgotten)."""
-        for pid, p in list(self._spare_procs.items()):
-            if p.poll() is not None:
-                del self._spare_procs[pid]
-                self._reap(p)
-        return len(self._spare_procs)
-
-    def _unserved(self) -> list[int]:
-        """Ranks being replaced that have neither a connection nor a process of their own yet."""
-        return sorted(r for r in self._needed if r not in self.channels and r not in self._proc_of)
-
-    def _respawn_unserved(self) -> None:
-        """While recovering: ranks waiting for warm spares that died meanwhile get other replacements."""
-        if self.recovery != "respawn":
-            return
-        unserved = self._unserved()
-        for rank in unserved[self._spares_starting():]:
-            self._bring_in(rank)
-
-    def _spawn_spares(self) -> None:
-        self._spares_starting()
-        while len(self._spare_procs) < self.spares:
-            p = launch.spawn_standby(self.controller_addr, self.token, self.device.type, self.log_dir)
-            self._spare_procs[p.pid] = p
-            self.procs.append(p)
-
-    def _assign(self, rank: int, ch, hello: dict) -> None:
-        spare = self._spare_procs.pop(hello.get("pid"), None)
-        if spare is not None:
-            self._proc_of[rank] = spare  # its exit is noticed like a worker's
-        self.channels[rank] = ch
-        self.worker_info[rank].update(pid=hello.get("pid"), host=hello.get("host"))
-        ch.send({**self._config_for(rank), "epoch": self._epoch})
-        self._start_reader(rank, ch)
-
-    def _recover(self, dead: set[int], reason: str) -> None:
-        """Replace dead workers, re-form the pipes, restore their KV from the replicas, and resume
-        every request from its watermark (or from its prompt without replication)."""
-        if self._stopping:
-            raise _Stopped()
-        self._attempts = {}
-        t0 = time.monotonic()
-        event = {"at": time.time(), "reason": reason, "ranks": sorted(dead),
-                 "workers": [self.worker_info[r]["worker"] for r in sorted(dead)]}
-        log.warning("recovering: %s", reason)
-        drop = self._abandon_inflight()
-        self.allocator.reset_prefix_cache()  # a replaced worker's cached blocks are gone
-        self._epoch += 1
-        self._epoch_step = self._step_id
-        resetting = set()
-        for r in sorted(dead):
-            self._replace(r)
-        for r in sorted(set(self.channels) - dead):
-            try:
-                self.channels[r].send({"t": "reset", "epoch": self._epoch, "drop_keys": drop})
-                resetting.add(r)
-            except OSError:
-                dead.add(r)
-                self._replace(r)
-        deadline = time.monotonic() + self.timeout
-        while self._needed or resetting:
-            try:
-                msg = self._next_message(deadline, "recovering from a failure")
-            except _Failure as f:
-                # Another worker died meanwhile, or a replacement did (then the next one is tried).
-                for r in sorted(f.dead):
-                    dead.add(r)
-                    resetting.discard(r)
-                    self._replace(r)
-                event["reason"] += f"; {f.reason}"
-                continue
-            t = msg["t"]
-            if t == "reset_done" and msg["epoch"] == self._epoch:
-                resetting.discard(msg["rank"])
-            elif t == "joined":
-                ch, hello = msg["ch"], msg["hello"]
-                if hello.get("standby"):
-                    self._standbys.remove((ch, hello))
-                    # not a rank whose own replacement process is starting (it takes that one)
-                    waiting = sorted(r for r in self._needed if r not in self.channels and r not in self._proc_of)
-                    if waiting:
-                        self._assign(waiting[0], ch, hello)
-                else:
-                    self._assign(int(hello["rank"]), ch, hello)
-            elif t == "ready" and msg["rank"] in self._needed:
-                self._needed.discard(msg["rank"])
-                self._on_ready(msg)
-                event["weights_s"] = max(event.get("weights_s", 0.0), msg.get("load_s", 0.0))
-        event["respawn_s"] = time.monotonic() - t0
-        event["ranks"] = sorted(dead)  # including those found dead while recovering
-        event["workers"] = [self.worker_info[r]["worker"] for r in sorted(dead)]
-        for r in range(self.world):
-            self.channels[r].send(self._pipes_msg(r))
-        t1 = time.monotonic()
-        bad = self._restore_kv(dead) if self.replicate else set()
-        event["kv_fetch_s"] = time.monotonic() - t1
-        self._after_recovery(dead)
-        recomputed = 0
-        kv_lost = any(self._holds_decode_kv(r) for r in dead)
-        for s in self._token_side():
-            n = len(s) - 1  # tokens whose KV existed before the failure (the newest one's comes next)
-            if not kv_lost:  # a prompt worker or a link failed: the decode caches are intact
-                s.num_cached = min(s.num_cached, n)
-                continue
-            w = self._watermark_of(s) if self.replicate and s.seq_id not in bad else 0
-            if not self.replicate:
-                # The paper's baseline: start over from the prompt (tokens already streamed to the client
-                # are regenerated identically and not sent again).
-                s.token_ids = s.token_ids[:s.num_prompt_tokens]
-            s.num_cached = w
-            self.watermark[s.seq_id] = (w, s.preemptions)
-            recomputed += max(0, n - w)
-        self.recomputed_tokens += recomputed
-        event.update(total_s=time.monotonic() - t0, recomputed_tokens=recomputed, bad_replicas=len(bad),
-                     replicated=self.replicate)
-        self.failures.append(event)
-        self._spawn_spares()  # top the warm spares up again
-        log.warning("recovered from the failure of %s in %.2fs (respawn %.2fs, KV %.2fs); %d tokens recomputed",
-                    ", ".join(event["workers"]), event["total_s"], event["respawn_s"], event["kv_fetch_s"], recomputed)
-
-    def _recover_from(self, f: _Failure) -> None:
-        """_recover; a failure in its last phases (a replacement dying while its KV is restored)
-        starts the next recovery, up to REPLACE_ATTEMPTS in a row."""
-        for _ in range(REPLACE_ATTEMPTS):
-            try:
-                return self._recover(f.dead, f.reason)
-            except _Failure as again:
-                f = again
-        raise WorkerError(f"recovery failed {REPLACE_ATTEMPTS} times in a row; last: {f.reason}")
 
     def _holds_decode_kv(self, rank: int) -> bool:
         return self._rank_config(rank)["role"] != "prompt"
 
     def _after_recovery(self, dead: set[int]) -> None:
         """Hook: re-introduce workers to each other (disaggregation)."""
-
-    def _restore_kv(self, dead: set[int]) -> set[int]:
-        """Replacements fetch their stage's KV from its holder; workers whose holder was replaced
-        re-seed it (in the background). Returns the requests that cannot use their replica."""
-        seqs = self._token_side()
-        blocks = sorted({b for s in seqs for b in s.block_table})
-        bad: set[int] = set()
-        waiting: dict[tuple[str, int], bool] = {}
-        for r in sorted(dead):
-            holder = self._holder_rank(r)
-            if holder is None:
-                continue
-            if holder in dead and not self.replicate_dir:
-                bad.update(s.seq_id for s in seqs)  # the replica died with its holder
-                continue
-            self.channels[r].send({"t": "restore", "holder": ["127.0.0.1", self.worker_info[holder]["replica_port"]],
-                                   "blocks": blocks,
-                                   "seqs": [[s.seq_id, s.block_table, self._watermark_of(s)] for s in seqs]})
-            waiting[("restored", r)] = True
-        for r in range(self.world):
-            if r not in dead and self._holder_rank(r) in dead:
-                # Not waited for: until the new holder is re-seeded its empty slots fail their checksums,
-                # so a second failure meanwhile recomputes those requests instead of using a bad replica.
-                self.channels[r].send({"t": "rereplicate", "id": self._epoch, "blocks": blocks})
-        deadline = time.monotonic() + self.timeout
-        while waiting:
-            msg = self._next_message(deadline, "restoring KV from replicas")
-            key = (msg["t"], msg.get("rank"))
-            if key not in waiting:
-                continue
-            del waiting[key]
-            bad.update(msg["bad"])
-            if msg.get("error"):
-                log.warning("worker %d could not fetch its replica: %s", msg["rank"], msg["error"])
-        return bad
 
     # ------------------------------------------------------------------ shutdown
     def shutdown(self) -> None:
@@ -899,8 +617,8 @@ class PipelineEngine(LLMEngine):
                 msg = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if msg.get("t") == "joined":
-                standbys.append((msg["ch"], msg["hello"]))
+            if msg[2].t == "joined":
+                standbys.append((msg[2].ch, msg[2].hello))
         while True:  # and those accepted that nothing took yet
             try:
                 standbys.append(self._accept.joined.get_nowait())
@@ -908,17 +626,15 @@ class PipelineEngine(LLMEngine):
                 break
         for ch, _ in standbys:
             try:
-                ch.send({"t": "shutdown"})
+                ch.send(Shutdown())
             except OSError:
                 pass
-        for p in getattr(self, "_spare_procs", {}).values():
-            launch._signal(p, signal.SIGKILL)  # a spare not given a rank has nothing to lose
         for ch in getattr(self, "channels", {}).values():
             try:
-                ch.send({"t": "shutdown"})
+                ch.send(Shutdown())
             except OSError:
                 pass
-        launch.stop(self.procs, timeout=10.0)
+        self.launcher.stop(timeout=10.0)
         for ch in getattr(self, "channels", {}).values():
             ch.close()
         self._accept.close()
@@ -929,6 +645,7 @@ class PipelineEngine(LLMEngine):
 
     def fault_tolerance(self) -> dict:
         """For /v1/cluster and /metrics."""
-        return {"recovery": self.recovery, "replicate": self.replicate, "failures": len(self.failures),
-                "recoveries": self.failures, "recomputed_tokens": self.recomputed_tokens,
-                "replicated_bytes": sum(self.rep_bytes.values())}
+        rec = self.recovery
+        return {"recovery": rec.policy, "replicate": self.replication.enabled, "failures": len(rec.failures),
+                "recoveries": rec.failures, "recomputed_tokens": rec.recomputed_tokens,
+                "replicated_bytes": sum(self.replication.bytes.values())}

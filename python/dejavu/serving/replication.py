@@ -32,6 +32,7 @@ import time
 import torch
 
 from .. import _C, kernels
+from ..cluster.messages import KINDS
 from ..models.layers import KVRing
 
 
@@ -49,8 +50,8 @@ class Replicator:
         self._cuda = dev.type == "cuda"
         self._device_index = (dev.index if dev.index is not None else torch.cuda.current_device()) if self._cuda else -1
         self.native = _C.ReplicaSender(cache.layout(), cache.tensor.data_ptr(), self._device_index,
-                                       src, worker.cfg["kv_token"], str(cache.dtype).replace("torch.", ""),
-                                       float(worker.cfg["timeout"]))
+                                       src, worker.cfg.kv_token, str(cache.dtype).replace("torch.", ""),
+                                       float(worker.cfg.timeout))
         self.native.set_every(1, self.LINGER_S)
         # A step's slots are gathered once the next step was handed over (at most LAG_S later): the copy
         # then runs beside that step's compute, not at the step boundary where the sampled tokens
@@ -138,7 +139,7 @@ class Replicator:
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until everything queued was sent (or failed) and its acknowledgements forwarded."""
-        deadline = time.monotonic() + (timeout if timeout is not None else float(self.w.cfg["timeout"]) * 4)
+        deadline = time.monotonic() + (timeout if timeout is not None else float(self.w.cfg.timeout) * 4)
         if not self.native.drain(max(0.0, deadline - time.monotonic())):
             return False
         want = self.native.events_total()
@@ -179,9 +180,7 @@ class Replicator:
                 self._cond.notify_all()
 
     def _ack(self, kind: str, tag: int, nbytes: int, error: str | None = None) -> None:
-        msg = {"t": kind, "rank": self.w.rank, "id": tag, "bytes": nbytes}
-        if error:
-            msg["error"] = error
+        msg = KINDS[kind](rank=self.w.rank, id=tag, bytes=nbytes, error=error)  # replicated / rereplicated
         try:
             self.w.ch.send(msg)
         except OSError:

@@ -21,6 +21,8 @@ import socket
 import sys
 import threading
 import time
+import dataclasses
+from dataclasses import replace
 
 import torch
 
@@ -28,6 +30,8 @@ from ..engine.kv_cache import PagedKVCache
 from ..engine.model_runner import build_metadata
 from ..engine.sampler import from_wire, pick, with_logprobs
 from ..models.loader import load_model, parse_dtype, resolve
+from ..cluster.messages import (Admitted, Error, Heartbeat, MessageError, Pushed, Ready, ResetDone, Restored, StepFailed,
+                                SwapStats, Tokens, pack_tokens)
 from ..parallel.wire import Channel, connect
 from .lifecycle import on_deployment_gone, quiet_stop_on_signals, run_deployment_cleanups, watch_parent
 
@@ -44,58 +48,58 @@ class StageWorker:
         import torch.distributed as dist
 
         self.ch, self.rank, self.cfg = ch, rank, cfg
-        self.role = cfg.get("role", "stage")
-        self.pp, self.tp = cfg["pp"], cfg["tp"]
-        self.stage, self.tp_rank = divmod(rank - cfg.get("first_rank", 0), self.tp)
-        start, end = cfg["layers"][self.stage]
+        self.role = cfg.role
+        self.pp, self.tp = cfg.pp, cfg.tp
+        self.stage, self.tp_rank = divmod(rank - cfg.first_rank, self.tp)
+        start, end = cfg.layers[self.stage]
         self.layer_start = start
-        dev = cfg["device"]
+        dev = cfg.device
         if dev == "cuda":
             dev = f"cuda:{rank % torch.cuda.device_count()}"
         self.device = torch.device(dev)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.dtype = parse_dtype(cfg["dtype"], self.device)
+        self.dtype = parse_dtype(cfg.dtype, self.device)
         if self.device.type == "cpu":
             # Share the host's cores among the workers instead of oversubscribing them.
-            threads = int(os.environ.get("DEJAVU_WORKER_THREADS", 0)) or max(1, (os.cpu_count() or 1) // cfg["world"])
+            threads = int(os.environ.get("DEJAVU_WORKER_THREADS", 0)) or max(1, (os.cpu_count() or 1) // cfg.world)
             torch.set_num_threads(threads)
         else:
             # A GPU worker's host-side tensor work is small (step metadata, replica updates): a pool of
             # intra-op threads per process only spins against the threads launching the kernels.
             torch.set_num_threads(int(os.environ.get("DEJAVU_WORKER_THREADS", 0)) or 1)
         t_load = time.perf_counter()
-        src = resolve(cfg["model"])
-        self.model = load_model(src, self.device, self.dtype, seed=cfg["seed"], layer_range=(start, end),
+        src = resolve(cfg.model)
+        self.model = load_model(src, self.device, self.dtype, seed=cfg.seed, layer_range=(start, end),
                                 tp_rank=self.tp_rank, tp_size=self.tp)
         mc = self.model.cfg
-        self.cache = PagedKVCache(end - start, cfg["num_blocks"], cfg["block_size"], mc.num_kv_heads, mc.head_dim,
+        self.cache = PagedKVCache(end - start, cfg.num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim,
                                   self.dtype, self.device)
         self.load_s = time.perf_counter() - t_load  # weights and cache (reported with READY)
         self._t_inputs = 0.0
         self._decode_step_s: float | None = None
         self.swap = None
-        if cfg.get("swap"):
+        if cfg.swap:
             from ..engine.swap import SwapCache
 
-            self.swap = SwapCache(self.cache.tensor, cfg["swap"]["host_blocks"], cfg["swap"]["resident"])
-        self.backend = cfg["backend"]
+            self.swap = SwapCache(self.cache.tensor, cfg.swap.host_blocks, cfg.swap.resident)
+        self.backend = cfg.backend
         self.hidden = mc.hidden_size
         self.dist = dist
         # Fault tolerance: hidden states travel over our own per-neighbour connections (a dead peer
         # breaks only those); torch.distributed is then needed only for tensor parallelism.
         self.pipes = None
-        if cfg.get("pipes"):
+        if cfg.pipes:
             from ..parallel.pipe import StagePipes
 
-            self.pipes = StagePipes(cfg["kv_token"], rank, cfg.get("kv_host", "127.0.0.1"), cfg["timeout"],
+            self.pipes = StagePipes(cfg.kv_token, rank, cfg.kv_host, cfg.timeout,
                                     on_broken=self._pipe_broken)
-        if cfg["world"] > 1 and (self.pipes is None or self.tp > 1):
-            dist.init_process_group(self.backend, init_method=f"tcp://{cfg['master']}", rank=rank,
-                                    world_size=cfg["world"], timeout=datetime.timedelta(seconds=cfg["timeout"]))
+        if cfg.world > 1 and (self.pipes is None or self.tp > 1):
+            dist.init_process_group(self.backend, init_method=f"tcp://{cfg.master}", rank=rank,
+                                    world_size=cfg.world, timeout=datetime.timedelta(seconds=cfg.timeout))
             # Every rank creates every TP group, in the same order (new_group is collective).
-            groups = [dist.new_group(g) for g in cfg["tp_groups"]]
-            mine = [g for g, ranks in zip(groups, cfg["tp_groups"]) if rank in ranks]
+            groups = [dist.new_group(g) for g in cfg.tp_groups]
+            mine = [g for g, ranks in zip(groups, cfg.tp_groups) if rank in ranks]
             if self.tp > 1:
                 self.model.set_tp_group(mine[0])
         self.pending_sends = []
@@ -103,22 +107,22 @@ class StageWorker:
         self.streamer = None
         self.kv_server = None
         self.dests = {}
-        rep = cfg.get("replicate")
+        rep = cfg.replicate
         if self.role in ("prompt", "token"):  # disaggregation's KV streams (replication has its own sender)
             from ..kvstream import KVStreamer, TcpReplicaServer
 
-            self.streamer = KVStreamer(self.cache, pool_bytes=cfg.get("kv_pool_bytes", 256 << 20))
+            self.streamer = KVStreamer(self.cache, pool_bytes=cfg.kv_pool_bytes)
             if self.role == "token":
-                self.kv_server = TcpReplicaServer(cfg["kv_token"], host=cfg.get("kv_host", "127.0.0.1"))
+                self.kv_server = TcpReplicaServer(cfg.kv_token, host=cfg.kv_host)
         # --replicate: hold the replicas of other workers (ReplicaServer) and send ours (Replicator).
         self.replica_server = self.replicator = None
         if rep:
             from ..kvstream.replica import ReplicaServer
             from .replication import Replicator
 
-            self.replica_server = ReplicaServer(cfg["kv_token"], cfg.get("kv_host", "127.0.0.1"), rep.get("dir"),
-                                                prefix=rep.get("prefix", ""))
-            self.replicator = Replicator(self, cfg["worker_name"])
+            self.replica_server = ReplicaServer(cfg.kv_token, cfg.kv_host, rep.dir,
+                                                prefix=rep.prefix)
+            self.replicator = Replicator(self, cfg.worker_name)
 
     def ready_info(self) -> dict:
         info = {"load_s": self.load_s}
@@ -138,13 +142,13 @@ class StageWorker:
     def _pipe_broken(self, step_id: int, err: str) -> None:
         """A queued send to the next stage failed (on the pipes' sending thread): that step is lost."""
         try:
-            self.ch.send({"t": "step_failed", "rank": self.rank, "id": step_id, "msg": err})
+            self.ch.send(StepFailed(rank=self.rank, id=step_id, msg=err))
         except OSError:
             pass  # the controller is gone; the main loop exits on its own
 
     # ------------------------------------------------------------------ forward through this stage
     def _forward(self, msg: dict, on_layer=None):
-        items = [(s["ids"], s["start"], s["blocks"]) for s in msg["seqs"]]
+        items = [(s.ids, s.start, s.blocks) for s in msg.seqs]
         # --replicate: a decode step's new K/V also go to the replicator's ring (after_step sends them)
         tap = self.replicator if self.replicator is not None and self.replicator.ring is not None else None
         ids, pos, meta, last = build_metadata(items, self.cache.block_size, self.device, tap)
@@ -152,7 +156,7 @@ class StageWorker:
             x = ids
         elif self.pipes is not None:
             buf = torch.empty((ids.numel(), self.hidden), dtype=self.dtype, pin_memory=self.device.type == "cuda")
-            x = self.pipes.recv(msg["id"], buf).to(self.device, non_blocking=True)
+            x = self.pipes.recv(msg.id, buf).to(self.device, non_blocking=True)
         else:
             buf = torch.empty((ids.numel(), self.hidden), dtype=self.dtype, device=self.wire_device)
             self.dist.recv(buf, src=self.rank - self.tp)  # same TP rank, previous stage
@@ -160,7 +164,7 @@ class StageWorker:
         self._t_inputs = time.perf_counter()  # inputs at hand: what follows is this stage's own work
         h = self.model(x, pos, meta, self.cache.tensor, on_layer=on_layer)
         if self.stage < self.pp - 1 and self.pipes is not None:
-            self.pipes.send(msg["id"], h)
+            self.pipes.send(msg.id, h)
             return None
         if self.stage < self.pp - 1:
             out = h.to(self.wire_device).contiguous()
@@ -169,12 +173,16 @@ class StageWorker:
             return None
         return h[last]
 
-    def _sample(self, msg: dict, h) -> list[int]:
+    def _sample(self, msg, h) -> dict:
+        """The tokens (and logprobs where asked) of a Tokens or Pushed reply."""
         logits = self.model.compute_logits(h)
-        seqs = msg["seqs"]
-        params, seen = zip(*(from_wire(s) for s in seqs))
-        return with_logprobs(*pick(logits, list(params), [s["seed"] for s in seqs],
-                                   [s["start"] + len(s["ids"]) for s in seqs], [s["banned"] for s in seqs], list(seen)))
+        seqs = msg.seqs
+        params, seen = zip(*(from_wire(s.temp, s.top_k, s.top_p, dataclasses.asdict(s.x) if s.x else None)
+                             for s in seqs))
+        tokens, lps = pick(logits, list(params), [s.seed for s in seqs], [s.start + len(s.ids) for s in seqs],
+                           [s.banned for s in seqs], list(seen))
+        ids, logprobs = pack_tokens(with_logprobs(tokens, lps))
+        return {"tokens": ids, "logprobs": logprobs}
 
     @torch.inference_mode()
     def step(self, msg: dict) -> None:
@@ -182,22 +190,22 @@ class StageWorker:
         t0 = time.perf_counter()
         if self.swap is not None:
             # Logical (host) blocks -> this microbatch's device blocks; remember what the new tokens touch.
-            mapping = self.swap.acquire(msg["mb"], msg["live"])
+            mapping = self.swap.acquire(msg.mb, msg.live)
             bs = self.cache.block_size
-            touched = sorted({s["blocks"][p // bs] for s in msg["seqs"]
-                              for p in range(s["start"], s["start"] + len(s["ids"]))})
-            msg = {**msg, "seqs": [{**s, "blocks": [mapping[b] for b in s["blocks"]]} for s in msg["seqs"]]}
+            touched = sorted({s.blocks[p // bs] for s in msg.seqs
+                              for p in range(s.start, s.start + len(s.ids))})
+            msg = replace(msg, seqs=[replace(s, blocks=[mapping[b] for b in s.blocks]) for s in msg.seqs])
         try:
             h = self._forward(msg)
             if h is not None and self.tp_rank == 0:  # the LM head is replicated: TP rank 0 of the last stage answers
-                reply = {"t": "tokens", "mb": msg["mb"], "id": msg["id"], "tokens": self._sample(msg, h)}
-                if self._decode_step_s is not None:  # the previous decode step's time rides along (see below)
-                    reply["step_s"], self._decode_step_s = self._decode_step_s, None
+                # the previous decode step's time rides along (see below)
+                reply = Tokens(mb=msg.mb, id=msg.id, **self._sample(msg, h), step_s=self._decode_step_s)
+                self._decode_step_s = None
                 self.ch.send(reply)
             if self.replicator is not None:  # the token slots this step wrote leave for the replica holder
-                self.replicator.after_step(msg["id"], [(s["blocks"], s["start"], s["start"] + len(s["ids"]))
-                                                       for s in msg["seqs"]])
-            if h is not None and not msg.get("prefill"):
+                self.replicator.after_step(msg.id, [(s.blocks, s.start, s.start + len(s.ids))
+                                                       for s in msg.seqs])
+            if h is not None and not msg.prefill:
                 # This stage's decode step, from its inputs at hand to the replication enqueued (the
                 # sampling synchronised with the device): /metrics and bench replication overhead. It
                 # goes with the next step's tokens so that enqueueing stays off the reply's path.
@@ -222,17 +230,17 @@ class StageWorker:
         exposed = sw.wait_s / max(sw.step_s, 1e-9)
         if exposed > 0.10 and not sw.warned:
             sw.warned = True
-            print(f"[dejavu worker {self.cfg['worker_name']}] swapping is not hidden: {100 * exposed:.0f}% of step "
+            print(f"[dejavu worker {self.cfg.worker_name}] swapping is not hidden: {100 * exposed:.0f}% of step "
                   f"time waits for KV to come in (PCIe slower than compute); fewer microbatches per stage or a "
                   f"larger --resident-microbatches would help", file=sys.stderr, flush=True)
-        self.ch.send({"t": "swapstats", "rank": self.rank, "bytes_in": sw.bytes_in, "bytes_out": sw.bytes_out,
-                      "wait_s": sw.wait_s, "step_s": sw.step_s})
+        self.ch.send(SwapStats(rank=self.rank, bytes_in=sw.bytes_in, bytes_out=sw.bytes_out, wait_s=sw.wait_s,
+                               step_s=sw.step_s))
 
     def on_arrival(self, msg: dict) -> None:
         """Called by the receiving thread as a message arrives: start bringing the microbatch's KV
         in while the step before it still runs."""
-        if self.swap is not None and msg.get("t") == "step":
-            self.swap.prefetch(msg["mb"], msg["live"])
+        if self.swap is not None and msg.t == "step":
+            self.swap.prefetch(msg.mb, msg.live)
 
     # ------------------------------------------------------------------ disaggregation
     def set_peers(self, msg: dict) -> None:
@@ -244,29 +252,29 @@ class StageWorker:
 
         self.transport_used = {}
         self.remote = {}
-        for w in msg["token_workers"]:
-            kind = choose(w["hostname"], self.cfg.get("kv_transport", "auto"), device=self.device.type)
-            if kind == "ipc" and not w.get("ipc"):
+        for w in msg.token_workers:
+            kind = choose(w.hostname, self.cfg.kv_transport or "auto", device=self.device.type)
+            if kind == "ipc" and not w.ipc:
                 kind = "shm"  # a swapping token worker takes prompt KV into host memory: no cache to map
-            self.transport_used[w["worker"]] = kind
+            self.transport_used[w.worker] = kind
             if kind == "ipc":
                 # Mapped into our own device's address space: with the peer on another GPU, our copy
                 # kernels write to it over NVLink / PCIe peer access.
-                self.remote[w["worker"]] = (import_tensor(w["ipc"], device=self.device.index), w["num_blocks"])
+                self.remote[w.worker] = (import_tensor(w.ipc, device=self.device.index), w.num_blocks)
                 # High priority: a layer's copy blocks go ahead of the next layers' prefill blocks as
                 # SMs free up, instead of queueing behind the whole prefill and draining after it.
                 # DEJAVU_KV_STREAM_PRIORITY=normal: the default priority (a baseline for benchmarks).
                 normal = os.environ.get("DEJAVU_KV_STREAM_PRIORITY", "high") == "normal"
                 self.ipc_stream = torch.cuda.Stream(self.device, priority=0 if normal else -1)
             elif kind == "shm":
-                self.dests[w["worker"]] = ShmDest(self.cfg["shm_prefix"])
+                self.dests[w.worker] = ShmDest(self.cfg.shm_prefix)
             else:
-                self.dests[w["worker"]] = TcpDest(w["host"], w["kv_port"], self.cfg["kv_token"])
-        self.bandwidth = {w["worker"]: self._calibrate(w["worker"]) for w in msg["token_workers"]}
+                self.dests[w.worker] = TcpDest(w.host, w.kv_port, self.cfg.kv_token)
+        self.bandwidth = {w.worker: self._calibrate(w.worker) for w in msg.token_workers}
         from ..kvstream.routing import Transfer
 
         self.transfers = [Transfer(**{k: tuple(v) if isinstance(v, list) else v for k, v in t.items()})
-                          for t in msg["transfers"]]
+                          for t in msg.transfers]
 
     def _calibrate(self, worker: str) -> float:
         """Bytes/s of the whole path to `worker` (gather + transport) with nothing else running:
@@ -279,7 +287,7 @@ class StageWorker:
         n = region.nbytes(layout)
         best = float("inf")
         for attempt in range(3):
-            key = f"calibrate.{self.cfg['worker_name']}.{worker}.{attempt}"
+            key = f"calibrate.{self.cfg.worker_name}.{worker}.{attempt}"
             t0 = time.perf_counter()
             if self.transport_used[worker] == "ipc":
                 remote, _ = self.remote[worker]
@@ -287,11 +295,11 @@ class StageWorker:
                 remote[:m].copy_(self.streamer.flat[:m])  # the token cache holds nothing yet
                 torch.cuda.synchronize(self.device)
             else:
-                self.streamer.stream_out(region, self.dests[worker], key).wait(self.cfg["timeout"])
+                self.streamer.stream_out(region, self.dests[worker], key).wait(self.cfg.timeout)
             best = min(best, time.perf_counter() - t0)
             if self.transport_used[worker] == "shm":
                 from ..kvstream.shm import SHM_DIR
-                os.unlink(os.path.join(SHM_DIR, self.cfg["shm_prefix"] + key))
+                os.unlink(os.path.join(SHM_DIR, self.cfg.shm_prefix + key))
             elif self.transport_used[worker] == "tcp":
                 self.dests[worker].clients[0].delete(key)
         return n / best
@@ -303,7 +311,7 @@ class StageWorker:
 
         from .. import _C
 
-        me = self.cfg["worker_name"]
+        me = self.cfg.worker_name
         mine = [t for t in self.transfers if t.src == me]
         futures, nbytes, keep = [], 0, []
         per_dst: dict[str, int] = {}
@@ -322,7 +330,7 @@ class StageWorker:
                     remote, nt = self.remote[t.dst]
                     j = t.dst_layers[0] + (g - t.layers[0])
                     rows = [((i * self.cache.num_blocks + bp) * chunk, (j * nt + bt) * chunk, chunk)
-                            for s in msg["seqs"] for bp, bt in zip(s["blocks"], s["dst_blocks"])]
+                            for s in msg.seqs for bp, bt in zip(s.blocks, s.dst_blocks)]
                     host = torch.tensor(rows, dtype=torch.int64).pin_memory()
                     self.ipc_stream.wait_event(after)
                     with torch.cuda.stream(self.ipc_stream):
@@ -333,9 +341,9 @@ class StageWorker:
                     nbytes += len(rows) * chunk
                     per_dst[t.dst] = per_dst.get(t.dst, 0) + len(rows) * chunk
                     continue
-                for s in msg["seqs"]:
-                    region = Region.chunks([i], s["blocks"])
-                    key = f"{s['key']}.L{g}.{t.dst}"  # unique per receiver: shm names are host-wide
+                for s in msg.seqs:
+                    region = Region.chunks([i], s.blocks)
+                    key = f"{s.key}.L{g}.{t.dst}"  # unique per receiver: shm names are host-wide
                     futures.append(self._stream_out(region, self.dests[t.dst], key, after, futures))
                     nbytes += region.nbytes(self.streamer.layout)
                     per_dst[t.dst] = per_dst.get(t.dst, 0) + region.nbytes(self.streamer.layout)
@@ -347,18 +355,15 @@ class StageWorker:
             torch.cuda.current_stream(self.device).synchronize()
         compute = time.perf_counter() - t0
         for f in futures:
-            f.wait(self.cfg["timeout"])
+            f.wait(self.cfg.timeout)
         if keep:
             self.ipc_stream.synchronize()  # the token worker may read its cache once we say "pushed"
         exposed = time.perf_counter() - t0 - compute
-        reply = {"t": "pushed", "mb": msg["mb"], "id": msg["id"], "rank": self.rank, "bytes": nbytes,
-                 "exposed_s": exposed, "compute_s": compute,
-                 "raw_s": sum(b / self.bandwidth[d] for d, b in per_dst.items()),
-                 "transports": sorted({self.transport_used[t.dst] for t in mine}),
-                 "delivered": sorted({t.dst for t in mine if self.transport_used[t.dst] == "ipc"})}
-        if h is not None and self.tp_rank == 0:
-            reply["tokens"] = self._sample(msg, h)
-        self.ch.send(reply)
+        self.ch.send(Pushed(mb=msg.mb, id=msg.id, rank=self.rank, bytes=nbytes, exposed_s=exposed, compute_s=compute,
+                            raw_s=sum(b / self.bandwidth[d] for d, b in per_dst.items()),
+                            transports=sorted({self.transport_used[t.dst] for t in mine}),
+                            delivered=sorted({t.dst for t in mine if self.transport_used[t.dst] == "ipc"}),
+                            **(self._sample(msg, h) if h is not None and self.tp_rank == 0 else {})))
 
     def _stream_out(self, region, dest, key, after, pending):
         """stream_out, waiting for earlier transfers to return their pool buffers when the pool is full."""
@@ -371,7 +376,7 @@ class StageWorker:
                 busy = [f for f in pending if not f.done()]
                 if not busy:
                     raise
-                busy[0].wait(self.cfg["timeout"])
+                busy[0].wait(self.cfg.timeout)
 
     @torch.inference_mode()
     def admit(self, msg: dict) -> None:
@@ -380,29 +385,28 @@ class StageWorker:
 
         from ..kvstream.shm import ShmDest
 
-        shm = ShmDest(self.cfg["shm_prefix"])
+        shm = ShmDest(self.cfg.shm_prefix)
         nbytes = 0
         t0 = time.perf_counter()
         if self.swap is not None:  # into the host copy, where the microbatch's swap-ins read it
-            self.swap.host_write([b for s in msg["seqs"] for b in s["blocks"]])
-        if self.cfg["worker_name"] in msg.get("delivered", []):
+            self.swap.host_write([b for s in msg.seqs for b in s.blocks])
+        if self.cfg.worker_name in msg.delivered:
             # Written straight into this cache by the prompt workers (CUDA IPC), already complete.
             chunk = self.streamer.layout.chunk_bytes()
-            nbytes = sum(len(s["blocks"]) for s in msg["seqs"]) * self.cache.num_layers * chunk
-            self.ch.send({"t": "admitted", "id": msg["id"], "rank": self.rank, "bytes": nbytes,
-                          "seconds": time.perf_counter() - t0})
+            nbytes = sum(len(s.blocks) for s in msg.seqs) * self.cache.num_layers * chunk
+            self.ch.send(Admitted(id=msg.id, rank=self.rank, bytes=nbytes, seconds=time.perf_counter() - t0))
             self._replicate_admitted(msg)
             return
-        for s in msg["seqs"]:
+        for s in msg.seqs:
             for i in range(self.cache.num_layers):
-                key = f"{s['key']}.L{self.layer_start + i}.{self.cfg['worker_name']}"
-                region = Region.chunks([i], s["blocks"])
+                key = f"{s.key}.L{self.layer_start + i}.{self.cfg.worker_name}"
+                region = Region.chunks([i], s.blocks)
                 n = region.nbytes(self.streamer.layout)
                 buf = self.streamer.pool.alloc(n)
                 try:
                     if shm.size(key) >= 0:  # a same-host prompt worker left it in shared memory
                         got = shm.size(key)
-                        shm.get(key, buf.tensor).wait(self.cfg["timeout"])
+                        shm.get(key, buf.tensor).wait(self.cfg.timeout)
                     else:                   # else it came over TCP into the receive store
                         got = self.kv_server.get_into(key, buf.tensor)
                         self.kv_server.server.erase(key)
@@ -410,24 +414,23 @@ class StageWorker:
                         raise RuntimeError(f"KV chunk {key} has {got} bytes, expected {n}")
                     if self.swap is not None:
                         host = self.swap.host[i]  # [host blocks, 2, block_size, kv_heads, head_dim]
-                        x = buf.tensor[:n].view(host.dtype).view((len(s["blocks"]),) + tuple(host.shape[1:]))
-                        host.index_copy_(0, torch.tensor(s["blocks"]), x)
+                        x = buf.tensor[:n].view(host.dtype).view((len(s.blocks),) + tuple(host.shape[1:]))
+                        host.index_copy_(0, torch.tensor(s.blocks), x)
                     else:
-                        self.streamer.scatter(region, buf.tensor).wait(self.cfg["timeout"])
+                        self.streamer.scatter(region, buf.tensor).wait(self.cfg.timeout)
                 finally:
                     buf.free()
                 nbytes += n
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.ch.send({"t": "admitted", "id": msg["id"], "rank": self.rank, "bytes": nbytes,
-                      "seconds": time.perf_counter() - t0})
+        self.ch.send(Admitted(id=msg.id, rank=self.rank, bytes=nbytes, seconds=time.perf_counter() - t0))
         self._replicate_admitted(msg)
 
     def _replicate_admitted(self, msg: dict) -> None:
         """The prompt KV just admitted goes to the replica holder as well (positions [0, ntok))."""
         if self.replicator is not None:
             self.replicator.cancel_staged()  # these slots were not written by a step's kernels
-            self.replicator.after_step(msg["id"], [(s["blocks"], 0, s["ntok"]) for s in msg["seqs"]])
+            self.replicator.after_step(msg.id, [(s.blocks, 0, s.ntok) for s in msg.seqs])
 
     # ------------------------------------------------------------------ fault tolerance
     def reset(self, msg: dict) -> None:
@@ -437,28 +440,28 @@ class StageWorker:
             self.pipes.fail()
         if self.replicator is not None:
             self.replicator.drain()
-        prefixes = [k + "." for k in msg.get("drop_keys", [])]
+        prefixes = [k + "." for k in msg.drop_keys]
         if prefixes and self.kv_server is not None:
             for key in self.kv_server.server.keys():
                 if any(key.startswith(p) for p in prefixes):
                     self.kv_server.server.erase(key)
             from ..kvstream.shm import SHM_DIR
 
-            base = self.cfg["shm_prefix"]
+            base = self.cfg.shm_prefix
             for name in os.listdir(SHM_DIR):
                 if name.startswith(base) and any(name[len(base):].startswith(p) for p in prefixes):
                     try:
                         os.unlink(os.path.join(SHM_DIR, name))
                     except OSError:
                         pass
-        self.ch.send({"t": "reset_done", "rank": self.rank, "epoch": msg["epoch"]})
+        self.ch.send(ResetDone(rank=self.rank, epoch=msg.epoch))
 
     def set_pipes(self, msg: dict) -> None:
         """Neighbours (and replica holder) of a new epoch: connections are made on first use."""
         if self.pipes is not None:
-            self.pipes.configure(msg["epoch"], msg.get("prev"), msg.get("next"))
-        if self.replicator is not None and msg.get("holder"):
-            self.replicator.set_holder(msg["holder"])
+            self.pipes.configure(msg.epoch, msg.prev, msg.next)
+        if self.replicator is not None and msg.holder:
+            self.replicator.set_holder(msg.holder)
 
     @torch.inference_mode()
     def restore(self, msg: dict) -> None:
@@ -467,21 +470,21 @@ class StageWorker:
         from ..kvstream.replica import ReplicaClient, ReplicaError, block_checksums, mac_key
 
         t0 = time.perf_counter()
-        blocks = msg["blocks"]
+        blocks = msg.blocks
         bad, nbytes, error = [], 0, None
         try:
             if blocks:
-                client = ReplicaClient(msg["holder"][0], int(msg["holder"][1]), self.cfg["kv_token"],
-                                       timeout=self.cfg["timeout"])
+                client = ReplicaClient(msg.holder[0], int(msg.holder[1]), self.cfg.kv_token,
+                                       timeout=self.cfg.timeout)
                 try:
-                    data, chk = client.get_blocks(self.cfg["worker_name"], blocks)
+                    data, chk = client.get_blocks(self.cfg.worker_name, blocks)
                 finally:
                     client.close()
                 shape = (self.cache.num_layers, len(blocks)) + tuple(self.cache.tensor.shape[2:])
                 x = data.view(self.cache.dtype).view(shape)
                 # Replicas kept on disk carry MACs (replica.py): verified with the key, never trusted as they are.
-                on_disk = bool((self.cfg.get("replicate") or {}).get("dir"))
-                key = mac_key(self.cfg["kv_token"], self.cfg["worker_name"]) if on_disk else None
+                on_disk = bool(self.cfg.replicate is not None and self.cfg.replicate.dir)
+                key = mac_key(self.cfg.kv_token, self.cfg.worker_name) if on_disk else None
                 good = block_checksums(x, blocks, key) == chk.view(len(blocks), -1)
                 # Never let a corrupted slot into the cache (garbage such as NaN would leak through masked
                 # attention); those of live requests are recomputed anyway.
@@ -490,7 +493,8 @@ class StageWorker:
                 ok = good.tolist()
                 at = {b: i for i, b in enumerate(blocks)}
                 bs = self.cache.block_size
-                for sid, table, w in msg["seqs"]:
+                for r in msg.seqs:
+                    sid, table, w = r.seq_id, r.blocks, r.watermark
                     if not all(ok[at[table[p // bs]]][p % bs] for p in range(w)):
                         bad.append(sid)
                 idx = torch.as_tensor(blocks, dtype=torch.long, device=self.device)
@@ -498,21 +502,20 @@ class StageWorker:
                 nbytes = data.numel()
         except (OSError, ReplicaError) as e:
             error = f"{type(e).__name__}: {e}"
-            bad = [sid for sid, _, _ in msg["seqs"]]
+            bad = [r.seq_id for r in msg.seqs]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.ch.send({"t": "restored", "rank": self.rank, "bad": bad, "bytes": nbytes,
-                      "seconds": time.perf_counter() - t0, "error": error})
+        self.ch.send(Restored(rank=self.rank, bad=bad, bytes=nbytes, seconds=time.perf_counter() - t0, error=error))
 
     def set_replication(self, msg: dict) -> None:
         """Pause / resume (between requests; PipelineEngine.set_replication)."""
         if self.replicator is not None:
-            self.replicator.paused = not msg["on"]
-            self.replicator.every = max(1, int(msg.get("every", 1)))
+            self.replicator.paused = not msg.on
+            self.replicator.every = max(1, msg.every)
 
     def rereplicate(self, msg: dict) -> None:
         """Our holder was replaced: re-seed it with every live block."""
-        self.replicator.send_blocks(msg["id"], msg["blocks"])
+        self.replicator.send_blocks(msg.id, msg.blocks)
 
     def close(self):
         if self.swap is not None:
@@ -554,7 +557,7 @@ def _receiver(ch: Channel, worker: StageWorker):
                 except Exception as e:  # noqa: BLE001 - the main loop reports it
                     inbox.put(e)
                 inbox.put(msg)
-                if msg.get("t") == "shutdown":
+                if msg.t == "shutdown":
                     return
         except (ConnectionError, OSError) as e:
             inbox.put(ConnectionError(str(e)))
@@ -568,7 +571,7 @@ def _heartbeat(ch: Channel, rank_of, interval: float) -> None:
         while True:
             time.sleep(interval)
             try:
-                ch.send({"t": "hb", "rank": rank_of()})
+                ch.send(Heartbeat(rank=rank_of()))
             except OSError:
                 return
     threading.Thread(target=loop, daemon=True, name="heartbeat").start()
@@ -602,21 +605,21 @@ def run(controller: str, token: str, rank: int | None = None, standby: bool = Fa
                 torch.zeros(1, device=f"cuda:{i}")
         print(f"dejavu worker: standing by for {controller}", file=sys.stderr, flush=True)
     cfg = ch.recv(timeout=None if standby else 600)
-    if cfg.get("t") != "config":
+    if cfg.t != "config":
         return 2
-    rank = int(cfg.get("rank", rank))
-    if cfg.get("shm_prefix"):  # the deployment's /dev/shm segments go with it
+    rank = cfg.rank
+    if cfg.shm_prefix:  # the deployment's /dev/shm segments go with it
         from ..kvstream.shm import retire
 
-        on_deployment_gone(lambda: retire(cfg["shm_prefix"]))
-    if cfg.get("heartbeat_interval"):
-        _heartbeat(ch, lambda: rank, float(cfg["heartbeat_interval"]))
+        on_deployment_gone(lambda: retire(cfg.shm_prefix))
+    if cfg.heartbeat_interval:
+        _heartbeat(ch, lambda: rank, float(cfg.heartbeat_interval))
     try:
         worker = StageWorker(ch, cfg, rank)
     except Exception as e:  # noqa: BLE001 - reported to the controller, which stops everyone
-        ch.send({"t": "error", "rank": rank, "msg": f"{type(e).__name__}: {e}"})
+        ch.send(Error(rank=rank, msg=f"{type(e).__name__}: {e}"))
         return 1
-    ch.send({"t": "ready", "rank": rank, **worker.ready_info()})
+    ch.send(Ready(rank=rank, **worker.ready_info()))
     handlers = {"step": worker.step, "prefill": worker.prefill, "admit": worker.admit, "peers": worker.set_peers,
                 "reset": worker.reset, "pipes": worker.set_pipes, "restore": worker.restore,
                 "rereplicate": worker.rereplicate, "replication": worker.set_replication}
@@ -629,9 +632,9 @@ def run(controller: str, token: str, rank: int | None = None, standby: bool = Fa
             msg = ch.recv(None) if inbox is None else inbox.get()
             if isinstance(msg, BaseException):
                 raise msg
-            if msg["t"] == "shutdown":
+            if msg.t == "shutdown":
                 break
-            handler = handlers.get(msg["t"])
+            handler = handlers.get(msg.t)
             if handler is None:
                 continue
             try:
@@ -641,14 +644,20 @@ def run(controller: str, token: str, rank: int | None = None, standby: bool = Fa
                     raise
                 # A neighbour (or a KV peer) died: this step is lost; the controller resets and replays.
                 worker.pipes.fail()
-                ch.send({"t": "step_failed", "rank": rank, "id": msg.get("id", 0), "msg": str(e)})
+                ch.send(StepFailed(rank=rank, id=getattr(msg, "id", 0), msg=str(e)))
+    except MessageError as e:  # the controller sent something this worker cannot read
+        try:
+            ch.send(Error(rank=rank, msg=str(e)))
+        except OSError:
+            pass
+        return 1
     except ConnectionError:
         if parent and _parent_exits(parent):
             run_deployment_cleanups()
         return 4  # the controller is gone: nothing to serve
     except Exception as e:  # noqa: BLE001
         try:
-            ch.send({"t": "error", "rank": rank, "msg": f"{type(e).__name__}: {e}"})
+            ch.send(Error(rank=rank, msg=f"{type(e).__name__}: {e}"))
         except OSError:
             pass
         return 1

@@ -1,6 +1,8 @@
-"""Starting workers: locally as child processes (the default) or through mpirun."""
+"""Starting workers: locally as child processes (the default), through mpirun, or externally
+(started by hand against the controller's address), and keeping track of the processes."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -8,6 +10,8 @@ import subprocess
 import sys
 
 from ..kvstream.net import LOOPBACK, listen
+
+log = logging.getLogger("dejavu.launch")
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -97,3 +101,70 @@ def _signal(p: subprocess.Popen, sig) -> None:
             p.send_signal(sig)
     except ProcessLookupError:
         pass
+
+
+class Launcher:
+    """The deployment's worker processes: those it started (locally or through mpirun), which
+    process holds which rank, and the warm spares not given a rank yet."""
+
+    def __init__(self, controller: str, token: str, device_type: str, log_dir: str | None = None):
+        self.controller, self.token, self.device_type, self.log_dir = controller, token, device_type, log_dir
+        self.procs: list[subprocess.Popen] = []
+        self.proc_of: dict[int, subprocess.Popen] = {}        # rank -> its process, where we started it
+        self.spare_procs: dict[int, subprocess.Popen] = {}    # pid -> spares not yet given a rank
+
+    def start(self, kind: str, world: int, hostfile: str | None = None, recovery: bool = False) -> None:
+        if kind == "local":
+            self.procs = spawn_local(world, self.controller, self.token, self.log_dir)
+            self.proc_of = dict(enumerate(self.procs))
+        elif kind == "mpirun":
+            self.procs = spawn_mpirun(world, self.controller, self.token, hostfile, self.log_dir, recovery=recovery)
+        elif kind == "external":
+            log.warning("waiting for %d workers: dejavu worker --controller %s (token in DEJAVU_CLUSTER_TOKEN=%s)",
+                        world, self.controller, self.token)
+        else:
+            raise ValueError(f"unknown launcher {kind!r}; use local, mpirun or external")
+
+    def spawn_rank(self, rank: int) -> None:
+        """A new local process for `rank` (a replacement after a failure)."""
+        p = spawn_local_rank(rank, self.controller, self.token, self.log_dir)
+        self.proc_of[rank] = p
+        self.procs.append(p)
+
+    def spawn_spares(self, n: int) -> None:
+        """Top the warm spares up to `n`."""
+        self.spares_starting()
+        while len(self.spare_procs) < n:
+            p = spawn_standby(self.controller, self.token, self.device_type, self.log_dir)
+            self.spare_procs[p.pid] = p
+            self.procs.append(p)
+
+    def spares_starting(self) -> int:
+        """Warm spares still starting (spares that died are reaped and forgotten)."""
+        for pid, p in list(self.spare_procs.items()):
+            if p.poll() is not None:
+                del self.spare_procs[pid]
+                self.reap(p)
+        return len(self.spare_procs)
+
+    def take_spare(self, pid, rank: int) -> None:
+        """A spare registered and was given `rank`: its exit is now noticed like a worker's."""
+        spare = self.spare_procs.pop(pid, None)
+        if spare is not None:
+            self.proc_of[rank] = spare
+
+    def reap(self, p) -> None:
+        """A failed (or replaced) worker process of ours: make sure it is gone, and reap it."""
+        if p.poll() is None:
+            p.kill()
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            log.warning("worker process %d did not exit after SIGKILL", p.pid)
+        if p in self.procs:
+            self.procs.remove(p)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for p in self.spare_procs.values():
+            _signal(p, signal.SIGKILL)  # a spare not given a rank has nothing to lose
+        stop(self.procs, timeout)

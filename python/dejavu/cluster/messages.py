@@ -1,0 +1,327 @@
+"""The control protocol between the controller and its workers: every message kind as a typed record.
+
+On the wire a message is a msgpack map (wire.py frames it): "t" names the kind, the other keys are
+the record's fields, "epoch" (the cluster epoch, on every message) included. `decode` checks the
+kind, that no field is missing or unknown, and every field's type (nested records and lists
+included) and raises MessageError naming the kind and the field; a message is never trusted as it
+arrives. To add a kind: a record below with `@message("kind", "direction")`, a handler where it is
+received, and a row in docs/serving.md.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .records import CONTROLLER, KINDS, WORKER, Message, MessageError, decode, encode, message, record
+
+__all__ = ["CONTROLLER", "KINDS", "WORKER", "Message", "MessageError", "decode", "encode", "message", "record"]
+
+
+# ---------------------------------------------------------------------- nested records
+@record
+class SwapConfig:
+    resident: int      # microbatch regions kept on the device
+    host_blocks: int   # logical blocks of the pinned host copy
+
+
+@record
+class ReplicateConfig:
+    dir: str | None    # also keep replicas on this local disk
+    prefix: str        # the deployment's file name prefix there
+
+
+@record
+class SampleExtra:
+    """Sampling beyond temperature / top-k / top-p (engine/sampler.py wire_fields, from_wire)."""
+    pres: float        # presence penalty
+    freq: float        # frequency penalty
+    rep: float         # repetition penalty
+    min_p: float
+    bias: list[list[float]]  # logit_bias as [token id, bias] pairs
+    lp: int | None     # top logprobs to return with each token (None: no logprobs)
+    seen: list[int] | None = None  # the request's tokens so far, when a penalty needs them
+    np: int | None = None          # ... of which this many are the prompt's
+
+
+@record
+class TokenLogprobs:
+    """The sampled token's logprob and the top alternatives (with `SampleExtra.lp`)."""
+    lp: float
+    top_ids: list[int]
+    top_lps: list[float]
+
+
+def pack_tokens(entries: list) -> tuple[list[int], list[TokenLogprobs | None] | None]:
+    """A sampler's reply (ids, or [id, [logprob, [[id, logprob], ...]]] entries) as (tokens,
+    logprobs) fields; logprobs None when no entry has them."""
+    ids = [e if isinstance(e, int) else e[0] for e in entries]
+    if all(isinstance(e, int) for e in entries):
+        return ids, None
+    return ids, [None if isinstance(e, int) else
+                 TokenLogprobs(lp=e[1][0], top_ids=[t for t, _ in e[1][1]], top_lps=[v for _, v in e[1][1]])
+                 for e in entries]
+
+
+def unpack_tokens(ids: list[int], logprobs: list[TokenLogprobs | None] | None) -> list:
+    """The inverse of pack_tokens: entries as LLMEngine._append_tokens takes them."""
+    if logprobs is None:
+        return list(ids)
+    if len(logprobs) != len(ids):
+        raise MessageError(f"{len(logprobs)} logprob entries for {len(ids)} tokens")
+    return [t if e is None else [t, [e.lp, [[i, v] for i, v in zip(e.top_ids, e.top_lps)]]]
+            for t, e in zip(ids, logprobs)]
+
+
+@record
+class StepSeq:
+    """One sequence's part of a step: its new tokens from `start`, their KV blocks, how to sample."""
+    ids: list[int]
+    start: int
+    blocks: list[int]
+    temp: float
+    top_k: int
+    top_p: float
+    seed: int | None
+    banned: list[int]
+    key: str | None = None                # prefill (disaggregation): the KV stream's key
+    dst_blocks: list[int] | None = None   # prefill: the token side's blocks for the request
+    x: SampleExtra | None = None          # penalties, min_p, logit_bias, logprobs
+
+
+@record
+class AdmitSeq:
+    key: str
+    blocks: list[int]
+    ntok: int          # tokens whose KV arrived
+
+
+@record
+class RestoreSeq:
+    seq_id: int
+    blocks: list[int]
+    watermark: int     # leading tokens that must be in the replica
+
+
+@record
+class TokenWorker:
+    worker: str
+    host: str
+    hostname: str
+    kv_port: int
+    ipc: dict | None   # CUDA IPC handle of its cache (same host, not swapping)
+    num_blocks: int
+
+
+# ---------------------------------------------------------------------- controller -> worker
+@message("welcome", CONTROLLER)
+class Welcome(Message):
+    pass
+
+
+@message("refused", CONTROLLER)
+class Refused(Message):
+    msg: str
+
+
+@message("config", CONTROLLER)
+class Config(Message):
+    rank: int
+    role: str                    # stage, prompt or token
+    worker_name: str
+    model: str
+    dtype: str
+    device: str
+    seed: int
+    tp: int
+    pp: int
+    layers: list[list[int]]      # [start, end) of each stage of its pipeline
+    first_rank: int              # the rank of its pipeline's first worker
+    num_blocks: int
+    block_size: int
+    master: str                  # torch.distributed rendezvous
+    world: int
+    backend: str
+    timeout: float
+    tp_groups: list[list[int]]
+    kv_token: str
+    pipes: bool                  # hidden states over StagePipes (fault tolerance)
+    heartbeat_interval: float
+    swap: SwapConfig | None = None
+    replicate: ReplicateConfig | None = None
+    kv_transport: str | None = None    # disaggregation: how prompt KV travels (kvstream.select)
+    shm_prefix: str | None = None      # the deployment's /dev/shm segment names
+    kv_host: str = "127.0.0.1"         # where its KV and replica listeners bind
+    kv_pool_bytes: int = 256 << 20     # pinned staging pool of its KV streamer
+
+
+@message("pipes", CONTROLLER)
+class Pipes(Message):
+    prev: int | None
+    next: list[Any] | None       # [host, port, rank] of the next stage
+    holder: list[Any] | None = None  # [host, port] of its replica holder
+
+
+@message("peers", CONTROLLER)
+class Peers(Message):
+    token_workers: list[TokenWorker]
+    transfers: list[dict]        # kvstream.routing.Transfer fields
+
+
+@message("step", CONTROLLER)
+class Step(Message):
+    mb: int
+    id: int
+    prefill: bool
+    seqs: list[StepSeq]
+    live: list[int] | None = None  # swapping: every block the microbatch holds
+
+
+@message("prefill", CONTROLLER)
+class Prefill(Message):
+    mb: int
+    id: int
+    seqs: list[StepSeq]
+
+
+@message("admit", CONTROLLER)
+class Admit(Message):
+    id: int
+    delivered: list[str]         # token workers the prompt workers wrote into directly
+    seqs: list[AdmitSeq]
+
+
+@message("reset", CONTROLLER)
+class Reset(Message):
+    drop_keys: list[str]
+
+
+@message("restore", CONTROLLER)
+class Restore(Message):
+    holder: list[Any]            # [host, port]
+    blocks: list[int]
+    seqs: list[RestoreSeq]
+
+
+@message("rereplicate", CONTROLLER)
+class Rereplicate(Message):
+    id: int
+    blocks: list[int]
+
+
+@message("replication", CONTROLLER)
+class Replication(Message):
+    on: bool
+    every: int
+
+
+@message("shutdown", CONTROLLER)
+class Shutdown(Message):
+    pass
+
+
+# ---------------------------------------------------------------------- worker -> controller
+@message("hello", WORKER)
+class Hello(Message):
+    token: str
+    rank: int | None = None
+    standby: bool = False
+    pid: int | None = None
+    host: str = ""
+
+
+@message("ready", WORKER)
+class Ready(Message):
+    rank: int
+    load_s: float
+    pipe_port: int | None = None
+    replica_port: int | None = None
+    kv_port: int | None = None
+    ipc: dict | None = None
+
+
+@message("error", WORKER)
+class Error(Message):
+    rank: int | None
+    msg: str
+
+
+@message("hb", WORKER)
+class Heartbeat(Message):
+    rank: int | None
+
+
+@message("tokens", WORKER)
+class Tokens(Message):
+    mb: int
+    id: int
+    tokens: list[int]
+    logprobs: list[TokenLogprobs | None] | None = None  # where asked (pack_tokens)
+    step_s: float | None = None  # the sampling stage's previous decode step
+
+
+@message("pushed", WORKER)
+class Pushed(Message):
+    rank: int
+    mb: int
+    id: int
+    bytes: int
+    exposed_s: float
+    compute_s: float
+    raw_s: float
+    transports: list[str]
+    delivered: list[str]
+    tokens: list[int] | None = None
+    logprobs: list[TokenLogprobs | None] | None = None
+
+
+@message("admitted", WORKER)
+class Admitted(Message):
+    rank: int
+    id: int
+    bytes: int
+    seconds: float
+
+
+@message("reset_done", WORKER)
+class ResetDone(Message):
+    rank: int
+
+
+@message("restored", WORKER)
+class Restored(Message):
+    rank: int
+    bad: list[int]
+    bytes: int
+    seconds: float
+    error: str | None = None
+
+
+@message("replicated", WORKER)
+class Replicated(Message):
+    rank: int
+    id: int
+    bytes: int
+    error: str | None = None
+
+
+@message("rereplicated", WORKER)
+class Rereplicated(Message):
+    rank: int
+    id: int
+    bytes: int
+    error: str | None = None
+
+
+@message("swapstats", WORKER)
+class SwapStats(Message):
+    rank: int
+    bytes_in: int
+    bytes_out: int
+    wait_s: float
+    step_s: float
+
+
+@message("step_failed", WORKER)
+class StepFailed(Message):
+    rank: int
+    id: int
+    msg: str

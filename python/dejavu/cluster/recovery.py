@@ -1,0 +1,252 @@
+"""Recovery from worker failures: replace the dead workers (a standby, a warm spare or a new
+process, by the policy), reset the survivors, re-form the pipes, restore the replacements' KV from
+their replica holders, and resume every request from its watermark (or from its prompt without
+replication). A replacement that dies while starting is tried again, up to REPLACE_ATTEMPTS times.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+from .errors import WorkerError
+from .messages import Rereplicate, Reset, Restore, RestoreSeq
+
+log = logging.getLogger("dejavu.recovery")
+
+RECOVERY = ("auto", "respawn", "standby", "wait", "off")
+REPLACE_ATTEMPTS = 3  # replacement workers tried per failed rank in one recovery
+
+
+class Failure(Exception):
+    """Workers died (or a step failed on a broken link); the controller recovers."""
+
+    def __init__(self, dead: set[int], reason: str):
+        super().__init__(reason)
+        self.dead, self.reason = set(dead), reason
+
+
+class Stopped(Exception):
+    """The deployment is being stopped (begin_stop); every request ends now."""
+
+
+def recovery_policy(recovery: str, tp: int, launcher: str, replicate: bool) -> str:
+    """The policy `recovery` stands for ("auto": respawn locally, wait for external workers, off with TP)."""
+    if recovery not in RECOVERY:
+        raise ValueError(f"unknown recovery {recovery!r}; use one of {', '.join(RECOVERY)}")
+    if recovery == "auto":
+        recovery = "off" if tp > 1 else ("wait" if launcher == "external" else "respawn")
+    if recovery != "off" and tp > 1:
+        raise ValueError("recovery from worker failures needs tp 1 (tensor-parallel groups are not re-formed "
+                         "yet); pass recovery='off' with tp > 1")
+    if replicate and recovery == "off":
+        raise ValueError("replicate needs recovery (respawn, standby or wait), not 'off'")
+    return recovery
+
+
+class Recovery:
+    def __init__(self, controller, policy: str, spare_workers: int):
+        if not isinstance(spare_workers, int) or spare_workers < 0:
+            raise ValueError(f"spare_workers must be an integer >= 0, got {spare_workers!r}")
+        self.c, self.policy = controller, policy
+        # respawn: keep warm spares (started, imported, registered as standbys) to take over at once
+        self.spares = spare_workers if policy == "respawn" else 0
+        self.failures: list[dict] = []       # one entry per recovery (see recover)
+        self.recomputed_tokens = 0
+        self.attempts: dict[int, int] = {}   # replacements started per rank in the current recovery
+
+    def replace(self, rank: int) -> None:
+        """Stop a failed worker for good and bring in its replacement (by the recovery policy)."""
+        c = self.c
+        ch = c.channels.pop(rank, None)
+        c._gen[rank] = c._gen.get(rank, 0) + 1  # its messages still queued are ignored
+        if ch is not None:
+            ch.close()
+        p = c.launcher.proc_of.pop(rank, None)
+        if p is not None:
+            c.launcher.reap(p)
+        elif p is None and c.worker_info.get(rank, {}).get("host") == socket.gethostname():
+            try:  # a hung worker we did not start ourselves (mpirun): make sure it is gone
+                os.kill(int(c.worker_info[rank]["pid"]), 9)
+            except (OSError, TypeError, ValueError):
+                pass
+        c._needed.add(rank)
+        self.bring_in(rank)
+
+    def bring_in(self, rank: int) -> None:
+        """Start `rank`'s next replacement by the recovery policy: a standby, a warm spare still
+        starting, or a new process; after REPLACE_ATTEMPTS of them in one recovery, give up."""
+        c = self.c
+        name = c.worker_info[rank]["worker"]
+        n = self.attempts[rank] = self.attempts.get(rank, 0) + 1
+        if n > REPLACE_ATTEMPTS:
+            raise WorkerError(f"worker {name} (rank {rank}) could not be replaced: {REPLACE_ATTEMPTS} replacements "
+                              f"died while starting")
+        while self.policy in ("respawn", "standby") and c._standbys:
+            try:
+                self.assign(rank, *c._standbys.pop(0))
+                return
+            except OSError:  # that standby is gone: try the next
+                c.channels.pop(rank, None)
+        if self.policy == "respawn" and c.launcher.spares_starting() >= len(self.unserved()):
+            return  # enough warm spares are still starting: each takes a rank when it registers
+        if self.policy == "respawn":
+            c.launcher.spawn_rank(rank)
+        else:
+            log.warning("worker %s (rank %d) is down: start `dejavu worker --controller %s --rank %d` (token in "
+                        "DEJAVU_CLUSTER_TOKEN) or `dejavu worker --standby`", name, rank, c.controller_addr, rank)
+
+    def unserved(self) -> list[int]:
+        """Ranks being replaced that have neither a connection nor a process of their own yet."""
+        c = self.c
+        return sorted(r for r in c._needed if r not in c.channels and r not in c.launcher.proc_of)
+
+    def respawn_unserved(self) -> None:
+        """While recovering: ranks waiting for warm spares that died meanwhile get other replacements."""
+        c = self.c
+        if self.policy != "respawn":
+            return
+        unserved = self.unserved()
+        for rank in unserved[c.launcher.spares_starting():]:
+            self.bring_in(rank)
+
+    def assign(self, rank: int, ch, hello) -> None:
+        c = self.c
+        c.launcher.take_spare(hello.pid, rank)
+        c.channels[rank] = ch
+        c.worker_info[rank].update(pid=hello.pid, host=hello.host)
+        ch.send(c._config_for(rank, epoch=c._epoch))
+        c._start_reader(rank, ch)
+
+    def recover(self, dead: set[int], reason: str) -> None:
+        """Replace dead workers, re-form the pipes, restore their KV from the replicas, and resume
+        every request from its watermark (or from its prompt without replication)."""
+        c = self.c
+        if c._stopping:
+            raise Stopped()
+        self.attempts = {}
+        t0 = time.monotonic()
+        event = {"at": time.time(), "reason": reason, "ranks": sorted(dead),
+                 "workers": [c.worker_info[r]["worker"] for r in sorted(dead)]}
+        log.warning("recovering: %s", reason)
+        drop = c._abandon_inflight()
+        c.allocator.reset_prefix_cache()  # a replaced worker's cached blocks are gone
+        c._epoch += 1
+        c._epoch_step = c._step_id
+        resetting = set()
+        for r in sorted(dead):
+            self.replace(r)
+        for r in sorted(set(c.channels) - dead):
+            try:
+                c.channels[r].send(Reset(epoch=c._epoch, drop_keys=drop))
+                resetting.add(r)
+            except OSError:
+                dead.add(r)
+                self.replace(r)
+        deadline = time.monotonic() + c.timeout
+        while c._needed or resetting:
+            try:
+                msg = c._next_message(deadline, "recovering from a failure")
+            except Failure as f:
+                # Another worker died meanwhile, or a replacement did (then the next one is tried).
+                for r in sorted(f.dead):
+                    dead.add(r)
+                    resetting.discard(r)
+                    self.replace(r)
+                event["reason"] += f"; {f.reason}"
+                continue
+            t = msg.t
+            if t == "reset_done" and msg.epoch == c._epoch:
+                resetting.discard(msg.rank)
+            elif t == "joined":
+                ch, hello = msg.ch, msg.hello
+                if hello.standby:
+                    c._standbys.remove((ch, hello))
+                    # not a rank whose own replacement process is starting (it takes that one)
+                    waiting = sorted(r for r in c._needed if r not in c.channels and r not in c.launcher.proc_of)
+                    if waiting:
+                        self.assign(waiting[0], ch, hello)
+                else:
+                    self.assign(hello.rank, ch, hello)
+            elif t == "ready" and msg.rank in c._needed:
+                c._needed.discard(msg.rank)
+                c._on_ready(msg)
+                event["weights_s"] = max(event.get("weights_s", 0.0), msg.load_s)
+        event["respawn_s"] = time.monotonic() - t0
+        event["ranks"] = sorted(dead)  # including those found dead while recovering
+        event["workers"] = [c.worker_info[r]["worker"] for r in sorted(dead)]
+        for r in range(c.world):
+            c.channels[r].send(c._pipes_msg(r))
+        t1 = time.monotonic()
+        bad = self.restore_kv(dead) if c.replication.enabled else set()
+        event["kv_fetch_s"] = time.monotonic() - t1
+        c._after_recovery(dead)
+        recomputed = 0
+        kv_lost = any(c._holds_decode_kv(r) for r in dead)
+        for s in c._token_side():
+            n = len(s) - 1  # tokens whose KV existed before the failure (the newest one's comes next)
+            if not kv_lost:  # a prompt worker or a link failed: the decode caches are intact
+                s.num_cached = min(s.num_cached, n)
+                continue
+            w = c.replication.watermark_of(s) if c.replication.enabled and s.seq_id not in bad else 0
+            if not c.replication.enabled:
+                # The paper's baseline: start over from the prompt (tokens already streamed to the client
+                # are regenerated identically and not sent again).
+                s.token_ids = s.token_ids[:s.num_prompt_tokens]
+            s.num_cached = w
+            c.replication.watermark[s.seq_id] = (w, s.preemptions)
+            recomputed += max(0, n - w)
+        self.recomputed_tokens += recomputed
+        event.update(total_s=time.monotonic() - t0, recomputed_tokens=recomputed, bad_replicas=len(bad),
+                     replicated=c.replication.enabled)
+        self.failures.append(event)
+        c.launcher.spawn_spares(self.spares)  # top the warm spares up again
+        log.warning("recovered from the failure of %s in %.2fs (respawn %.2fs, KV %.2fs); %d tokens recomputed",
+                    ", ".join(event["workers"]), event["total_s"], event["respawn_s"], event["kv_fetch_s"], recomputed)
+
+    def recover_from(self, f: Failure) -> None:
+        """recover; a failure in its last phases (a replacement dying while its KV is restored)
+        starts the next recovery, up to REPLACE_ATTEMPTS in a row."""
+        for _ in range(REPLACE_ATTEMPTS):
+            try:
+                return self.recover(f.dead, f.reason)
+            except Failure as again:
+                f = again
+        raise WorkerError(f"recovery failed {REPLACE_ATTEMPTS} times in a row; last: {f.reason}")
+
+    def restore_kv(self, dead: set[int]) -> set[int]:
+        """Replacements fetch their stage's KV from its holder; workers whose holder was replaced
+        re-seed it (in the background). Returns the requests that cannot use their replica."""
+        c = self.c
+        seqs = c._token_side()
+        blocks = sorted({b for s in seqs for b in s.block_table})
+        bad: set[int] = set()
+        waiting: dict[tuple[str, int], bool] = {}
+        for r in sorted(dead):
+            holder = c.holder_rank(r)
+            if holder is None:
+                continue
+            if holder in dead and not c.replication.dir:
+                bad.update(s.seq_id for s in seqs)  # the replica died with its holder
+                continue
+            c.channels[r].send(Restore(holder=["127.0.0.1", c.worker_info[holder]["replica_port"]], blocks=blocks,
+                                          seqs=[RestoreSeq(seq_id=s.seq_id, blocks=s.block_table,
+                                                           watermark=c.replication.watermark_of(s)) for s in seqs]))
+            waiting[("restored", r)] = True
+        for r in range(c.world):
+            if r not in dead and c.holder_rank(r) in dead:
+                # Not waited for: until the new holder is re-seeded its empty slots fail their checksums,
+                # so a second failure meanwhile recomputes those requests instead of using a bad replica.
+                c.channels[r].send(Rereplicate(id=c._epoch, blocks=blocks))
+        deadline = time.monotonic() + c.timeout
+        while waiting:
+            msg = c._next_message(deadline, "restoring KV from replicas")
+            key = (msg.t, getattr(msg, "rank", None))
+            if key not in waiting:
+                continue
+            del waiting[key]
+            bad.update(msg.bad)
+            if msg.error:
+                log.warning("worker %d could not fetch its replica: %s", msg.rank, msg.error)
+        return bad
