@@ -3,13 +3,13 @@
 # n (streamed), echo, /tokenize, /detokenize, /version and the vLLM-named metrics.
 #   pip install openai            (not a dejavu dependency)
 #   examples/real_clients.sh [MODEL] [PORT]      e.g. examples/real_clients.sh smollm2 8000
-# With a pipeline: DEJAVU_SERVE_ARGS="--pp 2" examples/real_clients.sh
+# With a pipeline: SERVE_ARGS="--pp 2" examples/real_clients.sh
 set -euo pipefail
 MODEL=${1:-random:llama-tiny}
 PORT=${2:-8000}
 BASE=http://127.0.0.1:$PORT
 
-python -m dejavu serve --model "$MODEL" --port "$PORT" ${DEJAVU_SERVE_ARGS:-} &
+python -m dejavu serve --model "$MODEL" --port "$PORT" ${SERVE_ARGS:-} &
 SERVER=$!
 trap 'kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null || true' EXIT
 for _ in $(seq 1 120); do

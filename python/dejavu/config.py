@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 ADMISSION = ("greedy", "reserve")                         # engine/scheduler.py
-LAUNCHERS = ("local", "mpirun", "external")               # parallel/launch.py
+LAUNCHERS = ("local", "mpirun", "external")               # cluster/launch.py
 KV_TRANSPORTS = ("auto", "ipc", "shm", "tcp")             # kvstream/select.py
 RECOVERY = ("auto", "respawn", "standby", "wait", "off")  # what a pipeline does when a worker dies
 MAX_DEGREE = 8                                            # pp, tp, prompt and token stages
