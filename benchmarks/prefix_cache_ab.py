@@ -48,14 +48,14 @@ def one_pass(args, requests, caching: bool) -> dict:
         with contextlib.redirect_stdout(io.StringIO()):
             r = bench_run(f"http://127.0.0.1:{port}", requests, args.rate, progress=False,
                           max_concurrency=args.concurrency)
-        stats = llm.engine.prefix_cache_stats() if caching and hasattr(llm, "engine") else {}
+        stats = (llm.engine.prefix_cache_stats() if caching else None) or {}
     finally:
         srv.stop()
         del llm
     if r["failed"]:
         raise RuntimeError(f"{r['failed']} requests failed: {sorted(set(r['errors']))[:3]}")
     return {"caching": caching, "ttft_p50_ms": r["median_ttft_ms"], "ttft_p99_ms": r["p99_ttft_ms"],
-            "out_tok_s": r["output_throughput"], "hit_tokens": stats.get("hit_tokens") if isinstance(stats, dict) else None}
+            "out_tok_s": r["output_throughput"], "hit_tokens": stats.get("hit_tokens")}
 
 
 def ab(args, name: str, requests) -> dict:
@@ -88,7 +88,7 @@ def _sync(device: torch.device) -> None:
 def restore_bench(args) -> dict:
     """Median seconds of restoring N host-tier blocks (PrefixTiers.sync) vs one contiguous pinned copy."""
     cfg = named_config(args.model.removeprefix("random:"))
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(args.dtype, torch.float32)
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype, torch.float32)
     device, n = torch.device(args.device), args.restore_blocks
     cache = PagedKVCache(cfg.num_layers, 2 * n, args.block_size, cfg.num_kv_heads, cfg.hidden_size // cfg.num_heads,
                          dtype, device)
