@@ -89,6 +89,23 @@ def test_prefix_dataset_and_max_concurrency(url, tmp_path):
     assert in_flight == 2 == r["peak_concurrency"]
 
 
+def test_prefix_fraction(url, tmp_path):
+    """--prefix-fraction 0.75: 3 of 4 requests start with the shared prefix, the others with as many
+    tokens of their own; bad fractions are refused by name."""
+    reqs = random_requests(8, 1, 5, 3, prefix_len=12, prefix_fraction=0.75)
+    heads = [tuple(q.prompt[:12]) for q in reqs]
+    common = max(set(heads), key=heads.count)
+    assert heads.count(common) == 6 and len(set(heads)) == 3
+    assert all(len(q.prompt) == q.prompt_len == 17 for q in reqs)
+    assert random_requests(4, 1, 5, 3, prefix_len=12, prefix_fraction=1.0) == random_requests(4, 1, 5, 3, prefix_len=12)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="--prefix-fraction"):
+            random_requests(4, 1, 5, 3, prefix_len=12, prefix_fraction=bad)
+    r = bench(url, tmp_path, "--dataset-name", "prefix", "--prefix-len", "16", "--prefix-fraction", "0.5",
+              "--num-requests", "4", "--random-input-len", "4", "--random-output-len", "2")
+    assert r["completed"] == 4 and r["input_lens"] == [20] * 4
+
+
 def test_sharegpt_dataset(url, tmp_path):
     human = ["Tell me about the history of Rome in a few short sentences please.",
              "What is two plus two, and can you explain why it is so?"]

@@ -134,7 +134,7 @@ def _requests(args, dataset: str, info: dict, tokenizer, text: bool) -> list[Req
         if dataset == "prefix" and prefix <= 0:
             raise ValueError(f"--dataset-name prefix needs --prefix-len > 0, got {prefix}")
         return random_requests(n, seed, args.random_input_len, args.random_output_len, args.random_range_ratio,
-                               prefix, text)
+                               prefix, text, args.prefix_fraction)
     if dataset == "trace":
         path = args.trace or args.dataset_path
         if not path:

@@ -2,8 +2,9 @@
 
 - random: prompts of --random-input-len and outputs of --random-output-len tokens, each drawn
   uniformly from [L * (1 - r), L * (1 + r)] with r = --random-range-ratio (vLLM's random dataset).
-- prefix: the same, after a shared prefix of --prefix-len tokens (one prefix for every request, a
-  random suffix each): what prefix caching reuses.
+- prefix: the same, after a shared prefix of --prefix-len tokens (one prefix, a random suffix each):
+  what prefix caching reuses. --prefix-fraction f gives the prefix to that fraction of the requests
+  (the first round(f * n) of a seeded shuffle); the rest are random prompts of the same length.
 - synthetic: chat-like long-tailed lengths (log-normal, see synthetic_lengths).
 - trace: a JSON list of [prompt_tokens, output_tokens].
 - sharegpt: a ShareGPT-format JSON file; the first human turn is the prompt (text), the token
@@ -91,19 +92,28 @@ def _span(length: int, ratio: float) -> tuple[int, int]:
 
 
 def random_requests(n: int, seed: int, input_len: int, output_len: int, range_ratio: float = 0.0,
-                    prefix_len: int = 0, text: bool = False) -> list[Request]:
-    """vLLM's random dataset: lengths uniform in [L(1-r), L(1+r)], after `prefix_len` shared tokens."""
+                    prefix_len: int = 0, text: bool = False, prefix_fraction: float = 1.0) -> list[Request]:
+    """vLLM's random dataset: lengths uniform in [L(1-r), L(1+r)], after `prefix_len` shared tokens
+    (for round(prefix_fraction * n) requests at random; the others get as many random tokens)."""
     if not 0.0 <= range_ratio < 1.0:
         raise ValueError(f"--random-range-ratio must be in [0, 1), got {range_ratio}")
     if prefix_len < 0:
         raise ValueError(f"--prefix-len must be >= 0, got {prefix_len}")
+    if not 0.0 <= prefix_fraction <= 1.0:
+        raise ValueError(f"--prefix-fraction must be in [0, 1], got {prefix_fraction}")
     rng = random.Random(seed)
     prefix = (_words(rng, prefix_len) + " " if prefix_len else "") if text else _ids(rng, prefix_len)
+    shared = range(n) if prefix_fraction == 1.0 else set(rng.sample(range(n), round(prefix_fraction * n)))
     (ilo, ihi), (olo, ohi) = _span(input_len, range_ratio), _span(output_len, range_ratio)
     out = []
-    for _ in range(n):
+    for i in range(n):
         p, o = rng.randint(ilo, ihi), rng.randint(olo, ohi)
-        out.append(Request(prefix + (_words(rng, p) if text else _ids(rng, p)), prefix_len + p, o))
+        suffix = _words(rng, p) if text else _ids(rng, p)
+        if i in shared or not prefix_len:
+            head = prefix
+        else:  # an unshared head of the same length
+            head = (_words(rng, prefix_len) + " ") if text else _ids(rng, prefix_len)
+        out.append(Request(head + suffix, prefix_len + p, o))
     return out
 
 

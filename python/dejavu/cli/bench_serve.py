@@ -41,6 +41,9 @@ def add_parser(sub) -> None:
                    help="random / prefix: lengths uniform in [L*(1-r), L*(1+r)], r in [0, 1) (default 0)")
     p.add_argument("--prefix-len", "--random-prefix-len", dest="prefix_len", type=int, default=None,
                    help="tokens of one prefix shared by every request (default: 256 for prefix, 0 for random)")
+    p.add_argument("--prefix-fraction", type=float, default=1.0,
+                   help="prefix: the fraction of requests in [0, 1] that start with the shared prefix; the rest "
+                        "start with as many random tokens (default 1)")
     p.add_argument("--sharegpt-output-len", type=positive("--sharegpt-output-len"), default=None,
                    help="sharegpt: this output length instead of the gpt turn's")
     p.add_argument("--max-prompt", type=positive("--max-prompt"), default=1024,
