@@ -1,4 +1,4 @@
-"""Prefix caching, measured (issue 46 item 6, docs/benchmarks/prefix-cache.md).
+"""Prefix caching, measured (issue 46 item 6, docs/BENCHMARKS.md).
 
 1. Serving A/B: an in-process server (`LLM` + `ApiServer`) under `dejavu bench serve`'s load
    generator, prefix caching off and on, alternating off/on `--repeat` times so both see the same
