@@ -20,6 +20,7 @@ import torch
 from ...engine.kv_cache import PagedKVCache
 from ...engine.model_runner import build_metadata
 from ...engine.sampler import from_wire, pick, with_logprobs
+from ...models import tp
 from ...models.loader import load_model, parse_dtype, resolve
 from ..messages import ResetDone, StepFailed, SwapStats, Tokens, pack_tokens
 
@@ -54,7 +55,7 @@ class StageRole:
         self.model = load_model(resolve(cfg.model), self.device, self.dtype, seed=cfg.seed, layer_range=(start, end),
                                 tp_rank=self.tp_rank, tp_size=self.tp)
         mc = self.model.cfg
-        self.cache = PagedKVCache(end - start, cfg.num_blocks, cfg.block_size, mc.num_kv_heads, mc.head_dim,
+        self.cache = PagedKVCache(end - start, cfg.num_blocks, cfg.block_size, mc.num_kv_heads // self.tp, mc.head_dim,
                                   self.dtype, self.device)
         self.load_s = time.perf_counter() - t_load  # weights and cache (reported with READY)
         self._t_inputs = 0.0
@@ -81,7 +82,7 @@ class StageRole:
             groups = [dist.new_group(g) for g in cfg.tp_groups]
             mine = [g for g, ranks in zip(groups, cfg.tp_groups) if rank in ranks]
             if self.tp > 1:
-                self.model.set_tp_group(mine[0])
+                tp.parallelize(self.model, mine[0])  # the row-parallel layers' all-reduce
         self.pending_sends = []
         self.wire_device = self.device if self.backend == "nccl" else torch.device("cpu")
         self.replicator = None  # the replica role's sender (--replicate): a decode step's KV tap
