@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
 
 def cmd_worker(args) -> int:
     from ..parallel.auth import read_token
-    from ..serving.worker import run
+    from ..cluster.worker import run
 
     if args.token is not None:
         raise ValueError("--token is not accepted: a command line is readable by every user (/proc/PID/cmdline); "

@@ -36,6 +36,7 @@ import torch
 
 from .. import _C, kernels
 from ..models.base import DecoderLM
+from ..models import tp
 from ..models.layers import AttnMetadata, KVRing
 from .block_manager import blocks_for
 from .kv_cache import PagedKVCache
@@ -66,7 +67,7 @@ def graphs_supported(model: DecoderLM, cache: PagedKVCache) -> str | None:
         return "not on CUDA"
     if not (model.is_first and model.is_last):
         return "a pipeline stage (graphs cover whole models)"
-    if any(getattr(m, "tp_group", None) is not None for m in model.modules()):
+    if tp.is_parallel(model):
         return "tensor parallel"
     if any(getattr(m, "window", 0) for m in model.modules()):
         return "sliding-window attention (windowed layers run the torch attention, which graphs do not cover)"

@@ -49,10 +49,6 @@ class PreNormBlock(nn.Module):
 class DecoderLM(nn.Module):
     # Our global name of the input embedding, used to fill a tied LM head.
     embedding_key = "embed_tokens.weight"
-    # Tensor parallelism: the dimension each weight is split along, by key suffix (absent:
-    # replicated), and weights that are several matrices fused along that dimension.
-    TP_DIMS: dict[str, int] = {}
-    TP_FUSED: dict[str, int] = {}
 
     def __init__(self, cfg: ModelConfig, layer_range: tuple[int, int] | None = None):
         super().__init__()
@@ -127,26 +123,6 @@ class DecoderLM(nn.Module):
             for v in vars(m).values():
                 if isinstance(v, FusedLinears):
                     v.fuse()
-
-    def set_tp_group(self, group) -> None:
-        """Row-parallel layers sum their partial outputs over this torch.distributed group."""
-        from .layers import RowLinear
-
-        for m in self.modules():
-            if isinstance(m, RowLinear):
-                m.tp_group = group
-
-    def tp_slice(self, key: str, t: torch.Tensor) -> torch.Tensor:
-        """This shard's part of the full (unsharded) weight `t` under global key `key`."""
-        rank, size = self.cfg.tp_rank, self.cfg.tp_size
-        if size == 1:
-            return t
-        for suffix, dim in self.TP_DIMS.items():
-            if key.endswith(suffix):
-                parts = self.TP_FUSED.get(suffix, 1)
-                pieces = t.chunk(parts, dim=dim)
-                return torch.cat([p.chunk(size, dim=dim)[rank] for p in pieces], dim=dim)
-        return t
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits: the LM head's outputs in the model's dtype, converted (by the linear kernel

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import DecoderLM
-from .layers import Linear, RowLinear, activation, alibi_slopes, paged_attention
+from .layers import Linear, activation, alibi_slopes, paged_attention
 
 
 class BloomAttention(nn.Module):
@@ -12,10 +12,9 @@ class BloomAttention(nn.Module):
         super().__init__()
         self.h, self.d = cfg.num_heads, cfg.head_dim
         self.query_key_value = Linear(cfg.hidden_size, 3 * self.h * self.d)
-        self.dense = RowLinear(self.h * self.d, cfg.hidden_size)
-        # A plain attribute (never a weight, never on meta): this shard's heads' slopes.
-        all_slopes = alibi_slopes(cfg.num_heads * cfg.tp_size)
-        self._slopes = all_slopes[cfg.tp_rank * self.h:(cfg.tp_rank + 1) * self.h].clone()
+        self.dense = Linear(self.h * self.d, cfg.hidden_size)
+        # A plain attribute (never a weight, never on meta): one slope per head.
+        self._slopes = alibi_slopes(self.h)
 
     def slopes(self, device):
         if self._slopes.device != device:
@@ -39,7 +38,7 @@ class BloomBlock(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = nn.Module()
         self.mlp.dense_h_to_4h = Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.mlp.dense_4h_to_h = RowLinear(cfg.intermediate_size, cfg.hidden_size)
+        self.mlp.dense_4h_to_h = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.act = activation(cfg.activation)
 
     def forward(self, h, positions, meta, cache):
@@ -53,10 +52,6 @@ class BloomBlock(nn.Module):
 
 class Bloom(DecoderLM):
     embedding_key = "word_embeddings.weight"
-    # query_key_value is laid out [heads, 3, head_dim]: a contiguous slice of rows is a slice of heads.
-    TP_DIMS = {"query_key_value.weight": 0, "query_key_value.bias": 0, "self_attention.dense.weight": 1,
-               "dense_h_to_4h.weight": 0, "dense_h_to_4h.bias": 0, "dense_4h_to_h.weight": 1}
-
     def __init__(self, cfg, layer_range=None):
         super().__init__(cfg, layer_range)
         if self.is_first:

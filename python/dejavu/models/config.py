@@ -51,10 +51,6 @@ class ModelConfig:
     sliding_window: int = 0          # keys a query sees, itself included (0: all)
     window_layers: list[bool] | None = None  # which layers use the window (None: all)
     hf_model_type: str = ""          # the HF family this config came from (llama, mistral, qwen2, ...)
-    # Tensor parallelism: this shard's rank and the degree. Head and intermediate counts above are
-    # then the shard's own (see shard()).
-    tp_rank: int = 0
-    tp_size: int = 1
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -76,24 +72,6 @@ class ModelConfig:
                              f"num_kv_heads {self.num_kv_heads}")
         if self.window_layers is not None and len(self.window_layers) != self.num_layers:
             raise ModelError(f"model config: {len(self.window_layers)} layer types for {self.num_layers} layers")
-
-    def shard(self, tp_rank: int, tp_size: int) -> "ModelConfig":
-        """The config of one tensor-parallel shard: heads, KV heads and MLP width divided by tp_size."""
-        if tp_size == 1:
-            return self
-        for name in ("num_heads", "num_kv_heads", "intermediate_size"):
-            if getattr(self, name) % tp_size:
-                raise ModelError(f"tensor parallelism {tp_size} does not divide {name}={getattr(self, name)}")
-        return dataclasses.replace(self, num_heads=self.num_heads // tp_size, num_kv_heads=self.num_kv_heads // tp_size,
-                                   intermediate_size=self.intermediate_size // tp_size, tp_rank=tp_rank,
-                                   tp_size=tp_size)
-
-    def unsharded(self) -> "ModelConfig":
-        if self.tp_size == 1:
-            return self
-        t = self.tp_size
-        return dataclasses.replace(self, num_heads=self.num_heads * t, num_kv_heads=self.num_kv_heads * t,
-                                   intermediate_size=self.intermediate_size * t, tp_rank=0, tp_size=1)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,7 +5,7 @@ from torch import nn
 
 from .. import kernels
 from .base import DecoderLM, PreNormBlock
-from .layers import Linear, RowLinear, activation, paged_attention
+from .layers import Linear, activation, paged_attention
 
 
 class GPT2Attention(nn.Module):
@@ -15,7 +15,7 @@ class GPT2Attention(nn.Module):
         # scale_attn_weights and scale_attn_by_inverse_layer_idx, as HF applies them
         self.scale = (self.d ** -0.5 if cfg.attn_scale else 1.0) / (index + 1 if cfg.scale_by_layer else 1)
         self.c_attn = Linear(cfg.hidden_size, 3 * self.h * self.d)
-        self.c_proj = RowLinear(self.h * self.d, cfg.hidden_size)
+        self.c_proj = Linear(self.h * self.d, cfg.hidden_size)
 
     def forward(self, x, positions, meta, cache):
         q, k, v = self.c_attn(x).view(x.shape[0], 3, self.h, self.d).unbind(1)
@@ -27,7 +27,7 @@ class GPT2MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.c_fc = Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.c_proj = RowLinear(cfg.intermediate_size, cfg.hidden_size)
+        self.c_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.act = activation(cfg.activation)
 
     def forward(self, x):
@@ -53,11 +53,6 @@ class GPT2Block(PreNormBlock):
 
 class GPT2(DecoderLM):
     embedding_key = "wte.weight"
-    # Tensor-parallel split dimension by key suffix; c_attn is three matrices (q, k, v) fused.
-    TP_DIMS = {"attn.c_attn.weight": 0, "attn.c_attn.bias": 0, "attn.c_proj.weight": 1, "mlp.c_fc.weight": 0,
-               "mlp.c_fc.bias": 0, "mlp.c_proj.weight": 1}
-    TP_FUSED = {"attn.c_attn.weight": 3, "attn.c_attn.bias": 3}
-
     def __init__(self, cfg, layer_range=None):
         super().__init__(cfg, layer_range)
         if self.is_first:

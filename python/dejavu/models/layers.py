@@ -176,22 +176,6 @@ class Linear(nn.Linear):
         return kernels.linear(x, self.weight, self.bias)
 
 
-# ---------------------------------------------------------------------- tensor parallelism
-class RowLinear(Linear):
-    """A row-parallel linear layer: each shard holds a slice of the input features; partial
-    outputs are summed over the TP group, then the (replicated) bias is added once."""
-    tp_group = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp_group is None:
-            return super().forward(x)
-        import torch.distributed as dist
-
-        y = F.linear(x, self.weight)
-        dist.all_reduce(y, group=self.tp_group)
-        return y if self.bias is None else y + self.bias
-
-
 # ---------------------------------------------------------------------- fused projections
 class FusedLinears:
     """Linear layers over the same input (q/k/v, gate/up) whose weights are views into one
@@ -208,6 +192,7 @@ class FusedLinears:
 
     def fuse(self) -> None:
         linears = self.linears
+        self.sizes = [lin.weight.shape[0] for lin in linears]  # a tensor-parallel shard's, once cut (models/tp.py)
         self.weight = torch.cat([lin.weight.detach() for lin in linears])
         has_bias = [lin.bias is not None for lin in linears]
         if any(has_bias) and not all(has_bias):

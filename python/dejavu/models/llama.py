@@ -6,7 +6,7 @@ from torch import nn
 
 from .base import DecoderLM, PreNormBlock
 from .hf_config import rope_inv_freq
-from .layers import FusedLinears, Linear, RMSNorm, RowLinear, activation, apply_rope, paged_attention, rope_cos_sin
+from .layers import FusedLinears, Linear, RMSNorm, activation, apply_rope, paged_attention, rope_cos_sin
 
 
 class LlamaAttention(nn.Module):
@@ -18,7 +18,7 @@ class LlamaAttention(nn.Module):
         self.q_proj = Linear(hs, self.h * self.d, bias=bias)
         self.k_proj = Linear(hs, self.kvh * self.d, bias=bias)
         self.v_proj = Linear(hs, self.kvh * self.d, bias=bias)
-        self.o_proj = RowLinear(self.h * self.d, hs, bias=cfg.o_bias)
+        self.o_proj = Linear(self.h * self.d, hs, bias=cfg.o_bias)
         self.qkv = FusedLinears(self.q_proj, self.k_proj, self.v_proj)
         self._inv_freq = rope_inv_freq(cfg)  # a plain attribute (never a weight, never on meta)
 
@@ -47,7 +47,7 @@ class LlamaMLP(nn.Module):
         hs, inter, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         self.gate_proj = Linear(hs, inter, bias=bias)
         self.up_proj = Linear(hs, inter, bias=bias)
-        self.down_proj = RowLinear(inter, hs, bias=bias)
+        self.down_proj = Linear(inter, hs, bias=bias)
         self.act = activation(cfg.activation)
         self.gate_up = FusedLinears(self.gate_proj, self.up_proj)
 
@@ -81,10 +81,8 @@ class LlamaLayer(PreNormBlock):
 
 
 class Llama(DecoderLM):
-    TP_DIMS = {"q_proj.weight": 0, "q_proj.bias": 0, "k_proj.weight": 0, "k_proj.bias": 0, "v_proj.weight": 0,
-               "v_proj.bias": 0, "o_proj.weight": 1, "gate_proj.weight": 0, "gate_proj.bias": 0,
-               "up_proj.weight": 0, "up_proj.bias": 0, "down_proj.weight": 1}
     NON_WEIGHTS = ("rotary_emb.inv_freq",)  # HF's RoPE buffer: computed from the config instead
+
     def __init__(self, cfg, layer_range=None):
         super().__init__(cfg, layer_range)
         if self.is_first:

@@ -22,6 +22,7 @@ from . import build_model
 from .base import DecoderLM
 from .config import ModelConfig, ModelError
 from .gguf_file import open_gguf
+from .tp import shard_skeleton, shard_tensor
 from .registry import NAMED_CONFIGS, named_config
 from . import tokenizer as tokmod
 
@@ -179,9 +180,9 @@ def _hf_tensors(path: str, model: DecoderLM) -> Iterator[tuple[str, torch.Tensor
 
 
 def _known_keys(model: DecoderLM) -> set[str]:
-    """Our global keys of the whole (unsharded, every layer) model."""
+    """Our global keys of the whole (every layer) model."""
     with torch.device("meta"):
-        return set(build_model(model.cfg.unsharded()).state_dict())
+        return set(build_model(model.cfg).state_dict())
 
 
 def _account(file: str, keys: list[str], model: DecoderLM, known: set[str]) -> None:
@@ -212,7 +213,7 @@ def _random_tensors(model: DecoderLM, seed: int, device: torch.device) -> Iterat
     """Full (unsharded) weights seeded per global key, so every layer range and every
     tensor-parallel shard of the same model gets its part of the same weights."""
     with torch.device("meta"):
-        full = build_model(model.cfg.unsharded(), (model.start, model.end))
+        full = build_model(model.cfg, (model.start, model.end))
     shapes = {k: v.shape for k, v in full.state_dict().items()}
     inverse = {v: k for k, v in model.tied_head_keys().items()}
     for local, shape in shapes.items():
@@ -243,12 +244,14 @@ def _global_key(model: DecoderLM, local: str) -> str:
 
 def materialize(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
                 tensors: Iterable[tuple[str, torch.Tensor]] | None,
-                layer_range: tuple[int, int] | None = None, seed: int = 0, source: str = "") -> DecoderLM:
-    """Allocate the model once on `device` in `dtype`, then fill it from `tensors`
-    (our global keys; random weights when None). Raises ModelError if a weight is missing or
-    has the wrong shape."""
+                layer_range: tuple[int, int] | None = None, seed: int = 0, source: str = "",
+                tp: tuple[int, int] = (0, 1)) -> DecoderLM:
+    """Allocate the model (tensor-parallel shard tp = (rank, size) of it) once on `device` in
+    `dtype`, then fill it from `tensors` (our global keys, full tensors; random weights when None).
+    Raises ModelError if a weight is missing or has the wrong shape."""
     with torch.device("meta"):
         model = build_model(cfg, layer_range)
+    shard_skeleton(model, *tp)
     model = model.to(dtype).to_empty(device=device)
     model.fuse_projections()  # before filling: the fused matrices are what the views alias
     if tensors is None:
@@ -265,7 +268,7 @@ def materialize(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
         for key, t in tensors:
             targets = [k for k in (model.local_key(key), tied.get(key)) if k is not None and k in params]
             if targets:
-                t = model.tp_slice(key, t)
+                t = shard_tensor(cfg.arch, key, t, *tp)
             for local in targets:
                 p = params[local]
                 if tuple(t.shape) != tuple(p.shape):
@@ -299,14 +302,15 @@ def _progress(total: int, source: str):
 
 def load_model(src: ModelSource, device: torch.device, dtype: torch.dtype, seed: int = 0,
                layer_range: tuple[int, int] | None = None, tp_rank: int = 0, tp_size: int = 1) -> DecoderLM:
-    """The model (or one pipeline stage's layer range, or one tensor-parallel shard of it)."""
-    cfg = src.config.shard(tp_rank, tp_size)
+    """The model (or one pipeline stage's layer range, or one tensor-parallel shard of it: the
+    all-reduce goes in later, once the shard's group exists, with tp.parallelize)."""
+    cfg, tp = src.config, (tp_rank, tp_size)
     if src.kind == "random":
-        return materialize(cfg, device, dtype, None, layer_range, seed, src.spec)
+        return materialize(cfg, device, dtype, None, layer_range, seed, src.spec, tp)
     if src.kind == "gguf":
         gcfg, tensors = open_gguf(src.path, dtype)
-        return materialize(gcfg.shard(tp_rank, tp_size), device, dtype, tensors, layer_range, seed, src.path)
+        return materialize(gcfg, device, dtype, tensors, layer_range, seed, src.path, tp)
     # HF: the key mapping needs the model's family; build a meta skeleton to ask it.
     with torch.device("meta"):
         skeleton = build_model(cfg, layer_range)
-    return materialize(cfg, device, dtype, _hf_tensors(src.path, skeleton), layer_range, seed, src.path)
+    return materialize(cfg, device, dtype, _hf_tensors(src.path, skeleton), layer_range, seed, src.path, tp)

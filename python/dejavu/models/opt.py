@@ -6,7 +6,7 @@ from torch import nn
 
 from .. import kernels
 from .base import DecoderLM, PreNormBlock
-from .layers import FusedLinears, Linear, RowLinear, activation, paged_attention
+from .layers import FusedLinears, Linear, activation, paged_attention
 
 POSITION_OFFSET = 2  # OPT's learned positions start at index 2
 
@@ -19,7 +19,7 @@ class OPTAttention(nn.Module):
         self.q_proj = Linear(hs, inner, bias=bias)
         self.k_proj = Linear(hs, inner, bias=bias)
         self.v_proj = Linear(hs, inner, bias=bias)
-        self.out_proj = RowLinear(inner, hs, bias=bias)
+        self.out_proj = Linear(inner, hs, bias=bias)
         self.qkv = FusedLinears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x, positions, meta, cache):
@@ -44,7 +44,7 @@ class OPTLayer(PreNormBlock):
         self.self_attn = OPTAttention(cfg)
         self.self_attn_layer_norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=cfg.norm_affine)
         self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.linear_bias)
-        self.fc2 = RowLinear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.linear_bias)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.linear_bias)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=cfg.norm_affine)
         self.act = activation(cfg.activation)
         self.relu = cfg.activation == "relu"  # fused into fc1 (kernels.linear)
@@ -75,8 +75,6 @@ class OPTLayer(PreNormBlock):
 
 
 class OPT(DecoderLM):
-    TP_DIMS = {"q_proj.weight": 0, "q_proj.bias": 0, "k_proj.weight": 0, "k_proj.bias": 0, "v_proj.weight": 0,
-               "v_proj.bias": 0, "out_proj.weight": 1, "fc1.weight": 0, "fc1.bias": 0, "fc2.weight": 1}
     def __init__(self, cfg, layer_range=None):
         super().__init__(cfg, layer_range)
         projected = cfg.word_embed_proj_dim != cfg.hidden_size

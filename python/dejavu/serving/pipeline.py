@@ -29,6 +29,7 @@ from ..engine.scheduler import Scheduler
 from ..engine.sequence import Sequence, Status
 from ..kvstream.routing import split_layers
 from ..models.loader import ModelSource, model_identity
+from ..models.tp import check as tp_check
 from ..cluster import launch
 from ..cluster.errors import WorkerError
 from ..cluster.launch import Launcher
@@ -86,7 +87,7 @@ class PipelineEngine(LLMEngine):
         self.model = None
         self.tokenizer, self.config, self.device, self.dtype = tokenizer, config, device, dtype
         self.tp = tp
-        cfg.shard(0, tp)  # raises ModelError now if tp does not divide the heads or the MLP
+        tp_check(cfg, tp)  # raises ModelError now if tp does not divide the heads or the MLP
         self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
         self.block_size = config.block_size
         self.eos_ids = eos_ids(cfg, tokenizer)

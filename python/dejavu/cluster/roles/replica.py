@@ -1,0 +1,87 @@
+"""The replica role (`--replicate`): hold the replicas of other workers (ReplicaServer), send this
+worker's own KV to its holder (Replicator, the stage's KV tap), and restore a replacement worker's
+cache from its holder."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..messages import Restored
+
+
+class ReplicaRole:
+    def __init__(self, stage):
+        from ...kvstream.replica import ReplicaServer
+        from ...serving.replication import Replicator
+
+        cfg = stage.cfg
+        self.stage, self.cfg = stage, cfg
+        self.server = ReplicaServer(cfg.kv_token, cfg.kv_host, cfg.replicate.dir, prefix=cfg.replicate.prefix)
+        self.replicator = stage.replicator = Replicator(stage, cfg.worker_name)
+
+    def handlers(self) -> dict:
+        return {"restore": self.restore, "rereplicate": self.rereplicate, "replication": self.set_replication}
+
+    def ready_info(self) -> dict:
+        return {"replica_port": self.server.port}
+
+    @torch.inference_mode()
+    def restore(self, msg) -> None:
+        """A replacement worker: fetch this stage's KV from the replica holder into the cache. A
+        slot below a request's watermark whose checksum fails marks the request bad (recomputed)."""
+        from ...kvstream.replica import ReplicaClient, ReplicaError, block_checksums, mac_key
+
+        cache, cfg = self.stage.cache, self.cfg
+        t0 = time.perf_counter()
+        blocks = msg.blocks
+        bad, nbytes, error = [], 0, None
+        try:
+            if blocks:
+                client = ReplicaClient(msg.holder[0], int(msg.holder[1]), cfg.kv_token, timeout=cfg.timeout)
+                try:
+                    data, chk = client.get_blocks(cfg.worker_name, blocks)
+                finally:
+                    client.close()
+                shape = (cache.num_layers, len(blocks)) + tuple(cache.tensor.shape[2:])
+                x = data.view(cache.dtype).view(shape)
+                # Replicas kept on disk carry MACs (replica.py): verified with the key, never trusted as they are.
+                key = mac_key(cfg.kv_token, cfg.worker_name) if cfg.replicate.dir else None
+                good = block_checksums(x, blocks, key) == chk.view(len(blocks), -1)
+                # Never let a corrupted slot into the cache (garbage such as NaN would leak through masked
+                # attention); those of live requests are recomputed anyway.
+                if not bool(good.all()):
+                    x.permute(1, 3, 0, 2, 4, 5)[~good] = 0
+                ok = good.tolist()
+                at = {b: i for i, b in enumerate(blocks)}
+                bs = cache.block_size
+                for r in msg.seqs:
+                    if not all(ok[at[r.blocks[p // bs]]][p % bs] for p in range(r.watermark)):
+                        bad.append(r.seq_id)
+                idx = torch.as_tensor(blocks, dtype=torch.long, device=self.stage.device)
+                cache.tensor.index_copy_(1, idx, x.to(self.stage.device))
+                nbytes = data.numel()
+        except (OSError, ReplicaError) as e:
+            error = f"{type(e).__name__}: {e}"
+            bad = [r.seq_id for r in msg.seqs]
+        if self.stage.device.type == "cuda":
+            torch.cuda.synchronize(self.stage.device)
+        self.stage.ch.send(Restored(rank=self.stage.rank, bad=bad, bytes=nbytes, seconds=time.perf_counter() - t0,
+                                    error=error))
+
+    def set_replication(self, msg) -> None:
+        """Pause / resume (between requests; PipelineEngine.set_replication)."""
+        self.replicator.paused = not msg.on
+        self.replicator.every = max(1, msg.every)
+
+    def rereplicate(self, msg) -> None:
+        """Our holder was replaced: re-seed it with every live block."""
+        self.replicator.send_blocks(msg.id, msg.blocks)
+
+    def after_admit(self, step_id: int, seqs) -> None:
+        """Prompt KV just admitted by the token role goes to the holder as well (positions [0, ntok))."""
+        self.replicator.cancel_staged()  # these slots were not written by a step's kernels
+        self.replicator.after_step(step_id, [(s.blocks, 0, s.ntok) for s in seqs])
+
+    def close(self) -> None:
+        self.server.stop(remove_files=True)  # a clean shutdown: no replica outlives the deployment

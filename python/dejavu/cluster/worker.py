@@ -1,0 +1,202 @@
+"""`dejavu worker`: one process hosting the role objects of one pipeline stage x one TP shard.
+
+It connects to the controller (HELLO with the cluster token), receives its configuration, builds
+its roles (cluster/roles/: the stage always; prompt or token under disaggregation; replica with
+`--replicate`), says READY (or ERROR with the reason) and then runs what the controller sends, in
+order, through the handler table the roles fill. A worker exits when told, when its control
+connection closes, or when its parent dies.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+
+import torch
+
+from ..parallel.wire import Channel, connect
+from ..serving.lifecycle import on_deployment_gone, quiet_stop_on_signals, run_deployment_cleanups, watch_parent
+from .messages import Error, Heartbeat, MessageError, Ready, StepFailed
+from .roles.stage import StageRole
+
+
+def _env_rank() -> int | None:
+    for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "RANK"):
+        if os.environ.get(k) is not None:
+            return int(os.environ[k])
+    return None
+
+
+class Worker:
+    """The roles of this process and the handler table they fill (a later role's entry wins)."""
+
+    def __init__(self, ch: Channel, cfg, rank: int):
+        self.stage = StageRole(ch, cfg, rank)
+        self.roles = [self.stage]
+        replica = None
+        if cfg.replicate:
+            from .roles.replica import ReplicaRole
+
+            replica = ReplicaRole(self.stage)
+            self.roles.append(replica)
+        if cfg.role == "prompt":
+            from .roles.prompt import PromptRole
+
+            self.roles.append(PromptRole(self.stage))
+        elif cfg.role == "token":
+            from .roles.token import TokenRole
+
+            self.roles.append(TokenRole(self.stage, replica))
+        self.handlers = {}
+        for role in self.roles:
+            self.handlers.update(role.handlers())
+
+    def ready_info(self) -> dict:
+        info = {}
+        for role in self.roles:
+            info.update(role.ready_info())
+        return info
+
+    def close(self) -> None:
+        for role in reversed(self.roles):  # the stage (and its torch.distributed group) last
+            role.close()
+
+
+def _parent_exits(parent: int, wait: float = 1.0) -> bool:
+    """Whether `parent` is exiting (we are handed to another parent) within `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while os.getppid() == parent:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _receiver(ch: Channel, stage: StageRole):
+    """Messages read on their own thread (so a step's swap-in starts as it arrives), in order."""
+    import queue
+
+    inbox: queue.Queue = queue.Queue()
+
+    def loop():
+        try:
+            while True:
+                msg = ch.recv(None)
+                try:
+                    stage.on_arrival(msg)
+                except Exception as e:  # noqa: BLE001 - the main loop reports it
+                    inbox.put(e)
+                inbox.put(msg)
+                if msg.t == "shutdown":
+                    return
+        except (ConnectionError, OSError) as e:
+            inbox.put(ConnectionError(str(e)))
+    threading.Thread(target=loop, daemon=True, name="receiver").start()
+    return inbox
+
+
+def _heartbeat(ch: Channel, rank_of, interval: float) -> None:
+    """Tell the controller we are alive every `interval` seconds (also while loading weights)."""
+    def loop():
+        while True:
+            time.sleep(interval)
+            try:
+                ch.send(Heartbeat(rank=rank_of()))
+            except OSError:
+                return
+    threading.Thread(target=loop, daemon=True, name="heartbeat").start()
+
+
+def _serve(ch: Channel, worker: Worker, rank: int, parent: int) -> int:
+    """The control loop: each message to its handler, in order, until shutdown."""
+    from ..kvstream import StreamError
+    from ..parallel.pipe import PipeBroken
+
+    stage = worker.stage
+    inbox = _receiver(ch, stage) if stage.swap is not None else None
+    try:
+        while True:
+            msg = ch.recv(None) if inbox is None else inbox.get()
+            if isinstance(msg, BaseException):
+                raise msg
+            if msg.t == "shutdown":
+                break
+            handler = worker.handlers.get(msg.t)
+            if handler is None:
+                continue
+            try:
+                handler(msg)
+            except (PipeBroken, StreamError) as e:
+                if stage.pipes is None:
+                    raise
+                # A neighbour (or a KV peer) died: this step is lost; the controller resets and replays.
+                stage.pipes.fail()
+                ch.send(StepFailed(rank=rank, id=getattr(msg, "id", 0), msg=str(e)))
+    except MessageError as e:  # the controller sent something this worker cannot read
+        try:
+            ch.send(Error(rank=rank, msg=str(e)))
+        except OSError:
+            pass
+        return 1
+    except ConnectionError:
+        if parent and _parent_exits(parent):
+            run_deployment_cleanups()
+        return 4  # the controller is gone: nothing to serve
+    except Exception as e:  # noqa: BLE001
+        try:
+            ch.send(Error(rank=rank, msg=f"{type(e).__name__}: {e}"))
+        except OSError:
+            pass
+        return 1
+    finally:
+        ch.close()
+    worker.close()
+    return 0
+
+
+def run(controller: str, token: str, rank: int | None = None, standby: bool = False) -> int:
+    host, _, port = controller.rpartition(":")
+    rank = rank if rank is not None else _env_rank()
+    if rank is None and not standby:
+        print("dejavu worker: no rank (pass --rank, launch under mpirun, or --standby)", file=sys.stderr)
+        return 2
+    quiet_stop_on_signals()  # a stop signal is not a failure: lifecycle.py
+    parent = int(os.environ.get("DEJAVU_PARENT_PID") or 0)
+    if parent:
+        watch_parent(parent)
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack (a hung worker)
+    # The thread running steps must get the GIL back quickly from the helpers (replication,
+    # replica holder, pipes, heartbeats): Python's default 5 ms switch interval can hold a kernel
+    # launch back for most of a GPU decode step.
+    sys.setswitchinterval(float(os.environ.get("DEJAVU_SWITCH_INTERVAL", "0.0005")))
+    hello = {"pid": os.getpid(), "host": socket.gethostname()}
+    hello.update({"standby": True} if standby else {"rank": rank})
+    ch = connect(host or "127.0.0.1", int(port), token, hello)
+    if standby:
+        if os.environ.get("DEJAVU_STANDBY_DEVICE") == "cuda" and torch.cuda.is_available():
+            # A warm spare: the CUDA context of every GPU it may be sent to exists before it is needed.
+            for i in range(torch.cuda.device_count()):
+                torch.zeros(1, device=f"cuda:{i}")
+        print(f"dejavu worker: standing by for {controller}", file=sys.stderr, flush=True)
+    cfg = ch.recv(timeout=None if standby else 600)
+    if cfg.t != "config":
+        return 2
+    rank = cfg.rank
+    if cfg.shm_prefix:  # the deployment's /dev/shm segments go with it
+        from ..kvstream.shm import retire
+
+        on_deployment_gone(lambda: retire(cfg.shm_prefix))
+    if cfg.heartbeat_interval:
+        _heartbeat(ch, lambda: rank, float(cfg.heartbeat_interval))
+    try:
+        worker = Worker(ch, cfg, rank)
+    except Exception as e:  # noqa: BLE001 - reported to the controller, which stops everyone
+        ch.send(Error(rank=rank, msg=f"{type(e).__name__}: {e}"))
+        return 1
+    ch.send(Ready(rank=rank, **worker.ready_info()))
+    return _serve(ch, worker, rank, parent)
