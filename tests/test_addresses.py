@@ -72,7 +72,7 @@ def test_host_port_parsing():
 
 
 def test_free_port_is_free_on_the_given_host():
-    from dejavu.parallel.launch import free_port
+    from dejavu.cluster.launch import free_port
 
     port = free_port("127.0.0.1")
     with socket.create_server(("127.0.0.1", port)):

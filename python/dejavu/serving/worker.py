@@ -37,10 +37,9 @@ from .lifecycle import on_deployment_gone, quiet_stop_on_signals, run_deployment
 
 
 def _env_rank() -> int | None:
-    for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "RANK"):
-        if os.environ.get(k) is not None:
-            return int(os.environ[k])
-    return None
+    from ..cluster.placement import RANK_ENV, env_int
+
+    return env_int(RANK_ENV)  # mpirun, srun, torchrun
 
 
 class StageWorker:
@@ -55,7 +54,7 @@ class StageWorker:
         self.layer_start = start
         dev = cfg.device
         if dev == "cuda":
-            dev = f"cuda:{rank % torch.cuda.device_count()}"
+            dev = f"cuda:{cfg.local_rank % torch.cuda.device_count()}"  # by its place on its host
         self.device = torch.device(dev)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -241,6 +240,8 @@ class StageWorker:
         in while the step before it still runs."""
         if self.swap is not None and msg.t == "step":
             self.swap.prefetch(msg.mb, msg.live)
+        if self.pipes is not None and msg.t in ("reset", "fenced"):
+            self.pipes.fail()  # a step waiting on a peer that is gone fails now, not after a timeout
 
     # ------------------------------------------------------------------ disaggregation
     def set_peers(self, msg: dict) -> None:
@@ -577,12 +578,13 @@ def _heartbeat(ch: Channel, rank_of, interval: float) -> None:
     threading.Thread(target=loop, daemon=True, name="heartbeat").start()
 
 
-def run(controller: str, token: str, rank: int | None = None, standby: bool = False) -> int:
-    host, _, port = controller.rpartition(":")
-    rank = rank if rank is not None else _env_rank()
-    if rank is None and not standby:
-        print("dejavu worker: no rank (pass --rank, launch under mpirun, or --standby)", file=sys.stderr)
-        return 2
+def run(controller: str, token: str, rank: int | None = None, standby: bool = False,
+        advertise: str | None = None) -> int:
+    from ..cluster.placement import worker_identity
+    from ..kvstream.net import parse_host_port
+
+    host, port = parse_host_port(controller)
+    rank = rank if rank is not None else _env_rank()  # None: the controller assigns one
     quiet_stop_on_signals()  # a stop signal is not a failure: lifecycle.py
     parent = int(os.environ.get("DEJAVU_PARENT_PID") or 0)
     if parent:
@@ -595,9 +597,10 @@ def run(controller: str, token: str, rank: int | None = None, standby: bool = Fa
     # replica holder, pipes, heartbeats): Python's default 5 ms switch interval can hold a kernel
     # launch back for most of a GPU decode step.
     sys.setswitchinterval(float(os.environ.get("DEJAVU_SWITCH_INTERVAL", "0.0005")))
-    hello = {"pid": os.getpid(), "host": socket.gethostname()}
+    hello = {"pid": os.getpid(), "host": socket.gethostname(), **worker_identity(host, port, advertise)}
     hello.update({"standby": True} if standby else {"rank": rank})
-    ch = connect(host or "127.0.0.1", int(port), token, hello)
+    # a worker started by hand may come up before its controller listens
+    ch = connect(host, port, token, hello, wait=float(os.environ.get("DEJAVU_CONNECT_WAIT", "60")))
     if standby:
         if os.environ.get("DEJAVU_STANDBY_DEVICE") == "cuda" and torch.cuda.is_available():
             # A warm spare: the CUDA context of every GPU it may be sent to exists before it is needed.
@@ -607,7 +610,8 @@ def run(controller: str, token: str, rank: int | None = None, standby: bool = Fa
     cfg = ch.recv(timeout=None if standby else 600)
     if cfg.t != "config":
         return 2
-    rank = cfg.rank
+    rank, epoch = cfg.rank, cfg.epoch
+    ch.stamp = lambda: epoch  # what we send carries the latest epoch we heard of
     if cfg.shm_prefix:  # the deployment's /dev/shm segments go with it
         from ..kvstream.shm import retire
 
@@ -626,12 +630,20 @@ def run(controller: str, token: str, rank: int | None = None, standby: bool = Fa
     from ..kvstream import StreamError
     from ..parallel.pipe import PipeBroken
 
-    inbox = _receiver(ch, worker) if worker.swap is not None else None
+    inbox = _receiver(ch, worker) if worker.swap is not None or worker.pipes is not None else None
     try:
         while True:
             msg = ch.recv(None) if inbox is None else inbox.get()
             if isinstance(msg, BaseException):
                 raise msg
+            if msg.epoch < epoch:  # fencing: from before an epoch we already are in
+                print(f"dejavu worker: refused {msg.t!r} of epoch {msg.epoch} (now {epoch})", file=sys.stderr)
+                continue
+            epoch = msg.epoch
+            if msg.t == "fenced":  # our rank went to another worker while we were cut off
+                print(f"dejavu worker: fenced: rank {rank} was given to another worker in epoch {epoch}; "
+                      f"stopping", file=sys.stderr, flush=True)
+                return 5
             if msg.t == "shutdown":
                 break
             handler = handlers.get(msg.t)
