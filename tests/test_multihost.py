@@ -114,6 +114,8 @@ def test_a_whole_host_killed_mid_stream_is_replaced_by_a_standby_on_a_third_host
     assert out["tokens"] == reference, d.logs()
     (rec,) = out["recoveries"]
     assert rec["ranks"] == [0] and rec["replicated"] and rec["recomputed_tokens"] < 6 * 8, rec
+    assert rec["detect_s"] < 1.5 and rec["kv_fetch_s"] > 0, rec  # noticed by the lost connections, not heartbeats
+    print("host killed: recovery", {k: rec[k] for k in ("detect_s", "respawn_s", "kv_fetch_s", "total_s")})
     assert out["workers"]["0"]["addr"] == hosts[3].addr and out["workers"]["0"]["pid"] == d.workers["standby"].pid
 
 
@@ -141,6 +143,9 @@ def test_a_partitioned_worker_is_fenced_when_its_link_comes_back(hosts, tmp_path
     out = d.result()
     assert out["tokens"] == reference, d.logs()
     assert [r["ranks"] for r in out["recoveries"]] == [[0]]
+    rec = out["recoveries"][0]
+    assert rec["detect_s"] >= FAST_FAILURE["heartbeat_timeout"], rec  # silence, past the heartbeat timeout
+    print("host partitioned: recovery", {k: rec[k] for k in ("detect_s", "respawn_s", "kv_fetch_s", "total_s")})
     assert out["workers"]["0"]["addr"] == hosts[3].addr
 
 

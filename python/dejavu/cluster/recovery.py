@@ -139,8 +139,11 @@ class Recovery:
             raise Stopped()
         self.attempts = {}
         t0 = time.monotonic()
+        # detect_s: since the dead ranks were last heard from (detection, plus up to one heartbeat interval)
+        heard = [c._last_seen[r] for r in dead if r in c._last_seen]
         event = {"at": time.time(), "reason": reason, "ranks": sorted(dead),
-                 "workers": [c.worker_info[r]["worker"] for r in sorted(dead)]}
+                 "workers": [c.worker_info[r]["worker"] for r in sorted(dead)],
+                 "detect_s": t0 - max(heard) if heard else 0.0}
         log.warning("recovering: %s", reason)
         drop = c._abandon_inflight()
         c.allocator.reset_prefix_cache()  # a replaced worker's cached blocks are gone
