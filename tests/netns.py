@@ -69,6 +69,16 @@ class Host:
         self.cluster.procs.append(p)
         return p
 
+    def kill_all(self) -> list[int]:
+        """SIGKILL every process in this host (a whole machine failing); returns their pids."""
+        pids = [int(p) for p in _ip("netns", "pids", self.ns, check=False).stdout.split()]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return pids
+
     def link_down(self) -> None:
         _ip("-n", self.cluster.switch, "link", "set", self.port_name, "down")
 

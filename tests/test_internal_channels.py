@@ -98,10 +98,11 @@ def test_every_internal_port_refuses_garbage_and_the_deployment_goes_on():
         assert not any(eng.token in cmd for cmd in mine.values()), mine
 
         # The controller: malformed HELLOs with the right token are refused, the engine lives.
-        for bad in ({"rank": "x"}, {"rank": -1}, {"rank": 10 ** 12}, {}, {"rank": True}, {"rank": 1.5},
-                    {"standby": "yes"}, {"rank": 0, "pid": "me"}):
+        for bad in ({"rank": "x"}, {"rank": -1}, {"rank": 10 ** 12}, {"rank": True}, {"rank": 1.5},
+                    {"standby": "yes"}, {"rank": 0, "pid": "me"}, {"addr": 5}, {"local_rank": "0"}):
             with pytest.raises(ConnectionError, match="malformed hello"):
                 connect("127.0.0.1", eng.port, eng.token, bad, timeout=5)
+        connect("127.0.0.1", eng.port, eng.token, {}, timeout=5).close()  # no rank: welcomed as a standby
         with pytest.raises(ConnectionError, match="bad cluster token"):
             connect("127.0.0.1", eng.port, "0" * 32, {"rank": 0}, timeout=5)
         _attack(eng.port, _frame({"t": "hello", "token": "0" * 32, "rank": 0}))

@@ -21,7 +21,7 @@ EXAMPLES = [
              master="127.0.0.1:1", world=3, backend="gloo", timeout=60.0, tp_groups=[[0], [1], [2]], kv_token="k",
              pipes=True, heartbeat_interval=0.5, swap=m.SwapConfig(resident=2, host_blocks=128),
              replicate=m.ReplicateConfig(dir=None, prefix="dejavu-x-"), kv_transport="auto", shm_prefix="p",
-             epoch=3),
+             kv_host="10.0.0.2", local_rank=1, epoch=3),
     m.Pipes(epoch=2, prev=0, next=["127.0.0.1", 4000, 2], holder=["127.0.0.1", 4001]),
     m.Peers(token_workers=[m.TokenWorker(worker="t0.0", host="127.0.0.1", hostname="h", kv_port=5, ipc=None,
                                          num_blocks=64)],
@@ -35,6 +35,8 @@ EXAMPLES = [
     m.Restore(holder=["127.0.0.1", 4001], blocks=[3], seqs=[m.RestoreSeq(seq_id=1, blocks=[3], watermark=2)]),
     m.Rereplicate(id=4, blocks=[3, 4]), m.Replication(on=False, every=2),
     m.Hello(token="k", rank=0, pid=12, host="h"), m.Hello(token="k", standby=True),
+    m.Hello(token="k", pid=12, host="h", addr="10.0.0.2", host_id="h/net:4026", local_rank=1, dist_port=29500),
+    m.Fenced(rank=1, epoch=2),
     m.Ready(rank=0, load_s=0.5, pipe_port=1, replica_port=2, kv_port=3, ipc={"handle": b"\x00\x01"}),
     m.Error(rank=None, msg="ValueError: x"), m.Heartbeat(rank=2),
     m.Tokens(mb=0, id=7, tokens=[1, 2], step_s=0.01),
@@ -62,11 +64,15 @@ def test_every_kind_round_trips_and_carries_the_epoch():
     assert m.decode(m.encode(m.Reset(epoch=4, drop_keys=[]))).epoch == 4
 
 
-def test_the_channel_carries_typed_messages():
+def _pair() -> tuple[Channel, Channel]:
     with socket.create_server(("127.0.0.1", 0)) as srv:
         a = socket.create_connection(srv.getsockname())
         b, _ = srv.accept()
-    ca, cb = Channel(a, "a"), Channel(b, "b")
+    return Channel(a, "a"), Channel(b, "b")
+
+
+def test_the_channel_carries_typed_messages():
+    ca, cb = _pair()
     try:
         for msg in EXAMPLES:
             ca.send(msg)
@@ -136,3 +142,18 @@ def test_sampled_tokens_with_logprobs_pack_and_unpack():
     assert m.pack_tokens([1, 2]) == ([1, 2], None) and m.unpack_tokens([1, 2], None) == [1, 2]
     with pytest.raises(m.MessageError, match="2 logprob entries for 3 tokens"):
         m.unpack_tokens([1, 2, 3], [None, None])
+
+
+def test_every_message_sent_carries_the_senders_epoch():
+    ca, cb = _pair()
+    try:
+        epoch = [0]
+        ca.stamp = lambda: epoch[0]
+        ca.send(m.Heartbeat(rank=1))
+        epoch[0] = 3
+        ca.send(m.Heartbeat(rank=1))
+        assert ca.send_nowait(m.Fenced(rank=1))
+        assert [cb.recv(5).epoch for _ in range(3)] == [0, 3, 3]
+    finally:
+        ca.close()
+        cb.close()

@@ -11,6 +11,7 @@ fields, `Config.validate()` also checks the combinations; every error is a Confi
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 
 ADMISSION = ("greedy", "reserve")                         # engine/scheduler.py
@@ -100,6 +101,8 @@ class ParallelConfig:
     layer_split: list[tuple[int, int]] | None = None  # each stage's [start, end) layers; None: even
     worker_timeout: float = 300.0    # s: workers' start and registration
     log_dir: str | None = None       # each worker's log file here
+    cluster_address: str | None = None  # HOST:PORT the controller listens on for workers; None: 127.0.0.1, any port
+    hostfile: str | None = None      # launcher mpirun: Open MPI hostfile
 
     def validate(self) -> None:
         check_int("pp", self.pp, 1, MAX_DEGREE)
@@ -107,6 +110,16 @@ class ParallelConfig:
         check_int("microbatch_size", self.microbatch_size, 0)
         check_choice("launcher", self.launcher, LAUNCHERS)
         check_positive("worker_timeout", self.worker_timeout)
+        if self.cluster_address is not None:
+            host, sep, port = str(self.cluster_address).rpartition(":")
+            if not isinstance(self.cluster_address, str) or not sep or not host or not port.isdigit() \
+                    or not 0 < int(port) < 65536:
+                raise ConfigError("cluster_address", f"must be HOST:PORT (port 1-65535), got {self.cluster_address!r}")
+        if self.hostfile is not None:
+            if self.launcher != "mpirun":
+                raise ConfigError("hostfile", f"is for launcher 'mpirun', not {self.launcher!r}")
+            if not os.path.isfile(self.hostfile):
+                raise ConfigError("hostfile", f"no such file: {self.hostfile!r}")
 
 
 @dataclass

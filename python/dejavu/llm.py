@@ -100,7 +100,7 @@ class LLM:
                  heartbeat_timeout: float = 2.0, spare_workers: int = 1,
                  cuda_graphs: bool = True, admission: str = "greedy", overlap_steps: bool = True,
                  enable_prefix_caching: bool = False, kv_offload_gib: float = 0.0, kv_offload_dir: str | None = None,
-                 kv_offload_dir_gib: float = 8.0):
+                 kv_offload_dir_gib: float = 8.0, cluster_address: str | None = None, hostfile: str | None = None):
         # Every argument is a field of the configuration records (config.py), validated there.
         self._start(Config.from_kwargs(**{k: v for k, v in locals().items() if k != "self"}))
 
@@ -136,12 +136,14 @@ class LLM:
                 self.engine = DisaggEngine(self.source, self.tokenizer, engine_cfg, self.device, self.dtype, seed,
                                            dis.prompt_stages, dis.token_stages, par.tp, par.microbatch_size,
                                            par.launcher, par.worker_timeout, par.log_dir, dis.kv_receive_slots,
-                                           dis.kv_transport, swap=sw.swap,
+                                           dis.kv_transport, swap=sw.swap, cluster_address=par.cluster_address,
+                                           hostfile=par.hostfile,
                                            resident_microbatches=sw.resident_microbatches, **ft)
             else:
                 self.engine = PipelineEngine(self.source, self.tokenizer, engine_cfg, self.device, self.dtype, seed,
                                              par.pp, par.tp, par.microbatch_size, par.launcher, par.layer_split,
                                              par.worker_timeout, log_dir=par.log_dir, swap=sw.swap,
+                                             hostfile=par.hostfile, cluster_address=par.cluster_address,
                                              resident_microbatches=sw.resident_microbatches, **ft)
             self._finalizer = weakref.finalize(self, self.engine.shutdown)
             return

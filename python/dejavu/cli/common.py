@@ -38,7 +38,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="greedy: admit requests whose tokens so far fit, preempt (and recompute) when the cache "
                         "fills; reserve: admit one only when its prompt + max_tokens fits, never preempt")
     p.add_argument("--launcher", default="local", choices=["local", "mpirun", "external"],
-                   help="how pipeline workers start: local child processes (default), mpirun, or external")
+                   help="how pipeline workers start: local child processes (default), mpirun, or external "
+                        "(`dejavu worker --controller HOST:PORT` started on each host; docs/deploy.md)")
+    p.add_argument("--cluster-address", default=None, metavar="HOST:PORT",
+                   help="where the controller listens for its workers (default: 127.0.0.1, a free port); "
+                        "another host's workers dial it")
+    p.add_argument("--hostfile", default=None, metavar="FILE",
+                   help="with --launcher mpirun: the Open MPI hostfile of the hosts to start workers on")
     p.add_argument("--replicate", action="store_true",
                    help="stream every token's KV to another worker's host memory; after a failure requests resume "
                         "from their last replicated token (pipeline or token stages >= 2, tp 1)")
@@ -103,7 +109,8 @@ def config_from_args(args):
     return Config.from_kwargs(
         model=args.model, device=args.device, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
         kv_cache_blocks=args.kv_cache_blocks, max_model_len=args.max_model_len, pp=args.pp, tp=args.tp,
-        microbatch_size=args.microbatch_size, launcher=args.launcher, prompt_stages=args.prompt_stages,
+        microbatch_size=args.microbatch_size, launcher=args.launcher, cluster_address=args.cluster_address,
+        hostfile=args.hostfile, prompt_stages=args.prompt_stages,
         token_stages=args.token_stages, kv_receive_slots=args.kv_receive_slots, kv_transport=args.kv_transport,
         swap=args.swap, resident_microbatches=args.resident_microbatches, replicate=args.replicate,
         replicate_dir=args.replicate_dir, replicate_to=_replicate_to(args.replicate_to), recovery=args.recovery,

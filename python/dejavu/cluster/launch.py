@@ -120,8 +120,10 @@ class Launcher:
         elif kind == "mpirun":
             self.procs = spawn_mpirun(world, self.controller, self.token, hostfile, self.log_dir, recovery=recovery)
         elif kind == "external":
-            log.warning("waiting for %d workers: dejavu worker --controller %s (token in DEJAVU_CLUSTER_TOKEN=%s)",
-                        world, self.controller, self.token)
+            given = os.environ.get("DEJAVU_CLUSTER_TOKEN") == self.token
+            log.warning("waiting for %d workers: dejavu worker --controller %s (the cluster token in "
+                        "DEJAVU_CLUSTER_TOKEN%s)", world, self.controller,
+                        "" if given else f"={self.token}")
         else:
             raise ValueError(f"unknown launcher {kind!r}; use local, mpirun or external")
 

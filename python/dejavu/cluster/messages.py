@@ -149,7 +149,8 @@ class Config(Message):
     replicate: ReplicateConfig | None = None
     kv_transport: str | None = None    # disaggregation: how prompt KV travels (kvstream.select)
     shm_prefix: str | None = None      # the deployment's /dev/shm segment names
-    kv_host: str = "127.0.0.1"         # where its KV and replica listeners bind
+    kv_host: str = "127.0.0.1"         # where its pipe, KV and replica listeners bind (its advertised address)
+    local_rank: int = 0                # among the workers of its host: picks its GPU
     kv_pool_bytes: int = 256 << 20     # pinned staging pool of its KV streamer
 
 
@@ -218,6 +219,12 @@ class Shutdown(Message):
     pass
 
 
+@message("fenced", CONTROLLER)
+class Fenced(Message):
+    """Its rank was given to another worker in `epoch` (it was cut off): stop at once, serve nothing."""
+    rank: int
+
+
 # ---------------------------------------------------------------------- worker -> controller
 @message("hello", WORKER)
 class Hello(Message):
@@ -225,7 +232,11 @@ class Hello(Message):
     rank: int | None = None
     standby: bool = False
     pid: int | None = None
-    host: str = ""
+    host: str = ""                 # host name (for people)
+    addr: str = ""                 # the address its peers reach it at, and its listeners bind
+    host_id: str = ""              # kvstream.select.host_id(): which workers share a host
+    local_rank: int | None = None  # from its launcher's environment (None: counted by the controller)
+    dist_port: int | None = None   # a free port at addr for torch.distributed's rendezvous (as rank 0)
 
 
 @message("ready", WORKER)

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 
+from ..kvstream.select import host_id
 from .errors import WorkerError
-from .messages import Rereplicate, Reset, Restore, RestoreSeq
+from .placement import free_local_rank, pick_standby
+from .messages import Fenced, Rereplicate, Reset, Restore, RestoreSeq
 
 log = logging.getLogger("dejavu.recovery")
 
@@ -62,17 +63,26 @@ class Recovery:
         ch = c.channels.pop(rank, None)
         c._gen[rank] = c._gen.get(rank, 0) + 1  # its messages still queued are ignored
         if ch is not None:
-            ch.close()
+            self.fence(rank, ch)
         p = c.launcher.proc_of.pop(rank, None)
         if p is not None:
             c.launcher.reap(p)
-        elif p is None and c.worker_info.get(rank, {}).get("host") == socket.gethostname():
-            try:  # a hung worker we did not start ourselves (mpirun): make sure it is gone
+        elif p is None and c.worker_info.get(rank, {}).get("host_id") == host_id():
+            try:  # a hung worker we did not start ourselves (mpirun) on this host: make sure it is gone
                 os.kill(int(c.worker_info[rank]["pid"]), 9)
             except (OSError, TypeError, ValueError):
                 pass
         c._needed.add(rank)
         self.bring_in(rank)
+
+    def fence(self, rank: int, ch) -> None:
+        """The old worker of `rank` may still live (cut off by a partition, hung): it is told it was
+        fenced, and its connection stays open until shutdown, so the message reaches it when the
+        partition heals (closing would race the notice with a reset)."""
+        if ch.send_nowait(Fenced(rank=rank, epoch=self.c._epoch)):
+            self.c._fenced.append(ch)
+        else:
+            ch.close()
 
     def bring_in(self, rank: int) -> None:
         """Start `rank`'s next replacement by the recovery policy: a standby, a warm spare still
@@ -84,8 +94,8 @@ class Recovery:
             raise WorkerError(f"worker {name} (rank {rank}) could not be replaced: {REPLACE_ATTEMPTS} replacements "
                               f"died while starting")
         while self.policy in ("respawn", "standby") and c._standbys:
-            try:
-                self.assign(rank, *c._standbys.pop(0))
+            try:  # preferably from another host than the failed worker's
+                self.assign(rank, *c._standbys.pop(pick_standby(c._standbys, {c.worker_info[rank]["host_id"]})))
                 return
             except OSError:  # that standby is gone: try the next
                 c.channels.pop(rank, None)
@@ -115,7 +125,9 @@ class Recovery:
         c = self.c
         c.launcher.take_spare(hello.pid, rank)
         c.channels[rank] = ch
-        c.worker_info[rank].update(pid=hello.pid, host=hello.host)
+        c._place(rank, hello)
+        live = {r: (c.worker_info[r]["host_id"], c.worker_info[r]["local_rank"]) for r in c.channels if r != rank}
+        c.worker_info[rank]["local_rank"] = free_local_rank(hello.host_id or hello.host, live, hello.local_rank)
         ch.send(c._config_for(rank, epoch=c._epoch))
         c._start_reader(rank, ch)
 
@@ -127,8 +139,11 @@ class Recovery:
             raise Stopped()
         self.attempts = {}
         t0 = time.monotonic()
+        # detect_s: since the dead ranks were last heard from (detection, plus up to one heartbeat interval)
+        heard = [c._last_seen[r] for r in dead if r in c._last_seen]
         event = {"at": time.time(), "reason": reason, "ranks": sorted(dead),
-                 "workers": [c.worker_info[r]["worker"] for r in sorted(dead)]}
+                 "workers": [c.worker_info[r]["worker"] for r in sorted(dead)],
+                 "detect_s": t0 - max(heard) if heard else 0.0}
         log.warning("recovering: %s", reason)
         drop = c._abandon_inflight()
         c.allocator.reset_prefix_cache()  # a replaced worker's cached blocks are gone
@@ -161,7 +176,7 @@ class Recovery:
                 resetting.discard(msg.rank)
             elif t == "joined":
                 ch, hello = msg.ch, msg.hello
-                if hello.standby:
+                if hello.standby or hello.rank is None:
                     c._standbys.remove((ch, hello))
                     # not a rank whose own replacement process is starting (it takes that one)
                     waiting = sorted(r for r in c._needed if r not in c.channels and r not in c.launcher.proc_of)
@@ -230,7 +245,7 @@ class Recovery:
             if holder in dead and not c.replication.dir:
                 bad.update(s.seq_id for s in seqs)  # the replica died with its holder
                 continue
-            c.channels[r].send(Restore(holder=["127.0.0.1", c.worker_info[holder]["replica_port"]], blocks=blocks,
+            c.channels[r].send(Restore(holder=c.address(holder, "replica_port"), blocks=blocks,
                                           seqs=[RestoreSeq(seq_id=s.seq_id, blocks=s.block_table,
                                                            watermark=c.replication.watermark_of(s)) for s in seqs]))
             waiting[("restored", r)] = True

@@ -8,12 +8,14 @@ a sequence was preempted since. The worker's side is serving/replication.py (Rep
 from __future__ import annotations
 
 from ..cluster.messages import Replication as ReplicationMsg
+from .placement import holder_ring
 
 
 class Replication:
     def __init__(self, enabled: bool, stages: int, ring: list[int] | None = None, directory: str | None = None):
         self.enabled, self.dir = bool(enabled), directory
         # the stages that hold decode KV (the pipeline, or the token pipeline); stage i replicates to ring[i]
+        ring_given = ring is not None
         ring = ring if ring is not None else [(i + 1) % stages for i in range(stages)]
         if self.enabled:
             if stages < 2:
@@ -21,11 +23,17 @@ class Replication:
             if len(ring) != stages or any(not 0 <= h < stages or h == i for i, h in enumerate(ring)):
                 raise ValueError(f"replicate_to must name, for each of the {stages} stages, another stage in "
                                  f"[0, {stages}); got {ring}")
-        self.ring = ring
+        self.ring, self.ring_given = ring, ring_given
         self.paused = False
         self.watermark: dict[int, tuple[int, int]] = {}  # seq id -> (tokens replicated on every stage, preemptions)
         self.pending: dict[int, dict] = {}               # step id -> ranks yet to acknowledge, (seq, tokens, preemptions)
         self.bytes: dict[int, int] = {}                  # per rank: bytes its replicator sent
+
+    def place(self, stage_hosts: list[str]) -> None:
+        """Once workers are placed: each stage's holder on another host where one exists
+        (placement.holder_ring), unless replicate_to chose the holders."""
+        if self.enabled and not self.ring_given:
+            self.ring = holder_ring(stage_hosts)
 
     def holder_rank(self, rank: int, rc: dict, tp: int) -> int | None:
         """The rank holding `rank`'s replica (same TP rank of the ring's next stage), or None;

@@ -18,15 +18,14 @@ import torch
 
 from ..parallel.wire import Channel, connect
 from ..serving.lifecycle import on_deployment_gone, quiet_stop_on_signals, run_deployment_cleanups, watch_parent
+from ..kvstream.net import parse_host_port
 from .messages import Error, Heartbeat, MessageError, Ready, StepFailed
+from .placement import RANK_ENV, env_int, worker_identity
 from .roles.stage import StageRole
 
 
 def _env_rank() -> int | None:
-    for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "RANK"):
-        if os.environ.get(k) is not None:
-            return int(os.environ[k])
-    return None
+    return env_int(RANK_ENV)  # mpirun, srun, torchrun
 
 
 class Worker:
@@ -109,18 +108,27 @@ def _heartbeat(ch: Channel, rank_of, interval: float) -> None:
     threading.Thread(target=loop, daemon=True, name="heartbeat").start()
 
 
-def _serve(ch: Channel, worker: Worker, rank: int, parent: int) -> int:
+def _serve(ch: Channel, worker: Worker, rank: int, epoch: int, parent: int) -> int:
     """The control loop: each message to its handler, in order, until shutdown."""
     from ..kvstream import StreamError
     from ..parallel.pipe import PipeBroken
 
     stage = worker.stage
-    inbox = _receiver(ch, stage) if stage.swap is not None else None
+    ch.stamp = lambda: epoch  # what we send carries the latest epoch we heard of (updated below)
+    inbox = _receiver(ch, stage) if stage.swap is not None or stage.pipes is not None else None
     try:
         while True:
             msg = ch.recv(None) if inbox is None else inbox.get()
             if isinstance(msg, BaseException):
                 raise msg
+            if msg.epoch < epoch:  # fencing: from before an epoch we already are in
+                print(f"dejavu worker: refused {msg.t!r} of epoch {msg.epoch} (now {epoch})", file=sys.stderr)
+                continue
+            epoch = msg.epoch
+            if msg.t == "fenced":  # our rank went to another worker while we were cut off
+                print(f"dejavu worker: fenced: rank {rank} was given to another worker in epoch {epoch}; "
+                      f"stopping", file=sys.stderr, flush=True)
+                return 5
             if msg.t == "shutdown":
                 break
             handler = worker.handlers.get(msg.t)
@@ -156,12 +164,10 @@ def _serve(ch: Channel, worker: Worker, rank: int, parent: int) -> int:
     return 0
 
 
-def run(controller: str, token: str, rank: int | None = None, standby: bool = False) -> int:
-    host, _, port = controller.rpartition(":")
-    rank = rank if rank is not None else _env_rank()
-    if rank is None and not standby:
-        print("dejavu worker: no rank (pass --rank, launch under mpirun, or --standby)", file=sys.stderr)
-        return 2
+def run(controller: str, token: str, rank: int | None = None, standby: bool = False,
+        advertise: str | None = None) -> int:
+    host, port = parse_host_port(controller)
+    rank = rank if rank is not None else _env_rank()  # None: the controller assigns one
     quiet_stop_on_signals()  # a stop signal is not a failure: lifecycle.py
     parent = int(os.environ.get("DEJAVU_PARENT_PID") or 0)
     if parent:
@@ -174,9 +180,10 @@ def run(controller: str, token: str, rank: int | None = None, standby: bool = Fa
     # replica holder, pipes, heartbeats): Python's default 5 ms switch interval can hold a kernel
     # launch back for most of a GPU decode step.
     sys.setswitchinterval(float(os.environ.get("DEJAVU_SWITCH_INTERVAL", "0.0005")))
-    hello = {"pid": os.getpid(), "host": socket.gethostname()}
+    hello = {"pid": os.getpid(), "host": socket.gethostname(), **worker_identity(host, port, advertise)}
     hello.update({"standby": True} if standby else {"rank": rank})
-    ch = connect(host or "127.0.0.1", int(port), token, hello)
+    # a worker started by hand may come up before its controller listens
+    ch = connect(host, port, token, hello, wait=float(os.environ.get("DEJAVU_CONNECT_WAIT", "60")))
     if standby:
         if os.environ.get("DEJAVU_STANDBY_DEVICE") == "cuda" and torch.cuda.is_available():
             # A warm spare: the CUDA context of every GPU it may be sent to exists before it is needed.
@@ -186,7 +193,8 @@ def run(controller: str, token: str, rank: int | None = None, standby: bool = Fa
     cfg = ch.recv(timeout=None if standby else 600)
     if cfg.t != "config":
         return 2
-    rank = cfg.rank
+    rank, epoch = cfg.rank, cfg.epoch
+    ch.stamp = lambda: epoch  # what we send carries the latest epoch we heard of
     if cfg.shm_prefix:  # the deployment's /dev/shm segments go with it
         from ..kvstream.shm import retire
 
@@ -199,4 +207,4 @@ def run(controller: str, token: str, rank: int | None = None, standby: bool = Fa
         ch.send(Error(rank=rank, msg=f"{type(e).__name__}: {e}"))
         return 1
     ch.send(Ready(rank=rank, **worker.ready_info()))
-    return _serve(ch, worker, rank, parent)
+    return _serve(ch, worker, rank, epoch, parent)

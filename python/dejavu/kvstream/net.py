@@ -49,6 +49,15 @@ def parse_host_port(text: str) -> Address:
     return Address(host[1:-1] if host.startswith("[") and host.endswith("]") else host, int(port))
 
 
+def route_address(host: str, port: int) -> str:
+    """This host's local address on the route to (host, port): the address a connection to it
+    would come from (a UDP connect sends nothing)."""
+    family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        return s.getsockname()[0]
+
+
 def serve_connections(listener: socket.socket, handler, name: str) -> None:
     """Accept on `listener` until it is closed; each connection is handled on a thread of its own."""
     def loop():

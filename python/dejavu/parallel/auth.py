@@ -8,8 +8,8 @@ The controller's `Acceptor` handshakes every incoming connection on a thread of 
 or silent client never holds up the workers joining behind it: a connection that has not sent a
 valid HELLO within `deadline` seconds is dropped. A HELLO is at most HELLO_MAX bytes (nothing
 larger is read before the token checks out), and one whose fields are malformed (not a
-messages.Hello, a rank outside [0, world), neither a rank nor standby) is refused with a message
-naming the problem; the deployment goes on.
+messages.Hello, a rank outside [0, world)) is refused with a message naming the problem; the
+deployment goes on. A HELLO without a rank (nor standby) is given one by the controller.
 """
 from __future__ import annotations
 
@@ -65,10 +65,8 @@ def cluster_prefix(token: str) -> str:
 
 def hello_problem(hello, world: int) -> str | None:
     """What is wrong with a (well-typed) HELLO's rank for a deployment of `world` workers, or None."""
-    if hello.standby:
+    if hello.standby or hello.rank is None:  # no rank: the controller assigns one
         return None
-    if hello.rank is None:
-        return "neither a rank nor standby"
     if not 0 <= hello.rank < world:
         return f"rank {hello.rank} is outside [0, {world})"
     return None

@@ -89,6 +89,7 @@ class StagePipes:
         with self._cond:
             self._drop()
             self.broken = True
+            self._cond.notify_all()  # a receive waiting for its connection fails now
 
     def _hello(self, sock: socket.socket) -> None:
         try:

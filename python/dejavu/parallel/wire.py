@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 
 import msgpack
 
@@ -29,12 +30,29 @@ class Channel:
         self.peer = peer or str(sock.getpeername())
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._send_lock = threading.Lock()  # heartbeats and replication acks send from their own threads
+        self.stamp = None  # () -> the sender's cluster epoch, which every message sent then carries
 
     def send(self, msg) -> None:
         """Send a typed control message (a cluster.messages record)."""
+        self._send_bytes(self._encode(msg))
+
+    def send_nowait(self, msg) -> bool:
+        """Send `msg` if the socket takes it whole at once (a peer cut off by a partition must not
+        hold the sender); False if it did not."""
+        data = self._encode(msg)
+        frame = _LEN.pack(len(data)) + data
+        with self._send_lock:
+            try:
+                return self.sock.send(frame, socket.MSG_DONTWAIT) == len(frame)
+            except OSError:
+                return False
+
+    def _encode(self, msg) -> bytes:
         from ..cluster.messages import encode
 
-        self._send_bytes(encode(msg))
+        if self.stamp is not None:
+            msg.epoch = self.stamp()
+        return encode(msg)
 
     def send_frame(self, msg: dict) -> None:
         """Send a raw map: the HELLO, whose fields the controller checks after the token."""
@@ -87,10 +105,19 @@ class Channel:
             pass
 
 
-def connect(host: str, port: int, token: str, hello: dict, timeout: float = 30.0) -> Channel:
+def connect(host: str, port: int, token: str, hello: dict, timeout: float = 30.0, wait: float = 0.0) -> Channel:
     """Connect to the controller and introduce ourselves with a HELLO of `hello`'s fields (rank or
-    standby, pid, host: messages.Hello); raises if the token or the fields are refused."""
-    sock = socket.create_connection((host, port), timeout=timeout)
+    standby, pid, host: messages.Hello); raises if the token or the fields are refused. For up to
+    `wait` seconds a controller not listening yet (refused, unreachable) is tried again."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+            break
+        except (ConnectionRefusedError, OSError) as e:
+            if isinstance(e, socket.timeout) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
     ch = Channel(sock, f"controller {host}:{port}")
     ch.send_frame({"t": "hello", "token": token, **hello})
     reply = ch.recv(timeout)

@@ -106,7 +106,7 @@ class DisaggEngine(PipelineEngine):
         return range(self.token_first, self.world)
 
     def _after_ready(self, only: set[int] | None = None) -> None:
-        token_workers = [TokenWorker(worker=i["worker"], host="127.0.0.1", hostname=i["host"], kv_port=i["kv_port"],
+        token_workers = [TokenWorker(worker=i["worker"], host=i["addr"], hostname=i["host_id"], kv_port=i["kv_port"],
                                      ipc=self._ipc.get(r), num_blocks=self.num_blocks)
                          for r, i in sorted(self.worker_info.items()) if i["role"] == "token"]
         msg = Peers(token_workers=token_workers, transfers=[dataclasses.asdict(t) for t in self.transfers])

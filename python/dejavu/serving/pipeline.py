@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
 import secrets
-import socket
 import threading
 import time
 from collections import deque
@@ -30,14 +30,15 @@ from ..engine.sequence import Sequence, Status
 from ..kvstream.routing import split_layers
 from ..models.loader import ModelSource, model_identity
 from ..models.tp import check as tp_check
-from ..cluster import launch
+from ..cluster import launch, placement
 from ..cluster.errors import WorkerError
 from ..cluster.launch import Launcher
 from ..cluster.recovery import Failure as _Failure, Recovery, Stopped as _Stopped, recovery_policy
 from ..cluster.replication import Replication
 from ..cluster.messages import (Config, MessageError, Pipes, ReplicateConfig, SampleExtra, Shutdown, Step, StepSeq,
                                 SwapConfig, unpack_tokens)
-from ..parallel.auth import Acceptor, cluster_prefix
+from ..kvstream.net import LOOPBACK, WILDCARDS, Address, listen, parse_host_port
+from ..parallel.auth import TOKEN_ENV, Acceptor, cluster_prefix
 
 log = logging.getLogger("dejavu.pipeline")
 
@@ -82,7 +83,7 @@ class PipelineEngine(LLMEngine):
                  hostfile: str | None = None, log_dir: str | None = None, swap: bool = False,
                  resident_microbatches: int = 2, replicate: bool = False, replicate_dir: str | None = None,
                  replicate_to: list[int] | None = None, recovery: str = "auto", heartbeat_interval: float = 0.5,
-                 heartbeat_timeout: float = 2.0, spare_workers: int = 1):
+                 heartbeat_timeout: float = 2.0, spare_workers: int = 1, cluster_address: str | None = None):
         cfg = self.model_config = source.config
         self.model = None
         self.tokenizer, self.config, self.device, self.dtype = tokenizer, config, device, dtype
@@ -116,11 +117,14 @@ class PipelineEngine(LLMEngine):
         self._plan(cfg, pp, layer_split, microbatch_size)
         self._setup_fault_tolerance(launcher, replicate, replicate_dir, replicate_to, recovery, heartbeat_interval,
                                     heartbeat_timeout, spare_workers)
-        self.token = secrets.token_hex(16)
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        # The cluster token: the operator's (external workers started with it), else a new one.
+        self.token = os.environ.get(TOKEN_ENV) or secrets.token_hex(16)
+        bind, port = parse_host_port(cluster_address) if cluster_address else (LOOPBACK, 0)
+        self._listener = listen(bind, port)
         self.port = self._listener.getsockname()[1]
         self._accept = Acceptor(self._listener, self.token, self.world)  # HELLOs, each on a thread of its own
-        self.controller_addr = controller = f"127.0.0.1:{self.port}"
+        # what workers dial (those started here, when the controller listens on every interface)
+        self.controller_addr = controller = str(Address(LOOPBACK if bind in WILDCARDS else bind, self.port))
         self.log_dir = log_dir
         self.launcher = Launcher(controller, self.token, device.type, log_dir)
         self.launcher.start(launcher, self.world, hostfile, recovery=self.ft)
@@ -182,6 +186,7 @@ class PipelineEngine(LLMEngine):
         self._started = False
         self._standbys: list = []
         self._needed: set[int] = set()
+        self._fenced: list = []  # channels of replaced workers that may still live (recovery.fence)
 
     @property
     def procs(self) -> list:
@@ -238,7 +243,11 @@ class PipelineEngine(LLMEngine):
                     raise WorkerError(f"only {len(self.channels)} of {self.world} workers connected within "
                                       f"{self.timeout}s") from None
                 continue
-            rank = hello.rank
+            if hello.standby and self.ft:  # an external standby started with the workers: kept for later
+                self._standbys.append((ch, hello))
+                continue
+            # no rank given (external workers): the lowest one not taken
+            rank = hello.rank if hello.rank is not None else min(set(range(self.world)) - set(self.channels))
             if hello.standby or rank in self.channels:  # refused; the deployment goes on starting
                 log.warning("refused a worker announcing %s while starting: expected a new rank in [0, %d)",
                             "standby" if hello.standby else f"rank {rank}", self.world)
@@ -250,8 +259,13 @@ class PipelineEngine(LLMEngine):
                                       "stage": (rank - rc["first_rank"]) // self.tp, "tp_rank": rank % self.tp,
                                       "worker": rc["worker_name"],
                                       "layers": rc["layers"][(rank - rc["first_rank"]) // self.tp]}
+            self._place(rank, hello)
+        hosts = {r: i["host_id"] for r, i in self.worker_info.items()}
+        for r, lr in placement.local_ranks(hosts, {r: i["local_rank"] for r, i in self.worker_info.items()}).items():
+            self.worker_info[r]["local_rank"] = lr
+        self._place_holders()
         backend = "nccl" if device.type == "cuda" and torch.cuda.device_count() >= self.world else "gloo"
-        master = f"127.0.0.1:{launch.free_port()}"
+        master = str(Address(self.worker_info[0]["addr"], self.worker_info[0]["dist_port"]))
         self._config = {"model": spec, "dtype": str(dtype).replace("torch.", ""), "device": device.type,
                         "seed": seed, "tp": self.tp, "block_size": self.block_size, "master": master,
                         "world": self.world, "backend": backend, "timeout": self.timeout,
@@ -282,7 +296,24 @@ class PipelineEngine(LLMEngine):
         rep = None
         if self.replication.enabled and rc["role"] != "prompt":
             rep = ReplicateConfig(dir=self.replication.dir, prefix=cluster_prefix(self.token))
-        return Config(**self._config, rank=rank, **rc, replicate=rep, epoch=epoch)
+        info = self.worker_info[rank]
+        return Config(**self._config, rank=rank, **rc, replicate=rep, epoch=epoch, kv_host=info["addr"],
+                      local_rank=info["local_rank"])
+
+    def _place(self, rank: int, hello) -> None:
+        """Where `rank`'s worker is (its HELLO): the address its peers dial, its host."""
+        self.worker_info[rank].update(pid=hello.pid, host=hello.host, addr=hello.addr or LOOPBACK,
+                                      host_id=hello.host_id or hello.host, local_rank=hello.local_rank,
+                                      dist_port=hello.dist_port)
+
+    def _place_holders(self) -> None:
+        """Each stage's replica holder on another host whenever one exists (unless replicate_to says)."""
+        first = min(r for r in range(self.world) if self._holds_decode_kv(r))
+        self.replication.place([self.worker_info[first + s * self.tp]["host_id"] for s in range(self.pp)])
+
+    def address(self, rank: int, port_key: str) -> list:
+        """[host, port] where peers reach `rank`'s listener `port_key` (pipe_port, replica_port, kv_port)."""
+        return [self.worker_info[rank]["addr"], self.worker_info[rank][port_key]]
 
     def _on_ready(self, msg) -> None:
         info = self.worker_info[msg.rank]
@@ -299,14 +330,15 @@ class PipelineEngine(LLMEngine):
         nxt = rank + self.tp if stage < rc["pp"] - 1 else None
         holder = self.holder_rank(rank)
         return Pipes(epoch=self._epoch, prev=rank - self.tp if stage > 0 else None,
-                     next=["127.0.0.1", self.worker_info[nxt]["pipe_port"], nxt] if nxt is not None else None,
-                     holder=["127.0.0.1", self.worker_info[holder]["replica_port"]] if holder is not None else None)
+                     next=self.address(nxt, "pipe_port") + [nxt] if nxt is not None else None,
+                     holder=self.address(holder, "replica_port") if holder is not None else None)
 
     def _after_ready(self) -> None:
         """Hook for deployments that must introduce workers to each other once all are up."""
 
     def _start_reader(self, rank: int, ch) -> None:
         gen = self._gen[rank] = self._gen.get(rank, 0) + 1
+        ch.stamp = lambda: self._epoch  # every message to a worker carries the current epoch
         self._last_seen[rank] = time.monotonic()
         threading.Thread(target=self._reader, args=(rank, ch, gen), daemon=True, name=f"worker{rank}-reader").start()
 
@@ -319,9 +351,13 @@ class PipelineEngine(LLMEngine):
                     log.warning("worker %d sent a malformed message (%s): closing its connection", rank, e)
                     ch.close()
                     raise ConnectionError(f"malformed message: {e}") from None
+                if gen != self._gen.get(rank):
+                    continue  # a replaced (fenced) worker: read until it goes, heed nothing
                 self._last_seen[rank] = time.monotonic()
                 if msg.t == "hb":
                     continue
+                if msg.epoch < self._epoch and msg.t not in ("ready", "error"):
+                    continue  # refused: sent before the worker heard of the last recovery (stale)
                 if hasattr(msg, "rank"):
                     msg.rank = rank  # a worker speaks for its own rank only
                 self._inbox.put((rank, gen, msg))
@@ -575,7 +611,7 @@ class PipelineEngine(LLMEngine):
         """A connection after start-up: a standby joins the pool; a replacement for a rank we wait
         for is taken (returned to the recovery loop); anything else is turned away."""
         ch, hello = msg.ch, msg.hello
-        if hello.standby:
+        if hello.standby or hello.rank is None:  # after start-up a worker without a rank stands by
             self._standbys.append((ch, hello))
             log.info("standby worker registered (pid %s on %s)", hello.pid, hello.host)
             return bool(self._needed)
@@ -636,7 +672,7 @@ class PipelineEngine(LLMEngine):
             except OSError:
                 pass
         self.launcher.stop(timeout=10.0)
-        for ch in getattr(self, "channels", {}).values():
+        for ch in list(getattr(self, "channels", {}).values()) + getattr(self, "_fenced", []):
             ch.close()
         self._accept.close()
         self._listener.close()

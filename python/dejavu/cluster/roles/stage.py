@@ -45,7 +45,7 @@ class StageRole:
         self.layer_start = start
         dev = cfg.device
         if dev == "cuda":
-            dev = f"cuda:{rank % torch.cuda.device_count()}"
+            dev = f"cuda:{cfg.local_rank % torch.cuda.device_count()}"  # by its place on its host
         self.device = torch.device(dev)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -201,6 +201,8 @@ class StageRole:
         in while the step before it still runs."""
         if self.swap is not None and msg.t == "step":
             self.swap.prefetch(msg.mb, msg.live)
+        if self.pipes is not None and msg.t in ("reset", "fenced"):
+            self.pipes.fail()  # a step waiting on a peer that is gone fails now, not after a timeout
 
     # ------------------------------------------------------------------ fault tolerance
     def reset(self, msg) -> None:
