@@ -73,6 +73,8 @@ class AsyncEngine:
             m.prefix_hit_tokens.update({t: (lambda t=t: pc()[f"{t}_hit_tokens"]) for t in ("device", "host", "disk")})
             m.bytes_streamed["prefix_offload"] = lambda: pc()["offloaded_bytes"]
             m.bytes_streamed["prefix_restore"] = lambda: pc()["restored_bytes"]
+            if hasattr(engine, "prefix_cache_tiers"):
+                m.prefix_tiers = engine.prefix_cache_tiers
         if hasattr(engine, "kv_bytes"):  # disaggregated: KV streamed prompt -> token, and how long it showed
             m.bytes_streamed["prompt_to_token"] = lambda: engine.kv_bytes
             m.transfer_seconds["prompt_to_token_compute"] = lambda: sum(x["compute_s"] for x in engine.transfer_stats)
