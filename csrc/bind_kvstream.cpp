@@ -169,6 +169,13 @@ void dejavu::bind::bind_kvstream(py::module_& m) {
           return host_scatter(as_ptr<uint8_t>(base), s.data(), s.size(), as_ptr<const uint8_t>(src), threads);
         });
       }, py::arg("base"), py::arg("spans"), py::arg("src"), py::arg("threads") = 1)
+      .def("copy_rows", [](WorkerPool& w, uintptr_t src, uintptr_t dst, const std::vector<int64_t>& rows, int threads) {
+        if (rows.size() % 3) throw std::invalid_argument("copy_rows: rows must be (src_offset, dst_offset, bytes) triples");
+        return w.submit([rows, src, dst, threads] {
+          return host_copy_rows(as_ptr<const uint8_t>(src), as_ptr<uint8_t>(dst), rows.data(), rows.size() / 3, threads);
+        });
+      }, py::arg("src"), py::arg("dst"), py::arg("rows"), py::arg("threads") = 1,
+         "Copy rows (src_offset, dst_offset, bytes), flattened, from `src` to `dst` in one job")
       .def("file_write", [](WorkerPool& w, std::shared_ptr<FileStore> fs, const std::string& key, uintptr_t p, int64_t n) {
         check_key(key);
         return w.submit([fs, key, p, n] { return fs->write(key, as_ptr<const uint8_t>(p), n); });

@@ -142,3 +142,51 @@ def test_metrics_show_hits_per_tier(llama):
     assert f"dejavu_prefix_cache_evictions_total {st['evictions']}" in text
     assert f'dejavu_kv_bytes_streamed_total{{kind="prefix_restore"}} {st["restored_bytes"]}' in text
     assert st["restored_bytes"] == st["host_hit_tokens"] // BS * BLOCK > 0
+
+
+def test_cluster_and_metrics_show_each_tiers_size_and_occupancy(llama, tmp_path):
+    import json
+    import urllib.request
+
+    from dejavu.serving.api import ApiServer
+
+    hf, path = llama
+    shared, others = _workload(hf.config.vocab_size)
+    llm = LLM(device="cpu", model=path, block_size=BS, dtype="float32", kv_cache_blocks=12,
+              enable_prefix_caching=True, kv_offload_gib=2 * BLOCK / 2**30, kv_offload_dir=str(tmp_path))
+    srv = ApiServer(llm, "m")
+    port = srv.start_background()
+    try:
+        for p in shared[:1] + others:  # fills the device, pushes blocks to the host and the disk
+            body = json.dumps({"prompt": p, "max_tokens": 2, "ignore_eos": True}).encode()
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                                          {"Content-Type": "application/json"}), timeout=60).read()
+        tiers = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/cluster", timeout=10).read())
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        srv.stop()
+    tiers = tiers["prefix_cache"]
+    assert tiers["device"]["capacity_blocks"] == 12 and 0 < tiers["device"]["blocks"] <= 12
+    assert tiers["host"] == {"blocks": 2, "capacity_blocks": 2}
+    assert tiers["disk"]["blocks"] == len(os.listdir(tmp_path)) > 0
+    for t, v in tiers.items():
+        assert f'dejavu_prefix_cache_blocks{{tier="{t}"}} {v["blocks"]}' in text
+        assert f'dejavu_prefix_cache_capacity_blocks{{tier="{t}"}} {v["capacity_blocks"]}' in text
+
+
+def test_restored_blocks_under_pressure_are_exact(llama):
+    """Host hits restored into device blocks while a batch decodes in a cache too small for it:
+    restored blocks of preempted sequences are reused by others, readmissions restore them again."""
+    hf, path = llama
+    shared, others = _workload(hf.config.vocab_size)
+    llm = LLM(device="cpu", model=path, block_size=BS, dtype="float32", kv_cache_blocks=14,
+              enable_prefix_caching=True, kv_offload_gib=64 * BLOCK / 2**30)
+    _run(llm, hf, shared[:1] + others)  # the shared prefix now lives on the host only
+    prompts = [shared[0][:14] + [t] * k for t, k in ((5, 1), (6, 3), (7, 2), (8, 5))]
+    sp = SamplingParams(max_tokens=12, ignore_eos=True)
+    outs = llm.generate(prompts, sp)
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(hf, p, 12)
+    st = llm.engine.prefix_cache_stats()
+    assert st["host_hit_tokens"] >= 3 * BS and llm.engine.scheduler.num_preemptions > 0, st
+    assert llm.engine.cache.allocator.num_used == 0

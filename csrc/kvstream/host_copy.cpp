@@ -58,6 +58,16 @@ int64_t host_scatter(uint8_t* base, const Span* spans, size_t n, const uint8_t* 
   });
 }
 
+int64_t host_copy_rows(const uint8_t* src, uint8_t* dst, const int64_t* rows, size_t n, int max_threads) {
+  // for_span_ranges splits by bytes; each Span is (row index, bytes) so a range maps back to rows.
+  std::vector<Span> spans(n);
+  for (size_t i = 0; i < n; ++i) spans[i] = Span{static_cast<int64_t>(i), rows[3 * i + 2]};
+  return for_span_ranges(spans.data(), n, max_threads, [=](size_t b, size_t e, int64_t) {
+    for (size_t i = b; i < e; ++i)
+      std::memcpy(dst + rows[3 * i + 1], src + rows[3 * i], static_cast<size_t>(rows[3 * i + 2]));
+  });
+}
+
 namespace {
 std::array<uint32_t, 256> make_crc_table() {
   std::array<uint32_t, 256> t{};

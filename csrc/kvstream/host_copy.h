@@ -14,6 +14,10 @@ int64_t host_gather(const uint8_t* base, const Span* spans, size_t n_spans, uint
 // Unpacks `src` (laid out as host_gather packs it) into the spans of `base`. Returns the bytes copied.
 int64_t host_scatter(uint8_t* base, const Span* spans, size_t n_spans, const uint8_t* src, int max_threads = 4);
 
+// Copies n rows (src_offset, dst_offset, bytes), `rows` holding 3n int64s, from `src` to `dst`:
+// many blocks between a paged cache and scattered host ranges in one call. Returns bytes copied.
+int64_t host_copy_rows(const uint8_t* src, uint8_t* dst, const int64_t* rows, size_t n, int max_threads = 4);
+
 // CRC-32C (Castagnoli) of a buffer; `seed` chains calls. Used to checksum chunks on the wire and on disk.
 uint32_t crc32c(const uint8_t* data, size_t n, uint32_t seed = 0);
 // Three CRCs at once over three buffers of n bytes each: crc[i] = crc32c(data[i], n, crc[i]) (three

@@ -165,6 +165,11 @@ class BlockAllocator:
         self._name[block], self._block[name] = name, block
         return True
 
+    @property
+    def num_named(self) -> int:
+        """Blocks holding a prefix name (in use or on the free list): the device tier's occupancy."""
+        return len(self._name)
+
     def name_of(self, block: int) -> bytes | None:
         return self._name.get(block)
 

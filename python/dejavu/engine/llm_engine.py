@@ -246,7 +246,7 @@ class LLMEngine:
         if not is_prefill and self._overlappable(seqs):
             self._launched = self._launch(seqs, None)
             return []
-        logits = self.runner.run(seqs, is_prefill)
+        logits = self.runner.run(seqs, is_prefill, self._await_restore if self.tiers is not None else None)
         banned = [self._banned(s) for s in seqs]
         seen = [(s.token_ids, s.num_prompt_tokens) if s.params.penalized else None for s in seqs]
         tokens, lps = pick(logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s) for s in seqs], banned,
@@ -258,7 +258,18 @@ class LLMEngine:
         """Blocks this schedule evicted go to the host tier before a step overwrites them; admitted
         sequences' lower-tier hits come back before their prefill (engine/prefix_tiers.py)."""
         if self.tiers is not None:
-            self.tiers.sync(self.cache.allocator.take_evicted(), seqs if is_prefill else [])
+            self.tiers.sync(self.cache.allocator.take_evicted(), seqs if is_prefill else [], overlap=True)
+
+    def _await_restore(self) -> None:
+        """The step about to run reads the blocks restored by _sync_tiers: wait for their copy (on
+        CUDA the compute stream waits on its event, the host goes on)."""
+        f = self.tiers.pending
+        if f is None:
+            return
+        if f.event is not None:
+            torch.cuda.current_stream(self.device).wait_event(f.event)
+        else:
+            self.tiers.wait_pending()
 
     def prefix_cache_stats(self) -> dict | None:
         """Prefix-cache counters (and tier occupancy), None when caching is off."""
@@ -267,6 +278,19 @@ class LLMEngine:
         out = self.scheduler.allocator.stats.as_dict()
         if getattr(self, "tiers", None) is not None:
             out.update(self.tiers.occupancy())
+        return out
+
+    def prefix_cache_tiers(self) -> dict | None:
+        """Each tier's occupancy: {tier: {"blocks", "capacity_blocks"}} (device, then host and disk
+        when configured), None when caching is off."""
+        if not self.scheduler.prefix_caching:
+            return None
+        out = {"device": {"blocks": self.cache.allocator.num_named, "capacity_blocks": self.num_blocks}}
+        if self.tiers is not None:
+            occ = self.tiers.occupancy()
+            for t in ("host", "disk"):
+                if f"{t}_blocks" in occ:
+                    out[t] = {"blocks": occ[f"{t}_blocks"], "capacity_blocks": occ[f"{t}_capacity_blocks"]}
         return out
 
     def _append_tokens(self, seqs: list[Sequence], tokens: list) -> None:

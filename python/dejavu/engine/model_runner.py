@@ -119,13 +119,19 @@ class ModelRunner:
             self.kv_on_step([(table, start, start + len(ids)) for ids, start, table in items])
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        """Logits [B, vocab] (float32) of each sequence's last new token; marks the K/V as cached."""
+    def run(self, seqs: list[Sequence], is_prefill: bool, before=None) -> torch.Tensor:
+        """Logits [B, vocab] (float32) of each sequence's last new token; marks the K/V as cached.
+        `before()` is called once the inputs are built, just before the forward pass (a restore
+        of cached blocks still in flight is waited for there)."""
         items = step_items(seqs, is_prefill)
         if self.graphs is not None and self.graphs.fits(items):
+            if before is not None:
+                before()
             logits = self.graphs.run(items, self.kv_tap)
         else:
             ids, pos, meta, last = build_metadata(items, self.cache.block_size, self.cache.device, self.kv_tap)
+            if before is not None:
+                before()
             hidden = self.model(ids, pos, meta, self.cache.tensor)
             logits = self.model.compute_logits(hidden[last])
         if not is_prefill:

@@ -110,6 +110,45 @@ class KVStreamer:
             return Future(what, parts=[h], keep=[buf, self.cache.tensor], nbytes=nbytes)
         return self._move_cuda(region, buf, out, after, what, nbytes)
 
+    def copy_blocks(self, blocks, host: torch.Tensor, offsets, out: bool, layers=None, after=None) -> Future:
+        """Many whole blocks between the cache and scattered ranges of one host buffer, in one copy
+        call: block i's chunks of `layers` (default all), packed as gather packs a one-block region,
+        at host[offsets[i]:]. out: cache -> host (an offload), else host -> cache (a restore)."""
+        layers = tuple(range(self.layout.num_layers)) if layers is None else tuple(layers)
+        per = Region.chunks(layers, [0]).nbytes(self.layout)
+        what = f"{'gather' if out else 'scatter'} of {len(layers)} layers x {len(blocks)} blocks (batched)"
+        if len(blocks) != len(offsets):
+            raise ValueError(f"{what}: {len(blocks)} blocks but {len(offsets)} offsets")
+        if host.dtype != torch.uint8 or not host.is_contiguous() or host.device.type != "cpu":
+            raise ValueError(f"{what}: needs a contiguous uint8 host buffer")
+        if any(o < 0 or o + per > host.numel() for o in offsets):
+            raise ValueError(f"{what}: a range of {per} bytes lies outside the {host.numel()}-byte host buffer")
+        rows = []
+        for b, o in zip(blocks, offsets):
+            for off, n in Region.chunks(layers, [b]).spans(self.layout):
+                rows += (off, o, n) if out else (o, off, n)
+                o += n
+        nbytes = per * len(blocks)
+        src, dst = (self.flat, host) if out else (host, self.flat)
+        if not rows:
+            return Future.completed(what)
+        if not self.is_cuda:
+            h = self.workers.copy_rows(src.data_ptr(), dst.data_ptr(), rows, self.threads)
+            return Future(what, parts=[h], keep=[host, self.cache.tensor], nbytes=nbytes)
+        if not host.is_pinned():
+            raise ValueError(f"{what}: host buffers for a CUDA cache must be pinned (use the pool)")
+        with torch.cuda.device(self.device):
+            d = self._out if out else self._in
+            d.kernel.wait_event(after if after is not None else torch.cuda.current_stream(self.device).record_event())
+            table = torch.tensor(rows, dtype=torch.int64).view(-1, 3).pin_memory()
+            with torch.cuda.stream(d.kernel):
+                desc = table.to(self.device, non_blocking=True)
+            # One kernel reads (or writes) the pinned host ranges over PCIe itself.
+            _C.cuda_copy_spans(src.data_ptr(), dst.data_ptr(), desc.data_ptr(), desc.shape[0], d.kernel.cuda_stream,
+                               max(rows[2::3]))
+            evt = d.kernel.record_event()
+        return Future(what, parts=[evt], keep=[host, self.cache.tensor, desc, table], nbytes=nbytes, event=evt)
+
     def _host_desc(self, region: Region, out: bool, piece_bytes: int):
         """Copy rows built in C++ into a pinned buffer: (tensor, rows, piece_row_starts, piece_bytes,
         largest row bytes)."""

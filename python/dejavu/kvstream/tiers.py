@@ -47,18 +47,32 @@ class HostTier:
         self.entries.move_to_end(name)
         return buf.tensor
 
+    def offset(self, name: bytes) -> int:
+        """Where block `name` starts in `pool.storage` (batched copies address every block in it)."""
+        return self.entries[name].offset
+
+    def victim(self, keep=frozenset()) -> bytes | None:
+        """The block the next reserve() of a new name pushes out (None: there is room, or all kept)."""
+        if len(self.entries) < self.capacity:
+            return None
+        return next((n for n in self.entries if n not in keep), None)
+
     def reserve(self, name: bytes, keep=frozenset()) -> torch.Tensor | None:
         """A pool range to copy block `name` into (None when every entry is in `keep`)."""
         if name in self.entries:
             return self.get(name)
         while len(self.entries) >= self.capacity:
-            victim = next((n for n in self.entries if n not in keep), None)
+            victim = self.victim(keep)
             if victim is None:
                 return None
             self._evict(victim, keep)
         buf = self.pool.alloc(self.block_bytes)
         self.entries[name] = buf
         return buf.tensor
+
+    def drop(self, name: bytes) -> None:
+        """Forget block `name` without spilling it (its range never got valid bytes)."""
+        self.entries.pop(name).free()
 
     def _evict(self, name: bytes, keep=frozenset()) -> None:
         buf = self.entries.pop(name)

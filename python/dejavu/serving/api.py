@@ -136,6 +136,9 @@ class ApiServer:
             out["workers"] = [{"rank": 0, "role": "engine", "stage": 0, "tp_rank": 0, "pid": os.getpid(),
                                "host": socket.gethostname(), "layers": [0, eng.model_config.num_layers],
                                "state": state}]
+        tiers = getattr(eng, "prefix_cache_tiers", lambda: None)()
+        if tiers is not None:  # each prefix-cache tier's size and occupancy, in blocks
+            out["prefix_cache"] = tiers
         return web.json_response(out)
 
     # ------------------------------------------------------------------ generation

@@ -73,6 +73,8 @@ class AsyncEngine:
             m.prefix_hit_tokens.update({t: (lambda t=t: pc()[f"{t}_hit_tokens"]) for t in ("device", "host", "disk")})
             m.bytes_streamed["prefix_offload"] = lambda: pc()["offloaded_bytes"]
             m.bytes_streamed["prefix_restore"] = lambda: pc()["restored_bytes"]
+            if hasattr(engine, "prefix_cache_tiers"):
+                m.prefix_tiers = engine.prefix_cache_tiers
         scheds = [x for x in getattr(engine, "slots", None) or [getattr(engine, "scheduler", None)]
                   if hasattr(x, "num_preemptions")]
         m.preemptions = lambda: sum(x.num_preemptions for x in scheds)

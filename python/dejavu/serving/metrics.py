@@ -70,6 +70,7 @@ class Metrics:
         self.transfer_seconds = {"prompt_to_token_compute": 0.0, "prompt_to_token_exposed": 0.0,
                                  "prompt_to_token_raw": 0.0}
         self.prefix_hit_tokens: dict = {}  # tier -> prompt tokens served from the prefix cache (callables)
+        self.prefix_tiers = None  # () -> {tier: {"blocks", "capacity_blocks"}} (LLMEngine.prefix_cache_tiers)
         self.ttft = Histogram()
         self.itl = Histogram()
         self.e2e = Histogram()
@@ -107,6 +108,12 @@ class Metrics:
                 lines.append("# TYPE dejavu_prefix_cache_hit_tokens_total counter")
                 for tier, v in self.prefix_hit_tokens.items():
                     lines.append(f'dejavu_prefix_cache_hit_tokens_total{{tier="{tier}"}} {v()}')
+            if self.prefix_tiers is not None:
+                tiers = self.prefix_tiers()
+                for key, name in (("blocks", "dejavu_prefix_cache_blocks"),
+                                  ("capacity_blocks", "dejavu_prefix_cache_capacity_blocks")):
+                    lines.append(f"# TYPE {name} gauge")
+                    lines += [f'{name}{{tier="{t}"}} {v[key]}' for t, v in tiers.items()]
             for k, fn in self.gauges.items():
                 lines += [f"# TYPE {k} gauge", f"{k} {fn()}"]
             for name, h in (("dejavu_time_to_first_token_seconds", self.ttft),
