@@ -46,6 +46,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = True
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # SamplingParams.prompt_logprobs
 
     @property
     def text(self) -> str:
@@ -60,10 +61,13 @@ class RequestOutput:
         return self.outputs[0].finish_reason
 
 
+def _as_dicts(ids: list[int], entries: list) -> list[dict[int, float] | None]:
+    """Engine logprob entries as vLLM's {token id: logprob}: the token's own, then its alternatives."""
+    return [None if e is None else {t: e[0], **{a: v for a, v in e[1] if a != t}} for t, e in zip(ids, entries)]
+
+
 def _choice(i: int, s) -> CompletionOutput:
-    lps = None
-    if s.params.logprobs is not None:
-        lps = [{t: e[0], **{a: v for a, v in e[1] if a != t}} for t, e in zip(s.output_ids, s.logprobs)]
+    lps = _as_dicts(s.output_ids, s.logprobs) if s.params.logprobs is not None else None
     return CompletionOutput(i, s.text, s.output_ids, s.finish_reason, lps)
 
 
@@ -199,8 +203,10 @@ class LLM:
         out = []
         for g, sp in zip(groups, params):
             s = seqs[g]
-            out.append(RequestOutput(s.request_id, s.prompt, s.token_ids[:s.num_prompt_tokens],
-                                     [_choice(i, c) for i, c in enumerate(seqs[g:g + sp.n])]))
+            prompt_ids = s.token_ids[:s.num_prompt_tokens]
+            plp = _as_dicts(prompt_ids, s.prompt_logprobs) if s.prompt_logprobs is not None else None
+            out.append(RequestOutput(s.request_id, s.prompt, prompt_ids,
+                                     [_choice(i, c) for i, c in enumerate(seqs[g:g + sp.n])], prompt_logprobs=plp))
         return out
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
