@@ -9,7 +9,8 @@ from typing import Sequence as Seq
 
 import torch
 
-from .config import Config
+from .chat_template import set_chat_template, tokenizer_from
+from .config import Config, ConfigError
 from .engine.llm_engine import LLMEngine, RequestError
 from .models.loader import load_model, load_tokenizer, model_identity, parse_dtype, resolve
 from .sampling_params import SamplingParams
@@ -71,6 +72,19 @@ def _choice(i: int, s) -> CompletionOutput:
     return CompletionOutput(i, s.text, s.output_ids, s.finish_reason, lps)
 
 
+def cuda_kv_budget(device: torch.device, utilization: float) -> int:
+    """KV-cache bytes on a CUDA device once the weights are loaded: a fraction of what is free, or
+    with `utilization` (vLLM's --gpu-memory-utilization) what keeps the whole device at most that full."""
+    free, total = torch.cuda.mem_get_info(device)
+    if not utilization:
+        return int(free * DEFAULT_KV_CACHE_FRACTION_CUDA)
+    budget = int(free - (1 - utilization) * total)
+    if budget <= 0:
+        raise ConfigError("gpu_memory_utilization", f"{utilization:g} of {total / 2**30:.1f} GiB leaves no room for "
+                                                    f"the KV cache: {(total - free) / 2**30:.1f} GiB is already in use")
+    return budget
+
+
 def parse_device(device: str | torch.device) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -104,7 +118,8 @@ class LLM:
                  heartbeat_timeout: float = 2.0, spare_workers: int = 1,
                  cuda_graphs: bool = True, admission: str = "greedy", overlap_steps: bool = True,
                  enable_prefix_caching: bool = False, kv_offload_gib: float = 0.0, kv_offload_dir: str | None = None,
-                 kv_offload_dir_gib: float = 8.0):
+                 kv_offload_dir_gib: float = 8.0, gpu_memory_utilization: float = 0.0,
+                 tokenizer: str | None = None, chat_template: str | None = None):
         # Every argument is a field of the configuration records (config.py), validated there.
         self._start(Config.from_kwargs(**{k: v for k, v in locals().items() if k != "self"}))
 
@@ -123,7 +138,12 @@ class LLM:
         self.device = parse_device(config.device)
         self.source = resolve(config.model)
         self.dtype = parse_dtype(config.dtype, self.device, self.source.dtype)
-        self.tokenizer = load_tokenizer(self.source)
+        if config.engine.gpu_memory_utilization and self.device.type != "cuda":
+            raise ConfigError("gpu_memory_utilization", "is a fraction of a CUDA device's memory; on the CPU size "
+                                                        "the KV cache with --kv-cache-blocks")
+        self.tokenizer = load_tokenizer(self.source) if config.tokenizer is None else tokenizer_from(config.tokenizer)
+        if config.chat_template is not None:
+            set_chat_template(self.tokenizer, config.chat_template)
         self.config = self.source.config
         engine_cfg = replace(config.engine)  # the defaults below fill a copy, not the caller's record
         if not engine_cfg.num_blocks and not engine_cfg.kv_cache_memory:
@@ -158,8 +178,7 @@ class LLM:
             raise
         self.config = self.model.cfg
         if not engine_cfg.num_blocks and not engine_cfg.kv_cache_memory:
-            free, _ = torch.cuda.mem_get_info(self.device)
-            engine_cfg.kv_cache_memory = int(free * DEFAULT_KV_CACHE_FRACTION_CUDA)
+            engine_cfg.kv_cache_memory = cuda_kv_budget(self.device, engine_cfg.gpu_memory_utilization)
         self.engine = LLMEngine(self.model, self.tokenizer, engine_cfg, self.device, self.dtype,
                                 model_id=model_identity(self.source, seed))
 
