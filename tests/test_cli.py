@@ -170,3 +170,46 @@ def test_bench_swap_holds_d_over_k_times_the_batch(tmp_path):
     assert (off["peak_running"], on["peak_running"]) == (4, 8)
     assert off["preemptions"] == on["preemptions"] == 0
     assert on["swap_in_bytes"] > 0 and off["swap_in_bytes"] == 0
+
+
+# ---------------------------------------------------------------------- vLLM's spellings
+def test_vllm_flag_spellings_version_help_and_verbose_after_the_subcommand():
+    from dejavu.cli import build_parser
+    from dejavu.cli.common import config_from_args
+
+    args = build_parser().parse_args(["serve", "random:llama-tiny", "-tp", "2", "--pipeline-parallel-size", "2",
+                                      "--max-num-seqs", "8", "--max-num-batched-tokens", "512", "--seed", "3", "-v"])
+    assert (args.model_tag, args.tp, args.pp, args.verbose) == ("random:llama-tiny", 2, 2, True)
+    cfg = config_from_args(args)
+    assert (cfg.engine.max_num_seqs, cfg.engine.max_num_batched_tokens, cfg.seed) == (8, 512, 3)
+    assert build_parser().parse_args(["serve"]).verbose is False
+    r = run("--version")
+    import dejavu
+    assert r.returncode == 0 and r.stdout.strip() == f"dejavu {dejavu.__version__}"
+    r = run("serve", "--help")
+    assert r.returncode == 0 and "--tensor-parallel-size" in r.stdout and "-pp" in r.stdout
+    assert "requests in a batch at once (default: 64)" in " ".join(r.stdout.split())
+    r = run("serve", "random:llama-tiny", "--model", "random:gpt2-tiny")
+    assert r.returncode == 2 and "two models given" in r.stderr and "Traceback" not in r.stderr
+    r = run("generate", "--model", "random:gpt2-tiny", "--device", "cpu", "--prompt", "x",
+            "--gpu-memory-utilization", "0.5")
+    assert r.returncode == 2 and "gpu_memory_utilization" in r.stderr and "--kv-cache-blocks" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_chat_template_and_tokenizer_flags(tmp_path):
+    from dejavu import LLM, ConfigError
+
+    tpl = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    (tmp_path / "t.jinja").write_text(tpl)
+    msgs = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    for given in (tpl, str(tmp_path / "t.jinja")):
+        llm = LLM(model="random:llama-tiny", device="cpu", chat_template=given, kv_cache_blocks=16)
+        assert llm.tokenizer.apply_chat_template(msgs) == llm.tokenizer.encode("<developer>be brief<user>hi<assistant>")
+    llm.tokenizer.tok.save_pretrained(tmp_path / "tok")
+    other = LLM(model="random:llama-tiny", device="cpu", tokenizer=str(tmp_path / "tok"), kv_cache_blocks=16)
+    assert other.tokenizer.encode("hello there") == llm.tokenizer.encode("hello there")
+    with pytest.raises(ConfigError, match="tokenizer: .* is not a directory with tokenizer files"):
+        LLM(model="random:llama-tiny", device="cpu", tokenizer=str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="chat_template: .* neither a file nor a Jinja template"):
+        LLM(model="random:llama-tiny", device="cpu", chat_template="no-such-file.jinja")

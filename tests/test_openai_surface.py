@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers as T
 
-from dejavu import LLM, SamplingParams
+from dejavu import LLM, RequestError, SamplingParams
 from dejavu.engine.sampler import pick
 from dejavu.models.loader import load_tokenizer, resolve
 from dejavu.sampling_params import choice_seed
@@ -106,6 +106,9 @@ def test_new_fields_in_every_mode(hf, mode):
     with LLM(device="cpu", model=path, block_size=4, kv_cache_blocks=128, dtype="float32", worker_timeout=60,
              **MODES[mode]) as llm:
         outs = llm.generate([PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[0]], [rep, freq, bias, sampled])
+        if mode != "single":  # prompt logprobs need every prompt row's logits: a clear refusal in a pipeline
+            with pytest.raises(RequestError, match="prompt logprobs"):
+                llm.generate([PROMPTS[0]], SamplingParams(prompt_logprobs=1))
     want, want_lp = _hf_reference(model, PROMPTS[0], repetition_penalty=1.4)
     assert outs[0].token_ids == want
     got_lp = [d[t] for d, t in zip(outs[0].outputs[0].logprobs, want)]  # raw model logprobs, not penalized
@@ -216,7 +219,7 @@ def test_completion_and_chat_logprobs_streamed_or_not(server):
     ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_p": 1.5}, "min_p"),
     ({"logit_bias": {"abc": 1}}, "logit_bias"), ({"logit_bias": {"5": 1000}}, "logit_bias"),
     ({"logit_bias": {"99999999": 1}}, "logit_bias"), ({"n": 17}, "n"), ({"logprobs": 6}, "logprobs"),
-    ({"echo": True, "logprobs": 0}, "echo"), ({"best_of": 3}, "best_of"),
+    ({"best_of": 3}, "best_of"),
 ])
 def test_bad_fields_are_400s_naming_the_field(server, body, field):
     code, out = _post(server[1], "/v1/completions", {"prompt": "x", **body})
@@ -241,6 +244,13 @@ def test_tokenize_detokenize_version_and_models(server):
         assert code == 400 and err["error"]["param"] == field
     code, err = _post(base, "/tokenize", {"prompt": 5})
     assert code == 400 and err["error"]["param"] == "prompt"
+    code, text = http(base + "/tokenizer_info")  # lm-eval's remote tokenizer backend starts here
+    info = json.loads(text)
+    assert code == 200 and info["eos_token"] == tok.tok.eos_token and info["model_max_length"] == 512
+    code, plain = _post(base, "/tokenize", {"prompt": info["eos_token"] + "hi", "add_special_tokens": False})
+    assert code == 200 and plain["tokens"][0] == tok.eos_token_id
+    code, err = _post(base, "/tokenize", {"prompt": "hi", "add_special_tokens": "no"})
+    assert code == 400 and err["error"]["param"] == "add_special_tokens"
     code, text = http(base + "/version")
     import dejavu
     assert code == 200 and json.loads(text)["version"] == dejavu.__version__

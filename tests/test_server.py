@@ -108,7 +108,7 @@ def test_seed_n_and_stop(client):
     ({"prompt": "x", "n": 0}, 400, "'n'"),
     ({"prompt": "x", "stop": [3]}, 400, "stop"),
     ({"prompt": "x", "logprobs": 9}, 400, "logprobs"),
-    ({"prompt": "x", "echo": True, "logprobs": 1}, 400, "echo"),
+    ({"prompt": ["x", 5]}, 400, "prompt"),
     ({"prompt": "x", "response_format": {"type": "json_object"}}, 400, "response_format"),
     ({"prompt": [1, 2, 10**9]}, 400, "token ids"),
     ({}, 400, "prompt"),

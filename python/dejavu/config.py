@@ -57,6 +57,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 8192
     max_model_len: int = 0           # 0: the model's context length
+    gpu_memory_utilization: float = 0.0  # CUDA: fraction of the GPU this engine may fill (0: KV = 0.4 of free)
     cuda_graphs: bool = True         # decode steps from CUDA graphs (single process on CUDA)
     admission: str = "greedy"        # greedy | reserve: see engine/scheduler.py
     overlap_steps: bool = True       # greedy decode steps queued before the host reads tokens (llm_engine.py)
@@ -89,6 +90,9 @@ class EngineConfig:
         check_int("max_num_seqs", self.max_num_seqs, 1)
         check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
         check_int("max_model_len", self.max_model_len, 0)
+        v = self.gpu_memory_utilization
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            raise ConfigError("gpu_memory_utilization", f"must be a fraction in (0, 1], got {v!r}")
         check_choice("admission", self.admission, ADMISSION)
 
 
@@ -191,6 +195,8 @@ class Config:
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
+    tokenizer: str | None = None     # a tokenizer directory other than the model's
+    chat_template: str | None = None  # a Jinja chat template (text, or a file holding it) used for chat
     engine: EngineConfig = field(default_factory=EngineConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     disagg: DisaggConfig = field(default_factory=DisaggConfig)
@@ -199,7 +205,8 @@ class Config:
 
     @classmethod
     def from_kwargs(cls, model: str, device: str = "auto", dtype: str = "auto", seed: int = 0,
-                    kv_cache_blocks: int = 0, **kwargs) -> Config:
+                    kv_cache_blocks: int = 0, tokenizer: str | None = None, chat_template: str | None = None,
+                    **kwargs) -> Config:
         """Sort `LLM()`'s flat keyword arguments into the records (kv_cache_blocks is
         EngineConfig.num_blocks); an unknown name is a TypeError, as for any function."""
         records = {"engine": EngineConfig, "parallel": ParallelConfig, "disagg": DisaggConfig, "swap": SwapConfig,
@@ -211,7 +218,7 @@ class Config:
             if owner is None:
                 raise TypeError(f"unexpected keyword argument {key!r}")
             parts[owner][key] = value
-        return cls(model=model, device=device, dtype=dtype, seed=seed,
+        return cls(model=model, device=device, dtype=dtype, seed=seed, tokenizer=tokenizer, chat_template=chat_template,
                    **{name: rec(**parts[name]) for name, rec in records.items()})
 
     @property
@@ -227,6 +234,9 @@ class Config:
         for rec in (self.engine, self.parallel, self.disagg, self.swap, self.replication):
             rec.validate()
         par, dis, sw, rep = self.parallel, self.disagg, self.swap, self.replication
+        if self.engine.gpu_memory_utilization and self.distributed:
+            raise ConfigError("gpu_memory_utilization", "sizes the single-process engine's KV cache; pipeline and "
+                                                        "disaggregated workers take --kv-cache-blocks")
         if dis.enabled and par.pp != 1:
             raise ConfigError("pp", "is the non-disaggregated pipeline; with prompt_stages/token_stages leave pp at 1")
         if dis.enabled and self.engine.admission == "reserve":

@@ -9,7 +9,8 @@ from typing import Sequence as Seq
 
 import torch
 
-from .config import Config
+from .chat_template import set_chat_template, tokenizer_from
+from .config import Config, ConfigError
 from .engine.llm_engine import LLMEngine, RequestError
 from .models.loader import load_model, load_tokenizer, model_identity, parse_dtype, resolve
 from .sampling_params import SamplingParams
@@ -46,6 +47,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = True
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # SamplingParams.prompt_logprobs
 
     @property
     def text(self) -> str:
@@ -60,11 +62,27 @@ class RequestOutput:
         return self.outputs[0].finish_reason
 
 
+def _as_dicts(ids: list[int], entries: list) -> list[dict[int, float] | None]:
+    """Engine logprob entries as vLLM's {token id: logprob}: the token's own, then its alternatives."""
+    return [None if e is None else {t: e[0], **{a: v for a, v in e[1] if a != t}} for t, e in zip(ids, entries)]
+
+
 def _choice(i: int, s) -> CompletionOutput:
-    lps = None
-    if s.params.logprobs is not None:
-        lps = [{t: e[0], **{a: v for a, v in e[1] if a != t}} for t, e in zip(s.output_ids, s.logprobs)]
+    lps = _as_dicts(s.output_ids, s.logprobs) if s.params.logprobs is not None else None
     return CompletionOutput(i, s.text, s.output_ids, s.finish_reason, lps)
+
+
+def cuda_kv_budget(device: torch.device, utilization: float) -> int:
+    """KV-cache bytes on a CUDA device once the weights are loaded: a fraction of what is free, or
+    with `utilization` (vLLM's --gpu-memory-utilization) what keeps the whole device at most that full."""
+    free, total = torch.cuda.mem_get_info(device)
+    if not utilization:
+        return int(free * DEFAULT_KV_CACHE_FRACTION_CUDA)
+    budget = int(free - (1 - utilization) * total)
+    if budget <= 0:
+        raise ConfigError("gpu_memory_utilization", f"{utilization:g} of {total / 2**30:.1f} GiB leaves no room for "
+                                                    f"the KV cache: {(total - free) / 2**30:.1f} GiB is already in use")
+    return budget
 
 
 def parse_device(device: str | torch.device) -> torch.device:
@@ -100,7 +118,8 @@ class LLM:
                  heartbeat_timeout: float = 2.0, spare_workers: int = 1,
                  cuda_graphs: bool = True, admission: str = "greedy", overlap_steps: bool = True,
                  enable_prefix_caching: bool = False, kv_offload_gib: float = 0.0, kv_offload_dir: str | None = None,
-                 kv_offload_dir_gib: float = 8.0, cluster_address: str | None = None, hostfile: str | None = None):
+                 kv_offload_dir_gib: float = 8.0, cluster_address: str | None = None, hostfile: str | None = None,
+                 gpu_memory_utilization: float = 0.0, tokenizer: str | None = None, chat_template: str | None = None):
         # Every argument is a field of the configuration records (config.py), validated there.
         self._start(Config.from_kwargs(**{k: v for k, v in locals().items() if k != "self"}))
 
@@ -119,7 +138,12 @@ class LLM:
         self.device = parse_device(config.device)
         self.source = resolve(config.model)
         self.dtype = parse_dtype(config.dtype, self.device, self.source.dtype)
-        self.tokenizer = load_tokenizer(self.source)
+        if config.engine.gpu_memory_utilization and self.device.type != "cuda":
+            raise ConfigError("gpu_memory_utilization", "is a fraction of a CUDA device's memory; on the CPU size "
+                                                        "the KV cache with --kv-cache-blocks")
+        self.tokenizer = load_tokenizer(self.source) if config.tokenizer is None else tokenizer_from(config.tokenizer)
+        if config.chat_template is not None:
+            set_chat_template(self.tokenizer, config.chat_template)
         self.config = self.source.config
         engine_cfg = replace(config.engine)  # the defaults below fill a copy, not the caller's record
         if not engine_cfg.num_blocks and not engine_cfg.kv_cache_memory:
@@ -156,8 +180,7 @@ class LLM:
             raise
         self.config = self.model.cfg
         if not engine_cfg.num_blocks and not engine_cfg.kv_cache_memory:
-            free, _ = torch.cuda.mem_get_info(self.device)
-            engine_cfg.kv_cache_memory = int(free * DEFAULT_KV_CACHE_FRACTION_CUDA)
+            engine_cfg.kv_cache_memory = cuda_kv_budget(self.device, engine_cfg.gpu_memory_utilization)
         self.engine = LLMEngine(self.model, self.tokenizer, engine_cfg, self.device, self.dtype,
                                 model_id=model_identity(self.source, seed))
 
@@ -201,8 +224,10 @@ class LLM:
         out = []
         for g, sp in zip(groups, params):
             s = seqs[g]
-            out.append(RequestOutput(s.request_id, s.prompt, s.token_ids[:s.num_prompt_tokens],
-                                     [_choice(i, c) for i, c in enumerate(seqs[g:g + sp.n])]))
+            prompt_ids = s.token_ids[:s.num_prompt_tokens]
+            plp = _as_dicts(prompt_ids, s.prompt_logprobs) if s.prompt_logprobs is not None else None
+            out.append(RequestOutput(s.request_id, s.prompt, prompt_ids,
+                                     [_choice(i, c) for i, c in enumerate(seqs[g:g + sp.n])], prompt_logprobs=plp))
         return out
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:

@@ -22,7 +22,8 @@ class SamplingParams:
     it, a negative one multiplied), `frequency_penalty` / `presence_penalty` (OpenAI's: over output
     tokens, count * frequency + presence subtracted), then temperature, `min_p`, top-k and top-p.
     `logprobs`: that many top alternatives (0: only the sampled token's) per output token, of the
-    raw model distribution (before any processing), as vLLM returns them. `n`: choices per prompt
+    raw model distribution (before any processing), as vLLM returns them; `prompt_logprobs`: the
+    same for each prompt token after the first (the single-process engine computes them). `n`: choices per prompt
     (LLM.generate and the server expand it; choice i > 0 samples with choice_seed(seed, i)).
     """
     max_tokens: int = 16
@@ -40,6 +41,7 @@ class SamplingParams:
     min_p: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     n: int = 1
 
     def __post_init__(self):
@@ -82,6 +84,9 @@ class SamplingParams:
             bad("logit_bias must map non-negative token ids to numbers in [-100, 100]")
         if self.logprobs is not None and (not _int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             bad(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (not _int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            bad(f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
         if not _int(self.n) or not 1 <= self.n <= MAX_N:
             bad(f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
 

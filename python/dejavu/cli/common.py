@@ -6,9 +6,12 @@ import argparse
 from .prefix_cache import add_prefix_cache_args, prefix_cache_kwargs
 
 
+DEFAULT_MODEL = "smollm2"
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The model, engine and deployment flags of `generate` and `serve` (the LLM() arguments)."""
-    p.add_argument("--model", default="smollm2",
+    p.add_argument("--model", default=DEFAULT_MODEL,
                    help="HF directory, hub id in the local HF cache (org/name), .gguf file, 'smollm2', or "
                         "random:<name> (default: smollm2)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")
@@ -17,9 +20,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for random: weights and for sampling")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     p.add_argument("--kv-cache-blocks", type=int, default=0, help="KV-cache blocks (default: from memory)")
-    p.add_argument("--max-model-len", type=int, default=0, help="cap on prompt + output tokens")
-    p.add_argument("--pp", type=int, default=1, help="pipeline depth: worker processes, one stage each (1-8)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: worker processes per stage (1-8)")
+    p.add_argument("--max-model-len", type=int, default=0, help="cap on prompt + output tokens (0: the model's)")
+    p.add_argument("--pp", "-pp", "--pipeline-parallel-size", dest="pp", type=int, default=1,
+                   help="pipeline depth: worker processes, one stage each (1-8)")
+    p.add_argument("--tp", "-tp", "--tensor-parallel-size", dest="tp", type=int, default=1,
+                   help="tensor-parallel degree: worker processes per stage (1-8)")
+    p.add_argument("--max-num-seqs", type=positive("--max-num-seqs"), default=64, help="requests in a batch at once")
+    p.add_argument("--max-num-batched-tokens", type=positive("--max-num-batched-tokens"), default=8192,
+                   help="prompt tokens one prefill step admits")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.0,
+                   help="CUDA, single process: fraction of the GPU's memory the engine may fill, the KV cache "
+                        "taking what the weights leave (0: the KV cache takes 0.4 of the memory free after "
+                        "loading; refused on the CPU, where --kv-cache-blocks sizes it)")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer directory other than the model's")
+    p.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template, or a file holding one, used instead of the tokenizer's")
     add_prefix_cache_args(p)
     p.add_argument("--prompt-stages", type=int, default=0, help="disaggregation: prompt pipeline depth")
     p.add_argument("--token-stages", type=int, default=0, help="disaggregation: token pipeline depth")
@@ -116,7 +131,9 @@ def config_from_args(args):
         replicate_dir=args.replicate_dir, replicate_to=_replicate_to(args.replicate_to), recovery=args.recovery,
         heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
         spare_workers=args.spare_workers, cuda_graphs=args.cuda_graphs, admission=args.admission,
-        overlap_steps=args.overlap_steps, **prefix_cache_kwargs(args))
+        overlap_steps=args.overlap_steps, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
+        tokenizer=args.tokenizer, chat_template=args.chat_template, **prefix_cache_kwargs(args))
 
 
 def llm_from_args(args):

@@ -4,11 +4,12 @@ from __future__ import annotations
 import os
 import sys
 
-from .common import add_model_args, llm_from_args, positive, positive_float
+from .common import DEFAULT_MODEL, add_model_args, llm_from_args, positive, positive_float
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    p.add_argument("model_tag", nargs="?", metavar="MODEL", help="the model, as --model (vLLM's `serve MODEL`)")
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -49,6 +50,10 @@ def cmd_serve(args) -> int:
     from ..serving.api import ApiServer
     from ..serving.http_limits import HttpLimits
 
+    if args.model_tag:
+        if args.model not in (DEFAULT_MODEL, args.model_tag):
+            raise ValueError(f"two models given: {args.model_tag!r} and --model {args.model!r}")
+        args.model = args.model_tag
     if args.plan:
         apply_plan(args)
 

@@ -17,6 +17,7 @@ from .block_manager import blocks_for
 from .detok import IncrementalDecoder
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner
+from .prompt_logprobs import prompt_entries
 from .sampler import pick, with_logprobs
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -124,6 +125,9 @@ class LLMEngine:
             raise RequestError(f"stop_token_ids must be in [0, {vocab})")
         if any(t >= vocab for t in params.logit_bias):
             raise RequestError(f"logit_bias token ids must be in [0, {vocab})")
+        if params.prompt_logprobs is not None and not self.computes_prompt_logprobs:
+            raise RequestError("prompt logprobs (echo with logprobs) need every prompt position's logits, which "
+                               "only the single-process engine computes; this deployment is a pipeline")
         if params.n != 1:
             raise RequestError("one request samples one choice: expand n with SamplingParams.choices()")
         if params.stop and not self.tokenizer.has_text:
@@ -140,6 +144,12 @@ class LLMEngine:
         seq = Sequence(ids, params, seed, request_id, text)
         self._enqueue(seq)
         return seq
+
+    @property
+    def computes_prompt_logprobs(self) -> bool:
+        """True when this engine runs the prefill itself (a pipeline's step() sends it to workers,
+        whose sampling stage sees each sequence's last position only)."""
+        return type(self).step is LLMEngine.step
 
     def _enqueue(self, seq: Sequence) -> None:
         self.scheduler.add(seq)
@@ -246,7 +256,14 @@ class LLMEngine:
         if not is_prefill and self._overlappable(seqs):
             self._launched = self._launch(seqs, None)
             return []
-        logits = self.runner.run(seqs, is_prefill, self._await_restore if self.tiers is not None else None)
+        want = [i for i, s in enumerate(seqs) if is_prefill and s.params.prompt_logprobs is not None
+                and s.prompt_logprobs is None and s.num_cached == 0]
+        logits, rows = self.runner.run_with_rows(seqs, is_prefill, want,
+                                                  self._await_restore if self.tiers is not None else None)
+        for i, h in zip(want, rows):
+            s = seqs[i]
+            s.prompt_logprobs = prompt_entries(self.model, h[:s.num_prompt_tokens],
+                                               s.token_ids[:s.num_prompt_tokens], s.params.prompt_logprobs)
         banned = [self._banned(s) for s in seqs]
         seen = [(s.token_ids, s.num_prompt_tokens) if s.params.penalized else None for s in seqs]
         tokens, lps = pick(logits, [s.params for s in seqs], [s.seed for s in seqs], [len(s) for s in seqs], banned,

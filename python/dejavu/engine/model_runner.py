@@ -118,13 +118,20 @@ class ModelRunner:
         if self.kv_on_step is not None:
             self.kv_on_step([(table, start, start + len(ids)) for ids, start, table in items])
 
-    @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool, before=None) -> torch.Tensor:
         """Logits [B, vocab] (float32) of each sequence's last new token; marks the K/V as cached.
         `before()` is called once the inputs are built, just before the forward pass (a restore
         of cached blocks still in flight is waited for there)."""
+        return self.run_with_rows(seqs, is_prefill, (), before)[0]
+
+    @torch.inference_mode()
+    def run_with_rows(self, seqs: list[Sequence], is_prefill: bool, rows_of: list[int],
+                      before=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """run()'s logits, and for each index in `rows_of` the hidden states [new tokens, H] of
+        every new token of that sequence (prompt logprobs, engine/prompt_logprobs.py)."""
         items = step_items(seqs, is_prefill)
-        if self.graphs is not None and self.graphs.fits(items):
+        rows = []
+        if self.graphs is not None and self.graphs.fits(items) and not rows_of:
             if before is not None:
                 before()
             logits = self.graphs.run(items, self.kv_tap)
@@ -134,11 +141,13 @@ class ModelRunner:
                 before()
             hidden = self.model(ids, pos, meta, self.cache.tensor)
             logits = self.model.compute_logits(hidden[last])
+            starts = np.cumsum([0] + [len(x[0]) for x in items])
+            rows = [hidden[starts[i]:starts[i + 1]] for i in rows_of]
         if not is_prefill:
             self._queued(items)
         for s in seqs:
             s.num_cached = len(s)
-        return logits
+        return logits, rows
 
     @torch.inference_mode()
     def run_greedy(self, seqs: list[Sequence],

@@ -123,7 +123,7 @@ class Scheduler:
     def _cached_prefix(self, seq: Sequence) -> tuple[list[int], list[bytes]]:
         """Device blocks holding `seq`'s leading full blocks, then the names of the blocks after them
         that a lower tier holds. Never the block of the last token: it is computed for its logits."""
-        if self.root is None:
+        if self.root is None or seq.params.prompt_logprobs is not None:  # (those need every prompt row)
             return [], []
         names = self._names(seq, (len(seq) - 1) // self.block_size)
         hits = self.allocator.lookup(names)

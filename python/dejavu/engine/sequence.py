@@ -43,6 +43,7 @@ class Sequence:
         self.text = ""
         self.detok = None  # an IncrementalDecoder of the output, for stop strings (llm_engine._check_stop)
         self.logprobs: list = []  # per output token, when params.logprobs is set: sampler.pick's entries
+        self.prompt_logprobs: list | None = None  # params.prompt_logprobs: None, then an entry per prompt token
 
     def __len__(self) -> int:
         return len(self.token_ids)

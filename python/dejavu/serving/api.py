@@ -30,8 +30,9 @@ from ..engine.llm_engine import RequestError
 from .async_engine import AsyncEngine, QueueFull, RequestFailed, Stream
 from .http_limits import CappedSite, HttpLimits
 from .detok import TextStream
+from .choices import chat_choice, completion_choice, echo_part, usage
 from .logprobs import chat_logprobs, completion_logprobs
-from .protocol import BadRequest, PromptBounds, Request, max_prompt_chars, parse_messages, parse_prompt, parse_sampling
+from .protocol import BadRequest, PromptBounds, Request, max_prompt_chars, parse_messages, parse_prompts, parse_sampling
 from .tokenize_routes import add_routes, model_card
 
 SHUTTING_DOWN = "the server is shutting down"
@@ -182,30 +183,34 @@ class ApiServer:
         except Exception as e:  # noqa: BLE001 - the tokenizer refused this text
             raise BadRequest(f"cannot tokenize the prompt: {e}", "prompt") from None
 
-    async def _prompt_ids(self, body: dict, chat: bool) -> list[int]:
-        """The request's prompt as token ids, every field checked; tokenized on the pool."""
+    async def _prompt_ids(self, body: dict, chat: bool) -> list[list[int]]:
+        """The request's prompts as token ids (one for chat), every field checked; tokenized on the pool."""
         if chat:
-            ids, what = await self._offload(self._template, parse_messages(body, self.bounds)), "messages"
+            prompts, what = [await self._offload(self._template, parse_messages(body, self.bounds))], "messages"
         else:
-            ids, what = parse_prompt(body, self.bounds), "prompt"
-            if isinstance(ids, str):
-                ids = await self._offload(self._encode, ids)
-        if len(ids) > self.bounds.max_model_len:
-            raise BadRequest(f"the prompt is {len(ids)} tokens, more than the model's context length of "
-                             f"{self.bounds.max_model_len} tokens", what)
-        return ids
+            prompts, what = parse_prompts(body, self.bounds), "prompt"
+            prompts = [await self._offload(self._encode, p) if isinstance(p, str) else p for p in prompts]
+        for ids in prompts:
+            if len(ids) > self.bounds.max_model_len:
+                raise BadRequest(f"the prompt is {len(ids)} tokens, more than the model's context length of "
+                                 f"{self.bounds.max_model_len} tokens", what)
+        return prompts
 
     async def _generate(self, request, chat: bool):
         streams: list[Stream] = []
         try:
             body = await self._body(request)
             req = parse_sampling(body, chat=chat, vocab_size=self.bounds.vocab_size)
-            prompt = await self._prompt_ids(body, chat)
-            for p in req.params:
-                if self._closing:
-                    raise HttpError(SHUTTING_DOWN, 503)
-                streams.append(await self.engine.submit(prompt, p))
-                self._active.add(streams[-1])
+            if req.echo and req.logprobs is not None and not self.llm.engine.computes_prompt_logprobs:
+                raise BadRequest("'echo' with 'logprobs' (prompt logprobs) is not available in this deployment: "
+                                 "only the single-process engine computes every prompt position's logits", "echo")
+            # Choices in OpenAI's order: prompt i's n choices have indices i*n .. i*n + n-1.
+            for prompt in await self._prompt_ids(body, chat):
+                for p in req.params:
+                    if self._closing:
+                        raise HttpError(SHUTTING_DOWN, 503)
+                    streams.append(await self.engine.submit(prompt, p))
+                    self._active.add(streams[-1])
         except BadRequest as e:
             return self._refuse(streams, error(e.status, str(e), "NotFoundError" if e.status == 404
                                                else "invalid_request_error", e.param))
@@ -254,9 +259,6 @@ class ApiServer:
             if rest[1]:
                 return
 
-    def _echo(self, seq) -> str:
-        return seq.prompt if seq.prompt is not None else self.llm.tokenizer.decode(seq.token_ids[:seq.num_prompt_tokens])
-
     async def _complete(self, rid, streams, chat, req: Request):
         try:
             for s in streams:
@@ -265,24 +267,11 @@ class ApiServer:
             if e.status >= 500 and str(e) != SHUTTING_DOWN:
                 self.metrics.inc("dejavu_requests_failed_total")
             return error(e.status, str(e) if str(e) == SHUTTING_DOWN else f"generation failed: {e}", "server_error")
-        choices, tok = [], self.llm.tokenizer
-        for i, s in enumerate(streams):
-            seq = s.seq
-            if chat:
-                lp = chat_logprobs(tok, seq.output_ids, seq.logprobs) if req.logprobs is not None else None
-                choices.append({"index": i, "message": {"role": "assistant", "content": seq.text},
-                                "finish_reason": seq.finish_reason, "logprobs": lp})
-            else:
-                head = self._echo(seq) if req.echo else ""
-                lp = completion_logprobs(tok, seq.output_ids, seq.logprobs) if req.logprobs is not None else None
-                choices.append({"index": i, "text": head + seq.text, "finish_reason": seq.finish_reason,
-                                "logprobs": lp, "token_ids": seq.output_ids})
-        prompt_tokens = streams[0].seq.num_prompt_tokens
-        completion = sum(s.seq.num_output_tokens for s in streams)
+        tok, build = self.llm.tokenizer, chat_choice if chat else completion_choice
+        choices = [build(tok, s.seq, i, req) for i, s in enumerate(streams)]
         return web.json_response({"id": rid, "object": "chat.completion" if chat else "text_completion",
                                   "created": int(time.time()), "model": self.model_name, "choices": choices,
-                                  "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                                            "total_tokens": prompt_tokens + completion}})
+                                  "usage": usage(streams, req)})
 
     async def _stream(self, request, rid, streams: list[Stream], chat, req: Request):
         """Server-sent events; with n > 1 the choices' chunks interleave, each with its index."""
@@ -309,12 +298,10 @@ class ApiServer:
         tasks = [asyncio.create_task(forward(i, s)) for i, s in enumerate(streams)]
         texts = [TextStream(tok, s.seq.params.stop) for s in streams]
         got = [0] * len(streams)  # tokens of each choice sent so far
+        echo = set(range(len(streams))) if req.echo else set()  # choices whose prompt is still to echo
         for i, s in enumerate(streams):
             if chat:
                 await send([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            elif req.echo:
-                await send([{"index": i, "text": self._echo(s.seq), "finish_reason": None, "logprobs": None,
-                             "token_ids": []}])
         try:
             live = len(streams)
             while live:
@@ -327,8 +314,14 @@ class ApiServer:
                     break
                 new, finished = rest
                 seq = streams[i].seq
+                if i in echo:  # after its prefill, which computed the prompt's logprobs
+                    echo.discard(i)
+                    text, lp = echo_part(tok, seq, req)
+                    await send([{"index": i, "text": text, "finish_reason": None, "logprobs": lp, "token_ids": []}])
                 d = texts[i].delta(new, seq.text if finished else None)
                 reason = seq.finish_reason if finished else None
+                if req.echo_only:  # the prompt alone: the one sampled token is not shown
+                    new, d, reason = [], "", "length" if finished else None
                 # One chunk per engine update, even when the text did not change yet (a token that ends
                 # in an incomplete character, or a special token): clients see every token's timing.
                 if new or finished:
@@ -344,9 +337,7 @@ class ApiServer:
                 live -= finished
             else:
                 if req.include_usage:
-                    n_in = streams[0].seq.num_prompt_tokens
-                    n_out = sum(s.seq.num_output_tokens for s in streams)
-                    await send([], {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out})
+                    await send([], usage(streams, req))
         finally:
             for t in tasks:
                 t.cancel()

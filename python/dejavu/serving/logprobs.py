@@ -17,15 +17,17 @@ def _token_text(tok, cache: dict, t: int) -> str:
 
 
 def completion_logprobs(tok, ids: list[int], entries: list, offset: int = 0) -> dict:
-    """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
+    """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset. An entry
+    may be None (the first prompt token of an echo): its logprob and alternatives are null."""
     cache: dict = {}
     texts = [_token_text(tok, cache, t) for t in ids]
     offsets = []
     for s in texts:
         offsets.append(offset)
         offset += len(s)
-    return {"tokens": texts, "token_logprobs": [e[0] for e in entries],
-            "top_logprobs": [{_token_text(tok, cache, t): lp for t, lp in e[1]} for e in entries],
+    return {"tokens": texts, "token_logprobs": [None if e is None else e[0] for e in entries],
+            "top_logprobs": [None if e is None else {_token_text(tok, cache, t): lp for t, lp in e[1]}
+                             for e in entries],
             "text_offset": offsets}
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ..sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 
 MAX_STOP_TOKEN_IDS = 256
+MAX_PROMPTS = 256  # prompts in one completions request (a batching client's list)
 
 
 class BadRequest(ValueError):
@@ -88,12 +89,15 @@ MAX_COMPLETION_LOGPROBS = 5  # OpenAI's legacy completions cap
 @dataclass
 class Request:
     """What a completion or chat body asks for besides its prompt. `params` has one entry per
-    choice (n of them). logprobs: None, or top alternatives per token (0: the sampled token's only)."""
+    choice (n of them). logprobs: None, or top alternatives per token (0: the sampled token's only);
+    with `echo` the prompt's tokens get them too. echo_only: max_tokens 0 with echo, the prompt
+    alone (the engine still samples one token, which the response leaves out, as vLLM does)."""
     params: list[SamplingParams]
     stream: bool = False
     include_usage: bool = False
     logprobs: int | None = None
     echo: bool = False
+    echo_only: bool = False
 
 
 def _logit_bias(body: dict, vocab_size: int | None) -> dict[int, float]:
@@ -143,8 +147,11 @@ def parse_sampling(body: dict, n_default_tokens: int = 16, chat: bool = False,
         max_tokens = n_default_tokens
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
         raise BadRequest(f"'{name}' must be an integer", name)
-    if max_tokens <= 0:
-        raise BadRequest(f"'{name}' must be > 0, got {max_tokens}", name)
+    echo = False if chat else _bool(body, "echo")
+    echo_only = echo and max_tokens == 0
+    if max_tokens <= 0 and not echo_only:
+        raise BadRequest(f"'{name}' must be > 0 (0 only with 'echo'), got {max_tokens}", name)
+    max_tokens = max(max_tokens, 1)
     n = _num(body, "n", 1, 1, MAX_N, integer=True)
     temperature = _num(body, "temperature", 1.0, 0, 100)
     top_p = _num(body, "top_p", 1.0)
@@ -180,15 +187,11 @@ def parse_sampling(body: dict, n_default_tokens: int = 16, chat: bool = False,
         raise BadRequest(f"'repetition_penalty' must be > 0, got {repetition}", "repetition_penalty")
     min_p = float(_num(body, "min_p", 0.0, 0, 1))
     logprobs = _logprobs(body, chat)
-    echo = False if chat else _bool(body, "echo")
-    if echo and logprobs is not None:
-        raise BadRequest("'echo' with 'logprobs' (prompt logprobs) is not supported; ask for one or the other",
-                         "echo")
     sp = SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_k=top_k, top_p=float(top_p),
                         seed=seed, stop=stop, stop_token_ids=stop_ids, ignore_eos=ignore_eos, min_tokens=min_tokens,
                         repetition_penalty=repetition, min_p=min_p, logit_bias=_logit_bias(body, vocab_size),
-                        logprobs=logprobs, n=n, **pen)
-    return Request(sp.choices(), stream, include_usage, logprobs, echo)
+                        logprobs=logprobs, prompt_logprobs=logprobs if echo else None, n=n, **pen)
+    return Request(sp.choices(), stream, include_usage, logprobs, echo, echo_only)
 
 
 def _too_long(what: str, n: int, unit: str, limit: int, bounds: PromptBounds) -> BadRequest:
@@ -196,11 +199,20 @@ def _too_long(what: str, n: int, unit: str, limit: int, bounds: PromptBounds) ->
                       f"{bounds.max_model_len} tokens can hold (at most {limit} {unit})", what.split()[0])
 
 
-def parse_prompt(body: dict, bounds: PromptBounds | None = None) -> str | list[int]:
-    """The one prompt of a completion request: text, or token ids checked against `bounds`."""
+def parse_prompts(body: dict, bounds: PromptBounds | None = None) -> list[str | list[int]]:
+    """A completion request's prompts, as OpenAI takes them: a text, a list of token ids, or a
+    list of up to MAX_PROMPTS of either (each its own choices); token ids checked against `bounds`."""
     p = body.get("prompt")
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]
+    if p is None:
+        raise BadRequest("'prompt' is required", "prompt")
+    many = isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p)
+    prompts = p if many else [p]
+    if len(prompts) > MAX_PROMPTS:
+        raise BadRequest(f"'prompt' holds {len(prompts)} prompts, more than {MAX_PROMPTS} in one request", "prompt")
+    return [_one_prompt(x, bounds) for x in prompts]
+
+
+def _one_prompt(p, bounds: PromptBounds | None) -> str | list[int]:
     if isinstance(p, str):
         if bounds is not None and bounds.max_chars is not None and len(p) > bounds.max_chars:
             raise _too_long("prompt text", len(p), "characters", bounds.max_chars, bounds)
@@ -211,9 +223,7 @@ def parse_prompt(body: dict, bounds: PromptBounds | None = None) -> str | list[i
                 raise _too_long("prompt", len(p), "tokens", bounds.max_model_len, bounds)
             _token_ids(p, "prompt", bounds.vocab_size)
         return p
-    if p is None:
-        raise BadRequest("'prompt' is required", "prompt")
-    raise BadRequest("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
+    raise BadRequest("'prompt' must be a string, a list of token ids, or a list of either", "prompt")
 
 
 def parse_messages(body: dict, bounds: PromptBounds | None = None) -> list[dict]:

@@ -1,5 +1,6 @@
-"""vLLM's small routes beside the OpenAI ones: POST /tokenize, POST /detokenize, GET /version and
-GET /v1/models/{id}. Tokenization runs on the server's tokenizer pool, like a prompt's."""
+"""vLLM's small routes beside the OpenAI ones: POST /tokenize, POST /detokenize, GET /tokenizer_info,
+GET /version and GET /v1/models/{id}. Tokenization runs on the server's tokenizer pool, like a
+prompt's. lm-eval-harness's remote tokenizer backend uses /tokenizer_info, /tokenize and /detokenize."""
 from __future__ import annotations
 
 from aiohttp import web
@@ -42,7 +43,13 @@ def add_routes(server, app: web.Application) -> None:
                 prompt = body.get("prompt")
                 if not isinstance(prompt, str):
                     raise BadRequest("'prompt' (a string) or 'messages' is required", "prompt")
-                ids = await server._offload(server._encode, check_text(prompt, "prompt"))
+                special = body.get("add_special_tokens", True)
+                if not isinstance(special, bool):
+                    raise BadRequest("'add_special_tokens' must be a boolean", "add_special_tokens")
+                hf = getattr(tok, "tok", None)  # a transformers tokenizer can leave out BOS and the like
+                encode = server._encode if special or hf is None else (
+                    lambda text: list(hf(text, add_special_tokens=False)["input_ids"]))
+                ids = await server._offload(encode, check_text(prompt, "prompt"))
             out = {"count": len(ids), "max_model_len": server.bounds.max_model_len, "tokens": ids}
             if body.get("return_token_strs"):
                 out["token_strs"] = [tok.decode([t]) for t in ids]
@@ -61,5 +68,14 @@ def add_routes(server, app: web.Application) -> None:
             return web.json_response({"prompt": await server._offload(tok.decode, ids)})
         return await server.guarded(run)
 
+    async def tokenizer_info(request):
+        hf = getattr(tok, "tok", None)
+        info = {"tokenizer_class": type(hf or tok).__name__, "model_max_length": server.bounds.max_model_len}
+        for name in ("eos_token", "bos_token", "pad_token", "chat_template"):
+            v = getattr(hf, name, None)
+            info[name] = v if isinstance(v, str) else None
+        return web.json_response(info)
+
     app.add_routes([web.get("/v1/models/{model}", model), web.get("/version", version),
+                    web.get("/tokenizer_info", tokenizer_info),
                     web.post("/tokenize", tokenize), web.post("/detokenize", detokenize)])
