@@ -47,7 +47,7 @@ def test_rank_and_local_rank_come_from_the_launchers_environment(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_LOCALID", "1")
-    from dejavu.serving.worker import _env_rank
+    from dejavu.cluster.worker import _env_rank
 
     assert _env_rank() == 3
     ident = worker_identity("127.0.0.1", 9)
