@@ -53,7 +53,7 @@ generation_kwargs: {until: ["\n", "."], max_gen_toks: 12}
 metric_list: [{metric: exact_match, ignore_case: true, ignore_punctuation: true, regexes_to_ignore: [" "]}]
 EOF
 
-$PY -m dejavu serve --model "$MODEL" --port "$PORT" ${DEJAVU_SERVE_ARGS:-} > "$OUT/serve.log" 2>&1 &
+$PY -m dejavu serve --model "$MODEL" --port "$PORT" ${SERVE_ARGS:-} > "$OUT/serve.log" 2>&1 &
 SERVER=$!
 trap 'kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null || true' EXIT
 for _ in $(seq 1 300); do
