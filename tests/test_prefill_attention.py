@@ -1,12 +1,13 @@
-"""The prefill attention of fresh sequences (SDPA over the new tokens, models/layers.py
-_causal_attention, which CUDA prefills take) against the torch path over the paged cache, for
-batches of one prompt length (inputs as views, no gathers) and of several (padded by a gather)."""
+"""The prefill attention CUDA prefills take against the torch path over the paged cache: of fresh
+sequences (SDPA over the new tokens, models/layers.py _causal_attention), for batches of one prompt
+length (inputs as views, no gathers) and of several (padded by a gather); and over a cached context
+(prefix-cache hits, chunked prompts: _context_attention)."""
 import pytest
 import torch
 
 from conftest import needs_cuda
 from dejavu.engine.model_runner import build_metadata
-from dejavu.models.layers import _causal_attention, paged_attention
+from dejavu.models.layers import _causal_attention, _context_attention, paged_attention, write_kv
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
@@ -39,3 +40,28 @@ def test_fresh_prefill_attention_equals_the_paged_path(device, lens, heads, kv_h
     for m in lens:
         torch.testing.assert_close(out[first], v[first].repeat_interleave(heads // kv_heads, 0), rtol=1e-5, atol=1e-5)
         first += m
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("spec", [((5, 3), (0, 7), (12, 1)), ((8, 8), (4, 2))])  # (cached, new) per sequence
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
+def test_context_prefill_attention_equals_the_paged_path(device, spec, heads, kv_heads, monkeypatch):
+    g = torch.Generator().manual_seed(len(spec) + heads + kv_heads)
+    d, bs = 16, 4
+    items, at = [], 0
+    for cached, n in spec:  # the first `cached` tokens' K/V are in the cache already
+        blocks = -(-(cached + n) // bs)
+        items.append((torch.randint(3, 100, (n,), generator=g).tolist(), cached, list(range(at, at + blocks))))
+        at += blocks
+    _, _, meta, _ = build_metadata(items, bs, torch.device(device))
+    n = sum(x[1] for x in spec)
+    assert not meta.fresh and len(meta.spans) == len(spec)
+    q, k, v = (torch.randn(n, hh, d, generator=g).to(device) for hh in (heads, kv_heads, kv_heads))
+    cache = torch.randn(at, 2, bs, kv_heads, d, generator=g).to(device)
+    filled = cache.clone()
+    write_kv(filled, k, v, meta)
+    out = _context_attention(q, filled, meta, scale=d ** -0.5)
+    monkeypatch.setenv("DEJAVU_ATTENTION", "torch")
+    ref = paged_attention(q, k, v, cache, meta, scale=d ** -0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(filled, cache)  # the reference wrote the same new K/V

@@ -52,6 +52,7 @@ def build_metadata(items: list[tuple[list[int], int, list[int]]], block_size: in
     q_positions[seq_of, local] = pos
     last = first + q_lens - 1
     decode = t == 1
+    spans = tuple(zip(first.tolist(), q_lens.tolist(), starts.tolist())) if not decode and starts.any() else None
     slot_blocks, slot_offsets = tables[seq_of, pos // block_size], pos % block_size
     ring_rows = None
     if tap is not None and decode:
@@ -73,7 +74,7 @@ def build_metadata(items: list[tuple[list[int], int, list[int]]], block_size: in
                         q_positions=d_qp, key_positions=torch.arange(max_blocks * block_size, device=device),
                         context_lens=d_ctx if decode else None,
                         num_parts=kernels.num_parts(int(pos.max()) + 1) if decode else 1,
-                        fresh=not decode and not starts.any(),
+                        fresh=not decode and not starts.any(), spans=spans,
                         ring=tap.ring if ring_rows is not None else None,
                         ring_rows=d_ring if ring_rows is not None else None)
     return d_ids, d_pos, meta, d_last

@@ -44,6 +44,9 @@ class AttnMetadata:
     context_lens: torch.Tensor | None = None   # [B] int64
     num_parts: int = 1
     fresh: bool = False  # prefill with nothing cached before it: attention over the new tokens only
+    # Prefills over a cached context (prefix-cache hits, chunked prompts): per sequence, on the host,
+    # (index of its first new token, new tokens, tokens cached before them). None otherwise.
+    spans: tuple | None = None
     ring: KVRing | None = None        # with ring_rows: new K/V also go to these rows of the ring
     ring_rows: torch.Tensor | None = None  # [N] int64 (negative: not replicated through the ring)
 
@@ -89,6 +92,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
         if meta.fresh and alibi_slopes is None:
             kernels.write_kv(cache, k, v, meta.slot_blocks, meta.slot_offsets)
             return _causal_attention(q, k, v, meta, scale)
+        if meta.spans is not None and alibi_slopes is None:
+            kernels.write_kv(cache, k, v, meta.slot_blocks, meta.slot_offsets)
+            return _context_attention(q, cache, meta, scale)
     write_kv(cache, k, v, meta)
     n, h, d = q.shape
     b, t = meta.q_index.shape
@@ -138,6 +144,28 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: A
                                          enable_gqa=kvh != h)
     out = out.transpose(1, 2).reshape(b * t, h, d)
     return out if uniform else out[meta.out_index]
+
+
+def _context_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttnMetadata, scale: float) -> torch.Tensor:
+    """Prefill over a cached context (the new K/V already in the cache): per sequence, SDPA of its
+    new tokens over its keys gathered in block order with a bottom-right causal mask (a CausalBias,
+    not a dense mask, so SDPA may take its flash kernels). The padded torch path would build
+    [B, heads, T, S] masks and run every sequence at the batch's longest context."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    out = torch.empty_like(q)
+    bs, h, kvh = cache.shape[2], q.shape[1], cache.shape[3]
+    for i, (first, n_new, start) in enumerate(meta.spans):
+        ctx = start + n_new
+        kv = cache[meta.block_tables[i, :-(-ctx // bs)]]  # [blocks, 2, bs, KVH, D]
+        keys, vals = (kv[:, j].flatten(0, 1)[:ctx].transpose(0, 1).to(q.dtype) for j in (0, 1))  # [KVH, ctx, D]
+        if kvh != h:
+            keys, vals = keys.repeat_interleave(h // kvh, 0), vals.repeat_interleave(h // kvh, 0)
+        qi = q[first:first + n_new].transpose(0, 1)  # [H, T, D]
+        o = F.scaled_dot_product_attention(qi[None], keys[None], vals[None], attn_mask=causal_lower_right(n_new, ctx),
+                                           scale=scale)
+        out[first:first + n_new] = o[0].transpose(0, 1)
+    return out
 
 
 # ---------------------------------------------------------------------- position encodings
