@@ -235,7 +235,7 @@ class Membership:
                 self.check_procs()
                 self.check_heartbeats()
                 continue
-            msg = c._classify(item, doing)
+            msg = c.dispatch.classify(item, doing)
             if msg is not None:
                 return msg
 
@@ -243,7 +243,7 @@ class Membership:
         """Handle every message already in the inbox (while no request runs)."""
         try:
             while True:
-                self.c._classify(self.inbox.get_nowait(), doing)
+                self.c.dispatch.classify(self.inbox.get_nowait(), doing)
         except queue.Empty:
             pass
 

@@ -2,16 +2,19 @@
 
 D = pp stages, each tp worker processes holding a contiguous layer range (routing.split_layers,
 overridable) split tensor-parallel: column-parallel projections hold a slice of the heads / MLP
-width, row-parallel ones sum over the stage's TP group (gloo on CPU, NCCL across GPUs). The controller keeps up to D microbatches in flight, round-robin: each microbatch
-slot has its own scheduler (continuous batching, up to `microbatch_size` sequences) over one
-shared waiting queue and one shared block allocator (every stage's cache uses the same block ids
-for its own layers). A slot's next step (prefill of newly admitted requests, or one decode token
-for its running ones) is sent to every worker as soon as its previous step's tokens are back.
+width, row-parallel ones sum over the stage's TP group (gloo on CPU, NCCL across GPUs). The
+controller keeps up to D microbatches in flight, round-robin: each microbatch slot has its own
+scheduler (continuous batching, up to `microbatch_size` sequences) over one shared waiting queue
+and one shared block allocator (every stage's cache uses the same block ids for its own layers).
+A slot's next step (prefill of newly admitted requests, or one decode token for its running ones)
+is sent to every worker as soon as its previous step's tokens are back.
+
+PipelineEngine is the LLMEngine face and the layout (which rank plays what, the slots, swap
+regions); it composes the parts in cluster/: Launcher (processes), Membership (who is where, the
+inbox, heartbeats), Dispatch (steps out, tokens back), Replication (watermarks) and Recovery.
 """
 from __future__ import annotations
 
-import dataclasses
-import logging
 import time
 from collections import deque
 
@@ -20,20 +23,18 @@ import torch
 from ..engine.block_manager import BlockAllocator
 from ..engine.kv_cache import PagedKVCache
 from ..engine.llm_engine import EngineConfig, LLMEngine, eos_ids, prefix_salt
-from ..engine.sampler import wire_fields
 from ..engine.scheduler import Scheduler
 from ..engine.sequence import Sequence, Status
 from ..kvstream.routing import split_layers
 from ..models.loader import ModelSource, model_identity
 from ..models.tp import check as tp_check
-from ..cluster.errors import WorkerError
+from ..cluster.dispatch import Dispatch
+from ..cluster.errors import WorkerError  # noqa: F401 (callers catch it from here)
 from ..cluster.launch import Launcher
 from ..cluster.recovery import Failure as _Failure, Recovery, Stopped as _Stopped, recovery_policy
 from ..cluster.replication import Replication
 from ..cluster.membership import Membership
-from ..cluster.messages import SampleExtra, Step, StepSeq, SwapConfig, unpack_tokens
-
-log = logging.getLogger("dejavu.pipeline")
+from ..cluster.messages import SwapConfig
 
 
 def check_split(layers, depth: int, num_layers: int) -> None:
@@ -46,10 +47,6 @@ def check_split(layers, depth: int, num_layers: int) -> None:
         expect = b
     if expect != num_layers:
         raise ValueError(f"layer split {layers} does not end at the model's {num_layers} layers")
-
-
-def _extra(x: dict | None) -> SampleExtra | None:
-    return None if x is None else SampleExtra(**x)
 
 
 class PipelineEngine(LLMEngine):
@@ -70,12 +67,8 @@ class PipelineEngine(LLMEngine):
         self.eos_ids = eos_ids(cfg, tokenizer)
         self.num_generated = 0
         self.timeout = timeout
-        self._step_id = 0
         self._closed = False
         self._stopping = False  # begin_stop(): no worker exit is a failure any more
-        self.slot_of: dict[int, int] = {}
-        self._busy: set[int] = set()          # sequences in a step that workers are running
-        self._abort_later: set[int] = set()   # aborted while busy: finished when their step returns
         self.swap = resident_microbatches if swap else 0
         self.swap_stats: dict[int, dict] = {}  # per worker: bytes in/out, seconds waiting for swap-ins
         self.peak_running = 0                  # most sequences running at once (bench swap)
@@ -88,6 +81,7 @@ class PipelineEngine(LLMEngine):
                             if config.enable_prefix_caching and not swap else None)
         self._plan(cfg, pp, layer_split, microbatch_size)
         self._setup_fault_tolerance(launcher, replicate, replicate_dir, replicate_to, recovery, spare_workers)
+        self.dispatch = Dispatch(self, len(self.slots))
         self.members = Membership(self, cluster_address, heartbeat_interval, heartbeat_timeout)
         self._share_members()
         self.log_dir = log_dir
@@ -111,6 +105,10 @@ class PipelineEngine(LLMEngine):
         self._next_message, self._pipes_msg, self.address = m.next_message, m.pipes_msg, m.address
 
     @property
+    def _step_id(self) -> int:
+        return self.dispatch.step_id
+
+    @property
     def _epoch(self) -> int:
         return self.members.epoch
 
@@ -130,7 +128,6 @@ class PipelineEngine(LLMEngine):
         self.slots = [Scheduler(a, self.block_size, b, self.config.max_num_batched_tokens, self.waiting,
                                 self.config.admission, self.prefix_salt)
                       for a in self._slot_allocators(pp)]
-        self.inflight: list[tuple[int, list[Sequence], float] | None] = [None] * pp
         self.scheduler = self.slots[0]  # for code that asks for "the" scheduler (counts, preemptions)
 
     def _slot_allocators(self, slots: int) -> list[BlockAllocator]:
@@ -206,34 +203,6 @@ class PipelineEngine(LLMEngine):
     def _after_ready(self) -> None:
         """Hook for deployments that must introduce workers to each other once all are up."""
 
-    def _classify(self, item: tuple, doing: str):
-        """Handles bookkeeping messages and failures; returns those the caller must see."""
-        rank, gen, msg = item
-        if rank is not None and gen != self._gen.get(rank):
-            return None  # from a worker already replaced
-        t = msg.t
-        if t == "error":
-            raise WorkerError(f"worker {msg.rank} failed: {msg.msg}")
-        if t == "dead":
-            self.members.check_dead(msg, doing)
-        if t == "step_failed":
-            if msg.id > self._epoch_step:  # a live link broke: reset and replay, even if no one died
-                raise _Failure(set(), f"worker {msg.rank} lost step {msg.id}: {msg.msg}")
-            return None
-        if t == "replicated":
-            self.replication.on_replicated(msg)
-            return None
-        if t == "swapstats":
-            self.swap_stats[msg.rank] = dataclasses.asdict(msg)
-            return None
-        if t == "rereplicated":
-            if msg.error:
-                log.warning("worker %d could not re-seed its replica holder: %s", msg.rank, msg.error)
-            return None
-        if t == "joined":
-            return msg if self.members.on_joined(msg) else None
-        return msg
-
     def idle_check(self) -> None:
         """Called while no request runs: notice failures (and recover) before the next request comes."""
         if not (self.ft and self.members.started) or self._closed or self._stopping:
@@ -257,7 +226,7 @@ class PipelineEngine(LLMEngine):
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.replication.watermark.pop(seq.seq_id, None)
-        slot = self.slot_of.pop(seq.seq_id, None)
+        slot = self.dispatch.slot_of.pop(seq.seq_id, None)
         sched = self.slots[slot] if slot is not None else self.slots[0]
         sched.finish(seq, reason)
 
@@ -265,26 +234,13 @@ class PipelineEngine(LLMEngine):
         """Workers may be writing this sequence's blocks right now: then it ends when its step returns."""
         if seq.finished:
             return
-        if seq.seq_id in self._busy:
-            self._abort_later.add(seq.seq_id)
+        if seq.seq_id in self.dispatch.busy:
+            self.dispatch.abort_later.add(seq.seq_id)
         else:
             self._finish(seq, "abort")
 
-    def _returned(self, seqs: list[Sequence]) -> list[Sequence]:
-        """Sequences whose step came back: not busy any more; deferred aborts happen now."""
-        live = []
-        for s in seqs:
-            self._busy.discard(s.seq_id)
-            if s.seq_id in self._abort_later:
-                self._abort_later.discard(s.seq_id)
-                if not s.finished:
-                    self._finish(s, "abort")
-            elif not s.finished:
-                live.append(s)
-        return live
-
     def has_unfinished(self) -> bool:
-        return bool(self.waiting) or any(s.running for s in self.slots) or any(self.inflight)
+        return bool(self.waiting) or any(s.running for s in self.slots) or any(self.dispatch.inflight)
 
     def step(self) -> list[Sequence]:
         try:
@@ -317,92 +273,26 @@ class PipelineEngine(LLMEngine):
 
     def _step(self) -> list[Sequence]:
         for i, slot in enumerate(self.slots):
-            if self.inflight[i] is None:
+            if self.dispatch.inflight[i] is None:
                 seqs, is_prefill = slot.schedule()
                 if seqs:
-                    self._launch(i, seqs, is_prefill)
+                    self.dispatch.launch(i, seqs, is_prefill)
         self.peak_running = max(self.peak_running, sum(len(s.running) for s in self.slots))
-        if not any(self.inflight):
+        if not any(self.dispatch.inflight):
             if self.waiting:
                 raise RuntimeError("scheduler stalled: waiting requests but nothing can run")
             return []
         msg = self._next_message(time.monotonic() + self.timeout, "running a step")
-        return self._on_tokens(msg) if msg.t == "tokens" else []
-
-    def _on_tokens(self, msg) -> list[Sequence]:
-        """A microbatch's sampled tokens came back: append them to the sequences still live."""
-        i = msg.mb
-        if not 0 <= i < len(self.inflight):  # refused without effect
-            log.warning("a worker answered for microbatch %d, which does not exist", i)
-            return []
-        if (self.inflight[i] is None or self.inflight[i][0] != msg.id) and self._stale(msg.id):
-            return []  # a step from before a recovery: replayed already
-        step_id, seqs, _ = self.inflight[i]
-        if msg.id != step_id:
-            raise WorkerError(f"microbatch {i}: expected step {step_id}, got {msg.id}")
-        self.inflight[i] = None
-        if msg.step_s is not None:  # the sampling stage's previous decode step (worker.py)
-            self.decode_steps.append(msg.step_s)
-            self.decode_step_totals[0] += 1
-            self.decode_step_totals[1] += msg.step_s
-        live = {id(s) for s in self._returned(seqs)}
-        tokens = unpack_tokens(msg.tokens, msg.logprobs)
-        self._append_tokens([s for s in seqs if id(s) in live], [t for s, t in zip(seqs, tokens) if id(s) in live])
-        return seqs
-
-    def _step_item(self, s: Sequence, start: int, blocks: list[int], **extra) -> StepSeq:
-        """One sequence's part of a step message: its new tokens from `start`, where their KV goes,
-        and what the last stage needs to sample its next token."""
-        p = s.params
-        return StepSeq(ids=s.token_ids[start:], start=start, blocks=blocks, temp=p.temperature, top_k=p.top_k,
-                       top_p=p.top_p, seed=s.seed, banned=self._banned(s),
-                       x=_extra(wire_fields(p, s.token_ids, s.num_prompt_tokens)), **extra)
-
-    def _launch(self, slot: int, seqs: list[Sequence], is_prefill: bool) -> None:
-        self._step_id += 1
-        items = []
-        for s in seqs:
-            # From the first token without KV: everything for a prefill, the newest token for a decode,
-            # more after a recovery (from the request's watermark).
-            items.append(self._step_item(s, s.num_cached, s.block_table))
-            s.num_cached = len(s)
-            self.slot_of[s.seq_id] = slot
-            self._busy.add(s.seq_id)
-        self.replication.expect(self._step_id, self._step_ranks(), [(s, len(s)) for s in seqs])
-        # with swapping, every block the microbatch holds now: workers keep exactly these resident
-        live = [b for s in self.slots[slot].running for b in s.block_table] if self.swap else None
-        msg = Step(mb=slot, id=self._step_id, prefill=is_prefill, seqs=items, live=live)
-        self.inflight[slot] = (self._step_id, seqs, time.monotonic())  # before sending: a failed send loses it
-        self._send_to(self._step_ranks(), msg)
-
-    def _send_to(self, ranks, msg) -> None:
-        """A message on the serving path: a worker whose channel is gone has died (kill -9 before
-        its death was noticed), which is a failure to recover from, not the controller's error."""
-        for r in ranks:
-            try:
-                self.channels[r].send(msg)
-            except OSError as e:
-                if self.ft and self.members.started:
-                    raise _Failure({r}, f"worker {r} is unreachable: {e}") from None
-                raise WorkerError(f"worker {r} is unreachable: {e}") from None
+        return self.dispatch.on_tokens(msg) if msg.t == "tokens" else []
 
     # ------------------------------------------------------------------ fault tolerance
-    def _stale(self, step_id: int) -> bool:
-        """A reply to a step (or prefill, admission) from before the last recovery."""
-        return self.ft and step_id <= self._epoch_step
-
-
     def _token_side(self) -> list[Sequence]:
         """Requests whose KV lives in the decode workers' caches."""
         return [s for slot in self.slots for s in slot.running]
 
     def _abandon_inflight(self) -> list[str]:
         """Every in-flight step is lost (it passed through every stage); returns KV keys to drop."""
-        for i, inf in enumerate(self.inflight):
-            if inf is not None:
-                self.inflight[i] = None
-                self._returned(inf[1])
-        self.replication.pending.clear()
+        self.dispatch.abandon()
         return []
 
     def _holds_decode_kv(self, rank: int) -> bool:
