@@ -366,10 +366,10 @@ def test_greedy_step_end_advances_graph_inputs():
                                                    (4, 3, 10), (1, 0, 1), (3, 5, 0)])
 def test_greedy_step_end_advances_ring_rows_as_the_sender_reserves_them(live, first, ring_size):
     """With a ring of ring_size rows: the live rows (the bucket's first `live`, at ring rows
-    first..first+live-1) move on to the rows ReplicaSender::ring_stage reserves next (engine/cuda_graphs.py's
+    first..first+live-1) move on to the rows ReplicaSender::ring_stage reserves next (kvstream/ring_rows.h's
     next_ring_row: consecutive, or from 0 where they would run past the end); padding rows keep -1;
     ring_size 0 leaves -1 (no ring). The other fields advance as without a ring."""
-    from dejavu.engine.cuda_graphs import next_ring_row
+    from dejavu._C import next_ring_row
 
     bucket, max_blocks, bs, vocab = 4, 3, 4, 100
     tables = torch.arange(bucket * max_blocks).view(bucket, max_blocks) + 20
