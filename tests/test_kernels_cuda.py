@@ -447,7 +447,7 @@ def test_small_linear_matches_reference(dtype, rows, n_out, k_in, x_pad):
             assert not torch.isnan(y).any()
             err = ((y.double() - ref).norm() / ref.norm()).item()
             assert err < (2e-3 if dtype == torch.float16 else 1e-2), err
-            if kernels._small_linear_serves(x, w, bias):  # through the torch face: the same values
+            if kernels.small_linear_serves(x, w, bias):  # through the torch face: the same values
                 assert torch.equal(kernels.linear(x, w, bias, relu=relu), y)
                 # fp32 outputs (an LM head's logits): the dtype's outputs converted, bit for bit
                 y32 = kernels.linear(x, w, bias, relu=relu, float_out=True)
@@ -460,10 +460,10 @@ def test_linear_falls_back_where_the_kernel_does_not_serve():
                    (torch.randn(2, 32, device="cuda", dtype=torch.float32), "fp32"),
                    (torch.randn(2, 40, device="cuda", dtype=torch.float16)[:, 1:33], "misaligned, odd stride")]:
         wx = w.to(x.dtype)
-        assert not kernels._small_linear_serves(x, wx, None), why
+        assert not kernels.small_linear_serves(x, wx, None), why
         torch.testing.assert_close(kernels.linear(x, wx), torch.nn.functional.linear(x, wx), rtol=0, atol=0)
     x = torch.randn(3, 32, device="cuda", dtype=torch.float16)
-    assert kernels._small_linear_serves(x, w, None)
+    assert kernels.small_linear_serves(x, w, None)
     y = kernels.linear(x.view(3, 1, 32), w)  # leading dims are flattened and restored
     assert y.shape == (3, 1, 64)
 

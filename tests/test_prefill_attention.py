@@ -1,12 +1,12 @@
 """The prefill attention of fresh sequences (SDPA over the new tokens, models/layers.py
-_causal_attention, which CUDA prefills take) against the torch path over the paged cache, for
+causal_attention, which CUDA prefills take) against the torch path over the paged cache, for
 batches of one prompt length (inputs as views, no gathers) and of several (padded by a gather)."""
 import pytest
 import torch
 
 from conftest import needs_cuda
 from dejavu.engine.model_runner import build_metadata
-from dejavu.models.layers import _causal_attention, paged_attention
+from dejavu.models.layers import causal_attention, paged_attention
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
@@ -28,7 +28,7 @@ def test_fresh_prefill_attention_equals_the_paged_path(device, lens, heads, kv_h
     q = qkv[:, :heads * d].view(n, heads, d)
     k = qkv[:, heads * d:(heads + kv_heads) * d].view(n, kv_heads, d)
     v = qkv[:, (heads + kv_heads) * d:].view(n, kv_heads, d)
-    out = _causal_attention(q, k, v, meta, scale=d ** -0.5)
+    out = causal_attention(q, k, v, meta, scale=d ** -0.5)
     monkeypatch.setenv("DEJAVU_ATTENTION", "torch")  # the reference: write the cache, attend over it
     cache = torch.zeros(at, 2, bs, kv_heads, d, device=device)
     ref = paged_attention(q, k, v, cache, meta, scale=d ** -0.5)
