@@ -37,15 +37,6 @@ def gpu_us(fn, reps: int = 20, trials: int = 10) -> float:
     return best
 
 
-def _small_linear(x, w, b):
-    from dejavu import _C
-
-    y = torch.empty((x.shape[0], w.shape[0]), dtype=x.dtype, device=x.device)
-    _C.small_linear(y.data_ptr(), x.data_ptr(), w.data_ptr(), b.data_ptr(), x.shape[0], w.shape[0], w.shape[1],
-                    x.stride(0), 0, kernels._HALF[x.dtype], torch.cuda.current_stream().cuda_stream)
-    return y
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="float16")
@@ -67,11 +58,11 @@ def main() -> None:
             t_ref = gpu_us(lambda: F.linear(x, w, b))
             os.environ["DEJAVU_LINEAR"] = "auto"
             # The kernel itself, also where kernels.linear would pick cuBLAS (the table behind that choice).
-            t_ours = gpu_us(lambda: _small_linear(x, w, b))
-            err = ((_small_linear(x, w, b).double() - F.linear(x, w, b).double()).norm()
+            t_ours = gpu_us(lambda: kernels.small_linear(x, w, b))
+            err = ((kernels.small_linear(x, w, b).double() - F.linear(x, w, b).double()).norm()
                    / F.linear(x, w, b).double().norm()).item()
             gb = w.numel() * w.element_size() / 1e9
-            picked = "ours" if kernels._small_linear_serves(x, w, b) else "cuBLAS"
+            picked = "ours" if kernels.small_linear_serves(x, w, b) else "cuBLAS"
             rows_out.append({"out": n, "in": k, "rows": m, "cublas_us": t_ref, "ours_us": t_ours, "rel_diff": err,
                              "linear_picks": picked})
             print(f"{shape:>12} {m:>4} {t_ref:>10.2f} {t_ours:>8.2f} {gb / t_ref * 1e6:>12.0f} {gb / t_ours * 1e6:>10.0f} "

@@ -7,7 +7,7 @@ path, not this one: the comparison means something on a GPU only.
 The copying form (`before`, kept here only as this benchmark's baseline) built the padded
 [B, heads, T, D] inputs as torch.cat([x, zero row])[q_index] for each of q, k and v (two copies
 each) and gathered the output back by out_index (two more): at batch 32 and 512 tokens each copy
-moves 67 MB, about 25 GB a prefill. models/layers.py _causal_attention passes views for a batch of
+moves 67 MB, about 25 GB a prefill. models/layers.py causal_attention passes views for a batch of
 one prompt length, and a ragged one gathers each input once. Prints, per batch, the
 median prefill time of each over --runs alternating runs, after one untimed run of each.
 """
@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 import dejavu.models.layers as layers
-from dejavu.bench.decode import _ours, add_engine_args, engine_and_hf, hf_forward_s, median
+from dejavu.bench.decode import time_batch, add_engine_args, engine_and_hf, hf_forward_s, median
 
 
 def before(q, k, v, meta, scale):
-    """The copying form of _causal_attention (the baseline)."""
+    """The copying form of causal_attention (the baseline)."""
     n, h, d = q.shape
     b, t = meta.q_index.shape
 
@@ -40,7 +40,7 @@ def main():
     a = ap.parse_args()
     dev, _, hf, llm, prompts = engine_and_hf("prefill", a.model, a.device, a.dtype, 0, max(a.batch), a.prompt_len, 16,
                                              cuda_graphs=False)
-    now = layers._causal_attention
+    now = layers.causal_attention
 
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"{card}, {a.dtype}, {a.model}, prompt {a.prompt_len}: prefill ms, "
@@ -50,14 +50,13 @@ def main():
         runs = {"before": [], "now": [], "hf": []}
         for i in range(a.runs + 1):  # the first round untimed: new shapes' heuristics and allocations
             for name, impl in (("before", before), ("now", now)):
-                layers._causal_attention = impl
-                t = _ours(llm, prompts[:b].tolist(), 1)[0]
+                with layers.prefill_attention(impl):
+                    t = time_batch(llm, prompts[:b].tolist(), 1)[0]
                 if i:
                     runs[name].append(t)
             t = hf_forward_s(hf, ids)
             if i:
                 runs["hf"].append(t)
-        layers._causal_attention = now
         med = {k: 1e3 * median(v) for k, v in runs.items()}
         print(f"batch {b}: before {med['before']:.1f}, now {med['now']:.1f} ({med['now'] / med['before']:.3f}x), "
               f"HF {med['hf']:.1f}; HF / ours: before {med['hf'] / med['before']:.3f}, now {med['hf'] / med['now']:.3f}")

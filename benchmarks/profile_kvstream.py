@@ -24,12 +24,12 @@ def profile(name, cache, region, mode):
     buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     contig = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     t_desc, t_launch, t_total, t_kernel, t_base = [], [], [], [], []
-    host, rows, _, _ = s._host_desc(region, True, 0)
+    host, rows = s.descriptors(region)
     desc = host[:rows].cuda()
     for i in range(25):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        s._host_desc(region, True, 0)
+        s.descriptors(region)
         t1 = time.perf_counter()
         f = s.gather(region, buf)
         t2 = time.perf_counter()

@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from dejavu.bench.decode import _hf, _ours, add_engine_args, engine_and_hf, first_difference
+from dejavu.bench.decode import time_hf, time_batch, add_engine_args, engine_and_hf, first_difference
 
 
 def digest(ids) -> str:
@@ -29,11 +29,11 @@ def main():
                                              a.max_tokens)
     for b in a.batch:
         batch = prompts[:b].tolist()
-        ours = [_ours(llm, batch, a.max_tokens)[2] for _ in range(2)]
+        ours = [time_batch(llm, batch, a.max_tokens)[2] for _ in range(2)]
         graphs, llm.engine.runner.graphs = llm.engine.runner.graphs, None
-        eager = _ours(llm, batch, a.max_tokens)[2]
+        eager = time_batch(llm, batch, a.max_tokens)[2]
         llm.engine.runner.graphs = graphs
-        theirs = [_hf(hf, prompts[:b].to(dev), a.max_tokens)[1] for _ in range(2)]
+        theirs = [time_hf(hf, prompts[:b].to(dev), a.max_tokens)[1] for _ in range(2)]
         with torch.no_grad():
             top = hf(input_ids=prompts[:b].to(dev)).logits[:, -1].float().topk(2, -1)
         gaps = [round(float(x), 4) for x in top.values[:, 0] - top.values[:, 1]]

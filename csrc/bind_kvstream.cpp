@@ -12,6 +12,7 @@
 
 #include "kvstream/blake2b.h"
 #include "kvstream/cuda_copy.h"
+#include "kvstream/ring_rows.h"
 #include "kvstream/file_store.h"
 #include "kvstream/handle.h"
 #include "kvstream/host_copy.h"
@@ -373,6 +374,8 @@ void dejavu::bind::bind_kvstream(py::module_& m) {
      "Copy-engine copies of blocks src_ids[i] -> dst_ids[i] (every layer) between two [layers][blocks][chunk] "
      "caches, one 2-D copy per run of consecutive ids; returns the number of runs");
   m.def("cuda_compiled", &cuda_compiled);
+  m.def("next_ring_row", &next_ring_row, "the first ring row ReplicaSender.ring_stage reserves for a step of n rows "
+        "after one that took n rows from `first` (-1: none)", py::arg("first"), py::arg("n"), py::arg("size"));
   m.def("cuda_device_count", &cuda_device_count);
   m.def("cuda_copy_spans", [](uintptr_t src, uintptr_t dst, uintptr_t desc, int64_t n, uintptr_t stream,
                               int64_t max_bytes) {

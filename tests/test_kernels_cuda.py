@@ -366,10 +366,10 @@ def test_greedy_step_end_advances_graph_inputs():
                                                    (4, 3, 10), (1, 0, 1), (3, 5, 0)])
 def test_greedy_step_end_advances_ring_rows_as_the_sender_reserves_them(live, first, ring_size):
     """With a ring of ring_size rows: the live rows (the bucket's first `live`, at ring rows
-    first..first+live-1) move on to the rows ReplicaSender::ring_stage reserves next (engine/cuda_graphs.py's
+    first..first+live-1) move on to the rows ReplicaSender::ring_stage reserves next (kvstream/ring_rows.h's
     next_ring_row: consecutive, or from 0 where they would run past the end); padding rows keep -1;
     ring_size 0 leaves -1 (no ring). The other fields advance as without a ring."""
-    from dejavu.engine.cuda_graphs import next_ring_row
+    from dejavu._C import next_ring_row
 
     bucket, max_blocks, bs, vocab = 4, 3, 4, 100
     tables = torch.arange(bucket * max_blocks).view(bucket, max_blocks) + 20
@@ -447,7 +447,7 @@ def test_small_linear_matches_reference(dtype, rows, n_out, k_in, x_pad):
             assert not torch.isnan(y).any()
             err = ((y.double() - ref).norm() / ref.norm()).item()
             assert err < (2e-3 if dtype == torch.float16 else 1e-2), err
-            if kernels._small_linear_serves(x, w, bias):  # through the torch face: the same values
+            if kernels.small_linear_serves(x, w, bias):  # through the torch face: the same values
                 assert torch.equal(kernels.linear(x, w, bias, relu=relu), y)
                 # fp32 outputs (an LM head's logits): the dtype's outputs converted, bit for bit
                 y32 = kernels.linear(x, w, bias, relu=relu, float_out=True)
@@ -460,10 +460,10 @@ def test_linear_falls_back_where_the_kernel_does_not_serve():
                    (torch.randn(2, 32, device="cuda", dtype=torch.float32), "fp32"),
                    (torch.randn(2, 40, device="cuda", dtype=torch.float16)[:, 1:33], "misaligned, odd stride")]:
         wx = w.to(x.dtype)
-        assert not kernels._small_linear_serves(x, wx, None), why
+        assert not kernels.small_linear_serves(x, wx, None), why
         torch.testing.assert_close(kernels.linear(x, wx), torch.nn.functional.linear(x, wx), rtol=0, atol=0)
     x = torch.randn(3, 32, device="cuda", dtype=torch.float16)
-    assert kernels._small_linear_serves(x, w, None)
+    assert kernels.small_linear_serves(x, w, None)
     y = kernels.linear(x.view(3, 1, 32), w)  # leading dims are flattened and restored
     assert y.shape == (3, 1, 64)
 

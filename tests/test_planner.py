@@ -13,7 +13,8 @@ from dejavu.planner.analytic import analytic_profile
 from dejavu.planner.model import (PlanError, Profile, balanced_split, disagg_inverse_throughput, disagg_threshold,
                                   ft_inverse_throughput, min_depth)
 from dejavu.planner.plan import explicit_profile, load_choice, plan
-from dejavu.planner.simulator import Deployment, SimOptions, simulate
+from dejavu.planner.simulator import simulate
+from dejavu.planner.workload import Deployment, SimOptions
 
 
 def test_closed_forms_by_hand():

@@ -1,5 +1,5 @@
 """The prefill attention CUDA prefills take against the torch path over the paged cache: of fresh
-sequences (SDPA over the new tokens, models/layers.py _causal_attention), for batches of one prompt
+sequences (SDPA over the new tokens, models/layers.py causal_attention), for batches of one prompt
 length (inputs as views, no gathers) and of several (padded by a gather); and over a cached context
 (prefix-cache hits, chunked prompts: _context_attention)."""
 import pytest
@@ -7,7 +7,7 @@ import torch
 
 from conftest import needs_cuda
 from dejavu.engine.model_runner import build_metadata
-from dejavu.models.layers import _causal_attention, _context_attention, paged_attention, write_kv
+from dejavu.models.layers import _context_attention, causal_attention, paged_attention, write_kv
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
@@ -29,7 +29,7 @@ def test_fresh_prefill_attention_equals_the_paged_path(device, lens, heads, kv_h
     q = qkv[:, :heads * d].view(n, heads, d)
     k = qkv[:, heads * d:(heads + kv_heads) * d].view(n, kv_heads, d)
     v = qkv[:, (heads + kv_heads) * d:].view(n, kv_heads, d)
-    out = _causal_attention(q, k, v, meta, scale=d ** -0.5)
+    out = causal_attention(q, k, v, meta, scale=d ** -0.5)
     monkeypatch.setenv("DEJAVU_ATTENTION", "torch")  # the reference: write the cache, attend over it
     cache = torch.zeros(at, 2, bs, kv_heads, d, device=device)
     ref = paged_attention(q, k, v, cache, meta, scale=d ** -0.5)

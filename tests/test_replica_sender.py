@@ -335,11 +335,11 @@ def test_ring_steps_arrive_in_order_with_wraps_and_fallbacks():
 
 
 def test_next_ring_row_is_the_senders_next_reservation():
-    """engine/cuda_graphs.next_ring_row (the rule the graphs' greedy kernel advances ring rows by, so
+    """_C.next_ring_row (kvstream/ring_rows.h: the rule the graphs' greedy kernel advances ring rows by, so
     a replicated step can run without an input copy) predicts what ReplicaSender::ring_stage
     reserves next for a step of the same size, across wraps, for each size of step that fits the
     ring; -1 where the step before took no rows."""
-    from dejavu.engine.cuda_graphs import next_ring_row
+    from dejavu._C import next_ring_row
 
     rows = 7
     assert next_ring_row(-1, 3, rows) == -1 and next_ring_row(2, 3, 0) == -1

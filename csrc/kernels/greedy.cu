@@ -14,6 +14,7 @@
 #include "kernels/env.h"
 #include "kernels/greedy.h"
 #include "kernels/pdl.cuh"
+#include "kvstream/ring_rows.h"
 
 namespace dejavu {
 namespace {
@@ -128,20 +129,18 @@ __global__ void __launch_bounds__(kGreedyThreads)
     ring[r] = -1;
     return;
   }
-  // The next ring rows, as ReplicaSender::ring_stage reserves them: n consecutive rows from where
-  // this step's rows end, or from row 0 where they would run past the ring. The live rows are the first
-  // n of the bucket, each with a ring row >= 0, and padding rows have -1; other rows' blocks
-  // rewrite theirs meanwhile, but never across 0, so a binary search over the signs finds n.
+  // The next ring rows, as ReplicaSender::ring_stage reserves them (kvstream/ring_rows.h). The
+  // live rows are the first n of the bucket, each with a ring row >= 0, and padding rows have -1;
+  // other rows' blocks rewrite theirs meanwhile, but never across 0, so a binary search over the
+  // signs finds n.
   int64_t lo = r + 1, hi = bucket;  // rows [0, lo) are live; n lies in [lo, hi]
   while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;
     if (__ldcg(ring + mid) >= 0) lo = mid + 1;
     else hi = mid;
   }
-  const int64_t n = lo, first = ring_row - r;
-  int64_t next = (first + n) % ring_size;
-  if (next + n > ring_size) next = 0;
-  ring[r] = next + r;
+  const int64_t n = lo;
+  ring[r] = next_ring_row(ring_row - r, n, ring_size) + r;
 }
 
 }  // namespace

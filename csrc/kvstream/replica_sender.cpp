@@ -11,6 +11,7 @@
 
 #include "kvstream/cuda_copy.h"
 #include "kvstream/host_copy.h"
+#include "kvstream/ring_rows.h"
 #include "kvstream/msgpack_lite.h"
 #include "kvstream/net.h"
 #include "kvstream/replica_wire.h"
@@ -228,7 +229,8 @@ int64_t ReplicaSender::ring_stage(const int64_t* blocks, const int64_t* slots, i
       return -1;
     }
   const int64_t at = ring_head_ % ring_rows_;
-  const int64_t start = at + n > ring_rows_ ? ring_head_ + (ring_rows_ - at) : ring_head_;  // rows stay consecutive
+  const int64_t row = ring_rows_from(at, n, ring_rows_);
+  const int64_t start = row == at ? ring_head_ : ring_head_ + (ring_rows_ - at);  // the ring counter at `row`
   if (start + n - ring_tail_ > ring_rows_) {
     ++ring_misses_;  // the sending thread is behind by a whole ring
     return -1;

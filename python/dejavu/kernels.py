@@ -165,7 +165,7 @@ _HALF = {t: code for t, code in _DTYPES.items() if t != torch.float32}  # what s
 _SMALL_LINEAR_MULTI_ROW_ELEMS = 2 * 6144 * 2048
 
 
-def _small_linear_serves(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def small_linear_serves(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     rows = x.shape[0] if x.dim() == 2 else 0
     return (x.is_cuda and 1 <= rows <= SMALL_LINEAR_ROWS and x.dtype in _HALF
             and (rows == 1 or rows * weight.numel() <= _SMALL_LINEAR_MULTI_ROW_ELEMS)
@@ -173,6 +173,17 @@ def _small_linear_serves(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             and weight.is_contiguous() and (x.data_ptr() | weight.data_ptr()) % 16 == 0
             and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
             and not (torch.is_grad_enabled() and weight.requires_grad) and switched_on("DEJAVU_LINEAR"))
+
+
+def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False,
+                 float_out: bool = False) -> torch.Tensor:
+    """The small-batch kernel itself, for inputs small_linear_serves accepts (linear picks it only
+    where it beats cuBLAS; benchmarks/linear_bench.py times it on every shape)."""
+    y = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32 if float_out else x.dtype, device=x.device)
+    _C.small_linear(y.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                    x.shape[0], weight.shape[0], weight.shape[1], x.stride(0), int(relu), _HALF[x.dtype],
+                    _stream(x.device), out_f32=float_out)
+    return y
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False,
@@ -183,12 +194,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if x.dim() != 2:
         return linear(x.reshape(-1, x.shape[-1]), weight, bias, relu,
                       float_out).view(*x.shape[:-1], weight.shape[0])
-    if _small_linear_serves(x, weight, bias):
-        y = torch.empty((x.shape[0], weight.shape[0]), dtype=torch.float32 if float_out else x.dtype, device=x.device)
-        _C.small_linear(y.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                        x.shape[0], weight.shape[0], weight.shape[1], x.stride(0), int(relu), _HALF[x.dtype],
-                        _stream(x.device), out_f32=float_out)
-        return y
+    if small_linear_serves(x, weight, bias):
+        return small_linear(x, weight, bias, relu, float_out)
     y = F.linear(x, weight, bias)
     y = F.relu(y) if relu else y
     return y.float() if float_out else y
@@ -239,7 +246,7 @@ def _norm_linear_args(h: torch.Tensor, a: torch.Tensor, norm: torch.nn.Module, w
             and h.numel() * h.element_size() <= _C.small_linear_norm_max_bytes):
         return None
     args = _add_norm_args(h, a, norm)
-    return args if args is not None and _small_linear_serves(args[0], weight, bias) else None
+    return args if args is not None and small_linear_serves(args[0], weight, bias) else None
 
 
 def norm_linear_serves(h: torch.Tensor, a: torch.Tensor, norm: torch.nn.Module, weight: torch.Tensor,

@@ -23,7 +23,7 @@ import torch
 from ..engine.block_manager import blocks_for
 from . import write_json
 from .decode_replicate import REPLICATE_PATHS, _with_replication
-from .decode_runs import _advanced_steps, _ours, _paired, _paired_line, attention_ms, replay_ms
+from .decode_runs import _advanced_steps, time_batch, _paired, _paired_line, attention_ms, replay_ms
 from .decode_swap import _with_both, _with_swap
 from .generate import _sync, random_hf_model
 
@@ -76,7 +76,7 @@ def _with_pdl(llm, batch: list[list[int]], max_tokens: int, pairs: int) -> dict:
                 _C.set_programmatic_launch(mode)
                 if runner.graphs is not None:
                     runner.graphs = runner.graphs.recapture(runner.graphs.ring)
-                runs[mode].append(_ours(llm, batch, max_tokens)[1])
+                runs[mode].append(time_batch(llm, batch, max_tokens)[1])
                 if runner.graphs is not None:
                     gpu[mode].append(replay_ms(runner.graphs, len(batch)))
     finally:
@@ -129,7 +129,7 @@ def _prefills(llm, hf, prompts: torch.Tensor, runs: int = PREFILL_RUNS) -> tuple
     ids = prompts.to(llm.device) if hf is not None else None
     ours, theirs = [], []
     for i in range(runs + 1):
-        t = _ours(llm, batch, 1)[0]
+        t = time_batch(llm, batch, 1)[0]
         h = hf_forward_s(hf, ids) if hf is not None else None
         if i:
             ours.append(t)
@@ -137,7 +137,7 @@ def _prefills(llm, hf, prompts: torch.Tensor, runs: int = PREFILL_RUNS) -> tuple
     return median(ours), median(theirs) if hf is not None else None
 
 
-def _hf(hf, ids: torch.Tensor, max_tokens: int) -> tuple[float, list[list[int]]]:
+def time_hf(hf, ids: torch.Tensor, max_tokens: int) -> tuple[float, list[list[int]]]:
     """HF's decode step (the time between the first and the last token of one generate call, per
     step; subtracting a separately timed prefill from generate's total could come out at or below
     zero on a busy machine) and its greedy tokens. Its prefill is timed by _prefills."""
@@ -216,9 +216,9 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
                                       and torch.cuda.get_device_capability(dev)[0] >= 9),
               "card": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "rows": []}
     # Warm-up at the measured prompt length: kernels, allocator, cuBLAS heuristics, HF's generate.
-    _ours(llm, prompts[:1].tolist(), 4)
+    time_batch(llm, prompts[:1].tolist(), 4)
     if hf_baseline:
-        _hf(hf, prompts[:1].to(dev), 4)
+        time_hf(hf, prompts[:1].to(dev), 4)
     print(f"{result['card']}, {result['dtype']}, {model}: weights {wbytes / 1e9:.2f} GB, copy bandwidth "
           f"{bw / 1e9:.0f} GB/s (read+write) -> floor {floor_ms:.3f} ms/step")
     print(f"{'batch':>5} {'prefill ms':>10} {'HF prefill':>10} {'ms/step':>8} {'sync':>8} {'GPU ms':>8} {'attn ms':>8} "
@@ -229,24 +229,24 @@ def run(model: str, device: str, dtype: str, batches: list[int], prompt_len: int
         batch = prompts[:b].tolist()
         advanced = _advanced_steps(llm)
         pre, hpre = _prefills(llm, hf if hf_baseline else None, prompts[:b])
-        _, step, ours_ids = _ours(llm, batch, max_tokens)
+        _, step, ours_ids = time_batch(llm, batch, max_tokens)
         row = {"batch": b, "prefill_ms": 1e3 * pre, "prefill_runs": PREFILL_RUNS, "ms_per_step": 1e3 * step, "tok_s": b / step}
         if graphs is not None:  # steps that ran from the inputs the step before left on the device
             row["advanced_steps"] = _advanced_steps(llm) - advanced
         if llm.engine.overlap:  # the baseline: each step waits for its tokens before the next is queued
             llm.engine.overlap = False
-            row["sync_ms_per_step"] = 1e3 * _ours(llm, batch, max_tokens)[1]
+            row["sync_ms_per_step"] = 1e3 * time_batch(llm, batch, max_tokens)[1]
             llm.engine.overlap = True
         if graphs is not None:
             row["gpu_ms_per_step"] = replay_ms(graphs, b)
             row["attention_ms_per_step"] = attention_ms(graphs, b)
             llm.engine.runner.graphs = None
-            row["eager_ms_per_step"] = 1e3 * _ours(llm, batch, max_tokens)[1]
+            row["eager_ms_per_step"] = 1e3 * time_batch(llm, batch, max_tokens)[1]
             llm.engine.runner.graphs = graphs
         if floor_ms:
             row["x_floor"] = row["ms_per_step"] / floor_ms
         if hf_baseline:
-            hstep, hf_ids = _hf(hf, prompts[:b].to(dev), max_tokens)
+            hstep, hf_ids = time_hf(hf, prompts[:b].to(dev), max_tokens)
             row.update(hf_prefill_ms=1e3 * hpre, hf_ms_per_step=1e3 * hstep, speedup_vs_hf=hstep / step,
                        prefill_vs_hf=hpre / pre, identical_sequences=f"{sum(a == c for a, c in zip(ours_ids, hf_ids))}/{b}",
                        hf_first_difference=[first_difference(a, c) for a, c in zip(ours_ids, hf_ids)])

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import torch
 
 from ..engine.block_manager import blocks_for
-from .decode_runs import _advanced_steps, _ours, _paired, _replays_off_on
+from .decode_runs import _advanced_steps, time_batch, _paired, _replays_off_on
 
 
 class _ReplicationStream:
@@ -158,11 +158,11 @@ def _with_replication(llm, batch: list[list[int]], max_tokens: int, pairs: int, 
         for p in paths:
             stream.using(p)  # a path this engine cannot run fails before any run
         for _ in range(pairs):
-            off.append(_ours(llm, batch, max_tokens)[1])
+            off.append(time_batch(llm, batch, max_tokens)[1])
             for p in paths:
                 with stream.using(p):
                     c0, a0 = llm.engine.num_chained, _advanced_steps(llm)
-                    on[p].append(_ours(llm, batch, max_tokens)[1])
+                    on[p].append(time_batch(llm, batch, max_tokens)[1])
                     chained += llm.engine.num_chained - c0
                     advanced[p] += _advanced_steps(llm) - a0
                 exact.append(stream.mirror_matches())  # each run's last steps, before the next run reuses the blocks

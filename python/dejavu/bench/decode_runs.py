@@ -9,7 +9,7 @@ import torch
 from .generate import _sync
 
 
-def _ours(llm, prompts: list[list[int]], max_tokens: int, swap=None,
+def time_batch(llm, prompts: list[list[int]], max_tokens: int, swap=None,
           timing: dict | None = None) -> tuple[float, float, list[list[int]]]:
     """(prefill seconds, seconds per decode step, output ids) of one batch through the engine.
     `swap` (a _SwapStream): a swap stream runs beside the decode steps. (A _ReplicationStream

@@ -8,7 +8,7 @@ import time
 import torch
 
 from .decode_replicate import REPLICATE_PATHS, _ReplicationStream
-from .decode_runs import _advanced_steps, _ours, _paired, _replays_off_on
+from .decode_runs import _advanced_steps, time_batch, _paired, _replays_off_on
 
 
 SWAP_DRIVERS = ("step", "thread")
@@ -92,15 +92,15 @@ def _with_swap(llm, batch: list[list[int]], max_tokens: int, pairs: int, blocks:
     """The batch decoded `pairs` times without and with a swap stream running beside it (_SwapStream),
     alternating, the same engine throughout."""
     off, on, same = [], [], []
-    timed: dict[bool, dict] = {False: {}, True: {}}  # the evented pair's timings (_ours), off / on
+    timed: dict[bool, dict] = {False: {}, True: {}}  # the evented pair's timings (time_batch), off / on
     stream = _SwapStream(llm, blocks, driver)
     try:
         # `pairs` timed pairs, then one more with events around each step (apart: on an H200 the
         # events' own records cost the run with swap-ins 0.3% more at batch 8)
         for i in range(pairs + 1):
             evented = i == pairs
-            _, t_off, ids_off = _ours(llm, batch, max_tokens, timing=timed[False] if evented else None)
-            _, t_on, ids_on = _ours(llm, batch, max_tokens, swap=stream, timing=timed[True] if evented else None)
+            _, t_off, ids_off = time_batch(llm, batch, max_tokens, timing=timed[False] if evented else None)
+            _, t_on, ids_on = time_batch(llm, batch, max_tokens, swap=stream, timing=timed[True] if evented else None)
             stream.drain()
             same.append(ids_on == ids_off)
             if not evented:
@@ -154,10 +154,10 @@ def _with_both(llm, batch: list[list[int]], max_tokens: int, pairs: int, blocks:
     try:
         rep.using(path)  # a path this engine cannot run fails before any run
         for _ in range(pairs):
-            _, t_off, ids_off = _ours(llm, batch, max_tokens)
+            _, t_off, ids_off = time_batch(llm, batch, max_tokens)
             with rep.using(path):
                 a0 = _advanced_steps(llm)
-                _, t_on, ids_on = _ours(llm, batch, max_tokens, swap=swap)
+                _, t_on, ids_on = time_batch(llm, batch, max_tokens, swap=swap)
                 advanced += _advanced_steps(llm) - a0
             swap.drain()
             exact.append(rep.mirror_matches())  # before the next run reuses the blocks

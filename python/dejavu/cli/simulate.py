@@ -42,7 +42,8 @@ def cmd_simulate(args) -> int:
 
     from ..bench.serve import load_trace, synthetic_lengths
     from ..planner.model import PlanError, Profile
-    from ..planner.simulator import Deployment, SimOptions, simulate
+    from ..planner.simulator import simulate
+    from ..planner.workload import Deployment, SimOptions
 
     prof = Profile.load(args.profile)
     if not args.rate > 0:

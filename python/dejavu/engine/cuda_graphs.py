@@ -49,18 +49,6 @@ def batch_buckets(max_batch: int) -> list[int]:
     return sorted(set(sizes + [max_batch]))
 
 
-def next_ring_row(first: int, n: int, size: int) -> int:
-    """The first of the ring rows ReplicaSender::ring_stage reserves for a step of n tokens after
-    one that took n rows from `first` in a ring of `size` rows, if the sender is not behind:
-    consecutive from where those ended, or from row 0 where they would run past the end (-1 where
-    `first` or `size` is: no ring rows). The greedy kernel advances the graphs' ring rows by the
-    same rule (kernels/greedy.h)."""
-    if first < 0 or size <= 0:
-        return -1
-    nxt = (first + n) % size
-    return 0 if nxt + n > size else nxt
-
-
 def graphs_supported(model: DecoderLM, cache: PagedKVCache) -> str | None:
     """None when decode steps of this model and cache can be captured, else why not."""
     if cache.device.type != "cuda":
@@ -279,8 +267,8 @@ class DecodeGraphs:
                               np.array([s % bs for _, s, _ in items], dtype=np.int64))
         # The device holds the rows the last step's ring rows lead to (or none after none): run from
         # them only where the sender reserved exactly those.
-        advance = self._advances(items, bucket) and first == next_ring_row(self._last_ring, len(items),
-                                                                             self.ring_size)
+        advance = self._advances(items, bucket) and first == _C.next_ring_row(self._last_ring, len(items),
+                                                                                self.ring_size)
         if advance:
             self.num_advanced += 1
             self._last = (bucket, starts, self._last[2])

@@ -161,6 +161,12 @@ class KVStreamer:
         biggest = int(host[:rows, 2].max()) if rows else 0  # lets the copy kernel split large spans
         return host, rows, prow, pbytes, biggest
 
+    def descriptors(self, region: Region, out: bool = True) -> tuple[torch.Tensor, int]:
+        """`region`'s copy descriptor rows (one span each) as gather (out) or scatter builds them, in
+        pinned memory, and how many there are (benchmarks/profile_kvstream.py times this apart)."""
+        host, rows, _, _, _ = self._host_desc(region, out, 0)
+        return host, rows
+
     def _device_desc(self, region: Region, out: bool, piece_bytes: int, stream, host_rows=None):
         """The copy rows on the device (copied on `stream`): (desc, piece_row_starts, piece_bytes,
         largest row bytes). `host_rows`: what _host_desc already built for these arguments."""

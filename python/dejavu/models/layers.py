@@ -6,6 +6,7 @@ to form the padded [B, T] query layout that attention runs on.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -91,7 +92,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
                                             alibi_slopes, **new).to(q.dtype)
         if meta.fresh and alibi_slopes is None:
             kernels.write_kv(cache, k, v, meta.slot_blocks, meta.slot_offsets)
-            return _causal_attention(q, k, v, meta, scale)
+            return _prefill_attention(q, k, v, meta, scale)
         if meta.spans is not None and alibi_slopes is None:
             kernels.write_kv(cache, k, v, meta.slot_blocks, meta.slot_offsets)
             return _context_attention(q, cache, meta, scale)
@@ -122,7 +123,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     return out.transpose(1, 2).reshape(b * t, h, d)[meta.out_index]
 
 
-def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata,
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMetadata,
                       scale: float) -> torch.Tensor:
     """Prefill of sequences with nothing cached before their new tokens: causal attention over
     those tokens alone (no cache gather, no explicit mask, so SDPA may take its flash kernels).
@@ -166,6 +167,21 @@ def _context_attention(q: torch.Tensor, cache: torch.Tensor, meta: AttnMetadata,
                                            scale=scale)
         out[first:first + n_new] = o[0].transpose(0, 1)
     return out
+
+
+_prefill_attention = causal_attention  # what attention() runs for a fresh prefill on CUDA
+
+
+@contextlib.contextmanager
+def prefill_attention(impl):
+    """Within the block, fresh prefills run `impl` (causal_attention's signature) instead of
+    causal_attention: benchmarks/prefill_attention_ab.py compares implementations this way."""
+    global _prefill_attention
+    before, _prefill_attention = _prefill_attention, impl
+    try:
+        yield
+    finally:
+        _prefill_attention = before
 
 
 # ---------------------------------------------------------------------- position encodings

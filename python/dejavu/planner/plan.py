@@ -13,7 +13,8 @@ import math
 
 from .model import (PlanError, Profile, balanced_split, disagg_inverse_throughput, disagg_threshold,
                     ft_inverse_throughput, min_depth)
-from .simulator import Deployment, SimOptions, simulate
+from .simulator import simulate
+from .workload import Deployment, SimOptions
 
 
 def plan(profile: Profile, machines: int, microbatch: int, prompt_len: int, output_len: int, m: float = 1.0,

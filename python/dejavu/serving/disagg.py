@@ -26,13 +26,14 @@ import dataclasses
 import time
 from collections import deque
 
+from ..cluster.errors import WorkerError
 from ..cluster.messages import Admit, AdmitSeq, Peers, Prefill, TokenWorker, unpack_tokens
 from ..engine.block_manager import BlockAllocator, blocks_for
 from ..engine.scheduler import Scheduler
 from ..engine.sequence import Sequence, Status
 from ..kvstream.routing import WorkerLayout, plan, split_layers
 from ..parallel.auth import cluster_tag
-from .pipeline import PipelineEngine, WorkerError, check_split
+from .pipeline import PipelineEngine, check_split
 
 
 class DisaggEngine(PipelineEngine):
@@ -40,15 +41,9 @@ class DisaggEngine(PipelineEngine):
                  tp: int = 1, microbatch_size: int = 0, launcher: str = "local", timeout: float = 300.0,
                  log_dir: str | None = None, receive_slots: int = 8, kv_transport: str = "auto", swap: bool = False,
                  resident_microbatches: int = 2, **fault_tolerance):
-        from ..kvstream.select import TRANSPORTS
-
-        if kv_transport not in TRANSPORTS:
-            raise ValueError(f"unknown KV transport {kv_transport!r}; use one of {', '.join(TRANSPORTS)}")
         self.kv_transport = kv_transport
         self.transports_used: set[str] = set()
         self._dp, self._dt = prompt_stages, token_stages
-        if receive_slots <= 0:
-            raise ValueError(f"receive_slots must be > 0, got {receive_slots}")
         self.receive_slots = receive_slots
         from ..kvstream.shm import cleanup_orphans
 
@@ -75,7 +70,6 @@ class DisaggEngine(PipelineEngine):
         self.slots = [Scheduler(a, self.block_size, self.mb, self.config.max_num_batched_tokens,
                                 self.token_waiting) for a in self._slot_allocators(dt)]
         self.scheduler = self.slots[0]
-        self.inflight = [None] * dt
         self.prompt_inflight: list[dict | None] = [None] * dp
         self.admitting: dict[int, dict] = {}
         self.ready: deque[Sequence] = deque()           # admitted, waiting for room in a token microbatch
@@ -131,7 +125,7 @@ class DisaggEngine(PipelineEngine):
                 or bool(self.token_waiting) or bool(self.ready))
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        if seq.seq_id in self.slot_of:
+        if seq.seq_id in self.dispatch.slot_of:
             return super()._finish(seq, reason)
         self.replication.watermark.pop(seq.seq_id, None)
         # Between prefill and a token microbatch: its token-side blocks are held here.
@@ -158,11 +152,11 @@ class DisaggEngine(PipelineEngine):
                     self._launch_prefill(i, batch)
         self._place_ready()
         for i, slot in enumerate(self.slots):
-            if self.inflight[i] is None:
+            if self.dispatch.inflight[i] is None:
                 seqs, _ = slot.schedule()
                 if seqs:
-                    self._launch(i, seqs, False)
-        if not (any(self.inflight) or any(self.prompt_inflight) or self.admitting):
+                    self.dispatch.launch(i, seqs, False)
+        if not (any(self.dispatch.inflight) or any(self.prompt_inflight) or self.admitting):
             if self.waiting or self.token_waiting:
                 if not self.token_waiting and not any(s.running for s in self.slots):
                     raise RuntimeError("scheduler stalled: waiting requests but nothing can run")
@@ -170,7 +164,7 @@ class DisaggEngine(PipelineEngine):
             return []
         msg = self._next_message(time.monotonic() + self.timeout, "running a step")
         if msg.t == "tokens":
-            return self._on_tokens(msg)
+            return self.dispatch.on_tokens(msg)
         if msg.t == "pushed":
             return self._on_pushed(msg)
         if msg.t == "admitted":
@@ -216,22 +210,22 @@ class DisaggEngine(PipelineEngine):
         return min(fits, key=lambda i: (load[i], -self.slots[i].allocator.num_free)) if fits else -1
 
     def _launch_prefill(self, slot: int, seqs: list[Sequence]) -> None:
-        self._step_id += 1
+        step_id = self.dispatch.next_id()
         items = []
         for s in seqs:
-            items.append(self._step_item(s, 0, s.prompt_blocks, key=f"r{s.seq_id}.{self._step_id}",
-                                         dst_blocks=s.block_table))
-            self._busy.add(s.seq_id)
-        msg = Prefill(mb=slot, id=self._step_id, seqs=items)
+            items.append(self.dispatch.step_item(s, 0, s.prompt_blocks, key=f"r{s.seq_id}.{step_id}",
+                                                 dst_blocks=s.block_table))
+            self.dispatch.busy.add(s.seq_id)
+        msg = Prefill(mb=slot, id=step_id, seqs=items)
         self.in_transfer += len(seqs)
-        self.prompt_inflight[slot] = {"id": self._step_id, "seqs": seqs, "keys": [it.key for it in items],
+        self.prompt_inflight[slot] = {"id": step_id, "seqs": seqs, "keys": [it.key for it in items],
                                       "pending": set(range(self.token_first)), "tokens": None, "stats": []}
-        self._send_to(range(self.token_first), msg)
+        self.dispatch.send_to(range(self.token_first), msg)
 
     def _on_pushed(self, msg) -> list[Sequence]:
         slot = msg.mb
         st = self.prompt_inflight[slot] if 0 <= slot < len(self.prompt_inflight) else None
-        if (st is None or st["id"] != msg.id) and self._stale(msg.id):
+        if (st is None or st["id"] != msg.id) and self.dispatch.stale(msg.id):
             return []  # a prefill from before a recovery: done again already
         if st is None or st["id"] != msg.id:
             raise WorkerError(f"prompt microbatch {slot}: unexpected step {msg.id}")
@@ -259,23 +253,23 @@ class DisaggEngine(PipelineEngine):
         for s, key in zip(seqs, st["keys"]):
             if s.finished:  # EOS or max_tokens=1: done without the token side
                 self.in_transfer -= 1
-                self._busy.discard(s.seq_id)
+                self.dispatch.busy.discard(s.seq_id)
             else:
                 live.append((s, key))
         if live:
-            self._step_id += 1
-            admit = Admit(id=self._step_id, delivered=sorted(st.get("delivered", ())),
+            step_id = self.dispatch.next_id()
+            admit = Admit(id=step_id, delivered=sorted(st.get("delivered", ())),
                           seqs=[AdmitSeq(key=k, blocks=s.block_table, ntok=len(s) - 1) for s, k in live])
-            self.replication.expect(self._step_id, range(self.token_first, self.world),
+            self.replication.expect(step_id, range(self.token_first, self.world),
                                      [(s, len(s) - 1) for s, _ in live])
-            self.admitting[self._step_id] = {"seqs": [s for s, _ in live],
-                                             "pending": set(range(self.token_first, self.world))}
-            self._send_to(range(self.token_first, self.world), admit)
+            self.admitting[step_id] = {"seqs": [s for s, _ in live],
+                                       "pending": set(range(self.token_first, self.world))}
+            self.dispatch.send_to(range(self.token_first, self.world), admit)
         return seqs
 
     def _on_admitted(self, msg) -> None:
         st = self.admitting.get(msg.id)
-        if st is None and self._stale(msg.id):
+        if st is None and self.dispatch.stale(msg.id):
             return  # an admission from before a recovery: that request is prefilled again
         if st is None:
             raise WorkerError(f"unexpected admission {msg.id} from worker {msg.rank}")
@@ -283,7 +277,7 @@ class DisaggEngine(PipelineEngine):
         if st["pending"]:
             return
         del self.admitting[msg.id]
-        live = self._returned(st["seqs"])  # deferred aborts end here
+        live = self.dispatch.returned(st["seqs"])  # deferred aborts end here
         self.in_transfer -= len(st["seqs"]) - len(live)
         for s in live:
             s.num_cached = len(s) - 1  # the first sampled token's KV is written by the first decode step
@@ -302,7 +296,7 @@ class DisaggEngine(PipelineEngine):
                     continue
                 self.in_transfer -= 1
                 self.slots[s.token_slot].running.append(s)
-                self.slot_of[s.seq_id] = s.token_slot
+                self.dispatch.slot_of[s.seq_id] = s.token_slot
             self.ready = waiting
             return
         while self.ready:
@@ -312,7 +306,7 @@ class DisaggEngine(PipelineEngine):
             s = self.ready.popleft()
             self.in_transfer -= 1
             self.slots[slot].running.append(s)
-            self.slot_of[s.seq_id] = slot
+            self.dispatch.slot_of[s.seq_id] = slot
 
     # ------------------------------------------------------------------ fault tolerance
     def _token_side(self) -> list[Sequence]:
@@ -332,11 +326,11 @@ class DisaggEngine(PipelineEngine):
             again += st["seqs"]
         self.admitting.clear()
         for s in reversed(again):
-            self._busy.discard(s.seq_id)
+            self.dispatch.busy.discard(s.seq_id)
             self.in_transfer -= 1
             self._release(s)
-            if s.seq_id in self._abort_later:
-                self._abort_later.discard(s.seq_id)
+            if s.seq_id in self.dispatch.abort_later:
+                self.dispatch.abort_later.discard(s.seq_id)
                 s.status, s.finish_reason = Status.FINISHED, "abort"
             elif not s.finished:
                 s.num_cached = 0
