@@ -83,7 +83,8 @@ class PipelineEngine(LLMEngine):
                  hostfile: str | None = None, log_dir: str | None = None, swap: bool = False,
                  resident_microbatches: int = 2, replicate: bool = False, replicate_dir: str | None = None,
                  replicate_to: list[int] | None = None, recovery: str = "auto", heartbeat_interval: float = 0.5,
-                 heartbeat_timeout: float = 2.0, spare_workers: int = 1, cluster_address: str | None = None):
+                 heartbeat_timeout: float = 2.0, spare_workers: int = 1, cluster_address: str | None = None,
+                 replicas: int = 1):
         cfg = self.model_config = source.config
         self.model = None
         self.tokenizer, self.config, self.device, self.dtype = tokenizer, config, device, dtype
@@ -116,7 +117,7 @@ class PipelineEngine(LLMEngine):
                             if config.enable_prefix_caching and not swap else None)
         self._plan(cfg, pp, layer_split, microbatch_size)
         self._setup_fault_tolerance(launcher, replicate, replicate_dir, replicate_to, recovery, heartbeat_interval,
-                                    heartbeat_timeout, spare_workers)
+                                    heartbeat_timeout, spare_workers, replicas)
         # The cluster token: the operator's (external workers started with it), else a new one.
         self.token = os.environ.get(TOKEN_ENV) or secrets.token_hex(16)
         bind, port = parse_host_port(cluster_address) if cluster_address else (LOOPBACK, 0)
@@ -170,7 +171,7 @@ class PipelineEngine(LLMEngine):
         return rc
 
     def _setup_fault_tolerance(self, launcher, replicate, replicate_dir, replicate_to, recovery, hb_interval,
-                               hb_timeout, spare_workers: int = 1) -> None:
+                               hb_timeout, spare_workers: int = 1, replicas: int = 1) -> None:
         policy = recovery_policy(recovery, self.tp, launcher, replicate)
         if hb_interval <= 0 or hb_timeout <= hb_interval:
             raise ValueError(f"heartbeat interval ({hb_interval}s) must be > 0 and below the timeout ({hb_timeout}s)")
@@ -178,7 +179,7 @@ class PipelineEngine(LLMEngine):
         self.recovery = Recovery(self, policy, spare_workers)
         self.hb_interval, self.hb_timeout = hb_interval, hb_timeout
         # the stages that hold decode KV: the pipeline, or the token pipeline
-        self.replication = Replication(replicate, self.pp, replicate_to, replicate_dir)
+        self.replication = Replication(replicate, self.pp, replicate_to, replicate_dir, replicas)
         self._epoch = 0
         self._epoch_step = 0
         self._gen: dict[int, int] = {}
@@ -193,9 +194,9 @@ class PipelineEngine(LLMEngine):
         """The worker processes this controller started (none for external workers)."""
         return self.launcher.procs
 
-    def holder_rank(self, rank: int) -> int | None:
-        """The rank holding `rank`'s replica, or None."""
-        return self.replication.holder_rank(rank, self._rank_config(rank), self.tp)
+    def holder_ranks(self, rank: int) -> list[int]:
+        """The ranks holding `rank`'s replicas, first to last (none without replication)."""
+        return self.replication.holder_ranks(rank, self._rank_config(rank), self.tp)
 
     def set_replication(self, on: bool, every: int = 1) -> None:
         """Pause or resume replication between requests (to measure what it costs on one deployment).
@@ -206,7 +207,7 @@ class PipelineEngine(LLMEngine):
         if self.has_unfinished():
             raise RuntimeError("replication can only be paused or resumed while no request runs")
         for r in range(self.world):
-            if self.holder_rank(r) is not None:
+            if self.holder_ranks(r):
                 self.channels[r].send(msg)
         self.replication.paused = not on
 
@@ -295,7 +296,8 @@ class PipelineEngine(LLMEngine):
         rc = self._rank_config(rank)
         rep = None
         if self.replication.enabled and rc["role"] != "prompt":
-            rep = ReplicateConfig(dir=self.replication.dir, prefix=cluster_prefix(self.token))
+            rep = ReplicateConfig(dir=self.replication.dir, prefix=cluster_prefix(self.token),
+                                  replicas=self.replication.replicas)
         info = self.worker_info[rank]
         return Config(**self._config, rank=rank, **rc, replicate=rep, epoch=epoch, kv_host=info["addr"],
                       local_rank=info["local_rank"])
@@ -328,10 +330,10 @@ class PipelineEngine(LLMEngine):
         rc = self._rank_config(rank)
         stage = (rank - rc["first_rank"]) // self.tp
         nxt = rank + self.tp if stage < rc["pp"] - 1 else None
-        holder = self.holder_rank(rank)
+        holders = [self.address(h, "replica_port") for h in self.holder_ranks(rank)]
         return Pipes(epoch=self._epoch, prev=rank - self.tp if stage > 0 else None,
                      next=self.address(nxt, "pipe_port") + [nxt] if nxt is not None else None,
-                     holder=self.address(holder, "replica_port") if holder is not None else None)
+                     holders=holders or None)
 
     def _after_ready(self) -> None:
         """Hook for deployments that must introduce workers to each other once all are up."""
