@@ -1,5 +1,6 @@
 """`dejavu bench serve --chaos`: random SIGKILLs and SIGSTOPs of a replicated pp=2 deployment's
-workers under load (a short seeded run); every request completes with the failure-free output."""
+workers under load, and kills inside swap-ins of a swapping one (short seeded runs); every request
+completes with the failure-free output."""
 import json
 
 import pytest
@@ -12,17 +13,16 @@ from dejavu.serving.api import ApiServer
 MODEL = "random:llama-tiny"
 
 
-def test_chaos_loses_nothing_and_stays_exact(tmp_path):
-    llm = LLM(device="cpu", model=MODEL, pp=2, replicate=True, block_size=4, kv_cache_blocks=256, worker_timeout=60)
+def _chaos(tmp_path, llm, trace, *argv):
+    """`bench serve --chaos 6` against `llm` behind the HTTP server; (exit code, its JSON report),
+    checked for what every chaos run must show: faults, recoveries, nothing lost, all exact."""
     srv = ApiServer(llm, MODEL)
     port = srv.start_background()
-    trace = tmp_path / "t.json"
-    trace.write_text(json.dumps([[16, 48]] * 6))
+    (tmp_path / "t.json").write_text(json.dumps(trace))
     out = tmp_path / "c.json"
     try:
-        # seed 3: the first fault comes 0.54 s into the chaos pass, inside the first pass
-        rc = main(["bench", "serve", "--url", f"http://127.0.0.1:{port}", "--trace", str(trace), "--chaos", "6",
-                   "--chaos-interval", "2", "--seed", "3", "--json", str(out), "--disable-tqdm"])
+        rc = main(["bench", "serve", "--url", f"http://127.0.0.1:{port}", "--trace", str(tmp_path / "t.json"),
+                   "--chaos", "6", "--chaos-interval", "2", "--json", str(out), "--disable-tqdm", *argv])
     finally:
         srv.stop()
     r = json.loads(out.read_text())
@@ -31,11 +31,29 @@ def test_chaos_loses_nothing_and_stays_exact(tmp_path):
     assert r["exact"] == r["completed"]
     assert not r["never_replaced"] and not any(alive(f["pid"]) for f in r["faults"])
     assert rc == 0
+    return r
+
+
+def test_chaos_loses_nothing_and_stays_exact(tmp_path):
+    llm = LLM(device="cpu", model=MODEL, pp=2, replicate=True, block_size=4, kv_cache_blocks=256, worker_timeout=60)
+    # seed 3: the first fault comes 0.54 s into the chaos pass, inside the first pass
+    _chaos(tmp_path, llm, [[16, 48]] * 6, "--seed", "3")
+
+
+def test_kills_inside_swap_ins_of_a_swapping_replicated_deployment(tmp_path):
+    """--swap --replicate (2 microbatches over 1 resident region: every step swaps one in) under
+    `swapin` faults: kills aimed inside the workers' swap-in copies. Nothing is lost, all exact."""
+    llm = LLM(device="cpu", model=MODEL, pp=2, replicate=True, swap=True, resident_microbatches=1,
+              microbatch_size=3, block_size=4, kv_cache_blocks=64, worker_timeout=60)
+    r = _chaos(tmp_path, llm, [[16, 40]] * 6, "--chaos-faults", "swapin", "--seed", "5")
+    assert all(f["kind"] == "swapin" for f in r["faults"]), r["faults"]
+    assert any(f["in_copy"] for f in r["faults"]), r["faults"]  # at least one landed inside a copy
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--chaos", "0"], "--chaos must be > 0 seconds"),
     (["--chaos", "5", "--chaos-faults", "kill,reboot"], "--chaos-faults takes"),
+    (["--chaos", "5", "--chaos-faults", ""], "--chaos-faults takes"),
     (["--chaos", "5", "--chaos-interval", "-1"], "--chaos-interval must be > 0"),
 ])
 def test_chaos_bad_flags_are_named(argv, message, capsys):

@@ -22,7 +22,7 @@ EXAMPLES = [
              pipes=True, heartbeat_interval=0.5, swap=m.SwapConfig(resident=2, host_blocks=128),
              replicate=m.ReplicateConfig(dir=None, prefix="dejavu-x-"), kv_transport="auto", shm_prefix="p",
              kv_host="10.0.0.2", local_rank=1, epoch=3),
-    m.Pipes(epoch=2, prev=0, next=["127.0.0.1", 4000, 2], holder=["127.0.0.1", 4001]),
+    m.Pipes(epoch=2, prev=0, next=["127.0.0.1", 4000, 2], holders=[["127.0.0.1", 4001], ["127.0.0.2", 4002]]),
     m.Peers(token_workers=[m.TokenWorker(worker="t0.0", host="127.0.0.1", hostname="h", kv_port=5, ipc=None,
                                          num_blocks=64)],
             transfers=[{"src": "p0.0", "dst": "t0.0", "layers": [0, 2]}]),
@@ -32,7 +32,7 @@ EXAMPLES = [
     m.Prefill(mb=0, id=8, seqs=[dataclasses.replace(SEQ, seed=None, key="r1.8", dst_blocks=[9])]),
     m.Admit(id=9, delivered=["t0.0"], seqs=[m.AdmitSeq(key="r1.8", blocks=[9], ntok=2)]),
     m.Reset(epoch=4, drop_keys=["r1.8"]),
-    m.Restore(holder=["127.0.0.1", 4001], blocks=[3], seqs=[m.RestoreSeq(seq_id=1, blocks=[3], watermark=2)]),
+    m.Restore(holder=["127.0.0.1", 4001], blocks=[3], seqs=[m.RestoreSeq(seq_id=1, blocks=[3], watermark=2)], replica=1),
     m.Rereplicate(id=4, blocks=[3, 4]), m.Replication(on=False, every=2),
     m.Hello(token="k", rank=0, pid=12, host="h"), m.Hello(token="k", standby=True),
     m.Hello(token="k", pid=12, host="h", addr="10.0.0.2", host_id="h/net:4026", local_rank=1, dist_port=29500),
@@ -45,7 +45,7 @@ EXAMPLES = [
              delivered=[], tokens=[3]),
     m.Admitted(rank=1, id=9, bytes=10, seconds=0.1), m.ResetDone(rank=1, epoch=4),
     m.Restored(rank=1, bad=[1], bytes=10, seconds=0.1, error="OSError: gone"),
-    m.Replicated(rank=1, id=7, bytes=100), m.Rereplicated(rank=1, id=4, bytes=100, error="refused"),
+    m.Replicated(rank=1, id=7, bytes=100, holder=1), m.Rereplicated(rank=1, id=4, bytes=100, error="refused"),
     m.SwapStats(rank=1, bytes_in=1, bytes_out=2, wait_s=0.0, step_s=0.1), m.StepFailed(rank=1, id=7, msg="broken"),
 ]
 

@@ -5,7 +5,7 @@ import types
 
 import pytest
 
-from dejavu.cluster.placement import (free_local_rank, holder_ring, local_ranks, pick_standby,
+from dejavu.cluster.placement import (free_local_rank, holder_ring, holder_rings, local_ranks, pick_standby,
                                       worker_identity)
 from dejavu.cluster.replication import Replication
 from dejavu.config import Config, ConfigError
@@ -24,6 +24,20 @@ def test_holders_go_to_another_host_whenever_one_exists():
     given = Replication(True, 2, ring=[1, 0])
     given.place(["a", "a"])
     assert given.ring == [1, 0]  # replicate_to is the operator's choice
+
+
+def test_several_holders_go_to_different_hosts():
+    assert holder_rings(["a", "a", "a"], 2) == [[1, 2, 0], [2, 0, 1]]     # one host: the next two stages
+    # each stage's two holders on the two other hosts, never its own
+    assert holder_rings(["a", "a", "b", "b", "c", "c"], 2) == [[2, 2, 4, 4, 0, 0], [4, 4, 0, 0, 2, 2]]
+    assert holder_rings(["a", "b", "a"], 2, first=[2, 2, 1]) == [[2, 2, 1], [1, 0, 0]]  # replicate_to first
+    with pytest.raises(ValueError, match="at least 3 stages"):
+        holder_rings(["a", "b"], 2)
+    rep = Replication(True, 4, replicas=3)
+    rep.place(["a", "b", "c", "d"])
+    assert rep.holder_ranks(5, {"role": "stage", "first_rank": 0}, 2) == [7, 1, 3]  # stage 2, TP rank 1: stages 3, 0, 1
+    with pytest.raises(ValueError, match="replicas must be"):
+        Replication(True, 2, replicas=2)
 
 
 def test_local_ranks_count_the_workers_of_each_host():

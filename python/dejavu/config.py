@@ -164,6 +164,7 @@ class ReplicationConfig:
     replicate: bool = False          # every token's KV also in another worker's host memory
     replicate_dir: str | None = None  # ... and in files under this directory
     replicate_to: list[int] | None = None  # the holder stage of each stage; None: the next, in a ring
+    replicas: int = 1                # holders per worker (each another stage, on other hosts where they exist)
     recovery: str = "auto"           # auto: respawn for tp 1 (wait with external workers), off for tp > 1
     heartbeat_interval: float = 0.5
     heartbeat_timeout: float = 2.0
@@ -177,6 +178,9 @@ class ReplicationConfig:
             raise ConfigError("heartbeat_timeout", f"must be above heartbeat_interval ({self.heartbeat_interval} s), "
                                                    f"got {self.heartbeat_timeout}")
         check_int("spare_workers", self.spare_workers, 0)
+        check_int("replicas", self.replicas, 1, MAX_DEGREE)
+        if not self.replicate and self.replicas != 1:
+            raise ConfigError("replicas", "needs replicate=True")
         if not self.replicate:
             for name in ("replicate_dir", "replicate_to"):
                 if getattr(self, name):
@@ -267,8 +271,6 @@ class Config:
             if stages < 2:
                 raise ConfigError("replicate", "needs a pipeline of pp >= 2 (or token_stages >= 2): a stage's KV is "
                                                "replicated to another stage's host memory")
-            if sw.swap:
-                raise ConfigError("replicate", "cannot be combined with swap yet")
             if recovery == "off":
                 raise ConfigError("recovery", "replicate needs recovery (respawn, standby or wait), not 'off'")
             ring = rep.replicate_to
@@ -276,6 +278,9 @@ class Config:
                                                                  or h == i for i, h in enumerate(ring))):
                 raise ConfigError("replicate_to", f"must name, for each of the {stages} stages, another stage in "
                                                   f"[0, {stages}); got {ring}")
+            if rep.replicas >= stages:
+                raise ConfigError("replicas", f"each holder is another stage: at most {stages - 1} with {stages} "
+                                              f"stages holding KV, got {rep.replicas}")
         return self
 
 

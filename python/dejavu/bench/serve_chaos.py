@@ -2,10 +2,10 @@
 
 A failure-free pass of the load gives each request's reference output (greedy). Then, for SECONDS,
 the same load runs pass after pass while faults strike the server's workers (same host, pids from
-/v1/cluster) at exponentially distributed gaps (--chaos-interval mean): SIGKILL, or SIGSTOP (a hung
-worker, found by the heartbeat timeout; the controller kills it when it replaces it). The faults'
-moments are random, so they land in prefills, decodes, swaps and recoveries alike; a seed makes
-the schedule repeatable. The report: requests completed and lost, outputs equal to the reference,
+/v1/cluster) at exponentially distributed gaps (--chaos-interval mean): SIGKILL, SIGSTOP (a hung
+worker, found by the heartbeat timeout; the controller kills it when it replaces it), or `swapin`:
+a SIGKILL aimed inside a swap-in (`kill_in_swap_in`). The faults' moments are random, so they land
+in prefills, decodes, swaps and recoveries alike; a seed makes the schedule repeatable. The report: requests completed and lost, outputs equal to the reference,
 faults, recoveries (p50/p99 seconds) and tokens recomputed, from the server's /v1/cluster. A pass
 in which no request completes (the deployment is down) ends the run early.
 """
@@ -21,7 +21,8 @@ from .serve_client import Target, run_load
 from .serve_data import Request
 from .serve_failover import _cluster
 
-FAULTS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
+FAULTS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "swapin": signal.SIGKILL}
+SWAP_IN_WINDOW_S = 10.0  # how long a swapin fault waits for a swap-in to strike in
 
 
 def add_chaos_args(p) -> None:
@@ -30,7 +31,9 @@ def add_chaos_args(p) -> None:
                         "or hung (SIGSTOP) at random moments; outputs are checked against a failure-free pass")
     p.add_argument("--chaos-interval", type=float, default=3.0, metavar="S",
                    help="mean seconds between faults (exponential gaps; default 3)")
-    p.add_argument("--chaos-faults", default="kill,stop", help="fault kinds to draw from: kill, stop (default both)")
+    p.add_argument("--chaos-faults", default="kill,stop",
+                   help="fault kinds to draw from: kill, stop, swapin (a kill inside a swap-in copy of a --swap "
+                        "deployment's CPU workers; default kill,stop)")
 
 
 def parse_faults(spec: str) -> list[str]:
@@ -43,11 +46,54 @@ def parse_faults(spec: str) -> list[str]:
 
 def _state(pid: int) -> str | None:
     """The process state letter from /proc (None: gone)."""
+    return _state_of(f"/proc/{pid}/stat")
+
+
+def _state_of(stat: str) -> str | None:
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(stat) as f:
             return f.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return None
+
+
+def _swap_in_thread(pid: int) -> str | None:
+    """/proc directory of a worker's swap-in thread (CPU workers copy on a thread named swap-in_N), or None."""
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if f.read().startswith("swap-in"):
+                    return f"/proc/{pid}/task/{tid}"
+    except OSError:
+        pass
+    return None
+
+
+def kill_in_swap_in(pid: int, within: float, rng: random.Random) -> bool:
+    """SIGKILL `pid` while its swap-in thread copies: stop the process, look where that thread was
+    (in user space: copying; in a system call: waiting for work), kill it if copying, else let it
+    run on for a moment and look again; after `within` seconds kill it anyway. True: the kill
+    landed inside a copy. (/proc/<tid>/syscall needs ptrace rights: the bench runs where the
+    server does, as its parent or the same user without Yama restrictions.)"""
+    task = _swap_in_thread(pid)
+    deadline = time.monotonic() + within
+    copying = False
+    while task is not None and not copying and time.monotonic() < deadline:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for _ in range(200):  # until the thread has stopped
+                if _state_of(task + "/stat") == "T":
+                    with open(task + "/syscall") as f:
+                        copying = f.read().split()[0] == "-1"
+                    break
+                time.sleep(0.0002)
+        except (OSError, IndexError):
+            task = None
+        if not copying:
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(rng.uniform(0.0, 0.001))
+    os.kill(pid, signal.SIGKILL)
+    return copying
 
 
 class Injector:
@@ -71,12 +117,16 @@ class Injector:
             if not live:
                 continue
             w, kind = self.rng.choice(live), self.rng.choice(self.kinds)
+            fault = {"kind": kind, "worker": w.get("worker"), "pid": int(w["pid"]), "t": now, "at": time.time()}
             try:
-                os.kill(int(w["pid"]), FAULTS[kind])
+                if kind == "swapin":
+                    fault["in_copy"] = await asyncio.to_thread(kill_in_swap_in, fault["pid"], SWAP_IN_WINDOW_S,
+                                                               self.rng)
+                else:
+                    os.kill(fault["pid"], FAULTS[kind])
             except OSError:
                 continue
-            self.faults.append({"kind": kind, "worker": w.get("worker"), "pid": int(w["pid"]), "t": now,
-                                "at": time.time()})
+            self.faults.append(fault)
 
     def leftovers(self) -> list[dict]:
         """Hung workers still stopped (never replaced): killed here so none outlives the bench."""
@@ -147,8 +197,10 @@ def format_chaos(r: dict) -> str:
     for f in r["faults"]:
         kinds[f["kind"]] = kinds.get(f["kind"], 0) + 1
     rs = r["recovery_s"]
+    in_copy = sum(bool(f.get("in_copy")) for f in r["faults"])
     lines = [f"chaos: {r['seconds']:.1f}s, {r['passes']} passes, faults "
-             f"{', '.join(f'{n} {k}' for k, n in sorted(kinds.items())) or 'none'}",
+             f"{', '.join(f'{n} {k}' for k, n in sorted(kinds.items())) or 'none'}"
+             + (f" ({in_copy} inside a swap-in copy)" if "swapin" in kinds else ""),
              f"  requests: {r['completed']}/{r['requests']} completed, {r['lost']} lost; "
              f"{r['exact']}/{r['completed']} outputs equal to the failure-free pass",
              f"  recoveries: {r['recoveries']}" + (f", p50 {rs['p50']:.2f}s, p99 {rs['p99']:.2f}s" if rs["p50"] is not None

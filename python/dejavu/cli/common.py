@@ -65,6 +65,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "from their last replicated token (pipeline or token stages >= 2, tp 1)")
     p.add_argument("--replicate-dir", default=None,
                    help="with --replicate: the replica holders also keep their replicas in files under DIR")
+    p.add_argument("--replicas", type=positive("--replicas"), default=1,
+                   help="with --replicate: holders per worker, each another stage (on other hosts, and on hosts "
+                        "different from each other, where they exist); a worker and all but one of its holders "
+                        "may die together (default 1)")
     p.add_argument("--replicate-to", default=None,
                    help="with --replicate: comma-separated holder stage of each stage (default: the next, in a ring)")
     p.add_argument("--recovery", default="auto", choices=["auto", "respawn", "standby", "wait", "off"],
@@ -128,7 +132,8 @@ def config_from_args(args):
         hostfile=args.hostfile, prompt_stages=args.prompt_stages,
         token_stages=args.token_stages, kv_receive_slots=args.kv_receive_slots, kv_transport=args.kv_transport,
         swap=args.swap, resident_microbatches=args.resident_microbatches, replicate=args.replicate,
-        replicate_dir=args.replicate_dir, replicate_to=_replicate_to(args.replicate_to), recovery=args.recovery,
+        replicate_dir=args.replicate_dir, replicate_to=_replicate_to(args.replicate_to), replicas=args.replicas,
+        recovery=args.recovery,
         heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
         spare_workers=args.spare_workers, cuda_graphs=args.cuda_graphs, admission=args.admission,
         overlap_steps=args.overlap_steps, max_num_seqs=args.max_num_seqs,

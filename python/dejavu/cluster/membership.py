@@ -140,7 +140,8 @@ class Membership:
         rc = c._rank_config(rank)
         rep = None
         if c.replication.enabled and rc["role"] != "prompt":
-            rep = ReplicateConfig(dir=c.replication.dir, prefix=cluster_prefix(self.token))
+            rep = ReplicateConfig(dir=c.replication.dir, prefix=cluster_prefix(self.token),
+                                  replicas=c.replication.replicas)
         info = self.worker_info[rank]
         return Config(**self.common, rank=rank, **rc, replicate=rep, epoch=epoch, kv_host=info["addr"],
                       local_rank=info["local_rank"])
@@ -170,15 +171,15 @@ class Membership:
             self.ipc[msg.rank] = msg.ipc
 
     def pipes_msg(self, rank: int) -> Pipes:
-        """Rank's neighbours in its pipeline (and its replica holder) for the current epoch."""
+        """Rank's neighbours in its pipeline (and its replica holders) for the current epoch."""
         c = self.c
         rc = c._rank_config(rank)
         stage = (rank - rc["first_rank"]) // c.tp
         nxt = rank + c.tp if stage < rc["pp"] - 1 else None
-        holder = c.holder_rank(rank)
+        holders = [self.address(h, "replica_port") for h in c.holder_ranks(rank)]
         return Pipes(epoch=self.epoch, prev=rank - c.tp if stage > 0 else None,
                      next=self.address(nxt, "pipe_port") + [nxt] if nxt is not None else None,
-                     holder=self.address(holder, "replica_port") if holder is not None else None)
+                     holders=holders or None)
 
     # ------------------------------------------------------------------ reading the workers
     def start_reader(self, rank: int, ch) -> None:

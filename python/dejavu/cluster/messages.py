@@ -27,6 +27,7 @@ class SwapConfig:
 class ReplicateConfig:
     dir: str | None    # also keep replicas on this local disk
     prefix: str        # the deployment's file name prefix there
+    replicas: int = 1  # holders per worker (--replicas): one sender each
 
 
 @record
@@ -158,7 +159,7 @@ class Config(Message):
 class Pipes(Message):
     prev: int | None
     next: list[Any] | None       # [host, port, rank] of the next stage
-    holder: list[Any] | None = None  # [host, port] of its replica holder
+    holders: list[list[Any]] | None = None  # [host, port] of each of its replica holders, first to last
 
 
 @message("peers", CONTROLLER)
@@ -200,12 +201,14 @@ class Restore(Message):
     holder: list[Any]            # [host, port]
     blocks: list[int]
     seqs: list[RestoreSeq]
+    replica: int = 0             # which of the worker's holders that is (its mirror's name)
 
 
 @message("rereplicate", CONTROLLER)
 class Rereplicate(Message):
     id: int
     blocks: list[int]
+    replica: int = 0             # the holder (of the worker's, first to last) to re-seed
 
 
 @message("replication", CONTROLLER)
@@ -312,6 +315,7 @@ class Replicated(Message):
     id: int
     bytes: int
     error: str | None = None
+    holder: int = 0              # which of the worker's holders applied it
 
 
 @message("rereplicated", WORKER)
@@ -320,6 +324,7 @@ class Rereplicated(Message):
     id: int
     bytes: int
     error: str | None = None
+    holder: int = 0
 
 
 @message("swapstats", WORKER)

@@ -4,9 +4,9 @@ A worker's HELLO says where it is (`worker_identity`): the address its peers rea
 `--advertise-address`, by default this host's address on the route to the controller; its pipe,
 KV and replica listeners bind it), its host (kvstream.select.host_id: network namespaces count as
 hosts), its local rank when a launcher set one, and a free port for torch.distributed. The
-controller then gives each worker its local rank (which GPU), puts every stage's replica holder on
-another host whenever one exists, and takes a replacement from a standby on a host other than the
-failed worker's when it can.
+controller then gives each worker its local rank (which GPU), puts every stage's replica holders
+(`--replicas`) on other hosts, and on hosts different from each other, whenever they exist, and
+takes a replacement from a standby on a host other than the failed worker's when it can.
 """
 from __future__ import annotations
 
@@ -63,12 +63,26 @@ def free_local_rank(host: str, live: dict[int, tuple[str, int]], given: int | No
 
 def holder_ring(stage_hosts: list[str]) -> list[int]:
     """Each stage's replica holder stage: the next stage in ring order on another host, else the next."""
-    n = len(stage_hosts)
-    ring = []
-    for i in range(n):
-        others = [(i + k) % n for k in range(1, n)]
-        ring.append(next((j for j in others if stage_hosts[j] != stage_hosts[i]), others[0]))
-    return ring
+    return holder_rings(stage_hosts, 1)[0]
+
+
+def holder_rings(stage_hosts: list[str], n: int, first: list[int] | None = None) -> list[list[int]]:
+    """n holder stages per stage (rings[k][i]: stage i's k-th holder), all different and none the
+    stage itself: each the next stage in ring order on a host that neither the stage nor its
+    earlier holders are on, else the next one not chosen yet. `first`: the first holders, given."""
+    s = len(stage_hosts)
+    if not 1 <= n < s:
+        raise ValueError(f"{n} replica holders per stage need at least {n + 1} stages, got {s}")
+    rings: list[list[int]] = [[] for _ in range(n)]
+    for i in range(s):
+        chosen = [first[i]] if first is not None else []
+        while len(chosen) < n:
+            left = [(i + k) % s for k in range(1, s) if (i + k) % s not in chosen]
+            used = {stage_hosts[i]} | {stage_hosts[j] for j in chosen}
+            chosen.append(next((j for j in left if stage_hosts[j] not in used), left[0]))
+        for k in range(n):
+            rings[k].append(chosen[k])
+    return rings
 
 
 def pick_standby(standbys: list, avoid: set[str]) -> int:

@@ -1,7 +1,7 @@
 """Recovery from worker failures: replace the dead workers (a standby, a warm spare or a new
 process, by the policy), reset the survivors, re-form the pipes, restore the replacements' KV from
-their replica holders, and resume every request from its watermark (or from its prompt without
-replication). A replacement that dies while starting is tried again, up to REPLACE_ATTEMPTS times.
+a replica holder that survived (`--replicas` of them per worker), and resume every request from
+its watermark (or from its prompt without replication). A replacement that dies while starting is tried again, up to REPLACE_ATTEMPTS times.
 """
 from __future__ import annotations
 
@@ -230,30 +230,40 @@ class Recovery:
                 f = again
         raise WorkerError(f"recovery failed {REPLACE_ATTEMPTS} times in a row; last: {f.reason}")
 
+    def reseed(self, rank: int, replicas: list[int], blocks: list[int]) -> None:
+        """`rank`'s holders `replicas` were replaced: it re-seeds them (after its own restore, if any).
+        Not waited for: until a new holder is re-seeded its empty slots fail their checksums, so a
+        second failure meanwhile recomputes those requests instead of using a bad replica."""
+        for j in replicas:
+            self.c.channels[rank].send(Rereplicate(id=self.c._epoch, blocks=blocks, replica=j))
+
     def restore_kv(self, dead: set[int]) -> set[int]:
-        """Replacements fetch their stage's KV from its holder; workers whose holder was replaced
-        re-seed it (in the background). Returns the requests that cannot use their replica."""
+        """Replacements fetch their stage's KV from a holder that survived (the first of them; with
+        --replicate-dir, else the first holder's replacement, which reopens its files); holders that
+        were replaced are re-seeded (in the background). Returns the requests that cannot use their
+        replica."""
         c = self.c
         seqs = c._token_side()
         blocks = sorted({b for s in seqs for b in s.block_table})
         bad: set[int] = set()
         waiting: dict[tuple[str, int], bool] = {}
         for r in sorted(dead):
-            holder = c.holder_rank(r)
-            if holder is None:
+            holders = c.holder_ranks(r)
+            if not holders:
                 continue
-            if holder in dead and not c.replication.dir:
-                bad.update(s.seq_id for s in seqs)  # the replica died with its holder
+            k = next((k for k, h in enumerate(holders) if h not in dead), None)
+            if k is None and not c.replication.dir:
+                bad.update(s.seq_id for s in seqs)  # every replica died with its holders: recomputed (and re-sent)
                 continue
-            c.channels[r].send(Restore(holder=c.address(holder, "replica_port"), blocks=blocks,
-                                          seqs=[RestoreSeq(seq_id=s.seq_id, blocks=s.block_table,
-                                                           watermark=c.replication.watermark_of(s)) for s in seqs]))
+            k = k or 0
+            c.channels[r].send(Restore(holder=c.address(holders[k], "replica_port"), blocks=blocks, replica=k,
+                                       seqs=[RestoreSeq(seq_id=s.seq_id, blocks=s.block_table,
+                                                        watermark=c.replication.watermark_of(s)) for s in seqs]))
             waiting[("restored", r)] = True
+            self.reseed(r, [j for j, h in enumerate(holders) if h in dead and j != k], blocks)
         for r in range(c.world):
-            if r not in dead and c.holder_rank(r) in dead:
-                # Not waited for: until the new holder is re-seeded its empty slots fail their checksums,
-                # so a second failure meanwhile recomputes those requests instead of using a bad replica.
-                c.channels[r].send(Rereplicate(id=c._epoch, blocks=blocks))
+            if r not in dead:
+                self.reseed(r, [j for j, h in enumerate(c.holder_ranks(r)) if h in dead], blocks)
         deadline = time.monotonic() + c.timeout
         while waiting:
             msg = c._next_message(deadline, "restoring KV from replicas")

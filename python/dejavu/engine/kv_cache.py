@@ -20,6 +20,15 @@ class PagedKVCache:
                                   dtype=dtype, device=device)
         self.allocator = BlockAllocator(num_blocks)
 
+    @classmethod
+    def over(cls, tensor: torch.Tensor) -> PagedKVCache:
+        """A cache object over an existing tensor of this layout (a swap host copy), not a new one."""
+        c = cls.__new__(cls)
+        c.num_layers, c.num_blocks, _, c.block_size, c.num_kv_heads, c.head_dim = tensor.shape
+        c.dtype, c.device, c.tensor = tensor.dtype, tensor.device, tensor
+        c.allocator = BlockAllocator(c.num_blocks)
+        return c
+
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
                         dtype: torch.dtype) -> int:

@@ -35,6 +35,16 @@ import torch
 from .. import _C
 
 
+def _os_thread_name(name: str) -> None:
+    """Name the calling thread for the OS too (top -H, /proc/<pid>/task/<tid>/comm: bench serve --chaos
+    finds the swap-in thread by it)."""
+    try:
+        with open("/proc/thread-self/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass
+
+
 class SwapError(RuntimeError):
     pass
 
@@ -79,7 +89,7 @@ class SwapCache:
         self.host = torch.zeros(shape, dtype=device_tensor.dtype, pin_memory=self.device.type == "cuda")
         self.regions = [_Region(i, range(i * self.region_blocks, (i + 1) * self.region_blocks)) for i in range(resident)]
         self.lock = threading.Lock()
-        self.copier = ThreadPoolExecutor(1, thread_name_prefix="swap-in")
+        self.copier = ThreadPoolExecutor(1, thread_name_prefix="swap-in", initializer=_os_thread_name, initargs=("swap-in",))
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.in_use: _Region | None = None
         self.queued: list[tuple[int, list[int]]] = []  # (mb, live) of steps arrived and not started, in order

@@ -56,7 +56,8 @@ class PipelineEngine(LLMEngine):
                  hostfile: str | None = None, log_dir: str | None = None, swap: bool = False,
                  resident_microbatches: int = 2, replicate: bool = False, replicate_dir: str | None = None,
                  replicate_to: list[int] | None = None, recovery: str = "auto", heartbeat_interval: float = 0.5,
-                 heartbeat_timeout: float = 2.0, spare_workers: int = 1, cluster_address: str | None = None):
+                 heartbeat_timeout: float = 2.0, spare_workers: int = 1, cluster_address: str | None = None,
+                 replicas: int = 1):
         cfg = self.model_config = source.config
         self.model = None
         self.tokenizer, self.config, self.device, self.dtype = tokenizer, config, device, dtype
@@ -80,7 +81,7 @@ class PipelineEngine(LLMEngine):
         self.prefix_salt = (prefix_salt(model_identity(source, seed), dtype, 0, cfg.num_layers)
                             if config.enable_prefix_caching and not swap else None)
         self._plan(cfg, pp, layer_split, microbatch_size)
-        self._setup_fault_tolerance(launcher, replicate, replicate_dir, replicate_to, recovery, spare_workers)
+        self._setup_fault_tolerance(launcher, replicate, replicate_dir, replicate_to, recovery, spare_workers, replicas)
         self.dispatch = Dispatch(self, len(self.slots))
         self.members = Membership(self, cluster_address, heartbeat_interval, heartbeat_timeout)
         self._share_members()
@@ -151,12 +152,12 @@ class PipelineEngine(LLMEngine):
         return rc
 
     def _setup_fault_tolerance(self, launcher, replicate, replicate_dir, replicate_to, recovery,
-                               spare_workers: int = 1) -> None:
+                               spare_workers: int = 1, replicas: int = 1) -> None:
         policy = recovery_policy(recovery, self.tp, launcher, replicate)
         self.ft = policy != "off"
         self.recovery = Recovery(self, policy, spare_workers)
         # the stages that hold decode KV: the pipeline, or the token pipeline
-        self.replication = Replication(replicate, self.pp, replicate_to, replicate_dir)
+        self.replication = Replication(replicate, self.pp, replicate_to, replicate_dir, replicas)
         self._epoch_step = 0
 
     @property
@@ -164,9 +165,9 @@ class PipelineEngine(LLMEngine):
         """The worker processes this controller started (none for external workers)."""
         return self.launcher.procs
 
-    def holder_rank(self, rank: int) -> int | None:
-        """The rank holding `rank`'s replica, or None."""
-        return self.replication.holder_rank(rank, self._rank_config(rank), self.tp)
+    def holder_ranks(self, rank: int) -> list[int]:
+        """The ranks holding `rank`'s replicas, first to last (none without replication)."""
+        return self.replication.holder_ranks(rank, self._rank_config(rank), self.tp)
 
     def set_replication(self, on: bool, every: int = 1) -> None:
         """Pause or resume replication between requests (to measure what it costs on one deployment).
@@ -177,7 +178,7 @@ class PipelineEngine(LLMEngine):
         if self.has_unfinished():
             raise RuntimeError("replication can only be paused or resumed while no request runs")
         for r in range(self.world):
-            if self.holder_rank(r) is not None:
+            if self.holder_ranks(r):
                 self.channels[r].send(msg)
         self.replication.paused = not on
 

@@ -41,12 +41,15 @@ class Replicator:
     ACK_LINGER_S = 0.01  # acknowledgements are forwarded in batches gathered over this long
     LAG_S = 0.002        # the longest a step's slots wait for the next step before they are gathered
 
-    def __init__(self, worker, src: str):
-        self.w, self.src = worker, src
-        cache = worker.cache
+    def __init__(self, worker, src: str, holder: int = 0, cache=None, ring: bool = True):
+        """`holder`: which of the worker's holders this one sends to (its acknowledgements say so);
+        `cache`: what is replicated (default the worker's cache; with swapping its host copy);
+        `ring`: tap decode steps through a ring (one sender of a worker may)."""
+        self.w, self.src, self.holder = worker, src, holder
+        cache = cache if cache is not None else worker.cache
         self.paused = False  # PipelineEngine.set_replication (between requests only)
         self._every = 1
-        dev = worker.device
+        dev = cache.tensor.device
         self._cuda = dev.type == "cuda"
         self._device_index = (dev.index if dev.index is not None else torch.cuda.current_device()) if self._cuda else -1
         self.native = _C.ReplicaSender(cache.layout(), cache.tensor.data_ptr(), self._device_index,
@@ -57,7 +60,7 @@ class Replicator:
         # then runs beside that step's compute, not at the step boundary where the sampled tokens
         # are read back. DEJAVU_REPLICA_LAG_S=0 gathers at once (bench decode --replicate compares).
         self.native.set_lag(float(os.environ.get("DEJAVU_REPLICA_LAG_S", self.LAG_S)))
-        self.ring = self._make_ring(cache)
+        self.ring = self._make_ring(cache) if ring else None
         self._staged = False  # a ring reservation awaits this step's after_step
         self._forwarded = 0
         self._closed = False
@@ -180,8 +183,70 @@ class Replicator:
                 self._cond.notify_all()
 
     def _ack(self, kind: str, tag: int, nbytes: int, error: str | None = None) -> None:
-        msg = KINDS[kind](rank=self.w.rank, id=tag, bytes=nbytes, error=error)  # replicated / rereplicated
+        msg = KINDS[kind](rank=self.w.rank, id=tag, bytes=nbytes, error=error, holder=self.holder)  # (re)replicated
         try:
             self.w.ch.send(msg)
         except OSError:
             pass  # the controller is gone; the main loop exits on its own
+
+
+def replica_src(worker_name: str, holder: int) -> str:
+    """The name of a worker's mirror at its `holder`-th holder (distinct, as holders may share a
+    replica directory)."""
+    return worker_name if holder == 0 else f"{worker_name}.r{holder}"
+
+
+class Replicators:
+    """A worker's senders, one per replica holder (`--replicas`), behind one sender's interface:
+    every step's slots go to each holder; only the first sender taps decode steps through a ring
+    (the others gather)."""
+
+    def __init__(self, senders: list[Replicator]):
+        self.all, self.first = senders, senders[0]
+
+    @property
+    def ring(self):
+        return self.first.ring
+
+    @property
+    def paused(self) -> bool:
+        return self.first.paused
+
+    @paused.setter
+    def paused(self, v: bool) -> None:
+        for r in self.all:
+            r.paused = v
+
+    @property
+    def every(self) -> int:
+        return self.first.every
+
+    @every.setter
+    def every(self, n: int) -> None:
+        for r in self.all:
+            r.every = n
+
+    @property
+    def bytes(self) -> int:
+        return sum(r.bytes for r in self.all)
+
+    def stage(self, blocks, slots) -> int:
+        return self.first.stage(blocks, slots)
+
+    def cancel_staged(self) -> None:
+        self.first.cancel_staged()
+
+    def after_step(self, step_id: int, written) -> None:
+        for r in self.all:
+            r.after_step(step_id, written)
+
+    def set_holders(self, addrs: list) -> None:
+        for r, addr in zip(self.all, addrs):
+            r.set_holder(addr)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        return all([r.drain(timeout) for r in self.all])
+
+    def close(self) -> None:
+        for r in self.all:
+            r.close()

@@ -1,6 +1,10 @@
 """The replica role (`--replicate`): hold the replicas of other workers (ReplicaServer), send this
-worker's own KV to its holder (Replicator, the stage's KV tap), and restore a replacement worker's
-cache from its holder."""
+worker's own KV to each of its holders (serving/replication.py Replicators; the first one is the
+stage's KV tap), and restore a replacement worker's cache from one of its holders.
+
+With swapping the replicated cache is the host copy, at the controller's logical block ids: every
+step's new tokens are written back there, so it always holds the resident and the swapped-out
+microbatches alike, and a replacement restores into it (regions then fill from it as usual)."""
 from __future__ import annotations
 
 import time
@@ -12,13 +16,18 @@ from ..messages import Restored
 
 class ReplicaRole:
     def __init__(self, stage):
+        from ...engine.kv_cache import PagedKVCache
         from ...kvstream.replica import ReplicaServer
-        from ...serving.replication import Replicator
+        from ...serving.replication import Replicator, Replicators, replica_src
 
         cfg = stage.cfg
         self.stage, self.cfg = stage, cfg
         self.server = ReplicaServer(cfg.kv_token, cfg.kv_host, cfg.replicate.dir, prefix=cfg.replicate.prefix)
-        self.replicator = stage.replicator = Replicator(stage, cfg.worker_name)
+        swap = stage.swap
+        self.cache = PagedKVCache.over(swap.host) if swap is not None else stage.cache
+        self.replicator = stage.replicator = Replicators([
+            Replicator(stage, replica_src(cfg.worker_name, k), holder=k, cache=self.cache, ring=k == 0 and swap is None)
+            for k in range(cfg.replicate.replicas)])
 
     def handlers(self) -> dict:
         return {"restore": self.restore, "rereplicate": self.rereplicate, "replication": self.set_replication}
@@ -31,8 +40,10 @@ class ReplicaRole:
         """A replacement worker: fetch this stage's KV from the replica holder into the cache. A
         slot below a request's watermark whose checksum fails marks the request bad (recomputed)."""
         from ...kvstream.replica import ReplicaClient, ReplicaError, block_checksums, mac_key
+        from ...serving.replication import replica_src
 
-        cache, cfg = self.stage.cache, self.cfg
+        cache, cfg = self.cache, self.cfg
+        src = replica_src(cfg.worker_name, msg.replica)
         t0 = time.perf_counter()
         blocks = msg.blocks
         bad, nbytes, error = [], 0, None
@@ -40,13 +51,13 @@ class ReplicaRole:
             if blocks:
                 client = ReplicaClient(msg.holder[0], int(msg.holder[1]), cfg.kv_token, timeout=cfg.timeout)
                 try:
-                    data, chk = client.get_blocks(cfg.worker_name, blocks)
+                    data, chk = client.get_blocks(src, blocks)
                 finally:
                     client.close()
                 shape = (cache.num_layers, len(blocks)) + tuple(cache.tensor.shape[2:])
                 x = data.view(cache.dtype).view(shape)
                 # Replicas kept on disk carry MACs (replica.py): verified with the key, never trusted as they are.
-                key = mac_key(cfg.kv_token, cfg.worker_name) if cfg.replicate.dir else None
+                key = mac_key(cfg.kv_token, src) if cfg.replicate.dir else None
                 good = block_checksums(x, blocks, key) == chk.view(len(blocks), -1)
                 # Never let a corrupted slot into the cache (garbage such as NaN would leak through masked
                 # attention); those of live requests are recomputed anyway.
@@ -58,8 +69,10 @@ class ReplicaRole:
                 for r in msg.seqs:
                     if not all(ok[at[r.blocks[p // bs]]][p % bs] for p in range(r.watermark)):
                         bad.append(r.seq_id)
-                idx = torch.as_tensor(blocks, dtype=torch.long, device=self.stage.device)
-                cache.tensor.index_copy_(1, idx, x.to(self.stage.device))
+                if self.stage.swap is not None:
+                    self.stage.swap.host_write(blocks)  # no region keeps an older device copy of them
+                idx = torch.as_tensor(blocks, dtype=torch.long, device=cache.tensor.device)
+                cache.tensor.index_copy_(1, idx, x.to(cache.tensor.device))
                 nbytes = data.numel()
         except (OSError, ReplicaError) as e:
             error = f"{type(e).__name__}: {e}"
@@ -75,8 +88,8 @@ class ReplicaRole:
         self.replicator.every = max(1, msg.every)
 
     def rereplicate(self, msg) -> None:
-        """Our holder was replaced: re-seed it with every live block."""
-        self.replicator.send_blocks(msg.id, msg.blocks)
+        """One of our holders was replaced: re-seed it with every live block."""
+        self.replicator.all[msg.replica].send_blocks(msg.id, msg.blocks)
 
     def after_admit(self, step_id: int, seqs) -> None:
         """Prompt KV just admitted by the token role goes to the holder as well (positions [0, ntok))."""

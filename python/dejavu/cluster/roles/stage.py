@@ -148,6 +148,7 @@ class StageRole:
     def step(self, msg) -> None:
         mapping = touched = None
         t0 = time.perf_counter()
+        written = [(s.blocks, s.start, s.start + len(s.ids)) for s in msg.seqs]  # logical blocks
         if self.swap is not None:
             # Logical (host) blocks -> this microbatch's device blocks; remember what the new tokens touch.
             mapping = self.swap.acquire(msg.mb, msg.live)
@@ -162,9 +163,8 @@ class StageRole:
                 reply = Tokens(mb=msg.mb, id=msg.id, **self.sample(msg, h), step_s=self._decode_step_s)
                 self._decode_step_s = None
                 self.ch.send(reply)
-            if self.replicator is not None:  # the token slots this step wrote leave for the replica holder
-                self.replicator.after_step(msg.id, [(s.blocks, s.start, s.start + len(s.ids))
-                                                       for s in msg.seqs])
+            if self.replicator is not None and self.swap is None:  # the slots it wrote leave for the holders
+                self.replicator.after_step(msg.id, written)
             if h is not None and not msg.prefill:
                 # This stage's decode step, from its inputs at hand to the replication enqueued (the
                 # sampling synchronised with the device): /metrics and bench replication overhead. It
@@ -178,6 +178,11 @@ class StageRole:
             if self.swap is not None:
                 self.swap.write_back(mapping, touched)  # incremental swap-out: only the new tokens' blocks
                 self._swap_report(time.perf_counter() - t0)
+        if self.swap is not None and self.replicator is not None:
+            # Swapping replicates the host copy (replica.py): from there once the write-back landed.
+            if self.swap.stream is not None:
+                self.swap.stream.synchronize()
+            self.replicator.after_step(msg.id, written)
 
     def _swap_report(self, step_s: float) -> None:
         """Every 16 steps: swap counters to the controller (/metrics), and a warning when waiting
@@ -220,8 +225,8 @@ class StageRole:
         """Neighbours (and replica holder) of a new epoch: connections are made on first use."""
         if self.pipes is not None:
             self.pipes.configure(msg.epoch, msg.prev, msg.next)
-        if self.replicator is not None and msg.holder:
-            self.replicator.set_holder(msg.holder)
+        if self.replicator is not None and msg.holders:
+            self.replicator.set_holders(msg.holders)
 
     def close(self) -> None:
         if self.swap is not None:
