@@ -208,6 +208,8 @@ class PipelineEngine(LLMEngine):
         for r in range(self.world):
             if self.holder_rank(r) is not None:
                 self.channels[r].send(msg)
+        if on and self.replication.paused:
+            self.allocator.reset_prefix_cache()  # blocks computed while paused have no replica to share
         self.replication.paused = not on
 
     def _blocks_for(self, cfg, layers, num_blocks: int, memory: int) -> int:
