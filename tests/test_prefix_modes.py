@@ -9,7 +9,7 @@ import time
 
 from conftest import alive
 from dejavu import LLM, SamplingParams
-from dejavu.engine.block_manager import block_hashes, root_hash
+from dejavu.engine.block_manager import block_hashes, blocks_for, root_hash
 
 MODEL = "random:llama-tiny"
 BS = 4
@@ -101,3 +101,41 @@ def test_resuming_replication_forgets_blocks_computed_while_paused():
         assert len(eng.allocator.lookup(names)) == 3
         eng.set_replication(True)
         assert eng.allocator.lookup(names) == []
+
+
+def test_disaggregated_prompt_side_skips_its_cached_prefix_and_sends_only_missing_blocks():
+    """prompt_stages=1, token_stages=2: the prefill starts after the prompt side's hits, and the token
+    side receives only the blocks it lacks; tokens equal a single process without caching."""
+    prompts, params = _workload(seed=9)
+    ref = _reference(prompts, params)
+    with LLM(model=MODEL, device="cpu", prompt_stages=1, token_stages=2, block_size=BS, kv_cache_blocks=96,
+             worker_timeout=60, enable_prefix_caching=True) as llm:
+        eng = llm.engine
+        assert [llm.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)] == ref
+        # every later prompt hits the system prompt's three blocks on both sides ...
+        want = 3 * BS * (len(prompts) - 1)
+        assert eng.prompt_alloc.stats.device_hit_tokens >= want and eng.allocator.stats.device_hit_tokens >= want
+        # ... and the token side receives only the blocks after them
+        sent = [st["bytes"] for st in eng.transfer_stats]
+        per_block = sent[0] // blocks_for(len(prompts[0]), BS)
+        assert sent[1:] == [(blocks_for(len(p), BS) - 3) * per_block for p in prompts[1:]]
+        # all at once (racing for the same blocks) from a warm cache
+        assert [o.token_ids for o in llm.generate(prompts, params)] == ref
+        assert eng.allocator.num_used == 0 and eng.prompt_alloc.num_used == 0
+
+
+def test_swapping_pipeline_shares_blocks_within_a_microbatch():
+    """pp=2 --swap, one resident microbatch: each microbatch slot names its own logical blocks (kept
+    current in the workers' host copies), so a hit is swapped in like any live block, once."""
+    prompts, params = _workload(seed=10)
+    ref = _reference(prompts, params)
+    with LLM(model=MODEL, device="cpu", pp=2, swap=True, resident_microbatches=1, microbatch_size=2, block_size=BS,
+             kv_cache_blocks=24, worker_timeout=60, enable_prefix_caching=True) as llm:
+        eng = llm.engine
+        for _ in range(2):
+            assert [llm.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)] == ref
+            assert [o.token_ids for o in llm.generate(prompts, params)] == ref
+        allocs = [s.allocator for s in eng.slots]
+        assert len({id(a) for a in allocs}) == 2
+        assert sum(a.stats.device_hit_tokens for a in allocs) >= 3 * BS * len(prompts)
+        assert all(a.num_used == 0 for a in allocs)

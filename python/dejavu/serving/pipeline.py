@@ -113,7 +113,7 @@ class PipelineEngine(LLMEngine):
             raise ValueError(f"resident_microbatches must be >= 1, got {resident_microbatches}")
         # prefix caching: blocks named here once for every stage (each caches its own layers' K/V)
         self.prefix_salt = (prefix_salt(model_identity(source, seed), dtype, 0, cfg.num_layers)
-                            if config.enable_prefix_caching and not swap else None)
+                            if config.enable_prefix_caching else None)
         self._plan(cfg, pp, layer_split, microbatch_size)
         self._setup_fault_tolerance(launcher, replicate, replicate_dir, replicate_to, recovery, heartbeat_interval,
                                     heartbeat_timeout, spare_workers)
@@ -209,8 +209,13 @@ class PipelineEngine(LLMEngine):
             if self.holder_rank(r) is not None:
                 self.channels[r].send(msg)
         if on and self.replication.paused:
-            self.allocator.reset_prefix_cache()  # blocks computed while paused have no replica to share
+            self.reset_prefix_cache()  # blocks computed while paused have no replica to share
         self.replication.paused = not on
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every block name (a worker was replaced, or blocks have no replica)."""
+        for a in {id(s.allocator): s.allocator for s in self.slots}.values():  # each slot's own when swapping
+            a.reset_prefix_cache()
 
     def _blocks_for(self, cfg, layers, num_blocks: int, memory: int) -> int:
         deepest = max(b - a for a, b in layers)
@@ -588,7 +593,8 @@ class PipelineEngine(LLMEngine):
             self._busy.add(s.seq_id)
         self.replication.expect(self._step_id, self._step_ranks(), [(s, len(s)) for s in seqs])
         # with swapping, every block the microbatch holds now: workers keep exactly these resident
-        live = [b for s in self.slots[slot].running for b in s.block_table] if self.swap else None
+        # (a block shared by several of its requests once: it is swapped once)
+        live = list(dict.fromkeys(b for s in self.slots[slot].running for b in s.block_table)) if self.swap else None
         msg = Step(mb=slot, id=self._step_id, prefill=is_prefill, seqs=items, live=live)
         self.inflight[slot] = (self._step_id, seqs, time.monotonic())  # before sending: a failed send loses it
         self._send_to(self._step_ranks(), msg)
