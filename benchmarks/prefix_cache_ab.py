@@ -13,6 +13,7 @@
    copy of the same bytes from a pinned host buffer into device memory. On CPU both are host copies.
 
     python3 benchmarks/prefix_cache_ab.py --model random:llama-tiny --device cpu
+    python3 benchmarks/prefix_cache_ab.py --workloads none --skip-restore --repeat 4  # the cost alone
     python3 benchmarks/prefix_cache_ab.py --model random:opt-1.3b --device cuda --dtype float16 \\
         --prefix-len 2000 --requests 64 --restore-blocks 256
 """
@@ -152,6 +153,8 @@ def main() -> None:
     ap.add_argument("--restore-blocks", type=int, default=256)
     ap.add_argument("--restore-repeat", type=int, default=7)
     ap.add_argument("--skip-serve", action="store_true", help="only the restore microbenchmark")
+    ap.add_argument("--workloads", default="shared,none", help="serving workloads to run (shared, none)")
+    ap.add_argument("--skip-restore", action="store_true", help="no restore microbenchmark")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -165,10 +168,12 @@ def main() -> None:
               f"{args.prefix_len}+{args.suffix_len} prompt tokens, {args.output_len} output, rate {args.rate}/s, "
               f"concurrency {args.concurrency}", flush=True)
         one_pass(args, none[:2], False)  # warm-up (first-use costs of torch and the server), not reported
-        result["shared"] = ab(args, "shared", shared)
-        result["none"] = ab(args, "none", none)
-    print("host-tier restore:", flush=True)
-    result["restore"] = restore_bench(args)
+        for name, reqs in (("shared", shared), ("none", none)):
+            if name in args.workloads.split(","):
+                result[name] = ab(args, name, reqs)
+    if not args.skip_restore:
+        print("host-tier restore:", flush=True)
+        result["restore"] = restore_bench(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -176,13 +176,6 @@ def test_pipeline_stages_skip_the_cached_prefix():
         assert llm.engine.allocator.num_used == 0
 
 
-@pytest.mark.parametrize("kw", [dict(prompt_stages=1, token_stages=1), dict(pp=2, swap=True),
-                                dict(pp=2, replicate=True)])
-def test_modes_without_prefix_caching_refuse_it(kw):
-    with pytest.raises(ValueError, match="enable_prefix_caching"):
-        LLM(model="random:llama-tiny", device="cpu", enable_prefix_caching=True, **kw)
-
-
 def test_cli_flags_in_vllm_spelling():
     from dejavu.cli import build_parser
     from dejavu.cli.prefix_cache import prefix_cache_kwargs

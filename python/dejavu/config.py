@@ -247,11 +247,6 @@ class Config:
             raise ConfigError("admission", "'reserve' is not yet available with prompt_stages/token_stages "
                                            "(disaggregation admits by prompt length)")
         eng = self.engine
-        if eng.enable_prefix_caching and dis.enabled:
-            raise ConfigError("enable_prefix_caching", "is not yet available with prompt_stages/token_stages "
-                                                       "(disaggregation); use --no-enable-prefix-caching there")
-        if eng.enable_prefix_caching and (sw.swap or rep.replicate):
-            raise ConfigError("enable_prefix_caching", "cannot be combined with swap or replicate yet")
         if (eng.kv_offload_gib or eng.kv_offload_dir) and self.distributed:
             raise ConfigError("kv_offload_gib", "the host and disk tiers are not yet available with "
                                                 "pp/tp/disaggregation (single process only)")

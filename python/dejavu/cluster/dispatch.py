@@ -65,7 +65,8 @@ class Dispatch:
             self.busy.add(s.seq_id)
         c.replication.expect(step_id, c._step_ranks(), [(s, len(s)) for s in seqs])
         # with swapping, every block the microbatch holds now: workers keep exactly these resident
-        live = [b for s in c.slots[slot].running for b in s.block_table] if c.swap else None
+        # (a block shared by several of its requests once: it is swapped once)
+        live = list(dict.fromkeys(b for s in c.slots[slot].running for b in s.block_table)) if c.swap else None
         msg = Step(mb=slot, id=step_id, prefill=is_prefill, seqs=items, live=live)
         self.inflight[slot] = (step_id, seqs, time.monotonic())  # before sending: a failed send loses it
         self.send_to(c._step_ranks(), msg)

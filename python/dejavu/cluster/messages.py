@@ -84,7 +84,7 @@ class StepSeq:
     seed: int | None
     banned: list[int]
     key: str | None = None                # prefill (disaggregation): the KV stream's key
-    dst_blocks: list[int] | None = None   # prefill: the token side's blocks for the request
+    dst_blocks: list[int] | None = None   # prefill: token-side blocks for the last len(dst_blocks) blocks
     x: SampleExtra | None = None          # penalties, min_p, logit_bias, logprobs
 
 
@@ -92,7 +92,7 @@ class StepSeq:
 class AdmitSeq:
     key: str
     blocks: list[int]
-    ntok: int          # tokens whose KV arrived
+    ntok: int          # tokens whose KV arrived (positions from the first of `blocks`)
 
 
 @record

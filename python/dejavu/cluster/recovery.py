@@ -146,7 +146,7 @@ class Recovery:
                  "detect_s": t0 - max(heard) if heard else 0.0}
         log.warning("recovering: %s", reason)
         drop = c._abandon_inflight()
-        c.allocator.reset_prefix_cache()  # a replaced worker's cached blocks are gone
+        c.reset_prefix_cache()  # a replaced worker's cached blocks are gone
         c._epoch += 1
         c._epoch_step = c._step_id
         resetting = set()

@@ -112,7 +112,7 @@ class Scheduler:
         self.running.extend(scheduled)
         return scheduled, False
 
-    def _names(self, seq: Sequence, full: int) -> list[bytes]:
+    def names(self, seq: Sequence, full: int) -> list[bytes]:
         """Names of `seq`'s first `full` blocks (computed once per sequence and block)."""
         have = len(seq.block_names)
         if have < full:
@@ -125,7 +125,7 @@ class Scheduler:
         that a lower tier holds. Never the block of the last token: it is computed for its logits."""
         if self.root is None or seq.params.prompt_logprobs is not None:  # (those need every prompt row)
             return [], []
-        names = self._names(seq, (len(seq) - 1) // self.block_size)
+        names = self.names(seq, (len(seq) - 1) // self.block_size)
         hits = self.allocator.lookup(names)
         lower = names[len(hits):len(hits) + self.tiers.lookup(names[len(hits):])] if self.tiers else []
         return hits, lower
@@ -136,7 +136,7 @@ class Scheduler:
             return
         full = min(seq.num_cached, len(seq)) // self.block_size
         if full > seq.num_named:
-            names = self._names(seq, full)
+            names = self.names(seq, full)
             for i in range(seq.num_named, full):
                 self.allocator.register(seq.block_table[i], names[i])
             seq.num_named = full

@@ -33,6 +33,7 @@ from ..engine.scheduler import Scheduler
 from ..engine.sequence import Sequence, Status
 from ..kvstream.routing import WorkerLayout, plan, split_layers
 from ..parallel.auth import cluster_tag
+from .disagg_prefix import DisaggPrefix
 from .pipeline import PipelineEngine, check_split
 
 
@@ -68,8 +69,10 @@ class DisaggEngine(PipelineEngine):
         self.token_waiting: deque[Sequence] = deque()   # preempted on the token side
         self.mb = microbatch_size or self.config.max_num_seqs
         self.slots = [Scheduler(a, self.block_size, self.mb, self.config.max_num_batched_tokens,
-                                self.token_waiting) for a in self._slot_allocators(dt)]
+                                self.token_waiting, prefix_salt=self.prefix_salt) for a in self._slot_allocators(dt)]
         self.scheduler = self.slots[0]
+        self.prefix = DisaggPrefix(self.scheduler.names if self.prefix_salt else None, self.block_size,
+                                   self.prompt_alloc)
         self.prompt_inflight: list[dict | None] = [None] * dp
         self.admitting: dict[int, dict] = {}
         self.ready: deque[Sequence] = deque()           # admitted, waiting for room in a token microbatch
@@ -175,18 +178,17 @@ class DisaggEngine(PipelineEngine):
         batch, tokens = [], 0
         while self.waiting and len(batch) < self.mb and self.in_transfer + len(batch) < self.receive_slots:
             seq = self.waiting[0]
-            n = len(seq)
-            need = blocks_for(n, self.block_size)
+            n = len(seq) - len(self.prefix.hits(seq, self.allocator)[0]) * self.block_size  # tokens to compute
+            need = blocks_for(len(seq), self.block_size)
             if batch and tokens + n > self.config.max_num_batched_tokens:
                 break
             slot = self._token_slot_for(need, batch) if self.swap else None
-            if not (self.prompt_alloc.can_allocate(need) and (self.allocator.can_allocate(need) if slot is None
-                                                               else slot >= 0)):
+            if slot == -1:
+                break
+            seq.token_slot = slot
+            if not self.prefix.take(seq, self._token_alloc(seq)):  # both sides' blocks (hits shared)
                 break
             self.waiting.popleft()
-            seq.prompt_blocks = self.prompt_alloc.allocate(need)
-            seq.token_slot = slot
-            seq.block_table = self._token_alloc(seq).allocate(need)
             seq.status = Status.RUNNING
             batch.append(seq)
             tokens += n
@@ -213,8 +215,8 @@ class DisaggEngine(PipelineEngine):
         step_id = self.dispatch.next_id()
         items = []
         for s in seqs:
-            items.append(self.dispatch.step_item(s, 0, s.prompt_blocks, key=f"r{s.seq_id}.{step_id}",
-                                                 dst_blocks=s.block_table))
+            items.append(self.dispatch.step_item(s, s.num_cached, s.prompt_blocks, key=f"r{s.seq_id}.{step_id}",
+                                                 dst_blocks=self.prefix.sent(s)))
             self.dispatch.busy.add(s.seq_id)
         msg = Prefill(mb=slot, id=step_id, seqs=items)
         self.in_transfer += len(seqs)
@@ -245,8 +247,7 @@ class DisaggEngine(PipelineEngine):
                                     "exposed_s": max(m.exposed_s for m in st["stats"]),
                                     "raw_s": max(m.raw_s for m in st["stats"])})
         for s in seqs:
-            self.prompt_alloc.free(s.prompt_blocks)
-            s.prompt_blocks = []
+            self.prefix.release_prompt(s, len(s))
             s.num_cached = len(s)  # the prompt's KV now exists (on its way to the token side)
         self._append_tokens(seqs, st["tokens"])
         live = []
@@ -259,7 +260,8 @@ class DisaggEngine(PipelineEngine):
         if live:
             step_id = self.dispatch.next_id()
             admit = Admit(id=step_id, delivered=sorted(st.get("delivered", ())),
-                          seqs=[AdmitSeq(key=k, blocks=s.block_table, ntok=len(s) - 1) for s, k in live])
+                          seqs=[AdmitSeq(key=k, blocks=self.prefix.sent(s),
+                                          ntok=len(s) - 1 - s.num_named * self.block_size) for s, k in live])
             self.replication.expect(step_id, range(self.token_first, self.world),
                                      [(s, len(s) - 1) for s, _ in live])
             self.admitting[step_id] = {"seqs": [s for s, _ in live],
@@ -337,6 +339,10 @@ class DisaggEngine(PipelineEngine):
                 s.status = Status.WAITING
                 self.waiting.appendleft(s)
         return drop
+
+    def reset_prefix_cache(self) -> None:
+        super().reset_prefix_cache()
+        self.prompt_alloc.reset_prefix_cache()
 
     def _stop_all(self) -> list[Sequence]:
         self.waiting.extend(self.token_waiting)

@@ -79,7 +79,7 @@ class PipelineEngine(LLMEngine):
         self.decode_step_totals = [0, 0.0]
         # prefix caching: blocks named here once for every stage (each caches its own layers' K/V)
         self.prefix_salt = (prefix_salt(model_identity(source, seed), dtype, 0, cfg.num_layers)
-                            if config.enable_prefix_caching and not swap else None)
+                            if config.enable_prefix_caching else None)
         self._plan(cfg, pp, layer_split, microbatch_size)
         self._setup_fault_tolerance(launcher, replicate, replicate_dir, replicate_to, recovery, spare_workers, replicas)
         self.dispatch = Dispatch(self, len(self.slots))
@@ -180,7 +180,14 @@ class PipelineEngine(LLMEngine):
         for r in range(self.world):
             if self.holder_ranks(r):
                 self.channels[r].send(msg)
+        if on and self.replication.paused:
+            self.reset_prefix_cache()  # blocks computed while paused have no replica to share
         self.replication.paused = not on
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every block name (a worker was replaced, or blocks have no replica)."""
+        for a in {id(s.allocator): s.allocator for s in self.slots}.values():  # each slot's own when swapping
+            a.reset_prefix_cache()
 
     def _blocks_for(self, cfg, layers, num_blocks: int, memory: int) -> int:
         deepest = max(b - a for a, b in layers)

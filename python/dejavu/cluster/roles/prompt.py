@@ -112,7 +112,7 @@ class PromptRole:
                     remote, nt = self.remote[t.dst]
                     j = t.dst_layers[0] + (g - t.layers[0])
                     rows = [((i * num_blocks + bp) * chunk, (j * nt + bt) * chunk, chunk)
-                            for s in msg.seqs for bp, bt in zip(s.blocks, s.dst_blocks)]
+                            for s in msg.seqs for bp, bt in zip(s.blocks[-len(s.dst_blocks):], s.dst_blocks)]
                     host = torch.tensor(rows, dtype=torch.int64).pin_memory()
                     self.ipc_stream.wait_event(after)
                     with torch.cuda.stream(self.ipc_stream):
@@ -123,8 +123,8 @@ class PromptRole:
                     nbytes += len(rows) * chunk
                     per_dst[t.dst] = per_dst.get(t.dst, 0) + len(rows) * chunk
                     continue
-                for s in msg.seqs:
-                    region = Region.chunks([i], s.blocks)
+                for s in msg.seqs:  # the token side's missing blocks: the last len(dst_blocks)
+                    region = Region.chunks([i], s.blocks[-len(s.dst_blocks):])
                     key = f"{s.key}.L{g}.{t.dst}"  # unique per receiver: shm names are host-wide
                     futures.append(self._stream_out(region, self.dests[t.dst], key, after, futures))
                     nbytes += region.nbytes(self.streamer.layout)

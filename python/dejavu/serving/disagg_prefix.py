@@ -1,0 +1,56 @@
+"""Prefix caching with disaggregation (docs/prefix-caching.md): the prompt side and the token side
+each name their own cache's blocks under the same names. A prefill starts after the prompt side's
+cached prefix, and the prompt workers send the token side only the blocks it does not hold: a
+request's last len(dst_blocks) blocks (`StepSeq.dst_blocks`, `AdmitSeq.blocks`)."""
+from __future__ import annotations
+
+from ..engine.block_manager import BlockAllocator, blocks_for
+
+
+class DisaggPrefix:
+    def __init__(self, names, block_size: int, prompt_alloc: BlockAllocator):
+        # names(seq, full): a scheduler's names of seq's first `full` blocks; None: no prefix caching
+        self.names, self.bs, self.prompt_alloc = names, block_size, prompt_alloc
+
+    def hits(self, seq, token_alloc: BlockAllocator) -> tuple[list[int], list[int]]:
+        """The prompt side's and the token side's blocks holding `seq`'s leading full blocks (never
+        the last token's block: its logits are needed)."""
+        if self.names is None or seq.params.prompt_logprobs is not None:
+            return [], []
+        names = self.names(seq, (len(seq) - 1) // self.bs)
+        return self.prompt_alloc.lookup(names), token_alloc.lookup(names)
+
+    def take(self, seq, token_alloc: BlockAllocator) -> bool:
+        """Give `seq` its blocks on both sides (hits shared, the rest new); False when either side
+        lacks room. Sets num_cached (where the prefill starts) and num_named (token-side hits)."""
+        need = blocks_for(len(seq), self.bs)
+        ph, th = self.hits(seq, token_alloc)
+        pa = self.prompt_alloc
+        if not (pa.can_allocate(need - len(ph) + pa.num_unreferenced(ph))
+                and token_alloc.can_allocate(need - len(th) + token_alloc.num_unreferenced(th))):
+            return False
+        pa.acquire(ph)
+        seq.prompt_blocks = ph + pa.allocate(need - len(ph))
+        token_alloc.acquire(th)
+        seq.block_table = th + token_alloc.allocate(need - len(th))
+        seq.num_cached, seq.num_named = len(ph) * self.bs, len(th)
+        if self.names is not None:
+            for alloc, hit in ((pa, ph), (token_alloc, th)):
+                alloc.stats.queried_tokens += len(seq)
+                alloc.stats.device_hit_tokens += len(hit) * self.bs
+        return True
+
+    @staticmethod
+    def sent(seq) -> list[int]:
+        """The token-side blocks the prompt workers fill: those after its hits."""
+        return seq.block_table[seq.num_named:]
+
+    def release_prompt(self, seq, computed: int) -> None:
+        """The prefill is done (`computed` tokens have K/V on the prompt side): name its full blocks
+        there and free them, last first (the prefix stays longest)."""
+        if self.names is not None:
+            full = computed // self.bs
+            for b, name in zip(seq.prompt_blocks[:full], self.names(seq, full)):
+                self.prompt_alloc.register(b, name)
+        self.prompt_alloc.free(reversed(seq.prompt_blocks))
+        seq.prompt_blocks = []
