@@ -9,13 +9,13 @@
      caching where it cannot hit).
    Reports TTFT p50/p99 and output throughput per pass, and on/off ratios of their medians.
 2. Host-tier restore: N blocks restored from the pinned host tier into the device cache through
-   the engine's own path (PrefixTiers.sync: one DéjàVuLib scatter per block) against one contiguous
+   the engine's own path (PrefixTiers.sync: one batched KVStreamer.copy_blocks call) against one contiguous
    copy of the same bytes from a pinned host buffer into device memory. On CPU both are host copies.
 
     python3 benchmarks/prefix_cache_ab.py --model random:llama-tiny --device cpu
     python3 benchmarks/prefix_cache_ab.py --workloads none --skip-restore --repeat 4  # the cost alone
     python3 benchmarks/prefix_cache_ab.py --model random:opt-1.3b --device cuda --dtype float16 \\
-        --prefix-len 2000 --requests 64 --restore-blocks 256
+        --prefix-len 1000 --requests 64 --concurrency 8 --restore-blocks 256
 """
 from __future__ import annotations
 
