@@ -8,7 +8,7 @@ from dejavu.envs import VARS, markdown_table
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Build-system options and C++ macros share the prefix but are not environment variables.
 NOT_ENV = {"DEJAVU_WITH_CUDA", "DEJAVU_PYTHON", "DEJAVU_BUILD_TESTS", "DEJAVU_HEAD_DIMS", "DEJAVU_HEAD_DIM_IS",
-           "DEJAVU_HEAD_DIM_CASE"}
+           "DEJAVU_HEAD_DIM_CASE", "DEJAVU_HOST_DEVICE"}
 
 
 def test_every_variable_in_the_code_is_registered():
