@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# lm-eval-harness (and guidellm, when installed) unmodified against `dejavu serve`: lm-eval's
+# lm-eval-harness and guidellm (when installed) unmodified against `dejavu serve`: lm-eval's
 # `local-completions` model runs a loglikelihood task (multiple choice: echo + logprobs over
 # token-id prompts, in batches) and a generate_until task (lists of prompts with stop strings), each
 # on a small local JSONL dataset. lm-eval finds the server's tokenizer through /tokenizer_info,
@@ -53,14 +53,8 @@ generation_kwargs: {until: ["\n", "."], max_gen_toks: 12}
 metric_list: [{metric: exact_match, ignore_case: true, ignore_punctuation: true, regexes_to_ignore: [" "]}]
 EOF
 
-$PY -m dejavu serve --model "$MODEL" --port "$PORT" ${SERVE_ARGS:-} > "$OUT/serve.log" 2>&1 &
-SERVER=$!
-trap 'kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null || true' EXIT
-for _ in $(seq 1 300); do
-    curl -sf "$BASE/health" >/dev/null && break
-    kill -0 "$SERVER" 2>/dev/null || { echo "dejavu serve exited: see $OUT/serve.log" >&2; exit 1; }
-    sleep 1
-done
+. "$(dirname "$0")/../examples/serve_background.sh"
+serve_background "$PY" "$OUT/serve.log" "$PORT" --model "$MODEL" ${SERVE_ARGS:-}
 
 for task in dejavu_mc dejavu_gen; do
     start=$(date +%s)
@@ -72,9 +66,20 @@ for task in dejavu_mc dejavu_gen; do
     echo "== lm-eval $task: $(( $(date +%s) - start )) s (log: $OUT/lm_eval_$task.log)"
 done
 
+# guidellm: synthetic prompts of a fixed token length (no dataset download), cut to size with the
+# served model's own tokenizer, saved to a local directory (guidellm loads it with AutoTokenizer).
 if $PY -c "import guidellm" 2>/dev/null; then
-    $PY -m guidellm benchmark --target "$BASE" --model "$MODEL" --rate-type synchronous --max-requests 8 \
-        --data "prompt_tokens=64,output_tokens=32" --output-path "$OUT/guidellm.json" 2>&1 | tail -20
+    $PY -c "import sys; from dejavu.models.loader import load_tokenizer, resolve
+load_tokenizer(resolve(sys.argv[1])).tok.save_pretrained(sys.argv[2])" "$MODEL" "$OUT/tokenizer"
+    start=$(date +%s)
+    $PY -m guidellm run --backend "kind=openai_http,target=$BASE,model=$MODEL,request_format=/v1/completions" \
+        --profile kind=synchronous --constraint kind=max_requests,count="${GUIDELLM_REQUESTS:-8}" \
+        --tokenizer "kind=huggingface_auto,model=$OUT/tokenizer" \
+        --data kind=synthetic_text,prompt_tokens=64,output_tokens=32 \
+        --output "kind=json,path=$OUT/guidellm.json" --disable-console-interactive > "$OUT/guidellm.log" 2>&1 \
+        || { tail -20 "$OUT/guidellm.log" >&2; exit 1; }
+    tail -25 "$OUT/guidellm.log"
+    echo "== guidellm: $(( $(date +%s) - start )) s (report: $OUT/guidellm.json)"
 else
     echo "== guidellm not installed: skipped (pip install guidellm)"
 fi

@@ -9,14 +9,8 @@ MODEL=${1:-random:llama-tiny}
 PORT=${2:-8000}
 BASE=http://127.0.0.1:$PORT
 
-python -m dejavu serve --model "$MODEL" --port "$PORT" ${SERVE_ARGS:-} &
-SERVER=$!
-trap 'kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null || true' EXIT
-for _ in $(seq 1 120); do
-    curl -sf "$BASE/health" >/dev/null && break
-    kill -0 "$SERVER" 2>/dev/null || { echo "dejavu serve exited" >&2; exit 1; }
-    sleep 1
-done
+. "$(dirname "$0")/serve_background.sh"
+serve_background python "${LOG:-/tmp/dejavu_real_clients_serve.log}" "$PORT" --model "$MODEL" ${SERVE_ARGS:-}
 
 MODEL="$MODEL" BASE="$BASE" python - <<'PY'
 import json, os, urllib.request

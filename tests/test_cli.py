@@ -213,3 +213,32 @@ def test_chat_template_and_tokenizer_flags(tmp_path):
         LLM(model="random:llama-tiny", device="cpu", tokenizer=str(tmp_path / "nowhere"))
     with pytest.raises(ConfigError, match="chat_template: .* neither a file nor a Jinja template"):
         LLM(model="random:llama-tiny", device="cpu", chat_template="no-such-file.jinja")
+
+
+# ---------------------------------------------------------------------- a mistake: one line, before slow work
+def _one_line_error(r) -> str:
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def test_taken_port_missing_cuda_or_mpirun_fail_in_one_line_first(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # A model that does not exist: the port is checked before it would be looked for.
+        line = _one_line_error(run("serve", "--model", "/no/such/model", "--port", str(port)))
+        assert f"cannot listen on 127.0.0.1:{port}" in line and "in use" in line
+    hidden = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")  # no CUDA even on a GPU host
+    r = subprocess.run([sys.executable, "-m", "dejavu", "bench", "kvstream", "--device", "cuda"], capture_output=True,
+                       text=True, env=hidden, timeout=120)
+    assert "--device cuda: torch sees no CUDA device" in _one_line_error(r)
+    no_mpi = dict(os.environ, HF_HUB_OFFLINE="1", PATH=str(tmp_path))  # an empty PATH directory
+    for cmd in (("generate", "--prompt", "x"), ("serve", "--port", "0")):
+        r = subprocess.run([sys.executable, "-m", "dejavu", *cmd, "--model", "/no/such/model", "--pp", "2",
+                            "--launcher", "mpirun"], capture_output=True, text=True, env=no_mpi, timeout=120)
+        assert "--launcher mpirun: no mpirun on PATH" in _one_line_error(r)

@@ -285,3 +285,52 @@ def test_vllm_named_metrics(server):
     assert 'dejavu:time_to_first_token_seconds_bucket{model_name="m",le="0.001"}' in after
     for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "num_preemptions_total"):
         assert 0 <= value(after, f'dejavu:{gauge}{{model_name="m"}}') <= 1e9
+
+
+def test_developer_role_tools_unknown_fields_and_fingerprint(server, caplog):
+    srv, base, client = server
+    as_system = _post(base, "/tokenize", {"messages": [{"role": "system", "content": "be brief"},
+                                                        {"role": "user", "content": "hi"}]})
+    as_developer = _post(base, "/tokenize", {"messages": [{"role": "developer", "content": "be brief"},
+                                                           {"role": "user", "content": "hi"}]})
+    assert as_system[0] == 200 and as_developer == as_system  # OpenAI's developer role is the system prompt
+    msgs = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(model="m", messages=msgs, max_tokens=3, temperature=0)
+    assert chat.system_fingerprint == srv.fingerprint and chat.system_fingerprint.startswith("fp_")
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(openai.BadRequestError, match="'tools' is not supported") as e:
+        client.chat.completions.create(model="m", messages=msgs, max_tokens=3, tools=[tool])
+    assert e.value.body["param"] == "tools"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="m", messages=msgs, max_tokens=3, tool_choice="required")
+    assert e.value.body["param"] == "tool_choice"
+    ok = client.chat.completions.create(model="m", messages=msgs, max_tokens=3, temperature=0, tools=[tool],
+                                        tool_choice="none")
+    assert ok.choices[0].message.content == chat.choices[0].message.content
+    with caplog.at_level("WARNING", logger="dejavu.server"):
+        for _ in range(2):  # ignored as vLLM does, and logged once
+            r = client.completions.create(model="m", prompt="x", max_tokens=2, temperature=0,
+                                          extra_body={"frobnicate": 1, "guided_json": {}})
+            assert r.system_fingerprint == srv.fingerprint
+    said = [rec.getMessage() for rec in caplog.records if "frobnicate" in rec.getMessage()]
+    assert len(said) == 1 and "'guided_json'" in said[0]
+    chunks = list(client.completions.create(model="m", prompt="x", max_tokens=2, stream=True))
+    assert chunks and all(c.system_fingerprint == srv.fingerprint for c in chunks)
+
+
+def test_chat_over_a_list_of_conversations_with_a_progress_bar(capfd):
+    convs = [[{"role": "user", "content": "hi"}],
+             [{"role": "system", "content": "be brief"}, {"role": "user", "content": "tell me a story"}]]
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    with LLM(device="cpu", model="random:llama-tiny", block_size=4, kv_cache_blocks=128) as llm:
+        capfd.readouterr()
+        both = llm.chat(convs, sp, use_tqdm=True)
+        assert "Processed prompts" in capfd.readouterr().err.replace("\r", "\n").splitlines()[-1]
+        one = llm.chat(convs[1], sp)  # one conversation: a list of one output, as vLLM returns
+        assert capfd.readouterr().err == ""  # no bar unless asked
+        assert len(both) == 2 and len(one) == 1 and one[0].outputs[0].token_ids == both[1].token_ids
+        assert both[0].prompt_token_ids == llm.tokenizer.apply_chat_template(convs[0])
+        assert llm.generate(["a", "b"], sp, use_tqdm=True)[1].token_ids == llm.generate(["b"], sp)[0].token_ids
+        assert "2/2" in capfd.readouterr().err
+        with pytest.raises(ValueError, match="messages must be"):
+            llm.chat([])

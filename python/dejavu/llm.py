@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import weakref
 from dataclasses import asdict, dataclass, replace
 from typing import Sequence as Seq
@@ -196,8 +197,10 @@ class LLM:
         self.shutdown()
 
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],
-                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Generate for each prompt (text or token ids); outputs in the order of the prompts."""
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for each prompt (text or token ids); outputs in the order of the prompts.
+        use_tqdm: a progress bar of finished prompts on stderr (vLLM's keyword; off by default here)."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -212,8 +215,7 @@ class LLM:
                 groups.append(len(seqs))
                 for c in sp.choices():  # n choices: one engine request each
                     seqs.append(self.engine.add_request(p, c, request_id=str(i)))
-            while self.engine.has_unfinished():
-                self.engine.step()
+            self._run(seqs, groups, use_tqdm)
             failed = next((s for s in seqs if s.finish_reason == "error"), None)
             if failed is not None:
                 raise RuntimeError(f"request {failed.request_id} failed: {failed.error}")
@@ -230,9 +232,34 @@ class LLM:
                                      [_choice(i, c) for i, c in enumerate(seqs[g:g + sp.n])], prompt_logprobs=plp))
         return out
 
-    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
-        ids = self.tokenizer.apply_chat_template(messages)
-        return self.generate([ids], sampling_params)[0]
+    def _run(self, seqs: list, groups: list[int], use_tqdm: bool) -> None:
+        """Step the engine until every request is done; with use_tqdm, count finished prompts
+        (groups[i]: prompt i's first sequence) on a progress bar."""
+        if not use_tqdm:
+            while self.engine.has_unfinished():
+                self.engine.step()
+            return
+        from tqdm import tqdm
+
+        bounds = list(zip(groups, groups[1:] + [len(seqs)]))
+        with tqdm(total=len(groups), desc="Processed prompts", unit="prompt", file=sys.stderr) as bar:
+            while self.engine.has_unfinished():
+                self.engine.step()
+                done = sum(all(s.finished for s in seqs[a:b]) for a, b in bounds)
+                bar.update(done - bar.n)
+            bar.update(len(groups) - bar.n)
+
+    def chat(self, messages: list[dict] | Seq[list[dict]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate a reply to one conversation (a list of {"role", "content"} messages) or to each
+        of a list of them, through the tokenizer's chat template; one RequestOutput per conversation,
+        as vLLM's LLM.chat returns."""
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("messages must be a conversation (a list of message dicts) or a list of them")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        ids = [list(self.tokenizer.apply_chat_template(list(c))) for c in conversations]
+        return self.generate(ids, sampling_params, use_tqdm=use_tqdm)
 
 
 __all__ = ["LLM", "CompletionOutput", "RequestOutput", "RequestError", "SamplingParams"]

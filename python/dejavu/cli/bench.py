@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from . import bench_decode, bench_serve
-from .common import int_list, positive
+from .common import check_device, int_list, positive
 
 
 def add_parser(sub) -> None:
@@ -87,6 +87,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_bench_generate(args) -> int:
+    check_device(args.device)
     from ..bench.generate import run
 
     run(args.model, args.device, args.dtype, args.batch, args.prompt_len, args.max_tokens, args.seed, args.repeat,
@@ -95,6 +96,7 @@ def cmd_bench_generate(args) -> int:
 
 
 def cmd_bench_pipeline(args) -> int:
+    check_device(args.device)
     from ..bench.pipeline import run
 
     layouts = []
@@ -110,6 +112,7 @@ def cmd_bench_pipeline(args) -> int:
 
 
 def cmd_bench_swap(args) -> int:
+    check_device(args.device)
     from ..bench.swap import run
 
     r = run(args.model, args.device, args.pp, args.kv_cache_blocks, args.requests, args.prompt_len, args.max_tokens,
@@ -121,6 +124,7 @@ def cmd_bench_swap(args) -> int:
 
 
 def cmd_bench_kvstream(args) -> int:
+    check_device(args.device)
     from ..bench.kvstream import run
 
     run(args.device, args.layers, args.kv_heads, args.head_dim, int_list(args.block_sizes, "--block-sizes"),

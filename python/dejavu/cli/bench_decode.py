@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import positive
+from .common import check_device, positive
 
 
 def add_parser(sub) -> None:
@@ -69,6 +69,7 @@ def cmd_bench_decode(args) -> int:
         print(f"dejavu bench decode: --replicate-path takes a comma-separated list of {', '.join(REPLICATE_PATHS)}, "
               f"got {args.replicate_path!r}", file=sys.stderr)
         return 2
+    check_device(args.device)
     run(args.model, args.device, args.dtype, batches, args.prompt_len, args.max_tokens, args.seed, args.hf, args.json,
         replicate=args.replicate, pairs=args.pairs, replicate_every=args.replicate_every,
         replica_holder=args.replica_holder, replicate_skip=args.replicate_skip, replicate_paths=paths,

@@ -141,9 +141,28 @@ def config_from_args(args):
         tokenizer=args.tokenizer, chat_template=args.chat_template, **prefix_cache_kwargs(args))
 
 
+def check_launcher(args) -> None:
+    """--launcher mpirun needs mpirun on PATH: said in one line, before any model loads."""
+    import shutil
+
+    if getattr(args, "launcher", None) == "mpirun" and shutil.which("mpirun") is None:
+        raise ValueError("--launcher mpirun: no mpirun on PATH (pip install 'dejavu-serve[mpi]', or load your "
+                         "MPI module)")
+
+
+def check_device(device: str, flag: str = "--device") -> None:
+    """A CUDA device asked for on a machine without one: said in one line, before any slow work."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {device}: torch sees no CUDA device on this machine (use --device cpu)")
+
+
 def llm_from_args(args):
     from .. import LLM
 
+    check_launcher(args)
     return LLM.from_config(config_from_args(args))
 
 

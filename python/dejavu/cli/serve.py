@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .common import DEFAULT_MODEL, add_model_args, llm_from_args, positive, positive_float
+from .common import DEFAULT_MODEL, add_model_args, check_launcher, llm_from_args, positive, positive_float
 
 
 def add_parser(sub) -> None:
@@ -48,7 +48,7 @@ def apply_plan(args) -> None:
 def cmd_serve(args) -> int:
     from ..config import ServerConfig
     from ..serving.api import ApiServer
-    from ..serving.http_limits import HttpLimits
+    from ..serving.http_limits import HttpLimits, bind_listener
 
     if args.model_tag:
         if args.model not in (DEFAULT_MODEL, args.model_tag):
@@ -61,7 +61,13 @@ def cmd_serve(args) -> int:
                       served_model_name=args.served_model_name, max_connections=args.max_connections or 0,
                       header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                       max_body_bytes=args.max_body_bytes).validate()
-    llm = llm_from_args(args)
+    check_launcher(args)
+    sock = bind_listener(sc.host, sc.port)  # before the model loads: a taken port fails at once
+    try:
+        llm = llm_from_args(args)
+    except BaseException:
+        sock.close()
+        raise
     limits = HttpLimits(max_connections=sc.max_connections, header_timeout=sc.header_timeout,
                         body_timeout=sc.body_timeout, max_body_bytes=sc.max_body_bytes)
     server = ApiServer(llm, sc.served_model_name or args.model, api_key=sc.api_key, max_queue=sc.max_queue,
@@ -71,5 +77,5 @@ def cmd_serve(args) -> int:
             llm.engine.begin_stop()
         server.app.on_shutdown.append(stopping)
     print(f"[dejavu] serving {args.model} on http://{sc.host}:{sc.port}/v1", file=sys.stderr)
-    server.serve_forever(sc.host, sc.port)
+    server.serve_forever(sc.host, sc.port, sock)
     return 0

@@ -12,11 +12,31 @@ from __future__ import annotations
 import asyncio
 import json
 import resource
+import socket
 from dataclasses import dataclass
 
 from aiohttp import web
 
 from ..config import check_positive
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (the first address the host resolves to), not yet listening:
+    `dejavu serve` takes its port before loading a model, so a taken port fails in a second.
+    ValueError naming the address when it cannot be bound."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server does
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 def default_max_connections() -> int:
@@ -93,9 +113,10 @@ class CappedSite(web.BaseSite):
     answered with a 503 and closed, and counted by `on_refuse()`."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, max_connections: int, on_refuse=None,
-                 backlog: int = 128):
+                 backlog: int = 128, sock: socket.socket | None = None):
         super().__init__(runner, backlog=backlog)
         self.host, self.port, self.max_connections = host, port, max_connections
+        self.sock = sock  # already bound (bind_listener); else host:port is bound at start
         self.on_refuse = on_refuse
         self.open = 0  # connections being served
         self._refusal = _refusal(max_connections)
@@ -115,6 +136,7 @@ class CappedSite(web.BaseSite):
                     self.on_refuse()
                 return _Refuse(self._refusal)
             return _Counted(server(), self)
-        self._server = await asyncio.get_running_loop().create_server(protocol, self.host, self.port,
-                                                                        backlog=self._backlog, reuse_address=True)
+        where = dict(sock=self.sock) if self.sock is not None else dict(host=self.host, port=self.port,
+                                                                           reuse_address=True)
+        self._server = await asyncio.get_running_loop().create_server(protocol, backlog=self._backlog, **where)
         self.port = self._server.sockets[0].getsockname()[1]

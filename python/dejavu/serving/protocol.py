@@ -9,7 +9,7 @@ that cannot fit the context is refused before it is tokenized (PromptBounds).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 
@@ -81,9 +81,16 @@ def _token_ids(ids: list, name: str, vocab_size: int | None) -> list[int]:
 
 
 # Fields refused unless they carry one of these values (a clear 400 naming the field, never ignored).
-UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, ""), "tools": (None, []),
+UNSUPPORTED = {"best_of": (None, 1), "suffix": (None, ""), "functions": (None, []), "function_call": (None, "none"),
                "response_format": (None, {"type": "text"})}
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's legacy completions cap
+# Every field a request may carry; any other is ignored (as vLLM does) and logged once by the server.
+SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stream", "stream_options", "stop",
+                   "stop_token_ids", "seed", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                   "min_p", "min_tokens", "logit_bias", "ignore_eos", "user", *UNSUPPORTED}
+COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "echo"}
+CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+                                 "parallel_tool_calls"}
 
 
 @dataclass
@@ -98,6 +105,7 @@ class Request:
     logprobs: int | None = None
     echo: bool = False
     echo_only: bool = False
+    ignored: list[str] = field(default_factory=list)  # fields this server does not know, in request order
 
 
 def _logit_bias(body: dict, vocab_size: int | None) -> dict[int, float]:
@@ -141,6 +149,8 @@ def parse_sampling(body: dict, n_default_tokens: int = 16, chat: bool = False,
         if name in body and body[name] not in allowed:
             what = "only {'type': 'text'} is supported" if name == "response_format" else "not supported"
             raise BadRequest(f"'{name}' is {what} by this server", name)
+    if chat:
+        _check_tools(body)
     name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(name)
     if max_tokens is None:
@@ -191,7 +201,22 @@ def parse_sampling(body: dict, n_default_tokens: int = 16, chat: bool = False,
                         seed=seed, stop=stop, stop_token_ids=stop_ids, ignore_eos=ignore_eos, min_tokens=min_tokens,
                         repetition_penalty=repetition, min_p=min_p, logit_bias=_logit_bias(body, vocab_size),
                         logprobs=logprobs, prompt_logprobs=logprobs if echo else None, n=n, **pen)
-    return Request(sp.choices(), stream, include_usage, logprobs, echo, echo_only)
+    known = CHAT_FIELDS if chat else COMPLETION_FIELDS
+    return Request(sp.choices(), stream, include_usage, logprobs, echo, echo_only, [k for k in body if k not in known])
+
+
+def _check_tools(body: dict) -> None:
+    """Tool calling is not implemented: `tools` and `tool_choice` are refused, naming the field,
+    unless tool_choice is "none" (the model then answers in text and the tools are not shown to it)."""
+    choice = body.get("tool_choice")
+    if choice == "none":
+        return
+    if body.get("tools"):
+        raise BadRequest("'tools' is not supported by this server (no tool calls are parsed); leave it out or "
+                         "send tool_choice 'none'", "tools")
+    if choice is not None:
+        raise BadRequest(f"'tool_choice' {choice!r} is not supported by this server (no tools); only 'none' is",
+                         "tool_choice")
 
 
 def _too_long(what: str, n: int, unit: str, limit: int, bounds: PromptBounds) -> BadRequest:
@@ -226,14 +251,18 @@ def _one_prompt(p, bounds: PromptBounds | None) -> str | list[int]:
     raise BadRequest("'prompt' must be a string, a list of token ids, or a list of either", "prompt")
 
 
+# Chat roles, as the chat template sees them: OpenAI's "developer" is the system prompt of newer models.
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
 def parse_messages(body: dict, bounds: PromptBounds | None = None) -> list[dict]:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise BadRequest("'messages' must be a non-empty list", "messages")
     out, chars = [], 0
     for m in msgs:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise BadRequest("each message needs a 'role' of system, user or assistant", "messages")
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise BadRequest("each message needs a 'role' of developer, system, user or assistant", "messages")
         content = m.get("content")
         if isinstance(content, list):  # content parts: keep the text ones
             if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
@@ -245,5 +274,5 @@ def parse_messages(body: dict, bounds: PromptBounds | None = None) -> list[dict]
         chars += len(content)
         if bounds is not None and bounds.max_chars is not None and chars > bounds.max_chars:
             raise _too_long("messages text", chars, "characters", bounds.max_chars, bounds)
-        out.append({"role": m["role"], "content": check_text(content, "messages")})
+        out.append({"role": ROLES[m["role"]], "content": check_text(content, "messages")})
     return out

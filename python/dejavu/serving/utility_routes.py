@@ -1,10 +1,15 @@
-"""vLLM's small routes beside the OpenAI ones: POST /tokenize, POST /detokenize, GET /tokenizer_info,
-GET /version and GET /v1/models/{id}. Tokenization runs on the server's tokenizer pool, like a
-prompt's. lm-eval-harness's remote tokenizer backend uses /tokenizer_info, /tokenize and /detokenize."""
+"""The routes beside generation: GET /v1/models and /v1/models/{id}, /health, /metrics, /v1/cluster,
+and vLLM's POST /tokenize, POST /detokenize, GET /tokenizer_info and GET /version. Tokenization runs
+on the server's tokenizer pool, like a prompt's. lm-eval-harness's remote tokenizer backend uses
+/tokenizer_info, /tokenize and /detokenize."""
 from __future__ import annotations
+
+import os
+import socket
 
 from aiohttp import web
 
+from .http_errors import error
 from .protocol import BadRequest, check_text, parse_messages
 
 MAX_DETOKENIZE = 1 << 20  # token ids in one /detokenize
@@ -17,8 +22,41 @@ def model_card(server) -> dict:
             "permission": []}
 
 
+def cluster_view(server) -> dict:
+    """/v1/cluster: the model, each worker with its state, fault tolerance and prefix-cache tiers."""
+    eng = server.llm.engine
+    state = "failed" if server.engine.error else "up"
+    out = {"model": server.model_name}
+    if hasattr(eng, "cluster"):
+        needed = set(getattr(eng, "_needed", ()))
+        out["workers"] = [dict(w, state="recovering" if w["rank"] in needed else state) for w in eng.cluster()]
+        out["fault_tolerance"] = eng.fault_tolerance()
+    else:
+        out["workers"] = [{"rank": 0, "role": "engine", "stage": 0, "tp_rank": 0, "pid": os.getpid(),
+                           "host": socket.gethostname(), "layers": [0, eng.model_config.num_layers],
+                           "state": state}]
+    tiers = getattr(eng, "prefix_cache_tiers", lambda: None)()
+    if tiers is not None:  # each prefix-cache tier's size and occupancy, in blocks
+        out["prefix_cache"] = tiers
+    return out
+
+
 def add_routes(server, app: web.Application) -> None:
     tok = server.llm.tokenizer
+
+    async def models(request):
+        return web.json_response({"object": "list", "data": [model_card(server)]})
+
+    async def health(request):
+        if server.engine.error:
+            return error(503, f"engine stopped: {server.engine.error}", "server_error")
+        return web.json_response({"status": "ok"})
+
+    async def metrics(request):
+        return web.Response(text=server.metrics.render(), content_type="text/plain")
+
+    async def cluster(request):
+        return web.json_response(cluster_view(server))
 
     async def model(request):
         name = request.match_info["model"]
@@ -76,6 +114,7 @@ def add_routes(server, app: web.Application) -> None:
             info[name] = v if isinstance(v, str) else None
         return web.json_response(info)
 
-    app.add_routes([web.get("/v1/models/{model}", model), web.get("/version", version),
+    app.add_routes([web.get("/v1/models", models), web.get("/health", health), web.get("/metrics", metrics),
+                    web.get("/v1/cluster", cluster), web.get("/v1/models/{model}", model), web.get("/version", version),
                     web.get("/tokenizer_info", tokenizer_info),
                     web.post("/tokenize", tokenize), web.post("/detokenize", detokenize)])
