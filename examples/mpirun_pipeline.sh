@@ -16,7 +16,9 @@
 set -euo pipefail
 : "${CONTROLLER:?set CONTROLLER=host:port of the controller}"
 : "${DEJAVU_CLUSTER_TOKEN:?set DEJAVU_CLUSTER_TOKEN to the token of the controller}"
-ROOT=()
-[ "$(id -u)" = 0 ] && ROOT=(--allow-run-as-root)
-exec mpirun "${ROOT[@]}" --oversubscribe -n "${WORKERS:-4}" ${HOSTFILE:+--hostfile "$HOSTFILE"} \
+# With a hostfile its slots place the ranks; without one, all run here (oversubscribed).
+FLAGS=()
+[ "$(id -u)" = 0 ] && FLAGS+=(--allow-run-as-root)
+if [ -n "${HOSTFILE:-}" ]; then FLAGS+=(--hostfile "$HOSTFILE"); else FLAGS+=(--oversubscribe); fi
+exec mpirun "${FLAGS[@]}" -n "${WORKERS:-4}" \
   -x DEJAVU_CLUSTER_TOKEN python -m dejavu worker --controller "$CONTROLLER"

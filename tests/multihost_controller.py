@@ -2,7 +2,7 @@
 
     multihost_controller.py HOST:PORT JSON
 
-JSON: LLM() arguments (launcher external, cluster_address HOST:PORT added here) and "pause_at":
+JSON: LLM() arguments (launcher external unless given; cluster_address HOST:PORT added here) and "pause_at":
 after that many engine steps it prints "paused" and waits for a line on stdin (the test breaks a
 host meanwhile); "hold_after_recovery": once a recovery happened it prints "recovered" and waits
 for a line again (the test heals the partition meanwhile). It prints "ready" once the workers are up, then one line of JSON: every request's
@@ -22,8 +22,8 @@ def main() -> None:
     address, kw = sys.argv[1], json.loads(sys.argv[2])
     pause_at = kw.pop("pause_at", None)
     hold = kw.pop("hold_after_recovery", False)
-    llm = LLM(model="random:llama-tiny", device="cpu", block_size=4, launcher="external", cluster_address=address,
-              **kw)
+    kw.setdefault("launcher", "external")
+    llm = LLM(model="random:llama-tiny", device="cpu", block_size=4, cluster_address=address, **kw)
     eng = llm.engine
     print("ready", flush=True)
     seqs = [eng.add_request(p, PARAMS) for p in PROMPTS]

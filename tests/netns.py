@@ -9,7 +9,8 @@ Layout: one *switch* namespace holds the bridge; each host is a namespace with o
 10.77.0.<i+1>/24) whose peer end is a port of the bridge. Nothing is added to the machine's own
 namespace, so concurrent runs (each with names unique to its process) never collide, even on
 addresses. `link_down` / `link_up` unplug a host's cable at the switch; `rate_limit` shapes a
-host's egress with tbf (these kernels have no netem).
+host's egress with tbf (these kernels have no netem). `ssh_agent` writes a script that mpirun uses
+in place of ssh to start processes on the hosts of a hostfile (their addresses).
 
 Teardown kills every process left in the run's namespaces and deletes them, on success, failure
 or interpreter exit; namespaces of runs whose process died (SIGKILL) are removed by the next run.
@@ -69,9 +70,13 @@ class Host:
         self.cluster.procs.append(p)
         return p
 
+    def pids(self) -> list[int]:
+        """Every process running in this host."""
+        return [int(p) for p in _ip("netns", "pids", self.ns, check=False).stdout.split()]
+
     def kill_all(self) -> list[int]:
         """SIGKILL every process in this host (a whole machine failing); returns their pids."""
-        pids = [int(p) for p in _ip("netns", "pids", self.ns, check=False).stdout.split()]
+        pids = self.pids()
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -138,6 +143,20 @@ class Cluster:
     def _forwarding(self, h: Host) -> bool:
         info = json.loads(_ip("-n", self.switch, "-d", "-j", "link", "show", h.port_name).stdout)
         return info[0].get("linkinfo", {}).get("info_slave_data", {}).get("state") == "forwarding"
+
+    def ssh_agent(self, path: str, keep_env=("PATH", "HOME", "PYTHONPATH", "HF_HUB_OFFLINE")) -> str:
+        """Write an executable at `path` that mpirun can use in place of ssh (PRTE_MCA_plm_ssh_agent):
+        `agent HOST COMMAND...` runs COMMAND with /bin/sh inside the namespace of the host whose address
+        is HOST, with only `keep_env` of our environment (as a login on another machine would
+        have: the rest, the cluster token included, must be forwarded by mpirun's -x)."""
+        cases = "".join(f"  {h.addr}) ns={h.ns} ;;\n" for h in self.hosts)
+        keep = " ".join(f'{k}="${{{k}:-}}"' for k in keep_env)
+        with open(path, "w") as f:
+            f.write(f'#!/bin/sh\nhost=$1; shift\ncase "$host" in\n{cases}'
+                    f'  *) echo "ssh_agent: $host is no namespace host of this cluster" >&2; exit 255 ;;\nesac\n'
+                    f'exec ip netns exec "$ns" env -i {keep} /bin/sh -c "$*"\n')
+        os.chmod(path, 0o755)
+        return path
 
     def __getitem__(self, i: int) -> Host:
         return self.hosts[i]

@@ -55,7 +55,7 @@ GARBAGE = {
 
 def _store_header(type_: int, payload_len: int) -> bytes:
     """A TcpStore frame header (tcp_store.h) with valid magic, version and header checksum."""
-    head = bytearray(struct.pack("<IHHIIQ", 0x54564A44, 1, type_, 0, 0, payload_len))
+    head = bytearray(struct.pack("<IHHIIQ", 0x54564A44, 2, type_, 0, 0, payload_len))
     buf = (ctypes.c_char * len(head)).from_buffer(head)
     return bytes(head) + struct.pack("<II", _C.crc32c(ctypes.addressof(buf), 24), 0)
 
@@ -118,7 +118,9 @@ def test_every_internal_port_refuses_garbage_and_the_deployment_goes_on():
             bad = _C.TcpStoreClient  # a well-formed HELLO frame with the wrong token: refused
             with pytest.raises(ConnectionError, match="bad cluster token"):
                 bad("127.0.0.1", port, "0" * 32, 5.0)
-            _attack(port, _store_header(1, 4) + b"0000", huge=_store_header(1, 1 << 40))
+            token = (ctypes.c_char * 4).from_buffer(bytearray(b"0000"))  # its checksum trails it
+            wrong = b"0000" + struct.pack("<I", _C.crc32c(ctypes.addressof(token), 4, 0))
+            _attack(port, _store_header(1, 4) + wrong, huge=_store_header(1, 1 << 40))
         time.sleep(0.5)
         eng.idle_check()
         assert llm.generate([PROMPT], GREEDY)[0].token_ids == before

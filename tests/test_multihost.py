@@ -1,10 +1,12 @@
 """Deployments across hosts: the controller in one network-namespace host (tests/netns.py), its
-workers in others, started by hand as `dejavu worker --controller HOST:PORT` (--launcher external),
+workers in others, started by hand as `dejavu worker --controller HOST:PORT` (--launcher external,
+also as srun would start them) or by the controller's mpirun over a hostfile (--launcher mpirun),
 talking over the bridge through the addresses they advertise. Every run's greedy tokens equal the
 single-process run's (which test_hf_equality checks against HF)."""
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -31,19 +33,19 @@ def reference():
 class Deployment:
     """A controller on hosts[0] at PORT and workers started on other hosts, each logging to tmp."""
 
-    def __init__(self, hosts, tmp_path, port: int, **kw):
+    def __init__(self, hosts, tmp_path, port: int, env: dict | None = None, **kw):
         self.hosts, self.tmp = hosts, tmp_path
         self.address = f"{hosts[0].addr}:{port}"
         self.log = open(tmp_path / "controller.log", "w")
         self.ctl = hosts[0].popen([sys.executable, os.path.join(HERE, "multihost_controller.py"), self.address,
                                    json.dumps(kw)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                  text=True, env=ENV)
+                                  text=True, env=dict(ENV, **(env or {})))
         self.workers: dict[str, subprocess.Popen] = {}
 
-    def worker(self, name: str, host, *args: str) -> subprocess.Popen:
+    def worker(self, name: str, host, *args: str, env: dict | None = None) -> subprocess.Popen:
         out = open(self.tmp / f"{name}.log", "w")
         p = host.popen([sys.executable, "-m", "dejavu", "worker", "--controller", self.address, *args],
-                       stdout=out, stderr=subprocess.STDOUT, env=ENV)
+                       stdout=out, stderr=subprocess.STDOUT, env=dict(ENV, **(env or {})))
         self.workers[name] = p
         return p
 
@@ -92,6 +94,38 @@ def test_disaggregated_prompt_and_token_stages_on_two_hosts(hosts, tmp_path, ref
     assert out["tokens"] == reference, d.logs()
     assert out["transports"] == ["tcp"]  # another host: KV over TCP, never shared memory
     assert out["workers"]["0"]["addr"] == hosts[1].addr and out["workers"]["1"]["addr"] == hosts[2].addr
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed (.ci/run installs Open MPI)")
+def test_mpirun_starts_the_workers_on_the_hosts_of_a_hostfile(hosts, tmp_path, reference):
+    hostfile = tmp_path / "hostfile"  # Open MPI syntax; the hosts by address
+    hostfile.write_text(f"{hosts[1].addr} slots=1\n{hosts[2].addr} slots=1\n")
+    # mpirun reaches the hosts through this agent in place of ssh; the token is not in the
+    # environment the agent passes on, so the workers have it only through mpirun's -x.
+    agent = hosts.ssh_agent(str(tmp_path / "ssh_agent"))
+    d = Deployment(hosts, tmp_path, 29506, env={"PRTE_MCA_plm_ssh_agent": agent}, pp=2, launcher="mpirun",
+                   hostfile=str(hostfile), log_dir=str(tmp_path))
+    d.expect("ready")
+    out = d.result()
+    assert out["tokens"] == reference, d.logs()
+    workers = out["workers"]  # ranks in hostfile order (MPI's), one worker per host: local rank 0
+    assert [workers[r]["addr"] for r in ("0", "1")] == [hosts[1].addr, hosts[2].addr], workers
+    assert all(w["local_rank"] == 0 for w in workers.values()) and len({w["host_id"] for w in workers.values()}) == 2
+    assert d.ctl.returncode == 0 and hosts[1].pids() == hosts[2].pids() == []  # mpirun took its daemons down
+
+
+def test_workers_take_rank_and_local_rank_from_srun_environment(hosts, tmp_path, reference):
+    d = Deployment(hosts, tmp_path, 29507, pp=2)
+    # Two tasks on one host, with the environment `srun` gives them (srun itself is not run: no
+    # Slurm here). Without it each would get its place among the host's ranks as its local rank.
+    d.worker("task1", hosts[1], env={"SLURM_PROCID": "1", "SLURM_LOCALID": "0"})
+    d.worker("task0", hosts[1], env={"SLURM_PROCID": "0", "SLURM_LOCALID": "1"})
+    d.expect("ready")
+    out = d.result()
+    assert out["tokens"] == reference, d.logs()
+    workers = out["workers"]
+    assert workers["0"]["pid"] == d.workers["task0"].pid and workers["1"]["pid"] == d.workers["task1"].pid, workers
+    assert (workers["0"]["local_rank"], workers["1"]["local_rank"]) == (1, 0), workers
 
 
 def _overlimits(host) -> int:

@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 
@@ -23,11 +24,35 @@ using net::recv_all;
 using net::send_all;
 using net::set_timeouts;
 
+// Header, key, payload and its checksum trailer. A large payload goes piece by piece, each
+// checksummed just before it is sent, so the send reads it from cache.
 void send_frame(int fd, FrameType t, const std::string& key, const uint8_t* payload, uint64_t n) {
-  FrameHeader h = make_header(t, static_cast<uint32_t>(key.size()), payload, n);
-  send_all(fd, &h, sizeof h);
-  if (!key.empty()) send_all(fd, key.data(), key.size());
-  if (n) send_all(fd, payload, n);
+  FrameHeader h = make_header(t, static_cast<uint32_t>(key.size()), n);
+  const bool whole = n <= kCrcPiece;
+  uint32_t crc = whole ? crc32c(payload, n) : 0;
+  std::vector<iovec> head{{&h, sizeof h}, {const_cast<char*>(key.data()), key.size()}};
+  if (whole) head.insert(head.end(), {{const_cast<uint8_t*>(payload), n}, {&crc, sizeof crc}});
+  net::send_pieces(fd, head);
+  if (whole) return;
+  for (uint64_t off = 0; off < n; off += kCrcPiece) {
+    const size_t k = std::min<uint64_t>(kCrcPiece, n - off);
+    crc = crc32c(payload + off, k, crc);
+    send_all(fd, payload + off, k);
+  }
+  send_all(fd, &crc, sizeof crc);
+}
+
+// Reads n payload bytes into dst and the checksum after them, each piece checksummed as soon as it
+// arrived; false if they disagree.
+bool recv_payload(int fd, uint8_t* dst, uint64_t n) {
+  uint32_t crc = 0, sent = 0;
+  for (uint64_t off = 0; off < n; off += kCrcPiece) {
+    const size_t k = std::min<uint64_t>(kCrcPiece, n - off);
+    recv_all(fd, dst + off, k);
+    crc = crc32c(dst + off, k, crc);
+  }
+  recv_all(fd, &sent, sizeof sent);
+  return crc == sent;
 }
 
 void send_text(int fd, FrameType t, const std::string& text) {
@@ -54,14 +79,13 @@ bool constant_time_equal(const std::string& a, const std::string& b) {
 
 }  // namespace
 
-FrameHeader make_header(FrameType type, uint32_t key_len, const uint8_t* payload, uint64_t payload_len) {
+FrameHeader make_header(FrameType type, uint32_t key_len, uint64_t payload_len) {
   FrameHeader h{};
   h.magic = kFrameMagic;
   h.version = kFrameVersion;
   h.type = static_cast<uint16_t>(type);
   h.key_len = key_len;
   h.payload_len = payload_len;
-  h.payload_crc = payload_len ? crc32c(payload, payload_len) : 0;
   h.header_crc = crc32c(reinterpret_cast<const uint8_t*>(&h), 24);
   return h;
 }
@@ -156,9 +180,6 @@ void TcpStoreServer::serve(int fd, int id) {
     ++(stats_.*field);
   };
   bool authed = false;
-  // The buffer the next payload is received into: a replaced chunk's memory, already allocated and
-  // touched, so a put of a size seen before neither allocates nor zero-fills nor page-faults.
-  std::vector<uint8_t> spare;
   try {
     for (;;) {
       // Idle connections wait here without a timeout, checking for shutdown; one that has not passed
@@ -194,15 +215,14 @@ void TcpStoreServer::serve(int fd, int id) {
       }
       std::string key(h.key_len, '\0');
       if (h.key_len) recv_all(fd, key.data(), h.key_len);
-      std::vector<uint8_t> payload = std::move(spare);
-      payload.resize(h.payload_len);
-      if (h.payload_len) recv_all(fd, payload.data(), h.payload_len);
+      Bytes payload = authed ? take_buffer(h.payload_len) : Bytes(h.payload_len);
+      const bool intact = recv_payload(fd, payload.data(), h.payload_len);
       const auto type = static_cast<FrameType>(h.type);
-      if (crc32c(payload.data(), payload.size()) != h.payload_crc) {
+      if (!intact) {
         bump(&TcpStoreStats::checksum_failures);
         send_text(fd, FrameType::kErr, "payload checksum mismatch for '" + key + "': not stored");
         if (!authed) break;
-        spare = std::move(payload);
+        recycle(std::move(payload));
         continue;
       }
       if (!authed) {
@@ -232,7 +252,7 @@ void TcpStoreServer::serve(int fd, int id) {
             std::swap(chunks_[key], payload);  // payload now holds the replaced chunk (or nothing)
           }
         }
-        spare = std::move(payload);
+        recycle(std::move(payload));
         if (err.empty()) send_text(fd, FrameType::kOk, "");
         else send_text(fd, FrameType::kErr, err);
       } else if (type == FrameType::kGet) {
@@ -243,7 +263,7 @@ void TcpStoreServer::serve(int fd, int id) {
           send_text(fd, FrameType::kErr, "no chunk '" + key + "'");
         } else {
           ++stats_.gets;
-          std::vector<uint8_t> copy = it->second;
+          Bytes copy = it->second;
           l.unlock();
           send_frame(fd, FrameType::kData, "", copy.data(), copy.size());
         }
@@ -298,8 +318,35 @@ bool TcpStoreServer::erase(const std::string& key) {
   auto it = chunks_.find(key);
   if (it == chunks_.end()) return false;
   stats_.bytes_stored -= static_cast<int64_t>(it->second.size());
+  Bytes gone = std::move(it->second);
   chunks_.erase(it);
+  recycle_locked(std::move(gone));
   return true;
+}
+
+Bytes TcpStoreServer::take_buffer(uint64_t n) {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    auto it = recycled_.lower_bound(n);
+    if (it != recycled_.end() && it->first <= 2 * n) {
+      Bytes b = std::move(it->second);
+      recycled_.erase(it);
+      b.resize(n);
+      return b;
+    }
+  }
+  return Bytes(n);
+}
+
+void TcpStoreServer::recycle(Bytes&& b) {
+  std::lock_guard<std::mutex> g(mu_);
+  recycle_locked(std::move(b));
+}
+
+void TcpStoreServer::recycle_locked(Bytes&& b) {
+  if (b.capacity() == 0) return;
+  recycled_.emplace(b.capacity(), std::move(b));
+  if (recycled_.size() > kRecycled) recycled_.erase(recycled_.begin());  // the smallest goes
 }
 
 std::vector<std::string> TcpStoreServer::keys() const {
@@ -338,6 +385,7 @@ FrameHeader TcpStoreClient::request(FrameType t, const std::string& key, const u
                                     std::vector<uint8_t>* reply) {
   if (fd_ < 0) throw TransportError("connection to " + peer_ + " is closed");
   FrameHeader h{};
+  bool intact = false;
   try {
     send_frame(fd_, t, key, data, n);
     recv_all(fd_, &h, sizeof h);
@@ -345,13 +393,13 @@ FrameHeader TcpStoreClient::request(FrameType t, const std::string& key, const u
     std::string rkey(h.key_len, '\0');
     if (h.key_len) recv_all(fd_, rkey.data(), h.key_len);
     reply->resize(h.payload_len);
-    if (h.payload_len) recv_all(fd_, reply->data(), h.payload_len);
+    intact = recv_payload(fd_, reply->data(), h.payload_len);
   } catch (const PeerGone& e) {
     ::close(fd_);
     fd_ = -1;
     throw TransportError("connection to " + peer_ + " lost: " + e.why);
   }
-  if (crc32c(reply->data(), reply->size()) != h.payload_crc) throw TransportError("reply from " + peer_ + " failed its checksum");
+  if (!intact) throw TransportError("reply from " + peer_ + " failed its checksum");
   if (static_cast<FrameType>(h.type) == FrameType::kErr)
     throw TransportError(peer_ + " refused: " + std::string(reply->begin(), reply->end()));
   return h;

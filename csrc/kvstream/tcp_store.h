@@ -2,9 +2,11 @@
 // replica store) and a client that puts and gets them.
 //
 // Wire format (little-endian), every message one frame:
-//   header (32 bytes): magic 'DJVT' u32, version u16, type u16, key_len u32, payload_crc u32,
+//   header (32 bytes): magic 'DJVT' u32, version u16, type u16, key_len u32, flags u32 (0),
 //                      payload_len u64, header_crc u32 (CRC-32C of the 24 bytes before), reserved u32
-//   key (key_len bytes), payload (payload_len bytes)
+//   key (key_len bytes), payload (payload_len bytes), payload_crc u32 (CRC-32C of the payload)
+// The payload's checksum trails it so that each side checksums a piece while it is in cache, right
+// before sending it or right after receiving it, rather than in a pass of its own over the payload.
 // A connection opens with HELLO carrying the shared cluster token; the server answers OK or ERR and
 // closes on a bad token. PUT/GET/DEL are answered with OK, DATA or ERR (text payload). A frame with
 // a bad magic, version or header checksum closes the connection; a payload whose checksum fails is
@@ -31,7 +33,7 @@ struct FrameHeader {
   uint16_t version;
   uint16_t type;
   uint32_t key_len;
-  uint32_t payload_crc;
+  uint32_t flags;
   uint64_t payload_len;
   uint32_t header_crc;
   uint32_t reserved;
@@ -39,20 +41,35 @@ struct FrameHeader {
 static_assert(sizeof(FrameHeader) == 32, "frame header layout");
 
 constexpr uint32_t kFrameMagic = 0x54564A44;  // "DJVT"
-constexpr uint16_t kFrameVersion = 1;
+constexpr uint16_t kFrameVersion = 2;
 constexpr uint32_t kMaxKeyLen = 4096;
 constexpr uint64_t kMaxPayload = uint64_t{16} << 30;  // one frame carries at most 16 GiB
 constexpr size_t kMaxConnections = 256;  // more at once are closed as they arrive
 constexpr double kAuthDeadline = 10.0;   // seconds a new connection has to pass HELLO
 
-// Fill magic, version and both checksums.
-FrameHeader make_header(FrameType type, uint32_t key_len, const uint8_t* payload, uint64_t payload_len);
+constexpr size_t kCrcPiece = 256 << 10;  // payload bytes checksummed per step (stays in L2)
+
+// A header with magic, version and header checksum filled in.
+FrameHeader make_header(FrameType type, uint32_t key_len, uint64_t payload_len);
 
 struct TcpStoreStats {
   // active: connection threads held (not yet joined); refused_connections: closed over the cap.
   int64_t connections = 0, refused_connections = 0, active = 0, auth_failures = 0, bad_frames = 0, checksum_failures = 0, truncated = 0, puts = 0,
           gets = 0, bytes_stored = 0;
 };
+
+// Bytes that resize() leaves uninitialised: a payload buffer is written by recv before it is read.
+struct UninitAlloc : std::allocator<uint8_t> {
+  template <class U>
+  struct rebind {
+    using other = UninitAlloc;
+  };
+  template <class U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+};
+using Bytes = std::vector<uint8_t, UninitAlloc>;
 
 class TcpStoreServer {
  public:
@@ -74,6 +91,11 @@ class TcpStoreServer {
   void accept_loop();
   void reap();  // joins the threads of connections that ended
   void serve(int fd, int id);
+  // A buffer for an n-byte payload: a recycled one of capacity n..2n when there is one (its pages
+  // are mapped already: no page faults, no zeroing by the kernel), else a new one.
+  Bytes take_buffer(uint64_t n);
+  void recycle(Bytes&& b);  // keeps at most kRecycled buffers, the largest
+  void recycle_locked(Bytes&& b);
   std::string token_;
   int64_t max_bytes_;
   int listen_fd_ = -1;
@@ -81,7 +103,9 @@ class TcpStoreServer {
   std::atomic<bool> stop_{false};
   std::thread acceptor_;
   mutable std::mutex mu_;
-  std::unordered_map<std::string, std::vector<uint8_t>> chunks_;
+  std::unordered_map<std::string, Bytes> chunks_;
+  static constexpr size_t kRecycled = 4;
+  std::multimap<size_t, Bytes> recycled_;  // by capacity
   std::map<int, std::thread> conns_;
   std::vector<int> finished_;  // ids in conns_ whose thread is done
   std::vector<int> open_fds_;

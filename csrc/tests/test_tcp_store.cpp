@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "kvstream/host_copy.h"
 #include "kvstream/tcp_store.h"
 #include "tests/check.h"
 
@@ -29,12 +30,16 @@ static int raw_connect(int port) {
 static void send_raw(int fd, const void* p, size_t n) { CHECK(::send(fd, p, n, MSG_NOSIGNAL) == static_cast<ssize_t>(n)); }
 
 static void hello(int fd, const std::string& token) {
-  FrameHeader h = make_header(FrameType::kHello, 0, reinterpret_cast<const uint8_t*>(token.data()), token.size());
+  FrameHeader h = make_header(FrameType::kHello, 0, token.size());
+  const uint32_t crc = crc32c(reinterpret_cast<const uint8_t*>(token.data()), token.size());
   send_raw(fd, &h, sizeof h);
   send_raw(fd, token.data(), token.size());
+  send_raw(fd, &crc, sizeof crc);
   FrameHeader r{};
+  uint32_t ok_crc = 1;
   CHECK(::recv(fd, &r, sizeof r, MSG_WAITALL) == sizeof r);
-  CHECK(r.type == static_cast<uint16_t>(FrameType::kOk));
+  CHECK(r.type == static_cast<uint16_t>(FrameType::kOk) && r.payload_len == 0);
+  CHECK(::recv(fd, &ok_crc, sizeof ok_crc, MSG_WAITALL) == sizeof ok_crc && ok_crc == 0);  // of no bytes
 }
 
 static void wait_for(const TcpStoreServer& s, int64_t TcpStoreStats::*f, int64_t v) {
@@ -73,7 +78,7 @@ int main() {
   // A PUT before HELLO is an auth failure too (no payload is read).
   {
     int fd = raw_connect(server.port());
-    FrameHeader h = make_header(FrameType::kPut, 1, data.data(), 1000);
+    FrameHeader h = make_header(FrameType::kPut, 1, 1000);
     send_raw(fd, &h, sizeof h);
     FrameHeader r{};
     CHECK(::recv(fd, &r, sizeof r, MSG_WAITALL) == sizeof r);
@@ -88,12 +93,14 @@ int main() {
     int fd = raw_connect(server.port());
     hello(fd, "secret-token");
     const std::string key = "bad";
-    FrameHeader h = make_header(FrameType::kPut, key.size(), data.data(), 4096);
-    std::vector<uint8_t> payload(data.begin(), data.begin() + 4096);
-    payload[100] ^= 1;  // flipped in flight
+    FrameHeader h = make_header(FrameType::kPut, key.size(), 600000);  // several checksummed pieces
+    std::vector<uint8_t> payload(data.begin(), data.begin() + 600000);
+    const uint32_t crc = crc32c(payload.data(), payload.size());
+    payload[550000] ^= 1;  // flipped in flight, in the last piece
     send_raw(fd, &h, sizeof h);
     send_raw(fd, key.data(), key.size());
     send_raw(fd, payload.data(), payload.size());
+    send_raw(fd, &crc, sizeof crc);
     FrameHeader r{};
     CHECK(::recv(fd, &r, sizeof r, MSG_WAITALL) == sizeof r);
     CHECK(r.type == static_cast<uint16_t>(FrameType::kErr));
@@ -109,7 +116,7 @@ int main() {
   {
     int fd = raw_connect(server.port());
     hello(fd, "secret-token");
-    FrameHeader h = make_header(FrameType::kPut, 1, data.data(), 8);
+    FrameHeader h = make_header(FrameType::kPut, 1, 8);
     h.payload_len = 9;  // header checksum no longer matches
     send_raw(fd, &h, sizeof h);
     FrameHeader r{};
@@ -125,7 +132,7 @@ int main() {
     int fd = raw_connect(server.port());
     hello(fd, "secret-token");
     const std::string key = "torn";
-    FrameHeader h = make_header(FrameType::kPut, key.size(), data.data(), 100000);
+    FrameHeader h = make_header(FrameType::kPut, key.size(), 100000);
     send_raw(fd, &h, sizeof h);
     send_raw(fd, key.data(), key.size());
     send_raw(fd, data.data(), 5000);

@@ -65,11 +65,12 @@ def spawn_mpirun(n: int, controller: str, token: str, hostfile: str | None = Non
     cmd = [exe, "-n", str(n)]
     if os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
-    cmd.append("--oversubscribe")
     if recovery:  # one rank dying must not make mpirun kill the others
         cmd.append("--enable-recovery")
-    if hostfile:
+    if hostfile:  # its slots place the ranks (--oversubscribe would put them all on the first host)
         cmd += ["--hostfile", hostfile]
+    else:  # this host only: more workers than cores is fine
+        cmd.append("--oversubscribe")
     # The token travels in the environment, not on the command line (other users can read argv).
     cmd += ["-x", "DEJAVU_CLUSTER_TOKEN"] + worker_command(controller)
     env = dict(os.environ, DEJAVU_CLUSTER_TOKEN=token, PYTHONUNBUFFERED="1")
