@@ -167,3 +167,18 @@ def test_worker_killed_mid_run_is_reported_not_hung():
     finally:
         llm.shutdown()
     assert not any(alive(p.pid) for p in llm.engine.procs)
+
+
+def test_tokens_for_a_microbatch_without_a_step_are_a_clear_error():
+    """A worker's answer for a microbatch slot with no step in flight (and not from before a
+    recovery) is named in a WorkerError, not a TypeError from unpacking nothing."""
+    from dejavu.cluster.messages import Tokens
+
+    with LLM(device="cpu", model="random:llama-tiny", pp=2, block_size=4, kv_cache_blocks=32) as llm:
+        eng = llm.engine
+        # where a worker's reader thread puts what it read (cluster/membership.py)
+        eng.members.inbox.put((1, eng.members.gen[1], Tokens(mb=1, id=10**6, tokens=[5])))
+        eng.add_request([5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True))
+        with pytest.raises(WorkerError, match="microbatch 1: expected no step, got step 1000000"):
+            while eng.has_unfinished():
+                eng.step()

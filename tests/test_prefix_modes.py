@@ -122,6 +122,11 @@ def test_disaggregated_prompt_side_skips_its_cached_prefix_and_sends_only_missin
         # all at once (racing for the same blocks) from a warm cache
         assert [o.token_ids for o in llm.generate(prompts, params)] == ref
         assert eng.allocator.num_used == 0 and eng.prompt_alloc.num_used == 0
+        # /v1/cluster and /metrics: the prompt side's counters; named blocks of both sides
+        assert eng.prefix_cache_stats()["device_hit_tokens"] == eng.prompt_alloc.stats.device_hit_tokens >= want
+        named = eng.prompt_alloc.num_named + eng.allocator.num_named
+        assert eng.prefix_cache_tiers()["device"] == {"blocks": named,
+                                                      "capacity_blocks": eng.num_prompt_blocks + eng.num_blocks}
 
 
 def test_swapping_pipeline_shares_blocks_within_a_microbatch():
@@ -139,3 +144,8 @@ def test_swapping_pipeline_shares_blocks_within_a_microbatch():
         assert len({id(a) for a in allocs}) == 2
         assert sum(a.stats.device_hit_tokens for a in allocs) >= 3 * BS * len(prompts)
         assert all(a.num_used == 0 for a in allocs)
+        # /v1/cluster and /metrics count every slot's blocks and hits, not the first slot's
+        assert eng.prefix_cache_stats()["device_hit_tokens"] == sum(a.stats.device_hit_tokens for a in allocs)
+        assert eng.prefix_cache_tiers()["device"] == {"blocks": sum(a.num_named for a in allocs),
+                                                      "capacity_blocks": eng.host_blocks}
+        assert all(a.stats.device_hit_tokens > 0 for a in allocs)

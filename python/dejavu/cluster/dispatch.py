@@ -89,11 +89,12 @@ class Dispatch:
         if not 0 <= i < len(self.inflight):  # refused without effect
             log.warning("a worker answered for microbatch %d, which does not exist", i)
             return []
-        if (self.inflight[i] is None or self.inflight[i][0] != msg.id) and self.stale(msg.id):
+        cur = self.inflight[i]
+        if (cur is None or cur[0] != msg.id) and self.stale(msg.id):
             return []  # a step from before a recovery: replayed already
-        step_id, seqs, _ = self.inflight[i]
-        if msg.id != step_id:
-            raise WorkerError(f"microbatch {i}: expected step {step_id}, got {msg.id}")
+        if cur is None or msg.id != cur[0]:
+            raise WorkerError(f"microbatch {i}: expected {f'step {cur[0]}' if cur else 'no step'}, got step {msg.id}")
+        step_id, seqs, _ = cur
         self.inflight[i] = None
         if msg.step_s is not None:  # the sampling stage's previous decode step (worker.py)
             c.decode_steps.append(msg.step_s)

@@ -340,9 +340,13 @@ class DisaggEngine(PipelineEngine):
                 self.waiting.appendleft(s)
         return drop
 
-    def reset_prefix_cache(self) -> None:
-        super().reset_prefix_cache()
-        self.prompt_alloc.reset_prefix_cache()
+    def _named_allocators(self) -> list[BlockAllocator]:
+        return super()._named_allocators() + [self.prompt_alloc]
+
+    def prefix_cache_stats(self) -> dict | None:
+        """The prompt side's counters: prompt tokens whose prefill was skipped (the token side's
+        hits, blocks not sent, are in self.allocator.stats)."""
+        return None if self.prefix_salt is None else self.prompt_alloc.stats.as_dict()
 
     def _stop_all(self) -> list[Sequence]:
         self.waiting.extend(self.token_waiting)

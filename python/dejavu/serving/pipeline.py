@@ -15,12 +15,13 @@ inbox, heartbeats), Dispatch (steps out, tokens back), Replication (watermarks) 
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 
 import torch
 
-from ..engine.block_manager import BlockAllocator
+from ..engine.block_manager import BlockAllocator, PrefixStats
 from ..engine.kv_cache import PagedKVCache
 from ..engine.llm_engine import EngineConfig, LLMEngine, eos_ids, prefix_salt
 from ..engine.scheduler import Scheduler
@@ -184,10 +185,32 @@ class PipelineEngine(LLMEngine):
             self.reset_prefix_cache()  # blocks computed while paused have no replica to share
         self.replication.paused = not on
 
+    def _named_allocators(self) -> list[BlockAllocator]:
+        """The allocators that name blocks: the shared one, or each slot's own when swapping."""
+        return list({id(s.allocator): s.allocator for s in self.slots}.values())
+
     def reset_prefix_cache(self) -> None:
         """Forget every block name (a worker was replaced, or blocks have no replica)."""
-        for a in {id(s.allocator): s.allocator for s in self.slots}.values():  # each slot's own when swapping
+        for a in self._named_allocators():
             a.reset_prefix_cache()
+
+    def prefix_cache_stats(self) -> dict | None:
+        """Prefix-cache counters summed over the allocators that name blocks (no host or disk tier)."""
+        if self.prefix_salt is None:
+            return None
+        total = PrefixStats()
+        for a in self._named_allocators():
+            for f in dataclasses.fields(PrefixStats):
+                setattr(total, f.name, getattr(total, f.name) + getattr(a.stats, f.name))
+        return total.as_dict()
+
+    def prefix_cache_tiers(self) -> dict | None:
+        """The device tier's named blocks and capacity over every allocator (/v1/cluster, /metrics)."""
+        if self.prefix_salt is None:
+            return None
+        allocs = self._named_allocators()
+        return {"device": {"blocks": sum(a.num_named for a in allocs),
+                           "capacity_blocks": sum(a.num_blocks for a in allocs)}}
 
     def _blocks_for(self, cfg, layers, num_blocks: int, memory: int) -> int:
         deepest = max(b - a for a, b in layers)

@@ -222,7 +222,7 @@ class StageRole:
         self.ch.send(ResetDone(rank=self.rank, epoch=msg.epoch))
 
     def set_pipes(self, msg) -> None:
-        """Neighbours (and replica holder) of a new epoch: connections are made on first use."""
+        """Neighbours (and replica holders) of a new epoch: connections are made on first use."""
         if self.pipes is not None:
             self.pipes.configure(msg.epoch, msg.prev, msg.next)
         if self.replicator is not None and msg.holders:
