@@ -32,6 +32,8 @@ _VARS = [
     EnvVar("DEJAVU_WORKER_THREADS", "int", "0", "torch threads per worker (0: cores / workers on a CPU, 1 on a GPU)"),
     EnvVar("DEJAVU_CONNECT_WAIT", "float", "60", "seconds a worker retries reaching its controller (one started by "
            "hand may come up first)"),
+    EnvVar("DEJAVU_SERVE_WAIT", "int", "300", "seconds the example and benchmark scripts wait for their "
+           "`dejavu serve` to answer /health"),
     EnvVar("DEJAVU_SWITCH_INTERVAL", "float", "0.0005", "Python's thread switch interval in workers and bench decode"),
     EnvVar("DEJAVU_REPLICA_RING", "bool", "1", "0: replicate decode steps by a gather instead of the pinned ring"),
     EnvVar("DEJAVU_REPLICA_RING_MIB", "float", "512", "cap on the replication ring's pinned host memory"),
