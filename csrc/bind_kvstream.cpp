@@ -188,6 +188,12 @@ void dejavu::bind::bind_kvstream(py::module_& m) {
       .def("tcp_put", [](WorkerPool& w, std::shared_ptr<TcpStoreClient> c, const std::string& key, uintptr_t p, int64_t n) {
         return w.submit([c, key, p, n] { return c->put(key, as_ptr<const uint8_t>(p), n); });
       })
+      .def("tcp_put_spans", [](WorkerPool& w, std::shared_ptr<TcpStoreClient> c, const std::string& key, uintptr_t base,
+                               const std::vector<std::pair<int64_t, int64_t>>& spans) {
+        auto s = to_spans(spans);
+        return w.submit([c, key, base, s = std::move(s)] { return c->put_spans(key, as_ptr<const uint8_t>(base), s.data(), s.size()); });
+      }, py::arg("client"), py::arg("key"), py::arg("base"), py::arg("spans"),
+         "Put the spans of base, in order, as one chunk (no gather copy); base must stay unchanged until done")
       .def("tcp_get", [](WorkerPool& w, std::shared_ptr<TcpStoreClient> c, const std::string& key, uintptr_t p, int64_t cap) {
         return w.submit([c, key, p, cap] { return c->get(key, as_ptr<uint8_t>(p), cap); });
       });

@@ -156,3 +156,24 @@ def test_tcp_store_keeps_every_chunk_while_reusing_receive_buffers(tcp_server):
     for key, want in latest.items():
         got = torch.empty(want.numel(), dtype=torch.uint8)
         assert server.get_into(key, got) == want.numel() and torch.equal(got, want), key
+
+
+def test_tcp_layers_leave_straight_from_the_cache_pipelined_on_one_connection(tcp_server):
+    """A host cache's layers go to a TCP store from their spans (no gather buffer: a pool smaller than
+    one layer does), their puts pipelined on one connection: each layer's chunk holds exactly that
+    layer's gathered bytes."""
+    server, token = tcp_server
+    src = filled_cache(layers=6, blocks=32, block_size=8, heads=4, head_dim=16, seed=5)
+    region = Region.chunks(range(6), [7, 3, 21, 9, 30])
+    a = KVStreamer(src, level=2, pool_bytes=4096)
+    assert region.layer(0).nbytes(a.layout) > 4096
+    dest = TcpDest("127.0.0.1", server.port, token)
+    a.stream_out(region, dest, "lay", layer_events=[None] * 6).wait(30)
+    for i in range(6):
+        want = torch.empty(region.layer(i).nbytes(a.layout), dtype=torch.uint8)
+        KVStreamer(src).gather(region.layer(i), want).wait(10)
+        got = torch.empty_like(want)
+        assert server.get_into(f"lay.l{i}", got) == want.numel() and torch.equal(got, want), i
+    dst = empty_like(src)
+    KVStreamer(dst, level=2, pool_bytes=1 << 20).stream_in(dest, "lay", region, per_layer=True).wait(30)
+    assert torch.equal(region_values(dst, region), region_values(src, region))

@@ -24,22 +24,37 @@ using net::recv_all;
 using net::send_all;
 using net::set_timeouts;
 
-// Header, key, payload and its checksum trailer. A large payload goes piece by piece, each
-// checksummed just before it is sent, so the send reads it from cache.
-void send_frame(int fd, FrameType t, const std::string& key, const uint8_t* payload, uint64_t n) {
+// Header, key, payload (the pieces in order, e.g. a cache's spans: no gather copy first) and its
+// checksum trailer. The payload goes in batches of kCrcPiece bytes, each checksummed just before it is
+// sent, so the send reads it from cache; a small frame leaves in one system call.
+void send_frame(int fd, FrameType t, const std::string& key, const iovec* pieces, size_t count) {
+  uint64_t n = 0;
+  for (size_t i = 0; i < count; ++i) n += pieces[i].iov_len;
   FrameHeader h = make_header(t, static_cast<uint32_t>(key.size()), n);
-  const bool whole = n <= kCrcPiece;
-  uint32_t crc = whole ? crc32c(payload, n) : 0;
-  std::vector<iovec> head{{&h, sizeof h}, {const_cast<char*>(key.data()), key.size()}};
-  if (whole) head.insert(head.end(), {{const_cast<uint8_t*>(payload), n}, {&crc, sizeof crc}});
-  net::send_pieces(fd, head);
-  if (whole) return;
-  for (uint64_t off = 0; off < n; off += kCrcPiece) {
-    const size_t k = std::min<uint64_t>(kCrcPiece, n - off);
-    crc = crc32c(payload + off, k, crc);
-    send_all(fd, payload + off, k);
+  uint32_t crc = 0;
+  std::vector<iovec> batch{{&h, sizeof h}, {const_cast<char*>(key.data()), key.size()}};
+  size_t filled = 0;
+  for (size_t i = 0; i < count; ++i) {
+    auto* p = static_cast<uint8_t*>(pieces[i].iov_base);
+    for (size_t left = pieces[i].iov_len; left > 0;) {
+      const size_t k = std::min(left, kCrcPiece - filled);
+      crc = crc32c(p, k, crc);
+      batch.push_back({p, k});
+      p += k, left -= k, filled += k;
+      if (filled == kCrcPiece) {
+        net::send_pieces(fd, batch);
+        batch.clear();
+        filled = 0;
+      }
+    }
   }
-  send_all(fd, &crc, sizeof crc);
+  batch.push_back({&crc, sizeof crc});
+  net::send_pieces(fd, batch);
+}
+
+void send_frame(int fd, FrameType t, const std::string& key, const uint8_t* payload, uint64_t n) {
+  const iovec one{const_cast<uint8_t*>(payload), n};
+  send_frame(fd, t, key, &one, n ? 1 : 0);
 }
 
 // Reads n payload bytes into dst and the checksum after them, each piece checksummed as soon as it
@@ -369,7 +384,8 @@ TcpStoreClient::TcpStoreClient(const std::string& host, int port, const std::str
   fd_ = net::connect_to(host, port, timeout_s);
   std::vector<uint8_t> reply;
   try {
-    request(FrameType::kHello, "", reinterpret_cast<const uint8_t*>(token.data()), token.size(), &reply);
+    const iovec tok{const_cast<char*>(token.data()), token.size()};
+    request(FrameType::kHello, "", &tok, 1, &reply);
   } catch (...) {
     ::close(fd_);
     fd_ = -1;
@@ -381,49 +397,92 @@ TcpStoreClient::~TcpStoreClient() {
   if (fd_ >= 0) ::close(fd_);
 }
 
-FrameHeader TcpStoreClient::request(FrameType t, const std::string& key, const uint8_t* data, uint64_t n,
-                                    std::vector<uint8_t>* reply) {
-  if (fd_ < 0) throw TransportError("connection to " + peer_ + " is closed");
+void TcpStoreClient::fail(const std::string& why) {
+  std::lock_guard<std::mutex> g(recv_mu_);
+  if (broken_.empty()) broken_ = why;
+  ::shutdown(fd_, SHUT_RDWR);  // a thread blocked on the socket returns at once
+  turn_.notify_all();
+}
+
+uint64_t TcpStoreClient::request(FrameType t, const std::string& key, const iovec* pieces, size_t count,
+                                 std::vector<uint8_t>* reply, uint8_t* dst, int64_t cap) {
+  auto lost = [&](const std::string& why) {
+    fail(why);
+    return TransportError("connection to " + peer_ + " lost: " + why);
+  };
+  uint64_t ticket;
+  {
+    std::lock_guard<std::mutex> s(send_mu_);
+    {
+      std::lock_guard<std::mutex> g(recv_mu_);
+      if (!broken_.empty()) throw TransportError("connection to " + peer_ + " is unusable: " + broken_);
+      ticket = sent_++;
+    }
+    try {
+      send_frame(fd_, t, key, pieces, count);
+    } catch (const TransportError& e) {
+      throw lost(e.what());  // a frame cut short leaves the stream unusable
+    }
+  }
+  {
+    std::unique_lock<std::mutex> l(recv_mu_);
+    turn_.wait(l, [&] { return answered_ == ticket || !broken_.empty(); });
+    if (!broken_.empty()) throw TransportError("connection to " + peer_ + " lost: " + broken_);
+  }
+  // Only this thread reads until it moves answered_ on.
   FrameHeader h{};
   bool intact = false;
+  uint64_t len = 0;
   try {
-    send_frame(fd_, t, key, data, n);
     recv_all(fd_, &h, sizeof h);
-    if (std::string why = header_problem(h); !why.empty()) throw TransportError(peer_ + " sent a bad frame: " + why);
+    if (std::string why = header_problem(h); !why.empty()) throw lost(peer_ + " sent a bad frame: " + why);
     std::string rkey(h.key_len, '\0');
     if (h.key_len) recv_all(fd_, rkey.data(), h.key_len);
-    reply->resize(h.payload_len);
-    intact = recv_payload(fd_, reply->data(), h.payload_len);
+    len = h.payload_len;
+    const bool direct = dst != nullptr && static_cast<FrameType>(h.type) == FrameType::kData && len <= static_cast<uint64_t>(cap);
+    if (!direct) reply->resize(len);
+    intact = recv_payload(fd_, direct ? dst : reply->data(), len);
   } catch (const PeerGone& e) {
-    ::close(fd_);
-    fd_ = -1;
-    throw TransportError("connection to " + peer_ + " lost: " + e.why);
+    throw lost(e.why);
+  }
+  {
+    std::lock_guard<std::mutex> g(recv_mu_);
+    ++answered_;
+    turn_.notify_all();
   }
   if (!intact) throw TransportError("reply from " + peer_ + " failed its checksum");
   if (static_cast<FrameType>(h.type) == FrameType::kErr)
     throw TransportError(peer_ + " refused: " + std::string(reply->begin(), reply->end()));
-  return h;
+  return len;
 }
 
 int64_t TcpStoreClient::put(const std::string& key, const uint8_t* data, int64_t n) {
-  std::lock_guard<std::mutex> g(mu_);
+  const iovec one{const_cast<uint8_t*>(data), static_cast<size_t>(n)};
   std::vector<uint8_t> reply;
-  request(FrameType::kPut, key, data, static_cast<uint64_t>(n), &reply);
+  request(FrameType::kPut, key, &one, n ? 1 : 0, &reply);
+  return n;
+}
+
+int64_t TcpStoreClient::put_spans(const std::string& key, const uint8_t* base, const Span* spans, size_t count) {
+  std::vector<iovec> pieces(count);
+  int64_t n = 0;
+  for (size_t i = 0; i < count; ++i) {
+    pieces[i] = {const_cast<uint8_t*>(base + spans[i].offset), static_cast<size_t>(spans[i].bytes)};
+    n += spans[i].bytes;
+  }
+  std::vector<uint8_t> reply;
+  request(FrameType::kPut, key, pieces.data(), count, &reply);
   return n;
 }
 
 int64_t TcpStoreClient::get(const std::string& key, uint8_t* dst, int64_t cap) {
-  std::lock_guard<std::mutex> g(mu_);
   std::vector<uint8_t> reply;
-  request(FrameType::kGet, key, nullptr, 0, &reply);
-  const int64_t n = static_cast<int64_t>(reply.size());
+  const auto n = static_cast<int64_t>(request(FrameType::kGet, key, nullptr, 0, &reply, dst, cap));
   if (n > cap) throw std::length_error("chunk '" + key + "' is " + std::to_string(n) + " bytes, buffer " + std::to_string(cap));
-  std::memcpy(dst, reply.data(), static_cast<size_t>(n));
   return n;
 }
 
 bool TcpStoreClient::del(const std::string& key) {
-  std::lock_guard<std::mutex> g(mu_);
   std::vector<uint8_t> reply;
   request(FrameType::kDel, key, nullptr, 0, &reply);
   return true;

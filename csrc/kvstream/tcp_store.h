@@ -13,6 +13,7 @@
 // answered with ERR and never stored. The server outlives every bad peer.
 #pragma once
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -22,6 +23,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "kvstream/layout.h"
 #include "kvstream/net.h"
 
 namespace dejavu {
@@ -112,6 +114,9 @@ class TcpStoreServer {
   TcpStoreStats stats_;
 };
 
+// Requests from several threads are pipelined on the one connection: a request is sent as soon as
+// the one before it has left (not once it is answered), and the server answers in order, so each
+// thread takes its reply when its turn comes. A lost connection fails every request in flight.
 class TcpStoreClient {
  public:
   TcpStoreClient(const std::string& host, int port, const std::string& token, double timeout_s = 30.0);
@@ -120,15 +125,25 @@ class TcpStoreClient {
   TcpStoreClient& operator=(const TcpStoreClient&) = delete;
   // Returns once the server acknowledged the chunk (stored, checksum verified).
   int64_t put(const std::string& key, const uint8_t* data, int64_t n);
+  // One chunk made of the spans of base, in order (a cache's region, sent without a gather copy);
+  // returns its bytes once acknowledged. The spans must not change until then.
+  int64_t put_spans(const std::string& key, const uint8_t* base, const Span* spans, size_t count);
   // Fetches into dst; returns payload bytes. Throws if absent, too large or corrupted.
   int64_t get(const std::string& key, uint8_t* dst, int64_t cap);
   bool del(const std::string& key);
 
  private:
-  FrameHeader request(FrameType t, const std::string& key, const uint8_t* data, uint64_t n,
-                      std::vector<uint8_t>* reply);
+  // Sends the request, then waits for its turn and reads the reply: into *reply, or (a DATA reply to
+  // a GET) straight into dst of cap bytes. Returns the reply's payload length.
+  uint64_t request(FrameType t, const std::string& key, const iovec* pieces, size_t count,
+                   std::vector<uint8_t>* reply, uint8_t* dst = nullptr, int64_t cap = 0);
+  void fail(const std::string& why);  // marks the connection broken and wakes every waiter
   int fd_ = -1;
-  std::mutex mu_;
+  std::mutex send_mu_;  // one request's frame at a time
+  std::mutex recv_mu_;  // guards the tickets and broken_
+  std::condition_variable turn_;
+  uint64_t sent_ = 0, answered_ = 0;  // tickets: requests sent, replies read
+  std::string broken_;  // why the connection is unusable ("" while it is fine)
   std::string peer_;
 };
 

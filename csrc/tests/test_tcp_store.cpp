@@ -1,11 +1,13 @@
-// TCP chunk transport over loopback: round trip, bad token, corrupted and truncated frames; the
-// server survives every bad peer and keeps serving good ones.
+// TCP chunk transport over loopback: round trip, pipelined requests from several threads, a lost
+// connection, bad token, corrupted and truncated frames; the server survives every bad peer and
+// keeps serving good ones.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <cstring>
 #include <random>
 #include <string>
 #include <thread>
@@ -64,10 +66,72 @@ int main() {
     CHECK(server.get("r7.t12", local.data(), local.size()) == static_cast<int64_t>(data.size()) && local == data);
     CHECK_THROWS(c.get("missing", back.data(), back.size()));
     CHECK_THROWS(c.get("r7.t12", back.data(), 16));  // buffer too small
+    // A chunk put from spans of a buffer (no gather first) holds them in order; a span may cross
+    // checksum pieces and a piece may hold many spans.
+    std::vector<Span> spans{{600000, 300000}, {5, 7}, {0, 3}, {200000, 70000}, {900000, 0}, {1000, 4096}};
+    std::vector<uint8_t> want;
+    for (auto& sp : spans) want.insert(want.end(), data.begin() + sp.offset, data.begin() + sp.offset + sp.bytes);
+    CHECK(c.put_spans("spans", data.data(), spans.data(), spans.size()) == static_cast<int64_t>(want.size()));
+    std::vector<uint8_t> got(want.size());
+    CHECK(c.get("spans", got.data(), got.size()) == static_cast<int64_t>(want.size()) && got == want);
     // The connection still works after refused requests.
     CHECK(c.put("small", data.data(), 10) == 10);
     CHECK(c.del("small"));
     CHECK(!server.contains("small"));
+  }
+
+  // Requests from several threads share one connection, pipelined: every reply reaches the request
+  // it answers (sizes differ; a refused GET among them disturbs none of the others).
+  {
+    TcpStoreClient c("127.0.0.1", server.port(), "secret-token");
+    std::vector<std::thread> ts;
+    std::vector<int> ok(8, 0);
+    for (int t = 0; t < 8; ++t) {
+      ts.emplace_back([&, t] {
+        const size_t n = 1000 + static_cast<size_t>(t) * 130000;  // up to ~0.9 MiB: several pieces
+        const std::string key = "p" + std::to_string(t);
+        std::vector<uint8_t> back(n);
+        for (int round = 0; round < 5; ++round) {
+          const uint8_t* src = data.data() + (t * 7 + round) % 64;
+          c.put(key, src, static_cast<int64_t>(n));
+          if (c.get(key, back.data(), static_cast<int64_t>(n)) != static_cast<int64_t>(n)) return;
+          if (std::memcmp(back.data(), src, n) != 0) return;
+          bool refused = false;
+          try {
+            c.get("absent" + key, back.data(), 16);
+          } catch (const TransportError&) {
+            refused = true;
+          }
+          if (!refused) return;
+        }
+        ok[t] = 1;
+      });
+    }
+    for (auto& t : ts) t.join();
+    for (int t = 0; t < 8; ++t) CHECK(ok[t] == 1);
+  }
+
+  // A connection lost with requests in flight fails each of them, and every later one, at once.
+  {
+    TcpStoreServer doomed("127.0.0.1", 0, "t");
+    TcpStoreClient c("127.0.0.1", doomed.port(), "t");
+    CHECK(c.put("x", data.data(), 100) == 100);
+    std::vector<std::thread> ts;
+    std::vector<int> failed(4, 0);
+    for (int t = 0; t < 4; ++t) {
+      ts.emplace_back([&, t] {
+        try {
+          for (;;) c.put("k" + std::to_string(t), data.data(), static_cast<int64_t>(data.size()));
+        } catch (const TransportError&) {
+          failed[t] = 1;
+        }
+      });
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    doomed.stop();
+    for (auto& t : ts) t.join();
+    for (int t = 0; t < 4; ++t) CHECK(failed[t] == 1);
+    CHECK_THROWS(c.put("y", data.data(), 10));
   }
 
   // Bad token: refused, counted, and nothing stored.

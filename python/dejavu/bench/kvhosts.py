@@ -7,7 +7,8 @@ Two roles, one per host; the cluster token comes from $DEJAVU_CLUSTER_TOKEN:
 The sender's cache is paged (all layers x a random subset of blocks), so DéjàVuLib gathers it before
 sending; the raw copy sends one contiguous buffer of the same size. Each transfer is timed on the
 sender from its start to the receiver's acknowledgement that every byte is in its memory (the TCP
-store's reply; one byte back on the raw socket). Before timing, the streamed region is fetched back
+store's reply; one byte back on the raw socket); the ratio is the median over rounds of raw time /
+DéjàVuLib time within a round. Before timing, the streamed region is fetched back
 and compared: a wrong byte fails the run. benchmarks/kv_between_hosts.py runs both roles in two
 network-namespace hosts.
 """
@@ -113,9 +114,12 @@ def send(peer: str, kv_port: int, raw_port: int, layers: int, heads: int, head_d
             if i:
                 times[name].append(time.perf_counter() - t0)
     t = {name: statistics.median(v) for name, v in times.items()}
+    # The ratio pairs each transfer with the raw copy of its own round: load from other jobs on a
+    # shared machine drifts between rounds more than within one.
     rows = [{"mode": name, "bytes": nbytes, "chunk_bytes": chunk, "spans": len(region.spans(cache.layout())),
              "dejavulib_GBps": nbytes / t[name] / 1e9, "raw_GBps": nbytes / t["raw"] / 1e9,
-             "ratio": t["raw"] / t[name]} for name in ("region", "by layer")]
+             "ratio": statistics.median(r / d for r, d in zip(times["raw"], times[name]))}
+            for name in ("region", "by layer")]
     raw.close()
     return {"peer": peer, "layers": layers, "kv_heads": heads, "head_dim": head_dim, "block_tokens": block_size,
             "dtype": "float16", "repeat": repeat, "rows": rows}

@@ -209,6 +209,9 @@ class Future:
             cleanup()
 
 
+_NAP_MIN, _NAP_MAX = 2e-4, 1e-3
+
+
 class _Driver:
     """One daemon thread that keeps driving registered futures to completion."""
 
@@ -226,15 +229,23 @@ class _Driver:
             self._cv.notify()
 
     def _loop(self) -> None:
+        # Polls often while futures move, backing off while none does (a long send holds nothing for
+        # it to do): polling at full rate takes a core's share from the transfers themselves.
+        nap = _NAP_MIN
         while True:
             with self._cv:
                 while not self._futures:
                     self._cv.wait()
+                    nap = _NAP_MIN
                 items = list(self._futures)
             finished = [f for f in items if f._try_done()]
             with self._cv:
                 self._futures.difference_update(finished)
-            time.sleep(2e-4)
+                if finished or len(self._futures) > len(items) - len(finished):
+                    nap = _NAP_MIN  # progress, or new work
+                else:
+                    nap = min(nap * 2, _NAP_MAX)
+                self._cv.wait(nap)
 
 
 _driver = _Driver()

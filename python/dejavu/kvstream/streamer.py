@@ -247,6 +247,9 @@ class KVStreamer:
         return self._out_one(region, dest, key, after)
 
     def _out_one(self, region, dest, key, after) -> Future:
+        if not self.is_cuda and self.level > 0 and hasattr(dest, "put_spans"):
+            # A host cache goes to a socket straight from its spans: the send is the only copy.
+            return dest.put_spans(key, self.flat, region.spans(self.layout))
         n = region.nbytes(self.layout)
         buf = self.pool.alloc(n)
         g = self.gather(region, buf.tensor, after=after)

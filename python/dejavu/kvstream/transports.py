@@ -158,6 +158,13 @@ class TcpDest(Destination):
         h = self.workers.tcp_put(self._client(), key, buf.data_ptr(), buf.numel())
         return Future(f"tcp put {key!r} to {self.peer}", parts=[h], keep=[buf], nbytes=buf.numel())
 
+    def put_spans(self, key, base: torch.Tensor, spans) -> Future:
+        """Put the (offset, bytes) spans of the uint8 CPU tensor `base`, in order, as one chunk, straight
+        from `base` (no gather copy first): its spans must not change until the future is done."""
+        _check_buf(base)
+        h = self.workers.tcp_put_spans(self._client(), key, base.data_ptr(), spans)
+        return Future(f"tcp put {key!r} to {self.peer}", parts=[h], keep=[base], nbytes=sum(n for _, n in spans))
+
     def get(self, key, buf):
         _check_buf(buf)
         h = self.workers.tcp_get(self._client(), key, buf.data_ptr(), buf.numel())
