@@ -8,7 +8,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import netns  # noqa: E402
 
+from dejavu.bench import write_json  # noqa: E402
 from dejavu.kvstream.transports import new_cluster_token  # noqa: E402
 
 
@@ -26,12 +26,10 @@ def main() -> int:
     p.add_argument("--rate", default=None, help="shape the sender's link with tbf (e.g. 1gbit); default unshaped")
     p.add_argument("--json", default=None)
     a = p.parse_args()
-    why = netns.unavailable()
-    if why:
-        print(f"kv_between_hosts: no namespace hosts: {why}", file=sys.stderr)
+    cluster = netns.bench_cluster(2, "kv_between_hosts")
+    if cluster is None:
         return 2
     env = dict(os.environ, DEJAVU_CLUSTER_TOKEN=new_cluster_token(), PYTHONUNBUFFERED="1")
-    cluster = netns.Cluster(2)
     try:
         a_host, b_host = cluster[0], cluster[1]
         if a.rate:
@@ -48,20 +46,16 @@ def main() -> int:
         result = json.loads(r.stdout.strip().splitlines()[-1])
     finally:
         cluster.close()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    result.update({"cpu": f"{cpu} ({os.cpu_count()} cores)", "date": datetime.date.today().isoformat(),
+    result.update({"cpu": f"{netns.cpu_model()} ({os.cpu_count()} cores)", "date": datetime.date.today().isoformat(),
                    "link": f"veth + bridge between network namespaces{', tbf ' + a.rate if a.rate else ''}"})
     print(f"KV between namespace hosts on {result['cpu']}, {result['date']}; {result['link']}; cache "
           f"{result['layers']} layers x {result['kv_heads']} KV heads x {result['head_dim']}, fp16, "
-          f"{result['block_tokens']}-token blocks; ratio = raw time / DéjàVuLib time")
+          f"{result['block_tokens']}-token blocks; ratio = median over rounds of raw time / DéjàVuLib time")
     print(f"{'puts':>9} {'MiB':>6} {'spans':>6} {'DéjàVuLib GB/s':>15} {'raw GB/s':>9} {'ratio':>6}")
     for row in result["rows"]:
         print(f"{row['mode']:>9} {row['bytes'] >> 20:>6} {row['spans']:>6} {row['dejavulib_GBps']:>15.2f} {row['raw_GBps']:>9.2f} "
               f"{row['ratio']:>6.2f}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(a.json, result)
     return 0
 
 

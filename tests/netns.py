@@ -27,6 +27,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -215,6 +216,22 @@ def unavailable() -> str | None:
         if shutil.which(tool) is None:
             return f"`{tool}` is not installed (iproute2; .ci/run installs it)"
     return None
+
+
+def bench_cluster(n: int, prog: str) -> "Cluster | None":
+    """n namespace hosts for a benchmark script; None (the reason printed) where they cannot be made."""
+    why = unavailable()
+    if why:
+        print(f"{prog}: no namespace hosts: {why}", file=sys.stderr)
+        return None
+    sweep_stale()
+    return Cluster(n)
+
+
+def cpu_model() -> str:
+    """The processor's name, for benchmark reports run on these hosts (they share it)."""
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
 
 
 def make_cluster(n: int = 4) -> Cluster:
