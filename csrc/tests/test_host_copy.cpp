@@ -84,15 +84,19 @@ int main() {
     for (size_t i = 3; i < buf.size(); ++i) chained = crc32c(buf.data() + i, 1, chained);
     CHECK(whole == chained);
   }
-  // Large buffers (the three-lane path, 12 KiB and up): the same CRC as pieces too small for it,
-  // at lengths on and off its lane boundaries.
+  // Large buffers (folding from 1 KiB where the CPU has VPCLMULQDQ, else the three-lane path from
+  // 12 KiB): the same CRC as pieces too small for either, on and off their step boundaries.
   {
     std::vector<uint8_t> buf(100003);
     for (auto& b : buf) b = static_cast<uint8_t>(rng());
-    for (size_t n : {size_t{12288}, size_t{12289}, size_t{24575}, size_t{100000}}) {
+    for (size_t n : {size_t{1024}, size_t{1031}, size_t{1279}, size_t{1280}, size_t{4096}, size_t{12288}, size_t{12289},
+                     size_t{24575}, size_t{100000}}) {
       const uint32_t whole = crc32c(buf.data() + 3, n, 0x1234u);
       uint32_t chained = 0x1234u;
       for (size_t at = 0; at < n; at += 1000) chained = crc32c(buf.data() + 3 + at, std::min<size_t>(1000, n - at), chained);
+      CHECK(whole == chained);
+      // And folded data that itself ends in a folded piece (chaining through the fold's seed).
+      chained = crc32c(buf.data() + 3 + n / 2, n - n / 2, crc32c(buf.data() + 3, n / 2, 0x1234u));
       CHECK(whole == chained);
     }
   }
