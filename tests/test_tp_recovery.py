@@ -1,4 +1,4 @@
-"""Recovery with tensor parallelism: pp=2 x tp=2 worker processes (each TP group its own gloo world,
+"""Recovery with tensor parallelism: pp x tp=2 worker processes (each TP group its own gloo world,
 formed anew per epoch through the controller's store), one shard killed with SIGKILL mid-stream.
 Every request's output equals the failure-free run's; the shard's TP peer survives with its KV."""
 import pytest
@@ -8,12 +8,12 @@ from dejavu import LLM
 from test_fault_tolerance import MODEL, PROMPTS, finish, reference, run  # noqa: F401 (reference: a fixture)
 
 
-@pytest.mark.parametrize("rank,at,replicate", [
-    (1, 10, True),    # stage 0, shard 1: resumed from the replicas (stage 1's shard 1 holds them)
-    (2, 16, False),   # stage 1, shard 0 (the one that samples), no replicas: recomputed from the prompts
+@pytest.mark.parametrize("pp,rank,at,replicate", [
+    (2, 1, 10, True),    # stage 0, shard 1: resumed from the replicas (stage 1's shard 1 holds them)
+    (1, 0, 16, False),   # one stage, the shard that samples, no replicas: recomputed from the prompts
 ])
-def test_killed_tp_shard_resumes_exactly(reference, rank, at, replicate):
-    llm = LLM(device="cpu", model=MODEL, pp=2, tp=2, block_size=4, kv_cache_blocks=256, worker_timeout=60,
+def test_killed_tp_shard_resumes_exactly(reference, pp, rank, at, replicate):
+    llm = LLM(device="cpu", model=MODEL, pp=pp, tp=2, block_size=4, kv_cache_blocks=256, worker_timeout=60,
               replicate=replicate)
     eng = llm.engine
     assert eng.recovery.policy == "respawn"  # recovery is on by default with tp > 1
