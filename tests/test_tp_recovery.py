@@ -57,7 +57,7 @@ model.cfg = SimpleNamespace(arch="opt")
 model.fc2 = Linear(4, 2, bias=False)  # row-parallel in OPT's plan: its output is all-reduced
 with torch.no_grad():
     model.fc2.weight.fill_(rank + 1)
-cfg = SimpleNamespace(backend="gloo", kv_token="k" * 32, tp_store=port, tp_groups=[[5, 6]], timeout=timeout)
+cfg = SimpleNamespace(backend="gloo", tp_store=port, tp_groups=[[5, 6]], timeout=timeout)
 group = TPGroup(model, cfg, 5 + rank, "127.0.0.1")
 x = torch.ones(1, 4)
 group.join(0)

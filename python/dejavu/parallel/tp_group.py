@@ -4,8 +4,7 @@ Each TP group (the shards of one stage) is a torch.distributed world of its own:
 default group, of `tp` ranks. There is no deployment-wide world, so a dead shard breaks only its
 own group's collectives. A group is formed per epoch: every member joins when it is told the
 epoch's neighbours (`pipes`), through a rendezvous store that the controller hosts (no member
-hosts it, so none takes it down by dying), under a key prefix naming the deployment, the group and
-the epoch. On a reset every member leaves (destroys) its group; the next epoch's `pipes` forms it
+hosts it, so none takes it down by dying), under a key prefix naming the group and the epoch. On a reset every member leaves (destroys) its group; the next epoch's `pipes` forms it
 again with the replacement, whose weights and KV are the only ones reloaded.
 
 How a survivor gets out of a collective its peer will not finish:
@@ -23,7 +22,6 @@ import datetime
 import os
 import sys
 
-from ..kvstream.auth import derive_key
 from ..kvstream.net import listen
 from ..models import tp
 
@@ -35,10 +33,9 @@ def collective_timeout(worker_timeout: float) -> float:
     return min(COLLECTIVE_TIMEOUT_S, worker_timeout / 2)
 
 
-def key_prefix(token: str, first_rank: int, epoch: int) -> str:
-    """Store keys of one group in one epoch; derived from the cluster token, so a client of the
-    store that lacks it cannot name (and so cannot forge) a group's keys."""
-    return f"tp/{derive_key(token, 'tp-rendezvous').hex()[:32]}/{first_rank}/{epoch}/"
+def key_prefix(first_rank: int, epoch: int) -> str:
+    """Store keys of one group (named by its first rank) in one epoch: no epoch reads another's."""
+    return f"tp/{first_rank}/{epoch}/"
 
 
 class RendezvousStore:
@@ -62,7 +59,7 @@ class TPGroup:
     main thread (between steps); abort may run on any thread."""
 
     def __init__(self, model, cfg, rank: int, host: str):
-        self.model, self.backend, self.token = model, cfg.backend, cfg.kv_token
+        self.model, self.backend = model, cfg.backend
         self.host, self.port = host, cfg.tp_store
         self.ranks = next(g for g in cfg.tp_groups if rank in g)
         self.tp_rank = self.ranks.index(rank)
@@ -82,8 +79,7 @@ class TPGroup:
         self.leave()
         try:
             store = dist.TCPStore(self.host, self.port, is_master=False, timeout=self.timeout)
-            dist.init_process_group(self.backend, store=dist.PrefixStore(key_prefix(self.token, self.ranks[0], epoch),
-                                                                         store),
+            dist.init_process_group(self.backend, store=dist.PrefixStore(key_prefix(self.ranks[0], epoch), store),
                                     rank=self.tp_rank, world_size=len(self.ranks), timeout=self.timeout)
         except (RuntimeError, ValueError, OSError) as e:
             print(f"dejavu worker: tensor-parallel group {self.ranks} of epoch {epoch} not formed: {e}",
