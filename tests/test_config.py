@@ -42,7 +42,6 @@ BAD = [
     (dict(prompt_stages=1, token_stages=2, replicate=True, replicate_to=[1, 2]), "replicate_to", "[0, 2)"),
     (dict(pp=2, replicate=True, recovery="off"), "recovery", "replicate needs recovery"),
     (dict(pp=2, recovery="sometimes"), "recovery", "got 'sometimes'"),
-    (dict(pp=2, tp=2, recovery="respawn"), "recovery", "needs tp 1"),
     (dict(heartbeat_interval=0), "heartbeat_interval", "> 0"),
     (dict(heartbeat_interval=2.0, heartbeat_timeout=1.0), "heartbeat_timeout", "above heartbeat_interval"),
     (dict(spare_workers=-1), "spare_workers", ">= 0"),
@@ -70,8 +69,8 @@ def test_good_configurations_pass_and_sort_into_records():
     assert c.replication.replicate_to == [1, 0] and c.distributed and c.kv_stages() == 2
     c = config(prompt_stages=1, token_stages=2, swap=True, kv_transport="shm").validate()
     assert c.disagg.enabled and c.kv_stages() == 2 and c.swap.swap
-    # tp > 1 turns recovery off by default; asking for it explicitly is refused (above)
-    assert config(pp=2, tp=2).validate().replication.resolved_recovery(2, "local") == "off"
+    # recovery is on by default for every layout, tensor parallelism included
+    assert config(pp=2, tp=2, replicate=True).validate().replication.resolved_recovery("local") == "respawn"
     assert not config().validate().distributed
 
 

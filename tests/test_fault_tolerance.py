@@ -190,8 +190,6 @@ def test_bad_fault_tolerance_options_are_refused():
         LLM(device="cpu", model=MODEL, replicate=True)
     with pytest.raises(ValueError, match="replicate_to"):
         LLM(device="cpu", model=MODEL, pp=2, replicate=True, replicate_to=[0, 1])
-    with pytest.raises(ValueError, match="tp 1"):
-        LLM(device="cpu", model=MODEL, pp=2, tp=2, recovery="respawn")
     with pytest.raises(ValueError, match="recovery"):
         LLM(device="cpu", model=MODEL, pp=2, recovery="sometimes")
 

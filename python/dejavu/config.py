@@ -165,7 +165,7 @@ class ReplicationConfig:
     replicate_dir: str | None = None  # ... and in files under this directory
     replicate_to: list[int] | None = None  # the holder stage of each stage; None: the next, in a ring
     replicas: int = 1                # holders per worker (each another stage, on other hosts where they exist)
-    recovery: str = "auto"           # auto: respawn for tp 1 (wait with external workers), off for tp > 1
+    recovery: str = "auto"           # auto: respawn (wait with external workers), for every layout
     heartbeat_interval: float = 0.5
     heartbeat_timeout: float = 2.0
     spare_workers: int = 1           # warm spares with recovery respawn
@@ -186,10 +186,10 @@ class ReplicationConfig:
                 if getattr(self, name):
                     raise ConfigError(name, "needs replicate=True")
 
-    def resolved_recovery(self, tp: int, launcher: str) -> str:
+    def resolved_recovery(self, launcher: str) -> str:
         if self.recovery != "auto":
             return self.recovery
-        return "off" if tp > 1 else ("wait" if launcher == "external" else "respawn")
+        return "wait" if launcher == "external" else "respawn"
 
 
 @dataclass
@@ -258,10 +258,7 @@ class Config:
             raise ConfigError("kv_transport", "swap with disaggregation needs kv_transport shm or tcp (or auto): a "
                                               "swapping token worker takes prompt KV into its host copy, which CUDA "
                                               "IPC cannot write")
-        recovery = rep.resolved_recovery(par.tp, par.launcher)
-        if self.distributed and recovery != "off" and par.tp > 1:
-            raise ConfigError("recovery", "recovery from worker failures needs tp 1 (tensor-parallel groups are not "
-                                          "re-formed yet); pass recovery='off' with tp > 1")
+        recovery = rep.resolved_recovery(par.launcher)
         if rep.replicate:
             if stages < 2:
                 raise ConfigError("replicate", "needs a pipeline of pp >= 2 (or token_stages >= 2): a stage's KV is "

@@ -105,9 +105,9 @@ def run(model: str, device: str, max_tokens: int, pp: int = 1, tp: int = 1, prom
     layout = (f"disaggregated: {prompt_stages} prompt + {token_stages} token stage(s)" if prompt_stages
               else f"pp={pp}")
     stages = token_stages if prompt_stages else pp
-    replicate = replicate and stages >= 2 and tp == 1
-    if tp > 1 or (stages < 2 and kill and not kill.startswith("prompt")):
-        kill = None  # no recovery with tensor parallelism; a lone decode worker's KV cannot be replicated
+    replicate = replicate and stages >= 2
+    if stages < 2 and kill and not kill.startswith("prompt"):
+        kill = None  # a lone decode worker's KV cannot be replicated
     print(f"[demo] loading {model} on {device} ({layout}, tp={tp}{', KV replication' if replicate else ''}) ...",
           file=sys.stderr, flush=True)
     llm = LLM(model=model, device=device, pp=pp, tp=tp, prompt_stages=prompt_stages, token_stages=token_stages,

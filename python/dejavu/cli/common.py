@@ -62,7 +62,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="with --launcher mpirun: the Open MPI hostfile of the hosts to start workers on")
     p.add_argument("--replicate", action="store_true",
                    help="stream every token's KV to another worker's host memory; after a failure requests resume "
-                        "from their last replicated token (pipeline or token stages >= 2, tp 1)")
+                        "from their last replicated token (pipeline or token stages >= 2)")
     p.add_argument("--replicate-dir", default=None,
                    help="with --replicate: the replica holders also keep their replicas in files under DIR")
     p.add_argument("--replicas", type=positive("--replicas"), default=1,
@@ -73,7 +73,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="with --replicate: comma-separated holder stage of each stage (default: the next, in a ring)")
     p.add_argument("--recovery", default="auto", choices=["auto", "respawn", "standby", "wait", "off"],
                    help="when a worker dies: respawn it here, use a `dejavu worker --standby`, wait for an "
-                        "operator-started one, or stop (auto: respawn for tp 1, off for tp > 1)")
+                        "operator-started one, or stop (auto: respawn; wait with --launcher external)")
     p.add_argument("--spare-workers", type=int, default=1,
                    help="with --recovery respawn: warm spare processes kept started and registered (0: start one "
                         "only after a failure)")

@@ -56,6 +56,7 @@ class Membership:
         self.token = os.environ.get(TOKEN_ENV) or secrets.token_hex(16)
         bind, port = parse_host_port(cluster_address) if cluster_address else (LOOPBACK, 0)
         self.listener = listen(bind, port)
+        self.bind, self.tp_store = bind, None
         self.port = self.listener.getsockname()[1]
         self.accept = Acceptor(self.listener, self.token, controller.world)  # HELLOs, each on a thread of its own
         # what workers dial (those started here, when the controller listens on every interface)
@@ -115,6 +116,11 @@ class Membership:
                        "world": c.world, "backend": backend, "timeout": c.timeout,
                        "tp_groups": c._tp_groups(), "kv_token": self.token, "pipes": c.ft,
                        "heartbeat_interval": self.hb_interval if c.ft else 0}
+        if c.ft and c.tp > 1:  # each TP group forms anew every epoch, through a store here (parallel/tp_group.py)
+            from ..parallel.tp_group import RendezvousStore
+
+            self.tp_store = RendezvousStore(self.bind, c.timeout)
+            self.common["tp_store"] = self.tp_store.port
         for rank, ch in self.channels.items():
             ch.send(self.config_for(rank))
         for rank, ch in self.channels.items():
@@ -327,6 +333,8 @@ class Membership:
             ch.close()
         self.accept.close()
         self.listener.close()
+        if self.tp_store is not None:
+            self.tp_store.close()
 
     def cluster(self) -> list[dict]:
         return [{"rank": r, **info} for r, info in sorted(self.worker_info.items())]

@@ -153,6 +153,7 @@ class Config(Message):
     kv_host: str = "127.0.0.1"         # where its pipe, KV and replica listeners bind (its advertised address)
     local_rank: int = 0                # among the workers of its host: picks its GPU
     kv_pool_bytes: int = 256 << 20     # pinned staging pool of its KV streamer
+    tp_store: int | None = None        # recovery with tp > 1: port of the controller's TP rendezvous store (at its address)
 
 
 @message("pipes", CONTROLLER)

@@ -32,15 +32,12 @@ class Stopped(Exception):
     """The deployment is being stopped (begin_stop); every request ends now."""
 
 
-def recovery_policy(recovery: str, tp: int, launcher: str, replicate: bool) -> str:
-    """The policy `recovery` stands for ("auto": respawn locally, wait for external workers, off with TP)."""
+def recovery_policy(recovery: str, launcher: str, replicate: bool) -> str:
+    """The policy `recovery` stands for ("auto": respawn locally, wait for external workers)."""
     if recovery not in RECOVERY:
         raise ValueError(f"unknown recovery {recovery!r}; use one of {', '.join(RECOVERY)}")
     if recovery == "auto":
-        recovery = "off" if tp > 1 else ("wait" if launcher == "external" else "respawn")
-    if recovery != "off" and tp > 1:
-        raise ValueError("recovery from worker failures needs tp 1 (tensor-parallel groups are not re-formed "
-                         "yet); pass recovery='off' with tp > 1")
+        recovery = "wait" if launcher == "external" else "respawn"
     if replicate and recovery == "off":
         raise ValueError("replicate needs recovery (respawn, standby or wait), not 'off'")
     return recovery

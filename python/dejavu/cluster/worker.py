@@ -111,6 +111,7 @@ def _heartbeat(ch: Channel, rank_of, interval: float) -> None:
 def _serve(ch: Channel, worker: Worker, rank: int, epoch: int, parent: int) -> int:
     """The control loop: each message to its handler, in order, until shutdown."""
     from ..kvstream import StreamError
+    from ..models.tp import TPBroken
     from ..parallel.pipe import PipeBroken
 
     stage = worker.stage
@@ -136,11 +137,11 @@ def _serve(ch: Channel, worker: Worker, rank: int, epoch: int, parent: int) -> i
                 continue
             try:
                 handler(msg)
-            except (PipeBroken, StreamError) as e:
+            except (PipeBroken, StreamError, TPBroken) as e:
                 if stage.pipes is None:
                     raise
-                # A neighbour (or a KV peer) died: this step is lost; the controller resets and replays.
-                stage.pipes.fail()
+                # A neighbour, a KV peer or a TP shard died: this step is lost; the controller resets and replays.
+                stage.fail_links()
                 ch.send(StepFailed(rank=rank, id=getattr(msg, "id", 0), msg=str(e)))
     except MessageError as e:  # the controller sent something this worker cannot read
         try:

@@ -104,24 +104,37 @@ def shard_skeleton(model: nn.Module, rank: int, size: int) -> None:
         m.out_features, m.in_features = m.weight.shape
 
 
+class TPBroken(RuntimeError):
+    """A collective of the TP group failed (a shard died or left): the step is lost, the worker lives."""
+
+
 class RowParallelLinear(Linear):
     """A row-parallel linear layer: its shard's partial output, summed over `tp_group`, then the
-    replicated bias added once."""
+    replicated bias added once. With no group bound (left for a recovery) it raises TPBroken."""
     tp_group = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
+        if self.tp_group is None:
+            raise TPBroken("the tensor-parallel group is down")
         y = F.linear(x, self.weight)
-        dist.all_reduce(y, group=self.tp_group)
+        try:
+            dist.all_reduce(y, group=self.tp_group)
+            err = None
+        except RuntimeError as e:  # gloo: a peer's connection closed or timed out; NCCL: aborted
+            err = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if err is not None:  # raised outside the handler: no traceback keeps the group alive
+            raise TPBroken(f"tensor-parallel all-reduce failed: {err}")
         return y if self.bias is None else y + self.bias
 
 
 def parallelize(model: nn.Module, group) -> None:
-    """Insert the all-reduce: every row-parallel layer of the shard sums over `group`."""
+    """Insert the all-reduce: every row-parallel layer of the shard sums over `group` (again, when
+    a recovery re-forms the group; None unbinds them)."""
     plan = PLANS[model.cfg.arch]
     for name, m in model.named_modules():
-        if type(m) is Linear and _matches(name, plan.row) is not None:
+        if type(m) in (Linear, RowParallelLinear) and _matches(name, plan.row) is not None:
             m.__class__ = RowParallelLinear  # the same parameters (fused views keep aliasing them)
             m.tp_group = group
 

@@ -154,7 +154,7 @@ class PipelineEngine(LLMEngine):
 
     def _setup_fault_tolerance(self, launcher, replicate, replicate_dir, replicate_to, recovery,
                                spare_workers: int = 1, replicas: int = 1) -> None:
-        policy = recovery_policy(recovery, self.tp, launcher, replicate)
+        policy = recovery_policy(recovery, launcher, replicate)
         self.ft = policy != "off"
         self.recovery = Recovery(self, policy, spare_workers)
         # the stages that hold decode KV: the pipeline, or the token pipeline

@@ -1,10 +1,11 @@
 """The stage role: one pipeline stage (one tensor-parallel shard of it) and its KV cache.
 
-Every worker plays it. It loads its layer range, joins the workers' torch.distributed group when
-tensor parallelism (or `--recovery off`) needs one, and runs steps: the first stage embeds the
-step's tokens, every other stage receives hidden states from the same TP rank of the stage before
-it, and TP rank 0 of the last stage samples and answers. With swapping, a microbatch's KV is
-brought in before its step and its new tokens' blocks are written back after it.
+Every worker plays it. It loads its layer range, joins its TP group (anew each epoch, with
+recovery: parallel/tp_group.py; with `--recovery off` the workers' one torch.distributed world),
+and runs steps: the first stage embeds the step's tokens, every other stage receives hidden states
+from the same TP rank of the stage before it, and TP rank 0 of the last stage samples and answers.
+With swapping, a microbatch's KV is brought in before its step and its new tokens' blocks are
+written back after it.
 """
 from __future__ import annotations
 
@@ -69,13 +70,14 @@ class StageRole:
         self.hidden = mc.hidden_size
         self.dist = dist
         # Fault tolerance: hidden states travel over our own per-neighbour connections (a dead peer
-        # breaks only those); torch.distributed is then needed only for tensor parallelism.
+        # breaks only those), and each TP group is a world of its own (parallel/tp_group.py).
         self.pipes = None
         if cfg.pipes:
             from ...parallel.pipe import StagePipes
 
             self.pipes = StagePipes(cfg.kv_token, rank, cfg.kv_host, cfg.timeout, on_broken=self._pipe_broken)
-        if cfg.world > 1 and (self.pipes is None or self.tp > 1):
+        self.tp_group = None
+        if cfg.world > 1 and self.pipes is None:  # --recovery off: one world, p2p hidden states, TP subgroups
             dist.init_process_group(self.backend, init_method=f"tcp://{cfg.master}", rank=rank,
                                     world_size=cfg.world, timeout=datetime.timedelta(seconds=cfg.timeout))
             # Every rank creates every TP group, in the same order (new_group is collective).
@@ -83,6 +85,10 @@ class StageRole:
             mine = [g for g, ranks in zip(groups, cfg.tp_groups) if rank in ranks]
             if self.tp > 1:
                 tp.parallelize(self.model, mine[0])  # the row-parallel layers' all-reduce
+        elif self.tp > 1:  # recovery: the TP group alone is a world, formed anew each epoch (set_pipes)
+            from ...parallel.tp_group import TPGroup
+
+            self.tp_group = TPGroup(self.model, cfg, rank, host=ch.sock.getpeername()[0])
         self.pending_sends = []
         self.wire_device = self.device if self.backend == "nccl" else torch.device("cpu")
         self.replicator = None  # the replica role's sender (--replicate): a decode step's KV tap
@@ -108,6 +114,8 @@ class StageRole:
     def forward(self, msg, on_layer=None):
         """This stage's layers over the step's tokens: the last stage's hidden states at each
         sequence's last token, or None where they went on to the next stage."""
+        if self.tp_group is not None:
+            self.tp_group.check()  # left for a recovery: this step is lost
         items = [(s.ids, s.start, s.blocks) for s in msg.seqs]
         # --replicate: a decode step's new K/V also go to the replicator's ring (after_step sends them)
         tap = self.replicator if self.replicator is not None and self.replicator.ring is not None else None
@@ -206,25 +214,38 @@ class StageRole:
         in while the step before it still runs."""
         if self.swap is not None and msg.t == "step":
             self.swap.prefetch(msg.mb, msg.live)
-        if self.pipes is not None and msg.t in ("reset", "fenced"):
-            self.pipes.fail()  # a step waiting on a peer that is gone fails now, not after a timeout
+        if msg.t in ("reset", "fenced"):  # a step waiting on a peer that is gone fails now, not after a timeout
+            if self.pipes is not None:
+                self.pipes.fail()
+            if self.tp_group is not None:
+                self.tp_group.abort()  # NCCL: a collective waiting on a dead shard returns
 
     # ------------------------------------------------------------------ fault tolerance
     def reset(self, msg) -> None:
         """A worker failed: drop the pipes (every step still queued fails fast), let replication
         finish what it can, run the other roles' part, then say so."""
-        if self.pipes is not None:
-            self.pipes.fail()
+        self.fail_links()
         if self.replicator is not None:
             self.replicator.drain()
         for hook in self.reset_hooks:
             hook(msg)
         self.ch.send(ResetDone(rank=self.rank, epoch=msg.epoch))
 
+    def fail_links(self) -> None:
+        """This worker's step failed, or a reset came: its pipes fail every step still queued, and
+        it leaves its TP group, so a shard waiting in one of the group's collectives fails too."""
+        if self.pipes is not None:
+            self.pipes.fail()
+        if self.tp_group is not None:
+            self.tp_group.leave()
+
     def set_pipes(self, msg) -> None:
-        """Neighbours (and replica holders) of a new epoch: connections are made on first use."""
+        """Neighbours (and replica holders) of a new epoch: connections are made on first use; the TP
+        group of the epoch is formed now (every member of it gets the same message)."""
         if self.pipes is not None:
             self.pipes.configure(msg.epoch, msg.prev, msg.next)
+        if self.tp_group is not None:
+            self.tp_group.join(msg.epoch)
         if self.replicator is not None and msg.holders:
             self.replicator.set_holders(msg.holders)
 
@@ -235,5 +256,7 @@ class StageRole:
             self.pipes.close()
         for w, _ in self.pending_sends:
             w.wait()
+        if self.tp_group is not None:
+            self.tp_group.leave()
         if self.dist.is_initialized():  # closed after the other roles: the group goes last
             self.dist.destroy_process_group()
