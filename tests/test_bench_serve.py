@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -181,6 +182,10 @@ def test_kill_worker_failover(tmp_path):
     trace = tmp_path / "t.json"
     trace.write_text(json.dumps([[16, 64]] * 6))
     out = tmp_path / "f.json"
+    for _ in range(300):  # the warm spare registers (and is told which weights to hold) in the background
+        if llm.engine.recovery.weights.asked:
+            break
+        time.sleep(0.1)
     try:
         rc = main(["bench", "serve", "--url", f"http://127.0.0.1:{port}", "--trace", str(trace),
                    "--kill-worker", "stage:1", "--kill-at", "0.5", "--json", str(out)])
@@ -191,5 +196,10 @@ def test_kill_worker_failover(tmp_path):
     assert rc == 0 and r["killed"]["pid"] == first and r["killed"]["worker"] == "s1.0"
     assert r["baseline"]["completed"] == r["failure"]["completed"] == 6
     assert r["recovery"]["recovery_s"] > 0 and r["affected_requests"] >= 1
+    # kill -> first resumed token, in parts that add up (measured in the same run as the failure-free pass)
+    rec = r["recovery"]
+    assert rec["first_token_s"] > 0 and rec["weights_from"] == "host"  # the warm spare held its weights
+    parts = rec["detect_s"] + rec["respawn_s"] + rec["kv_fetch_s"] + rec["rest_s"] + rec["first_token_s"]
+    assert abs(parts - rec["to_first_token_s"]) < 1e-6 and r["baseline_itl"]["p50"] > 0
     assert r["latency_inflation"]["max"] > 1.0
     assert respawned != first and not alive(first)

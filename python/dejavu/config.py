@@ -18,6 +18,7 @@ ADMISSION = ("greedy", "reserve")                         # engine/scheduler.py
 LAUNCHERS = ("local", "mpirun", "external")               # cluster/launch.py
 KV_TRANSPORTS = ("auto", "ipc", "shm", "tcp")             # kvstream/select.py
 RECOVERY = ("auto", "respawn", "standby", "wait", "off")  # what a pipeline does when a worker dies
+STANDBY_WEIGHTS = ("host", "device", "off")  # where standbys hold the weights of the stages they would replace
 MAX_DEGREE = 8                                            # pp, tp, prompt and token stages
 
 
@@ -169,6 +170,7 @@ class ReplicationConfig:
     heartbeat_interval: float = 0.5
     heartbeat_timeout: float = 2.0
     spare_workers: int = 1           # warm spares with recovery respawn
+    standby_weights: str = "host"    # standbys hold the stages they would replace: host, device or off
 
     def validate(self) -> None:
         check_choice("recovery", self.recovery, RECOVERY)
@@ -178,6 +180,7 @@ class ReplicationConfig:
             raise ConfigError("heartbeat_timeout", f"must be above heartbeat_interval ({self.heartbeat_interval} s), "
                                                    f"got {self.heartbeat_timeout}")
         check_int("spare_workers", self.spare_workers, 0)
+        check_choice("standby_weights", self.standby_weights, STANDBY_WEIGHTS)
         check_int("replicas", self.replicas, 1, MAX_DEGREE)
         if not self.replicate and self.replicas != 1:
             raise ConfigError("replicas", "needs replicate=True")

@@ -117,6 +117,7 @@ class LLM:
                  kv_transport: str = "auto", resident_microbatches: int = 2, replicate_dir: str | None = None,
                  replicate_to: list[int] | None = None, recovery: str = "auto", heartbeat_interval: float = 0.5,
                  heartbeat_timeout: float = 2.0, spare_workers: int = 1, replicas: int = 1,
+                 standby_weights: str = "host",
                  cuda_graphs: bool = True, admission: str = "greedy", overlap_steps: bool = True,
                  enable_prefix_caching: bool = False, kv_offload_gib: float = 0.0, kv_offload_dir: str | None = None,
                  kv_offload_dir_gib: float = 8.0, cluster_address: str | None = None, hostfile: str | None = None,

@@ -77,6 +77,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spare-workers", type=int, default=1,
                    help="with --recovery respawn: warm spare processes kept started and registered (0: start one "
                         "only after a failure)")
+    p.add_argument("--standby-weights", default="host", choices=["host", "device", "off"],
+                   help="standbys and warm spares hold the weights of the stages they would most likely replace "
+                        "in (pinned) host memory or in device memory, at most half of what is free there, so a "
+                        "takeover copies them instead of loading the checkpoint (off: load at takeover)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run decode steps eagerly instead of replaying CUDA graphs (single process on CUDA)")
     p.add_argument("--no-overlap", dest="overlap_steps", action="store_false",
@@ -135,7 +139,8 @@ def config_from_args(args):
         replicate_dir=args.replicate_dir, replicate_to=_replicate_to(args.replicate_to), replicas=args.replicas,
         recovery=args.recovery,
         heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
-        spare_workers=args.spare_workers, cuda_graphs=args.cuda_graphs, admission=args.admission,
+        spare_workers=args.spare_workers, standby_weights=args.standby_weights, cuda_graphs=args.cuda_graphs,
+        admission=args.admission,
         overlap_steps=args.overlap_steps, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=args.gpu_memory_utilization,
         tokenizer=args.tokenizer, chat_template=args.chat_template, **prefix_cache_kwargs(args))

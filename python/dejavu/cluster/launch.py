@@ -168,6 +168,9 @@ class Launcher:
             self.procs.remove(p)
 
     def stop(self, timeout: float = 10.0) -> None:
+        from ..kvstream.shm import cleanup_orphans
+
         for p in self.spare_procs.values():
             _signal(p, signal.SIGKILL)  # a spare not given a rank has nothing to lose
         stop(self.procs, timeout)
+        cleanup_orphans()  # the restore segments (replica_local.py) of spares and workers killed

@@ -123,6 +123,8 @@ class Membership:
             self.common["tp_store"] = self.tp_store.port
         for rank, ch in self.channels.items():
             ch.send(self.config_for(rank))
+        for ch, hello in self.standbys:  # standbys started with the workers
+            c.recovery.weights.offer(c, ch, hello)
         for rank, ch in self.channels.items():
             self.start_reader(rank, ch)
         ready = set()
@@ -170,7 +172,7 @@ class Membership:
 
     def on_ready(self, msg) -> None:
         info = self.worker_info[msg.rank]
-        for k in ("kv_port", "pipe_port", "replica_port", "load_s"):
+        for k in ("kv_port", "pipe_port", "replica_port", "load_s", "weights"):
             if getattr(msg, k) is not None:
                 info[k] = getattr(msg, k)
         if msg.ipc is not None:
@@ -296,6 +298,8 @@ class Membership:
         if hello.standby or hello.rank is None:  # after start-up a worker without a rank stands by
             self.standbys.append((ch, hello))
             log.info("standby worker registered (pid %s on %s)", hello.pid, hello.host)
+            if not self.needed:  # (while recovering it is most likely given a rank at once)
+                self.c.recovery.weights.offer(self.c, ch, hello)  # the stages it would most likely replace
             return bool(self.needed)
         if hello.rank in self.needed and hello.rank not in self.channels:
             return True

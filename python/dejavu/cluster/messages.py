@@ -103,6 +103,15 @@ class RestoreSeq:
 
 
 @record
+class PreloadStage:
+    rank: int          # the rank it would replace
+    layers: list[int]  # [start, end)
+    tp_rank: int
+    local_rank: int    # the GPU of its host it would most likely run on
+    kv_bytes: int = 0  # its KV cache (replicated deployments): a restore segment that large is kept ready
+
+
+@record
 class TokenWorker:
     worker: str
     host: str
@@ -203,6 +212,7 @@ class Restore(Message):
     blocks: list[int]
     seqs: list[RestoreSeq]
     replica: int = 0             # which of the worker's holders that is (its mirror's name)
+    local: bool = False          # the holder is on this host: the blocks come through shared memory
 
 
 @message("rereplicate", CONTROLLER)
@@ -216,6 +226,18 @@ class Rereplicate(Message):
 class Replication(Message):
     on: bool
     every: int
+
+
+@message("preload", CONTROLLER)
+class Preload(Message):
+    """To a standby: hold these stages' weights ready (most likely first) in `where` (host or device)."""
+    model: str
+    dtype: str
+    device: str
+    seed: int
+    tp: int
+    where: str
+    stages: list[PreloadStage]
 
 
 @message("shutdown", CONTROLLER)
@@ -251,6 +273,7 @@ class Ready(Message):
     replica_port: int | None = None
     kv_port: int | None = None
     ipc: dict | None = None
+    weights: str | None = None     # where its weights came from: host or device (a standby's preload), else None
 
 
 @message("error", WORKER)

@@ -85,7 +85,8 @@ def holder_rings(stage_hosts: list[str], n: int, first: list[int] | None = None)
     return rings
 
 
-def pick_standby(standbys: list, avoid: set[str]) -> int:
+def pick_standby(standbys: list, avoid: set[str], holds=None) -> int:
     """Which standby (channel, hello) takes a failed rank: the first on a host not in `avoid` (the
-    failed worker's), else the first."""
-    return next((i for i, (_, hello) in enumerate(standbys) if hello.host_id not in avoid), 0)
+    failed worker's), else the first; on equal hosts one that `holds(ch)` the rank's weights first."""
+    return min(range(len(standbys)), key=lambda i: (standbys[i][1].host_id in avoid,
+                                                    holds is not None and not holds(standbys[i][0]), i))

@@ -12,6 +12,7 @@ import time
 from ..kvstream.select import host_id
 from .errors import WorkerError
 from .placement import free_local_rank, pick_standby
+from .standby import StandbyWeights
 from .messages import Fenced, Rereplicate, Reset, Restore, RestoreSeq
 
 log = logging.getLogger("dejavu.recovery")
@@ -44,12 +45,13 @@ def recovery_policy(recovery: str, launcher: str, replicate: bool) -> str:
 
 
 class Recovery:
-    def __init__(self, controller, policy: str, spare_workers: int):
+    def __init__(self, controller, policy: str, spare_workers: int, standby_weights: str = "host"):
         if not isinstance(spare_workers, int) or spare_workers < 0:
             raise ValueError(f"spare_workers must be an integer >= 0, got {spare_workers!r}")
         self.c, self.policy = controller, policy
         # respawn: keep warm spares (started, imported, registered as standbys) to take over at once
         self.spares = spare_workers if policy == "respawn" else 0
+        self.weights = StandbyWeights(standby_weights)  # what each standby holds ready (standby.py)
         self.failures: list[dict] = []       # one entry per recovery (see recover)
         self.recomputed_tokens = 0
         self.attempts: dict[int, int] = {}   # replacements started per rank in the current recovery
@@ -92,7 +94,8 @@ class Recovery:
                               f"died while starting")
         while self.policy in ("respawn", "standby") and c._standbys:
             try:  # preferably from another host than the failed worker's
-                self.assign(rank, *c._standbys.pop(pick_standby(c._standbys, {c.worker_info[rank]["host_id"]})))
+                held = lambda ch: self.weights.holds(ch, rank)  # noqa: E731
+                self.assign(rank, *c._standbys.pop(pick_standby(c._standbys, {c.worker_info[rank]["host_id"]}, held)))
                 return
             except OSError:  # that standby is gone: try the next
                 c.channels.pop(rank, None)
@@ -121,6 +124,7 @@ class Recovery:
     def assign(self, rank: int, ch, hello) -> None:
         c = self.c
         c.launcher.take_spare(hello.pid, rank)
+        self.weights.taken(ch)
         c.channels[rank] = ch
         c._place(rank, hello)
         live = {r: (c.worker_info[r]["host_id"], c.worker_info[r]["local_rank"]) for r in c.channels if r != rank}
@@ -174,10 +178,10 @@ class Recovery:
             elif t == "joined":
                 ch, hello = msg.ch, msg.hello
                 if hello.standby or hello.rank is None:
-                    c._standbys.remove((ch, hello))
                     # not a rank whose own replacement process is starting (it takes that one)
                     waiting = sorted(r for r in c._needed if r not in c.channels and r not in c.launcher.proc_of)
-                    if waiting:
+                    if waiting:  # else it stays a standby (membership.on_joined listed it)
+                        c._standbys.remove((ch, hello))
                         self.assign(waiting[0], ch, hello)
                 else:
                     self.assign(hello.rank, ch, hello)
@@ -185,13 +189,14 @@ class Recovery:
                 c._needed.discard(msg.rank)
                 c._on_ready(msg)
                 event["weights_s"] = max(event.get("weights_s", 0.0), msg.load_s)
+                event["weights_from"] = msg.weights or "load"  # host / device: a standby's preload
         event["respawn_s"] = time.monotonic() - t0
         event["ranks"] = sorted(dead)  # including those found dead while recovering
         event["workers"] = [c.worker_info[r]["worker"] for r in sorted(dead)]
         for r in range(c.world):
             c.channels[r].send(c._pipes_msg(r))
         t1 = time.monotonic()
-        bad = self.restore_kv(dead) if c.replication.enabled else set()
+        bad = self.restore_kv(dead, event) if c.replication.enabled else set()
         event["kv_fetch_s"] = time.monotonic() - t1
         c._after_recovery(dead)
         recomputed = 0
@@ -234,7 +239,7 @@ class Recovery:
         for j in replicas:
             self.c.channels[rank].send(Rereplicate(id=self.c._epoch, blocks=blocks, replica=j))
 
-    def restore_kv(self, dead: set[int]) -> set[int]:
+    def restore_kv(self, dead: set[int], event: dict | None = None) -> set[int]:
         """Replacements fetch their stage's KV from a holder that survived (the first of them; with
         --replicate-dir, else the first holder's replacement, which reopens its files); holders that
         were replaced are re-seeded (in the background). Returns the requests that cannot use their
@@ -253,8 +258,11 @@ class Recovery:
                 bad.update(s.seq_id for s in seqs)  # every replica died with its holders: recomputed (and re-sent)
                 continue
             k = k or 0
+            local = c.worker_info[r].get("host_id") == c.worker_info[holders[k]].get("host_id")  # shared memory
+            if event is not None:  # whether every fetch took the shared-memory path
+                event["kv_local"] = local and event.get("kv_local", True)
             c.channels[r].send(Restore(holder=c.address(holders[k], "replica_port"), blocks=blocks, replica=k,
-                                       seqs=[RestoreSeq(seq_id=s.seq_id, blocks=s.block_table,
+                                       local=local, seqs=[RestoreSeq(seq_id=s.seq_id, blocks=s.block_table,
                                                         watermark=c.replication.watermark_of(s)) for s in seqs]))
             waiting[("restored", r)] = True
             self.reseed(r, [j for j, h in enumerate(holders) if h in dead and j != k], blocks)
@@ -269,6 +277,8 @@ class Recovery:
                 continue
             del waiting[key]
             bad.update(msg.bad)
+            if event is not None:
+                event["kv_bytes"] = event.get("kv_bytes", 0) + msg.bytes
             if msg.error:
                 log.warning("worker %d could not fetch its replica: %s", msg.rank, msg.error)
         return bad

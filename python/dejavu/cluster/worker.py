@@ -191,7 +191,12 @@ def run(controller: str, token: str, rank: int | None = None, standby: bool = Fa
             for i in range(torch.cuda.device_count()):
                 torch.zeros(1, device=f"cuda:{i}")
         print(f"dejavu worker: standing by for {controller}", file=sys.stderr, flush=True)
-    cfg = ch.recv(timeout=None if standby else 600)
+    if standby:
+        from .standby import wait_for_config
+
+        cfg = wait_for_config(ch, token)  # holding the weights it is told to in the meantime
+    else:
+        cfg = ch.recv(timeout=600)
     if cfg.t != "config":
         return 2
     rank, epoch = cfg.rank, cfg.epoch

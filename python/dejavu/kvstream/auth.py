@@ -23,6 +23,12 @@ def derive_key(token: str, purpose: str) -> bytes:
     return hmac.new(token.encode(), b"dejavu/" + purpose.encode(), hashlib.sha256).digest()
 
 
+def cluster_tag(token: str) -> str:
+    """A deployment's name in files and shared-memory objects (which others may list): derived from
+    the token, so it reveals nothing of it."""
+    return derive_key(token, "names").hex()[:12]
+
+
 def token_matches(presented, token: str) -> bool:
     """Whether a peer's `presented` token (any type, from the wire) is `token`; constant time."""
     return isinstance(presented, str) and hmac.compare_digest(presented.encode(), token.encode())

@@ -104,10 +104,15 @@ class Mirror:
         """payload: [layers, len(blocks), 2, block_size, heads, head_dim] bytes."""
         self._native(self.native.put_blocks, list(blocks), *self._bytes(payload))
 
-    def get_blocks(self, blocks) -> tuple[torch.Tensor, torch.Tensor]:
-        """The blocks' KV packed [layers, blocks, ...] and their slot checksums [blocks, block_size]."""
+    def get_blocks(self, blocks, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks' KV packed [layers, blocks, ...] (into `out`, contiguous, when given) and
+        their slot checksums [blocks, block_size]."""
         blocks = list(blocks)
-        out = torch.empty((self.shape[0], len(blocks)) + self.shape[2:], dtype=self.dtype)
+        shape = (self.shape[0], len(blocks)) + self.shape[2:]
+        if out is None:
+            out = torch.empty(shape, dtype=self.dtype)
+        elif tuple(out.shape) != shape or out.dtype != self.dtype or not out.is_contiguous():
+            raise ReplicaError(f"get_blocks into {tuple(out.shape)} {out.dtype}: expected {shape} {self.dtype}")
         chk = torch.empty((len(blocks), self.shape[3]), dtype=torch.int64)
         self._native(self.native.get_blocks, blocks, out.data_ptr(), chk.data_ptr())
         return out, chk

@@ -261,6 +261,10 @@ class ReplicaServer:
             m.put_slots(hdr["blocks"], hdr["slots"], payload)
         elif t == "put_blocks":
             m.put_blocks(hdr["blocks"], payload)
+        elif t == "get_blocks" and "shm" in hdr:  # a replacement on this host: into its segment
+            from .replica_local import fill
+
+            return fill(m, hdr, self.token)
         elif t == "get_blocks":
             data, chk = m.get_blocks(hdr["blocks"])
             return {"t": "data", "chk": chk.numpy().tobytes()}, data.view(torch.uint8).reshape(-1)
@@ -341,9 +345,16 @@ class ReplicaClient:
     def put_blocks(self, src: str, blocks, payload: torch.Tensor) -> None:
         self._call({"t": "put_blocks", "src": src, "blocks": list(blocks)}, payload)
 
-    def get_blocks(self, src: str, blocks) -> tuple[torch.Tensor, torch.Tensor]:
-        reply, data = self._call({"t": "get_blocks", "src": src, "blocks": list(blocks)})
+    def get_blocks(self, src: str, blocks, segment=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks' bytes and slot checksums; with `segment` (replica_local.RestoreSegment, the
+        holder on this host) the holder writes the bytes into it and only the checksums come here."""
+        hdr = {"t": "get_blocks", "src": src, "blocks": list(blocks)}
+        if segment is not None:
+            hdr["shm"] = segment.name
+        reply, data = self._call(hdr)
         chk = torch.frombuffer(bytearray(reply["chk"]), dtype=torch.int64)
+        if segment is not None:
+            data = segment.data
         return (data if data is not None else torch.empty(0, dtype=torch.uint8)), chk
 
     def close(self) -> None:

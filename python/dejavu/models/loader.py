@@ -242,6 +242,21 @@ def _global_key(model: DecoderLM, local: str) -> str:
     return local
 
 
+def skeleton(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, layer_range: tuple[int, int] | None = None,
+             tp: tuple[int, int] = (0, 1)) -> DecoderLM:
+    """The model (shard tp of layer_range) allocated on `device` in `dtype`, weights not filled:
+    projections fused and a tied LM head bound to the embedding, so its named parameters are the
+    ones to fill."""
+    with torch.device("meta"):
+        model = build_model(cfg, layer_range)
+    shard_skeleton(model, *tp)
+    model = model.to(dtype).to_empty(device=device)
+    model.fuse_projections()  # before filling: the fused matrices are what the views alias
+    if "lm_head.weight" in dict(model.named_parameters()) and model.tied_head_keys() and model.is_first:
+        model.lm_head.weight = model.get_submodule(model.embedding_key.rsplit(".", 1)[0]).weight
+    return model
+
+
 def materialize(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
                 tensors: Iterable[tuple[str, torch.Tensor]] | None,
                 layer_range: tuple[int, int] | None = None, seed: int = 0, source: str = "",
@@ -249,17 +264,10 @@ def materialize(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
     """Allocate the model (tensor-parallel shard tp = (rank, size) of it) once on `device` in
     `dtype`, then fill it from `tensors` (our global keys, full tensors; random weights when None).
     Raises ModelError if a weight is missing or has the wrong shape."""
-    with torch.device("meta"):
-        model = build_model(cfg, layer_range)
-    shard_skeleton(model, *tp)
-    model = model.to(dtype).to_empty(device=device)
-    model.fuse_projections()  # before filling: the fused matrices are what the views alias
+    model = skeleton(cfg, device, dtype, layer_range, tp)
     if tensors is None:
         tensors = _random_tensors(model, seed, device)
     params = dict(model.named_parameters())
-    if "lm_head.weight" in params and model.tied_head_keys() and model.is_first:
-        model.lm_head.weight = model.get_submodule(model.embedding_key.rsplit(".", 1)[0]).weight
-        params = dict(model.named_parameters())
     missing = set(params)
     tied = model.tied_head_keys()
     total = sum(p.numel() * p.element_size() for p in params.values())

@@ -21,7 +21,8 @@ import stat
 import threading
 
 from ..cluster.messages import MessageError, Refused, Welcome, decode
-from ..kvstream.auth import AUTH_DEADLINE, HELLO_MAX, TOKEN_ENV, derive_key, token_matches  # noqa: F401 - re-exported
+from ..kvstream.auth import (AUTH_DEADLINE, HELLO_MAX, TOKEN_ENV, cluster_tag, derive_key,  # noqa: F401 - re-exported
+                             token_matches)
 from ..kvstream.net import shutdown as _shutdown
 from .wire import Channel, ProtocolError
 
@@ -51,12 +52,6 @@ def read_token(token_file: str | None = None) -> str:
     if not token:
         raise TokenError(f"no cluster token: set {TOKEN_ENV} (or pass --token-file PATH)")
     return token
-
-
-def cluster_tag(token: str) -> str:
-    """A deployment's name in files and shared-memory objects (which others may list): derived from
-    the token, so it reveals nothing of it."""
-    return derive_key(token, "names").hex()[:12]
 
 
 def cluster_prefix(token: str) -> str:

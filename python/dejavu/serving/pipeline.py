@@ -58,7 +58,7 @@ class PipelineEngine(LLMEngine):
                  resident_microbatches: int = 2, replicate: bool = False, replicate_dir: str | None = None,
                  replicate_to: list[int] | None = None, recovery: str = "auto", heartbeat_interval: float = 0.5,
                  heartbeat_timeout: float = 2.0, spare_workers: int = 1, cluster_address: str | None = None,
-                 replicas: int = 1):
+                 replicas: int = 1, standby_weights: str = "host"):
         cfg = self.model_config = source.config
         self.model = None
         self.tokenizer, self.config, self.device, self.dtype = tokenizer, config, device, dtype
@@ -82,7 +82,8 @@ class PipelineEngine(LLMEngine):
         self.prefix_salt = (prefix_salt(model_identity(source, seed), dtype, 0, cfg.num_layers)
                             if config.enable_prefix_caching else None)
         self._plan(cfg, pp, layer_split, microbatch_size)
-        self._setup_fault_tolerance(launcher, replicate, replicate_dir, replicate_to, recovery, spare_workers, replicas)
+        self._setup_fault_tolerance(launcher, replicate, replicate_dir, replicate_to, recovery, spare_workers, replicas,
+                                    standby_weights)
         self.dispatch = Dispatch(self, len(self.slots))
         self.members = Membership(self, cluster_address, heartbeat_interval, heartbeat_timeout)
         self._share_members()
@@ -153,10 +154,10 @@ class PipelineEngine(LLMEngine):
         return rc
 
     def _setup_fault_tolerance(self, launcher, replicate, replicate_dir, replicate_to, recovery,
-                               spare_workers: int = 1, replicas: int = 1) -> None:
+                               spare_workers: int = 1, replicas: int = 1, standby_weights: str = "host") -> None:
         policy = recovery_policy(recovery, launcher, replicate)
         self.ft = policy != "off"
-        self.recovery = Recovery(self, policy, spare_workers)
+        self.recovery = Recovery(self, policy, spare_workers, standby_weights)
         # the stages that hold decode KV: the pipeline, or the token pipeline
         self.replication = Replication(replicate, self.pp, replicate_to, replicate_dir, replicas)
         self._epoch_step = 0
@@ -349,4 +350,5 @@ class PipelineEngine(LLMEngine):
         rec = self.recovery
         return {"recovery": rec.policy, "replicate": self.replication.enabled, "failures": len(rec.failures),
                 "recoveries": rec.failures, "recomputed_tokens": rec.recomputed_tokens,
+                "spare_workers": rec.spares, "standbys": rec.weights.listing(self._standbys),
                 "replicated_bytes": sum(self.replication.bytes.values())}

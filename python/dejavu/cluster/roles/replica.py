@@ -7,10 +7,12 @@ step's new tokens are written back there, so it always holds the resident and th
 microbatches alike, and a replacement restores into it (regions then fill from it as usual)."""
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
 
+from ...models.preload import PRELOADER
 from ..messages import Restored
 
 
@@ -38,8 +40,11 @@ class ReplicaRole:
     @torch.inference_mode()
     def restore(self, msg) -> None:
         """A replacement worker: fetch this stage's KV from the replica holder into the cache. A
-        slot below a request's watermark whose checksum fails marks the request bad (recomputed)."""
+        slot below a request's watermark whose checksum fails marks the request bad (recomputed).
+        A holder on this host gathers the blocks into a shared-memory segment of ours
+        (kvstream/replica_local.py); another host's sends them over TCP."""
         from ...kvstream.replica import ReplicaClient, ReplicaError, block_checksums, mac_key
+        from ...kvstream.replica_local import RestoreSegment, to_cache
         from ...serving.replication import replica_src
 
         cache, cfg = self.cache, self.cfg
@@ -47,14 +52,25 @@ class ReplicaRole:
         t0 = time.perf_counter()
         blocks = msg.blocks
         bad, nbytes, error = [], 0, None
+        segment = None
         try:
             if blocks:
+                shape = (cache.num_layers, len(blocks)) + tuple(cache.tensor.shape[2:])
+                if msg.local:
+                    nbytes = torch.Size(shape).numel() * cache.tensor.element_size()
+                    segment = PRELOADER.take_segment(nbytes)  # a standby's, faulted in (and pinned) already
+                    try:
+                        if segment is None:
+                            segment = RestoreSegment(cfg.kv_token, src, nbytes)
+                            if cache.tensor.device.type == "cuda":
+                                segment.pin()
+                    except OSError as e:  # no shared memory here: the blocks come over TCP
+                        print(f"dejavu worker: restoring over TCP ({e})", file=sys.stderr, flush=True)
                 client = ReplicaClient(msg.holder[0], int(msg.holder[1]), cfg.kv_token, timeout=cfg.timeout)
                 try:
-                    data, chk = client.get_blocks(src, blocks)
+                    data, chk = client.get_blocks(src, blocks, segment)
                 finally:
                     client.close()
-                shape = (cache.num_layers, len(blocks)) + tuple(cache.tensor.shape[2:])
                 x = data.view(cache.dtype).view(shape)
                 # Replicas kept on disk carry MACs (replica.py): verified with the key, never trusted as they are.
                 key = mac_key(cfg.kv_token, src) if cfg.replicate.dir else None
@@ -71,12 +87,14 @@ class ReplicaRole:
                         bad.append(r.seq_id)
                 if self.stage.swap is not None:
                     self.stage.swap.host_write(blocks)  # no region keeps an older device copy of them
-                idx = torch.as_tensor(blocks, dtype=torch.long, device=cache.tensor.device)
-                cache.tensor.index_copy_(1, idx, x.to(cache.tensor.device))
+                to_cache(x, cache.tensor, blocks, segment is not None and segment.pinned)
                 nbytes = data.numel()
         except (OSError, ReplicaError) as e:
             error = f"{type(e).__name__}: {e}"
             bad = [r.seq_id for r in msg.seqs]
+        finally:
+            if segment is not None:
+                segment.close()
         if self.stage.device.type == "cuda":
             torch.cuda.synchronize(self.stage.device)
         self.stage.ch.send(Restored(rank=self.stage.rank, bad=bad, bytes=nbytes, seconds=time.perf_counter() - t0,

@@ -23,6 +23,7 @@ from ...engine.model_runner import build_metadata
 from ...engine.sampler import from_wire, pick, with_logprobs
 from ...models import tp
 from ...models.loader import load_model, parse_dtype, resolve
+from ...models.preload import PRELOADER
 from ..messages import ResetDone, StepFailed, SwapStats, Tokens, pack_tokens
 
 
@@ -53,8 +54,12 @@ class StageRole:
         self.dtype = parse_dtype(cfg.dtype, self.device)
         torch.set_num_threads(_threads(cfg, self.device))
         t_load = time.perf_counter()
-        self.model = load_model(resolve(cfg.model), self.device, self.dtype, seed=cfg.seed, layer_range=(start, end),
-                                tp_rank=self.tp_rank, tp_size=self.tp)
+        # a standby takes what it holds ready (models/preload.py); weights_from says where it came from
+        self.model, self.weights_from = PRELOADER.take(cfg.model, self.device, self.dtype, cfg.seed, (start, end),
+                                                       self.tp_rank, self.tp)
+        if self.model is None:
+            self.model = load_model(resolve(cfg.model), self.device, self.dtype, seed=cfg.seed,
+                                    layer_range=(start, end), tp_rank=self.tp_rank, tp_size=self.tp)
         mc = self.model.cfg
         self.cache = PagedKVCache(end - start, cfg.num_blocks, cfg.block_size, mc.num_kv_heads // self.tp, mc.head_dim,
                                   self.dtype, self.device)
@@ -98,7 +103,7 @@ class StageRole:
         return {"step": self.step, "pipes": self.set_pipes, "reset": self.reset}
 
     def ready_info(self) -> dict:
-        info = {"load_s": self.load_s}
+        info = {"load_s": self.load_s, "weights": self.weights_from}
         if self.pipes is not None:
             info["pipe_port"] = self.pipes.port
         return info

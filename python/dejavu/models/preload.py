@@ -1,0 +1,187 @@
+"""Stage weights held ready by a standby worker (docs/fault-tolerance.md, "Standbys hold weights").
+
+A standby loads, in the background, the weights of the stages the controller expects it to
+replace: into (pinned, where CUDA exists) host memory, or into device memory. Taking a stage over
+then costs a copy into a freshly allocated model (PCIe rates from pinned memory) or nothing at all
+(device memory, same device), not a checkpoint read and conversion. What is held is bounded: at
+most half the memory available where it is kept, counted before each stage is loaded.
+
+The tensors are exactly what `load_model` would produce on the worker's device: random weights
+are generated on that device (its generator differs from the CPU's), checkpoints are converted
+on the host as `load_model` does.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .loader import load_model, parse_dtype, resolve, skeleton
+
+log = logging.getLogger("dejavu.preload")
+
+WHERE = ("off", "host", "device")
+
+
+@dataclass
+class Held:
+    where: str                    # host or device
+    cfg: object                   # the model's config (what a skeleton is built from)
+    model: torch.nn.Module | None  # device: the model itself, on its device
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # host: parameter name -> pinned copy
+    nbytes: int = 0
+
+
+def stage_key(spec: str, dtype: str, seed: int, layers, tp_rank: int, tp_size: int) -> tuple:
+    return (spec, str(dtype).replace("torch.", ""), int(seed), tuple(int(x) for x in layers), tp_rank, tp_size)
+
+
+def _available_host() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def budget(where: str, device: torch.device) -> int:
+    """Bytes of weights a standby may hold there: half of what is free now."""
+    if where == "device" and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return _available_host() // 2
+
+
+def stage_bytes(spec: str, dtype: torch.dtype, layers, tp_rank: int, tp_size: int) -> int:
+    """A stage's weight bytes (counted on a meta skeleton: nothing allocated)."""
+    m = skeleton(resolve(spec).config, torch.device("meta"), dtype, tuple(layers), (tp_rank, tp_size))
+    return sum(p.numel() * p.element_size() for p in m.parameters())
+
+
+class Preloader:
+    """The weights one standby holds (keyed by stage_key), and the thread loading them."""
+
+    def __init__(self):
+        self.held: dict[tuple, Held] = {}
+        self.thread: threading.Thread | None = None
+        self.want: tuple | None = None  # the standby was given this stage: the only one still worth loading
+        self.segment = None  # a restore segment kept ready (replica_local.RestoreSegment)
+
+    def start(self, msg, token: str) -> None:
+        """Load msg.stages (messages.Preload, most likely first) in the background, while they fit;
+        then make the restore segment (kvstream/replica_local.py) for the largest of their caches."""
+        if msg.where == "off" or self.thread is not None:
+            return
+        self.thread = threading.Thread(target=self._prepare, args=(msg, token), daemon=True, name="preload")
+        self.thread.start()
+
+    def _prepare(self, msg, token: str) -> None:
+        self._load_all(msg)
+        kv = max((st.kv_bytes for st in msg.stages), default=0)
+        if not kv or self.want is not None or kv > budget("host", torch.device("cpu")):
+            return
+        from ..kvstream.replica_local import RestoreSegment
+
+        try:
+            seg = RestoreSegment(token, "standby", kv)
+        except OSError as e:  # no shared memory: a restore makes its segment then
+            log.warning("standby: no restore segment (%s)", e)
+            return
+        atexit.register(seg.close)  # never left in /dev/shm by a clean exit (cleanup_orphans: a killed one)
+        seg.prefault()
+        self.segment = seg
+
+    def take_segment(self, nbytes: int):
+        """The restore segment made ahead of time, for a restore of `nbytes` (None: none fits)."""
+        seg, self.segment = self.segment, None
+        if seg is not None and seg.tensor.numel() < nbytes:
+            seg.close()
+            return None
+        if seg is not None:
+            seg.used = nbytes
+        return seg
+
+    def _load_all(self, msg) -> None:
+        try:
+            src = resolve(msg.model)
+            for st in msg.stages:
+                dev = torch.device(msg.device)
+                if dev.type == "cuda":
+                    dev = torch.device(f"cuda:{st.local_rank % torch.cuda.device_count()}")
+                dtype = parse_dtype(msg.dtype, dev, src.dtype)
+                key = stage_key(msg.model, dtype, msg.seed, st.layers, st.tp_rank, msg.tp)
+                if self.want is not None and key != self.want:
+                    continue
+                n = stage_bytes(msg.model, dtype, st.layers, st.tp_rank, msg.tp)
+                # host copies of a checkpoint pass through an unpinned model first: twice the size
+                # (what is held already is no longer available: the bound covers it)
+                if n * (2 if msg.where == "host" else 1) > budget(msg.where, dev):
+                    log.warning("standby: stage layers %s (%d MiB) do not fit the %s memory bound; not preloaded",
+                                st.layers, n >> 20, msg.where)
+                    continue
+                t0 = time.perf_counter()
+                self.held[key] = self._load(src, msg, st, dev, dtype)
+                log.info("standby: layers %s held in %s memory (%d MiB, %.2fs)", st.layers, msg.where, n >> 20,
+                         time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - a standby without preloaded weights still takes over
+            log.warning("standby: preloading weights failed (%s: %s); a takeover loads them", type(e).__name__, e)
+
+    @staticmethod
+    def _load(src, msg, st, dev: torch.device, dtype: torch.dtype) -> Held:
+        rng = (st.layers[0], st.layers[1])
+        if msg.where == "device":
+            model = load_model(src, dev, dtype, seed=msg.seed, layer_range=rng, tp_rank=st.tp_rank, tp_size=msg.tp)
+            return Held("device", model.cfg, model)
+        # host: generated where load_model would generate it (random weights), read on the host otherwise
+        gen = dev if src.kind == "random" else torch.device("cpu")
+        model = load_model(src, gen, dtype, seed=msg.seed, layer_range=rng, tp_rank=st.tp_rank, tp_size=msg.tp)
+        if gen.type == "cpu" and not torch.cuda.is_available():
+            return Held("host", model.cfg, model)  # a CPU-only host: the CPU model is the host copy
+        tensors = {}
+        for name, p in model.named_parameters():  # into pinned memory, which the copy engine reads at PCIe rates
+            t = tensors[name] = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
+            t.copy_(p.detach())
+        cfg = model.cfg
+        del model
+        if gen.type == "cuda":
+            torch.cuda.empty_cache()
+        return Held("host", cfg, None, tensors, sum(t.numel() * t.element_size() for t in tensors.values()))
+
+    def take(self, spec: str, device: torch.device, dtype: torch.dtype, seed: int, layers, tp_rank: int,
+             tp_size: int):
+        """The stage's model on `device` from what is held (None: not held); the rest is dropped.
+        A preload still running finishes the stage it is loading, and then this one if it is on its list."""
+        key = self.want = stage_key(spec, dtype, seed, layers, tp_rank, tp_size)
+        if self.thread is not None:
+            self.thread.join()
+        held = self.held.pop(key, None)
+        self.held.clear()
+        if held is None:
+            return None, None
+        if held.model is not None and next(held.model.parameters()).device == device:
+            return held.model, held.where  # already where it runs (device memory, or a CPU deployment's host)
+        return copy_in(held, device, dtype, tuple(layers), (tp_rank, tp_size)), held.where
+
+
+def copy_in(held: Held, device: torch.device, dtype: torch.dtype, layers: tuple[int, int], tp: tuple[int, int]):
+    """A new model on `device` filled from the held tensors (or held model): one copy per tensor,
+    from pinned memory at PCIe rates."""
+    src = held.model.named_parameters() if held.model is not None else held.tensors.items()
+    model = skeleton(held.cfg, device, dtype, layers, tp)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in src:
+            params[name].copy_(t, non_blocking=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return model.eval()
+
+
+PRELOADER = Preloader()  # this process's (a standby's) held weights
