@@ -1,6 +1,6 @@
 """The controller is not a single point of failure: a real `dejavu serve --pp 2` (front-end and
 controller in separate processes), its controller killed with SIGKILL while streams are mid-way.
-The front-end starts a new controller, which adopts the live workers (same pids) in a later epoch;
+The front-end hands the deployment to its standby controller, which adopts the live workers (same pids) in a later epoch;
 every stream finishes with exactly the tokens of a failure-free run, and /v1/cluster shows the new
 controller."""
 import http.client
@@ -32,7 +32,7 @@ def _params(body):
 
 @pytest.fixture(scope="module")
 def reference():
-    llm = LLM(device="cpu", model=MODEL, block_size=4, seed=0)  # `dejavu serve`'s --seed default
+    llm = LLM(device="cpu", model=MODEL, block_size=4, kv_cache_blocks=256, seed=0)  # as served below
     return [o.token_ids for o in llm.generate(PROMPTS, [_params(b) for b in BODIES])]
 
 
@@ -90,6 +90,7 @@ def test_controller_killed_mid_stream_requests_continue_exactly(tmp_path, refere
                 time.sleep(0.3)
         before = _get(port, "/v1/cluster")
         [ctl] = _role(before, "controller")
+        [standby] = _role(before, "standby-controller")  # started ahead: it takes over
         workers = {w["rank"]: w["pid"] for w in _role(before, "stage")}
         assert len(workers) == 2 and ctl["state"] == "up" and ctl["pid"] != proc.pid
         outs = [[] for _ in PROMPTS]
@@ -108,7 +109,8 @@ def test_controller_killed_mid_stream_requests_continue_exactly(tmp_path, refere
             assert ids == ref and reason == "length" and len(ids) == body["max_tokens"]
         after = _get(port, "/v1/cluster")
         [new] = _role(after, "controller")
-        assert new["pid"] != ctl["pid"] and new["state"] == "up" and new["restarts"] == 1
+        assert new["pid"] == standby["pid"] and new["state"] == "up" and new["restarts"] == 1
+        assert len(_role(after, "standby-controller")) == 1  # the next one
         # the live workers were adopted, not replaced
         assert {w["rank"]: w["pid"] for w in _role(after, "stage")} == workers
         [restart] = after["fault_tolerance"]["controller_restarts"]

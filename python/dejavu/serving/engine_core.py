@@ -1,7 +1,8 @@
 """The controller process of a split `dejavu serve` (`python -m dejavu.serving.engine_core`, started
 by serving/frontend.py): it builds the pipeline or disaggregated engine, which owns the workers,
 dispatch, replication and recovery, and serves the front-end's requests over the engine link
-(serving/engine_link.py). It dials the front-end at $DEJAVU_FRONTEND with the cluster token
+(serving/engine_link.py). The front-end keeps one more started ahead, connected and imported, that
+waits (as a standby) for the deployment until the serving one dies. It dials the front-end at $DEJAVU_FRONTEND with the cluster token
 ($DEJAVU_CLUSTER_TOKEN); the deployment's flags come over that channel, never on a command line.
 
 A `submit` that carries tokens already streamed (the front-end resumes its requests after a
@@ -196,27 +197,36 @@ def _on_stop_signals() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
-def main() -> int:
+def _take_deployment():
+    """Dial the front-end, wait for the deployment (a standby waits until it is needed), build it."""
+    from .. import llm as _llm  # noqa: F401 - imported ahead: a standby takes over without importing
     from ..cli.common import llm_from_args
+    from . import disagg as _disagg  # noqa: F401
 
+    host, port = parse_host_port(os.environ[FRONTEND_ENV])
+    ch = connect(host, port, read_token(), {"pid": os.getpid(), "host": socket.gethostname()}, wait=10)
+    msg = ch.recv(None)
+    if msg.t != "engine_args":
+        print(f"dejavu controller: expected the deployment's arguments, got {msg.t!r}", file=sys.stderr)
+        return None, ch
+    if msg.adopt:
+        adopt.expect_workers()
+    return llm_from_args(argparse.Namespace(**msg.args)), ch
+
+
+def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parent = int(os.environ.get("DEJAVU_PARENT_PID") or 0)
     if parent:
         watch_parent(parent)  # the front-end died: we go too (and our workers after us)
         os.environ[adopt.FRONTEND_PID_ENV] = str(parent)  # our workers outlive us, not the front-end
     _on_stop_signals()
-    host, port = parse_host_port(os.environ[FRONTEND_ENV])
-    ch = connect(host, port, read_token(), {"pid": os.getpid(), "host": socket.gethostname()}, wait=10)
-    msg = ch.recv(60)
-    if msg.t != "engine_args":
-        print(f"dejavu controller: expected the deployment's arguments, got {msg.t!r}", file=sys.stderr)
-        return 2
-    if msg.adopt:
-        adopt.expect_workers()
     try:
-        llm = llm_from_args(argparse.Namespace(**msg.args))
-    except KeyboardInterrupt:  # stopped while starting
+        llm, ch = _take_deployment()
+    except (KeyboardInterrupt, ConnectionError):  # stopped (or the front-end went) before serving
         return 0
+    if llm is None:
+        return 2
     core = Core(llm, ch)
     try:
         asyncio.run(core.run())

@@ -7,7 +7,8 @@ would, keeps it in its log of admitted requests (prompt, parameters, seed, the t
 far) and sends it to the controller over the engine link (serving/engine_link.py: a token-checked
 channel of typed msgpack records). When the controller process dies (its channel closes, its
 process exits, or it sends no status for CONTROLLER_SILENCE seconds), the front-end kills what is
-left of it, starts a new one and submits every unfinished request again with the tokens it already
+left of it, hands the deployment to a standby controller (a process started ahead, imported and
+connected) or a new one, and submits every unfinished request again with the tokens it already
 streamed; the new controller re-prefills prompt + those tokens and goes on, so a client sees a
 pause, then exactly the tokens of a failure-free run (greedy, or seeded sampling).
 """
@@ -76,6 +77,8 @@ class RemoteEngine(LLMEngine):
         self.allocator = _Blocks(self)
         self.restarts: list[dict] = []  # one entry per controller started after one died
         self.proc: subprocess.Popen | None = None
+        self.standby: subprocess.Popen | None = None  # the next controller, started ahead
+        self.joined: dict[int, object] = {}  # pid -> channel of a controller process not given work yet
         self.ch = None
         self.gen = 0
         self.lost: str | None = None    # why the current controller is gone (None: it is up)
@@ -90,20 +93,22 @@ class RemoteEngine(LLMEngine):
             return subprocess.Popen([sys.executable, "-m", "dejavu.serving.engine_core"], env=env)
 
     def _start_controller(self, adopt: bool = False) -> None:
-        """Start a controller process, hand it the deployment, wait until it serves (and its first status).
-        `adopt`: it takes over the live workers of the one that died instead of starting new ones."""
-        self.proc = p = self._spawn()
+        """Give the deployment to the standby controller (or a new process), wait until it serves (and
+        its first status), then start the next standby. `adopt`: it takes over the live workers of
+        the one that died instead of starting new ones."""
+        p, self.standby = self.standby, None
+        if p is None or p.poll() is not None:
+            p = self._spawn()
+        self.proc = p
         deadline = time.monotonic() + self.timeout
-        while True:
+        while p.pid not in self.joined:  # connections of our controller processes, by pid
             self._check_starting(p, deadline)
             try:
                 ch, hello = self.accept.get(0.5)
             except TimeoutError:
                 continue
-            if hello.pid == p.pid:
-                break
-            log.warning("turned away a connection from pid %s: not the controller started (pid %d)", hello.pid, p.pid)
-            ch.close()
+            self.joined[hello.pid] = ch
+        ch = self.joined.pop(p.pid)
         ch.send(EngineArgs(args=self.args, adopt=adopt))
         started = status = None
         while status is None:
@@ -123,6 +128,7 @@ class RemoteEngine(LLMEngine):
         self.ch, self.lost, self.gen = ch, None, self.gen + 1
         self.last_status = time.monotonic()
         threading.Thread(target=self._read, args=(ch, self.gen), daemon=True, name="controller-reader").start()
+        self.standby = self._spawn()  # imported and connected, it waits for a deployment to take over
 
     def _check_starting(self, p: subprocess.Popen, deadline: float, wait: float = 0) -> None:
         try:
@@ -271,7 +277,10 @@ class RemoteEngine(LLMEngine):
         me = {"rank": None, "role": "frontend", "pid": os.getpid(), "host": socket.gethostname(), "state": "up"}
         ctl = {"rank": None, "role": "controller", "pid": self.proc.pid, "host": socket.gethostname(),
                "state": "up" if self.lost is None else "restarting", "restarts": len(self.restarts)}
-        return [me, ctl] + list(self.status.workers)
+        standby = self.standby
+        spare = [{"rank": None, "role": "standby-controller", "pid": standby.pid, "host": socket.gethostname(),
+                  "state": "up"}] if standby is not None and standby.poll() is None else []
+        return [me, ctl] + spare + list(self.status.workers)
 
     def fault_tolerance(self) -> dict:
         return dict(self.status.fault_tolerance, controller_restarts=self.restarts)
@@ -302,6 +311,11 @@ class RemoteEngine(LLMEngine):
             except subprocess.TimeoutExpired:
                 self.proc.send_signal(signal.SIGKILL)
                 self.proc.wait()
+        if self.standby is not None:  # it holds nothing yet
+            self.standby.kill()
+            self.standby.wait()
+        for ch in self.joined.values():
+            ch.close()
         self.accept.close()
         self.listener.close()
 
