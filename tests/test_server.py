@@ -234,9 +234,13 @@ def test_serve_cli_sigterm_stops_workers():
         code, text = http(f"http://127.0.0.1:{port}/v1/completions", {"prompt": "hi", "max_tokens": 3})
         assert code == 200, text
         cluster = json.loads(http(f"http://127.0.0.1:{port}/v1/cluster")[1])["workers"]
-        assert [w["stage"] for w in cluster] == [0, 1]
-        workers = _children(proc.pid)
+        assert [w["role"] for w in cluster] == ["frontend", "controller", "standby-controller", "stage", "stage"]
+        assert [w["stage"] for w in cluster[3:]] == [0, 1]
+        controller, standby = cluster[1]["pid"], cluster[2]["pid"]
+        assert sorted(_children(proc.pid)) == sorted([controller, standby])  # the workers are the controller's
+        workers = _children(controller)
         assert len(workers) == 3  # two stages and the warm spare kept for recovery
+        workers += [controller, standby]
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
         time.sleep(1)

@@ -72,6 +72,10 @@ _VARS = [
     EnvVar("DEJAVU_PIPE_SYNC", "bool", "0", "1: wait for each hidden-state send between stages", "baseline"),
     # -- internal: set by DéjàVu for its own processes
     EnvVar("DEJAVU_PARENT_PID", "int", "", "a local worker exits when this process does", "internal"),
+    EnvVar("DEJAVU_FRONTEND", "str", "", "HOST:PORT of the `dejavu serve` front-end its controller process dials",
+           "internal"),
+    EnvVar("DEJAVU_FRONTEND_PID", "int", "", "a split deployment's front-end: its workers outlive their controller "
+           "(they rejoin the next one) but not this process", "internal"),
     EnvVar("DEJAVU_STANDBY_DEVICE", "choice", "", "a standby worker's device (cuda: warm the CUDA context)",
            "internal"),
 ]

@@ -112,8 +112,9 @@ class Injector:
                 return
             cluster = await asyncio.to_thread(_cluster, self.t.url, self.t.headers)
             struck = {f["pid"] for f in self.faults}
-            live = [w for w in cluster.get("workers", [])
-                    if w.get("pid") and int(w["pid"]) not in struck and _state(int(w["pid"])) not in (None, "T", "Z")]
+            # workers only: a split deployment's front-end and controller are listed too (not struck yet)
+            live = [w for w in cluster.get("workers", []) if w.get("role") not in ("frontend", "controller")
+                    and w.get("pid") and int(w["pid"]) not in struck and _state(int(w["pid"])) not in (None, "T", "Z")]
             if not live:
                 continue
             w, kind = self.rng.choice(live), self.rng.choice(self.kinds)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .common import DEFAULT_MODEL, add_model_args, check_launcher, llm_from_args, positive, positive_float
+from .common import DEFAULT_MODEL, add_model_args, check_launcher, config_from_args, llm_from_args, positive, positive_float
 
 
 def add_parser(sub) -> None:
@@ -64,7 +64,13 @@ def cmd_serve(args) -> int:
     check_launcher(args)
     sock = bind_listener(sc.host, sc.port)  # before the model loads: a taken port fails at once
     try:
-        llm = llm_from_args(args)
+        config = config_from_args(args)
+        if config.distributed:  # the controller in a process of its own (serving/frontend.py)
+            from ..serving.frontend import FrontEnd
+
+            llm = FrontEnd(args, config)
+        else:
+            llm = llm_from_args(args)
     except BaseException:
         sock.close()
         raise

@@ -21,7 +21,7 @@ import torch
 
 from ..kvstream.net import LOOPBACK, WILDCARDS, Address, listen, parse_host_port
 from ..parallel.auth import TOKEN_ENV, Acceptor, cluster_prefix
-from . import placement
+from . import adopt, placement
 from .errors import WorkerError
 from .messages import Config, MessageError, Pipes, ReplicateConfig, Shutdown
 from .recovery import Failure, Stopped
@@ -93,34 +93,14 @@ class Membership:
                 continue
             # no rank given (external workers): the lowest one not taken
             rank = hello.rank if hello.rank is not None else min(set(range(c.world)) - set(self.channels))
-            if hello.standby or rank in self.channels:  # refused; the deployment goes on starting
+            if hello.standby or rank in self.channels or hello.adopt:  # refused; the deployment goes on starting
                 log.warning("refused a worker announcing %s while starting: expected a new rank in [0, %d)",
-                            "standby" if hello.standby else f"rank {rank}", c.world)
+                            "standby" if hello.standby else f"rank {rank}" + (" (rejoining)" if hello.adopt else ""),
+                            c.world)
                 ch.close()
                 continue
-            self.channels[rank] = ch
-            rc = c._rank_config(rank)
-            self.worker_info[rank] = {"pid": hello.pid, "host": hello.host, "role": rc["role"],
-                                      "stage": (rank - rc["first_rank"]) // c.tp, "tp_rank": rank % c.tp,
-                                      "worker": rc["worker_name"],
-                                      "layers": rc["layers"][(rank - rc["first_rank"]) // c.tp]}
-            self.place(rank, hello)
-        hosts = {r: i["host_id"] for r, i in self.worker_info.items()}
-        for r, lr in placement.local_ranks(hosts, {r: i["local_rank"] for r, i in self.worker_info.items()}).items():
-            self.worker_info[r]["local_rank"] = lr
-        self.place_holders()
-        backend = "nccl" if device.type == "cuda" and torch.cuda.device_count() >= c.world else "gloo"
-        master = str(Address(self.worker_info[0]["addr"], self.worker_info[0]["dist_port"]))
-        self.common = {"model": spec, "dtype": str(dtype).replace("torch.", ""), "device": device.type,
-                       "seed": seed, "tp": c.tp, "block_size": c.block_size, "master": master,
-                       "world": c.world, "backend": backend, "timeout": c.timeout,
-                       "tp_groups": c._tp_groups(), "kv_token": self.token, "pipes": c.ft,
-                       "heartbeat_interval": self.hb_interval if c.ft else 0}
-        if c.ft and c.tp > 1:  # each TP group forms anew every epoch, through a store here (parallel/tp_group.py)
-            from ..parallel.tp_group import RendezvousStore
-
-            self.tp_store = RendezvousStore(self.bind, c.timeout)
-            self.common["tp_store"] = self.tp_store.port
+            self.admit(rank, ch, hello)
+        self.settle(spec, device, dtype, seed)
         for rank, ch in self.channels.items():
             ch.send(self.config_for(rank))
         for ch, hello in self.standbys:  # standbys started with the workers
@@ -133,6 +113,37 @@ class Membership:
             if msg.t == "ready":
                 ready.add(msg.rank)
                 self.on_ready(msg)
+        self.begin_serving()
+        log.info("%d workers ready (TP %d): %s", c.world, c.tp,
+                 ", ".join(f"{i['worker']} layers {i['layers']}" for _, i in sorted(self.worker_info.items())))
+
+    def admit(self, rank: int, ch, hello) -> None:
+        """`rank`'s worker is in (its HELLO): its channel, role, layers and where it is."""
+        c = self.c
+        self.channels[rank] = ch
+        rc = c._rank_config(rank)
+        stage = (rank - rc["first_rank"]) // c.tp
+        self.worker_info[rank] = {"pid": hello.pid, "host": hello.host, "role": rc["role"], "stage": stage,
+                                  "tp_rank": rank % c.tp, "worker": rc["worker_name"], "layers": rc["layers"][stage]}
+        self.place(rank, hello)
+
+    def settle(self, spec, device, dtype, seed) -> None:
+        """Every rank is in: local ranks, replica holders, the Config fields they share."""
+        c = self.c
+        hosts = {r: i["host_id"] for r, i in self.worker_info.items()}
+        for r, lr in placement.local_ranks(hosts, {r: i["local_rank"] for r, i in self.worker_info.items()}).items():
+            self.worker_info[r]["local_rank"] = lr
+        self.place_holders()
+        self.common = self.common_config(spec, device, dtype, seed)
+        if c.ft and c.tp > 1:  # each TP group forms anew every epoch, through a store here (parallel/tp_group.py)
+            from ..parallel.tp_group import RendezvousStore
+
+            self.tp_store = RendezvousStore(self.bind, c.timeout)
+            self.common["tp_store"] = self.tp_store.port
+
+    def begin_serving(self) -> None:
+        """Every worker is ready: the pipes, later joiners and warm spares (fault tolerance), the hook."""
+        c = self.c
         self.started = True
         if c.ft:
             for rank in range(c.world):
@@ -140,8 +151,17 @@ class Membership:
             threading.Thread(target=self._acceptor, daemon=True, name="controller-accept").start()
             c.launcher.spawn_spares(c.recovery.spares)
         c._after_ready()
-        log.info("%d workers ready (TP %d): %s", c.world, c.tp,
-                 ", ".join(f"{i['worker']} layers {i['layers']}" for _, i in sorted(self.worker_info.items())))
+
+    def common_config(self, spec, device, dtype, seed) -> dict:
+        """Every worker's Config fields that do not depend on its rank."""
+        c = self.c
+        backend = "nccl" if device.type == "cuda" and torch.cuda.device_count() >= c.world else "gloo"
+        master = str(Address(self.worker_info[0]["addr"], self.worker_info[0]["dist_port"]))
+        return {"model": spec, "dtype": str(dtype).replace("torch.", ""), "device": device.type,
+                "seed": seed, "tp": c.tp, "block_size": c.block_size, "master": master,
+                "world": c.world, "backend": backend, "timeout": c.timeout,
+                "tp_groups": c._tp_groups(), "kv_token": self.token, "pipes": c.ft,
+                "heartbeat_interval": self.hb_interval if c.ft else 0}
 
     def config_for(self, rank: int, epoch: int = 0) -> Config:
         c = self.c
@@ -151,8 +171,10 @@ class Membership:
             rep = ReplicateConfig(dir=c.replication.dir, prefix=cluster_prefix(self.token),
                                   replicas=c.replication.replicas)
         info = self.worker_info[rank]
+        # Under a split front-end, pipeline stages outlive their controller and rejoin the next (adopt.py).
+        rejoin = adopt.REJOIN_S if c.ft and rc["role"] == "stage" and os.environ.get(adopt.FRONTEND_PID_ENV) else 0.0
         return Config(**self.common, rank=rank, **rc, replicate=rep, epoch=epoch, kv_host=info["addr"],
-                      local_rank=info["local_rank"])
+                      local_rank=info["local_rank"], rejoin=rejoin)
 
     def place(self, rank: int, hello) -> None:
         """Where `rank`'s worker is (its HELLO): the address its peers dial, its host."""

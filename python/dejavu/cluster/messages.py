@@ -163,6 +163,7 @@ class Config(Message):
     local_rank: int = 0                # among the workers of its host: picks its GPU
     kv_pool_bytes: int = 256 << 20     # pinned staging pool of its KV streamer
     tp_store: int | None = None        # recovery with tp > 1: port of the controller's TP rendezvous store (at its address)
+    rejoin: float = 0.0                # seconds it waits for a new controller when its own is lost (adopt.py)
 
 
 @message("pipes", CONTROLLER)
@@ -263,6 +264,7 @@ class Hello(Message):
     host_id: str = ""              # kvstream.select.host_id(): which workers share a host
     local_rank: int | None = None  # from its launcher's environment (None: counted by the controller)
     dist_port: int | None = None   # a free port at addr for torch.distributed's rendezvous (as rank 0)
+    adopt: bool = False            # a live worker rejoining after its controller was lost (its epoch: `epoch`)
 
 
 @message("ready", WORKER)

@@ -17,8 +17,9 @@ import time
 import torch
 
 from ..parallel.wire import Channel, connect
-from ..serving.lifecycle import on_deployment_gone, quiet_stop_on_signals, run_deployment_cleanups, watch_parent
+from ..serving.lifecycle import on_deployment_gone, quiet_stop_on_signals, run_deployment_cleanups
 from ..kvstream.net import parse_host_port
+from . import adopt
 from .messages import Error, Heartbeat, MessageError, Ready, StepFailed
 from .placement import RANK_ENV, env_int, worker_identity
 from .roles.stage import StageRole
@@ -108,7 +109,10 @@ def _heartbeat(ch: Channel, rank_of, interval: float) -> None:
     threading.Thread(target=loop, daemon=True, name="heartbeat").start()
 
 
-def _serve(ch: Channel, worker: Worker, rank: int, epoch: int, parent: int) -> int:
+REJOIN = -1  # _serve: the controller was lost and this worker waits for the next one (adopt.py)
+
+
+def _serve(ch: Channel, worker: Worker, rank: int, epoch: int, parent: int, rejoin: float = 0.0) -> int:
     """The control loop: each message to its handler, in order, until shutdown."""
     from ..kvstream import StreamError
     from ..models.tp import TPBroken
@@ -125,7 +129,7 @@ def _serve(ch: Channel, worker: Worker, rank: int, epoch: int, parent: int) -> i
             if msg.epoch < epoch:  # fencing: from before an epoch we already are in
                 print(f"dejavu worker: refused {msg.t!r} of epoch {msg.epoch} (now {epoch})", file=sys.stderr)
                 continue
-            epoch = msg.epoch
+            epoch = worker.epoch = msg.epoch
             if msg.t == "fenced":  # our rank went to another worker while we were cut off
                 print(f"dejavu worker: fenced: rank {rank} was given to another worker in epoch {epoch}; "
                       f"stopping", file=sys.stderr, flush=True)
@@ -150,6 +154,8 @@ def _serve(ch: Channel, worker: Worker, rank: int, epoch: int, parent: int) -> i
             pass
         return 1
     except ConnectionError:
+        if rejoin:
+            return REJOIN
         if parent and _parent_exits(parent):
             run_deployment_cleanups()
         return 4  # the controller is gone: nothing to serve
@@ -171,8 +177,7 @@ def run(controller: str, token: str, rank: int | None = None, standby: bool = Fa
     rank = rank if rank is not None else _env_rank()  # None: the controller assigns one
     quiet_stop_on_signals()  # a stop signal is not a failure: lifecycle.py
     parent = int(os.environ.get("DEJAVU_PARENT_PID") or 0)
-    if parent:
-        watch_parent(parent)
+    adopt.watch_deployment(parent)  # its parent, or the front-end of a split deployment
     import faulthandler
     import signal
 
@@ -213,4 +218,19 @@ def run(controller: str, token: str, rank: int | None = None, standby: bool = Fa
         ch.send(Error(rank=rank, msg=f"{type(e).__name__}: {e}"))
         return 1
     ch.send(Ready(rank=rank, **worker.ready_info()))
-    return _serve(ch, worker, rank, epoch, parent)
+    worker.epoch = epoch
+    if cfg.rejoin:
+        adopt.arm()
+    code = _serve(ch, worker, rank, epoch, parent, cfg.rejoin)
+    while code == REJOIN:  # our controller is lost: the next one adopts us (weights and listeners kept)
+        print(f"dejavu worker: rank {rank} lost its controller; waiting for the next one", file=sys.stderr, flush=True)
+        ch = adopt.rejoin(host, port, token, dict(hello, rank=rank), worker.epoch, cfg.rejoin)
+        if ch is None:
+            run_deployment_cleanups()
+            return 4
+        worker.stage.ch = ch
+        if cfg.heartbeat_interval:
+            _heartbeat(ch, lambda: rank, float(cfg.heartbeat_interval))
+        ch.send(Ready(rank=rank, **worker.ready_info()))
+        code = _serve(ch, worker, rank, worker.epoch, parent, cfg.rejoin)
+    return code

@@ -29,6 +29,7 @@ from ..engine.sequence import Sequence, Status
 from ..kvstream.routing import split_layers
 from ..models.loader import ModelSource, model_identity
 from ..models.tp import check as tp_check
+from ..cluster import adopt
 from ..cluster.dispatch import Dispatch
 from ..cluster.errors import WorkerError  # noqa: F401 (callers catch it from here)
 from ..cluster.launch import Launcher
@@ -89,9 +90,13 @@ class PipelineEngine(LLMEngine):
         self._share_members()
         self.log_dir = log_dir
         self.launcher = Launcher(self.controller_addr, self.token, device.type, log_dir)
-        self.launcher.start(launcher, self.world, hostfile, recovery=self.ft)
+        if not adopt.pending():
+            self.launcher.start(launcher, self.world, hostfile, recovery=self.ft)
         try:
-            self.members.rendezvous(source.spec, device, dtype, seed)
+            if adopt.pending():  # taking over from a controller that died: its live workers rejoin
+                adopt.take_over(self.members, source.spec, device, dtype, seed)
+            else:
+                self.members.rendezvous(source.spec, device, dtype, seed)
         except BaseException:
             self.shutdown()
             raise

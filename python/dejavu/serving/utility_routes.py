@@ -29,7 +29,9 @@ def cluster_view(server) -> dict:
     out = {"model": server.model_name}
     if hasattr(eng, "cluster"):
         needed = set(getattr(eng, "_needed", ()))
-        out["workers"] = [dict(w, state="recovering" if w["rank"] in needed else state) for w in eng.cluster()]
+        # a split deployment's front-end and controller entries carry their own state
+        out["workers"] = [dict(w, state=w.get("state") or ("recovering" if w["rank"] in needed else state))
+                          for w in eng.cluster()]
         out["fault_tolerance"] = eng.fault_tolerance()
     else:
         out["workers"] = [{"rank": 0, "role": "engine", "stage": 0, "tp_rank": 0, "pid": os.getpid(),

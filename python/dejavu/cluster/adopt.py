@@ -1,0 +1,131 @@
+"""A controller's death survived: its live workers rejoin the controller the front-end starts next
+(serving/frontend.py), which adopts them instead of starting new ones.
+
+Worker side: a pipeline-stage worker of a split deployment (its Config's `rejoin` > 0) whose control
+connection breaks keeps its weights, cache and pipe listener, and dials the same controller address
+again for up to `rejoin` seconds, with a HELLO that says `adopt` and carries the epoch it is in; it
+then says READY again (its listeners' ports) and serves the new controller. It exits when the
+front-end process is gone ($DEJAVU_FRONTEND_PID), or when no controller took it in time.
+
+Controller side (`take_over`, in place of Membership.rendezvous): wait for every rank's adopting
+HELLO, rebuild the membership (where each worker is, its ports), move to an epoch above every
+worker's (messages of an older controller are refused from then on: worker.py drops a message of an
+epoch below its own), reset every worker (steps in flight when the old controller died are
+dropped) and send the pipes. The front-end then resubmits its requests, which are recomputed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from ..parallel.wire import connect
+from ..serving.lifecycle import run_deployment_cleanups
+from .errors import WorkerError
+from .messages import Reset
+
+log = logging.getLogger("dejavu.adopt")
+
+FRONTEND_PID_ENV = "DEJAVU_FRONTEND_PID"
+REJOIN_S = 60.0      # how long a worker waits for the next controller (Config.rejoin)
+ADOPT_WAIT_S = 30.0  # how long a new controller waits for every worker to rejoin
+
+_pending = False     # this process's controller takes over live workers (set by serving/engine_core.py)
+_armed = threading.Event()  # worker side: rejoining is on, so the controller process's exit is not ours
+
+
+def expect_workers() -> None:
+    global _pending
+    _pending = True
+
+
+def pending() -> bool:
+    return _pending
+
+
+# ---------------------------------------------------------------------- worker side
+def arm() -> None:
+    _armed.set()
+
+
+def watch_deployment(parent: int) -> None:
+    """A worker's watchdog: exit (status 3, after the deployment cleanups) once the front-end is gone,
+    or once its parent is, unless it rejoins the next controller."""
+    frontend = int(os.environ.get(FRONTEND_PID_ENV) or 0)
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+            return False
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+
+    def loop():
+        while not ((frontend and gone(frontend)) or (parent and os.getppid() != parent and not _armed.is_set())):
+            time.sleep(0.5)
+        run_deployment_cleanups()
+        os._exit(3)
+    threading.Thread(target=loop, daemon=True, name="deployment-watch").start()
+
+
+def rejoin(host: str, port: int, token: str, hello: dict, epoch: int, wait: float):
+    """Dial the controller address until a new controller takes this worker in (its channel), or
+    None after `wait` seconds or when the controller turns it away."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            return connect(host, port, token, dict(hello, adopt=True, epoch=epoch), timeout=10,
+                           wait=max(0.0, deadline - time.monotonic()))
+        except OSError as e:
+            if type(e) is ConnectionError:  # the controller refused the HELLO (wire.connect)
+                log.warning("rejoining failed: %s", e)
+                return None
+            time.sleep(0.2)  # no controller listening yet, or it went while we said HELLO
+    return None
+
+
+# ---------------------------------------------------------------------- controller side
+def take_over(m, spec, device, dtype, seed) -> None:
+    """Membership `m` adopts the live workers of the controller that died (instead of rendezvous)."""
+    c = m.c
+    deadline = time.monotonic() + ADOPT_WAIT_S
+    hellos = {}
+    while len(m.channels) < c.world:
+        try:
+            ch, hello = m.accept.get(min(1.0, max(0.01, deadline - time.monotonic())))
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise WorkerError(f"only {len(m.channels)} of {c.world} workers rejoined within {ADOPT_WAIT_S}s") from None
+            continue
+        if hello.standby and c.ft:
+            m.standbys.append((ch, hello))
+            continue
+        if not hello.adopt or hello.rank is None or hello.rank in m.channels:
+            log.warning("turned away a worker (rank %s) while adopting: expected each rank's rejoining worker",
+                        hello.rank)
+            ch.close()
+            continue
+        hellos[hello.rank] = hello
+        m.admit(hello.rank, ch, hello)
+    m.settle(spec, device, dtype, seed)
+    m.epoch = max(h.epoch for h in hellos.values()) + 1  # above every worker's: the old controller's are stale
+    for rank, ch in m.channels.items():
+        m.start_reader(rank, ch)
+    ready, resetting = set(), set()
+    for rank, ch in m.channels.items():
+        ch.send(Reset(drop_keys=[]))  # what the old controller left in flight is dropped
+        resetting.add(rank)
+    deadline = time.monotonic() + c.timeout
+    while ready != set(m.channels) or resetting:
+        msg = m.next_message(deadline, "adopting workers")
+        if msg.t == "ready":
+            ready.add(msg.rank)
+            m.on_ready(msg)
+        elif msg.t == "reset_done" and msg.epoch == m.epoch:
+            resetting.discard(msg.rank)
+    m.begin_serving()
+    log.warning("adopted %d live workers in epoch %d: %s", c.world, m.epoch,
+                ", ".join(f"{i['worker']} (pid {i['pid']})" for _, i in sorted(m.worker_info.items())))
