@@ -24,6 +24,24 @@ class SwapConfig:
 
 
 @record
+class OffloadConfig:
+    """Prefix caching's host and disk tiers of a pipeline worker (engine/prefix_tiers.py)."""
+    host_blocks: int          # its host tier holds this many blocks (the controller's index too)
+    disk_dir: str | None      # its own directory of block files (emptied at start)
+    disk_blocks: int = 0
+
+
+@record
+class TierOps:
+    """A step's prefix-tier copies, applied by every worker to its own layers before the step:
+    evicted device blocks to the host tier, then host/disk hits into fresh blocks (names in hex)."""
+    out_blocks: list[int]
+    out_names: list[str]
+    in_blocks: list[int]
+    in_names: list[str]
+
+
+@record
 class ReplicateConfig:
     dir: str | None    # also keep replicas on this local disk
     prefix: str        # the deployment's file name prefix there
@@ -153,6 +171,7 @@ class Config(Message):
     kv_host: str = "127.0.0.1"         # where its pipe, KV and replica listeners bind (its advertised address)
     local_rank: int = 0                # among the workers of its host: picks its GPU
     kv_pool_bytes: int = 256 << 20     # pinned staging pool of its KV streamer
+    kv_offload: OffloadConfig | None = None  # prefix caching's host and disk tiers
 
 
 @message("pipes", CONTROLLER)
@@ -175,6 +194,7 @@ class Step(Message):
     prefill: bool
     seqs: list[StepSeq]
     live: list[int] | None = None  # swapping: every block the microbatch holds
+    tiers: TierOps | None = None   # prefix caching's host/disk tiers: copies before the step
 
 
 @message("prefill", CONTROLLER)
