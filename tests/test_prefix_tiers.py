@@ -192,3 +192,27 @@ def test_restored_blocks_under_pressure_are_exact(llama):
     st = llm.engine.prefix_cache_stats()
     assert st["host_hit_tokens"] >= 3 * BS and llm.engine.scheduler.num_preemptions > 0, st
     assert llm.engine.cache.allocator.num_used == 0
+
+
+def test_restores_are_one_copy_per_layer_waited_for_layer_by_layer():
+    """The restore's per-layer copies land each layer's bytes of each block where it was (the CPU
+    twin of the CUDA path's per-layer events); a step waits for layer i just before layer i."""
+    from dejavu.engine.block_manager import PrefixStats
+    from dejavu.engine.kv_cache import PagedKVCache
+    from dejavu.engine.prefix_tiers import PrefixTiers
+
+    cache = PagedKVCache(3, 8, BS, 2, 16, torch.float32, torch.device("cpu"))
+    cache.tensor.copy_(torch.randn_like(cache.tensor))
+    before = cache.tensor.clone()
+    tiers = PrefixTiers(cache, PrefixStats(), 1 << 20)
+    names = [bytes([i]) * 16 for i in range(3)]
+    tiers.apply(list(zip([1, 4, 6], names)), [])  # offload blocks 1, 4, 6
+    cache.tensor.zero_()
+    counts = tiers.apply([], [list(zip([2, 3], names[:2])), [(7, names[2])]], overlap=True)
+    assert counts == [2, 1] and len(tiers.pending) == 3  # one batched copy per layer, left running
+    for layer in range(3):
+        tiers.wait_layer(layer)
+        for dst, src in ((2, 1), (3, 4), (7, 6)):
+            assert torch.equal(cache.tensor[layer, dst], before[layer, src])
+    tiers.wait_pending()
+    assert tiers.pending is None and not cache.tensor[:, [0, 1, 4, 5, 6]].any()
