@@ -194,13 +194,15 @@ def test_restored_blocks_under_pressure_are_exact(llama):
     assert llm.engine.cache.allocator.num_used == 0
 
 
-def test_restores_are_one_copy_per_layer_waited_for_layer_by_layer():
-    """The restore's per-layer copies land each layer's bytes of each block where it was (the CPU
-    twin of the CUDA path's per-layer events); a step waits for layer i just before layer i."""
+@pytest.mark.parametrize("groups", [4, 2])
+def test_restores_are_copies_per_group_of_layers_waited_for_layer_by_layer(groups, monkeypatch):
+    """The restore's copies per group of layers land each layer's bytes of each block where it was
+    (the CPU twin of the CUDA path's per-group events); a step waits for a group at its first layer."""
     from dejavu.engine.block_manager import PrefixStats
     from dejavu.engine.kv_cache import PagedKVCache
     from dejavu.engine.prefix_tiers import PrefixTiers
 
+    monkeypatch.setattr(PrefixTiers, "GROUPS", groups)
     cache = PagedKVCache(3, 8, BS, 2, 16, torch.float32, torch.device("cpu"))
     cache.tensor.copy_(torch.randn_like(cache.tensor))
     before = cache.tensor.clone()
@@ -209,7 +211,7 @@ def test_restores_are_one_copy_per_layer_waited_for_layer_by_layer():
     tiers.apply(list(zip([1, 4, 6], names)), [])  # offload blocks 1, 4, 6
     cache.tensor.zero_()
     counts = tiers.apply([], [list(zip([2, 3], names[:2])), [(7, names[2])]], overlap=True)
-    assert counts == [2, 1] and len(tiers.pending) == 3  # one batched copy per layer, left running
+    assert counts == [2, 1] and [a for a, _ in tiers.pending] == ([0, 1, 2] if groups == 4 else [0, 1])
     for layer in range(3):
         tiers.wait_layer(layer)
         for dst, src in ((2, 1), (3, 4), (7, 6)):

@@ -5,9 +5,9 @@ its fresh device blocks before its prefill (docs/prefix-caching.md).
 Copies are DéjàVuLib's batched block copies (KVStreamer.copy_blocks: every block of a step in one
 call, between the cache and HostTier's ranges of one pinned pool). Per step: the evicted blocks go
 out (waited for: a hit may be restored into one of them), disk hits are promoted into host ranges,
-then the hits go in with one call per layer, left running: the prefill waits for layer i's copy
-just before layer i runs (wait_layer; on CUDA the compute stream waits on its event, the host does
-not), so restoring layer i+1 overlaps computing layer i.
+then the hits go in with one call per group of layers, left running: the prefill waits for a
+group's copy just before its first layer runs (wait_layer; on CUDA the compute stream waits on its
+event, the host does not), so restoring later layers overlaps computing earlier ones.
 
 A pipeline's controller keeps an index-only twin (PrefixTiers.index: the same LRU over names, no
 bytes) to look names up once; each step carries the operations (`ops`), and every worker applies
@@ -29,6 +29,8 @@ from .sequence import Sequence
 
 
 class PrefixTiers:
+    GROUPS = 4  # a restore's copies: one per group of consecutive layers (fewer calls than one per layer)
+
     def __init__(self, cache: PagedKVCache, stats: PrefixStats, host_bytes: int, disk_dir: str | None = None,
                  disk_bytes: int = 0, host_blocks: int | None = None, disk_blocks: int | None = None,
                  reuse_disk: bool = True):
@@ -45,7 +47,8 @@ class PrefixTiers:
         self.host = HostTier(host_bytes, self.block_bytes, spill=self.disk, pin=cache.device.type == "cuda",
                              capacity=host_blocks)
         self._staging = None  # a pinned block-sized buffer for disk reads the host tier has no room for
-        self.pending: list[Future] | None = None  # the last restore, one copy per layer, until waited for
+        # the last restore until waited for: per group of layers, its first layer and its copy
+        self.pending: list[tuple[int, Future]] | None = None
 
     @classmethod
     def index(cls, stats: PrefixStats, block_size: int, block_bytes: int, host_blocks: int,
@@ -133,10 +136,13 @@ class PrefixTiers:
                     self.stats.disk_hit_tokens += self.bs
             counts.append(n)
         if blocks and self.streamer is not None:
-            # one batched copy per layer: the prefill waits for each just before that layer
-            self.pending = [self.streamer.copy_blocks(blocks, self.host.pool.storage,
-                                                      [o + i * self.layer_bytes for o in offsets], out=False, layers=[l])
-                            for i, l in enumerate(self.layers)]
+            # one batched copy per group of layers: the prefill waits for each just before its first layer
+            n = len(self.layers)
+            cuts = sorted({n * g // min(self.GROUPS, n) for g in range(min(self.GROUPS, n))}) + [n]
+            self.pending = [(a, self.streamer.copy_blocks(blocks, self.host.pool.storage,
+                                                          [o + a * self.layer_bytes for o in offsets], out=False,
+                                                          layers=self.layers[a:b]))
+                            for a, b in zip(cuts, cuts[1:])]
             if not overlap:
                 self.wait_pending()
         return counts
@@ -153,16 +159,16 @@ class PrefixTiers:
     def wait_pending(self) -> None:
         if self.pending is not None:
             fs, self.pending = self.pending, None
-            for f in fs:
+            for _, f in fs:
                 f.wait()
 
     def wait_layer(self, i: int) -> None:
-        """The step reading the restored blocks is about to run local layer i: wait for that layer's
-        copy (on CUDA the current stream waits on its event and the host goes on; the next apply()
+        """The step reading the restored blocks is about to run local layer i: wait for the copy of
+        the group of layers it starts, if any (on CUDA the current stream waits on its event and the host goes on; the next apply()
         waits for all of them on the host before reusing their host ranges)."""
-        if self.pending is None or i >= len(self.pending):
+        f = next((f for a, f in self.pending or () if a == i), None)
+        if f is None:  # the group's copy was waited for at its first layer
             return
-        f = self.pending[i]
         if f.event is not None:
             torch.cuda.current_stream(self.cache.device).wait_event(f.event)
         else:
