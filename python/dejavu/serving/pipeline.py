@@ -353,7 +353,8 @@ class PipelineEngine(LLMEngine):
         on one worker, left no KV there; recovery resumes from at most the newest token)."""
         for inf in self.dispatch.inflight:
             for s in inf[1] if inf is not None else ():
-                s.num_cached = min(s.num_cached, s.step_start)
+                if s.step_start is not None:  # (set by _step; disaggregation's token steps keep theirs)
+                    s.num_cached = min(s.num_cached, s.step_start)
         self.dispatch.abandon()
         return []
 
