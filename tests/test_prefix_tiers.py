@@ -10,6 +10,7 @@ import torch
 
 from dejavu import LLM, SamplingParams
 from dejavu.kvstream.tiers import DiskTier, HostTier
+from conftest import needs_cuda
 from hf_models import hf_greedy, save_hf_model
 
 BS = 4
@@ -80,10 +81,11 @@ def _run(llm, hf, prompts):
         assert llm.generate([p], sp)[0].token_ids == hf_greedy(hf, p, NEW)
 
 
-def test_host_tier_hits_are_exact(llama):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_host_tier_hits_are_exact(llama, device):
     hf, path = llama
     shared, others = _workload(hf.config.vocab_size)
-    llm = LLM(device="cpu", model=path, block_size=BS, dtype="float32", kv_cache_blocks=12,
+    llm = LLM(device=device, model=path, block_size=BS, dtype="float32", kv_cache_blocks=12,
               enable_prefix_caching=True, kv_offload_gib=64 * BLOCK / 2**30)
     assert llm.engine.tiers.block_bytes == BLOCK
     _run(llm, hf, shared[:1] + others + shared[1:])  # the others push the shared blocks off the device
@@ -194,8 +196,9 @@ def test_restored_blocks_under_pressure_are_exact(llama):
     assert llm.engine.cache.allocator.num_used == 0
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 @pytest.mark.parametrize("groups", [4, 2])
-def test_restores_are_copies_per_group_of_layers_waited_for_layer_by_layer(groups, monkeypatch):
+def test_restores_are_copies_per_group_of_layers_waited_for_layer_by_layer(groups, device, monkeypatch):
     """The restore's copies per group of layers land each layer's bytes of each block where it was
     (the CPU twin of the CUDA path's per-group events); a step waits for a group at its first layer."""
     from dejavu.engine.block_manager import PrefixStats
@@ -203,7 +206,7 @@ def test_restores_are_copies_per_group_of_layers_waited_for_layer_by_layer(group
     from dejavu.engine.prefix_tiers import PrefixTiers
 
     monkeypatch.setattr(PrefixTiers, "GROUPS", groups)
-    cache = PagedKVCache(3, 8, BS, 2, 16, torch.float32, torch.device("cpu"))
+    cache = PagedKVCache(3, 8, BS, 2, 16, torch.float32, torch.device(device))
     cache.tensor.copy_(torch.randn_like(cache.tensor))
     before = cache.tensor.clone()
     tiers = PrefixTiers(cache, PrefixStats(), 1 << 20)
