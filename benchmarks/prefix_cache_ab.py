@@ -15,7 +15,9 @@
     python3 benchmarks/prefix_cache_ab.py --model random:llama-tiny --device cpu
     python3 benchmarks/prefix_cache_ab.py --workloads none --skip-restore --repeat 4  # the cost alone
     python3 benchmarks/prefix_cache_ab.py --model random:opt-1.3b --device cuda --dtype float16 \\
-        --prefix-len 1000 --requests 64 --concurrency 8 --restore-blocks 256
+        --prefix-len 1000 --requests 64 --concurrency 8 --restore-blocks 256 --server process
+`--server process` runs each pass's server in a process of its own, so the load generator does not
+share a GIL with the server and the engine thread (the default, `thread`, keeps them together).
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ import contextlib
 import io
 import json
 import statistics
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -39,20 +43,46 @@ from dejavu.models.registry import named_config
 from dejavu.serving.api import ApiServer
 
 
-def one_pass(args, requests, caching: bool) -> dict:
+def _server(args, caching: bool) -> tuple[ApiServer, int]:
     llm = LLM(model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
               kv_cache_blocks=args.kv_cache_blocks, max_model_len=args.max_model_len,
               enable_prefix_caching=caching)
     srv = ApiServer(llm, args.model)
-    port = srv.start_background()
+    return srv, srv.start_background()
+
+
+def serve_child(args) -> None:
+    """--server process: the server alone in this process; its port out, its prefix stats out once
+    stdin closes."""
+    srv, port = _server(args, args.serve_child == "on")
+    print(port, flush=True)
+    sys.stdin.read()
+    print(json.dumps(srv.engine.engine.prefix_cache_stats() or {}), flush=True)
+    srv.stop()
+
+
+def one_pass(args, requests, caching: bool) -> dict:
+    child = srv = None
+    if args.server == "process":  # the client's and the server's Python threads do not share a GIL
+        child = subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--serve-child", "on" if caching else "off"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        port = int(child.stdout.readline())
+    else:
+        srv, port = _server(args, caching)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             r = bench_run(f"http://127.0.0.1:{port}", requests, args.rate, progress=False,
                           max_concurrency=args.concurrency)
-        stats = (llm.engine.prefix_cache_stats() if caching else None) or {}
+        if child is not None:
+            stats = json.loads(child.communicate("", timeout=120)[0].strip().splitlines()[-1])
+        else:
+            stats = (srv.engine.engine.prefix_cache_stats() if caching else None) or {}
     finally:
-        srv.stop()
-        del llm
+        if srv is not None:
+            srv.stop()
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
     if r["failed"]:
         raise RuntimeError(f"{r['failed']} requests failed: {sorted(set(r['errors']))[:3]}")
     return {"caching": caching, "ttft_p50_ms": r["median_ttft_ms"], "ttft_p99_ms": r["p99_ttft_ms"],
@@ -155,8 +185,14 @@ def main() -> None:
     ap.add_argument("--skip-serve", action="store_true", help="only the restore microbenchmark")
     ap.add_argument("--workloads", default="shared,none", help="serving workloads to run (shared, none)")
     ap.add_argument("--skip-restore", action="store_true", help="no restore microbenchmark")
+    ap.add_argument("--server", choices=("thread", "process"), default="thread",
+                    help="the server in this process (a thread) or in a process of its own (no GIL shared with "
+                         "the load generator)")
+    ap.add_argument("--serve-child", choices=("on", "off"), default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.serve_child:
+        return serve_child(args)
 
     result = {"args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "torch_threads": torch.get_num_threads()}

@@ -10,6 +10,7 @@ import torch
 
 from dejavu import LLM, SamplingParams
 from dejavu.kvstream.tiers import DiskTier, HostTier
+from conftest import needs_cuda
 from hf_models import hf_greedy, save_hf_model
 
 BS = 4
@@ -80,10 +81,11 @@ def _run(llm, hf, prompts):
         assert llm.generate([p], sp)[0].token_ids == hf_greedy(hf, p, NEW)
 
 
-def test_host_tier_hits_are_exact(llama):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_host_tier_hits_are_exact(llama, device):
     hf, path = llama
     shared, others = _workload(hf.config.vocab_size)
-    llm = LLM(device="cpu", model=path, block_size=BS, dtype="float32", kv_cache_blocks=12,
+    llm = LLM(device=device, model=path, block_size=BS, dtype="float32", kv_cache_blocks=12,
               enable_prefix_caching=True, kv_offload_gib=64 * BLOCK / 2**30)
     assert llm.engine.tiers.block_bytes == BLOCK
     _run(llm, hf, shared[:1] + others + shared[1:])  # the others push the shared blocks off the device
@@ -121,6 +123,8 @@ def test_offload_options_are_checked():
         LLM(model="random:llama-tiny", device="cpu", enable_prefix_caching=True, kv_offload_dir="/tmp/x")
     with pytest.raises(ValueError, match="kv_offload_gib"):
         LLM(model="random:llama-tiny", device="cpu", enable_prefix_caching=True, kv_offload_gib=-1)
+    with pytest.raises(ValueError, match="not yet available with disaggregation, swap or replicate"):
+        LLM(model="random:llama-tiny", device="cpu", pp=2, swap=True, enable_prefix_caching=True, kv_offload_gib=1)
 
 
 def test_metrics_show_hits_per_tier(llama):
@@ -190,3 +194,30 @@ def test_restored_blocks_under_pressure_are_exact(llama):
     st = llm.engine.prefix_cache_stats()
     assert st["host_hit_tokens"] >= 3 * BS and llm.engine.scheduler.num_preemptions > 0, st
     assert llm.engine.cache.allocator.num_used == 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("groups", [4, 2])
+def test_restores_are_copies_per_group_of_layers_waited_for_layer_by_layer(groups, device, monkeypatch):
+    """The restore's copies per group of layers land each layer's bytes of each block where it was
+    (the CPU twin of the CUDA path's per-group events); a step waits for a group at its first layer."""
+    from dejavu.engine.block_manager import PrefixStats
+    from dejavu.engine.kv_cache import PagedKVCache
+    from dejavu.engine.prefix_tiers import PrefixTiers
+
+    monkeypatch.setattr(PrefixTiers, "GROUPS", groups)
+    cache = PagedKVCache(3, 8, BS, 2, 16, torch.float32, torch.device(device))
+    cache.tensor.copy_(torch.randn_like(cache.tensor))
+    before = cache.tensor.clone()
+    tiers = PrefixTiers(cache, PrefixStats(), 1 << 20)
+    names = [bytes([i]) * 16 for i in range(3)]
+    tiers.apply(list(zip([1, 4, 6], names)), [])  # offload blocks 1, 4, 6
+    cache.tensor.zero_()
+    counts = tiers.apply([], [list(zip([2, 3], names[:2])), [(7, names[2])]], overlap=True)
+    assert counts == [2, 1] and [a for a, _ in tiers.pending] == ([0, 1, 2] if groups == 4 else [0, 1])
+    for layer in range(3):
+        tiers.wait_layer(layer)
+        for dst, src in ((2, 1), (3, 4), (7, 6)):
+            assert torch.equal(cache.tensor[layer, dst], before[layer, src])
+    tiers.wait_pending()
+    assert tiers.pending is None and not cache.tensor[:, [0, 1, 4, 5, 6]].any()

@@ -52,7 +52,8 @@ class Dispatch:
                        top_p=p.top_p, seed=s.seed, banned=self.c._banned(s),
                        x=_extra(wire_fields(p, s.token_ids, s.num_prompt_tokens)), **extra)
 
-    def launch(self, slot: int, seqs: list, is_prefill: bool) -> None:
+    def launch(self, slot: int, seqs: list, is_prefill: bool, tiers=None) -> None:
+        """tiers: the step's prefix-tier copies (messages.TierOps), for every worker before the step."""
         c = self.c
         step_id = self.next_id()
         items = []
@@ -67,7 +68,7 @@ class Dispatch:
         # with swapping, every block the microbatch holds now: workers keep exactly these resident
         # (a block shared by several of its requests once: it is swapped once)
         live = list(dict.fromkeys(b for s in c.slots[slot].running for b in s.block_table)) if c.swap else None
-        msg = Step(mb=slot, id=step_id, prefill=is_prefill, seqs=items, live=live)
+        msg = Step(mb=slot, id=step_id, prefill=is_prefill, seqs=items, live=live, tiers=tiers)
         self.inflight[slot] = (step_id, seqs, time.monotonic())  # before sending: a failed send loses it
         self.send_to(c._step_ranks(), msg)
 

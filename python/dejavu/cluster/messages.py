@@ -24,6 +24,24 @@ class SwapConfig:
 
 
 @record
+class OffloadConfig:
+    """Prefix caching's host and disk tiers of a pipeline worker (engine/prefix_tiers.py)."""
+    host_blocks: int          # its host tier holds this many blocks (the controller's index too)
+    disk_dir: str | None      # its own directory of block files (emptied at start)
+    disk_blocks: int = 0
+
+
+@record
+class TierOps:
+    """A step's prefix-tier copies, applied by every worker to its own layers before the step:
+    evicted device blocks to the host tier, then host/disk hits into fresh blocks (names in hex)."""
+    out_blocks: list[int]
+    out_names: list[str]
+    in_blocks: list[int]
+    in_names: list[str]
+
+
+@record
 class ReplicateConfig:
     dir: str | None    # also keep replicas on this local disk
     prefix: str        # the deployment's file name prefix there
@@ -164,6 +182,7 @@ class Config(Message):
     kv_pool_bytes: int = 256 << 20     # pinned staging pool of its KV streamer
     tp_store: int | None = None        # recovery with tp > 1: port of the controller's TP rendezvous store (at its address)
     rejoin: float = 0.0                # seconds it waits for a new controller when its own is lost (adopt.py)
+    kv_offload: OffloadConfig | None = None  # prefix caching's host and disk tiers
 
 
 @message("pipes", CONTROLLER)
@@ -186,6 +205,7 @@ class Step(Message):
     prefill: bool
     seqs: list[StepSeq]
     live: list[int] | None = None  # swapping: every block the microbatch holds
+    tiers: TierOps | None = None   # prefix caching's host/disk tiers: copies before the step
 
 
 @message("prefill", CONTROLLER)

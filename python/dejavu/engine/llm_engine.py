@@ -258,8 +258,9 @@ class LLMEngine:
             return []
         want = [i for i, s in enumerate(seqs) if is_prefill and s.params.prompt_logprobs is not None
                 and s.prompt_logprobs is None and s.num_cached == 0]
-        logits, rows = self.runner.run_with_rows(seqs, is_prefill, want,
-                                                  self._await_restore if self.tiers is not None else None)
+        t = self.tiers if self.tiers is not None and self.tiers.pending is not None else None
+        logits, rows = self.runner.run_with_rows(seqs, is_prefill, want, t and (lambda: t.wait_layer(0)),
+                                                  t and (lambda i: t.wait_layer(i + 1)))
         for i, h in zip(want, rows):
             s = seqs[i]
             s.prompt_logprobs = prompt_entries(self.model, h[:s.num_prompt_tokens],
@@ -273,20 +274,10 @@ class LLMEngine:
 
     def _sync_tiers(self, seqs: list[Sequence], is_prefill: bool) -> None:
         """Blocks this schedule evicted go to the host tier before a step overwrites them; admitted
-        sequences' lower-tier hits come back before their prefill (engine/prefix_tiers.py)."""
+        sequences' lower-tier hits come back while their prefill runs, each layer's before that
+        layer (engine/prefix_tiers.py)."""
         if self.tiers is not None:
             self.tiers.sync(self.cache.allocator.take_evicted(), seqs if is_prefill else [], overlap=True)
-
-    def _await_restore(self) -> None:
-        """The step about to run reads the blocks restored by _sync_tiers: wait for their copy (on
-        CUDA the compute stream waits on its event, the host goes on)."""
-        f = self.tiers.pending
-        if f is None:
-            return
-        if f.event is not None:
-            torch.cuda.current_stream(self.device).wait_event(f.event)
-        else:
-            self.tiers.wait_pending()
 
     def prefix_cache_stats(self) -> dict | None:
         """Prefix-cache counters (and tier occupancy), None when caching is off."""
@@ -304,10 +295,7 @@ class LLMEngine:
             return None
         out = {"device": {"blocks": self.cache.allocator.num_named, "capacity_blocks": self.num_blocks}}
         if self.tiers is not None:
-            occ = self.tiers.occupancy()
-            for t in ("host", "disk"):
-                if f"{t}_blocks" in occ:
-                    out[t] = {"blocks": occ[f"{t}_blocks"], "capacity_blocks": occ[f"{t}_capacity_blocks"]}
+            out.update(self.tiers.tier_occupancy())
         return out
 
     def _append_tokens(self, seqs: list[Sequence], tokens: list) -> None:

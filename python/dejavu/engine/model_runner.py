@@ -119,15 +119,16 @@ class ModelRunner:
         if self.kv_on_step is not None:
             self.kv_on_step([(table, start, start + len(ids)) for ids, start, table in items])
 
-    def run(self, seqs: list[Sequence], is_prefill: bool, before=None) -> torch.Tensor:
+    def run(self, seqs: list[Sequence], is_prefill: bool, before=None, on_layer=None) -> torch.Tensor:
         """Logits [B, vocab] (float32) of each sequence's last new token; marks the K/V as cached.
-        `before()` is called once the inputs are built, just before the forward pass (a restore
-        of cached blocks still in flight is waited for there)."""
-        return self.run_with_rows(seqs, is_prefill, (), before)[0]
+        `before()` is called once the inputs are built, just before the forward pass, and
+        `on_layer(i)` after layer i (a restore of cached blocks still in flight is waited for
+        there, layer by layer; a CUDA graph runs every layer at once: all its waits come first)."""
+        return self.run_with_rows(seqs, is_prefill, (), before, on_layer)[0]
 
     @torch.inference_mode()
     def run_with_rows(self, seqs: list[Sequence], is_prefill: bool, rows_of: list[int],
-                      before=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                      before=None, on_layer=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """run()'s logits, and for each index in `rows_of` the hidden states [new tokens, H] of
         every new token of that sequence (prompt logprobs, engine/prompt_logprobs.py)."""
         items = step_items(seqs, is_prefill)
@@ -135,12 +136,14 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.fits(items) and not rows_of:
             if before is not None:
                 before()
+            for i in range(self.cache.num_layers - 1) if on_layer is not None else ():
+                on_layer(i)
             logits = self.graphs.run(items, self.kv_tap)
         else:
             ids, pos, meta, last = build_metadata(items, self.cache.block_size, self.cache.device, self.kv_tap)
             if before is not None:
                 before()
-            hidden = self.model(ids, pos, meta, self.cache.tensor)
+            hidden = self.model(ids, pos, meta, self.cache.tensor, on_layer=on_layer)
             logits = self.model.compute_logits(hidden[last])
             starts = np.cumsum([0] + [len(x[0]) for x in items])
             rows = [hidden[starts[i]:starts[i + 1]] for i in rows_of]

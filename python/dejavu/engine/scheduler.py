@@ -15,7 +15,9 @@ With prefix caching (a `prefix_salt`), admission first looks up the sequence's l
 by name: blocks on the device are shared (a reference each), blocks a lower tier holds (`tiers`,
 engine/prefix_tiers.py) get fresh blocks listed in Sequence.restore for the engine to fill, and the
 prefill computes only the rest. At least the last token is always computed (its logits are needed).
-Blocks are named once their K/V is computed (docs/prefix-caching.md).
+Blocks are named once their K/V is computed (docs/prefix-caching.md). A request that would compute
+a block this step's batch computes waits a step (and hits it); so does one whose long prefill would
+hold back the first tokens of a batch with hits.
 """
 from __future__ import annotations
 
@@ -64,12 +66,18 @@ class Scheduler:
             self._name_computed(seq)
         batch: list[Sequence] = []
         tokens = 0
+        computing: set[bytes] = set()  # names of the full blocks this batch computes
+        hit_batch = False  # the batch has a request that hit the prefix cache
         while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
             seq = self.waiting[0]
             hits, lower = self._cached_prefix(seq)
             n = len(seq) - (len(hits) + len(lower)) * self.block_size  # tokens this step computes
             if batch and tokens + n > self.max_num_batched_tokens:
                 break
+            if batch and self._waits_for(seq, len(hits) + len(lower), computing):
+                break  # it hits those blocks next step instead of computing its own copy now
+            if hit_batch and n > 2 * tokens:
+                break  # a long prefill would hold back the first tokens of this batch's cache hits
             need = blocks_for(len(seq), self.block_size) - len(hits)
             promise = max(0, lifetime_blocks(seq, self.block_size) - need - len(hits)) if self.reserve else 0
             if not self.allocator.can_allocate(need + self.allocator.num_unreferenced(hits) + promise):
@@ -88,6 +96,9 @@ class Scheduler:
             seq.status = Status.RUNNING
             batch.append(seq)
             tokens += n
+            if self.prefix_caching:
+                computing.update(seq.block_names[len(hits) + len(lower):])
+                hit_batch = hit_batch or bool(hits or lower)
         if batch:
             self.running.extend(batch)
             return batch, True
@@ -129,6 +140,12 @@ class Scheduler:
         hits = self.allocator.lookup(names)
         lower = names[len(hits):len(hits) + self.tiers.lookup(names[len(hits):])] if self.tiers else []
         return hits, lower
+
+    def _waits_for(self, seq: Sequence, cached: int, computing: set[bytes]) -> bool:
+        """True when `seq`'s first block to compute is one this step's batch computes already:
+        admitted next step, it shares that block and those after it (a burst of requests with one
+        system prompt computes it once, not once each)."""
+        return cached < len(seq.block_names) and seq.block_names[cached] in computing
 
     def _name_computed(self, seq: Sequence) -> None:
         """Name `seq`'s full blocks whose K/V is computed, so later admissions can share them."""

@@ -34,6 +34,7 @@ class Sequence:
         self.block_names: list[bytes] = []
         self.num_named = 0
         self.restore: list[tuple[int, bytes]] = []
+        self.step_start: int | None = None  # a pipeline: num_cached before its step in flight and its restores
         # Tokens being decoded whose ids are still on the device (overlapped steps, llm_engine.py):
         # the step that reads the newest of them is already queued behind the step that computes it.
         self.inflight = 0

@@ -24,6 +24,7 @@ import torch
 from ..engine.block_manager import BlockAllocator, PrefixStats
 from ..engine.kv_cache import PagedKVCache
 from ..engine.llm_engine import EngineConfig, LLMEngine, eos_ids, prefix_salt
+from ..engine.prefix_tiers import pipeline_tiers
 from ..engine.scheduler import Scheduler
 from ..engine.sequence import Sequence, Status
 from ..kvstream.routing import split_layers
@@ -52,6 +53,8 @@ def check_split(layers, depth: int, num_layers: int) -> None:
 
 
 class PipelineEngine(LLMEngine):
+    tiers = _offload_config = None  # prefix caching's host/disk tiers (_plan_tiers; not with disaggregation)
+
     def __init__(self, source: ModelSource, tokenizer, config: EngineConfig, device: torch.device,
                  dtype: torch.dtype, seed: int, pp: int, tp: int = 1, microbatch_size: int = 0, launcher: str = "local",
                  layer_split: list[tuple[int, int]] | None = None, timeout: float = 300.0,
@@ -131,12 +134,23 @@ class PipelineEngine(LLMEngine):
         check_split(self.layers, pp, cfg.num_layers)
         self.num_blocks = self._blocks_for(cfg, self.layers, self.config.num_blocks, self.config.kv_cache_memory)
         self.allocator = BlockAllocator(self.num_blocks)
+        self._plan_tiers(cfg)
         self.waiting: deque[Sequence] = deque()
         b = microbatch_size or self.config.max_num_seqs
         self.slots = [Scheduler(a, self.block_size, b, self.config.max_num_batched_tokens, self.waiting,
-                                self.config.admission, self.prefix_salt)
+                                self.config.admission, self.prefix_salt, tiers=self.tiers)
                       for a in self._slot_allocators(pp)]
         self.scheduler = self.slots[0]  # for code that asks for "the" scheduler (counts, preemptions)
+
+    def _plan_tiers(self, cfg) -> None:
+        """Prefix caching's host and disk tiers: names here (an index, looked up once), each worker's
+        layers' bytes in its own tiers, which every step's TierOps keep holding the same names."""
+        kv = lambda layers, heads: PagedKVCache.bytes_per_block(layers, self.block_size, heads, cfg.head_dim,
+                                                                self.dtype)
+        self.tiers, self._offload_config = pipeline_tiers(
+            self.config, self.allocator.stats, self.block_size,
+            kv(max(b - a for a, b in self.layers), cfg.num_kv_heads // self.tp), kv(cfg.num_layers, cfg.num_kv_heads))
+        self.allocator.record_evictions = self.tiers is not None
 
     def _slot_allocators(self, slots: int) -> list[BlockAllocator]:
         """The block allocator of each of `slots` microbatch slots: the shared one; or with swapping,
@@ -199,6 +213,8 @@ class PipelineEngine(LLMEngine):
         """Forget every block name (a worker was replaced, or blocks have no replica)."""
         for a in self._named_allocators():
             a.reset_prefix_cache()
+        if self.tiers is not None:  # (each worker forgets its own at the recovery's reset)
+            self.tiers.reset()
 
     def prefix_cache_stats(self) -> dict | None:
         """Prefix-cache counters summed over the allocators that name blocks (no host or disk tier)."""
@@ -208,15 +224,21 @@ class PipelineEngine(LLMEngine):
         for a in self._named_allocators():
             for f in dataclasses.fields(PrefixStats):
                 setattr(total, f.name, getattr(total, f.name) + getattr(a.stats, f.name))
-        return total.as_dict()
+        out = total.as_dict()
+        if self.tiers is not None:
+            out.update(self.tiers.occupancy())
+        return out
 
     def prefix_cache_tiers(self) -> dict | None:
         """The device tier's named blocks and capacity over every allocator (/v1/cluster, /metrics)."""
         if self.prefix_salt is None:
             return None
         allocs = self._named_allocators()
-        return {"device": {"blocks": sum(a.num_named for a in allocs),
-                           "capacity_blocks": sum(a.num_blocks for a in allocs)}}
+        out = {"device": {"blocks": sum(a.num_named for a in allocs),
+                          "capacity_blocks": sum(a.num_blocks for a in allocs)}}
+        if self.tiers is not None:
+            out.update(self.tiers.tier_occupancy())
+        return out
 
     def _blocks_for(self, cfg, layers, num_blocks: int, memory: int) -> int:
         deepest = max(b - a for a, b in layers)
@@ -226,9 +248,10 @@ class PipelineEngine(LLMEngine):
 
     def _rank_config(self, rank: int) -> dict:
         stage = rank // self.tp
+        name = f"s{stage}.{rank % self.tp}"
         return self._swap_config({"role": "stage", "pp": self.pp, "layers": [list(x) for x in self.layers],
-                                  "first_rank": 0, "num_blocks": self.num_blocks,
-                                  "worker_name": f"s{stage}.{rank % self.tp}"})
+                                  "first_rank": 0, "num_blocks": self.num_blocks, "worker_name": name,
+                                  "kv_offload": self._offload_config and self._offload_config(name)})
 
     def _step_ranks(self):
         """The workers that run the microbatch steps (all of them here)."""
@@ -313,7 +336,10 @@ class PipelineEngine(LLMEngine):
             if self.dispatch.inflight[i] is None:
                 seqs, is_prefill = slot.schedule()
                 if seqs:
-                    self.dispatch.launch(i, seqs, is_prefill)
+                    for s in seqs:
+                        s.step_start = s.num_cached
+                    ops = self.tiers and self.tiers.ops(slot.allocator.take_evicted(), seqs if is_prefill else [])
+                    self.dispatch.launch(i, seqs, is_prefill, tiers=ops)
         self.peak_running = max(self.peak_running, sum(len(s.running) for s in self.slots))
         if not any(self.dispatch.inflight):
             if self.waiting:
@@ -328,7 +354,13 @@ class PipelineEngine(LLMEngine):
         return [s for slot in self.slots for s in slot.running]
 
     def _abandon_inflight(self) -> list[str]:
-        """Every in-flight step is lost (it passed through every stage); returns KV keys to drop."""
+        """Every in-flight step is lost (it passed through every stage); returns KV keys to drop.
+        Its sequences' KV goes back to before it (a prefill lost on a link, or a restore that failed
+        on one worker, left no KV there; recovery resumes from at most the newest token)."""
+        for inf in self.dispatch.inflight:
+            for s in inf[1] if inf is not None else ():
+                if s.step_start is not None:  # (set by _step; disaggregation's token steps keep theirs)
+                    s.num_cached = min(s.num_cached, s.step_start)
         self.dispatch.abandon()
         return []
 

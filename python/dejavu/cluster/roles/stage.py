@@ -98,6 +98,15 @@ class StageRole:
         self.wire_device = self.device if self.backend == "nccl" else torch.device("cpu")
         self.replicator = None  # the replica role's sender (--replicate): a decode step's KV tap
         self.reset_hooks = []   # other roles' part of a reset (the token role drops pushed KV)
+        self.tiers = None       # prefix caching's host and disk tiers of this worker's layers
+        if cfg.kv_offload is not None:
+            from ...engine.block_manager import PrefixStats
+            from ...engine.prefix_tiers import PrefixTiers
+
+            o = cfg.kv_offload
+            self.tiers = PrefixTiers(self.cache, PrefixStats(), 0, o.disk_dir, 0, host_blocks=o.host_blocks,
+                                     disk_blocks=o.disk_blocks, reuse_disk=False)
+            self.reset_hooks.append(lambda msg: self.tiers.reset())  # the controller dropped every name
 
     def handlers(self) -> dict:
         return {"step": self.step, "pipes": self.set_pipes, "reset": self.reset}
@@ -170,7 +179,7 @@ class StageRole:
                               for p in range(s.start, s.start + len(s.ids))})
             msg = replace(msg, seqs=[replace(s, blocks=[mapping[b] for b in s.blocks]) for s in msg.seqs])
         try:
-            h = self.forward(msg)
+            h = self.forward(msg, self._apply_tiers(msg))
             if h is not None and self.tp_rank == 0:  # the LM head is replicated: TP rank 0 of the last stage answers
                 # the previous decode step's time rides along (see below)
                 reply = Tokens(mb=msg.mb, id=msg.id, **self.sample(msg, h), step_s=self._decode_step_s)
@@ -196,6 +205,17 @@ class StageRole:
             if self.swap.stream is not None:
                 self.swap.stream.synchronize()
             self.replicator.after_step(msg.id, written)
+
+    def _apply_tiers(self, msg):
+        """The step's prefix-tier copies; returns forward()'s on_layer that waits for each layer's
+        restore before that layer runs (None without one)."""
+        if msg.tiers is None or self.tiers is None:
+            return None
+        self.tiers.apply_ops(msg.tiers)
+        if self.tiers.pending is None:
+            return None
+        self.tiers.wait_layer(0)
+        return lambda i: self.tiers.wait_layer(i + 1)
 
     def _swap_report(self, step_s: float) -> None:
         """Every 16 steps: swap counters to the controller (/metrics), and a warning when waiting
