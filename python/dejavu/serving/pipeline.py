@@ -107,10 +107,6 @@ class PipelineEngine(LLMEngine):
         self._next_message, self._pipes_msg, self.address = m.next_message, m.pipes_msg, m.address
 
     @property
-    def _step_id(self) -> int:
-        return self.dispatch.step_id
-
-    @property
     def _epoch(self) -> int:
         return self.members.epoch
 
@@ -159,7 +155,6 @@ class PipelineEngine(LLMEngine):
         self.recovery = Recovery(self, policy, spare_workers)
         # the stages that hold decode KV: the pipeline, or the token pipeline
         self.replication = Replication(replicate, self.pp, replicate_to, replicate_dir, replicas)
-        self._epoch_step = 0
 
     @property
     def procs(self) -> list:
