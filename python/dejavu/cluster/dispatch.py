@@ -69,9 +69,7 @@ class Dispatch:
             self.slot_of[s.seq_id] = slot
             self.busy.add(s.seq_id)
         c.replication.expect(step_id, c._step_ranks(), [(s, len(s)) for s in seqs])
-        # with swapping, every block the microbatch holds now: workers keep exactly these resident
-        # (a block shared by several of its requests once: it is swapped once)
-        live = list(dict.fromkeys(b for s in c.slots[slot].running for b in s.block_table)) if c.swap else None
+        live = c.regions.live(c.slots[slot].running)  # with swapping: the blocks workers keep resident
         msg = Step(mb=slot, id=step_id, prefill=is_prefill, seqs=items, live=live)
         self.inflight[slot] = (step_id, seqs, time.monotonic())  # before sending: a failed send loses it
         self.send_to(c._step_ranks(), msg)

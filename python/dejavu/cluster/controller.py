@@ -1,17 +1,13 @@
-"""The FasterTransformer-style pipeline: the controller side.
+"""The controller of a distributed deployment: the LLMEngine face, assembled from parts.
 
-D = pp stages, each tp worker processes holding a contiguous layer range (routing.split_layers,
-overridable) split tensor-parallel: column-parallel projections hold a slice of the heads / MLP
-width, row-parallel ones sum over the stage's TP group (gloo on CPU, NCCL across GPUs). The
-controller keeps up to D microbatches in flight, round-robin: each microbatch slot has its own
-scheduler (continuous batching, up to `microbatch_size` sequences) over one shared waiting queue
-and one shared block allocator (every stage's cache uses the same block ids for its own layers).
-A slot's next step (prefill of newly admitted requests, or one decode token for its running ones)
-is sent to every worker as soon as its previous step's tokens are back.
-
-PipelineEngine is the LLMEngine face and the layout (which rank plays what, the slots, swap
-regions); it composes the parts in cluster/: Launcher (processes), Membership (who is where, the
-inbox, heartbeats), Dispatch (steps out, tokens back), Replication (watermarks) and Recovery.
+A placement policy (cluster/policies/: the FT pipeline, or prompt-token disaggregation) decides
+which rank plays what and how requests reach the decode pipeline. Everything else is the same for
+both and lives in its own part: Launcher (processes), Membership (who is where, the inbox,
+heartbeats), Dispatch (microbatch steps out, tokens back), Replication (watermarks), Recovery, and
+the swap regions below. The decode pipeline has one microbatch slot per stage: each slot has its
+own scheduler (continuous batching, up to a microbatch of sequences) over one shared queue and one
+shared block allocator (every stage's cache uses the same block ids for its own layers). A slot's
+next step is sent as soon as its previous step's tokens are back.
 """
 from __future__ import annotations
 
@@ -26,34 +22,19 @@ from ..engine.kv_cache import PagedKVCache
 from ..engine.llm_engine import EngineConfig, LLMEngine, eos_ids, prefix_salt
 from ..engine.scheduler import Scheduler
 from ..engine.sequence import Sequence, Status
-from ..kvstream.routing import split_layers
 from ..models.loader import ModelSource, model_identity
 from ..models.tp import check as tp_check
-from ..cluster.dispatch import Dispatch
-from ..cluster.errors import WorkerError  # noqa: F401 (callers catch it from here)
-from ..cluster.launch import Launcher
-from ..cluster.recovery import Failure as _Failure, Recovery, Stopped as _Stopped, recovery_policy
-from ..cluster.replication import Replication
-from ..cluster.membership import Membership
-from ..cluster.messages import SwapConfig
+from .dispatch import Dispatch
+from .launch import Launcher
+from .membership import Membership
+from .recovery import Failure, Recovery, Stopped, recovery_policy
+from .replication import Replication
+from .swap_regions import SwapRegions
 
 
-def check_split(layers, depth: int, num_layers: int) -> None:
-    if len(layers) != depth:
-        raise ValueError(f"layer split has {len(layers)} stages but the depth is {depth}")
-    expect = 0
-    for a, b in layers:
-        if a != expect or b <= a:
-            raise ValueError(f"layer split {layers} must be contiguous, non-empty ranges from 0")
-        expect = b
-    if expect != num_layers:
-        raise ValueError(f"layer split {layers} does not end at the model's {num_layers} layers")
-
-
-class PipelineEngine(LLMEngine):
+class Controller(LLMEngine):
     def __init__(self, source: ModelSource, tokenizer, config: EngineConfig, device: torch.device,
-                 dtype: torch.dtype, seed: int, pp: int, tp: int = 1, microbatch_size: int = 0, launcher: str = "local",
-                 layer_split: list[tuple[int, int]] | None = None, timeout: float = 300.0,
+                 dtype: torch.dtype, seed: int, policy, tp: int = 1, launcher: str = "local", timeout: float = 300.0,
                  hostfile: str | None = None, log_dir: str | None = None, swap: bool = False,
                  resident_microbatches: int = 2, replicate: bool = False, replicate_dir: str | None = None,
                  replicate_to: list[int] | None = None, recovery: str = "auto", heartbeat_interval: float = 0.5,
@@ -71,7 +52,7 @@ class PipelineEngine(LLMEngine):
         self.timeout = timeout
         self._closed = False
         self._stopping = False  # begin_stop(): no worker exit is a failure any more
-        self.swap = resident_microbatches if swap else 0
+        self.regions = SwapRegions(resident_microbatches if swap else 0)
         self.swap_stats: dict[int, dict] = {}  # per worker: bytes in/out, seconds waiting for swap-ins
         self.peak_running = 0                  # most sequences running at once (bench swap)
         # The sampling stage's decode steps (seconds; bench replication overhead): the latest ones,
@@ -81,8 +62,15 @@ class PipelineEngine(LLMEngine):
         # prefix caching: blocks named here once for every stage (each caches its own layers' K/V)
         self.prefix_salt = (prefix_salt(model_identity(source, seed), dtype, 0, cfg.num_layers)
                             if config.enable_prefix_caching else None)
-        self._plan(cfg, pp, layer_split, microbatch_size)
-        self._setup_fault_tolerance(launcher, replicate, replicate_dir, replicate_to, recovery, spare_workers, replicas)
+        self.waiting: deque[Sequence] = deque()  # requests waiting for their prefill
+        self.policy = policy
+        policy.plan(self)  # world; the decode pipeline (decode_pipeline): pp, layers, blocks, slots
+        self.scheduler = self.slots[0]  # for code that asks for "the" scheduler (counts, preemptions)
+        rec = recovery_policy(recovery, self.tp, launcher, replicate)
+        self.ft = rec != "off"
+        self.recovery = Recovery(self, rec, spare_workers)
+        # the stages that hold decode KV: the pipeline, or the token pipeline
+        self.replication = Replication(replicate, self.pp, replicate_to, replicate_dir, replicas)
         self.dispatch = Dispatch(self, len(self.slots))
         self.members = Membership(self, cluster_address, heartbeat_interval, heartbeat_timeout)
         self._share_members()
@@ -94,6 +82,15 @@ class PipelineEngine(LLMEngine):
         except BaseException:
             self.shutdown()
             raise
+
+    def __getattr__(self, name: str):
+        """The parts' state that callers read: the swap regions' sizes, the policy's own
+        (disaggregation: prompt_alloc, kv_bytes, ...)."""
+        for key in ("regions", "policy"):
+            part = self.__dict__.get(key)
+            if part is not None and name in part.exports and hasattr(part, name):
+                return getattr(part, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _share_members(self) -> None:
         """The membership's state and calls under the names recovery.py and callers read."""
@@ -114,53 +111,54 @@ class PipelineEngine(LLMEngine):
     def _epoch(self, epoch: int) -> None:
         self.members.epoch = epoch
 
-    def _plan(self, cfg, pp: int, layer_split, microbatch_size: int) -> None:
-        """Decide the workers: here pp stages x tp shards, one block allocator, pp microbatch slots."""
-        self.pp, self.world = pp, pp * self.tp
-        self.layers = layer_split or split_layers(cfg.num_layers, pp)
-        check_split(self.layers, pp, cfg.num_layers)
-        self.num_blocks = self._blocks_for(cfg, self.layers, self.config.num_blocks, self.config.kv_cache_memory)
+    # ------------------------------------------------------------------ layout (the policy's plan uses these)
+    def blocks_for(self, layers) -> int:
+        """KV blocks per worker of a pipeline over `layers`: given, or what the memory budget holds
+        on its deepest stage."""
+        cfg, deepest = self.model_config, max(b - a for a, b in layers)
+        per_block = PagedKVCache.bytes_per_block(deepest, self.block_size, cfg.num_kv_heads // self.tp, cfg.head_dim,
+                                                 self.dtype)
+        return self.config.num_blocks or max(1, self.config.kv_cache_memory // per_block)
+
+    def decode_pipeline(self, layers, microbatch: int, queue: deque, admission: str = "greedy") -> None:
+        """The pipeline that decodes: its stages' layer ranges, its KV blocks per worker, the shared
+        allocator, and one microbatch slot per stage admitting from `queue` up to `microbatch`
+        sequences."""
+        self.layers, self.pp = layers, len(layers)
+        self.num_blocks = self.blocks_for(layers)
         self.allocator = BlockAllocator(self.num_blocks)
-        self.waiting: deque[Sequence] = deque()
-        b = microbatch_size or self.config.max_num_seqs
-        self.slots = [Scheduler(a, self.block_size, b, self.config.max_num_batched_tokens, self.waiting,
-                                self.config.admission, self.prefix_salt)
-                      for a in self._slot_allocators(pp)]
-        self.scheduler = self.slots[0]  # for code that asks for "the" scheduler (counts, preemptions)
-
-    def _slot_allocators(self, slots: int) -> list[BlockAllocator]:
-        """The block allocator of each of `slots` microbatch slots: the shared one; or with swapping,
-        where the device budget (num_blocks) holds `swap` microbatches, a region's worth of logical
-        blocks of each slot's own, all of them kept in host memory."""
-        if not self.swap:
-            return [self.allocator] * slots
-        k = min(self.swap, slots)
-        self.region_blocks = self.num_blocks // k
-        if self.region_blocks <= 0:
-            raise ValueError(f"{self.num_blocks} KV blocks cannot hold {k} resident microbatches")
-        self.device_blocks, self.host_blocks, self.swap = self.region_blocks * k, self.region_blocks * slots, k
-        self.num_blocks = self.region_blocks  # what one microbatch (so one request) can hold
-        return [BlockAllocator(self.region_blocks, first=i * self.region_blocks) for i in range(slots)]
-
-    def _swap_config(self, rc: dict) -> dict:
-        """A KV-holding worker's config, with its device cache and host copy sizes when swapping."""
+        allocs = self.regions.allocators(self.num_blocks, self.pp, self.allocator)
         if self.swap:
-            rc.update(num_blocks=self.device_blocks, swap=SwapConfig(resident=self.swap, host_blocks=self.host_blocks))
-        return rc
+            self.num_blocks = self.region_blocks  # what one microbatch (so one request) can hold
+        self.slots = [Scheduler(a, self.block_size, microbatch, self.config.max_num_batched_tokens, queue, admission,
+                                self.prefix_salt) for a in allocs]
 
-    def _setup_fault_tolerance(self, launcher, replicate, replicate_dir, replicate_to, recovery,
-                               spare_workers: int = 1, replicas: int = 1) -> None:
-        policy = recovery_policy(recovery, self.tp, launcher, replicate)
-        self.ft = policy != "off"
-        self.recovery = Recovery(self, policy, spare_workers)
-        # the stages that hold decode KV: the pipeline, or the token pipeline
-        self.replication = Replication(replicate, self.pp, replicate_to, replicate_dir, replicas)
+    # the layout as membership.py, dispatch.py and recovery.py ask for it
+    def _rank_config(self, rank: int) -> dict:
+        return self.policy.rank_config(rank)
+
+    def _step_ranks(self):
+        """The workers that run the decode pipeline's microbatch steps."""
+        return self.policy.step_ranks()
+
+    def _tp_groups(self) -> list[list[int]]:
+        return [list(range(g * self.tp, (g + 1) * self.tp)) for g in range(self.world // self.tp)]
+
+    def _after_ready(self) -> None:
+        self.policy.after_ready()
+
+    def _after_recovery(self, dead: set[int]) -> None:
+        self.policy.after_recovery(dead)
+
+    def _holds_decode_kv(self, rank: int) -> bool:
+        return self._rank_config(rank)["role"] != "prompt"
 
     @property
     def procs(self) -> list:
         """The worker processes this controller started (none for external workers)."""
         return self.launcher.procs
 
+    # ------------------------------------------------------------------ replication and the prefix cache
     def holder_ranks(self, rank: int) -> list[int]:
         """The ranks holding `rank`'s replicas, first to last (none without replication)."""
         return self.replication.holder_ranks(rank, self._rank_config(rank), self.tp)
@@ -181,8 +179,9 @@ class PipelineEngine(LLMEngine):
         self.replication.paused = not on
 
     def _named_allocators(self) -> list[BlockAllocator]:
-        """The allocators that name blocks: the shared one, or each slot's own when swapping."""
-        return list({id(s.allocator): s.allocator for s in self.slots}.values())
+        """The allocators that name blocks: the shared one (or each slot's own when swapping), and
+        the policy's (the prompt side's)."""
+        return list({id(s.allocator): s.allocator for s in self.slots}.values()) + self.policy.named_allocators()
 
     def reset_prefix_cache(self) -> None:
         """Forget every block name (a worker was replaced, or blocks have no replica)."""
@@ -190,11 +189,11 @@ class PipelineEngine(LLMEngine):
             a.reset_prefix_cache()
 
     def prefix_cache_stats(self) -> dict | None:
-        """Prefix-cache counters summed over the allocators that name blocks (no host or disk tier)."""
+        """Prefix-cache counters summed over the allocators the policy counts (no host or disk tier)."""
         if self.prefix_salt is None:
             return None
         total = PrefixStats()
-        for a in self._named_allocators():
+        for a in self.policy.stats_allocators():
             for f in dataclasses.fields(PrefixStats):
                 setattr(total, f.name, getattr(total, f.name) + getattr(a.stats, f.name))
         return total.as_dict()
@@ -207,54 +206,25 @@ class PipelineEngine(LLMEngine):
         return {"device": {"blocks": sum(a.num_named for a in allocs),
                            "capacity_blocks": sum(a.num_blocks for a in allocs)}}
 
-    def _blocks_for(self, cfg, layers, num_blocks: int, memory: int) -> int:
-        deepest = max(b - a for a, b in layers)
-        per_block = PagedKVCache.bytes_per_block(deepest, self.block_size, cfg.num_kv_heads // self.tp, cfg.head_dim,
-                                                 self.dtype)
-        return num_blocks or max(1, memory // per_block)
-
-    def _rank_config(self, rank: int) -> dict:
-        stage = rank // self.tp
-        return self._swap_config({"role": "stage", "pp": self.pp, "layers": [list(x) for x in self.layers],
-                                  "first_rank": 0, "num_blocks": self.num_blocks,
-                                  "worker_name": f"s{stage}.{rank % self.tp}"})
-
-    def _step_ranks(self):
-        """The workers that run the microbatch steps (all of them here)."""
-        return range(self.world)
-
-    def _tp_groups(self) -> list[list[int]]:
-        return [list(range(g * self.tp, (g + 1) * self.tp)) for g in range(self.world // self.tp)]
-
-    def _after_ready(self) -> None:
-        """Hook for deployments that must introduce workers to each other once all are up."""
-
-    def idle_check(self) -> None:
-        """Called while no request runs: notice failures (and recover) before the next request comes."""
-        if not (self.ft and self.members.started) or self._closed or self._stopping:
-            return
-        try:
-            self.members.check_procs()
-            self.members.check_heartbeats()
-            self.members.drain("idle")
-        except _Failure as f:
-            try:
-                self.recovery.recover_from(f)
-            except _Stopped:
-                pass
-        except _Stopped:
-            pass
-
-
     # ------------------------------------------------------------------ serving loop
+    def add_request(self, prompt, params, request_id=None) -> Sequence:
+        seq = super().add_request(prompt, params, request_id)
+        try:
+            self.policy.check_request(seq)
+        except BaseException:
+            self.waiting.remove(seq)
+            raise
+        return seq
+
     def _enqueue(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.replication.watermark.pop(seq.seq_id, None)
         slot = self.dispatch.slot_of.pop(seq.seq_id, None)
-        sched = self.slots[slot] if slot is not None else self.slots[0]
-        sched.finish(seq, reason)
+        if slot is None and self.policy.finish(seq, reason):
+            return  # a request the policy holds outside the microbatches
+        (self.slots[slot] if slot is not None else self.slots[0]).finish(seq, reason)
 
     def abort(self, seq: Sequence) -> None:
         """Workers may be writing this sequence's blocks right now: then it ends when its step returns."""
@@ -266,17 +236,34 @@ class PipelineEngine(LLMEngine):
             self._finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting) or any(s.running for s in self.slots) or any(self.dispatch.inflight)
+        return (bool(self.waiting) or any(s.running for s in self.slots) or any(self.dispatch.inflight)
+                or self.policy.has_unfinished())
+
+    def idle_check(self) -> None:
+        """Called while no request runs: notice failures (and recover) before the next request comes."""
+        if not (self.ft and self.members.started) or self._closed or self._stopping:
+            return
+        try:
+            self.members.check_procs()
+            self.members.check_heartbeats()
+            self.members.drain("idle")
+        except Failure as f:
+            try:
+                self.recovery.recover_from(f)
+            except Stopped:
+                pass
+        except Stopped:
+            pass
 
     def step(self) -> list[Sequence]:
         try:
             if not self._stopping:
                 try:
                     return self._step()
-                except _Failure as f:
+                except Failure as f:
                     self.recovery.recover_from(f)
                     return []
-        except _Stopped:
+        except Stopped:
             pass
         return self._stop_all()
 
@@ -288,7 +275,8 @@ class PipelineEngine(LLMEngine):
     def _stop_all(self) -> list[Sequence]:
         """Stopping: every request still here ends now (finish reason "abort"); returns them."""
         self._abandon_inflight()
-        seqs = list(self.waiting) + self._token_side()
+        held = self.policy.stop()  # (its queues emptied into self.waiting)
+        seqs = list(self.waiting) + [s for slot in self.slots for s in slot.running] + held
         self.waiting.clear()
         for slot in self.slots:
             slot.running.clear()
@@ -298,34 +286,30 @@ class PipelineEngine(LLMEngine):
         return seqs
 
     def _step(self) -> list[Sequence]:
+        self.policy.feed()  # disaggregation: prefills out, admitted requests into microbatches
         for i, slot in enumerate(self.slots):
             if self.dispatch.inflight[i] is None:
                 seqs, is_prefill = slot.schedule()
                 if seqs:
-                    self.dispatch.launch(i, seqs, is_prefill)
+                    self.dispatch.launch(i, seqs, is_prefill and self.policy.prefills_in_slots)
         self.peak_running = max(self.peak_running, sum(len(s.running) for s in self.slots))
-        if not any(self.dispatch.inflight):
-            if self.waiting:
+        if not (any(self.dispatch.inflight) or self.policy.in_flight()):
+            if self.policy.stalled():
                 raise RuntimeError("scheduler stalled: waiting requests but nothing can run")
             return []
         msg = self._next_message(time.monotonic() + self.timeout, "running a step")
-        return self.dispatch.on_tokens(msg) if msg.t == "tokens" else []
+        return self.dispatch.on_tokens(msg) if msg.t == "tokens" else self.policy.on_message(msg)
 
     # ------------------------------------------------------------------ fault tolerance
     def _token_side(self) -> list[Sequence]:
         """Requests whose KV lives in the decode workers' caches."""
-        return [s for slot in self.slots for s in slot.running]
+        return [s for slot in self.slots for s in slot.running] + self.policy.admitted()
 
     def _abandon_inflight(self) -> list[str]:
-        """Every in-flight step is lost (it passed through every stage); returns KV keys to drop."""
+        """Every in-flight step is lost (it passed through every stage); the policy's work in flight
+        too. Returns the KV keys workers drop."""
         self.dispatch.abandon()
-        return []
-
-    def _holds_decode_kv(self, rank: int) -> bool:
-        return self._rank_config(rank)["role"] != "prompt"
-
-    def _after_recovery(self, dead: set[int]) -> None:
-        """Hook: re-introduce workers to each other (disaggregation)."""
+        return self.policy.abandon()
 
     # ------------------------------------------------------------------ shutdown
     def shutdown(self) -> None:
@@ -335,6 +319,7 @@ class PipelineEngine(LLMEngine):
         self.members.shutdown()
         self.launcher.stop(timeout=10.0)
         self.members.close()
+        self.policy.close()
 
     def cluster(self) -> list[dict]:
         return self.members.cluster()
