@@ -55,7 +55,7 @@ def test_disaggregated_matches_single_process(dp, dt, tp, transport):
         # auto picks shared memory: every worker runs on this host.
         assert eng.transports_used == {"shm" if transport in ("auto", "shm") else "tcp"}
         pids = [p.pid for p in eng.procs]
-        prefix = f"/dev/shm/{eng._shm_prefix()}"
+        prefix = f"/dev/shm/{eng.shm_prefix()}"
     assert not any(alive(p) for p in pids)
     assert not glob.glob(prefix + "*"), "shared memory left behind"
 

@@ -20,7 +20,7 @@ from conftest import alive, proc_stats
 from dejavu import LLM
 from dejavu.kvstream.shm import SHM_DIR, ShmDest, cleanup_orphans, owner_prefix, retire
 from dejavu.cluster import recovery
-from dejavu.serving.pipeline import WorkerError
+from dejavu.cluster.errors import WorkerError
 from test_fault_tolerance import MODEL, PARAMS, PROMPTS, reference, run  # noqa: F401 - a fixture
 
 SERVE = [sys.executable, "-m", "dejavu", "serve", "--model", MODEL, "--block-size", "4", "--kv-cache-blocks", "256"]

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import alive, proc_stats
 from dejavu import LLM, SamplingParams
-from dejavu.serving.pipeline import WorkerError
+from dejavu.cluster.errors import WorkerError
 from hf_models import save_hf_model
 
 PROMPTS = [[5, 6, 7], [9] * 10, list(range(1, 14)), [100], list(range(200, 231))]

@@ -151,26 +151,21 @@ class LLM:
         if not engine_cfg.num_blocks and not engine_cfg.kv_cache_memory:
             engine_cfg.kv_cache_memory = DEFAULT_KV_CACHE_MEMORY_CPU if self.device.type == "cpu" else 0
         if config.distributed:
-            from .serving.disagg import DisaggEngine
-            from .serving.pipeline import PipelineEngine
+            from .cluster.controller import Controller
+            from .cluster.policies.disagg import DisaggPolicy
+            from .cluster.policies.pipeline import PipelinePolicy
 
             if not engine_cfg.num_blocks and not engine_cfg.kv_cache_memory:
                 engine_cfg.kv_cache_memory = 4 << 30  # per stage, on the GPU
             self.model = None
-            ft = asdict(rep)
-            if dis.enabled:
-                self.engine = DisaggEngine(self.source, self.tokenizer, engine_cfg, self.device, self.dtype, seed,
-                                           dis.prompt_stages, dis.token_stages, par.tp, par.microbatch_size,
-                                           par.launcher, par.worker_timeout, par.log_dir, dis.kv_receive_slots,
-                                           dis.kv_transport, swap=sw.swap, cluster_address=par.cluster_address,
-                                           hostfile=par.hostfile,
-                                           resident_microbatches=sw.resident_microbatches, **ft)
-            else:
-                self.engine = PipelineEngine(self.source, self.tokenizer, engine_cfg, self.device, self.dtype, seed,
-                                             par.pp, par.tp, par.microbatch_size, par.launcher, par.layer_split,
-                                             par.worker_timeout, log_dir=par.log_dir, swap=sw.swap,
-                                             hostfile=par.hostfile, cluster_address=par.cluster_address,
-                                             resident_microbatches=sw.resident_microbatches, **ft)
+            # the placement policy: prompt-token disaggregation, or the FT pipeline
+            policy = (DisaggPolicy(dis.prompt_stages, dis.token_stages, par.microbatch_size, dis.kv_receive_slots,
+                                   dis.kv_transport) if dis.enabled
+                      else PipelinePolicy(par.pp, par.layer_split, par.microbatch_size))
+            self.engine = Controller(self.source, self.tokenizer, engine_cfg, self.device, self.dtype, seed, policy,
+                                     par.tp, par.launcher, par.worker_timeout, par.hostfile, par.log_dir, swap=sw.swap,
+                                     resident_microbatches=sw.resident_microbatches,
+                                     cluster_address=par.cluster_address, **asdict(rep))
             self._finalizer = weakref.finalize(self, self.engine.shutdown)
             return
         try:

@@ -50,7 +50,7 @@ class _ReplicationStream:
         self.replicator = Replicator(self, "bench")
         # diagnostics: 'gather' sends zeros without touching the GPU, 'send' gathers but sends nothing
         self.replicator.native.set_skip(skip == "gather", skip == "send")
-        self.replicator.every = every  # steps per gather and send (PipelineEngine.set_replication(every=))
+        self.replicator.every = every  # steps per gather and send (Controller.set_replication(every=))
         self.port = port
         self.replicator.set_holder(("127.0.0.1", port))
         self._switch = sys.getswitchinterval()

@@ -4,7 +4,7 @@ Each microbatch slot has at most one step in flight. A step (messages.Step) says
 new tokens, where their KV goes and how the last stage samples; it goes to every worker that runs
 steps, and the sampling stage answers with the tokens (messages.Tokens). A sequence is busy while
 its step runs: aborting it then waits until the step returns. Step ids only grow; a reply to a
-step from before the last recovery (the controller's _epoch_step) is stale and ignored.
+step from before the last recovery (up to `epoch_step`, set by new_epoch) is stale and ignored.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ class Dispatch:
     def __init__(self, controller, slots: int):
         self.c = controller
         self.step_id = 0
+        self.epoch_step = 0  # the last step id sent before the last recovery
         self.inflight: list[tuple[int, list, float] | None] = [None] * slots  # per slot: (step id, seqs, sent at)
         self.slot_of: dict[int, int] = {}   # seq id -> its microbatch slot
         self.busy: set[int] = set()         # sequences in a step that workers are running
@@ -40,9 +41,13 @@ class Dispatch:
         self.step_id += 1
         return self.step_id
 
+    def new_epoch(self) -> None:
+        """A recovery starts: replies to every step sent so far are stale from now on."""
+        self.epoch_step = self.step_id
+
     def stale(self, step_id: int) -> bool:
         """A reply to a step (or prefill, admission) from before the last recovery."""
-        return self.c.ft and step_id <= self.c._epoch_step
+        return self.c.ft and step_id <= self.epoch_step
 
     def step_item(self, s, start: int, blocks: list[int], **extra) -> StepSeq:
         """One sequence's part of a step message: its new tokens from `start`, where their KV goes,
@@ -65,9 +70,7 @@ class Dispatch:
             self.slot_of[s.seq_id] = slot
             self.busy.add(s.seq_id)
         c.replication.expect(step_id, c._step_ranks(), [(s, len(s)) for s in seqs])
-        # with swapping, every block the microbatch holds now: workers keep exactly these resident
-        # (a block shared by several of its requests once: it is swapped once)
-        live = list(dict.fromkeys(b for s in c.slots[slot].running for b in s.block_table)) if c.swap else None
+        live = c.regions.live(c.slots[slot].running)  # with swapping: the blocks workers keep resident
         msg = Step(mb=slot, id=step_id, prefill=is_prefill, seqs=items, live=live, tiers=tiers)
         self.inflight[slot] = (step_id, seqs, time.monotonic())  # before sending: a failed send loses it
         self.send_to(c._step_ranks(), msg)
@@ -139,7 +142,7 @@ class Dispatch:
         if t == "dead":
             c.members.check_dead(msg, doing)
         if t == "step_failed":
-            if msg.id > c._epoch_step:  # a live link broke: reset and replay, even if no one died
+            if msg.id > self.epoch_step:  # a live link broke: reset and replay, even if no one died
                 raise Failure(set(), f"worker {msg.rank} lost step {msg.id}: {msg.msg}")
             return None
         if t == "replicated":

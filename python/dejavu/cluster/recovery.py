@@ -149,7 +149,7 @@ class Recovery:
         drop = c._abandon_inflight()
         c.reset_prefix_cache()  # a replaced worker's cached blocks are gone
         c._epoch += 1
-        c._epoch_step = c._step_id
+        c.dispatch.new_epoch()
         resetting = set()
         for r in sorted(dead):
             self.replace(r)

@@ -17,8 +17,8 @@ from typing import Protocol
 import torch
 
 from .. import _C
-from .dist import _completion
 from .futures import Future, gather_futures
+from .peer_stream import in_peer, out_peer
 from .pool import PinnedPool
 from .region import Region
 from .transports import Destination, default_workers
@@ -238,7 +238,7 @@ class KVStreamer:
         if self.is_cuda and getattr(dest, "device_direct", False):
             if layer_events is not None:
                 after = layer_events[-1]
-            return self._out_peer(region, dest, key, after)
+            return out_peer(self, region, dest, key, after)
         if layer_events is not None and self.level >= 2:
             if len(layer_events) != len(region.layers):
                 raise ValueError(f"{len(region.layers)} layers but {len(layer_events)} layer events")
@@ -259,7 +259,7 @@ class KVStreamer:
     def stream_in(self, dest: Destination, key: str, region: Region, per_layer: bool = False) -> Future:
         """Fetch `key` from `dest` into pooled pinned memory and scatter it into `region`."""
         if self.is_cuda and getattr(dest, "device_direct", False):
-            return self._in_peer(dest, key, region)
+            return in_peer(self, dest, key, region)
         if per_layer:
             parts = [self.stream_in(dest, f"{key}.l{i}", region.layer(i)) for i in range(len(region.layers))]
             return gather_futures(f"stream_in {key!r} layer by layer", parts)
@@ -268,94 +268,3 @@ class KVStreamer:
         f = dest.get(key, buf.tensor)
         return Future(f"stream_in {key!r}", parts=[f], then=lambda: self.scatter(region, buf.tensor),
                       cleanup=buf.free, nbytes=n).drive()
-
-    # ------------------------------------------------------------------ GPU -> remote GPU (NCCL)
-    def _peer_buffers(self, d: _Direction, piece: int):
-        """The direction's two device buffers of `piece` bytes (kept for the next transfer)."""
-        if d.peer_bufs is None or d.peer_bufs[0].numel() != piece:
-            if d.peer_bufs is not None:
-                torch.cuda.current_stream(self.device).wait_stream(d.kernel)
-            d.peer_bufs = [torch.empty(piece, dtype=torch.uint8, device=self.device) for _ in range(2)]
-            d.peer_last = [None, None]
-        return d.peer_bufs
-
-    def _out_peer(self, region: Region, ch, key: str, after) -> Future:
-        """Gather pieces on the device (kernel stream) and send each over NCCL (issued from the comm
-        stream, which waits only for that piece's gather) while the next one is gathered. A gather
-        into a buffer first waits for the send that last read it (Work.wait() orders the stream, it
-        does not block the host)."""
-        with torch.cuda.device(self.device):
-            d = self._out
-            d.kernel.wait_event(after if after is not None else torch.cuda.current_stream(self.device).record_event())
-            n = region.nbytes(self.layout)
-            piece = self.peer_piece_bytes
-            works = []
-            # The header leaves first: the receiver waits for it before it posts its receives, so
-            # building the copy rows here overlaps its flight instead of delaying it.
-            with torch.cuda.stream(d.kernel):
-                head = torch.tensor([n, piece], dtype=torch.int64, device=self.device)
-            d.comm.wait_stream(d.kernel)
-            with torch.cuda.stream(d.comm):
-                works.append(ch.dist_isend(head))
-            bufs = self._peer_buffers(d, piece)
-            desc, prow, pbytes, big = self._device_desc(region, True, piece, d.kernel)
-            for i, pb in enumerate(pbytes):
-                j = i % 2
-                with torch.cuda.stream(d.kernel):
-                    if d.peer_last[j] is not None:
-                        d.peer_last[j].wait()  # the send that last read this buffer (maybe an earlier transfer's)
-                    _C.cuda_copy_spans(self.flat.data_ptr(), bufs[j].data_ptr(), desc.data_ptr() + 24 * prow[i],
-                                       prow[i + 1] - prow[i], d.kernel.cuda_stream, big)
-                    gathered = d.kernel.record_event()
-                d.comm.wait_event(gathered)
-                with torch.cuda.stream(d.comm):
-                    works.append(ch.dist_isend(bufs[j][:pb]))
-                d.peer_last[j] = works[-1]
-            return Future(f"stream_out {key!r} to rank {ch.peer} (NCCL)", parts=[_completion(works)],
-                          keep=[desc, head, *bufs, self.cache.tensor], nbytes=n)
-
-    def _in_peer(self, ch, key: str, region: Region) -> Future:
-        """Receive pieces over NCCL into two device buffers (issued from the comm stream) and scatter
-        each on the kernel stream while the next arrives: a receive into a buffer waits for the
-        scatter that last read it, each scatter for its receive."""
-        with torch.cuda.device(self.device):
-            d = self._in
-            n = region.nbytes(self.layout)
-            head = torch.empty(2, dtype=torch.int64, device=self.device)
-            with torch.cuda.stream(d.comm):
-                got_head = ch.dist_irecv(head)
-            # While the header is in flight: the copy rows for this side's own piece size (the
-            # sender's, unless the two were configured differently; then they are rebuilt).
-            guess = self.peer_piece_bytes
-            rows = self._host_desc(region, False, guess) if n else None
-            with torch.cuda.stream(d.comm):
-                got_head.wait()
-                sent, piece = (int(x) for x in head.tolist())
-            if sent != n:
-                return Future.failed(f"stream_in {key!r} from rank {ch.peer}",
-                                     f"the sender streams {sent} bytes, the region holds {n}")
-            if not 0 < piece <= 1 << 32:
-                return Future.failed(f"stream_in {key!r} from rank {ch.peer}", f"bad piece size {piece}")
-            if n == 0:
-                return Future.completed(f"stream_in {key!r} from rank {ch.peer}")
-            bufs = self._peer_buffers(d, piece)
-            desc, prow, pbytes, big = self._device_desc(region, False, piece, d.kernel,
-                                                        rows if piece == guess else None)
-            freed = [d.kernel.record_event(), d.kernel.record_event()]  # earlier scatters from each buffer
-
-            def post(i):
-                d.comm.wait_event(freed[i % 2])
-                with torch.cuda.stream(d.comm):
-                    return ch.dist_irecv(bufs[i % 2][:pbytes[i]])
-            recvs = [post(0)]
-            for i in range(len(pbytes)):
-                if i + 1 < len(pbytes):
-                    recvs.append(post(i + 1))
-                with torch.cuda.stream(d.kernel):
-                    recvs[i].wait()
-                    _C.cuda_copy_spans(bufs[i % 2].data_ptr(), self.flat.data_ptr(), desc.data_ptr() + 24 * prow[i],
-                                       prow[i + 1] - prow[i], d.kernel.cuda_stream, big)
-                    freed[i % 2] = d.kernel.record_event()
-            evt = d.kernel.record_event()
-            return Future(f"stream_in {key!r} from rank {ch.peer} (NCCL)", parts=[evt],
-                          keep=[desc, head, *bufs, self.cache.tensor], nbytes=n, event=evt)

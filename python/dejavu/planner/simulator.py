@@ -2,10 +2,10 @@
 
 It replays the serving engines' own policies with stage times from a profile instead of running
 the model:
-  ft       PipelineEngine: D microbatch slots over D stages; a free slot prefills newly admitted
+  ft       PipelinePolicy: D microbatch slots over D stages; a free slot prefills newly admitted
            requests (up to the microbatch size and the token budget) or else decodes its running
            ones; every stage serves steps in launch order.
-  disagg   DisaggEngine: Dp prompt slots prefill (bounded by the receive slots), a prompt stage
+  disagg   DisaggPolicy: Dp prompt slots prefill (bounded by the receive slots), a prompt stage
            with more layers takes proportionally longer (x m); the KV then lands on every token
            stage in bytes / link bandwidth: where the token worker copies it in itself (CPU shared
            memory, TCP) that occupies the stage in order with its decode steps, where it arrives

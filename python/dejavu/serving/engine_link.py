@@ -82,7 +82,7 @@ class Cancel(Message):
 
 @message("stop", FRONTEND)
 class Stop(Message):
-    """The deployment is stopping: no worker exit from now on is a failure (PipelineEngine.begin_stop)."""
+    """The deployment is stopping: no worker exit from now on is a failure (Controller.begin_stop)."""
 
 
 # ---------------------------------------------------------------------- controller -> front-end

@@ -6,7 +6,7 @@ signals blocked (spawn_blocked), so a signal that comes while they import stays 
 worker's handlers are in (quiet_stop_on_signals) a stop signal only starts a grace period: the
 worker keeps serving until the controller says shutdown (or its connection or parent goes), and
 exits quietly when the grace runs out. The controller meanwhile marks itself stopping
-(PipelineEngine.begin_stop) before it stops its workers, so no worker exit is taken for a failure.
+(Controller.begin_stop) before it stops its workers, so no worker exit is taken for a failure.
 
 When the controller is gone (its connection closes, or kill -9 of it: the parent watchdog),
 a worker runs its deployment cleanups (e.g. unlinking the deployment's /dev/shm segments) before

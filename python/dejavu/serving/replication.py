@@ -47,7 +47,7 @@ class Replicator:
         `ring`: tap decode steps through a ring (one sender of a worker may)."""
         self.w, self.src, self.holder = worker, src, holder
         cache = cache if cache is not None else worker.cache
-        self.paused = False  # PipelineEngine.set_replication (between requests only)
+        self.paused = False  # Controller.set_replication (between requests only)
         self._every = 1
         dev = cache.tensor.device
         self._cuda = dev.type == "cuda"

@@ -101,7 +101,7 @@ class ReplicaRole:
                                     error=error))
 
     def set_replication(self, msg) -> None:
-        """Pause / resume (between requests; PipelineEngine.set_replication)."""
+        """Pause / resume (between requests; Controller.set_replication)."""
         self.replicator.paused = not msg.on
         self.replicator.every = max(1, msg.every)
 

@@ -4,7 +4,7 @@ cached prefix, and the prompt workers send the token side only the blocks it doe
 request's last len(dst_blocks) blocks (`StepSeq.dst_blocks`, `AdmitSeq.blocks`)."""
 from __future__ import annotations
 
-from ..engine.block_manager import BlockAllocator, blocks_for
+from ...engine.block_manager import BlockAllocator, blocks_for
 
 
 class DisaggPrefix:
