@@ -11,21 +11,21 @@ next step is sent as soon as its previous step's tokens are back.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections import deque
 
 import torch
 
-from ..engine.block_manager import BlockAllocator, PrefixStats
+from ..engine.block_manager import BlockAllocator
 from ..engine.kv_cache import PagedKVCache
 from ..engine.llm_engine import EngineConfig, LLMEngine, eos_ids, prefix_salt
 from ..engine.scheduler import Scheduler
 from ..engine.sequence import Sequence, Status
 from ..models.loader import ModelSource, model_identity
 from ..models.tp import check as tp_check
-from . import adopt
+from . import adopt, health
 from .dispatch import Dispatch
+from .prefix_view import PrefixCacheView
 from .launch import Launcher
 from .membership import Membership
 from .recovery import Failure, Recovery, Stopped, recovery_policy
@@ -33,9 +33,7 @@ from .replication import Replication
 from .swap_regions import SwapRegions
 
 
-class Controller(LLMEngine):
-    tiers = None  # prefix caching's host/disk tiers: the index (a pipeline policy's plan sets it)
-
+class Controller(PrefixCacheView, LLMEngine):
     def __init__(self, source: ModelSource, tokenizer, config: EngineConfig, device: torch.device,
                  dtype: torch.dtype, seed: int, policy, tp: int = 1, launcher: str = "local", timeout: float = 300.0,
                  hostfile: str | None = None, log_dir: str | None = None, swap: bool = False,
@@ -185,36 +183,6 @@ class Controller(LLMEngine):
             self.reset_prefix_cache()  # blocks computed while paused have no replica to share
         self.replication.paused = not on
 
-    def _named_allocators(self) -> list[BlockAllocator]:
-        """The allocators that name blocks: the shared one (or each slot's own when swapping), and
-        the policy's (the prompt side's)."""
-        return list({id(s.allocator): s.allocator for s in self.slots}.values()) + self.policy.named_allocators()
-
-    def reset_prefix_cache(self) -> None:
-        """Forget every block name (a worker was replaced, or blocks have no replica)."""
-        for a in self._named_allocators():
-            a.reset_prefix_cache()
-        if self.tiers is not None:  # (each worker forgets its own at the recovery's reset)
-            self.tiers.reset()
-
-    def prefix_cache_stats(self) -> dict | None:
-        """Prefix-cache counters summed over the allocators the policy counts (no host or disk tier)."""
-        if self.prefix_salt is None:
-            return None
-        total = PrefixStats()
-        for a in self.policy.stats_allocators():
-            for f in dataclasses.fields(PrefixStats):
-                setattr(total, f.name, getattr(total, f.name) + getattr(a.stats, f.name))
-        return {**total.as_dict(), **(self.tiers.occupancy() if self.tiers is not None else {})}
-
-    def prefix_cache_tiers(self) -> dict | None:
-        """The device tier's named blocks and capacity over every allocator (/v1/cluster, /metrics)."""
-        if self.prefix_salt is None:
-            return None
-        allocs = self._named_allocators()
-        return {"device": {"blocks": sum(a.num_named for a in allocs), "capacity_blocks": sum(a.num_blocks for a in allocs)},
-                **(self.tiers.tier_occupancy() if self.tiers is not None else {})}
-
     # ------------------------------------------------------------------ serving loop
     def add_request(self, prompt, params, request_id=None) -> Sequence:
         seq = super().add_request(prompt, params, request_id)
@@ -253,8 +221,8 @@ class Controller(LLMEngine):
         if not (self.ft and self.members.started) or self._closed or self._stopping:
             return
         try:
-            self.members.check_procs()
-            self.members.check_heartbeats()
+            health.check_procs(self.members)
+            health.check_heartbeats(self.members)
             self.members.drain("idle")
         except Failure as f:
             try:
@@ -314,13 +282,6 @@ class Controller(LLMEngine):
     def _token_side(self) -> list[Sequence]:
         """Requests whose KV lives in the decode workers' caches."""
         return [s for slot in self.slots for s in slot.running] + self.policy.admitted()
-
-    def _tier_ops(self, slot, seqs, is_prefill: bool):
-        """A pipeline step: each sequence's KV before it (a lost step rewinds there), and the prefix
-        tiers' copies every worker makes before it (TierOps, or None)."""
-        for s in seqs:
-            s.step_start = s.num_cached
-        return self.tiers and self.tiers.ops(slot.allocator.take_evicted(), seqs if is_prefill else [])
 
     def _abandon_inflight(self) -> list[str]:
         """Every in-flight step is lost (it passed through every stage); the policy's work in flight

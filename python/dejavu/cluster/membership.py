@@ -21,7 +21,7 @@ import torch
 
 from ..kvstream.net import LOOPBACK, WILDCARDS, Address, listen, parse_host_port
 from ..parallel.auth import TOKEN_ENV, Acceptor, cluster_prefix
-from . import adopt, placement
+from . import adopt, health, placement
 from .errors import WorkerError
 from .messages import Config, MessageError, Pipes, ReplicateConfig, Shutdown
 from .recovery import Failure, Stopped
@@ -80,7 +80,7 @@ class Membership:
         c = self.c
         deadline = time.monotonic() + c.timeout
         while len(self.channels) < c.world:
-            self.check_procs()
+            health.check_procs(self)
             try:
                 ch, hello = self.accept.get(min(1.0, max(0.01, deadline - time.monotonic())))
             except TimeoutError:
@@ -263,8 +263,8 @@ class Membership:
             try:
                 item = self.inbox.get(timeout=min(left, 0.25 if c.ft else 1.0))
             except queue.Empty:
-                self.check_procs()
-                self.check_heartbeats()
+                health.check_procs(self)
+                health.check_heartbeats(self)
                 continue
             msg = c.dispatch.classify(item, doing)
             if msg is not None:
@@ -284,34 +284,6 @@ class Membership:
         if self.c.ft and self.started:
             raise Failure({msg.rank}, f"worker {msg.rank} disconnected: {msg.msg}")
         raise WorkerError(f"worker {msg.rank} disconnected while {doing}: {msg.msg}")
-
-    # ------------------------------------------------------------------ health
-    def check_procs(self) -> None:
-        c = self.c
-        if c._stopping:
-            return  # workers exit because we stop them: not failures
-        if c.ft and self.started:  # a dead rank is replaced (even when no process is left to watch)
-            for rank, p in list(c.launcher.proc_of.items()):
-                if p.poll() is None:
-                    continue
-                if rank in self.needed:
-                    raise Failure({rank}, f"the replacement for rank {rank} (pid {p.pid}) exited with status "
-                                          f"{p.returncode} while starting")
-                raise Failure({rank}, f"worker process {p.pid} (rank {rank}) exited with status {p.returncode}")
-            c.recovery.respawn_unserved()
-            return
-        for p in c.launcher.procs:
-            if p.poll() is not None:
-                raise WorkerError(f"worker process {p.pid} exited with status {p.returncode}")
-
-    def check_heartbeats(self) -> None:
-        if not (self.c.ft and self.started) or self.c._stopping:
-            return
-        now = time.monotonic()
-        silent = {r for r in self.channels
-                  if r not in self.needed and now - self.last_seen.get(r, now) > self.hb_timeout}
-        if silent:
-            raise Failure(silent, f"no heartbeat from rank(s) {sorted(silent)} for {self.hb_timeout}s")
 
     def on_joined(self, msg: Joined) -> bool:
         """A connection after start-up: a standby joins the pool; a replacement for a rank we wait
