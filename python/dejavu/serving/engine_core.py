@@ -201,7 +201,7 @@ def _take_deployment():
     """Dial the front-end, wait for the deployment (a standby waits until it is needed), build it."""
     from .. import llm as _llm  # noqa: F401 - imported ahead: a standby takes over without importing
     from ..cli.common import llm_from_args
-    from . import disagg as _disagg  # noqa: F401
+    from ..cluster.policies import disagg as _disagg  # noqa: F401
 
     host, port = parse_host_port(os.environ[FRONTEND_ENV])
     ch = connect(host, port, read_token(), {"pid": os.getpid(), "host": socket.gethostname()}, wait=10)
