@@ -59,7 +59,9 @@ def _wire(msg) -> dict:
 
 
 def test_every_kind_round_trips_and_carries_the_epoch():
-    assert {type(x).t for x in EXAMPLES} == set(m.KINDS), "an example per message kind"
+    # the control protocol's kinds (the front-end link's, serving/engine_link.py, are tested with it)
+    control = {t for t, cls in m.KINDS.items() if cls.__module__ == m.__name__}
+    assert {type(x).t for x in EXAMPLES} == control, "an example per message kind"
     for msg in EXAMPLES:
         wire = _wire(msg)
         assert wire["t"] == msg.t and "epoch" in wire

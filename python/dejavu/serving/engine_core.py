@@ -220,8 +220,8 @@ def main() -> int:
     if parent:
         watch_parent(parent)  # the front-end died: we go too (and our workers after us)
         os.environ[adopt.FRONTEND_PID_ENV] = str(parent)  # our workers outlive us, not the front-end
-    _on_stop_signals()
     try:
+        _on_stop_signals()  # (a stop signal pending since the fork is raised here)
         llm, ch = _take_deployment()
     except (KeyboardInterrupt, ConnectionError):  # stopped (or the front-end went) before serving
         return 0
