@@ -117,13 +117,16 @@ class Controller(PrefixCacheView, LLMEngine):
         self.members.epoch = epoch
 
     # ------------------------------------------------------------------ layout (the policy's plan uses these)
+    def block_bytes(self, layers) -> int:
+        """Bytes of one KV block on a worker of the deepest stage of a pipeline over `layers`."""
+        cfg = self.model_config
+        return PagedKVCache.bytes_per_block(max(b - a for a, b in layers), self.block_size, cfg.num_kv_heads // self.tp,
+                                            cfg.head_dim, self.dtype)
+
     def blocks_for(self, layers) -> int:
         """KV blocks per worker of a pipeline over `layers`: given, or what the memory budget holds
         on its deepest stage."""
-        cfg, deepest = self.model_config, max(b - a for a, b in layers)
-        per_block = PagedKVCache.bytes_per_block(deepest, self.block_size, cfg.num_kv_heads // self.tp, cfg.head_dim,
-                                                 self.dtype)
-        return self.config.num_blocks or max(1, self.config.kv_cache_memory // per_block)
+        return self.config.num_blocks or max(1, self.config.kv_cache_memory // self.block_bytes(layers))
 
     def decode_pipeline(self, layers, microbatch: int, queue: deque, admission: str = "greedy") -> None:
         """The pipeline that decodes: its stages' layer ranges, its KV blocks per worker, the shared

@@ -33,10 +33,9 @@ class PipelinePolicy:
         """Prefix caching's host and disk tiers: names at the controller (an index, looked up once),
         each worker's layers' bytes in its own tiers, which every step's TierOps keep holding the same names."""
         c, cfg = self.c, self.c.model_config
-        kv = lambda layers, heads: PagedKVCache.bytes_per_block(layers, c.block_size, heads, cfg.head_dim, c.dtype)
-        c.tiers, self.offload_config = pipeline_tiers(
-            c.config, c.allocator.stats, c.block_size,
-            kv(max(b - a for a, b in c.layers), cfg.num_kv_heads // c.tp), kv(cfg.num_layers, cfg.num_kv_heads))
+        model_block = PagedKVCache.bytes_per_block(cfg.num_layers, c.block_size, cfg.num_kv_heads, cfg.head_dim, c.dtype)
+        c.tiers, self.offload_config = pipeline_tiers(c.config, c.allocator.stats, c.block_size,
+                                                      c.block_bytes(c.layers), model_block)
         c.allocator.record_evictions = c.tiers is not None
         for slot in c.slots:
             slot.tiers = c.tiers
