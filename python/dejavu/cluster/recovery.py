@@ -92,9 +92,9 @@ class Recovery:
         if n > REPLACE_ATTEMPTS:
             raise WorkerError(f"worker {name} (rank {rank}) could not be replaced: {REPLACE_ATTEMPTS} replacements "
                               f"died while starting")
+        held = lambda ch: self.weights.holds(ch, rank)  # noqa: E731
         while self.policy in ("respawn", "standby") and c._standbys:
             try:  # preferably from another host than the failed worker's
-                held = lambda ch: self.weights.holds(ch, rank)  # noqa: E731
                 self.assign(rank, *c._standbys.pop(pick_standby(c._standbys, {c.worker_info[rank]["host_id"]}, held)))
                 return
             except OSError:  # that standby is gone: try the next
@@ -239,11 +239,11 @@ class Recovery:
         for j in replicas:
             self.c.channels[rank].send(Rereplicate(id=self.c._epoch, blocks=blocks, replica=j))
 
-    def restore_kv(self, dead: set[int], event: dict | None = None) -> set[int]:
+    def restore_kv(self, dead: set[int], event: dict) -> set[int]:
         """Replacements fetch their stage's KV from a holder that survived (the first of them; with
         --replicate-dir, else the first holder's replacement, which reopens its files); holders that
         were replaced are re-seeded (in the background). Returns the requests that cannot use their
-        replica."""
+        replica; the recovery's record `event` gets the fetch's path (kv_local) and size (kv_bytes)."""
         c = self.c
         seqs = c._token_side()
         blocks = sorted({b for s in seqs for b in s.block_table})
@@ -259,8 +259,7 @@ class Recovery:
                 continue
             k = k or 0
             local = c.worker_info[r].get("host_id") == c.worker_info[holders[k]].get("host_id")  # shared memory
-            if event is not None:  # whether every fetch took the shared-memory path
-                event["kv_local"] = local and event.get("kv_local", True)
+            event["kv_local"] = local and event.get("kv_local", True)
             c.channels[r].send(Restore(holder=c.address(holders[k], "replica_port"), blocks=blocks, replica=k,
                                        local=local, seqs=[RestoreSeq(seq_id=s.seq_id, blocks=s.block_table,
                                                         watermark=c.replication.watermark_of(s)) for s in seqs]))
@@ -277,8 +276,7 @@ class Recovery:
                 continue
             del waiting[key]
             bad.update(msg.bad)
-            if event is not None:
-                event["kv_bytes"] = event.get("kv_bytes", 0) + msg.bytes
+            event["kv_bytes"] = event.get("kv_bytes", 0) + msg.bytes
             if msg.error:
                 log.warning("worker %d could not fetch its replica: %s", msg.rank, msg.error)
         return bad

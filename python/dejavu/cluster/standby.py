@@ -41,13 +41,16 @@ class StandbyWeights:
         info, here = c.worker_info, hello.host_id or hello.host
         stages, ranks, seen = [], self.order(c, hello), set()
         for r in ranks:
-            if (tuple(info[r]["layers"]), info[r]["tp_rank"]) in seen:
+            weights = (tuple(info[r]["layers"]), info[r]["tp_rank"])
+            if weights in seen:
                 continue  # the same weights as a stage listed already (prompt and token stages may share them)
-            seen.add((tuple(info[r]["layers"]), info[r]["tp_rank"]))
+            seen.add(weights)
+            # the GPU Recovery.assign would give it: its launcher's, else r's own on r's host, else a free one
+            given = info[r]["local_rank"] if hello.local_rank is None and info[r].get("host_id") == here \
+                else hello.local_rank
             live = {q: (info[q]["host_id"], info[q]["local_rank"]) for q in info if q != r}
-            gpu = info[r]["local_rank"] if info[r].get("host_id") == here else free_local_rank(here, live)
             stages.append(PreloadStage(rank=r, layers=list(info[r]["layers"]), tp_rank=info[r]["tp_rank"],
-                                       local_rank=int(gpu or 0), kv_bytes=_kv_bytes(c, r)))
+                                       local_rank=free_local_rank(here, live, given), kv_bytes=_kv_bytes(c, r)))
         try:
             ch.send(Preload(model=common["model"], dtype=common["dtype"], device=common["device"],
                             seed=common["seed"], tp=common["tp"], where=self.where, stages=stages))
@@ -71,12 +74,9 @@ def _kv_bytes(c, rank: int) -> int:
     from replicas, else 0."""
     if not c.replication.enabled or not c._holds_decode_kv(rank):
         return 0
-    from ..engine.kv_cache import PagedKVCache
-
-    rc, mc = c._rank_config(rank), c.model_config
-    a, b = c.worker_info[rank]["layers"]
+    rc = c._rank_config(rank)
     blocks = rc["swap"].host_blocks if rc.get("swap") else rc["num_blocks"]
-    return blocks * PagedKVCache.bytes_per_block(b - a, c.block_size, mc.num_kv_heads // c.tp, mc.head_dim, c.dtype)
+    return blocks * c.block_bytes([c.worker_info[rank]["layers"]])
 
 
 def wait_for_config(ch, token: str):

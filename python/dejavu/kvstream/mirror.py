@@ -23,9 +23,10 @@ def _dtype(name: str) -> torch.dtype:
     return dt
 
 
-def _private_file(path: str) -> int:
-    """Opens (creating) `path` as a regular file of ours, mode 600, never through a symbolic link."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+def _private_file(path: str, create: bool = True) -> int:
+    """Opens (creating, unless not `create`) `path` as a regular file of ours, mode 600, never
+    through a symbolic link."""
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0) | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     st = os.fstat(fd)
     if st.st_uid != os.getuid() or not stat.S_ISREG(st.st_mode):
         os.close(fd)

@@ -11,15 +11,15 @@ consecutive block ids per layer (`cuda_dma_copy_blocks`, as swapping does).
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import re
-import stat
 
 import torch
 
 from .auth import cluster_tag
-from .mirror import ReplicaError
+from .mirror import ReplicaError, _private_file
 from .shm import SHM_DIR, owner_prefix
 
 def _map(fd: int, nbytes: int) -> torch.Tensor:
@@ -92,18 +92,13 @@ def fill(mirror, hdr: dict, token: str):
     if m is None or m.group(1) != cluster_tag(token):
         raise ReplicaError(f"bad restore segment name {name!r}")
     shape = (mirror.shape[0], len(blocks)) + mirror.shape[2:]
-    numel = 1
-    for d in shape:
-        numel *= d
-    path = os.path.join(SHM_DIR, name)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = _private_file(os.path.join(SHM_DIR, name), create=False)
     except OSError as e:
         raise ReplicaError(f"restore segment {name}: {e.strerror}") from None
     try:
-        st = os.fstat(fd)
-        nbytes = numel * torch.tensor([], dtype=mirror.dtype).element_size()
-        if st.st_uid != os.getuid() or not stat.S_ISREG(st.st_mode) or st.st_size < nbytes:
+        nbytes = math.prod(shape) * mirror.dtype.itemsize
+        if os.fstat(fd).st_size < nbytes:
             raise ReplicaError(f"restore segment {name} is not a segment of ours of at least {nbytes} bytes")
         out = _map(fd, nbytes).view(mirror.dtype).view(shape)
     finally:

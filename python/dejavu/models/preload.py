@@ -33,7 +33,6 @@ class Held:
     cfg: object                   # the model's config (what a skeleton is built from)
     model: torch.nn.Module | None  # device: the model itself, on its device
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # host: parameter name -> pinned copy
-    nbytes: int = 0
 
 
 def stage_key(spec: str, dtype: str, seed: int, layers, tp_rank: int, tp_size: int) -> tuple:
@@ -59,9 +58,9 @@ def budget(where: str, device: torch.device) -> int:
     return _available_host() // 2
 
 
-def stage_bytes(spec: str, dtype: torch.dtype, layers, tp_rank: int, tp_size: int) -> int:
-    """A stage's weight bytes (counted on a meta skeleton: nothing allocated)."""
-    m = skeleton(resolve(spec).config, torch.device("meta"), dtype, tuple(layers), (tp_rank, tp_size))
+def stage_bytes(cfg, dtype: torch.dtype, layers, tp_rank: int, tp_size: int) -> int:
+    """A stage's weight bytes (counted on a meta skeleton of model config `cfg`: nothing allocated)."""
+    m = skeleton(cfg, torch.device("meta"), dtype, tuple(layers), (tp_rank, tp_size))
     return sum(p.numel() * p.element_size() for p in m.parameters())
 
 
@@ -119,7 +118,7 @@ class Preloader:
                 key = stage_key(msg.model, dtype, msg.seed, st.layers, st.tp_rank, msg.tp)
                 if self.want is not None and key != self.want:
                     continue
-                n = stage_bytes(msg.model, dtype, st.layers, st.tp_rank, msg.tp)
+                n = stage_bytes(src.config, dtype, st.layers, st.tp_rank, msg.tp)
                 # host copies of a checkpoint pass through an unpinned model first: twice the size
                 # (what is held already is no longer available: the bound covers it)
                 if n * (2 if msg.where == "host" else 1) > budget(msg.where, dev):
@@ -152,7 +151,7 @@ class Preloader:
         del model
         if gen.type == "cuda":
             torch.cuda.empty_cache()
-        return Held("host", cfg, None, tensors, sum(t.numel() * t.element_size() for t in tensors.values()))
+        return Held("host", cfg, None, tensors)
 
     def take(self, spec: str, device: torch.device, dtype: torch.dtype, seed: int, layers, tp_rank: int,
              tp_size: int):
