@@ -9,9 +9,6 @@ llm.py.
 """
 from __future__ import annotations
 
-from typing import Protocol
-
-
 def check_split(layers, depth: int, num_layers: int) -> None:
     """A layer split must be `depth` contiguous, non-empty ranges covering the model's layers."""
     if len(layers) != depth:
@@ -25,19 +22,31 @@ def check_split(layers, depth: int, num_layers: int) -> None:
         raise ValueError(f"layer split {layers} does not end at the model's {num_layers} layers")
 
 
-class PlacementPolicy(Protocol):
-    """What the controller asks of a policy (`c` below is the controller)."""
+class PlacementPolicy:
+    """What the controller asks of a policy (`c` below is the controller). The defaults are those of
+    a policy that holds no requests of its own (every request goes through the decode slots)."""
     exports: tuple[str, ...]   # the policy's state callers read through the controller
     prefills_in_slots: bool    # the decode pipeline's microbatch slots also run prefills
 
     def plan(self, c) -> None:
         """Lay out the workers: c.world, and the decode pipeline (c.decode_pipeline)."""
+        raise NotImplementedError
 
     def rank_config(self, rank: int) -> dict:
         """The rank's part of its Config: role, pp, layers, first_rank, num_blocks, worker_name."""
+        raise NotImplementedError
 
     def step_ranks(self):
         """The ranks the decode pipeline's steps go to."""
+        raise NotImplementedError
+
+    def stalled(self) -> bool:
+        """Nothing runs and requests wait that nothing can ever run."""
+        raise NotImplementedError
+
+    def stats_allocators(self) -> list:
+        """The allocators whose prefix-cache counters the deployment reports."""
+        raise NotImplementedError
 
     def after_ready(self) -> None:
         """Every worker is up: introduce them to each other where the policy needs it."""
@@ -53,33 +62,35 @@ class PlacementPolicy(Protocol):
 
     def in_flight(self) -> bool:
         """Work of the policy's own is running on workers."""
-
-    def stalled(self) -> bool:
-        """Nothing runs and requests wait that nothing can ever run."""
+        return False
 
     def on_message(self, msg) -> list:
         """A worker's message other than a step's tokens; returns the requests it advanced."""
+        return []
 
     def has_unfinished(self) -> bool:
         """Requests the policy holds outside the controller's queue and slots."""
+        return False
 
     def finish(self, seq, reason: str) -> bool:
         """End `seq`, which is in no microbatch slot; False: the controller's scheduler does."""
+        return False
 
     def admitted(self) -> list:
         """Requests whose KV is in the decode caches but that are in no slot yet."""
+        return []
 
     def abandon(self) -> list[str]:
         """A recovery: the policy's work in flight is lost; returns KV keys workers drop."""
+        return []
 
     def stop(self) -> list:
         """Stopping: empty the policy's queues into c.waiting; returns the requests only it held."""
+        return []
 
     def named_allocators(self) -> list:
         """Allocators beside the decode pipeline's that name blocks (prefix caching)."""
-
-    def stats_allocators(self) -> list:
-        """The allocators whose prefix-cache counters the deployment reports."""
+        return []
 
     def close(self) -> None:
         """The deployment shut down."""

@@ -33,12 +33,12 @@ from ...kvstream.shm import cleanup, cleanup_orphans, owner_prefix
 from ...parallel.auth import cluster_tag
 from ..errors import WorkerError
 from ..messages import Admit, AdmitSeq, Peers, Prefill, TokenWorker, unpack_tokens
-from . import check_split
+from . import PlacementPolicy, check_split
 from .disagg_prefix import DisaggPrefix
 from .token_slots import TokenSlots
 
 
-class DisaggPolicy:
+class DisaggPolicy(PlacementPolicy):
     exports = ("prompt_alloc", "token_first", "token_waiting", "prompt_inflight", "admitting", "ready",
                "in_transfer", "kv_bytes", "transfer_stats", "transports_used", "num_prompt_blocks", "shm_prefix")
     prefills_in_slots = False

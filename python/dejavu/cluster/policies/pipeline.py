@@ -11,10 +11,10 @@ from __future__ import annotations
 from ...engine.kv_cache import PagedKVCache
 from ...engine.prefix_tiers import pipeline_tiers
 from ...kvstream.routing import split_layers
-from . import check_split
+from . import PlacementPolicy, check_split
 
 
-class PipelinePolicy:
+class PipelinePolicy(PlacementPolicy):
     exports: tuple[str, ...] = ()
     prefills_in_slots = True
 
@@ -50,47 +50,8 @@ class PipelinePolicy:
     def step_ranks(self):
         return range(self.c.world)
 
-    def after_ready(self) -> None:
-        pass
-
-    def after_recovery(self, dead: set[int]) -> None:
-        pass
-
-    def check_request(self, seq) -> None:
-        pass
-
-    def feed(self) -> None:
-        pass
-
-    def in_flight(self) -> bool:
-        return False
-
     def stalled(self) -> bool:
         return bool(self.c.waiting)
 
-    def on_message(self, msg) -> list:
-        return []
-
-    def has_unfinished(self) -> bool:
-        return False
-
-    def finish(self, seq, reason: str) -> bool:
-        return False
-
-    def admitted(self) -> list:
-        return []
-
-    def abandon(self) -> list[str]:
-        return []
-
-    def stop(self) -> list:
-        return []
-
-    def named_allocators(self) -> list:
-        return []
-
     def stats_allocators(self) -> list:
         return self.c._named_allocators()
-
-    def close(self) -> None:
-        pass
