@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .common import DEFAULT_MODEL, add_model_args, check_launcher, config_from_args, llm_from_args, positive, positive_float
+from .common import DEFAULT_MODEL, add_model_args, check_launcher, config_from_args, positive, positive_float
 
 
 def add_parser(sub) -> None:
@@ -70,7 +70,9 @@ def cmd_serve(args) -> int:
 
             llm = FrontEnd(args, config)
         else:
-            llm = llm_from_args(args)
+            from .. import LLM
+
+            llm = LLM.from_config(config)  # (check_launcher ran above)
     except BaseException:
         sock.close()
         raise

@@ -53,6 +53,8 @@ def watch_deployment(parent: int) -> None:
     """A worker's watchdog: exit (status 3, after the deployment cleanups) once the front-end is gone,
     or once its parent is, unless it rejoins the next controller."""
     frontend = int(os.environ.get(FRONTEND_PID_ENV) or 0)
+    if not (frontend or parent):
+        return  # started by hand: nothing to watch
 
     def gone(pid: int) -> bool:
         try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import secrets
 import signal
 import socket
 import subprocess
@@ -27,7 +26,7 @@ import time
 
 from ..engine.llm_engine import LLMEngine
 from ..engine.sequence import Status as SeqStatus
-from ..kvstream.auth import TOKEN_ENV
+from ..kvstream.auth import TOKEN_ENV, new_cluster_token
 from ..kvstream.net import LOOPBACK, Address, listen
 from ..cluster.errors import WorkerError
 from ..cluster.launch import free_port
@@ -68,7 +67,7 @@ class RemoteEngine(LLMEngine):
         self.args, self.timeout = args, timeout
         if not args.get("cluster_address"):  # a fixed address: workers dial it again to rejoin the next controller
             args["cluster_address"] = str(Address(LOOPBACK, free_port()))
-        self.token = os.environ.get(TOKEN_ENV) or secrets.token_hex(16)
+        self.token = os.environ.get(TOKEN_ENV) or new_cluster_token()
         self.listener = listen(LOOPBACK, 0)
         self.address = str(Address(LOOPBACK, self.listener.getsockname()[1]))
         self.accept = Acceptor(self.listener, self.token, 1)
@@ -167,7 +166,8 @@ class RemoteEngine(LLMEngine):
         self._end_controller()
         for attempt in range(1, RESTART_ATTEMPTS + 1):
             # the pipeline's workers rejoin; if they do not (or in a disaggregated deployment), new ones start
-            adopted = attempt == 1 and not self.args.get("prompt_stages")
+            adopted = (attempt == 1 and not self.args.get("prompt_stages")
+                       and self.status.fault_tolerance.get("recovery") != "off")  # (without recovery workers exit)
             try:
                 self._start_controller(adopt=adopted)
                 break
@@ -228,11 +228,11 @@ class RemoteEngine(LLMEngine):
     def waiting(self) -> range:  # AsyncEngine.queue_depth counts it
         return range(self.status.waiting)
 
-    def step(self) -> list:
+    def step(self, wait: float = 0.05) -> list:
         self._check_controller()
         updated: dict[int, object] = {}
         try:
-            item = self.inbox.get(timeout=0.05)
+            item = self.inbox.get(timeout=wait)
             while True:
                 self._apply(item, updated)
                 item = self.inbox.get_nowait()
@@ -241,7 +241,7 @@ class RemoteEngine(LLMEngine):
         return list(updated.values())
 
     def idle_check(self) -> None:
-        self.step()
+        self.step(wait=0)  # the idle engine loop waits for requests itself
 
     def _apply(self, item, updated: dict) -> None:
         gen, msg = item
