@@ -164,10 +164,10 @@ class PrefixTiers:
 
     def wait_layer(self, i: int) -> None:
         """The step reading the restored blocks is about to run local layer i: wait for the copy of
-        the group of layers it starts, if any (on CUDA the current stream waits on its event and the host goes on; the next apply()
-        waits for all of them on the host before reusing their host ranges)."""
+        the group of layers it starts, if any (on CUDA the current stream waits on its event and the
+        host goes on; the next apply() waits for all of them on the host before reusing their host ranges)."""
         f = next((f for a, f in self.pending or () if a == i), None)
-        if f is None:  # the group's copy was waited for at its first layer
+        if f is None:  # no restore pending, or layer i starts no group
             return
         if f.event is not None:
             torch.cuda.current_stream(self.cache.device).wait_event(f.event)
