@@ -89,3 +89,67 @@ def test_pipeline_tiers_after_a_worker_is_killed():
         assert len(llm.engine.recovery.failures) == 1
         assert _one_by_one(llm, prompts) == ref
         assert llm.engine.prefix_cache_stats()["host_hit_tokens"] >= 3 * BS
+
+
+def test_replicated_pipeline_host_tier_hits_are_exact():
+    """--replicate: a step that restores blocks from the host tier replicates them with its own slots."""
+    prompts = _workload()
+    ref = _reference(prompts)
+    with _pipeline(kv_offload_gib=2**-14, replicate=True, worker_timeout=60) as llm:
+        assert _one_by_one(llm, prompts) == ref
+        assert _one_by_one(llm, prompts) == ref
+        eng = llm.engine
+        hits = eng.prefix_cache_stats()["host_hit_tokens"]
+        assert hits >= 6 * BS
+        # resuming paused replication drops the device's names (no replica), not the host tier's
+        eng.set_replication(False)
+        assert _one_by_one(llm, prompts) == ref
+        held = eng.prefix_cache_tiers()["host"]["blocks"]
+        eng.set_replication(True)
+        assert eng.prefix_cache_tiers()["device"]["blocks"] == 0 and eng.prefix_cache_tiers()["host"]["blocks"] == held
+        assert _one_by_one(llm, prompts) == ref
+        assert eng.prefix_cache_stats()["host_hit_tokens"] > hits
+
+
+def test_replicated_pipeline_resumes_exact_after_a_kill_following_host_restores():
+    """A worker killed (SIGKILL) once a request's host-tier restore is replicated: its replacement
+    takes the restored blocks from the replica holder, and the request resumes from its watermark."""
+    prompts = _workload()
+    long = SamplingParams(max_tokens=16, ignore_eos=True)
+    with LLM(model=MODEL, device="cpu", block_size=BS) as ref_llm:
+        ref = ref_llm.generate(prompts[-1:], long)[0].token_ids
+        ref_all = [o.token_ids for o in ref_llm.generate(prompts, SP)]
+    for rank, swap in ((1, False), (0, False), (1, True)):  # swapping replicates the host copy
+        extra = {"swap": True, "resident_microbatches": 1} if swap else {}
+        with _pipeline(kv_offload_gib=2**-14, replicate=True, worker_timeout=60, **extra) as llm:
+            eng = llm.engine
+            _one_by_one(llm, prompts[:-1])  # the shared prefix goes down to the host tier
+            hits = eng.prefix_cache_stats()["host_hit_tokens"]
+            seq = eng.add_request(prompts[-1], long)
+            killed = None
+            while eng.has_unfinished():
+                if killed is None and eng.replication.watermark_of(seq) >= len(prompts[-1]):
+                    killed = eng.worker_info[rank]["pid"]
+                    os.kill(killed, signal.SIGKILL)
+                eng.step()
+            assert killed is not None and seq.output_ids == ref, (rank, swap)
+            assert eng.prefix_cache_stats()["host_hit_tokens"] >= hits + 3 * BS
+            ev = eng.fault_tolerance()["recoveries"][0]
+            assert ev["workers"] == [f"s{rank}.0"] and ev["bad_replicas"] == 0, ev
+            assert ev["recomputed_tokens"] < len(prompts[-1]), ev  # from the replicas, not the prompt
+            assert _one_by_one(llm, prompts) == ref_all  # the tiers refill after the recovery dropped them
+
+
+def test_swapping_pipeline_host_tier_hits_are_exact():
+    """--swap: every slot's allocator names its own logical blocks; the one index serves them all and
+    each worker's tiers copy to and from its host copy at those logical ids."""
+    prompts = _workload()
+    ref = _reference(prompts)
+    with _pipeline(kv_offload_gib=2**-14, swap=True, resident_microbatches=1, worker_timeout=60) as llm:
+        assert _one_by_one(llm, prompts) == ref
+        assert [o.token_ids for o in llm.generate(prompts, SP)] == ref
+        assert _one_by_one(llm, prompts) == ref
+        eng = llm.engine
+        st = eng.prefix_cache_stats()
+        assert st["host_hit_tokens"] >= 3 * BS and st["evictions"] > 0, st
+        assert all(s.allocator.num_used == 0 for s in eng.slots)

@@ -6,10 +6,10 @@ import argparse
 
 def add_prefix_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
-                   help="share the KV cache of common prompt prefixes between requests (single process and "
-                        "pp pipelines without --swap/--replicate; default: off)")
+                   help="share the KV cache of common prompt prefixes between requests (every mode; "
+                        "default: off)")
     p.add_argument("--kv-offload-gib", type=float, default=0.0,
-                   help="with --enable-prefix-caching (single process): pinned host memory (GiB) that keeps "
+                   help="with --enable-prefix-caching (not with disaggregation): pinned host memory (GiB) that keeps "
                         "blocks evicted from the device cache, least recently used out first (default: 0, none)")
     p.add_argument("--kv-offload-dir", default=None,
                    help="with --kv-offload-gib: a disk tier below the host tier, checksummed block files in DIR")

@@ -183,7 +183,8 @@ class Controller(PrefixCacheView, LLMEngine):
             if self.holder_ranks(r):
                 self.channels[r].send(msg)
         if on and self.replication.paused:
-            self.reset_prefix_cache()  # blocks computed while paused have no replica to share
+            # blocks computed while paused have no replica to share (a tier's are replicated when restored)
+            self.reset_prefix_cache(tiers=False)
         self.replication.paused = not on
 
     # ------------------------------------------------------------------ serving loop

@@ -17,11 +17,12 @@ class PrefixCacheView:
         the policy's (the prompt side's)."""
         return list({id(s.allocator): s.allocator for s in self.slots}.values()) + self.policy.named_allocators()
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every block name (a worker was replaced, or blocks have no replica)."""
+    def reset_prefix_cache(self, tiers: bool = True) -> None:
+        """Forget every block name (a worker was replaced, or blocks have no replica). tiers=False:
+        only the device's (the host and disk tiers' stay: a step restoring a block replicates it)."""
         for a in self._named_allocators():
             a.reset_prefix_cache()
-        if self.tiers is not None:  # (each worker forgets its own at the recovery's reset)
+        if tiers and self.tiers is not None:  # (each worker forgets its own at the recovery's reset)
             self.tiers.reset()
 
     def prefix_cache_stats(self) -> dict | None:

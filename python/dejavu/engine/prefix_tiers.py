@@ -94,10 +94,10 @@ class PrefixTiers:
         return TierOps(out_blocks=[b for b, _ in evicted], out_names=[n.hex() for _, n in evicted],
                        in_blocks=[b for b, _ in restore], in_names=[n.hex() for _, n in restore])
 
-    def apply_ops(self, ops) -> None:
+    def apply_ops(self, ops, overlap: bool = True) -> None:
         """A pipeline worker's part of a step's TierOps (its controller's index said they all hold)."""
         restore = list(zip(ops.in_blocks, map(bytes.fromhex, ops.in_names)))
-        done = self.apply(list(zip(ops.out_blocks, map(bytes.fromhex, ops.out_names))), [restore], overlap=True)[0]
+        done = self.apply(list(zip(ops.out_blocks, map(bytes.fromhex, ops.out_names))), [restore], overlap)[0]
         if done != len(restore):  # a lost step: the controller resets (every name dropped) and replays
             raise StreamError(f"prefix tiers: {len(restore) - done} of {len(restore)} blocks to restore are gone "
                                f"or failed their checksum here")

@@ -34,10 +34,12 @@ class PipelinePolicy(PlacementPolicy):
         each worker's layers' bytes in its own tiers, which every step's TierOps keep holding the same names."""
         c, cfg = self.c, self.c.model_config
         model_block = PagedKVCache.bytes_per_block(cfg.num_layers, c.block_size, cfg.num_kv_heads, cfg.head_dim, c.dtype)
-        c.tiers, self.offload_config = pipeline_tiers(c.config, c.allocator.stats, c.block_size,
+        # (with swapping every slot's allocator names its own logical blocks: one index serves them all,
+        # its counters go with the first slot's, which prefix_cache_stats sums with the others)
+        c.tiers, self.offload_config = pipeline_tiers(c.config, c.slots[0].allocator.stats, c.block_size,
                                                       c.block_bytes(c.layers), model_block)
-        c.allocator.record_evictions = c.tiers is not None
         for slot in c.slots:
+            slot.allocator.record_evictions = c.tiers is not None
             slot.tiers = c.tiers
 
     def rank_config(self, rank: int) -> dict:

@@ -104,7 +104,9 @@ class StageRole:
             from ...engine.prefix_tiers import PrefixTiers
 
             o = cfg.kv_offload
-            self.tiers = PrefixTiers(self.cache, PrefixStats(), 0, o.disk_dir, 0, host_blocks=o.host_blocks,
+            # with swapping the tiers copy to and from the host copy, at the controller's logical block ids
+            cache = self.cache if self.swap is None else PagedKVCache.over(self.swap.host)
+            self.tiers = PrefixTiers(cache, PrefixStats(), 0, o.disk_dir, 0, host_blocks=o.host_blocks,
                                      disk_blocks=o.disk_blocks, reuse_disk=False)
             self.reset_hooks.append(lambda msg: self.tiers.reset())  # the controller dropped every name
 
@@ -131,8 +133,10 @@ class StageRole:
         if self.tp_group is not None:
             self.tp_group.check()  # left for a recovery: this step is lost
         items = [(s.ids, s.start, s.blocks) for s in msg.seqs]
-        # --replicate: a decode step's new K/V also go to the replicator's ring (after_step sends them)
-        tap = self.replicator if self.replicator is not None and self.replicator.ring is not None else None
+        # --replicate: a decode step's new K/V also go to the replicator's ring (after_step sends them);
+        # a step that restored blocks is gathered instead (its restored blocks leave with its slots)
+        tap = (self.replicator if self.replicator is not None and self.replicator.ring is not None
+               and not (msg.tiers and msg.tiers.in_blocks) else None)
         ids, pos, meta, last = build_metadata(items, self.cache.block_size, self.device, tap)
         if self.stage == 0:
             x = ids
@@ -171,7 +175,10 @@ class StageRole:
         mapping = touched = None
         t0 = time.perf_counter()
         written = [(s.blocks, s.start, s.start + len(s.ids)) for s in msg.seqs]  # logical blocks
+        if msg.tiers is not None and msg.tiers.in_blocks:  # restored blocks reach the replica holders too
+            written.append((msg.tiers.in_blocks, 0, len(msg.tiers.in_blocks) * self.cache.block_size))
         if self.swap is not None:
+            self._apply_tiers(msg)  # into the host copy, before the step's blocks come in
             # Logical (host) blocks -> this microbatch's device blocks; remember what the new tokens touch.
             mapping = self.swap.acquire(msg.mb, msg.live)
             bs = self.cache.block_size
@@ -179,7 +186,7 @@ class StageRole:
                               for p in range(s.start, s.start + len(s.ids))})
             msg = replace(msg, seqs=[replace(s, blocks=[mapping[b] for b in s.blocks]) for s in msg.seqs])
         try:
-            h = self.forward(msg, self._apply_tiers(msg))
+            h = self.forward(msg, self._apply_tiers(msg) if self.swap is None else None)
             if h is not None and self.tp_rank == 0:  # the LM head is replicated: TP rank 0 of the last stage answers
                 # the previous decode step's time rides along (see below)
                 reply = Tokens(mb=msg.mb, id=msg.id, **self.sample(msg, h), step_s=self._decode_step_s)
@@ -210,6 +217,14 @@ class StageRole:
         """The step's prefix-tier copies; returns forward()'s on_layer that waits for each layer's
         restore before that layer runs (None without one)."""
         if msg.tiers is None or self.tiers is None:
+            return None
+        if self.swap is not None:
+            # The host copy is what the tiers read and write: earlier write-backs land first, the
+            # restore is complete before the step's swap-in, and no region keeps an older device
+            # copy of a restored block (it is copied in anew).
+            self.swap.host_write([])
+            self.tiers.apply_ops(msg.tiers, overlap=False)
+            self.swap.host_write(msg.tiers.in_blocks)
             return None
         self.tiers.apply_ops(msg.tiers)
         if self.tiers.pending is None:
