@@ -1,7 +1,9 @@
 """The prefix cache's host and disk tiers in a pp=2 pipeline of worker processes: the controller
 looks names up once in its index, every worker restores its own layers' bytes; tokens equal a
 single process without caching, with hits from the host tier, from the disk tier, after a worker is
-killed and after a corrupted block file (both recovered: every name dropped)."""
+killed and after a corrupted block file (both recovered: every name dropped); with --replicate
+(restored blocks replicated by the step that restores them, a kill resumed from the replicas) and
+with --swap (the tiers copy to and from the workers' host copies)."""
 from __future__ import annotations
 
 import os
@@ -140,16 +142,20 @@ def test_replicated_pipeline_resumes_exact_after_a_kill_following_host_restores(
             assert _one_by_one(llm, prompts) == ref_all  # the tiers refill after the recovery dropped them
 
 
-def test_swapping_pipeline_host_tier_hits_are_exact():
+def test_swapping_pipeline_tier_hits_are_exact(tmp_path):
     """--swap: every slot's allocator names its own logical blocks; the one index serves them all and
-    each worker's tiers copy to and from its host copy at those logical ids."""
+    each worker's tiers copy to and from its host copy at those logical ids (host hits; then a
+    two-block host tier over a disk tier: disk hits promoted into the host copy)."""
     prompts = _workload()
     ref = _reference(prompts)
-    with _pipeline(kv_offload_gib=2**-14, swap=True, resident_microbatches=1, worker_timeout=60) as llm:
-        assert _one_by_one(llm, prompts) == ref
-        assert [o.token_ids for o in llm.generate(prompts, SP)] == ref
-        assert _one_by_one(llm, prompts) == ref
-        eng = llm.engine
-        st = eng.prefix_cache_stats()
-        assert st["host_hit_tokens"] >= 3 * BS and st["evictions"] > 0, st
-        assert all(s.allocator.num_used == 0 for s in eng.slots)
+    for tiers in ({"kv_offload_gib": 2**-14},
+                  {"kv_offload_gib": 2 * STAGE_BLOCK / 2**30, "kv_offload_dir": str(tmp_path)}):
+        with _pipeline(swap=True, resident_microbatches=1, worker_timeout=60, **tiers) as llm:
+            assert _one_by_one(llm, prompts) == ref
+            assert [o.token_ids for o in llm.generate(prompts, SP)] == ref
+            assert _one_by_one(llm, prompts) == ref
+            eng = llm.engine
+            st = eng.prefix_cache_stats()
+            below = st["disk_hit_tokens"] if "kv_offload_dir" in tiers else st["host_hit_tokens"]
+            assert below >= 3 * BS and st["evictions"] > 0, st
+            assert all(s.allocator.num_used == 0 for s in eng.slots)
