@@ -102,16 +102,7 @@ def main() -> int:
             for r in range(a.rounds):
                 for k in layouts if r % 2 == 0 else layouts[::-1]:
                     runs[k].append(load(cluster[0], urls[k], a, a.num_requests, env, os.path.join(tmp, "run.json")))
-            for proc in cluster.procs:  # a clean stop first, so nothing is left behind in /dev/shm
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            for proc in cluster.procs:
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    pass
+            cluster.stop_procs(signal.SIGTERM, wait=20)  # a clean stop first, so nothing is left behind in /dev/shm
         finally:
             cluster.close()
     result = {"date": datetime.date.today().isoformat(), "deploy": f"{a.deploy} --pp {a.pp}",

@@ -165,23 +165,28 @@ class Cluster:
     def __len__(self) -> int:
         return len(self.hosts)
 
-    def close(self) -> None:
-        for p in self.procs:  # our own children first, by their session
-            _kill_group(p.pid)
+    def stop_procs(self, sig: int = signal.SIGKILL, wait: float = 5) -> None:
+        """Send `sig` to the session of every process started by `Host.popen`, then wait up to
+        `wait` s for each (SIGTERM first lets servers clean up, e.g. their /dev/shm segments)."""
+        for p in self.procs:
+            _kill_group(p.pid, sig)
         for p in self.procs:
             try:
-                p.wait(5)
+                p.wait(wait)
             except subprocess.TimeoutExpired:
                 pass
+
+    def close(self) -> None:
+        self.stop_procs()  # our own children first, by their session
         self.procs.clear()
         for name in reversed(self._made):
             _delete_ns(name)
         self._made.clear()
 
 
-def _kill_group(pid: int) -> None:
+def _kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
     try:
-        os.killpg(pid, signal.SIGKILL)
+        os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
 
@@ -218,14 +223,22 @@ def unavailable() -> str | None:
     return None
 
 
-def bench_cluster(n: int, prog: str) -> "Cluster | None":
-    """n namespace hosts for a benchmark script; None (the reason printed) where they cannot be made."""
+def new_cluster(n: int) -> Cluster:
+    """n namespace hosts on one bridge (after removing stale ones); NetnsUnavailable says why not."""
     why = unavailable()
     if why:
-        print(f"{prog}: no namespace hosts: {why}", file=sys.stderr)
-        return None
+        raise NetnsUnavailable(why)
     sweep_stale()
     return Cluster(n)
+
+
+def bench_cluster(n: int, prog: str) -> "Cluster | None":
+    """new_cluster for a benchmark script; None (the reason printed) where they cannot be made."""
+    try:
+        return new_cluster(n)
+    except NetnsUnavailable as e:
+        print(f"{prog}: no namespace hosts: {e}", file=sys.stderr)
+        return None
 
 
 def cpu_model() -> str:
@@ -235,13 +248,9 @@ def cpu_model() -> str:
 
 
 def make_cluster(n: int = 4) -> Cluster:
-    """n namespace hosts on one bridge; pytest.skip with the reason where they cannot be made."""
-    why = unavailable()
-    if why:
-        pytest.skip(f"no namespace hosts: {why}")
-    sweep_stale()
+    """new_cluster for a test; pytest.skip with the reason where they cannot be made."""
     try:
-        return Cluster(n)
+        return new_cluster(n)
     except NetnsUnavailable as e:
         pytest.skip(f"no namespace hosts: {e}")
 

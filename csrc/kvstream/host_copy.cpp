@@ -176,18 +176,17 @@ uint64_t xpow_lane(unsigned n) {  // x^n mod P, reflected into the top 32 bits o
   return lane;
 }
 
+// {x^(D+63), x^(D-1)} for D = 2048 (k[0]: a step), 512 (k[1]: register to register), and 384, 256
+// and 128 (k[2..4]: lanes of the last register into its last).
 struct FoldKeys {
-  uint64_t k[2][2];      // {x^(D+63), x^(D-1)} for D = 2048 (a step) and 512 (register to register)
-  uint64_t lanes[3][2];  // the same for D = 384, 256 and 128 (lanes of the last register into its last)
+  uint64_t k[5][2];
 };
 
 const FoldKeys& fold_keys() {
   static const FoldKeys f = [] {
     FoldKeys f{};
-    const unsigned step[2] = {2048, 512};
-    for (int i = 0; i < 2; ++i) f.k[i][0] = xpow_lane(step[i] + 63), f.k[i][1] = xpow_lane(step[i] - 1);
-    const unsigned lane[3] = {384, 256, 128};
-    for (int i = 0; i < 3; ++i) f.lanes[i][0] = xpow_lane(lane[i] + 63), f.lanes[i][1] = xpow_lane(lane[i] - 1);
+    const unsigned distance[5] = {2048, 512, 384, 256, 128};
+    for (int i = 0; i < 5; ++i) f.k[i][0] = xpow_lane(distance[i] + 63), f.k[i][1] = xpow_lane(distance[i] - 1);
     return f;
   }();
   return f;
@@ -215,7 +214,7 @@ __attribute__((target("avx512f,vpclmulqdq,pclmul,sse4.2"))) uint32_t crc32c_fold
   const __m128i lanes[3] = {_mm512_extracti32x4_epi32(x[3], 0), _mm512_extracti32x4_epi32(x[3], 1),
                             _mm512_extracti32x4_epi32(x[3], 2)};
   for (int i = 0; i < 3; ++i) {
-    const __m128i k = _mm_set_epi64x(f.lanes[i][1], f.lanes[i][0]);
+    const __m128i k = _mm_set_epi64x(f.k[2 + i][1], f.k[2 + i][0]);
     last = _mm_xor_si128(last, _mm_xor_si128(_mm_clmulepi64_si128(lanes[i], k, 0x00), _mm_clmulepi64_si128(lanes[i], k, 0x11)));
   }
   uint64_t r = _mm_crc32_u64(0, static_cast<uint64_t>(_mm_cvtsi128_si64(last)));

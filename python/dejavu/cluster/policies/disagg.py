@@ -132,19 +132,15 @@ class DisaggPolicy(PlacementPolicy):
         if seq in self.ready:
             self.ready.remove(seq)
             self.in_transfer -= 1
-        if seq.block_table:
-            self.token_slots.alloc(seq).free(seq.block_table)
-            seq.block_table = []
+        self.token_slots.free(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason
         return True
 
     # ------------------------------------------------------------------ the loop
     def feed(self) -> None:
         c = self.c
-        while self.token_waiting:  # preempted on the token side: prefill again, first in line
-            s = self.token_waiting.pop()
-            s.token_slot = None  # (with swapping) a slot is chosen again at its prefill
-            c.waiting.appendleft(s)
+        while self.token_waiting:  # preempted on the token side: prefill again (a slot chosen again), first in line
+            c.waiting.appendleft(self.token_waiting.pop())
         for i in range(self.dp):
             if self.prompt_inflight[i] is None:
                 batch = self._take_prefill_batch()
@@ -175,10 +171,8 @@ class DisaggPolicy(PlacementPolicy):
             need = blocks_for(len(seq), c.block_size)
             if batch and tokens + n > c.config.max_num_batched_tokens:
                 break
-            slot = self.token_slots.choose(need, self._on_way() + batch) if c.swap else None
-            if slot == -1:
+            if c.swap and not self.token_slots.choose(seq, need, self._on_way() + batch):
                 break
-            seq.token_slot = slot
             if not self.prefix.take(seq, self.token_slots.alloc(seq)):  # both sides' blocks (hits shared)
                 break
             c.waiting.popleft()
@@ -193,11 +187,11 @@ class DisaggPolicy(PlacementPolicy):
         return on_way + [s for st in self.admitting.values() for s in st["seqs"]] + list(self.ready)
 
     def _launch_prefill(self, slot: int, seqs: list[Sequence]) -> None:
-        dispatch = self.c.dispatch
+        dispatch, prompt_blocks = self.c.dispatch, self.prefix.prompt_blocks
         step_id = dispatch.next_id()
         items = []
         for s in seqs:
-            items.append(dispatch.step_item(s, s.num_cached, s.prompt_blocks, key=f"r{s.seq_id}.{step_id}",
+            items.append(dispatch.step_item(s, s.num_cached, prompt_blocks[s.seq_id], key=f"r{s.seq_id}.{step_id}",
                                             dst_blocks=self.prefix.sent(s)))
             dispatch.busy.add(s.seq_id)
         msg = Prefill(mb=slot, id=step_id, seqs=items)
@@ -308,12 +302,8 @@ class DisaggPolicy(PlacementPolicy):
         return drop
 
     def _release(self, s: Sequence) -> None:
-        if getattr(s, "prompt_blocks", None):
-            self.prompt_alloc.free(s.prompt_blocks)
-            s.prompt_blocks = []
-        if s.block_table:
-            self.token_slots.alloc(s).free(s.block_table)
-            s.block_table = []
+        self.prefix.drop_prompt(s)
+        self.token_slots.free(s)
 
     def stop(self) -> list[Sequence]:
         self.c.waiting.extend(self.token_waiting)

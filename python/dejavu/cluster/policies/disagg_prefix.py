@@ -11,6 +11,7 @@ class DisaggPrefix:
     def __init__(self, names, block_size: int, prompt_alloc: BlockAllocator):
         # names(seq, full): a scheduler's names of seq's first `full` blocks; None: no prefix caching
         self.names, self.bs, self.prompt_alloc = names, block_size, prompt_alloc
+        self.prompt_blocks: dict[int, list[int]] = {}  # seq_id -> its prompt-side blocks, during its prefill
 
     def hits(self, seq, token_alloc: BlockAllocator) -> tuple[list[int], list[int]]:
         """The prompt side's and the token side's blocks holding `seq`'s leading full blocks (never
@@ -30,7 +31,7 @@ class DisaggPrefix:
                 and token_alloc.can_allocate(need - len(th) + token_alloc.num_unreferenced(th))):
             return False
         pa.acquire(ph)
-        seq.prompt_blocks = ph + pa.allocate(need - len(ph))
+        self.prompt_blocks[seq.seq_id] = ph + pa.allocate(need - len(ph))
         token_alloc.acquire(th)
         seq.block_table = th + token_alloc.allocate(need - len(th))
         seq.num_cached, seq.num_named = len(ph) * self.bs, len(th)
@@ -48,9 +49,15 @@ class DisaggPrefix:
     def release_prompt(self, seq, computed: int) -> None:
         """The prefill is done (`computed` tokens have K/V on the prompt side): name its full blocks
         there and free them, last first (the prefix stays longest)."""
+        blocks = self.prompt_blocks.pop(seq.seq_id, [])
         if self.names is not None:
             full = computed // self.bs
-            for b, name in zip(seq.prompt_blocks[:full], self.names(seq, full)):
+            for b, name in zip(blocks[:full], self.names(seq, full)):
                 self.prompt_alloc.register(b, name)
-        self.prompt_alloc.free(reversed(seq.prompt_blocks))
-        seq.prompt_blocks = []
+        self.prompt_alloc.free(reversed(blocks))
+
+    def drop_prompt(self, seq) -> None:
+        """The prefill was abandoned: its prompt-side blocks go back unnamed."""
+        blocks = self.prompt_blocks.pop(seq.seq_id, None)
+        if blocks:
+            self.prompt_alloc.free(blocks)

@@ -13,22 +13,33 @@ from ...engine.sequence import Sequence
 class TokenSlots:
     def __init__(self, controller, microbatch: int):
         self.c, self.mb = controller, microbatch
+        self.chosen: dict[int, int] = {}  # with swapping: seq_id -> its microbatch, from its prefill until it joins
 
     def alloc(self, seq: Sequence) -> BlockAllocator:
         """The allocator of `seq`'s token-side blocks: the shared one, or with swapping its slot's."""
-        slot = getattr(seq, "token_slot", None)
+        slot = self.chosen.get(seq.seq_id)
         return self.c.allocator if slot is None else self.c.slots[slot].allocator
 
-    def choose(self, need: int, on_way: list[Sequence]) -> int:
-        """With swapping: the token microbatch a request about to be prefilled will join (-1: none
-        has room): the least loaded (running plus `on_way` to it) whose region has `need` free blocks."""
+    def choose(self, seq: Sequence, need: int, on_way: list[Sequence]) -> bool:
+        """With swapping: pick the token microbatch a request about to be prefilled will join (False:
+        none has room): the least loaded (running plus `on_way` to it) whose region has `need` free blocks."""
         slots = self.c.slots
         load = [len(sl.running) for sl in slots]
         for s in on_way:
-            if getattr(s, "token_slot", None) is not None:
-                load[s.token_slot] += 1
+            if s.seq_id in self.chosen:
+                load[self.chosen[s.seq_id]] += 1
         fits = [i for i in range(len(slots)) if load[i] < self.mb and slots[i].allocator.can_allocate(need)]
-        return min(fits, key=lambda i: (load[i], -slots[i].allocator.num_free)) if fits else -1
+        if not fits:
+            return False
+        self.chosen[seq.seq_id] = min(fits, key=lambda i: (load[i], -slots[i].allocator.num_free))
+        return True
+
+    def free(self, seq: Sequence) -> None:
+        """`seq` leaves before joining a microbatch: its token-side blocks go back, its choice is dropped."""
+        if seq.block_table:
+            self.alloc(seq).free(seq.block_table)
+            seq.block_table = []
+        self.chosen.pop(seq.seq_id, None)
 
     def place(self, ready: deque) -> int:
         """Admitted requests join the token microbatch with the fewest sequences, up to a microbatch
@@ -39,10 +50,12 @@ class TokenSlots:
             keep = deque()
             while ready:
                 s = ready.popleft()
-                if len(c.slots[s.token_slot].running) >= self.mb:
+                slot = self.chosen[s.seq_id]
+                if len(c.slots[slot].running) >= self.mb:
                     keep.append(s)
                     continue
-                self._join(s, s.token_slot)
+                del self.chosen[s.seq_id]
+                self._join(s, slot)
                 joined += 1
             ready.extend(keep)
             return joined
