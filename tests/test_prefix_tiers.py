@@ -123,9 +123,6 @@ def test_offload_options_are_checked():
         LLM(model="random:llama-tiny", device="cpu", enable_prefix_caching=True, kv_offload_dir="/tmp/x")
     with pytest.raises(ValueError, match="kv_offload_gib"):
         LLM(model="random:llama-tiny", device="cpu", enable_prefix_caching=True, kv_offload_gib=-1)
-    with pytest.raises(ValueError, match="not yet available with disaggregation"):
-        LLM(model="random:llama-tiny", device="cpu", prompt_stages=1, token_stages=2, enable_prefix_caching=True,
-            kv_offload_gib=1)
 
 
 def test_metrics_show_hits_per_tier(llama):

@@ -249,10 +249,6 @@ class Config:
         if dis.enabled and self.engine.admission == "reserve":
             raise ConfigError("admission", "'reserve' is not yet available with prompt_stages/token_stages "
                                            "(disaggregation admits by prompt length)")
-        eng = self.engine
-        if (eng.kv_offload_gib or eng.kv_offload_dir) and dis.enabled:
-            raise ConfigError("kv_offload_gib", "the host and disk tiers are not yet available with disaggregation "
-                                                "(single process and pipelines: pp, tp, swap, replicate)")
         stages = self.kv_stages()
         if sw.swap and stages < 2:
             raise ConfigError("swap", "needs a pipeline of pp >= 2 microbatches (token_stages >= 2 with "

@@ -9,8 +9,9 @@ def add_prefix_cache_args(p: argparse.ArgumentParser) -> None:
                    help="share the KV cache of common prompt prefixes between requests (every mode; "
                         "default: off)")
     p.add_argument("--kv-offload-gib", type=float, default=0.0,
-                   help="with --enable-prefix-caching (not with disaggregation): pinned host memory (GiB) that keeps "
-                        "blocks evicted from the device cache, least recently used out first (default: 0, none)")
+                   help="with --enable-prefix-caching: pinned host memory (GiB) that keeps "
+                        "blocks evicted from the device cache, least recently used out first (with disaggregation: "
+                        "the prompt workers' cache) (default: 0, none)")
     p.add_argument("--kv-offload-dir", default=None,
                    help="with --kv-offload-gib: a disk tier below the host tier, checksummed block files in DIR")
     p.add_argument("--kv-offload-dir-gib", type=float, default=8.0,

@@ -213,6 +213,7 @@ class Prefill(Message):
     mb: int
     id: int
     seqs: list[StepSeq]
+    tiers: TierOps | None = None   # the prompt side's host/disk tiers: copies before the prefill
 
 
 @message("admit", CONTROLLER)

@@ -48,6 +48,18 @@ class PlacementPolicy:
         """The allocators whose prefix-cache counters the deployment reports."""
         raise NotImplementedError
 
+    def plan_tiers(self, stats, layers):
+        """Prefix caching's host and disk tiers of the workers of a pipeline over `layers`: sets
+        c.tiers (the controller's index of names, counting into `stats`; None without tiers) and
+        offload_config(worker_name) (that worker's messages.OffloadConfig); returns c.tiers."""
+        from ...engine.kv_cache import PagedKVCache
+        from ...engine.prefix_tiers import pipeline_tiers
+
+        c, cfg = self.c, self.c.model_config
+        model_block = PagedKVCache.bytes_per_block(cfg.num_layers, c.block_size, cfg.num_kv_heads, cfg.head_dim, c.dtype)
+        c.tiers, self.offload_config = pipeline_tiers(c.config, stats, c.block_size, c.block_bytes(layers), model_block)
+        return c.tiers
+
     def after_ready(self) -> None:
         """Every worker is up: introduce them to each other where the policy needs it."""
 

@@ -65,7 +65,8 @@ class DisaggPolicy(PlacementPolicy):
         self.mb = self.microbatch_size or c.config.max_num_seqs
         c.decode_pipeline(token_layers, self.mb, self.token_waiting)
         self.token_slots = TokenSlots(c, self.mb)
-        self.prefix = DisaggPrefix(c.slots[0].names if c.prefix_salt else None, c.block_size, self.prompt_alloc)
+        self.prefix = DisaggPrefix(c.slots[0].names if c.prefix_salt else None, c.block_size, self.prompt_alloc,
+                                   self.plan_tiers(self.prompt_alloc.stats, self.prompt_layers))
         self.prompt_inflight: list[dict | None] = [None] * dp
         self.admitting: dict[int, dict] = {}
         self.ready: deque[Sequence] = deque()           # admitted, waiting for room in a token microbatch
@@ -85,9 +86,10 @@ class DisaggPolicy(PlacementPolicy):
     def _role_config(self, rank: int) -> dict:
         c = self.c
         if rank < self.token_first:
-            stage = rank // c.tp
+            name = f"p{rank // c.tp}.{rank % c.tp}"
             return {"role": "prompt", "pp": self.dp, "layers": [list(x) for x in self.prompt_layers],
-                    "first_rank": 0, "num_blocks": self.num_prompt_blocks, "worker_name": f"p{stage}.{rank % c.tp}"}
+                    "first_rank": 0, "num_blocks": self.num_prompt_blocks, "worker_name": name,
+                    "kv_offload": self.offload_config and self.offload_config(name)}
         stage = (rank - self.token_first) // c.tp
         return c.regions.config({"role": "token", "pp": self.dt, "layers": [list(x) for x in c.layers],
                               "first_rank": self.token_first, "num_blocks": c.num_blocks,
@@ -167,7 +169,8 @@ class DisaggPolicy(PlacementPolicy):
         batch, tokens = [], 0
         while c.waiting and len(batch) < self.mb and self.in_transfer + len(batch) < self.receive_slots:
             seq = c.waiting[0]
-            n = len(seq) - len(self.prefix.hits(seq, c.allocator)[0]) * c.block_size  # tokens to compute
+            ph, _, lower = self.prefix.hits(seq, c.allocator)
+            n = len(seq) - (len(ph) + len(lower)) * c.block_size  # tokens to compute
             need = blocks_for(len(seq), c.block_size)
             if batch and tokens + n > c.config.max_num_batched_tokens:
                 break
@@ -189,12 +192,13 @@ class DisaggPolicy(PlacementPolicy):
     def _launch_prefill(self, slot: int, seqs: list[Sequence]) -> None:
         dispatch, prompt_blocks = self.c.dispatch, self.prefix.prompt_blocks
         step_id = dispatch.next_id()
+        tiers = self.prefix.ops(seqs)  # (restores move num_cached, where each prefill starts)
         items = []
         for s in seqs:
             items.append(dispatch.step_item(s, s.num_cached, prompt_blocks[s.seq_id], key=f"r{s.seq_id}.{step_id}",
                                             dst_blocks=self.prefix.sent(s)))
             dispatch.busy.add(s.seq_id)
-        msg = Prefill(mb=slot, id=step_id, seqs=items)
+        msg = Prefill(mb=slot, id=step_id, seqs=items, tiers=tiers)
         self.in_transfer += len(seqs)
         self.prompt_inflight[slot] = {"id": step_id, "seqs": seqs, "keys": [it.key for it in items],
                                       "pending": set(range(self.token_first)), "tokens": None, "stats": []}

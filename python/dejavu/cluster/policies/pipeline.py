@@ -8,8 +8,6 @@ and run both prefills and decode steps (continuous batching, up to `microbatch_s
 """
 from __future__ import annotations
 
-from ...engine.kv_cache import PagedKVCache
-from ...engine.prefix_tiers import pipeline_tiers
 from ...kvstream.routing import split_layers
 from . import PlacementPolicy, check_split
 
@@ -27,17 +25,15 @@ class PipelinePolicy(PlacementPolicy):
         check_split(layers, self.depth, c.model_config.num_layers)
         c.world = self.depth * c.tp
         c.decode_pipeline(layers, self.microbatch_size or c.config.max_num_seqs, c.waiting, c.config.admission)
-        self.plan_tiers()
+        self._slot_tiers()
 
-    def plan_tiers(self) -> None:
+    def _slot_tiers(self) -> None:
         """Prefix caching's host and disk tiers: names at the controller (an index, looked up once),
         each worker's layers' bytes in its own tiers, which every step's TierOps keep holding the same names."""
-        c, cfg = self.c, self.c.model_config
-        model_block = PagedKVCache.bytes_per_block(cfg.num_layers, c.block_size, cfg.num_kv_heads, cfg.head_dim, c.dtype)
+        c = self.c
         # (with swapping every slot's allocator names its own logical blocks: one index serves them all,
         # its counters go with the first slot's, which prefix_cache_stats sums with the others)
-        c.tiers, self.offload_config = pipeline_tiers(c.config, c.slots[0].allocator.stats, c.block_size,
-                                                      c.block_bytes(c.layers), model_block)
+        self.plan_tiers(c.slots[0].allocator.stats, c.layers)
         for slot in c.slots:
             slot.allocator.record_evictions = c.tiers is not None
             slot.tiers = c.tiers

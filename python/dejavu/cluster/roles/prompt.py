@@ -1,6 +1,8 @@
 """The prompt role (disaggregation): a stage of the prompt pipeline. It runs prefills only, and after
 each layer that layer's KV leaves for the token workers that hold the layer (layer-by-layer
-streaming), by CUDA IPC straight into their cache, shared memory on the same host, or TCP."""
+streaming), by CUDA IPC straight into their cache, shared memory on the same host, or TCP. With
+prefix caching's offload tiers, the prefill's tier copies (Prefill.tiers) are made first, each
+layer's restore waited for just before that layer runs."""
 from __future__ import annotations
 
 import os
@@ -130,7 +132,9 @@ class PromptRole:
                     nbytes += region.nbytes(self.streamer.layout)
                     per_dst[t.dst] = per_dst.get(t.dst, 0) + region.nbytes(self.streamer.layout)
         t0 = time.perf_counter()
-        h = stage.forward(msg, on_layer=on_layer)
+        # the prompt side's tier copies: a layer's restored blocks are in before it runs (and is sent)
+        wait = stage._apply_tiers(msg)
+        h = stage.forward(msg, on_layer=on_layer if wait is None else lambda i: (on_layer(i), wait(i)))
         if device.type == "cuda":
             # The last layer has run on the device: from here on the wait is transfer only (the
             # launches above return before the kernels finish).

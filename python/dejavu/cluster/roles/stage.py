@@ -214,8 +214,8 @@ class StageRole:
             self.replicator.after_step(msg.id, written)
 
     def _apply_tiers(self, msg):
-        """The step's prefix-tier copies; returns forward()'s on_layer that waits for each layer's
-        restore before that layer runs (None without one)."""
+        """The step's (or a prompt worker's prefill's) prefix-tier copies; returns forward()'s on_layer
+        that waits for each layer's restore before that layer runs (None without one)."""
         if msg.tiers is None or self.tiers is None:
             return None
         if self.swap is not None:
