@@ -133,7 +133,7 @@ class PromptRole:
                     per_dst[t.dst] = per_dst.get(t.dst, 0) + region.nbytes(self.streamer.layout)
         t0 = time.perf_counter()
         # the prompt side's tier copies: a layer's restored blocks are in before it runs (and is sent)
-        wait = stage._apply_tiers(msg)
+        wait = stage.apply_tiers(msg)
         h = stage.forward(msg, on_layer=on_layer if wait is None else lambda i: (on_layer(i), wait(i)))
         if device.type == "cuda":
             # The last layer has run on the device: from here on the wait is transfer only (the

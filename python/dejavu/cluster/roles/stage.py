@@ -178,7 +178,7 @@ class StageRole:
         if msg.tiers is not None and msg.tiers.in_blocks:  # restored blocks reach the replica holders too
             written.append((msg.tiers.in_blocks, 0, len(msg.tiers.in_blocks) * self.cache.block_size))
         if self.swap is not None:
-            self._apply_tiers(msg)  # into the host copy, before the step's blocks come in
+            self.apply_tiers(msg)  # into the host copy, before the step's blocks come in
             # Logical (host) blocks -> this microbatch's device blocks; remember what the new tokens touch.
             mapping = self.swap.acquire(msg.mb, msg.live)
             bs = self.cache.block_size
@@ -186,7 +186,7 @@ class StageRole:
                               for p in range(s.start, s.start + len(s.ids))})
             msg = replace(msg, seqs=[replace(s, blocks=[mapping[b] for b in s.blocks]) for s in msg.seqs])
         try:
-            h = self.forward(msg, self._apply_tiers(msg) if self.swap is None else None)
+            h = self.forward(msg, self.apply_tiers(msg) if self.swap is None else None)
             if h is not None and self.tp_rank == 0:  # the LM head is replicated: TP rank 0 of the last stage answers
                 # the previous decode step's time rides along (see below)
                 reply = Tokens(mb=msg.mb, id=msg.id, **self.sample(msg, h), step_s=self._decode_step_s)
@@ -213,7 +213,7 @@ class StageRole:
                 self.swap.stream.synchronize()
             self.replicator.after_step(msg.id, written)
 
-    def _apply_tiers(self, msg):
+    def apply_tiers(self, msg):
         """The step's (or a prompt worker's prefill's) prefix-tier copies; returns forward()'s on_layer
         that waits for each layer's restore before that layer runs (None without one)."""
         if msg.tiers is None or self.tiers is None:
