@@ -6,7 +6,7 @@ of its own (serving/engine_core.py), as vLLM V1 splits its API server from Engin
 would, keeps it in its log of admitted requests (prompt, parameters, seed, the tokens streamed so
 far) and sends it to the controller over the engine link (serving/engine_link.py: a token-checked
 channel of typed msgpack records). When the controller process dies (its channel closes, its
-process exits, or it sends no status for CONTROLLER_SILENCE seconds), the front-end kills what is
+process exits, or it sends no status for `--controller-timeout` seconds), the front-end kills what is
 left of it, hands the deployment to a standby controller (a process started ahead, imported and
 connected) or a new one, and submits every unfinished request again with the tokens it already
 streamed; the new controller re-prefills prompt + those tokens and goes on, so a client sees a
@@ -38,8 +38,20 @@ from .lifecycle import spawn_blocked
 
 log = logging.getLogger("dejavu.frontend")
 
-CONTROLLER_SILENCE = 15.0  # seconds without a status before a controller counts as hung
+# Seconds without a status before a controller counts as hung (`--controller-timeout`). Statuses are
+# pushed every 0.25 s from the controller's event loop, not its engine thread, so a long step does not
+# delay them: 3 s is 12 missed pushes, room for scheduler stalls of a loaded host.
+CONTROLLER_SILENCE = 3.0
 RESTART_ATTEMPTS = 3       # controllers started in a row before the front-end gives up
+
+
+def _proc_state(pid: int) -> str | None:
+    """A process's state letter from /proc (None: gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 class _Blocks:
@@ -65,6 +77,7 @@ class RemoteEngine(LLMEngine):
         self.block_size = self.config.block_size
         self.num_generated = 0
         self.args, self.timeout = args, timeout
+        self.silence = float(args.get("controller_timeout") or CONTROLLER_SILENCE)
         if not args.get("cluster_address"):  # a fixed address: workers dial it again to rejoin the next controller
             args["cluster_address"] = str(Address(LOOPBACK, free_port()))
         self.token = os.environ.get(TOKEN_ENV) or new_cluster_token()
@@ -157,17 +170,16 @@ class RemoteEngine(LLMEngine):
         """Notice a lost controller; unless the deployment is stopping, start the next one."""
         if self.lost is None and self.proc.poll() is not None:
             self.lost = f"it exited with status {self.proc.returncode}"
-        if self.lost is None and time.monotonic() - self.last_status > CONTROLLER_SILENCE:
-            self.lost = f"no status for {CONTROLLER_SILENCE:g}s"
+        if self.lost is None and time.monotonic() - self.last_status > self.silence:
+            self.lost = f"no status for {self.silence:g}s"
         if self.lost is None or self.stopping:
             return
         old, why, t0 = self.proc.pid, self.lost, time.monotonic()
         log.warning("the controller (pid %d) is lost: %s; starting a new one", old, why)
         self._end_controller()
         for attempt in range(1, RESTART_ATTEMPTS + 1):
-            # the pipeline's workers rejoin; if they do not (or in a disaggregated deployment), new ones start
-            adopted = (attempt == 1 and not self.args.get("prompt_stages")
-                       and self.status.fault_tolerance.get("recovery") != "off")  # (without recovery workers exit)
+            # the workers rejoin; if they do not (or one of them died too), the next controller starts new ones
+            adopted = attempt == 1 and self._adoptable()
             try:
                 self._start_controller(adopt=adopted)
                 break
@@ -182,6 +194,20 @@ class RemoteEngine(LLMEngine):
                               "adopted": adopted, "requests": len(self.table), "restart_s": time.monotonic() - t0})
         log.warning("controller pid %d took over in %.2fs; %d request(s) resumed", self.proc.pid,
                     self.restarts[-1]["restart_s"], len(self.table))
+
+    def _adoptable(self) -> bool:
+        """Whether the workers can rejoin the next controller: recovery is on (without it they exit
+        with their controller) and every worker of this host in the last status is still running
+        (a dead or hung one would keep the next controller waiting for it, then fail its start)."""
+        if self.status.fault_tolerance.get("recovery") == "off":
+            return False
+        here = socket.gethostname()
+        for w in self.status.workers:
+            if w.get("host") == here and w.get("pid") and _proc_state(int(w["pid"])) in (None, "T", "Z"):
+                log.warning("worker %s (pid %s) is not running: the next controller starts new workers",
+                            w.get("worker"), w["pid"])
+                return False
+        return True
 
     def _end_controller(self) -> None:
         """Make sure the old controller is gone (a hung one must not act again) and reap it."""
