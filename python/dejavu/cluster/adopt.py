@@ -1,17 +1,19 @@
 """A controller's death survived: its live workers rejoin the controller the front-end starts next
 (serving/frontend.py), which adopts them instead of starting new ones.
 
-Worker side: a pipeline-stage worker of a split deployment (its Config's `rejoin` > 0) whose control
-connection breaks keeps its weights, cache and pipe listener, and dials the same controller address
-again for up to `rejoin` seconds, with a HELLO that says `adopt` and carries the epoch it is in; it
-then says READY again (its listeners' ports) and serves the new controller. It exits when the
+Worker side: a worker of a split deployment (pipeline stage, prompt or token worker: its Config's
+`rejoin` > 0) whose control connection breaks keeps its weights, cache and listeners, and dials
+the same controller address again for up to `rejoin` seconds, with a HELLO that says `adopt` and
+carries the epoch it is in; it then says READY again (its listeners' ports) and serves the new
+controller. It exits when the
 front-end process is gone ($DEJAVU_FRONTEND_PID), or when no controller took it in time.
 
 Controller side (`take_over`, in place of Membership.rendezvous): wait for every rank's adopting
 HELLO, rebuild the membership (where each worker is, its ports), move to an epoch above every
 worker's (messages of an older controller are refused from then on: worker.py drops a message of an
 epoch below its own), reset every worker (steps in flight when the old controller died are
-dropped) and send the pipes. The front-end then resubmits its requests, which are recomputed.
+dropped, and the prompt KV pushed for the old controller's prefills) and send the pipes. The
+front-end then resubmits its requests, which are recomputed.
 """
 from __future__ import annotations
 
@@ -117,8 +119,11 @@ def take_over(m, spec, device, dtype, seed) -> None:
     for rank, ch in m.channels.items():
         m.start_reader(rank, ch)
     ready, resetting = set(), set()
+    # what the old controller left in flight is dropped, with the prompt KV pushed for it (disaggregation:
+    # such keys start with the epoch they were made in, and the new controller's restart at step 1)
+    stale = [f"e{e}" for e in range(m.epoch)]
     for rank, ch in m.channels.items():
-        ch.send(Reset(drop_keys=[]))  # what the old controller left in flight is dropped
+        ch.send(Reset(drop_keys=stale))
         resetting.add(rank)
     deadline = time.monotonic() + c.timeout
     while ready != set(m.channels) or resetting:

@@ -171,8 +171,8 @@ class Membership:
             rep = ReplicateConfig(dir=c.replication.dir, prefix=cluster_prefix(self.token),
                                   replicas=c.replication.replicas)
         info = self.worker_info[rank]
-        # Under a split front-end, pipeline stages outlive their controller and rejoin the next (adopt.py).
-        rejoin = adopt.REJOIN_S if c.ft and rc["role"] == "stage" and os.environ.get(adopt.FRONTEND_PID_ENV) else 0.0
+        # Under a split front-end, workers outlive their controller and rejoin the next (adopt.py).
+        rejoin = adopt.REJOIN_S if c.ft and os.environ.get(adopt.FRONTEND_PID_ENV) else 0.0
         return Config(**self.common, rank=rank, **rc, replicate=rep, epoch=epoch, kv_host=info["addr"],
                       local_rank=info["local_rank"], rejoin=rejoin)
 
