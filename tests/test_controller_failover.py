@@ -3,6 +3,7 @@ controller in separate processes), its controller killed with SIGKILL while stre
 The front-end hands the deployment to its standby controller, which adopts the live workers (same pids) in a later epoch;
 every stream finishes with exactly the tokens of a failure-free run, and /v1/cluster shows the new
 controller."""
+import contextlib
 import http.client
 import json
 import os
@@ -70,13 +71,15 @@ def _stream(port, prompt, body, out, progress):
         conn.close()
 
 
-def test_controller_killed_mid_stream_requests_continue_exactly(tmp_path, reference):
+@contextlib.contextmanager
+def serving(tmp_path, *argv):
+    """A real `dejavu serve` (front-end and controller processes) on a free port; yields the port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log_path = tmp_path / "serve.log"
     proc = subprocess.Popen([sys.executable, "-m", "dejavu", "serve", "--model", MODEL, "--block-size", "4",
-                             "--kv-cache-blocks", "256", "--pp", "2", "--port", str(port)],
+                             "--kv-cache-blocks", "256", "--port", str(port), *argv],
                             stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 120
@@ -88,45 +91,89 @@ def test_controller_killed_mid_stream_requests_continue_exactly(tmp_path, refere
             except OSError:
                 assert time.time() < deadline, log_path.read_text()
                 time.sleep(0.3)
-        before = _get(port, "/v1/cluster")
-        [ctl] = _role(before, "controller")
-        [standby] = _role(before, "standby-controller")  # started ahead: it takes over
-        workers = {w["rank"]: w["pid"] for w in _role(before, "stage")}
-        assert len(workers) == 2 and ctl["state"] == "up" and ctl["pid"] != proc.pid
-        outs = [[] for _ in PROMPTS]
-        progress = [[] for _ in PROMPTS]
-        threads = [threading.Thread(target=_stream, args=(port, p, b, o, g))
-                   for p, b, o, g in zip(PROMPTS, BODIES, outs, progress)]
-        for t in threads:
-            t.start()
-        while not all(progress) and time.time() < deadline:  # every stream has tokens: mid-stream
-            time.sleep(0.05)
-        assert all(progress), outs
-        os.kill(ctl["pid"], signal.SIGKILL)
-        for t in threads:
-            t.join(120)
-        for (ids, reason), ref, body in zip([o[0] for o in outs], reference, BODIES):
-            assert ids == ref and reason == "length" and len(ids) == body["max_tokens"]
-        after = _get(port, "/v1/cluster")
-        [new] = _role(after, "controller")
-        assert new["pid"] == standby["pid"] and new["state"] == "up" and new["restarts"] == 1
-        assert len(_role(after, "standby-controller")) == 1  # the next one
-        # the live workers were adopted, not replaced
-        assert {w["rank"]: w["pid"] for w in _role(after, "stage")} == workers
-        [restart] = after["fault_tolerance"]["controller_restarts"]
-        assert restart["old_pid"] == ctl["pid"] and restart["pid"] == new["pid"] and restart["adopted"]
-        with pytest.raises(ProcessLookupError):
-            os.kill(ctl["pid"], 0)
-        # and the deployment goes on serving
-        out, prog = [], []
-        _stream(port, PROMPTS[0], BODIES[0], out, prog)
-        assert out[0][0] == reference[0]
+        yield port
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _fault_mid_stream(port, reference, sig, roles):
+    """Streams every prompt, strikes the controller with `sig` once each has tokens, and checks what
+    every take-over must show: exact streams, the standby took over, the workers (of `roles`)
+    adopted with their pids, the old controller gone, serving goes on. Returns (the take-over
+    record, the moment of the fault)."""
+    before = _get(port, "/v1/cluster")
+    [ctl] = _role(before, "controller")
+    [standby] = _role(before, "standby-controller")  # started ahead: it takes over
+    workers = {w["rank"]: w["pid"] for w in before["workers"] if w["role"] in roles}
+    assert ctl["state"] == "up" and workers
+    outs = [[] for _ in PROMPTS]
+    progress = [[] for _ in PROMPTS]
+    threads = [threading.Thread(target=_stream, args=(port, p, b, o, g))
+               for p, b, o, g in zip(PROMPTS, BODIES, outs, progress)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 120
+    while not all(progress) and time.time() < deadline:  # every stream has tokens: mid-stream
+        time.sleep(0.05)
+    assert all(progress), outs
+    struck = time.time()
+    os.kill(ctl["pid"], sig)
+    for t in threads:
+        t.join(120)
+    for (ids, reason), ref, body in zip([o[0] for o in outs], reference, BODIES):
+        assert ids == ref and reason == "length" and len(ids) == body["max_tokens"]
+    after = _get(port, "/v1/cluster")
+    [new] = _role(after, "controller")
+    assert new["pid"] == standby["pid"] and new["state"] == "up" and new["restarts"] == 1
+    assert len(_role(after, "standby-controller")) == 1  # the next one
+    # the live workers were adopted, not replaced
+    assert {w["rank"]: w["pid"] for w in after["workers"] if w["role"] in roles} == workers
+    [restart] = after["fault_tolerance"]["controller_restarts"]
+    assert restart["old_pid"] == ctl["pid"] and restart["pid"] == new["pid"] and restart["adopted"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(ctl["pid"], 0)
+    # and the deployment goes on serving
+    out, prog = [], []
+    _stream(port, PROMPTS[0], BODIES[0], out, prog)
+    assert out[0][0] == reference[0]
+    return restart, struck
+
+
+def test_controller_killed_mid_stream_requests_continue_exactly(tmp_path, reference):
+    with serving(tmp_path, "--pp", "2") as port:
+        restart, _ = _fault_mid_stream(port, reference, signal.SIGKILL, ("stage",))
+        assert restart["reason"].startswith("its channel closed")
+
+
+def test_hung_controller_is_replaced_within_the_controller_timeout(tmp_path, reference):
+    """SIGSTOP: the channel stays open and the process lives; the silence of its status gives it
+    away after --controller-timeout (2 s here), not before, and the standby takes over."""
+    with serving(tmp_path, "--pp", "2", "--controller-timeout", "2") as port:
+        restart, struck = _fault_mid_stream(port, reference, signal.SIGSTOP, ("stage",))
+        assert restart["reason"] == "no status for 2s"
+        noticed = restart["at"] - restart["restart_s"] - struck  # from the SIGSTOP to the take-over's start
+        assert 1.5 <= noticed <= 4.0, noticed  # (statuses are 0.25 s apart: the last may precede the stop)
+
+
+def test_disaggregated_workers_rejoin_the_next_controller(tmp_path, reference):
+    """--prompt-stages 1 --token-stages 1: the prompt and the token worker outlive the controller's
+    SIGKILL and are adopted (same pids), and the streams go on exactly."""
+    with serving(tmp_path, "--prompt-stages", "1", "--token-stages", "1") as port:
+        _fault_mid_stream(port, reference, signal.SIGKILL, ("prompt", "token"))
+
+
+@pytest.mark.parametrize("value, message", [("0.5", "--controller-timeout must be at least 1 s"),
+                                            ("0", "--controller-timeout must be a finite number > 0")])
+def test_a_too_short_controller_timeout_is_refused(value, message, capsys):
+    from dejavu.cli import main
+
+    with pytest.raises(SystemExit) if value == "0" else contextlib.nullcontext():
+        assert main(["serve", "--model", MODEL, "--pp", "2", "--port", "0", "--controller-timeout", value]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_engine_link_messages_round_trip_and_refuse_bad_fields():
