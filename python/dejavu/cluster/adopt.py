@@ -25,7 +25,7 @@ import time
 from ..parallel.wire import connect
 from ..serving.lifecycle import run_deployment_cleanups
 from .errors import WorkerError
-from .messages import Reset
+from .messages import Reset, Shutdown
 
 log = logging.getLogger("dejavu.adopt")
 
@@ -34,12 +34,43 @@ REJOIN_S = 60.0      # how long a worker waits for the next controller (Config.r
 ADOPT_WAIT_S = 30.0  # how long a new controller waits for every worker to rejoin
 
 _pending = False     # this process's controller takes over live workers (set by serving/engine_core.py)
+_pids: dict[int, int] = {}  # rank -> pid of the workers to adopt on this host, as the front-end last saw them
 _armed = threading.Event()  # worker side: rejoining is on, so the controller process's exit is not ours
 
 
-def expect_workers() -> None:
+def expect_workers(pids: dict[int, int] | None = None) -> None:
     global _pending
     _pending = True
+    _pids.update(pids or {})
+
+
+def proc_state(pid: int) -> str | None:
+    """A process's state letter from /proc (None: gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _check_missing(m) -> None:
+    """A worker that has not rejoined and is gone (or stopped: hung) never will: fail now rather
+    than after ADOPT_WAIT_S (the front-end then starts a controller with new workers)."""
+    for rank, pid in _pids.items():
+        if rank not in m.channels and proc_state(pid) in (None, "Z", "T"):
+            raise WorkerError(f"worker rank {rank} (pid {pid}) is gone or stopped: it cannot rejoin") from None
+
+
+def turn_away(ch, hello) -> None:
+    """Tell a worker this controller has no place for to exit (a rejoining one would otherwise
+    dial again): `shutdown` in its own epoch, which it heeds, then close."""
+    ch.stamp = lambda: hello.epoch
+    try:
+        ch.send(Shutdown())
+    except OSError:
+        pass
+    finally:
+        ch.close()
 
 
 def pending() -> bool:
@@ -99,8 +130,9 @@ def take_over(m, spec, device, dtype, seed) -> None:
     hellos = {}
     while len(m.channels) < c.world:
         try:
-            ch, hello = m.accept.get(min(1.0, max(0.01, deadline - time.monotonic())))
+            ch, hello = m.accept.get(min(0.25, max(0.01, deadline - time.monotonic())))
         except TimeoutError:
+            _check_missing(m)
             if time.monotonic() > deadline:
                 raise WorkerError(f"only {len(m.channels)} of {c.world} workers rejoined within {ADOPT_WAIT_S}s") from None
             continue
@@ -110,7 +142,7 @@ def take_over(m, spec, device, dtype, seed) -> None:
         if not hello.adopt or hello.rank is None or hello.rank in m.channels:
             log.warning("turned away a worker (rank %s) while adopting: expected each rank's rejoining worker",
                         hello.rank)
-            ch.close()
+            turn_away(ch, hello)
             continue
         hellos[hello.rank] = hello
         m.admit(hello.rank, ch, hello)

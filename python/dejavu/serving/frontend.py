@@ -28,6 +28,7 @@ from ..engine.llm_engine import LLMEngine
 from ..engine.sequence import Status as SeqStatus
 from ..kvstream.auth import TOKEN_ENV, new_cluster_token
 from ..kvstream.net import LOOPBACK, Address, listen
+from ..cluster.adopt import proc_state
 from ..cluster.errors import WorkerError
 from ..cluster.launch import free_port
 from ..cluster.messages import unpack_tokens
@@ -43,15 +44,6 @@ log = logging.getLogger("dejavu.frontend")
 # delay them: 3 s is 12 missed pushes, room for scheduler stalls of a loaded host.
 CONTROLLER_SILENCE = 3.0
 RESTART_ATTEMPTS = 3       # controllers started in a row before the front-end gives up
-
-
-def _proc_state(pid: int) -> str | None:
-    """A process's state letter from /proc (None: gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
 
 
 class _Blocks:
@@ -88,6 +80,7 @@ class RemoteEngine(LLMEngine):
         self.inbox: queue.Queue = queue.Queue()
         self.allocator = _Blocks(self)
         self.restarts: list[dict] = []  # one entry per controller started after one died
+        self.past = {"recoveries": [], "recomputed_tokens": 0}  # worker recoveries of controllers gone
         self.proc: subprocess.Popen | None = None
         self.standby: subprocess.Popen | None = None  # the next controller, started ahead
         self.joined: dict[int, object] = {}  # pid -> channel of a controller process not given work yet
@@ -121,7 +114,10 @@ class RemoteEngine(LLMEngine):
                 continue
             self.joined[hello.pid] = ch
         ch = self.joined.pop(p.pid)
-        ch.send(EngineArgs(args=self.args, adopt=adopt))
+        here = socket.gethostname()
+        pids = [[w["rank"], w["pid"]] for w in self.status.workers
+                if w.get("host") == here and w.get("pid") and w.get("rank") is not None] if adopt else None
+        ch.send(EngineArgs(args=self.args, adopt=adopt, pids=pids))
         started = status = None
         while status is None:
             self._check_starting(p, deadline)
@@ -157,7 +153,8 @@ class RemoteEngine(LLMEngine):
             while True:
                 msg = ch.recv(None)
                 if msg.t == "status":
-                    self.status, self.last_status = msg, time.monotonic()
+                    if gen == self.gen:  # (not a late one of a controller being replaced)
+                        self.status, self.last_status = msg, time.monotonic()
                 elif msg.t == "stopping":  # a stop signal reached it: the whole deployment stops
                     self.stopping = True  # its exit that follows is not a failure
                     os.kill(os.getpid(), signal.SIGTERM)
@@ -175,6 +172,9 @@ class RemoteEngine(LLMEngine):
         if self.lost is None or self.stopping:
             return
         old, why, t0 = self.proc.pid, self.lost, time.monotonic()
+        ft = self.status.fault_tolerance  # (its last status: the next controller's count from zero)
+        self.past["recoveries"] += ft.get("recoveries", [])
+        self.past["recomputed_tokens"] += ft.get("recomputed_tokens", 0)
         log.warning("the controller (pid %d) is lost: %s; starting a new one", old, why)
         self._end_controller()
         for attempt in range(1, RESTART_ATTEMPTS + 1):
@@ -197,13 +197,17 @@ class RemoteEngine(LLMEngine):
 
     def _adoptable(self) -> bool:
         """Whether the workers can rejoin the next controller: recovery is on (without it they exit
-        with their controller) and every worker of this host in the last status is still running
-        (a dead or hung one would keep the next controller waiting for it, then fail its start)."""
+        with their controller), no worker was being replaced, and every worker of this host in the
+        last status is still running (a dead or hung one would keep the next controller waiting
+        for it, then fail its start)."""
         if self.status.fault_tolerance.get("recovery") == "off":
+            return False
+        if self.status.recovering:  # a replacement still starting goes with its controller
+            log.warning("the controller was replacing workers: the next controller starts new workers")
             return False
         here = socket.gethostname()
         for w in self.status.workers:
-            if w.get("host") == here and w.get("pid") and _proc_state(int(w["pid"])) in (None, "T", "Z"):
+            if w.get("host") == here and w.get("pid") and proc_state(int(w["pid"])) in (None, "T", "Z"):
                 log.warning("worker %s (pid %s) is not running: the next controller starts new workers",
                             w.get("worker"), w["pid"])
                 return False
@@ -309,7 +313,12 @@ class RemoteEngine(LLMEngine):
         return [me, ctl] + spare + list(self.status.workers)
 
     def fault_tolerance(self) -> dict:
-        return dict(self.status.fault_tolerance, controller_restarts=self.restarts)
+        """The controller's, with the worker recoveries of the controllers before it."""
+        ft = dict(self.status.fault_tolerance, controller_restarts=self.restarts)
+        ft["recoveries"] = self.past["recoveries"] + ft.get("recoveries", [])
+        ft["failures"] = len(ft["recoveries"])
+        ft["recomputed_tokens"] = self.past["recomputed_tokens"] + ft.get("recomputed_tokens", 0)
+        return ft
 
     def prefix_cache_stats(self) -> dict | None:
         return self.status.prefix_cache
