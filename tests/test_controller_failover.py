@@ -166,6 +166,55 @@ def test_disaggregated_workers_rejoin_the_next_controller(tmp_path, reference):
         _fault_mid_stream(port, reference, signal.SIGKILL, ("prompt", "token"))
 
 
+def test_a_worker_lost_with_its_controller_means_new_workers_at_once(tmp_path, reference):
+    """A worker recovered by the first controller, then the controller hung (SIGSTOP) and a worker
+    killed while it is: the front-end sees the dead worker in the last status and starts the next
+    controller with new workers at once (not after the 30 s wait for a rejoin that cannot come);
+    the first controller's recovery still counts in /v1/cluster."""
+    with serving(tmp_path, "--pp", "2", "--controller-timeout", "2") as port:
+        before = _get(port, "/v1/cluster")
+        workers = {w["rank"]: w["pid"] for w in _role(before, "stage")}
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.time() + 60
+        while not _get(port, "/v1/cluster")["fault_tolerance"]["recoveries"]:
+            assert time.time() < deadline
+            time.sleep(0.2)
+        mid = _get(port, "/v1/cluster")
+        [ctl] = _role(mid, "controller")
+        workers = {w["rank"]: w["pid"] for w in _role(mid, "stage")}
+        os.kill(ctl["pid"], signal.SIGSTOP)
+        os.kill(workers[1], signal.SIGKILL)
+        out, prog = [], []
+        _stream(port, PROMPTS[0], BODIES[0], out, prog)  # submitted meanwhile, served by the next controller
+        assert out[0][0] == reference[0]
+        after = _get(port, "/v1/cluster")
+        [restart] = after["fault_tolerance"]["controller_restarts"]
+        assert restart["old_pid"] == ctl["pid"] and not restart["adopted"] and restart["restart_s"] < 20, restart
+        assert not set(workers.values()) & {w["pid"] for w in _role(after, "stage")}
+        assert len(after["fault_tolerance"]["recoveries"]) == 1 and after["fault_tolerance"]["failures"] == 1
+
+
+def test_adopting_fails_at_once_when_a_worker_to_adopt_is_gone(tmp_path):
+    from dejavu.cluster import adopt
+    from dejavu.cluster.errors import WorkerError
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+
+    class Membership:  # what the check reads: the ranks that rejoined
+        channels = {0: None}
+
+    adopt.expect_workers({0: os.getpid(), 1: gone.pid})
+    try:
+        with pytest.raises(WorkerError, match=f"worker rank 1 \\(pid {gone.pid}\\) is gone"):
+            adopt._check_missing(Membership())
+        Membership.channels = {0: None, 1: None}
+        adopt._check_missing(Membership())  # every rank rejoined: nothing to wait for
+    finally:
+        adopt._pids.clear()
+        adopt._pending = False
+
+
 @pytest.mark.parametrize("value, message", [("0.5", "--controller-timeout must be at least 1 s"),
                                             ("0", "--controller-timeout must be a finite number > 0")])
 def test_a_too_short_controller_timeout_is_refused(value, message, capsys):
