@@ -18,6 +18,7 @@ import urllib.request
 import pytest
 
 from dejavu import LLM, SamplingParams
+from dejavu.cluster import adopt
 from dejavu.serving.engine_link import Submit, WireParams, params_from_wire, params_to_wire
 
 MODEL = "random:llama-tiny"
@@ -183,7 +184,7 @@ def test_a_worker_lost_with_its_controller_means_new_workers_at_once(tmp_path, r
         [ctl] = _role(mid, "controller")
         workers = {w["rank"]: w["pid"] for w in _role(mid, "stage")}
         os.kill(ctl["pid"], signal.SIGSTOP)
-        os.kill(workers[1], signal.SIGKILL)
+        os.kill(workers[1], signal.SIGSTOP)  # hung: killed by the front-end, which starts new workers
         out, prog = [], []
         _stream(port, PROMPTS[0], BODIES[0], out, prog)  # submitted meanwhile, served by the next controller
         assert out[0][0] == reference[0]
@@ -192,10 +193,36 @@ def test_a_worker_lost_with_its_controller_means_new_workers_at_once(tmp_path, r
         assert restart["old_pid"] == ctl["pid"] and not restart["adopted"] and restart["restart_s"] < 20, restart
         assert not set(workers.values()) & {w["pid"] for w in _role(after, "stage")}
         assert len(after["fault_tolerance"]["recoveries"]) == 1 and after["fault_tolerance"]["failures"] == 1
+        deadline = time.time() + 10
+        while adopt.proc_state(workers[1]) not in (None, "Z"):  # (reaped by init, or a zombie until then)
+            assert time.time() < deadline, "the hung worker outlived its deployment"
+            time.sleep(0.1)
+
+
+def test_a_replacement_worker_rejoins_the_next_controller(tmp_path, reference):
+    """A worker replaced by the first controller (a warm spare promoted to its rank) is adopted by
+    the next one as that rank, like the workers started with the deployment."""
+    with serving(tmp_path, "--pp", "2") as port:
+        workers = {w["rank"]: w["pid"] for w in _role(_get(port, "/v1/cluster"), "stage")}
+        os.kill(workers[1], signal.SIGKILL)
+        deadline = time.time() + 60
+        while not _get(port, "/v1/cluster")["fault_tolerance"]["recoveries"]:
+            assert time.time() < deadline
+            time.sleep(0.2)
+        mid = _get(port, "/v1/cluster")
+        [ctl] = _role(mid, "controller")
+        workers = {w["rank"]: w["pid"] for w in _role(mid, "stage")}
+        os.kill(ctl["pid"], signal.SIGKILL)
+        out, prog = [], []
+        _stream(port, PROMPTS[1], BODIES[1], out, prog)
+        assert out[0][0] == reference[1]
+        after = _get(port, "/v1/cluster")
+        [restart] = after["fault_tolerance"]["controller_restarts"]
+        assert restart["adopted"] and restart["restart_s"] < 20, restart
+        assert {w["rank"]: w["pid"] for w in _role(after, "stage")} == workers
 
 
 def test_adopting_fails_at_once_when_a_worker_to_adopt_is_gone(tmp_path):
-    from dejavu.cluster import adopt
     from dejavu.cluster.errors import WorkerError
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])

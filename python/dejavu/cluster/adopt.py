@@ -4,9 +4,13 @@
 Worker side: a worker of a split deployment (pipeline stage, prompt or token worker: its Config's
 `rejoin` > 0) whose control connection breaks keeps its weights, cache and listeners, and dials
 the same controller address again for up to `rejoin` seconds, with a HELLO that says `adopt` and
-carries the epoch it is in; it then says READY again (its listeners' ports) and serves the new
-controller. It exits when the
-front-end process is gone ($DEJAVU_FRONTEND_PID), or when no controller took it in time.
+carries the epoch it is in (as the rank it serves, also a promoted standby); it then says READY
+again (its listeners' ports) and serves the new controller. It exits when the front-end process
+is gone ($DEJAVU_FRONTEND_PID), when no controller took it in time, or when one turns it away.
+
+Front-end side (`adoptable`, `retire_workers`): from the lost controller's last status, whether
+its workers can be adopted (none dead, hung or being replaced), else kill those of this host
+before a controller with new workers starts.
 
 Controller side (`take_over`, in place of Membership.rendezvous): wait for every rank's adopting
 HELLO, rebuild the membership (where each worker is, its ports), move to an epoch above every
@@ -19,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import socket
 import threading
 import time
 
@@ -51,6 +57,16 @@ def proc_state(pid: int) -> str | None:
             return f.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return None
+
+
+def is_worker(pid: int) -> bool:
+    """Whether `pid` is a live `dejavu worker` process (not a recycled pid)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
+        return False
+    return b"dejavu" in args and b"worker" in args and proc_state(pid) not in (None, "Z")
 
 
 def _check_missing(m) -> None:
@@ -120,6 +136,43 @@ def rejoin(host: str, port: int, token: str, hello: dict, epoch: int, wait: floa
                 return None
             time.sleep(0.2)  # no controller listening yet, or it went while we said HELLO
     return None
+
+
+# ---------------------------------------------------------------------- front-end side
+def local_workers(workers: list[dict]) -> list[dict]:
+    """The workers of a controller's status (its /v1/cluster list) that run on this host."""
+    here = socket.gethostname()
+    return [w for w in workers if w.get("host") == here and w.get("pid") and w.get("rank") is not None]
+
+
+def adoptable(status) -> bool:
+    """Whether the workers of a lost controller (its last status) can rejoin the next one: recovery
+    is on (without it they exit with their controller), no worker was being replaced, and every
+    worker of this host is still running (a dead or hung one would keep the next controller
+    waiting for it, then fail its start)."""
+    if status.fault_tolerance.get("recovery") == "off":
+        return False
+    if status.recovering:  # a replacement still starting goes with its controller
+        log.warning("the controller was replacing workers: the next controller starts new workers")
+        return False
+    for w in local_workers(status.workers):
+        if proc_state(int(w["pid"])) in (None, "T", "Z"):
+            log.warning("worker %s (pid %s) is not running: the next controller starts new workers",
+                        w.get("worker"), w["pid"])
+            return False
+    return True
+
+
+def retire_workers(workers: list[dict]) -> None:
+    """The next controller starts new workers: the old ones of this host are killed, as a controller
+    kills a worker it replaces (a hung one would linger; a live one is turned away when it
+    rejoins). Those of other hosts are fenced by the epoch."""
+    for w in local_workers(workers):
+        if is_worker(int(w["pid"])):
+            try:
+                os.kill(int(w["pid"]), signal.SIGKILL)
+            except OSError:
+                pass
 
 
 # ---------------------------------------------------------------------- controller side

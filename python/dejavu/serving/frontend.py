@@ -28,7 +28,8 @@ from ..engine.llm_engine import LLMEngine
 from ..engine.sequence import Status as SeqStatus
 from ..kvstream.auth import TOKEN_ENV, new_cluster_token
 from ..kvstream.net import LOOPBACK, Address, listen
-from ..cluster.adopt import proc_state
+from ..cluster import adopt
+from ..cluster.adopt import local_workers
 from ..cluster.errors import WorkerError
 from ..cluster.launch import free_port
 from ..cluster.messages import unpack_tokens
@@ -114,9 +115,7 @@ class RemoteEngine(LLMEngine):
                 continue
             self.joined[hello.pid] = ch
         ch = self.joined.pop(p.pid)
-        here = socket.gethostname()
-        pids = [[w["rank"], w["pid"]] for w in self.status.workers
-                if w.get("host") == here and w.get("pid") and w.get("rank") is not None] if adopt else None
+        pids = [[w["rank"], w["pid"]] for w in local_workers(self.status.workers)] if adopt else None
         ch.send(EngineArgs(args=self.args, adopt=adopt, pids=pids))
         started = status = None
         while status is None:
@@ -179,7 +178,9 @@ class RemoteEngine(LLMEngine):
         self._end_controller()
         for attempt in range(1, RESTART_ATTEMPTS + 1):
             # the workers rejoin; if they do not (or one of them died too), the next controller starts new ones
-            adopted = attempt == 1 and self._adoptable()
+            adopted = attempt == 1 and adopt.adoptable(self.status)
+            if not adopted:
+                adopt.retire_workers(self.status.workers)
             try:
                 self._start_controller(adopt=adopted)
                 break
@@ -194,24 +195,6 @@ class RemoteEngine(LLMEngine):
                               "adopted": adopted, "requests": len(self.table), "restart_s": time.monotonic() - t0})
         log.warning("controller pid %d took over in %.2fs; %d request(s) resumed", self.proc.pid,
                     self.restarts[-1]["restart_s"], len(self.table))
-
-    def _adoptable(self) -> bool:
-        """Whether the workers can rejoin the next controller: recovery is on (without it they exit
-        with their controller), no worker was being replaced, and every worker of this host in the
-        last status is still running (a dead or hung one would keep the next controller waiting
-        for it, then fail its start)."""
-        if self.status.fault_tolerance.get("recovery") == "off":
-            return False
-        if self.status.recovering:  # a replacement still starting goes with its controller
-            log.warning("the controller was replacing workers: the next controller starts new workers")
-            return False
-        here = socket.gethostname()
-        for w in self.status.workers:
-            if w.get("host") == here and w.get("pid") and proc_state(int(w["pid"])) in (None, "T", "Z"):
-                log.warning("worker %s (pid %s) is not running: the next controller starts new workers",
-                            w.get("worker"), w["pid"])
-                return False
-        return True
 
     def _end_controller(self) -> None:
         """Make sure the old controller is gone (a hung one must not act again) and reap it."""
