@@ -1,6 +1,6 @@
 """`dejavu bench serve --chaos`: random SIGKILLs and SIGSTOPs of a replicated pp=2 deployment's
-workers under load, and kills inside swap-ins of a swapping one (short seeded runs); every request
-completes with the failure-free output."""
+workers under load, kills inside swap-ins of a swapping one, and SIGKILLs and SIGSTOPs of a split
+`dejavu serve`'s controller (short seeded runs); every request completes with the failure-free output."""
 import json
 
 import pytest
@@ -9,6 +9,7 @@ from conftest import alive
 from dejavu import LLM
 from dejavu.cli import main
 from dejavu.serving.api import ApiServer
+from test_controller_failover import serving
 
 MODEL = "random:llama-tiny"
 
@@ -48,6 +49,38 @@ def test_kills_inside_swap_ins_of_a_swapping_replicated_deployment(tmp_path):
     r = _chaos(tmp_path, llm, [[16, 40]] * 6, "--chaos-faults", "swapin", "--seed", "5")
     assert all(f["kind"] == "swapin" for f in r["faults"]), r["faults"]
     assert any(f["in_copy"] for f in r["faults"]), r["faults"]  # at least one landed inside a copy
+
+
+def test_chaos_strikes_the_controller_of_a_split_deployment(tmp_path):
+    """`dejavu serve --pp 2` (front-end and controller processes) under `controller` and
+    `controller-stop` faults: each struck controller is replaced by the standby, which adopts the
+    workers; nothing is lost and every output is exact."""
+    (tmp_path / "t.json").write_text(json.dumps([[16, 48]] * 6))
+    out = tmp_path / "c.json"
+    with serving(tmp_path, "--pp", "2", "--controller-timeout", "1.5") as port:
+        rc = main(["bench", "serve", "--url", f"http://127.0.0.1:{port}", "--trace", str(tmp_path / "t.json"),
+                   "--chaos", "6", "--chaos-interval", "2", "--chaos-faults", "controller,controller-stop",
+                   "--seed", "3", "--json", str(out), "--disable-tqdm"])
+    r = json.loads(out.read_text())
+    assert r["faults"] and all(f["kind"] in ("controller", "controller-stop") for f in r["faults"]), r["faults"]
+    assert r["controller_takeovers"] >= len(r["faults"]) and not r["controllers_not_replaced"], r
+    assert r["lost"] == 0 and r["completed"] == r["requests"] >= 6, r["errors"]
+    assert r["exact"] == r["completed"]
+    assert not r["never_replaced"] and not any(alive(f["pid"]) for f in r["faults"])
+    assert rc == 0
+
+
+def test_controller_faults_need_a_split_deployment(capsys):
+    llm = LLM(device="cpu", model=MODEL, block_size=4, kv_cache_blocks=64)
+    srv = ApiServer(llm, MODEL)
+    port = srv.start_background()
+    try:
+        rc = main(["bench", "serve", "--url", f"http://127.0.0.1:{port}", "--num-requests", "2",
+                   "--random-input-len", "4", "--random-output-len", "2", "--disable-tqdm",
+                   "--chaos", "5", "--chaos-faults", "controller"])
+    finally:
+        srv.stop()
+    assert rc == 2 and "need a split deployment" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

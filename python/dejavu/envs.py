@@ -75,7 +75,7 @@ _VARS = [
     EnvVar("DEJAVU_FRONTEND", "str", "", "HOST:PORT of the `dejavu serve` front-end its controller process dials",
            "internal"),
     EnvVar("DEJAVU_FRONTEND_PID", "int", "", "a split deployment's front-end: its workers outlive their controller "
-           "(they rejoin the next one) but not this process", "internal"),
+           "(they rejoin the next one) but not this process, which also owns its /dev/shm segments", "internal"),
     EnvVar("DEJAVU_STANDBY_DEVICE", "choice", "", "a standby worker's device (cuda: warm the CUDA context)",
            "internal"),
 ]

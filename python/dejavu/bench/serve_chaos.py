@@ -1,13 +1,16 @@
 """`dejavu bench serve --chaos SECONDS`: faults at random moments under load, checked for exactness.
 
 A failure-free pass of the load gives each request's reference output (greedy). Then, for SECONDS,
-the same load runs pass after pass while faults strike the server's workers (same host, pids from
+the same load runs pass after pass while faults strike the server's processes (same host, pids from
 /v1/cluster) at exponentially distributed gaps (--chaos-interval mean): SIGKILL, SIGSTOP (a hung
-worker, found by the heartbeat timeout; the controller kills it when it replaces it), or `swapin`:
-a SIGKILL aimed inside a swap-in (`kill_in_swap_in`). The faults' moments are random, so they land
-in prefills, decodes, swaps and recoveries alike; a seed makes the schedule repeatable. The report: requests completed and lost, outputs equal to the reference,
-faults, recoveries (p50/p99 seconds) and tokens recomputed, from the server's /v1/cluster. A pass
-in which no request completes (the deployment is down) ends the run early.
+worker, found by the heartbeat timeout; the controller kills it when it replaces it), `swapin`:
+a SIGKILL aimed inside a swap-in (`kill_in_swap_in`), or, in a split deployment (pipeline or
+disaggregated `dejavu serve`), `controller` / `controller-stop`: SIGKILL or SIGSTOP of the
+controller process, which the front-end replaces by its standby. The faults' moments are random,
+so they land in prefills, decodes, swaps and recoveries alike; a seed makes the schedule
+repeatable. The report: requests completed and lost, outputs equal to the reference, faults,
+recoveries (p50/p99 seconds) and tokens recomputed, controller take-overs, from the server's
+/v1/cluster. A pass in which no request completes (the deployment is down) ends the run early.
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ from .serve_client import Target, run_load
 from .serve_data import Request
 from .serve_failover import _cluster
 
-FAULTS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "swapin": signal.SIGKILL}
+FAULTS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "swapin": signal.SIGKILL,
+          "controller": signal.SIGKILL, "controller-stop": signal.SIGSTOP}
+CONTROLLER_FAULTS = ("controller", "controller-stop")  # struck at the split deployment's controller process
 SWAP_IN_WINDOW_S = 10.0  # how long a swapin fault waits for a swap-in to strike in
 
 
@@ -33,7 +38,8 @@ def add_chaos_args(p) -> None:
                    help="mean seconds between faults (exponential gaps; default 3)")
     p.add_argument("--chaos-faults", default="kill,stop",
                    help="fault kinds to draw from: kill, stop, swapin (a kill inside a swap-in copy of a --swap "
-                        "deployment's CPU workers; default kill,stop)")
+                        "deployment's CPU workers), controller, controller-stop (SIGKILL or SIGSTOP of a split "
+                        "deployment's controller process; default kill,stop)")
 
 
 def parse_faults(spec: str) -> list[str]:
@@ -96,8 +102,12 @@ def kill_in_swap_in(pid: int, within: float, rng: random.Random) -> bool:
     return copying
 
 
+def _live(w: dict, struck: set) -> bool:
+    return bool(w.get("pid")) and int(w["pid"]) not in struck and _state(int(w["pid"])) not in (None, "T", "Z")
+
+
 class Injector:
-    """Strikes random live workers until `until` seconds after the pass started."""
+    """Strikes random live workers (or the controller) until `until` seconds after the pass started."""
 
     def __init__(self, t: Target, kinds: list[str], interval: float, until: float, seed: int):
         self.t, self.kinds, self.interval, self.until = t, kinds, interval, until
@@ -112,12 +122,17 @@ class Injector:
                 return
             cluster = await asyncio.to_thread(_cluster, self.t.url, self.t.headers)
             struck = {f["pid"] for f in self.faults}
-            # workers only: a split deployment's front-end and controller are listed too (not struck yet)
-            live = [w for w in cluster.get("workers", []) if w.get("role") not in ("frontend", "controller")
-                    and w.get("pid") and int(w["pid"]) not in struck and _state(int(w["pid"])) not in (None, "T", "Z")]
+            procs = cluster.get("workers", [])  # a split deployment's front-end and controllers are listed too
+            live = [w for w in procs if w.get("role") not in ("frontend", "controller", "standby-controller")
+                    and _live(w, struck)]
             if not live:
                 continue
             w, kind = self.rng.choice(live), self.rng.choice(self.kinds)
+            if kind in CONTROLLER_FAULTS:  # the serving controller, once up (not while one takes over)
+                ctl = [c for c in procs if c.get("role") == "controller" and c.get("state") == "up" and _live(c, struck)]
+                if not ctl:
+                    continue
+                w = ctl[0]
             fault = {"kind": kind, "worker": w.get("worker"), "pid": int(w["pid"]), "t": now, "at": time.time()}
             try:
                 if kind == "swapin":
@@ -131,7 +146,7 @@ class Injector:
 
     def leftovers(self) -> list[dict]:
         """Hung workers still stopped (never replaced): killed here so none outlives the bench."""
-        left = [f for f in self.faults if f["kind"] == "stop" and _state(f["pid"]) == "T"]
+        left = [f for f in self.faults if f["kind"] in ("stop", "controller-stop") and _state(f["pid"]) == "T"]
         for f in left:
             try:
                 os.kill(f["pid"], signal.SIGKILL)
@@ -155,10 +170,15 @@ def run_chaos(t: Target, requests: list[Request], rate: float, seconds: float, i
     if not interval > 0:
         raise ValueError(f"--chaos-interval must be > 0, got {interval}")
     load = dict(seed=seed, burstiness=burstiness, max_concurrency=max_concurrency)
+    if any(k in CONTROLLER_FAULTS for k in kinds) and not any(
+            w.get("role") == "controller" for w in _cluster(t.url, t.headers).get("workers", [])):
+        raise ValueError("--chaos-faults controller / controller-stop need a split deployment (a pipeline or "
+                         "disaggregated `dejavu serve`): /v1/cluster lists no controller")
     ref, ref_s = asyncio.run(run_load(t, requests, rate, **load))
     if not all(r.get("ok") for r in ref):
         raise RuntimeError(f"the failure-free pass failed: {sorted({r.get('error') for r in ref if not r.get('ok')})[:3]}")
-    before = len(_cluster(t.url, t.headers).get("fault_tolerance", {}).get("recoveries", []))
+    ft0 = _cluster(t.url, t.headers).get("fault_tolerance", {})
+    before, restarts0 = len(ft0.get("recoveries", [])), len(ft0.get("controller_restarts", []))
     inj = Injector(t, kinds, interval, seconds, seed)
 
     async def chaos():
@@ -177,6 +197,8 @@ def run_chaos(t: Target, requests: list[Request], rate: float, seconds: float, i
     left = inj.leftovers()
     ft = _cluster(t.url, t.headers).get("fault_tolerance", {})
     events = ft.get("recoveries", [])[before:]
+    takeovers = ft.get("controller_restarts", [])[restarts0:]
+    replaced = {r["old_pid"] for r in takeovers}
     records = [r for p in passes for r in p]
     exact = completed = 0
     for p in passes:
@@ -188,6 +210,9 @@ def run_chaos(t: Target, requests: list[Request], rate: float, seconds: float, i
             "faults": inj.faults, "never_replaced": [f["worker"] for f in left],
             "recoveries": len(events), "recovery_s": percentiles([e["total_s"] for e in events]),
             "recomputed_tokens": sum(e.get("recomputed_tokens", 0) for e in events),
+            "controller_takeovers": len(takeovers), "takeover_s": percentiles([r["restart_s"] for r in takeovers]),
+            "controllers_not_replaced": [f["pid"] for f in inj.faults
+                                         if f["kind"] in CONTROLLER_FAULTS and f["pid"] not in replaced],
             "output_tokens": sum(r["output_tokens"] for r in records if r.get("ok")),
             "throughput_output_tokens_per_s": sum(r["output_tokens"] for r in records if r.get("ok")) / duration,
             "baseline_throughput_output_tokens_per_s": sum(r["output_tokens"] for r in ref) / ref_s}
@@ -208,6 +233,11 @@ def format_chaos(r: dict) -> str:
                                                    else "") + f"; {r['recomputed_tokens']} tokens recomputed"]
     lines.append(f"  throughput {r['throughput_output_tokens_per_s']:.1f} output tok/s under chaos, "
                  f"{r['baseline_throughput_output_tokens_per_s']:.1f} in the failure-free pass")
+    if r.get("controller_takeovers"):
+        ts = r["takeover_s"]
+        lines.append(f"  controller take-overs: {r['controller_takeovers']}, p50 {ts['p50']:.2f}s, p99 {ts['p99']:.2f}s")
+    if r.get("controllers_not_replaced"):
+        lines.append(f"  controllers struck but never replaced: {', '.join(map(str, r['controllers_not_replaced']))}")
     if r["never_replaced"]:
         lines.append(f"  hung workers never replaced: {', '.join(map(str, r['never_replaced']))}")
     if r["errors"]:
@@ -216,4 +246,5 @@ def format_chaos(r: dict) -> str:
 
 
 def chaos_ok(r: dict) -> bool:
-    return r["lost"] == 0 and r["exact"] == r["completed"] and not r["never_replaced"]
+    return (r["lost"] == 0 and r["exact"] == r["completed"] and not r["never_replaced"]
+            and not r.get("controllers_not_replaced"))

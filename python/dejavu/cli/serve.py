@@ -28,6 +28,10 @@ def add_parser(sub) -> None:
                    help="seconds to receive a request body once its headers are in; then 408 (default 30)")
     p.add_argument("--max-body-bytes", type=positive("--max-body-bytes"), default=8 << 20,
                    help="largest request body; larger get 413 (default 8 MiB)")
+    p.add_argument("--controller-timeout", type=positive_float("--controller-timeout"), default=3.0,
+                   help="pipeline and disaggregated deployments: seconds without a status from the controller "
+                        "(pushed every 0.25 s) before the front-end counts it as hung and a standby takes over "
+                        "(default 3; at least 1)")
     p.add_argument("--plan", default=None, help="take pp / prompt and token stages / microbatch from `dejavu plan --json`")
     p.set_defaults(func=cmd_serve)
 
@@ -62,6 +66,8 @@ def cmd_serve(args) -> int:
                       header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                       max_body_bytes=args.max_body_bytes).validate()
     check_launcher(args)
+    if args.controller_timeout < 1.0:
+        raise ValueError(f"--controller-timeout must be at least 1 s (4 status intervals), got {args.controller_timeout:g}")
     sock = bind_listener(sc.host, sc.port)  # before the model loads: a taken port fails at once
     try:
         config = config_from_args(args)

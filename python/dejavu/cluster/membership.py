@@ -97,7 +97,7 @@ class Membership:
                 log.warning("refused a worker announcing %s while starting: expected a new rank in [0, %d)",
                             "standby" if hello.standby else f"rank {rank}" + (" (rejoining)" if hello.adopt else ""),
                             c.world)
-                ch.close()
+                adopt.turn_away(ch, hello)
                 continue
             self.admit(rank, ch, hello)
         self.settle(spec, device, dtype, seed)
@@ -171,8 +171,8 @@ class Membership:
             rep = ReplicateConfig(dir=c.replication.dir, prefix=cluster_prefix(self.token),
                                   replicas=c.replication.replicas)
         info = self.worker_info[rank]
-        # Under a split front-end, pipeline stages outlive their controller and rejoin the next (adopt.py).
-        rejoin = adopt.REJOIN_S if c.ft and rc["role"] == "stage" and os.environ.get(adopt.FRONTEND_PID_ENV) else 0.0
+        # Under a split front-end, workers outlive their controller and rejoin the next (adopt.py).
+        rejoin = adopt.REJOIN_S if c.ft and os.environ.get(adopt.FRONTEND_PID_ENV) else 0.0
         return Config(**self.common, rank=rank, **rc, replicate=rep, epoch=epoch, kv_host=info["addr"],
                       local_rank=info["local_rank"], rejoin=rejoin)
 
@@ -295,12 +295,9 @@ class Membership:
             if not self.needed:  # (while recovering it is most likely given a rank at once)
                 self.c.recovery.weights.offer(self.c, ch, hello)  # the stages it would most likely replace
             return bool(self.needed)
-        if hello.rank in self.needed and hello.rank not in self.channels:
+        if hello.rank in self.needed and hello.rank not in self.channels and not hello.adopt:
             return True
-        try:
-            ch.send(Shutdown())
-        finally:
-            ch.close()
+        adopt.turn_away(ch, hello)
         log.warning("turned away a worker announcing rank %s: no such rank is being replaced", hello.rank)
         return False
 

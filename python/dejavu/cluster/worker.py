@@ -224,7 +224,8 @@ def run(controller: str, token: str, rank: int | None = None, standby: bool = Fa
     code = _serve(ch, worker, rank, epoch, parent, cfg.rejoin)
     while code == REJOIN:  # our controller is lost: the next one adopts us (weights and listeners kept)
         print(f"dejavu worker: rank {rank} lost its controller; waiting for the next one", file=sys.stderr, flush=True)
-        ch = adopt.rejoin(host, port, token, dict(hello, rank=rank), worker.epoch, cfg.rejoin)
+        # (as the rank it serves: a promoted standby no longer stands by)
+        ch = adopt.rejoin(host, port, token, dict(hello, rank=rank, standby=False), worker.epoch, cfg.rejoin)
         if ch is None:
             run_deployment_cleanups()
             return 4

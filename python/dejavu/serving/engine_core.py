@@ -23,6 +23,7 @@ import threading
 import time
 
 from ..cluster import adopt
+from ..cluster.errors import WorkerError
 from ..cluster.messages import pack_tokens
 from ..engine.llm_engine import RequestError
 from ..kvstream.net import parse_host_port
@@ -210,7 +211,7 @@ def _take_deployment():
         print(f"dejavu controller: expected the deployment's arguments, got {msg.t!r}", file=sys.stderr)
         return None, ch
     if msg.adopt:
-        adopt.expect_workers()
+        adopt.expect_workers({r: pid for r, pid in msg.pids or ()})
     return llm_from_args(argparse.Namespace(**msg.args)), ch
 
 
@@ -225,6 +226,9 @@ def main() -> int:
         llm, ch = _take_deployment()
     except (KeyboardInterrupt, ConnectionError):  # stopped (or the front-end went) before serving
         return 0
+    except WorkerError as e:  # (the front-end says why it starts the next one; this says what failed)
+        print(f"dejavu controller: {e}", file=sys.stderr, flush=True)
+        return 1
     if llm is None:
         return 2
     core = Core(llm, ch)

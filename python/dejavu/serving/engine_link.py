@@ -63,6 +63,7 @@ class EngineArgs(Message):
     """The deployment to build (`dejavu serve`'s flags; no API key), sent once after the HELLO."""
     args: dict
     adopt: bool = False          # take over the live workers of the controller that died (cluster/adopt.py)
+    pids: list[list[int]] | None = None  # [rank, pid] of each worker to adopt on this host (gone: fail at once)
 
 
 @message("submit", FRONTEND)

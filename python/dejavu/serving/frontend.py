@@ -6,7 +6,7 @@ of its own (serving/engine_core.py), as vLLM V1 splits its API server from Engin
 would, keeps it in its log of admitted requests (prompt, parameters, seed, the tokens streamed so
 far) and sends it to the controller over the engine link (serving/engine_link.py: a token-checked
 channel of typed msgpack records). When the controller process dies (its channel closes, its
-process exits, or it sends no status for CONTROLLER_SILENCE seconds), the front-end kills what is
+process exits, or it sends no status for `--controller-timeout` seconds), the front-end kills what is
 left of it, hands the deployment to a standby controller (a process started ahead, imported and
 connected) or a new one, and submits every unfinished request again with the tokens it already
 streamed; the new controller re-prefills prompt + those tokens and goes on, so a client sees a
@@ -28,6 +28,8 @@ from ..engine.llm_engine import LLMEngine
 from ..engine.sequence import Status as SeqStatus
 from ..kvstream.auth import TOKEN_ENV, new_cluster_token
 from ..kvstream.net import LOOPBACK, Address, listen
+from ..cluster import adopt
+from ..cluster.adopt import local_workers
 from ..cluster.errors import WorkerError
 from ..cluster.launch import free_port
 from ..cluster.messages import unpack_tokens
@@ -38,7 +40,10 @@ from .lifecycle import spawn_blocked
 
 log = logging.getLogger("dejavu.frontend")
 
-CONTROLLER_SILENCE = 15.0  # seconds without a status before a controller counts as hung
+# Seconds without a status before a controller counts as hung (`--controller-timeout`). Statuses are
+# pushed every 0.25 s from the controller's event loop, not its engine thread, so a long step does not
+# delay them: 3 s is 12 missed pushes, room for scheduler stalls of a loaded host.
+CONTROLLER_SILENCE = 3.0
 RESTART_ATTEMPTS = 3       # controllers started in a row before the front-end gives up
 
 
@@ -65,6 +70,7 @@ class RemoteEngine(LLMEngine):
         self.block_size = self.config.block_size
         self.num_generated = 0
         self.args, self.timeout = args, timeout
+        self.silence = float(args.get("controller_timeout") or CONTROLLER_SILENCE)
         if not args.get("cluster_address"):  # a fixed address: workers dial it again to rejoin the next controller
             args["cluster_address"] = str(Address(LOOPBACK, free_port()))
         self.token = os.environ.get(TOKEN_ENV) or new_cluster_token()
@@ -75,6 +81,7 @@ class RemoteEngine(LLMEngine):
         self.inbox: queue.Queue = queue.Queue()
         self.allocator = _Blocks(self)
         self.restarts: list[dict] = []  # one entry per controller started after one died
+        self.past = {"recoveries": [], "recomputed_tokens": 0}  # worker recoveries of controllers gone
         self.proc: subprocess.Popen | None = None
         self.standby: subprocess.Popen | None = None  # the next controller, started ahead
         self.joined: dict[int, object] = {}  # pid -> channel of a controller process not given work yet
@@ -108,7 +115,8 @@ class RemoteEngine(LLMEngine):
                 continue
             self.joined[hello.pid] = ch
         ch = self.joined.pop(p.pid)
-        ch.send(EngineArgs(args=self.args, adopt=adopt))
+        pids = [[w["rank"], w["pid"]] for w in local_workers(self.status.workers)] if adopt else None
+        ch.send(EngineArgs(args=self.args, adopt=adopt, pids=pids))
         started = status = None
         while status is None:
             self._check_starting(p, deadline)
@@ -144,7 +152,8 @@ class RemoteEngine(LLMEngine):
             while True:
                 msg = ch.recv(None)
                 if msg.t == "status":
-                    self.status, self.last_status = msg, time.monotonic()
+                    if gen == self.gen:  # (not a late one of a controller being replaced)
+                        self.status, self.last_status = msg, time.monotonic()
                 elif msg.t == "stopping":  # a stop signal reached it: the whole deployment stops
                     self.stopping = True  # its exit that follows is not a failure
                     os.kill(os.getpid(), signal.SIGTERM)
@@ -157,17 +166,21 @@ class RemoteEngine(LLMEngine):
         """Notice a lost controller; unless the deployment is stopping, start the next one."""
         if self.lost is None and self.proc.poll() is not None:
             self.lost = f"it exited with status {self.proc.returncode}"
-        if self.lost is None and time.monotonic() - self.last_status > CONTROLLER_SILENCE:
-            self.lost = f"no status for {CONTROLLER_SILENCE:g}s"
+        if self.lost is None and time.monotonic() - self.last_status > self.silence:
+            self.lost = f"no status for {self.silence:g}s"
         if self.lost is None or self.stopping:
             return
         old, why, t0 = self.proc.pid, self.lost, time.monotonic()
+        ft = self.status.fault_tolerance  # (its last status: the next controller's count from zero)
+        self.past["recoveries"] += ft.get("recoveries", [])
+        self.past["recomputed_tokens"] += ft.get("recomputed_tokens", 0)
         log.warning("the controller (pid %d) is lost: %s; starting a new one", old, why)
         self._end_controller()
         for attempt in range(1, RESTART_ATTEMPTS + 1):
-            # the pipeline's workers rejoin; if they do not (or in a disaggregated deployment), new ones start
-            adopted = (attempt == 1 and not self.args.get("prompt_stages")
-                       and self.status.fault_tolerance.get("recovery") != "off")  # (without recovery workers exit)
+            # the workers rejoin; if they do not (or one of them died too), the next controller starts new ones
+            adopted = attempt == 1 and adopt.adoptable(self.status)
+            if not adopted:
+                adopt.retire_workers(self.status.workers)
             try:
                 self._start_controller(adopt=adopted)
                 break
@@ -283,7 +296,12 @@ class RemoteEngine(LLMEngine):
         return [me, ctl] + spare + list(self.status.workers)
 
     def fault_tolerance(self) -> dict:
-        return dict(self.status.fault_tolerance, controller_restarts=self.restarts)
+        """The controller's, with the worker recoveries of the controllers before it."""
+        ft = dict(self.status.fault_tolerance, controller_restarts=self.restarts)
+        ft["recoveries"] = self.past["recoveries"] + ft.get("recoveries", [])
+        ft["failures"] = len(ft["recoveries"])
+        ft["recomputed_tokens"] = self.past["recomputed_tokens"] + ft.get("recomputed_tokens", 0)
+        return ft
 
     def prefix_cache_stats(self) -> dict | None:
         return self.status.prefix_cache

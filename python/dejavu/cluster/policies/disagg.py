@@ -23,6 +23,7 @@ steps. So the KV travels by shared memory or TCP, never CUDA IPC (which writes d
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections import deque
 
 from ...engine.block_manager import BlockAllocator, blocks_for
@@ -31,6 +32,7 @@ from ...engine.sequence import Sequence, Status
 from ...kvstream.routing import WorkerLayout, plan, split_layers
 from ...kvstream.shm import cleanup, cleanup_orphans, owner_prefix
 from ...parallel.auth import cluster_tag
+from ..adopt import FRONTEND_PID_ENV
 from ..errors import WorkerError
 from ..messages import Admit, AdmitSeq, Peers, Prefill, TokenWorker, unpack_tokens
 from . import PlacementPolicy, check_split
@@ -195,7 +197,7 @@ class DisaggPolicy(PlacementPolicy):
         tiers = self.prefix.ops(seqs)  # (restores move num_cached, where each prefill starts)
         items = []
         for s in seqs:
-            items.append(dispatch.step_item(s, s.num_cached, prompt_blocks[s.seq_id], key=f"r{s.seq_id}.{step_id}",
+            items.append(dispatch.step_item(s, s.num_cached, prompt_blocks[s.seq_id], key=f"e{self.c._epoch}.r{s.seq_id}.{step_id}",
                                             dst_blocks=self.prefix.sent(s)))
             dispatch.busy.add(s.seq_id)
         msg = Prefill(mb=slot, id=step_id, seqs=items, tiers=tiers)
@@ -326,8 +328,9 @@ class DisaggPolicy(PlacementPolicy):
         return [self.prompt_alloc]
 
     def shm_prefix(self) -> str:
-        """This deployment's /dev/shm segments: named after this (the controller's) process."""
-        return owner_prefix(cluster_tag(self.c.token))
+        """This deployment's /dev/shm segments: named after the process the deployment lives as long
+        as: the front-end of a split `dejavu serve` (its workers outlive a controller), else this one."""
+        return owner_prefix(cluster_tag(self.c.token), int(os.environ.get(FRONTEND_PID_ENV) or os.getpid()))
 
     def close(self) -> None:
         cleanup(self.shm_prefix())  # whatever a crash left in /dev/shm
