@@ -69,13 +69,18 @@ class PromptRole:
         region = Region.chunks(range(cache.num_layers), range(nblocks))
         n = region.nbytes(layout)
         best = float("inf")
+        if self.transport_used[worker] == "ipc":
+            # Reads the peer's cache into a scratch buffer: set_peers also runs after a recovery, when
+            # the token caches hold live (or just restored) KV, so nothing of theirs is written.
+            remote, _ = self.remote[worker]
+            m = min(n // remote.element_size(), remote.numel())
+            scratch = torch.empty(m, dtype=remote.dtype, device=self.stage.device)
+            n = m * remote.element_size()
         for attempt in range(3):
             key = f"calibrate.{self.cfg.worker_name}.{worker}.{attempt}"
             t0 = time.perf_counter()
             if self.transport_used[worker] == "ipc":
-                remote, _ = self.remote[worker]
-                m = min(n, remote.numel(), self.streamer.flat.numel())
-                remote[:m].copy_(self.streamer.flat[:m])  # the token cache holds nothing yet
+                scratch.copy_(remote[:m])
                 torch.cuda.synchronize(self.stage.device)
             else:
                 self.streamer.stream_out(region, self.dests[worker], key).wait(self.cfg.timeout)
