@@ -33,6 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from .. import _C
+from ..kvstream.region import dma_copy_blocks
 
 
 def _os_thread_name(name: str) -> None:
@@ -103,13 +104,12 @@ class SwapCache:
     def _cuda_copy(self, src: torch.Tensor, dst: torch.Tensor, src_ids: list[int], dst_ids: list[int]) -> _CudaCopy:
         """Copy blocks src[:, src_ids] -> dst[:, dst_ids] (every layer) on the swap stream: one DMA copy
         per run of consecutive ids, or one span-copy kernel; one of the two tensors is the pinned host copy."""
-        layers, c = self.dev.shape[0], self.chunk_bytes
         if self.copy == "dma":
             with torch.cuda.device(self.device):
-                self.copies += _C.cuda_dma_copy_blocks(src.data_ptr(), dst.data_ptr(), src_ids, dst_ids, layers,
-                                                       src.shape[1], dst.shape[1], c, self.stream.cuda_stream)
+                self.copies += dma_copy_blocks(src, dst, src_ids, dst_ids, self.stream)
                 evt = self.stream.record_event()
             return _CudaCopy(evt, [src, dst])
+        layers, c = self.dev.shape[0], self.chunk_bytes
         self.copies += 1
         layer = torch.arange(layers, dtype=torch.int64).view(-1, 1)
         so = (layer * src.shape[1] + torch.tensor(src_ids, dtype=torch.int64).view(1, -1)) * c

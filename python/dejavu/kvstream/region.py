@@ -1,4 +1,5 @@
-"""A region of a paged KV cache: whole chunks (layers x blocks) or single token slots."""
+"""A region of a paged KV cache: whole chunks (layers x blocks) or single token slots; and the copy
+engine's block copy between two paged caches."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,3 +42,12 @@ class Region:
     def layer(self, i: int) -> "Region":
         """The part of this region in its i-th layer (for layer-by-layer streaming)."""
         return Region((self.layers[i],), self.blocks, self.slots)
+
+
+def dma_copy_blocks(src, dst, src_ids: list[int], dst_ids: list[int], stream) -> int:
+    """Blocks src[:, src_ids] -> dst[:, dst_ids] of two caches [layers, blocks, ...] (one of them
+    pinned host memory, the other on the current CUDA device), every layer, with the copy engine on
+    the CUDA `stream`: one 2-D copy per run of consecutive ids. Returns the copies issued."""
+    chunk = dst[0, 0].numel() * dst.element_size()  # one block of one layer
+    return _C.cuda_dma_copy_blocks(src.data_ptr(), dst.data_ptr(), list(src_ids), list(dst_ids), dst.shape[0],
+                                   src.shape[1], dst.shape[1], chunk, stream.cuda_stream)

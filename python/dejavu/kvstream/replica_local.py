@@ -7,7 +7,7 @@ holder's C++ mirror writes straight into the segment (DéjàVuLib's host gather,
 lock) and only the slot checksums come back in the reply: no KV byte crosses a socket. On CUDA the
 segment is registered as pinned memory before the holder fills it (which also faults its pages in
 once), and the blocks go into the cache with the copy engine, one 2-D copy per run of
-consecutive block ids per layer (`cuda_dma_copy_blocks`, as swapping does).
+consecutive block ids per layer (region.dma_copy_blocks, as swapping does).
 """
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ import torch
 
 from .auth import cluster_tag
 from .mirror import ReplicaError, _private_file
+from .region import dma_copy_blocks
 from .shm import SHM_DIR, owner_prefix
+
 
 def _map(fd: int, nbytes: int) -> torch.Tensor:
     """The first nbytes of the file as a uint8 tensor, its page tables filled at once
@@ -113,12 +115,9 @@ def to_cache(x: torch.Tensor, cache: torch.Tensor, blocks: list[int], pinned: bo
     from .. import _C
 
     if cache.device.type == "cuda" and pinned and _C.cuda_compiled():
-        n, layers = x.shape[1], x.shape[0]
-        chunk = x[0, 0].numel() * x.element_size()
         with torch.cuda.device(cache.device):
             stream = torch.cuda.current_stream(cache.device)
-            _C.cuda_dma_copy_blocks(x.data_ptr(), cache.data_ptr(), list(range(n)), list(blocks), layers, n,
-                                    cache.shape[1], chunk, stream.cuda_stream)
+            dma_copy_blocks(x, cache, list(range(x.shape[1])), blocks, stream)
             stream.synchronize()
         return
     idx = torch.as_tensor(blocks, dtype=torch.long, device=cache.device)
