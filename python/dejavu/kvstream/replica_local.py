@@ -11,6 +11,7 @@ consecutive block ids per layer (region.dma_copy_blocks, as swapping does).
 """
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 import os
@@ -22,6 +23,8 @@ from .auth import cluster_tag
 from .mirror import ReplicaError, _private_file
 from .region import dma_copy_blocks
 from .shm import SHM_DIR, owner_prefix
+
+log = logging.getLogger("dejavu.kvstream")
 
 
 def _map(fd: int, nbytes: int) -> torch.Tensor:
@@ -83,6 +86,16 @@ class RestoreSegment:
         except FileNotFoundError:
             pass
         self.tensor = None  # the mapping goes with the last reference
+
+
+def new_segment(token: str, src: str, nbytes: int, instead: str) -> RestoreSegment | None:
+    """A new RestoreSegment, or None where shared memory cannot hold one (a warning says what is
+    done `instead`)."""
+    try:
+        return RestoreSegment(token, src, nbytes)
+    except OSError as e:
+        log.warning("no restore segment (%s): %s", e, instead)
+        return None
 
 
 def fill(mirror, hdr: dict, token: str):

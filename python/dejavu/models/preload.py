@@ -86,12 +86,10 @@ class Preloader:
         kv = max((st.kv_bytes for st in msg.stages), default=0)
         if not kv or self.want is not None or kv > budget("host", torch.device("cpu")):
             return
-        from ..kvstream.replica_local import RestoreSegment
+        from ..kvstream.replica_local import new_segment
 
-        try:
-            seg = RestoreSegment(token, "standby", kv)
-        except OSError as e:  # no shared memory: a restore makes its segment then
-            log.warning("standby: no restore segment (%s)", e)
+        seg = new_segment(token, "standby", kv, "a standby's restore makes its segment then")
+        if seg is None:
             return
         atexit.register(seg.close)  # never left in /dev/shm by a clean exit (cleanup_orphans: a killed one)
         seg.prefault()

@@ -7,7 +7,6 @@ step's new tokens are written back there, so it always holds the resident and th
 microbatches alike, and a replacement restores into it (regions then fill from it as usual)."""
 from __future__ import annotations
 
-import sys
 import time
 
 import torch
@@ -44,7 +43,7 @@ class ReplicaRole:
         A holder on this host gathers the blocks into a shared-memory segment of ours
         (kvstream/replica_local.py); another host's sends them over TCP."""
         from ...kvstream.replica import ReplicaClient, ReplicaError, block_checksums, mac_key
-        from ...kvstream.replica_local import RestoreSegment, to_cache
+        from ...kvstream.replica_local import new_segment, to_cache
         from ...serving.replication import replica_src
 
         cache, cfg = self.cache, self.cfg
@@ -59,13 +58,10 @@ class ReplicaRole:
                 if msg.local:
                     nbytes = torch.Size(shape).numel() * cache.tensor.element_size()
                     segment = PRELOADER.take_segment(nbytes)  # a standby's, faulted in (and pinned) already
-                    try:
-                        if segment is None:
-                            segment = RestoreSegment(cfg.kv_token, src, nbytes)
-                            if cache.tensor.device.type == "cuda":
-                                segment.pin()
-                    except OSError as e:  # no shared memory here: the blocks come over TCP
-                        print(f"dejavu worker: restoring over TCP ({e})", file=sys.stderr, flush=True)
+                    if segment is None:
+                        segment = new_segment(cfg.kv_token, src, nbytes, "restoring over TCP")
+                        if segment is not None and cache.tensor.device.type == "cuda":
+                            segment.pin()
                 client = ReplicaClient(msg.holder[0], int(msg.holder[1]), cfg.kv_token, timeout=cfg.timeout)
                 try:
                     data, chk = client.get_blocks(src, blocks, segment)
