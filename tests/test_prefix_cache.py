@@ -208,7 +208,7 @@ def test_cli_flags_in_vllm_spelling():
     off = p.parse_args(["generate", "--prompt", "x", "--no-enable-prefix-caching"])
     assert prefix_cache_kwargs(on)["enable_prefix_caching"] is True
     assert prefix_cache_kwargs(off)["enable_prefix_caching"] is False
-    assert prefix_cache_kwargs(p.parse_args(["serve"]))["enable_prefix_caching"] is False
+    assert prefix_cache_kwargs(p.parse_args(["serve"]))["enable_prefix_caching"] is True  # on by default, as in vLLM
     tiers = p.parse_args(["serve", "--enable-prefix-caching", "--kv-offload-gib", "0.5", "--kv-offload-dir", "/d"])
     assert prefix_cache_kwargs(tiers) == {"enable_prefix_caching": True, "kv_offload_gib": 0.5,
                                           "kv_offload_dir": "/d", "kv_offload_dir_gib": 8.0}

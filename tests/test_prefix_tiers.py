@@ -118,7 +118,7 @@ def test_disk_tier_hits_are_exact_and_a_corrupted_block_is_recomputed(llama, tmp
 
 def test_offload_options_are_checked():
     with pytest.raises(ValueError, match="enable_prefix_caching"):
-        LLM(model="random:llama-tiny", device="cpu", kv_offload_gib=1)
+        LLM(model="random:llama-tiny", device="cpu", enable_prefix_caching=False, kv_offload_gib=1)
     with pytest.raises(ValueError, match="kv_offload_gib"):
         LLM(model="random:llama-tiny", device="cpu", enable_prefix_caching=True, kv_offload_dir="/tmp/x")
     with pytest.raises(ValueError, match="kv_offload_gib"):

@@ -62,7 +62,7 @@ class EngineConfig:
     cuda_graphs: bool = True         # decode steps from CUDA graphs (single process on CUDA)
     admission: str = "greedy"        # greedy | reserve: see engine/scheduler.py
     overlap_steps: bool = True       # greedy decode steps queued before the host reads tokens (llm_engine.py)
-    enable_prefix_caching: bool = False  # share the KV of common prompt prefixes (docs/prefix-caching.md)
+    enable_prefix_caching: bool = True  # share the KV of common prompt prefixes (docs/prefix-caching.md)
     kv_offload_gib: float = 0.0      # prefix caching: pinned host tier for blocks the device evicts (0: none)
     kv_offload_dir: str | None = None  # prefix caching: disk tier below the host tier
     kv_offload_dir_gib: float = 8.0  # the disk tier's bound

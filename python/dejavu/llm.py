@@ -119,7 +119,7 @@ class LLM:
                  heartbeat_timeout: float = 2.0, spare_workers: int = 1, replicas: int = 1,
                  standby_weights: str = "host",
                  cuda_graphs: bool = True, admission: str = "greedy", overlap_steps: bool = True,
-                 enable_prefix_caching: bool = False, kv_offload_gib: float = 0.0, kv_offload_dir: str | None = None,
+                 enable_prefix_caching: bool = True, kv_offload_gib: float = 0.0, kv_offload_dir: str | None = None,
                  kv_offload_dir_gib: float = 8.0, cluster_address: str | None = None, hostfile: str | None = None,
                  gpu_memory_utilization: float = 0.0, tokenizer: str | None = None, chat_template: str | None = None):
         # Every argument is a field of the configuration records (config.py), validated there.

@@ -5,9 +5,9 @@ import argparse
 
 
 def add_prefix_cache_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="share the KV cache of common prompt prefixes between requests (every mode; "
-                        "default: off)")
+                        "default: on)")
     p.add_argument("--kv-offload-gib", type=float, default=0.0,
                    help="with --enable-prefix-caching: pinned host memory (GiB) that keeps "
                         "blocks evicted from the device cache, least recently used out first (with disaggregation: "
