@@ -26,7 +26,9 @@ $PY -c "import json; json.dump([[${PROMPT:-64}, ${OUTPUT:-128}]] * $N, open('$OU
 run() {
   local name=$1; shift
   # shellcheck disable=SC2086
-  $PY -m dejavu serve --model "$MODEL" --device "$DEVICE" --port "$PORT" $DEPLOY "$@" > "$OUT/serve_$name.log" 2>&1 &
+  # No prefix caching: the failure pass repeats the baseline's prompts, and its hits would shorten it.
+  $PY -m dejavu serve --model "$MODEL" --device "$DEVICE" --port "$PORT" --no-enable-prefix-caching $DEPLOY "$@" \
+    > "$OUT/serve_$name.log" 2>&1 &
   local pid=$!
   for _ in $(seq 300); do curl -sf "http://127.0.0.1:$PORT/health" > /dev/null && break; sleep 1; done
   echo "== $name ($DEPLOY $*)"

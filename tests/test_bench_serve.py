@@ -175,12 +175,14 @@ def test_kill_worker_failover(tmp_path):
     the recovery (from /v1/cluster) and the inflation of the requests in flight at the kill."""
     from conftest import alive
 
-    llm = LLM(device="cpu", model=MODEL, pp=2, block_size=4, kv_cache_blocks=256, worker_timeout=60)
+    # Without prefix caching: the failure pass repeats the baseline's prompts, and hits would shorten it.
+    llm = LLM(device="cpu", model=MODEL, pp=2, block_size=4, kv_cache_blocks=256, worker_timeout=60,
+              enable_prefix_caching=False)
     srv = ApiServer(llm, MODEL)
     port = srv.start_background()
     first = llm.engine.worker_info[1]["pid"]
     trace = tmp_path / "t.json"
-    trace.write_text(json.dumps([[16, 64]] * 6))
+    trace.write_text(json.dumps([[16, 128]] * 6))  # long enough that the kill at 0.5 s lands mid-pass
     out = tmp_path / "f.json"
     for _ in range(300):  # the warm spare registers (and is told which weights to hold) in the background
         if llm.engine.recovery.weights.asked:

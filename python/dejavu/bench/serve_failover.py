@@ -91,6 +91,18 @@ def _await_spares(t: Target, wait: float = 120.0) -> None:
         time.sleep(0.5)
 
 
+def _recovery_events(t: Target, killed_at: float, wait: float = 30.0) -> list[dict]:
+    """The server's recoveries since the kill, waiting up to `wait` s for the first: a kill that lands
+    as the pass ends is detected and recovered after its last request."""
+    deadline = time.monotonic() + wait
+    while True:
+        ft = _cluster(t.url, t.headers).get("fault_tolerance", {})
+        events = [e for e in ft.get("recoveries", []) if e["at"] >= killed_at - 1.0]
+        if events or time.monotonic() > deadline:
+            return events
+        time.sleep(0.2)
+
+
 def run_failover(t: Target, requests: list[Request], rate: float, spec: str, kill_at: float, seed: int = 0,
                  burstiness: float = 1.0, max_concurrency: int | None = None) -> dict:
     from .serve import percentiles
@@ -106,8 +118,7 @@ def run_failover(t: Target, requests: list[Request], rate: float, spec: str, kil
     fail, fail_s = asyncio.run(run_load(t, requests, rate, **load, on_start=_killer(t, spec, kill_at, killed)))
     if not killed:
         raise RuntimeError(f"the load finished before --kill-at {kill_at}s: nothing was killed")
-    ft = _cluster(t.url, t.headers).get("fault_tolerance", {})
-    events = [e for e in ft.get("recoveries", []) if e["at"] >= killed["at"] - 1.0]
+    events = _recovery_events(t, killed["at"])
     affected = [i for i, r in enumerate(fail) if r.get("ok") and r["t_start"] < killed["t"] < r["t_end"]]
     infl = [fail[i]["latency"] / base[i]["latency"] for i in affected if base[i].get("ok")]
     rec = {}
