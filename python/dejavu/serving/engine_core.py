@@ -69,11 +69,8 @@ class Core:
             self.ch.send(msg)
 
     def status(self) -> Status:
-        eng = self.llm.engine
-        if getattr(eng, "swap", 0):
-            used, total = sum(s.allocator.num_used for s in eng.slots), eng.host_blocks
-        else:
-            used, total = eng.allocator.num_used, eng.allocator.num_blocks
+        eng, gauges = self.llm.engine, self.engine.metrics.gauges  # block counts: the AsyncEngine's gauges
+        used, total = gauges["dejavu_kv_blocks_used"](), gauges["dejavu_kv_blocks_total"]()
         tiers = getattr(eng, "prefix_cache_tiers", lambda: None)()
         return Status(pid=os.getpid(), workers=eng.cluster(), recovering=sorted(getattr(eng, "_needed", ())),
                       fault_tolerance=eng.fault_tolerance(), waiting=self.engine.queue_depth, blocks_used=used,
