@@ -29,7 +29,7 @@ import threading
 import time
 
 from ..parallel.wire import connect
-from ..serving.lifecycle import run_deployment_cleanups
+from ..serving.lifecycle import exit_when
 from .errors import WorkerError
 from .messages import Reset, Shutdown
 
@@ -113,13 +113,8 @@ def watch_deployment(parent: int) -> None:
             return True
         except PermissionError:
             return False
-
-    def loop():
-        while not ((frontend and gone(frontend)) or (parent and os.getppid() != parent and not _armed.is_set())):
-            time.sleep(0.5)
-        run_deployment_cleanups()
-        os._exit(3)
-    threading.Thread(target=loop, daemon=True, name="deployment-watch").start()
+    exit_when(lambda: bool((frontend and gone(frontend)) or (parent and os.getppid() != parent and not _armed.is_set())),
+              "deployment-watch")
 
 
 def rejoin(host: str, port: int, token: str, hello: dict, epoch: int, wait: float):
