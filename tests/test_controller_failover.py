@@ -234,9 +234,9 @@ def test_adopting_fails_at_once_when_a_worker_to_adopt_is_gone(tmp_path):
     adopt.expect_workers({0: os.getpid(), 1: gone.pid})
     try:
         with pytest.raises(WorkerError, match=f"worker rank 1 \\(pid {gone.pid}\\) is gone"):
-            adopt._check_missing(Membership())
+            adopt.check_missing(Membership())
         Membership.channels = {0: None, 1: None}
-        adopt._check_missing(Membership())  # every rank rejoined: nothing to wait for
+        adopt.check_missing(Membership())  # every rank rejoined: nothing to wait for
     finally:
         adopt._pids.clear()
         adopt._pending = False

@@ -28,3 +28,14 @@ def set_chat_template(tokenizer, template: str) -> None:
     if hf is None:
         raise ConfigError("chat_template", "needs a transformers tokenizer (this model has none; see --tokenizer)")
     hf.chat_template = template
+
+
+def tokenizer_for(source, config):
+    """The tokenizer a deployment serves with (the model's own, or config.tokenizer's), with
+    config.chat_template when one is given."""
+    from .models.loader import load_tokenizer
+
+    tok = load_tokenizer(source) if config.tokenizer is None else tokenizer_from(config.tokenizer)
+    if config.chat_template is not None:
+        set_chat_template(tok, config.chat_template)
+    return tok

@@ -10,10 +10,10 @@ from typing import Sequence as Seq
 
 import torch
 
-from .chat_template import set_chat_template, tokenizer_from
+from .chat_template import tokenizer_for
 from .config import Config, ConfigError
 from .engine.llm_engine import LLMEngine, RequestError
-from .models.loader import load_model, load_tokenizer, model_identity, parse_dtype, resolve
+from .models.loader import load_model, model_identity, parse_dtype, resolve
 from .sampling_params import SamplingParams
 
 log = logging.getLogger("dejavu")
@@ -143,9 +143,7 @@ class LLM:
         if config.engine.gpu_memory_utilization and self.device.type != "cuda":
             raise ConfigError("gpu_memory_utilization", "is a fraction of a CUDA device's memory; on the CPU size "
                                                         "the KV cache with --kv-cache-blocks")
-        self.tokenizer = load_tokenizer(self.source) if config.tokenizer is None else tokenizer_from(config.tokenizer)
-        if config.chat_template is not None:
-            set_chat_template(self.tokenizer, config.chat_template)
+        self.tokenizer = tokenizer_for(self.source, config)
         self.config = self.source.config
         engine_cfg = replace(config.engine)  # the defaults below fill a copy, not the caller's record
         if not engine_cfg.num_blocks and not engine_cfg.kv_cache_memory:

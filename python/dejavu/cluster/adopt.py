@@ -12,12 +12,13 @@ Front-end side (`adoptable`, `retire_workers`): from the lost controller's last 
 its workers can be adopted (none dead, hung or being replaced), else kill those of this host
 before a controller with new workers starts.
 
-Controller side (`take_over`, in place of Membership.rendezvous): wait for every rank's adopting
-HELLO, rebuild the membership (where each worker is, its ports), move to an epoch above every
-worker's (messages of an older controller are refused from then on: worker.py drops a message of an
-epoch below its own), reset every worker (steps in flight when the old controller died are
-dropped, and the prompt KV pushed for the old controller's prefills) and send the pipes. The
-front-end then resubmits its requests, which are recomputed.
+Controller side (Membership.rendezvous while `pending()`, with `rejoining_rank` and
+`reset_workers`): wait for every rank's adopting HELLO, rebuild the membership (where each worker
+is, its ports), move to an epoch above every worker's (messages of an older controller are refused
+from then on: worker.py drops a message of an epoch below its own), reset every worker (steps in
+flight when the old controller died are dropped, and the prompt KV pushed for the old controller's
+prefills), offer standbys their weights as at a first start, and send the pipes. The front-end
+then resubmits its requests, which are recomputed.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import threading
 import time
 
 from ..parallel.wire import connect
-from ..serving.lifecycle import run_deployment_cleanups
+from ..serving.lifecycle import exit_when
 from .errors import WorkerError
 from .messages import Reset, Shutdown
 
@@ -69,7 +70,7 @@ def is_worker(pid: int) -> bool:
     return b"dejavu" in args and b"worker" in args and proc_state(pid) not in (None, "Z")
 
 
-def _check_missing(m) -> None:
+def check_missing(m) -> None:
     """A worker that has not rejoined and is gone (or stopped: hung) never will: fail now rather
     than after ADOPT_WAIT_S (the front-end then starts a controller with new workers)."""
     for rank, pid in _pids.items():
@@ -113,13 +114,8 @@ def watch_deployment(parent: int) -> None:
             return True
         except PermissionError:
             return False
-
-    def loop():
-        while not ((frontend and gone(frontend)) or (parent and os.getppid() != parent and not _armed.is_set())):
-            time.sleep(0.5)
-        run_deployment_cleanups()
-        os._exit(3)
-    threading.Thread(target=loop, daemon=True, name="deployment-watch").start()
+    exit_when(lambda: bool((frontend and gone(frontend)) or (parent and os.getppid() != parent and not _armed.is_set())),
+              "deployment-watch")
 
 
 def rejoin(host: str, port: int, token: str, hello: dict, epoch: int, wait: float):
@@ -176,48 +172,20 @@ def retire_workers(workers: list[dict]) -> None:
 
 
 # ---------------------------------------------------------------------- controller side
-def take_over(m, spec, device, dtype, seed) -> None:
-    """Membership `m` adopts the live workers of the controller that died (instead of rendezvous)."""
-    c = m.c
-    deadline = time.monotonic() + ADOPT_WAIT_S
-    hellos = {}
-    while len(m.channels) < c.world:
-        try:
-            ch, hello = m.accept.get(min(0.25, max(0.01, deadline - time.monotonic())))
-        except TimeoutError:
-            _check_missing(m)
-            if time.monotonic() > deadline:
-                raise WorkerError(f"only {len(m.channels)} of {c.world} workers rejoined within {ADOPT_WAIT_S}s") from None
-            continue
-        if hello.standby and c.ft:
-            m.standbys.append((ch, hello))
-            continue
-        if not hello.adopt or hello.rank is None or hello.rank in m.channels:
-            log.warning("turned away a worker (rank %s) while adopting: expected each rank's rejoining worker",
-                        hello.rank)
-            turn_away(ch, hello)
-            continue
-        hellos[hello.rank] = hello
-        m.admit(hello.rank, ch, hello)
-    m.settle(spec, device, dtype, seed)
-    m.epoch = max(h.epoch for h in hellos.values()) + 1  # above every worker's: the old controller's are stale
-    for rank, ch in m.channels.items():
-        m.start_reader(rank, ch)
-    ready, resetting = set(), set()
-    # what the old controller left in flight is dropped, with the prompt KV pushed for it (disaggregation:
-    # such keys start with the epoch they were made in, and the new controller's restart at step 1)
+# (Membership.rendezvous, when pending(): each rank's worker rejoins instead of a new one starting)
+def rejoining_rank(m, hello) -> int | None:
+    """The rank a rejoining worker serves, or None: turned away (not rejoining, or its rank taken)."""
+    if hello.adopt and hello.rank is not None and hello.rank not in m.channels:
+        return hello.rank
+    log.warning("turned away a worker (rank %s) while adopting: expected each rank's rejoining worker", hello.rank)
+    return None
+
+
+def reset_workers(m) -> set[int]:
+    """Reset every adopted worker (the ranks that owe a reset_done): what the old controller left in
+    flight is dropped, with the prompt KV pushed for it (disaggregation: such keys start with the
+    epoch they were made in, and the new controller's restart at step 1)."""
     stale = [f"e{e}" for e in range(m.epoch)]
-    for rank, ch in m.channels.items():
+    for ch in m.channels.values():
         ch.send(Reset(drop_keys=stale))
-        resetting.add(rank)
-    deadline = time.monotonic() + c.timeout
-    while ready != set(m.channels) or resetting:
-        msg = m.next_message(deadline, "adopting workers")
-        if msg.t == "ready":
-            ready.add(msg.rank)
-            m.on_ready(msg)
-        elif msg.t == "reset_done" and msg.epoch == m.epoch:
-            resetting.discard(msg.rank)
-    m.begin_serving()
-    log.warning("adopted %d live workers in epoch %d: %s", c.world, m.epoch,
-                ", ".join(f"{i['worker']} (pid {i['pid']})" for _, i in sorted(m.worker_info.items())))
+    return set(m.channels)

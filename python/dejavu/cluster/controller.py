@@ -80,10 +80,7 @@ class Controller(PrefixCacheView, LLMEngine):
         if not adopt.pending():
             self.launcher.start(launcher, self.world, hostfile, recovery=self.ft)
         try:
-            if adopt.pending():  # taking over from a controller that died: its live workers rejoin
-                adopt.take_over(self.members, source.spec, device, dtype, seed)
-            else:
-                self.members.rendezvous(source.spec, device, dtype, seed)
+            self.members.rendezvous(source.spec, device, dtype, seed)  # (or its live workers rejoin: adopt.py)
         except BaseException:
             self.shutdown()
             raise

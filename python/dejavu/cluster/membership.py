@@ -45,6 +45,18 @@ class Joined:
     t: str = "joined"
 
 
+def new_rank(m, hello) -> int | None:
+    """The rank a worker connecting at start-up takes (no rank given: the lowest one free), or None:
+    it is turned away."""
+    world = m.c.world
+    rank = hello.rank if hello.rank is not None else min(set(range(world)) - set(m.channels))
+    if hello.standby or rank in m.channels or hello.adopt:
+        log.warning("refused a worker announcing %s while starting: expected a new rank in [0, %d)",
+                    "standby" if hello.standby else f"rank {rank}" + (" (rejoining)" if hello.adopt else ""), world)
+        return None
+    return rank
+
+
 class Membership:
     """The workers of one controller `c` (which supplies the layout: rank_config, world, tp, and
     the hooks it reacts with)."""
@@ -76,46 +88,56 @@ class Membership:
 
     # ------------------------------------------------------------------ start-up
     def rendezvous(self, spec, device, dtype, seed) -> None:
-        """Every rank connects, is placed and configured, and reports READY."""
-        c = self.c
-        deadline = time.monotonic() + c.timeout
+        """Every rank connects, is placed and configured, and reports READY. Taking over from a
+        controller that died (adopt.pending), each rank's live worker rejoins instead (adopt.py)."""
+        c, adopting = self.c, adopt.pending()
+        wait = adopt.ADOPT_WAIT_S if adopting else c.timeout
+        deadline, epochs = time.monotonic() + wait, []
         while len(self.channels) < c.world:
             health.check_procs(self)
+            if adopting:
+                adopt.check_missing(self)
             try:
-                ch, hello = self.accept.get(min(1.0, max(0.01, deadline - time.monotonic())))
+                ch, hello = self.accept.get(min(0.25, max(0.01, deadline - time.monotonic())))
             except TimeoutError:
                 if time.monotonic() > deadline:
-                    raise WorkerError(f"only {len(self.channels)} of {c.world} workers connected within "
-                                      f"{c.timeout}s") from None
+                    raise WorkerError(f"only {len(self.channels)} of {c.world} workers "
+                                      f"{'rejoined' if adopting else 'connected'} within {wait}s") from None
                 continue
             if hello.standby and c.ft:  # an external standby started with the workers: kept for later
                 self.standbys.append((ch, hello))
                 continue
-            # no rank given (external workers): the lowest one not taken
-            rank = hello.rank if hello.rank is not None else min(set(range(c.world)) - set(self.channels))
-            if hello.standby or rank in self.channels or hello.adopt:  # refused; the deployment goes on starting
-                log.warning("refused a worker announcing %s while starting: expected a new rank in [0, %d)",
-                            "standby" if hello.standby else f"rank {rank}" + (" (rejoining)" if hello.adopt else ""),
-                            c.world)
+            rank = adopt.rejoining_rank(self, hello) if adopting else new_rank(self, hello)
+            if rank is None:  # refused; the deployment goes on starting
                 adopt.turn_away(ch, hello)
                 continue
+            epochs.append(hello.epoch)
             self.admit(rank, ch, hello)
         self.settle(spec, device, dtype, seed)
-        for rank, ch in self.channels.items():
-            ch.send(self.config_for(rank))
+        if adopting:  # above every worker's epoch: the old controller's messages are stale from now on
+            self.epoch, deadline = max(epochs) + 1, time.monotonic() + c.timeout
+        else:
+            for rank, ch in self.channels.items():
+                ch.send(self.config_for(rank))
         for ch, hello in self.standbys:  # standbys started with the workers
             c.recovery.weights.offer(c, ch, hello)
         for rank, ch in self.channels.items():
             self.start_reader(rank, ch)
-        ready = set()
-        while len(ready) < c.world:
-            msg = self.next_message(deadline, "starting")
+        ready, resetting = set(), adopt.reset_workers(self) if adopting else set()
+        while len(ready) < c.world or resetting:
+            msg = self.next_message(deadline, "adopting workers" if adopting else "starting")
             if msg.t == "ready":
                 ready.add(msg.rank)
                 self.on_ready(msg)
+            elif msg.t == "reset_done" and msg.epoch == self.epoch:
+                resetting.discard(msg.rank)
         self.begin_serving()
-        log.info("%d workers ready (TP %d): %s", c.world, c.tp,
-                 ", ".join(f"{i['worker']} layers {i['layers']}" for _, i in sorted(self.worker_info.items())))
+        workers = ", ".join(f"{i['worker']} (pid {i['pid']}) layers {i['layers']}"
+                            for _, i in sorted(self.worker_info.items()))
+        if adopting:
+            log.warning("adopted %d live workers in epoch %d: %s", c.world, self.epoch, workers)
+        else:
+            log.info("%d workers ready (TP %d): %s", c.world, c.tp, workers)
 
     def admit(self, rank: int, ch, hello) -> None:
         """`rank`'s worker is in (its HELLO): its channel, role, layers and where it is."""

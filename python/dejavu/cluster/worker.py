@@ -33,6 +33,7 @@ class Worker:
     """The roles of this process and the handler table they fill (a later role's entry wins)."""
 
     def __init__(self, ch: Channel, cfg, rank: int):
+        self.epoch = cfg.epoch  # the latest epoch heard of (_serve), kept across controllers (adopt.py)
         self.stage = StageRole(ch, cfg, rank)
         self.roles = [self.stage]
         replica = None
@@ -112,26 +113,26 @@ def _heartbeat(ch: Channel, rank_of, interval: float) -> None:
 REJOIN = -1  # _serve: the controller was lost and this worker waits for the next one (adopt.py)
 
 
-def _serve(ch: Channel, worker: Worker, rank: int, epoch: int, parent: int, rejoin: float = 0.0) -> int:
+def _serve(ch: Channel, worker: Worker, rank: int, parent: int, rejoin: float = 0.0) -> int:
     """The control loop: each message to its handler, in order, until shutdown."""
     from ..kvstream import StreamError
     from ..models.tp import TPBroken
     from ..parallel.pipe import PipeBroken
 
     stage = worker.stage
-    ch.stamp = lambda: epoch  # what we send carries the latest epoch we heard of (updated below)
+    ch.stamp = lambda: worker.epoch  # what we send carries the latest epoch we heard of (updated below)
     inbox = _receiver(ch, stage) if stage.swap is not None or stage.pipes is not None else None
     try:
         while True:
             msg = ch.recv(None) if inbox is None else inbox.get()
             if isinstance(msg, BaseException):
                 raise msg
-            if msg.epoch < epoch:  # fencing: from before an epoch we already are in
-                print(f"dejavu worker: refused {msg.t!r} of epoch {msg.epoch} (now {epoch})", file=sys.stderr)
+            if msg.epoch < worker.epoch:  # fencing: from before an epoch we already are in
+                print(f"dejavu worker: refused {msg.t!r} of epoch {msg.epoch} (now {worker.epoch})", file=sys.stderr)
                 continue
-            epoch = worker.epoch = msg.epoch
+            worker.epoch = msg.epoch
             if msg.t == "fenced":  # our rank went to another worker while we were cut off
-                print(f"dejavu worker: fenced: rank {rank} was given to another worker in epoch {epoch}; "
+                print(f"dejavu worker: fenced: rank {rank} was given to another worker in epoch {worker.epoch}; "
                       f"stopping", file=sys.stderr, flush=True)
                 return 5
             if msg.t == "shutdown":
@@ -204,34 +205,33 @@ def run(controller: str, token: str, rank: int | None = None, standby: bool = Fa
         cfg = ch.recv(timeout=600)
     if cfg.t != "config":
         return 2
-    rank, epoch = cfg.rank, cfg.epoch
-    ch.stamp = lambda: epoch  # what we send carries the latest epoch we heard of
+    rank = cfg.rank
+    ch.stamp = lambda: cfg.epoch  # until it serves (then the latest epoch it heard of: _serve)
     if cfg.shm_prefix:  # the deployment's /dev/shm segments go with it
         from ..kvstream.shm import retire
 
         on_deployment_gone(lambda: retire(cfg.shm_prefix))
-    if cfg.heartbeat_interval:
-        _heartbeat(ch, lambda: rank, float(cfg.heartbeat_interval))
-    try:
-        worker = Worker(ch, cfg, rank)
-    except Exception as e:  # noqa: BLE001 - reported to the controller, which stops everyone
-        ch.send(Error(rank=rank, msg=f"{type(e).__name__}: {e}"))
-        return 1
-    ch.send(Ready(rank=rank, **worker.ready_info()))
-    worker.epoch = epoch
-    if cfg.rejoin:
-        adopt.arm()
-    code = _serve(ch, worker, rank, epoch, parent, cfg.rejoin)
-    while code == REJOIN:  # our controller is lost: the next one adopts us (weights and listeners kept)
+    worker = None
+    while True:  # one controller's turn; after the first, the next controller adopts us (adopt.py)
+        if cfg.heartbeat_interval:  # (also while the first turn loads the weights)
+            _heartbeat(ch, lambda: rank, float(cfg.heartbeat_interval))
+        if worker is None:
+            try:
+                worker = Worker(ch, cfg, rank)
+            except Exception as e:  # noqa: BLE001 - reported to the controller, which stops everyone
+                ch.send(Error(rank=rank, msg=f"{type(e).__name__}: {e}"))
+                return 1
+            if cfg.rejoin:
+                adopt.arm()
+        else:  # weights, cache and listeners kept
+            worker.stage.ch = ch
+        ch.send(Ready(rank=rank, **worker.ready_info()))
+        code = _serve(ch, worker, rank, parent, cfg.rejoin)
+        if code != REJOIN:
+            return code
         print(f"dejavu worker: rank {rank} lost its controller; waiting for the next one", file=sys.stderr, flush=True)
         # (as the rank it serves: a promoted standby no longer stands by)
         ch = adopt.rejoin(host, port, token, dict(hello, rank=rank, standby=False), worker.epoch, cfg.rejoin)
         if ch is None:
             run_deployment_cleanups()
             return 4
-        worker.stage.ch = ch
-        if cfg.heartbeat_interval:
-            _heartbeat(ch, lambda: rank, float(cfg.heartbeat_interval))
-        ch.send(Ready(rank=rank, **worker.ready_info()))
-        code = _serve(ch, worker, rank, worker.epoch, parent, cfg.rejoin)
-    return code

@@ -16,11 +16,9 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
-import time
 
 from ..cluster import adopt
 from ..cluster.errors import WorkerError
@@ -31,10 +29,11 @@ from ..parallel.auth import read_token
 from ..parallel.wire import connect
 from .async_engine import AsyncEngine, QueueFull
 from .engine_link import STATUS_INTERVAL, EngineStarted, Status, Stopping, Update, params_from_wire
-from .lifecycle import STOP_SIGNALS, watch_parent
+from .lifecycle import STOP_SIGNALS, exit_after, on_stop_signals, watch_parent
 
 log = logging.getLogger("dejavu.controller")
 FRONTEND_ENV = "DEJAVU_FRONTEND"
+STOP_GRACE_S = 10.0  # a controller being stopped that has not exited by then exits anyway
 
 
 class Resuming:
@@ -69,11 +68,8 @@ class Core:
             self.ch.send(msg)
 
     def status(self) -> Status:
-        eng = self.llm.engine
-        if getattr(eng, "swap", 0):
-            used, total = sum(s.allocator.num_used for s in eng.slots), eng.host_blocks
-        else:
-            used, total = eng.allocator.num_used, eng.allocator.num_blocks
+        eng, gauges = self.llm.engine, self.engine.metrics.gauges  # block counts: the AsyncEngine's gauges
+        used, total = gauges["dejavu_kv_blocks_used"](), gauges["dejavu_kv_blocks_total"]()
         tiers = getattr(eng, "prefix_cache_tiers", lambda: None)()
         return Status(pid=os.getpid(), workers=eng.cluster(), recovering=sorted(getattr(eng, "_needed", ())),
                       fault_tolerance=eng.fault_tolerance(), waiting=self.engine.queue_depth, blocks_used=used,
@@ -90,7 +86,7 @@ class Core:
                 self.send(Stopping())
             except OSError:
                 pass
-            threading.Thread(target=_expire, daemon=True).start()
+            exit_after(STOP_GRACE_S)
             done.set()
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, signalled)
@@ -182,20 +178,10 @@ class Core:
             self.streams.pop(rid, None)
 
 
-def _expire() -> None:
-    """A controller being stopped that has not exited after a grace period exits anyway."""
-    time.sleep(10)
-    os._exit(0)
-
-
-def _on_stop_signals() -> None:
+def _give_up(signum, frame) -> None:
     """SIGTERM / SIGINT while the engine starts: give up (run() handles them once it serves)."""
-    def handler(signum, frame):
-        threading.Thread(target=_expire, daemon=True).start()
-        raise KeyboardInterrupt
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, handler)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    exit_after(STOP_GRACE_S)
+    raise KeyboardInterrupt
 
 
 def _take_deployment():
@@ -222,7 +208,7 @@ def main() -> int:
         watch_parent(parent)  # the front-end died: we go too (and our workers after us)
         os.environ[adopt.FRONTEND_PID_ENV] = str(parent)  # our workers outlive us, not the front-end
     try:
-        _on_stop_signals()  # (a stop signal pending since the fork is raised here)
+        on_stop_signals(_give_up)  # (a stop signal pending since the fork is raised here)
         llm, ch = _take_deployment()
     except (KeyboardInterrupt, ConnectionError):  # stopped (or the front-end went) before serving
         return 0

@@ -342,14 +342,12 @@ class FrontEnd:
     """What ApiServer needs of an LLM (engine, tokenizer, shutdown), the engine in another process."""
 
     def __init__(self, args, config):
-        from ..chat_template import set_chat_template, tokenizer_from
-        from ..models.loader import load_tokenizer, resolve
+        from ..chat_template import tokenizer_for
+        from ..models.loader import resolve
 
         config.validate()  # bad flags fail here, before any process starts
         source = resolve(config.model)
-        self.tokenizer = load_tokenizer(source) if config.tokenizer is None else tokenizer_from(config.tokenizer)
-        if config.chat_template is not None:
-            set_chat_template(self.tokenizer, config.chat_template)
+        self.tokenizer = tokenizer_for(source, config)
         plain = (type(None), bool, int, float, str)
         wire = {k: v for k, v in vars(args).items() if k not in ("func", "api_key") and
                 (isinstance(v, plain) or isinstance(v, list) and all(isinstance(x, plain) for x in v))}

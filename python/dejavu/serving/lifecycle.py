@@ -58,14 +58,35 @@ def run_deployment_cleanups() -> None:
             pass
 
 
-def watch_parent(parent: int) -> None:
-    """Exit (status 3) once `parent` is gone, after the deployment cleanups."""
+def exit_when(gone, name: str = "parent-watch") -> None:
+    """Exit (status 3) once gone() is true (checked every 0.5 s), after the deployment cleanups."""
     def loop():
-        while os.getppid() == parent:
+        while not gone():
             time.sleep(0.5)
         run_deployment_cleanups()
         os._exit(3)
-    threading.Thread(target=loop, daemon=True, name="parent-watch").start()
+    threading.Thread(target=loop, daemon=True, name=name).start()
+
+
+def watch_parent(parent: int) -> None:
+    """Exit (status 3) once `parent` is gone, after the deployment cleanups."""
+    exit_when(lambda: os.getppid() != parent)
+
+
+def exit_after(seconds: float) -> None:
+    """Exit (status 0) `seconds` from now, whatever the process is doing then (a stop's grace period)."""
+    def expire():
+        time.sleep(seconds)
+        os._exit(0)
+    threading.Thread(target=expire, daemon=True, name="stop-grace").start()
+
+
+def on_stop_signals(handler) -> None:
+    """Handle SIGTERM / SIGINT with `handler`, then unblock them (spawn_blocked), so one that came
+    while the process started is handled now."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def stopping() -> bool:
@@ -74,16 +95,9 @@ def stopping() -> bool:
 
 
 def quiet_stop_on_signals() -> None:
-    """Worker side: SIGTERM / SIGINT start the grace period (no KeyboardInterrupt, no traceback);
-    then the signals are unblocked, so one that came while the process started is handled now."""
-    def expire():
-        time.sleep(stop_grace())
-        os._exit(0)
-
+    """Worker side: SIGTERM / SIGINT start the grace period (no KeyboardInterrupt, no traceback)."""
     def handler(signum, frame):
         if not _stopping.is_set():
             _stopping.set()
-            threading.Thread(target=expire, daemon=True, name="stop-grace").start()
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, handler)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            exit_after(stop_grace())
+    on_stop_signals(handler)
