@@ -167,22 +167,27 @@ def test_disaggregated_workers_rejoin_the_next_controller(tmp_path, reference):
         _fault_mid_stream(port, reference, signal.SIGKILL, ("prompt", "token"))
 
 
+def _recovered_once(port, rank):
+    """SIGKILL stage `rank` and wait for the controller's recovery: (the controller's entry, each
+    rank's pid) from /v1/cluster afterwards."""
+    workers = {w["rank"]: w["pid"] for w in _role(_get(port, "/v1/cluster"), "stage")}
+    os.kill(workers[rank], signal.SIGKILL)
+    deadline = time.time() + 60
+    while not _get(port, "/v1/cluster")["fault_tolerance"]["recoveries"]:
+        assert time.time() < deadline
+        time.sleep(0.2)
+    mid = _get(port, "/v1/cluster")
+    [ctl] = _role(mid, "controller")
+    return ctl, {w["rank"]: w["pid"] for w in _role(mid, "stage")}
+
+
 def test_a_worker_lost_with_its_controller_means_new_workers_at_once(tmp_path, reference):
     """A worker recovered by the first controller, then the controller hung (SIGSTOP) and a worker
     killed while it is: the front-end sees the dead worker in the last status and starts the next
     controller with new workers at once (not after the 30 s wait for a rejoin that cannot come);
     the first controller's recovery still counts in /v1/cluster."""
     with serving(tmp_path, "--pp", "2", "--controller-timeout", "2") as port:
-        before = _get(port, "/v1/cluster")
-        workers = {w["rank"]: w["pid"] for w in _role(before, "stage")}
-        os.kill(workers[0], signal.SIGKILL)
-        deadline = time.time() + 60
-        while not _get(port, "/v1/cluster")["fault_tolerance"]["recoveries"]:
-            assert time.time() < deadline
-            time.sleep(0.2)
-        mid = _get(port, "/v1/cluster")
-        [ctl] = _role(mid, "controller")
-        workers = {w["rank"]: w["pid"] for w in _role(mid, "stage")}
+        ctl, workers = _recovered_once(port, 0)
         os.kill(ctl["pid"], signal.SIGSTOP)
         os.kill(workers[1], signal.SIGSTOP)  # hung: killed by the front-end, which starts new workers
         out, prog = [], []
@@ -203,15 +208,7 @@ def test_a_replacement_worker_rejoins_the_next_controller(tmp_path, reference):
     """A worker replaced by the first controller (a warm spare promoted to its rank) is adopted by
     the next one as that rank, like the workers started with the deployment."""
     with serving(tmp_path, "--pp", "2") as port:
-        workers = {w["rank"]: w["pid"] for w in _role(_get(port, "/v1/cluster"), "stage")}
-        os.kill(workers[1], signal.SIGKILL)
-        deadline = time.time() + 60
-        while not _get(port, "/v1/cluster")["fault_tolerance"]["recoveries"]:
-            assert time.time() < deadline
-            time.sleep(0.2)
-        mid = _get(port, "/v1/cluster")
-        [ctl] = _role(mid, "controller")
-        workers = {w["rank"]: w["pid"] for w in _role(mid, "stage")}
+        ctl, workers = _recovered_once(port, 1)
         os.kill(ctl["pid"], signal.SIGKILL)
         out, prog = [], []
         _stream(port, PROMPTS[1], BODIES[1], out, prog)
