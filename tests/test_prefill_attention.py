@@ -65,3 +65,32 @@ def test_context_prefill_attention_equals_the_paged_path(device, spec, heads, kv
     ref = paged_attention(q, k, v, cache, meta, scale=d ** -0.5)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(filled, cache)  # the reference wrote the same new K/V
+
+
+@needs_cuda
+@pytest.mark.parametrize("spec", [((5, 3), (0, 7), (12, 1)), ((40, 1), (33, 16), (70, 32))])  # (cached, new)
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
+@pytest.mark.parametrize("alibi", [False, True])
+def test_context_prefill_as_decode_rows_equals_the_paged_path(spec, heads, kv_heads, alibi, monkeypatch):
+    """Few new tokens a sequence: each is a query row of the decode kernel (meta.row_context)."""
+    g = torch.Generator().manual_seed(len(spec) + heads + kv_heads)
+    d, bs = 64, 16
+    items, at = [], 0
+    for cached, n in spec:
+        blocks = -(-(cached + n) // bs)
+        items.append((torch.randint(3, 100, (n,), generator=g).tolist(), cached, list(range(at, at + blocks))))
+        at += blocks
+    _, _, meta, _ = build_metadata(items, bs, torch.device("cuda"))
+    assert meta.row_context is not None and meta.row_tables.shape[0] == sum(x[1] for x in spec)
+    longer = build_metadata(items + [([5] * 33, 4, [at, at + 1, at + 2])], bs, torch.device("cuda"))[2]
+    assert longer.row_context is None and longer.spans is not None  # over CONTEXT_ROWS_MAX_TOKENS: the loop
+    n = sum(x[1] for x in spec)
+    q, k, v = (torch.randn(n, hh, d, generator=g).cuda() for hh in (heads, kv_heads, kv_heads))
+    cache = torch.randn(at, 2, bs, kv_heads, d, generator=g).cuda()
+    slopes = torch.tensor([0.5 ** (i + 1) for i in range(heads)]).cuda() if alibi else None
+    filled = cache.clone()
+    out = paged_attention(q, k, v, filled, meta, scale=d ** -0.5, alibi_slopes=slopes)
+    monkeypatch.setenv("DEJAVU_ATTENTION", "torch")
+    ref = paged_attention(q, k, v, cache, meta, scale=d ** -0.5, alibi_slopes=slopes)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(filled, cache)

@@ -67,6 +67,11 @@ FUSE_ATTENTION = os.environ.get("DEJAVU_ATTENTION_FUSE", "1") != "0"
 # KV write inside it a step took 1.3% more GPU time (OPT-1.3B, batch 32, H200; docs/BENCHMARKS.md):
 # there the write stays a kernel of its own.
 _FUSED_KV_WRITE_MAX_ROWS = int(_C.decode_warps_max_rows)
+# A prefill over a cached context whose sequences have at most this many new tokens each runs the
+# decode kernel with a query row per token (build_metadata); longer ones loop SDPA per sequence.
+# On an H100 the rows took 0.2-0.5x the loop's time at 16 new tokens and 0.75-1.4x at 64
+# (benchmarks/context_attention_ab.py, docs/BENCHMARKS.md).
+CONTEXT_ROWS_MAX_TOKENS = 32
 
 
 def fuses_kv_write(num_seqs: int, num_heads: int) -> bool:

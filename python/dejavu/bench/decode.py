@@ -171,7 +171,7 @@ def engine_and_hf(bench: str, model: str, device: str, dtype: str, seed: int, ma
         hf.save_pretrained(d)
         llm = LLM(model=d, device=str(dev), dtype=dtype, max_num_seqs=max_batch, block_size=BLOCK_SIZE,
                   kv_cache_blocks=max_batch * per_seq + 1, max_num_batched_tokens=max(max_batch * prompt_len, 8192),
-                  cuda_graphs=cuda_graphs)
+                  cuda_graphs=cuda_graphs, enable_prefix_caching=False)  # prefills repeat their prompts
     hf = hf.to(dev)
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0

@@ -50,7 +50,8 @@ def run(model: str, device: str, dtype: str, batch: int, prompt_len: int, max_to
               "card": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        llm = LLM(model=d, device=str(dev), dtype=dtype, max_num_seqs=max(batch, 1))
+        # each timed run repeats the prompts: a prefix-cache hit would not be the generation measured
+        llm = LLM(model=d, device=str(dev), dtype=dtype, max_num_seqs=max(batch, 1), enable_prefix_caching=False)
     hf = hf.to(dev)
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0

@@ -61,20 +61,25 @@ def build_metadata(items: list[tuple[list[int], int, list[int]]], block_size: in
             ring_rows = np.arange(first, first + n, dtype=np.int64)
     elif tap is not None:
         tap.cancel_staged()
+    # few new tokens a sequence over a cached context (prefix hits, a recovery's recomputation):
+    # a query row each through the decode kernel (models/layers.py paged_attention)
+    rows = spans is not None and device.type == "cuda" and t <= kernels.CONTEXT_ROWS_MAX_TOKENS
+    none = np.zeros(0, np.int64)
     fields = [ids, pos, slot_blocks, slot_offsets, tables, q_index, seq_of * t + local,
-              q_positions, last, pos[last] + 1 if decode else np.zeros(0, np.int64),
-              ring_rows if ring_rows is not None else np.zeros(0, np.int64)]
+              q_positions, last, pos[last] + 1 if decode else none,
+              ring_rows if ring_rows is not None else none, tables[seq_of] if rows else none, pos + 1 if rows else none]
     packed = torch.from_numpy(np.concatenate([f.reshape(-1) for f in fields])).to(device, non_blocking=True)
     views, at = [], 0
     for f in fields:
         views.append(packed[at:at + f.size].view(f.shape))
         at += f.size
-    d_ids, d_pos, d_blk, d_off, d_tables, d_qi, d_oi, d_qp, d_last, d_ctx, d_ring = views
+    d_ids, d_pos, d_blk, d_off, d_tables, d_qi, d_oi, d_qp, d_last, d_ctx, d_ring, d_row_tables, d_row_ctx = views
     meta = AttnMetadata(slot_blocks=d_blk, slot_offsets=d_off, block_tables=d_tables, q_index=d_qi, out_index=d_oi,
                         q_positions=d_qp, key_positions=torch.arange(max_blocks * block_size, device=device),
                         context_lens=d_ctx if decode else None,
-                        num_parts=kernels.num_parts(int(pos.max()) + 1) if decode else 1,
+                        num_parts=kernels.num_parts(int(pos.max()) + 1) if decode or rows else 1,
                         fresh=not decode and not starts.any(), spans=spans,
+                        row_tables=d_row_tables if rows else None, row_context=d_row_ctx if rows else None,
                         ring=tap.ring if ring_rows is not None else None,
                         ring_rows=d_ring if ring_rows is not None else None)
     return d_ids, d_pos, meta, d_last

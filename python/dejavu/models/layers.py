@@ -48,6 +48,10 @@ class AttnMetadata:
     # Prefills over a cached context (prefix-cache hits, chunked prompts): per sequence, on the host,
     # (index of its first new token, new tokens, tokens cached before them). None otherwise.
     spans: tuple | None = None
+    # Prefills over a cached context whose every sequence has few new tokens (CUDA): each new token
+    # is a query row of the decode kernel, with its sequence's blocks and its position + 1 keys.
+    row_tables: torch.Tensor | None = None   # [N, max_blocks] int64
+    row_context: torch.Tensor | None = None  # [N] int64
     ring: KVRing | None = None        # with ring_rows: new K/V also go to these rows of the ring
     ring_rows: torch.Tensor | None = None  # [N] int64 (negative: not replicated through the ring)
 
@@ -93,6 +97,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
         if meta.fresh and alibi_slopes is None:
             kernels.write_kv(cache, k, v, meta.slot_blocks, meta.slot_offsets)
             return _prefill_attention(q, k, v, meta, scale)
+        if meta.row_context is not None:  # one kernel call, not a loop over the sequences
+            kernels.write_kv(cache, k, v, meta.slot_blocks, meta.slot_offsets)
+            return kernels.decode_attention(q, cache, meta.row_tables, meta.row_context, scale, meta.num_parts,
+                                            alibi_slopes).to(q.dtype)
         if meta.spans is not None and alibi_slopes is None:
             kernels.write_kv(cache, k, v, meta.slot_blocks, meta.slot_offsets)
             return _context_attention(q, cache, meta, scale)
