@@ -78,6 +78,24 @@ def _mirror_with(srv, shape):
     return cli, cache
 
 
+@pytest.mark.parametrize("family", ["llama-tiny", "opt-tiny", "gpt2-tiny", "bloom-tiny"])
+def test_warm_up_runs_a_one_layer_model_of_each_family(family):
+    from dejavu.cluster.warmup import warm_up
+    from dejavu.models.registry import named_config
+
+    tokens = warm_up(named_config(family), torch.device("cpu"), torch.float32)
+    assert tokens.shape == (8,) and tokens.dtype == torch.int64  # the last decode step's greedy tokens
+
+
+def test_a_standby_warms_up_on_the_first_stage_it_loaded():
+    pre, seen = Preloader(), []
+    pre.warm_up = lambda cfg, dev, dtype: seen.append((cfg.num_layers, dev, dtype))
+    pre.start(_preload("host", MODEL, [(0, 2), (2, 4)], kv_bytes=1 << 20), TOKEN)
+    pre.thread.join()
+    assert seen == [(4, torch.device("cpu"), torch.float32)] and pre.segment is not None  # after the segment
+    pre.segment.close()
+
+
 def test_local_fetch_restores_the_same_bytes_as_tcp():
     shape = (3, 6, 2, 4, 2, 8)  # layers, blocks, K/V, block size, heads, head dim
     srv = ReplicaServer(TOKEN)

@@ -86,4 +86,8 @@ def wait_for_config(ch, token: str):
         msg = ch.recv(timeout=None)
         if msg.t != "preload":
             return msg
+        if msg.device.startswith("cuda"):
+            from .warmup import warm_up
+
+            PRELOADER.warm_up = warm_up  # after the weights: a takeover's first steps load no kernels
         PRELOADER.start(msg, token)

@@ -72,10 +72,13 @@ class Preloader:
         self.thread: threading.Thread | None = None
         self.want: tuple | None = None  # the standby was given this stage: the only one still worth loading
         self.segment = None  # a restore segment kept ready (replica_local.RestoreSegment)
+        self.warm_up = None  # callable(cfg, device, dtype) run once on what was loaded (cluster/warmup.py)
+        self._warm_with = None  # (cfg, device, dtype) of the first stage loaded
 
     def start(self, msg, token: str) -> None:
         """Load msg.stages (messages.Preload, most likely first) in the background, while they fit;
-        then make the restore segment (kvstream/replica_local.py) for the largest of their caches."""
+        then make the restore segment (kvstream/replica_local.py) for the largest of their caches,
+        then run `warm_up` on the first stage's model config."""
         if msg.where == "off" or self.thread is not None:
             return
         self.thread = threading.Thread(target=self._prepare, args=(msg, token), daemon=True, name="preload")
@@ -83,6 +86,14 @@ class Preloader:
 
     def _prepare(self, msg, token: str) -> None:
         self._load_all(msg)
+        self._make_segment(msg, token)
+        if self.warm_up is not None and self._warm_with is not None and self.want is None:
+            try:
+                self.warm_up(*self._warm_with)
+            except Exception as e:  # noqa: BLE001 - a cold standby still takes over
+                log.warning("standby: warm-up failed (%s: %s)", type(e).__name__, e)
+
+    def _make_segment(self, msg, token: str) -> None:
         kv = max((st.kv_bytes for st in msg.stages), default=0)
         if not kv or self.want is not None or kv > budget("host", torch.device("cpu")):
             return
@@ -125,6 +136,7 @@ class Preloader:
                     continue
                 t0 = time.perf_counter()
                 self.held[key] = self._load(src, msg, st, dev, dtype)
+                self._warm_with = self._warm_with or (self.held[key].cfg, dev, dtype)
                 log.info("standby: layers %s held in %s memory (%d MiB, %.2fs)", st.layers, msg.where, n >> 20,
                          time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 - a standby without preloaded weights still takes over

@@ -1,0 +1,51 @@
+"""A standby's warm-up: one layer of the model it holds runs a prefill, a prefill over a cached
+context and decode steps on its device before any rank is given to it, so that a takeover's first
+steps do not pay for loading kernels and creating library handles (docs/fault-tolerance.md,
+"Standbys hold weights")."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import torch
+
+log = logging.getLogger("dejavu.standby")
+
+BLOCK = 16
+
+
+@torch.inference_mode()
+def warm_up(cfg, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Run a one-layer model of config `cfg` (embedding and head included, weights random) through
+    the shapes a stage sees; everything it allocates is freed again. Returns the last decode
+    step's greedy tokens."""
+    from ..engine.kv_cache import PagedKVCache
+    from ..engine.model_runner import build_metadata
+    from ..models.loader import skeleton
+
+    t0 = time.perf_counter()
+    one = dataclasses.replace(cfg, num_layers=1,
+                              window_layers=cfg.window_layers[:1] if cfg.window_layers is not None else None)
+    model = skeleton(one, device, dtype, (0, 1))
+    for p in model.parameters():
+        p.normal_(0.0, 0.02)
+    model.eval()
+    seqs = 8
+    cache = PagedKVCache(1, 2 * seqs, BLOCK, one.num_kv_heads, one.head_dim, dtype, device)
+
+    def run(items):
+        ids, pos, meta, last = build_metadata(items, BLOCK, device)
+        h = model(ids, pos, meta, cache.tensor)
+        return model.compute_logits(h[last]).argmax(-1)
+
+    blocks = [[2 * i, 2 * i + 1] for i in range(seqs)]
+    run([([1] * 20, 0, blocks[i]) for i in range(seqs)])            # a fresh prefill
+    run([([1] * 3, 20, blocks[i]) for i in range(seqs)])            # over a cached context
+    for n in (1, seqs):                                             # decode steps
+        tokens = run([([1], 23, blocks[i]) for i in range(n)]).cpu()
+    model = cache = None  # (freed before the cache is emptied)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    log.info("standby: warmed up on %s in %.2fs", device, time.perf_counter() - t0)
+    return tokens
