@@ -7,6 +7,7 @@ step's new tokens are written back there, so it always holds the resident and th
 microbatches alike, and a replacement restores into it (regions then fill from it as usual)."""
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -51,7 +52,7 @@ class ReplicaRole:
         t0 = time.perf_counter()
         blocks = msg.blocks
         bad, nbytes, error = [], 0, None
-        segment = None
+        segment, fetched = None, []  # the segment and the views of it: released after the reply
         try:
             if blocks:
                 shape = (cache.num_layers, len(blocks)) + tuple(cache.tensor.shape[2:])
@@ -67,6 +68,7 @@ class ReplicaRole:
                     data, chk = client.get_blocks(src, blocks, segment)
                 finally:
                     client.close()
+                fetched.append(data)
                 x = data.view(cache.dtype).view(shape)
                 # Replicas kept on disk carry MACs (replica.py): verified with the key, never trusted as they are.
                 key = mac_key(cfg.kv_token, src) if cfg.replicate.dir else None
@@ -85,16 +87,22 @@ class ReplicaRole:
                     self.stage.swap.host_write(blocks)  # no region keeps an older device copy of them
                 to_cache(x, cache.tensor, blocks, segment is not None and segment.pinned)
                 nbytes = data.numel()
+                data = x = None
         except (OSError, ReplicaError) as e:
             error = f"{type(e).__name__}: {e}"
             bad = [r.seq_id for r in msg.seqs]
-        finally:
-            if segment is not None:
-                segment.close()
+        except BaseException:
+            _release(segment, fetched)
+            raise
         if self.stage.device.type == "cuda":
             torch.cuda.synchronize(self.stage.device)
-        self.stage.ch.send(Restored(rank=self.stage.rank, bad=bad, bytes=nbytes, seconds=time.perf_counter() - t0,
-                                    error=error))
+        try:
+            self.stage.ch.send(Restored(rank=self.stage.rank, bad=bad, bytes=nbytes,
+                                        seconds=time.perf_counter() - t0, error=error))
+        finally:
+            # Unpinning and unmapping a segment of the cache's size takes a while (freeing its
+            # pages): on a thread, not before the first step after the recovery.
+            threading.Thread(target=_release, args=(segment, fetched), daemon=True, name="restore-release").start()
 
     def set_replication(self, msg) -> None:
         """Pause / resume (between requests; Controller.set_replication)."""
@@ -112,3 +120,9 @@ class ReplicaRole:
 
     def close(self) -> None:
         self.server.stop(remove_files=True)  # a clean shutdown: no replica outlives the deployment
+
+
+def _release(segment, fetched: list) -> None:
+    if segment is not None:
+        segment.close()
+    fetched.clear()  # the last views of the mapping: unmapped here (CPython's munmap runs without the GIL)
