@@ -70,6 +70,53 @@ def test_standby_keeps_a_restore_segment_ready():
     assert pre.take_segment(2 << 20) is None and not os.path.exists(path)  # too small: dropped, made anew
 
 
+def test_standby_pinned_memory_serves_a_ring_that_fits():
+    pre = Preloader()
+    pre.pinned = torch.empty(4096, dtype=torch.uint8)  # what _make_pinned allocates (pinned where CUDA is)
+    t = pre.take_pinned((2, 8, 2, 4, 4), torch.float16)  # 1 KiB
+    assert t.shape == (2, 8, 2, 4, 4) and t.dtype == torch.float16 and pre.pinned is None
+    pre.pinned = torch.empty(1024, dtype=torch.uint8)
+    assert pre.take_pinned((2, 8, 2, 4, 8), torch.float16) is None and pre.pinned is None  # too small: dropped
+    assert pre.take_pinned((1,), torch.float16) is None  # nothing held
+
+
+def test_ring_budget_is_an_eighth_of_the_cache_at_most_the_cap(monkeypatch):
+    from dejavu.serving.replication import ring_budget
+
+    assert ring_budget(8 << 20) == 1 << 20
+    assert ring_budget(64 << 30) == 512 << 20
+    monkeypatch.setenv("DEJAVU_REPLICA_RING_MIB", "1")
+    assert ring_budget(64 << 30) == 1 << 20
+    monkeypatch.setenv("DEJAVU_REPLICA_RING", "0")
+    assert ring_budget(64 << 30) == 0
+
+
+def test_a_replacement_waits_for_device_memory_a_dying_worker_frees(monkeypatch):
+    from dejavu.models import preload
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    calls = []
+
+    def alloc():
+        calls.append(1)
+        if len(calls) < 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return "model"
+    assert preload.while_memory_frees(alloc, torch.device("cuda")) == "model" and len(calls) == 3
+
+    def never():
+        calls.append(1)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    calls.clear()
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # not forever
+        preload.while_memory_frees(never, torch.device("cuda"), wait_s=0.2)
+    assert len(calls) > 1
+    calls.clear()
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # a CPU worker has no one to wait for
+        preload.while_memory_frees(never, torch.device("cpu"))
+    assert len(calls) == 1
+
+
 def _mirror_with(srv, shape):
     cache = torch.randn(shape)
     cli = ReplicaClient("127.0.0.1", srv.port, TOKEN)
@@ -172,6 +219,10 @@ def test_warm_spare_with_preloaded_weights_takes_over_exactly(reference):  # noq
         assert got == reference
         ev = llm.engine.fault_tolerance()["recoveries"][0]
         assert ev["weights_from"] == "host" and ev["kv_local"] and ev["bad_replicas"] == 0, ev
+        # the recovery's record splits the replacement's start and the KV fetch into their phases
+        assert set(ev["ready_parts"]) == {"weights", "cache", "roles"}, ev
+        assert set(ev["restore_parts"]) == {"segment", "fetch", "verify", "copy"}, ev
+        assert sum(ev["restore_parts"].values()) <= ev["kv_fetch_s"], ev
         assert eng.worker_info[1]["pid"] == hello.pid
         assert not glob.glob(ready)  # the restore used it (and unlinked it)
     finally:

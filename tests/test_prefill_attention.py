@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import needs_cuda
+from dejavu import kernels
 from dejavu.engine.model_runner import build_metadata
 from dejavu.models.layers import _context_attention, causal_attention, paged_attention, write_kv
 
@@ -68,7 +69,8 @@ def test_context_prefill_attention_equals_the_paged_path(device, spec, heads, kv
 
 
 @needs_cuda
-@pytest.mark.parametrize("spec", [((5, 3), (0, 7), (12, 1)), ((40, 1), (33, 16), (70, 32))])  # (cached, new)
+@pytest.mark.parametrize("spec", [((5, 3), (0, 7), (12, 1)), ((40, 1), (33, 16), (70, 32)),
+                                  ((300, 4), (129, 2), (12, 1))])  # (cached, new)
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
 @pytest.mark.parametrize("alibi", [False, True])
 def test_context_prefill_as_decode_rows_equals_the_paged_path(spec, heads, kv_heads, alibi, monkeypatch):
@@ -94,3 +96,9 @@ def test_context_prefill_as_decode_rows_equals_the_paged_path(spec, heads, kv_he
     ref = paged_attention(q, k, v, cache, meta, scale=d ** -0.5, alibi_slopes=slopes)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(filled, cache)
+    monkeypatch.delenv("DEJAVU_ATTENTION")
+    monkeypatch.setattr(kernels, "CONTEXT_ROWS_MAX_WORKSPACE", 0)  # rows too large for the workspace bound
+    if meta.num_parts > 1 and not alibi:
+        assert not kernels.rows_fit(n, heads, d, meta.num_parts)
+        looped = paged_attention(q, k, v, cache.clone(), meta, scale=d ** -0.5)  # the loop over the sequences
+        torch.testing.assert_close(looped, ref, rtol=1e-4, atol=1e-4)

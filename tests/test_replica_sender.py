@@ -508,3 +508,25 @@ def test_replica_throughput_benchmark_runs(tmp_path):
     assert "ring / gather (medians)" in r.stdout
     r = subprocess.run([sys.executable, script, "--steps", "0"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "must be positive" in r.stderr
+
+
+def test_a_standby_ring_uses_the_pinned_memory_it_kept():
+    """A replacement that was a standby takes its step ring from the pinned memory the standby
+    allocated ahead (models/preload.py), not a new pinned allocation."""
+    import pytest
+
+    from dejavu.models.preload import PRELOADER
+
+    if not torch.cuda.is_available() or not _C.cuda_compiled():
+        pytest.skip("needs a CUDA device and a CUDA build")
+    token = new_cluster_token()
+    cache = PagedKVCache(4, 64, 16, 8, 128, torch.float16, torch.device("cuda", 0))
+    PRELOADER.pinned = torch.empty(16 << 20, dtype=torch.uint8, pin_memory=True)
+    kept = PRELOADER.pinned.data_ptr()
+    worker, _ = _worker(cache, token)
+    rep = Replicator(worker, "standby")
+    try:
+        assert rep.ring is not None and rep.ring.tensor.data_ptr() == kept and PRELOADER.pinned is None
+        assert rep.ring.tensor.is_pinned()
+    finally:
+        rep.close()

@@ -13,6 +13,7 @@
 namespace dejavu {
 
 namespace {
+constexpr int kGatherThreads = 8;
 std::string range_text(int64_t hi) { return "[0, " + std::to_string(hi) + ")"; }
 }  // namespace
 
@@ -104,10 +105,14 @@ void ReplicaMirror::get_blocks(const std::vector<int64_t>& blocks, uint8_t* out,
   const KVLayout& l = layout_;
   check_blocks(blocks);
   const int64_t k = static_cast<int64_t>(blocks.size()), cb = l.chunk_bytes();
-  std::lock_guard<std::mutex> g(mu_);
+  std::vector<int64_t> rows;  // (source offset, destination offset, bytes) per layer and block
+  rows.reserve(static_cast<size_t>(l.num_layers * k) * 3);
   for (int64_t layer = 0; layer < l.num_layers; ++layer)
-    for (int64_t j = 0; j < k; ++j)
-      std::memcpy(out + (layer * k + j) * cb, data_ + l.chunk_offset(layer, blocks[j]), static_cast<size_t>(cb));
+    for (int64_t j = 0; j < k; ++j) rows.insert(rows.end(), {l.chunk_offset(layer, blocks[j]), (layer * k + j) * cb, cb});
+  std::lock_guard<std::mutex> g(mu_);
+  // A restore gathers a whole stage's cache while the replacement waits: as many threads as it takes
+  // to reach the host's memory bandwidth.
+  host_copy_rows(data_, out, rows.data(), rows.size() / 3, kGatherThreads);
   for (int64_t j = 0; j < k; ++j)
     std::memcpy(chk_out + j * l.block_size, chk_ + blocks[j] * l.block_size, static_cast<size_t>(l.block_size) * 8);
 }

@@ -72,6 +72,14 @@ _FUSED_KV_WRITE_MAX_ROWS = int(_C.decode_warps_max_rows)
 # On an H100 the rows took 0.2-0.5x the loop's time at 16 new tokens and 0.75-1.4x at 64
 # (benchmarks/context_attention_ab.py, docs/BENCHMARKS.md).
 CONTEXT_ROWS_MAX_TOKENS = 32
+# The kernel's workspace holds rows x heads x partitions x (head_dim + 2) floats: rows whose
+# workspace would exceed this (a large batch over long contexts) take the loop instead.
+CONTEXT_ROWS_MAX_WORKSPACE = 256 << 20
+
+
+def rows_fit(rows: int, heads: int, head_dim: int, parts: int) -> bool:
+    """Whether a prefill over a cached context of `rows` new tokens runs as decode-kernel rows."""
+    return parts <= 1 or _C.decode_attention_workspace(rows, heads, head_dim, parts) * 4 <= CONTEXT_ROWS_MAX_WORKSPACE
 
 
 def fuses_kv_write(num_seqs: int, num_heads: int) -> bool:

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 from ..kvstream.net import LOOPBACK, listen
 
@@ -156,10 +157,15 @@ class Launcher:
         if spare is not None:
             self.proc_of[rank] = spare
 
-    def reap(self, p) -> None:
-        """A failed (or replaced) worker process of ours: make sure it is gone, and reap it."""
+    def reap(self, p, wait: bool = True) -> None:
+        """A failed (or replaced) worker process of ours: make sure it is gone, and reap it; with
+        wait=False on a thread: a killed GPU process takes a while to free its CUDA context, and
+        only its memory is waited for, by its replacement (preload.while_memory_frees)."""
         if p.poll() is None:
             p.kill()
+        if not wait:
+            threading.Thread(target=self.reap, args=(p,), daemon=True, name="reap").start()
+            return
         try:
             p.wait(5)
         except subprocess.TimeoutExpired:
@@ -172,5 +178,5 @@ class Launcher:
 
         for p in self.spare_procs.values():
             _signal(p, signal.SIGKILL)  # a spare not given a rank has nothing to lose
-        stop(self.procs, timeout)
+        stop(list(self.procs), timeout)  # (a reaping thread may still remove one)
         cleanup_orphans()  # the restore segments (replica_local.py) of spares and workers killed

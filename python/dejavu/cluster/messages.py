@@ -297,6 +297,7 @@ class Ready(Message):
     kv_port: int | None = None
     ipc: dict | None = None
     weights: str | None = None     # where its weights came from: host or device (a standby's preload), else None
+    parts: dict | None = None      # seconds per start-up phase: weights, cache, roles
 
 
 @message("error", WORKER)
@@ -354,6 +355,7 @@ class Restored(Message):
     bytes: int
     seconds: float
     error: str | None = None
+    parts: dict | None = None    # seconds per phase: segment, fetch (the holder's gather), verify, copy
 
 
 @message("replicated", WORKER)

@@ -65,7 +65,7 @@ class Recovery:
             self.fence(rank, ch)
         p = c.launcher.proc_of.pop(rank, None)
         if p is not None:
-            c.launcher.reap(p)
+            c.launcher.reap(p, wait=False)  # killed now; reaped beside the replacement's start
         elif p is None and c.worker_info.get(rank, {}).get("host_id") == host_id():
             try:  # a hung worker we did not start ourselves (mpirun) on this host: make sure it is gone
                 os.kill(int(c.worker_info[rank]["pid"]), 9)
@@ -189,6 +189,7 @@ class Recovery:
                 c._needed.discard(msg.rank)
                 c._on_ready(msg)
                 event["weights_s"] = max(event.get("weights_s", 0.0), msg.load_s)
+                _merge_parts(event, "ready_parts", msg.parts)
                 event["weights_from"] = msg.weights or "load"  # host / device: a standby's preload
         event["respawn_s"] = time.monotonic() - t0
         event["ranks"] = sorted(dead)  # including those found dead while recovering
@@ -277,6 +278,15 @@ class Recovery:
             del waiting[key]
             bad.update(msg.bad)
             event["kv_bytes"] = event.get("kv_bytes", 0) + msg.bytes
+            _merge_parts(event, "restore_parts", msg.parts)
             if msg.error:
                 log.warning("worker %d could not fetch its replica: %s", msg.rank, msg.error)
         return bad
+
+
+def _merge_parts(event: dict, key: str, parts: dict | None) -> None:
+    """event[key]: the slowest replacement's seconds per phase (a recovery waits for the slowest)."""
+    if parts:
+        mine = event.setdefault(key, {})
+        for k, v in parts.items():
+            mine[k] = round(max(mine.get(k, 0.0), float(v)), 4)

@@ -4,6 +4,7 @@ steps do not pay for loading kernels and creating library handles (docs/fault-to
 "Standbys hold weights")."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -20,11 +21,22 @@ def warm_up(cfg, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Run a one-layer model of config `cfg` (embedding and head included, weights random) through
     the shapes a stage sees; everything it allocates is freed again. Returns the last decode
     step's greedy tokens."""
+    t0 = time.perf_counter()
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        try:
+            tokens = _run(cfg, device, dtype)
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # what the one-layer model and its cache took (freed on return)
+    log.info("standby: warmed up on %s in %.2fs", device, time.perf_counter() - t0)
+    return tokens
+
+
+def _run(cfg, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     from ..engine.kv_cache import PagedKVCache
     from ..engine.model_runner import build_metadata
     from ..models.loader import skeleton
 
-    t0 = time.perf_counter()
     one = dataclasses.replace(cfg, num_layers=1,
                               window_layers=cfg.window_layers[:1] if cfg.window_layers is not None else None)
     model = skeleton(one, device, dtype, (0, 1))
@@ -44,8 +56,4 @@ def warm_up(cfg, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     run([([1] * 3, 20, blocks[i]) for i in range(seqs)])            # over a cached context
     for n in (1, seqs):                                             # decode steps
         tokens = run([([1], 23, blocks[i]) for i in range(n)]).cpu()
-    model = cache = None  # (freed before the cache is emptied)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    log.info("standby: warmed up on %s in %.2fs", device, time.perf_counter() - t0)
     return tokens

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from ..models.preload import PRELOADER
 from ..parallel.wire import Channel, connect
 from ..serving.lifecycle import on_deployment_gone, quiet_stop_on_signals, run_deployment_cleanups
 from ..kvstream.net import parse_host_port
@@ -36,6 +37,7 @@ class Worker:
         self.epoch = cfg.epoch  # the latest epoch heard of (_serve), kept across controllers (adopt.py)
         self.stage = StageRole(ch, cfg, rank)
         self.roles = [self.stage]
+        t0 = time.perf_counter()
         replica = None
         if cfg.replicate:
             from .roles.replica import ReplicaRole
@@ -50,6 +52,8 @@ class Worker:
             from .roles.token import TokenRole
 
             self.roles.append(TokenRole(self.stage, replica))
+        self.stage.parts["roles"] = time.perf_counter() - t0  # replica (its servers and ring), prompt, token
+        PRELOADER.pinned = None  # a standby's pinned memory for a ring no role took
         self.handlers = {}
         for role in self.roles:
             self.handlers.update(role.handlers())

@@ -43,6 +43,8 @@ _LEN = struct.Struct(">I")
 MAX_HEADER = 1 << 20
 MAX_PAYLOAD = 1 << 30  # a frame to the holder (senders split theirs at 64 MiB)
 MAX_REPLY = 16 << 30   # a holder's answer (a whole stage's blocks when restoring)
+# Checksumming a restore's blocks is on the replacement's critical path: up to 8 threads (C++, no GIL)
+_CRC_THREADS = min(8, os.cpu_count() or 1)
 _SRC = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # a worker's name: also part of a file name
 
 
@@ -72,7 +74,7 @@ def _crc_items(x: torch.Tensor, item_dims: tuple[int, ...], piece_dims: tuple[in
     out = torch.empty(items.numel(), dtype=torch.int64)
     if items.numel():
         _C.crc32c_items(x.data_ptr(), items.data_ptr(), items.numel(), pieces.data_ptr(), pieces.numel(),
-                        piece_bytes, out.data_ptr(), 4)
+                        piece_bytes, out.data_ptr(), _CRC_THREADS)
     return out
 
 

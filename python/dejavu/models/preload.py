@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -72,13 +73,14 @@ class Preloader:
         self.thread: threading.Thread | None = None
         self.want: tuple | None = None  # the standby was given this stage: the only one still worth loading
         self.segment = None  # a restore segment kept ready (replica_local.RestoreSegment)
+        self.pinned = None  # pinned host memory kept ready for the replication ring (serving/replication.py)
         self.warm_up = None  # callable(cfg, device, dtype) run once on what was loaded (cluster/warmup.py)
         self._warm_with = None  # (cfg, device, dtype) of the first stage loaded
 
     def start(self, msg, token: str) -> None:
         """Load msg.stages (messages.Preload, most likely first) in the background, while they fit;
-        then make the restore segment (kvstream/replica_local.py) for the largest of their caches,
-        then run `warm_up` on the first stage's model config."""
+        then make the restore segment (kvstream/replica_local.py) and the replication ring's pinned
+        memory for the largest of their caches, then run `warm_up` on the first stage's model config."""
         if msg.where == "off" or self.thread is not None:
             return
         self.thread = threading.Thread(target=self._prepare, args=(msg, token), daemon=True, name="preload")
@@ -87,6 +89,7 @@ class Preloader:
     def _prepare(self, msg, token: str) -> None:
         self._load_all(msg)
         self._make_segment(msg, token)
+        self._make_pinned(msg)
         if self.warm_up is not None and self._warm_with is not None and self.want is None:
             try:
                 self.warm_up(*self._warm_with)
@@ -105,6 +108,24 @@ class Preloader:
         atexit.register(seg.close)  # never left in /dev/shm by a clean exit (cleanup_orphans: a killed one)
         seg.prefault()
         self.segment = seg
+
+    def _make_pinned(self, msg) -> None:
+        from ..serving.replication import ring_budget
+
+        n = ring_budget(max((st.kv_bytes for st in msg.stages), default=0))
+        if not n or self.want is not None or not msg.device.startswith("cuda") or not torch.cuda.is_available():
+            return
+        if n > budget("host", torch.device("cpu")):
+            return
+        self.pinned = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+
+    def take_pinned(self, shape, dtype: torch.dtype) -> torch.Tensor | None:
+        """The pinned memory made ahead of time, as a tensor of `shape` (None: none held, or too small)."""
+        buf, self.pinned = self.pinned, None
+        n = math.prod(shape) * dtype.itemsize
+        if buf is None or buf.numel() < n:
+            return None
+        return buf[:n].view(dtype).view(shape)
 
     def take_segment(self, nbytes: int):
         """The restore segment made ahead of time, for a restore of `nbytes` (None: none fits)."""
@@ -176,7 +197,26 @@ class Preloader:
             return None, None
         if held.model is not None and next(held.model.parameters()).device == device:
             return held.model, held.where  # already where it runs (device memory, or a CPU deployment's host)
-        return copy_in(held, device, dtype, tuple(layers), (tp_rank, tp_size)), held.where
+        return while_memory_frees(lambda: copy_in(held, device, dtype, tuple(layers), (tp_rank, tp_size)),
+                                  device), held.where
+
+
+MEMORY_WAIT_S = 10.0
+
+
+def while_memory_frees(fn, device: torch.device, wait_s: float = MEMORY_WAIT_S):
+    """fn(), tried again for up to wait_s while it runs out of device memory: a replacement starts
+    while the failed worker's process, on the same GPU, may still be exiting and freeing its memory
+    (the controller reaps it meanwhile, not before)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return fn()
+        except torch.cuda.OutOfMemoryError:
+            if device.type != "cuda" or time.monotonic() > deadline:
+                raise
+            torch.cuda.empty_cache()
+            time.sleep(0.05)
 
 
 def copy_in(held: Held, device: torch.device, dtype: torch.dtype, layers: tuple[int, int], tp: tuple[int, int]):

@@ -34,6 +34,7 @@ import torch
 from .. import _C, kernels
 from ..cluster.messages import KINDS
 from ..models.layers import KVRing
+from ..models.preload import PRELOADER
 
 
 class Replicator:
@@ -90,17 +91,18 @@ class Replicator:
         self.native.set_holder(str(addr[0]), int(addr[1]))
 
     def _make_ring(self, cache) -> KVRing | None:
-        mib = float(os.environ.get("DEJAVU_REPLICA_RING_MIB", "512"))
-        if os.environ.get("DEJAVU_REPLICA_RING", "1") == "0" or mib <= 0:
+        budget = ring_budget(cache.tensor.numel() * cache.tensor.element_size())
+        if not budget:
             return None
         if self._cuda and not kernels.usable(cache.tensor, cache.head_dim):
             return None  # the torch write path would copy to the host synchronously: gather instead
-        # Up to an eighth of the cache's tokens (rows absorb the sender falling behind for a while),
-        # at most DEJAVU_REPLICA_RING_MIB, at least 256 tokens.
         row = 2 * cache.num_layers * cache.num_kv_heads * cache.head_dim * cache.tensor.element_size()
-        rows = max(256, min(int(mib * (1 << 20)) // row, cache.num_blocks * cache.block_size // 8))
-        t = torch.empty((cache.num_layers, rows, 2, cache.num_kv_heads, cache.head_dim), dtype=cache.dtype,
-                        pin_memory=self._cuda)
+        rows = max(256, budget // row)
+        shape = (cache.num_layers, rows, 2, cache.num_kv_heads, cache.head_dim)
+        # a standby allocated its pinned ring ahead (pinning hundreds of MiB is slow): models/preload.py
+        t = PRELOADER.take_pinned(shape, cache.dtype) if self._cuda else None
+        if t is None:
+            t = torch.empty(shape, dtype=cache.dtype, pin_memory=self._cuda)
         self.native.ring_attach(t.data_ptr(), rows)
         return KVRing(t, cache.tensor)
 
@@ -188,6 +190,16 @@ class Replicator:
             self.w.ch.send(msg)
         except OSError:
             pass  # the controller is gone; the main loop exits on its own
+
+
+def ring_budget(kv_bytes: int) -> int:
+    """Bytes of a cache of `kv_bytes` that the step ring holds (0: no ring): an eighth of it (rows
+    absorb the sender falling behind for a while), at most DEJAVU_REPLICA_RING_MIB; the ring keeps
+    at least 256 tokens whatever this says."""
+    mib = float(os.environ.get("DEJAVU_REPLICA_RING_MIB", "512"))
+    if os.environ.get("DEJAVU_REPLICA_RING", "1") == "0" or mib <= 0:
+        return 0
+    return min(int(mib * (1 << 20)), kv_bytes // 8)
 
 
 def replica_src(worker_name: str, holder: int) -> str:

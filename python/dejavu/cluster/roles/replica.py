@@ -52,6 +52,7 @@ class ReplicaRole:
         t0 = time.perf_counter()
         blocks = msg.blocks
         bad, nbytes, error = [], 0, None
+        parts = {}  # seconds per phase (Restored.parts: /v1/cluster's recovery record)
         segment, fetched = None, []  # the segment and the views of it: released after the reply
         try:
             if blocks:
@@ -63,12 +64,16 @@ class ReplicaRole:
                         segment = new_segment(cfg.kv_token, src, nbytes, "restoring over TCP")
                         if segment is not None and cache.tensor.device.type == "cuda":
                             segment.pin()
+                t1 = time.perf_counter()
+                parts["segment"] = t1 - t0
                 client = ReplicaClient(msg.holder[0], int(msg.holder[1]), cfg.kv_token, timeout=cfg.timeout)
                 try:
                     data, chk = client.get_blocks(src, blocks, segment)
                 finally:
                     client.close()
                 fetched.append(data)
+                t2 = time.perf_counter()
+                parts["fetch"] = t2 - t1
                 x = data.view(cache.dtype).view(shape)
                 # Replicas kept on disk carry MACs (replica.py): verified with the key, never trusted as they are.
                 key = mac_key(cfg.kv_token, src) if cfg.replicate.dir else None
@@ -83,11 +88,16 @@ class ReplicaRole:
                 for r in msg.seqs:
                     if not all(ok[at[r.blocks[p // bs]]][p % bs] for p in range(r.watermark)):
                         bad.append(r.seq_id)
+                t3 = time.perf_counter()
+                parts["verify"] = t3 - t2
                 if self.stage.swap is not None:
                     self.stage.swap.host_write(blocks)  # no region keeps an older device copy of them
                 to_cache(x, cache.tensor, blocks, segment is not None and segment.pinned)
                 nbytes = data.numel()
                 data = x = None
+                if self.stage.device.type == "cuda":
+                    torch.cuda.synchronize(self.stage.device)
+                parts["copy"] = time.perf_counter() - t3
         except (OSError, ReplicaError) as e:
             error = f"{type(e).__name__}: {e}"
             bad = [r.seq_id for r in msg.seqs]
@@ -98,7 +108,7 @@ class ReplicaRole:
             torch.cuda.synchronize(self.stage.device)
         try:
             self.stage.ch.send(Restored(rank=self.stage.rank, bad=bad, bytes=nbytes,
-                                        seconds=time.perf_counter() - t0, error=error))
+                                        seconds=time.perf_counter() - t0, error=error, parts=parts))
         finally:
             # Unpinning and unmapping a segment of the cache's size takes a while (freeing its
             # pages): on a thread, not before the first step after the recovery.

@@ -23,7 +23,7 @@ from ...engine.model_runner import build_metadata
 from ...engine.sampler import from_wire, pick, with_logprobs
 from ...models import tp
 from ...models.loader import load_model, parse_dtype, resolve
-from ...models.preload import PRELOADER
+from ...models.preload import PRELOADER, while_memory_frees
 from ..messages import ResetDone, StepFailed, SwapStats, Tokens, pack_tokens
 
 
@@ -58,12 +58,16 @@ class StageRole:
         self.model, self.weights_from = PRELOADER.take(cfg.model, self.device, self.dtype, cfg.seed, (start, end),
                                                        self.tp_rank, self.tp)
         if self.model is None:
-            self.model = load_model(resolve(cfg.model), self.device, self.dtype, seed=cfg.seed,
-                                    layer_range=(start, end), tp_rank=self.tp_rank, tp_size=self.tp)
+            self.model = while_memory_frees(lambda: load_model(
+                resolve(cfg.model), self.device, self.dtype, seed=cfg.seed, layer_range=(start, end),
+                tp_rank=self.tp_rank, tp_size=self.tp), self.device)
         mc = self.model.cfg
-        self.cache = PagedKVCache(end - start, cfg.num_blocks, cfg.block_size, mc.num_kv_heads // self.tp, mc.head_dim,
-                                  self.dtype, self.device)
+        t_cache = time.perf_counter()
+        self.cache = while_memory_frees(lambda: PagedKVCache(
+            end - start, cfg.num_blocks, cfg.block_size, mc.num_kv_heads // self.tp, mc.head_dim, self.dtype,
+            self.device), self.device)
         self.load_s = time.perf_counter() - t_load  # weights and cache (reported with READY)
+        self.parts = {"weights": t_cache - t_load, "cache": self.load_s - (t_cache - t_load)}
         self._t_inputs = 0.0
         self._decode_step_s: float | None = None
         self.swap = None
@@ -114,7 +118,7 @@ class StageRole:
         return {"step": self.step, "pipes": self.set_pipes, "reset": self.reset}
 
     def ready_info(self) -> dict:
-        info = {"load_s": self.load_s, "weights": self.weights_from}
+        info = {"load_s": self.load_s, "weights": self.weights_from, "parts": self.parts}
         if self.pipes is not None:
             info["pipe_port"] = self.pipes.port
         return info
