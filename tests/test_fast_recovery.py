@@ -132,14 +132,32 @@ def test_warm_up_runs_a_one_layer_model_of_each_family(family):
 
     tokens = warm_up(named_config(family), torch.device("cpu"), torch.float32)
     assert tokens.shape == (8,) and tokens.dtype == torch.int64  # the last decode step's greedy tokens
+    # a TP shard warms up on its shard's shapes
+    assert warm_up(named_config(family), torch.device("cpu"), torch.float32, tp=(1, 2)).shape == (8,)
+
+
+def test_warm_up_runs_a_layer_of_each_kind_where_windowed_and_full_layers_mix(monkeypatch):
+    import dataclasses
+
+    from dejavu.cluster import warmup
+    from dejavu.models import loader
+    from dejavu.models.registry import named_config
+
+    cfg = named_config("llama-tiny")
+    cfg = dataclasses.replace(cfg, sliding_window=8, window_layers=[i % 2 == 0 for i in range(cfg.num_layers)])
+    built = []
+    real = loader.skeleton
+    monkeypatch.setattr(loader, "skeleton", lambda c, *a: built.append(c) or real(c, *a))
+    assert warmup.warm_up(cfg, torch.device("cpu"), torch.float32).shape == (8,)
+    assert built[0].num_layers == 2 and built[0].window_layers == [False, True]
 
 
 def test_a_standby_warms_up_on_the_first_stage_it_loaded():
     pre, seen = Preloader(), []
-    pre.warm_up = lambda cfg, dev, dtype: seen.append((cfg.num_layers, dev, dtype))
+    pre.warm_up = lambda cfg, dev, dtype, tp: seen.append((cfg.num_layers, dev, dtype, tp))
     pre.start(_preload("host", MODEL, [(0, 2), (2, 4)], kv_bytes=1 << 20), TOKEN)
     pre.thread.join()
-    assert seen == [(4, torch.device("cpu"), torch.float32)] and pre.segment is not None  # after the segment
+    assert seen == [(4, torch.device("cpu"), torch.float32, (0, 1))] and pre.segment is not None  # after the segment
     pre.segment.close()
 
 

@@ -1,7 +1,7 @@
-"""A standby's warm-up: one layer of the model it holds runs a prefill, a prefill over a cached
-context and decode steps on its device before any rank is given to it, so that a takeover's first
-steps do not pay for loading kernels and creating library handles (docs/fault-tolerance.md,
-"Standbys hold weights")."""
+"""A standby's warm-up: one layer of the model it holds (one of each kind where windowed and full
+layers mix) runs a prefill, a prefill over a cached context and decode steps on its device before
+any rank is given to it, so that a takeover's first steps do not pay for loading kernels and
+creating library handles (docs/fault-tolerance.md, "Standbys hold weights")."""
 from __future__ import annotations
 
 import contextlib
@@ -17,14 +17,15 @@ BLOCK = 16
 
 
 @torch.inference_mode()
-def warm_up(cfg, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Run a one-layer model of config `cfg` (embedding and head included, weights random) through
-    the shapes a stage sees; everything it allocates is freed again. Returns the last decode
-    step's greedy tokens."""
+def warm_up(cfg, device: torch.device, dtype: torch.dtype, tp: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Run a one-layer model of config `cfg` (a layer of each kind where windowed and full layers
+    mix; embedding and head included, weights random; the shard `tp` = (rank, size) of it, without
+    the all-reduce) through the shapes a stage sees; everything it allocates is freed again.
+    Returns the last decode step's greedy tokens."""
     t0 = time.perf_counter()
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         try:
-            tokens = _run(cfg, device, dtype)
+            tokens = _run(cfg, device, dtype, tp)
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # what the one-layer model and its cache took (freed on return)
@@ -32,19 +33,19 @@ def warm_up(cfg, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return tokens
 
 
-def _run(cfg, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _run(cfg, device: torch.device, dtype: torch.dtype, tp: tuple[int, int]) -> torch.Tensor:
     from ..engine.kv_cache import PagedKVCache
     from ..engine.model_runner import build_metadata
     from ..models.loader import skeleton
 
-    one = dataclasses.replace(cfg, num_layers=1,
-                              window_layers=cfg.window_layers[:1] if cfg.window_layers is not None else None)
-    model = skeleton(one, device, dtype, (0, 1))
+    kinds = sorted(set(cfg.window_layers)) if cfg.window_layers is not None else None  # a layer of each kind
+    one = dataclasses.replace(cfg, num_layers=len(kinds) if kinds else 1, window_layers=kinds)
+    model = skeleton(one, device, dtype, (0, one.num_layers), tp)
     for p in model.parameters():
         p.normal_(0.0, 0.02)
     model.eval()
     seqs = 8
-    cache = PagedKVCache(1, 2 * seqs, BLOCK, one.num_kv_heads, one.head_dim, dtype, device)
+    cache = PagedKVCache(one.num_layers, 2 * seqs, BLOCK, one.num_kv_heads // tp[1], one.head_dim, dtype, device)
 
     def run(items):
         ids, pos, meta, last = build_metadata(items, BLOCK, device)

@@ -74,8 +74,8 @@ class Preloader:
         self.want: tuple | None = None  # the standby was given this stage: the only one still worth loading
         self.segment = None  # a restore segment kept ready (replica_local.RestoreSegment)
         self.pinned = None  # pinned host memory kept ready for the replication ring (serving/replication.py)
-        self.warm_up = None  # callable(cfg, device, dtype) run once on what was loaded (cluster/warmup.py)
-        self._warm_with = None  # (cfg, device, dtype) of the first stage loaded
+        self.warm_up = None  # callable(cfg, device, dtype, tp) run once on what was loaded (cluster/warmup.py)
+        self._warm_with = None  # (cfg, device, dtype, (tp rank, tp size)) of the first stage loaded
 
     def start(self, msg, token: str) -> None:
         """Load msg.stages (messages.Preload, most likely first) in the background, while they fit;
@@ -157,7 +157,7 @@ class Preloader:
                     continue
                 t0 = time.perf_counter()
                 self.held[key] = self._load(src, msg, st, dev, dtype)
-                self._warm_with = self._warm_with or (self.held[key].cfg, dev, dtype)
+                self._warm_with = self._warm_with or (self.held[key].cfg, dev, dtype, (st.tp_rank, msg.tp))
                 log.info("standby: layers %s held in %s memory (%d MiB, %.2fs)", st.layers, msg.where, n >> 20,
                          time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 - a standby without preloaded weights still takes over
