@@ -241,6 +241,8 @@ def test_warm_spare_with_preloaded_weights_takes_over_exactly(reference):  # noq
         assert set(ev["ready_parts"]) == {"weights", "cache", "roles"}, ev
         assert set(ev["restore_parts"]) == {"segment", "fetch", "verify", "copy"}, ev
         assert sum(ev["restore_parts"].values()) <= ev["kv_fetch_s"], ev
+        assert 0 < ev["reset_s"] <= ev["respawn_s"] and 0 < ev["ready_s"] <= ev["respawn_s"], ev
+        assert 0 <= ev["first_step_sent_s"] <= ev["first_step_s"], ev  # the step after the recovery, timed
         assert eng.worker_info[1]["pid"] == hello.pid
         assert not glob.glob(ready)  # the restore used it (and unlinked it)
     finally:

@@ -76,6 +76,7 @@ def split_recovery(e: dict, killed: dict, records: list[dict]) -> dict:
              "kv_fetch_s": e["kv_fetch_s"], "kv_local": e.get("kv_local"), "kv_bytes": e.get("kv_bytes", 0),
              "rest_s": max(0.0, e["total_s"] - e["respawn_s"] - e["kv_fetch_s"]), "recovery_s": e["total_s"],
              "ready_parts": e.get("ready_parts", {}), "restore_parts": e.get("restore_parts", {}),
+             "controller": {k: e[k] for k in ("reset_s", "ready_s", "first_step_sent_s", "first_step_s") if k in e},
              "first_token_s": None if first is None else first - resume,
              "to_first_token_s": None if first is None else first - killed["t"]}
     return parts
@@ -155,7 +156,8 @@ def format_failover(r: dict) -> str:
                      f"{rec['weights_from'] or '-'}) + KV fetch {rec['kv_fetch_s']:.3f}s "
                      f"({_kv_path(rec)}) + "
                      f"rest {rec['rest_s']:.3f}s + {first}")
-        for name, key in (("replacement", "ready_parts"), ("KV fetch", "restore_parts")):
+        for name, key in (("replacement", "ready_parts"), ("KV fetch", "restore_parts"),
+                          ("controller timeline", "controller")):
             if rec.get(key):
                 lines.append(f"  {name} by phase: " + ", ".join(f"{k} {v:.3f}s" for k, v in rec[key].items()))
         itl = r.get("baseline_itl", {}).get("p50")

@@ -36,6 +36,7 @@ class Dispatch:
         self.slot_of: dict[int, int] = {}   # seq id -> its microbatch slot
         self.busy: set[int] = set()         # sequences in a step that workers are running
         self.abort_later: set[int] = set()  # aborted while busy: finished when their step returns
+        self.resumed = None  # (when, its record): a recovery ended; its first step's timing goes in the record
 
     def next_id(self) -> int:
         self.step_id += 1
@@ -73,6 +74,8 @@ class Dispatch:
         live = c.regions.live(c.slots[slot].running)  # with swapping: the blocks workers keep resident
         msg = Step(mb=slot, id=step_id, prefill=is_prefill, seqs=items, live=live, tiers=tiers)
         self.inflight[slot] = (step_id, seqs, time.monotonic())  # before sending: a failed send loses it
+        if self.resumed is not None and "first_step_sent_s" not in self.resumed[1]:
+            self.resumed[1]["first_step_sent_s"] = round(time.monotonic() - self.resumed[0], 4)
         self.send_to(c._step_ranks(), msg)
 
     def send_to(self, ranks, msg) -> None:
@@ -100,6 +103,9 @@ class Dispatch:
             raise WorkerError(f"microbatch {i}: expected {f'step {cur[0]}' if cur else 'no step'}, got step {msg.id}")
         step_id, seqs, _ = cur
         self.inflight[i] = None
+        if self.resumed is not None:  # the recovery's end -> the first step's tokens back
+            self.resumed[1]["first_step_s"] = round(time.monotonic() - self.resumed[0], 4)
+            self.resumed = None
         if msg.step_s is not None:  # the sampling stage's previous decode step (worker.py)
             c.decode_steps.append(msg.step_s)
             c.decode_step_totals[0] += 1

@@ -175,6 +175,7 @@ class Recovery:
             t = msg.t
             if t == "reset_done" and msg.epoch == c._epoch:
                 resetting.discard(msg.rank)
+                event["reset_s"] = time.monotonic() - t0  # the last survivor's reset
             elif t == "joined":
                 ch, hello = msg.ch, msg.hello
                 if hello.standby or hello.rank is None:
@@ -188,6 +189,7 @@ class Recovery:
             elif t == "ready" and msg.rank in c._needed:
                 c._needed.discard(msg.rank)
                 c._on_ready(msg)
+                event["ready_s"] = time.monotonic() - t0  # the last replacement's READY
                 event["weights_s"] = max(event.get("weights_s", 0.0), msg.load_s)
                 _merge_parts(event, "ready_parts", msg.parts)
                 event["weights_from"] = msg.weights or "load"  # host / device: a standby's preload
@@ -219,6 +221,7 @@ class Recovery:
         event.update(total_s=time.monotonic() - t0, recomputed_tokens=recomputed, bad_replicas=len(bad),
                      replicated=c.replication.enabled)
         self.failures.append(event)
+        c.dispatch.resumed = (time.monotonic(), event)  # the first step after it is timed (dispatch.py)
         c.launcher.spawn_spares(self.spares)  # top the warm spares up again
         log.warning("recovered from the failure of %s in %.2fs (respawn %.2fs, KV %.2fs); %d tokens recomputed",
                     ", ".join(event["workers"]), event["total_s"], event["respawn_s"], event["kv_fetch_s"], recomputed)
@@ -243,13 +246,15 @@ class Recovery:
     def restore_kv(self, dead: set[int], event: dict) -> set[int]:
         """Replacements fetch their stage's KV from a holder that survived (the first of them; with
         --replicate-dir, else the first holder's replacement, which reopens its files); holders that
-        were replaced are re-seeded (in the background). Returns the requests that cannot use their
+        were replaced are re-seeded (in the background, asked once the restores are done: their
+        traffic would compete with the restores for the host's memory bandwidth). Returns the requests that cannot use their
         replica; the recovery's record `event` gets the fetch's path (kv_local) and size (kv_bytes)."""
         c = self.c
         seqs = c._token_side()
         blocks = sorted({b for s in seqs for b in s.block_table})
         bad: set[int] = set()
         waiting: dict[tuple[str, int], bool] = {}
+        reseeds = []  # (rank, its holders to re-seed)
         for r in sorted(dead):
             holders = c.holder_ranks(r)
             if not holders:
@@ -265,10 +270,10 @@ class Recovery:
                                        local=local, seqs=[RestoreSeq(seq_id=s.seq_id, blocks=s.block_table,
                                                         watermark=c.replication.watermark_of(s)) for s in seqs]))
             waiting[("restored", r)] = True
-            self.reseed(r, [j for j, h in enumerate(holders) if h in dead and j != k], blocks)
+            reseeds.append((r, [j for j, h in enumerate(holders) if h in dead and j != k]))
         for r in range(c.world):
             if r not in dead:
-                self.reseed(r, [j for j, h in enumerate(c.holder_ranks(r)) if h in dead], blocks)
+                reseeds.append((r, [j for j, h in enumerate(c.holder_ranks(r)) if h in dead]))
         deadline = time.monotonic() + c.timeout
         while waiting:
             msg = c._next_message(deadline, "restoring KV from replicas")
@@ -281,6 +286,8 @@ class Recovery:
             _merge_parts(event, "restore_parts", msg.parts)
             if msg.error:
                 log.warning("worker %d could not fetch its replica: %s", msg.rank, msg.error)
+        for r, replicas in reseeds:
+            self.reseed(r, replicas, blocks)
         return bad
 
 
