@@ -164,10 +164,13 @@ class Launcher:
         if p.poll() is None:
             p.kill()
         if not wait:
-            threading.Thread(target=self.reap, args=(p,), daemon=True, name="reap").start()
+            threading.Thread(target=self._reaped, args=(p, None), daemon=True, name="reap").start()
             return
+        self._reaped(p, 5.0)
+
+    def _reaped(self, p, timeout: float | None) -> None:
         try:
-            p.wait(5)
+            p.wait(timeout)
         except subprocess.TimeoutExpired:
             log.warning("worker process %d did not exit after SIGKILL", p.pid)
         if p in self.procs:

@@ -221,7 +221,8 @@ class Recovery:
         event.update(total_s=time.monotonic() - t0, recomputed_tokens=recomputed, bad_replicas=len(bad),
                      replicated=c.replication.enabled)
         self.failures.append(event)
-        c.dispatch.resumed = (time.monotonic(), event)  # the first step after it is timed (dispatch.py)
+        if c._token_side():  # the first step after it is timed (dispatch.py)
+            c.dispatch.resumed = (time.monotonic(), event)
         c.launcher.spawn_spares(self.spares)  # top the warm spares up again
         log.warning("recovered from the failure of %s in %.2fs (respawn %.2fs, KV %.2fs); %d tokens recomputed",
                     ", ".join(event["workers"]), event["total_s"], event["respawn_s"], event["kv_fetch_s"], recomputed)
@@ -241,7 +242,10 @@ class Recovery:
         Not waited for: until a new holder is re-seeded its empty slots fail their checksums, so a
         second failure meanwhile recomputes those requests instead of using a bad replica."""
         for j in replicas:
-            self.c.channels[rank].send(Rereplicate(id=self.c._epoch, blocks=blocks, replica=j))
+            try:
+                self.c.channels[rank].send(Rereplicate(id=self.c._epoch, blocks=blocks, replica=j))
+            except OSError as e:  # died before its death was noticed: a failure like any other
+                raise Failure({rank}, f"worker {rank} is unreachable: {e}") from None
 
     def restore_kv(self, dead: set[int], event: dict) -> set[int]:
         """Replacements fetch their stage's KV from a holder that survived (the first of them; with
@@ -275,17 +279,28 @@ class Recovery:
             if r not in dead:
                 reseeds.append((r, [j for j, h in enumerate(c.holder_ranks(r)) if h in dead]))
         deadline = time.monotonic() + c.timeout
-        while waiting:
-            msg = c._next_message(deadline, "restoring KV from replicas")
-            key = (msg.t, getattr(msg, "rank", None))
-            if key not in waiting:
-                continue
-            del waiting[key]
-            bad.update(msg.bad)
-            event["kv_bytes"] = event.get("kv_bytes", 0) + msg.bytes
-            _merge_parts(event, "restore_parts", msg.parts)
-            if msg.error:
-                log.warning("worker %d could not fetch its replica: %s", msg.rank, msg.error)
+        try:
+            while waiting:
+                msg = c._next_message(deadline, "restoring KV from replicas")
+                key = (msg.t, getattr(msg, "rank", None))
+                if key not in waiting:
+                    continue
+                del waiting[key]
+                bad.update(msg.bad)
+                event["kv_bytes"] = event.get("kv_bytes", 0) + msg.bytes
+                _merge_parts(event, "restore_parts", msg.parts)
+                if msg.error:
+                    log.warning("worker %d could not fetch its replica: %s", msg.rank, msg.error)
+        except Failure as f:
+            # Another worker died meanwhile: the next recovery re-seeds only the holders it replaces,
+            # so the live workers re-seed this one's now.
+            for r, replicas in reseeds:
+                if r not in f.dead:
+                    try:
+                        self.reseed(r, replicas, blocks)
+                    except Failure as g:
+                        f.dead |= g.dead
+            raise
         for r, replicas in reseeds:
             self.reseed(r, replicas, blocks)
         return bad

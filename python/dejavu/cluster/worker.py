@@ -53,7 +53,7 @@ class Worker:
 
             self.roles.append(TokenRole(self.stage, replica))
         self.stage.parts["roles"] = time.perf_counter() - t0  # replica (its servers and ring), prompt, token
-        PRELOADER.pinned = None  # a standby's pinned memory for a ring no role took
+        PRELOADER.drop_pinned()  # a standby's pinned memory for a ring no role took
         self.handlers = {}
         for role in self.roles:
             self.handlers.update(role.handlers())

@@ -97,7 +97,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
         if meta.fresh and alibi_slopes is None:
             kernels.write_kv(cache, k, v, meta.slot_blocks, meta.slot_offsets)
             return _prefill_attention(q, k, v, meta, scale)
-        if meta.row_context is not None and kernels.rows_fit(*q.shape, meta.num_parts):  # one call, not a loop
+        # one call, not a loop (ALiBi has no loop: rows whatever their workspace)
+        if meta.row_context is not None and (alibi_slopes is not None or kernels.rows_fit(*q.shape, meta.num_parts)):
             kernels.write_kv(cache, k, v, meta.slot_blocks, meta.slot_offsets)
             return kernels.decode_attention(q, cache, meta.row_tables, meta.row_context, scale, meta.num_parts,
                                             alibi_slopes).to(q.dtype)

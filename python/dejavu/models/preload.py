@@ -121,11 +121,21 @@ class Preloader:
 
     def take_pinned(self, shape, dtype: torch.dtype) -> torch.Tensor | None:
         """The pinned memory made ahead of time, as a tensor of `shape` (None: none held, or too small)."""
-        buf, self.pinned = self.pinned, None
         n = math.prod(shape) * dtype.itemsize
-        if buf is None or buf.numel() < n:
+        if self.pinned is None or self.pinned.numel() < n:
+            self.drop_pinned()
             return None
+        buf, self.pinned = self.pinned, None
         return buf[:n].view(dtype).view(shape)
+
+    def drop_pinned(self) -> None:
+        """Give pinned memory no ring took back to the system (torch's host cache would keep it)."""
+        if self.pinned is None:
+            return
+        self.pinned = None
+        empty = getattr(torch._C, "_host_emptyCache", None) or getattr(torch._C, "_accelerator_emptyHostCache", None)
+        if empty is not None and torch.cuda.is_available():
+            empty()
 
     def take_segment(self, nbytes: int):
         """The restore segment made ahead of time, for a restore of `nbytes` (None: none fits)."""

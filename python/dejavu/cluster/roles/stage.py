@@ -23,7 +23,7 @@ from ...engine.model_runner import build_metadata
 from ...engine.sampler import from_wire, pick, with_logprobs
 from ...models import tp
 from ...models.loader import load_model, parse_dtype, resolve
-from ...models.preload import PRELOADER, while_memory_frees
+from ...models.preload import MEMORY_WAIT_S, PRELOADER, while_memory_frees
 from ..messages import ResetDone, StepFailed, SwapStats, Tokens, pack_tokens
 
 
@@ -57,15 +57,16 @@ class StageRole:
         # a standby takes what it holds ready (models/preload.py); weights_from says where it came from
         self.model, self.weights_from = PRELOADER.take(cfg.model, self.device, self.dtype, cfg.seed, (start, end),
                                                        self.tp_rank, self.tp)
+        wait_s = MEMORY_WAIT_S if cfg.epoch else 0.0  # a replacement (a recovery's epoch) may wait for memory
         if self.model is None:
             self.model = while_memory_frees(lambda: load_model(
                 resolve(cfg.model), self.device, self.dtype, seed=cfg.seed, layer_range=(start, end),
-                tp_rank=self.tp_rank, tp_size=self.tp), self.device)
+                tp_rank=self.tp_rank, tp_size=self.tp), self.device, wait_s)
         mc = self.model.cfg
         t_cache = time.perf_counter()
         self.cache = while_memory_frees(lambda: PagedKVCache(
             end - start, cfg.num_blocks, cfg.block_size, mc.num_kv_heads // self.tp, mc.head_dim, self.dtype,
-            self.device), self.device)
+            self.device), self.device, wait_s)
         self.load_s = time.perf_counter() - t_load  # weights and cache (reported with READY)
         self.parts = {"weights": t_cache - t_load, "cache": self.load_s - (t_cache - t_load)}
         self._t_inputs = 0.0
