@@ -251,8 +251,9 @@ class Recovery:
         """Replacements fetch their stage's KV from a holder that survived (the first of them; with
         --replicate-dir, else the first holder's replacement, which reopens its files); holders that
         were replaced are re-seeded (in the background, asked once the restores are done: their
-        traffic would compete with the restores for the host's memory bandwidth). Returns the requests that cannot use their
-        replica; the recovery's record `event` gets the fetch's path (kv_local) and size (kv_bytes)."""
+        traffic would compete with the restores for the host's memory bandwidth). Returns the
+        requests that cannot use their replica; the recovery's record `event` gets the fetch's path
+        (kv_local) and size (kv_bytes)."""
         c = self.c
         seqs = c._token_side()
         blocks = sorted({b for s in seqs for b in s.block_table})

@@ -26,6 +26,7 @@ from .loader import load_model, parse_dtype, resolve, skeleton
 log = logging.getLogger("dejavu.preload")
 
 WHERE = ("off", "host", "device")
+MEMORY_WAIT_S = 10.0  # how long a replacement retries device allocations while a dying worker frees memory
 
 
 @dataclass
@@ -195,7 +196,7 @@ class Preloader:
         return Held("host", cfg, None, tensors)
 
     def take(self, spec: str, device: torch.device, dtype: torch.dtype, seed: int, layers, tp_rank: int,
-             tp_size: int):
+             tp_size: int, wait_s: float = MEMORY_WAIT_S):
         """The stage's model on `device` from what is held (None: not held); the rest is dropped.
         A preload still running finishes the stage it is loading, and then this one if it is on its list."""
         key = self.want = stage_key(spec, dtype, seed, layers, tp_rank, tp_size)
@@ -208,10 +209,7 @@ class Preloader:
         if held.model is not None and next(held.model.parameters()).device == device:
             return held.model, held.where  # already where it runs (device memory, or a CPU deployment's host)
         return while_memory_frees(lambda: copy_in(held, device, dtype, tuple(layers), (tp_rank, tp_size)),
-                                  device), held.where
-
-
-MEMORY_WAIT_S = 10.0
+                                  device, wait_s), held.where
 
 
 def while_memory_frees(fn, device: torch.device, wait_s: float = MEMORY_WAIT_S):

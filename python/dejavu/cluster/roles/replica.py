@@ -96,16 +96,14 @@ class ReplicaRole:
                 nbytes = data.numel()
                 data = x = None
                 if self.stage.device.type == "cuda":
-                    torch.cuda.synchronize(self.stage.device)
+                    torch.cuda.synchronize(self.stage.device)  # in the cache before Restored says so
                 parts["copy"] = time.perf_counter() - t3
-        except (OSError, ReplicaError) as e:
+        except (OSError, ReplicaError) as e:  # (raised before anything is copied into the cache)
             error = f"{type(e).__name__}: {e}"
             bad = [r.seq_id for r in msg.seqs]
         except BaseException:
             _release(segment, fetched)
             raise
-        if self.stage.device.type == "cuda":
-            torch.cuda.synchronize(self.stage.device)
         try:
             self.stage.ch.send(Restored(rank=self.stage.rank, bad=bad, bytes=nbytes,
                                         seconds=time.perf_counter() - t0, error=error, parts=parts))

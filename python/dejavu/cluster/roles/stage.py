@@ -54,10 +54,10 @@ class StageRole:
         self.dtype = parse_dtype(cfg.dtype, self.device)
         torch.set_num_threads(_threads(cfg, self.device))
         t_load = time.perf_counter()
+        wait_s = MEMORY_WAIT_S if cfg.epoch else 0.0  # a replacement (a recovery's epoch) may wait for memory
         # a standby takes what it holds ready (models/preload.py); weights_from says where it came from
         self.model, self.weights_from = PRELOADER.take(cfg.model, self.device, self.dtype, cfg.seed, (start, end),
-                                                       self.tp_rank, self.tp)
-        wait_s = MEMORY_WAIT_S if cfg.epoch else 0.0  # a replacement (a recovery's epoch) may wait for memory
+                                                       self.tp_rank, self.tp, wait_s)
         if self.model is None:
             self.model = while_memory_frees(lambda: load_model(
                 resolve(cfg.model), self.device, self.dtype, seed=cfg.seed, layer_range=(start, end),
@@ -67,8 +67,9 @@ class StageRole:
         self.cache = while_memory_frees(lambda: PagedKVCache(
             end - start, cfg.num_blocks, cfg.block_size, mc.num_kv_heads // self.tp, mc.head_dim, self.dtype,
             self.device), self.device, wait_s)
-        self.load_s = time.perf_counter() - t_load  # weights and cache (reported with READY)
-        self.parts = {"weights": t_cache - t_load, "cache": self.load_s - (t_cache - t_load)}
+        t_end = time.perf_counter()
+        self.load_s = t_end - t_load  # weights and cache (reported with READY)
+        self.parts = {"weights": t_cache - t_load, "cache": t_end - t_cache}
         self._t_inputs = 0.0
         self._decode_step_s: float | None = None
         self.swap = None
